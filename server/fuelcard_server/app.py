@@ -1,0 +1,165 @@
+"""Assembling and running one server process.
+
+Created inside the running event loop (grpc.aio and the psycopg pool both
+bind to the loop they are created on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from fuelcard.v1 import (
+    account_pb2,
+    account_pb2_grpc,
+    funding_pb2,
+    funding_pb2_grpc,
+    points_pb2,
+    points_pb2_grpc,
+    transaction_pb2,
+    transaction_pb2_grpc,
+)
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fuelcard_server import errors
+from fuelcard_server.cards import PanIndex
+from fuelcard_server.clock import Clock, SystemClock
+from fuelcard_server.db import Database
+from fuelcard_server.locks import EXPIRY_SWEEP_LOCK
+from fuelcard_server.services.account import AccountService
+from fuelcard_server.services.funding import FundingService
+from fuelcard_server.services.handling import Deps
+from fuelcard_server.services.points import PointsService
+from fuelcard_server.services.transaction import TransactionService
+from fuelcard_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    transaction_pb2.DESCRIPTOR.services_by_name["TransactionService"].full_name,
+    funding_pb2.DESCRIPTOR.services_by_name["FundingService"].full_name,
+    points_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name,
+    account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+)
+
+# Only one process sweeps at a time; the others skip the round.
+EXPIRE_SQL = (
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.expire_holds(%s::timestamptz, %s)"
+    " ELSE -1 END")
+
+SERVER_OPTIONS = [
+    # Several worker processes share the port; the kernel spreads connections.
+    ("grpc.so_reuseport", 1),
+    # Requests are small; refuse anything that is not a request.
+    ("grpc.max_receive_message_length", 1 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    # Find dead POS links, without letting clients ping us to death.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+]
+
+
+@dataclass
+class FuelcardServer:
+    settings: Settings
+    database_url: str
+    clock: Clock = field(default_factory=SystemClock)
+    port: int = 0
+    _server: grpc.aio.Server | None = None
+    _db: Database | None = None
+    _health: health.aio.HealthServicer | None = None
+    _jobs: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> int:
+        s = self.settings
+        self._db = Database(self.database_url, min_size=s.pool_min, max_size=s.pool_max,
+                            timeout_s=s.pool_timeout_s)
+        await self._db.open()
+        key = s.card_index_key()
+        deps = Deps(
+            db=self._db, clock=self.clock, settings=s, pan_index=PanIndex(key),
+            fingerprint_key=hmac.new(key, b"request-fingerprint", hashlib.sha256).digest())
+        server = grpc.aio.server(options=SERVER_OPTIONS,
+                                 maximum_concurrent_rpcs=s.pool_max * 64)
+        transaction_pb2_grpc.add_TransactionServiceServicer_to_server(TransactionService(deps), server)
+        funding_pb2_grpc.add_FundingServiceServicer_to_server(FundingService(deps), server)
+        points_pb2_grpc.add_PointsServiceServicer_to_server(PointsService(deps), server)
+        account_pb2_grpc.add_AccountServiceServicer_to_server(AccountService(deps), server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        host, port = s.host_port
+        self.port = server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {s.listen}")
+        await server.start()
+        self._server = server
+        await self._set_health(serving=True)
+        self._jobs.append(asyncio.create_task(self._expiry_loop(), name="hold-expiry"))
+        log.info("serving on %s:%d", host, self.port)
+        return self.port
+
+    async def _set_health(self, *, serving: bool) -> None:
+        assert self._health is not None
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
+
+    async def expire_holds_once(self) -> int:
+        """One sweep; returns holds released, or -1 if another process is
+        sweeping."""
+        assert self._db is not None
+        row = await self._db.fetch_one(EXPIRE_SQL, (
+            EXPIRY_SWEEP_LOCK, self.clock.now(), self.settings.expiry_batch))
+        assert row is not None
+        released: int = row[0]
+        return released
+
+    async def _expiry_loop(self) -> None:
+        healthy = True
+        while True:
+            try:
+                released = await self.expire_holds_once()
+                if released > 0:
+                    log.info("released %d expired holds", released)
+                if not healthy:
+                    await self._set_health(serving=True)
+                    healthy = True
+                # A full batch means more are due: go again at once.
+                if released >= self.settings.expiry_batch:
+                    continue
+            except errors.ApiError as exc:
+                log.warning("hold expiry sweep failed: %s", exc.reason)
+                if healthy and exc.reason in ("DATABASE_UNAVAILABLE", "DATABASE_BUSY"):
+                    await self._set_health(serving=False)
+                    healthy = False
+            await asyncio.sleep(self.settings.expiry_interval_s)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let in-flight RPCs finish, then close the pool."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.grace_s if grace_s is None else grace_s)
+        for job in self._jobs:
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+        self._jobs.clear()
+        if self._db is not None:
+            await self._db.close()
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()

@@ -1,0 +1,190 @@
+"""The `fuelcard` command: serve, migrate, verify, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fuelcard_server import logs, migrations, verify
+from fuelcard_server.embedded import EmbeddedPostgres
+from fuelcard_server.settings import Settings, SettingsError
+
+log = logging.getLogger("fuelcard")
+
+
+def _add_database_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--database-url", help="PostgreSQL URL (default: embedded PostgreSQL in "
+                   "--data-dir; env FUELCARD_DATABASE_URL)")
+    p.add_argument("--data-dir", type=Path, help="where the embedded database and keys live "
+                   "(default ./data; env FUELCARD_DATA_DIR)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    s = Settings.from_env()
+    for name in ("listen", "database_url", "data_dir", "workers", "hold_ttl_s", "pool_max",
+                 "pool_min"):
+        value = getattr(args, name, None)
+        if value is not None:
+            s.set(name, value)
+    return s.validate()
+
+
+def _database(s: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    if s.database_url:
+        return s.database_url, None
+    pg = EmbeddedPostgres(s.data_dir / "postgres")
+    url = pg.start()
+    log.info("embedded PostgreSQL ready (data in %s, port %d)", pg.pgdata, pg.port)
+    return url, pg
+
+
+def _run_worker(s: Settings, url: str, demo: bool, port_file: str | None) -> None:
+    """One serving process: its own loop, pool and gRPC server."""
+    import uvloop
+
+    from fuelcard_server.app import FuelcardServer
+
+    logs.configure()
+
+    async def main() -> None:
+        server = FuelcardServer(s, url)
+        port = await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if port_file:
+            Path(port_file).write_text(str(port))
+        if demo:
+            from fuelcard_server import demo as demo_data
+            made = await demo_data.seed(f"127.0.0.1:{port}")
+            print(f"\nfuelcard is serving on {s.host_port[0]}:{port} with demo data:", flush=True)
+            for card, account_id in made:
+                print(f"  card {card.card_number}  account {account_id}  {card.holder}")
+            print("\ntry:\n"
+                  f"  .venv/bin/fuelcard-pos --target 127.0.0.1:{port} balance "
+                  f"{made[0][0].card_number}\n"
+                  f"  .venv/bin/fuelcard-pos --target 127.0.0.1:{port} authorize "
+                  f"{made[0][0].card_number} 20000 --station KM-001 --terminal KM-001-T1\n"
+                  "Ctrl-C stops the server.", flush=True)
+        await stop.wait()
+        log.info("shutting down: draining in-flight calls")
+        await server.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    if s.workers > 1 and s.host_port[1] == 0:
+        raise SettingsError("--workers > 1 needs a fixed port to share")
+    url, pg = _database(s)
+    try:
+        migrations.migrate(url)
+        if s.workers == 1:
+            _run_worker(s, url, args.demo, args.port_file)
+            return 0
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_run_worker, name=f"fuelcard-worker-{i}",
+                             args=(s, url, args.demo and i == 0,
+                                   args.port_file if i == 0 else None))
+                 for i in range(s.workers)]
+        for p in procs:
+            p.start()
+
+        def forward(signum: int, _frame: object) -> None:
+            for p in procs:
+                if p.pid is not None and p.is_alive():
+                    os.kill(p.pid, signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        for p in procs:
+            p.join()
+        return max((p.exitcode or 0) for p in procs)
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    url, pg = _database(s)
+    try:
+        applied = migrations.migrate(url)
+        print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+        return 0
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    url, pg = _database(s)
+    try:
+        violations = verify.run(url)
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
+    for check in verify.CHECKS:
+        bad = next((v for v in violations if v.check == check.name), None)
+        print(f"{'FAIL' if bad else 'ok  '} {check.name}: {check.description}")
+        if bad:
+            for sample in bad.samples:
+                print(f"       {sample}")
+    if violations:
+        print(f"{len(violations)} invariant(s) violated", file=sys.stderr)
+        return 1
+    print(f"all {len(verify.CHECKS)} invariants hold")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fuelcard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gRPC server")
+    p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
+    _add_database_flags(p)
+    p.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    p.add_argument("--hold-ttl-s", type=int, dest="hold_ttl_s",
+                   help="seconds before an unconfirmed hold is released (default 1800)")
+    p.add_argument("--pool-max", type=int, dest="pool_max",
+                   help="database connections per process (default 16)")
+    p.add_argument("--pool-min", type=int, dest="pool_min")
+    p.add_argument("--demo", action="store_true", help="create demo accounts and cards")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="apply pending SQL migrations")
+    _add_database_flags(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("verify", help="check every ledger invariant; non-zero exit on violation")
+    _add_database_flags(p)
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logs.configure()
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:
+        print(f"fuelcard: bad setting: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

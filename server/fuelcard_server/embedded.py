@@ -1,0 +1,210 @@
+"""An embedded PostgreSQL for zero-setup runs and tests.
+
+The binaries come from the `pgserver` wheel, so a fresh machine needs nothing
+installed. We drive initdb/pg_ctl ourselves rather than through pgserver's
+own server class so that we choose the settings that matter here: durability
+on (fsync, synchronous_commit), a TCP port on loopback for pgbench and
+replicas, a Unix socket for the server's own connections, and enough
+connections for several worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL refuses to run as root; when we are root it runs as this user.
+SYSTEM_USER = "fuelcard-pg"
+DATABASE = "fuelcard"
+
+
+def bin_dir() -> Path:
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the pgserver package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL cluster in `data_dir`, started on demand."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None,
+                 settings: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir.resolve()
+        self.pgdata = self.data_dir / "pgdata"
+        self._requested_port = port
+        self._extra = settings or {}
+        self._started_here = False
+        self._user = SYSTEM_USER if os.geteuid() == 0 else None
+        # Unix socket paths are limited to ~107 bytes: keep the socket short.
+        digest = hashlib.sha1(str(self.data_dir).encode()).hexdigest()[:12]
+        self.socket_dir = Path(tempfile.gettempdir()) / f"fuelcard-pg-{digest}"
+
+    # -- paths and addresses -------------------------------------------------
+    @property
+    def port(self) -> int:
+        return int((self.data_dir / "port").read_text())
+
+    def url(self, database: str = DATABASE, *, tcp: bool = False) -> str:
+        if tcp:
+            return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
+
+    # -- lifecycle -----------------------------------------------------------
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [str(bin_dir() / args[0]), *args[1:]]
+        return subprocess.run(cmd, check=check, capture_output=True, text=True,
+                              user=self._user, cwd="/", timeout=120)
+
+    def _prepare_permissions(self) -> None:
+        if self._user is None:
+            return
+        try:
+            pwd.getpwnam(self._user)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                            "/usr/sbin/nologin", self._user], check=True, capture_output=True)
+        entry = pwd.getpwnam(self._user)
+        # The postgres user must traverse every parent of the data and binaries.
+        for path in (self.data_dir, bin_dir()):
+            for parent in [path, *path.parents]:
+                mode = parent.stat().st_mode
+                wanted = mode | stat.S_IXOTH | stat.S_IROTH
+                if mode != wanted:
+                    parent.chmod(wanted)
+        for path in (bin_dir().parent / "lib", bin_dir().parent / "share", bin_dir()):
+            for root, dirs, files in os.walk(path):
+                for name in dirs:
+                    p = Path(root) / name
+                    p.chmod(p.stat().st_mode | stat.S_IXOTH | stat.S_IROTH)
+                for name in files:
+                    p = Path(root) / name
+                    p.chmod(p.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if path == bin_dir() else 0))
+        for p in (self.data_dir, self.socket_dir):
+            os.chown(p, entry.pw_uid, entry.pw_gid)
+        if self.pgdata.exists():
+            os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+
+    def _write_conf(self, port: int) -> None:
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(port),
+            "unix_socket_directories": f"'{self.socket_dir}'",
+            "max_connections": "300",
+            "shared_buffers": "256MB",
+            # Durable: a confirmed payment survives a crash.
+            "fsync": "on",
+            "synchronous_commit": "on",
+            "full_page_writes": "on",
+            "wal_level": "replica",
+            "max_wal_senders": "4",
+            "max_wal_size": "2GB",
+            "checkpoint_timeout": "15min",
+            "log_min_messages": "warning",
+            "log_min_error_statement": "panic",
+            "logging_collector": "off",
+            **self._extra,
+        }
+        text = "".join(f"{k} = {v}\n" for k, v in conf.items())
+        target = self.pgdata / "fuelcard.conf"
+        target.write_text(text)
+        main = self.pgdata / "postgresql.conf"
+        if "include_if_exists = 'fuelcard.conf'" not in main.read_text():
+            with main.open("a") as f:
+                f.write("\ninclude_if_exists = 'fuelcard.conf'\n")
+        if self._user:
+            entry = pwd.getpwnam(self._user)
+            os.chown(target, entry.pw_uid, entry.pw_gid)
+
+    def is_running(self) -> bool:
+        if not (self.pgdata / "postmaster.pid").exists():
+            return False
+        res = self._run("pg_ctl", "-D", str(self.pgdata), "status", check=False)
+        return res.returncode == 0
+
+    def start(self) -> str:
+        """Start (initialising if needed) and return the database URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.chmod(0o777)
+        self._prepare_permissions()
+        if not (self.pgdata / "PG_VERSION").exists():
+            log.info("initialising embedded PostgreSQL in %s", self.pgdata)
+            if self.pgdata.exists():
+                shutil.rmtree(self.pgdata)
+            self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
+                      "--encoding=UTF8", "--locale=C", "--no-instructions")
+        if self.is_running():
+            log.info("embedded PostgreSQL already running on port %s", self.port)
+        else:
+            port = self._requested_port
+            if port is None:
+                saved = self.data_dir / "port"
+                port = int(saved.read_text()) if saved.exists() else _free_port()
+                if not _port_free(port):
+                    port = _free_port()
+            self._write_conf(port)
+            (self.data_dir / "port").write_text(str(port))
+            res = self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60",
+                            "-l", str(self.pgdata / "server.log"), "start", check=False)
+            if res.returncode != 0:
+                logtail = ""
+                with contextlib.suppress(OSError):
+                    logtail = (self.pgdata / "server.log").read_text()[-2000:]
+                raise RuntimeError(f"embedded PostgreSQL failed to start: {res.stderr}\n{logtail}")
+            self._started_here = True
+        self._ensure_database()
+        return self.url()
+
+    def _ensure_database(self) -> None:
+        psql = [str(bin_dir() / "psql"), "-X", "-q", "-At", "-h", str(self.socket_dir),
+                "-p", str(self.port), "-U", "postgres", "-d", "postgres"]
+        deadline = time.monotonic() + 30
+        while True:
+            res = subprocess.run([*psql, "-c", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
+                                 capture_output=True, text=True)
+            if res.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"embedded PostgreSQL not answering: {res.stderr}")
+            time.sleep(0.2)
+        if res.stdout.strip() != "1":
+            subprocess.run([*psql, "-c", f"CREATE DATABASE {DATABASE}"], check=True,
+                           capture_output=True)
+
+    def stop(self, mode: str = "fast") -> None:
+        if self.is_running():
+            self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-m", mode, "stop",
+                      check=False)
+
+    def stop_if_started_here(self) -> None:
+        if self._started_here:
+            self.stop()

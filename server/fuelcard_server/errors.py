@@ -1,0 +1,101 @@
+"""gRPC errors as AIP-193 describes them.
+
+Every error leaves the server as a google.rpc.Status with exactly one
+ErrorInfo (domain `fuelcard.v1`, an UPPER_SNAKE reason); INVALID_ARGUMENT also
+carries a BadRequest naming each bad field. Messages are fixed English text:
+they never echo a card number, phone or ID number back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "fuelcard.v1"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+    reason: str
+
+
+@dataclass
+class ApiError(Exception):
+    """An error to send to the caller as a gRPC status."""
+
+    code: grpc.StatusCode
+    reason: str
+    message: str
+    violations: Sequence[FieldViolation] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    retry_delay_ms: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code.name} {self.reason}: {self.message}"
+
+    def to_status(self) -> grpc.Status:
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
+        info.metadata.update(self.metadata)
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status.details.append(detail)
+        if self.violations:
+            bad = error_details_pb2.BadRequest()
+            for v in self.violations:
+                bad.field_violations.add(field=v.field, description=v.description, reason=v.reason)
+            detail = any_pb2.Any()
+            detail.Pack(bad)
+            status.details.append(detail)
+        if self.retry_delay_ms is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromMilliseconds(self.retry_delay_ms)
+            detail = any_pb2.Any()
+            detail.Pack(retry)
+            status.details.append(detail)
+        return rpc_status.to_status(status)
+
+
+def invalid(violations: Sequence[FieldViolation]) -> ApiError:
+    assert violations, "an INVALID_ARGUMENT error names at least one field"
+    fields = ", ".join(v.field for v in violations)
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        violations[0].reason,
+        f"invalid request: {fields}",
+        violations,
+    )
+
+
+def not_found(reason: str, what: str) -> ApiError:
+    return ApiError(grpc.StatusCode.NOT_FOUND, reason, f"{what} not found")
+
+
+_PRECONDITION_MESSAGES = {
+    "REQUEST_ID_REUSED": "request_id was already used for a different request",
+    "HOLD_ALREADY_CONFIRMED": "the hold is already confirmed",
+    "HOLD_CANCELLED": "the hold was cancelled",
+    "CHANNEL_TXN_REUSED": "the channel transaction id was already used for a different recharge",
+    "CARD_NUMBER_IN_USE": "the card number is already issued",
+    "CARD_CLOSED": "the card is closed and cannot be reopened",
+}
+
+
+def failed_precondition(reason: str) -> ApiError:
+    message = _PRECONDITION_MESSAGES.get(reason, reason.lower().replace("_", " "))
+    return ApiError(grpc.StatusCode.FAILED_PRECONDITION, reason, message)
+
+
+def unavailable(reason: str, message: str, retry_delay_ms: int = 200) -> ApiError:
+    return ApiError(grpc.StatusCode.UNAVAILABLE, reason, message, retry_delay_ms=retry_delay_ms)
+
+
+def internal() -> ApiError:
+    return ApiError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")

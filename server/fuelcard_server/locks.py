@@ -1,0 +1,10 @@
+"""Advisory lock keys.
+
+Positive keys are account ids (accounts.id): every money movement on an
+account takes pg_advisory_xact_lock(account id). When a function needs
+several accounts it locks them in ascending id order, so two movements can
+never wait on each other in a cycle. Keys <= 0 belong to jobs and tools.
+"""
+
+MIGRATION_LOCK = -1
+EXPIRY_SWEEP_LOCK = -2

@@ -1,0 +1,1 @@
+"""gRPC servicers: translate requests into domain calls and answers back."""

@@ -1,0 +1,148 @@
+"""AccountService: opening accounts, issuing cards, and account reads for
+internal services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from fuelcard.v1 import account_pb2, account_pb2_grpc
+
+from fuelcard_server import cards, errors, history, wire
+from fuelcard_server.services.handling import Deps, rpc
+from fuelcard_server.validation import NAME_MAX_CHARS, Violations
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+ACCOUNT_TYPES = frozenset({account_pb2.ACCOUNT_TYPE_PERSONAL, account_pb2.ACCOUNT_TYPE_CORPORATE,
+                           account_pb2.ACCOUNT_TYPE_FAMILY})
+CARD_STATUSES = frozenset({account_pb2.CARD_STATUS_ACTIVE, account_pb2.CARD_STATUS_BLOCKED,
+                           account_pb2.CARD_STATUS_CLOSED})
+PHONE_MAX_CHARS = 20
+ID_NUMBER_MAX_CHARS = 32
+
+OPEN_ACCOUNT_SQL = (
+    "SELECT fc.open_account(%s, %s, %s, %s::smallint, %s, %s, %s, %s::timestamptz)")
+ISSUE_CARD_SQL = "SELECT fc.issue_card(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz)"
+UPDATE_CARD_STATUS_SQL = (
+    "SELECT fc.update_card_status(%s, %s, %s, %s::uuid, %s::smallint, %s::timestamptz)")
+GET_ACCOUNT_SQL = "SELECT fc.account_json(a) FROM fc.accounts a WHERE a.uid = %s::uuid AND a.kind <> 100"
+GET_CARD_SQL = "SELECT fc.card_json(c) FROM fc.cards c WHERE c.uid = %s::uuid"
+
+# journal kind -> TransactionKind
+_TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTION_KIND_PURCHASE}
+
+
+class AccountService(account_pb2_grpc.AccountServiceServicer):
+    def __init__(self, deps: Deps) -> None:
+        self.d = deps
+
+    async def _account(self, account_id: str) -> account_pb2.Account:
+        row = await self.d.db.fetch_one(GET_ACCOUNT_SQL, (account_id,))
+        if row is None:
+            raise errors.not_found("ACCOUNT_NOT_FOUND", "account")
+        return wire.account(row[0])
+
+    @rpc
+    async def OpenAccount(self, request: account_pb2.OpenAccountRequest, context: Ctx
+                          ) -> account_pb2.OpenAccountResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.enum("type", request.type, ACCOUNT_TYPES)
+        v.text("holder.name", request.holder.name, required=True, max_chars=NAME_MAX_CHARS)
+        phone, id_number = request.holder.phone, request.holder.id_number
+        if phone and not (phone.isascii() and phone.isdigit() and 5 <= len(phone) <= PHONE_MAX_CHARS):
+            v.add("holder.phone", "must be 5-20 digits", "PHONE_MALFORMED")
+        if id_number and not (id_number.isascii() and id_number.isalnum()
+                              and len(id_number) <= ID_NUMBER_MAX_CHARS):
+            v.add("holder.id_number", "must be up to 32 letters or digits", "ID_NUMBER_MALFORMED")
+        v.raise_if_any()
+        d = await self.d.db.call(OPEN_ACCOUNT_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("open_account", request),
+            request.type, request.holder.name, phone, id_number, self.d.clock.now()))
+        return account_pb2.OpenAccountResponse(account=await self._account(d["account_id"]))
+
+    @rpc
+    async def GetAccount(self, request: account_pb2.GetAccountRequest, context: Ctx
+                         ) -> account_pb2.GetAccountResponse:
+        v = Violations()
+        v.uuid("account_id", request.account_id)
+        v.raise_if_any()
+        return account_pb2.GetAccountResponse(account=await self._account(request.account_id))
+
+    @rpc
+    async def IssueCard(self, request: account_pb2.IssueCardRequest, context: Ctx
+                        ) -> account_pb2.IssueCardResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.uuid("account_id", request.account_id)
+        if request.card_number:
+            v.card_number("card_number", request.card_number)
+        v.raise_if_any()
+        caller = self.d.caller(context)
+        # A generated number is derived from the request, so a replay answers
+        # with the same number although the number is stored nowhere.
+        pan = request.card_number or self.d.pan_index.generate(f"{caller}\0{request.request_id}")
+        d = await self.d.db.call(ISSUE_CARD_SQL, (
+            caller, request.request_id, self.d.fingerprint("issue_card", request),
+            request.account_id, self.d.pan_index.of(pan), cards.mask(pan), self.d.clock.now()))
+        return account_pb2.IssueCardResponse(card=wire.card(d["card"]), card_number=pan)
+
+    @rpc
+    async def GetCard(self, request: account_pb2.GetCardRequest, context: Ctx
+                      ) -> account_pb2.GetCardResponse:
+        v = Violations()
+        v.uuid("card_id", request.card_id)
+        v.raise_if_any()
+        row = await self.d.db.fetch_one(GET_CARD_SQL, (request.card_id,))
+        if row is None:
+            raise errors.not_found("CARD_NOT_FOUND", "card")
+        return account_pb2.GetCardResponse(card=wire.card(row[0]))
+
+    @rpc
+    async def UpdateCardStatus(self, request: account_pb2.UpdateCardStatusRequest, context: Ctx
+                               ) -> account_pb2.UpdateCardStatusResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.uuid("card_id", request.card_id)
+        v.enum("status", request.status, CARD_STATUSES)
+        v.raise_if_any()
+        d = await self.d.db.call(UPDATE_CARD_STATUS_SQL, (
+            self.d.caller(context), request.request_id,
+            self.d.fingerprint("update_card_status", request), request.card_id, request.status,
+            self.d.clock.now()))
+        return account_pb2.UpdateCardStatusResponse(card=wire.card(d["card"]))
+
+    @rpc
+    async def ListHolds(self, request: account_pb2.ListHoldsRequest, context: Ctx
+                        ) -> account_pb2.ListHoldsResponse:
+        v = Violations()
+        account_id = v.uuid("account_id", request.account_id)
+        size = v.page_size("page_size", request.page_size)
+        before = v.page_token("page_token", request.page_token)
+        if request.state not in (0, 1, 2, 3, 4):
+            v.add("state", "must be a defined HoldState", "ENUM_VALUE_INVALID")
+        v.raise_if_any()
+        assert account_id is not None
+        holds, token = await history.holds_page(self.d.db, account_id, request.state, size, before)
+        return account_pb2.ListHoldsResponse(holds=[wire.hold(h) for h in holds],
+                                             next_page_token=token)
+
+    @rpc
+    async def ListTransactions(self, request: account_pb2.ListTransactionsRequest, context: Ctx
+                               ) -> account_pb2.ListTransactionsResponse:
+        v = Violations()
+        account_id = v.uuid("account_id", request.account_id)
+        size = v.page_size("page_size", request.page_size)
+        before = v.page_token("page_token", request.page_token)
+        v.raise_if_any()
+        assert account_id is not None
+        lines, token = await history.journal_page(self.d.db, account_id, history.ASSET_MONEY,
+                                                  size, before)
+        response = account_pb2.ListTransactionsResponse(next_page_token=token)
+        for line in lines:
+            t = response.transactions.add(
+                transaction_id=str(line.id), kind=_TXN_KIND[line.kind],
+                amount_fen=line.signed_amount, hold_id=line.hold_id, recharge_id=line.recharge_id)
+            t.create_time.FromMicroseconds(line.create_us)
+        return response

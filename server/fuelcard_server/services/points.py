@@ -1,0 +1,74 @@
+"""PointsService: balances, history and redemption of loyalty points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from fuelcard.v1 import points_pb2, points_pb2_grpc
+
+from fuelcard_server import errors, history, wire
+from fuelcard_server.services.handling import Deps, rpc
+from fuelcard_server.validation import TEXT_MAX_CHARS, Violations
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+REDEEM_SQL = "SELECT fc.redeem_points(%s, %s, %s, %s::uuid, %s::bigint, %s, %s::timestamptz)"
+POINTS_BALANCE_SQL = "SELECT points_balance FROM fc.accounts WHERE uid = %s::uuid AND kind <> 100"
+
+# journal kind -> PointsEntryKind
+_KIND = {3: points_pb2.POINTS_ENTRY_KIND_EARN, 4: points_pb2.POINTS_ENTRY_KIND_REDEEM}
+
+
+class PointsService(points_pb2_grpc.PointsServiceServicer):
+    def __init__(self, deps: Deps) -> None:
+        self.d = deps
+
+    @rpc
+    async def GetPointsBalance(self, request: points_pb2.GetPointsBalanceRequest, context: Ctx
+                               ) -> points_pb2.GetPointsBalanceResponse:
+        v = Violations()
+        account_id = v.uuid("account_id", request.account_id)
+        v.raise_if_any()
+        row = await self.d.db.fetch_one(POINTS_BALANCE_SQL, (account_id,))
+        if row is None:
+            raise errors.not_found("ACCOUNT_NOT_FOUND", "account")
+        return points_pb2.GetPointsBalanceResponse(points_balance=row[0])
+
+    @rpc
+    async def ListPointsHistory(self, request: points_pb2.ListPointsHistoryRequest, context: Ctx
+                                ) -> points_pb2.ListPointsHistoryResponse:
+        v = Violations()
+        account_id = v.uuid("account_id", request.account_id)
+        size = v.page_size("page_size", request.page_size)
+        before = v.page_token("page_token", request.page_token)
+        v.raise_if_any()
+        assert account_id is not None
+        lines, token = await history.journal_page(self.d.db, account_id, history.ASSET_POINTS,
+                                                  size, before)
+        response = points_pb2.ListPointsHistoryResponse(next_page_token=token)
+        for line in lines:
+            entry = response.entries.add(entry_id=str(line.id), kind=_KIND[line.kind],
+                                         points=line.signed_amount, hold_id=line.hold_id,
+                                         description=line.description)
+            entry.create_time.FromMicroseconds(line.create_us)
+        return response
+
+    @rpc
+    async def RedeemPoints(self, request: points_pb2.RedeemPointsRequest, context: Ctx
+                           ) -> points_pb2.RedeemPointsResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        account_id = v.uuid("account_id", request.account_id)
+        v.amount("points", request.points, self.d.settings.max_points_redeem)
+        v.text("description", request.description, required=False, max_chars=TEXT_MAX_CHARS)
+        v.raise_if_any()
+        d = await self.d.db.call(REDEEM_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("redeem", request),
+            account_id, request.points, request.description, self.d.clock.now()))
+        response = points_pb2.RedeemPointsResponse(
+            decision=wire.decision(d), decline_reason=wire.decline_reason(d),
+            points_balance=d["points_balance"])
+        if "entry" in d:
+            response.entry.CopyFrom(wire.points_entry(d["entry"]))
+        return response

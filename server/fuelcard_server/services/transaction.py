@@ -1,0 +1,120 @@
+"""TransactionService: authorize / confirm / cancel at the pump."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from fuelcard.v1 import common_pb2, transaction_pb2, transaction_pb2_grpc
+
+from fuelcard_server import errors, wire
+from fuelcard_server.services.handling import Deps, rpc
+from fuelcard_server.validation import ID_MAX_CHARS, NOZZLE_MAX, Violations
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+PRODUCTS = frozenset(v for v in common_pb2.Product.values() if v != common_pb2.PRODUCT_UNSPECIFIED)
+# Generous bounds for what a pump can report, to refuse garbage early.
+MAX_VOLUME_ML = 10_000_000
+MAX_UNIT_PRICE_FEN = 1_000_000
+
+AUTHORIZE_SQL = (
+    "SELECT fc.authorize(%s, %s, %s, %s, %s::bigint, %s, %s, %s::integer, %s::smallint,"
+    " %s::timestamptz, %s::interval)")
+CONFIRM_SQL = (
+    "SELECT fc.confirm(%s, %s, %s, %s::uuid, %s::bigint, %s::bigint, %s::bigint,"
+    " %s::timestamptz)")
+CANCEL_SQL = "SELECT fc.cancel(%s, %s, %s, %s::uuid, %s::timestamptz)"
+GET_HOLD_SQL = "SELECT fc.hold_json(h) FROM fc.holds h WHERE h.uid = %s::uuid"
+CARD_BALANCE_SQL = """
+    SELECT c.uid::text, c.masked, a.uid::text, a.balance_fen, a.held_fen, a.points_balance
+      FROM fc.cards c JOIN fc.accounts a ON a.id = c.account_id
+     WHERE c.pan_index = %s"""
+
+
+class TransactionService(transaction_pb2_grpc.TransactionServiceServicer):
+    def __init__(self, deps: Deps) -> None:
+        self.d = deps
+
+    @rpc
+    async def Authorize(self, request: transaction_pb2.AuthorizeRequest, context: Ctx
+                        ) -> transaction_pb2.AuthorizeResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.card_number("card_number", request.card_number)
+        v.amount("amount_fen", request.amount_fen, self.d.settings.max_authorize_fen)
+        v.text("station_id", request.station_id, required=True, max_chars=ID_MAX_CHARS)
+        v.text("terminal_id", request.terminal_id, required=True, max_chars=ID_MAX_CHARS)
+        v.non_negative("nozzle", request.nozzle, NOZZLE_MAX)
+        v.enum("product", request.product, PRODUCTS)
+        v.raise_if_any()
+        d = await self.d.db.call(AUTHORIZE_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("authorize", request),
+            self.d.pan_index.of(request.card_number), request.amount_fen,
+            request.station_id, request.terminal_id, request.nozzle, request.product,
+            self.d.clock.now(), self.d.hold_ttl))
+        response = transaction_pb2.AuthorizeResponse(
+            decision=wire.decision(d), decline_reason=wire.decline_reason(d),
+            available_fen=d["available_fen"])
+        if "hold" in d:
+            response.hold.CopyFrom(wire.hold(d["hold"]))
+        return response
+
+    @rpc
+    async def Confirm(self, request: transaction_pb2.ConfirmRequest, context: Ctx
+                      ) -> transaction_pb2.ConfirmResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        hold_id = v.uuid("hold_id", request.hold_id)
+        v.amount("final_amount_fen", request.final_amount_fen,
+                 self.d.settings.max_authorize_fen, allow_zero=True)
+        v.non_negative("volume_ml", request.volume_ml, MAX_VOLUME_ML)
+        v.non_negative("unit_price_fen", request.unit_price_fen, MAX_UNIT_PRICE_FEN)
+        v.raise_if_any()
+        d = await self.d.db.call(CONFIRM_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("confirm", request),
+            hold_id, request.final_amount_fen, request.volume_ml, request.unit_price_fen,
+            self.d.clock.now()))
+        return transaction_pb2.ConfirmResponse(
+            decision=wire.decision(d), decline_reason=wire.decline_reason(d),
+            hold=wire.hold(d["hold"]), points_earned=d["points_earned"],
+            balance_fen=d["balance_fen"],
+            settlement_exception_id=d.get("settlement_exception_id") or "")
+
+    @rpc
+    async def Cancel(self, request: transaction_pb2.CancelRequest, context: Ctx
+                     ) -> transaction_pb2.CancelResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        hold_id = v.uuid("hold_id", request.hold_id)
+        v.raise_if_any()
+        d = await self.d.db.call(CANCEL_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("cancel", request),
+            hold_id, self.d.clock.now()))
+        return transaction_pb2.CancelResponse(hold=wire.hold(d["hold"]))
+
+    @rpc
+    async def GetHold(self, request: transaction_pb2.GetHoldRequest, context: Ctx
+                      ) -> transaction_pb2.GetHoldResponse:
+        v = Violations()
+        hold_id = v.uuid("hold_id", request.hold_id)
+        v.raise_if_any()
+        row = await self.d.db.fetch_one(GET_HOLD_SQL, (hold_id,))
+        if row is None:
+            raise errors.not_found("HOLD_NOT_FOUND", "hold")
+        return transaction_pb2.GetHoldResponse(hold=wire.hold(row[0]))
+
+    @rpc
+    async def GetCardBalance(self, request: transaction_pb2.GetCardBalanceRequest, context: Ctx
+                             ) -> transaction_pb2.GetCardBalanceResponse:
+        v = Violations()
+        v.card_number("card_number", request.card_number)
+        v.raise_if_any()
+        row = await self.d.db.fetch_one(CARD_BALANCE_SQL,
+                                        (self.d.pan_index.of(request.card_number),))
+        if row is None:
+            raise errors.not_found("CARD_NOT_FOUND", "card")
+        card_id, masked, account_id, balance_fen, held_fen, points = row
+        return transaction_pb2.GetCardBalanceResponse(
+            card_id=card_id, masked_card_number=masked, account_id=account_id,
+            balance=wire.balance(balance_fen, held_fen), points_balance=points)

@@ -1,0 +1,120 @@
+"""One settings object: defaults, then environment (FUELCARD_*), then flags.
+
+Validated once at start; a bad value stops the server with a message naming
+the setting, not a stack trace an hour later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    # None: start an embedded PostgreSQL in data_dir.
+    database_url: str | None = None
+    data_dir: Path = Path("data")
+    workers: int = 1
+    pool_min: int = 4
+    pool_max: int = 16
+    pool_timeout_s: float = 5.0
+    hold_ttl_s: int = 30 * 60
+    expiry_interval_s: float = 1.0
+    expiry_batch: int = 500
+    # The network's per-transaction ceiling at the pump (10 000 yuan).
+    max_authorize_fen: int = 1_000_000
+    # The largest single recharge a channel may report (50 000 yuan).
+    max_recharge_fen: int = 5_000_000
+    max_points_redeem: int = 100_000_000
+    # Key of the card-number blind index (hex). None: read or create
+    # data_dir/card-index.key.
+    card_index_key_hex: str | None = field(default=None, repr=False)
+    grace_s: float = 10.0
+
+    ENV_PREFIX = "FUELCARD_"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        s = cls()
+        for f in dataclasses.fields(cls):
+            key = cls.ENV_PREFIX + f.name.upper()
+            if key in env:
+                s.set(f.name, env[key])
+        return s
+
+    def set(self, name: str, raw: str | int | float | Path | None) -> None:
+        f = {f.name: f for f in dataclasses.fields(self)}.get(name)
+        if f is None:
+            raise SettingsError(f"unknown setting {name}")
+        if raw is None:
+            return
+        current = getattr(self, name)
+        try:
+            if isinstance(current, bool):
+                value: object = str(raw).lower() in ("1", "true", "yes", "on")
+            elif isinstance(current, int):
+                value = int(raw)
+            elif isinstance(current, float):
+                value = float(raw)
+            elif isinstance(current, Path):
+                value = Path(raw)
+            else:
+                value = str(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: cannot read {raw!r} as {type(current).__name__}") from None
+        setattr(self, name, value)
+
+    def validate(self) -> Settings:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise SettingsError(f"listen: expected HOST:PORT, got {self.listen!r}")
+        checks = [
+            (self.workers >= 1, "workers must be >= 1"),
+            (1 <= self.pool_min <= self.pool_max, "need 1 <= pool_min <= pool_max"),
+            (self.pool_max <= 200, "pool_max must be <= 200"),
+            (self.pool_timeout_s > 0, "pool_timeout_s must be > 0"),
+            (self.hold_ttl_s >= 10, "hold_ttl_s must be >= 10 seconds"),
+            (self.expiry_interval_s > 0, "expiry_interval_s must be > 0"),
+            (self.expiry_batch >= 1, "expiry_batch must be >= 1"),
+            (self.max_authorize_fen > 0, "max_authorize_fen must be > 0"),
+            (self.max_recharge_fen > 0, "max_recharge_fen must be > 0"),
+            (self.grace_s >= 0, "grace_s must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+        if self.card_index_key_hex is not None:
+            try:
+                if len(bytes.fromhex(self.card_index_key_hex)) < 16:
+                    raise ValueError
+            except ValueError:
+                raise SettingsError("card_index_key_hex: need at least 32 hex digits") from None
+        return self
+
+    def card_index_key(self) -> bytes:
+        """The blind-index key; created on first use in data_dir if not given."""
+        if self.card_index_key_hex is not None:
+            return bytes.fromhex(self.card_index_key_hex)
+        path = self.data_dir / "card-index.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_hex(32))
+            tmp.chmod(0o600)
+            tmp.replace(path)
+        return bytes.fromhex(path.read_text().strip())
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)

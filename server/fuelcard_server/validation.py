@@ -1,0 +1,103 @@
+"""Checks on request fields, as pure functions.
+
+Each check appends FieldViolations; a handler raises one INVALID_ARGUMENT
+naming all of them before anything touches the database.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Container
+
+from fuelcard_server import cards
+from fuelcard_server.errors import FieldViolation, invalid
+
+REQUEST_ID_MAX_CHARS = 64
+NAME_MAX_CHARS = 100
+TEXT_MAX_CHARS = 200
+ID_MAX_CHARS = 64
+PAGE_SIZE_MAX = 500
+PAGE_SIZE_DEFAULT = 50
+NOZZLE_MAX = 999
+
+
+class Violations:
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str, reason: str) -> None:
+        self.items.append(FieldViolation(field, description, reason))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise invalid(self.items)
+
+    def request_id(self, value: str, field: str = "request_id") -> None:
+        if not value:
+            self.add(field, "request_id is required", "REQUEST_ID_MISSING")
+        elif len(value) > REQUEST_ID_MAX_CHARS or not (
+            value.isascii() and value.isprintable() and " " not in value
+        ):
+            self.add(field, "1-64 printable ASCII characters without spaces",
+                     "REQUEST_ID_MALFORMED")
+
+    def amount(self, field: str, value: int, maximum: int, *, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            self.add(field, "must be positive" if not allow_zero else "must not be negative",
+                     "AMOUNT_NOT_POSITIVE" if not allow_zero else "AMOUNT_NEGATIVE")
+        elif value > maximum:
+            self.add(field, f"must be at most {maximum}", "AMOUNT_TOO_LARGE")
+
+    def non_negative(self, field: str, value: int, maximum: int) -> None:
+        if value < 0:
+            self.add(field, "must not be negative", "VALUE_NEGATIVE")
+        elif value > maximum:
+            self.add(field, f"must be at most {maximum}", "VALUE_TOO_LARGE")
+
+    def uuid(self, field: str, value: str) -> uuid.UUID | None:
+        if not value:
+            self.add(field, "is required", "ID_MISSING")
+            return None
+        try:
+            if len(value) != 36:
+                raise ValueError
+            return uuid.UUID(value)
+        except ValueError:
+            self.add(field, "must be a UUID", "ID_MALFORMED")
+            return None
+
+    def card_number(self, field: str, value: str) -> None:
+        # Never echo the number: the description says what is wrong only.
+        if not value:
+            self.add(field, "is required", "CARD_NUMBER_MISSING")
+        elif not cards.is_valid_pan(value):
+            self.add(field, "must be 16-19 digits with a valid check digit",
+                     "CARD_NUMBER_MALFORMED")
+
+    def text(self, field: str, value: str, *, required: bool, max_chars: int) -> None:
+        if required and not value.strip():
+            self.add(field, "is required", "FIELD_MISSING")
+        elif len(value) > max_chars:
+            self.add(field, f"must be at most {max_chars} characters", "FIELD_TOO_LONG")
+        elif not value.isprintable():
+            self.add(field, "must not contain control characters", "FIELD_MALFORMED")
+
+    def enum(self, field: str, value: int, allowed: Container[int]) -> None:
+        if value not in allowed:
+            self.add(field, "must be one of the defined values (not UNSPECIFIED)",
+                     "ENUM_VALUE_INVALID")
+
+    def page_size(self, field: str, value: int) -> int:
+        if value < 0 or value > PAGE_SIZE_MAX:
+            self.add(field, f"must be 0-{PAGE_SIZE_MAX}", "PAGE_SIZE_INVALID")
+            return PAGE_SIZE_DEFAULT
+        return value or PAGE_SIZE_DEFAULT
+
+    def page_token(self, field: str, value: str) -> int | None:
+        """Page tokens are the last id seen, as decimal text."""
+        if not value:
+            return None
+        if not (value.isascii() and value.isdigit() and len(value) <= 19):
+            self.add(field, "must be a token from a previous response", "PAGE_TOKEN_INVALID")
+            return None
+        return int(value)

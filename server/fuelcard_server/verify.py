@@ -1,0 +1,139 @@
+"""`fuelcard verify`: every ledger invariant, checked against the database.
+
+Each check is a query that returns the offending rows (at most a sample); an
+empty result means the invariant holds. The checks read a consistent
+snapshot (REPEATABLE READ), so they can run while the server is taking
+traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    description: str
+    sql: str
+
+
+@dataclass(frozen=True)
+class Violation:
+    check: str
+    description: str
+    samples: list[tuple[object, ...]]
+
+
+_BALANCES = """
+    WITH moves AS (
+        SELECT credit_account_id AS account_id, asset, amount FROM fc.journal
+        UNION ALL
+        SELECT debit_account_id, asset, -amount FROM fc.journal),
+    computed AS (
+        SELECT account_id,
+               coalesce(sum(amount) FILTER (WHERE asset = 1), 0) AS money,
+               coalesce(sum(amount) FILTER (WHERE asset = 2), 0) AS points
+          FROM moves GROUP BY account_id)
+"""
+
+CHECKS: tuple[Check, ...] = (
+    Check("balance_equals_journal",
+          "a customer account's balance equals the sum of its journal entries",
+          _BALANCES + """
+          SELECT a.id, a.balance_fen, coalesce(c.money, 0)
+            FROM fc.accounts a LEFT JOIN computed c ON c.account_id = a.id
+           WHERE a.kind <> 100 AND a.balance_fen <> coalesce(c.money, 0) LIMIT 10"""),
+    Check("points_equal_journal",
+          "a customer account's points balance equals the sum of its points entries",
+          _BALANCES + """
+          SELECT a.id, a.points_balance, coalesce(c.points, 0)
+            FROM fc.accounts a LEFT JOIN computed c ON c.account_id = a.id
+           WHERE a.kind <> 100 AND a.points_balance <> coalesce(c.points, 0) LIMIT 10"""),
+    Check("ledger_sums_to_zero",
+          "stored customer balances plus system balances sum to zero, per asset",
+          _BALANCES + """
+          SELECT asset, total FROM (
+            SELECT 1 AS asset,
+                   (SELECT coalesce(sum(balance_fen), 0) FROM fc.accounts WHERE kind <> 100)
+                 + (SELECT coalesce(sum(c.money), 0) FROM computed c
+                      JOIN fc.accounts a ON a.id = c.account_id WHERE a.kind = 100) AS total
+            UNION ALL
+            SELECT 2,
+                   (SELECT coalesce(sum(points_balance), 0) FROM fc.accounts WHERE kind <> 100)
+                 + (SELECT coalesce(sum(c.points), 0) FROM computed c
+                      JOIN fc.accounts a ON a.id = c.account_id WHERE a.kind = 100)) t
+           WHERE total <> 0"""),
+    Check("held_equals_active_holds",
+          "an account's held amount equals the sum of its AUTHORIZED holds",
+          """
+          SELECT a.id, a.held_fen, coalesce(h.total, 0)
+            FROM fc.accounts a
+            LEFT JOIN (SELECT account_id, sum(amount_fen) AS total FROM fc.holds
+                        WHERE state = 1 GROUP BY account_id) h ON h.account_id = a.id
+           WHERE a.held_fen <> coalesce(h.total, 0) LIMIT 10"""),
+    Check("no_overdraft",
+          "no customer account has spent money it does not have",
+          "SELECT id, balance_fen, held_fen FROM fc.accounts"
+          " WHERE kind <> 100 AND (balance_fen < held_fen OR held_fen < 0) LIMIT 10"),
+    Check("journal_references_exist",
+          "every journal entry names two existing accounts",
+          """
+          SELECT j.id FROM fc.journal j
+           WHERE NOT EXISTS (SELECT 1 FROM fc.accounts a WHERE a.id = j.debit_account_id)
+              OR NOT EXISTS (SELECT 1 FROM fc.accounts a WHERE a.id = j.credit_account_id)
+           LIMIT 10"""),
+    Check("confirmed_hold_settled_once",
+          "each CONFIRMED hold has exactly one purchase entry, of its settled amount,"
+          " from its own account; no other hold has one",
+          """
+          SELECT h.id, h.state, h.settled_fen, p.n, p.total
+            FROM fc.holds h
+            LEFT JOIN (SELECT hold_id, count(*) AS n, sum(amount) AS total,
+                              min(debit_account_id) AS lo, max(debit_account_id) AS hi
+                         FROM fc.journal WHERE kind = 2 GROUP BY hold_id) p ON p.hold_id = h.id
+           WHERE (h.state = 2 AND (p.n IS DISTINCT FROM 1 OR p.total <> h.settled_fen
+                                   OR p.lo <> h.account_id OR p.hi <> h.account_id))
+              OR (h.state <> 2 AND p.n IS NOT NULL)
+           LIMIT 10"""),
+    Check("points_earned_once",
+          "each hold's points_earned equals its points entries",
+          """
+          SELECT h.id, h.points_earned, coalesce(p.total, 0)
+            FROM fc.holds h
+            LEFT JOIN (SELECT hold_id, sum(amount) AS total FROM fc.journal
+                        WHERE kind = 3 GROUP BY hold_id) p ON p.hold_id = h.id
+           WHERE h.points_earned <> coalesce(p.total, 0) LIMIT 10"""),
+    Check("recharge_credited_once",
+          "each recharge has exactly one entry crediting its account with its amount",
+          """
+          SELECT r.id, r.amount_fen, e.n, e.total
+            FROM fc.recharges r
+            LEFT JOIN (SELECT recharge_id, count(*) AS n, sum(amount) AS total,
+                              min(credit_account_id) AS acct
+                         FROM fc.journal WHERE kind = 1 GROUP BY recharge_id) e
+                   ON e.recharge_id = r.id
+           WHERE e.n IS DISTINCT FROM 1 OR e.total <> r.amount_fen OR e.acct <> r.account_id
+           LIMIT 10"""),
+    Check("entries_point_at_their_cause",
+          "purchase and earn entries name a hold; recharge entries name a recharge",
+          """
+          SELECT id, kind FROM fc.journal
+           WHERE (kind IN (2, 3) AND hold_id IS NULL)
+              OR (kind = 1 AND recharge_id IS NULL)
+              OR (kind = 4 AND (hold_id IS NOT NULL OR recharge_id IS NOT NULL))
+           LIMIT 10"""),
+)
+
+
+def run(url: str) -> list[Violation]:
+    found: list[Violation] = []
+    with psycopg.connect(url) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        for check in CHECKS:
+            rows = conn.execute(check.sql.encode()).fetchall()  # type: ignore[call-overload]
+            if rows:
+                found.append(Violation(check.name, check.description, list(rows)))
+    return found

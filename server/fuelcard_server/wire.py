@@ -1,0 +1,101 @@
+"""Translation between the database functions' jsonb answers and protobuf.
+
+The fc.* functions answer in jsonb with enum values as numbers or as the
+names the proto uses without their prefix; these functions build the typed
+messages. No logic lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fuelcard.v1 import account_pb2, common_pb2, funding_pb2, points_pb2
+
+from fuelcard_server import privacy
+
+_DECISION = {"APPROVED": common_pb2.DECISION_APPROVED, "DECLINED": common_pb2.DECISION_DECLINED}
+_DECLINE = {
+    name.removeprefix("DECLINE_REASON_"): value
+    for name, value in common_pb2.DeclineReason.items()
+}
+CURRENCY = "CNY"
+
+
+def decision(d: dict[str, Any]) -> common_pb2.Decision.ValueType:
+    return _DECISION[d["decision"]]
+
+
+def decline_reason(d: dict[str, Any]) -> common_pb2.DeclineReason.ValueType:
+    reason = d.get("decline_reason")
+    return _DECLINE[reason] if reason else common_pb2.DECLINE_REASON_UNSPECIFIED
+
+
+def hold(d: dict[str, Any]) -> common_pb2.Hold:
+    h = common_pb2.Hold(
+        hold_id=d["hold_id"],
+        account_id=d["account_id"],
+        card_id=d["card_id"],
+        masked_card_number=d["masked_card_number"],
+        state=d["state"],
+        amount_fen=d["amount_fen"],
+        settled_fen=d["settled_fen"],
+        station_id=d["station_id"],
+        terminal_id=d["terminal_id"],
+        nozzle=d["nozzle"],
+        product=d["product"],
+        volume_ml=d["volume_ml"],
+        unit_price_fen=d["unit_price_fen"],
+        points_earned=d["points_earned"],
+        confirmed_late=d["confirmed_late"],
+    )
+    h.create_time.FromMicroseconds(d["create_us"])
+    h.expire_time.FromMicroseconds(d["expire_us"])
+    if d["close_us"] is not None:
+        h.close_time.FromMicroseconds(d["close_us"])
+    return h
+
+
+def balance(balance_fen: int, held_fen: int) -> common_pb2.Balance:
+    return common_pb2.Balance(balance_fen=balance_fen, held_fen=held_fen,
+                              available_fen=balance_fen - held_fen, currency_code=CURRENCY)
+
+
+def account(d: dict[str, Any]) -> account_pb2.Account:
+    a = account_pb2.Account(
+        account_id=d["account_id"],
+        type=d["type"],
+        status=d["status"],
+        tier=d["tier"],
+        balance=balance(d["balance_fen"], d["held_fen"]),
+        points_balance=d["points_balance"],
+        holder=account_pb2.Holder(
+            name=d["holder_name"],
+            phone=privacy.mask_phone(d["holder_phone"]),
+            id_number=privacy.mask_id_number(d["holder_id_number"]),
+        ),
+    )
+    a.create_time.FromMicroseconds(d["create_us"])
+    return a
+
+
+def card(d: dict[str, Any]) -> account_pb2.Card:
+    c = account_pb2.Card(card_id=d["card_id"], account_id=d["account_id"],
+                         masked_card_number=d["masked_card_number"], status=d["status"])
+    c.create_time.FromMicroseconds(d["create_us"])
+    return c
+
+
+def recharge(d: dict[str, Any]) -> funding_pb2.Recharge:
+    r = funding_pb2.Recharge(recharge_id=d["recharge_id"], account_id=d["account_id"],
+                             channel=d["channel"], channel_txn_id=d["channel_txn_id"],
+                             amount_fen=d["amount_fen"])
+    r.create_time.FromMicroseconds(d["create_us"])
+    return r
+
+
+def points_entry(d: dict[str, Any]) -> points_pb2.PointsEntry:
+    e = points_pb2.PointsEntry(entry_id=d["entry_id"], kind=d["kind"], points=d["points"],
+                               hold_id=d.get("hold_id") or "",
+                               description=d.get("description") or "")
+    e.create_time.FromMicroseconds(d["create_us"])
+    return e
