@@ -25,6 +25,7 @@ from fuelcard.v1 import (
     transaction_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from fuelcard_server import errors
@@ -76,7 +77,7 @@ class FuelcardServer:
     port: int = 0
     _server: grpc.aio.Server | None = None
     _db: Database | None = None
-    _health: health.aio.HealthServicer | None = None
+    _health: health_aio.HealthServicer | None = None
     _jobs: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> int:
@@ -94,7 +95,7 @@ class FuelcardServer:
         funding_pb2_grpc.add_FundingServiceServicer_to_server(FundingService(deps), server)
         points_pb2_grpc.add_PointsServiceServicer_to_server(PointsService(deps), server)
         account_pb2_grpc.add_AccountServiceServicer_to_server(AccountService(deps), server)
-        self._health = health.aio.HealthServicer()
+        self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

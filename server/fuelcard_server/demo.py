@@ -25,7 +25,7 @@ class DemoCard:
     holder: str
     card_number: str
     recharge_fen: int
-    account_type: int
+    account_type: account_pb2.AccountType.ValueType
 
 
 # Luhn-valid numbers under the demo issuer prefix; printed for the reader.

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,17 @@ class EmbeddedPostgres:
     # -- lifecycle -----------------------------------------------------------
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(bin_dir() / args[0]), *args[1:]]
-        return subprocess.run(cmd, check=check, capture_output=True, text=True,
-                              user=self._user, cwd="/", timeout=120)
+        # Drop root's group too: a directory's group bits would otherwise
+        # apply instead of the "other" bits we opened up.
+        ids: dict[str, Any] = {}
+        if self._user is not None:
+            entry = pwd.getpwnam(self._user)
+            ids = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd="/",
+                             timeout=120, **ids)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed ({res.returncode}): {res.stderr.strip()}")
+        return res
 
     def _prepare_permissions(self) -> None:
         if self._user is None:

@@ -65,7 +65,7 @@ def migrate(url: str) -> list[str]:
                     continue
                 log.info("applying migration %s", m.name)
                 with conn.transaction():
-                    conn.execute(m.sql.encode())  # type: ignore[call-overload]
+                    conn.execute(m.sql.encode())
                     conn.execute(
                         "INSERT INTO public.fuelcard_migrations (version, name, checksum) "
                         "VALUES (%s, %s, %s)", (m.version, m.name, m.checksum))

@@ -59,17 +59,18 @@ class Settings:
         if raw is None:
             return
         current = getattr(self, name)
+        text = str(raw)
         try:
             if isinstance(current, bool):
-                value: object = str(raw).lower() in ("1", "true", "yes", "on")
+                value: object = text.lower() in ("1", "true", "yes", "on")
             elif isinstance(current, int):
-                value = int(raw)
+                value = int(text)
             elif isinstance(current, float):
-                value = float(raw)
+                value = float(text)
             elif isinstance(current, Path):
-                value = Path(raw)
+                value = Path(text)
             else:
-                value = str(raw)
+                value = text
         except ValueError:
             raise SettingsError(f"{name}: cannot read {raw!r} as {type(current).__name__}") from None
         setattr(self, name, value)

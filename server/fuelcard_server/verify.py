@@ -133,7 +133,7 @@ def run(url: str) -> list[Violation]:
     with psycopg.connect(url) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         for check in CHECKS:
-            rows = conn.execute(check.sql.encode()).fetchall()  # type: ignore[call-overload]
+            rows = conn.execute(check.sql.encode()).fetchall()
             if rows:
                 found.append(Violation(check.name, check.description, list(rows)))
     return found

@@ -55,6 +55,12 @@ Self = TypeVar("Self")
 Handler = Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
 
 
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ApiError) -> None:
+    # grpc-stubs does not know abort_with_status on the aio context yet.
+    abort: Callable[[grpc.Status], Awaitable[None]] = context.abort_with_status  # type: ignore[attr-defined]
+    await abort(error.to_status())
+
+
 def rpc(fn: Handler[Self, Req, Resp]) -> Handler[Self, Req, Resp]:
     """Send ApiErrors as rich statuses; anything else is a bug: log it (the
     type only, never the request) and answer INTERNAL."""
@@ -64,12 +70,12 @@ def rpc(fn: Handler[Self, Req, Resp]) -> Handler[Self, Req, Resp]:
         try:
             return await fn(self, request, context)
         except ApiError as exc:
-            await context.abort_with_status(exc.to_status())
+            await _abort(context, exc)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
         except Exception as exc:  # a bug; the client gets INTERNAL, we get the type
             log.exception("unhandled %s in %s", type(exc).__name__, fn.__name__)
-            await context.abort_with_status(internal().to_status())
+            await _abort(context, internal())
         raise AssertionError("abort_with_status always raises")
 
     return wrapper
