@@ -17,6 +17,8 @@ import grpc
 from fuelcard.v1 import (
     account_pb2,
     account_pb2_grpc,
+    control_pb2,
+    control_pb2_grpc,
     funding_pb2,
     funding_pb2_grpc,
     points_pb2,
@@ -32,8 +34,9 @@ from fuelcard_server import errors
 from fuelcard_server.cards import PanIndex
 from fuelcard_server.clock import Clock, SystemClock
 from fuelcard_server.db import Database
-from fuelcard_server.locks import EXPIRY_SWEEP_LOCK
+from fuelcard_server.locks import EXPIRY_SWEEP_LOCK, POINTS_EXPIRY_LOCK, TIER_EVALUATION_LOCK
 from fuelcard_server.services.account import AccountService
+from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.funding import FundingService
 from fuelcard_server.services.handling import Deps
 from fuelcard_server.services.points import PointsService
@@ -47,12 +50,20 @@ SERVICE_NAMES = (
     funding_pb2.DESCRIPTOR.services_by_name["FundingService"].full_name,
     points_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name,
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+    control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
 )
 
 # Only one process sweeps at a time; the others skip the round.
 EXPIRE_SQL = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.expire_holds(%s::timestamptz, %s)"
     " ELSE -1 END")
+EXPIRE_POINTS_SQL = (
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.expire_points(%s::timestamptz, %s)"
+    " ELSE -1 END")
+EVALUATE_TIERS_SQL = (
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.evaluate_tiers(%s::timestamptz)"
+    " ELSE -1 END")
+TIER_EVALUATION_INTERVAL = 3600.0
 
 SERVER_OPTIONS = [
     # Several worker processes share the port; the kernel spreads connections.
@@ -95,6 +106,7 @@ class FuelcardServer:
         funding_pb2_grpc.add_FundingServiceServicer_to_server(FundingService(deps), server)
         points_pb2_grpc.add_PointsServiceServicer_to_server(PointsService(deps), server)
         account_pb2_grpc.add_AccountServiceServicer_to_server(AccountService(deps), server)
+        control_pb2_grpc.add_ControlServiceServicer_to_server(ControlService(deps), server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -127,10 +139,34 @@ class FuelcardServer:
         released: int = row[0]
         return released
 
+    async def expire_points_once(self) -> int:
+        """Lapse points lots past their expiry; -1 if another process is on it."""
+        assert self._db is not None
+        row = await self._db.fetch_one(EXPIRE_POINTS_SQL, (
+            POINTS_EXPIRY_LOCK, self.clock.now(), self.settings.expiry_batch))
+        assert row is not None
+        lapsed: int = row[0]
+        return lapsed
+
+    async def evaluate_tiers_once(self) -> int:
+        """Re-evaluate tiers (they fall as old months leave the window)."""
+        assert self._db is not None
+        row = await self._db.fetch_one(EVALUATE_TIERS_SQL, (TIER_EVALUATION_LOCK,
+                                                            self.clock.now()))
+        assert row is not None
+        changed: int = row[0]
+        return changed
+
     async def _expiry_loop(self) -> None:
         healthy = True
+        next_tiers = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             try:
+                await self.expire_points_once()
+                if loop.time() >= next_tiers:
+                    await self.evaluate_tiers_once()
+                    next_tiers = loop.time() + TIER_EVALUATION_INTERVAL
                 released = await self.expire_holds_once()
                 if released > 0:
                     log.info("released %d expired holds", released)

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 # Unique violations that mean "a concurrent duplicate won the race": the
 # transaction rolled back, and running it again returns the winner's answer.
-_RACE_CONSTRAINTS = frozenset({"idempotency_keys_pkey", "one_recharge_per_channel_txn"})
+# cards_pan_index_key: two IssueCards of one number (a duplicate IssueCard
+# derives the same generated number) - the rerun replays or says CARD_NUMBER_IN_USE.
+_RACE_CONSTRAINTS = frozenset({"idempotency_keys_pkey", "one_recharge_per_channel_txn",
+                               "cards_pan_index_key"})
 _RACE_RETRIES = 3
 
 
@@ -35,6 +38,8 @@ def translate(exc: psycopg.Error) -> errors.ApiError:
         return errors.not_found(reason, field.replace("_number", "").replace("_id", "") or "object")
     if state == "FCFP0":
         return errors.failed_precondition(reason)
+    if state == "FCPD0":
+        return errors.permission_denied(reason)
     if state == "FCIA0":
         return errors.invalid([errors.FieldViolation(field, reason.lower().replace("_", " "),
                                                      reason)])
@@ -44,7 +49,8 @@ def translate(exc: psycopg.Error) -> errors.ApiError:
     if isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown
                   | psycopg.errors.CannotConnectNow):
         return errors.unavailable("DATABASE_UNAVAILABLE", "the database is unavailable")
-    log.error("unexpected database error sqlstate=%s class=%s", state, type(exc).__name__)
+    log.error("unexpected database error sqlstate=%s class=%s constraint=%s", state,
+              type(exc).__name__, diag.constraint_name)
     return errors.internal()
 
 

@@ -85,12 +85,21 @@ _PRECONDITION_MESSAGES = {
     "CHANNEL_TXN_REUSED": "the channel transaction id was already used for a different recharge",
     "CARD_NUMBER_IN_USE": "the card number is already issued",
     "CARD_CLOSED": "the card is closed and cannot be reopened",
+    "NOT_AN_ALLOCATED_SUB_ACCOUNT": "every line must name an ALLOCATED sub-account of the parent",
+    "NOT_THE_PARENT_ACCOUNT": "points can only move to the member's parent account",
+    "ACCOUNT_USES_PARENT_BALANCE": "a SHARED sub-account holds no money of its own",
+    "PARENT_NOT_TOP_LEVEL": "sub-accounts can only be opened under a top-level account",
 }
 
 
 def failed_precondition(reason: str) -> ApiError:
     message = _PRECONDITION_MESSAGES.get(reason, reason.lower().replace("_", " "))
     return ApiError(grpc.StatusCode.FAILED_PRECONDITION, reason, message)
+
+
+def permission_denied(reason: str) -> ApiError:
+    return ApiError(grpc.StatusCode.PERMISSION_DENIED, reason,
+                    "the caller may not perform this operation on this object")
 
 
 def unavailable(reason: str, message: str, retry_delay_ms: int = 200) -> ApiError:

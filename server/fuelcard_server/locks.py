@@ -8,3 +8,5 @@ never wait on each other in a cycle. Keys <= 0 belong to jobs and tools.
 
 MIGRATION_LOCK = -1
 EXPIRY_SWEEP_LOCK = -2
+POINTS_EXPIRY_LOCK = -3
+TIER_EVALUATION_LOCK = -4

@@ -59,9 +59,13 @@ class Violations:
             self.add(field, "is required", "ID_MISSING")
             return None
         try:
-            if len(value) != 36:
+            parsed = uuid.UUID(value)
+            # Only the canonical 8-4-4-4-12 form (any case): uuid.UUID also
+            # takes "urn:...", braces and hyphens anywhere, which PostgreSQL
+            # refuses or reads differently.
+            if str(parsed) != value.lower():
                 raise ValueError
-            return uuid.UUID(value)
+            return parsed
         except ValueError:
             self.add(field, "must be a UUID", "ID_MALFORMED")
             return None
@@ -97,7 +101,8 @@ class Violations:
         """Page tokens are the last id seen, as decimal text."""
         if not value:
             return None
-        if not (value.isascii() and value.isdigit() and len(value) <= 19):
+        if not (value.isascii() and value.isdigit() and len(value) <= 19
+                and int(value) <= 2**63 - 1):  # a bigint id
             self.add(field, "must be a token from a previous response", "PAGE_TOKEN_INVALID")
             return None
         return int(value)

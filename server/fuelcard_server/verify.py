@@ -123,7 +123,51 @@ CHECKS: tuple[Check, ...] = (
           SELECT id, kind FROM fc.journal
            WHERE (kind IN (2, 3) AND hold_id IS NULL)
               OR (kind = 1 AND recharge_id IS NULL)
-              OR (kind = 4 AND (hold_id IS NOT NULL OR recharge_id IS NOT NULL))
+              OR (kind IN (4, 5, 6, 7) AND (hold_id IS NOT NULL OR recharge_id IS NOT NULL))
+           LIMIT 10"""),
+    Check("allocations_stay_in_the_family",
+          "batch top-ups move money from a parent to its own ALLOCATED sub-accounts",
+          """
+          SELECT j.id FROM fc.journal j JOIN fc.accounts c ON c.id = j.credit_account_id
+           WHERE j.kind = 5 AND (c.parent_id IS DISTINCT FROM j.debit_account_id
+                                 OR c.funding_mode <> 1)
+           LIMIT 10"""),
+    Check("usage_equals_holds",
+          "each day's usage counter of a card or account equals what its holds charge"
+          " (amount while authorized, settled amount once confirmed)",
+          """
+          WITH charged AS (
+              SELECT h.card_id, h.spender_account_id, s.parent_id, h.usage_day,
+                     CASE h.state WHEN 1 THEN h.amount_fen WHEN 2 THEN h.settled_fen
+                                  ELSE 0 END AS amount
+                FROM fc.holds h JOIN fc.accounts s ON s.id = h.spender_account_id),
+          expected AS (
+              SELECT 1 AS scope_kind, card_id AS scope_id, usage_day AS day, sum(amount) AS amount
+                FROM charged GROUP BY card_id, usage_day
+              UNION ALL
+              SELECT 2, spender_account_id, usage_day, sum(amount)
+                FROM charged GROUP BY spender_account_id, usage_day
+              UNION ALL
+              SELECT 2, parent_id, usage_day, sum(amount)
+                FROM charged WHERE parent_id IS NOT NULL GROUP BY parent_id, usage_day),
+          expected_total AS (
+              SELECT scope_kind, scope_id, day, sum(amount) AS amount FROM expected
+               GROUP BY scope_kind, scope_id, day)
+          SELECT coalesce(e.scope_kind, u.scope_kind), coalesce(e.scope_id, u.scope_id),
+                 coalesce(e.day, u.day), e.amount, u.amount_fen
+            FROM expected_total e
+            FULL JOIN fc.usage u
+              ON u.scope_kind = e.scope_kind AND u.scope_id = e.scope_id AND u.day = e.day
+           WHERE coalesce(e.amount, 0) <> coalesce(u.amount_fen, 0)
+           LIMIT 10"""),
+    Check("points_lots_cover_balance",
+          "an account's points balance equals what remains in its points lots",
+          """
+          SELECT a.id, a.points_balance, coalesce(l.remaining, 0)
+            FROM fc.accounts a
+            LEFT JOIN (SELECT account_id, sum(remaining) AS remaining FROM fc.points_lots
+                        GROUP BY account_id) l ON l.account_id = a.id
+           WHERE a.kind <> 100 AND a.points_balance <> coalesce(l.remaining, 0)
            LIMIT 10"""),
 )
 

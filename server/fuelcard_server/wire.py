@@ -75,6 +75,9 @@ def account(d: dict[str, Any]) -> account_pb2.Account:
         ),
     )
     a.create_time.FromMicroseconds(d["create_us"])
+    a.parent_account_id = d.get("parent_account_id") or ""
+    a.funding_mode = d.get("funding_mode", 0)
+    a.label = d.get("label", "")
     return a
 
 
@@ -93,8 +96,15 @@ def recharge(d: dict[str, Any]) -> funding_pb2.Recharge:
     return r
 
 
+# fc.journal kind -> PointsEntryKind, for the points asset
+POINTS_KIND = {3: points_pb2.POINTS_ENTRY_KIND_EARN, 4: points_pb2.POINTS_ENTRY_KIND_REDEEM,
+               6: points_pb2.POINTS_ENTRY_KIND_TRANSFER, 7: points_pb2.POINTS_ENTRY_KIND_EXPIRE}
+
+
 def points_entry(d: dict[str, Any]) -> points_pb2.PointsEntry:
-    e = points_pb2.PointsEntry(entry_id=d["entry_id"], kind=d["kind"], points=d["points"],
+    """From a journal entry's jsonb; `kind` is the journal's kind."""
+    e = points_pb2.PointsEntry(entry_id=d["entry_id"], kind=POINTS_KIND[d["kind"]],
+                               points=d["points"],
                                hold_id=d.get("hold_id") or "",
                                description=d.get("description") or "")
     e.create_time.FromMicroseconds(d["create_us"])

@@ -22,7 +22,10 @@ PHONE_MAX_CHARS = 20
 ID_NUMBER_MAX_CHARS = 32
 
 OPEN_ACCOUNT_SQL = (
-    "SELECT fc.open_account(%s, %s, %s, %s::smallint, %s, %s, %s, %s::timestamptz)")
+    "SELECT fc.open_account(%s, %s, %s, %s::smallint, %s, %s, %s, %s::uuid, %s::smallint, %s,"
+    " %s::timestamptz)")
+SUB_ACCOUNT_MODES = frozenset({account_pb2.FUNDING_MODE_ALLOCATED, account_pb2.FUNDING_MODE_SHARED})
+LABEL_MAX_CHARS = 50
 ISSUE_CARD_SQL = "SELECT fc.issue_card(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz)"
 UPDATE_CARD_STATUS_SQL = (
     "SELECT fc.update_card_status(%s, %s, %s, %s::uuid, %s::smallint, %s::timestamptz)")
@@ -30,7 +33,8 @@ GET_ACCOUNT_SQL = "SELECT fc.account_json(a) FROM fc.accounts a WHERE a.uid = %s
 GET_CARD_SQL = "SELECT fc.card_json(c) FROM fc.cards c WHERE c.uid = %s::uuid"
 
 # journal kind -> TransactionKind
-_TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTION_KIND_PURCHASE}
+_TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTION_KIND_PURCHASE,
+             5: account_pb2.TRANSACTION_KIND_ALLOCATION}
 
 
 class AccountService(account_pb2_grpc.AccountServiceServicer):
@@ -48,7 +52,18 @@ class AccountService(account_pb2_grpc.AccountServiceServicer):
                           ) -> account_pb2.OpenAccountResponse:
         v = Violations()
         v.request_id(request.request_id)
-        v.enum("type", request.type, ACCOUNT_TYPES)
+        parent = None
+        if request.parent_account_id:
+            parent = v.uuid("parent_account_id", request.parent_account_id)
+            v.enum("funding_mode", request.funding_mode, SUB_ACCOUNT_MODES)
+            if request.type:  # a sub-account is of its parent's type
+                v.enum("type", request.type, ACCOUNT_TYPES)
+        else:
+            v.enum("type", request.type, ACCOUNT_TYPES)
+            if request.funding_mode:
+                v.add("funding_mode", "only sub-accounts have a funding mode",
+                      "FUNDING_MODE_WITHOUT_PARENT")
+        v.text("label", request.label, required=False, max_chars=LABEL_MAX_CHARS)
         v.text("holder.name", request.holder.name, required=True, max_chars=NAME_MAX_CHARS)
         phone, id_number = request.holder.phone, request.holder.id_number
         if phone and not (phone.isascii() and phone.isdigit() and 5 <= len(phone) <= PHONE_MAX_CHARS):
@@ -59,7 +74,8 @@ class AccountService(account_pb2_grpc.AccountServiceServicer):
         v.raise_if_any()
         d = await self.d.db.call(OPEN_ACCOUNT_SQL, (
             self.d.caller(context), request.request_id, self.d.fingerprint("open_account", request),
-            request.type, request.holder.name, phone, id_number, self.d.clock.now()))
+            request.type, request.holder.name, phone, id_number, parent, request.funding_mode,
+            request.label, self.d.clock.now()))
         return account_pb2.OpenAccountResponse(account=await self._account(d["account_id"]))
 
     @rpc

@@ -16,8 +16,6 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 REDEEM_SQL = "SELECT fc.redeem_points(%s, %s, %s, %s::uuid, %s::bigint, %s, %s::timestamptz)"
 POINTS_BALANCE_SQL = "SELECT points_balance FROM fc.accounts WHERE uid = %s::uuid AND kind <> 100"
 
-# journal kind -> PointsEntryKind
-_KIND = {3: points_pb2.POINTS_ENTRY_KIND_EARN, 4: points_pb2.POINTS_ENTRY_KIND_REDEEM}
 
 
 class PointsService(points_pb2_grpc.PointsServiceServicer):
@@ -48,7 +46,7 @@ class PointsService(points_pb2_grpc.PointsServiceServicer):
                                                   size, before)
         response = points_pb2.ListPointsHistoryResponse(next_page_token=token)
         for line in lines:
-            entry = response.entries.add(entry_id=str(line.id), kind=_KIND[line.kind],
+            entry = response.entries.add(entry_id=str(line.id), kind=wire.POINTS_KIND[line.kind],
                                          points=line.signed_amount, hold_id=line.hold_id,
                                          description=line.description)
             entry.create_time.FromMicroseconds(line.create_us)

@@ -392,6 +392,12 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'HOLD_NOT_FOUND', DETAIL = 'hold_id';
     END IF;
     PERFORM pg_advisory_xact_lock(v_account_id);
+    -- A concurrent duplicate of this very request may have settled the hold
+    -- while we waited for the lock: answer as it did, not HOLD_ALREADY_CONFIRMED.
+    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
+    END IF;
     -- Re-read under the lock: the sweeper or a racing confirm may have moved it.
     SELECT * INTO v_hold FROM fc.holds WHERE uid = p_hold_uid;
     SELECT * INTO v_account FROM fc.accounts WHERE id = v_account_id;
@@ -544,6 +550,8 @@ DECLARE
     v_account  fc.accounts;
     v_recharge fc.recharges;
     v_clearing text;
+    v_entry_id bigint;
+    v_balance  bigint;
 BEGIN
     v_response := fc.replay(p_caller, p_request_id, p_request_hash);
     IF v_response IS NOT NULL THEN
@@ -562,11 +570,22 @@ BEGIN
             RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'CHANNEL_TXN_REUSED',
                 DETAIL = 'channel_txn_id';
         END IF;
-        SELECT * INTO v_account FROM fc.accounts WHERE id = v_account.id;
+        -- The original answer: the balance just after this recharge was
+        -- credited. An account's money entries are written under its lock,
+        -- so those up to the recharge's own entry are exactly the ones before it.
+        SELECT id INTO v_entry_id FROM fc.journal
+         WHERE credit_account_id = v_account.id AND kind = 1 AND recharge_id = v_recharge.id;
+        SELECT coalesce(sum(signed), 0) INTO v_balance FROM (
+            SELECT amount AS signed FROM fc.journal
+             WHERE credit_account_id = v_account.id AND asset = 1 AND id <= v_entry_id
+            UNION ALL
+            SELECT -amount FROM fc.journal
+             WHERE debit_account_id = v_account.id AND asset = 1 AND id <= v_entry_id) moves;
         v_response := jsonb_build_object('decision', 'APPROVED',
-            'recharge', fc.recharge_json(v_recharge), 'balance_fen', v_account.balance_fen,
-            'replayed', true);
-        RETURN v_response;
+            'recharge', fc.recharge_json(v_recharge), 'balance_fen', v_balance);
+        -- This request_id is now spent on this answer, like any other.
+        RETURN fc.remember(p_caller, p_request_id, 'recharge', p_request_hash, v_response, p_now)
+               || '{"replayed": true}';
     END IF;
 
     PERFORM pg_advisory_xact_lock(v_account.id);
@@ -628,7 +647,8 @@ BEGIN
         UPDATE fc.accounts SET points_balance = points_balance - p_points WHERE id = v_account.id
         RETURNING * INTO v_account;
         v_response := jsonb_build_object('decision', 'APPROVED',
-            'entry', jsonb_build_object('entry_id', v_entry.id::text, 'kind', 4,
+            -- kind is the PointsEntryKind (2 REDEEM), not the journal kind (4)
+            'entry', jsonb_build_object('entry_id', v_entry.id::text, 'kind', 2,
                                         'points', -p_points, 'description', p_description,
                                         'create_us', fc.ts(p_now)),
             'points_balance', v_account.points_balance);

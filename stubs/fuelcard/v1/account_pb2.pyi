@@ -49,6 +49,38 @@ ACCOUNT_TYPE_FAMILY: AccountType.ValueType  # 3
 """A family (家庭账户)."""
 Global___AccountType: _TypeAlias = AccountType  # noqa: Y015
 
+class _FundingMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FundingModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FundingMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FUNDING_MODE_UNSPECIFIED: _FundingMode.ValueType  # 0
+    """Not given: a top-level account (own balance)."""
+    FUNDING_MODE_ALLOCATED: _FundingMode.ValueType  # 1
+    """A sub-account with its own balance, funded by its parent (e.g. by
+    BatchTopUp).
+    """
+    FUNDING_MODE_SHARED: _FundingMode.ValueType  # 2
+    """A sub-account that draws on its parent's balance within its own limits
+    (fleet vehicles sharing the company balance, family secondary cards).
+    """
+
+class FundingMode(_FundingMode, metaclass=_FundingModeEnumTypeWrapper):
+    """Where a sub-account's money comes from."""
+
+FUNDING_MODE_UNSPECIFIED: FundingMode.ValueType  # 0
+"""Not given: a top-level account (own balance)."""
+FUNDING_MODE_ALLOCATED: FundingMode.ValueType  # 1
+"""A sub-account with its own balance, funded by its parent (e.g. by
+BatchTopUp).
+"""
+FUNDING_MODE_SHARED: FundingMode.ValueType  # 2
+"""A sub-account that draws on its parent's balance within its own limits
+(fleet vehicles sharing the company balance, family secondary cards).
+"""
+Global___FundingMode: _TypeAlias = FundingMode  # noqa: Y015
+
 class _AccountStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -145,6 +177,8 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """A top-up from a payment channel."""
     TRANSACTION_KIND_PURCHASE: _TransactionKind.ValueType  # 2
     """A confirmed sale at a pump."""
+    TRANSACTION_KIND_ALLOCATION: _TransactionKind.ValueType  # 3
+    """Money moved between a parent and its sub-account (batch top-up)."""
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """What a journal transaction was."""
@@ -155,6 +189,8 @@ TRANSACTION_KIND_RECHARGE: TransactionKind.ValueType  # 1
 """A top-up from a payment channel."""
 TRANSACTION_KIND_PURCHASE: TransactionKind.ValueType  # 2
 """A confirmed sale at a pump."""
+TRANSACTION_KIND_ALLOCATION: TransactionKind.ValueType  # 3
+"""Money moved between a parent and its sub-account (batch top-up)."""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 @_typing.final
@@ -205,6 +241,9 @@ class Account(_message.Message):
     POINTS_BALANCE_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PARENT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FUNDING_MODE_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """Server-assigned id (UUID)."""
     type: Global___AccountType.ValueType
@@ -215,6 +254,12 @@ class Account(_message.Message):
     """Points the account can redeem."""
     tier: Global___Tier.ValueType
     """Member tier."""
+    parent_account_id: _builtins.str
+    """The parent account, for sub-accounts (fleet vehicles, family members)."""
+    funding_mode: Global___FundingMode.ValueType
+    """Where a sub-account's money comes from; unspecified for top-level accounts."""
+    label: _builtins.str
+    """A short label, e.g. a vehicle's plate number or a family member's name."""
     @_builtins.property
     def holder(self) -> Global___Holder:
         """The holder, masked."""
@@ -238,10 +283,13 @@ class Account(_message.Message):
         points_balance: _builtins.int = ...,
         tier: Global___Tier.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        parent_account_id: _builtins.str = ...,
+        funding_mode: Global___FundingMode.ValueType = ...,
+        label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "create_time", b"create_time", "holder", b"holder"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "create_time", b"create_time", "holder", b"holder", "points_balance", b"points_balance", "status", b"status", "tier", b"tier", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "create_time", b"create_time", "funding_mode", b"funding_mode", "holder", b"holder", "label", b"label", "parent_account_id", b"parent_account_id", "points_balance", b"points_balance", "status", b"status", "tier", b"tier", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,10 +388,21 @@ class OpenAccountRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
+    PARENT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FUNDING_MODE_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key, 1-64 printable ASCII characters."""
     type: Global___AccountType.ValueType
     """What kind of customer."""
+    parent_account_id: _builtins.str
+    """Open a sub-account of this account (a fleet vehicle, a family member);
+    empty for a top-level account.
+    """
+    funding_mode: Global___FundingMode.ValueType
+    """For sub-accounts: ALLOCATED or SHARED. Must be unspecified otherwise."""
+    label: _builtins.str
+    """A short label, up to 50 characters."""
     @_builtins.property
     def holder(self) -> Global___Holder:
         """Who owns it. `name` is required (1-100 characters); phone and id_number
@@ -356,10 +415,13 @@ class OpenAccountRequest(_message.Message):
         request_id: _builtins.str = ...,
         type: Global___AccountType.ValueType = ...,
         holder: Global___Holder | None = ...,
+        parent_account_id: _builtins.str = ...,
+        funding_mode: Global___FundingMode.ValueType = ...,
+        label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "request_id", b"request_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["funding_mode", b"funding_mode", "holder", b"holder", "label", b"label", "parent_account_id", b"parent_account_id", "request_id", b"request_id", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -84,6 +84,20 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     """A recharge would take the balance above the account's maximum."""
     DECLINE_REASON_INSUFFICIENT_POINTS: _DeclineReason.ValueType  # 7
     """A redemption asks for more points than the account holds."""
+    DECLINE_REASON_LIMIT_PER_TRANSACTION: _DeclineReason.ValueType  # 8
+    """The amount is above the card's or account's per-transaction cap."""
+    DECLINE_REASON_LIMIT_DAILY: _DeclineReason.ValueType  # 9
+    """The amount would take today's spending above a daily cap."""
+    DECLINE_REASON_LIMIT_MONTHLY: _DeclineReason.ValueType  # 10
+    """The amount would take this month's spending above a monthly cap."""
+    DECLINE_REASON_STATION_NOT_ALLOWED: _DeclineReason.ValueType  # 11
+    """The card may not be used at this station."""
+    DECLINE_REASON_PRODUCT_NOT_ALLOWED: _DeclineReason.ValueType  # 12
+    """The card may not buy this product."""
+    DECLINE_REASON_OUTSIDE_GEOFENCE: _DeclineReason.ValueType  # 13
+    """The station lies outside every geo-fence of the card (电子围栏)."""
+    DECLINE_REASON_OUTSIDE_HOURS: _DeclineReason.ValueType  # 14
+    """The card may not be used at this time of day."""
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why a request was declined. Stable, machine-readable: a POS maps each value
@@ -110,6 +124,20 @@ DECLINE_REASON_BALANCE_LIMIT_EXCEEDED: DeclineReason.ValueType  # 6
 """A recharge would take the balance above the account's maximum."""
 DECLINE_REASON_INSUFFICIENT_POINTS: DeclineReason.ValueType  # 7
 """A redemption asks for more points than the account holds."""
+DECLINE_REASON_LIMIT_PER_TRANSACTION: DeclineReason.ValueType  # 8
+"""The amount is above the card's or account's per-transaction cap."""
+DECLINE_REASON_LIMIT_DAILY: DeclineReason.ValueType  # 9
+"""The amount would take today's spending above a daily cap."""
+DECLINE_REASON_LIMIT_MONTHLY: DeclineReason.ValueType  # 10
+"""The amount would take this month's spending above a monthly cap."""
+DECLINE_REASON_STATION_NOT_ALLOWED: DeclineReason.ValueType  # 11
+"""The card may not be used at this station."""
+DECLINE_REASON_PRODUCT_NOT_ALLOWED: DeclineReason.ValueType  # 12
+"""The card may not buy this product."""
+DECLINE_REASON_OUTSIDE_GEOFENCE: DeclineReason.ValueType  # 13
+"""The station lies outside every geo-fence of the card (电子围栏)."""
+DECLINE_REASON_OUTSIDE_HOURS: DeclineReason.ValueType  # 14
+"""The card may not be used at this time of day."""
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 class _Product:

@@ -35,6 +35,8 @@ class _PointsEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Point
     """Spent on a redemption."""
     POINTS_ENTRY_KIND_EXPIRE: _PointsEntryKind.ValueType  # 3
     """Lapsed at the end of their validity."""
+    POINTS_ENTRY_KIND_TRANSFER: _PointsEntryKind.ValueType  # 4
+    """Moved between a family member and the main account (积分合并)."""
 
 class PointsEntryKind(_PointsEntryKind, metaclass=_PointsEntryKindEnumTypeWrapper):
     """Why points moved."""
@@ -47,6 +49,8 @@ POINTS_ENTRY_KIND_REDEEM: PointsEntryKind.ValueType  # 2
 """Spent on a redemption."""
 POINTS_ENTRY_KIND_EXPIRE: PointsEntryKind.ValueType  # 3
 """Lapsed at the end of their validity."""
+POINTS_ENTRY_KIND_TRANSFER: PointsEntryKind.ValueType  # 4
+"""Moved between a family member and the main account (积分合并)."""
 Global___PointsEntryKind: _TypeAlias = PointsEntryKind  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,310 @@
+"""ControlService: fleets, families, limits, scope of use, points pooling."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import uuid
+from typing import Any
+
+import grpc
+
+from fuelcard.v1 import control_pb2, control_pb2_grpc
+from fuelcard_server import history, reports, wire
+from fuelcard_server.services.handling import Deps, rpc
+from fuelcard_server.services.transaction import PRODUCTS
+from fuelcard_server.validation import ID_MAX_CHARS, NAME_MAX_CHARS, Violations
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+MAX_LIMIT_FEN = 10**12
+MAX_TOP_UP_LINES = 1000
+MAX_SCOPE_STATIONS = 200
+MAX_FENCES = 20
+MAX_POLYGON_VERTICES = 200
+MAX_RADIUS_M = 2_000_000
+MAX_RAISE = dt.timedelta(days=90)
+MAX_REPORT_SPAN = dt.timedelta(days=366)
+
+BATCH_TOP_UP_SQL = "SELECT fc.batch_top_up(%s, %s, %s, %s::uuid, %s::jsonb, %s::timestamptz)"
+SET_LIMITS_SQL = (
+    "SELECT fc.set_limits(%s, %s, %s, %s::uuid, %s::uuid, %s::uuid, %s::bigint, %s::bigint,"
+    " %s::bigint, %s::timestamptz)")
+GET_LIMITS_SQL = "SELECT fc.get_limits(%s::uuid, %s::uuid, %s::timestamptz)"
+GRANT_RAISE_SQL = (
+    "SELECT fc.grant_raise(%s, %s, %s, %s::uuid, %s::uuid, %s::uuid, %s::bigint, %s::bigint,"
+    " %s::bigint, %s::timestamptz, %s::timestamptz, %s::timestamptz)")
+SET_SCOPE_SQL = (
+    "SELECT fc.set_scope(%s, %s, %s, %s::uuid, %s::uuid, %s::text[], %s::smallint[], %s::jsonb,"
+    " %s::integer[], %s::timestamptz)")
+TRANSFER_POINTS_SQL = (
+    "SELECT fc.transfer_points(%s, %s, %s, %s::uuid, %s::uuid, %s::bigint, %s::timestamptz)")
+REGISTER_STATION_SQL = """
+    INSERT INTO fc.stations (station_id, name, latitude, longitude) VALUES (%s, %s, %s, %s)
+    ON CONFLICT (station_id) DO UPDATE
+       SET name = excluded.name, latitude = excluded.latitude, longitude = excluded.longitude
+    RETURNING station_id, name, latitude, longitude"""
+CHANGES_SQL = """
+    SELECT c.id, actor.uid::text, c.kind, card.uid::text, target.uid::text, c.details::text,
+           fc.ts(c.created_at)
+      FROM fc.control_changes c
+      JOIN fc.accounts actor ON actor.id = c.actor_account_id
+      JOIN fc.accounts target ON target.id = c.account_id
+      LEFT JOIN fc.cards card ON card.id = c.card_id
+     WHERE (target.id = %(account)s OR target.parent_id = %(account)s) AND c.id < %(before)s
+     ORDER BY c.id DESC LIMIT %(limit)s"""
+
+
+def _limits(d: dict[str, Any]) -> control_pb2.SpendingLimits:
+    return control_pb2.SpendingLimits(per_transaction_fen=d["per_transaction_fen"] or 0,
+                                      daily_fen=d["daily_fen"] or 0,
+                                      monthly_fen=d["monthly_fen"] or 0)
+
+
+def _check_limits(v: Violations, field: str, limits: control_pb2.SpendingLimits) -> None:
+    v.non_negative(f"{field}.per_transaction_fen", limits.per_transaction_fen, MAX_LIMIT_FEN)
+    v.non_negative(f"{field}.daily_fen", limits.daily_fen, MAX_LIMIT_FEN)
+    v.non_negative(f"{field}.monthly_fen", limits.monthly_fen, MAX_LIMIT_FEN)
+
+
+def _check_point(v: Violations, field: str, p: control_pb2.GeoPoint) -> None:
+    if not (math.isfinite(p.latitude) and -90 <= p.latitude <= 90):
+        v.add(f"{field}.latitude", "must be -90..90", "LATITUDE_INVALID")
+    if not (math.isfinite(p.longitude) and -180 <= p.longitude <= 180):
+        v.add(f"{field}.longitude", "must be -180..180", "LONGITUDE_INVALID")
+
+
+def _target(v: Violations, request: Any) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    which = request.WhichOneof("target")
+    if which is None:
+        v.add("target", "card_id or account_id is required", "TARGET_MISSING")
+        return None, None
+    value = v.uuid(which, getattr(request, which))
+    return (value, None) if which == "card_id" else (None, value)
+
+
+def _time(v: Violations, field: str, request: Any) -> dt.datetime | None:
+    if not request.HasField(field):
+        v.add(field, "is required", "FIELD_MISSING")
+        return None
+    stamp = getattr(request, field)
+    if not 0 <= stamp.seconds < 253402300800:
+        v.add(field, "must be a real date", "TIME_INVALID")
+        return None
+    value: dt.datetime = stamp.ToDatetime(tzinfo=dt.UTC)
+    return value
+
+
+class ControlService(control_pb2_grpc.ControlServiceServicer):
+    def __init__(self, deps: Deps) -> None:
+        self.d = deps
+
+    @rpc
+    async def BatchTopUp(self, request: control_pb2.BatchTopUpRequest, context: Ctx
+                         ) -> control_pb2.BatchTopUpResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.uuid("parent_account_id", request.parent_account_id)
+        if not 1 <= len(request.lines) <= MAX_TOP_UP_LINES:
+            v.add("lines", f"must have 1-{MAX_TOP_UP_LINES} lines", "LINES_COUNT_INVALID")
+        seen: set[uuid.UUID] = set()
+        lines = []
+        for i, line in enumerate(request.lines):
+            account = v.uuid(f"lines[{i}].account_id", line.account_id)
+            v.amount(f"lines[{i}].amount_fen", line.amount_fen, self.d.settings.max_recharge_fen)
+            if account is not None:
+                if account in seen:
+                    v.add(f"lines[{i}].account_id", "appears twice", "LINE_DUPLICATE")
+                seen.add(account)
+                lines.append({"uid": str(account), "amount": line.amount_fen})
+        v.raise_if_any()
+        d = await self.d.db.call(BATCH_TOP_UP_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("batch_top_up", request),
+            request.parent_account_id, json.dumps(lines), self.d.clock.now()))
+        return control_pb2.BatchTopUpResponse(
+            decision=wire.decision(d), decline_reason=wire.decline_reason(d),
+            total_fen=d["total_fen"], parent_balance_fen=d["parent_balance_fen"])
+
+    @rpc
+    async def SetSpendingLimits(self, request: control_pb2.SetSpendingLimitsRequest, context: Ctx
+                                ) -> control_pb2.SetSpendingLimitsResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.uuid("actor_account_id", request.actor_account_id)
+        card, account = _target(v, request)
+        _check_limits(v, "limits", request.limits)
+        v.raise_if_any()
+        lim = request.limits
+        d = await self.d.db.call(SET_LIMITS_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("set_limits", request),
+            request.actor_account_id, card, account, lim.per_transaction_fen, lim.daily_fen,
+            lim.monthly_fen, self.d.clock.now()))
+        return control_pb2.SetSpendingLimitsResponse(limits=_limits(d["limits"]))
+
+    @rpc
+    async def GetSpendingLimits(self, request: control_pb2.GetSpendingLimitsRequest, context: Ctx
+                                ) -> control_pb2.GetSpendingLimitsResponse:
+        v = Violations()
+        card, account = _target(v, request)
+        v.raise_if_any()
+        row = await self.d.db.fetch_one(GET_LIMITS_SQL, (card, account, self.d.clock.now()))
+        assert row is not None
+        d = row[0]
+        response = control_pb2.GetSpendingLimitsResponse(
+            limits=_limits(d["limits"]), effective_limits=_limits(d["effective"]),
+            used_today_fen=d["used_today_fen"], used_this_month_fen=d["used_this_month_fen"])
+        if d["raise_end_us"] is not None:
+            response.raise_end_time.FromMicroseconds(d["raise_end_us"])
+        return response
+
+    @rpc
+    async def GrantTemporaryRaise(self, request: control_pb2.GrantTemporaryRaiseRequest,
+                                  context: Ctx) -> control_pb2.GrantTemporaryRaiseResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.uuid("actor_account_id", request.actor_account_id)
+        card, account = _target(v, request)
+        _check_limits(v, "limits", request.limits)
+        start = _time(v, "start_time", request)
+        end = _time(v, "end_time", request)
+        if start and end and not start < end <= start + MAX_RAISE:
+            v.add("end_time", "must be after start_time and at most 90 days later",
+                  "RAISE_WINDOW_INVALID")
+        v.raise_if_any()
+        lim = request.limits
+        d = await self.d.db.call(GRANT_RAISE_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("grant_raise", request),
+            request.actor_account_id, card, account, lim.per_transaction_fen, lim.daily_fen,
+            lim.monthly_fen, start, end, self.d.clock.now()))
+        return control_pb2.GrantTemporaryRaiseResponse(raise_id=d["raise_id"])
+
+    @rpc
+    async def SetCardScope(self, request: control_pb2.SetCardScopeRequest, context: Ctx
+                           ) -> control_pb2.SetCardScopeResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.uuid("actor_account_id", request.actor_account_id)
+        v.uuid("card_id", request.card_id)
+        scope = request.scope
+        if len(scope.station_ids) > MAX_SCOPE_STATIONS:
+            v.add("scope.station_ids", f"at most {MAX_SCOPE_STATIONS}", "TOO_MANY_STATIONS")
+        for i, station in enumerate(scope.station_ids):
+            v.text(f"scope.station_ids[{i}]", station, required=True, max_chars=ID_MAX_CHARS)
+        for i, product in enumerate(scope.products):
+            v.enum(f"scope.products[{i}]", product, PRODUCTS)
+        if len(scope.geofences) > MAX_FENCES:
+            v.add("scope.geofences", f"at most {MAX_FENCES}", "TOO_MANY_FENCES")
+        fences: list[dict[str, Any]] = []
+        for i, fence in enumerate(scope.geofences):
+            field = f"scope.geofences[{i}]"
+            if fence.HasField("circle"):
+                _check_point(v, f"{field}.circle.center", fence.circle.center)
+                if not 0 < fence.circle.radius_m <= MAX_RADIUS_M:
+                    v.add(f"{field}.circle.radius_m", f"must be 1-{MAX_RADIUS_M}", "RADIUS_INVALID")
+                c = fence.circle
+                fences.append({"circle": [c.center.latitude, c.center.longitude, c.radius_m]})
+            elif fence.HasField("polygon"):
+                points = fence.polygon.vertices
+                if not 3 <= len(points) <= MAX_POLYGON_VERTICES:
+                    v.add(f"{field}.polygon.vertices", f"must have 3-{MAX_POLYGON_VERTICES}",
+                          "POLYGON_INVALID")
+                for j, p in enumerate(points):
+                    _check_point(v, f"{field}.polygon.vertices[{j}]", p)
+                fences.append({"polygon": [[p.latitude, p.longitude] for p in points]})
+            else:
+                v.add(field, "needs a circle or a polygon", "FENCE_SHAPE_MISSING")
+        hours: list[int] = []
+        for i, w in enumerate(scope.hours):
+            if not (0 <= w.start_minute <= 1439 and 1 <= w.end_minute <= 1440
+                    and w.start_minute != w.end_minute):
+                v.add(f"scope.hours[{i}]", "start 0-1439, end 1-1440, start != end",
+                      "HOURS_INVALID")
+            hours += [w.start_minute, w.end_minute]
+        v.raise_if_any()
+        d = await self.d.db.call(SET_SCOPE_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("set_scope", request),
+            request.actor_account_id, request.card_id, list(scope.station_ids) or None,
+            list(scope.products) or None, json.dumps(fences) if fences else None, hours or None,
+            self.d.clock.now()))
+        del d  # the stored answer only confirms; the scope is what was asked for
+        return control_pb2.SetCardScopeResponse(scope=scope)
+
+    @rpc
+    async def RegisterStation(self, request: control_pb2.RegisterStationRequest, context: Ctx
+                              ) -> control_pb2.RegisterStationResponse:
+        v = Violations()
+        s = request.station
+        v.text("station.station_id", s.station_id, required=True, max_chars=ID_MAX_CHARS)
+        v.text("station.name", s.name, required=True, max_chars=NAME_MAX_CHARS)
+        if not s.HasField("location"):
+            v.add("station.location", "is required", "FIELD_MISSING")
+        _check_point(v, "station.location", s.location)
+        v.raise_if_any()
+        row = await self.d.db.fetch_one(REGISTER_STATION_SQL, (
+            s.station_id, s.name, s.location.latitude, s.location.longitude))
+        assert row is not None
+        return control_pb2.RegisterStationResponse(station=control_pb2.Station(
+            station_id=row[0], name=row[1],
+            location=control_pb2.GeoPoint(latitude=row[2], longitude=row[3])))
+
+    @rpc
+    async def TransferPoints(self, request: control_pb2.TransferPointsRequest, context: Ctx
+                             ) -> control_pb2.TransferPointsResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.uuid("from_account_id", request.from_account_id)
+        v.uuid("to_account_id", request.to_account_id)
+        v.amount("points", request.points, self.d.settings.max_points_redeem)
+        v.raise_if_any()
+        d = await self.d.db.call(TRANSFER_POINTS_SQL, (
+            self.d.caller(context), request.request_id,
+            self.d.fingerprint("transfer_points", request), request.from_account_id,
+            request.to_account_id, request.points, self.d.clock.now()))
+        return control_pb2.TransferPointsResponse(
+            decision=wire.decision(d), decline_reason=wire.decline_reason(d),
+            from_points_balance=d["from_points_balance"], to_points_balance=d["to_points_balance"])
+
+    @rpc
+    async def GetFleetCostReport(self, request: control_pb2.GetFleetCostReportRequest,
+                                 context: Ctx) -> control_pb2.GetFleetCostReportResponse:
+        v = Violations()
+        parent = v.uuid("parent_account_id", request.parent_account_id)
+        start = _time(v, "start_time", request)
+        end = _time(v, "end_time", request)
+        if start and end and not start < end <= start + MAX_REPORT_SPAN:
+            v.add("end_time", "must be after start_time, at most 366 days later",
+                  "PERIOD_INVALID")
+        v.raise_if_any()
+        assert parent and start and end
+        rows = await reports.fleet_costs(self.d.db, parent, start, end)
+        return control_pb2.GetFleetCostReportResponse(vehicles=[
+            control_pb2.VehicleCost(account_id=r.account_id, label=r.label, spend_fen=r.spend_fen,
+                                    volume_ml=r.volume_ml, sale_count=r.sale_count,
+                                    baseline_spend_fen=r.baseline_spend_fen, anomaly=r.anomaly)
+            for r in rows])
+
+    @rpc
+    async def ListControlChanges(self, request: control_pb2.ListControlChangesRequest,
+                                 context: Ctx) -> control_pb2.ListControlChangesResponse:
+        v = Violations()
+        account = v.uuid("account_id", request.account_id)
+        size = v.page_size("page_size", request.page_size)
+        before = v.page_token("page_token", request.page_token)
+        v.raise_if_any()
+        assert account is not None
+        key = await history.account_key(self.d.db, account)
+        rows = await self.d.db.fetch_all(CHANGES_SQL, {
+            "account": key, "before": before or history.NO_TOKEN, "limit": size + 1})
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = str(rows[-1][0])
+        response = control_pb2.ListControlChangesResponse(next_page_token=token)
+        for _, actor, kind, card, target, details, created in rows:
+            change = response.changes.add(actor_account_id=actor, kind=kind, card_id=card or "",
+                                          account_id=target, details_json=details)
+            change.create_time.FromMicroseconds(created)
+        return response
+
+
