@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from fuelcard.v1 import (
     account_pb2,
@@ -30,8 +31,12 @@ class FundedCard:
     card_number: str
 
 
+AccountType: TypeAlias = account_pb2.AccountType.ValueType
+Channel: TypeAlias = funding_pb2.Channel.ValueType
+
+
 def open_card(server: RunningServer, balance_fen: int = 0,
-              account_type: account_pb2.AccountType.ValueType = account_pb2.ACCOUNT_TYPE_PERSONAL,
+              account_type: AccountType = account_pb2.ACCOUNT_TYPE_PERSONAL,
               phone: str = "", id_number: str = "") -> FundedCard:
     """Open an account, issue a card on it, and recharge it to balance_fen."""
     n = next(_seq)
@@ -47,7 +52,7 @@ def open_card(server: RunningServer, balance_fen: int = 0,
 
 
 def recharge(server: RunningServer, account_id: str, amount_fen: int,
-             channel: funding_pb2.Channel.ValueType = funding_pb2.CHANNEL_WECHAT_PAY) -> funding_pb2.RechargeResponse:
+             channel: Channel = funding_pb2.CHANNEL_WECHAT_PAY) -> funding_pb2.RechargeResponse:
     response: funding_pb2.RechargeResponse = server.funding.Recharge(funding_pb2.RechargeRequest(
         request_id=rid("recharge"), account_id=account_id, channel=channel,
         channel_txn_id=f"wx-{uuid.uuid4().hex}", amount_fen=amount_fen))

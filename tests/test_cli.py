@@ -15,9 +15,6 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from fuelcard.v1 import (
     account_pb2,
     account_pb2_grpc,
@@ -26,6 +23,9 @@ from fuelcard.v1 import (
     transaction_pb2_grpc,
 )
 from fuelcard_server.app import SERVICE_NAMES
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from tests import builders
 from tests.plugins.server import TEST_KEY_HEX, RunningServer
 

@@ -26,8 +26,8 @@ from fuelcard.v1 import (
     transaction_pb2,
     transaction_pb2_grpc,
 )
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fuelcard_server import errors

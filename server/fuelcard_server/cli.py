@@ -61,7 +61,7 @@ def _run_worker(s: Settings, url: str, demo: bool, port_file: str | None) -> Non
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if port_file:
-            Path(port_file).write_text(str(port))
+            await asyncio.to_thread(Path(port_file).write_text, str(port))
         if demo:
             from fuelcard_server import demo as demo_data
             made = await demo_data.seed(f"127.0.0.1:{port}")

@@ -20,6 +20,8 @@ from fuelcard_server import errors
 
 log = logging.getLogger(__name__)
 
+Params = tuple[Any, ...] | dict[str, Any]
+
 # Unique violations that mean "a concurrent duplicate won the race": the
 # transaction rolled back, and running it again returns the winner's answer.
 # cards_pan_index_key: two IssueCards of one number (a duplicate IssueCard
@@ -96,7 +98,7 @@ class Database:
             return result
         raise AssertionError("unreachable")
 
-    async def fetch_all(self, sql: LiteralString, params: tuple[Any, ...] | dict[str, Any]) -> list[tuple[Any, ...]]:
+    async def fetch_all(self, sql: LiteralString, params: Params) -> list[tuple[Any, ...]]:
         try:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(sql, params, prepare=True)
@@ -107,6 +109,6 @@ class Database:
             raise errors.unavailable("DATABASE_BUSY",
                                      "no database connection became free in time") from None
 
-    async def fetch_one(self, sql: LiteralString, params: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, ...] | None:
+    async def fetch_one(self, sql: LiteralString, params: Params) -> tuple[Any, ...] | None:
         rows = await self.fetch_all(sql, params)
         return rows[0] if rows else None

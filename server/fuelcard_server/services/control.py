@@ -9,8 +9,8 @@ import uuid
 from typing import Any
 
 import grpc
-
 from fuelcard.v1 import control_pb2, control_pb2_grpc
+
 from fuelcard_server import history, reports, wire
 from fuelcard_server.services.handling import Deps, rpc
 from fuelcard_server.services.transaction import PRODUCTS
