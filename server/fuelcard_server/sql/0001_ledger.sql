@@ -129,6 +129,9 @@ CREATE TABLE fc.recharges (
     channel        smallint    NOT NULL CHECK (channel BETWEEN 1 AND 5),
     channel_txn_id text        NOT NULL,
     amount_fen     bigint      NOT NULL CHECK (amount_fen > 0),
+    -- the account's balance just after the credit: what a duplicate
+    -- notification of the same payment is answered with
+    balance_after_fen bigint   NOT NULL,
     created_at     timestamptz NOT NULL,
     CONSTRAINT one_recharge_per_channel_txn UNIQUE (channel, channel_txn_id)
 );
@@ -550,8 +553,6 @@ DECLARE
     v_account  fc.accounts;
     v_recharge fc.recharges;
     v_clearing text;
-    v_entry_id bigint;
-    v_balance  bigint;
 BEGIN
     v_response := fc.replay(p_caller, p_request_id, p_request_hash);
     IF v_response IS NOT NULL THEN
@@ -570,19 +571,9 @@ BEGIN
             RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'CHANNEL_TXN_REUSED',
                 DETAIL = 'channel_txn_id';
         END IF;
-        -- The original answer: the balance just after this recharge was
-        -- credited. An account's money entries are written under its lock,
-        -- so those up to the recharge's own entry are exactly the ones before it.
-        SELECT id INTO v_entry_id FROM fc.journal
-         WHERE credit_account_id = v_account.id AND kind = 1 AND recharge_id = v_recharge.id;
-        SELECT coalesce(sum(signed), 0) INTO v_balance FROM (
-            SELECT amount AS signed FROM fc.journal
-             WHERE credit_account_id = v_account.id AND asset = 1 AND id <= v_entry_id
-            UNION ALL
-            SELECT -amount FROM fc.journal
-             WHERE debit_account_id = v_account.id AND asset = 1 AND id <= v_entry_id) moves;
+        -- The original answer: the balance just after this recharge was credited.
         v_response := jsonb_build_object('decision', 'APPROVED',
-            'recharge', fc.recharge_json(v_recharge), 'balance_fen', v_balance);
+            'recharge', fc.recharge_json(v_recharge), 'balance_fen', v_recharge.balance_after_fen);
         -- This request_id is now spent on this answer, like any other.
         RETURN fc.remember(p_caller, p_request_id, 'recharge', p_request_hash, v_response, p_now)
                || '{"replayed": true}';
@@ -597,8 +588,10 @@ BEGIN
     END IF;
 
     v_clearing := 'CHANNEL_CLEARING_' || (ARRAY['BANK_CARD', 'WECHAT_PAY', 'ALIPAY', 'ECNY', 'COUNTER'])[p_channel];
-    INSERT INTO fc.recharges (account_id, channel, channel_txn_id, amount_fen, created_at)
-    VALUES (v_account.id, p_channel, p_channel_txn_id, p_amount_fen, p_now)
+    INSERT INTO fc.recharges (account_id, channel, channel_txn_id, amount_fen, balance_after_fen,
+                              created_at)
+    VALUES (v_account.id, p_channel, p_channel_txn_id, p_amount_fen,
+            v_account.balance_fen + p_amount_fen, p_now)
     RETURNING * INTO v_recharge;
     INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, recharge_id, created_at)
     VALUES (1, 1, fc.system_account(v_clearing), v_account.id, p_amount_fen, v_recharge.id, p_now);
