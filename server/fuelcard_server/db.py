@@ -88,11 +88,11 @@ class Database:
                 if exc.diag.constraint_name in _RACE_CONSTRAINTS and attempt + 1 < _RACE_RETRIES:
                     continue
                 raise translate(exc) from None
-            except psycopg.Error as exc:
-                raise translate(exc) from None
-            except PoolTimeout:
+            except PoolTimeout:  # an OperationalError too: catch it first
                 raise errors.unavailable("DATABASE_BUSY",
                                          "no database connection became free in time") from None
+            except psycopg.Error as exc:
+                raise translate(exc) from None
             assert row is not None and row[0] is not None, "fc functions always answer"
             result: dict[str, Any] = row[0]
             return result
@@ -103,11 +103,11 @@ class Database:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(sql, params, prepare=True)
                 return await cur.fetchall()
-        except psycopg.Error as exc:
-            raise translate(exc) from None
-        except PoolTimeout:
+        except PoolTimeout:  # an OperationalError too: catch it first
             raise errors.unavailable("DATABASE_BUSY",
                                      "no database connection became free in time") from None
+        except psycopg.Error as exc:
+            raise translate(exc) from None
 
     async def fetch_one(self, sql: LiteralString, params: Params) -> tuple[Any, ...] | None:
         rows = await self.fetch_all(sql, params)

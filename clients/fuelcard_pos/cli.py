@@ -1,0 +1,502 @@
+"""`fuelcard-pos`: the POS client from a shell.
+
+    fuelcard-pos [--target HOST:PORT] [--deadline-s S] [--json] COMMAND ...
+
+Commands: authorize, confirm, cancel, balance, hold, outbox-flush. Output is
+human-readable by default; with --json, exactly one JSON object goes to stdout
+(responses as google.protobuf.json_format.MessageToDict with the proto field
+names; errors as {"error": {...}}).
+
+Card numbers are only ever shown masked ("6222 **** **** 1234"), including
+the one given on the command line: everything this program prints, argparse's
+own messages included, passes through a scrubber first.
+
+Exit codes:
+    0  approved / ok
+    1  declined (a business decline: insufficient funds, card blocked, ...)
+    2  usage error or INVALID_ARGUMENT
+    3  any other RPC error (NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE, ...)
+    4  pending: the confirm/cancel could not be delivered and is kept in the
+       outbox; `fuelcard-pos outbox-flush` delivers it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from fuelcard.v1 import common_pb2, transaction_pb2
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from fuelcard_pos.client import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_TARGET,
+    PosClient,
+    PosError,
+    PosPending,
+    RetryPolicy,
+    mask_card_number,
+)
+from fuelcard_pos.outbox import FlushReport, Outbox, OutboxEntry
+
+EXIT_OK = 0
+EXIT_DECLINED = 1
+EXIT_USAGE = 2
+EXIT_ERROR = 3
+EXIT_PENDING = 4
+
+TARGET_ENV = "FUELCARD_TARGET"
+OUTBOX_ENV = "FUELCARD_POS_OUTBOX"
+
+PRODUCTS: dict[str, common_pb2.Product.ValueType] = {
+    "92": common_pb2.PRODUCT_GASOLINE_92,
+    "92#": common_pb2.PRODUCT_GASOLINE_92,
+    "95": common_pb2.PRODUCT_GASOLINE_95,
+    "95#": common_pb2.PRODUCT_GASOLINE_95,
+    "98": common_pb2.PRODUCT_GASOLINE_98,
+    "98#": common_pb2.PRODUCT_GASOLINE_98,
+    "0": common_pb2.PRODUCT_DIESEL_0,
+    "0#": common_pb2.PRODUCT_DIESEL_0,
+    "0#diesel": common_pb2.PRODUCT_DIESEL_0,
+    "diesel": common_pb2.PRODUCT_DIESEL_0,
+    "-10": common_pb2.PRODUCT_DIESEL_MINUS_10,
+    "-10#": common_pb2.PRODUCT_DIESEL_MINUS_10,
+    "-10#diesel": common_pb2.PRODUCT_DIESEL_MINUS_10,
+    "gas": common_pb2.PRODUCT_GAS,
+    "lng": common_pb2.PRODUCT_GAS,
+    "cng": common_pb2.PRODUCT_GAS,
+    "shop": common_pb2.PRODUCT_SHOP,
+}
+# Long digit runs are card numbers (16-19 digits) until proven otherwise.
+_DIGIT_RUN = re.compile(r"(?<!\d)\d{16,19}(?!\d)")
+_CARDISH_ARG = re.compile(r"\d[\d\s-]{10,}\d")
+
+
+class Output:
+    """Everything printed goes through here, and is scrubbed of card numbers."""
+
+    def __init__(self, secrets: Sequence[str], stdout: IO[str] | None = None,
+                 stderr: IO[str] | None = None) -> None:
+        # longest first, so a number is masked whole and not a piece of it
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._stdout = stdout or sys.stdout
+        self._stderr = stderr or sys.stderr
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, mask_card_number(secret))
+        return _DIGIT_RUN.sub(lambda m: mask_card_number(m.group(0)), text)
+
+    def out(self, text: str) -> None:
+        self._stdout.write(self.scrub(text) + "\n")
+        self._stdout.flush()
+
+    def err(self, text: str) -> None:
+        self._stderr.write(self.scrub(text) + "\n")
+        self._stderr.flush()
+
+    def raw(self, text: str, to_stderr: bool) -> None:
+        stream = self._stderr if to_stderr else self._stdout
+        stream.write(self.scrub(text))
+        stream.flush()
+
+
+def _cardish_args(argv: Sequence[str]) -> list[str]:
+    """Arguments that might be card numbers, to mask wherever they show up."""
+    found: list[str] = []
+    for arg in argv:
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        if _CARDISH_ARG.fullmatch(value.strip()):
+            found.append(value.strip())
+            digits = re.sub(r"\D", "", value)
+            if digits != value.strip():
+                found.append(digits)
+    return found
+
+
+# -- argument parsing -------------------------------------------------------
+
+def _product(text: str) -> common_pb2.Product.ValueType:
+    key = text.strip().lower().replace(" ", "")
+    if key in PRODUCTS:
+        return PRODUCTS[key]
+    name = text.strip().upper()
+    for candidate in (name, f"PRODUCT_{name}"):
+        try:
+            value = common_pb2.Product.Value(candidate)
+        except ValueError:
+            continue
+        if value != common_pb2.PRODUCT_UNSPECIFIED:
+            return value
+    raise argparse.ArgumentTypeError(
+        f"unknown product {text!r}; use one of {', '.join(sorted(PRODUCTS))}")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def default_outbox_path() -> Path:
+    if os.environ.get(OUTBOX_ENV):
+        return Path(os.environ[OUTBOX_ENV])
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "fuelcard-pos" / "outbox.sqlite3"
+
+
+def build_parser(output: Output) -> argparse.ArgumentParser:
+    class Parser(argparse.ArgumentParser):
+        def _print_message(self, message: str, file: object = None) -> None:
+            if message:
+                output.raw(message, to_stderr=file is not sys.stdout)
+
+    parser = Parser(
+        prog="fuelcard-pos",
+        description="POS client of the fuelcard transaction server.",
+        epilog="exit codes: 0 ok, 1 declined, 2 usage/invalid argument, 3 other RPC error, "
+               "4 pending in the outbox")
+    parser.add_argument("--target", default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
+                        help=f"server HOST:PORT (env {TARGET_ENV}; default {DEFAULT_TARGET})")
+    parser.add_argument("--deadline-s", type=_positive_float, default=DEFAULT_DEADLINE_S,
+                        help="deadline of each attempt, in seconds (default %(default)s)")
+    parser.add_argument("--max-attempts", type=_positive_int, default=RetryPolicy.max_attempts,
+                        help="attempts per call on retryable errors (default %(default)s)")
+    parser.add_argument("--total-timeout-s", type=_positive_float,
+                        default=RetryPolicy.total_timeout_s,
+                        help="time budget per call, retries included (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def outbox_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--outbox", type=Path, default=None,
+                       help=f"outbox file (env {OUTBOX_ENV}; default {default_outbox_path()})")
+
+    p = commands.add_parser("authorize", help="reserve an amount before the nozzle is lifted")
+    p.add_argument("card", metavar="CARD", help="card number (never printed)")
+    p.add_argument("amount_fen", metavar="AMOUNT_FEN", type=int, help="amount to reserve, in fen")
+    p.add_argument("--station", required=True, help="station id")
+    p.add_argument("--terminal", required=True, help="terminal id")
+    p.add_argument("--nozzle", type=int, default=1, help="nozzle number (default 1)")
+    p.add_argument("--product", type=_product, default=common_pb2.PRODUCT_GASOLINE_92,
+                   help="92|95|98|0#diesel|-10#diesel|gas|shop (default 92)")
+    p.add_argument("--request-id", default=None, help="idempotency key (default: a new UUID)")
+
+    p = commands.add_parser("confirm", help="settle a hold for the amount delivered")
+    p.add_argument("hold_id", metavar="HOLD_ID")
+    p.add_argument("final_fen", metavar="FINAL_FEN", type=int, help="amount delivered, in fen")
+    p.add_argument("--volume-ml", type=int, default=0, help="volume delivered, ml")
+    p.add_argument("--unit-price-fen", type=int, default=0, help="price per litre, fen")
+    p.add_argument("--request-id", default=None, help="idempotency key (default: a new UUID)")
+    outbox_options(p)
+    p.add_argument("--no-outbox", action="store_true",
+                   help="fail instead of queueing when the server cannot be reached")
+
+    p = commands.add_parser("cancel", help="release a hold")
+    p.add_argument("hold_id", metavar="HOLD_ID")
+    p.add_argument("--request-id", default=None, help="idempotency key (default: a new UUID)")
+    outbox_options(p)
+    p.add_argument("--no-outbox", action="store_true",
+                   help="fail instead of queueing when the server cannot be reached")
+
+    p = commands.add_parser("balance", help="the balance behind a card")
+    p.add_argument("card", metavar="CARD", help="card number (never printed)")
+
+    p = commands.add_parser("hold", help="read a hold")
+    p.add_argument("hold_id", metavar="HOLD_ID")
+
+    p = commands.add_parser("outbox-flush", help="deliver queued confirms and cancels")
+    outbox_options(p)
+    return parser
+
+
+# -- rendering --------------------------------------------------------------
+
+def to_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True,
+                                     unquote_int64_if_possible=True)
+
+
+def yuan(fen: int) -> str:
+    sign = "-" if fen < 0 else ""
+    return f"{sign}{abs(fen) // 100}.{abs(fen) % 100:02d} CNY"
+
+
+def _enum(name: str, prefix: str) -> str:
+    return name.removeprefix(prefix)
+
+
+def decline_name(value: common_pb2.DeclineReason.ValueType) -> str:
+    return _enum(common_pb2.DeclineReason.Name(value), "DECLINE_REASON_")
+
+
+def state_name(value: common_pb2.HoldState.ValueType) -> str:
+    return _enum(common_pb2.HoldState.Name(value), "HOLD_STATE_")
+
+
+def product_name(value: common_pb2.Product.ValueType) -> str:
+    return _enum(common_pb2.Product.Name(value), "PRODUCT_")
+
+
+def error_dict(exc: PosError) -> dict[str, Any]:
+    return {
+        "code": exc.code.name,
+        "reason": exc.reason,
+        "message": exc.message,
+        "field_violations": [{"field": v.field, "description": v.description,
+                              "reason": v.reason} for v in exc.field_violations],
+        "attempts": exc.attempts,
+        "request_id": exc.request_id or "",
+    }
+
+
+def hold_lines(hold: common_pb2.Hold) -> list[str]:
+    lines = [
+        f"  hold       {hold.hold_id}",
+        f"  state      {state_name(hold.state)}",
+        f"  card       {hold.masked_card_number}",
+        f"  reserved   {yuan(hold.amount_fen)}",
+    ]
+    if hold.state == common_pb2.HOLD_STATE_CONFIRMED:
+        lines.append(f"  settled    {yuan(hold.settled_fen)}"
+                     + ("  (confirmed late)" if hold.confirmed_late else ""))
+        lines.append(f"  volume     {hold.volume_ml / 1000:.3f} L at {yuan(hold.unit_price_fen)}/L")
+        lines.append(f"  points     {hold.points_earned}")
+    lines.append(f"  where      station {hold.station_id}, terminal {hold.terminal_id}, "
+                 f"nozzle {hold.nozzle}, {product_name(hold.product)}")
+    if hold.HasField("expire_time") and hold.state == common_pb2.HOLD_STATE_AUTHORIZED:
+        lines.append(f"  expires    {hold.expire_time.ToJsonString()}")
+    if hold.HasField("close_time"):
+        lines.append(f"  closed     {hold.close_time.ToJsonString()}")
+    return lines
+
+
+class Command:
+    """One invocation: parsed arguments, output, and the client."""
+
+    def __init__(self, args: argparse.Namespace, output: Output) -> None:
+        self.args = args
+        self.output = output
+        self.json: bool = args.json
+
+    def client(self, outbox: Outbox | None = None) -> PosClient:
+        return PosClient(self.args.target, deadline_s=self.args.deadline_s,
+                         retry=RetryPolicy(max_attempts=self.args.max_attempts,
+                                           total_timeout_s=self.args.total_timeout_s),
+                         outbox=outbox)
+
+    def emit(self, obj: dict[str, Any], human: Sequence[str]) -> None:
+        if self.json:
+            self.output.out(json.dumps(obj, ensure_ascii=False, sort_keys=False))
+        else:
+            for line in human:
+                self.output.out(line)
+
+    def fail(self, exc: PosError) -> int:
+        code = EXIT_USAGE if exc.code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_ERROR
+        if self.json:
+            self.output.out(json.dumps({"error": error_dict(exc)}, ensure_ascii=False))
+        else:
+            self.output.err(f"error: {exc.code.name}"
+                            + (f" {exc.reason}" if exc.reason else "")
+                            + (f": {exc.message}" if exc.message else ""))
+            for v in exc.field_violations:
+                self.output.err(f"  {v.field}: {v.description}"
+                                + (f" ({v.reason})" if v.reason else ""))
+        return code
+
+    def pending(self, p: PosPending, outbox_path: Path) -> int:
+        self.emit(
+            {"pending": True, "operation": p.operation, "hold_id": p.hold_id,
+             "request_id": p.request_id, "outbox": str(outbox_path),
+             "outbox_entry_id": p.outbox_entry_id, "error": error_dict(p.cause)},
+            [f"PENDING  {p.operation} of hold {p.hold_id} could not be delivered "
+             f"({p.cause.code.name}); kept in the outbox",
+             f"  outbox     {outbox_path} (entry {p.outbox_entry_id})",
+             f"  request_id {p.request_id}",
+             "  run `fuelcard-pos outbox-flush` to deliver it"])
+        return EXIT_PENDING
+
+    def outbox_path(self) -> Path:
+        path: Path | None = self.args.outbox
+        return path if path is not None else default_outbox_path()
+
+    # -- commands ----------------------------------------------------------
+
+    def authorize(self) -> int:
+        a = self.args
+        with self.client() as client:
+            r = client.authorize(a.card, a.amount_fen, a.station, a.terminal, a.nozzle, a.product,
+                                 request_id=a.request_id)
+        approved = r.decision == common_pb2.DECISION_APPROVED
+        if approved:
+            human = ["APPROVED", *hold_lines(r.hold), f"  available  {yuan(r.available_fen)}"]
+        else:
+            human = [f"DECLINED  {decline_name(r.decline_reason)}",
+                     f"  card       {mask_card_number(a.card)}",
+                     f"  asked      {yuan(a.amount_fen)}",
+                     f"  available  {yuan(r.available_fen)}"]
+        self.emit(to_dict(r), human)
+        return EXIT_OK if approved else EXIT_DECLINED
+
+    def _with_outbox(self, send: Callable[[PosClient], int]) -> int:
+        if self.args.no_outbox:
+            with self.client() as client:
+                return send(client)
+        path = self.outbox_path()
+        with Outbox(path) as outbox, self.client(outbox) as client:
+            try:
+                return send(client)
+            except PosPending as p:
+                return self.pending(p, path)
+
+    def confirm(self) -> int:
+        a = self.args
+
+        def send(client: PosClient) -> int:
+            r = client.confirm(a.hold_id, a.final_fen, a.volume_ml, a.unit_price_fen,
+                               request_id=a.request_id)
+            return self._confirmed(r)
+
+        return self._with_outbox(send)
+
+    def _confirmed(self, r: transaction_pb2.ConfirmResponse) -> int:
+        approved = r.decision == common_pb2.DECISION_APPROVED
+        if approved:
+            human = [f"APPROVED  {state_name(r.hold.state)}", *hold_lines(r.hold),
+                     f"  earned     {r.points_earned} points",
+                     f"  balance    {yuan(r.balance_fen)}"]
+        else:
+            human = [f"DECLINED  {decline_name(r.decline_reason)}", *hold_lines(r.hold),
+                     f"  settlement exception {r.settlement_exception_id}: the driver must "
+                     "pay another way"]
+        self.emit(to_dict(r), human)
+        return EXIT_OK if approved else EXIT_DECLINED
+
+    def cancel(self) -> int:
+        a = self.args
+
+        def send(client: PosClient) -> int:
+            r = client.cancel(a.hold_id, request_id=a.request_id)
+            self.emit(to_dict(r), [f"OK  {state_name(r.hold.state)}", *hold_lines(r.hold)])
+            return EXIT_OK
+
+        return self._with_outbox(send)
+
+    def balance(self) -> int:
+        with self.client() as client:
+            r = client.balance(self.args.card)
+        self.emit(to_dict(r), [
+            f"card       {r.masked_card_number}",
+            f"account    {r.account_id}",
+            f"balance    {yuan(r.balance.balance_fen)}",
+            f"held       {yuan(r.balance.held_fen)}",
+            f"available  {yuan(r.balance.available_fen)}",
+            f"points     {r.points_balance}",
+        ])
+        return EXIT_OK
+
+    def hold(self) -> int:
+        with self.client() as client:
+            h = client.get_hold(self.args.hold_id)
+        self.emit(to_dict(h), hold_lines(h))
+        return EXIT_OK
+
+    def outbox_flush(self) -> int:
+        path = self.outbox_path()
+        with Outbox(path) as outbox, self.client(outbox) as client:
+            report = outbox.flush(client)
+            failed_total = len(outbox.failed())
+        self.emit(flush_dict(report, path, failed_total), flush_lines(report, path, failed_total))
+        return EXIT_OK if report.complete else EXIT_ERROR
+
+
+def _entry_dict(entry: OutboxEntry) -> dict[str, Any]:
+    return {"entry_id": entry.id, "operation": entry.operation, "hold_id": entry.hold_id,
+            "request_id": entry.request_id, "attempts": entry.attempts}
+
+
+def flush_dict(report: FlushReport, path: Path, failed_total: int) -> dict[str, Any]:
+    return {
+        "outbox": str(path),
+        "delivered": [{**_entry_dict(d.entry), "response": to_dict(d.response)}
+                      for d in report.delivered],
+        "failed": [{**_entry_dict(e), "error": error_dict(exc)} for e, exc in report.failed],
+        "remaining": report.remaining,
+        "failed_total": failed_total,
+        "stopped_by": error_dict(report.stopped_by) if report.stopped_by else None,
+    }
+
+
+def flush_lines(report: FlushReport, path: Path, failed_total: int) -> list[str]:
+    lines = [f"outbox {path}: delivered {len(report.delivered)}, failed {len(report.failed)}, "
+             f"still pending {report.remaining}"]
+    for d in report.delivered:
+        outcome = "APPROVED"
+        if isinstance(d.response, transaction_pb2.ConfirmResponse) and \
+                d.response.decision == common_pb2.DECISION_DECLINED:
+            outcome = (f"DECLINED {decline_name(d.response.decline_reason)}, settlement exception "
+                       f"{d.response.settlement_exception_id}")
+        lines.append(f"  delivered  {d.entry.operation} hold {d.entry.hold_id}: "
+                     f"{outcome}, {state_name(d.response.hold.state)}")
+    for entry, exc in report.failed:
+        lines.append(f"  FAILED     {entry.operation} hold {entry.hold_id} "
+                     f"(request_id {entry.request_id}): {exc}")
+    if report.stopped_by is not None:
+        lines.append(f"  stopped: {report.stopped_by}")
+    if failed_total:
+        lines.append(f"  {failed_total} failed entr{'y' if failed_total == 1 else 'ies'} in the "
+                     "outbox need an operator")
+    return lines
+
+
+COMMANDS: dict[str, Callable[[Command], int]] = {
+    "authorize": Command.authorize,
+    "confirm": Command.confirm,
+    "cancel": Command.cancel,
+    "balance": Command.balance,
+    "hold": Command.hold,
+    "outbox-flush": Command.outbox_flush,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    output = Output(_cardish_args(args_list))
+    parser = build_parser(output)
+    args = parser.parse_args(args_list)
+    command = Command(args, output)
+    try:
+        return COMMANDS[args.command](command)
+    except PosError as exc:
+        return command.fail(exc)
+    except ValueError as exc:  # e.g. a bad --request-id before anything is sent
+        output.err(f"error: {exc}")
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

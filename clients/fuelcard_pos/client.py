@@ -1,0 +1,409 @@
+"""A synchronous POS client for TransactionService, made for flaky links.
+
+Every mutating call (authorize, confirm, cancel) chooses ONE request_id and
+sends it on every attempt, so the server applies the operation at most once
+however many times the link makes us resend it. Attempts have a deadline each;
+failed attempts are retried with exponential backoff and jitter, within a
+bounded number of attempts and a bounded total time, and only for codes that
+say "try again" (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED). A
+server-sent google.rpc.RetryInfo delay is honoured.
+
+Errors surface as `PosError` with the gRPC code, the google.rpc.ErrorInfo
+reason and the google.rpc.BadRequest field violations. A business decline is
+not an error: it is a response whose `decision` is DECISION_DECLINED.
+
+Given an `Outbox`, a confirm or cancel that still fails with a retryable code
+once the retries are spent is written to the outbox with its request_id and
+`PosPending` is raised: the sale is not lost, `Outbox.flush` delivers it later.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, NoReturn, TypeVar
+
+import grpc
+from fuelcard.v1 import common_pb2, transaction_pb2, transaction_pb2_grpc
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+if TYPE_CHECKING:
+    from fuelcard_pos.outbox import FlushReport, Outbox
+
+__all__ = [
+    "DEFAULT_DEADLINE_S",
+    "DEFAULT_TARGET",
+    "RETRYABLE_CODES",
+    "FieldViolation",
+    "PosClient",
+    "PosError",
+    "PosPending",
+    "RetryEvent",
+    "RetryPolicy",
+    "mask_card_number",
+]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_DEADLINE_S = 3.0
+ERROR_DOMAIN = "fuelcard.v1"
+
+# The only codes worth another attempt. Everything else is an answer: the
+# request is wrong (INVALID_ARGUMENT), the state forbids it
+# (FAILED_PRECONDITION), or the thing does not exist (NOT_FOUND).
+RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
+
+# An attempt with less time than this left is not worth starting.
+MIN_ATTEMPT_S = 0.05
+
+# Channel options for a POS on a mobile or DSL link. The server allows pings
+# every 10 s without calls; 30 s finds a dead link before the next sale.
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Come back quickly once the link returns; our own retries pace the calls.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_send_message_length", 1 * 1024 * 1024),
+    ("grpc.primary_user_agent", "fuelcard-pos/0.1"),
+)
+
+
+def mask_card_number(card_number: str) -> str:
+    """'6222 **** **** 1234': the only form of a card number we ever show."""
+    digits = card_number.strip()
+    if len(digits) < 12:
+        return "*" * len(digits)
+    return f"{digits[:4]} **** **** {digits[-4:]}"
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request, from google.rpc.BadRequest."""
+
+    field: str
+    description: str
+    reason: str = ""
+
+
+class PosError(Exception):
+    """An RPC that ended in an error status (after any retries)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, reason: str = "",
+                 domain: str = "", field_violations: Sequence[FieldViolation] = (),
+                 retry_delay_s: float | None = None, method: str = "",
+                 request_id: str | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.domain = domain
+        self.field_violations: tuple[FieldViolation, ...] = tuple(field_violations)
+        self.retry_delay_s = retry_delay_s
+        self.method = method
+        self.request_id = request_id
+        self.attempts = attempts
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE_CODES
+
+    def __str__(self) -> str:
+        head = self.code.name + (f" {self.reason}" if self.reason else "")
+        text = f"{head}: {self.message}" if self.message else head
+        if self.field_violations:
+            text += " (" + "; ".join(f"{v.field}: {v.description}"
+                                     for v in self.field_violations) + ")"
+        return text
+
+    @classmethod
+    def from_status(cls, code: grpc.StatusCode, message: str, status: status_pb2.Status | None,
+                    *, method: str = "", request_id: str | None = None,
+                    attempts: int = 1) -> PosError:
+        """Read ErrorInfo, BadRequest and RetryInfo out of a google.rpc.Status."""
+        reason = domain = ""
+        violations: list[FieldViolation] = []
+        retry_delay_s: float | None = None
+        for detail in status.details if status is not None else ():
+            try:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    reason, domain = info.reason, info.domain
+                elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    violations.extend(FieldViolation(v.field, v.description, v.reason)
+                                      for v in bad.field_violations)
+                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(retry)
+                    retry_delay_s = max(0.0, retry.retry_delay.ToMilliseconds() / 1000.0)
+            except DecodeError:
+                continue  # a garbled detail must not hide the status itself
+        return cls(code, message, reason=reason, domain=domain, field_violations=violations,
+                   retry_delay_s=retry_delay_s, method=method, request_id=request_id,
+                   attempts=attempts)
+
+    @classmethod
+    def from_rpc_error(cls, exc: grpc.RpcError, *, method: str, request_id: str | None,
+                       attempts: int) -> PosError:
+        code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+        message = (exc.details() if callable(getattr(exc, "details", None)) else None) or ""
+        status: status_pb2.Status | None = None
+        if isinstance(exc, grpc.Call):
+            try:
+                status = rpc_status.from_call(exc)
+            except ValueError:  # code/message in the trailer disagree with the call's
+                status = None
+        return cls.from_status(code, message, status, method=method, request_id=request_id,
+                               attempts=attempts)
+
+
+class PosPending(Exception):
+    """The confirm/cancel could not be delivered now and was queued in the
+    outbox with its request_id; `Outbox.flush` will deliver it. Not a PosError
+    on purpose: the operation is not failed, and it must not be redone with a
+    new request_id."""
+
+    def __init__(self, operation: Literal["confirm", "cancel"], request_id: str, hold_id: str,
+                 outbox_entry_id: int, cause: PosError) -> None:
+        super().__init__(f"{operation} of hold {hold_id} queued for delivery "
+                         f"(outbox entry {outbox_entry_id}): {cause}")
+        self.operation = operation
+        self.request_id = request_id
+        self.hold_id = hold_id
+        self.outbox_entry_id = outbox_entry_id
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff and jitter."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+    # Wall-clock budget for one call, all attempts and pauses included.
+    total_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("need 0 <= initial_backoff_s <= max_backoff_s")
+        if self.multiplier < 1:
+            raise ValueError("multiplier must be at least 1")
+        if self.total_timeout_s <= 0:
+            raise ValueError("total_timeout_s must be positive")
+
+    def backoff_s(self, failed_attempts: int, rng: random.Random,
+                  server_delay_s: float | None = None) -> float:
+        """The pause after `failed_attempts` failures: equal jitter around an
+        exponential base (so pauses never collapse to zero), and never
+        shorter than what the server asked for in RetryInfo."""
+        base = min(self.max_backoff_s,
+                   self.initial_backoff_s * self.multiplier ** max(0, failed_attempts - 1))
+        delay = base / 2 + rng.uniform(0, base / 2)
+        if server_delay_s is not None:
+            delay = max(delay, server_delay_s)
+        return delay
+
+
+@dataclass(frozen=True)
+class RetryEvent:
+    """Told to `on_retry` before each pause: attempt `attempt` failed with `code`."""
+
+    method: str
+    request_id: str | None
+    attempt: int
+    code: grpc.StatusCode
+    reason: str
+    delay_s: float
+
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+
+
+class PosClient:
+    """TransactionService for a POS terminal. Thread-safe; close it (or use
+    it as a context manager) to release the channel."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, deadline_s: float = DEFAULT_DEADLINE_S,
+                 retry: RetryPolicy | None = None, outbox: Outbox | None = None,
+                 channel_options: Sequence[tuple[str, int | str]] = (),
+                 on_retry: Callable[[RetryEvent], None] | None = None,
+                 rng: random.Random | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if deadline_s <= 0:
+            raise ValueError("deadline_s must be positive")
+        self.target = target
+        self.deadline_s = deadline_s
+        self.retry = retry or RetryPolicy()
+        self.outbox = outbox
+        self.on_retry = on_retry
+        self._rng = rng or random.Random()
+        self._rng_lock = threading.Lock()
+        self._sleep = sleep
+        options = dict(DEFAULT_CHANNEL_OPTIONS)
+        options.update(dict(channel_options))
+        self._channel = grpc.insecure_channel(target, options=list(options.items()))
+        self._stub = transaction_pb2_grpc.TransactionServiceStub(self._channel)
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def __enter__(self) -> PosClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the pump cycle ----------------------------------------------------
+
+    def authorize(self, card_number: str, amount_fen: int, station_id: str, terminal_id: str,
+                  nozzle: int = 1, product: common_pb2.Product.ValueType = common_pb2.PRODUCT_GASOLINE_92,
+                  *, request_id: str | None = None, deadline_s: float | None = None,
+                  ) -> transaction_pb2.AuthorizeResponse:
+        """Reserve `amount_fen` before the nozzle is lifted. Returns the
+        response whether approved or declined; raises PosError on errors."""
+        request = transaction_pb2.AuthorizeRequest(
+            request_id=request_id or new_request_id(), card_number=card_number,
+            amount_fen=amount_fen, station_id=station_id, terminal_id=terminal_id,
+            nozzle=nozzle, product=product)
+        return self._call("Authorize", self._stub.Authorize, request, request.request_id,
+                          deadline_s)
+
+    def confirm(self, hold_id: str, final_amount_fen: int, volume_ml: int = 0,
+                unit_price_fen: int = 0, *, request_id: str | None = None,
+                deadline_s: float | None = None) -> transaction_pb2.ConfirmResponse:
+        """Settle the hold for what was delivered. Raises PosPending if the
+        link stayed down and the confirm went to the outbox."""
+        request = transaction_pb2.ConfirmRequest(
+            request_id=request_id or new_request_id(), hold_id=hold_id,
+            final_amount_fen=final_amount_fen, volume_ml=volume_ml,
+            unit_price_fen=unit_price_fen)
+        return self.send_confirm(request, deadline_s=deadline_s)
+
+    def cancel(self, hold_id: str, *, request_id: str | None = None,
+               deadline_s: float | None = None) -> transaction_pb2.CancelResponse:
+        """Release the hold. Raises PosPending if it went to the outbox."""
+        request = transaction_pb2.CancelRequest(request_id=request_id or new_request_id(),
+                                                hold_id=hold_id)
+        return self.send_cancel(request, deadline_s=deadline_s)
+
+    def balance(self, card_number: str, *, deadline_s: float | None = None
+                ) -> transaction_pb2.GetCardBalanceResponse:
+        return self._call("GetCardBalance", self._stub.GetCardBalance,
+                          transaction_pb2.GetCardBalanceRequest(card_number=card_number),
+                          None, deadline_s)
+
+    def get_hold(self, hold_id: str, *, deadline_s: float | None = None) -> common_pb2.Hold:
+        response = self._call("GetHold", self._stub.GetHold,
+                              transaction_pb2.GetHoldRequest(hold_id=hold_id), None, deadline_s)
+        return response.hold
+
+    # -- fully built requests (the outbox resends through these) -----------
+
+    def send_confirm(self, request: transaction_pb2.ConfirmRequest, *,
+                     deadline_s: float | None = None, queue: bool = True
+                     ) -> transaction_pb2.ConfirmResponse:
+        self._require_request_id(request.request_id)
+        try:
+            return self._call("Confirm", self._stub.Confirm, request, request.request_id,
+                              deadline_s)
+        except PosError as exc:
+            self._queue_or_raise("confirm", request, exc, queue)
+
+    def send_cancel(self, request: transaction_pb2.CancelRequest, *,
+                    deadline_s: float | None = None, queue: bool = True
+                    ) -> transaction_pb2.CancelResponse:
+        self._require_request_id(request.request_id)
+        try:
+            return self._call("Cancel", self._stub.Cancel, request, request.request_id,
+                              deadline_s)
+        except PosError as exc:
+            self._queue_or_raise("cancel", request, exc, queue)
+
+    def flush_outbox(self) -> FlushReport:
+        """Deliver what the outbox holds; see Outbox.flush."""
+        if self.outbox is None:
+            raise RuntimeError("this client has no outbox")
+        return self.outbox.flush(self)
+
+    # -- machinery ---------------------------------------------------------
+
+    @staticmethod
+    def _require_request_id(request_id: str) -> None:
+        if not request_id:
+            raise ValueError("a mutating request needs its request_id before it is sent")
+
+    def _queue_or_raise(self, operation: Literal["confirm", "cancel"],
+                        request: transaction_pb2.ConfirmRequest | transaction_pb2.CancelRequest,
+                        exc: PosError, queue: bool) -> NoReturn:
+        if not (queue and exc.retryable and self.outbox is not None):
+            raise exc
+        from fuelcard_pos.outbox import OutboxFull
+
+        try:
+            entry_id = self.outbox.enqueue(request)
+        except (OutboxFull, sqlite3.Error) as not_kept:
+            # neither delivered nor kept: the caller must know it failed
+            raise exc from not_kept
+        raise PosPending(operation, request.request_id, request.hold_id, entry_id, exc) from exc
+
+    def _call(self, method: str, fn: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req,
+              request_id: str | None, deadline_s: float | None) -> Resp:
+        if self._closed:
+            raise RuntimeError("the PosClient is closed")
+        policy = self.retry
+        per_attempt = deadline_s if deadline_s is not None else self.deadline_s
+        if per_attempt <= 0:
+            raise ValueError("deadline_s must be positive")
+        give_up_at = time.monotonic() + policy.total_timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = give_up_at - time.monotonic()
+            try:
+                response: Resp = fn(request, timeout=max(MIN_ATTEMPT_S, min(per_attempt, remaining)))
+                return response
+            except grpc.RpcError as rpc_error:
+                error = PosError.from_rpc_error(rpc_error, method=method, request_id=request_id,
+                                                attempts=attempt)
+            if not error.retryable or attempt >= policy.max_attempts:
+                raise error
+            with self._rng_lock:
+                delay = policy.backoff_s(attempt, self._rng, error.retry_delay_s)
+            if time.monotonic() + delay + MIN_ATTEMPT_S > give_up_at:
+                raise error
+            if self.on_retry is not None:
+                self.on_retry(RetryEvent(method, request_id, attempt, error.code, error.reason,
+                                         delay))
+            self._sleep(delay)
+
