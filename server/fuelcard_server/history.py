@@ -41,9 +41,12 @@ JOURNAL_PAGE_SQL = """
                           WHERE id = moves.recharge_id) r ON true
      ORDER BY id DESC LIMIT %(limit)s"""
 
+# An account's holds: those reserving its money, and those its cards made
+# (a SHARED member's holds reserve its parent's money).
 HOLDS_PAGE_SQL = """
     SELECT h.id, fc.hold_json(h) FROM fc.holds h
-     WHERE h.account_id = %(account)s AND h.id < %(before)s
+     WHERE (h.account_id = %(account)s OR h.spender_account_id = %(account)s)
+       AND h.id < %(before)s
        AND (%(state)s = 0 OR h.state = %(state)s)
      ORDER BY h.id DESC LIMIT %(limit)s"""
 

@@ -34,11 +34,12 @@ FLEET_COST_SQL = """
            coalesce(sum(s.volume_ml) FILTER (WHERE s.periods_back < 0), 0)::bigint,
            count(s.vehicle) FILTER (WHERE s.periods_back < 0),
            coalesce(sum(s.settled_fen) FILTER (WHERE s.periods_back >= 0), 0)::bigint,
-           -- earlier periods the vehicle existed in, up to the baseline count
-           least(%(baseline)s, greatest(0, floor(extract(epoch FROM
+           -- earlier periods the vehicle existed in (a period it joined part-way
+           -- through counts: its sales do), up to the baseline count
+           least(%(baseline)s, greatest(0, ceil(extract(epoch FROM
                  (%(start)s::timestamptz - v.created_at)) / %(span_s)s)))::integer
       FROM vehicles v LEFT JOIN sales s ON s.vehicle = v.id
-     GROUP BY v.id, v.uid, v.label
+     GROUP BY v.id, v.uid, v.label, v.created_at
      ORDER BY v.label, v.uid"""
 
 

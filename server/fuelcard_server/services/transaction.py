@@ -26,9 +26,13 @@ CONFIRM_SQL = (
     " %s::timestamptz)")
 CANCEL_SQL = "SELECT fc.cancel(%s, %s, %s, %s::uuid, %s::timestamptz)"
 GET_HOLD_SQL = "SELECT fc.hold_json(h) FROM fc.holds h WHERE h.uid = %s::uuid"
+# The money is the funding account's (the parent's, for a SHARED card); the
+# points are the card's own account's.
 CARD_BALANCE_SQL = """
-    SELECT c.uid::text, c.masked, a.uid::text, a.balance_fen, a.held_fen, a.points_balance
-      FROM fc.cards c JOIN fc.accounts a ON a.id = c.account_id
+    SELECT c.uid::text, c.masked, f.uid::text, f.balance_fen, f.held_fen, a.points_balance
+      FROM fc.cards c
+      JOIN fc.accounts a ON a.id = c.account_id
+      JOIN fc.accounts f ON f.id = CASE WHEN a.funding_mode = 2 THEN a.parent_id ELSE a.id END
      WHERE c.pan_index = %s"""
 
 

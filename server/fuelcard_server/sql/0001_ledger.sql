@@ -640,8 +640,7 @@ BEGIN
         UPDATE fc.accounts SET points_balance = points_balance - p_points WHERE id = v_account.id
         RETURNING * INTO v_account;
         v_response := jsonb_build_object('decision', 'APPROVED',
-            -- kind is the PointsEntryKind (2 REDEEM), not the journal kind (4)
-            'entry', jsonb_build_object('entry_id', v_entry.id::text, 'kind', 2,
+            'entry', jsonb_build_object('entry_id', v_entry.id::text, 'kind', 4,
                                         'points', -p_points, 'description', p_description,
                                         'create_us', fc.ts(p_now)),
             'points_balance', v_account.points_balance);

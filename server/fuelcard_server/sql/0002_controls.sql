@@ -271,26 +271,37 @@ BEGIN
 END $$;
 
 -- The caps in force at p_now: a raise whose window covers p_now replaces the
--- standing caps (the largest raise wins if windows overlap).
+-- standing caps. If windows overlap the largest caps win, each kind on its own
+-- (no cap, NULL, is the largest), until the last of them ends.
 CREATE TYPE fc.caps AS (txn bigint, daily bigint, monthly bigint, raise_ends timestamptz);
+
+CREATE FUNCTION fc.largest_cap(p_caps bigint[]) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN array_position(p_caps, NULL) IS NULL
+                THEN (SELECT max(x) FROM unnest(p_caps) x) END
+$$;
 
 CREATE FUNCTION fc.card_caps(c fc.cards, p_now timestamptz) RETURNS fc.caps
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(
-        (SELECT ROW(r.limit_txn_fen, r.limit_daily_fen, r.limit_monthly_fen, r.ends_at)::fc.caps
+        (SELECT ROW(fc.largest_cap(array_agg(r.limit_txn_fen)),
+                    fc.largest_cap(array_agg(r.limit_daily_fen)),
+                    fc.largest_cap(array_agg(r.limit_monthly_fen)), max(r.ends_at))::fc.caps
            FROM fc.limit_raises r
           WHERE r.card_id = c.id AND r.starts_at <= p_now AND r.ends_at > p_now
-          ORDER BY r.ends_at DESC LIMIT 1),
+         HAVING count(*) > 0),
         ROW(c.limit_txn_fen, c.limit_daily_fen, c.limit_monthly_fen, NULL)::fc.caps)
 $$;
 
 CREATE FUNCTION fc.account_caps(a fc.accounts, p_now timestamptz) RETURNS fc.caps
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(
-        (SELECT ROW(r.limit_txn_fen, r.limit_daily_fen, r.limit_monthly_fen, r.ends_at)::fc.caps
+        (SELECT ROW(fc.largest_cap(array_agg(r.limit_txn_fen)),
+                    fc.largest_cap(array_agg(r.limit_daily_fen)),
+                    fc.largest_cap(array_agg(r.limit_monthly_fen)), max(r.ends_at))::fc.caps
            FROM fc.limit_raises r
           WHERE r.account_id = a.id AND r.starts_at <= p_now AND r.ends_at > p_now
-          ORDER BY r.ends_at DESC LIMIT 1),
+         HAVING count(*) > 0),
         ROW(a.limit_txn_fen, a.limit_daily_fen, a.limit_monthly_fen, NULL)::fc.caps)
 $$;
 
@@ -844,6 +855,19 @@ BEGIN
     RETURN v_count;
 END $$;
 
+-- Which cap of the card, its account or that account's parent (in that
+-- order) `p_amount` more would break, or NULL.
+CREATE FUNCTION fc.caps_refusal(c fc.cards, s fc.accounts, p fc.accounts, p_day date,
+                                p_amount bigint, p_now timestamptz)
+RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        fc.cap_refusal(fc.card_caps(c, p_now), 1::smallint, c.id, p_day, p_amount),
+        fc.cap_refusal(fc.account_caps(s, p_now), 2::smallint, s.id, p_day, p_amount),
+        CASE WHEN p.id IS NOT NULL
+             THEN fc.cap_refusal(fc.account_caps(p, p_now), 2::smallint, p.id, p_day, p_amount) END)
+$$;
+
 CREATE OR REPLACE FUNCTION fc.authorize(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_pan_index bytea, p_amount_fen bigint,
@@ -894,12 +918,16 @@ BEGIN
     ELSE
         v_reason := coalesce(
             fc.scope_refusal(v_card, p_station_id, p_product, v_local),
-            fc.cap_refusal(fc.card_caps(v_card, p_now), 1::smallint, v_card.id, v_day, p_amount_fen),
-            fc.cap_refusal(fc.account_caps(v_spender, p_now), 2::smallint, v_spender.id, v_day,
-                           p_amount_fen));
-        IF v_reason IS NULL AND v_parent.id IS NOT NULL THEN
-            v_reason := fc.cap_refusal(fc.account_caps(v_parent, p_now), 2::smallint, v_parent.id,
-                                       v_day, p_amount_fen);
+            fc.caps_refusal(v_card, v_spender, v_parent, v_day, p_amount_fen, p_now));
+        -- Holds past their expiry still use their room until the sweeper gets
+        -- to them; as for the money below, release this account's now, then
+        -- look again. (Nested IFs: SQL's AND does not promise to skip the call.)
+        IF v_reason LIKE 'LIMIT_%' THEN
+            IF fc.release_expired_locked(v_funder.id, p_now) > 0 THEN
+                SELECT * INTO v_funder FROM fc.accounts WHERE id = v_funder.id;
+                v_reason := fc.caps_refusal(v_card, v_spender, v_parent, v_day, p_amount_fen,
+                                            p_now);
+            END IF;
         END IF;
         IF v_reason IS NULL AND v_funder.balance_fen - v_funder.held_fen < p_amount_fen THEN
             -- Holds past their expiry still count until the sweeper gets to
@@ -1039,6 +1067,12 @@ BEGIN
     INSERT INTO fc.monthly_spend (account_id, month, spend_fen) VALUES (v_spender_id, v_month, p_final_fen)
     ON CONFLICT (account_id, month) DO UPDATE SET spend_fen = fc.monthly_spend.spend_fen + excluded.spend_fen;
     PERFORM fc.evaluate_tier(v_spender_id, p_now);
+    IF v_hold.state = 4 THEN
+        -- A sale once declined for want of money, settled after all: the
+        -- exception recorded for it is closed.
+        UPDATE fc.settlement_exceptions SET resolved_at = p_now
+         WHERE hold_id = v_hold.id AND resolved_at IS NULL;
+    END IF;
     UPDATE fc.holds
        SET state = 2, settled_fen = p_final_fen, closed_at = coalesce(closed_at, p_now),
            volume_ml = p_volume_ml, unit_price_fen = p_unit_price_fen,

@@ -328,9 +328,11 @@ class GetCardBalanceResponse(_message.Message):
     masked_card_number: _builtins.str
     """Masked card number, for the receipt."""
     account_id: _builtins.str
-    """The account the card draws on."""
+    """The account whose money the card spends: the card's own account, or its
+    parent for a card of a SHARED sub-account (fleet vehicle, family member).
+    """
     points_balance: _builtins.int
-    """The account's points balance."""
+    """The points of the card's own account."""
     @_builtins.property
     def balance(self) -> _common_pb2.Balance:
         """The money on that account."""
