@@ -23,6 +23,8 @@ from fuelcard.v1 import (
     funding_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
+    security_pb2,
+    security_pb2_grpc,
     transaction_pb2,
     transaction_pb2_grpc,
 )
@@ -40,8 +42,10 @@ from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.funding import FundingService
 from fuelcard_server.services.handling import Deps
 from fuelcard_server.services.points import PointsService
+from fuelcard_server.services.security import SecurityService
 from fuelcard_server.services.transaction import TransactionService
-from fuelcard_server.settings import Settings
+from fuelcard_server.settings import Settings, SettingsError
+from fuelcard_server.terminals import TerminalKeys
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ SERVICE_NAMES = (
     points_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name,
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+    security_pb2.DESCRIPTOR.services_by_name["SecurityService"].full_name,
 )
 
 # Only one process sweeps at a time; the others skip the round.
@@ -80,6 +85,18 @@ SERVER_OPTIONS = [
 ]
 
 
+def server_credentials(s: Settings) -> grpc.ServerCredentials:
+    """Mutual TLS: clients must present a certificate signed by our CA."""
+    d = s.certs_dir
+    try:
+        key, cert, ca = ((d / name).read_bytes() for name in ("server.key", "server.pem", "ca.pem"))
+    except FileNotFoundError as exc:
+        raise SettingsError(f"TLS: {exc.filename} is missing (create development certificates "
+                            "with `fuelcard certs`, or serve --insecure on loopback)") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=True)
+
+
 @dataclass
 class FuelcardServer:
     settings: Settings
@@ -99,7 +116,9 @@ class FuelcardServer:
         key = s.card_index_key()
         deps = Deps(
             db=self._db, clock=self.clock, settings=s, pan_index=PanIndex(key),
-            fingerprint_key=hmac.new(key, b"request-fingerprint", hashlib.sha256).digest())
+            fingerprint_key=hmac.new(key, b"request-fingerprint", hashlib.sha256).digest(),
+            terminal_keys=TerminalKeys(self._db, s.key_provider()),
+            signing_key=s.signing_key(), tls=not s.insecure)
         server = grpc.aio.server(options=SERVER_OPTIONS,
                                  maximum_concurrent_rpcs=s.pool_max * 64)
         transaction_pb2_grpc.add_TransactionServiceServicer_to_server(TransactionService(deps), server)
@@ -107,12 +126,16 @@ class FuelcardServer:
         points_pb2_grpc.add_PointsServiceServicer_to_server(PointsService(deps), server)
         account_pb2_grpc.add_AccountServiceServicer_to_server(AccountService(deps), server)
         control_pb2_grpc.add_ControlServiceServicer_to_server(ControlService(deps), server)
+        security_pb2_grpc.add_SecurityServiceServicer_to_server(SecurityService(deps), server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         host, port = s.host_port
-        self.port = server.add_insecure_port(f"{host}:{port}")
+        if s.insecure:
+            self.port = server.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = server.add_secure_port(f"{host}:{port}", server_credentials(s))
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {s.listen}")
         await server.start()

@@ -29,10 +29,14 @@ def _add_database_flags(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     s = Settings.from_env()
     for name in ("listen", "database_url", "data_dir", "workers", "hold_ttl_s", "pool_max",
-                 "pool_min"):
+                 "pool_min", "tls_dir"):
         value = getattr(args, name, None)
         if value is not None:
             s.set(name, value)
+    if getattr(args, "tls_dir", None) is not None or getattr(args, "tls", False):
+        s.insecure = False
+    if getattr(args, "insecure", False):
+        s.insecure = True
     return s.validate()
 
 
@@ -115,6 +119,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pg.stop_if_started_here()
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fuelcard_server.certs import DevPki
+    from fuelcard_server.identity import Role
+
+    pki = DevPki(args.dir)
+    pki.ensure_ca()
+    made = [pki.server()]
+    for spec in args.terminal:
+        station, _, terminal = spec.partition("/")
+        if not station or not terminal:
+            raise SettingsError(f"--terminal: expected STATION/TERMINAL, got {spec!r}")
+        made.append(pki.client(Role.POS, terminal, station))
+    for spec in args.adapter:
+        channel, _, name = spec.partition("/")
+        if not channel or not name:
+            raise SettingsError(f"--adapter: expected CHANNEL/NAME, got {spec!r}")
+        made.append(pki.client(Role.ADAPTER, name, channel))
+    for role in (Role.ADMIN, Role.REVIEWER, Role.ANALYTICS):
+        for name in getattr(args, role.value):
+            made.append(pki.client(role, name))
+    print(f"CA: {pki.ca_cert_path}")
+    for issued in made:
+        print(f"{issued.cert}  (key {issued.key})")
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     s = _settings(args)
     url, pg = _database(s)
@@ -161,9 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-max", type=int, dest="pool_max",
                    help="database connections per process (default 16)")
     p.add_argument("--pool-min", type=int, dest="pool_min")
+    p.add_argument("--tls", action="store_true",
+                   help="mutual TLS with the certificates in DATA_DIR/certs (fuelcard certs)")
+    p.add_argument("--tls-dir", type=Path, help="mutual TLS with the certificates in this "
+                   "directory: server.pem, server.key, ca.pem")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext without client identities, loopback only (development)")
     p.add_argument("--demo", action="store_true", help="create demo accounts and cards")
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("certs", help="create a development CA, server and client certificates")
+    p.add_argument("--dir", type=Path, required=True, help="where to write them")
+    p.add_argument("--terminal", action="append", default=[], metavar="STATION/TERMINAL",
+                   help="a POS terminal certificate, e.g. KM-001/KM-001-T1 (repeatable)")
+    p.add_argument("--adapter", action="append", default=[], metavar="CHANNEL/NAME",
+                   help="a payment adapter certificate, e.g. WECHAT_PAY/wechat-gw (repeatable)")
+    for role in ("admin", "reviewer", "analytics"):
+        p.add_argument(f"--{role}", action="append", default=[], metavar="NAME",
+                       help=f"an internal {role} service certificate (repeatable)")
+    p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("migrate", help="apply pending SQL migrations")
     _add_database_flags(p)

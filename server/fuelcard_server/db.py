@@ -42,6 +42,8 @@ def translate(exc: psycopg.Error) -> errors.ApiError:
         return errors.failed_precondition(reason)
     if state == "FCPD0":
         return errors.permission_denied(reason)
+    if state == "FCUA0":
+        return errors.unauthenticated(reason, "the request's authentication was refused")
     if state == "FCIA0":
         return errors.invalid([errors.FieldViolation(field, reason.lower().replace("_", " "),
                                                      reason)])

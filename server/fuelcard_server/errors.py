@@ -89,6 +89,7 @@ _PRECONDITION_MESSAGES = {
     "NOT_THE_PARENT_ACCOUNT": "points can only move to the member's parent account",
     "ACCOUNT_USES_PARENT_BALANCE": "a SHARED sub-account holds no money of its own",
     "PARENT_NOT_TOP_LEVEL": "sub-accounts can only be opened under a top-level account",
+    "SIGN_ON_NEEDS_TLS": "working keys are only handed out over mutual TLS",
 }
 
 
@@ -100,6 +101,10 @@ def failed_precondition(reason: str) -> ApiError:
 def permission_denied(reason: str) -> ApiError:
     return ApiError(grpc.StatusCode.PERMISSION_DENIED, reason,
                     "the caller may not perform this operation on this object")
+
+
+def unauthenticated(reason: str, message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
 
 
 def unavailable(reason: str, message: str, retry_delay_ms: int = 200) -> ApiError:

@@ -12,6 +12,9 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fuelcard_server.gm import Sm2PrivateKey
+from fuelcard_server.keys import ROOT_KEY_ENV, EnvKeyProvider, FileKeyProvider, KeyProvider
+
 
 class SettingsError(ValueError):
     pass
@@ -39,6 +42,20 @@ class Settings:
     # data_dir/card-index.key.
     card_index_key_hex: str | None = field(default=None, repr=False)
     grace_s: float = 10.0
+    # Mutual TLS: the server's certificate and key, and the CA that signs
+    # client certificates. Default: data_dir/certs (see `fuelcard certs`).
+    tls_dir: Path | None = None
+    # Plaintext without client identities, for development on loopback only.
+    insecure: bool = True
+    # Terminals must MAC authorize/confirm/cancel (with TLS on).
+    require_mac: bool = True
+    # The root of the key hierarchy (hex) from the environment, else a 0600
+    # file: default data_dir/root.key, created on first use (development; in
+    # production an HSM-backed KeyProvider takes its place).
+    root_key_file: Path | None = None
+    # The server's SM2 signing key (hex, 0600 file), for signing answers to
+    # payment adapters. Default data_dir/server-sm2.key, created on first use.
+    signing_key_file: Path | None = None
 
     ENV_PREFIX = "FUELCARD_"
 
@@ -60,14 +77,17 @@ class Settings:
             return
         current = getattr(self, name)
         text = str(raw)
+        kind = str(f.type)  # e.g. "int", "Path | None" (annotations are strings here)
         try:
             if isinstance(current, bool):
+                if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError
                 value: object = text.lower() in ("1", "true", "yes", "on")
             elif isinstance(current, int):
                 value = int(text)
             elif isinstance(current, float):
                 value = float(text)
-            elif isinstance(current, Path):
+            elif isinstance(current, Path) or kind.startswith("Path"):
                 value = Path(text)
             else:
                 value = text
@@ -94,6 +114,10 @@ class Settings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
+        host = self.host_port[0]
+        if self.insecure and not (host == "localhost" or host.startswith("127.") or host == "::1"):
+            raise SettingsError("insecure (plaintext) serving is for loopback only: "
+                                f"cannot listen on {host} without TLS")
         if self.card_index_key_hex is not None:
             try:
                 if len(bytes.fromhex(self.card_index_key_hex)) < 16:
@@ -114,6 +138,30 @@ class Settings:
             tmp.chmod(0o600)
             tmp.replace(path)
         return bytes.fromhex(path.read_text().strip())
+
+    def key_provider(self) -> KeyProvider:
+        if os.environ.get(ROOT_KEY_ENV):
+            return EnvKeyProvider()
+        path = self.root_key_file or self.data_dir / "root.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return FileKeyProvider(path)
+
+    def signing_key(self) -> Sm2PrivateKey:
+        path = self.signing_key_file or self.data_dir / "server-sm2.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(Sm2PrivateKey.generate().to_hex())
+        return Sm2PrivateKey.from_hex(path.read_text().strip())
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.tls_dir if self.tls_dir is not None else self.data_dir / "certs"
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -115,3 +115,67 @@ def server(database_url: str, server_settings: Settings) -> Iterator[RunningServ
     finally:
         channel.close()
         thread.stop()
+
+
+@dataclass
+class TlsServer:
+    """A server with mutual TLS and development certificates for several
+    callers; `channel(name)` opens a channel as one of them."""
+
+    target: str
+    database_url: str
+    clock: ManualClock
+    certs: Path
+    channels: list[grpc.Channel] = field(default_factory=list)
+
+    def credentials(self, name: str | None, ca: Path | None = None) -> grpc.ChannelCredentials:
+        root = (ca or self.certs / "ca.pem").read_bytes()
+        if name is None:
+            return grpc.ssl_channel_credentials(root_certificates=root)
+        return grpc.ssl_channel_credentials(
+            root_certificates=root, private_key=(self.certs / f"{name}.key").read_bytes(),
+            certificate_chain=(self.certs / f"{name}.pem").read_bytes())
+
+    def channel(self, name: str | None, ca: Path | None = None) -> grpc.Channel:
+        ch = grpc.secure_channel(self.target, self.credentials(name, ca))
+        self.channels.append(ch)
+        return ch
+
+
+# The callers every TLS test server has certificates for (file stems).
+TLS_CALLERS = {
+    "pos-KM-001-T1": ("pos", "KM-001-T1", "KM-001"),
+    "pos-KM-001-T2": ("pos", "KM-001-T2", "KM-001"),
+    "pos-KM-002-T9": ("pos", "KM-002-T9", "KM-002"),
+    "adapter-wechat-gw": ("adapter", "wechat-gw", "WECHAT_PAY"),
+    "admin-ops": ("admin", "ops", ""),
+    "analytics-bi": ("analytics", "bi", ""),
+}
+
+
+@pytest.fixture(scope="session")
+def dev_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fuelcard_server.certs import DevPki
+    from fuelcard_server.identity import Role
+
+    directory = tmp_path_factory.mktemp("certs")
+    pki = DevPki(directory)
+    pki.server()
+    for role, name, scope in TLS_CALLERS.values():
+        pki.client(Role(role), name, scope)
+    return directory
+
+
+@pytest.fixture
+def tls_server(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[TlsServer]:
+    settings = make_settings(tmp_path, insecure=False, tls_dir=dev_certs)
+    clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
+    thread = ServerThread(settings, database_url, clock)
+    port = thread.start()
+    handle = TlsServer(f"127.0.0.1:{port}", database_url, clock, dev_certs)
+    try:
+        yield handle
+    finally:
+        for ch in handle.channels:
+            ch.close()
+        thread.stop()

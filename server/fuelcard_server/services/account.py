@@ -9,7 +9,8 @@ import grpc
 from fuelcard.v1 import account_pb2, account_pb2_grpc
 
 from fuelcard_server import cards, errors, history, wire
-from fuelcard_server.services.handling import Deps, rpc
+from fuelcard_server.identity import Role
+from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.validation import NAME_MAX_CHARS, Violations
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -37,9 +38,7 @@ _TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTIO
              5: account_pb2.TRANSACTION_KIND_ALLOCATION}
 
 
-class AccountService(account_pb2_grpc.AccountServiceServicer):
-    def __init__(self, deps: Deps) -> None:
-        self.d = deps
+class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
 
     async def _account(self, account_id: str) -> account_pb2.Account:
         row = await self.d.db.fetch_one(GET_ACCOUNT_SQL, (account_id,))
@@ -47,7 +46,7 @@ class AccountService(account_pb2_grpc.AccountServiceServicer):
             raise errors.not_found("ACCOUNT_NOT_FOUND", "account")
         return wire.account(row[0])
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def OpenAccount(self, request: account_pb2.OpenAccountRequest, context: Ctx
                           ) -> account_pb2.OpenAccountResponse:
         v = Violations()
@@ -78,7 +77,7 @@ class AccountService(account_pb2_grpc.AccountServiceServicer):
             request.label, self.d.clock.now()))
         return account_pb2.OpenAccountResponse(account=await self._account(d["account_id"]))
 
-    @rpc
+    @rpc(Role.ADMIN, Role.REVIEWER)
     async def GetAccount(self, request: account_pb2.GetAccountRequest, context: Ctx
                          ) -> account_pb2.GetAccountResponse:
         v = Violations()
@@ -86,7 +85,7 @@ class AccountService(account_pb2_grpc.AccountServiceServicer):
         v.raise_if_any()
         return account_pb2.GetAccountResponse(account=await self._account(request.account_id))
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def IssueCard(self, request: account_pb2.IssueCardRequest, context: Ctx
                         ) -> account_pb2.IssueCardResponse:
         v = Violations()
@@ -104,7 +103,7 @@ class AccountService(account_pb2_grpc.AccountServiceServicer):
             request.account_id, self.d.pan_index.of(pan), cards.mask(pan), self.d.clock.now()))
         return account_pb2.IssueCardResponse(card=wire.card(d["card"]), card_number=pan)
 
-    @rpc
+    @rpc(Role.ADMIN, Role.REVIEWER)
     async def GetCard(self, request: account_pb2.GetCardRequest, context: Ctx
                       ) -> account_pb2.GetCardResponse:
         v = Violations()
@@ -115,7 +114,7 @@ class AccountService(account_pb2_grpc.AccountServiceServicer):
             raise errors.not_found("CARD_NOT_FOUND", "card")
         return account_pb2.GetCardResponse(card=wire.card(row[0]))
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def UpdateCardStatus(self, request: account_pb2.UpdateCardStatusRequest, context: Ctx
                                ) -> account_pb2.UpdateCardStatusResponse:
         v = Violations()
@@ -129,7 +128,7 @@ class AccountService(account_pb2_grpc.AccountServiceServicer):
             self.d.clock.now()))
         return account_pb2.UpdateCardStatusResponse(card=wire.card(d["card"]))
 
-    @rpc
+    @rpc(Role.ADMIN, Role.REVIEWER)
     async def ListHolds(self, request: account_pb2.ListHoldsRequest, context: Ctx
                         ) -> account_pb2.ListHoldsResponse:
         v = Violations()
@@ -144,7 +143,7 @@ class AccountService(account_pb2_grpc.AccountServiceServicer):
         return account_pb2.ListHoldsResponse(holds=[wire.hold(h) for h in holds],
                                              next_page_token=token)
 
-    @rpc
+    @rpc(Role.ADMIN, Role.REVIEWER)
     async def ListTransactions(self, request: account_pb2.ListTransactionsRequest, context: Ctx
                                ) -> account_pb2.ListTransactionsResponse:
         v = Violations()

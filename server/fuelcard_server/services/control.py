@@ -12,7 +12,8 @@ import grpc
 from fuelcard.v1 import control_pb2, control_pb2_grpc
 
 from fuelcard_server import history, reports, wire
-from fuelcard_server.services.handling import Deps, rpc
+from fuelcard_server.identity import Role
+from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.services.transaction import PRODUCTS
 from fuelcard_server.validation import ID_MAX_CHARS, NAME_MAX_CHARS, Violations
 
@@ -96,11 +97,9 @@ def _time(v: Violations, field: str, request: Any) -> dt.datetime | None:
     return value
 
 
-class ControlService(control_pb2_grpc.ControlServiceServicer):
-    def __init__(self, deps: Deps) -> None:
-        self.d = deps
+class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def BatchTopUp(self, request: control_pb2.BatchTopUpRequest, context: Ctx
                          ) -> control_pb2.BatchTopUpResponse:
         v = Violations()
@@ -126,7 +125,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             total_fen=d["total_fen"], parent_balance_fen=d["parent_balance_fen"])
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def SetSpendingLimits(self, request: control_pb2.SetSpendingLimitsRequest, context: Ctx
                                 ) -> control_pb2.SetSpendingLimitsResponse:
         v = Violations()
@@ -142,7 +141,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             lim.monthly_fen, self.d.clock.now()))
         return control_pb2.SetSpendingLimitsResponse(limits=_limits(d["limits"]))
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def GetSpendingLimits(self, request: control_pb2.GetSpendingLimitsRequest, context: Ctx
                                 ) -> control_pb2.GetSpendingLimitsResponse:
         v = Violations()
@@ -158,7 +157,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             response.raise_end_time.FromMicroseconds(d["raise_end_us"])
         return response
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def GrantTemporaryRaise(self, request: control_pb2.GrantTemporaryRaiseRequest,
                                   context: Ctx) -> control_pb2.GrantTemporaryRaiseResponse:
         v = Violations()
@@ -179,7 +178,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             lim.monthly_fen, start, end, self.d.clock.now()))
         return control_pb2.GrantTemporaryRaiseResponse(raise_id=d["raise_id"])
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def SetCardScope(self, request: control_pb2.SetCardScopeRequest, context: Ctx
                            ) -> control_pb2.SetCardScopeResponse:
         v = Violations()
@@ -230,7 +229,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         del d  # the stored answer only confirms; the scope is what was asked for
         return control_pb2.SetCardScopeResponse(scope=scope)
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def RegisterStation(self, request: control_pb2.RegisterStationRequest, context: Ctx
                               ) -> control_pb2.RegisterStationResponse:
         v = Violations()
@@ -248,7 +247,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             station_id=row[0], name=row[1],
             location=control_pb2.GeoPoint(latitude=row[2], longitude=row[3])))
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def TransferPoints(self, request: control_pb2.TransferPointsRequest, context: Ctx
                              ) -> control_pb2.TransferPointsResponse:
         v = Violations()
@@ -265,7 +264,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             from_points_balance=d["from_points_balance"], to_points_balance=d["to_points_balance"])
 
-    @rpc
+    @rpc(Role.ADMIN, Role.ANALYTICS)
     async def GetFleetCostReport(self, request: control_pb2.GetFleetCostReportRequest,
                                  context: Ctx) -> control_pb2.GetFleetCostReportResponse:
         v = Violations()
@@ -284,7 +283,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                                     baseline_spend_fen=r.baseline_spend_fen, anomaly=r.anomaly)
             for r in rows])
 
-    @rpc
+    @rpc(Role.ADMIN, Role.REVIEWER)
     async def ListControlChanges(self, request: control_pb2.ListControlChangesRequest,
                                  context: Ctx) -> control_pb2.ListControlChangesResponse:
         v = Violations()

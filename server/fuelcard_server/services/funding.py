@@ -8,7 +8,8 @@ import grpc
 from fuelcard.v1 import funding_pb2, funding_pb2_grpc
 
 from fuelcard_server import errors, wire
-from fuelcard_server.services.handling import Deps, rpc
+from fuelcard_server.identity import Caller, Role
+from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.validation import ID_MAX_CHARS, Violations
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -22,11 +23,16 @@ GET_RECHARGE_SQL = (
     " WHERE r.channel = %s::smallint AND r.channel_txn_id = %s")
 
 
-class FundingService(funding_pb2_grpc.FundingServiceServicer):
-    def __init__(self, deps: Deps) -> None:
-        self.d = deps
+def _own_channel(caller: Caller, channel: funding_pb2.Channel.ValueType) -> None:
+    """An adapter acts only for the channel its certificate names."""
+    if caller.role is Role.ADAPTER and (
+            funding_pb2.Channel.Name(channel).removeprefix("CHANNEL_") != caller.scope):
+        raise errors.permission_denied("CHANNEL_MISMATCH")
 
-    @rpc
+
+class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
+
+    @rpc(Role.ADAPTER, Role.ADMIN)
     async def Recharge(self, request: funding_pb2.RechargeRequest, context: Ctx
                        ) -> funding_pb2.RechargeResponse:
         v = Violations()
@@ -36,6 +42,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         v.text("channel_txn_id", request.channel_txn_id, required=True, max_chars=ID_MAX_CHARS)
         v.amount("amount_fen", request.amount_fen, self.d.settings.max_recharge_fen)
         v.raise_if_any()
+        _own_channel(self.d.identity(), request.channel)
         d = await self.d.db.call(RECHARGE_SQL, (
             self.d.caller(context), request.request_id, self.d.fingerprint("recharge", request),
             account_id, request.channel, request.channel_txn_id, request.amount_fen,
@@ -47,13 +54,14 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             response.recharge.CopyFrom(wire.recharge(d["recharge"]))
         return response
 
-    @rpc
+    @rpc(Role.ADAPTER, Role.ADMIN)
     async def GetRecharge(self, request: funding_pb2.GetRechargeRequest, context: Ctx
                           ) -> funding_pb2.GetRechargeResponse:
         v = Violations()
         v.enum("channel", request.channel, CHANNELS)
         v.text("channel_txn_id", request.channel_txn_id, required=True, max_chars=ID_MAX_CHARS)
         v.raise_if_any()
+        _own_channel(self.d.identity(), request.channel)
         row = await self.d.db.fetch_one(GET_RECHARGE_SQL, (request.channel, request.channel_txn_id))
         if row is None:
             raise errors.not_found("RECHARGE_NOT_FOUND", "recharge")

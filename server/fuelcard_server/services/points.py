@@ -8,7 +8,8 @@ import grpc
 from fuelcard.v1 import points_pb2, points_pb2_grpc
 
 from fuelcard_server import errors, history, wire
-from fuelcard_server.services.handling import Deps, rpc
+from fuelcard_server.identity import Role
+from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.validation import TEXT_MAX_CHARS, Violations
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -18,11 +19,9 @@ POINTS_BALANCE_SQL = "SELECT points_balance FROM fc.accounts WHERE uid = %s::uui
 
 
 
-class PointsService(points_pb2_grpc.PointsServiceServicer):
-    def __init__(self, deps: Deps) -> None:
-        self.d = deps
+class PointsService(Servicer, points_pb2_grpc.PointsServiceServicer):
 
-    @rpc
+    @rpc(Role.ADMIN, Role.ANALYTICS)
     async def GetPointsBalance(self, request: points_pb2.GetPointsBalanceRequest, context: Ctx
                                ) -> points_pb2.GetPointsBalanceResponse:
         v = Violations()
@@ -33,7 +32,7 @@ class PointsService(points_pb2_grpc.PointsServiceServicer):
             raise errors.not_found("ACCOUNT_NOT_FOUND", "account")
         return points_pb2.GetPointsBalanceResponse(points_balance=row[0])
 
-    @rpc
+    @rpc(Role.ADMIN, Role.ANALYTICS)
     async def ListPointsHistory(self, request: points_pb2.ListPointsHistoryRequest, context: Ctx
                                 ) -> points_pb2.ListPointsHistoryResponse:
         v = Violations()
@@ -52,7 +51,7 @@ class PointsService(points_pb2_grpc.PointsServiceServicer):
             entry.create_time.FromMicroseconds(line.create_us)
         return response
 
-    @rpc
+    @rpc(Role.ADMIN)
     async def RedeemPoints(self, request: points_pb2.RedeemPointsRequest, context: Ctx
                            ) -> points_pb2.RedeemPointsResponse:
         v = Violations()

@@ -8,7 +8,8 @@ import grpc
 from fuelcard.v1 import common_pb2, transaction_pb2, transaction_pb2_grpc
 
 from fuelcard_server import errors, wire
-from fuelcard_server.services.handling import Deps, rpc
+from fuelcard_server.identity import Role
+from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.validation import ID_MAX_CHARS, NOZZLE_MAX, Violations
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -20,11 +21,13 @@ MAX_UNIT_PRICE_FEN = 1_000_000
 
 AUTHORIZE_SQL = (
     "SELECT fc.authorize(%s, %s, %s, %s, %s::bigint, %s, %s, %s::integer, %s::smallint,"
-    " %s::timestamptz, %s::interval)")
+    " %s::timestamptz, %s::interval, %s::bigint)")
 CONFIRM_SQL = (
     "SELECT fc.confirm(%s, %s, %s, %s::uuid, %s::bigint, %s::bigint, %s::bigint,"
-    " %s::timestamptz)")
-CANCEL_SQL = "SELECT fc.cancel(%s, %s, %s, %s::uuid, %s::timestamptz)"
+    " %s::timestamptz, %s, %s::bigint)")
+CANCEL_SQL = "SELECT fc.cancel(%s, %s, %s, %s::uuid, %s::timestamptz, %s, %s::bigint)"
+GET_TERMINAL_HOLD_SQL = (
+    "SELECT fc.hold_json(h) FROM fc.holds h WHERE h.uid = %s::uuid AND h.terminal_id = %s")
 GET_HOLD_SQL = "SELECT fc.hold_json(h) FROM fc.holds h WHERE h.uid = %s::uuid"
 # The money is the funding account's (the parent's, for a SHARED card); the
 # points are the card's own account's.
@@ -36,11 +39,9 @@ CARD_BALANCE_SQL = """
      WHERE c.pan_index = %s"""
 
 
-class TransactionService(transaction_pb2_grpc.TransactionServiceServicer):
-    def __init__(self, deps: Deps) -> None:
-        self.d = deps
+class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServicer):
 
-    @rpc
+    @rpc(Role.POS)
     async def Authorize(self, request: transaction_pb2.AuthorizeRequest, context: Ctx
                         ) -> transaction_pb2.AuthorizeResponse:
         v = Violations()
@@ -52,11 +53,20 @@ class TransactionService(transaction_pb2_grpc.TransactionServiceServicer):
         v.non_negative("nozzle", request.nozzle, NOZZLE_MAX)
         v.enum("product", request.product, PRODUCTS)
         v.raise_if_any()
+        caller = self.d.identity()
+        if caller.role is Role.POS and (request.station_id != caller.scope
+                                        or request.terminal_id != caller.name):
+            raise errors.permission_denied("TERMINAL_MISMATCH")
+        _, counter = await self.d.terminal_auth(
+            request.mac, request.key_version, request.terminal_counter,
+            "Authorize", request.request_id, request.card_number, request.amount_fen,
+            request.station_id, request.terminal_id, request.nozzle, request.product,
+            request.key_version, request.terminal_counter)
         d = await self.d.db.call(AUTHORIZE_SQL, (
             self.d.caller(context), request.request_id, self.d.fingerprint("authorize", request),
             self.d.pan_index.of(request.card_number), request.amount_fen,
             request.station_id, request.terminal_id, request.nozzle, request.product,
-            self.d.clock.now(), self.d.hold_ttl))
+            self.d.clock.now(), self.d.hold_ttl, counter))
         response = transaction_pb2.AuthorizeResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             available_fen=d["available_fen"])
@@ -64,7 +74,7 @@ class TransactionService(transaction_pb2_grpc.TransactionServiceServicer):
             response.hold.CopyFrom(wire.hold(d["hold"]))
         return response
 
-    @rpc
+    @rpc(Role.POS)
     async def Confirm(self, request: transaction_pb2.ConfirmRequest, context: Ctx
                       ) -> transaction_pb2.ConfirmResponse:
         v = Violations()
@@ -75,40 +85,53 @@ class TransactionService(transaction_pb2_grpc.TransactionServiceServicer):
         v.non_negative("volume_ml", request.volume_ml, MAX_VOLUME_ML)
         v.non_negative("unit_price_fen", request.unit_price_fen, MAX_UNIT_PRICE_FEN)
         v.raise_if_any()
+        terminal, counter = await self.d.terminal_auth(
+            request.mac, request.key_version, request.terminal_counter,
+            "Confirm", request.request_id, request.hold_id, request.final_amount_fen,
+            request.volume_ml, request.unit_price_fen, request.key_version,
+            request.terminal_counter)
         d = await self.d.db.call(CONFIRM_SQL, (
             self.d.caller(context), request.request_id, self.d.fingerprint("confirm", request),
             hold_id, request.final_amount_fen, request.volume_ml, request.unit_price_fen,
-            self.d.clock.now()))
+            self.d.clock.now(), terminal, counter))
         return transaction_pb2.ConfirmResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             hold=wire.hold(d["hold"]), points_earned=d["points_earned"],
             balance_fen=d["balance_fen"],
             settlement_exception_id=d.get("settlement_exception_id") or "")
 
-    @rpc
+    @rpc(Role.POS)
     async def Cancel(self, request: transaction_pb2.CancelRequest, context: Ctx
                      ) -> transaction_pb2.CancelResponse:
         v = Violations()
         v.request_id(request.request_id)
         hold_id = v.uuid("hold_id", request.hold_id)
         v.raise_if_any()
+        terminal, counter = await self.d.terminal_auth(
+            request.mac, request.key_version, request.terminal_counter,
+            "Cancel", request.request_id, request.hold_id, request.key_version,
+            request.terminal_counter)
         d = await self.d.db.call(CANCEL_SQL, (
             self.d.caller(context), request.request_id, self.d.fingerprint("cancel", request),
-            hold_id, self.d.clock.now()))
+            hold_id, self.d.clock.now(), terminal, counter))
         return transaction_pb2.CancelResponse(hold=wire.hold(d["hold"]))
 
-    @rpc
+    @rpc(Role.POS, Role.ADMIN, Role.REVIEWER)
     async def GetHold(self, request: transaction_pb2.GetHoldRequest, context: Ctx
                       ) -> transaction_pb2.GetHoldResponse:
         v = Violations()
         hold_id = v.uuid("hold_id", request.hold_id)
         v.raise_if_any()
-        row = await self.d.db.fetch_one(GET_HOLD_SQL, (hold_id,))
+        caller = self.d.identity()
+        if caller.role is Role.POS:  # a terminal sees its own holds only
+            row = await self.d.db.fetch_one(GET_TERMINAL_HOLD_SQL, (hold_id, caller.name))
+        else:
+            row = await self.d.db.fetch_one(GET_HOLD_SQL, (hold_id,))
         if row is None:
             raise errors.not_found("HOLD_NOT_FOUND", "hold")
         return transaction_pb2.GetHoldResponse(hold=wire.hold(row[0]))
 
-    @rpc
+    @rpc(Role.POS, Role.ADMIN)
     async def GetCardBalance(self, request: transaction_pb2.GetCardBalanceRequest, context: Ctx
                              ) -> transaction_pb2.GetCardBalanceResponse:
         v = Violations()

@@ -868,11 +868,16 @@ LANGUAGE sql STABLE AS $$
              THEN fc.cap_refusal(fc.account_caps(p, p_now), 2::smallint, p.id, p_day, p_amount) END)
 $$;
 
-CREATE OR REPLACE FUNCTION fc.authorize(
+-- Terminal requests now carry the terminal's transaction counter (checked
+-- after the replay and before anything else: a replay answers, a reused
+-- counter is refused).
+DROP FUNCTION fc.authorize(text, text, bytea, bytea, bigint, text, text, integer, smallint,
+                           timestamptz, interval);
+CREATE FUNCTION fc.authorize(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_pan_index bytea, p_amount_fen bigint,
     p_station_id text, p_terminal_id text, p_nozzle integer, p_product smallint,
-    p_now timestamptz, p_ttl interval)
+    p_now timestamptz, p_ttl interval, p_counter bigint)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -889,6 +894,15 @@ BEGIN
     v_response := fc.replay(p_caller, p_request_id, p_request_hash);
     IF v_response IS NOT NULL THEN
         RETURN v_response;
+    END IF;
+    IF p_counter IS NOT NULL AND NOT fc.advance_counter(p_terminal_id, p_counter) THEN
+        -- A concurrent duplicate took this counter first: answer as it did.
+        v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+        IF v_response IS NOT NULL THEN
+            RETURN v_response;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'FCUA0', MESSAGE = 'COUNTER_REPLAYED',
+            DETAIL = 'terminal_counter';
     END IF;
 
     SELECT * INTO v_card FROM fc.cards WHERE pan_index = p_pan_index;
@@ -962,10 +976,13 @@ BEGIN
     RETURN fc.remember(p_caller, p_request_id, 'authorize', p_request_hash, v_response, p_now);
 END $$;
 
-CREATE OR REPLACE FUNCTION fc.confirm(
+-- p_terminal: the calling terminal, which may only settle its own holds
+-- (NULL for callers that are not terminals).
+DROP FUNCTION fc.confirm(text, text, bytea, uuid, bigint, bigint, bigint, timestamptz);
+CREATE FUNCTION fc.confirm(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_hold_uid uuid, p_final_fen bigint, p_volume_ml bigint, p_unit_price_fen bigint,
-    p_now timestamptz)
+    p_now timestamptz, p_terminal text, p_counter bigint)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -984,6 +1001,15 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
+    IF p_counter IS NOT NULL AND NOT fc.advance_counter(p_terminal, p_counter) THEN
+        -- A concurrent duplicate took this counter first: answer as it did.
+        v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+        IF v_response IS NOT NULL THEN
+            RETURN v_response;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'FCUA0', MESSAGE = 'COUNTER_REPLAYED',
+            DETAIL = 'terminal_counter';
+    END IF;
 
     SELECT spender_account_id INTO v_spender_id FROM fc.holds WHERE uid = p_hold_uid;
     IF NOT FOUND THEN
@@ -999,6 +1025,9 @@ BEGIN
     -- Re-read under the lock: the sweeper or a racing confirm may have moved it.
     SELECT * INTO v_hold FROM fc.holds WHERE uid = p_hold_uid;
     SELECT * INTO v_funder FROM fc.accounts WHERE id = v_hold.account_id;
+    IF p_terminal IS NOT NULL AND v_hold.terminal_id <> p_terminal THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCPD0', MESSAGE = 'NOT_YOUR_HOLD', DETAIL = 'hold_id';
+    END IF;
 
     IF v_hold.state = 2 THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_ALREADY_CONFIRMED', DETAIL = 'hold_id';
@@ -1085,8 +1114,10 @@ BEGIN
     RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash, v_response, p_now);
 END $$;
 
-CREATE OR REPLACE FUNCTION fc.cancel(
-    p_caller text, p_request_id text, p_request_hash bytea, p_hold_uid uuid, p_now timestamptz)
+DROP FUNCTION fc.cancel(text, text, bytea, uuid, timestamptz);
+CREATE FUNCTION fc.cancel(
+    p_caller text, p_request_id text, p_request_hash bytea, p_hold_uid uuid, p_now timestamptz,
+    p_terminal text, p_counter bigint)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1099,12 +1130,24 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
+    IF p_counter IS NOT NULL AND NOT fc.advance_counter(p_terminal, p_counter) THEN
+        -- A concurrent duplicate took this counter first: answer as it did.
+        v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+        IF v_response IS NOT NULL THEN
+            RETURN v_response;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'FCUA0', MESSAGE = 'COUNTER_REPLAYED',
+            DETAIL = 'terminal_counter';
+    END IF;
     SELECT spender_account_id INTO v_spender_id FROM fc.holds WHERE uid = p_hold_uid;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'HOLD_NOT_FOUND', DETAIL = 'hold_id';
     END IF;
     v_parent_id := fc.lock_chain(v_spender_id);
     SELECT * INTO v_hold FROM fc.holds WHERE uid = p_hold_uid;
+    IF p_terminal IS NOT NULL AND v_hold.terminal_id <> p_terminal THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCPD0', MESSAGE = 'NOT_YOUR_HOLD', DETAIL = 'hold_id';
+    END IF;
     IF v_hold.state = 2 THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_ALREADY_CONFIRMED', DETAIL = 'hold_id';
     END IF;

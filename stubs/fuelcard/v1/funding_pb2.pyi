@@ -110,6 +110,7 @@ class RechargeRequest(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     CHANNEL_TXN_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key chosen by the adapter, 1-64 printable ASCII characters."""
     account_id: _builtins.str
@@ -120,6 +121,11 @@ class RechargeRequest(_message.Message):
     """The channel's transaction id, 1-64 characters."""
     amount_fen: _builtins.int
     """The amount paid, in fen: > 0 and at most the per-recharge maximum."""
+    signature: _builtins.bytes
+    """SM2 signature (64 bytes r||s, signer id "1234567812345678") by the
+    channel's registered key over the signing input of fields 1-5 (see
+    SignedFields). Missing or wrong -> UNAUTHENTICATED, nothing changes.
+    """
     def __init__(
         self,
         *,
@@ -128,10 +134,11 @@ class RechargeRequest(_message.Message):
         channel: Global___Channel.ValueType = ...,
         channel_txn_id: _builtins.str = ...,
         amount_fen: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_fen", b"amount_fen", "channel", b"channel", "channel_txn_id", b"channel_txn_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_fen", b"amount_fen", "channel", b"channel", "channel_txn_id", b"channel_txn_id", "request_id", b"request_id", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -147,6 +154,7 @@ class RechargeResponse(_message.Message):
     DECLINE_REASON_FIELD_NUMBER: _builtins.int
     RECHARGE_FIELD_NUMBER: _builtins.int
     BALANCE_FEN_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     decision: _common_pb2.Decision.ValueType
     """DECISION_APPROVED: the account was credited. DECISION_DECLINED: nothing
     was credited (e.g. the balance would exceed the account's maximum); the
@@ -156,6 +164,10 @@ class RechargeResponse(_message.Message):
     """Why the recharge was declined; unset when approved."""
     balance_fen: _builtins.int
     """The account's settled balance after the recharge."""
+    signature: _builtins.bytes
+    """The server's SM2 signature over the signing input of fields 1-4, so the
+    adapter can check the answer came from the core.
+    """
     @_builtins.property
     def recharge(self) -> Global___Recharge:
         """The recharge; set when approved."""
@@ -167,10 +179,11 @@ class RechargeResponse(_message.Message):
         decline_reason: _common_pb2.DeclineReason.ValueType = ...,
         recharge: Global___Recharge | None = ...,
         balance_fen: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["recharge", b"recharge"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_fen", b"balance_fen", "decision", b"decision", "decline_reason", b"decline_reason", "recharge", b"recharge"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_fen", b"balance_fen", "decision", b"decision", "decline_reason", b"decline_reason", "recharge", b"recharge", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

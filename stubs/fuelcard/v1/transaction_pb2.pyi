@@ -30,6 +30,9 @@ class AuthorizeRequest(_message.Message):
     TERMINAL_ID_FIELD_NUMBER: _builtins.int
     NOZZLE_FIELD_NUMBER: _builtins.int
     PRODUCT_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    TERMINAL_COUNTER_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key chosen by the POS, 1-64 printable ASCII characters,
     unique per operation. Keep it and reuse it on every retry.
@@ -46,6 +49,20 @@ class AuthorizeRequest(_message.Message):
     """The nozzle (油枪) number at the station, 0-999."""
     product: _common_pb2.Product.ValueType
     """The fuel grade the nozzle delivers."""
+    key_version: _builtins.int
+    """Message authentication (see MacFields): the version of the terminal's
+    working key the session key was derived from.
+    """
+    terminal_counter: _builtins.int
+    """The terminal's transaction counter: strictly increasing across all of
+    the terminal's authorize, confirm and cancel requests. A counter at or
+    below the last one accepted is refused as a replay.
+    """
+    mac: _builtins.bytes
+    """HMAC-SM3 of the request's MAC input under the session key
+    SM3-KDF(working key, terminal_counter). Required when the server
+    requires MACs; wrong -> UNAUTHENTICATED, nothing changes.
+    """
     def __init__(
         self,
         *,
@@ -56,10 +73,13 @@ class AuthorizeRequest(_message.Message):
         terminal_id: _builtins.str = ...,
         nozzle: _builtins.int = ...,
         product: _common_pb2.Product.ValueType = ...,
+        key_version: _builtins.int = ...,
+        terminal_counter: _builtins.int = ...,
+        mac: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "card_number", b"card_number", "nozzle", b"nozzle", "product", b"product", "request_id", b"request_id", "station_id", b"station_id", "terminal_id", b"terminal_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "card_number", b"card_number", "key_version", b"key_version", "mac", b"mac", "nozzle", b"nozzle", "product", b"product", "request_id", b"request_id", "station_id", b"station_id", "terminal_counter", b"terminal_counter", "terminal_id", b"terminal_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -115,6 +135,9 @@ class ConfirmRequest(_message.Message):
     FINAL_AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     VOLUME_ML_FIELD_NUMBER: _builtins.int
     UNIT_PRICE_FEN_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    TERMINAL_COUNTER_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key chosen by the POS; see AuthorizeRequest.request_id."""
     hold_id: _builtins.str
@@ -127,6 +150,12 @@ class ConfirmRequest(_message.Message):
     """Volume delivered, in millilitres (>= 0)."""
     unit_price_fen: _builtins.int
     """Price per litre in fen (>= 0), as shown on the pump."""
+    key_version: _builtins.int
+    """See AuthorizeRequest.key_version."""
+    terminal_counter: _builtins.int
+    """See AuthorizeRequest.terminal_counter."""
+    mac: _builtins.bytes
+    """See AuthorizeRequest.mac."""
     def __init__(
         self,
         *,
@@ -135,10 +164,13 @@ class ConfirmRequest(_message.Message):
         final_amount_fen: _builtins.int = ...,
         volume_ml: _builtins.int = ...,
         unit_price_fen: _builtins.int = ...,
+        key_version: _builtins.int = ...,
+        terminal_counter: _builtins.int = ...,
+        mac: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_amount_fen", b"final_amount_fen", "hold_id", b"hold_id", "request_id", b"request_id", "unit_price_fen", b"unit_price_fen", "volume_ml", b"volume_ml"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_amount_fen", b"final_amount_fen", "hold_id", b"hold_id", "key_version", b"key_version", "mac", b"mac", "request_id", b"request_id", "terminal_counter", b"terminal_counter", "unit_price_fen", b"unit_price_fen", "volume_ml", b"volume_ml"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -200,19 +232,31 @@ class CancelRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     HOLD_ID_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    TERMINAL_COUNTER_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key chosen by the POS; see AuthorizeRequest.request_id."""
     hold_id: _builtins.str
     """The hold to release."""
+    key_version: _builtins.int
+    """See AuthorizeRequest.key_version."""
+    terminal_counter: _builtins.int
+    """See AuthorizeRequest.terminal_counter."""
+    mac: _builtins.bytes
+    """See AuthorizeRequest.mac."""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         hold_id: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        terminal_counter: _builtins.int = ...,
+        mac: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_id", b"hold_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_id", b"hold_id", "key_version", b"key_version", "mac", b"mac", "request_id", b"request_id", "terminal_counter", b"terminal_counter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
