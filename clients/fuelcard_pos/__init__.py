@@ -1,10 +1,13 @@
 """POS client for the fuelcard TransactionService: retries that reuse the
 request_id, typed errors, and a durable outbox for undelivered confirms and
-cancels. The command line is `fuelcard-pos` (fuelcard_pos.cli)."""
+cancels; on a secure link, a terminal that signs on and MACs its requests
+with a durable counter (fuelcard_pos.terminal). The command line is
+`fuelcard-pos` (fuelcard_pos.cli)."""
 
 from fuelcard_pos.client import (
     DEFAULT_DEADLINE_S,
     DEFAULT_TARGET,
+    RESYNC_REASONS,
     RETRYABLE_CODES,
     FieldViolation,
     PosClient,
@@ -12,6 +15,7 @@ from fuelcard_pos.client import (
     PosPending,
     RetryEvent,
     RetryPolicy,
+    SignOnEvent,
     mask_card_number,
 )
 from fuelcard_pos.outbox import (
@@ -22,12 +26,15 @@ from fuelcard_pos.outbox import (
     OutboxEntry,
     OutboxFull,
 )
+from fuelcard_pos.terminal import CounterExhausted, TerminalStore, WorkingKey
 
 __all__ = [
     "DEFAULT_DEADLINE_S",
     "DEFAULT_MAX_ENTRIES",
     "DEFAULT_TARGET",
+    "RESYNC_REASONS",
     "RETRYABLE_CODES",
+    "CounterExhausted",
     "Delivery",
     "FieldViolation",
     "FlushReport",
@@ -39,5 +46,8 @@ __all__ = [
     "PosPending",
     "RetryEvent",
     "RetryPolicy",
+    "SignOnEvent",
+    "TerminalStore",
+    "WorkingKey",
     "mask_card_number",
 ]

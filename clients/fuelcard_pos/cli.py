@@ -1,11 +1,22 @@
 """`fuelcard-pos`: the POS client from a shell.
 
-    fuelcard-pos [--target HOST:PORT] [--deadline-s S] [--json] COMMAND ...
+    fuelcard-pos [--target HOST:PORT] [--ca FILE --cert FILE --key FILE]
+                 [--state FILE] [--deadline-s S] [--json] COMMAND ...
 
-Commands: authorize, confirm, cancel, balance, hold, outbox-flush. Output is
-human-readable by default; with --json, exactly one JSON object goes to stdout
-(responses as google.protobuf.json_format.MessageToDict with the proto field
-names; errors as {"error": {...}}).
+Commands: authorize, confirm, cancel, balance, hold, outbox-flush, sign-on.
+Output is human-readable by default; with --json, exactly one JSON object goes
+to stdout (responses as google.protobuf.json_format.MessageToDict with the
+proto field names; errors as {"error": {...}}).
+
+Secure link: --ca (the CA of the server's certificate), --cert and --key (the
+terminal's certificate and key; env FUELCARD_POS_CA, FUELCARD_POS_CERT,
+FUELCARD_POS_KEY) make the command a terminal on mutual TLS: it signs on for
+its working key when needed and MACs authorize, confirm and cancel. The
+certificate names the terminal and its station (authorize's --terminal and
+--station default to them). The counter and the working key are kept in
+--state (env FUELCARD_POS_STATE; default: the outbox file), a file only its
+owner can read; the key is never printed. Without --cert the link is
+plaintext, for development against a loopback server, and nothing is MACed.
 
 Card numbers are only ever shown masked ("6222 **** **** 1234"), including
 the one given on the command line: everything this program prints, argparse's
@@ -26,8 +37,10 @@ import argparse
 import json
 import os
 import re
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +59,7 @@ from fuelcard_pos.client import (
     mask_card_number,
 )
 from fuelcard_pos.outbox import FlushReport, Outbox, OutboxEntry
+from fuelcard_pos.terminal import certificate_identity
 
 EXIT_OK = 0
 EXIT_DECLINED = 1
@@ -55,6 +69,10 @@ EXIT_PENDING = 4
 
 TARGET_ENV = "FUELCARD_TARGET"
 OUTBOX_ENV = "FUELCARD_POS_OUTBOX"
+CA_ENV = "FUELCARD_POS_CA"
+CERT_ENV = "FUELCARD_POS_CERT"
+KEY_ENV = "FUELCARD_POS_KEY"
+STATE_ENV = "FUELCARD_POS_STATE"
 
 PRODUCTS: dict[str, common_pb2.Product.ValueType] = {
     "92": common_pb2.PRODUCT_GASOLINE_92,
@@ -167,7 +185,70 @@ def default_outbox_path() -> Path:
     return Path(state) / "fuelcard-pos" / "outbox.sqlite3"
 
 
-def build_parser(output: Output) -> argparse.ArgumentParser:
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+class UsageError(Exception):
+    """A command line that cannot work (exit 2), found after parsing."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """How to reach the server: plaintext (no cert) or a terminal on mTLS."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    state: Path | None = None
+    terminal_id: str = ""
+    station_id: str = ""
+
+    @property
+    def secure(self) -> bool:
+        return self.cert is not None
+
+
+def resolve_link(args: argparse.Namespace) -> Link:
+    """The link the options and environment ask for, checked before any
+    call: the files exist and the certificate names a terminal."""
+    ca, cert, key = args.ca, args.cert, args.key
+    if cert is None and key is None:
+        if ca is not None:
+            raise UsageError("--ca (FUELCARD_POS_CA) needs --cert and --key: a terminal connects "
+                             "with its own certificate; without all three the link is plaintext "
+                             "(development)")
+        return Link()
+    if cert is None or key is None:
+        raise UsageError("--cert and --key go together (FUELCARD_POS_CERT, FUELCARD_POS_KEY)")
+    for flag, path in (("--ca", ca), ("--cert", cert), ("--key", key)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{flag}: no such file: {path}")
+    try:
+        role, name, scope = certificate_identity(cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--cert: not a PEM certificate: {cert} ({exc})") from None
+    if role != "pos" or not name:
+        raise UsageError(f"--cert: {cert} is not a POS terminal certificate")
+    state = args.state or getattr(args, "outbox", None) or default_outbox_path()
+    return Link(ca, cert, key, state, name, scope)
+
+
+def _has_cert(argv: Sequence[str]) -> bool:
+    """Whether a terminal certificate is configured (--cert or its env), to
+    know before parsing whether authorize may take --station and --terminal
+    from it."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--cert", default=os.environ.get(CERT_ENV) or None)
+    try:
+        known, _ = pre.parse_known_args(list(argv))
+    except argparse.ArgumentError:
+        return False  # the real parser reports it
+    return bool(known.cert)
+
+
+def build_parser(output: Output, terminal_cert: bool = False) -> argparse.ArgumentParser:
     class Parser(argparse.ArgumentParser):
         def _print_message(self, message: str, file: object = None) -> None:
             if message:
@@ -188,6 +269,17 @@ def build_parser(output: Output) -> argparse.ArgumentParser:
                         default=RetryPolicy.total_timeout_s,
                         help="time budget per call, retries included (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--ca", type=Path, default=_env_path(CA_ENV), metavar="FILE",
+                        help=f"CA certificate (PEM) the server's certificate must chain to "
+                             f"(env {CA_ENV})")
+    parser.add_argument("--cert", type=Path, default=_env_path(CERT_ENV), metavar="FILE",
+                        help=f"this terminal's certificate (PEM); without it the link is "
+                             f"plaintext, for development (env {CERT_ENV})")
+    parser.add_argument("--key", type=Path, default=_env_path(KEY_ENV), metavar="FILE",
+                        help=f"this terminal's private key (PEM) (env {KEY_ENV})")
+    parser.add_argument("--state", type=Path, default=_env_path(STATE_ENV), metavar="FILE",
+                        help=f"the terminal's counter and working key (env {STATE_ENV}; "
+                             "default: the outbox file)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def outbox_options(p: argparse.ArgumentParser) -> None:
@@ -197,8 +289,10 @@ def build_parser(output: Output) -> argparse.ArgumentParser:
     p = commands.add_parser("authorize", help="reserve an amount before the nozzle is lifted")
     p.add_argument("card", metavar="CARD", help="card number (never printed)")
     p.add_argument("amount_fen", metavar="AMOUNT_FEN", type=int, help="amount to reserve, in fen")
-    p.add_argument("--station", required=True, help="station id")
-    p.add_argument("--terminal", required=True, help="terminal id")
+    p.add_argument("--station", required=not terminal_cert, default=None,
+                   help="station id (with --cert: default the certificate's)")
+    p.add_argument("--terminal", required=not terminal_cert, default=None,
+                   help="terminal id (with --cert: default the certificate's)")
     p.add_argument("--nozzle", type=int, default=1, help="nozzle number (default 1)")
     p.add_argument("--product", type=_product, default=common_pb2.PRODUCT_GASOLINE_92,
                    help="92|95|98|0#diesel|-10#diesel|gas|shop (default 92)")
@@ -229,6 +323,9 @@ def build_parser(output: Output) -> argparse.ArgumentParser:
 
     p = commands.add_parser("outbox-flush", help="deliver queued confirms and cancels")
     outbox_options(p)
+
+    commands.add_parser("sign-on", help="sign on now (needs --cert): fetch the working key and "
+                                        "re-sync the counter (the key is never shown)")
     return parser
 
 
@@ -297,16 +394,19 @@ def hold_lines(hold: common_pb2.Hold) -> list[str]:
 class Command:
     """One invocation: parsed arguments, output, and the client."""
 
-    def __init__(self, args: argparse.Namespace, output: Output) -> None:
+    def __init__(self, args: argparse.Namespace, output: Output, link: Link) -> None:
         self.args = args
         self.output = output
+        self.link = link
         self.json: bool = args.json
 
     def client(self, outbox: Outbox | None = None) -> PosClient:
+        link = self.link
         return PosClient(self.args.target, deadline_s=self.args.deadline_s,
                          retry=RetryPolicy(max_attempts=self.args.max_attempts,
                                            total_timeout_s=self.args.total_timeout_s),
-                         outbox=outbox)
+                         outbox=outbox, ca_file=link.ca, cert_file=link.cert, key_file=link.key,
+                         state=link.state if link.secure else None)
 
     def emit(self, obj: dict[str, Any], human: Sequence[str]) -> None:
         if self.json:
@@ -348,8 +448,15 @@ class Command:
 
     def authorize(self) -> int:
         a = self.args
+        station = a.station if a.station is not None else self.link.station_id or None
+        terminal = a.terminal if a.terminal is not None else self.link.terminal_id or None
+        missing = [flag for flag, value in (("--station", station), ("--terminal", terminal))
+                   if value is None]
+        if missing:
+            raise UsageError("authorize: the following arguments are required: "
+                             + ", ".join(missing))
         with self.client() as client:
-            r = client.authorize(a.card, a.amount_fen, a.station, a.terminal, a.nozzle, a.product,
+            r = client.authorize(a.card, a.amount_fen, station, terminal, a.nozzle, a.product,
                                  request_id=a.request_id)
         approved = r.decision == common_pb2.DECISION_APPROVED
         if approved:
@@ -425,6 +532,24 @@ class Command:
         self.emit(to_dict(h), hold_lines(h))
         return EXIT_OK
 
+    def sign_on(self) -> int:
+        if not self.link.secure:
+            raise UsageError("sign-on needs a terminal certificate (--ca, --cert, --key)")
+        with self.client() as client:
+            e = client.sign_on()
+        self.emit(
+            {"terminal_id": e.terminal_id, "station_id": self.link.station_id,
+             "key_version": e.key_version, "valid_from": e.valid_from.isoformat(),
+             "valid_until": e.valid_until.isoformat(),
+             "server_last_counter": e.server_last_counter, "counter": e.counter,
+             "state": str(self.link.state)},
+            [f"SIGNED ON  terminal {e.terminal_id}, station {self.link.station_id}",
+             f"  key        version {e.key_version}, valid {e.valid_from.isoformat()} "
+             f"until {e.valid_until.isoformat()}",
+             f"  counter    {e.counter} (server's last {e.server_last_counter})",
+             f"  state      {self.link.state}"])
+        return EXIT_OK
+
     def outbox_flush(self) -> int:
         path = self.outbox_path()
         with Outbox(path) as outbox, self.client(outbox) as client:
@@ -480,22 +605,34 @@ COMMANDS: dict[str, Callable[[Command], int]] = {
     "balance": Command.balance,
     "hold": Command.hold,
     "outbox-flush": Command.outbox_flush,
+    "sign-on": Command.sign_on,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     output = Output(_cardish_args(args_list))
-    parser = build_parser(output)
+    parser = build_parser(output, terminal_cert=_has_cert(args_list))
     args = parser.parse_args(args_list)
-    command = Command(args, output)
+    try:
+        link = resolve_link(args)
+    except UsageError as exc:
+        output.err(f"{parser.prog}: error: {exc}")
+        return EXIT_USAGE
+    command = Command(args, output, link)
     try:
         return COMMANDS[args.command](command)
+    except UsageError as exc:
+        output.err(f"{parser.prog}: error: {exc}")
+        return EXIT_USAGE
     except PosError as exc:
         return command.fail(exc)
     except ValueError as exc:  # e.g. a bad --request-id before anything is sent
         output.err(f"error: {exc}")
         return EXIT_USAGE
+    except (OSError, sqlite3.Error) as exc:  # the outbox or state file
+        output.err(f"error: local storage: {exc}")
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

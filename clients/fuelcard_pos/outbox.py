@@ -10,11 +10,16 @@ server gives a definitive answer:
   the entry;
 - a non-retryable error (FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, ...)
   marks the entry FAILED, with the code, reason and message, for the operator;
-- a retryable error (the link is still down) leaves the entry and everything
-  after it pending, and stops the flush.
+- a retryable error (the link is still down), or a refusal of the terminal's
+  key or counter (UNAUTHENTICATED KEY_NOT_ACCEPTED / COUNTER_REPLAYED /
+  MAC_INVALID: no verdict on the sale, and the client has re-synced) leaves
+  the entry and everything after it pending, and stops the flush.
 
 Resending is safe because the server applies a request_id once and answers
-every replay with the first answer.
+every replay with the first answer. An entry holds what to do, without the
+key version, counter and MAC of the send that failed: on a secure link the
+client signs every resend with a fresh counter (the server ignores those
+fields when it matches a resend to the first request).
 
 Storage is one SQLite file (stdlib sqlite3, WAL, synchronous=FULL): a queued
 sale survives a crash or a reboot of the POS. The outbox is bounded
@@ -38,6 +43,7 @@ from fuelcard.v1 import transaction_pb2
 from google.protobuf.message import Message
 
 from fuelcard_pos.client import PosClient, PosError
+from fuelcard_pos.terminal import strip_auth
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "Delivery", "FlushReport", "Outbox", "OutboxEntry", "OutboxFull"]
 
@@ -164,8 +170,9 @@ class Outbox:
     # -- writing -----------------------------------------------------------
 
     def enqueue(self, request: QueuedRequest) -> int:
-        """Store the request durably; returns the entry id. Enqueuing the same
-        request (same request_id) again returns the existing entry."""
+        """Store the request durably (without key version, counter and MAC);
+        returns the entry id. Enqueuing the same request (same request_id)
+        again, however it was signed, returns the existing entry."""
         operation: Operation
         if isinstance(request, transaction_pb2.ConfirmRequest):
             operation = "confirm"
@@ -175,7 +182,7 @@ class Outbox:
             raise TypeError(f"only confirms and cancels are queued, not {type(request).__name__}")
         if not request.request_id:
             raise ValueError("a queued request must carry its request_id")
-        payload = _serialize(request)
+        payload = _serialize(strip_auth(request))
         with self._transaction() as db:
             row = db.execute("SELECT id, operation, payload FROM outbox WHERE request_id = ?",
                              (request.request_id,)).fetchone()
@@ -224,8 +231,9 @@ class Outbox:
 
     def flush(self, client: PosClient, *, limit: int | None = None) -> FlushReport:
         """Resend pending entries, oldest first, through `client` (which does
-        its own bounded retries). Stops at the first entry that still gets a
-        retryable error, so nothing overtakes an older entry."""
+        its own bounded retries and signs each resend). Stops at the first
+        entry that still gets a retryable error (or a refused key or counter),
+        so nothing overtakes an older entry."""
         report = FlushReport()
         for n, entry in enumerate(self.pending()):
             if limit is not None and n >= limit:
@@ -239,7 +247,7 @@ class Outbox:
                 else:
                     response = client.send_cancel(request, queue=False)
             except PosError as exc:
-                if exc.retryable:
+                if exc.resendable:
                     self._note_error(entry.id, exc)
                     report.stopped_by = exc
                     break
