@@ -33,10 +33,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fuelcard_server import errors
+from fuelcard_server.audit import AuditLog
 from fuelcard_server.cards import PanIndex
 from fuelcard_server.clock import Clock, SystemClock
 from fuelcard_server.db import Database
+from fuelcard_server.keys import pin_pepper
 from fuelcard_server.locks import EXPIRY_SWEEP_LOCK, POINTS_EXPIRY_LOCK, TIER_EVALUATION_LOCK
+from fuelcard_server.pins import Pins
 from fuelcard_server.services.account import AccountService
 from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.funding import FundingService
@@ -105,6 +108,7 @@ class FuelcardServer:
     port: int = 0
     _server: grpc.aio.Server | None = None
     _db: Database | None = None
+    _audit: AuditLog | None = None
     _health: health_aio.HealthServicer | None = None
     _jobs: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -114,11 +118,15 @@ class FuelcardServer:
                             timeout_s=s.pool_timeout_s)
         await self._db.open()
         key = s.card_index_key()
+        provider = s.key_provider()
+        terminal_keys = TerminalKeys(self._db, provider)
         deps = Deps(
             db=self._db, clock=self.clock, settings=s, pan_index=PanIndex(key),
             fingerprint_key=hmac.new(key, b"request-fingerprint", hashlib.sha256).digest(),
-            terminal_keys=TerminalKeys(self._db, s.key_provider()),
-            signing_key=s.signing_key(), tls=not s.insecure)
+            terminal_keys=terminal_keys, signing_key=s.signing_key(),
+            pins=Pins(self._db, terminal_keys, pin_pepper(provider)), audit=AuditLog(self._db),
+            tls=not s.insecure)
+        self._audit = deps.audit
         server = grpc.aio.server(options=SERVER_OPTIONS,
                                  maximum_concurrent_rpcs=s.pool_max * 64)
         transaction_pb2_grpc.add_TransactionServiceServicer_to_server(TransactionService(deps), server)
@@ -217,6 +225,8 @@ class FuelcardServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await job
         self._jobs.clear()
+        if self._audit is not None:
+            await self._audit.drain()  # records of calls cancelled at shutdown
         if self._db is not None:
             await self._db.close()
 

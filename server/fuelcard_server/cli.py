@@ -1,4 +1,4 @@
-"""The `fuelcard` command: serve, migrate, verify, demo."""
+"""The `fuelcard` command: serve, migrate, verify, audit verify, demo."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fuelcard_server import logs, migrations, verify
+import psycopg
+
+from fuelcard_server import audit, logs, migrations, verify
 from fuelcard_server.embedded import EmbeddedPostgres
 from fuelcard_server.settings import Settings, SettingsError
 
@@ -68,15 +70,20 @@ def _run_worker(s: Settings, url: str, demo: bool, port_file: str | None) -> Non
             await asyncio.to_thread(Path(port_file).write_text, str(port))
         if demo:
             from fuelcard_server import demo as demo_data
-            made = await demo_data.seed(f"127.0.0.1:{port}")
+            made = await demo_data.seed(f"127.0.0.1:{port}",
+                                        None if s.insecure else s.certs_dir)
             print(f"\nfuelcard is serving on {s.host_port[0]}:{port} with demo data:", flush=True)
             for card, account_id in made:
                 print(f"  card {card.card_number}  account {account_id}  {card.holder}")
-            print("\ntry:\n"
-                  f"  .venv/bin/fuelcard-pos --target 127.0.0.1:{port} balance "
-                  f"{made[0][0].card_number}\n"
-                  f"  .venv/bin/fuelcard-pos --target 127.0.0.1:{port} authorize "
-                  f"{made[0][0].card_number} 20000 --station KM-001 --terminal KM-001-T1\n"
+            pos = f".venv/bin/fuelcard-pos --target 127.0.0.1:{port}"
+            if not s.insecure:
+                d = s.certs_dir
+                pos += (f" --ca {d / 'ca.pem'} --cert {d / 'pos-KM-001-T1.pem'}"
+                        f" --key {d / 'pos-KM-001-T1.key'} --state {d.parent / 'pos-state.sqlite3'}")
+            print(f"\ntry (as terminal KM-001-T1 of station KM-001):\n"
+                  f"  {pos} balance {made[0][0].card_number}\n"
+                  f"  {pos} authorize {made[0][0].card_number} 20000"
+                  " --station KM-001 --terminal KM-001-T1\n"
                   "Ctrl-C stops the server.", flush=True)
         await stop.wait()
         log.info("shutting down: draining in-flight calls")
@@ -86,10 +93,26 @@ def _run_worker(s: Settings, url: str, demo: bool, port_file: str | None) -> Non
         runner.run(main())
 
 
+def demo_certs(directory: Path) -> None:
+    """Development certificates for the demo: the server, an admin service
+    (to create the demo data) and one terminal (to try the POS client)."""
+    from fuelcard_server.certs import DevPki
+    from fuelcard_server.identity import Role
+
+    pki = DevPki(directory)
+    if (directory / "admin-demo-admin.pem").exists():
+        return
+    pki.server()
+    pki.client(Role.ADMIN, "demo-admin")
+    pki.client(Role.POS, "KM-001-T1", "KM-001")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     s = _settings(args)
     if s.workers > 1 and s.host_port[1] == 0:
         raise SettingsError("--workers > 1 needs a fixed port to share")
+    if args.demo and not s.insecure:
+        demo_certs(s.certs_dir)
     url, pg = _database(s)
     try:
         migrations.migrate(url)
@@ -178,6 +201,41 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _anchor(text: str) -> tuple[int, bytes]:
+    record, _, digest = text.partition(":")
+    try:
+        value = (int(record), bytes.fromhex(digest))
+    except ValueError:
+        value = (0, b"")
+    if value[0] < 1 or len(value[1]) != 32:
+        raise argparse.ArgumentTypeError("expected ID:HASH, e.g. 42:<64 hex digits>")
+    return value
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    url, pg = _database(s)
+    try:
+        report = audit.walk(url, args.anchor)
+    except psycopg.Error as exc:
+        print(f"fuelcard: cannot read the audit log: {exc.diag.message_primary or exc}",
+              file=sys.stderr)
+        return 2
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
+    if report.problems:
+        for problem in report.problems:
+            print(f"FAIL {problem}")
+        first = report.problems[0]
+        print(f"audit log broken at record {first.record_id}: {first.detail} "
+              f"({len(report.problems)} problem(s))", file=sys.stderr)
+        return 1
+    print(f"audit log intact: {report.records} record(s); head {report.head_id}:"
+          f"{report.head_hash.hex()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuelcard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every ledger invariant; non-zero exit on violation")
     _add_database_flags(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("audit", help="the audit trail")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True)
+    p = audit_sub.add_parser("verify", help="check the audit log's hash chain; non-zero exit "
+                             "naming the first broken record")
+    _add_database_flags(p)
+    p.add_argument("--anchor", type=_anchor, metavar="ID:HASH",
+                   help="a record id and its hash noted earlier (the head this command "
+                   "printed): also catches a log cut short or rewritten wholesale")
+    p.set_defaults(func=cmd_audit_verify)
     return parser
 
 

@@ -7,16 +7,14 @@ creates nothing new.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from fuelcard.v1 import (
     account_pb2,
     account_pb2_grpc,
-    common_pb2,
     funding_pb2,
     funding_pb2_grpc,
-    transaction_pb2,
-    transaction_pb2_grpc,
 )
 
 
@@ -38,13 +36,23 @@ DEMO_CARDS = (
 )
 
 
-async def seed(target: str) -> list[tuple[DemoCard, str]]:
-    """Create the demo accounts and cards; return (card, account_id)."""
+def _channel(target: str, certs: Path | None) -> grpc.aio.Channel:
+    if certs is None:
+        return grpc.aio.insecure_channel(target)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(certs / "ca.pem").read_bytes(),
+        private_key=(certs / "admin-demo-admin.key").read_bytes(),
+        certificate_chain=(certs / "admin-demo-admin.pem").read_bytes())
+    return grpc.aio.secure_channel(target, creds)
+
+
+async def seed(target: str, certs: Path | None = None) -> list[tuple[DemoCard, str]]:
+    """Create the demo accounts and cards as an admin service (with the
+    demo's admin certificate when TLS is on); return (card, account_id)."""
     made = []
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with _channel(target, certs) as channel:
         accounts = account_pb2_grpc.AccountServiceStub(channel)
         funding = funding_pb2_grpc.FundingServiceStub(channel)
-        pos = transaction_pb2_grpc.TransactionServiceStub(channel)
         for i, card in enumerate(DEMO_CARDS, start=1):
             opened = await accounts.OpenAccount(account_pb2.OpenAccountRequest(
                 request_id=f"demo-open-{i}", type=card.account_type,
@@ -57,13 +65,4 @@ async def seed(target: str) -> list[tuple[DemoCard, str]]:
                 channel=funding_pb2.CHANNEL_WECHAT_PAY, channel_txn_id=f"demo-wx-{i:04d}",
                 amount_fen=card.recharge_fen))
             made.append((card, account_id))
-        # One completed sale, so history and points have something to show.
-        auth = await pos.Authorize(transaction_pb2.AuthorizeRequest(
-            request_id="demo-auth-1", card_number=DEMO_CARDS[0].card_number, amount_fen=30_000,
-            station_id="KM-001", terminal_id="KM-001-T1", nozzle=3,
-            product=common_pb2.PRODUCT_GASOLINE_92))
-        if auth.decision == common_pb2.DECISION_APPROVED:
-            await pos.Confirm(transaction_pb2.ConfirmRequest(
-                request_id="demo-confirm-1", hold_id=auth.hold.hold_id, final_amount_fen=25_120,
-                volume_ml=32_000, unit_price_fen=785))
     return made

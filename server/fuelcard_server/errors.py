@@ -90,6 +90,9 @@ _PRECONDITION_MESSAGES = {
     "ACCOUNT_USES_PARENT_BALANCE": "a SHARED sub-account holds no money of its own",
     "PARENT_NOT_TOP_LEVEL": "sub-accounts can only be opened under a top-level account",
     "SIGN_ON_NEEDS_TLS": "working keys are only handed out over mutual TLS",
+    "PIN_NEEDS_TERMINAL_KEY": "PIN blocks are read with the key of a terminal named by its "
+                              "certificate (mutual TLS)",
+    "OLD_PIN_WRONG": "the current PIN given to change it is wrong",
 }
 
 

@@ -10,3 +10,7 @@ MIGRATION_LOCK = -1
 EXPIRY_SWEEP_LOCK = -2
 POINTS_EXPIRY_LOCK = -3
 TIER_EVALUATION_LOCK = -4
+# The audit log's hash chain (fc.audit_append): every append takes it, so
+# appends are serialised and each extends the committed head - one chain,
+# never a fork, across all server processes.
+AUDIT_LOCK = -5

@@ -3,6 +3,7 @@ translation of ApiError into a gRPC status."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import datetime as dt
 import functools
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from fuelcard_server.audit import AuditLog
 from fuelcard_server.cards import PanIndex
 from fuelcard_server.clock import Clock
 from fuelcard_server.db import Database
@@ -23,6 +25,7 @@ from fuelcard_server.errors import ApiError, internal, permission_denied, unauth
 from fuelcard_server.gm import Sm2PrivateKey
 from fuelcard_server.identity import DEVELOPMENT, Caller, Role
 from fuelcard_server.identity import of as identity_of
+from fuelcard_server.pins import Pins
 from fuelcard_server.settings import Settings
 from fuelcard_server.terminals import TerminalKeys
 
@@ -47,6 +50,9 @@ class Deps:
     fingerprint_key: bytes
     terminal_keys: TerminalKeys
     signing_key: Sm2PrivateKey
+    pins: Pins
+    # Writes the audit record of each internal/admin call (see audit.py).
+    audit: AuditLog
     # False only in development mode (plaintext on loopback): no identities.
     tls: bool = False
 
@@ -135,6 +141,9 @@ def rpc(*roles: Role) -> Callable[[Handler[S, Req, Resp]], Handler[S, Req, Resp]
 def _wrap(fn: Handler[S, Req, Resp], allowed: frozenset[Role]) -> Handler[S, Req, Resp]:
     @functools.wraps(fn)
     async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        caller: Caller | None = None
+        response: Resp | None = None
+        error: ApiError | None = None
         try:
             caller = identity_of(context, tls=self.d.tls)
             if caller is None:
@@ -143,14 +152,23 @@ def _wrap(fn: Handler[S, Req, Resp], allowed: frozenset[Role]) -> Handler[S, Req
             if not caller.may(allowed):
                 raise permission_denied("ROLE_NOT_ALLOWED")
             _CALLER.set(caller)
-            return await fn(self, request, context)
+            response = await fn(self, request, context)
         except ApiError as exc:
-            await _abort(context, exc)
+            error = exc
         except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except asyncio.CancelledError:
+            self.d.audit.rpc_cancelled(type(self), fn.__name__, allowed, caller, request)
             raise
         except Exception as exc:  # a bug; the client gets INTERNAL, we get the type
             log.exception("unhandled %s in %s", type(exc).__name__, fn.__name__)
-            await _abort(context, internal())
+            error = internal()
+        # The audit record, if this call gets one (never on the POS hot path).
+        error = await self.d.audit.rpc_done(type(self), fn.__name__, allowed, caller, request,
+                                            response, error)
+        if error is None and response is not None:
+            return response
+        await _abort(context, error or internal())
         raise AssertionError("abort_with_status always raises")
 
     return wrapper

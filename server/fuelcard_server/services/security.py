@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 from fuelcard.v1 import funding_pb2, security_pb2, security_pb2_grpc
 
-from fuelcard_server import errors, gm
+from fuelcard_server import errors, gm, keys
+from fuelcard_server.db import Database
 from fuelcard_server.identity import Role
 from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.validation import ID_MAX_CHARS, Violations
@@ -20,7 +24,65 @@ REGISTER_CHANNEL_KEY_SQL = """
     ON CONFLICT (channel) DO UPDATE
        SET public_key_hex = excluded.public_key_hex, registered_at = excluded.registered_at
     RETURNING public_key_hex"""
+CHANNEL_KEY_SQL = "SELECT public_key_hex FROM fc.channel_keys WHERE channel = %s::smallint"
 CHANNELS = frozenset(v for v in funding_pb2.Channel.values() if v != funding_pb2.CHANNEL_UNSPECIFIED)
+
+# How long a server process trusts what it read from fc.channel_keys. A key
+# registered or replaced through RegisterChannelKey takes effect at once in
+# the process that served the call (it drops its cached entry); other server
+# processes (workers sharing the port, other hosts) pick it up within this
+# many seconds. Rotate a channel key with that in mind: keep the adapter
+# signing with the old key for CHANNEL_KEY_TTL_S after registering the new one.
+CHANNEL_KEY_TTL_S = 30.0
+
+
+class ChannelKeys:
+    """The SM2 public keys registered for payment channels, cached so that a
+    recharge does not read fc.channel_keys. "No key registered" is cached
+    too (a flood of signed notifications for an unregistered channel does
+    not reach the database either)."""
+
+    def __init__(self, db: Database, ttl_s: float = CHANNEL_KEY_TTL_S,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        self._db = db
+        self.ttl_s = ttl_s
+        self._now = now
+        self._entries: dict[int, tuple[float, gm.Sm2PublicKey | None]] = {}
+        # Bumped by invalidate(): a read that started before a key change
+        # must not put the old key back into the cache when it completes.
+        self._generation = 0
+
+    async def get(self, channel: int) -> gm.Sm2PublicKey | None:
+        """The key registered for `channel`, or None."""
+        entry = self._entries.get(channel)
+        if entry is not None and self._now() < entry[0]:
+            return entry[1]
+        generation = self._generation
+        row = await self._db.fetch_one(CHANNEL_KEY_SQL, (channel,))
+        # The table only holds validated keys (RegisterChannelKey, and a CHECK
+        # on the form); a point edited off the curve raises: INTERNAL.
+        key = gm.Sm2PublicKey.from_hex(row[0]) if row is not None else None
+        if generation == self._generation:
+            self._entries[channel] = (self._now() + self.ttl_s, key)
+        return key
+
+    def invalidate(self, channel: int) -> None:
+        """Forget `channel`'s key: the next get() reads the database."""
+        self._generation += 1
+        self._entries.pop(channel, None)
+
+
+_CHANNEL_KEYS: weakref.WeakKeyDictionary[Database, ChannelKeys] = weakref.WeakKeyDictionary()
+
+
+def channel_keys(db: Database) -> ChannelKeys:
+    """The channel key cache of the server using `db` (one per server: the
+    servicers of one server share their Database, and so this cache, which
+    RegisterChannelKey invalidates and Recharge reads)."""
+    cache = _CHANNEL_KEYS.get(db)
+    if cache is None:
+        cache = _CHANNEL_KEYS[db] = ChannelKeys(db)
+    return cache
 
 
 class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
@@ -44,6 +106,24 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
         response.valid_until.FromDatetime(working.valid_until)
         return response
 
+    @rpc(Role.POS)
+    async def SetCardPin(self, request: security_pb2.SetCardPinRequest, context: Ctx
+                         ) -> security_pb2.SetCardPinResponse:
+        v = Violations()
+        v.card_number("card_number", request.card_number)
+        if len(request.new_pin_block) != keys.PIN_BLOCK_SIZE:
+            v.add("new_pin_block", "must be one 16-byte PIN block", "PIN_BLOCK_INVALID")
+        if request.old_pin_block and len(request.old_pin_block) != keys.PIN_BLOCK_SIZE:
+            v.add("old_pin_block", "must be one 16-byte PIN block", "PIN_BLOCK_INVALID")
+        v.raise_if_any()
+        if not self.d.tls:
+            raise errors.failed_precondition("PIN_NEEDS_TERMINAL_KEY")
+        caller = self.d.identity()
+        await self.d.pins.set(caller.name, request.key_version, request.card_number,
+                              self.d.pan_index.of(request.card_number), request.new_pin_block,
+                              request.old_pin_block, self.d.clock.now())
+        return security_pb2.SetCardPinResponse()
+
     @rpc(Role.ADMIN)
     async def RegisterChannelKey(self, request: security_pb2.RegisterChannelKeyRequest,
                                  context: Ctx) -> security_pb2.RegisterChannelKeyResponse:
@@ -60,6 +140,9 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
         row = await self.d.db.fetch_one(REGISTER_CHANNEL_KEY_SQL, (
             request.channel, key.to_hex(), self.d.clock.now()))
         assert row is not None
+        # Committed (autocommit): from now on this process verifies with the
+        # new key; other processes within CHANNEL_KEY_TTL_S.
+        channel_keys(self.d.db).invalidate(request.channel)
         return security_pb2.RegisterChannelKeyResponse(public_key_hex=row[0])
 
     @rpc(Role.ADAPTER, Role.ADMIN)

@@ -21,7 +21,7 @@ MAX_UNIT_PRICE_FEN = 1_000_000
 
 AUTHORIZE_SQL = (
     "SELECT fc.authorize(%s, %s, %s, %s, %s::bigint, %s, %s, %s::integer, %s::smallint,"
-    " %s::timestamptz, %s::interval, %s::bigint)")
+    " %s::timestamptz, %s::interval, %s::bigint, %s::boolean)")
 CONFIRM_SQL = (
     "SELECT fc.confirm(%s, %s, %s, %s::uuid, %s::bigint, %s::bigint, %s::bigint,"
     " %s::timestamptz, %s, %s::bigint)")
@@ -61,12 +61,21 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             request.mac, request.key_version, request.terminal_counter,
             "Authorize", request.request_id, request.card_number, request.amount_fen,
             request.station_id, request.terminal_id, request.nozzle, request.product,
-            request.key_version, request.terminal_counter)
+            request.key_version, request.terminal_counter, request.pin_block)
+        pan_index = self.d.pan_index.of(request.card_number)
+        pin_ok = None
+        if request.pin_block:
+            if caller.role is not Role.POS or not self.d.tls:
+                # Only a terminal named by its certificate has a PIN key.
+                raise errors.failed_precondition("PIN_NEEDS_TERMINAL_KEY")
+            pin_ok = await self.d.pins.verdict(caller.name, request.key_version,
+                                               request.pin_block, request.card_number,
+                                               pan_index, self.d.clock.now())
         d = await self.d.db.call(AUTHORIZE_SQL, (
             self.d.caller(context), request.request_id, self.d.fingerprint("authorize", request),
-            self.d.pan_index.of(request.card_number), request.amount_fen,
+            pan_index, request.amount_fen,
             request.station_id, request.terminal_id, request.nozzle, request.product,
-            self.d.clock.now(), self.d.hold_ttl, counter))
+            self.d.clock.now(), self.d.hold_ttl, counter, pin_ok))
         response = transaction_pb2.AuthorizeResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             available_fen=d["available_fen"])

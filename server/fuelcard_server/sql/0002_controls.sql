@@ -871,13 +871,15 @@ $$;
 -- Terminal requests now carry the terminal's transaction counter (checked
 -- after the replay and before anything else: a replay answers, a reused
 -- counter is refused).
+-- p_pin_ok is the server's verdict on the request's PIN block (NULL: none
+-- sent); fc.pin_refusal (0003) turns it into a decline for PIN cards.
 DROP FUNCTION fc.authorize(text, text, bytea, bytea, bigint, text, text, integer, smallint,
                            timestamptz, interval);
 CREATE FUNCTION fc.authorize(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_pan_index bytea, p_amount_fen bigint,
     p_station_id text, p_terminal_id text, p_nozzle integer, p_product smallint,
-    p_now timestamptz, p_ttl interval, p_counter bigint)
+    p_now timestamptz, p_ttl interval, p_counter bigint, p_pin_ok boolean)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -929,7 +931,11 @@ BEGIN
         v_reason := 'CARD_CLOSED';
     ELSIF v_spender.status <> 1 OR v_parent.status <> 1 THEN
         v_reason := 'ACCOUNT_FROZEN';
-    ELSE
+    END IF;
+    IF v_reason IS NULL AND v_card.has_pin THEN
+        v_reason := fc.pin_refusal(v_card.id, p_pin_ok, p_now);
+    END IF;
+    IF v_reason IS NULL THEN
         v_reason := coalesce(
             fc.scope_refusal(v_card, p_station_id, p_product, v_local),
             fc.caps_refusal(v_card, v_spender, v_parent, v_day, p_amount_fen, p_now));

@@ -39,3 +39,53 @@ CREATE TABLE fc.channel_keys (
     public_key_hex text        NOT NULL CHECK (public_key_hex ~ '^[0-9a-f]{128}$'),
     registered_at  timestamptz NOT NULL
 );
+
+-- PINs: only a salted slow hash (scrypt, with a pepper from the root key) is
+-- stored, never the PIN; the check itself runs in the server, which passes
+-- authorize its verdict. Too many wrong PINs in a row lock the card.
+CREATE TABLE fc.card_pins (
+    card_id         bigint PRIMARY KEY REFERENCES fc.cards (id),
+    pin_hash        text        NOT NULL,
+    failed_attempts smallint    NOT NULL DEFAULT 0 CHECK (failed_attempts >= 0),
+    locked_at       timestamptz,
+    changed_at      timestamptz NOT NULL
+);
+ALTER TABLE fc.cards ADD COLUMN has_pin boolean NOT NULL DEFAULT false;
+INSERT INTO fc.config VALUES ('pin_max_attempts', '3');
+
+-- Why a PIN card may not pay now, given the server's verdict on the PIN
+-- block (NULL: none was sent), or NULL if it may. Records failures and the
+-- lock; a good PIN clears the failure count.
+CREATE FUNCTION fc.pin_refusal(p_card_id bigint, p_pin_ok boolean, p_now timestamptz)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_pin fc.card_pins;
+    v_max integer := (SELECT value::integer FROM fc.config WHERE key = 'pin_max_attempts');
+BEGIN
+    SELECT * INTO v_pin FROM fc.card_pins WHERE card_id = p_card_id FOR UPDATE;
+    IF v_pin.locked_at IS NOT NULL THEN
+        RETURN 'PIN_LOCKED';
+    ELSIF p_pin_ok IS NULL THEN
+        RETURN 'PIN_REQUIRED';
+    ELSIF NOT p_pin_ok THEN
+        UPDATE fc.card_pins
+           SET failed_attempts = failed_attempts + 1,
+               locked_at = CASE WHEN failed_attempts + 1 >= v_max THEN p_now END
+         WHERE card_id = p_card_id;
+        RETURN CASE WHEN v_pin.failed_attempts + 1 >= v_max THEN 'PIN_LOCKED' ELSE 'WRONG_PIN' END;
+    ELSIF v_pin.failed_attempts > 0 THEN
+        UPDATE fc.card_pins SET failed_attempts = 0 WHERE card_id = p_card_id;
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Sets a card's PIN hash (the server checked the old PIN, if any).
+CREATE FUNCTION fc.set_pin(p_card_id bigint, p_pin_hash text, p_now timestamptz) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO fc.card_pins (card_id, pin_hash, changed_at) VALUES (p_card_id, p_pin_hash, p_now)
+    ON CONFLICT (card_id) DO UPDATE
+       SET pin_hash = excluded.pin_hash, failed_attempts = 0, locked_at = NULL,
+           changed_at = excluded.changed_at;
+    UPDATE fc.cards SET has_pin = true WHERE id = p_card_id;
+$$;

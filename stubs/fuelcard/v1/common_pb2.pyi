@@ -98,6 +98,12 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     """The station lies outside every geo-fence of the card (电子围栏)."""
     DECLINE_REASON_OUTSIDE_HOURS: _DeclineReason.ValueType  # 14
     """The card may not be used at this time of day."""
+    DECLINE_REASON_PIN_REQUIRED: _DeclineReason.ValueType  # 15
+    """The card has a PIN and the request carried no PIN block."""
+    DECLINE_REASON_WRONG_PIN: _DeclineReason.ValueType  # 16
+    """The PIN was wrong."""
+    DECLINE_REASON_PIN_LOCKED: _DeclineReason.ValueType  # 17
+    """Too many wrong PINs in a row: the card is locked until its PIN is reset."""
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why a request was declined. Stable, machine-readable: a POS maps each value
@@ -138,6 +144,12 @@ DECLINE_REASON_OUTSIDE_GEOFENCE: DeclineReason.ValueType  # 13
 """The station lies outside every geo-fence of the card (电子围栏)."""
 DECLINE_REASON_OUTSIDE_HOURS: DeclineReason.ValueType  # 14
 """The card may not be used at this time of day."""
+DECLINE_REASON_PIN_REQUIRED: DeclineReason.ValueType  # 15
+"""The card has a PIN and the request carried no PIN block."""
+DECLINE_REASON_WRONG_PIN: DeclineReason.ValueType  # 16
+"""The PIN was wrong."""
+DECLINE_REASON_PIN_LOCKED: DeclineReason.ValueType  # 17
+"""Too many wrong PINs in a row: the card is locked until its PIN is reset."""
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 class _Product:

@@ -122,9 +122,39 @@ class RechargeRequest(_message.Message):
     amount_fen: _builtins.int
     """The amount paid, in fen: > 0 and at most the per-recharge maximum."""
     signature: _builtins.bytes
-    """SM2 signature (64 bytes r||s, signer id "1234567812345678") by the
-    channel's registered key over the signing input of fields 1-5 (see
-    SignedFields). Missing or wrong -> UNAUTHENTICATED, nothing changes.
+    """SM2 signature (GB/T 32918.2 with SM3, signer id "1234567812345678"):
+    64 bytes r || s, each 32 bytes big-endian (the hex of `gmssl`'s
+    CryptSM2.sign_with_sm3, decoded), by the key registered for `channel`
+    (SecurityService.RegisterChannelKey), over the signing input of fields 1-5:
+      E("Recharge", request_id, account_id, channel, channel_txn_id, amount_fen)
+    E is the tagged encoding of SecurityService's MAC input: for each value in
+    order, a one-byte tag, a 4-byte big-endian length and the value's bytes;
+    tag "s" for text (UTF-8, exactly as sent: "Recharge", request_id,
+    account_id, channel_txn_id), tag "i" for integers as minimal signed
+    big-endian bytes (channel as its enum number, amount_fen). For example
+    channel CHANNEL_WECHAT_PAY is 69 00000001 02 and amount_fen 10000 is
+    69 00000002 2710 (fuelcard_server.keys.canonical).
+
+    Payment adapters (mutual TLS, role adapter) must sign: no signature ->
+    UNAUTHENTICATED SIGNATURE_MISSING; one that does not verify ->
+    UNAUTHENTICATED SIGNATURE_INVALID; no key registered for the channel ->
+    FAILED_PRECONDITION CHANNEL_KEY_NOT_REGISTERED. Nothing changes in any of
+    these cases. Other callers (admin; development mode on plaintext loopback,
+    which has no caller identities) may leave it empty; a signature they do
+    send is checked the same way.
+
+    Replays: request_id is signed, so a captured notification cannot be sent
+    again under another request_id. The same request_id again gets the
+    original answer (a retry may carry a fresh signature: the signature is not
+    part of what makes two requests the same); a new, validly signed
+    notification of the same (channel, channel_txn_id) gets the original
+    answer if account and amount agree, else FAILED_PRECONDITION
+    CHANNEL_TXN_REUSED.
+
+    Each server process caches channel keys for up to 30 s: a key registered
+    or replaced takes effect at once on the server that took the
+    RegisterChannelKey call and within 30 s on every other one, so keep
+    signing with the old key for 30 s after registering a new one.
     """
     def __init__(
         self,
@@ -165,8 +195,27 @@ class RechargeResponse(_message.Message):
     balance_fen: _builtins.int
     """The account's settled balance after the recharge."""
     signature: _builtins.bytes
-    """The server's SM2 signature over the signing input of fields 1-4, so the
-    adapter can check the answer came from the core.
+    """The server's SM2 signature, so the adapter can check the answer came from
+    the core: same form as RechargeRequest.signature (64 bytes r || s, signer
+    id "1234567812345678"), by the key SecurityService.GetServerSigningKey
+    returns, over the payment the request notified and fields 1-4:
+      E("RechargeResponse", request.account_id, request.channel,
+        request.channel_txn_id, request.amount_fen, decision, decline_reason,
+        recharge.recharge_id, recharge.account_id, recharge.channel,
+        recharge.channel_txn_id, recharge.amount_fen,
+        recharge.create_time.seconds, recharge.create_time.nanos, balance_fen)
+    with E as for the request (enums as their numbers). The request's fields
+    are the ones the adapter sent, exactly: they bind the answer to the
+    payment it answers (a declined answer carries no recharge). When
+    `recharge` is unset its fields encode as their defaults ("" and 0); a set
+    one always has a recharge_id. request_id is not signed: a replay, also a
+    channel's second notice of a payment under a new request_id, gets the
+    original answer. Every answer carries a signature, first or replayed,
+    approved or declined. A replay gets the original signature bytes too
+    while the server process that serves it remembers them (its last 10 000
+    signed answers); otherwise the same fields with a fresh signature (SM2 is
+    randomised): compare the signed fields, not the signature bytes. Errors
+    (gRPC statuses) are not signed.
     """
     @_builtins.property
     def recharge(self) -> Global___Recharge:

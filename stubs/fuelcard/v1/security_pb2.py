@@ -26,25 +26,29 @@ from fuelcard.v1 import funding_pb2 as fuelcard_dot_v1_dot_funding__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66uelcard/v1/security.proto\x12\x0b\x66uelcard.v1\x1a\x19\x66uelcard/v1/funding.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"$\n\rSignOnRequest\x12\x13\n\x0bterminal_id\x18\x01 \x01(\t\"\xb1\x01\n\x0eSignOnResponse\x12\x13\n\x0bkey_version\x18\x01 \x01(\x05\x12\x13\n\x0bworking_key\x18\x02 \x01(\x0c\x12.\n\nvalid_from\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clast_counter\x18\x05 \x01(\x04\"Z\n\x19RegisterChannelKeyRequest\x12%\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0epublic_key_hex\x18\x02 \x01(\t\"4\n\x1aRegisterChannelKeyResponse\x12\x16\n\x0epublic_key_hex\x18\x01 \x01(\t\"\x1c\n\x1aGetServerSigningKeyRequest\"5\n\x1bGetServerSigningKeyResponse\x12\x16\n\x0epublic_key_hex\x18\x01 \x01(\t2\xa5\x02\n\x0fSecurityService\x12\x41\n\x06SignOn\x12\x1a.fuelcard.v1.SignOnRequest\x1a\x1b.fuelcard.v1.SignOnResponse\x12\x65\n\x12RegisterChannelKey\x12&.fuelcard.v1.RegisterChannelKeyRequest\x1a\'.fuelcard.v1.RegisterChannelKeyResponse\x12h\n\x13GetServerSigningKey\x12\'.fuelcard.v1.GetServerSigningKeyRequest\x1a(.fuelcard.v1.GetServerSigningKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66uelcard/v1/security.proto\x12\x0b\x66uelcard.v1\x1a\x19\x66uelcard/v1/funding.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"k\n\x11SetCardPinRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\x05\x12\x15\n\rnew_pin_block\x18\x03 \x01(\x0c\x12\x15\n\rold_pin_block\x18\x04 \x01(\x0c\"\x14\n\x12SetCardPinResponse\"$\n\rSignOnRequest\x12\x13\n\x0bterminal_id\x18\x01 \x01(\t\"\xb1\x01\n\x0eSignOnResponse\x12\x13\n\x0bkey_version\x18\x01 \x01(\x05\x12\x13\n\x0bworking_key\x18\x02 \x01(\x0c\x12.\n\nvalid_from\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clast_counter\x18\x05 \x01(\x04\"Z\n\x19RegisterChannelKeyRequest\x12%\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0epublic_key_hex\x18\x02 \x01(\t\"4\n\x1aRegisterChannelKeyResponse\x12\x16\n\x0epublic_key_hex\x18\x01 \x01(\t\"\x1c\n\x1aGetServerSigningKeyRequest\"5\n\x1bGetServerSigningKeyResponse\x12\x16\n\x0epublic_key_hex\x18\x01 \x01(\t2\xf4\x02\n\x0fSecurityService\x12\x41\n\x06SignOn\x12\x1a.fuelcard.v1.SignOnRequest\x1a\x1b.fuelcard.v1.SignOnResponse\x12\x65\n\x12RegisterChannelKey\x12&.fuelcard.v1.RegisterChannelKeyRequest\x1a\'.fuelcard.v1.RegisterChannelKeyResponse\x12h\n\x13GetServerSigningKey\x12\'.fuelcard.v1.GetServerSigningKeyRequest\x1a(.fuelcard.v1.GetServerSigningKeyResponse\x12M\n\nSetCardPin\x12\x1e.fuelcard.v1.SetCardPinRequest\x1a\x1f.fuelcard.v1.SetCardPinResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuelcard.v1.security_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SIGNONREQUEST']._serialized_start=103
-  _globals['_SIGNONREQUEST']._serialized_end=139
-  _globals['_SIGNONRESPONSE']._serialized_start=142
-  _globals['_SIGNONRESPONSE']._serialized_end=319
-  _globals['_REGISTERCHANNELKEYREQUEST']._serialized_start=321
-  _globals['_REGISTERCHANNELKEYREQUEST']._serialized_end=411
-  _globals['_REGISTERCHANNELKEYRESPONSE']._serialized_start=413
-  _globals['_REGISTERCHANNELKEYRESPONSE']._serialized_end=465
-  _globals['_GETSERVERSIGNINGKEYREQUEST']._serialized_start=467
-  _globals['_GETSERVERSIGNINGKEYREQUEST']._serialized_end=495
-  _globals['_GETSERVERSIGNINGKEYRESPONSE']._serialized_start=497
-  _globals['_GETSERVERSIGNINGKEYRESPONSE']._serialized_end=550
-  _globals['_SECURITYSERVICE']._serialized_start=553
-  _globals['_SECURITYSERVICE']._serialized_end=846
+  _globals['_SETCARDPINREQUEST']._serialized_start=103
+  _globals['_SETCARDPINREQUEST']._serialized_end=210
+  _globals['_SETCARDPINRESPONSE']._serialized_start=212
+  _globals['_SETCARDPINRESPONSE']._serialized_end=232
+  _globals['_SIGNONREQUEST']._serialized_start=234
+  _globals['_SIGNONREQUEST']._serialized_end=270
+  _globals['_SIGNONRESPONSE']._serialized_start=273
+  _globals['_SIGNONRESPONSE']._serialized_end=450
+  _globals['_REGISTERCHANNELKEYREQUEST']._serialized_start=452
+  _globals['_REGISTERCHANNELKEYREQUEST']._serialized_end=542
+  _globals['_REGISTERCHANNELKEYRESPONSE']._serialized_start=544
+  _globals['_REGISTERCHANNELKEYRESPONSE']._serialized_end=596
+  _globals['_GETSERVERSIGNINGKEYREQUEST']._serialized_start=598
+  _globals['_GETSERVERSIGNINGKEYREQUEST']._serialized_end=626
+  _globals['_GETSERVERSIGNINGKEYRESPONSE']._serialized_start=628
+  _globals['_GETSERVERSIGNINGKEYRESPONSE']._serialized_end=681
+  _globals['_SECURITYSERVICE']._serialized_start=684
+  _globals['_SECURITYSERVICE']._serialized_end=1056
 # @@protoc_insertion_point(module_scope)

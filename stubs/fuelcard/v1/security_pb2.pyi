@@ -21,6 +21,57 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SetCardPinRequest(_message.Message):
+    """Request for SecurityService.SetCardPin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    NEW_PIN_BLOCK_FIELD_NUMBER: _builtins.int
+    OLD_PIN_BLOCK_FIELD_NUMBER: _builtins.int
+    card_number: _builtins.str
+    """The card number read from the card."""
+    key_version: _builtins.int
+    """The working key version the PIN blocks are under."""
+    new_pin_block: _builtins.bytes
+    """The new PIN's block (4-12 digits)."""
+    old_pin_block: _builtins.bytes
+    """The current PIN's block; required if the card has a PIN."""
+    def __init__(
+        self,
+        *,
+        card_number: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        new_pin_block: _builtins.bytes = ...,
+        old_pin_block: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "key_version", b"key_version", "new_pin_block", b"new_pin_block", "old_pin_block", b"old_pin_block"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCardPinRequest: _TypeAlias = SetCardPinRequest  # noqa: Y015
+
+@_typing.final
+class SetCardPinResponse(_message.Message):
+    """Response for SecurityService.SetCardPin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCardPinResponse: _TypeAlias = SetCardPinResponse  # noqa: Y015
+
+@_typing.final
 class SignOnRequest(_message.Message):
     """Request for SecurityService.SignOn."""
 

@@ -33,7 +33,8 @@ class SecurityServiceStub:
     ("s" text as UTF-8, "i" integer as minimal signed big-endian bytes, "b"
     bytes), a 4-byte big-endian length and the field's bytes:
     Authorize: "Authorize", request_id, card_number, amount_fen, station_id,
-    terminal_id, nozzle, product, key_version, terminal_counter
+    terminal_id, nozzle, product, key_version, terminal_counter,
+    pin_block
     Confirm:   "Confirm", request_id, hold_id, final_amount_fen, volume_ml,
     unit_price_fen, key_version, terminal_counter
     Cancel:    "Cancel", request_id, hold_id, key_version, terminal_counter
@@ -65,6 +66,11 @@ class SecurityServiceStub:
                 request_serializer=fuelcard_dot_v1_dot_security__pb2.GetServerSigningKeyRequest.SerializeToString,
                 response_deserializer=fuelcard_dot_v1_dot_security__pb2.GetServerSigningKeyResponse.FromString,
                 _registered_method=True)
+        self.SetCardPin = channel.unary_unary(
+                '/fuelcard.v1.SecurityService/SetCardPin',
+                request_serializer=fuelcard_dot_v1_dot_security__pb2.SetCardPinRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_security__pb2.SetCardPinResponse.FromString,
+                _registered_method=True)
 
 
 class SecurityServiceServicer:
@@ -75,7 +81,8 @@ class SecurityServiceServicer:
     ("s" text as UTF-8, "i" integer as minimal signed big-endian bytes, "b"
     bytes), a 4-byte big-endian length and the field's bytes:
     Authorize: "Authorize", request_id, card_number, amount_fen, station_id,
-    terminal_id, nozzle, product, key_version, terminal_counter
+    terminal_id, nozzle, product, key_version, terminal_counter,
+    pin_block
     Confirm:   "Confirm", request_id, hold_id, final_amount_fen, volume_ml,
     unit_price_fen, key_version, terminal_counter
     Cancel:    "Cancel", request_id, hold_id, key_version, terminal_counter
@@ -111,6 +118,15 @@ class SecurityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCardPin(self, request, context):
+        """Set a card's PIN at a terminal: the first PIN of a card, or a change
+        with the old PIN. PINs travel only as PIN blocks under the terminal's
+        PIN key and are stored only as a salted slow hash. Terminals only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SecurityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +145,11 @@ def add_SecurityServiceServicer_to_server(servicer, server):
                     request_deserializer=fuelcard_dot_v1_dot_security__pb2.GetServerSigningKeyRequest.FromString,
                     response_serializer=fuelcard_dot_v1_dot_security__pb2.GetServerSigningKeyResponse.SerializeToString,
             ),
+            'SetCardPin': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCardPin,
+                    request_deserializer=fuelcard_dot_v1_dot_security__pb2.SetCardPinRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_security__pb2.SetCardPinResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fuelcard.v1.SecurityService', rpc_method_handlers)
@@ -145,7 +166,8 @@ class SecurityService:
     ("s" text as UTF-8, "i" integer as minimal signed big-endian bytes, "b"
     bytes), a 4-byte big-endian length and the field's bytes:
     Authorize: "Authorize", request_id, card_number, amount_fen, station_id,
-    terminal_id, nozzle, product, key_version, terminal_counter
+    terminal_id, nozzle, product, key_version, terminal_counter,
+    pin_block
     Confirm:   "Confirm", request_id, hold_id, final_amount_fen, volume_ml,
     unit_price_fen, key_version, terminal_counter
     Cancel:    "Cancel", request_id, hold_id, key_version, terminal_counter
@@ -227,6 +249,33 @@ class SecurityService:
             '/fuelcard.v1.SecurityService/GetServerSigningKey',
             fuelcard_dot_v1_dot_security__pb2.GetServerSigningKeyRequest.SerializeToString,
             fuelcard_dot_v1_dot_security__pb2.GetServerSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCardPin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.SecurityService/SetCardPin',
+            fuelcard_dot_v1_dot_security__pb2.SetCardPinRequest.SerializeToString,
+            fuelcard_dot_v1_dot_security__pb2.SetCardPinResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,7 +36,8 @@ class SecurityServiceStub:
     ("s" text as UTF-8, "i" integer as minimal signed big-endian bytes, "b"
     bytes), a 4-byte big-endian length and the field's bytes:
       Authorize: "Authorize", request_id, card_number, amount_fen, station_id,
-                 terminal_id, nozzle, product, key_version, terminal_counter
+                 terminal_id, nozzle, product, key_version, terminal_counter,
+                 pin_block
       Confirm:   "Confirm", request_id, hold_id, final_amount_fen, volume_ml,
                  unit_price_fen, key_version, terminal_counter
       Cancel:    "Cancel", request_id, hold_id, key_version, terminal_counter
@@ -63,6 +64,11 @@ class SecurityServiceStub:
     """
     GetServerSigningKey: _grpc.UnaryUnaryMultiCallable[_security_pb2.GetServerSigningKeyRequest, _security_pb2.GetServerSigningKeyResponse]
     """The server's SM2 public key, to verify the signatures on its answers."""
+    SetCardPin: _grpc.UnaryUnaryMultiCallable[_security_pb2.SetCardPinRequest, _security_pb2.SetCardPinResponse]
+    """Set a card's PIN at a terminal: the first PIN of a card, or a change
+    with the old PIN. PINs travel only as PIN blocks under the terminal's
+    PIN key and are stored only as a salted slow hash. Terminals only.
+    """
 
 @_typing.type_check_only
 class SecurityServiceAsyncStub(SecurityServiceStub):
@@ -73,7 +79,8 @@ class SecurityServiceAsyncStub(SecurityServiceStub):
     ("s" text as UTF-8, "i" integer as minimal signed big-endian bytes, "b"
     bytes), a 4-byte big-endian length and the field's bytes:
       Authorize: "Authorize", request_id, card_number, amount_fen, station_id,
-                 terminal_id, nozzle, product, key_version, terminal_counter
+                 terminal_id, nozzle, product, key_version, terminal_counter,
+                 pin_block
       Confirm:   "Confirm", request_id, hold_id, final_amount_fen, volume_ml,
                  unit_price_fen, key_version, terminal_counter
       Cancel:    "Cancel", request_id, hold_id, key_version, terminal_counter
@@ -97,6 +104,11 @@ class SecurityServiceAsyncStub(SecurityServiceStub):
     """
     GetServerSigningKey: _aio.UnaryUnaryMultiCallable[_security_pb2.GetServerSigningKeyRequest, _security_pb2.GetServerSigningKeyResponse]  # type: ignore[assignment]
     """The server's SM2 public key, to verify the signatures on its answers."""
+    SetCardPin: _aio.UnaryUnaryMultiCallable[_security_pb2.SetCardPinRequest, _security_pb2.SetCardPinResponse]  # type: ignore[assignment]
+    """Set a card's PIN at a terminal: the first PIN of a card, or a change
+    with the old PIN. PINs travel only as PIN blocks under the terminal's
+    PIN key and are stored only as a salted slow hash. Terminals only.
+    """
 
 class SecurityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Key management for terminals and payment adapters.
@@ -106,7 +118,8 @@ class SecurityServiceServicer(metaclass=_abc_1.ABCMeta):
     ("s" text as UTF-8, "i" integer as minimal signed big-endian bytes, "b"
     bytes), a 4-byte big-endian length and the field's bytes:
       Authorize: "Authorize", request_id, card_number, amount_fen, station_id,
-                 terminal_id, nozzle, product, key_version, terminal_counter
+                 terminal_id, nozzle, product, key_version, terminal_counter,
+                 pin_block
       Confirm:   "Confirm", request_id, hold_id, final_amount_fen, volume_ml,
                  unit_price_fen, key_version, terminal_counter
       Cancel:    "Cancel", request_id, hold_id, key_version, terminal_counter
@@ -146,5 +159,16 @@ class SecurityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_security_pb2.GetServerSigningKeyResponse, _abc.Awaitable[_security_pb2.GetServerSigningKeyResponse]]:
         """The server's SM2 public key, to verify the signatures on its answers."""
+
+    @_abc_1.abstractmethod
+    def SetCardPin(
+        self,
+        request: _security_pb2.SetCardPinRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_security_pb2.SetCardPinResponse, _abc.Awaitable[_security_pb2.SetCardPinResponse]]:
+        """Set a card's PIN at a terminal: the first PIN of a card, or a change
+        with the old PIN. PINs travel only as PIN blocks under the terminal's
+        PIN key and are stored only as a salted slow hash. Terminals only.
+        """
 
 def add_SecurityServiceServicer_to_server(servicer: SecurityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

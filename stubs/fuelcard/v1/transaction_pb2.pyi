@@ -33,6 +33,7 @@ class AuthorizeRequest(_message.Message):
     KEY_VERSION_FIELD_NUMBER: _builtins.int
     TERMINAL_COUNTER_FIELD_NUMBER: _builtins.int
     MAC_FIELD_NUMBER: _builtins.int
+    PIN_BLOCK_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key chosen by the POS, 1-64 printable ASCII characters,
     unique per operation. Keep it and reuse it on every retry.
@@ -63,6 +64,12 @@ class AuthorizeRequest(_message.Message):
     SM3-KDF(working key, terminal_counter). Required when the server
     requires MACs; wrong -> UNAUTHENTICATED, nothing changes.
     """
+    pin_block: _builtins.bytes
+    """The PIN, as a 16-byte SM4-encrypted PIN block under the terminal's PIN
+    key (fuelcard_server.keys: ISO 9564 format 0 widened to 16 bytes, under
+    SM3-KDF(working key, "pin/v1", terminal, key_version)). Required for
+    cards with a PIN (declined PIN_REQUIRED without); needs mutual TLS.
+    """
     def __init__(
         self,
         *,
@@ -76,10 +83,11 @@ class AuthorizeRequest(_message.Message):
         key_version: _builtins.int = ...,
         terminal_counter: _builtins.int = ...,
         mac: _builtins.bytes = ...,
+        pin_block: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "card_number", b"card_number", "key_version", b"key_version", "mac", b"mac", "nozzle", b"nozzle", "product", b"product", "request_id", b"request_id", "station_id", b"station_id", "terminal_counter", b"terminal_counter", "terminal_id", b"terminal_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "card_number", b"card_number", "key_version", b"key_version", "mac", b"mac", "nozzle", b"nozzle", "pin_block", b"pin_block", "product", b"product", "request_id", b"request_id", "station_id", b"station_id", "terminal_counter", b"terminal_counter", "terminal_id", b"terminal_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,75 @@
+"""Card PINs on the server: PIN blocks in, a verdict out.
+
+A PIN arrives only as an SM4 PIN block under the sending terminal's PIN key
+and is stored only as a salted, peppered scrypt hash (keys.hash_pin). The
+clear PIN exists for the length of one check and is never logged. scrypt is
+slow on purpose (~30 ms of CPU), so it runs in a worker thread (hashlib's
+scrypt releases the GIL) and only for requests that carry a PIN block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from fuelcard_server import errors, keys
+from fuelcard_server.db import Database
+from fuelcard_server.terminals import TerminalKeys
+
+PIN_HASH_SQL = """
+    SELECT c.id, p.pin_hash FROM fc.cards c LEFT JOIN fc.card_pins p ON p.card_id = c.id
+     WHERE c.pan_index = %s"""
+SET_PIN_SQL = "SELECT fc.set_pin(%s, %s, %s::timestamptz)"
+
+
+class Pins:
+    def __init__(self, db: Database, terminal_keys: TerminalKeys, pepper: bytes) -> None:
+        self._db = db
+        self._keys = terminal_keys
+        self._pepper = pepper
+
+    async def _clear_pin(self, terminal_id: str, key_version: int, block: bytes,
+                         card_number: str, now: dt.datetime) -> bytes | None:
+        """The PIN in a block, or None if the block does not decode (wrong
+        key, wrong card, malformed: all count as a wrong PIN)."""
+        working = await self._keys.accepted(terminal_id, key_version, now)
+        try:
+            return keys.decrypt_pin_block(keys.pin_key(working), block, card_number)
+        except keys.PinBlockError:
+            return None
+
+    async def _matches(self, pin: bytes | None, stored: str) -> bool:
+        if pin is None:
+            return False
+        return await asyncio.to_thread(keys.verify_pin, pin, stored, pepper=self._pepper)
+
+    async def verdict(self, terminal_id: str, key_version: int, block: bytes, card_number: str,
+                      pan_index: bytes, now: dt.datetime) -> bool | None:
+        """Whether the block holds the card's PIN; None if the card has no
+        PIN (or is unknown: authorize answers that)."""
+        row = await self._db.fetch_one(PIN_HASH_SQL, (pan_index,))
+        if row is None or row[1] is None:
+            return None
+        pin = await self._clear_pin(terminal_id, key_version, block, card_number, now)
+        ok = await self._matches(pin, row[1])
+        del pin
+        return ok
+
+    async def set(self, terminal_id: str, key_version: int, card_number: str, pan_index: bytes,
+                  new_block: bytes, old_block: bytes, now: dt.datetime) -> None:
+        row = await self._db.fetch_one(PIN_HASH_SQL, (pan_index,))
+        if row is None:
+            raise errors.not_found("CARD_NOT_FOUND", "card")
+        card_id, stored = row
+        if stored is not None:
+            old = (await self._clear_pin(terminal_id, key_version, old_block, card_number, now)
+                   if old_block else None)
+            if not await self._matches(old, stored):
+                raise errors.failed_precondition("OLD_PIN_WRONG")
+        new = await self._clear_pin(terminal_id, key_version, new_block, card_number, now)
+        if new is None:
+            raise errors.invalid([errors.FieldViolation(
+                "new_pin_block", "does not decode to a PIN of 4-12 digits", "PIN_BLOCK_INVALID")])
+        hashed = await asyncio.to_thread(keys.hash_pin, new, pepper=self._pepper)
+        del new
+        await self._db.fetch_one(SET_PIN_SQL, (card_id, hashed, now))
