@@ -214,6 +214,8 @@ class EmbeddedPostgres:
         if self.is_running():
             self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-m", mode, "stop",
                       check=False)
+        # The socket directory lives in the system temp dir: do not leave it.
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def stop_if_started_here(self) -> None:
         if self._started_here:
