@@ -1,0 +1,129 @@
+"""`fuelcard-loadtest`: drive a fuelcard server with pump cycles and measure it.
+
+Without --target it starts its own server (`fuelcard serve` on the embedded
+PostgreSQL, in a temporary or the given --data-dir) and stops it afterwards.
+Exit status: 0 when the run passed (ledger consistent, every fen the server
+moved is one the generator saw confirmed, every outcome known), 1 when it
+failed, 2 on bad arguments.
+
+Examples:
+  fuelcard-loadtest --scenario uniform --concurrency 64 --duration-s 30 --ceilings \\
+      --report uniform.json --plot uniform.png
+  fuelcard-loadtest --scenario hot-fleet --concurrency 64
+  fuelcard-loadtest --scenario uniform --rate 400          # open loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import psycopg
+
+from fuelcard_loadtest.runner import Options, UsageError, run
+from fuelcard_loadtest.scenarios import SCENARIOS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fuelcard-loadtest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    w = p.add_argument_group("workload")
+    w.add_argument("--scenario", choices=sorted(SCENARIOS), default="uniform",
+                   help="; ".join(f"{s.name}: {s.description}" for s in SCENARIOS.values()))
+    w.add_argument("--cards", type=int, help="cards to seed (default: uniform and mixed 100000,"
+                   " hot-fleet 500)")
+    load = w.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=64,
+                      help="closed loop: operations in flight (default 64)")
+    load.add_argument("--rate", type=float, help="open loop: operations started per second, on a"
+                      " fixed timetable; latency counts from the scheduled start")
+    w.add_argument("--duration-s", type=float, default=30.0, help="measured seconds (default 30)")
+    w.add_argument("--warmup-s", type=float, default=2.0,
+                   help="seconds of load before measuring (default 2)")
+    w.add_argument("--drain-s", type=float, default=10.0,
+                   help="at most this long for in-flight operations after the end (default 10)")
+    w.add_argument("--pump-min-ms", type=float, default=0.0,
+                   help="pump time between authorize and confirm: minimum (default 0)")
+    w.add_argument("--pump-max-ms", type=float, default=20.0,
+                   help="pump time: maximum (default 20)")
+    w.add_argument("--cancel-share", type=float,
+                   help="share of pump cycles ended by Cancel (scenario default)")
+    w.add_argument("--recharge-share", type=float, help="share of operations that are recharges")
+    w.add_argument("--redeem-share", type=float,
+                   help="share of operations that are points redemptions")
+    w.add_argument("--max-ops", type=int, default=50_000_000,
+                   help="at most this many operations in all (default 50000000)")
+    w.add_argument("--seed", type=int, help="random seed of the generator")
+
+    g = p.add_argument_group("generator")
+    g.add_argument("--processes", type=int, default=2, help="generator processes (default 2)")
+    g.add_argument("--channels", type=int, default=8,
+                   help="gRPC channels (TCP connections) per process (default 8)")
+    g.add_argument("--rpc-timeout-s", type=float, default=10.0, help="deadline per RPC (default 10)")
+    g.add_argument("--max-inflight", type=int, default=20_000,
+                   help="open loop: arrivals outstanding before new ones are dropped")
+
+    s = p.add_argument_group("server and data")
+    s.add_argument("--target", help="HOST:PORT of a running server (loopback only)")
+    s.add_argument("--database-url", help="its database (with --target)")
+    s.add_argument("--card-index-key-hex",
+                   help="the server's card index key (default: env FUELCARD_CARD_INDEX_KEY_HEX"
+                   " or DATA_DIR/card-index.key)")
+    s.add_argument("--data-dir", type=Path, help="data directory of the server to start (default:"
+                   " a temporary one, removed afterwards); with --target: where its key is")
+    s.add_argument("--workers", type=int, default=2,
+                   help="server processes to start (default 2)")
+    s.add_argument("--pool-max", type=int, help="database connections per server process")
+    s.add_argument("--reseed", action="store_true",
+                   help="seed a new data set even if one of this shape exists")
+    s.add_argument("--controls", action="store_true",
+                   help="put caps, a geo-fence, products and hours on every card (none binds:"
+                   " measures what the checks cost)")
+    s.add_argument("--keep", action="store_true", help="keep the temporary data directory")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--ceilings", action="store_true",
+                   help="also measure the framework (no-op RPC) and database (pgbench) ceilings")
+    o.add_argument("--ceilings-duration-s", type=float,
+                   help="seconds for each ceiling (default: --duration-s)")
+    o.add_argument("--report", type=Path, help="write the JSON report here")
+    o.add_argument("--plot", type=Path, help="write a PNG of latency over time and distribution")
+    o.add_argument("--profile-dir", type=Path,
+                   help="py-spy the server processes during the measured window, into this dir")
+    o.add_argument("--no-progress", action="store_true", help="no live progress line")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = Options(
+        scenario=args.scenario, cards=args.cards, concurrency=args.concurrency, rate=args.rate,
+        duration_s=args.duration_s, warmup_s=args.warmup_s, drain_s=args.drain_s,
+        processes=args.processes, channels=args.channels, pump_min_ms=args.pump_min_ms,
+        pump_max_ms=args.pump_max_ms, cancel_share=args.cancel_share,
+        recharge_share=args.recharge_share, redeem_share=args.redeem_share,
+        target=args.target, database_url=args.database_url, data_dir=args.data_dir,
+        workers=args.workers, pool_max=args.pool_max, card_index_key_hex=args.card_index_key_hex,
+        ceilings=args.ceilings, ceilings_duration_s=args.ceilings_duration_s,
+        report=args.report, plot=args.plot, profile_dir=args.profile_dir,
+        progress=not args.no_progress, rpc_timeout_s=args.rpc_timeout_s,
+        max_inflight=args.max_inflight, max_ops=args.max_ops, reseed=args.reseed,
+        controls=args.controls,
+        keep=args.keep, seed=args.seed,
+        argv=["fuelcard-loadtest", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        result = run(opts)
+    except UsageError as exc:
+        print(f"fuelcard-loadtest: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, psycopg.Error, OSError, subprocess.SubprocessError) as exc:
+        print(f"fuelcard-loadtest: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
