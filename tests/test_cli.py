@@ -51,7 +51,7 @@ def _wait_for_port(port_file: Path, proc: subprocess.Popen[str], timeout_s: floa
 def served(database_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
-        [FUELCARD, "serve", "--listen", "127.0.0.1:0", "--database-url", database_url,
+        [FUELCARD, "serve", "--insecure", "--listen", "127.0.0.1:0", "--database-url", database_url,
          "--data-dir", str(tmp_path), "--port-file", str(port_file)],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -160,3 +160,11 @@ def test_server_fixture_and_cli_agree_on_card_lookup(server: RunningServer) -> N
     # The test key makes card numbers issued in one process findable in another.
     card = builders.open_card(server, balance_fen=100)
     assert builders.balance(server, card).balance.balance_fen == 100
+
+
+def test_tls_is_the_default_and_needs_certificates(tmp_path: Path, database_url: str) -> None:
+    res = subprocess.run([FUELCARD, "serve", "--listen", "127.0.0.1:0", "--database-url",
+                          database_url, "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=_env(), timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "fuelcard certs" in res.stderr and "--insecure" in res.stderr

@@ -115,7 +115,9 @@ class LocalServer:
         port_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "fuelcard_server.cli", "serve",
                "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir),
-               "--workers", str(self.workers), "--port-file", str(port_file)]
+               "--workers", str(self.workers), "--port-file", str(port_file),
+               # the generator drives the plaintext development listener on loopback
+               "--insecure"]
         if self.pool_max is not None:
             cmd += ["--pool-max", str(self.pool_max),
                     "--pool-min", str(min(4, self.pool_max))]

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="database connections per process (default 16)")
     p.add_argument("--pool-min", type=int, dest="pool_min")
     p.add_argument("--tls", action="store_true",
-                   help="mutual TLS with the certificates in DATA_DIR/certs (fuelcard certs)")
+                   help="mutual TLS with the certificates in DATA_DIR/certs (the default)")
     p.add_argument("--tls-dir", type=Path, help="mutual TLS with the certificates in this "
                    "directory: server.pem, server.key, ca.pem")
     p.add_argument("--insecure", action="store_true",

@@ -45,8 +45,9 @@ class Settings:
     # Mutual TLS: the server's certificate and key, and the CA that signs
     # client certificates. Default: data_dir/certs (see `fuelcard certs`).
     tls_dir: Path | None = None
-    # Plaintext without client identities, for development on loopback only.
-    insecure: bool = True
+    # Plaintext without client identities, for development on loopback only
+    # (--insecure); the default is mutual TLS.
+    insecure: bool = False
     # Terminals must MAC authorize/confirm/cancel (with TLS on).
     require_mac: bool = True
     # The root of the key hierarchy (hex) from the environment, else a 0600

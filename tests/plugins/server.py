@@ -92,7 +92,7 @@ class ServerThread:
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     s = Settings(listen="127.0.0.1:0", data_dir=tmp_path, card_index_key_hex=TEST_KEY_HEX,
-                 pool_min=2, pool_max=8, expiry_interval_s=3600.0, grace_s=1.0)
+                 pool_min=2, pool_max=8, expiry_interval_s=3600.0, grace_s=1.0, insecure=True)
     return dataclasses.replace(s, **overrides).validate()
 
 
