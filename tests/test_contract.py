@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-RELEASED = ROOT / "proto" / "released" / "fuelcard-v1.binpb"
+RELEASED = ROOT / "contract" / "fuelcard-v1.binpb"
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
