@@ -893,18 +893,9 @@ DECLARE
     v_local    timestamp := p_now AT TIME ZONE fc.business_tz();
     v_day      date := (p_now AT TIME ZONE fc.business_tz())::date;
 BEGIN
-    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal_id, p_counter);
     IF v_response IS NOT NULL THEN
         RETURN v_response;
-    END IF;
-    IF p_counter IS NOT NULL AND NOT fc.advance_counter(p_terminal_id, p_counter) THEN
-        -- A concurrent duplicate took this counter first: answer as it did.
-        v_response := fc.replay(p_caller, p_request_id, p_request_hash);
-        IF v_response IS NOT NULL THEN
-            RETURN v_response;
-        END IF;
-        RAISE EXCEPTION USING ERRCODE = 'FCUA0', MESSAGE = 'COUNTER_REPLAYED',
-            DETAIL = 'terminal_counter';
     END IF;
 
     SELECT * INTO v_card FROM fc.cards WHERE pan_index = p_pan_index;
@@ -1003,18 +994,9 @@ DECLARE
     v_exception uuid;
     v_month     date;
 BEGIN
-    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal, p_counter);
     IF v_response IS NOT NULL THEN
         RETURN v_response;
-    END IF;
-    IF p_counter IS NOT NULL AND NOT fc.advance_counter(p_terminal, p_counter) THEN
-        -- A concurrent duplicate took this counter first: answer as it did.
-        v_response := fc.replay(p_caller, p_request_id, p_request_hash);
-        IF v_response IS NOT NULL THEN
-            RETURN v_response;
-        END IF;
-        RAISE EXCEPTION USING ERRCODE = 'FCUA0', MESSAGE = 'COUNTER_REPLAYED',
-            DETAIL = 'terminal_counter';
     END IF;
 
     SELECT spender_account_id INTO v_spender_id FROM fc.holds WHERE uid = p_hold_uid;
@@ -1132,18 +1114,9 @@ DECLARE
     v_parent_id  bigint;
     v_hold       fc.holds;
 BEGIN
-    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal, p_counter);
     IF v_response IS NOT NULL THEN
         RETURN v_response;
-    END IF;
-    IF p_counter IS NOT NULL AND NOT fc.advance_counter(p_terminal, p_counter) THEN
-        -- A concurrent duplicate took this counter first: answer as it did.
-        v_response := fc.replay(p_caller, p_request_id, p_request_hash);
-        IF v_response IS NOT NULL THEN
-            RETURN v_response;
-        END IF;
-        RAISE EXCEPTION USING ERRCODE = 'FCUA0', MESSAGE = 'COUNTER_REPLAYED',
-            DETAIL = 'terminal_counter';
     END IF;
     SELECT spender_account_id INTO v_spender_id FROM fc.holds WHERE uid = p_hold_uid;
     IF NOT FOUND THEN

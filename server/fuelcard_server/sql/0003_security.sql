@@ -19,6 +19,28 @@ LANGUAGE sql AS $$
     SELECT EXISTS (SELECT 1 FROM advanced)
 $$;
 
+-- The start of every terminal request: the stored answer of a replay, or
+-- NULL after advancing the terminal's counter (when the request carries one).
+-- A counter at or below the last one is refused, unless a concurrent
+-- duplicate of this very request took it first: then its answer is returned.
+CREATE FUNCTION fc.admit(p_caller text, p_request_id text, p_request_hash bytea,
+                         p_terminal text, p_counter bigint)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_response jsonb := fc.replay(p_caller, p_request_id, p_request_hash);
+BEGIN
+    IF v_response IS NOT NULL OR p_counter IS NULL OR fc.advance_counter(p_terminal, p_counter) THEN
+        RETURN v_response;
+    END IF;
+    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'FCUA0', MESSAGE = 'COUNTER_REPLAYED',
+        DETAIL = 'terminal_counter';
+END $$;
+
 -- Working keys (三级密钥体制, the middle tier): per terminal and version, sealed
 -- (SM4-GCM) under a key derived from the root key, with the window and the
 -- terminal bound to the seal. The root key itself is never in the database.
