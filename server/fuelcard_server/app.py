@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
+import psycopg
 from fuelcard.v1 import (
     account_pb2,
     account_pb2_grpc,
@@ -39,6 +40,7 @@ from fuelcard_server.clock import Clock, SystemClock
 from fuelcard_server.db import Database
 from fuelcard_server.keys import pin_pepper
 from fuelcard_server.locks import EXPIRY_SWEEP_LOCK, POINTS_EXPIRY_LOCK, TIER_EVALUATION_LOCK
+from fuelcard_server.overload import Admission
 from fuelcard_server.pins import Pins
 from fuelcard_server.services.account import AccountService
 from fuelcard_server.services.control import ControlService
@@ -48,6 +50,7 @@ from fuelcard_server.services.points import PointsService
 from fuelcard_server.services.security import SecurityService
 from fuelcard_server.services.transaction import TransactionService
 from fuelcard_server.settings import Settings, SettingsError
+from fuelcard_server.telemetry import MetricsEndpoint, Telemetry
 from fuelcard_server.terminals import TerminalKeys
 
 log = logging.getLogger(__name__)
@@ -72,19 +75,29 @@ EVALUATE_TIERS_SQL = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.evaluate_tiers(%s::timestamptz)"
     " ELSE -1 END")
 TIER_EVALUATION_INTERVAL = 3600.0
+# The health probe: its own connection, so a busy pool is not a dead database.
+PROBE_SQL = "SELECT count(*) FROM fc.holds WHERE state = 1"
 
 SERVER_OPTIONS = [
     # Several worker processes share the port; the kernel spreads connections.
     ("grpc.so_reuseport", 1),
-    # Requests are small; refuse anything that is not a request.
+    # Requests are small (the largest, a batch top-up of 1000 lines, is
+    # ~100 KiB); refuse anything that is not a request. Answers: a page of
+    # history or a fleet report stays well under 8 MiB.
     ("grpc.max_receive_message_length", 1 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
-    # Find dead POS links, without letting clients ping us to death.
+    # Find dead POS links (a pump's 4G router dropping NAT state) within
+    # ~40 s, without letting clients ping us to death: at most one ping per
+    # 10 s from a client, two strikes and the connection is closed.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 2),
+    # Rotate connections now and then (spreads load over SO_REUSEPORT
+    # workers again after a restart); calls in flight get 30 s to finish.
+    ("grpc.max_connection_age_ms", 30 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 30_000),
 ]
 
 
@@ -106,17 +119,34 @@ class FuelcardServer:
     database_url: str
     clock: Clock = field(default_factory=SystemClock)
     port: int = 0
+    # Which of `serve --workers N` this is (its metrics port is PORT+worker).
+    worker: int = 0
+    telemetry: Telemetry | None = None
+    metrics_port: int = 0
     _server: grpc.aio.Server | None = None
     _db: Database | None = None
+    _reads: Database | None = None
+    _metrics: MetricsEndpoint | None = None
     _audit: AuditLog | None = None
     _health: health_aio.HealthServicer | None = None
     _jobs: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> int:
         s = self.settings
+        tel = self.telemetry = self.telemetry or Telemetry.from_settings(s, self.worker)
         self._db = Database(self.database_url, min_size=s.pool_min, max_size=s.pool_max,
-                            timeout_s=s.pool_timeout_s)
+                            timeout_s=s.pool_timeout_s, connect_timeout_s=s.connect_timeout_s,
+                            tracer=tel.tracer)
         await self._db.open()
+        # Reports and histories never borrow from the transaction pool: the
+        # replica's pool, or a small one of their own on the primary.
+        self._reads = Database(s.replica_url or self.database_url, min_size=1,
+                               max_size=s.read_pool_max, timeout_s=s.pool_timeout_s,
+                               connect_timeout_s=s.connect_timeout_s, name="fuelcard-reads",
+                               tracer=tel.tracer, read_only=True)
+        await self._reads.open()
+        tel.watch_pool("transactions", self._db.pool.get_stats)
+        tel.watch_pool("reads", self._reads.pool.get_stats)
         key = s.card_index_key()
         provider = s.key_provider()
         terminal_keys = TerminalKeys(self._db, provider)
@@ -125,7 +155,8 @@ class FuelcardServer:
             fingerprint_key=hmac.new(key, b"request-fingerprint", hashlib.sha256).digest(),
             terminal_keys=terminal_keys, signing_key=s.signing_key(),
             pins=Pins(self._db, terminal_keys, pin_pepper(provider)), audit=AuditLog(self._db),
-            tls=not s.insecure)
+            tls=not s.insecure, read_db=self._reads, telemetry=tel,
+            admission=Admission(s, self._db.pool_waiting))
         self._audit = deps.audit
         server = grpc.aio.server(options=SERVER_OPTIONS,
                                  maximum_concurrent_rpcs=s.pool_max * 64)
@@ -149,7 +180,14 @@ class FuelcardServer:
         await server.start()
         self._server = server
         await self._set_health(serving=True)
+        if s.metrics_listen is not None:
+            m_host, _, m_port = s.metrics_listen.rpartition(":")
+            self._metrics = MetricsEndpoint(tel, m_host.strip("[]"),
+                                            int(m_port) + self.worker if int(m_port) else 0)
+            self.metrics_port = await self._metrics.start()
+            log.info("metrics on http://%s:%d/metrics", m_host, self.metrics_port)
         self._jobs.append(asyncio.create_task(self._expiry_loop(), name="hold-expiry"))
+        self._jobs.append(asyncio.create_task(self._health_loop(), name="health-probe"))
         log.info("serving on %s:%d", host, self.port)
         return self.port
 
@@ -160,6 +198,58 @@ class FuelcardServer:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, status)
 
+    async def probe_once(self, conn: psycopg.AsyncConnection[tuple[int]] | None
+                         ) -> psycopg.AsyncConnection[tuple[int]]:
+        """One health probe on the probe's own connection (opened if None or
+        broken): raises psycopg.Error if the database cannot be reached."""
+        s = self.settings
+        if conn is None or conn.closed:
+            conn = await psycopg.AsyncConnection.connect(
+                self.database_url, autocommit=True, application_name="fuelcard-health",
+                connect_timeout=max(1, round(s.connect_timeout_s)))
+        async with asyncio.timeout(s.connect_timeout_s):
+            row = await (await conn.execute(PROBE_SQL)).fetchone()
+        assert self.telemetry is not None and row is not None
+        self.telemetry.gauges.active_holds = row[0]
+        return conn
+
+    async def refresh_gauges(self) -> None:
+        """One probe now (the gauges it feeds), on a connection of its own."""
+        conn = await self.probe_once(None)
+        await conn.close()
+
+    async def _health_loop(self) -> None:
+        """Probe the database; flip every service's health to NOT_SERVING
+        while it cannot be reached, and make calls fail fast meanwhile."""
+        assert self._db is not None and self.telemetry is not None
+        conn: psycopg.AsyncConnection[tuple[int]] | None = None
+        healthy = True
+        try:
+            while True:
+                try:
+                    conn = await self.probe_once(conn)
+                    up = True
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    up = False
+                    if conn is not None:
+                        await conn.close()
+                        conn = None
+                    if healthy:
+                        log.warning("database unreachable (%s): NOT_SERVING", type(exc).__name__)
+                if up != healthy:
+                    healthy = up
+                    self._db.available = up
+                    if self._reads is not None and self._reads.url == self._db.url:
+                        self._reads.available = up
+                    self.telemetry.gauges.database_up = int(up)
+                    await self._set_health(serving=up)
+                    if up:
+                        log.info("database reachable again: SERVING")
+                await asyncio.sleep(self.settings.health_interval_s)
+        finally:
+            if conn is not None:
+                await conn.close()
+
     async def expire_holds_once(self) -> int:
         """One sweep; returns holds released, or -1 if another process is
         sweeping."""
@@ -168,6 +258,8 @@ class FuelcardServer:
             EXPIRY_SWEEP_LOCK, self.clock.now(), self.settings.expiry_batch))
         assert row is not None
         released: int = row[0]
+        if released > 0 and self.telemetry is not None:
+            self.telemetry.hold_expiries.add(released)
         return released
 
     async def expire_points_once(self) -> int:
@@ -189,7 +281,6 @@ class FuelcardServer:
         return changed
 
     async def _expiry_loop(self) -> None:
-        healthy = True
         next_tiers = 0.0
         loop = asyncio.get_running_loop()
         while True:
@@ -201,17 +292,12 @@ class FuelcardServer:
                 released = await self.expire_holds_once()
                 if released > 0:
                     log.info("released %d expired holds", released)
-                if not healthy:
-                    await self._set_health(serving=True)
-                    healthy = True
                 # A full batch means more are due: go again at once.
                 if released >= self.settings.expiry_batch:
                     continue
             except errors.ApiError as exc:
+                # (the health probe flips health when the database is gone)
                 log.warning("hold expiry sweep failed: %s", exc.reason)
-                if healthy and exc.reason in ("DATABASE_UNAVAILABLE", "DATABASE_BUSY"):
-                    await self._set_health(serving=False)
-                    healthy = False
             await asyncio.sleep(self.settings.expiry_interval_s)
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -227,8 +313,14 @@ class FuelcardServer:
         self._jobs.clear()
         if self._audit is not None:
             await self._audit.drain()  # records of calls cancelled at shutdown
-        if self._db is not None:
-            await self._db.close()
+        if self._metrics is not None:
+            await self._metrics.stop()
+        for db in (self._reads, self._db):
+            if db is not None:
+                await db.close()
+        if self.telemetry is not None:
+            # exports what is batched, then stops the exporters' threads
+            await asyncio.to_thread(self.telemetry.shutdown)
 
     async def wait(self) -> None:
         assert self._server is not None

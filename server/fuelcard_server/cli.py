@@ -22,6 +22,9 @@ log = logging.getLogger("fuelcard")
 
 
 def _add_database_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="a TOML file of settings (name = value, names as "
+                   "in fuelcard_server.settings; env FUELCARD_CONFIG); environment and flags "
+                   "override it")
     p.add_argument("--database-url", help="PostgreSQL URL (default: embedded PostgreSQL in "
                    "--data-dir; env FUELCARD_DATABASE_URL)")
     p.add_argument("--data-dir", type=Path, help="where the embedded database and keys live "
@@ -29,9 +32,10 @@ def _add_database_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    s = Settings.from_env()
+    s = Settings.from_env(config=getattr(args, "config", None))
     for name in ("listen", "database_url", "data_dir", "workers", "hold_ttl_s", "pool_max",
-                 "pool_min", "tls_dir"):
+                 "pool_min", "tls_dir", "replica_url", "metrics_listen", "otlp_endpoint",
+                 "trace_sample_ratio", "log_level"):
         value = getattr(args, name, None)
         if value is not None:
             s.set(name, value)
@@ -39,6 +43,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         s.insecure = False
     if getattr(args, "insecure", False):
         s.insecure = True
+    if getattr(args, "no_tracing", False):
+        s.tracing = False
     return s.validate()
 
 
@@ -51,16 +57,20 @@ def _database(s: Settings) -> tuple[str, EmbeddedPostgres | None]:
     return url, pg
 
 
-def _run_worker(s: Settings, url: str, demo: bool, port_file: str | None) -> None:
-    """One serving process: its own loop, pool and gRPC server."""
+def _run_worker(s: Settings, url: str, demo: bool, port_file: str | None,
+                worker: int = 0) -> None:
+    """One serving process: its own loop, pools, telemetry and gRPC server."""
     import uvloop
 
     from fuelcard_server.app import FuelcardServer
+    from fuelcard_server.telemetry import Telemetry
 
-    logs.configure()
+    logs.configure(s.log_level.upper())
+    telemetry = Telemetry.from_settings(s, worker)
+    telemetry.install_global()  # other modules' get_meter()/get_tracer() export with ours
 
     async def main() -> None:
-        server = FuelcardServer(s, url)
+        server = FuelcardServer(s, url, worker=worker, telemetry=telemetry)
         port = await server.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -122,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ctx = multiprocessing.get_context("spawn")
         procs = [ctx.Process(target=_run_worker, name=f"fuelcard-worker-{i}",
                              args=(s, url, args.demo and i == 0,
-                                   args.port_file if i == 0 else None))
+                                   args.port_file if i == 0 else None, i))
                  for i in range(s.workers)]
         for p in procs:
             p.start()
@@ -255,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory: server.pem, server.key, ca.pem")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext without client identities, loopback only (development)")
+    p.add_argument("--replica-url", dest="replica_url",
+                   help="a streaming replica for report and history reads (env "
+                   "FUELCARD_REPLICA_URL)")
+    p.add_argument("--metrics-listen", dest="metrics_listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (worker i of "
+                   "--workers N on PORT+i)")
+    p.add_argument("--otlp-endpoint", dest="otlp_endpoint", metavar="URL",
+                   help="export traces and metrics over OTLP/gRPC, e.g. http://127.0.0.1:4317")
+    p.add_argument("--trace-sample-ratio", type=float, dest="trace_sample_ratio",
+                   help="share of root traces kept (default 0.05; a caller's sampled "
+                   "traceparent is always followed)")
+    p.add_argument("--no-tracing", action="store_true", help="create no spans at all")
+    p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--demo", action="store_true", help="create demo accounts and cards")
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.set_defaults(func=cmd_serve)

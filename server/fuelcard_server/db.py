@@ -9,11 +9,13 @@ here, so no handler ever sees a psycopg exception.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, LiteralString
 
 import grpc
 import psycopg
 import psycopg.errors
+from opentelemetry import trace
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from fuelcard_server import errors
@@ -29,6 +31,24 @@ Params = tuple[Any, ...] | dict[str, Any]
 _RACE_CONSTRAINTS = frozenset({"idempotency_keys_pkey", "one_recharge_per_channel_txn",
                                "cards_pan_index_key"})
 _RACE_RETRIES = 3
+
+# A span per statement, named for the fc.* function or table it touches
+# (computed once per statement text).
+_SPAN_NAMES: dict[str, str] = {}
+_FIRST_OBJECT = re.compile(r"\b(fc\.\w+|pg_\w+)")
+_NO_TRACER: trace.Tracer = trace.NoOpTracer()
+
+
+def span_name(sql: str) -> str:
+    name = _SPAN_NAMES.get(sql)
+    if name is None:
+        found = _FIRST_OBJECT.search(sql)
+        name = _SPAN_NAMES[sql] = "db " + (found.group(1) if found else "query")
+    return name
+
+
+def _unavailable() -> errors.ApiError:
+    return errors.unavailable("DATABASE_UNAVAILABLE", "the database is unavailable")
 
 
 def translate(exc: psycopg.Error) -> errors.ApiError:
@@ -59,19 +79,39 @@ def translate(exc: psycopg.Error) -> errors.ApiError:
 
 
 class Database:
-    def __init__(self, url: str, *, min_size: int, max_size: int, timeout_s: float) -> None:
+    """A pool and the calls through it.
+
+    `available` is the health probe's verdict (app.py): while it says the
+    database is down, calls fail at once with UNAVAILABLE instead of each
+    waiting out the pool timeout; the probe notices the database's return.
+    """
+
+    def __init__(self, url: str, *, min_size: int, max_size: int, timeout_s: float,
+                 connect_timeout_s: float = 3.0, name: str = "fuelcard",
+                 tracer: trace.Tracer | None = None, read_only: bool = False) -> None:
         self.url = url
+        self.name = name
+        # Only reads go through this pool: any statement may be retried.
+        self.read_only = read_only
+        self.available = True
+        self.tracer = tracer or _NO_TRACER
         self.pool = AsyncConnectionPool(
             url,
             min_size=min_size,
             max_size=max_size,
             timeout=timeout_s,
             open=False,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "connect_timeout": max(1, round(connect_timeout_s)),
+                    "application_name": name},
             # bounded: callers past this many waiting get UNAVAILABLE at once
             max_waiting=max_size * 64,
-            name="fuelcard",
+            # keep trying to reconnect while the database is away
+            reconnect_timeout=24 * 3600.0,
+            name=name,
         )
+
+    def pool_waiting(self) -> int:
+        return int(self.pool.get_stats().get("requests_waiting", 0))
 
     async def open(self, wait_s: float = 30.0) -> None:
         await self.pool.open(wait=True, timeout=wait_s)
@@ -80,36 +120,64 @@ class Database:
         await self.pool.close()
 
     async def call(self, sql: LiteralString, params: tuple[Any, ...]) -> dict[str, Any]:
-        """Run one statement returning a single jsonb value."""
-        for attempt in range(_RACE_RETRIES):
-            try:
-                async with self.pool.connection() as conn:
-                    cur = await conn.execute(sql, params, prepare=True)
-                    row = await cur.fetchone()
-            except psycopg.errors.UniqueViolation as exc:
-                if exc.diag.constraint_name in _RACE_CONSTRAINTS and attempt + 1 < _RACE_RETRIES:
-                    continue
-                raise translate(exc) from None
-            except PoolTimeout:  # an OperationalError too: catch it first
-                raise errors.unavailable("DATABASE_BUSY",
-                                         "no database connection became free in time") from None
-            except psycopg.Error as exc:
-                raise translate(exc) from None
-            assert row is not None and row[0] is not None, "fc functions always answer"
-            result: dict[str, Any] = row[0]
-            return result
-        raise AssertionError("unreachable")
+        """Run one statement returning a single jsonb value.
+
+        A connection that turns out dead (the database restarted since it was
+        pooled) is retried once on a fresh one: safe, because every fc.*
+        function is idempotent on its request_id (a statement that did commit
+        before the link broke answers the retry with its first answer)."""
+        if not self.available:
+            raise _unavailable()
+        with self.tracer.start_as_current_span(span_name(sql), kind=trace.SpanKind.CLIENT):
+            broken_retry = True
+            attempt = 0
+            while True:
+                try:
+                    async with self.pool.connection() as conn:
+                        cur = await conn.execute(sql, params, prepare=True)
+                        row = await cur.fetchone()
+                except psycopg.errors.UniqueViolation as exc:
+                    attempt += 1
+                    if exc.diag.constraint_name in _RACE_CONSTRAINTS and attempt < _RACE_RETRIES:
+                        continue
+                    raise translate(exc) from None
+                except PoolTimeout:  # an OperationalError too: catch it first
+                    raise self._pool_timeout() from None
+                except psycopg.OperationalError as exc:
+                    if broken_retry and self.available:
+                        broken_retry = False
+                        continue
+                    raise translate(exc) from None
+                except psycopg.Error as exc:
+                    raise translate(exc) from None
+                assert row is not None and row[0] is not None, "fc functions always answer"
+                result: dict[str, Any] = row[0]
+                return result
+
+    def _pool_timeout(self) -> errors.ApiError:
+        if not self.available:
+            return _unavailable()
+        return errors.unavailable("DATABASE_BUSY", "no database connection became free in time")
 
     async def fetch_all(self, sql: LiteralString, params: Params) -> list[tuple[Any, ...]]:
-        try:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(sql, params, prepare=True)
-                return await cur.fetchall()
-        except PoolTimeout:  # an OperationalError too: catch it first
-            raise errors.unavailable("DATABASE_BUSY",
-                                     "no database connection became free in time") from None
-        except psycopg.Error as exc:
-            raise translate(exc) from None
+        if not self.available:
+            raise _unavailable()
+        with self.tracer.start_as_current_span(span_name(sql), kind=trace.SpanKind.CLIENT):
+            broken_retry = self.read_only
+            while True:
+                try:
+                    async with self.pool.connection() as conn:
+                        cur = await conn.execute(sql, params, prepare=True)
+                        return await cur.fetchall()
+                except PoolTimeout:  # an OperationalError too: catch it first
+                    raise self._pool_timeout() from None
+                except psycopg.OperationalError as exc:
+                    if broken_retry and self.available:  # a read: safe to retry
+                        broken_retry = False
+                        continue
+                    raise translate(exc) from None
+                except psycopg.Error as exc:
+                    raise translate(exc) from None
 
     async def fetch_one(self, sql: LiteralString, params: Params) -> tuple[Any, ...] | None:
         rows = await self.fetch_all(sql, params)

@@ -1,13 +1,44 @@
-"""Structured JSON log lines, desensitised before they are written."""
+"""Structured JSON log lines, desensitised before they are written.
+
+A line written while an RPC is served carries its method, its request_id
+and the trace id of its span (the caller's, when it sent a traceparent):
+RpcContext fills them in from context variables the rpc decorator sets.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
 
+from opentelemetry import trace
+
 from fuelcard_server.privacy import scrub
+
+# Set by the rpc decorator for the RPC being served (one task per RPC).
+METHOD: contextvars.ContextVar[str | None] = contextvars.ContextVar("fuelcard_method",
+                                                                    default=None)
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("fuelcard_request_id",
+                                                                        default=None)
+
+
+class RpcContext(logging.Filter):
+    """Adds method, request_id and trace_id of the RPC being served."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        method = METHOD.get()
+        if method is not None and not hasattr(record, "method"):
+            record.method = method
+        request_id = REQUEST_ID.get()
+        if request_id and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.trace_id and not hasattr(record, "trace_id"):
+            record.trace_id = format(ctx.trace_id, "032x")
+            record.span_id = format(ctx.span_id, "016x")
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,7 +50,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": scrub(record.getMessage()),
         }
-        for key in ("request_id", "trace_id", "method"):
+        for key in ("request_id", "trace_id", "span_id", "method"):
             value = getattr(record, key, None)
             if value is not None:
                 line[key] = scrub(str(value))
@@ -32,6 +63,7 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RpcContext())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -1,4 +1,5 @@
-"""One settings object: defaults, then environment (FUELCARD_*), then flags.
+"""One settings object: defaults, then an optional TOML file (--config or
+FUELCARD_CONFIG), then environment (FUELCARD_*), then flags.
 
 Validated once at start; a bad value stops the server with a message naming
 the setting, not a stack trace an hour later.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,36 @@ class Settings:
     workers: int = 1
     pool_min: int = 4
     pool_max: int = 16
-    pool_timeout_s: float = 5.0
+    # Short: with the database gone a call fails fast (UNAVAILABLE) instead
+    # of hanging; the pool reconnects by itself when it returns.
+    pool_timeout_s: float = 2.0
+    connect_timeout_s: float = 3.0
+    # A read replica (streaming standby) for report and history reads; None:
+    # they use a small pool of their own on the primary, never the
+    # transaction pool.
+    replica_url: str | None = field(default=None, repr=False)
+    read_pool_max: int = 4
+    # Bounded concurrency per priority class (服务降级): RPCs in flight in one
+    # process. Past its limit a class is refused at once with
+    # RESOURCE_EXHAUSTED and a retry hint; while payments wait for a database
+    # connection, every lower class is refused too.
+    max_inflight_payments: int = 1024
+    max_inflight_funding: int = 64
+    max_inflight_admin: int = 32
+    max_inflight_reports: int = 4
+    shed_retry_ms: int = 500
+    # How often the database is probed for the health service.
+    health_interval_s: float = 1.0
+    # Observability: a Prometheus scrape endpoint (HOST:PORT; worker i of
+    # --workers N listens on PORT+i), OTLP/gRPC export of traces and metrics
+    # (e.g. http://127.0.0.1:4317), and the share of root traces sampled
+    # (parent-based: a caller's sampled traceparent is always followed).
+    metrics_listen: str | None = None
+    otlp_endpoint: str | None = None
+    tracing: bool = True
+    trace_sample_ratio: float = 0.05
+    metrics_interval_s: float = 15.0
+    log_level: str = "INFO"
     hold_ttl_s: int = 30 * 60
     expiry_interval_s: float = 1.0
     expiry_batch: int = 500
@@ -59,16 +90,37 @@ class Settings:
     signing_key_file: Path | None = None
 
     ENV_PREFIX = "FUELCARD_"
+    CONFIG_ENV = "FUELCARD_CONFIG"
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, env: dict[str, str] | None = None, config: Path | None = None) -> Settings:
+        """Defaults, then the config file (if any), then the environment."""
         env = dict(os.environ if env is None else env)
         s = cls()
+        if config is None and env.get(cls.CONFIG_ENV):
+            config = Path(env[cls.CONFIG_ENV])
+        if config is not None:
+            s.load_file(config)
         for f in dataclasses.fields(cls):
             key = cls.ENV_PREFIX + f.name.upper()
             if key in env:
                 s.set(f.name, env[key])
         return s
+
+    def load_file(self, path: Path) -> None:
+        """A TOML file of `name = value` lines, names as in this class."""
+        try:
+            table = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise SettingsError(f"config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path}: not TOML ({exc})") from None
+        for name, value in table.items():
+            if isinstance(value, dict | list):
+                raise SettingsError(f"config file {path}: {name} must be a plain value")
+            if name not in {f.name for f in dataclasses.fields(self)}:
+                raise SettingsError(f"config file {path}: unknown setting {name}")
+            self.set(name, str(value).lower() if isinstance(value, bool) else value)
 
     def set(self, name: str, raw: str | int | float | Path | None) -> None:
         f = {f.name: f for f in dataclasses.fields(self)}.get(name)
@@ -111,6 +163,19 @@ class Settings:
             (self.max_authorize_fen > 0, "max_authorize_fen must be > 0"),
             (self.max_recharge_fen > 0, "max_recharge_fen must be > 0"),
             (self.grace_s >= 0, "grace_s must be >= 0"),
+            (self.connect_timeout_s > 0, "connect_timeout_s must be > 0"),
+            (1 <= self.read_pool_max <= 50, "read_pool_max must be between 1 and 50"),
+            (min(self.max_inflight_payments, self.max_inflight_funding, self.max_inflight_admin,
+                 self.max_inflight_reports) >= 1, "max_inflight_* must be >= 1"),
+            (self.max_inflight_payments >= max(self.max_inflight_funding, self.max_inflight_admin,
+                                               self.max_inflight_reports),
+             "max_inflight_payments must be the largest: payments go first"),
+            (0 < self.shed_retry_ms <= 60_000, "shed_retry_ms must be between 1 and 60000"),
+            (self.health_interval_s > 0, "health_interval_s must be > 0"),
+            (0.0 <= self.trace_sample_ratio <= 1.0, "trace_sample_ratio must be between 0 and 1"),
+            (self.metrics_interval_s > 0, "metrics_interval_s must be > 0"),
+            (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+             "log_level must be DEBUG, INFO, WARNING or ERROR"),
         ]
         for ok, message in checks:
             if not ok:
@@ -119,6 +184,13 @@ class Settings:
         if self.insecure and not (host == "localhost" or host.startswith("127.") or host == "::1"):
             raise SettingsError("insecure (plaintext) serving is for loopback only: "
                                 f"cannot listen on {host} without TLS")
+        if self.metrics_listen is not None:
+            m_host, _, m_port = self.metrics_listen.rpartition(":")
+            if not m_host or not m_port.isdigit() or not 0 <= int(m_port) <= 65535:
+                raise SettingsError(f"metrics_listen: expected HOST:PORT, got {self.metrics_listen!r}")
+        if self.otlp_endpoint is not None and "://" not in self.otlp_endpoint:
+            raise SettingsError("otlp_endpoint: expected a URL such as http://127.0.0.1:4317, "
+                                f"got {self.otlp_endpoint!r}")
         if self.card_index_key_hex is not None:
             try:
                 if len(bytes.fromhex(self.card_index_key_hex)) < 16:

@@ -139,7 +139,7 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
             v.add("state", "must be a defined HoldState", "ENUM_VALUE_INVALID")
         v.raise_if_any()
         assert account_id is not None
-        holds, token = await history.holds_page(self.d.db, account_id, request.state, size, before)
+        holds, token = await history.holds_page(self.d.reads, account_id, request.state, size, before)
         return account_pb2.ListHoldsResponse(holds=[wire.hold(h) for h in holds],
                                              next_page_token=token)
 
@@ -152,7 +152,7 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
         before = v.page_token("page_token", request.page_token)
         v.raise_if_any()
         assert account_id is not None
-        lines, token = await history.journal_page(self.d.db, account_id, history.ASSET_MONEY,
+        lines, token = await history.journal_page(self.d.reads, account_id, history.ASSET_MONEY,
                                                   size, before)
         response = account_pb2.ListTransactionsResponse(next_page_token=token)
         for line in lines:

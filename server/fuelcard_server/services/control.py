@@ -276,7 +276,7 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
                   "PERIOD_INVALID")
         v.raise_if_any()
         assert parent and start and end
-        rows = await reports.fleet_costs(self.d.db, parent, start, end)
+        rows = await reports.fleet_costs(self.d.reads, parent, start, end)
         return control_pb2.GetFleetCostReportResponse(vehicles=[
             control_pb2.VehicleCost(account_id=r.account_id, label=r.label, spend_fen=r.spend_fen,
                                     volume_ml=r.volume_ml, sale_count=r.sale_count,
@@ -292,8 +292,8 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         before = v.page_token("page_token", request.page_token)
         v.raise_if_any()
         assert account is not None
-        key = await history.account_key(self.d.db, account)
-        rows = await self.d.db.fetch_all(CHANGES_SQL, {
+        key = await history.account_key(self.d.reads, account)
+        rows = await self.d.reads.fetch_all(CHANGES_SQL, {
             "account": key, "before": before or history.NO_TOKEN, "limit": size + 1})
         token = ""
         if len(rows) > size:

@@ -10,14 +10,18 @@ import functools
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
-from fuelcard_server.audit import AuditLog
+from fuelcard_server import logs
+from fuelcard_server.audit import AuditLog, method_name
 from fuelcard_server.cards import PanIndex
 from fuelcard_server.clock import Clock
 from fuelcard_server.db import Database
@@ -25,8 +29,10 @@ from fuelcard_server.errors import ApiError, internal, permission_denied, unauth
 from fuelcard_server.gm import Sm2PrivateKey
 from fuelcard_server.identity import DEVELOPMENT, Caller, Role
 from fuelcard_server.identity import of as identity_of
+from fuelcard_server.overload import Admission, classify
 from fuelcard_server.pins import Pins
 from fuelcard_server.settings import Settings
+from fuelcard_server.telemetry import Telemetry, parent_context
 from fuelcard_server.terminals import TerminalKeys
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,18 @@ class Deps:
     audit: AuditLog
     # False only in development mode (plaintext on loopback): no identities.
     tls: bool = False
+    # Report and history reads: the replica's pool (or a small pool of their
+    # own on the primary); None: the transaction pool (tests of one module).
+    read_db: Database | None = None
+    telemetry: Telemetry = field(default_factory=Telemetry.disabled)
+    # Bounded concurrency per priority class; None: no shedding.
+    admission: Admission | None = None
+
+    @property
+    def reads(self) -> Database:
+        """Where report and history reads go: never the transaction pool when
+        a replica (or a read pool) is configured."""
+        return self.read_db if self.read_db is not None else self.db
 
     @property
     def hold_ttl(self) -> dt.timedelta:
@@ -138,37 +156,147 @@ def rpc(*roles: Role) -> Callable[[Handler[S, Req, Resp]], Handler[S, Req, Resp]
     return decorate
 
 
+# Errors worth an operator's attention, logged at most once a second per
+# (method, reason): under a database outage every call fails alike.
+_LOGGED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+                           grpc.StatusCode.DEADLINE_EXCEEDED})
+_last_logged: dict[tuple[str, str], float] = {}
+
+
+def _log_failure(method: str, error: ApiError) -> None:
+    key = (method, error.reason)
+    now = time.monotonic()
+    if now - _last_logged.get(key, -2.0) >= 1.0:
+        _last_logged[key] = now
+        log.warning("%s failed: %s %s", method, error.code.name, error.reason)
+
+
+class _Meters:
+    """Per-method metric attributes, built once per status (no formatting
+    on the hot path)."""
+
+    def __init__(self, method: str, priority: str) -> None:
+        self.method = method
+        self.priority = priority
+        self.by_status: dict[grpc.StatusCode | None, dict[str, str]] = {}
+        self.decisions: dict[tuple[int, int], dict[str, str]] = {}
+
+    def status(self, code: grpc.StatusCode | None) -> dict[str, str]:
+        attrs = self.by_status.get(code)
+        if attrs is None:
+            attrs = self.by_status[code] = {"rpc.method": self.method,
+                                            "rpc.grpc.status_code": code.name if code else "OK"}
+        return attrs
+
+    def decision(self, response: Message) -> dict[str, str]:
+        decision: int = getattr(response, "decision", 0)
+        reason: int = getattr(response, "decline_reason", 0)
+        attrs = self.decisions.get((decision, reason))
+        if attrs is None:
+            fields = response.DESCRIPTOR.fields_by_name
+            attrs = self.decisions[(decision, reason)] = {
+                "decision": _enum_name(fields.get("decision"), decision),
+                "reason": _enum_name(fields.get("decline_reason"), reason)}
+        return attrs
+
+
+def _enum_name(fd: Any, number: int) -> str:
+    if fd is None or fd.enum_type is None:
+        return str(number)
+    value = fd.enum_type.values_by_number.get(number)
+    return value.name if value is not None else str(number)
+
+
 def _wrap(fn: Handler[S, Req, Resp], allowed: frozenset[Role]) -> Handler[S, Req, Resp]:
+    priority = classify(fn.__name__, allowed)
+    counts_authorizations = fn.__name__ == "Authorize"
+    meters: dict[type, _Meters] = {}
+
     @functools.wraps(fn)
     async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        d = self.d
+        tel = d.telemetry
+        servicer: type = type(self)
+        m = meters.get(servicer)
+        if m is None:
+            m = meters[servicer] = _Meters(method_name(servicer, fn.__name__), priority.label)
+        started = time.perf_counter()
+        admission = d.admission
+        if admission is not None and not admission.enter(priority):
+            # Refused before any work: no span, no audit record, no database.
+            tel.shed.add(1, {"rpc.method": m.method, "priority_class": m.priority})
+            abort: Callable[[grpc.Status], Awaitable[None]] = context.abort_with_status  # type: ignore[attr-defined]
+            await abort(admission.statuses[priority])
+        span: trace.Span | None = None
+        token: object = None
+        if tel.tracing:
+            span = tel.tracer.start_span(
+                m.method, context=parent_context(context.invocation_metadata()),
+                kind=trace.SpanKind.SERVER)
+            token = otel_context.attach(trace.set_span_in_context(span))
+        logs.METHOD.set(m.method)
+        request_id = getattr(request, "request_id", None)
+        if request_id:
+            logs.REQUEST_ID.set(request_id)
         caller: Caller | None = None
         response: Resp | None = None
         error: ApiError | None = None
         try:
-            caller = identity_of(context, tls=self.d.tls)
+            caller = identity_of(context, tls=d.tls)
             if caller is None:
                 raise unauthenticated("NO_CLIENT_IDENTITY",
                                       "the client certificate names no fuelcard role")
             if not caller.may(allowed):
                 raise permission_denied("ROLE_NOT_ALLOWED")
             _CALLER.set(caller)
-            response = await fn(self, request, context)
+            remaining = context.time_remaining()
+            if remaining is None:
+                response = await fn(self, request, context)
+            else:
+                # Past the caller's deadline the work stops: cancelling the
+                # database call cancels its statement in PostgreSQL.
+                async with asyncio.timeout(max(remaining, 0.0)):
+                    response = await fn(self, request, context)
         except ApiError as exc:
             error = exc
+        except TimeoutError:
+            error = ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
+                             "the call's deadline passed; its work was stopped")
         except (grpc.aio.AbortError, grpc.aio.UsageError):
+            _finish(tel, m, span, token, started, None)
             raise
         except asyncio.CancelledError:
-            self.d.audit.rpc_cancelled(type(self), fn.__name__, allowed, caller, request)
+            d.audit.rpc_cancelled(type(self), fn.__name__, allowed, caller, request)
+            _finish(tel, m, span, token, started, grpc.StatusCode.CANCELLED)
             raise
         except Exception as exc:  # a bug; the client gets INTERNAL, we get the type
             log.exception("unhandled %s in %s", type(exc).__name__, fn.__name__)
             error = internal()
         # The audit record, if this call gets one (never on the POS hot path).
-        error = await self.d.audit.rpc_done(type(self), fn.__name__, allowed, caller, request,
-                                            response, error)
+        error = await d.audit.rpc_done(type(self), fn.__name__, allowed, caller, request,
+                                       response, error)
         if error is None and response is not None:
+            if counts_authorizations:
+                tel.authorizations.add(1, m.decision(response))
+            _finish(tel, m, span, token, started, None)
             return response
-        await _abort(context, error or internal())
+        error = error or internal()
+        if error.code in _LOGGED_CODES:
+            _log_failure(m.method, error)
+        _finish(tel, m, span, token, started, error.code)
+        await _abort(context, error)
         raise AssertionError("abort_with_status always raises")
 
     return wrapper
+
+
+def _finish(tel: Telemetry, m: _Meters, span: trace.Span | None, token: object,
+            started: float, code: grpc.StatusCode | None) -> None:
+    tel.rpc_latency.record((time.perf_counter() - started) * 1000.0, m.status(code))
+    if span is not None:
+        if code is not None:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code is not grpc.StatusCode.CANCELLED:
+                span.set_status(trace.StatusCode.ERROR)
+        span.end()
+        otel_context.detach(token)  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ class PointsService(Servicer, points_pb2_grpc.PointsServiceServicer):
         before = v.page_token("page_token", request.page_token)
         v.raise_if_any()
         assert account_id is not None
-        lines, token = await history.journal_page(self.d.db, account_id, history.ASSET_POINTS,
+        lines, token = await history.journal_page(self.d.reads, account_id, history.ASSET_POINTS,
                                                   size, before)
         response = points_pb2.ListPointsHistoryResponse(next_page_token=token)
         for line in lines:

@@ -1,0 +1,328 @@
+"""OpenTelemetry for one server process: a span per RPC (child spans for
+database work), the metrics operators watch, and their export.
+
+Each FuelcardServer has its own TracerProvider and MeterProvider (tests run
+several servers in one process); `install_global()` makes them the process's
+global providers in a real worker, so instruments other modules create with
+`opentelemetry.metrics.get_meter` are exported and scraped with ours.
+
+Export: OTLP/gRPC when `otlp_endpoint` is set (batched, off the hot path), and
+a Prometheus text-format scrape (`metrics_listen`) read from an in-memory
+reader on demand. Sampling is parent-based: a caller's sampled W3C
+traceparent is always followed; root traces are kept at trace_sample_ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    Histogram,
+    InMemoryMetricReader,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+    Sum,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from fuelcard_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SCOPE = "fuelcard_server"
+RPC_LATENCY = "fuelcard.rpc.latency_ms"
+# Milliseconds: payments live in the low single digits.
+LATENCY_BUCKETS_MS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500,
+                      1000, 2500, 5000, 10000)
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def _metadata_getter(carrier: Mapping[str, str], key: str) -> list[str] | None:
+    value = carrier.get(key)
+    return None if value is None else [value]
+
+
+class _Getter:
+    """TextMapPropagator getter over a dict of invocation metadata."""
+
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        return _metadata_getter(carrier, key)
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _Getter()
+
+
+def parent_context(metadata: Iterable[Any] | None) -> otel_context.Context | None:
+    """The caller's trace context from its `traceparent` (and `tracestate`)
+    metadata; None when it sent none (the common, cheap case)."""
+    if not metadata:
+        return None
+    carrier: dict[str, str] = {}
+    for key, value in metadata:
+        if key in ("traceparent", "tracestate") and isinstance(value, str):
+            carrier[key] = value
+    if not carrier:
+        return None
+    return _PROPAGATOR.extract(carrier, getter=_GETTER)  # type: ignore[arg-type]
+
+
+@dataclass
+class Gauges:
+    """Values the server refreshes (health probe) and the gauges report."""
+
+    active_holds: int = 0
+    database_up: int = 1
+
+
+@dataclass
+class Telemetry:
+    tracer: trace.Tracer
+    meter: metrics.Meter
+    tracing: bool
+    tracer_provider: TracerProvider | None = None
+    meter_provider: MeterProvider | None = None
+    scrape_reader: InMemoryMetricReader | None = None
+    gauges: Gauges = field(default_factory=Gauges)
+    # attributes of the pool gauges, filled in by watch_pools
+    _pools: list[tuple[str, Callable[[], Mapping[str, int]]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        m = self.meter
+        self.rpc_latency = m.create_histogram(
+            RPC_LATENCY, unit="ms", description="RPC latency in the server, by method and status")
+        self.authorizations = m.create_counter(
+            "fuelcard.authorizations", description="Authorize answers by decision and reason")
+        self.hold_expiries = m.create_counter(
+            "fuelcard.holds.expired", description="holds released by the expiry sweep")
+        self.shed = m.create_counter(
+            "fuelcard.rpc.shed", description="RPCs refused early by priority class (overload)")
+        m.create_observable_gauge("fuelcard.holds.active", callbacks=[self._active_holds],
+                                  description="holds AUTHORIZED and not yet closed")
+        m.create_observable_gauge("fuelcard.db.up", callbacks=[self._database_up],
+                                  description="1 while the health probe reaches the database")
+        m.create_observable_gauge("fuelcard.db.pool.in_use", callbacks=[self._pool_in_use],
+                                  description="database connections lent out, by pool")
+        m.create_observable_gauge("fuelcard.db.pool.waiting", callbacks=[self._pool_waiting],
+                                  description="calls waiting for a database connection, by pool")
+
+    # -- construction --------------------------------------------------------
+
+    @classmethod
+    def disabled(cls) -> Telemetry:
+        """No-op telemetry (the API's default providers)."""
+        return cls(trace.NoOpTracer(), metrics.NoOpMeter(SCOPE), tracing=False)
+
+    @classmethod
+    def from_settings(cls, s: Settings, worker: int = 0) -> Telemetry:
+        resource = Resource.create({"service.name": "fuelcard", "service.instance.id":
+                                    f"worker-{worker}"})
+        tracer_provider: TracerProvider | None = None
+        tracer: trace.Tracer = trace.NoOpTracer()
+        if s.tracing:
+            tracer_provider = TracerProvider(
+                resource=resource, sampler=ParentBased(TraceIdRatioBased(s.trace_sample_ratio)))
+            if s.otlp_endpoint:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+                tracer_provider.add_span_processor(BatchSpanProcessor(
+                    OTLPSpanExporter(endpoint=s.otlp_endpoint, insecure=_insecure(s.otlp_endpoint)),
+                    max_queue_size=8192, max_export_batch_size=512))
+            tracer = tracer_provider.get_tracer(SCOPE)
+        readers: list[MetricReader] = []
+        scrape: InMemoryMetricReader | None = None
+        if s.metrics_listen is not None:
+            scrape = InMemoryMetricReader()
+            readers.append(scrape)
+        if s.otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            readers.append(PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=s.otlp_endpoint, insecure=_insecure(s.otlp_endpoint)),
+                export_interval_millis=s.metrics_interval_s * 1000))
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=[
+            View(instrument_name=RPC_LATENCY, aggregation=ExplicitBucketHistogramAggregation(
+                LATENCY_BUCKETS_MS))])
+        return cls(tracer, meter_provider.get_meter(SCOPE), tracing=s.tracing,
+                   tracer_provider=tracer_provider, meter_provider=meter_provider,
+                   scrape_reader=scrape)
+
+    def install_global(self) -> None:
+        """Make our providers the process's globals (once, in a worker)."""
+        if self.meter_provider is not None:
+            metrics.set_meter_provider(self.meter_provider)
+        if self.tracer_provider is not None:
+            trace.set_tracer_provider(self.tracer_provider)
+
+    def watch_pool(self, name: str, stats: Callable[[], Mapping[str, int]]) -> None:
+        self._pools.append((name, stats))
+
+    def force_flush(self) -> None:
+        if self.tracer_provider is not None:
+            self.tracer_provider.force_flush(10_000)
+        if self.meter_provider is not None:
+            self.meter_provider.force_flush(10_000)
+
+    def shutdown(self) -> None:
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
+
+    # -- gauges ----------------------------------------------------------------
+
+    def _active_holds(self, _options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self.gauges.active_holds)
+
+    def _database_up(self, _options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self.gauges.database_up)
+
+    def _pool_in_use(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for name, stats in self._pools:
+            s = stats()
+            yield Observation(s.get("pool_size", 0) - s.get("pool_available", 0), {"pool": name})
+
+    def _pool_waiting(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for name, stats in self._pools:
+            yield Observation(stats().get("requests_waiting", 0), {"pool": name})
+
+    # -- Prometheus ------------------------------------------------------------
+
+    def prometheus_text(self) -> str:
+        if self.scrape_reader is None:
+            return ""
+        data = self.scrape_reader.get_metrics_data()
+        return render_prometheus(data) if data is not None else ""
+
+
+def _insecure(endpoint: str) -> bool:
+    return endpoint.startswith("http://")
+
+
+# --- the Prometheus text exposition format (0.0.4) ----------------------------------
+
+
+def _name(raw: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in raw)
+
+
+def _labels(attributes: Mapping[str, Any] | None, extra: tuple[str, str] | None = None) -> str:
+    items = [(_name(k), str(v)) for k, v in (attributes or {}).items()]
+    if extra is not None:
+        items.append(extra)
+    if not items:
+        return ""
+    body = ",".join(f'{k}="{_escape(v)}"' for k, v in items)
+    return "{" + body + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "+Inf" if value > 0 else "-Inf"
+        return repr(value)
+    return str(value)
+
+
+def render_prometheus(data: MetricsData) -> str:
+    lines: list[str] = []
+    seen: set[str] = set()
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                name = _name(metric.name)
+                points = metric.data
+                if isinstance(points, Sum) and points.is_monotonic:
+                    kind = "counter"
+                    name = name if name.endswith("_total") else name + "_total"
+                elif isinstance(points, Histogram):
+                    kind = "histogram"
+                elif isinstance(points, Sum | Gauge):
+                    kind = "gauge"
+                else:
+                    continue
+                if name not in seen:
+                    seen.add(name)
+                    if metric.description:
+                        lines.append(f"# HELP {name} {_escape(metric.description)}")
+                    lines.append(f"# TYPE {name} {kind}")
+                if isinstance(points, Histogram):
+                    for hp in points.data_points:
+                        cumulative = 0
+                        for bound, n in zip(hp.explicit_bounds, hp.bucket_counts, strict=False):
+                            cumulative += n
+                            le = ("le", _number(float(bound)))
+                            lines.append(f"{name}_bucket{_labels(hp.attributes, le)} {cumulative}")
+                        lines.append(f"{name}_bucket{_labels(hp.attributes, ('le', '+Inf'))} {hp.count}")
+                        lines.append(f"{name}_sum{_labels(hp.attributes)} {_number(hp.sum)}")
+                        lines.append(f"{name}_count{_labels(hp.attributes)} {hp.count}")
+                else:
+                    for p in points.data_points:
+                        lines.append(f"{name}{_labels(p.attributes)} {_number(p.value)}")
+    return "\n".join(lines) + "\n"
+
+
+class MetricsEndpoint:
+    """GET /metrics over plain HTTP/1.1 on the server's event loop."""
+
+    def __init__(self, telemetry: Telemetry, host: str, port: int) -> None:
+        self._telemetry = telemetry
+        self._host, self._port = host, port
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, self._host, self._port,
+                                                  reuse_address=True)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request = await reader.readuntil(b"\r\n\r\n")
+            parts = request.split(b" ", 2)
+            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
+                body = (await asyncio.to_thread(self._telemetry.prometheus_text)).encode()
+                head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; "
+                        b"charset=utf-8\r\n")
+            else:
+                body, head = b"not found\n", b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
+            writer.write(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                         + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()

@@ -1,0 +1,296 @@
+"""Operability on one server: reflection, deadlines, traces, metrics, logs,
+early refusal of low-priority calls, settings. (Database outages, replicas
+and the priority flood have their own modules.)"""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from fuelcard.v1 import account_pb2, common_pb2
+from fuelcard_loadtest.otlp_sink import OtlpSink
+from fuelcard_server import logs
+from fuelcard_server.app import SERVICE_NAMES
+from fuelcard_server.settings import Settings, SettingsError
+from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests import builders
+from tests.ledger_asserts import count, unpack
+from tests.plugins.server import RunningServer, make_settings
+
+Db = psycopg.Connection[tuple[object, ...]]
+
+
+@pytest.fixture(scope="module")
+def otlp_sink() -> Iterator[OtlpSink]:
+    with OtlpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def server_settings(tmp_path: Path, otlp_sink: OtlpSink) -> Settings:
+    return make_settings(tmp_path, metrics_listen="127.0.0.1:0", otlp_endpoint=otlp_sink.endpoint,
+                         trace_sample_ratio=0.0, max_inflight_reports=1, shed_retry_ms=300)
+
+
+def _account_key(db: Db, account_id: str) -> int:
+    row = db.execute("SELECT id FROM fc.accounts WHERE uid = %s", (account_id,)).fetchone()
+    assert row is not None
+    return int(str(row[0]))
+
+
+# -- reflection ------------------------------------------------------------------
+
+
+def test_reflection_lists_services_and_resolves_their_files(server: RunningServer) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                *(reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
+                  for name in SERVICE_NAMES)]
+    answers = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
+    listed = {s.name for s in answers[0].list_services_response.service}
+    assert set(SERVICE_NAMES) <= listed and "grpc.health.v1.Health" in listed
+    for name, answer in zip(SERVICE_NAMES, answers[1:], strict=True):
+        files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+                 for raw in answer.file_descriptor_response.file_descriptor_proto]
+        package, _, service = name.rpartition(".")
+        found = [f for f in files if f.package == package
+                 and any(s.name == service for s in f.service)]
+        assert found, f"no file descriptor defines {name}"
+        methods = {m.name for s in found[0].service if s.name == service for m in s.method}
+        assert methods, name
+    # a symbol of a message, as grpcurl asks when it builds a request
+    answer = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="fuelcard.v1.AuthorizeRequest")]), timeout=10)))
+    assert answer.file_descriptor_response.file_descriptor_proto
+
+
+# -- deadlines -------------------------------------------------------------------
+
+
+def test_a_call_past_its_deadline_stops_its_database_work(server: RunningServer, db: Db) -> None:
+    card = builders.open_card(server, balance_fen=50_000)
+    key = _account_key(db, card.account_id)
+    with psycopg.connect(server.database_url, autocommit=True) as locker:
+        locker.execute("SELECT pg_advisory_lock(%s)", (key,))
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            server.pos.Authorize(builders.authorize_request(card, 10_000), timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 3
+        # The authorize's statement was waiting on the account lock: it is
+        # cancelled, not left to run once the lock is free.
+        deadline = time.monotonic() + 5
+        while True:
+            waiting = _lock_waiters(db)
+            if waiting == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert waiting == 0, "the authorize is still waiting in PostgreSQL"
+        locker.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    time.sleep(0.2)
+    assert count(db, "holds") == 0
+    assert builders.balance(server, card).balance.available_fen == 50_000
+
+
+def _lock_waiters(db: Db) -> int:
+    row = db.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                     " AND state = 'active' AND wait_event_type = 'Lock'").fetchone()
+    assert row is not None
+    return int(str(row[0]))
+
+
+# -- traces, logs ------------------------------------------------------------------
+
+
+def test_rpc_spans_follow_the_callers_traceparent_with_database_children(
+        server: RunningServer, otlp_sink: OtlpSink) -> None:
+    card = builders.open_card(server, balance_fen=50_000)
+    trace_id = secrets.token_hex(16)
+    parent_span = secrets.token_hex(8)
+    request_id = builders.rid("traced")
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.addFilter(logs.RpcContext())
+    logging.getLogger().addHandler(handler)
+    try:
+        answer = server.pos.Authorize(
+            builders.authorize_request(card, 10_000, request_id=request_id),
+            metadata=(("traceparent", f"00-{trace_id}-{parent_span}-01"),))
+        # an RPC that logs (a bug-free one does not): a database refusal
+        server.run(_mark_database_down(server, True))
+        with pytest.raises(grpc.RpcError):
+            server.pos.Authorize(builders.authorize_request(card, 10_000, request_id="rid-logged"),
+                                 metadata=(("traceparent", f"00-{trace_id}-{parent_span}-01"),))
+    finally:
+        server.run(_mark_database_down(server, False))
+        logging.getLogger().removeHandler(handler)
+    assert answer.decision == common_pb2.DECISION_APPROVED
+    assert server.server.telemetry is not None
+    server.server.telemetry.force_flush()
+    spans = otlp_sink.spans_of_trace(bytes.fromhex(trace_id))
+    rpc = [s for s in spans if s.name == "/fuelcard.v1.TransactionService/Authorize"]
+    assert len(rpc) == 2
+    assert all(s.parent_span_id == bytes.fromhex(parent_span) for s in rpc)
+    children = [s for s in spans if s.parent_span_id == rpc[0].span_id]
+    assert any(s.name.startswith("db fc.") for s in children), [s.name for s in spans]
+    # an unsampled root trace (ratio 0) exports nothing
+    before = otlp_sink.span_count
+    builders.balance(server, card)
+    server.server.telemetry.force_flush()
+    assert otlp_sink.span_count == before
+    lines = [line for line in captured.getvalue().splitlines() if "Authorize failed" in line]
+    assert lines, captured.getvalue()
+    assert f'"trace_id": "{trace_id}"' in lines[0] and '"request_id": "rid-logged"' in lines[0]
+    assert card.card_number not in captured.getvalue()
+
+
+def _mark_database_down(server: RunningServer, down: bool) -> Callable[[], Awaitable[None]]:
+    async def flip() -> None:
+        db = server.server._db
+        assert db is not None
+        db.available = not down
+    return flip
+
+
+def test_log_lines_are_desensitised_json() -> None:
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.addFilter(logs.RpcContext())
+    log = logging.getLogger("fuelcard.test")
+    log.addHandler(handler)
+    try:
+        log.warning("card %s phone %s id %s", "6222021234567890123", "13812345678",
+                    "11010119900307123X", extra={"request_id": "r-13812345678"})
+    finally:
+        log.removeHandler(handler)
+    text = captured.getvalue()
+    for secret in ("6222021234567890123", "13812345678", "11010119900307123X"):
+        assert secret not in text
+    assert '"level": "warning"' in text and '"request_id": "r-138***78"' in text
+
+
+# -- metrics -------------------------------------------------------------------------
+
+
+def test_prometheus_scrape_has_the_operators_metrics(server: RunningServer) -> None:
+    card = builders.open_card(server, balance_fen=50_000)
+    held = builders.authorize(server, card, 10_000)
+    builders.authorize(server, card, 900_000)  # declined: not enough money
+    builders.confirm(server, held.hold.hold_id, 8_000)
+    builders.authorize(server, card, 1_000)  # stays active
+    server.run(server.server.refresh_gauges)
+    port = server.server.metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "# TYPE fuelcard_rpc_latency_ms histogram" in text
+    assert ('fuelcard_rpc_latency_ms_count{rpc_method="/fuelcard.v1.TransactionService/Authorize",'
+            'rpc_grpc_status_code="OK"} 3') in text
+    assert 'fuelcard_authorizations_total{decision="DECISION_APPROVED"' in text
+    assert 'decision="DECISION_DECLINED",reason="DECLINE_REASON_INSUFFICIENT_FUNDS"} 1' in text
+    assert "fuelcard_holds_active 1" in text
+    assert 'fuelcard_db_pool_in_use{pool="transactions"}' in text
+    assert 'fuelcard_db_pool_waiting{pool="reads"} 0' in text
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+
+
+# -- priority classes ---------------------------------------------------------------------
+
+
+def test_reports_past_their_cap_are_refused_at_once_with_a_retry_hint(
+        server: RunningServer, db: Db) -> None:
+    """max_inflight_reports=1: with one report stuck, the next is refused
+    without waiting, while payments go on."""
+    card = builders.open_card(server, balance_fen=50_000)
+    listing = account_pb2.ListTransactionsRequest(account_id=card.account_id)
+    result: dict[str, object] = {}
+    with psycopg.connect(server.database_url) as locker:
+        locker.execute("LOCK TABLE fc.journal IN ACCESS EXCLUSIVE MODE")
+
+        def stuck() -> None:
+            try:
+                result["answer"] = server.accounts.ListTransactions(listing, timeout=30)
+            except grpc.RpcError as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=stuck)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while _lock_waiters(db) == 0:
+            assert time.monotonic() < deadline, "the report never reached the database"
+            time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            server.accounts.ListTransactions(listing, timeout=10)
+        assert time.monotonic() - started < 1
+        err = unpack(caught.value)
+        assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.reason == "OVERLOADED"
+        locker.rollback()
+    thread.join(timeout=30)
+    assert "answer" in result, result
+    retry = _retry_info(caught.value)
+    assert retry is not None and retry.retry_delay.ToMilliseconds() >= 300
+    # payments were never in the reports' class
+    assert builders.balance(server, card).balance.available_fen == 50_000
+
+
+def _retry_info(err: grpc.RpcError) -> error_details_pb2.RetryInfo | None:
+    from grpc_status import rpc_status
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    infos = 0
+    found = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            infos += 1
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            found = error_details_pb2.RetryInfo()
+            detail.Unpack(found)
+    assert infos == 1
+    return found
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def test_settings_come_from_file_then_environment(tmp_path: Path) -> None:
+    config = tmp_path / "fuelcard.toml"
+    config.write_text('pool_max = 24\nmax_inflight_reports = 2\nmetrics_listen = "127.0.0.1:9464"\n'
+                      "tracing = false\ntrace_sample_ratio = 0.5\n")
+    s = Settings.from_env({"FUELCARD_POOL_MAX": "32"}, config=config).validate()
+    assert (s.pool_max, s.max_inflight_reports, s.metrics_listen, s.tracing,
+            s.trace_sample_ratio) == (32, 2, "127.0.0.1:9464", False, 0.5)
+    s = Settings.from_env({"FUELCARD_CONFIG": str(config)})
+    assert s.pool_max == 24
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("pool_max = 'many'", "pool_max: cannot read"),
+    ("no_such_thing = 1", "unknown setting no_such_thing"),
+    ("trace_sample_ratio = 2.0", "trace_sample_ratio must be between 0 and 1"),
+    ("max_inflight_reports = 5000", "max_inflight_payments must be the largest"),
+    ("metrics_listen = 'nine'", "metrics_listen: expected HOST:PORT"),
+    ("otlp_endpoint = '127.0.0.1:4317'", "otlp_endpoint: expected a URL"),
+    ("pool_max = [", "not TOML"),
+])
+def test_bad_settings_are_refused_with_a_clear_message(tmp_path: Path, text: str,
+                                                       message: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(text + "\n")
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({}, config=config).validate()
+    with pytest.raises(SettingsError, match="config file"):
+        Settings.from_env({}, config=tmp_path / "missing.toml")
