@@ -238,6 +238,10 @@ class FuelcardServer:
                         log.warning("database unreachable (%s): NOT_SERVING", type(exc).__name__)
                 if up != healthy:
                     healthy = up
+                    if up:  # drop the pooled connections that died with it
+                        for db in (self._db, self._reads):
+                            if db is not None:
+                                await db.pool.check()
                     self._db.available = up
                     if self._reads is not None and self._reads.url == self._db.url:
                         self._reads.available = up

@@ -194,6 +194,21 @@ class EmbeddedPostgres:
         self._ensure_database()
         return self.url()
 
+    def create_standby(self, primary: EmbeddedPostgres) -> None:
+        """Make this (new) cluster a streaming standby of `primary`, which
+        must be running: a base backup over the replication protocol
+        (pg_basebackup -R writes standby.signal and primary_conninfo). Then
+        `start()` runs it read-only, replaying the primary's WAL."""
+        if (self.pgdata / "PG_VERSION").exists():
+            raise RuntimeError(f"{self.pgdata} already holds a cluster")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.chmod(0o777)
+        self._prepare_permissions()
+        self._run("pg_basebackup", "-D", str(self.pgdata), "-h", "127.0.0.1",
+                  "-p", str(primary.port), "-U", "postgres", "-X", "stream", "-R",
+                  "--checkpoint=fast", "--no-sync")
+
     def _ensure_database(self) -> None:
         psql = [str(bin_dir() / "psql"), "-X", "-q", "-At", "-h", str(self.socket_dir),
                 "-p", str(self.port), "-U", "postgres", "-d", "postgres"]

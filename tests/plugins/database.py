@@ -88,3 +88,29 @@ def db(database_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     """A direct connection to the test database, for asserting on rows."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
+
+
+def control_postgres(pg: EmbeddedPostgres, action: str, mode: str = "fast",
+                     primary: EmbeddedPostgres | None = None) -> None:
+    """Start or stop an embedded PostgreSQL (or make it a standby of
+    `primary`) from a fresh Python process.
+
+    Once gRPC has threads in this process, a fork() that is not followed at
+    once by exec (as subprocess does to switch to the PostgreSQL user when
+    we are root) can crash in gRPC's fork handlers; a plain child process
+    (vfork + exec) is safe, and it does the user switch itself."""
+    import subprocess
+    import sys
+
+    calls = {"start": "start()", "stop": f"stop(mode={mode!r})",
+             "standby": f"create_standby(EmbeddedPostgres(Path({str(primary and primary.data_dir)!r})))"}
+    script = ("from pathlib import Path; from fuelcard_server.embedded import EmbeddedPostgres; "
+              f"EmbeddedPostgres(Path({str(pg.data_dir)!r})).{calls[action]}")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=180)
+    if res.returncode != 0:
+        raise RuntimeError(f"postgres {action} failed: {res.stderr[-2000:]}")
+
+
+def postgres_running(pg: EmbeddedPostgres) -> bool:
+    return (pg.pgdata / "postmaster.pid").exists()

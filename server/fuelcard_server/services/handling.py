@@ -175,9 +175,11 @@ class _Meters:
     """Per-method metric attributes, built once per status (no formatting
     on the hot path)."""
 
-    def __init__(self, method: str, priority: str) -> None:
+    def __init__(self, method: str, priority: str, counts_authorizations: bool) -> None:
         self.method = method
         self.priority = priority
+        # Authorize answers are also counted by decision and reason.
+        self.counts_authorizations = counts_authorizations
         self.by_status: dict[grpc.StatusCode | None, dict[str, str]] = {}
         self.decisions: dict[tuple[int, int], dict[str, str]] = {}
 
@@ -209,7 +211,6 @@ def _enum_name(fd: Any, number: int) -> str:
 
 def _wrap(fn: Handler[S, Req, Resp], allowed: frozenset[Role]) -> Handler[S, Req, Resp]:
     priority = classify(fn.__name__, allowed)
-    counts_authorizations = fn.__name__ == "Authorize"
     meters: dict[type, _Meters] = {}
 
     @functools.wraps(fn)
@@ -219,7 +220,8 @@ def _wrap(fn: Handler[S, Req, Resp], allowed: frozenset[Role]) -> Handler[S, Req
         servicer: type = type(self)
         m = meters.get(servicer)
         if m is None:
-            m = meters[servicer] = _Meters(method_name(servicer, fn.__name__), priority.label)
+            m = meters[servicer] = _Meters(method_name(servicer, fn.__name__), priority.label,
+                                           fn.__name__ == "Authorize")
         started = time.perf_counter()
         admission = d.admission
         if admission is not None and not admission.enter(priority):
@@ -227,67 +229,78 @@ def _wrap(fn: Handler[S, Req, Resp], allowed: frozenset[Role]) -> Handler[S, Req
             tel.shed.add(1, {"rpc.method": m.method, "priority_class": m.priority})
             abort: Callable[[grpc.Status], Awaitable[None]] = context.abort_with_status  # type: ignore[attr-defined]
             await abort(admission.statuses[priority])
-        span: trace.Span | None = None
-        token: object = None
-        if tel.tracing:
-            span = tel.tracer.start_span(
-                m.method, context=parent_context(context.invocation_metadata()),
-                kind=trace.SpanKind.SERVER)
-            token = otel_context.attach(trace.set_span_in_context(span))
-        logs.METHOD.set(m.method)
-        request_id = getattr(request, "request_id", None)
-        if request_id:
-            logs.REQUEST_ID.set(request_id)
-        caller: Caller | None = None
-        response: Resp | None = None
-        error: ApiError | None = None
         try:
-            caller = identity_of(context, tls=d.tls)
-            if caller is None:
-                raise unauthenticated("NO_CLIENT_IDENTITY",
-                                      "the client certificate names no fuelcard role")
-            if not caller.may(allowed):
-                raise permission_denied("ROLE_NOT_ALLOWED")
-            _CALLER.set(caller)
-            remaining = context.time_remaining()
-            if remaining is None:
-                response = await fn(self, request, context)
-            else:
-                # Past the caller's deadline the work stops: cancelling the
-                # database call cancels its statement in PostgreSQL.
-                async with asyncio.timeout(max(remaining, 0.0)):
-                    response = await fn(self, request, context)
-        except ApiError as exc:
-            error = exc
-        except TimeoutError:
-            error = ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
-                             "the call's deadline passed; its work was stopped")
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            _finish(tel, m, span, token, started, None)
-            raise
-        except asyncio.CancelledError:
-            d.audit.rpc_cancelled(type(self), fn.__name__, allowed, caller, request)
-            _finish(tel, m, span, token, started, grpc.StatusCode.CANCELLED)
-            raise
-        except Exception as exc:  # a bug; the client gets INTERNAL, we get the type
-            log.exception("unhandled %s in %s", type(exc).__name__, fn.__name__)
-            error = internal()
-        # The audit record, if this call gets one (never on the POS hot path).
-        error = await d.audit.rpc_done(type(self), fn.__name__, allowed, caller, request,
-                                       response, error)
-        if error is None and response is not None:
-            if counts_authorizations:
-                tel.authorizations.add(1, m.decision(response))
-            _finish(tel, m, span, token, started, None)
-            return response
-        error = error or internal()
-        if error.code in _LOGGED_CODES:
-            _log_failure(m.method, error)
-        _finish(tel, m, span, token, started, error.code)
-        await _abort(context, error)
-        raise AssertionError("abort_with_status always raises")
+            return await _serve(self, request, context, fn, allowed, tel, m, started)
+        finally:
+            if admission is not None:
+                admission.leave(priority)
 
     return wrapper
+
+
+async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp],
+                 fn: Handler[S, Req, Resp], allowed: frozenset[Role], tel: Telemetry,
+                 m: _Meters, started: float) -> Resp:
+    d = self.d
+    span: trace.Span | None = None
+    token: object = None
+    if tel.tracing:
+        span = tel.tracer.start_span(
+            m.method, context=parent_context(context.invocation_metadata()),
+            kind=trace.SpanKind.SERVER)
+        token = otel_context.attach(trace.set_span_in_context(span))
+    logs.METHOD.set(m.method)
+    request_id = getattr(request, "request_id", None)
+    if request_id:
+        logs.REQUEST_ID.set(request_id)
+    caller: Caller | None = None
+    response: Resp | None = None
+    error: ApiError | None = None
+    try:
+        caller = identity_of(context, tls=d.tls)
+        if caller is None:
+            raise unauthenticated("NO_CLIENT_IDENTITY",
+                                  "the client certificate names no fuelcard role")
+        if not caller.may(allowed):
+            raise permission_denied("ROLE_NOT_ALLOWED")
+        _CALLER.set(caller)
+        remaining = context.time_remaining()
+        if remaining is None:
+            response = await fn(self, request, context)
+        else:
+            # Past the caller's deadline the work stops: cancelling the
+            # database call cancels its statement in PostgreSQL.
+            async with asyncio.timeout(max(remaining, 0.0)):
+                response = await fn(self, request, context)
+    except ApiError as exc:
+        error = exc
+    except TimeoutError:
+        error = ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
+                         "the call's deadline passed; its work was stopped")
+    except (grpc.aio.AbortError, grpc.aio.UsageError):
+        _finish(tel, m, span, token, started, None)
+        raise
+    except asyncio.CancelledError:
+        d.audit.rpc_cancelled(type(self), fn.__name__, allowed, caller, request)
+        _finish(tel, m, span, token, started, grpc.StatusCode.CANCELLED)
+        raise
+    except Exception as exc:  # a bug; the client gets INTERNAL, we get the type
+        log.exception("unhandled %s in %s", type(exc).__name__, fn.__name__)
+        error = internal()
+    # The audit record, if this call gets one (never on the POS hot path).
+    error = await d.audit.rpc_done(type(self), fn.__name__, allowed, caller, request,
+                                   response, error)
+    if error is None and response is not None:
+        if m.counts_authorizations:
+            tel.authorizations.add(1, m.decision(response))
+        _finish(tel, m, span, token, started, None)
+        return response
+    error = error or internal()
+    if error.code in _LOGGED_CODES:
+        _log_failure(m.method, error)
+    _finish(tel, m, span, token, started, error.code)
+    await _abort(context, error)
+    raise AssertionError("abort_with_status always raises")
 
 
 def _finish(tel: Telemetry, m: _Meters, span: trace.Span | None, token: object,
