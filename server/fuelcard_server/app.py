@@ -156,7 +156,7 @@ class FuelcardServer:
             terminal_keys=terminal_keys, signing_key=s.signing_key(),
             pins=Pins(self._db, terminal_keys, pin_pepper(provider)), audit=AuditLog(self._db),
             tls=not s.insecure, read_db=self._reads, telemetry=tel,
-            admission=Admission(s, self._db.pool_waiting))
+            admission=Admission(s, self._db.pool_waiting) if s.load_shedding else None)
         self._audit = deps.audit
         server = grpc.aio.server(options=SERVER_OPTIONS,
                                  maximum_concurrent_rpcs=s.pool_max * 64)

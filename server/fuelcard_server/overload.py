@@ -8,17 +8,21 @@ Every RPC belongs to one class, in order of importance:
   ADMIN     back-office writes and lookups
   REPORTS   reports, histories and analytics reads
 
-Each class has a cap on its RPCs in flight in this process. A call past its
-class's cap is refused at once, before it touches the database, with
-RESOURCE_EXHAUSTED (reason OVERLOADED, a RetryInfo hint). And while anything
-waits for a connection of the transaction pool, every class below PAYMENTS
-is refused as well: the pool is what payments need, and they get it first.
+Each class has a cap on its RPCs in flight in this process (and reports
+also a cap on how many start per second: a cheap report run back-to-back
+would otherwise take a CPU share that no concurrency cap bounds). A call past
+its class's cap is refused at once, before it touches the database, with
+RESOURCE_EXHAUSTED (reason OVERLOADED, a RetryInfo hint). And while payments
+are in flight and calls wait for a connection of the transaction pool, every
+class below PAYMENTS is refused as well: the pool is what payments need, and
+they get it first.
 Refused calls cost a few microseconds and no database work.
 """
 
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Mapping
 
 import grpc
@@ -70,6 +74,12 @@ class Admission:
         }
         self.inflight = dict.fromkeys(Priority, 0)
         self.retry_delay_ms = settings.shed_retry_ms
+        # token bucket for REPORTS: refills at max_reports_per_s, holds at
+        # most max_inflight_reports tokens (the largest burst)
+        self._report_rate = settings.max_reports_per_s
+        self._report_burst = float(settings.max_inflight_reports)
+        self._report_tokens = self._report_burst
+        self._report_refilled = time.monotonic()
         self._pool_waiting = pool_waiting
         self._errors: Mapping[Priority, ApiError] = {
             p: ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED",
@@ -84,10 +94,24 @@ class Admission:
     def enter(self, priority: Priority) -> bool:
         """Admit a call (True), or refuse it (False: answer statuses[priority])."""
         n = self.inflight[priority]
-        if n >= self.limits[priority] or (priority is not Priority.PAYMENTS
-                                          and self._pool_waiting() > 0):
+        if n >= self.limits[priority]:
+            return False
+        if priority is not Priority.PAYMENTS and self.inflight[Priority.PAYMENTS] \
+                and self._pool_waiting() > 0:
+            return False
+        if priority is Priority.REPORTS and self._report_rate > 0 and not self._report_token():
             return False
         self.inflight[priority] = n + 1
+        return True
+
+    def _report_token(self) -> bool:
+        now = time.monotonic()
+        self._report_tokens = min(self._report_burst, self._report_tokens
+                                  + (now - self._report_refilled) * self._report_rate)
+        self._report_refilled = now
+        if self._report_tokens < 1.0:
+            return False
+        self._report_tokens -= 1.0
         return True
 
     def leave(self, priority: Priority) -> None:

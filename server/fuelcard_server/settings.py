@@ -31,9 +31,11 @@ class Settings:
     workers: int = 1
     pool_min: int = 4
     pool_max: int = 16
-    # Short: with the database gone a call fails fast (UNAVAILABLE) instead
-    # of hanging; the pool reconnects by itself when it returns.
-    pool_timeout_s: float = 2.0
+    # How long a call may wait for a connection of a busy pool. A database
+    # that is gone does not make calls wait this long: the health probe
+    # notices within health_interval_s + connect_timeout_s, and calls then
+    # fail at once (UNAVAILABLE) until it is back.
+    pool_timeout_s: float = 5.0
     connect_timeout_s: float = 3.0
     # A read replica (streaming standby) for report and history reads; None:
     # they use a small pool of their own on the primary, never the
@@ -42,12 +44,18 @@ class Settings:
     read_pool_max: int = 4
     # Bounded concurrency per priority class (服务降级): RPCs in flight in one
     # process. Past its limit a class is refused at once with
-    # RESOURCE_EXHAUSTED and a retry hint; while payments wait for a database
-    # connection, every lower class is refused too.
+    # RESOURCE_EXHAUSTED and a retry hint; while payments are in flight and
+    # the transaction pool has waiters, every lower class is refused too.
+    # False: no priority classes at all (to measure what they are worth).
+    load_shedding: bool = True
     max_inflight_payments: int = 1024
     max_inflight_funding: int = 64
     max_inflight_admin: int = 32
     max_inflight_reports: int = 4
+    # Reports started per second per process (a token bucket): a cheap
+    # report run back-to-back would otherwise take a CPU share no cap on
+    # concurrency bounds. 0: no rate limit.
+    max_reports_per_s: float = 200.0
     shed_retry_ms: int = 500
     # How often the database is probed for the health service.
     health_interval_s: float = 1.0
@@ -170,6 +178,7 @@ class Settings:
             (self.max_inflight_payments >= max(self.max_inflight_funding, self.max_inflight_admin,
                                                self.max_inflight_reports),
              "max_inflight_payments must be the largest: payments go first"),
+            (self.max_reports_per_s >= 0, "max_reports_per_s must be >= 0"),
             (0 < self.shed_retry_ms <= 60_000, "shed_retry_ms must be between 1 and 60000"),
             (self.health_interval_s > 0, "health_interval_s must be > 0"),
             (0.0 <= self.trace_sample_ratio <= 1.0, "trace_sample_ratio must be between 0 and 1"),
