@@ -136,11 +136,11 @@ def test_reports_and_histories_are_read_on_the_replica(
     # Where did they run? The read pool's backends are on the standby and
     # last ran report SQL; the primary has no backend of the read pool, and
     # none of its backends ran a journal page.
-    on_standby = _statements(standby, "fuelcard-reads")
+    on_standby = _statements(standby, "fuelcard-reads-w0")
     assert on_standby, "no read-pool connection on the standby"
     assert any("fc.journal" in q or "fc.holds" in q or "fc.accounts" in q for q in on_standby)
-    assert _statements(primary, "fuelcard-reads") == []
-    for q in _statements(primary, "fuelcard"):
+    assert _statements(primary, "fuelcard-reads-w0") == []
+    for q in _statements(primary, "fuelcard-w0"):
         assert "fc.journal j" not in q and "fc.hold_json(h)" not in q, q
 
     # A write made after the standby was checked is not visible there until
@@ -159,6 +159,6 @@ def test_payments_never_touch_the_replica(
     card = builders.open_card(split_server, balance_fen=10_000)
     answer = builders.authorize(split_server, card, 5_000)
     assert answer.decision == common_pb2.DECISION_APPROVED
-    for q in _statements(standby, "fuelcard-reads"):
+    for q in _statements(standby, "fuelcard-reads-w0"):
         assert "fc.authorize" not in q and "fc.recharge" not in q, q
-    assert any("fc.authorize" in q or "fc." in q for q in _statements(primary, "fuelcard"))
+    assert any("fc.authorize" in q or "fc." in q for q in _statements(primary, "fuelcard-w0"))
