@@ -294,3 +294,28 @@ def test_bad_settings_are_refused_with_a_clear_message(tmp_path: Path, text: str
         Settings.from_env({}, config=config).validate()
     with pytest.raises(SettingsError, match="config file"):
         Settings.from_env({}, config=tmp_path / "missing.toml")
+
+
+def test_every_rpc_has_the_priority_class_it_should() -> None:
+    """Which class each of today's RPCs falls in (new RPCs are classed by
+    the same rules: a POS may call it -> payments, a report-type name or an
+    analytics caller -> reports, an adapter -> funding, else admin)."""
+    from fuelcard_server.overload import Priority, classify
+    from fuelcard_server.services import account, control, funding, points, security, transaction
+
+    classes: dict[str, Priority] = {}
+    for module in (account, control, funding, points, security, transaction):
+        for servicer in vars(module).values():
+            if isinstance(servicer, type) and servicer.__module__ == module.__name__:
+                for name, fn in vars(servicer).items():
+                    roles = getattr(fn, "__wrapped_roles__", None)
+                    if roles is not None:
+                        classes[name] = classify(name, roles)
+    payments = {"Authorize", "Confirm", "Cancel", "GetHold", "GetCardBalance", "SignOn",
+                "SetCardPin"}
+    reports = {"ListHolds", "ListTransactions", "ListPointsHistory", "ListControlChanges",
+               "GetFleetCostReport", "GetPointsBalance"}
+    assert {n for n, p in classes.items() if p is Priority.PAYMENTS} >= payments
+    assert {n for n, p in classes.items() if p is Priority.REPORTS} >= reports
+    assert classes["Recharge"] is Priority.FUNDING
+    assert classes["OpenAccount"] is Priority.ADMIN and classes["BatchTopUp"] is Priority.ADMIN

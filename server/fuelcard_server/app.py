@@ -207,8 +207,12 @@ class FuelcardServer:
             conn = await psycopg.AsyncConnection.connect(
                 self.database_url, autocommit=True, application_name="fuelcard-health",
                 connect_timeout=max(1, round(s.connect_timeout_s)))
-        async with asyncio.timeout(s.connect_timeout_s):
-            row = await (await conn.execute(PROBE_SQL)).fetchone()
+        try:
+            async with asyncio.timeout(s.connect_timeout_s):
+                row = await (await conn.execute(PROBE_SQL)).fetchone()
+        except BaseException:  # failed or cancelled: the caller never gets it back
+            await asyncio.shield(conn.close())
+            raise
         assert self.telemetry is not None and row is not None
         self.telemetry.gauges.active_holds = row[0]
         return conn
@@ -231,9 +235,7 @@ class FuelcardServer:
                     up = True
                 except (psycopg.Error, OSError, TimeoutError) as exc:
                     up = False
-                    if conn is not None:
-                        await conn.close()
-                        conn = None
+                    conn = None  # probe_once closed it
                     if healthy:
                         log.warning("database unreachable (%s): NOT_SERVING", type(exc).__name__)
                 if up != healthy:

@@ -8,6 +8,7 @@ here, so no handler ever sees a psycopg exception.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from typing import Any, LiteralString
@@ -36,7 +37,8 @@ _RACE_RETRIES = 3
 # (computed once per statement text).
 _SPAN_NAMES: dict[str, str] = {}
 _FIRST_OBJECT = re.compile(r"\b(fc\.\w+|pg_\w+)")
-_NO_TRACER: trace.Tracer = trace.NoOpTracer()
+# Without tracing, no span machinery at all (not even a no-op span).
+_NO_SPAN = contextlib.nullcontext()
 
 
 def span_name(sql: str) -> str:
@@ -45,6 +47,18 @@ def span_name(sql: str) -> str:
         found = _FIRST_OBJECT.search(sql)
         name = _SPAN_NAMES[sql] = "db " + (found.group(1) if found else "query")
     return name
+
+
+def tracing_on(tracer: trace.Tracer) -> bool:
+    return not isinstance(tracer, trace.NoOpTracer)
+
+
+def _span(tracer: trace.Tracer | None, sql: str) -> contextlib.AbstractContextManager[object]:
+    # A child span only under a span that is recorded (sampled): an unsampled
+    # RPC costs no span per statement.
+    if tracer is None or not trace.get_current_span().is_recording():
+        return _NO_SPAN
+    return tracer.start_as_current_span(span_name(sql), kind=trace.SpanKind.CLIENT)
 
 
 def _unavailable() -> errors.ApiError:
@@ -94,7 +108,7 @@ class Database:
         # Only reads go through this pool: any statement may be retried.
         self.read_only = read_only
         self.available = True
-        self.tracer = tracer or _NO_TRACER
+        self.tracer = tracer if tracer is not None and tracing_on(tracer) else None
         self.pool = AsyncConnectionPool(
             url,
             min_size=min_size,
@@ -128,7 +142,7 @@ class Database:
         before the link broke answers the retry with its first answer)."""
         if not self.available:
             raise _unavailable()
-        with self.tracer.start_as_current_span(span_name(sql), kind=trace.SpanKind.CLIENT):
+        with _span(self.tracer, sql):
             broken_retry = True
             attempt = 0
             while True:
@@ -162,7 +176,7 @@ class Database:
     async def fetch_all(self, sql: LiteralString, params: Params) -> list[tuple[Any, ...]]:
         if not self.available:
             raise _unavailable()
-        with self.tracer.start_as_current_span(span_name(sql), kind=trace.SpanKind.CLIENT):
+        with _span(self.tracer, sql):
             broken_retry = self.read_only
             while True:
                 try:

@@ -235,6 +235,7 @@ def _wrap(fn: Handler[S, Req, Resp], allowed: frozenset[Role]) -> Handler[S, Req
             if admission is not None:
                 admission.leave(priority)
 
+    wrapper.__wrapped_roles__ = allowed  # type: ignore[attr-defined]
     return wrapper
 
 
