@@ -166,11 +166,26 @@ def test_database_crash_under_load_leaves_the_ledger_consistent(
                for i in range(4)]
     for t in threads:
         t.start()
+    # One sale is sure to be cut off: authorized before the crash, its
+    # confirm sent while the database is down goes to the POS outbox.
+    stranded = Tally()
+    stranded_outbox = Outbox(tmp_path / "pos-stranded.sqlite3")
+    stranded_pos = PosClient(server.target, deadline_s=2.0, outbox=stranded_outbox,
+                             retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.05,
+                                               max_backoff_s=0.1, total_timeout_s=3.0))
+    held = stranded_pos.authorize(cards[0].card_number, 4_321, STATION, TERMINAL)
+    assert held.decision == common_pb2.DECISION_APPROVED
+    tallies.append(stranded)
+    outboxes.append(stranded_outbox)
     try:
         time.sleep(1.5)
         before_crash = sum(t.ok_calls for t in tallies)
         control_postgres(own_pg, "stop", "immediate")  # a crash: in-flight transactions die
         _wait_health(server.channel, health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+        with pytest.raises(PosPending):
+            stranded_pos.confirm(held.hold.hold_id, 4_000, volume_ml=1_000, unit_price_fen=785)
+        stranded.pending.append((cards[0].account_id, 4_000))
+        assert len(stranded_outbox) == 1
         time.sleep(1.0)
         during = sum(t.unavailable for t in tallies)
         control_postgres(own_pg, "start")  # crash recovery
@@ -184,6 +199,7 @@ def test_database_crash_under_load_leaves_the_ledger_consistent(
         stop.set()
         for t in threads:
             t.join(timeout=30)
+        stranded_pos.close()
     assert before_crash > 0 and during > 0
     for tally in tallies:
         assert tally.unexpected == []

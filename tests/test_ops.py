@@ -111,6 +111,16 @@ def _lock_waiters(db: Db) -> int:
     return int(str(row[0]))
 
 
+def test_a_request_past_the_message_size_limit_is_refused(server: RunningServer) -> None:
+    card = builders.open_card(server, balance_fen=5_000)
+    request = builders.authorize_request(card, 1_000)
+    request.station_id = "S" * (1024 * 1024 + 1)  # more than max_receive_message_length
+    with pytest.raises(grpc.RpcError) as caught:
+        server.pos.Authorize(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert builders.balance(server, card).balance.held_fen == 0
+
+
 # -- traces, logs ------------------------------------------------------------------
 
 
@@ -146,6 +156,8 @@ def test_rpc_spans_follow_the_callers_traceparent_with_database_children(
     assert all(s.parent_span_id == bytes.fromhex(parent_span) for s in rpc)
     children = [s for s in spans if s.parent_span_id == rpc[0].span_id]
     assert any(s.name.startswith("db fc.") for s in children), [s.name for s in spans]
+    # metrics go out over OTLP too
+    assert {"fuelcard.rpc.latency_ms", "fuelcard.authorizations"} <= otlp_sink.metric_names
     # an unsampled root trace (ratio 0) exports nothing
     before = otlp_sink.span_count
     builders.balance(server, card)
