@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from fuelcard_loadtest import cli, ledger
+from fuelcard_loadtest import cli, history, ledger, seed
 from fuelcard_loadtest.seed import account_uid, card_number
+from fuelcard_server import verify
 from fuelcard_server.cards import is_valid_pan
 
 from tests.plugins.server import TEST_KEY_HEX, RunningServer
@@ -96,3 +97,61 @@ def test_smoke_run_reports_and_a_planted_loss_fails_the_ledger_check(
     assert not again["ledger"]["verify_ok"]
     # the second run's own money still adds up: only the planted rows are wrong
     assert again["ledger"]["generator"] == again["ledger"]["ledger"]
+
+
+def test_history_fills_the_tables_and_keeps_the_ledger_exact(
+        server: RunningServer, tmp_path: Path) -> None:
+    """The scale run's history generator at a tiny size: the planned counts,
+    every row a past operation would have left, and `fuelcard verify` green;
+    then a run on top of it passes its ledger check and reuses the data set."""
+    key = bytes.fromhex(TEST_KEY_HEX)
+    url = server.database_url
+    dataset = seed.seed(url, key, "mixed", 1_000, history_entries=10_000, log=lambda _: None)
+    assert dataset.complete and not dataset.reused
+    plan = history.Plan.of(dataset.layout, 10_000)
+    assert plan.sales > 0 and plan.recharges > 0
+    assert dataset.accounts + 2 * plan.sales + plan.recharges == 10_000
+    cancels = sum(plan.cancels_of(c) for c in range(1_000))
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        def count(sql: str) -> int:
+            row = conn.execute(sql.encode(), {"tag": dataset.tag}).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        accounts = ("SELECT a.id FROM fc.accounts a"
+                    " WHERE a.uid::text LIKE '10ad7e57-' || lpad(to_hex(%(tag)s::integer), 4, '0') || '-%%'")
+        assert count(f"SELECT count(*) FROM ({accounts}) x") == dataset.accounts
+        assert count(f"SELECT count(*) FROM fc.journal WHERE credit_account_id IN ({accounts})"
+                     f" OR debit_account_id IN ({accounts})") == 10_000
+        assert count(f"SELECT count(*) FROM fc.holds WHERE account_id IN ({accounts})"
+                     " AND state = 2") == plan.sales
+        assert count(f"SELECT count(*) FROM fc.holds WHERE account_id IN ({accounts})"
+                     " AND state = 3") == cancels
+        assert count(f"SELECT count(*) FROM fc.recharges WHERE account_id IN ({accounts})"
+                     ) == dataset.accounts + plan.recharges
+        assert count(f"SELECT count(*) FROM fc.points_lots WHERE account_id IN ({accounts})"
+                     ) == plan.sales
+        assert count("SELECT count(*) FROM fc.idempotency_keys") >= (
+            2 * (plan.sales + cancels) + plan.recharges)
+        assert count("SELECT count(*) FROM fc.usage") >= plan.sales  # (card, day) at least
+        assert count("SELECT count(DISTINCT month) FROM fc.monthly_spend") >= 12
+        assert count("SELECT count(*) FROM fc.holds WHERE closed_at > now()") == 0
+    assert verify.run(url) == []
+
+    # Loading again finds it; a run on it passes the ledger check.
+    again = seed.seed(url, key, "mixed", 1_000, history_entries=10_000, log=lambda _: None)
+    assert again.reused and again.tag == dataset.tag
+    code, r = _run(server, tmp_path, "history", "--cards", "1000", "--history-entries", "10000",
+                   "--rate", "40", "--duration-s", "1")
+    assert code == 0, r["failures"]
+    assert r["seed_reused"] and r["dataset_tag"] == dataset.tag
+    assert r["history_entries"] == 10_000 and r["database_mb"] > 0
+
+
+def test_history_refuses_fewer_entries_than_opening_recharges(
+        server: RunningServer, tmp_path: Path) -> None:
+    code = cli.main(["--target", server.target, "--database-url", server.database_url,
+                     "--card-index-key-hex", TEST_KEY_HEX, "--cards", "100",
+                     "--history-entries", "99", "--duration-s", "1", "--no-progress"])
+    assert code == 2

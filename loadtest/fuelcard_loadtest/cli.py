@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pool-max", type=int, help="database connections per server process")
     s.add_argument("--reseed", action="store_true",
                    help="seed a new data set even if one of this shape exists")
+    s.add_argument("--history-entries", type=int, default=0,
+                   help="also load a year of past sales and recharges so that the data set's"
+                   " journal holds this many entries (the scale run: --cards 1000000"
+                   " --history-entries 10000000); kept with --data-dir")
+    s.add_argument("--history-jobs", type=int, default=2,
+                   help="database connections loading the history in parallel (default 2)")
     s.add_argument("--controls", action="store_true",
                    help="put caps, a geo-fence, products and hours on every card (none binds:"
                    " measures what the checks cost)")
@@ -111,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report=args.report, plot=args.plot, profile_dir=args.profile_dir,
         progress=not args.no_progress, rpc_timeout_s=args.rpc_timeout_s,
         max_inflight=args.max_inflight, max_ops=args.max_ops, reseed=args.reseed,
-        controls=args.controls,
+        controls=args.controls, history_entries=args.history_entries,
+        history_jobs=args.history_jobs,
         keep=args.keep, seed=args.seed,
         argv=["fuelcard-loadtest", *(sys.argv[1:] if argv is None else argv)])
     try:

@@ -33,6 +33,8 @@ def table(r: dict[str, Any]) -> str:
         f"  {r['cards']} cards on {r['accounts']} accounts; {r['processes']} generator processes"
         f" x {r['channels']} channels; target {r['target']}"
         f" ({r['server_workers'] or '?'} server processes)",
+        *([f"  history: {_n(r['history_entries'])} journal entries in the data set;"
+           f" database {r.get('database_mb', 0):,.0f} MB"] if r.get("history_entries") else []),
         f"  measured {r['duration_s']:.1f} s after {r['warmup_s']:g} s warm-up;"
         f" pump time {r['pump_ms'][0]:g}-{r['pump_ms'][1]:g} ms",
         "",

@@ -71,6 +71,8 @@ class Options:
     max_ops: int = 50_000_000
     bucket_s: float | None = None
     reseed: bool = False
+    history_entries: int = 0
+    history_jobs: int = 2
     controls: bool = False
     keep: bool = False
     seed: int | None = None
@@ -112,6 +114,8 @@ class Options:
             problems.append(f"--target must be a loopback address, not {self.target!r}")
         if self.database_url is not None and not _loopback_url(self.database_url):
             problems.append("--database-url must point at a Unix socket or a loopback address")
+        if self.history_entries < 0 or not 1 <= self.history_jobs <= 16:
+            problems.append("--history-entries must be >= 0 and --history-jobs 1-16")
         if self.rpc_timeout_s <= 0 or self.max_inflight < 1 or self.max_ops < 1:
             problems.append("--rpc-timeout-s, --max-inflight and --max-ops must be positive")
         if problems:
@@ -437,7 +441,13 @@ def run(opts: Options, out: TextIO | None = None) -> dict[str, Any]:
             assert opts.database_url is not None
             target, url = opts.target, opts.database_url
             key = _key(opts, opts.data_dir)
-        dataset = seed.seed(url, key, opts.scenario, cards, reuse=not opts.reseed, log=say)
+        try:
+            dataset = seed.seed(url, key, opts.scenario, cards, reuse=not opts.reseed,
+                                history_entries=opts.history_entries,
+                                history_jobs=opts.history_jobs, log=say)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        database_mb = _database_mb(url)
         if opts.controls:
             controls.apply(url, dataset.tag, f"LT-{run_id}", log=say)
         closed = opts.rate is None
@@ -461,6 +471,7 @@ def run(opts: Options, out: TextIO | None = None) -> dict[str, Any]:
             ceiling = _ceilings(opts, target, url, dataset, run_id, out, say)
         r = _report(opts, main, dataset, target, run_id, money, ceiling,
                     local.workers if local else None)
+        r["database_mb"] = database_mb
         if profile_summary is not None:
             r["profile"] = profile_summary
         out.write(report.table(r))
@@ -480,6 +491,13 @@ def run(opts: Options, out: TextIO | None = None) -> dict[str, Any]:
             shutil.rmtree(made_dir, ignore_errors=True)
         elif made_dir is not None:
             say(f"data kept in {made_dir}")
+
+
+def _database_mb(url: str) -> float:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    assert row is not None
+    return round(int(row[0]) / 1e6, 1)
 
 
 def _pg_tree(pg: Any) -> list[int]:
@@ -558,6 +576,7 @@ def _report(opts: Options, main: Phase, dataset: seed.Dataset, target: str, run_
         "dataset_tag": dataset.tag,
         "seed_s": round(dataset.seconds, 2),
         "seed_reused": dataset.reused,
+        "history_entries": dataset.history_entries,
         "processes": opts.processes,
         "channels": opts.channels,
         "server_workers": server_workers,

@@ -15,6 +15,10 @@ index), so every generator process rebuilds them. The side table
 loadtest.cards keeps (tag, i, pan_index, account uid) for pgbench, which
 cannot compute an HMAC, and loadtest.datasets lets a later run on the same
 database reuse the data set instead of seeding it again.
+
+With history_entries, a year of past sales and recharges follows (see
+history.py), so the tables the hot path touches have the size of a database
+in service.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import datetime as dt
 import io
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
 from fuelcard_server.cards import ISSUER_PREFIX, PanIndex, luhn_check_digit, mask
 
+from fuelcard_loadtest import history
 from fuelcard_loadtest.scenarios import Layout
 
 # A 19-digit number: issuer prefix (4) + dataset tag (3) + card index (11) + check.
@@ -55,6 +60,11 @@ CREATE TABLE IF NOT EXISTS loadtest.cards (
     account_uid uuid    NOT NULL,
     PRIMARY KEY (tag, i)
 );
+-- history_entries: journal entries the data set was seeded with (0: only the
+-- opening recharges); complete: false while its history is still loading.
+ALTER TABLE loadtest.datasets
+    ADD COLUMN IF NOT EXISTS history_entries bigint  NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS complete        boolean NOT NULL DEFAULT true;
 """
 
 
@@ -85,6 +95,8 @@ class Dataset:
     accounts: int
     reused: bool = False
     seconds: float = 0.0
+    history_entries: int = 0
+    complete: bool = True
 
     @property
     def layout(self) -> Layout:
@@ -152,37 +164,63 @@ def ensure_schema(url: str) -> None:
         conn.execute(SCHEMA_SQL)
 
 
-def find(url: str, scenario: str, cards: int, key: bytes) -> Dataset | None:
-    """A complete data set of this shape seeded earlier with this key."""
+def find(url: str, scenario: str, cards: int, key: bytes,
+         history_entries: int = 0) -> Dataset | None:
+    """A data set of this shape seeded earlier with this key (complete ones
+    first; an incomplete one is a history load to resume)."""
     probe_for = PanIndex(key)
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT d.tag, d.accounts, d.probe FROM loadtest.datasets d"
-            " WHERE d.scenario = %s AND d.cards = %s"
+            "SELECT d.tag, d.accounts, d.probe, d.complete FROM loadtest.datasets d"
+            " WHERE d.scenario = %s AND d.cards = %s AND d.history_entries = %s"
             "   AND EXISTS (SELECT 1 FROM fc.cards c WHERE c.pan_index = d.probe)"
-            " ORDER BY d.tag DESC", (scenario, cards)).fetchall()
-    for tag, accounts, probe in rows:
+            " ORDER BY d.complete DESC, d.tag DESC", (scenario, cards, history_entries)).fetchall()
+    for tag, accounts, probe, complete in rows:
         if bytes(probe) == probe_for.of(card_number(tag, 0)):
-            return Dataset(tag, scenario, cards, accounts, reused=True)
+            return Dataset(tag, scenario, cards, accounts, reused=True,
+                           history_entries=history_entries, complete=bool(complete))
     return None
 
 
+def _load_history(url: str, found: Dataset, log: Callable[[str], None],
+                  jobs: int) -> float:
+    loaded = history.load(url, found.tag, found.layout, found.history_entries, jobs=jobs,
+                          log=log)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE loadtest.datasets SET complete = true WHERE tag = %s", (found.tag,))
+    return loaded.seconds
+
+
 def seed(url: str, key: bytes, scenario: str, cards: int, *, reuse: bool = True,
+         history_entries: int = 0, history_jobs: int = 2,
          log: Callable[[str], None] = print) -> Dataset:
-    """Seed (or reuse) a data set of `cards` cards laid out for `scenario`."""
+    """Seed (or reuse) a data set of `cards` cards laid out for `scenario`;
+    with history_entries, also a year of history (see history.py) so that
+    its journal holds that many entries."""
     if not 1 <= cards < MAX_CARDS:
         raise ValueError(f"cards must be between 1 and {MAX_CARDS - 1}")
     layout = Layout(scenario, cards)
+    if history_entries:
+        history.Plan.of(layout, history_entries)  # refuses too few entries
     ensure_schema(url)
     if reuse:
-        found = find(url, scenario, cards, key)
-        if found is not None:
+        found = find(url, scenario, cards, key, history_entries)
+        if found is not None and found.complete:
             log(f"seed: reusing data set {found.tag} ({scenario}, {cards} cards,"
-                f" {found.accounts} accounts)")
+                f" {found.accounts} accounts"
+                + (f", {history_entries} journal entries)" if history_entries else ")"))
             return found
+        if found is not None:
+            log(f"seed: resuming the history of data set {found.tag}")
+            seconds = _load_history(url, found, log, history_jobs)
+            return replace(found, reused=False, seconds=seconds, complete=True)
     started = time.monotonic()
     pan_index = PanIndex(key)
-    now = dt.datetime.now(dt.UTC).isoformat()
+    created = dt.datetime.now(dt.UTC)
+    if history_entries:
+        # the accounts were opened before their history
+        created -= dt.timedelta(days=history.HISTORY_DAYS + 2)
+    now = created.isoformat()
     n_accounts = layout.accounts
     with psycopg.connect(url) as conn:
         # one seeder at a time picks the next tag
@@ -227,14 +265,20 @@ def seed(url: str, key: bytes, scenario: str, cards: int, *, reuse: bool = True,
               (f"{tag}\t{i}\t\\\\x{indexes[i]}\t{account_uid(tag, layout.account_of(i))}\n"
                for i in range(cards)))
         conn.execute(
-            "INSERT INTO loadtest.datasets (tag, scenario, cards, accounts, probe)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (tag, scenario, cards, n_accounts, bytes.fromhex(indexes[0])))
+            "INSERT INTO loadtest.datasets (tag, scenario, cards, accounts, probe,"
+            " history_entries, complete) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (tag, scenario, cards, n_accounts, bytes.fromhex(indexes[0]), history_entries,
+             not history_entries))
         conn.commit()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("ANALYZE fc.accounts, fc.cards, fc.recharges, fc.journal, loadtest.cards")
     seconds = time.monotonic() - started
     log(f"seed: data set {tag} ({scenario}): {cards} cards on {n_accounts} accounts"
         f" in {seconds:.1f} s")
-    return Dataset(tag, scenario, cards, n_accounts, reused=False, seconds=seconds)
+    dataset = Dataset(tag, scenario, cards, n_accounts, reused=False, seconds=seconds,
+                      history_entries=history_entries, complete=not history_entries)
+    if history_entries:
+        seconds += _load_history(url, dataset, log, history_jobs)
+        dataset = replace(dataset, seconds=seconds, complete=True)
+    return dataset
 
