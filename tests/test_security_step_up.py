@@ -37,6 +37,7 @@ from google.protobuf import timestamp_pb2
 
 from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, expect, scalar, snapshot
 from tests.otp_fake import FakeOtpSender
+from tests.plugins import logscan
 from tests.plugins.server import RunningServer, ServerThread, TlsServer, make_settings
 from tests.plugins.terminals import Terminal, sign_on
 
@@ -94,6 +95,8 @@ def env(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[Env]:
             holder=account_pb2.Holder(name="步进测试", phone=PHONE)))
         issued = accounts.IssueCard(account_pb2.IssueCardRequest(
             request_id=rid(), account_id=opened.account.account_id))
+        logscan.register("card number", issued.card_number)
+        logscan.register("phone", PHONE)
         yield Env(handle, sender, accounts, funding_pb2_grpc.FundingServiceStub(channel),
                   control_pb2_grpc.ControlServiceStub(channel),
                   security_pb2_grpc.SecurityServiceStub(channel), opened.account.account_id,
