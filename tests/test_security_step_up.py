@@ -428,6 +428,11 @@ def test_revealing_a_card_number_needs_a_step_up_and_is_audited(env: Env, db: Co
         return answer
 
     expect(lambda: reveal(None), grpc.StatusCode.FAILED_PRECONDITION, "STEP_UP_REQUIRED")
+    # The request_id of an answered operation of another kind opens nothing.
+    recharged = env.recharge_request(1_000)
+    env.funding.Recharge(recharged)
+    expect(lambda: reveal(None, request_id=recharged.request_id),
+           grpc.StatusCode.FAILED_PRECONDITION, "STEP_UP_REQUIRED")
     step_up = env.challenge(step_up_pb2.STEP_UP_KIND_REVEAL_CARD_NUMBER, env.card_id)
     request_id = rid()
     assert reveal(step_up, request_id=request_id).card_number == env.card_number
@@ -441,7 +446,8 @@ def test_revealing_a_card_number_needs_a_step_up_and_is_audited(env: Env, db: Co
         "SELECT outcome FROM fc.audit_log WHERE target = %s"
         " AND method = '/fuelcard.v1.SecurityService/RevealCardNumber' ORDER BY id",
         (env.card_id,)).fetchall()
-    assert [o[0] for o in outcomes] == ["FAILED_PRECONDITION STEP_UP_REQUIRED", "OK", "OK",
+    assert [o[0] for o in outcomes] == ["FAILED_PRECONDITION STEP_UP_REQUIRED",
+                                        "FAILED_PRECONDITION STEP_UP_REQUIRED", "OK", "OK",
                                         "PERMISSION_DENIED STEP_UP_FAILED"]
 
 

@@ -53,7 +53,7 @@ CREATE_SQL = (
     "SELECT fc.create_step_up(%s, %s, %s::uuid, %s::smallint, %s::uuid, %s::bigint, %s,"
     " %s::timestamptz, %s::smallint, %s::integer, %s::interval, %s::timestamptz)")
 CONSUME_SQL = (
-    "SELECT fc.consume_step_up(%s, %s, %s::boolean, %s::smallint, %s::uuid, %s::bigint, %s::uuid,"
+    "SELECT fc.consume_step_up(%s, %s, %s, %s::boolean, %s::smallint, %s::uuid, %s::bigint, %s::uuid,"
     " %s, %s::timestamptz)")
 
 
@@ -128,9 +128,9 @@ def refusal_error(refusal: str) -> errors.ApiError:
 def gate(operation_sql: LiteralString) -> LiteralString:
     """The statement running the step-up gate and then, only if it passes,
     `operation_sql` (a `fc.<operation>(...)` call expression, no SELECT), in
-    one transaction. Its parameters: the nine of fc.consume_step_up, then the
-    operation's. Answers the operation's jsonb, or {"step_up_refusal": ...}."""
-    return ("WITH s AS MATERIALIZED (SELECT fc.consume_step_up(%s, %s, %s::boolean, %s::smallint,"
+    one transaction. Its parameters: the ten of fc.consume_step_up
+    (gate_params), then the operation's. Answers the operation's jsonb, or {"step_up_refusal": ...}."""
+    return ("WITH s AS MATERIALIZED (SELECT fc.consume_step_up(%s, %s, %s, %s::boolean, %s::smallint,"
             " %s::uuid, %s::bigint, %s::uuid, %s, %s::timestamptz) AS refusal)"
             " SELECT CASE WHEN s.refusal IS NULL THEN " + operation_sql +
             " ELSE jsonb_build_object('step_up_refusal', s.refusal) END FROM s")
@@ -155,13 +155,15 @@ class StepUps:
     def code_hash(self, challenge_id: uuid.UUID | str, code: str) -> bytes:
         return gm.hmac_sm3(self._key, keys.canonical("step-up", str(challenge_id), code))
 
-    def gate_params(self, caller: str, request_id: str, required: bool, kind: int,
-                    subject: uuid.UUID | str | None, amount_fen: int,
+    def gate_params(self, caller: str, request_id: str, operation: str | None, required: bool,
+                    kind: int, subject: uuid.UUID | str | None, amount_fen: int,
                     challenge_id: uuid.UUID | None, code: str, now: dt.datetime
                     ) -> tuple[Any, ...]:
-        """The nine parameters of fc.consume_step_up for `gate()`."""
+        """The ten parameters of fc.consume_step_up for `gate()`. `operation`:
+        the name under which the operation stores its answer (fc.remember), so
+        that a retry replays without a fresh code; None if it stores none."""
         code_hash = self.code_hash(challenge_id, code) if challenge_id is not None else None
-        return (caller, request_id, required, kind, subject, amount_fen, challenge_id,
+        return (caller, request_id, operation, required, kind, subject, amount_fen, challenge_id,
                 code_hash, now)
 
     async def verify(self, caller: str, request_id: str, kind: int, subject: uuid.UUID | str,
@@ -171,7 +173,7 @@ class StepUps:
         and for other code that needs one (the risk engine). Raises the
         refusal's error; nothing else changes."""
         row = await self._db.fetch_one(CONSUME_SQL, self.gate_params(
-            caller, request_id, True, kind, subject, amount_fen, challenge_id, code, now))
+            caller, request_id, None, True, kind, subject, amount_fen, challenge_id, code, now))
         if row is not None and row[0] is not None:
             raise refusal_error(row[0])
 

@@ -36,7 +36,7 @@ SET_LIMITS_SQL = (
 # passes fc.is_limit_raise(...) as the gate's "required", decided in the same
 # transaction as the change.
 STEP_UP_SET_LIMITS_SQL = (
-    "WITH s AS MATERIALIZED (SELECT fc.consume_step_up(%s, %s,"
+    "WITH s AS MATERIALIZED (SELECT fc.consume_step_up(%s, %s, %s,"
     " %s::boolean AND fc.is_limit_raise(%s::uuid, %s::uuid, %s::bigint, %s::bigint, %s::bigint),"
     " %s::smallint, %s::uuid, %s::bigint, %s::uuid, %s, %s::timestamptz) AS refusal)"
     " SELECT CASE WHEN s.refusal IS NULL THEN fc.set_limits(%s, %s, %s, %s::uuid, %s::uuid,"
@@ -158,11 +158,12 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         lim = request.limits
         caller, now = self.d.caller(context), self.d.clock.now()
         gate = self.d.step_ups.gate_params(
-            caller, request.request_id, self.d.settings.step_up_limit_raises, stepup.LIMIT_RAISE,
-            card or account, _raise_amount(lim), challenge, request.step_up.code, now)
+            caller, request.request_id, "set_limits", self.d.settings.step_up_limit_raises,
+            stepup.LIMIT_RAISE, card or account, _raise_amount(lim), challenge,
+            request.step_up.code, now)
         d = stepup.check_answer(await self.d.db.call(STEP_UP_SET_LIMITS_SQL, (
-            *gate[:3], card, account, lim.per_transaction_fen, lim.daily_fen, lim.monthly_fen,
-            *gate[3:],
+            *gate[:4], card, account, lim.per_transaction_fen, lim.daily_fen, lim.monthly_fen,
+            *gate[4:],
             caller, request.request_id, self.d.fingerprint("set_limits", request),
             request.actor_account_id, card, account, lim.per_transaction_fen, lim.daily_fen,
             lim.monthly_fen, now)))
@@ -206,9 +207,10 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
                   lim.monthly_fen, start, end, now)
         if self.d.settings.step_up_limit_raises:
             d = stepup.check_answer(await self.d.db.call(STEP_UP_GRANT_RAISE_SQL, (
-                *self.d.step_ups.gate_params(caller, request.request_id, True, stepup.LIMIT_RAISE,
-                                             card or account, _raise_amount(lim), challenge,
-                                             request.step_up.code, now), *params)))
+                *self.d.step_ups.gate_params(caller, request.request_id, "grant_raise", True,
+                                             stepup.LIMIT_RAISE, card or account,
+                                             _raise_amount(lim), challenge, request.step_up.code,
+                                             now), *params)))
         else:
             d = await self.d.db.call(GRANT_RAISE_SQL, params)
         return control_pb2.GrantTemporaryRaiseResponse(raise_id=d["raise_id"])

@@ -96,7 +96,8 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
                   account_id, request.channel, request.channel_txn_id, request.amount_fen, now)
         if request.amount_fen > self.d.settings.step_up_recharge_above_fen:
             d = stepup.check_answer(await self.d.db.call(STEP_UP_RECHARGE_SQL, (
-                *self.d.step_ups.gate_params(caller, request.request_id, True, stepup.RECHARGE,
+                *self.d.step_ups.gate_params(caller, request.request_id, "recharge", True,
+                                             stepup.RECHARGE,
                                              account_id, request.amount_fen, challenge,
                                              request.step_up.code, now), *params)))
         else:

@@ -215,8 +215,9 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
         del pin
         key = self.d.caller(context)
         d = stepup.check_answer(await self.d.db.call(RESET_PIN_SQL, (
-            *self.d.step_ups.gate_params(key, request.request_id, True, stepup.PIN_RESET, card_id,
-                                         0, challenge, request.step_up.code, now),
+            *self.d.step_ups.gate_params(key, request.request_id, "reset_pin", True,
+                                         stepup.PIN_RESET, card_id, 0, challenge,
+                                         request.step_up.code, now),
             key, request.request_id, self.d.fingerprint("reset_pin", request), card_id, hashed,
             now)))
         return security_pb2.ResetCardPinResponse(card_id=d["card_id"])

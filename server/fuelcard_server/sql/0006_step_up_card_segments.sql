@@ -108,12 +108,14 @@ END $$;
 --
 -- so the code is used if and only if the operation commits, and a wrong
 -- code's attempt is counted although the operation does not run. An operation
--- already answered under (p_caller, p_request_id) passes (it replays its
--- stored answer, or fails REQUEST_ID_REUSED), as does a retry of the very
--- operation that used the challenge. Other code (e.g. the risk engine, on an
+-- p_operation (the name fc.remember stores) already answered under
+-- (p_caller, p_request_id) passes (it replays its stored answer, or fails
+-- REQUEST_ID_REUSED), as does a retry of the very operation that used the
+-- challenge. p_operation NULL (an operation that stores no answer, e.g. a
+-- read): only the latter. Other code (e.g. the risk engine, on an
 -- anomaly) demands a step-up by calling this with p_required = true.
 CREATE FUNCTION fc.consume_step_up(
-    p_caller text, p_request_id text, p_required boolean, p_kind smallint, p_subject uuid,
+    p_caller text, p_request_id text, p_operation text, p_required boolean, p_kind smallint, p_subject uuid,
     p_amount bigint, p_challenge uuid, p_code_hash bytea, p_now timestamptz)
 RETURNS text
 LANGUAGE plpgsql AS $$
@@ -122,7 +124,8 @@ DECLARE
 BEGIN
     IF NOT p_required
        OR EXISTS (SELECT 1 FROM fc.idempotency_keys
-                   WHERE caller = p_caller AND request_id = p_request_id) THEN
+                   WHERE caller = p_caller AND request_id = p_request_id
+                     AND operation = p_operation) THEN
         RETURN NULL;
     END IF;
     IF p_challenge IS NULL THEN
