@@ -490,3 +490,4 @@ def test_a_tampered_or_missing_card_number_is_not_revealed(env: Env, db: Conn) -
     expect(lambda: env.security.RevealCardNumber(security_pb2.RevealCardNumberRequest(
         request_id=rid(), card_id=seeded, step_up=step_up)),
         grpc.StatusCode.FAILED_PRECONDITION, "CARD_NUMBER_NOT_STORED")
+
