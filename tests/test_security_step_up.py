@@ -142,6 +142,12 @@ def test_a_large_recharge_needs_a_step_up_and_a_small_one_does_not(env: Env, db:
     assert again.recharge.recharge_id == bare.recharge.recharge_id == answer.recharge.recharge_id
     assert account_row(db, env.account_id)["balance_fen"] == THRESHOLD_FEN + 300_000
 
+    # The channel's second notice of the same payment, under a new request_id,
+    # gets the original answer without a code.
+    notice = funding_pb2.RechargeRequest()
+    notice.CopyFrom(request)
+    notice.request_id = rid()
+    assert env.funding.Recharge(notice).recharge.recharge_id == answer.recharge.recharge_id
     # The code is used: another recharge cannot ride on it.
     before = snapshot(db)
     e = expect(lambda: env.funding.Recharge(env.recharge_request(300_000, step_up)),
@@ -491,3 +497,14 @@ def test_a_tampered_or_missing_card_number_is_not_revealed(env: Env, db: Conn) -
         request_id=rid(), card_id=seeded, step_up=step_up)),
         grpc.StatusCode.FAILED_PRECONDITION, "CARD_NUMBER_NOT_STORED")
 
+
+
+def test_a_challenge_is_audited_whoever_asks(env: Env, db: Conn) -> None:
+    stub = security_pb2_grpc.SecurityServiceStub(env.server.channel("adapter-wechat-gw"))
+    stub.CreateStepUpChallenge(security_pb2.CreateStepUpChallengeRequest(
+        request_id=rid(), kind=step_up_pb2.STEP_UP_KIND_RECHARGE, subject_id=env.account_id,
+        amount_fen=200_000))
+    row = db.execute("SELECT actor, target::text, outcome FROM fc.audit_log WHERE method ="
+                     " '/fuelcard.v1.SecurityService/CreateStepUpChallenge' ORDER BY id DESC"
+                     " LIMIT 1").fetchone()
+    assert row == ("adapter:WECHAT_PAY:wechat-gw", env.account_id, "OK")

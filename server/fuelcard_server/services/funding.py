@@ -33,9 +33,17 @@ SIGNED_ANSWERS = 10_000
 
 RECHARGE_SQL = (
     "SELECT fc.recharge(%s, %s, %s, %s::uuid, %s::smallint, %s, %s::bigint, %s::timestamptz)")
-# A recharge above the step-up threshold: the same call behind the step-up gate.
-STEP_UP_RECHARGE_SQL = stepup.gate(
-    "fc.recharge(%s, %s, %s, %s::uuid, %s::smallint, %s, %s::bigint, %s::timestamptz)")
+# A recharge above the step-up threshold: the same call behind the step-up
+# gate (stepup.gate). A channel's second notice of a payment already booked
+# (same channel_txn_id) needs no code: it gets the original answer, or
+# CHANNEL_TXN_REUSED.
+STEP_UP_RECHARGE_SQL = (
+    "WITH s AS MATERIALIZED (SELECT fc.consume_step_up(%s, %s, %s, %s::boolean AND NOT EXISTS"
+    " (SELECT 1 FROM fc.recharges WHERE channel = %s::smallint AND channel_txn_id = %s),"
+    " %s::smallint, %s::uuid, %s::bigint, %s::uuid, %s, %s::timestamptz) AS refusal)"
+    " SELECT CASE WHEN s.refusal IS NULL THEN"
+    " fc.recharge(%s, %s, %s, %s::uuid, %s::smallint, %s, %s::bigint, %s::timestamptz)"
+    " ELSE jsonb_build_object('step_up_refusal', s.refusal) END FROM s")
 GET_RECHARGE_SQL = (
     "SELECT fc.recharge_json(r) FROM fc.recharges r"
     " WHERE r.channel = %s::smallint AND r.channel_txn_id = %s")
@@ -95,11 +103,11 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
         params = (caller, request.request_id, self.d.fingerprint("recharge", request),
                   account_id, request.channel, request.channel_txn_id, request.amount_fen, now)
         if request.amount_fen > self.d.settings.step_up_recharge_above_fen:
+            gate = self.d.step_ups.gate_params(
+                caller, request.request_id, "recharge", True, stepup.RECHARGE, account_id,
+                request.amount_fen, challenge, request.step_up.code, now)
             d = stepup.check_answer(await self.d.db.call(STEP_UP_RECHARGE_SQL, (
-                *self.d.step_ups.gate_params(caller, request.request_id, "recharge", True,
-                                             stepup.RECHARGE,
-                                             account_id, request.amount_fen, challenge,
-                                             request.step_up.code, now), *params)))
+                *gate[:4], request.channel, request.channel_txn_id, *gate[4:], *params)))
         else:
             d = await self.d.db.call(RECHARGE_SQL, params)
         response = funding_pb2.RechargeResponse(
