@@ -13,8 +13,10 @@ terminal at once, alternating runs:
   MAC off: the same requests without them.
 
 Each terminal has one request in flight at a time (counters must rise).
-Reports RPC/s (authorize + confirm) per run, the median of each mode and the
-ratio. The generator runs on the same machine as the server and PostgreSQL.
+Reports RPC/s (authorize + confirm) per run, and the CPU the server processes
+and PostgreSQL spent per RPC (from /proc: steadier than throughput on a
+shared, loaded machine); the median of each mode and the ratios. The
+generator runs on the same machine as the server and PostgreSQL.
 
     .venv/bin/python -m fuelcard_loadtest.mac_bench [--terminals 32] [--seconds 20]
         [--rounds 3] [--workers 2] [--data-dir DIR] [--json FILE]
@@ -55,9 +57,10 @@ from fuelcard.v1 import (
 )
 from fuelcard_server import keys
 from fuelcard_server.certs import DevPki
+from fuelcard_server.embedded import EmbeddedPostgres
 from fuelcard_server.identity import Role
 
-from fuelcard_loadtest.server import free_port
+from fuelcard_loadtest.server import cpu_seconds, free_port, postmaster_pid, tree
 
 STATION = "MB-1"
 AUTHORIZE_FEN = 100
@@ -172,7 +175,20 @@ async def prepare(target: str, certs: Path, names: Sequence[str]
     return terminals, channels
 
 
-async def run(terminals: Sequence[Terminal], with_mac: bool, seconds: float) -> dict[str, Any]:
+@dataclass
+class Processes:
+    server_pid: int
+    postgres: EmbeddedPostgres
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of (the server's processes, PostgreSQL's)."""
+        pg = postmaster_pid(self.postgres)
+        return (cpu_seconds(tree(self.server_pid)),
+                cpu_seconds(tree(pg)) if pg is not None else 0.0)
+
+
+async def run(terminals: Sequence[Terminal], with_mac: bool, seconds: float,
+              procs: Processes | None = None) -> dict[str, Any]:
     """Closed-loop pump cycles from every terminal for `seconds`."""
     stop_at = time.monotonic() + seconds
     cycles = [0] * len(terminals)
@@ -190,15 +206,21 @@ async def run(terminals: Sequence[Terminal], with_mac: bool, seconds: float) -> 
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
 
+    cpu0 = procs.cpu() if procs else (0.0, 0.0)
     started = time.monotonic()
     await asyncio.gather(*(loop(k, t) for k, t in enumerate(terminals)))
     elapsed = time.monotonic() - started
+    cpu1 = procs.cpu() if procs else (0.0, 0.0)
+    rpcs = max(1, 2 * sum(cycles))
     return {"mac": with_mac, "seconds": round(elapsed, 2), "cycles": sum(cycles),
-            "rpc_per_s": round(2 * sum(cycles) / elapsed, 1), "errors": errors}
+            "rpc_per_s": round(2 * sum(cycles) / elapsed, 1),
+            "server_cpu_us_per_rpc": round(1e6 * (cpu1[0] - cpu0[0]) / rpcs, 1),
+            "postgres_cpu_us_per_rpc": round(1e6 * (cpu1[1] - cpu0[1]) / rpcs, 1),
+            "errors": errors}
 
 
 async def bench(target: str, certs: Path, names: Sequence[str], seconds: float, rounds: int,
-                warmup_s: float) -> dict[str, Any]:
+                warmup_s: float, procs: Processes) -> dict[str, Any]:
     terminals, channels = await prepare(target, certs, names)
     try:
         await run(terminals, True, warmup_s)
@@ -208,18 +230,25 @@ async def bench(target: str, certs: Path, names: Sequence[str], seconds: float, 
             # alternate which mode goes first, so drift does not favour one
             order = (True, False) if r % 2 == 0 else (False, True)
             for with_mac in order:
-                result = await run(terminals, with_mac, seconds)
+                result = await run(terminals, with_mac, seconds, procs)
                 print(json.dumps(result), flush=True)
                 runs.append(result)
     finally:
         for ch in channels:
             await ch.close(None)
-    on = statistics.median(r["rpc_per_s"] for r in runs if r["mac"])
-    off = statistics.median(r["rpc_per_s"] for r in runs if not r["mac"])
-    return {"terminals": len(names), "seconds_per_run": seconds, "rounds": rounds,
-            "median_rpc_per_s_mac_on": on, "median_rpc_per_s_mac_off": off,
-            "ratio_on_over_off": round(on / off, 3), "loss_pct": round(100 * (1 - on / off), 1),
-            "runs": runs}
+    def median(key: str, mac: bool) -> float:
+        return float(statistics.median(r[key] for r in runs if r["mac"] is mac))
+
+    on, off = median("rpc_per_s", True), median("rpc_per_s", False)
+    summary: dict[str, Any] = {
+        "terminals": len(names), "seconds_per_run": seconds, "rounds": rounds,
+        "median_rpc_per_s_mac_on": on, "median_rpc_per_s_mac_off": off,
+        "ratio_on_over_off": round(on / off, 3), "loss_pct": round(100 * (1 - on / off), 1)}
+    for key in ("server_cpu_us_per_rpc", "postgres_cpu_us_per_rpc"):
+        summary[f"median_{key}_mac_on"] = median(key, True)
+        summary[f"median_{key}_mac_off"] = median(key, False)
+    summary["runs"] = runs
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,8 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = make_pki(certs, args.terminals)
     proc, port = start_server(data, certs, args.workers)
     try:
+        procs = Processes(proc.pid, EmbeddedPostgres(data / "postgres"))
         summary = asyncio.run(bench(f"127.0.0.1:{port}", certs, names, args.seconds, args.rounds,
-                                    args.warmup_s))
+                                    args.warmup_s, procs))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
