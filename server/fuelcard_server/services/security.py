@@ -115,7 +115,8 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
             raise errors.failed_precondition("SIGN_ON_NEEDS_TLS")
         # An admin console signs on under its own key id, apart from terminals.
         key_id = caller.name if caller.role is Role.POS else ADMIN_KEY_PREFIX + caller.name
-        if request.terminal_id != key_id:
+        if request.terminal_id != key_id or (caller.role is Role.POS
+                                             and key_id.startswith(ADMIN_KEY_PREFIX)):
             raise errors.permission_denied("TERMINAL_MISMATCH")
         working = await self.d.terminal_keys.current(key_id, self.d.clock.now())
         response = security_pb2.SignOnResponse(
