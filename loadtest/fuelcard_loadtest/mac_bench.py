@@ -247,6 +247,17 @@ async def bench(target: str, certs: Path, names: Sequence[str], seconds: float, 
     for key in ("server_cpu_us_per_rpc", "postgres_cpu_us_per_rpc"):
         summary[f"median_{key}_mac_on"] = median(key, True)
         summary[f"median_{key}_mac_off"] = median(key, False)
+    # Each round's two runs ran back to back: their ratio cancels drift in
+    # what else the machine is doing; the median of those ratios.
+    pairs = [(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
+    ratios = [(a if a["mac"] else b)["rpc_per_s"] / (b if a["mac"] else a)["rpc_per_s"]
+              for a, b in pairs]
+    summary["median_round_ratio_on_over_off"] = round(statistics.median(ratios), 3)
+    cpu = [((a if a["mac"] else b), (b if a["mac"] else a)) for a, b in pairs]
+    summary["median_round_ratio_cpu_per_rpc_on_over_off"] = round(statistics.median(
+        (on_["server_cpu_us_per_rpc"] + on_["postgres_cpu_us_per_rpc"])
+        / (off_["server_cpu_us_per_rpc"] + off_["postgres_cpu_us_per_rpc"])
+        for on_, off_ in cpu), 3)
     summary["runs"] = runs
     return summary
 
