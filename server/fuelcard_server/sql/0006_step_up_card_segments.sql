@@ -216,10 +216,12 @@ END $$;
 -- fourth schema. The root key is never in the database. Lookup stays by the
 -- blind index (fc.cards.pan_index); fc.cards keeps only the masked form.
 --
--- Least privilege: the application role is granted EXECUTE on the put/get
--- functions only, never the tables. (The server still connects as the
--- database owner in development and tests, where this is moot.) Creating the
--- roles needs CREATEROLE; they are cluster-wide, so made only if missing.
+-- Least privilege: the role that runs the migrations (the one the server
+-- connects as) is granted EXECUTE on the put/get functions only, never the
+-- tables. (In development and tests it is a superuser, where this is moot.)
+-- This migration needs a superuser, or a role with CREATEROLE that is a
+-- member of the four roles; the roles are cluster-wide, so made only if
+-- missing.
 
 DO $$
 DECLARE
@@ -259,6 +261,10 @@ BEGIN
         EXECUTE format('ALTER FUNCTION %1$I.get(bigint) OWNER TO %1$I', s);
         EXECUTE format('REVOKE ALL ON FUNCTION %1$I.put(bigint, text, bytea) FROM PUBLIC', s);
         EXECUTE format('REVOKE ALL ON FUNCTION %1$I.get(bigint) FROM PUBLIC', s);
+        -- the role running the migrations is the one the server connects as
+        EXECUTE format('GRANT USAGE ON SCHEMA %1$I TO CURRENT_USER', s);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.put(bigint, text, bytea), %1$I.get(bigint)'
+                       ' TO CURRENT_USER', s);
     END LOOP;
 END $$;
 
