@@ -14,6 +14,7 @@ from fuelcard.v1 import (
     transaction_pb2,
 )
 
+from tests.plugins import logscan
 from tests.plugins.server import RunningServer
 
 _seq = itertools.count(1)
@@ -40,12 +41,15 @@ def open_card(server: RunningServer, balance_fen: int = 0,
               phone: str = "", id_number: str = "") -> FundedCard:
     """Open an account, issue a card on it, and recharge it to balance_fen."""
     n = next(_seq)
+    logscan.register("phone", phone)
+    logscan.register("ID number", id_number)
     opened = server.accounts.OpenAccount(account_pb2.OpenAccountRequest(
         request_id=rid("open"), type=account_type,
         holder=account_pb2.Holder(name=f"测试用户 {n}", phone=phone, id_number=id_number)))
     account_id = opened.account.account_id
     issued = server.accounts.IssueCard(account_pb2.IssueCardRequest(
         request_id=rid("card"), account_id=account_id))
+    logscan.register("card number", issued.card_number)
     if balance_fen:
         recharge(server, account_id, balance_fen)
     return FundedCard(account_id, issued.card.card_id, issued.card_number)

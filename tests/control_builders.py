@@ -24,6 +24,7 @@ from google.protobuf import timestamp_pb2
 
 from tests import builders
 from tests.builders import FundedCard, rid
+from tests.plugins import logscan
 from tests.plugins.server import RunningServer
 
 AccountType: TypeAlias = account_pb2.AccountType.ValueType
@@ -84,6 +85,7 @@ def open_account(server: RunningServer, account_type: AccountType = account_pb2.
 def issue_card(server: RunningServer, account_id: str) -> FundedCard:
     issued = server.accounts.IssueCard(account_pb2.IssueCardRequest(
         request_id=rid("card"), account_id=account_id))
+    logscan.register("card number", issued.card_number)
     return FundedCard(account_id, issued.card.card_id, issued.card_number)
 
 

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests import builders
+from tests.plugins import logscan
 from tests.plugins.server import TEST_KEY_HEX, RunningServer
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
@@ -60,7 +61,8 @@ def served(database_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=30)
+        logscan.feed("fuelcard serve (stderr)", stderr)
 
 
 def test_health_reports_every_service_serving(served: tuple[subprocess.Popen[str], str]) -> None:
@@ -96,6 +98,7 @@ def test_sigterm_drains_in_flight_calls(served: tuple[subprocess.Popen[str], str
             request_id=builders.rid(), account_id=opened.account.account_id))
         card = builders.FundedCard(opened.account.account_id, issued.card.card_id,
                                    issued.card_number)
+        logscan.register("card number", issued.card_number)
         with psycopg.connect(database_url, autocommit=True) as conn:
             key = conn.execute("SELECT id FROM fc.accounts WHERE uid = %s",
                                (card.account_id,)).fetchone()

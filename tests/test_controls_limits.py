@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from fuelcard.v1 import account_pb2, common_pb2, control_pb2, transaction_pb2, transaction_pb2_grpc
@@ -542,7 +543,8 @@ def test_parent_child_storm_never_deadlocks(server: RunningServer, db: Conn) -> 
         rng = random.Random(99)
         while not stop.is_set():
             targets = [{"account_id": parent}] + [{"card_id": s.card_id} for s in fleet.subs]
-            target = rng.choice(targets + [{"account_id": s.account_id} for s in fleet.subs])
+            target: dict[str, Any] = rng.choice(
+                targets + [{"account_id": s.account_id} for s in fleet.subs])
             stub.SetSpendingLimits(control_pb2.SetSpendingLimitsRequest(
                 request_id=builders.rid("l"), actor_account_id=parent,
                 limits=cb.limits(rng.choice([0, 15_000]), rng.choice([0, 5_000_000]),

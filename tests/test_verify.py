@@ -168,6 +168,10 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       "UPDATE fc.accounts SET balance_fen = balance_fen - 10 WHERE uid = %(account)s",
       "UPDATE fc.accounts SET balance_fen = balance_fen + 10 WHERE uid = %(other)s"],
      {"allocations_stay_in_the_family"}),
+    ("card-number-part-lost",
+     ["DELETE FROM fc_pan_seg3.sealed WHERE card_id = (SELECT c.id FROM fc.cards c"
+      " JOIN fc.accounts a ON a.id = c.account_id WHERE a.uid = %(account)s LIMIT 1)"],
+     {"card_number_parts_whole"}),
 ]
 # The invariants of the core ledger (issue 2): a corruption must trip exactly
 # the ones expected of it. Checks added later may also fire.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -35,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fuelcard_server import errors
 from fuelcard_server.audit import AuditLog
+from fuelcard_server.card_numbers import CardVault
 from fuelcard_server.cards import PanIndex
 from fuelcard_server.clock import Clock, SystemClock
 from fuelcard_server.db import Database
@@ -50,6 +52,8 @@ from fuelcard_server.services.points import PointsService
 from fuelcard_server.services.security import SecurityService
 from fuelcard_server.services.transaction import TransactionService
 from fuelcard_server.settings import Settings, SettingsError
+from fuelcard_server.stepup import FileOtpSender, OtpSender, StepUps
+from fuelcard_server.stepup import Policy as StepUpPolicy
 from fuelcard_server.telemetry import MetricsEndpoint, Telemetry
 from fuelcard_server.terminals import TerminalKeys
 
@@ -123,6 +127,8 @@ class FuelcardServer:
     worker: int = 0
     telemetry: Telemetry | None = None
     metrics_port: int = 0
+    # Delivers step-up codes; None: FileOtpSender (development).
+    otp_sender: OtpSender | None = None
     _server: grpc.aio.Server | None = None
     _db: Database | None = None
     _reads: Database | None = None
@@ -155,6 +161,10 @@ class FuelcardServer:
             fingerprint_key=hmac.new(key, b"request-fingerprint", hashlib.sha256).digest(),
             terminal_keys=terminal_keys, signing_key=s.signing_key(),
             pins=Pins(self._db, terminal_keys, pin_pepper(provider)), audit=AuditLog(self._db),
+            step_ups=StepUps(self._db, provider, self.otp_sender or FileOtpSender(
+                s.otp_outbox_file or s.data_dir / "otp-outbox.jsonl"), StepUpPolicy(
+                    ttl=dt.timedelta(seconds=s.otp_ttl_s), max_attempts=s.otp_max_attempts)),
+            card_vault=CardVault(provider, PanIndex(key)),
             tls=not s.insecure, read_db=self._reads, telemetry=tel,
             admission=Admission(s, self._db.pool_waiting) if s.load_shedding else None)
         self._audit = deps.audit

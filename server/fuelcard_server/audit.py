@@ -18,6 +18,7 @@ What is audited (`should_audit`):
   * a terminal's or adapter's call only when its role may not make it (a
     refused reach for an internal RPC) - their routine traffic is not;
   * a certificate that names no role: always (it is refused);
+  * a step-up challenge, by any caller (it reads the holder's phone);
   * in development mode (no identities), every call outside TransactionService
     and FundingService.
 
@@ -60,6 +61,9 @@ NEVER_AUDITED = frozenset({
     "/fuelcard.v1.TransactionService/Confirm",
     "/fuelcard.v1.TransactionService/Cancel",
 })
+# Calls audited whoever makes them: they read personal data (the holder's
+# phone, to send a step-up code to it).
+ALWAYS_AUDITED = frozenset({"/fuelcard.v1.SecurityService/CreateStepUpChallenge"})
 # Services whose calls are terminal or adapter traffic, not administration:
 # not audited in development mode, where no certificate says who calls.
 ROUTINE_SERVICES = frozenset({"fuelcard.v1.TransactionService", "fuelcard.v1.FundingService"})
@@ -71,7 +75,8 @@ WALK_SQL = ("SELECT id, created_at, actor, method, target, outcome, prev_hash, h
 
 # Fields naming what a call is about, most specific first; a request's win
 # over a response's (OpenAccount's target is the account it made).
-_TARGET_FIELDS = ("hold_id", "card_id", "account_id", "parent_account_id", "from_account_id")
+_TARGET_FIELDS = ("hold_id", "card_id", "account_id", "parent_account_id", "from_account_id",
+                  "subject_id")
 _TARGET_MESSAGES = (("hold", "hold_id"), ("card", "card_id"), ("account", "account_id"),
                     ("recharge", "account_id"))
 _REASON = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
@@ -96,7 +101,7 @@ def should_audit(method: str, caller: Caller | None, allowed: frozenset[Role]) -
     """Whether a call writes an audit record (see the module docstring)."""
     if method in NEVER_AUDITED:
         return False
-    if caller is None:
+    if caller is None or method in ALWAYS_AUDITED:
         return True
     if caller.role is None:  # development mode
         return method.split("/")[1] not in ROUTINE_SERVICES

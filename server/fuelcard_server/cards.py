@@ -1,7 +1,8 @@
 """Card numbers (PANs): validation, masking, generation and the blind index.
 
-The server never stores a card number. It stores a keyed hash of it (the
-blind index, HMAC-SM3) to find the card, and a masked form to show.
+fc.cards never holds a card number: it keeps a keyed hash of it (the blind
+index, HMAC-SM3) to find the card, and a masked form to show. The number
+itself is kept only sealed, in segments that live apart (card_numbers.py).
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ class Pins:
         self._keys = terminal_keys
         self._pepper = pepper
 
+    @property
+    def pepper(self) -> bytes:
+        return self._pepper
+
     async def _clear_pin(self, terminal_id: str, key_version: int, block: bytes,
                          card_number: str, now: dt.datetime) -> bytes | None:
         """The PIN in a block, or None if the block does not decode (wrong

@@ -96,6 +96,17 @@ class Settings:
     # The server's SM2 signing key (hex, 0600 file), for signing answers to
     # payment adapters. Default data_dir/server-sm2.key, created on first use.
     signing_key_file: Path | None = None
+    # Step-up verification (多因素认证, stepup.py): recharges above this many
+    # fen need a one-time code (0: every recharge).
+    step_up_recharge_above_fen: int = 2_000_000
+    # Limit raises (a higher or removed cap, a temporary raise) need one.
+    step_up_limit_raises: bool = True
+    # A code's life and the wrong codes it allows.
+    otp_ttl_s: int = 300
+    otp_max_attempts: int = 3
+    # Development delivery of codes (FileOtpSender): a 0600 JSON-lines file,
+    # default data_dir/otp-outbox.jsonl. Production plugs an SMS gateway in.
+    otp_outbox_file: Path | None = None
 
     ENV_PREFIX = "FUELCARD_"
     CONFIG_ENV = "FUELCARD_CONFIG"
@@ -185,6 +196,9 @@ class Settings:
             (self.metrics_interval_s > 0, "metrics_interval_s must be > 0"),
             (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
              "log_level must be DEBUG, INFO, WARNING or ERROR"),
+            (self.step_up_recharge_above_fen >= 0, "step_up_recharge_above_fen must be >= 0"),
+            (30 <= self.otp_ttl_s <= 3600, "otp_ttl_s must be 30..3600"),
+            (1 <= self.otp_max_attempts <= 10, "otp_max_attempts must be 1..10"),
         ]
         for ok, message in checks:
             if not ok:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Container
+from typing import Any
 
 from fuelcard_server import cards
 from fuelcard_server.errors import FieldViolation, invalid
@@ -53,6 +54,18 @@ class Violations:
             self.add(field, "must not be negative", "VALUE_NEGATIVE")
         elif value > maximum:
             self.add(field, f"must be at most {maximum}", "VALUE_TOO_LARGE")
+
+    def step_up(self, field: str, request: Any) -> uuid.UUID | None:
+        """The challenge id of a request's StepUp (`field`), if it carries
+        one; its code must be 6 digits."""
+        if not request.HasField(field):
+            return None
+        step_up = getattr(request, field)
+        challenge = self.uuid(f"{field}.challenge_id", step_up.challenge_id)
+        code = step_up.code
+        if not (len(code) == 6 and code.isascii() and code.isdigit()):
+            self.add(f"{field}.code", "must be the 6-digit code", "STEP_UP_CODE_MALFORMED")
+        return challenge
 
     def uuid(self, field: str, value: str) -> uuid.UUID | None:
         if not value:

@@ -169,6 +169,18 @@ CHECKS: tuple[Check, ...] = (
                         GROUP BY account_id) l ON l.account_id = a.id
            WHERE a.kind <> 100 AND a.points_balance <> coalesce(l.remaining, 0)
            LIMIT 10"""),
+    Check("card_number_parts_whole",
+          "a card has all four sealed parts of its number (three segments and the whole) or"
+          " none (cards seeded straight into the database)",
+          """
+          SELECT c.id, n.parts FROM fc.cards c
+           CROSS JOIN LATERAL (
+               SELECT (SELECT count(*) FROM fc_pan_seg1.sealed s WHERE s.card_id = c.id)
+                    + (SELECT count(*) FROM fc_pan_seg2.sealed s WHERE s.card_id = c.id)
+                    + (SELECT count(*) FROM fc_pan_seg3.sealed s WHERE s.card_id = c.id)
+                    + (SELECT count(*) FROM fc_pan_vault.sealed s WHERE s.card_id = c.id) AS parts) n
+           WHERE n.parts NOT IN (0, 4)
+           LIMIT 10"""),
 )
 
 

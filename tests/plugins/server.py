@@ -91,8 +91,12 @@ class ServerThread:
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    # Step-up codes for large recharges and limit raises are off unless a
+    # test turns them on (test_security_step_up.py): most tests are about
+    # other things and move large amounts and caps freely.
     s = Settings(listen="127.0.0.1:0", data_dir=tmp_path, card_index_key_hex=TEST_KEY_HEX,
-                 pool_min=2, pool_max=8, expiry_interval_s=3600.0, grace_s=1.0, insecure=True)
+                 pool_min=2, pool_max=8, expiry_interval_s=3600.0, grace_s=1.0, insecure=True,
+                 step_up_recharge_above_fen=2**62, step_up_limit_raises=False)
     return dataclasses.replace(s, **overrides).validate()
 
 

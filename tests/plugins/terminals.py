@@ -26,6 +26,7 @@ from fuelcard.v1 import (
 from fuelcard_server import keys
 
 from tests.ledger_asserts import unpack
+from tests.plugins import logscan
 from tests.plugins.server import TlsServer
 
 
@@ -114,6 +115,7 @@ def setup(tls_server: TlsServer) -> Iterator[Fixture]:
         holder=account_pb2.Holder(name="安全测试")))
     account_id = opened.account.account_id
     issued = admin.IssueCard(account_pb2.IssueCardRequest(request_id=rid(), account_id=account_id))
+    logscan.register("card number", issued.card_number)
     funding.Recharge(funding_pb2.RechargeRequest(
         request_id=rid(), account_id=account_id, channel=funding_pb2.CHANNEL_COUNTER,
         channel_txn_id=f"ctr-{uuid.uuid4().hex}", amount_fen=100_000))

@@ -28,6 +28,11 @@ OPEN_ACCOUNT_SQL = (
 SUB_ACCOUNT_MODES = frozenset({account_pb2.FUNDING_MODE_ALLOCATED, account_pb2.FUNDING_MODE_SHARED})
 LABEL_MAX_CHARS = 50
 ISSUE_CARD_SQL = "SELECT fc.issue_card(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz)"
+# Issue, then store the number's sealed segments and sealed whole
+# (card_numbers.py), in one statement and so one transaction.
+ISSUE_AND_STORE_CARD_SQL = (
+    "WITH i AS MATERIALIZED (SELECT fc.issue_card(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz) AS d)"
+    " SELECT fc.store_card_number(i.d, %s, %s, %s::bytea[]) FROM i")
 UPDATE_CARD_STATUS_SQL = (
     "SELECT fc.update_card_status(%s, %s, %s, %s::uuid, %s::smallint, %s::timestamptz)")
 GET_ACCOUNT_SQL = "SELECT fc.account_json(a) FROM fc.accounts a WHERE a.uid = %s::uuid AND a.kind <> 100"
@@ -98,9 +103,11 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
         # A generated number is derived from the request, so a replay answers
         # with the same number although the number is stored nowhere.
         pan = request.card_number or self.d.pan_index.generate(f"{caller}\0{request.request_id}")
-        d = await self.d.db.call(ISSUE_CARD_SQL, (
+        pan_index = self.d.pan_index.of(pan)
+        d = await self.d.db.call(ISSUE_AND_STORE_CARD_SQL, (
             caller, request.request_id, self.d.fingerprint("issue_card", request),
-            request.account_id, self.d.pan_index.of(pan), cards.mask(pan), self.d.clock.now()))
+            request.account_id, pan_index, cards.mask(pan), self.d.clock.now(),
+            pan_index, self.d.card_vault.root_key_id, self.d.card_vault.seal(pan)))
         return account_pb2.IssueCardResponse(card=wire.card(d["card"]), card_number=pan)
 
     @rpc(Role.ADMIN, Role.REVIEWER)

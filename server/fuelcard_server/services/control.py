@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from fuelcard.v1 import control_pb2, control_pb2_grpc
 
-from fuelcard_server import history, reports, wire
+from fuelcard_server import history, reports, stepup, wire
 from fuelcard_server.identity import Role
 from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.services.transaction import PRODUCTS
@@ -32,6 +32,19 @@ BATCH_TOP_UP_SQL = "SELECT fc.batch_top_up(%s, %s, %s, %s::uuid, %s::jsonb, %s::
 SET_LIMITS_SQL = (
     "SELECT fc.set_limits(%s, %s, %s, %s::uuid, %s::uuid, %s::uuid, %s::bigint, %s::bigint,"
     " %s::bigint, %s::timestamptz)")
+# Limit raises behind the step-up gate (stepup.gate): SetSpendingLimits
+# passes fc.is_limit_raise(...) as the gate's "required", decided in the same
+# transaction as the change.
+STEP_UP_SET_LIMITS_SQL = (
+    "WITH s AS MATERIALIZED (SELECT fc.consume_step_up(%s, %s, %s,"
+    " %s::boolean AND fc.is_limit_raise(%s::uuid, %s::uuid, %s::bigint, %s::bigint, %s::bigint),"
+    " %s::smallint, %s::uuid, %s::bigint, %s::uuid, %s, %s::timestamptz) AS refusal)"
+    " SELECT CASE WHEN s.refusal IS NULL THEN fc.set_limits(%s, %s, %s, %s::uuid, %s::uuid,"
+    " %s::uuid, %s::bigint, %s::bigint, %s::bigint, %s::timestamptz)"
+    " ELSE jsonb_build_object('step_up_refusal', s.refusal) END FROM s")
+STEP_UP_GRANT_RAISE_SQL = stepup.gate(
+    "fc.grant_raise(%s, %s, %s, %s::uuid, %s::uuid, %s::uuid, %s::bigint, %s::bigint,"
+    " %s::bigint, %s::timestamptz, %s::timestamptz, %s::timestamptz)")
 GET_LIMITS_SQL = "SELECT fc.get_limits(%s::uuid, %s::uuid, %s::timestamptz)"
 GRANT_RAISE_SQL = (
     "SELECT fc.grant_raise(%s, %s, %s, %s::uuid, %s::uuid, %s::uuid, %s::bigint, %s::bigint,"
@@ -61,6 +74,13 @@ def _limits(d: dict[str, Any]) -> control_pb2.SpendingLimits:
     return control_pb2.SpendingLimits(per_transaction_fen=d["per_transaction_fen"] or 0,
                                       daily_fen=d["daily_fen"] or 0,
                                       monthly_fen=d["monthly_fen"] or 0)
+
+
+def _raise_amount(limits: control_pb2.SpendingLimits) -> int:
+    """What a limit raise's step-up is bound to: the highest cap it sets, or
+    0 if it leaves any cap unset (no cap) - see StepUpKind."""
+    caps = (limits.per_transaction_fen, limits.daily_fen, limits.monthly_fen)
+    return 0 if 0 in caps else max(caps)
 
 
 def _check_limits(v: Violations, field: str, limits: control_pb2.SpendingLimits) -> None:
@@ -133,12 +153,20 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         v.uuid("actor_account_id", request.actor_account_id)
         card, account = _target(v, request)
         _check_limits(v, "limits", request.limits)
+        challenge = v.step_up("step_up", request)
         v.raise_if_any()
         lim = request.limits
-        d = await self.d.db.call(SET_LIMITS_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("set_limits", request),
+        caller, now = self.d.caller(context), self.d.clock.now()
+        gate = self.d.step_ups.gate_params(
+            caller, request.request_id, "set_limits", self.d.settings.step_up_limit_raises,
+            stepup.LIMIT_RAISE, card or account, _raise_amount(lim), challenge,
+            request.step_up.code, now)
+        d = stepup.check_answer(await self.d.db.call(STEP_UP_SET_LIMITS_SQL, (
+            *gate[:4], card, account, lim.per_transaction_fen, lim.daily_fen, lim.monthly_fen,
+            *gate[4:],
+            caller, request.request_id, self.d.fingerprint("set_limits", request),
             request.actor_account_id, card, account, lim.per_transaction_fen, lim.daily_fen,
-            lim.monthly_fen, self.d.clock.now()))
+            lim.monthly_fen, now)))
         return control_pb2.SetSpendingLimitsResponse(limits=_limits(d["limits"]))
 
     @rpc(Role.ADMIN)
@@ -170,12 +198,21 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         if start and end and not start < end <= start + MAX_RAISE:
             v.add("end_time", "must be after start_time and at most 90 days later",
                   "RAISE_WINDOW_INVALID")
+        challenge = v.step_up("step_up", request)
         v.raise_if_any()
         lim = request.limits
-        d = await self.d.db.call(GRANT_RAISE_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("grant_raise", request),
-            request.actor_account_id, card, account, lim.per_transaction_fen, lim.daily_fen,
-            lim.monthly_fen, start, end, self.d.clock.now()))
+        caller, now = self.d.caller(context), self.d.clock.now()
+        params = (caller, request.request_id, self.d.fingerprint("grant_raise", request),
+                  request.actor_account_id, card, account, lim.per_transaction_fen, lim.daily_fen,
+                  lim.monthly_fen, start, end, now)
+        if self.d.settings.step_up_limit_raises:
+            d = stepup.check_answer(await self.d.db.call(STEP_UP_GRANT_RAISE_SQL, (
+                *self.d.step_ups.gate_params(caller, request.request_id, "grant_raise", True,
+                                             stepup.LIMIT_RAISE, card or account,
+                                             _raise_amount(lim), challenge, request.step_up.code,
+                                             now), *params)))
+        else:
+            d = await self.d.db.call(GRANT_RAISE_SQL, params)
         return control_pb2.GrantTemporaryRaiseResponse(raise_id=d["raise_id"])
 
     @rpc(Role.ADMIN)

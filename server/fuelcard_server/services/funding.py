@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from fuelcard.v1 import funding_pb2, funding_pb2_grpc
 
-from fuelcard_server import errors, gm, keys, wire
+from fuelcard_server import errors, gm, keys, stepup, wire
 from fuelcard_server.identity import Caller, Role
 from fuelcard_server.services.handling import Deps, Servicer, rpc
 from fuelcard_server.services.security import channel_keys
@@ -33,6 +33,17 @@ SIGNED_ANSWERS = 10_000
 
 RECHARGE_SQL = (
     "SELECT fc.recharge(%s, %s, %s, %s::uuid, %s::smallint, %s, %s::bigint, %s::timestamptz)")
+# A recharge above the step-up threshold: the same call behind the step-up
+# gate (stepup.gate). A channel's second notice of a payment already booked
+# (same channel_txn_id) needs no code: it gets the original answer, or
+# CHANNEL_TXN_REUSED.
+STEP_UP_RECHARGE_SQL = (
+    "WITH s AS MATERIALIZED (SELECT fc.consume_step_up(%s, %s, %s, %s::boolean AND NOT EXISTS"
+    " (SELECT 1 FROM fc.recharges WHERE channel = %s::smallint AND channel_txn_id = %s),"
+    " %s::smallint, %s::uuid, %s::bigint, %s::uuid, %s, %s::timestamptz) AS refusal)"
+    " SELECT CASE WHEN s.refusal IS NULL THEN"
+    " fc.recharge(%s, %s, %s, %s::uuid, %s::smallint, %s, %s::bigint, %s::timestamptz)"
+    " ELSE jsonb_build_object('step_up_refusal', s.refusal) END FROM s")
 GET_RECHARGE_SQL = (
     "SELECT fc.recharge_json(r) FROM fc.recharges r"
     " WHERE r.channel = %s::smallint AND r.channel_txn_id = %s")
@@ -83,14 +94,22 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
         v.enum("channel", request.channel, CHANNELS)
         v.text("channel_txn_id", request.channel_txn_id, required=True, max_chars=ID_MAX_CHARS)
         v.amount("amount_fen", request.amount_fen, self.d.settings.max_recharge_fen)
+        challenge = v.step_up("step_up", request)
         v.raise_if_any()
         _own_channel(self.d.identity(), request.channel)
         # Before anything is written: a refused notification changes nothing.
         await self._check_signature(request)
-        d = await self.d.db.call(RECHARGE_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("recharge", request),
-            account_id, request.channel, request.channel_txn_id, request.amount_fen,
-            self.d.clock.now()))
+        caller, now = self.d.caller(context), self.d.clock.now()
+        params = (caller, request.request_id, self.d.fingerprint("recharge", request),
+                  account_id, request.channel, request.channel_txn_id, request.amount_fen, now)
+        if request.amount_fen > self.d.settings.step_up_recharge_above_fen:
+            gate = self.d.step_ups.gate_params(
+                caller, request.request_id, "recharge", True, stepup.RECHARGE, account_id,
+                request.amount_fen, challenge, request.step_up.code, now)
+            d = stepup.check_answer(await self.d.db.call(STEP_UP_RECHARGE_SQL, (
+                *gate[:4], request.channel, request.channel_txn_id, *gate[4:], *params)))
+        else:
+            d = await self.d.db.call(RECHARGE_SQL, params)
         response = funding_pb2.RechargeResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             balance_fen=d["balance_fen"])

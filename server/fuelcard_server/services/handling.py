@@ -22,6 +22,7 @@ from opentelemetry import trace
 
 from fuelcard_server import logs
 from fuelcard_server.audit import AuditLog, method_name
+from fuelcard_server.card_numbers import CardVault
 from fuelcard_server.cards import PanIndex
 from fuelcard_server.clock import Clock
 from fuelcard_server.db import Database
@@ -32,6 +33,7 @@ from fuelcard_server.identity import of as identity_of
 from fuelcard_server.overload import Admission, classify
 from fuelcard_server.pins import Pins
 from fuelcard_server.settings import Settings
+from fuelcard_server.stepup import StepUps
 from fuelcard_server.telemetry import Telemetry, parent_context
 from fuelcard_server.terminals import TerminalKeys
 
@@ -43,8 +45,9 @@ _CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("fuelcard_calle
                                                                  default=DEVELOPMENT)
 
 # Fields that authenticate a request rather than say what it asks for: a POS
-# may re-sign a retry with a fresh counter, and it is still the same request.
-_AUTH_FIELDS = ("mac", "terminal_counter", "key_version", "signature")
+# may re-sign a retry with a fresh counter, and it is still the same request
+# (a retry of a high-risk operation needs no fresh step-up code either).
+_AUTH_FIELDS = ("mac", "terminal_counter", "key_version", "signature", "step_up")
 
 
 @dataclass
@@ -59,6 +62,10 @@ class Deps:
     pins: Pins
     # Writes the audit record of each internal/admin call (see audit.py).
     audit: AuditLog
+    # One-time codes for high-risk operations (stepup.py).
+    step_ups: StepUps
+    # Card numbers in segments, sealed (card_numbers.py).
+    card_vault: CardVault
     # False only in development mode (plaintext on loopback): no identities.
     tls: bool = False
     # Report and history reads: the replica's pool (or a small pool of their

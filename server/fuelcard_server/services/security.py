@@ -1,7 +1,10 @@
-"""SecurityService: terminal sign-on (签到) for working keys."""
+"""SecurityService: terminal sign-on (签到) for working keys, PINs, channel
+keys, step-up challenges and the audited reveal of a card number."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import weakref
 from collections.abc import Callable
@@ -10,13 +13,27 @@ from typing import Any
 import grpc
 from fuelcard.v1 import funding_pb2, security_pb2, security_pb2_grpc
 
-from fuelcard_server import errors, gm, keys
+from fuelcard_server import errors, gm, keys, stepup
+from fuelcard_server.card_numbers import CardNumberMismatch
 from fuelcard_server.db import Database
 from fuelcard_server.identity import Role
 from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.validation import ID_MAX_CHARS, Violations
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger(__name__)
+
+STEP_UP_KINDS = frozenset({stepup.RECHARGE, stepup.PIN_RESET, stepup.LIMIT_RAISE,
+                           stepup.REVEAL_CARD_NUMBER, stepup.ANOMALY})
+STEP_UP_MAX_AMOUNT_FEN = 10**12
+# An admin console's key id: its working key is kept apart from any terminal's.
+ADMIN_KEY_PREFIX = "admin/"
+# The card-number field of an admin console's PIN block: all zeros (the
+# console does not hold the card number).
+NO_PAN = "0" * 13
+RESET_PIN_SQL = stepup.gate(
+    "fc.reset_pin(%s, %s, %s, %s::uuid, %s, %s::timestamptz)")
+CARD_NUMBER_PARTS_SQL = "SELECT fc.card_number_parts(%s::uuid)"
 
 
 REGISTER_CHANNEL_KEY_SQL = """
@@ -86,7 +103,7 @@ def channel_keys(db: Database) -> ChannelKeys:
 
 
 class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
-    @rpc(Role.POS)
+    @rpc(Role.POS, Role.ADMIN)
     async def SignOn(self, request: security_pb2.SignOnRequest, context: Ctx
                      ) -> security_pb2.SignOnResponse:
         v = Violations()
@@ -96,12 +113,15 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
         if not self.d.tls:
             # Keys go only to a terminal its certificate names, over TLS.
             raise errors.failed_precondition("SIGN_ON_NEEDS_TLS")
-        if request.terminal_id != caller.name:
+        # An admin console signs on under its own key id, apart from terminals.
+        key_id = caller.name if caller.role is Role.POS else ADMIN_KEY_PREFIX + caller.name
+        if request.terminal_id != key_id or (caller.role is Role.POS
+                                             and key_id.startswith(ADMIN_KEY_PREFIX)):
             raise errors.permission_denied("TERMINAL_MISMATCH")
-        working = await self.d.terminal_keys.current(caller.name, self.d.clock.now())
+        working = await self.d.terminal_keys.current(key_id, self.d.clock.now())
         response = security_pb2.SignOnResponse(
             key_version=working.version, working_key=working.key,
-            last_counter=await self.d.terminal_keys.last_counter(caller.name))
+            last_counter=await self.d.terminal_keys.last_counter(key_id))
         response.valid_from.FromDatetime(working.valid_from)
         response.valid_until.FromDatetime(working.valid_until)
         return response
@@ -150,3 +170,83 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
                                   context: Ctx) -> security_pb2.GetServerSigningKeyResponse:
         return security_pb2.GetServerSigningKeyResponse(
             public_key_hex=self.d.signing_key.public_key.to_hex())
+
+    @rpc(Role.ADMIN, Role.ADAPTER)
+    async def CreateStepUpChallenge(self, request: security_pb2.CreateStepUpChallengeRequest,
+                                    context: Ctx) -> security_pb2.CreateStepUpChallengeResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.enum("kind", request.kind, STEP_UP_KINDS)
+        subject = v.uuid("subject_id", request.subject_id)
+        v.non_negative("amount_fen", request.amount_fen, STEP_UP_MAX_AMOUNT_FEN)
+        v.raise_if_any()
+        assert subject is not None
+        challenge = await self.d.step_ups.create(
+            self.d.caller(context), request.request_id, request.kind, subject, request.amount_fen,
+            self.d.clock.now())
+        response = security_pb2.CreateStepUpChallengeResponse(
+            challenge_id=challenge.challenge_id, masked_destination=challenge.masked_destination,
+            max_attempts=challenge.max_attempts)
+        response.expire_time.FromMicroseconds(challenge.expire_us)
+        return response
+
+    @rpc(Role.ADMIN)
+    async def ResetCardPin(self, request: security_pb2.ResetCardPinRequest, context: Ctx
+                           ) -> security_pb2.ResetCardPinResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        card_id = v.uuid("card_id", request.card_id)
+        if len(request.new_pin_block) != keys.PIN_BLOCK_SIZE:
+            v.add("new_pin_block", "must be one 16-byte PIN block", "PIN_BLOCK_INVALID")
+        challenge = v.step_up("step_up", request)
+        v.raise_if_any()
+        if not self.d.tls:
+            # The block is read with the key of the console its certificate names.
+            raise errors.failed_precondition("PIN_NEEDS_TERMINAL_KEY")
+        caller, now = self.d.identity(), self.d.clock.now()
+        working = await self.d.terminal_keys.accepted(ADMIN_KEY_PREFIX + caller.name,
+                                                      request.key_version, now)
+        try:
+            pin = keys.decrypt_pin_block(keys.pin_key(working), request.new_pin_block, NO_PAN)
+        except keys.PinBlockError:
+            raise errors.invalid([errors.FieldViolation(
+                "new_pin_block", "does not decode to a PIN of 4-12 digits",
+                "PIN_BLOCK_INVALID")]) from None
+        hashed = await asyncio.to_thread(keys.hash_pin, pin, pepper=self.d.pins.pepper)
+        del pin
+        key = self.d.caller(context)
+        d = stepup.check_answer(await self.d.db.call(RESET_PIN_SQL, (
+            *self.d.step_ups.gate_params(key, request.request_id, "reset_pin", True,
+                                         stepup.PIN_RESET, card_id, 0, challenge,
+                                         request.step_up.code, now),
+            key, request.request_id, self.d.fingerprint("reset_pin", request), card_id, hashed,
+            now)))
+        return security_pb2.ResetCardPinResponse(card_id=d["card_id"])
+
+    @rpc(Role.ADMIN)
+    async def RevealCardNumber(self, request: security_pb2.RevealCardNumberRequest,
+                               context: Ctx) -> security_pb2.RevealCardNumberResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        card_id = v.uuid("card_id", request.card_id)
+        challenge = v.step_up("step_up", request)
+        v.raise_if_any()
+        assert card_id is not None
+        await self.d.step_ups.verify(self.d.caller(context), request.request_id,
+                                     stepup.REVEAL_CARD_NUMBER, card_id, 0, challenge,
+                                     request.step_up.code, self.d.clock.now())
+        row = await self.d.db.fetch_one(CARD_NUMBER_PARTS_SQL, (card_id,))
+        if row is None or row[0] is None:
+            raise errors.not_found("CARD_NOT_FOUND", "card")
+        parts = row[0]
+        if parts["root_key_id"] is None or None in parts["sealed"]:
+            # e.g. seeded straight into the database by the load generator
+            raise errors.failed_precondition("CARD_NUMBER_NOT_STORED")
+        try:
+            pan = self.d.card_vault.open(bytes.fromhex(parts["pan_index"]), parts["root_key_id"],
+                                         [bytes.fromhex(x) for x in parts["sealed"]])
+        except CardNumberMismatch:
+            log.error("stored card number parts do not agree (card %s)", request.card_id)
+            raise errors.ApiError(grpc.StatusCode.DATA_LOSS, "CARD_NUMBER_DAMAGED",
+                                  "the stored card number does not verify") from None
+        return security_pb2.RevealCardNumberResponse(card_id=request.card_id, card_number=pan)

@@ -23,74 +23,75 @@ _sym_db = _symbol_database.Default()
 
 
 from fuelcard.v1 import common_pb2 as fuelcard_dot_v1_dot_common__pb2
+from fuelcard.v1 import step_up_pb2 as fuelcard_dot_v1_dot_step__up__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66uelcard/v1/control.proto\x12\x0b\x66uelcard.v1\x1a\x18\x66uelcard/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"U\n\x0eSpendingLimits\x12\x1b\n\x13per_transaction_fen\x18\x01 \x01(\x03\x12\x11\n\tdaily_fen\x18\x02 \x01(\x03\x12\x13\n\x0bmonthly_fen\x18\x03 \x01(\x03\"/\n\x08GeoPoint\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\"D\n\tGeoCircle\x12%\n\x06\x63\x65nter\x18\x01 \x01(\x0b\x32\x15.fuelcard.v1.GeoPoint\x12\x10\n\x08radius_m\x18\x02 \x01(\x05\"5\n\nGeoPolygon\x12\'\n\x08vertices\x18\x01 \x03(\x0b\x32\x15.fuelcard.v1.GeoPoint\"i\n\x08GeoFence\x12(\n\x06\x63ircle\x18\x01 \x01(\x0b\x32\x16.fuelcard.v1.GeoCircleH\x00\x12*\n\x07polygon\x18\x02 \x01(\x0b\x32\x17.fuelcard.v1.GeoPolygonH\x00\x42\x07\n\x05shape\"6\n\nHourWindow\x12\x14\n\x0cstart_minute\x18\x01 \x01(\x05\x12\x12\n\nend_minute\x18\x02 \x01(\x05\"\x9a\x01\n\tCardScope\x12\x13\n\x0bstation_ids\x18\x01 \x03(\t\x12&\n\x08products\x18\x02 \x03(\x0e\x32\x14.fuelcard.v1.Product\x12(\n\tgeofences\x18\x03 \x03(\x0b\x32\x15.fuelcard.v1.GeoFence\x12&\n\x05hours\x18\x04 \x03(\x0b\x32\x17.fuelcard.v1.HourWindow\"T\n\x07Station\x12\x12\n\nstation_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x08location\x18\x03 \x01(\x0b\x32\x15.fuelcard.v1.GeoPoint\"i\n\x11\x42\x61tchTopUpRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11parent_account_id\x18\x02 \x01(\t\x12%\n\x05lines\x18\x03 \x03(\x0b\x32\x16.fuelcard.v1.TopUpLine\"3\n\tTopUpLine\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\"\xa0\x01\n\x12\x42\x61tchTopUpResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.fuelcard.v1.Decision\x12\x32\n\x0e\x64\x65\x63line_reason\x18\x02 \x01(\x0e\x32\x1a.fuelcard.v1.DeclineReason\x12\x11\n\ttotal_fen\x18\x03 \x01(\x03\x12\x1a\n\x12parent_balance_fen\x18\x04 \x01(\x03\"\xa8\x01\n\x18SetSpendingLimitsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61\x63tor_account_id\x18\x02 \x01(\t\x12\x11\n\x07\x63\x61rd_id\x18\x03 \x01(\tH\x00\x12\x14\n\naccount_id\x18\x04 \x01(\tH\x00\x12+\n\x06limits\x18\x05 \x01(\x0b\x32\x1b.fuelcard.v1.SpendingLimitsB\x08\n\x06target\"H\n\x19SetSpendingLimitsResponse\x12+\n\x06limits\x18\x01 \x01(\x0b\x32\x1b.fuelcard.v1.SpendingLimits\"M\n\x18GetSpendingLimitsRequest\x12\x11\n\x07\x63\x61rd_id\x18\x01 \x01(\tH\x00\x12\x14\n\naccount_id\x18\x02 \x01(\tH\x00\x42\x08\n\x06target\"\xe8\x01\n\x19GetSpendingLimitsResponse\x12+\n\x06limits\x18\x01 \x01(\x0b\x32\x1b.fuelcard.v1.SpendingLimits\x12\x35\n\x10\x65\x66\x66\x65\x63tive_limits\x18\x02 \x01(\x0b\x32\x1b.fuelcard.v1.SpendingLimits\x12\x16\n\x0eused_today_fen\x18\x03 \x01(\x03\x12\x1b\n\x13used_this_month_fen\x18\x04 \x01(\x03\x12\x32\n\x0eraise_end_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x02\n\x1aGrantTemporaryRaiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61\x63tor_account_id\x18\x02 \x01(\t\x12\x11\n\x07\x63\x61rd_id\x18\x03 \x01(\tH\x00\x12\x14\n\naccount_id\x18\x04 \x01(\tH\x00\x12+\n\x06limits\x18\x05 \x01(\x0b\x32\x1b.fuelcard.v1.SpendingLimits\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\n\x06target\"/\n\x1bGrantTemporaryRaiseResponse\x12\x10\n\x08raise_id\x18\x01 \x01(\t\"{\n\x13SetCardScopeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61\x63tor_account_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12%\n\x05scope\x18\x04 \x01(\x0b\x32\x16.fuelcard.v1.CardScope\"=\n\x14SetCardScopeResponse\x12%\n\x05scope\x18\x01 \x01(\x0b\x32\x16.fuelcard.v1.CardScope\"?\n\x16RegisterStationRequest\x12%\n\x07station\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Station\"@\n\x17RegisterStationResponse\x12%\n\x07station\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Station\"k\n\x15TransferPointsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\t\x12\x15\n\rto_account_id\x18\x03 \x01(\t\x12\x0e\n\x06points\x18\x04 \x01(\x03\"\xad\x01\n\x16TransferPointsResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.fuelcard.v1.Decision\x12\x32\n\x0e\x64\x65\x63line_reason\x18\x02 \x01(\x0e\x32\x1a.fuelcard.v1.DeclineReason\x12\x1b\n\x13\x66rom_points_balance\x18\x03 \x01(\x03\x12\x19\n\x11to_points_balance\x18\x04 \x01(\x03\"\x94\x01\n\x19GetFleetCostReportRequest\x12\x19\n\x11parent_account_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x97\x01\n\x0bVehicleCost\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x11\n\tspend_fen\x18\x03 \x01(\x03\x12\x11\n\tvolume_ml\x18\x04 \x01(\x03\x12\x12\n\nsale_count\x18\x05 \x01(\x03\x12\x1a\n\x12\x62\x61seline_spend_fen\x18\x06 \x01(\x03\x12\x0f\n\x07\x61nomaly\x18\x07 \x01(\x08\"H\n\x1aGetFleetCostReportResponse\x12*\n\x08vehicles\x18\x01 \x03(\x0b\x32\x18.fuelcard.v1.VehicleCost\"\xa3\x01\n\rControlChange\x12\x18\n\x10\x61\x63tor_account_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x12\n\naccount_id\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"V\n\x19ListControlChangesRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x1aListControlChangesResponse\x12+\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1a.fuelcard.v1.ControlChange\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xed\x06\n\x0e\x43ontrolService\x12M\n\nBatchTopUp\x12\x1e.fuelcard.v1.BatchTopUpRequest\x1a\x1f.fuelcard.v1.BatchTopUpResponse\x12\x62\n\x11SetSpendingLimits\x12%.fuelcard.v1.SetSpendingLimitsRequest\x1a&.fuelcard.v1.SetSpendingLimitsResponse\x12\x62\n\x11GetSpendingLimits\x12%.fuelcard.v1.GetSpendingLimitsRequest\x1a&.fuelcard.v1.GetSpendingLimitsResponse\x12h\n\x13GrantTemporaryRaise\x12\'.fuelcard.v1.GrantTemporaryRaiseRequest\x1a(.fuelcard.v1.GrantTemporaryRaiseResponse\x12S\n\x0cSetCardScope\x12 .fuelcard.v1.SetCardScopeRequest\x1a!.fuelcard.v1.SetCardScopeResponse\x12\\\n\x0fRegisterStation\x12#.fuelcard.v1.RegisterStationRequest\x1a$.fuelcard.v1.RegisterStationResponse\x12Y\n\x0eTransferPoints\x12\".fuelcard.v1.TransferPointsRequest\x1a#.fuelcard.v1.TransferPointsResponse\x12\x65\n\x12GetFleetCostReport\x12&.fuelcard.v1.GetFleetCostReportRequest\x1a\'.fuelcard.v1.GetFleetCostReportResponse\x12\x65\n\x12ListControlChanges\x12&.fuelcard.v1.ListControlChangesRequest\x1a\'.fuelcard.v1.ListControlChangesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66uelcard/v1/control.proto\x12\x0b\x66uelcard.v1\x1a\x18\x66uelcard/v1/common.proto\x1a\x19\x66uelcard/v1/step_up.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"U\n\x0eSpendingLimits\x12\x1b\n\x13per_transaction_fen\x18\x01 \x01(\x03\x12\x11\n\tdaily_fen\x18\x02 \x01(\x03\x12\x13\n\x0bmonthly_fen\x18\x03 \x01(\x03\"/\n\x08GeoPoint\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\"D\n\tGeoCircle\x12%\n\x06\x63\x65nter\x18\x01 \x01(\x0b\x32\x15.fuelcard.v1.GeoPoint\x12\x10\n\x08radius_m\x18\x02 \x01(\x05\"5\n\nGeoPolygon\x12\'\n\x08vertices\x18\x01 \x03(\x0b\x32\x15.fuelcard.v1.GeoPoint\"i\n\x08GeoFence\x12(\n\x06\x63ircle\x18\x01 \x01(\x0b\x32\x16.fuelcard.v1.GeoCircleH\x00\x12*\n\x07polygon\x18\x02 \x01(\x0b\x32\x17.fuelcard.v1.GeoPolygonH\x00\x42\x07\n\x05shape\"6\n\nHourWindow\x12\x14\n\x0cstart_minute\x18\x01 \x01(\x05\x12\x12\n\nend_minute\x18\x02 \x01(\x05\"\x9a\x01\n\tCardScope\x12\x13\n\x0bstation_ids\x18\x01 \x03(\t\x12&\n\x08products\x18\x02 \x03(\x0e\x32\x14.fuelcard.v1.Product\x12(\n\tgeofences\x18\x03 \x03(\x0b\x32\x15.fuelcard.v1.GeoFence\x12&\n\x05hours\x18\x04 \x03(\x0b\x32\x17.fuelcard.v1.HourWindow\"T\n\x07Station\x12\x12\n\nstation_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x08location\x18\x03 \x01(\x0b\x32\x15.fuelcard.v1.GeoPoint\"i\n\x11\x42\x61tchTopUpRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11parent_account_id\x18\x02 \x01(\t\x12%\n\x05lines\x18\x03 \x03(\x0b\x32\x16.fuelcard.v1.TopUpLine\"3\n\tTopUpLine\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\namount_fen\x18\x02 \x01(\x03\"\xa0\x01\n\x12\x42\x61tchTopUpResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.fuelcard.v1.Decision\x12\x32\n\x0e\x64\x65\x63line_reason\x18\x02 \x01(\x0e\x32\x1a.fuelcard.v1.DeclineReason\x12\x11\n\ttotal_fen\x18\x03 \x01(\x03\x12\x1a\n\x12parent_balance_fen\x18\x04 \x01(\x03\"\xce\x01\n\x18SetSpendingLimitsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61\x63tor_account_id\x18\x02 \x01(\t\x12\x11\n\x07\x63\x61rd_id\x18\x03 \x01(\tH\x00\x12\x14\n\naccount_id\x18\x04 \x01(\tH\x00\x12+\n\x06limits\x18\x05 \x01(\x0b\x32\x1b.fuelcard.v1.SpendingLimits\x12$\n\x07step_up\x18( \x01(\x0b\x32\x13.fuelcard.v1.StepUpB\x08\n\x06target\"H\n\x19SetSpendingLimitsResponse\x12+\n\x06limits\x18\x01 \x01(\x0b\x32\x1b.fuelcard.v1.SpendingLimits\"M\n\x18GetSpendingLimitsRequest\x12\x11\n\x07\x63\x61rd_id\x18\x01 \x01(\tH\x00\x12\x14\n\naccount_id\x18\x02 \x01(\tH\x00\x42\x08\n\x06target\"\xe8\x01\n\x19GetSpendingLimitsResponse\x12+\n\x06limits\x18\x01 \x01(\x0b\x32\x1b.fuelcard.v1.SpendingLimits\x12\x35\n\x10\x65\x66\x66\x65\x63tive_limits\x18\x02 \x01(\x0b\x32\x1b.fuelcard.v1.SpendingLimits\x12\x16\n\x0eused_today_fen\x18\x03 \x01(\x03\x12\x1b\n\x13used_this_month_fen\x18\x04 \x01(\x03\x12\x32\n\x0eraise_end_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xae\x02\n\x1aGrantTemporaryRaiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61\x63tor_account_id\x18\x02 \x01(\t\x12\x11\n\x07\x63\x61rd_id\x18\x03 \x01(\tH\x00\x12\x14\n\naccount_id\x18\x04 \x01(\tH\x00\x12+\n\x06limits\x18\x05 \x01(\x0b\x32\x1b.fuelcard.v1.SpendingLimits\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x07step_up\x18( \x01(\x0b\x32\x13.fuelcard.v1.StepUpB\x08\n\x06target\"/\n\x1bGrantTemporaryRaiseResponse\x12\x10\n\x08raise_id\x18\x01 \x01(\t\"{\n\x13SetCardScopeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61\x63tor_account_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12%\n\x05scope\x18\x04 \x01(\x0b\x32\x16.fuelcard.v1.CardScope\"=\n\x14SetCardScopeResponse\x12%\n\x05scope\x18\x01 \x01(\x0b\x32\x16.fuelcard.v1.CardScope\"?\n\x16RegisterStationRequest\x12%\n\x07station\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Station\"@\n\x17RegisterStationResponse\x12%\n\x07station\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Station\"k\n\x15TransferPointsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\t\x12\x15\n\rto_account_id\x18\x03 \x01(\t\x12\x0e\n\x06points\x18\x04 \x01(\x03\"\xad\x01\n\x16TransferPointsResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.fuelcard.v1.Decision\x12\x32\n\x0e\x64\x65\x63line_reason\x18\x02 \x01(\x0e\x32\x1a.fuelcard.v1.DeclineReason\x12\x1b\n\x13\x66rom_points_balance\x18\x03 \x01(\x03\x12\x19\n\x11to_points_balance\x18\x04 \x01(\x03\"\x94\x01\n\x19GetFleetCostReportRequest\x12\x19\n\x11parent_account_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x97\x01\n\x0bVehicleCost\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x11\n\tspend_fen\x18\x03 \x01(\x03\x12\x11\n\tvolume_ml\x18\x04 \x01(\x03\x12\x12\n\nsale_count\x18\x05 \x01(\x03\x12\x1a\n\x12\x62\x61seline_spend_fen\x18\x06 \x01(\x03\x12\x0f\n\x07\x61nomaly\x18\x07 \x01(\x08\"H\n\x1aGetFleetCostReportResponse\x12*\n\x08vehicles\x18\x01 \x03(\x0b\x32\x18.fuelcard.v1.VehicleCost\"\xa3\x01\n\rControlChange\x12\x18\n\x10\x61\x63tor_account_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x12\n\naccount_id\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"V\n\x19ListControlChangesRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x1aListControlChangesResponse\x12+\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1a.fuelcard.v1.ControlChange\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xed\x06\n\x0e\x43ontrolService\x12M\n\nBatchTopUp\x12\x1e.fuelcard.v1.BatchTopUpRequest\x1a\x1f.fuelcard.v1.BatchTopUpResponse\x12\x62\n\x11SetSpendingLimits\x12%.fuelcard.v1.SetSpendingLimitsRequest\x1a&.fuelcard.v1.SetSpendingLimitsResponse\x12\x62\n\x11GetSpendingLimits\x12%.fuelcard.v1.GetSpendingLimitsRequest\x1a&.fuelcard.v1.GetSpendingLimitsResponse\x12h\n\x13GrantTemporaryRaise\x12\'.fuelcard.v1.GrantTemporaryRaiseRequest\x1a(.fuelcard.v1.GrantTemporaryRaiseResponse\x12S\n\x0cSetCardScope\x12 .fuelcard.v1.SetCardScopeRequest\x1a!.fuelcard.v1.SetCardScopeResponse\x12\\\n\x0fRegisterStation\x12#.fuelcard.v1.RegisterStationRequest\x1a$.fuelcard.v1.RegisterStationResponse\x12Y\n\x0eTransferPoints\x12\".fuelcard.v1.TransferPointsRequest\x1a#.fuelcard.v1.TransferPointsResponse\x12\x65\n\x12GetFleetCostReport\x12&.fuelcard.v1.GetFleetCostReportRequest\x1a\'.fuelcard.v1.GetFleetCostReportResponse\x12\x65\n\x12ListControlChanges\x12&.fuelcard.v1.ListControlChangesRequest\x1a\'.fuelcard.v1.ListControlChangesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuelcard.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPENDINGLIMITS']._serialized_start=101
-  _globals['_SPENDINGLIMITS']._serialized_end=186
-  _globals['_GEOPOINT']._serialized_start=188
-  _globals['_GEOPOINT']._serialized_end=235
-  _globals['_GEOCIRCLE']._serialized_start=237
-  _globals['_GEOCIRCLE']._serialized_end=305
-  _globals['_GEOPOLYGON']._serialized_start=307
-  _globals['_GEOPOLYGON']._serialized_end=360
-  _globals['_GEOFENCE']._serialized_start=362
-  _globals['_GEOFENCE']._serialized_end=467
-  _globals['_HOURWINDOW']._serialized_start=469
-  _globals['_HOURWINDOW']._serialized_end=523
-  _globals['_CARDSCOPE']._serialized_start=526
-  _globals['_CARDSCOPE']._serialized_end=680
-  _globals['_STATION']._serialized_start=682
-  _globals['_STATION']._serialized_end=766
-  _globals['_BATCHTOPUPREQUEST']._serialized_start=768
-  _globals['_BATCHTOPUPREQUEST']._serialized_end=873
-  _globals['_TOPUPLINE']._serialized_start=875
-  _globals['_TOPUPLINE']._serialized_end=926
-  _globals['_BATCHTOPUPRESPONSE']._serialized_start=929
-  _globals['_BATCHTOPUPRESPONSE']._serialized_end=1089
-  _globals['_SETSPENDINGLIMITSREQUEST']._serialized_start=1092
-  _globals['_SETSPENDINGLIMITSREQUEST']._serialized_end=1260
-  _globals['_SETSPENDINGLIMITSRESPONSE']._serialized_start=1262
-  _globals['_SETSPENDINGLIMITSRESPONSE']._serialized_end=1334
-  _globals['_GETSPENDINGLIMITSREQUEST']._serialized_start=1336
-  _globals['_GETSPENDINGLIMITSREQUEST']._serialized_end=1413
-  _globals['_GETSPENDINGLIMITSRESPONSE']._serialized_start=1416
-  _globals['_GETSPENDINGLIMITSRESPONSE']._serialized_end=1648
-  _globals['_GRANTTEMPORARYRAISEREQUEST']._serialized_start=1651
-  _globals['_GRANTTEMPORARYRAISEREQUEST']._serialized_end=1915
-  _globals['_GRANTTEMPORARYRAISERESPONSE']._serialized_start=1917
-  _globals['_GRANTTEMPORARYRAISERESPONSE']._serialized_end=1964
-  _globals['_SETCARDSCOPEREQUEST']._serialized_start=1966
-  _globals['_SETCARDSCOPEREQUEST']._serialized_end=2089
-  _globals['_SETCARDSCOPERESPONSE']._serialized_start=2091
-  _globals['_SETCARDSCOPERESPONSE']._serialized_end=2152
-  _globals['_REGISTERSTATIONREQUEST']._serialized_start=2154
-  _globals['_REGISTERSTATIONREQUEST']._serialized_end=2217
-  _globals['_REGISTERSTATIONRESPONSE']._serialized_start=2219
-  _globals['_REGISTERSTATIONRESPONSE']._serialized_end=2283
-  _globals['_TRANSFERPOINTSREQUEST']._serialized_start=2285
-  _globals['_TRANSFERPOINTSREQUEST']._serialized_end=2392
-  _globals['_TRANSFERPOINTSRESPONSE']._serialized_start=2395
-  _globals['_TRANSFERPOINTSRESPONSE']._serialized_end=2568
-  _globals['_GETFLEETCOSTREPORTREQUEST']._serialized_start=2571
-  _globals['_GETFLEETCOSTREPORTREQUEST']._serialized_end=2719
-  _globals['_VEHICLECOST']._serialized_start=2722
-  _globals['_VEHICLECOST']._serialized_end=2873
-  _globals['_GETFLEETCOSTREPORTRESPONSE']._serialized_start=2875
-  _globals['_GETFLEETCOSTREPORTRESPONSE']._serialized_end=2947
-  _globals['_CONTROLCHANGE']._serialized_start=2950
-  _globals['_CONTROLCHANGE']._serialized_end=3113
-  _globals['_LISTCONTROLCHANGESREQUEST']._serialized_start=3115
-  _globals['_LISTCONTROLCHANGESREQUEST']._serialized_end=3201
-  _globals['_LISTCONTROLCHANGESRESPONSE']._serialized_start=3203
-  _globals['_LISTCONTROLCHANGESRESPONSE']._serialized_end=3301
-  _globals['_CONTROLSERVICE']._serialized_start=3304
-  _globals['_CONTROLSERVICE']._serialized_end=4181
+  _globals['_SPENDINGLIMITS']._serialized_start=128
+  _globals['_SPENDINGLIMITS']._serialized_end=213
+  _globals['_GEOPOINT']._serialized_start=215
+  _globals['_GEOPOINT']._serialized_end=262
+  _globals['_GEOCIRCLE']._serialized_start=264
+  _globals['_GEOCIRCLE']._serialized_end=332
+  _globals['_GEOPOLYGON']._serialized_start=334
+  _globals['_GEOPOLYGON']._serialized_end=387
+  _globals['_GEOFENCE']._serialized_start=389
+  _globals['_GEOFENCE']._serialized_end=494
+  _globals['_HOURWINDOW']._serialized_start=496
+  _globals['_HOURWINDOW']._serialized_end=550
+  _globals['_CARDSCOPE']._serialized_start=553
+  _globals['_CARDSCOPE']._serialized_end=707
+  _globals['_STATION']._serialized_start=709
+  _globals['_STATION']._serialized_end=793
+  _globals['_BATCHTOPUPREQUEST']._serialized_start=795
+  _globals['_BATCHTOPUPREQUEST']._serialized_end=900
+  _globals['_TOPUPLINE']._serialized_start=902
+  _globals['_TOPUPLINE']._serialized_end=953
+  _globals['_BATCHTOPUPRESPONSE']._serialized_start=956
+  _globals['_BATCHTOPUPRESPONSE']._serialized_end=1116
+  _globals['_SETSPENDINGLIMITSREQUEST']._serialized_start=1119
+  _globals['_SETSPENDINGLIMITSREQUEST']._serialized_end=1325
+  _globals['_SETSPENDINGLIMITSRESPONSE']._serialized_start=1327
+  _globals['_SETSPENDINGLIMITSRESPONSE']._serialized_end=1399
+  _globals['_GETSPENDINGLIMITSREQUEST']._serialized_start=1401
+  _globals['_GETSPENDINGLIMITSREQUEST']._serialized_end=1478
+  _globals['_GETSPENDINGLIMITSRESPONSE']._serialized_start=1481
+  _globals['_GETSPENDINGLIMITSRESPONSE']._serialized_end=1713
+  _globals['_GRANTTEMPORARYRAISEREQUEST']._serialized_start=1716
+  _globals['_GRANTTEMPORARYRAISEREQUEST']._serialized_end=2018
+  _globals['_GRANTTEMPORARYRAISERESPONSE']._serialized_start=2020
+  _globals['_GRANTTEMPORARYRAISERESPONSE']._serialized_end=2067
+  _globals['_SETCARDSCOPEREQUEST']._serialized_start=2069
+  _globals['_SETCARDSCOPEREQUEST']._serialized_end=2192
+  _globals['_SETCARDSCOPERESPONSE']._serialized_start=2194
+  _globals['_SETCARDSCOPERESPONSE']._serialized_end=2255
+  _globals['_REGISTERSTATIONREQUEST']._serialized_start=2257
+  _globals['_REGISTERSTATIONREQUEST']._serialized_end=2320
+  _globals['_REGISTERSTATIONRESPONSE']._serialized_start=2322
+  _globals['_REGISTERSTATIONRESPONSE']._serialized_end=2386
+  _globals['_TRANSFERPOINTSREQUEST']._serialized_start=2388
+  _globals['_TRANSFERPOINTSREQUEST']._serialized_end=2495
+  _globals['_TRANSFERPOINTSRESPONSE']._serialized_start=2498
+  _globals['_TRANSFERPOINTSRESPONSE']._serialized_end=2671
+  _globals['_GETFLEETCOSTREPORTREQUEST']._serialized_start=2674
+  _globals['_GETFLEETCOSTREPORTREQUEST']._serialized_end=2822
+  _globals['_VEHICLECOST']._serialized_start=2825
+  _globals['_VEHICLECOST']._serialized_end=2976
+  _globals['_GETFLEETCOSTREPORTRESPONSE']._serialized_start=2978
+  _globals['_GETFLEETCOSTREPORTRESPONSE']._serialized_end=3050
+  _globals['_CONTROLCHANGE']._serialized_start=3053
+  _globals['_CONTROLCHANGE']._serialized_end=3216
+  _globals['_LISTCONTROLCHANGESREQUEST']._serialized_start=3218
+  _globals['_LISTCONTROLCHANGESREQUEST']._serialized_end=3304
+  _globals['_LISTCONTROLCHANGESRESPONSE']._serialized_start=3306
+  _globals['_LISTCONTROLCHANGESRESPONSE']._serialized_end=3404
+  _globals['_CONTROLSERVICE']._serialized_start=3407
+  _globals['_CONTROLSERVICE']._serialized_end=4284
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ family cards (家庭主副卡), limits (限额), scope of use and geo-fences (�
 
 from collections import abc as _abc
 from fuelcard.v1 import common_pb2 as _common_pb2
+from fuelcard.v1 import step_up_pb2 as _step_up_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -375,6 +376,7 @@ class SetSpendingLimitsRequest(_message.Message):
     CARD_ID_FIELD_NUMBER: _builtins.int
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    STEP_UP_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key, 1-64 printable ASCII characters."""
     actor_account_id: _builtins.str
@@ -387,6 +389,12 @@ class SetSpendingLimitsRequest(_message.Message):
     def limits(self) -> Global___SpendingLimits:
         """The new caps; they replace the old ones."""
 
+    @_builtins.property
+    def step_up(self) -> _step_up_pb2.StepUp:
+        """The verified second factor (STEP_UP_KIND_LIMIT_RAISE): required when a
+        new cap is higher than the old one or removes it.
+        """
+
     def __init__(
         self,
         *,
@@ -395,10 +403,11 @@ class SetSpendingLimitsRequest(_message.Message):
         card_id: _builtins.str = ...,
         account_id: _builtins.str = ...,
         limits: Global___SpendingLimits | None = ...,
+        step_up: _step_up_pb2.StepUp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "card_id", b"card_id", "limits", b"limits", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "card_id", b"card_id", "limits", b"limits", "step_up", b"step_up", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "actor_account_id", b"actor_account_id", "card_id", b"card_id", "limits", b"limits", "request_id", b"request_id", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "actor_account_id", b"actor_account_id", "card_id", b"card_id", "limits", b"limits", "request_id", b"request_id", "step_up", b"step_up", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["card_id", "account_id"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
@@ -515,6 +524,7 @@ class GrantTemporaryRaiseRequest(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    STEP_UP_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key, 1-64 printable ASCII characters."""
     actor_account_id: _builtins.str
@@ -535,6 +545,10 @@ class GrantTemporaryRaiseRequest(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """End of the window (exclusive); after start_time, at most 90 days later."""
 
+    @_builtins.property
+    def step_up(self) -> _step_up_pb2.StepUp:
+        """The verified second factor (STEP_UP_KIND_LIMIT_RAISE): always required."""
+
     def __init__(
         self,
         *,
@@ -545,10 +559,11 @@ class GrantTemporaryRaiseRequest(_message.Message):
         limits: Global___SpendingLimits | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        step_up: _step_up_pb2.StepUp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "card_id", b"card_id", "end_time", b"end_time", "limits", b"limits", "start_time", b"start_time", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "card_id", b"card_id", "end_time", b"end_time", "limits", b"limits", "start_time", b"start_time", "step_up", b"step_up", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "actor_account_id", b"actor_account_id", "card_id", b"card_id", "end_time", b"end_time", "limits", b"limits", "request_id", b"request_id", "start_time", b"start_time", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "actor_account_id", b"actor_account_id", "card_id", b"card_id", "end_time", b"end_time", "limits", b"limits", "request_id", b"request_id", "start_time", b"start_time", "step_up", b"step_up", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["card_id", "account_id"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015

@@ -4,6 +4,7 @@ isort:skip_file
 Payment-adapter funding: top-ups reported by payment channels."""
 
 from fuelcard.v1 import common_pb2 as _common_pb2
+from fuelcard.v1 import step_up_pb2 as _step_up_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -111,6 +112,7 @@ class RechargeRequest(_message.Message):
     CHANNEL_TXN_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    STEP_UP_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key chosen by the adapter, 1-64 printable ASCII characters."""
     account_id: _builtins.str
@@ -156,6 +158,14 @@ class RechargeRequest(_message.Message):
     RegisterChannelKey call and within 30 s on every other one, so keep
     signing with the old key for 30 s after registering a new one.
     """
+    @_builtins.property
+    def step_up(self) -> _step_up_pb2.StepUp:
+        """The verified second factor (STEP_UP_KIND_RECHARGE, subject account_id,
+        amount amount_fen): required when amount_fen is above the server's
+        step-up threshold (setting step_up_recharge_above_fen, default 20 000
+        yuan). Not signed and not part of the request's identity.
+        """
+
     def __init__(
         self,
         *,
@@ -165,10 +175,11 @@ class RechargeRequest(_message.Message):
         channel_txn_id: _builtins.str = ...,
         amount_fen: _builtins.int = ...,
         signature: _builtins.bytes = ...,
+        step_up: _step_up_pb2.StepUp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step_up", b"step_up"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_fen", b"amount_fen", "channel", b"channel", "channel_txn_id", b"channel_txn_id", "request_id", b"request_id", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_fen", b"amount_fen", "channel", b"channel", "channel_txn_id", b"channel_txn_id", "request_id", b"request_id", "signature", b"signature", "step_up", b"step_up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

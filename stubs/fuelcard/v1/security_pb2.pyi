@@ -6,6 +6,7 @@ keys, and the server's own signing key.
 """
 
 from fuelcard.v1 import funding_pb2 as _funding_pb2
+from fuelcard.v1 import step_up_pb2 as _step_up_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -19,6 +20,206 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class CreateStepUpChallengeRequest(_message.Message):
+    """Request for SecurityService.CreateStepUpChallenge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, 1-64 printable ASCII characters. A retry gets the same
+    challenge and sends no second code.
+    """
+    kind: _step_up_pb2.StepUpKind.ValueType
+    """The operation the code will authorise."""
+    subject_id: _builtins.str
+    """The account or card it is about (see StepUpKind)."""
+    amount_fen: _builtins.int
+    """The operation's amount in fen (see StepUpKind); 0 where none."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        kind: _step_up_pb2.StepUpKind.ValueType = ...,
+        subject_id: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "kind", b"kind", "request_id", b"request_id", "subject_id", b"subject_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateStepUpChallengeRequest: _TypeAlias = CreateStepUpChallengeRequest  # noqa: Y015
+
+@_typing.final
+class CreateStepUpChallengeResponse(_message.Message):
+    """Response for SecurityService.CreateStepUpChallenge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    MASKED_DESTINATION_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    challenge_id: _builtins.str
+    """Send it back, with the code, in the operation's StepUp."""
+    masked_destination: _builtins.str
+    """Where the code went, masked (138****5678)."""
+    max_attempts: _builtins.int
+    """How many wrong codes are allowed before the challenge is spent."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """After this the code is refused."""
+
+    def __init__(
+        self,
+        *,
+        challenge_id: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        masked_destination: _builtins.str = ...,
+        max_attempts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "expire_time", b"expire_time", "masked_destination", b"masked_destination", "max_attempts", b"max_attempts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateStepUpChallengeResponse: _TypeAlias = CreateStepUpChallengeResponse  # noqa: Y015
+
+@_typing.final
+class ResetCardPinRequest(_message.Message):
+    """Request for SecurityService.ResetCardPin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_ID_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    NEW_PIN_BLOCK_FIELD_NUMBER: _builtins.int
+    STEP_UP_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, 1-64 printable ASCII characters."""
+    card_id: _builtins.str
+    """The card."""
+    key_version: _builtins.int
+    """The working key version of the console's PIN key (see new_pin_block)."""
+    new_pin_block: _builtins.bytes
+    """The new PIN (4-12 digits) as a 16-byte PIN block in the format terminals
+    use (SetCardPin), with the card-number field all zeros (the console does
+    not hold the card number), SM4-encrypted under the PIN key of the admin
+    console's working key: the console signs on with SignOn(terminal_id =
+    "admin/" + the CN of its certificate) and derives the PIN key from that
+    working key exactly as a terminal does.
+    """
+    @_builtins.property
+    def step_up(self) -> _step_up_pb2.StepUp:
+        """The verified second factor (STEP_UP_KIND_PIN_RESET, subject card_id)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_id: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        new_pin_block: _builtins.bytes = ...,
+        step_up: _step_up_pb2.StepUp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step_up", b"step_up"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_id", b"card_id", "key_version", b"key_version", "new_pin_block", b"new_pin_block", "request_id", b"request_id", "step_up", b"step_up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetCardPinRequest: _TypeAlias = ResetCardPinRequest  # noqa: Y015
+
+@_typing.final
+class ResetCardPinResponse(_message.Message):
+    """Response for SecurityService.ResetCardPin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_ID_FIELD_NUMBER: _builtins.int
+    card_id: _builtins.str
+    """The card whose PIN was reset."""
+    def __init__(
+        self,
+        *,
+        card_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_id", b"card_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetCardPinResponse: _TypeAlias = ResetCardPinResponse  # noqa: Y015
+
+@_typing.final
+class RevealCardNumberRequest(_message.Message):
+    """Request for SecurityService.RevealCardNumber."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_ID_FIELD_NUMBER: _builtins.int
+    STEP_UP_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, 1-64 printable ASCII characters: a retry with the same
+    request_id and challenge reads the number again.
+    """
+    card_id: _builtins.str
+    """The card."""
+    @_builtins.property
+    def step_up(self) -> _step_up_pb2.StepUp:
+        """The verified second factor (STEP_UP_KIND_REVEAL_CARD_NUMBER, subject card_id)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_id: _builtins.str = ...,
+        step_up: _step_up_pb2.StepUp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step_up", b"step_up"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_id", b"card_id", "request_id", b"request_id", "step_up", b"step_up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealCardNumberRequest: _TypeAlias = RevealCardNumberRequest  # noqa: Y015
+
+@_typing.final
+class RevealCardNumberResponse(_message.Message):
+    """Response for SecurityService.RevealCardNumber."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    card_id: _builtins.str
+    """The card."""
+    card_number: _builtins.str
+    """The full card number. Show it once; never log or store it."""
+    def __init__(
+        self,
+        *,
+        card_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_id", b"card_id", "card_number", b"card_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealCardNumberResponse: _TypeAlias = RevealCardNumberResponse  # noqa: Y015
 
 @_typing.final
 class SetCardPinRequest(_message.Message):
@@ -79,7 +280,9 @@ class SignOnRequest(_message.Message):
 
     TERMINAL_ID_FIELD_NUMBER: _builtins.int
     terminal_id: _builtins.str
-    """The terminal signing on; must match its certificate."""
+    """The terminal signing on; must match its certificate. An admin console
+    signs on as "admin/" + its certificate's CN (for ResetCardPin).
+    """
     def __init__(
         self,
         *,

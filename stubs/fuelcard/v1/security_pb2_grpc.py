@@ -71,6 +71,21 @@ class SecurityServiceStub:
                 request_serializer=fuelcard_dot_v1_dot_security__pb2.SetCardPinRequest.SerializeToString,
                 response_deserializer=fuelcard_dot_v1_dot_security__pb2.SetCardPinResponse.FromString,
                 _registered_method=True)
+        self.CreateStepUpChallenge = channel.unary_unary(
+                '/fuelcard.v1.SecurityService/CreateStepUpChallenge',
+                request_serializer=fuelcard_dot_v1_dot_security__pb2.CreateStepUpChallengeRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_security__pb2.CreateStepUpChallengeResponse.FromString,
+                _registered_method=True)
+        self.ResetCardPin = channel.unary_unary(
+                '/fuelcard.v1.SecurityService/ResetCardPin',
+                request_serializer=fuelcard_dot_v1_dot_security__pb2.ResetCardPinRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_security__pb2.ResetCardPinResponse.FromString,
+                _registered_method=True)
+        self.RevealCardNumber = channel.unary_unary(
+                '/fuelcard.v1.SecurityService/RevealCardNumber',
+                request_serializer=fuelcard_dot_v1_dot_security__pb2.RevealCardNumberRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_security__pb2.RevealCardNumberResponse.FromString,
+                _registered_method=True)
 
 
 class SecurityServiceServicer:
@@ -127,6 +142,36 @@ class SecurityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateStepUpChallenge(self, request, context):
+        """Start a step-up verification (多因素认证): the server sends a 6-digit
+        one-time code to the phone of the subject's holder and keeps only a keyed
+        hash of it. The code expires after a few minutes, allows a few attempts
+        and is used once, by the caller that asked for it, for the operation
+        (kind, subject, amount) named here. Admins and payment adapters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetCardPin(self, request, context):
+        """Reset a card's PIN at an admin console (the holder forgot it): sets the
+        new PIN and clears the lockout. Needs a step-up (STEP_UP_KIND_PIN_RESET)
+        and is audited. Admins only, over mutual TLS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevealCardNumber(self, request, context):
+        """Read a card's full number, reassembled from its stored segments and
+        checked against its encrypted copy. Needs a step-up
+        (STEP_UP_KIND_REVEAL_CARD_NUMBER) and is audited. Admins only. Every
+        other answer carries only the masked number.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SecurityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +194,21 @@ def add_SecurityServiceServicer_to_server(servicer, server):
                     servicer.SetCardPin,
                     request_deserializer=fuelcard_dot_v1_dot_security__pb2.SetCardPinRequest.FromString,
                     response_serializer=fuelcard_dot_v1_dot_security__pb2.SetCardPinResponse.SerializeToString,
+            ),
+            'CreateStepUpChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateStepUpChallenge,
+                    request_deserializer=fuelcard_dot_v1_dot_security__pb2.CreateStepUpChallengeRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_security__pb2.CreateStepUpChallengeResponse.SerializeToString,
+            ),
+            'ResetCardPin': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCardPin,
+                    request_deserializer=fuelcard_dot_v1_dot_security__pb2.ResetCardPinRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_security__pb2.ResetCardPinResponse.SerializeToString,
+            ),
+            'RevealCardNumber': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealCardNumber,
+                    request_deserializer=fuelcard_dot_v1_dot_security__pb2.RevealCardNumberRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_security__pb2.RevealCardNumberResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -276,6 +336,87 @@ class SecurityService:
             '/fuelcard.v1.SecurityService/SetCardPin',
             fuelcard_dot_v1_dot_security__pb2.SetCardPinRequest.SerializeToString,
             fuelcard_dot_v1_dot_security__pb2.SetCardPinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateStepUpChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.SecurityService/CreateStepUpChallenge',
+            fuelcard_dot_v1_dot_security__pb2.CreateStepUpChallengeRequest.SerializeToString,
+            fuelcard_dot_v1_dot_security__pb2.CreateStepUpChallengeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetCardPin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.SecurityService/ResetCardPin',
+            fuelcard_dot_v1_dot_security__pb2.ResetCardPinRequest.SerializeToString,
+            fuelcard_dot_v1_dot_security__pb2.ResetCardPinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealCardNumber(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.SecurityService/RevealCardNumber',
+            fuelcard_dot_v1_dot_security__pb2.RevealCardNumberRequest.SerializeToString,
+            fuelcard_dot_v1_dot_security__pb2.RevealCardNumberResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,24 @@ class SecurityServiceStub:
     with the old PIN. PINs travel only as PIN blocks under the terminal's
     PIN key and are stored only as a salted slow hash. Terminals only.
     """
+    CreateStepUpChallenge: _grpc.UnaryUnaryMultiCallable[_security_pb2.CreateStepUpChallengeRequest, _security_pb2.CreateStepUpChallengeResponse]
+    """Start a step-up verification (多因素认证): the server sends a 6-digit
+    one-time code to the phone of the subject's holder and keeps only a keyed
+    hash of it. The code expires after a few minutes, allows a few attempts
+    and is used once, by the caller that asked for it, for the operation
+    (kind, subject, amount) named here. Admins and payment adapters.
+    """
+    ResetCardPin: _grpc.UnaryUnaryMultiCallable[_security_pb2.ResetCardPinRequest, _security_pb2.ResetCardPinResponse]
+    """Reset a card's PIN at an admin console (the holder forgot it): sets the
+    new PIN and clears the lockout. Needs a step-up (STEP_UP_KIND_PIN_RESET)
+    and is audited. Admins only, over mutual TLS.
+    """
+    RevealCardNumber: _grpc.UnaryUnaryMultiCallable[_security_pb2.RevealCardNumberRequest, _security_pb2.RevealCardNumberResponse]
+    """Read a card's full number, reassembled from its stored segments and
+    checked against its encrypted copy. Needs a step-up
+    (STEP_UP_KIND_REVEAL_CARD_NUMBER) and is audited. Admins only. Every
+    other answer carries only the masked number.
+    """
 
 @_typing.type_check_only
 class SecurityServiceAsyncStub(SecurityServiceStub):
@@ -108,6 +126,24 @@ class SecurityServiceAsyncStub(SecurityServiceStub):
     """Set a card's PIN at a terminal: the first PIN of a card, or a change
     with the old PIN. PINs travel only as PIN blocks under the terminal's
     PIN key and are stored only as a salted slow hash. Terminals only.
+    """
+    CreateStepUpChallenge: _aio.UnaryUnaryMultiCallable[_security_pb2.CreateStepUpChallengeRequest, _security_pb2.CreateStepUpChallengeResponse]  # type: ignore[assignment]
+    """Start a step-up verification (多因素认证): the server sends a 6-digit
+    one-time code to the phone of the subject's holder and keeps only a keyed
+    hash of it. The code expires after a few minutes, allows a few attempts
+    and is used once, by the caller that asked for it, for the operation
+    (kind, subject, amount) named here. Admins and payment adapters.
+    """
+    ResetCardPin: _aio.UnaryUnaryMultiCallable[_security_pb2.ResetCardPinRequest, _security_pb2.ResetCardPinResponse]  # type: ignore[assignment]
+    """Reset a card's PIN at an admin console (the holder forgot it): sets the
+    new PIN and clears the lockout. Needs a step-up (STEP_UP_KIND_PIN_RESET)
+    and is audited. Admins only, over mutual TLS.
+    """
+    RevealCardNumber: _aio.UnaryUnaryMultiCallable[_security_pb2.RevealCardNumberRequest, _security_pb2.RevealCardNumberResponse]  # type: ignore[assignment]
+    """Read a card's full number, reassembled from its stored segments and
+    checked against its encrypted copy. Needs a step-up
+    (STEP_UP_KIND_REVEAL_CARD_NUMBER) and is audited. Admins only. Every
+    other answer carries only the masked number.
     """
 
 class SecurityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -169,6 +205,42 @@ class SecurityServiceServicer(metaclass=_abc_1.ABCMeta):
         """Set a card's PIN at a terminal: the first PIN of a card, or a change
         with the old PIN. PINs travel only as PIN blocks under the terminal's
         PIN key and are stored only as a salted slow hash. Terminals only.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateStepUpChallenge(
+        self,
+        request: _security_pb2.CreateStepUpChallengeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_security_pb2.CreateStepUpChallengeResponse, _abc.Awaitable[_security_pb2.CreateStepUpChallengeResponse]]:
+        """Start a step-up verification (多因素认证): the server sends a 6-digit
+        one-time code to the phone of the subject's holder and keeps only a keyed
+        hash of it. The code expires after a few minutes, allows a few attempts
+        and is used once, by the caller that asked for it, for the operation
+        (kind, subject, amount) named here. Admins and payment adapters.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetCardPin(
+        self,
+        request: _security_pb2.ResetCardPinRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_security_pb2.ResetCardPinResponse, _abc.Awaitable[_security_pb2.ResetCardPinResponse]]:
+        """Reset a card's PIN at an admin console (the holder forgot it): sets the
+        new PIN and clears the lockout. Needs a step-up (STEP_UP_KIND_PIN_RESET)
+        and is audited. Admins only, over mutual TLS.
+        """
+
+    @_abc_1.abstractmethod
+    def RevealCardNumber(
+        self,
+        request: _security_pb2.RevealCardNumberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_security_pb2.RevealCardNumberResponse, _abc.Awaitable[_security_pb2.RevealCardNumberResponse]]:
+        """Read a card's full number, reassembled from its stored segments and
+        checked against its encrypted copy. Needs a step-up
+        (STEP_UP_KIND_REVEAL_CARD_NUMBER) and is audited. Admins only. Every
+        other answer carries only the masked number.
         """
 
 def add_SecurityServiceServicer_to_server(servicer: SecurityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,35 @@
+"""A fake SMS gateway for tests: the codes it was given to send, by
+challenge id (an SMS gateway cannot exist here)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SentCode:
+    destination: str
+    code: str
+    challenge_id: str
+    kind: int
+
+
+@dataclass
+class FakeOtpSender:
+    sent: list[SentCode] = field(default_factory=list)
+    # Set to make the next sends fail, as a gateway outage would.
+    failing: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def send(self, destination: str, code: str, *, challenge_id: str, kind: int) -> None:
+        if self.failing:
+            raise ConnectionError("gateway down")
+        with self._lock:
+            self.sent.append(SentCode(destination, code, challenge_id, kind))
+
+    def code(self, challenge_id: str) -> str:
+        with self._lock:
+            codes = [s.code for s in self.sent if s.challenge_id == challenge_id]
+        assert len(codes) == 1, f"{len(codes)} codes sent for {challenge_id}"
+        return codes[0]
