@@ -57,6 +57,9 @@ class Settings:
     # The server's SM2 signing key (hex, 0600 file), for signing answers to
     # payment adapters. Default data_dir/server-sm2.key, created on first use.
     signing_key_file: Path | None = None
+    # Risk engine: accept the test-only rule kind "fault", whose evaluation
+    # fails inside the engine (to exercise the fallback). Never in production.
+    risk_fault_injection: bool = False
 
     ENV_PREFIX = "FUELCARD_"
 
