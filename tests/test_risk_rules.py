@@ -4,7 +4,9 @@ loaded with RiskService.LoadRuleSet, then Authorize says what fired."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+from typing import Any
 
 import grpc
 from fuelcard.v1 import (
@@ -23,6 +25,8 @@ from tests.risk_helpers import approved, authorize, fired, load_rules, risk, rul
 SEC = dt.timedelta(seconds=1)
 HOUR = dt.timedelta(hours=1)
 DAY = dt.timedelta(days=1)
+NIGHT: dict[str, Any] = {"from": "23:00", "to": "05:00"}
+BAD_NIGHT: dict[str, Any] = {"from": "25:00", "to": "05:00"}
 
 
 def test_without_a_rule_set_nothing_is_scored(server: RunningServer) -> None:
@@ -191,8 +195,7 @@ def test_repeated_declines_card_testing(server: RunningServer) -> None:
 
 
 def test_large_amount_at_night(server: RunningServer) -> None:
-    load_rules(server, [rule("NIGHT", "night_amount", min_amount_fen=50_000,
-                             **{"from": "23:00", "to": "05:00"})])
+    load_rules(server, [rule("NIGHT", "night_amount", min_amount_fen=50_000, **NIGHT)])
     card = builders.open_card(server, balance_fen=1_000_000)
     # The clock starts at 08:00 UTC = 16:00 in Asia/Shanghai.
     assert approved(authorize(server, card, 60_000))
@@ -297,7 +300,7 @@ def test_invalid_rule_sets_change_nothing(server: RunningServer, db: Conn) -> No
          "rules[0].min_amount_fen"),
         ([rule("X", "amount", min_amount_fen=1, colour="red")], "RULE_PARAM_UNKNOWN",
          "rules[0].colour"),
-        ([rule("X", "night_amount", min_amount_fen=1, **{"from": "25:00", "to": "05:00"})],
+        ([rule("X", "night_amount", min_amount_fen=1, **BAD_NIGHT)],
          "RULE_PARAM_INVALID", "rules[0].from"),
         ([rule("X", "amount", min_amount_fen=1), rule("X", "amount", min_amount_fen=2)],
          "RULE_ID_DUPLICATE", "rules[1].id"),
@@ -308,7 +311,7 @@ def test_invalid_rule_sets_change_nothing(server: RunningServer, db: Conn) -> No
          "rules[0].tiers"),
     ]
     for rules, reason, field in cases:
-        expect(lambda rules=rules: load_rules(server, rules), grpc.StatusCode.INVALID_ARGUMENT,
+        expect(functools.partial(load_rules, server, rules), grpc.StatusCode.INVALID_ARGUMENT,
                reason, field)
     expect(lambda: load_rules(server, [], fallback="approve"), grpc.StatusCode.INVALID_ARGUMENT,
            "RULES_FALLBACK_INVALID", "fallback")
