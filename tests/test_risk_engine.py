@@ -109,7 +109,7 @@ def _fallbacks(reader: InMemoryMetricReader) -> dict[str, int]:
                 continue
             for m in sm.metrics:
                 for p in m.data.data_points:
-                    key = m.name + "".join(f"[{v}]" for v in (p.attributes or {}).values())
+                    key = m.name + "".join(f"[{v!s}]" for v in (p.attributes or {}).values())
                     out[key] = out.get(key, 0) + int(p.value)  # type: ignore[union-attr]
     return out
 
