@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--controls", action="store_true",
                    help="put caps, a geo-fence, products and hours on every card (none binds:"
                    " measures what the checks cost)")
+    s.add_argument("--risk-rules", metavar="FILE",
+                   help="put this risk rule set (TOML or .json) in force before the run, e.g."
+                   " loadtest/risk-rules-200.json")
     s.add_argument("--keep", action="store_true", help="keep the temporary data directory")
 
     o = p.add_argument_group("output")
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report=args.report, plot=args.plot, profile_dir=args.profile_dir,
         progress=not args.no_progress, rpc_timeout_s=args.rpc_timeout_s,
         max_inflight=args.max_inflight, max_ops=args.max_ops, reseed=args.reseed,
-        controls=args.controls,
+        controls=args.controls, risk_rules=args.risk_rules,
         keep=args.keep, seed=args.seed,
         argv=["fuelcard-loadtest", *(sys.argv[1:] if argv is None else argv)])
     try:
