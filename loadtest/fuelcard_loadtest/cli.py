@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    " measures what the checks cost)")
     s.add_argument("--risk-rules", metavar="FILE",
                    help="put this risk rule set (TOML or .json) in force before the run, e.g."
-                   " loadtest/risk-rules-200.json")
+                   " loadtest/risk-rules-200.json; \"none\": none in force")
     s.add_argument("--keep", action="store_true", help="keep the temporary data directory")
 
     o = p.add_argument_group("output")

@@ -68,12 +68,21 @@ def generate(n: int, seed: int = 200) -> dict[str, Any]:
 
 
 def apply(url: str, path: str, log: Callable[[str], None] = print) -> None:
-    """Validate the rule set file and put it in force (one transaction)."""
+    """Validate the rule set file and put it in force (one transaction);
+    "none" puts no rule set in force (for A/B runs on one data directory)."""
     import hashlib
     import uuid
 
     from fuelcard_server.locks import RISK_RULES_LOCK
     from fuelcard_server.risk.model import FALLBACKS, load_text
+
+    if path == "none":
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT fc.risk_activate(%s, %s, %s, %s, %s, 0, now())", (
+                "loadtest", f"lt-rules-{uuid.uuid4().hex}", b"none", RISK_RULES_LOCK,
+                "loadtest"))
+        log("no risk rule set in force")
+        return
 
     with open(path, encoding="utf-8") as f:
         text = f.read()

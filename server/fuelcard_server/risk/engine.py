@@ -169,15 +169,18 @@ class Engine:
 
     def note(self, st: CardState, a: Authorization, *, held: bool) -> None:
         """fc.risk_note: a hold made (approved or suspended), or a decline."""
+        # Kept oldest first, never before the last one (as SQL does).
         if not held:
-            st.decline_times = [a.at, *st.decline_times][:DECLINES_KEPT]
+            at = max(a.at, st.decline_times[-1]) if st.decline_times else a.at
+            st.decline_times = [*st.decline_times, at][-DECLINES_KEPT:]
             return
         day = a.at.astimezone(self.tz).date()
         st.n_auths += 1
         st.last_at = a.at
         coords = self.stations.get(a.station_id)
         st.last_lat, st.last_lon = coords if coords is not None else (None, None)
-        st.auth_times = [a.at, *st.auth_times][:AUTH_TIMES_KEPT]
+        at = max(a.at, st.auth_times[-1]) if st.auth_times else a.at
+        st.auth_times = [*st.auth_times, at][-AUTH_TIMES_KEPT:]
         if st.day_list and st.day_list[0] == day:
             st.day_fens = [st.day_fens[0] + a.amount_fen, *st.day_fens[1:]]
         else:

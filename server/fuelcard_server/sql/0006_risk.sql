@@ -154,11 +154,11 @@ CREATE TABLE fc.risk_card_state (
     last_station  text,
     last_lat      double precision,
     last_lon      double precision,
-    auth_times    timestamptz[] NOT NULL DEFAULT '{}',  -- newest first, at most 64
+    auth_times    timestamptz[] NOT NULL DEFAULT '{}',  -- oldest first, the last 64
     day_list      date[]      NOT NULL DEFAULT '{}',    -- newest first, last 7 local days
     day_fens      bigint[]    NOT NULL DEFAULT '{}',    -- authorized amount on each
     terminals     text[]      NOT NULL DEFAULT '{}',    -- most recent first, at most 32
-    decline_times timestamptz[] NOT NULL DEFAULT '{}'   -- newest first, at most 16
+    decline_times timestamptz[] NOT NULL DEFAULT '{}'   -- oldest first, the last 16
 );
 
 -- Redemptions by account and time, for the points_redemption rule.
@@ -285,21 +285,23 @@ END $$;
 -- Scoring.
 ------------------------------------------------------------------------------
 
--- The risk verdict on an authorization that passed every business check:
+-- The risk verdict on an authorization that passed every business check
+-- (p_local: p_now in the business time zone):
 -- {decision: APPROVE|REVIEW|DECLINE, score, rules: [fired rule ids],
 --  version, fallback}; NULL when no rule set is in force. Reads only: the
 -- card state is updated by fc.risk_note afterwards. The caller holds the
 -- account's advisory lock. Any error inside applies the set's fallback.
 CREATE FUNCTION fc.risk_assess(
     p_card_id bigint, p_tier smallint, p_account_kind smallint, p_spender_id bigint,
-    p_amount bigint, p_station text, p_terminal text, p_now timestamptz)
+    p_amount bigint, p_station text, p_terminal text, p_now timestamptz, p_local timestamp)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_set        fc.risk_rule_sets;
+    v_set        record;
     v_st         fc.risk_card_state;
-    v_local      timestamp;
-    v_day        date;
+    v_red_at     timestamptz[];
+    v_red_pts    bigint[];
+    v_day        date := p_local::date;
     v_minute     integer;
     v_day_fen    bigint := 0;
     v_week_fen   bigint := 0;
@@ -314,15 +316,15 @@ DECLARE
     v_action     integer;
     v_decision   text;
 BEGIN
-    SELECT s.* INTO v_set FROM fc.risk_active a JOIN fc.risk_rule_sets s ON s.id = a.rule_set_id;
+    -- Not s.*: the document is large (TOASTed) and not needed here.
+    SELECT s.id, s.fallback, s.review_score, s.decline_score, s.windows, s.has_points
+      INTO v_set FROM fc.risk_active a JOIN fc.risk_rule_sets s ON s.id = a.rule_set_id;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
     BEGIN
         -- The features, once.
-        v_local := p_now AT TIME ZONE fc.business_tz();
-        v_day := v_local::date;
-        v_minute := extract(hour FROM v_local)::integer * 60 + extract(minute FROM v_local)::integer;
+        v_minute := extract(hour FROM p_local)::integer * 60 + extract(minute FROM p_local)::integer;
         SELECT * INTO v_st FROM fc.risk_card_state WHERE card_id = p_card_id;
         IF FOUND THEN
             SELECT coalesce(sum(f) FILTER (WHERE d = v_day), 0),
@@ -339,19 +341,27 @@ BEGIN
             v_st.n_auths := 0;
             v_new_term := true;
         END IF;
-        SELECT array_agg((SELECT count(*) FROM unnest(v_st.auth_times) t
-                           WHERE t > p_now - make_interval(secs => w)) ORDER BY i),
-               array_agg((SELECT count(*) FROM unnest(v_st.decline_times) t
-                           WHERE t > p_now - make_interval(secs => w)) ORDER BY i)
+        -- Times are kept oldest first: how many are later than the start of
+        -- a window is a binary search (width_bucket counts those at or before).
+        SELECT array_agg(cardinality(v_st.auth_times)
+                         - width_bucket(p_now - make_interval(secs => w), v_st.auth_times) ORDER BY i),
+               array_agg(cardinality(v_st.decline_times)
+                         - width_bucket(p_now - make_interval(secs => w), v_st.decline_times) ORDER BY i)
           INTO v_counts, v_declines
           FROM unnest(v_set.windows) WITH ORDINALITY AS u(w, i);
         IF v_set.has_points THEN
-            SELECT array_agg((SELECT coalesce(sum(j.amount), 0) FROM fc.journal j
-                               WHERE j.kind = 4 AND j.debit_account_id = p_spender_id
-                                 AND j.created_at > p_now - make_interval(secs => w)
-                                 AND j.created_at <= p_now) ORDER BY i)
+            -- One index scan for the longest window, then each window.
+            SELECT array_agg(j.created_at), array_agg(j.amount) INTO v_red_at, v_red_pts
+              FROM fc.journal j
+             WHERE j.kind = 4 AND j.debit_account_id = p_spender_id
+               AND j.created_at > p_now - make_interval(secs => v_set.windows[cardinality(v_set.windows)])
+               AND j.created_at <= p_now;
+            -- (none: v_points stays NULL and no points rule fires)
+            SELECT array_agg((SELECT coalesce(sum(x.pts), 0) FROM unnest(v_red_at, v_red_pts) x(t, pts)
+                               WHERE x.t > p_now - make_interval(secs => w)) ORDER BY i)
               INTO v_points
-              FROM unnest(v_set.windows) WITH ORDINALITY AS u(w, i);
+              FROM unnest(v_set.windows) WITH ORDINALITY AS u(w, i)
+             WHERE v_red_at IS NOT NULL;
         END IF;
 
         -- Every rule, in one pass.
@@ -397,12 +407,15 @@ END $$;
 
 -- Record an authorization in the card's risk state: p_held (a hold was made,
 -- approved or suspended) or a decline. The caller holds the account's lock.
+-- Times are appended oldest first, never before the last one (two server
+-- processes' clocks may differ by a little), so the arrays stay sorted.
+-- p_day: the local day of p_now.
 CREATE FUNCTION fc.risk_note(p_card_id bigint, p_held boolean, p_amount bigint,
-                             p_station text, p_terminal text, p_now timestamptz)
+                             p_station text, p_terminal text, p_now timestamptz, p_day date)
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_day date := (p_now AT TIME ZONE fc.business_tz())::date;
+    v_day date := p_day;
     v_lat double precision;
     v_lon double precision;
 BEGIN
@@ -410,7 +423,9 @@ BEGIN
         INSERT INTO fc.risk_card_state AS s (card_id, decline_times)
         VALUES (p_card_id, ARRAY[p_now])
         ON CONFLICT (card_id) DO UPDATE
-           SET decline_times = (p_now || s.decline_times)[1:16];
+           SET decline_times = (s.decline_times
+                                || greatest(p_now, s.decline_times[cardinality(s.decline_times)]))
+                               [greatest(1, cardinality(s.decline_times) - 14):];
         RETURN;
     END IF;
     SELECT latitude, longitude INTO v_lat, v_lon FROM fc.stations WHERE station_id = p_station;
@@ -421,7 +436,8 @@ BEGIN
     ON CONFLICT (card_id) DO UPDATE
        SET n_auths = s.n_auths + 1,
            last_at = p_now, last_station = p_station, last_lat = v_lat, last_lon = v_lon,
-           auth_times = (p_now || s.auth_times)[1:64],
+           auth_times = (s.auth_times || greatest(p_now, s.auth_times[cardinality(s.auth_times)]))
+                        [greatest(1, cardinality(s.auth_times) - 62):],
            day_list = CASE WHEN s.day_list[1] = v_day THEN s.day_list
                            ELSE (v_day || s.day_list)[1:7] END,
            day_fens = CASE WHEN s.day_list[1] = v_day
@@ -562,13 +578,13 @@ BEGIN
     -- risk: score what passed every business check.
     IF v_reason IS NULL THEN
         v_risk := fc.risk_assess(v_card.id, v_spender.tier, v_spender.kind, v_spender.id,
-                                 p_amount_fen, p_station_id, p_terminal_id, p_now);
+                                 p_amount_fen, p_station_id, p_terminal_id, p_now, v_local);
         IF v_risk->>'decision' = 'DECLINE' THEN
             v_reason := 'RISK_DECLINED';
         END IF;
     END IF;
     PERFORM fc.risk_note(v_card.id, v_reason IS NULL, p_amount_fen, p_station_id,
-                         p_terminal_id, p_now);
+                         p_terminal_id, p_now, v_day);
 
     IF v_reason IS NOT NULL THEN
         v_response := jsonb_build_object(
