@@ -76,6 +76,15 @@ def test_backtest_on_a_generated_history(server: RunningServer, db: Conn,
     assert_ledger_ok(server.database_url)
 
 
+def test_every_default_rule_is_documented() -> None:
+    table = (Path(cli.__file__).parents[2] / "RISK.md").read_text(encoding="utf-8")
+    documented = {line.split("|")[1].strip() for line in table.splitlines()
+                  if line.startswith("| ") and line.count("|") == 7}
+    default = load_text(DEFAULT.read_text(encoding="utf-8"), "toml")
+    assert {r.rule_id for r in default.rules} <= documented
+    assert len(default.rules) >= 25
+
+
 def test_cli_load_validates_then_puts_the_set_in_force(server: RunningServer, db: Conn,
                                                        tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
