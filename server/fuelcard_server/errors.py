@@ -93,6 +93,9 @@ _PRECONDITION_MESSAGES = {
     "PIN_NEEDS_TERMINAL_KEY": "PIN blocks are read with the key of a terminal named by its "
                               "certificate (mutual TLS)",
     "OLD_PIN_WRONG": "the current PIN given to change it is wrong",
+    "HOLD_SUSPENDED": "the hold was suspended for risk review and has not been approved",
+    "HOLD_REJECTED": "a reviewer rejected the hold",
+    "HOLD_NOT_SUSPENDED": "the hold is not awaiting review",
 }
 
 

@@ -170,6 +170,15 @@ CHECKS: tuple[Check, ...] = (
                         GROUP BY account_id) l ON l.account_id = a.id
            WHERE a.kind <> 100 AND a.points_balance <> coalesce(l.remaining, 0)
            LIMIT 10"""),
+    Check("reviews_match_hold_states",
+          "a SUSPENDED hold awaits review, a REJECTED one was rejected, and no hold was"
+          " settled without a reviewer's approval once suspended",
+          """
+          SELECT id, state, review_state FROM fc.holds
+           WHERE (state = 5) <> (review_state IS NOT DISTINCT FROM 1 AND closed_at IS NULL)
+              OR (state = 6) <> (review_state IS NOT DISTINCT FROM 3)
+              OR (state IN (1, 2) AND review_state IN (1, 3))
+           LIMIT 10"""),
 )
 
 
