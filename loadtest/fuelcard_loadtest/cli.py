@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--controls", action="store_true",
                    help="put caps, a geo-fence, products and hours on every card (none binds:"
                    " measures what the checks cost)")
+    s.add_argument("--risk-rules", metavar="FILE",
+                   help="put this risk rule set (TOML or .json) in force before the run, e.g."
+                   " loadtest/risk-rules-200.json; \"none\": none in force")
     s.add_argument("--keep", action="store_true", help="keep the temporary data directory")
 
     o = p.add_argument_group("output")
@@ -118,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress, rpc_timeout_s=args.rpc_timeout_s,
         max_inflight=args.max_inflight, max_ops=args.max_ops, reseed=args.reseed,
         controls=args.controls, history_entries=args.history_entries,
-        history_jobs=args.history_jobs,
+        history_jobs=args.history_jobs, risk_rules=args.risk_rules,
         keep=args.keep, seed=args.seed,
         argv=["fuelcard-loadtest", *(sys.argv[1:] if argv is None else argv)])
     try:

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import psycopg
 from fuelcard_server.settings import Settings
 
-from fuelcard_loadtest import ceilings, controls, ledger, profile, report, seed, server, worker
+from fuelcard_loadtest import ceilings, controls, ledger, profile, report, risk_rules, seed, server, worker
 from fuelcard_loadtest.scenarios import SCENARIOS, Mix
 from fuelcard_loadtest.stats import Merged
 
@@ -74,6 +74,8 @@ class Options:
     history_entries: int = 0
     history_jobs: int = 2
     controls: bool = False
+    # a risk rule set file to put in force before the run (risk_rules.py)
+    risk_rules: str | None = None
     keep: bool = False
     seed: int | None = None
     argv: list[str] = field(default_factory=list)
@@ -450,6 +452,8 @@ def run(opts: Options, out: TextIO | None = None) -> dict[str, Any]:
         database_mb = _database_mb(url)
         if opts.controls:
             controls.apply(url, dataset.tag, f"LT-{run_id}", log=say)
+        if opts.risk_rules:
+            risk_rules.apply(url, opts.risk_rules, log=say)
         closed = opts.rate is None
         profiler: profile.Profiler | None = None
         if opts.profile_dir is not None:
@@ -553,6 +557,7 @@ def _report(opts: Options, main: Phase, dataset: seed.Dataset, target: str, run_
     r: dict[str, Any] = {
         "scenario": opts.scenario,
         "controls": opts.controls,
+        "risk_rules": opts.risk_rules,
         "mode": "closed" if opts.rate is None else "open",
         "concurrency": opts.concurrency if opts.rate is None else None,
         "rate_per_s": opts.rate,

@@ -25,6 +25,8 @@ from fuelcard.v1 import (
     funding_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
+    risk_pb2,
+    risk_pb2_grpc,
     security_pb2,
     security_pb2_grpc,
     transaction_pb2,
@@ -49,6 +51,7 @@ from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.funding import FundingService
 from fuelcard_server.services.handling import Deps
 from fuelcard_server.services.points import PointsService
+from fuelcard_server.services.risk import RiskService
 from fuelcard_server.services.security import SecurityService
 from fuelcard_server.services.transaction import TransactionService
 from fuelcard_server.settings import Settings, SettingsError
@@ -66,6 +69,7 @@ SERVICE_NAMES = (
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["SecurityService"].full_name,
+    risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
 )
 
 # Only one process sweeps at a time; the others skip the round.
@@ -176,6 +180,7 @@ class FuelcardServer:
         account_pb2_grpc.add_AccountServiceServicer_to_server(AccountService(deps), server)
         control_pb2_grpc.add_ControlServiceServicer_to_server(ControlService(deps), server)
         security_pb2_grpc.add_SecurityServiceServicer_to_server(SecurityService(deps), server)
+        risk_pb2_grpc.add_RiskServiceServicer_to_server(RiskService(deps), server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -1,4 +1,4 @@
-"""The `fuelcard` command: serve, migrate, verify, audit verify, demo."""
+"""The `fuelcard` command: serve, migrate, verify, audit verify, demo, risk load/backtest."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ import psycopg
 
 from fuelcard_server import audit, logs, migrations, verify
 from fuelcard_server.embedded import EmbeddedPostgres
+from fuelcard_server.risk.model import RuleSet
 from fuelcard_server.settings import Settings, SettingsError
 
 log = logging.getLogger("fuelcard")
+
+DEFAULT_RULES = Path(__file__).parent / "risk" / "default_rules.toml"
 
 
 def _add_database_flags(p: argparse.ArgumentParser) -> None:
@@ -246,6 +249,77 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rules_file(path: Path, s: Settings) -> RuleSet:
+    """Read and validate a rule set file (TOML, or JSON by its suffix)."""
+    from fuelcard_server.errors import ApiError
+    from fuelcard_server.risk.model import load_text
+
+    fmt = "json" if path.suffix.lower() == ".json" else "toml"
+    try:
+        return load_text(path.read_text(encoding="utf-8"), fmt,
+                         allow_fault=s.risk_fault_injection)
+    except ApiError as exc:
+        lines = [f"  {v.field}: {v.description} ({v.reason})" for v in exc.violations]
+        raise SettingsError(f"{path}: invalid rule set, nothing changed:\n" + "\n".join(lines)) \
+            from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: {exc.strerror}") from None
+
+
+def cmd_risk_load(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import getpass
+    import hashlib
+    import uuid
+
+    from fuelcard_server.audit import APPEND_SQL
+    from fuelcard_server.locks import AUDIT_LOCK
+    from fuelcard_server.services.risk import LOAD_SQL, load_args
+
+    s = _settings(args)
+    path = DEFAULT_RULES if args.file is None else Path(args.file)
+    rule_set = _rules_file(path, s)
+    actor = f"cli:{getpass.getuser()}"
+    url, pg = _database(s)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            row = conn.execute(LOAD_SQL, (
+                "cli", f"cli-risk-load-{uuid.uuid4().hex}",
+                hashlib.sha256(rule_set.digest().encode()).digest(),
+                *load_args(rule_set, actor), dt.datetime.now(dt.UTC))).fetchone()
+            # the change in the hash-chained audit trail too, in the same transaction
+            conn.execute(APPEND_SQL, (AUDIT_LOCK, actor, "cli/fuelcard risk load", None, "OK"))
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
+    assert row is not None
+    info, changes = row[0]["rule_set"], row[0]["changes"]
+    print(f"rule set {info['name']!r} version {info['version']} in force: {info['rules']} rules"
+          f" (added {len(changes['added'])}, removed {len(changes['removed'])},"
+          f" changed {len(changes['changed'])})")
+    return 0
+
+
+def cmd_risk_backtest(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from fuelcard_server.risk import backtest
+
+    s = _settings(args)
+    rule_set = _rules_file(Path(args.rules), s)
+    url, pg = _database(s)
+    try:
+        report = backtest.run(
+            url, rule_set,
+            since=dt.datetime.fromisoformat(args.since) if args.since else None,
+            until=dt.datetime.fromisoformat(args.until) if args.until else None)
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
+    print("\n".join(report.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuelcard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,6 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a record id and its hash noted earlier (the head this command "
                    "printed): also catches a log cut short or rewritten wholesale")
     p.set_defaults(func=cmd_audit_verify)
+
+    p = sub.add_parser("risk", help="the risk engine's rule sets")
+    risk_sub = p.add_subparsers(dest="risk_command", required=True)
+    p = risk_sub.add_parser("load", help="validate a rule set file and put it in force (no "
+                            "restart); an invalid file changes nothing")
+    _add_database_flags(p)
+    p.add_argument("file", nargs="?", help="TOML (or .json) rule set; default: the default set")
+    p.set_defaults(func=cmd_risk_load)
+    p = risk_sub.add_parser("backtest", help="replay stored transactions through a rule set "
+                            "and report, per rule, what it would decline or suspend")
+    _add_database_flags(p)
+    p.add_argument("--rules", required=True, help="TOML (or .json) rule set file")
+    p.add_argument("--since", help="only transactions from this ISO time on")
+    p.add_argument("--until", help="only transactions before this ISO time")
+    p.set_defaults(func=cmd_risk_backtest)
     return parser
 
 

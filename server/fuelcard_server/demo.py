@@ -15,7 +15,11 @@ from fuelcard.v1 import (
     account_pb2_grpc,
     funding_pb2,
     funding_pb2_grpc,
+    risk_pb2,
+    risk_pb2_grpc,
 )
+
+DEFAULT_RULES = Path(__file__).parent / "risk" / "default_rules.toml"
 
 
 @dataclass(frozen=True)
@@ -65,4 +69,9 @@ async def seed(target: str, certs: Path | None = None) -> list[tuple[DemoCard, s
                 channel=funding_pb2.CHANNEL_WECHAT_PAY, channel_txn_id=f"demo-wx-{i:04d}",
                 amount_fen=card.recharge_fen))
             made.append((card, account_id))
+        # The default risk rule set, in force for the demo (the same request
+        # id each run: a second run replays it).
+        await risk_pb2_grpc.RiskServiceStub(channel).LoadRuleSet(risk_pb2.LoadRuleSetRequest(
+            request_id="demo-risk-default", document=DEFAULT_RULES.read_text(encoding="utf-8"),
+            format=risk_pb2.RULE_FORMAT_TOML))
     return made

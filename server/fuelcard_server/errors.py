@@ -96,6 +96,9 @@ _PRECONDITION_MESSAGES = {
     "NO_PHONE_ON_FILE": "the holder has no phone number to send a step-up code to",
     "TOO_MANY_STEP_UPS": "too many step-up codes were asked for this subject; try again later",
     "CARD_NUMBER_NOT_STORED": "this card's number is not stored (a seeded card)",
+    "HOLD_SUSPENDED": "the hold was suspended for risk review and has not been approved",
+    "HOLD_REJECTED": "a reviewer rejected the hold",
+    "HOLD_NOT_SUSPENDED": "the hold is not awaiting review",
 }
 
 

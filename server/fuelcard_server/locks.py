@@ -14,3 +14,6 @@ TIER_EVALUATION_LOCK = -4
 # appends are serialised and each extends the committed head - one chain,
 # never a fork, across all server processes.
 AUDIT_LOCK = -5
+# Risk rule set loads and activations (fc.risk_load, fc.risk_activate): one at
+# a time, so each change's diff is against the set really in force before it.
+RISK_RULES_LOCK = -6

@@ -107,6 +107,9 @@ class Settings:
     # Development delivery of codes (FileOtpSender): a 0600 JSON-lines file,
     # default data_dir/otp-outbox.jsonl. Production plugs an SMS gateway in.
     otp_outbox_file: Path | None = None
+    # Risk engine: accept the test-only rule kind "fault", whose evaluation
+    # fails inside the engine (to exercise the fallback). Never in production.
+    risk_fault_injection: bool = False
 
     ENV_PREFIX = "FUELCARD_"
     CONFIG_ENV = "FUELCARD_CONFIG"

@@ -67,12 +67,12 @@ CHECKS: tuple[Check, ...] = (
                       JOIN fc.accounts a ON a.id = c.account_id WHERE a.kind = 100)) t
            WHERE total <> 0"""),
     Check("held_equals_active_holds",
-          "an account's held amount equals the sum of its AUTHORIZED holds",
+          "an account's held amount equals the sum of its AUTHORIZED and SUSPENDED holds",
           """
           SELECT a.id, a.held_fen, coalesce(h.total, 0)
             FROM fc.accounts a
             LEFT JOIN (SELECT account_id, sum(amount_fen) AS total FROM fc.holds
-                        WHERE state = 1 GROUP BY account_id) h ON h.account_id = a.id
+                        WHERE state IN (1, 5) GROUP BY account_id) h ON h.account_id = a.id
            WHERE a.held_fen <> coalesce(h.total, 0) LIMIT 10"""),
     Check("no_overdraft",
           "no customer account has spent money it does not have",
@@ -138,7 +138,8 @@ CHECKS: tuple[Check, ...] = (
           """
           WITH charged AS (
               SELECT h.card_id, h.spender_account_id, s.parent_id, h.usage_day,
-                     CASE h.state WHEN 1 THEN h.amount_fen WHEN 2 THEN h.settled_fen
+                     CASE h.state WHEN 1 THEN h.amount_fen WHEN 5 THEN h.amount_fen
+                                  WHEN 2 THEN h.settled_fen
                                   ELSE 0 END AS amount
                 FROM fc.holds h JOIN fc.accounts s ON s.id = h.spender_account_id),
           expected AS (
@@ -180,6 +181,15 @@ CHECKS: tuple[Check, ...] = (
                     + (SELECT count(*) FROM fc_pan_seg3.sealed s WHERE s.card_id = c.id)
                     + (SELECT count(*) FROM fc_pan_vault.sealed s WHERE s.card_id = c.id) AS parts) n
            WHERE n.parts NOT IN (0, 4)
+           LIMIT 10"""),
+    Check("reviews_match_hold_states",
+          "a SUSPENDED hold awaits review, a REJECTED one was rejected, and no hold was"
+          " settled without a reviewer's approval once suspended",
+          """
+          SELECT id, state, review_state FROM fc.holds
+           WHERE (state = 5) <> (review_state IS NOT DISTINCT FROM 1 AND closed_at IS NULL)
+              OR (state = 6) <> (review_state IS NOT DISTINCT FROM 3)
+              OR (state IN (1, 2) AND review_state IN (1, 3))
            LIMIT 10"""),
 )
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fuelcard.v1 import account_pb2, common_pb2, funding_pb2, points_pb2
+from fuelcard.v1 import account_pb2, common_pb2, funding_pb2, points_pb2, risk_pb2
 
 from fuelcard_server import privacy
 
-_DECISION = {"APPROVED": common_pb2.DECISION_APPROVED, "DECLINED": common_pb2.DECISION_DECLINED}
+_DECISION = {"APPROVED": common_pb2.DECISION_APPROVED, "DECLINED": common_pb2.DECISION_DECLINED,
+             "REVIEW": common_pb2.DECISION_REVIEW}
+_RISK_DECISION = {"APPROVE": risk_pb2.RISK_DECISION_APPROVE, "REVIEW": risk_pb2.RISK_DECISION_REVIEW,
+                  "DECLINE": risk_pb2.RISK_DECISION_DECLINE}
 _DECLINE = {
     name.removeprefix("DECLINE_REASON_"): value
     for name, value in common_pb2.DeclineReason.items()
@@ -109,3 +112,9 @@ def points_entry(d: dict[str, Any]) -> points_pb2.PointsEntry:
                                description=d.get("description") or "")
     e.create_time.FromMicroseconds(d["create_us"])
     return e
+
+
+def risk_assessment(d: dict[str, Any]) -> risk_pb2.RiskAssessment:
+    return risk_pb2.RiskAssessment(
+        decision=_RISK_DECISION[d["decision"]], score=min(d["score"], 2**31 - 1),
+        fired_rules=d["rules"], rule_set_version=d["version"], fallback=d["fallback"])

@@ -154,6 +154,7 @@ TLS_CALLERS = {
     "adapter-wechat-gw": ("adapter", "wechat-gw", "WECHAT_PAY"),
     "admin-ops": ("admin", "ops", ""),
     "analytics-bi": ("analytics", "bi", ""),
+    "reviewer-risk": ("reviewer", "risk", ""),
 }
 
 

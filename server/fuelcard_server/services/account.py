@@ -142,7 +142,7 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
         account_id = v.uuid("account_id", request.account_id)
         size = v.page_size("page_size", request.page_size)
         before = v.page_token("page_token", request.page_token)
-        if request.state not in (0, 1, 2, 3, 4):
+        if request.state not in (0, 1, 2, 3, 4, 5, 6):  # 5, 6: SUSPENDED, REJECTED (risk)
             v.add("state", "must be a defined HoldState", "ENUM_VALUE_INVALID")
         v.raise_if_any()
         assert account_id is not None

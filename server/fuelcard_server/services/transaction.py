@@ -9,6 +9,7 @@ from fuelcard.v1 import common_pb2, transaction_pb2, transaction_pb2_grpc
 
 from fuelcard_server import errors, wire
 from fuelcard_server.identity import Role
+from fuelcard_server.risk import metrics as risk_metrics
 from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.validation import ID_MAX_CHARS, NOZZLE_MAX, Violations
 
@@ -81,6 +82,10 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             available_fen=d["available_fen"])
         if "hold" in d:
             response.hold.CopyFrom(wire.hold(d["hold"]))
+        if "risk" in d:
+            response.risk.CopyFrom(wire.risk_assessment(d["risk"]))
+            if not d.get("replayed"):
+                risk_metrics.record(d["risk"])
         return response
 
     @rpc(Role.POS)

@@ -44,6 +44,13 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     """The operation was refused for the reason in `decline_reason`; nothing
     changed.
     """
+    DECISION_REVIEW: _Decision.ValueType  # 3
+    """Authorize only: the risk engine suspended the authorization for manual
+    review (暂挂). The money is reserved (the hold is HOLD_STATE_SUSPENDED)
+    but the pump must NOT deliver: poll GetHold until a reviewer approves it
+    (HOLD_STATE_AUTHORIZED: deliver and Confirm as usual) or rejects it
+    (HOLD_STATE_REJECTED), or Cancel it if the driver leaves.
+    """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """The outcome of a request that may be declined for business reasons."""
@@ -55,6 +62,13 @@ DECISION_APPROVED: Decision.ValueType  # 1
 DECISION_DECLINED: Decision.ValueType  # 2
 """The operation was refused for the reason in `decline_reason`; nothing
 changed.
+"""
+DECISION_REVIEW: Decision.ValueType  # 3
+"""Authorize only: the risk engine suspended the authorization for manual
+review (暂挂). The money is reserved (the hold is HOLD_STATE_SUSPENDED)
+but the pump must NOT deliver: poll GetHold until a reviewer approves it
+(HOLD_STATE_AUTHORIZED: deliver and Confirm as usual) or rejects it
+(HOLD_STATE_REJECTED), or Cancel it if the driver leaves.
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
@@ -104,6 +118,8 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     """The PIN was wrong."""
     DECLINE_REASON_PIN_LOCKED: _DeclineReason.ValueType  # 17
     """Too many wrong PINs in a row: the card is locked until its PIN is reset."""
+    DECLINE_REASON_RISK_DECLINED: _DeclineReason.ValueType  # 18
+    """The risk engine declined the authorization (see AuthorizeResponse.risk)."""
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why a request was declined. Stable, machine-readable: a POS maps each value
@@ -150,6 +166,8 @@ DECLINE_REASON_WRONG_PIN: DeclineReason.ValueType  # 16
 """The PIN was wrong."""
 DECLINE_REASON_PIN_LOCKED: DeclineReason.ValueType  # 17
 """Too many wrong PINs in a row: the card is locked until its PIN is reset."""
+DECLINE_REASON_RISK_DECLINED: DeclineReason.ValueType  # 18
+"""The risk engine declined the authorization (see AuthorizeResponse.risk)."""
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 class _Product:
@@ -212,6 +230,15 @@ class _HoldStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HoldState.V
     """Released without a sale."""
     HOLD_STATE_EXPIRED: _HoldState.ValueType  # 4
     """Released by the server because nobody confirmed or cancelled it in time."""
+    HOLD_STATE_SUSPENDED: _HoldState.ValueType  # 5
+    """Suspended by the risk engine for manual review: the money is reserved,
+    the pump must not deliver. Confirm fails with FAILED_PRECONDITION
+    (reason HOLD_SUSPENDED); Cancel releases it.
+    """
+    HOLD_STATE_REJECTED: _HoldState.ValueType  # 6
+    """A reviewer rejected the suspended hold; the money was released. Confirm
+    fails with FAILED_PRECONDITION (reason HOLD_REJECTED).
+    """
 
 class HoldState(_HoldState, metaclass=_HoldStateEnumTypeWrapper):
     """Lifecycle of a hold (预授权). Output only: changed by Confirm, Cancel and
@@ -220,6 +247,10 @@ class HoldState(_HoldState, metaclass=_HoldStateEnumTypeWrapper):
       AUTHORIZED --Confirm(final > 0)--> CONFIRMED
       AUTHORIZED --Confirm(final = 0) or Cancel--> CANCELLED
       AUTHORIZED --expiry--> EXPIRED --late Confirm with funds--> CONFIRMED
+      SUSPENDED --reviewer approves--> AUTHORIZED
+      SUSPENDED --reviewer rejects--> REJECTED
+      SUSPENDED --Cancel--> CANCELLED;  SUSPENDED --expiry--> EXPIRED (never
+      confirmable: it was not approved)
     """
 
 HOLD_STATE_UNSPECIFIED: HoldState.ValueType  # 0
@@ -232,6 +263,15 @@ HOLD_STATE_CANCELLED: HoldState.ValueType  # 3
 """Released without a sale."""
 HOLD_STATE_EXPIRED: HoldState.ValueType  # 4
 """Released by the server because nobody confirmed or cancelled it in time."""
+HOLD_STATE_SUSPENDED: HoldState.ValueType  # 5
+"""Suspended by the risk engine for manual review: the money is reserved,
+the pump must not deliver. Confirm fails with FAILED_PRECONDITION
+(reason HOLD_SUSPENDED); Cancel releases it.
+"""
+HOLD_STATE_REJECTED: HoldState.ValueType  # 6
+"""A reviewer rejected the suspended hold; the money was released. Confirm
+fails with FAILED_PRECONDITION (reason HOLD_REJECTED).
+"""
 Global___HoldState: _TypeAlias = HoldState  # noqa: Y015
 
 @_typing.final

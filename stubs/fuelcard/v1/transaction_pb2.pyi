@@ -4,6 +4,7 @@ isort:skip_file
 POS-facing transactions: Try-Confirm-Cancel holds at the pump."""
 
 from fuelcard.v1 import common_pb2 as _common_pb2
+from fuelcard.v1 import risk_pb2 as _risk_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 import builtins as _builtins
@@ -103,10 +104,12 @@ class AuthorizeResponse(_message.Message):
     DECLINE_REASON_FIELD_NUMBER: _builtins.int
     HOLD_FIELD_NUMBER: _builtins.int
     AVAILABLE_FEN_FIELD_NUMBER: _builtins.int
+    RISK_FIELD_NUMBER: _builtins.int
     decision: _common_pb2.Decision.ValueType
     """DECISION_APPROVED: `hold` is set and the pump may deliver up to
     hold.amount_fen. DECISION_DECLINED: see `decline_reason`; nothing was
-    reserved.
+    reserved. DECISION_REVIEW: `hold` is set and SUSPENDED; do not deliver
+    until GetHold shows it AUTHORIZED.
     """
     decline_reason: _common_pb2.DeclineReason.ValueType
     """Why the authorization was declined; unset when approved."""
@@ -116,6 +119,12 @@ class AuthorizeResponse(_message.Message):
     def hold(self) -> _common_pb2.Hold:
         """The new hold; set when approved."""
 
+    @_builtins.property
+    def risk(self) -> _risk_pb2.RiskAssessment:
+        """What the risk engine said: its decision, score and the rules that fired.
+        Unset when no rule set is in force or a business check declined first.
+        """
+
     def __init__(
         self,
         *,
@@ -123,10 +132,11 @@ class AuthorizeResponse(_message.Message):
         decline_reason: _common_pb2.DeclineReason.ValueType = ...,
         hold: _common_pb2.Hold | None = ...,
         available_fen: _builtins.int = ...,
+        risk: _risk_pb2.RiskAssessment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "risk", b"risk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_fen", b"available_fen", "decision", b"decision", "decline_reason", b"decline_reason", "hold", b"hold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_fen", b"available_fen", "decision", b"decision", "decline_reason", b"decline_reason", "hold", b"hold", "risk", b"risk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
