@@ -35,7 +35,7 @@ RECHARGE_SQL = (
     "SELECT fc.recharge(%s, %s, %s, %s::uuid, %s::smallint, %s, %s::bigint, %s::timestamptz)")
 GET_RECHARGE_SQL = (
     "SELECT fc.recharge_json(r),"
-    " (SELECT coalesce(sum(f.amount_fen), 0) FROM fc.refunds f WHERE f.recharge_id = r.id)"
+    " (SELECT coalesce(sum(f.amount_fen), 0)::bigint FROM fc.refunds f WHERE f.recharge_id = r.id)"
     " FROM fc.recharges r WHERE r.channel = %s::smallint AND r.channel_txn_id = %s")
 REFUND_SQL = (
     "SELECT fc.refund_recharge(%s, %s, %s, %s::smallint, %s, %s, %s::bigint, %s::bigint,"
