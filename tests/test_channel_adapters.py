@@ -5,8 +5,11 @@ signatures, refunds (covered, and with a shortfall)."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from fuelcard.v1 import (
     security_pb2_grpc,
 )
 from fuelcard_adapters.core import CoreClient
-from fuelcard_adapters.framework import Adapter, Outcome
+from fuelcard_adapters.framework import Adapter, HttpReply, Outcome
 from fuelcard_adapters.neutral import format_yuan, parse_yuan, parse_yuan_decimal
 from fuelcard_adapters.signing import Sm2Signer
 from fuelcard_server.certs import DevPki
@@ -30,7 +33,7 @@ from fuelcard_server.identity import Role
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.channel_simulators import SIMULATORS, Simulator
+from tests.channel_simulators import SIMULATORS, AlipaySim, Simulator
 from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, snapshot
 from tests.plugins.server import TlsServer
 
@@ -68,9 +71,8 @@ def open_account(accounts: account_pb2_grpc.AccountServiceStub, **kw: object) ->
     return account_id
 
 
-@pytest.fixture(params=sorted(SIMULATORS))
-def rig(request: pytest.FixtureRequest, tls_server: TlsServer, adapter_certs: Path) -> Iterator[Rig]:
-    name: str = request.param
+def make_rig(name: str, tls_server: TlsServer) -> Rig:
+    """The channel's simulator and adapter; the adapter's key registered."""
     sim = SIMULATORS[name]()
     admin_channel = tls_server.channel("admin-ops")
     admin = security_pb2_grpc.SecurityServiceStub(admin_channel)
@@ -84,8 +86,13 @@ def rig(request: pytest.FixtureRequest, tls_server: TlsServer, adapter_certs: Pa
         channel=sim.channel, public_key_hex=key.public_hex))  # type: ignore[arg-type]
     funding = funding_pb2_grpc.FundingServiceStub(adapter_channel)
     core = CoreClient(funding, sim.channel, key, core_key, sleep=lambda _s: None)
-    yield Rig(tls_server, sim, Adapter(sim.mapping(), core), funding, accounts, admin,
-              open_account(accounts))
+    return Rig(tls_server, sim, Adapter(sim.mapping(), core), funding, accounts, admin,
+               open_account(accounts))
+
+
+@pytest.fixture(params=sorted(SIMULATORS))
+def rig(request: pytest.FixtureRequest, tls_server: TlsServer, adapter_certs: Path) -> Rig:
+    return make_rig(request.param, tls_server)
 
 
 def recharges_of(db: Conn, channel: int) -> list[tuple[str, int]]:
@@ -239,3 +246,64 @@ def test_negative_yuan_only_where_allowed() -> None:
     assert parse_yuan("-0.18", allow_negative=True) == -18
     assert parse_yuan("0.1") == 10
     assert format_yuan(-5) == "-0.05"
+
+
+# --- concurrency and channel specifics ------------------------------------------
+
+
+def _at_once(n: int, fn: Callable[[int], HttpReply]) -> list[HttpReply]:
+    barrier = threading.Barrier(n)
+
+    def go(i: int) -> HttpReply:
+        barrier.wait()
+        return fn(i)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(go, range(n)))
+
+
+def test_concurrent_duplicates_credit_and_refund_once(rig: Rig, db: Conn) -> None:
+    paid = rig.sim.pay(rig.account_id, 9_000)
+    copies = [paid.request] + [rig.sim.resend(paid) for _ in range(5)]
+    assert all(rig.sim.taken(r) for r in _at_once(6, lambda i: rig.adapter.handle(copies[i])))
+    refund = rig.sim.refund(paid, 4_000)
+    copies = [refund.request] + [rig.sim.resend(refund) for _ in range(5)]
+    assert all(rig.sim.taken(r) for r in _at_once(6, lambda i: rig.adapter.handle(copies[i])))
+    assert rig.balance(db) == 5_000
+    assert [r[0] for r in settlement_rows(db, rig.sim.channel)] == [1, 2]
+    assert_ledger_ok(rig.server.database_url)
+
+
+@pytest.fixture
+def alipay_rig(tls_server: TlsServer, adapter_certs: Path) -> Rig:
+    return make_rig("ALIPAY", tls_server)
+
+
+def test_alipay_running_refund_totals_are_applied_once_in_any_order(alipay_rig: Rig,
+                                                                    db: Conn) -> None:
+    """Alipay's refund_fee is the total refunded so far: two partial refunds
+    notified at once, in either order, refund the final total, no more."""
+    sim = alipay_rig.sim
+    assert isinstance(sim, AlipaySim)
+    paid = sim.pay(alipay_rig.account_id, 10_000)
+    assert sim.taken(alipay_rig.adapter.handle(paid.request))
+    first, second = sim.refund(paid, 3_000), sim.refund(paid, 2_000)  # totals 30.00, 50.00
+    notices = [first.request, second.request]
+    assert all(sim.taken(r) for r in _at_once(2, lambda i: alipay_rig.adapter.handle(notices[i])))
+    assert alipay_rig.balance(db) == 5_000
+    assert db.execute("SELECT sum(amount_fen) FROM fc.refunds").fetchone() == (5_000,)
+
+
+def test_alipay_trade_finished_before_trade_success_credits_once(alipay_rig: Rig, db: Conn) -> None:
+    sim = alipay_rig.sim
+    assert isinstance(sim, AlipaySim)
+    waiting = sim.pay(alipay_rig.account_id, 4_200, status="WAIT_BUYER_PAY")
+    assert sim.taken(alipay_rig.adapter.handle(waiting.request))
+    assert alipay_rig.balance(db) == 0
+    success = sim.pay(alipay_rig.account_id, 4_200)
+    finished = dataclasses.replace(success, fields={**success.fields, "trade_status": "TRADE_FINISHED"})
+    assert sim.taken(alipay_rig.adapter.handle(sim.resend(finished)))   # arrives first
+    assert sim.taken(alipay_rig.adapter.handle(success.request))
+    assert alipay_rig.balance(db) == 4_200
+    # What Alipay must get back: the literal "success".
+    assert alipay_rig.adapter.handle(success.request).body == b"success"

@@ -154,21 +154,24 @@ def parse_bill(lines: Iterable[str]) -> Iterator[NeutralRecord]:
                 raise FormatError(f"line {n + 1}: summary count does not match {count} rows")
             return
         try:
-            if len(row) != 27 or any(not v.startswith("`") for v in row):
-                raise FormatError("not 27 backtick-prefixed fields")
-            (when, _app, _mch, _sub, _dev, txn, _order, _user, _type, state, _bank, currency,
-             _settle, _coupon, refund_id, _out_refund, refund_amount, _, _rtype, refund_state,
-             _goods, _attach, fee, _rate, order_amount, _req_refund, _note) = (v[1:] for v in row)
-            time = dt.datetime.fromisoformat(when).replace(tzinfo=SHANGHAI)
-            if currency != "CNY":
+            if len(row) != 27:
+                raise FormatError("not 27 fields")
+            # The fields read here (every value is prefixed with a backtick).
+            when, txn, state, currency, refund_id, refund_amount, refund_state, fee, amount = (
+                row[0], row[5], row[9], row[11], row[14], row[16], row[19], row[22], row[24])
+            if not (when[:1] == txn[:1] == state[:1] == currency[:1] == refund_id[:1]
+                    == refund_amount[:1] == refund_state[:1] == fee[:1] == amount[:1] == "`"):
+                raise FormatError("a value without its backtick")
+            time = dt.datetime.fromisoformat(when[1:]).replace(tzinfo=SHANGHAI)
+            if currency != "`CNY":
                 raise FormatError("currency is not CNY")
-            if state == "REFUND":
-                yield NeutralRecord(CHANNEL, Kind.REFUND, refund_id, parse_yuan(refund_amount),
-                                    time, _REFUND_STATUS[refund_state],
-                                    abs(parse_yuan(fee, allow_negative=True)), txn)
+            if state == "`REFUND":
+                yield NeutralRecord(CHANNEL, Kind.REFUND, refund_id[1:], parse_yuan(refund_amount[1:]),
+                                    time, _REFUND_STATUS[refund_state[1:]],
+                                    abs(parse_yuan(fee[1:], allow_negative=True)), txn[1:])
             else:
-                yield NeutralRecord(CHANNEL, Kind.PAYMENT, txn, parse_yuan(order_amount), time,
-                                    _PAY_STATUS[state], parse_yuan(fee))
+                yield NeutralRecord(CHANNEL, Kind.PAYMENT, txn[1:], parse_yuan(amount[1:]), time,
+                                    _PAY_STATUS[state[1:]], parse_yuan(fee[1:]))
             count += 1
         except (FormatError, ValueError, KeyError) as exc:
             raise FormatError(f"line {n}: {exc}") from None
