@@ -78,9 +78,9 @@ class FundingServiceServicer:
         The account is debited through the journal as far as its available
         money (balance minus holds) allows; any shortfall is recorded as a
         channel exception for follow-up, and the refund is recorded either way
-        (the channel has already paid the money back). Adapters only, for their
-        own channel, signed like Recharge. Idempotent on `request_id` and on
-        (channel, channel_refund_id).
+        (the channel has already paid the money back). Callers as for Recharge
+        (an adapter only for its own channel, signed). Idempotent on
+        `request_id` and on (channel, channel_refund_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,9 +46,9 @@ class FundingServiceStub:
     The account is debited through the journal as far as its available
     money (balance minus holds) allows; any shortfall is recorded as a
     channel exception for follow-up, and the refund is recorded either way
-    (the channel has already paid the money back). Adapters only, for their
-    own channel, signed like Recharge. Idempotent on `request_id` and on
-    (channel, channel_refund_id).
+    (the channel has already paid the money back). Callers as for Recharge
+    (an adapter only for its own channel, signed). Idempotent on
+    `request_id` and on (channel, channel_refund_id).
     """
 
 @_typing.type_check_only
@@ -69,9 +69,9 @@ class FundingServiceAsyncStub(FundingServiceStub):
     The account is debited through the journal as far as its available
     money (balance minus holds) allows; any shortfall is recorded as a
     channel exception for follow-up, and the refund is recorded either way
-    (the channel has already paid the money back). Adapters only, for their
-    own channel, signed like Recharge. Idempotent on `request_id` and on
-    (channel, channel_refund_id).
+    (the channel has already paid the money back). Callers as for Recharge
+    (an adapter only for its own channel, signed). Idempotent on
+    `request_id` and on (channel, channel_refund_id).
     """
 
 class FundingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -107,9 +107,9 @@ class FundingServiceServicer(metaclass=_abc_1.ABCMeta):
         The account is debited through the journal as far as its available
         money (balance minus holds) allows; any shortfall is recorded as a
         channel exception for follow-up, and the refund is recorded either way
-        (the channel has already paid the money back). Adapters only, for their
-        own channel, signed like Recharge. Idempotent on `request_id` and on
-        (channel, channel_refund_id).
+        (the channel has already paid the money back). Callers as for Recharge
+        (an adapter only for its own channel, signed). Idempotent on
+        `request_id` and on (channel, channel_refund_id).
         """
 
 def add_FundingServiceServicer_to_server(servicer: FundingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
