@@ -28,14 +28,16 @@ from fuelcard_adapters.core import CoreClient
 from fuelcard_adapters.framework import Adapter, HttpReply, Outcome
 from fuelcard_adapters.neutral import format_yuan, parse_yuan, parse_yuan_decimal
 from fuelcard_adapters.signing import Sm2Signer
+from fuelcard_server import verify
 from fuelcard_server.certs import DevPki
 from fuelcard_server.identity import Role
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests import builders
 from tests.channel_simulators import SIMULATORS, AlipaySim, Simulator
 from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, snapshot
-from tests.plugins.server import TlsServer
+from tests.plugins.server import RunningServer, TlsServer
 
 
 @pytest.fixture(scope="session")
@@ -307,3 +309,35 @@ def test_alipay_trade_finished_before_trade_success_credits_once(alipay_rig: Rig
     assert alipay_rig.balance(db) == 4_200
     # What Alipay must get back: the literal "success".
     assert alipay_rig.adapter.handle(success.request).body == b"success"
+
+
+# --- invariants -------------------------------------------------------------------
+
+
+def test_verify_catches_broken_refund_records(server: RunningServer, db: Conn) -> None:
+    card = builders.open_card(server)
+    txn = f"wx-{uuid.uuid4().hex}"
+    server.funding.Recharge(funding_pb2.RechargeRequest(
+        request_id=builders.rid("rc"), account_id=card.account_id,
+        channel=funding_pb2.CHANNEL_WECHAT_PAY, channel_txn_id=txn, amount_fen=1_000))
+    builders.authorize(server, card, 800)  # a hold: the refund cannot take that money
+    done = server.funding.RefundRecharge(funding_pb2.RefundRechargeRequest(
+        request_id=builders.rid("rf"), channel=funding_pb2.CHANNEL_WECHAT_PAY, channel_txn_id=txn,
+        channel_refund_id=f"rf-{uuid.uuid4().hex}", amount_fen=500))
+    assert (done.refund.debited_fen, done.refund.shortfall_fen, done.balance_fen) == (200, 300, 800)
+    assert verify.run(server.database_url) == []
+    # Each edit (past the append-only triggers), then its undo.
+    tampering: list[tuple[str, bytes, bytes]] = [
+        ("refund_shortfall_recorded", b"UPDATE fc.channel_exceptions SET amount_fen = amount_fen + 1",
+         b"UPDATE fc.channel_exceptions SET amount_fen = amount_fen - 1"),
+        ("refunds_debited_once", b"UPDATE fc.refunds SET debited_fen = debited_fen - 1",
+         b"UPDATE fc.refunds SET debited_fen = debited_fen + 1"),
+        ("settlement_record_per_channel_txn", b"DELETE FROM fc.settlement_records WHERE kind = 2",
+         b"SELECT 1"),
+    ]
+    db.execute("SET session_replication_role = replica")
+    for check, edit, undo in tampering:
+        db.execute(edit)
+        found = {v.check for v in verify.run(server.database_url)}
+        assert check in found, (check, found)
+        db.execute(undo)
