@@ -139,17 +139,19 @@ def parse_bill(lines: Iterable[str]) -> Iterator[NeutralRecord]:
         try:
             if len(row) != 25:
                 raise FormatError("not 25 fields")
-            v = [x.strip() for x in row]
-            time = dt.datetime.fromisoformat(v[5] or v[4]).replace(tzinfo=SHANGHAI)
-            fee = abs(parse_yuan(v[22], allow_negative=True))
-            amount = abs(parse_yuan(v[11], allow_negative=True))
-            if v[2] == "交易":
+            kind = row[2].strip()
+            finished = row[5].strip()
+            time = dt.datetime.fromisoformat(finished or row[4].strip()).replace(tzinfo=SHANGHAI)
+            fee = abs(parse_yuan(row[22].strip(), allow_negative=True))
+            amount = abs(parse_yuan(row[11].strip(), allow_negative=True))
+            if kind == "交易":
                 trades += 1
-                yield NeutralRecord(CHANNEL, Kind.PAYMENT, v[0], amount, time, Status.SUCCESS, fee)
-            elif v[2] == "退款":
+                yield NeutralRecord(CHANNEL, Kind.PAYMENT, row[0].strip(), amount, time,
+                                    Status.SUCCESS, fee)
+            elif kind == "退款":
                 refunds += 1
-                yield NeutralRecord(CHANNEL, Kind.REFUND, v[21], amount, time, Status.SUCCESS, fee,
-                                    v[0])
+                yield NeutralRecord(CHANNEL, Kind.REFUND, row[21].strip(), amount, time,
+                                    Status.SUCCESS, fee, row[0].strip())
             else:
                 raise FormatError("业务类型 is neither 交易 nor 退款")
         except (FormatError, ValueError) as exc:

@@ -96,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--channel", default="WECHAT_PAY")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--keep", type=Path, help="keep the database and files here")
+    p.add_argument("--ab-memory", action="store_true",
+                   help="alternate runs with PostgreSQL's default temp_buffers/work_mem (A) and "
+                   "reconcile's own (B)")
     args = p.parse_args(argv)
     files = by_name(args.channel)
     rng = random.Random(8)
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       *records(files.channel, DAY + dt.timedelta(days=1), args.records // 10, rng, "N")]
         seed(url, ours + neighbours)
         print(f"seeded {len(ours) + len(neighbours)} records of ours in "
-              f"{time.perf_counter() - t:.1f} s")
+              f"{time.perf_counter() - t:.1f} s", flush=True)
         theirs, expected = plant(ours, files.channel, rng, status=args.channel.upper() != "ALIPAY")
         path = work / f"{args.channel.lower()}-{DAY}.txt"
         t = time.perf_counter()
@@ -123,16 +126,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             parsed = sum(1 for _ in files.parse_bill(f))
         parse_s = time.perf_counter() - t
         print(f"parse only: {parsed} records in {parse_s:.1f} s")
-        runs = []
-        for i in range(args.repeat):
+        runs: list[float] = []
+        default_runs: list[float] = []
+        memory = reconcile._MEMORY
+        for i in range(args.repeat * (2 if args.ab_memory else 1)):
+            a_run = args.ab_memory and i % 2 == 0
+            reconcile._MEMORY = () if a_run else memory
             t = time.perf_counter()
             result = reconcile.reconcile(url, files, DAY, path, now=dt.datetime.now(dt.UTC),
                                          report=work / "report.csv")
-            runs.append(time.perf_counter() - t)
+            (default_runs if a_run else runs).append(time.perf_counter() - t)
             got = {k: result.counts[k] for k in reconcile.BREAK_KINDS}
             assert got == expected, (got, expected)
             assert result.counts["matched"] == args.records - 3 * PLANTED, result.counts
-            print(f"run {i + 1}: {runs[-1]:.1f} s  {result.counts}")
+            print(f"run {i + 1}{' (A: default memory)' if a_run else ''}: "
+                  f"{time.perf_counter() - t:.1f} s  {result.counts}", flush=True)
+        reconcile._MEMORY = memory
+        if default_runs:
+            print(f"A (PostgreSQL default memory): median {statistics.median(default_runs):.1f} s "
+                  f"(runs {', '.join(f'{r:.1f}' for r in default_runs)}); B/A "
+                  f"{statistics.median(runs) / statistics.median(default_runs):.2f}")
         print(f"reconcile {args.channel} {args.records} records: median {statistics.median(runs):.1f} s"
               f" (runs {', '.join(f'{r:.1f}' for r in runs)}), parse alone {parse_s:.1f} s")
     finally:
