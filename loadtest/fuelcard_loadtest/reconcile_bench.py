@@ -83,7 +83,7 @@ def plant(ours: list[NeutralRecord], channel: int, rng: random.Random, status: b
     drop = set(picks[2 * PLANTED:])
     theirs = [r for i, r in enumerate(theirs) if i not in drop]
     at = dt.datetime.combine(DAY, dt.time(12), SHANGHAI)
-    theirs += [NeutralRecord(channel, Kind.PAYMENT, f"X{i:021d}", 500, at, Status.SUCCESS)
+    theirs += [NeutralRecord(channel, Kind.PAYMENT, f"X{i:020d}", 500, at, Status.SUCCESS)
                for i in range(PLANTED)]
     expected = {"missing_ours": PLANTED, "missing_theirs": PLANTED, "amount_mismatch": PLANTED,
                 "status_mismatch": PLANTED if status else 0}
@@ -140,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert got == expected, (got, expected)
             assert result.counts["matched"] == args.records - 3 * PLANTED, result.counts
             print(f"run {i + 1}{' (A: default memory)' if a_run else ''}: "
-                  f"{time.perf_counter() - t:.1f} s  {result.counts}", flush=True)
+                  f"{time.perf_counter() - t:.1f} s  {result.counts}  phases "
+                  + " ".join(f"{k} {v:.1f}" for k, v in result.phases_s.items()), flush=True)
         reconcile._MEMORY = memory
         if default_runs:
             print(f"A (PostgreSQL default memory): median {statistics.median(default_runs):.1f} s "
