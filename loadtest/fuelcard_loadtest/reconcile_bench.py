@@ -20,9 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import os
 import random
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -36,6 +39,9 @@ from fuelcard_server import migrations, reconcile
 from fuelcard_server.embedded import EmbeddedPostgres
 
 from fuelcard_loadtest import channel_files
+from fuelcard_loadtest.server import cpu_seconds, tree
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 DAY = dt.date(2026, 11, 25)
 PLANTED = 10  # of each break kind
@@ -71,6 +77,16 @@ def seed(url: str, recs: Sequence[NeutralRecord]) -> None:
         conn.execute("VACUUM ANALYZE fc.settlement_records")
 
 
+def _postgres_cpu_s(postmaster: int) -> float:
+    """CPU seconds of PostgreSQL: the postmaster with its reaped children
+    (finished backends: utime+stime+cutime+cstime) and the live ones."""
+    total = 0.0
+    with open(f"/proc/{postmaster}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+        total += sum(int(v) for v in fields[11:15]) / _TICKS
+    return total + cpu_seconds(tree(postmaster)[1:])
+
+
 def plant(ours: list[NeutralRecord], channel: int, rng: random.Random, status: bool
           ) -> tuple[list[NeutralRecord], dict[str, int]]:
     theirs = list(ours)
@@ -100,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="alternate runs with PostgreSQL's default temp_buffers/work_mem (A) and "
                    "reconcile's own (B)")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop PostgreSQL on the way out
     files = by_name(args.channel)
     rng = random.Random(8)
     work = args.keep or Path(tempfile.mkdtemp(prefix="fuelcard-recon-"))
@@ -132,15 +149,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i in range(args.repeat * (2 if args.ab_memory else 1)):
             a_run = args.ab_memory and i % 2 == 0
             reconcile._MEMORY = () if a_run else memory
+            postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
+            pg_cpu, py_cpu = _postgres_cpu_s(postmaster), time.process_time()
             t = time.perf_counter()
             result = reconcile.reconcile(url, files, DAY, path, now=dt.datetime.now(dt.UTC),
                                          report=work / "report.csv")
             (default_runs if a_run else runs).append(time.perf_counter() - t)
+            time.sleep(0.5)  # the backend exits and is reaped: its CPU lands in the postmaster's
+            cpu = (f"cpu python {time.process_time() - py_cpu:.1f} s, "
+                   f"postgres {_postgres_cpu_s(postmaster) - pg_cpu:.1f} s")
             got = {k: result.counts[k] for k in reconcile.BREAK_KINDS}
             assert got == expected, (got, expected)
             assert result.counts["matched"] == args.records - 3 * PLANTED, result.counts
             print(f"run {i + 1}{' (A: default memory)' if a_run else ''}: "
-                  f"{time.perf_counter() - t:.1f} s  {result.counts}  phases "
+                  f"{(default_runs if a_run else runs)[-1]:.1f} s  {cpu}  {result.counts}  phases "
                   + " ".join(f"{k} {v:.1f}" for k, v in result.phases_s.items()), flush=True)
         reconcile._MEMORY = memory
         if default_runs:
