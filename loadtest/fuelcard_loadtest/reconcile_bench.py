@@ -112,9 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--channel", default="WECHAT_PAY")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--keep", type=Path, help="keep the database and files here")
-    p.add_argument("--ab-memory", action="store_true",
-                   help="alternate runs with PostgreSQL's default temp_buffers/work_mem (A) and "
-                   "reconcile's own (B)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop PostgreSQL on the way out
     files = by_name(args.channel)
@@ -144,31 +141,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_s = time.perf_counter() - t
         print(f"parse only: {parsed} records in {parse_s:.1f} s")
         runs: list[float] = []
-        default_runs: list[float] = []
-        memory = reconcile._MEMORY
-        for i in range(args.repeat * (2 if args.ab_memory else 1)):
-            a_run = args.ab_memory and i % 2 == 0
-            reconcile._MEMORY = () if a_run else memory
+        for i in range(args.repeat):
             postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
             pg_cpu, py_cpu = _postgres_cpu_s(postmaster), time.process_time()
             t = time.perf_counter()
             result = reconcile.reconcile(url, files, DAY, path, now=dt.datetime.now(dt.UTC),
                                          report=work / "report.csv")
-            (default_runs if a_run else runs).append(time.perf_counter() - t)
+            runs.append(time.perf_counter() - t)
             time.sleep(0.5)  # the backend exits and is reaped: its CPU lands in the postmaster's
             cpu = (f"cpu python {time.process_time() - py_cpu:.1f} s, "
                    f"postgres {_postgres_cpu_s(postmaster) - pg_cpu:.1f} s")
             got = {k: result.counts[k] for k in reconcile.BREAK_KINDS}
             assert got == expected, (got, expected)
             assert result.counts["matched"] == args.records - 3 * PLANTED, result.counts
-            print(f"run {i + 1}{' (A: default memory)' if a_run else ''}: "
-                  f"{(default_runs if a_run else runs)[-1]:.1f} s  {cpu}  {result.counts}  phases "
+            print(f"run {i + 1}: {runs[-1]:.1f} s  {cpu}  {result.counts}  phases "
                   + " ".join(f"{k} {v:.1f}" for k, v in result.phases_s.items()), flush=True)
-        reconcile._MEMORY = memory
-        if default_runs:
-            print(f"A (PostgreSQL default memory): median {statistics.median(default_runs):.1f} s "
-                  f"(runs {', '.join(f'{r:.1f}' for r in default_runs)}); B/A "
-                  f"{statistics.median(runs) / statistics.median(default_runs):.2f}")
         print(f"reconcile {args.channel} {args.records} records: median {statistics.median(runs):.1f} s"
               f" (runs {', '.join(f'{r:.1f}' for r in runs)}), parse alone {parse_s:.1f} s")
     finally:

@@ -43,10 +43,6 @@ BREAK_KINDS = OUTCOMES[1:]
 KIND_NAMES = {1: "payment", 2: "refund"}
 STATUS_NAMES = {1: "SUCCESS", 2: "FAILED", 3: "PROCESSING"}
 
-# A day's file is up to a few million rows: keep the temporary tables, the
-# hash join and the report's sort in memory (defaults: 8 MB and 4 MB), for
-# this session only.
-_MEMORY: tuple[str, ...] = ("SET temp_buffers = '512MB'", "SET LOCAL work_mem = '256MB'")
 _SETUP = """
     CREATE TEMP TABLE recon_theirs (
         kind smallint, channel_txn_id text, original text, amount_fen bigint, fee_fen bigint,
@@ -238,8 +234,6 @@ def reconcile(url: str, files: ChannelFiles, day: dt.date, path: Path, *,
         text = io.TextIOWrapper(io.BufferedReader(hashing, 1 << 20), encoding=files.encoding,
                                 newline="")
         with conn.cursor() as cur:
-            for setting in _MEMORY:
-                cur.execute(setting)
             cur.execute(_SETUP)
             with cur.copy(_COPY_THEIRS) as copy:
                 for chunk in _copy_text(files.parse_bill(text)):
