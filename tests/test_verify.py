@@ -172,6 +172,21 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
      ["DELETE FROM fc_pan_seg3.sealed WHERE card_id = (SELECT c.id FROM fc.cards c"
       " JOIN fc.accounts a ON a.id = c.account_id WHERE a.uid = %(account)s LIMIT 1)"],
      {"card_number_parts_whole"}),
+    # Checks of channel refunds and settlement records (issue 8).
+    ("refund-never-debited",
+     ["INSERT INTO fc.refunds (recharge_id, account_id, channel, channel_refund_id, amount_fen,"
+      " debited_fen, balance_after_fen, created_at) SELECT id, account_id, channel, 'lost', 100,"
+      " 100, 0, now() FROM fc.recharges WHERE id = (SELECT min(id) FROM fc.recharges)"],
+     {"refunds_debited_once"}),
+    ("refund-shortfall-unrecorded",
+     ["INSERT INTO fc.refunds (recharge_id, account_id, channel, channel_refund_id, amount_fen,"
+      " debited_fen, balance_after_fen, created_at) SELECT id, account_id, channel, 'short', 100,"
+      " 0, 0, now() FROM fc.recharges WHERE id = (SELECT min(id) FROM fc.recharges)"],
+     {"refund_shortfall_recorded"}),
+    ("settlement-record-deleted",
+     ["ALTER TABLE fc.settlement_records DISABLE TRIGGER settlement_records_append_only",
+      "DELETE FROM fc.settlement_records WHERE id = (SELECT min(id) FROM fc.settlement_records)"],
+     {"settlement_record_per_channel_txn"}),
 ]
 # The invariants of the core ledger (issue 2): a corruption must trip exactly
 # the ones expected of it. Checks added later may also fire.

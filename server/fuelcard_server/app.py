@@ -29,6 +29,8 @@ from fuelcard.v1 import (
     risk_pb2_grpc,
     security_pb2,
     security_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
     transaction_pb2,
     transaction_pb2_grpc,
 )
@@ -51,6 +53,7 @@ from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.funding import FundingService
 from fuelcard_server.services.handling import Deps
 from fuelcard_server.services.points import PointsService
+from fuelcard_server.services.reconciliation import ReconciliationService
 from fuelcard_server.services.risk import RiskService
 from fuelcard_server.services.security import SecurityService
 from fuelcard_server.services.transaction import TransactionService
@@ -70,6 +73,7 @@ SERVICE_NAMES = (
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["SecurityService"].full_name,
     risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
+    settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
 )
 
 # Only one process sweeps at a time; the others skip the round.
@@ -181,6 +185,8 @@ class FuelcardServer:
         control_pb2_grpc.add_ControlServiceServicer_to_server(ControlService(deps), server)
         security_pb2_grpc.add_SecurityServiceServicer_to_server(SecurityService(deps), server)
         risk_pb2_grpc.add_RiskServiceServicer_to_server(RiskService(deps), server)
+        settlement_pb2_grpc.add_ReconciliationServiceServicer_to_server(
+            ReconciliationService(deps), server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import logging
 import multiprocessing
 import os
@@ -320,6 +321,58 @@ def cmd_risk_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected YYYY-MM-DD") from None
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Reconcile a channel's daily settlement file (issue 8): exit 0 when
+    everything matches, 1 on any break, 2 if the file cannot be read."""
+    from fuelcard_adapters.channels import CHANNELS, by_name
+    from fuelcard_adapters.neutral import FormatError
+
+    from fuelcard_server import reconcile
+
+    try:
+        files = by_name(args.channel)
+    except KeyError:
+        print(f"fuelcard: unknown channel {args.channel!r} (one of {', '.join(CHANNELS)})",
+              file=sys.stderr)
+        return 2
+    s = _settings(args)
+    url, pg = _database(s)
+    try:
+        result = reconcile.reconcile(url, files, args.date, args.file, now=dt.datetime.now(dt.UTC),
+                                     report=args.report, show=args.show)
+    except (FormatError, UnicodeDecodeError, OSError) as exc:
+        print(f"fuelcard: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
+    print(f"reconciliation run {result.run_id}: {args.channel.upper()} {args.date} ({args.file.name})")
+    print(f"  theirs {result.theirs:>9} records: paid {result.theirs_paid_fen} fen, refunded "
+          f"{result.theirs_refunded_fen} fen, fees {result.theirs_fee_fen} fen")
+    print(f"  ours   {result.ours:>9} records: paid {result.ours_paid_fen} fen, refunded "
+          f"{result.ours_refunded_fen} fen")
+    for name, n in result.counts.items():
+        print(f"  {name:<16} {n:>9}")
+    for line in result.breaks:
+        print(f"  {line}")
+    if result.break_count > len(result.breaks):
+        print(f"  ... {result.break_count - len(result.breaks)} more "
+              "(--report FILE lists every transaction)")
+    if result.break_count:
+        print(f"{result.break_count} break(s), stored for follow-up "
+              "(ReconciliationService.ListBreaks)", file=sys.stderr)
+        return 1
+    print("no breaks")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuelcard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -399,6 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="only transactions from this ISO time on")
     p.add_argument("--until", help="only transactions before this ISO time")
     p.set_defaults(func=cmd_risk_backtest)
+    p = sub.add_parser("reconcile", help="reconcile a channel's daily settlement file; non-zero "
+                       "exit on any break")
+    _add_database_flags(p)
+    p.add_argument("--channel", required=True,
+                   help="BANK_CARD, WECHAT_PAY, ALIPAY or ECNY (any case)")
+    p.add_argument("--date", type=_date, required=True, help="the business day, YYYY-MM-DD")
+    p.add_argument("--file", type=Path, required=True, help="the channel's file, in its format")
+    p.add_argument("--report", type=Path,
+                   help="write every transaction and its outcome here (CSV)")
+    p.add_argument("--show", type=int, default=50, help="breaks to print (default 50)")
+    p.set_defaults(func=cmd_reconcile)
     return parser
 
 

@@ -30,7 +30,9 @@ Params = tuple[Any, ...] | dict[str, Any]
 # cards_pan_index_key: two IssueCards of one number (a duplicate IssueCard
 # derives the same generated number) - the rerun replays or says CARD_NUMBER_IN_USE.
 _RACE_CONSTRAINTS = frozenset({"idempotency_keys_pkey", "one_recharge_per_channel_txn",
-                               "cards_pan_index_key"})
+                               "cards_pan_index_key",
+                               # two refunds of one channel refund id on two accounts' locks
+                               "one_refund_per_channel_refund"})
 _RACE_RETRIES = 3
 
 # A span per statement, named for the fc.* function or table it touches

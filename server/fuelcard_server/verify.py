@@ -122,7 +122,7 @@ CHECKS: tuple[Check, ...] = (
           """
           SELECT id, kind FROM fc.journal
            WHERE (kind IN (2, 3) AND hold_id IS NULL)
-              OR (kind = 1 AND recharge_id IS NULL)
+              OR (kind IN (1, 8) AND recharge_id IS NULL)
               OR (kind IN (4, 5, 6, 7) AND (hold_id IS NOT NULL OR recharge_id IS NOT NULL))
            LIMIT 10"""),
     Check("allocations_stay_in_the_family",
@@ -190,6 +190,46 @@ CHECKS: tuple[Check, ...] = (
            WHERE (state = 5) <> (review_state IS NOT DISTINCT FROM 1 AND closed_at IS NULL)
               OR (state = 6) <> (review_state IS NOT DISTINCT FROM 3)
               OR (state IN (1, 2) AND review_state IN (1, 3))
+           LIMIT 10"""),
+    # issue 8: refunds of recharges and the neutral settlement records
+    Check("refunds_debited_once",
+          "the refund entries of each recharge add up to what its refunds debited,"
+          " never more than the recharge",
+          """
+          SELECT r.id, r.amount_fen, f.amount, f.debited, coalesce(e.total, 0)
+            FROM fc.recharges r
+            LEFT JOIN (SELECT recharge_id, sum(amount_fen) AS amount, sum(debited_fen) AS debited
+                         FROM fc.refunds GROUP BY recharge_id) f ON f.recharge_id = r.id
+            LEFT JOIN (SELECT recharge_id, sum(amount) AS total, min(debit_account_id) AS lo,
+                              max(debit_account_id) AS hi
+                         FROM fc.journal WHERE kind = 8 GROUP BY recharge_id) e
+                   ON e.recharge_id = r.id
+           WHERE coalesce(f.debited, 0) <> coalesce(e.total, 0)
+              OR coalesce(f.amount, 0) > r.amount_fen
+              OR e.lo <> r.account_id OR e.hi <> r.account_id
+           LIMIT 10"""),
+    Check("refund_shortfall_recorded",
+          "a refund the account could not cover has one channel exception of the shortfall;"
+          " no other refund has one",
+          """
+          SELECT f.id, f.amount_fen, f.debited_fen, x.amount_fen
+            FROM fc.refunds f LEFT JOIN fc.channel_exceptions x ON x.refund_id = f.id
+           WHERE (f.amount_fen - f.debited_fen) <> coalesce(x.amount_fen, 0)
+           LIMIT 10"""),
+    Check("settlement_record_per_channel_txn",
+          "every recharge and refund has its neutral settlement record, of its amount",
+          """
+          SELECT 'recharge', r.id FROM fc.recharges r
+           WHERE NOT EXISTS (SELECT 1 FROM fc.settlement_records s
+                              WHERE s.txn_uid = r.uid AND s.kind = 1 AND s.channel = r.channel
+                                AND s.channel_txn_id = r.channel_txn_id
+                                AND s.amount_fen = r.amount_fen)
+          UNION ALL
+          SELECT 'refund', f.id FROM fc.refunds f
+           WHERE NOT EXISTS (SELECT 1 FROM fc.settlement_records s
+                              WHERE s.txn_uid = f.uid AND s.kind = 2 AND s.channel = f.channel
+                                AND s.channel_txn_id = f.channel_refund_id
+                                AND s.amount_fen = f.amount_fen)
            LIMIT 10"""),
 )
 

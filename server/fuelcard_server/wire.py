@@ -99,6 +99,16 @@ def recharge(d: dict[str, Any]) -> funding_pb2.Recharge:
     return r
 
 
+def refund(d: dict[str, Any]) -> funding_pb2.Refund:
+    f = funding_pb2.Refund(refund_id=d["refund_id"], recharge_id=d["recharge_id"],
+                           account_id=d["account_id"], channel=d["channel"],
+                           channel_txn_id=d["channel_txn_id"],
+                           channel_refund_id=d["channel_refund_id"], amount_fen=d["amount_fen"],
+                           debited_fen=d["debited_fen"], shortfall_fen=d["shortfall_fen"])
+    f.create_time.FromMicroseconds(d["create_us"])
+    return f
+
+
 # fc.journal kind -> PointsEntryKind, for the points asset
 POINTS_KIND = {3: points_pb2.POINTS_ENTRY_KIND_EARN, 4: points_pb2.POINTS_ENTRY_KIND_REDEEM,
                6: points_pb2.POINTS_ENTRY_KIND_TRANSFER, 7: points_pb2.POINTS_ENTRY_KIND_EXPIRE}

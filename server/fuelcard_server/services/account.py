@@ -40,7 +40,8 @@ GET_CARD_SQL = "SELECT fc.card_json(c) FROM fc.cards c WHERE c.uid = %s::uuid"
 
 # journal kind -> TransactionKind
 _TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTION_KIND_PURCHASE,
-             5: account_pb2.TRANSACTION_KIND_ALLOCATION}
+             5: account_pb2.TRANSACTION_KIND_ALLOCATION,
+             8: account_pb2.TRANSACTION_KIND_RECHARGE_REFUND}
 
 
 class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):

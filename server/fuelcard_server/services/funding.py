@@ -45,8 +45,12 @@ STEP_UP_RECHARGE_SQL = (
     " fc.recharge(%s, %s, %s, %s::uuid, %s::smallint, %s, %s::bigint, %s::timestamptz)"
     " ELSE jsonb_build_object('step_up_refusal', s.refusal) END FROM s")
 GET_RECHARGE_SQL = (
-    "SELECT fc.recharge_json(r) FROM fc.recharges r"
-    " WHERE r.channel = %s::smallint AND r.channel_txn_id = %s")
+    "SELECT fc.recharge_json(r),"
+    " (SELECT coalesce(sum(f.amount_fen), 0)::bigint FROM fc.refunds f WHERE f.recharge_id = r.id)"
+    " FROM fc.recharges r WHERE r.channel = %s::smallint AND r.channel_txn_id = %s")
+REFUND_SQL = (
+    "SELECT fc.refund_recharge(%s, %s, %s, %s::smallint, %s, %s, %s::bigint, %s::bigint,"
+    " %s::timestamptz)")
 
 
 def recharge_signing_input(request: funding_pb2.RechargeRequest) -> bytes:
@@ -70,6 +74,25 @@ def recharge_response_signing_input(request: funding_pb2.RechargeRequest,
         request.amount_fen, response.decision, response.decline_reason,
         r.recharge_id, r.account_id, r.channel, r.channel_txn_id, r.amount_fen,
         r.create_time.seconds, r.create_time.nanos, response.balance_fen)
+
+
+def refund_signing_input(request: funding_pb2.RefundRechargeRequest) -> bytes:
+    """What an adapter signs for a refund: fields 1-6 of the request."""
+    return keys.canonical("RefundRecharge", request.request_id, request.channel,
+                          request.channel_txn_id, request.channel_refund_id, request.amount_fen,
+                          request.refunded_total_fen)
+
+
+def refund_response_signing_input(request: funding_pb2.RefundRechargeRequest,
+                                  response: funding_pb2.RefundRechargeResponse) -> bytes:
+    """What the server signs for a refund: the refund the request notified
+    (fields 2-6, as sent) and the refund as recorded (see funding.proto)."""
+    f = response.refund
+    return keys.canonical(
+        "RefundRechargeResponse", request.channel, request.channel_txn_id,
+        request.channel_refund_id, request.amount_fen, request.refunded_total_fen,
+        f.refund_id, f.recharge_id, f.account_id, f.amount_fen, f.debited_fen, f.shortfall_fen,
+        f.create_time.seconds, f.create_time.nanos, response.balance_fen)
 
 
 def _own_channel(caller: Caller, channel: funding_pb2.Channel.ValueType) -> None:
@@ -132,7 +155,37 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
             self._signed.popitem(last=False)
         return signature
 
-    async def _check_signature(self, request: funding_pb2.RechargeRequest) -> None:
+    @rpc(Role.ADAPTER, Role.ADMIN)
+    async def RefundRecharge(self, request: funding_pb2.RefundRechargeRequest, context: Ctx
+                             ) -> funding_pb2.RefundRechargeResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.enum("channel", request.channel, CHANNELS)
+        v.text("channel_txn_id", request.channel_txn_id, required=True, max_chars=ID_MAX_CHARS)
+        v.text("channel_refund_id", request.channel_refund_id, required=True,
+               max_chars=ID_MAX_CHARS)
+        if (request.amount_fen != 0) == (request.refunded_total_fen != 0):
+            v.add("amount_fen", "set exactly one of amount_fen and refunded_total_fen",
+                  "AMOUNT_ONE_OF")
+        elif request.amount_fen:
+            v.amount("amount_fen", request.amount_fen, self.d.settings.max_recharge_fen)
+        else:
+            v.amount("refunded_total_fen", request.refunded_total_fen,
+                     self.d.settings.max_recharge_fen)
+        v.raise_if_any()
+        _own_channel(self.d.identity(), request.channel)
+        await self._check_signature(request)
+        d = await self.d.db.call(REFUND_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("refund", request),
+            request.channel, request.channel_txn_id, request.channel_refund_id,
+            request.amount_fen, request.refunded_total_fen, self.d.clock.now()))
+        response = funding_pb2.RefundRechargeResponse(refund=wire.refund(d["refund"]),
+                                                      balance_fen=d["balance_fen"])
+        response.signature = self._sign(refund_response_signing_input(request, response))
+        return response
+
+    async def _check_signature(
+            self, request: funding_pb2.RechargeRequest | funding_pb2.RefundRechargeRequest) -> None:
         """An adapter's notification must carry a valid SM2 signature by the
         key registered for its channel. Other callers (admin staff booking
         counter payments; development mode on plaintext loopback, which has
@@ -152,7 +205,9 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
         key = await channel_keys(self.d.db).get(request.channel)
         if key is None:
             raise errors.failed_precondition("CHANNEL_KEY_NOT_REGISTERED")
-        if not gm.sm2_verify(key, recharge_signing_input(request), request.signature):
+        data = (recharge_signing_input(request) if isinstance(request, funding_pb2.RechargeRequest)
+                else refund_signing_input(request))
+        if not gm.sm2_verify(key, data, request.signature):
             raise errors.unauthenticated(
                 "SIGNATURE_INVALID", "the notification's SM2 signature does not verify")
 
@@ -167,4 +222,4 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
         row = await self.d.db.fetch_one(GET_RECHARGE_SQL, (request.channel, request.channel_txn_id))
         if row is None:
             raise errors.not_found("RECHARGE_NOT_FOUND", "recharge")
-        return funding_pb2.GetRechargeResponse(recharge=wire.recharge(row[0]))
+        return funding_pb2.GetRechargeResponse(recharge=wire.recharge(row[0]), refunded_fen=row[1])

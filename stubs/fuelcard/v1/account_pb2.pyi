@@ -179,6 +179,8 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """A confirmed sale at a pump."""
     TRANSACTION_KIND_ALLOCATION: _TransactionKind.ValueType  # 3
     """Money moved between a parent and its sub-account (batch top-up)."""
+    TRANSACTION_KIND_RECHARGE_REFUND: _TransactionKind.ValueType  # 4
+    """A payment channel refunded (part of) a recharge: money leaves the account."""
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """What a journal transaction was."""
@@ -191,6 +193,8 @@ TRANSACTION_KIND_PURCHASE: TransactionKind.ValueType  # 2
 """A confirmed sale at a pump."""
 TRANSACTION_KIND_ALLOCATION: TransactionKind.ValueType  # 3
 """Money moved between a parent and its sub-account (batch top-up)."""
+TRANSACTION_KIND_RECHARGE_REFUND: TransactionKind.ValueType  # 4
+"""A payment channel refunded (part of) a recharge: money leaves the account."""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 @_typing.final

@@ -282,6 +282,9 @@ class GetRechargeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECHARGE_FIELD_NUMBER: _builtins.int
+    REFUNDED_FEN_FIELD_NUMBER: _builtins.int
+    refunded_fen: _builtins.int
+    """How much of it channels have refunded so far (RefundRecharge), in fen."""
     @_builtins.property
     def recharge(self) -> Global___Recharge:
         """The recharge."""
@@ -290,11 +293,174 @@ class GetRechargeResponse(_message.Message):
         self,
         *,
         recharge: Global___Recharge | None = ...,
+        refunded_fen: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["recharge", b"recharge"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["recharge", b"recharge"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recharge", b"recharge", "refunded_fen", b"refunded_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRechargeResponse: _TypeAlias = GetRechargeResponse  # noqa: Y015
+
+@_typing.final
+class Refund(_message.Message):
+    """A channel's refund of (part of) a recharge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFUND_ID_FIELD_NUMBER: _builtins.int
+    RECHARGE_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    CHANNEL_TXN_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_REFUND_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    DEBITED_FEN_FIELD_NUMBER: _builtins.int
+    SHORTFALL_FEN_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    refund_id: _builtins.str
+    """Server-assigned id (UUID)."""
+    recharge_id: _builtins.str
+    """The recharge refunded."""
+    account_id: _builtins.str
+    """The account the recharge credited."""
+    channel: Global___Channel.ValueType
+    """The channel."""
+    channel_txn_id: _builtins.str
+    """The channel's transaction id of the payment refunded."""
+    channel_refund_id: _builtins.str
+    """The channel's id of this refund."""
+    amount_fen: _builtins.int
+    """The amount the channel refunded to the payer."""
+    debited_fen: _builtins.int
+    """How much of it was debited from the account."""
+    shortfall_fen: _builtins.int
+    """amount_fen - debited_fen: the money was no longer on the account (spent
+    or held). Recorded as a channel exception for follow-up.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded."""
+
+    def __init__(
+        self,
+        *,
+        refund_id: _builtins.str = ...,
+        recharge_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        channel: Global___Channel.ValueType = ...,
+        channel_txn_id: _builtins.str = ...,
+        channel_refund_id: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        debited_fen: _builtins.int = ...,
+        shortfall_fen: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_fen", b"amount_fen", "channel", b"channel", "channel_refund_id", b"channel_refund_id", "channel_txn_id", b"channel_txn_id", "create_time", b"create_time", "debited_fen", b"debited_fen", "recharge_id", b"recharge_id", "refund_id", b"refund_id", "shortfall_fen", b"shortfall_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Refund: _TypeAlias = Refund  # noqa: Y015
+
+@_typing.final
+class RefundRechargeRequest(_message.Message):
+    """Request for FundingService.RefundRecharge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    CHANNEL_TXN_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_REFUND_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    REFUNDED_TOTAL_FEN_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the adapter, 1-64 printable ASCII characters."""
+    channel: Global___Channel.ValueType
+    """The channel that refunded."""
+    channel_txn_id: _builtins.str
+    """The channel's transaction id of the payment refunded (as in Recharge)."""
+    channel_refund_id: _builtins.str
+    """The channel's id of this refund, 1-64 characters."""
+    amount_fen: _builtins.int
+    """The amount of this refund, in fen: > 0 and at most what is left of the
+    recharge. Exactly one of amount_fen and refunded_total_fen is set.
+    """
+    refunded_total_fen: _builtins.int
+    """For channels that report the running total refunded on a payment
+    (Alipay's refund_fee): that total, in fen. This refund is then the
+    difference from what is already refunded, worked out under the
+    account's lock; if nothing is left to refund the call fails with
+    FAILED_PRECONDITION REFUND_ALREADY_COVERED and changes nothing.
+    """
+    signature: _builtins.bytes
+    """SM2 signature, as RechargeRequest.signature, over
+      E("RefundRecharge", request_id, channel, channel_txn_id,
+        channel_refund_id, amount_fen, refunded_total_fen)
+    Errors: as Recharge; a payment the core has not seen (yet: a refund
+    notified before its payment) is NOT_FOUND RECHARGE_NOT_FOUND; more than
+    is left of the recharge is FAILED_PRECONDITION REFUND_EXCEEDS_RECHARGE;
+    the same channel_refund_id with another payment or amount is
+    FAILED_PRECONDITION CHANNEL_REFUND_REUSED.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        channel: Global___Channel.ValueType = ...,
+        channel_txn_id: _builtins.str = ...,
+        channel_refund_id: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        refunded_total_fen: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_fen", b"amount_fen", "channel", b"channel", "channel_refund_id", b"channel_refund_id", "channel_txn_id", b"channel_txn_id", "refunded_total_fen", b"refunded_total_fen", "request_id", b"request_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundRechargeRequest: _TypeAlias = RefundRechargeRequest  # noqa: Y015
+
+@_typing.final
+class RefundRechargeResponse(_message.Message):
+    """Response for FundingService.RefundRecharge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFUND_FIELD_NUMBER: _builtins.int
+    BALANCE_FEN_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    balance_fen: _builtins.int
+    """The account's settled balance after the refund."""
+    signature: _builtins.bytes
+    """The server's SM2 signature (as RechargeResponse.signature) over
+      E("RefundRechargeResponse", request.channel, request.channel_txn_id,
+        request.channel_refund_id, request.amount_fen,
+        request.refunded_total_fen, refund.refund_id, refund.recharge_id,
+        refund.account_id, refund.amount_fen, refund.debited_fen,
+        refund.shortfall_fen, refund.create_time.seconds,
+        refund.create_time.nanos, balance_fen)
+    """
+    @_builtins.property
+    def refund(self) -> Global___Refund:
+        """The refund as recorded."""
+
+    def __init__(
+        self,
+        *,
+        refund: Global___Refund | None = ...,
+        balance_fen: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["refund", b"refund"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_fen", b"balance_fen", "refund", b"refund", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundRechargeResponse: _TypeAlias = RefundRechargeResponse  # noqa: Y015

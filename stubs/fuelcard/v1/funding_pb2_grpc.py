@@ -45,6 +45,11 @@ class FundingServiceStub:
                 request_serializer=fuelcard_dot_v1_dot_funding__pb2.GetRechargeRequest.SerializeToString,
                 response_deserializer=fuelcard_dot_v1_dot_funding__pb2.GetRechargeResponse.FromString,
                 _registered_method=True)
+        self.RefundRecharge = channel.unary_unary(
+                '/fuelcard.v1.FundingService/RefundRecharge',
+                request_serializer=fuelcard_dot_v1_dot_funding__pb2.RefundRechargeRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_funding__pb2.RefundRechargeResponse.FromString,
+                _registered_method=True)
 
 
 class FundingServiceServicer:
@@ -68,6 +73,19 @@ class FundingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefundRecharge(self, request, context):
+        """A channel reversed (refunded) all or part of a recharge it reported.
+        The account is debited through the journal as far as its available
+        money (balance minus holds) allows; any shortfall is recorded as a
+        channel exception for follow-up, and the refund is recorded either way
+        (the channel has already paid the money back). Callers as for Recharge
+        (an adapter only for its own channel, signed). Idempotent on
+        `request_id` and on (channel, channel_refund_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FundingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +98,11 @@ def add_FundingServiceServicer_to_server(servicer, server):
                     servicer.GetRecharge,
                     request_deserializer=fuelcard_dot_v1_dot_funding__pb2.GetRechargeRequest.FromString,
                     response_serializer=fuelcard_dot_v1_dot_funding__pb2.GetRechargeResponse.SerializeToString,
+            ),
+            'RefundRecharge': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundRecharge,
+                    request_deserializer=fuelcard_dot_v1_dot_funding__pb2.RefundRechargeRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_funding__pb2.RefundRechargeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +160,33 @@ class FundingService:
             '/fuelcard.v1.FundingService/GetRecharge',
             fuelcard_dot_v1_dot_funding__pb2.GetRechargeRequest.SerializeToString,
             fuelcard_dot_v1_dot_funding__pb2.GetRechargeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundRecharge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.FundingService/RefundRecharge',
+            fuelcard_dot_v1_dot_funding__pb2.RefundRechargeRequest.SerializeToString,
+            fuelcard_dot_v1_dot_funding__pb2.RefundRechargeResponse.FromString,
             options,
             channel_credentials,
             insecure,

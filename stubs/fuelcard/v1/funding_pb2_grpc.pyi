@@ -41,6 +41,15 @@ class FundingServiceStub:
     """
     GetRecharge: _grpc.UnaryUnaryMultiCallable[_funding_pb2.GetRechargeRequest, _funding_pb2.GetRechargeResponse]
     """Read a recharge by the channel's transaction id."""
+    RefundRecharge: _grpc.UnaryUnaryMultiCallable[_funding_pb2.RefundRechargeRequest, _funding_pb2.RefundRechargeResponse]
+    """A channel reversed (refunded) all or part of a recharge it reported.
+    The account is debited through the journal as far as its available
+    money (balance minus holds) allows; any shortfall is recorded as a
+    channel exception for follow-up, and the refund is recorded either way
+    (the channel has already paid the money back). Callers as for Recharge
+    (an adapter only for its own channel, signed). Idempotent on
+    `request_id` and on (channel, channel_refund_id).
+    """
 
 @_typing.type_check_only
 class FundingServiceAsyncStub(FundingServiceStub):
@@ -55,6 +64,15 @@ class FundingServiceAsyncStub(FundingServiceStub):
     """
     GetRecharge: _aio.UnaryUnaryMultiCallable[_funding_pb2.GetRechargeRequest, _funding_pb2.GetRechargeResponse]  # type: ignore[assignment]
     """Read a recharge by the channel's transaction id."""
+    RefundRecharge: _aio.UnaryUnaryMultiCallable[_funding_pb2.RefundRechargeRequest, _funding_pb2.RefundRechargeResponse]  # type: ignore[assignment]
+    """A channel reversed (refunded) all or part of a recharge it reported.
+    The account is debited through the journal as far as its available
+    money (balance minus holds) allows; any shortfall is recorded as a
+    channel exception for follow-up, and the refund is recorded either way
+    (the channel has already paid the money back). Callers as for Recharge
+    (an adapter only for its own channel, signed). Idempotent on
+    `request_id` and on (channel, channel_refund_id).
+    """
 
 class FundingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Called by payment adapters once a channel reports that a top-up was paid."""
@@ -78,5 +96,20 @@ class FundingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_funding_pb2.GetRechargeResponse, _abc.Awaitable[_funding_pb2.GetRechargeResponse]]:
         """Read a recharge by the channel's transaction id."""
+
+    @_abc_1.abstractmethod
+    def RefundRecharge(
+        self,
+        request: _funding_pb2.RefundRechargeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_funding_pb2.RefundRechargeResponse, _abc.Awaitable[_funding_pb2.RefundRechargeResponse]]:
+        """A channel reversed (refunded) all or part of a recharge it reported.
+        The account is debited through the journal as far as its available
+        money (balance minus holds) allows; any shortfall is recorded as a
+        channel exception for follow-up, and the refund is recorded either way
+        (the channel has already paid the money back). Callers as for Recharge
+        (an adapter only for its own channel, signed). Idempotent on
+        `request_id` and on (channel, channel_refund_id).
+        """
 
 def add_FundingServiceServicer_to_server(servicer: FundingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

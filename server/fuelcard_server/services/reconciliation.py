@@ -1,0 +1,106 @@
+"""ReconciliationService: finance staff follow up what `fuelcard reconcile`
+found. Admin only; the rpc decorator audits every call."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import grpc
+from fuelcard.v1 import funding_pb2, settlement_pb2, settlement_pb2_grpc
+
+from fuelcard_server import errors
+from fuelcard_server.identity import Role
+from fuelcard_server.services.handling import Servicer, rpc
+from fuelcard_server.validation import Violations
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+CHANNELS = frozenset(v for v in funding_pb2.Channel.values() if v != funding_pb2.CHANNEL_UNSPECIFIED)
+PAGE_SIZE_DEFAULT = 100
+PAGE_SIZE_MAX = 1000
+RESOLUTION_MAX_CHARS = 500
+
+LIST_SQL = """
+    SELECT b.id, fc.break_json(b) FROM fc.reconciliation_breaks b
+     WHERE (%(channel)s = 0 OR b.channel = %(channel)s)
+       AND (%(day)s::date IS NULL OR b.business_date = %(day)s::date)
+       AND (%(all)s OR b.resolved_at IS NULL)
+       AND b.id < %(before)s
+     ORDER BY b.id DESC LIMIT %(limit)s"""
+RESOLVE_SQL = "SELECT fc.resolve_break(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz)"
+
+
+def _record(d: dict[str, Any], side: str, channel: int, kind: int, txn: str
+            ) -> settlement_pb2.SettlementRecord:
+    m = settlement_pb2.SettlementRecord(
+        channel=channel,  # type: ignore[arg-type]
+        kind=kind,  # type: ignore[arg-type]
+        channel_txn_id=txn, original_channel_txn_id=d[f"{side}_original"] or "",
+        amount_fen=d[f"{side}_amount_fen"], status=d[f"{side}_status"])
+    if side == "ours":
+        m.txn_id = d["ours_txn_id"] or ""
+        m.business_date = d["ours_business_date"] or ""
+    else:
+        m.fee_fen = d["theirs_fee_fen"] or 0
+    m.time.FromMicroseconds(d[f"{side}_us"])
+    return m
+
+
+def break_message(d: dict[str, Any]) -> settlement_pb2.ReconciliationBreak:
+    b = settlement_pb2.ReconciliationBreak(
+        break_id=d["break_id"], channel=d["channel"], business_date=d["business_date"],
+        kind=d["kind"], resolved=d["resolve_us"] is not None, resolution=d["resolution"] or "",
+        resolved_by=d["resolved_by"] or "")
+    for side, field in (("ours", b.ours), ("theirs", b.theirs)):
+        if d[f"{side}_amount_fen"] is not None:
+            field.CopyFrom(_record(d, side, d["channel"], d["record_kind"], d["channel_txn_id"]))
+    b.create_time.FromMicroseconds(d["create_us"])
+    if d["resolve_us"] is not None:
+        b.resolve_time.FromMicroseconds(d["resolve_us"])
+    return b
+
+
+class ReconciliationService(Servicer, settlement_pb2_grpc.ReconciliationServiceServicer):
+
+    @rpc(Role.ADMIN)
+    async def ListBreaks(self, request: settlement_pb2.ListBreaksRequest, context: Ctx
+                         ) -> settlement_pb2.ListBreaksResponse:
+        v = Violations()
+        if request.channel:
+            v.enum("channel", request.channel, CHANNELS)
+        day: dt.date | None = None
+        if request.business_date:
+            try:
+                day = dt.date.fromisoformat(request.business_date)
+            except ValueError:
+                v.add("business_date", "must be YYYY-MM-DD", "DATE_MALFORMED")
+        if not 0 <= request.page_size <= PAGE_SIZE_MAX:
+            v.add("page_size", f"must be 0-{PAGE_SIZE_MAX}", "PAGE_SIZE_INVALID")
+        before = v.page_token("page_token", request.page_token)
+        v.raise_if_any()
+        size = request.page_size or PAGE_SIZE_DEFAULT
+        rows = await self.d.db.fetch_all(LIST_SQL, {
+            "channel": request.channel, "day": day, "all": request.include_resolved,
+            "before": before if before is not None else 2**63 - 1, "limit": size + 1})
+        response = settlement_pb2.ListBreaksResponse(
+            breaks=[break_message(row[1]) for row in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = str(rows[size - 1][0])
+        return response
+
+    @rpc(Role.ADMIN)
+    async def ResolveBreak(self, request: settlement_pb2.ResolveBreakRequest, context: Ctx
+                           ) -> settlement_pb2.ResolveBreakResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        break_id = v.uuid("break_id", request.break_id)
+        v.text("resolution", request.resolution, required=True, max_chars=RESOLUTION_MAX_CHARS)
+        v.raise_if_any()
+        caller = self.d.identity()
+        d = await self.d.db.call(RESOLVE_SQL, (
+            self.d.caller(context), request.request_id, self.d.fingerprint("resolve_break", request),
+            break_id, request.resolution, caller.key or caller.name, self.d.clock.now()))
+        if "break" not in d:
+            raise errors.internal()
+        return settlement_pb2.ResolveBreakResponse(reconciliation_break=break_message(d["break"]))
