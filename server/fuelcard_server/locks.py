@@ -14,3 +14,6 @@ TIER_EVALUATION_LOCK = -4
 # appends are serialised and each extends the committed head - one chain,
 # never a fork, across all server processes.
 AUDIT_LOCK = -5
+# The event sequencer (fc.sequence_events, fc.prune_events): one process at a
+# time gives outbox rows their stream positions.
+EVENT_SEQUENCER_LOCK = -20

@@ -57,6 +57,12 @@ class Settings:
     # The server's SM2 signing key (hex, 0600 file), for signing answers to
     # payment adapters. Default data_dir/server-sm2.key, created on first use.
     signing_key_file: Path | None = None
+    # The event stream (events.py): how often the sequencer looks for newly
+    # committed outbox rows, how many it positions per transaction, and how
+    # long sequenced events are kept for consumers (then pruned).
+    event_interval_s: float = 0.2
+    event_batch: int = 2000
+    event_retention_s: int = 7 * 24 * 3600
 
     ENV_PREFIX = "FUELCARD_"
 
@@ -111,6 +117,9 @@ class Settings:
             (self.max_authorize_fen > 0, "max_authorize_fen must be > 0"),
             (self.max_recharge_fen > 0, "max_recharge_fen must be > 0"),
             (self.grace_s >= 0, "grace_s must be >= 0"),
+            (self.event_interval_s > 0, "event_interval_s must be > 0"),
+            (1 <= self.event_batch <= 100_000, "event_batch must be 1..100000"),
+            (self.event_retention_s >= 60, "event_retention_s must be >= 60"),
         ]
         for ok, message in checks:
             if not ok:
