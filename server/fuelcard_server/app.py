@@ -236,16 +236,19 @@ class FuelcardServer:
         assert self._sequencer is not None
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + PRUNE_EVERY_S
+        full = False
         while True:
+            if not full:
+                await asyncio.sleep(self.settings.event_interval_s)
+            full = False
             try:
-                if await self._sequencer.run_once() >= self.settings.event_batch:
-                    continue  # a full batch: more are waiting
+                # a full batch: more are waiting, go again at once
+                full = await self._sequencer.run_once() >= self.settings.event_batch
                 if loop.time() >= next_prune:
                     next_prune = loop.time() + PRUNE_EVERY_S
                     await self._sequencer.prune_once()
             except errors.ApiError as exc:
                 log.warning("event sequencing failed: %s", exc.reason)
-            await asyncio.sleep(self.settings.event_interval_s)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight RPCs finish, then close the pool."""
