@@ -24,7 +24,7 @@ from fuelcard_analytics.generator import YearConfig, generate
 from fuelcard_analytics.warehouse import CursorMismatch, Warehouse, open_store
 
 from tests import builders
-from tests.plugins.server import RunningServer
+from tests.plugins.server import RunningServer, TlsServer
 
 SMALL_YEAR = YearConfig(days=220, stations=8, drivers=220, families=30, fleets=2, seed=11)
 REPORT_FILES = ["fleet_costs", "station_sales", "tiers", "points_liability", "station_heatmap",
@@ -118,6 +118,25 @@ def test_a_batch_must_continue_the_cursor(server: RunningServer, tmp_path: Path)
                 w.apply(bad)
         assert w.apply(events[2:]) == len(events)
         assert store.query("SELECT count(*), sum(amount) FROM fact_ledger") == [(2, 3_000)]
+    finally:
+        store.close()
+
+
+def test_the_sidecar_syncs_over_mutual_tls_as_an_analytics_caller(
+        tls_server: TlsServer, dev_certs: Path, tmp_path: Path) -> None:
+    from fuelcard.v1 import control_pb2, control_pb2_grpc
+    from fuelcard_analytics.follow import Target, follow
+
+    control_pb2_grpc.ControlServiceStub(tls_server.channel("admin-ops")).RegisterStation(
+        control_pb2.RegisterStationRequest(station=control_pb2.Station(
+            station_id="KM-009", name="Kunming 9",
+            location=control_pb2.GeoPoint(latitude=25.0, longitude=102.7))))
+    store = open_store(str(tmp_path / "tls.duckdb"))
+    try:
+        w = Warehouse(store)
+        assert follow(Target(tls_server.target, dev_certs, "analytics-bi"), w,
+                      keep_following=False, log=lambda _: None) == 1
+        assert store.query("SELECT station_id, latitude FROM dim_station") == [("KM-009", 25.0)]
     finally:
         store.close()
 

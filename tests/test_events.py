@@ -55,12 +55,12 @@ def test_every_movement_and_change_is_streamed_once_in_order(
     events = stream(server, max_batch=3)
     assert [e.position for e in events] == list(range(1, len(events) + 1))
     kinds = [e.WhichOneof("payload") for e in events]
+    # authorize writes nothing to the stream: a hold is streamed when it changes state
     assert kinds == ["account", "card", "ledger_entry",            # open, issue, recharge
-                     "hold",                                       # authorize
                      "ledger_entry", "ledger_entry", "hold",       # confirm: sale, points, state
-                     "hold", "hold",                               # authorize, cancel
+                     "hold",                                       # cancel
                      "card", "station"]
-    recharge, sale, points = events[2].ledger_entry, events[4].ledger_entry, events[5].ledger_entry
+    recharge, sale, points = events[2].ledger_entry, events[3].ledger_entry, events[4].ledger_entry
     assert (recharge.kind, recharge.asset, recharge.amount) == (
         events_pb2.LEDGER_ENTRY_KIND_RECHARGE, events_pb2.ASSET_MONEY, 50_000)
     assert recharge.credit_account_id == card.account_id and recharge.debit_account_id == ""
@@ -70,21 +70,22 @@ def test_every_movement_and_change_is_streamed_once_in_order(
         events_pb2.LEDGER_ENTRY_KIND_PURCHASE, 15_000, "FUEL_SALES")
     assert sale.hold_id == sold.hold.hold_id
     assert (points.asset, points.amount) == (events_pb2.ASSET_POINTS, 150)
-    made, confirmed = events[3].hold, events[6].hold
-    assert made.state == common_pb2.HOLD_STATE_AUTHORIZED and made.settled_fen == 0
-    assert not made.HasField("close_time")
+    confirmed, cancelled = events[5].hold, events[6].hold
     assert confirmed.state == common_pb2.HOLD_STATE_CONFIRMED
     assert (confirmed.settled_fen, confirmed.volume_ml, confirmed.unit_price_fen,
             confirmed.points_earned) == (15_000, 19_100, 785, 150)
     assert (confirmed.card_id, confirmed.spender_account_id, confirmed.station_id,
             confirmed.product) == (card.card_id, card.account_id, "KM-001",
                                    common_pb2.PRODUCT_GASOLINE_92)
-    assert events[8].hold.state == common_pb2.HOLD_STATE_CANCELLED
-    assert events[9].card.status == account_pb2.CARD_STATUS_BLOCKED
-    assert events[10].station.station.location.latitude == 25.04
+    assert confirmed.HasField("create_time") and confirmed.HasField("close_time")
+    assert (cancelled.state, cancelled.settled_fen, cancelled.amount_fen) == (
+        common_pb2.HOLD_STATE_CANCELLED, 0, 5_000)
+    assert cancelled.HasField("close_time") and cancelled.hold_id == dropped.hold.hold_id
+    assert events[7].card.status == account_pb2.CARD_STATUS_BLOCKED
+    assert events[8].station.station.location.latitude == 25.04
     # one transaction's events are consecutive and share its id
-    assert len({e.transaction_id for e in events[4:7]}) == 1
-    assert events[3].transaction_id != events[4].transaction_id
+    assert len({e.transaction_id for e in events[3:6]}) == 1
+    assert events[2].transaction_id != events[3].transaction_id
 
     # resuming from any cursor gives exactly the rest
     assert stream(server, after=4) == events[4:]
@@ -163,10 +164,10 @@ def test_concurrent_writers_give_gap_free_positions(server: RunningServer,
     sales = [e for e in seen if e.WhichOneof("payload") == "ledger_entry"
              and e.ledger_entry.kind == events_pb2.LEDGER_ENTRY_KIND_PURCHASE]
     assert len(sales) == 60 and len({e.ledger_entry.entry_id for e in sales}) == 60
-    # per account, the stream's order is the order the holds were made in
+    # per account, the stream's order is the order its (sequential) sales happened in
     for card in cards:
         made = [e.hold.hold_id for e in seen if e.WhichOneof("payload") == "hold"
-                and e.hold.card_id == card.card_id and e.hold.state == 1]
+                and e.hold.card_id == card.card_id]
         rows = db.execute("SELECT h.uid::text FROM fc.holds h JOIN fc.cards c ON c.id = h.card_id"
                           " WHERE c.uid = %s::uuid ORDER BY h.id", (card.card_id,)).fetchall()
         assert made == [r[0] for r in rows]

@@ -204,7 +204,9 @@ class Event(_message.Message):
 
     @_builtins.property
     def hold(self) -> Global___HoldEvent:
-        """A hold was made or changed state."""
+        """A hold changed state (confirmed, cancelled, expired, ...). Making a
+        hold is not an event: a reservation moves no money in the journal.
+        """
 
     @_builtins.property
     def account(self) -> Global___AccountEvent:
@@ -311,7 +313,7 @@ Global___LedgerEntryEvent: _TypeAlias = LedgerEntryEvent  # noqa: Y015
 
 @_typing.final
 class HoldEvent(_message.Message):
-    """A hold as it was when it changed to `state`."""
+    """A hold, whole, as it was when it changed to `state`."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -336,8 +338,8 @@ class HoldEvent(_message.Message):
     hold_id: _builtins.str
     """The hold."""
     state: _common_pb2.HoldState.ValueType
-    """The state it changed to (a hold is made AUTHORIZED). New states may be
-    added: a consumer must accept values it does not know.
+    """The state it changed to. New states may be added: a consumer must
+    accept values it does not know.
     """
     account_id: _builtins.str
     """The account whose money is reserved (the parent of a SHARED sub-account)."""
