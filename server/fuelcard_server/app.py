@@ -21,6 +21,8 @@ from fuelcard.v1 import (
     account_pb2_grpc,
     control_pb2,
     control_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     funding_pb2,
     funding_pb2_grpc,
     points_pb2,
@@ -44,12 +46,14 @@ from fuelcard_server.card_numbers import CardVault
 from fuelcard_server.cards import PanIndex
 from fuelcard_server.clock import Clock, SystemClock
 from fuelcard_server.db import Database
+from fuelcard_server.events import PRUNE_EVERY_S, Sequencer
 from fuelcard_server.keys import pin_pepper
 from fuelcard_server.locks import EXPIRY_SWEEP_LOCK, POINTS_EXPIRY_LOCK, TIER_EVALUATION_LOCK
 from fuelcard_server.overload import Admission
 from fuelcard_server.pins import Pins
 from fuelcard_server.services.account import AccountService
 from fuelcard_server.services.control import ControlService
+from fuelcard_server.services.events import EventService
 from fuelcard_server.services.funding import FundingService
 from fuelcard_server.services.handling import Deps
 from fuelcard_server.services.points import PointsService
@@ -74,6 +78,7 @@ SERVICE_NAMES = (
     security_pb2.DESCRIPTOR.services_by_name["SecurityService"].full_name,
     risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
 
 # Only one process sweeps at a time; the others skip the round.
@@ -144,6 +149,7 @@ class FuelcardServer:
     _audit: AuditLog | None = None
     _health: health_aio.HealthServicer | None = None
     _jobs: list[asyncio.Task[None]] = field(default_factory=list)
+    _sequencer: Sequencer | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -187,6 +193,9 @@ class FuelcardServer:
         risk_pb2_grpc.add_RiskServiceServicer_to_server(RiskService(deps), server)
         settlement_pb2_grpc.add_ReconciliationServiceServicer_to_server(
             ReconciliationService(deps), server)
+        self._sequencer = Sequencer(self._db, self.clock, s.event_batch, s.event_retention_s)
+        events_pb2_grpc.add_EventServiceServicer_to_server(EventService(deps, self._sequencer),
+                                                           server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -209,6 +218,7 @@ class FuelcardServer:
             log.info("metrics on http://%s:%d/metrics", m_host, self.metrics_port)
         self._jobs.append(asyncio.create_task(self._expiry_loop(), name="hold-expiry"))
         self._jobs.append(asyncio.create_task(self._health_loop(), name="health-probe"))
+        self._jobs.append(asyncio.create_task(self._event_loop(), name="event-sequencer"))
         log.info("serving on %s:%d", host, self.port)
         return self.port
 
@@ -326,6 +336,32 @@ class FuelcardServer:
                 # (the health probe flips health when the database is gone)
                 log.warning("hold expiry sweep failed: %s", exc.reason)
             await asyncio.sleep(self.settings.expiry_interval_s)
+
+    async def sequence_events_once(self) -> int:
+        """Position one batch of committed outbox rows; -1 if another
+        process is on it."""
+        assert self._sequencer is not None
+        return await self._sequencer.run_once()
+
+    async def _event_loop(self) -> None:
+        """Keep the event stream moving (and pruned) while no consumer is
+        attached; bounded batches, one process at a time."""
+        assert self._sequencer is not None
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time() + PRUNE_EVERY_S
+        full = False
+        while True:
+            if not full:
+                await asyncio.sleep(self.settings.event_interval_s)
+            full = False
+            try:
+                # a full batch: more are waiting, go again at once
+                full = await self._sequencer.run_once() >= self.settings.event_batch
+                if loop.time() >= next_prune:
+                    next_prune = loop.time() + PRUNE_EVERY_S
+                    await self._sequencer.prune_once()
+            except errors.ApiError as exc:
+                log.warning("event sequencing failed: %s", exc.reason)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight RPCs finish, then close the pool."""

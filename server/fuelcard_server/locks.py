@@ -17,3 +17,6 @@ AUDIT_LOCK = -5
 # Risk rule set loads and activations (fc.risk_load, fc.risk_activate): one at
 # a time, so each change's diff is against the set really in force before it.
 RISK_RULES_LOCK = -6
+# The event sequencer (fc.sequence_events, fc.prune_events): one process at a
+# time gives outbox rows their stream positions.
+EVENT_SEQUENCER_LOCK = -20

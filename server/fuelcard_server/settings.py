@@ -110,6 +110,12 @@ class Settings:
     # Risk engine: accept the test-only rule kind "fault", whose evaluation
     # fails inside the engine (to exercise the fallback). Never in production.
     risk_fault_injection: bool = False
+    # The event stream (events.py): how often the sequencer looks for newly
+    # committed outbox rows, how many it positions per transaction, and how
+    # long sequenced events are kept for consumers (then pruned).
+    event_interval_s: float = 0.2
+    event_batch: int = 2000
+    event_retention_s: int = 7 * 24 * 3600
 
     ENV_PREFIX = "FUELCARD_"
     CONFIG_ENV = "FUELCARD_CONFIG"
@@ -202,6 +208,9 @@ class Settings:
             (self.step_up_recharge_above_fen >= 0, "step_up_recharge_above_fen must be >= 0"),
             (30 <= self.otp_ttl_s <= 3600, "otp_ttl_s must be 30..3600"),
             (1 <= self.otp_max_attempts <= 10, "otp_max_attempts must be 1..10"),
+            (self.event_interval_s > 0, "event_interval_s must be > 0"),
+            (1 <= self.event_batch <= 100_000, "event_batch must be 1..100000"),
+            (self.event_retention_s >= 60, "event_retention_s must be >= 60"),
         ]
         for ok, message in checks:
             if not ok:

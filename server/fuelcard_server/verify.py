@@ -231,6 +231,16 @@ CHECKS: tuple[Check, ...] = (
                                 AND s.channel_txn_id = f.channel_refund_id
                                 AND s.amount_fen = f.amount_fen)
            LIMIT 10"""),
+    Check("event_positions_gap_free",
+          "the event stream holds every position after the pruned ones up to the head, once",
+          """
+          SELECT h.last_position, h.pruned_through, count(e.position), min(e.position),
+                 max(e.position)
+            FROM fc.event_head h LEFT JOIN fc.events e ON true
+           GROUP BY h.last_position, h.pruned_through
+          HAVING count(e.position) <> h.last_position - h.pruned_through
+              OR (count(e.position) > 0 AND (min(e.position) <> h.pruned_through + 1
+                                             OR max(e.position) <> h.last_position))"""),
 )
 
 

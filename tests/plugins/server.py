@@ -60,6 +60,11 @@ class RunningServer:
     def advance(self, delta: dt.timedelta) -> None:
         self.clock.advance(delta)
 
+    def sequence_events(self) -> int:
+        """Position the committed outbox rows now (one batch)."""
+        result: int = self.run(self.server.sequence_events_once)
+        return result
+
     def expire_holds(self) -> int:
         """Run one expiry sweep now, at the clock's time."""
         result: int = self.run(self.server.expire_holds_once)
@@ -96,7 +101,9 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     # other things and move large amounts and caps freely.
     s = Settings(listen="127.0.0.1:0", data_dir=tmp_path, card_index_key_hex=TEST_KEY_HEX,
                  pool_min=2, pool_max=8, expiry_interval_s=3600.0, grace_s=1.0, insecure=True,
-                 step_up_recharge_above_fen=2**62, step_up_limit_raises=False)
+                 step_up_recharge_above_fen=2**62, step_up_limit_raises=False,
+                 # events are positioned when a stream asks (or a test does), not by a timer
+                 event_interval_s=3600.0)
     return dataclasses.replace(s, **overrides).validate()
 
 

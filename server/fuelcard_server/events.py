@@ -1,0 +1,163 @@
+"""The event stream: the sequencer that gives committed outbox rows their
+stream positions, and the translation of fc.events rows into Events.
+
+How events get there and why their order is commit order:
+sql/0009_events.sql. Here:
+
+* `Sequencer.run_once` - one bounded batch, under an advisory lock so one
+  process at a time positions events (the others skip the round). Every
+  server process runs it in the background every `event_interval_s`; a
+  StreamEvents call that has caught up also runs it before it waits, so a
+  consumer never waits for the timer when events are already committed.
+* Waiters (open streams) are woken when this process positioned events, and
+  otherwise look again after at most `POLL_S`: a bounded poll covers events
+  positioned by another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from typing import Any
+
+from fuelcard.v1 import control_pb2, events_pb2
+
+from fuelcard_server.clock import Clock
+from fuelcard_server.db import Database
+from fuelcard_server.locks import EVENT_SEQUENCER_LOCK
+
+log = logging.getLogger(__name__)
+
+SEQUENCE_SQL = (
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.sequence_events(%s::timestamptz, %s)"
+    " ELSE -1 END")
+PRUNE_SQL = (
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.prune_events(%s::timestamptz, %s)"
+    " ELSE -1 END")
+READ_SQL = (
+    "SELECT position, xid::text::bigint, kind, fc.ts(occurred_at), payload FROM fc.events"
+    " WHERE position > %s ORDER BY position LIMIT %s")
+HEAD_SQL = "SELECT last_position, pruned_through FROM fc.event_head"
+
+# Longest an open stream waits before it looks for events positioned by
+# another server process.
+POLL_S = 0.25
+PRUNE_EVERY_S = 60.0
+
+
+class Sequencer:
+    def __init__(self, db: Database, clock: Clock, batch: int, retention_s: int) -> None:
+        self.db = db
+        self.clock = clock
+        self.batch = batch
+        self.retention = dt.timedelta(seconds=retention_s)
+        self._wake = asyncio.Event()
+
+    async def run_once(self) -> int:
+        """Position one batch; how many events, or -1 if another process is
+        sequencing right now."""
+        row = await self.db.fetch_one(SEQUENCE_SQL, (EVENT_SEQUENCER_LOCK, self.clock.now(),
+                                                     self.batch))
+        assert row is not None
+        count: int = row[0]
+        if count > 0:
+            self._wake.set()
+            self._wake = asyncio.Event()
+        return count
+
+    async def prune_once(self) -> int:
+        """Delete one batch of events older than the retention."""
+        row = await self.db.fetch_one(PRUNE_SQL, (EVENT_SEQUENCER_LOCK,
+                                                  self.clock.now() - self.retention, self.batch))
+        assert row is not None
+        pruned: int = row[0]
+        return pruned
+
+    async def wait(self, timeout_s: float = POLL_S) -> None:
+        """Until this process positions events, or timeout_s."""
+        wake = self._wake
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout_s)
+
+    async def head(self) -> tuple[int, int]:
+        """(last position given, last position pruned)."""
+        row = await self.db.fetch_one(HEAD_SQL, ())
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def read(self, after: int, limit: int) -> list[events_pb2.Event]:
+        rows = await self.db.fetch_all(READ_SQL, (after, limit))
+        return [event(*r) for r in rows]
+
+
+def _ts(message: Any, name: str, micros: int | None) -> None:
+    if micros is not None:
+        getattr(message, name).FromMicroseconds(micros)
+
+
+def event(position: int, xid: int, kind: int, occur_us: int, p: dict[str, Any]) -> events_pb2.Event:
+    """An fc.events row as an Event."""
+    e = events_pb2.Event(position=position, transaction_id=xid)
+    e.occur_time.FromMicroseconds(occur_us)
+    if kind == 1:
+        e.ledger_entry.CopyFrom(events_pb2.LedgerEntryEvent(
+            entry_id=p["entry_id"], kind=p["kind"], asset=p["asset"], amount=p["amount"],
+            debit_account_id=_text(p, "debit_account_id", "debit_system_code"),
+            debit_system_code=p["debit_system_code"] or "",
+            credit_account_id=_text(p, "credit_account_id", "credit_system_code"),
+            credit_system_code=p["credit_system_code"] or "",
+            hold_id=p["hold_id"] or "", recharge_id=p["recharge_id"] or "",
+            description=p["description"] or ""))
+        if p["channel"] is not None:
+            e.ledger_entry.channel = p["channel"]
+    elif kind == 2:
+        h = e.hold
+        h.hold_id = p["hold_id"]
+        h.state = p["state"]
+        h.account_id = p["account_id"]
+        h.spender_account_id = p["spender_account_id"]
+        h.card_id = p["card_id"]
+        h.amount_fen = p["amount_fen"]
+        h.station_id = p["station_id"]
+        h.terminal_id = p["terminal_id"]
+        h.nozzle = p["nozzle"]
+        h.product = p["product"]
+        _ts(h, "create_time", p["create_us"])
+        _ts(h, "expire_time", p["expire_us"])
+        _ts(h, "close_time", p["close_us"])
+        if "settled_fen" in p:
+            h.settled_fen = p["settled_fen"]
+            h.volume_ml = p["volume_ml"]
+            h.unit_price_fen = p["unit_price_fen"]
+            h.points_earned = p["points_earned"]
+            h.confirmed_late = p["confirmed_late"]
+    elif kind == 3:
+        a = e.account
+        a.account_id = p["account_id"]
+        a.type = p["type"]
+        a.status = p["status"]
+        a.tier = p["tier"]
+        a.parent_account_id = p["parent_account_id"] or ""
+        a.funding_mode = p["funding_mode"]
+        a.label = p["label"] or ""
+        _ts(a, "create_time", p["create_us"])
+    elif kind == 4:
+        c = e.card
+        c.card_id = p["card_id"]
+        c.account_id = p["account_id"]
+        c.status = p["status"]
+        _ts(c, "create_time", p["create_us"])
+    elif kind == 5:
+        e.station.station.CopyFrom(control_pb2.Station(
+            station_id=p["station_id"], name=p["name"],
+            location=control_pb2.GeoPoint(latitude=p["latitude"], longitude=p["longitude"])))
+    else:  # a kind this server version does not know how to describe
+        log.warning("event %d of unknown kind %d sent without payload", position, kind)
+    return e
+
+
+def _text(p: dict[str, Any], account: str, system: str) -> str:
+    """A customer account's uid; empty for a system account (named by code)."""
+    return "" if p[system] else str(p[account])

@@ -1,0 +1,97 @@
+"""EventService: the committed-transaction stream for analytics callers.
+
+A server-streaming RPC, so it cannot use the unary `rpc` decorator: it makes
+the same checks (caller identity, role) and writes the same audit record
+(one per stream, when it opens) itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from fuelcard.v1 import events_pb2, events_pb2_grpc
+
+from fuelcard_server import errors
+from fuelcard_server.events import Sequencer
+from fuelcard_server.identity import Role
+from fuelcard_server.identity import of as identity_of
+from fuelcard_server.services.handling import Deps, Servicer
+from fuelcard_server.validation import Violations
+
+log = logging.getLogger(__name__)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+ALLOWED = frozenset({Role.ANALYTICS, Role.ADMIN})
+BATCH_DEFAULT = 500
+BATCH_MAX = 5000
+
+
+class EventService(Servicer, events_pb2_grpc.EventServiceServicer):
+    def __init__(self, deps: Deps, sequencer: Sequencer) -> None:
+        super().__init__(deps)
+        self.seq = sequencer
+
+    async def _admit(self, request: events_pb2.StreamEventsRequest, context: Ctx) -> None:
+        caller = None
+        error: errors.ApiError | None = None
+        try:
+            caller = identity_of(context, tls=self.d.tls)
+            if caller is None:
+                raise errors.unauthenticated("NO_CLIENT_IDENTITY",
+                                             "the client certificate names no fuelcard role")
+            if not caller.may(ALLOWED):
+                raise errors.permission_denied("ROLE_NOT_ALLOWED")
+            v = Violations()
+            if request.after_position < 0:
+                v.add("after_position", "must be >= 0", "AFTER_POSITION_NEGATIVE")
+            if not 0 <= request.max_batch <= BATCH_MAX:
+                v.add("max_batch", f"must be 0..{BATCH_MAX}", "MAX_BATCH_OUT_OF_RANGE")
+            v.raise_if_any()
+            head, pruned = await self.seq.head()
+            if request.after_position < pruned:
+                raise errors.failed_precondition("CURSOR_EXPIRED")
+            if request.after_position > head:
+                # A cursor from another database (or a restored backup).
+                raise errors.failed_precondition("CURSOR_AHEAD_OF_STREAM")
+        except errors.ApiError as exc:
+            error = exc
+        error = await self.d.audit.rpc_done(type(self), "StreamEvents", ALLOWED, caller, request,
+                                            None, error)
+        if error is not None:
+            raise error
+
+    async def StreamEvents(self, request: events_pb2.StreamEventsRequest, context: Ctx
+                           ) -> AsyncIterator[events_pb2.StreamEventsResponse]:
+        try:
+            await self._admit(request, context)
+            limit = request.max_batch or BATCH_DEFAULT
+            cursor = request.after_position
+            while True:
+                batch = await self.seq.read(cursor, limit)
+                if batch:
+                    head, _ = await self.seq.head()
+                    cursor = batch[-1].position
+                    yield events_pb2.StreamEventsResponse(events=batch,
+                                                          head_position=max(head, cursor))
+                    continue
+                positioned = await self.seq.run_once()
+                if positioned > 0:
+                    continue
+                if positioned == 0 and not request.follow:
+                    return  # caught up with everything committed
+                # Another process is sequencing (-1), or nothing is new.
+                await self.seq.wait()
+        except errors.ApiError as exc:
+            abort: Callable[[grpc.Status], Awaitable[None]] = context.abort_with_status  # type: ignore[attr-defined]
+            await abort(exc.to_status())
+        except (grpc.aio.AbortError, grpc.aio.UsageError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug; the client gets INTERNAL, we get the type
+            log.exception("unhandled %s in StreamEvents", type(exc).__name__)
+            abort = context.abort_with_status  # type: ignore[attr-defined]
+            await abort(errors.internal().to_status())
