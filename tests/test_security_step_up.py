@@ -336,6 +336,16 @@ def test_raising_a_limit_needs_a_step_up_and_lowering_does_not(env: Env, db: Con
     assert set_limits(_limits(60_000, 100_000, 900_000), step_up).limits.per_transaction_fen == 60_000
     assert scalar(db, "SELECT limit_txn_fen FROM fc.cards WHERE uid = %s", (env.card_id,)) == 60_000
 
+    # The same on an account's caps.
+    env.control.SetSpendingLimits(control_pb2.SetSpendingLimitsRequest(
+        request_id=rid(), actor_account_id=env.account_id, account_id=env.account_id,
+        limits=_limits(0, 0, 2_000_000)))  # no caps yet: not a raise
+    before = snapshot(db)
+    expect(lambda: env.control.SetSpendingLimits(control_pb2.SetSpendingLimitsRequest(
+        request_id=rid(), actor_account_id=env.account_id, account_id=env.account_id,
+        limits=_limits(0, 0, 3_000_000))), grpc.StatusCode.FAILED_PRECONDITION, "STEP_UP_REQUIRED")
+    assert snapshot(db) == before
+
     before = snapshot(db)
     expect(lambda: env.control.GrantTemporaryRaise(control_pb2.GrantTemporaryRaiseRequest(
         request_id=rid(), actor_account_id=env.account_id, card_id=env.card_id,
