@@ -255,6 +255,10 @@ def test_reports_past_their_cap_are_refused_at_once_with_a_retry_hint(
     assert "answer" in result, result
     retry = _retry_info(caught.value)
     assert retry is not None and retry.retry_delay.ToMilliseconds() >= 300
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    assert ('fuelcard_rpc_shed_total{rpc_method="/fuelcard.v1.AccountService/ListTransactions",'
+            'priority_class="reports"} 1') in text
     # payments were never in the reports' class
     assert builders.balance(server, card).balance.available_fen == 50_000
 
