@@ -255,6 +255,10 @@ def test_reports_past_their_cap_are_refused_at_once_with_a_retry_hint(
     assert "answer" in result, result
     retry = _retry_info(caught.value)
     assert retry is not None and retry.retry_delay.ToMilliseconds() >= 300
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    assert ('fuelcard_rpc_shed_total{rpc_method="/fuelcard.v1.AccountService/ListTransactions",'
+            'priority_class="reports"} 1') in text
     # payments were never in the reports' class
     assert builders.balance(server, card).balance.available_fen == 50_000
 
@@ -331,3 +335,26 @@ def test_every_rpc_has_the_priority_class_it_should() -> None:
     assert {n for n, p in classes.items() if p is Priority.REPORTS} >= reports
     assert classes["Recharge"] is Priority.FUNDING
     assert classes["OpenAccount"] is Priority.ADMIN and classes["BatchTopUp"] is Priority.ADMIN
+
+
+def test_metrics_other_modules_make_with_the_global_api_are_scraped_with_ours() -> None:
+    """A worker installs its providers as the process's globals: instruments
+    made with opentelemetry.metrics.get_meter, even before that (at import),
+    land in the same scrape. In a process of its own: globals are set once."""
+    import subprocess
+    import sys
+
+    script = (
+        "from opentelemetry import metrics\n"
+        "early = metrics.get_meter('other').create_counter('fuelcard.other.scored')\n"
+        "from fuelcard_server.settings import Settings\n"
+        "from fuelcard_server.telemetry import Telemetry\n"
+        "t = Telemetry.from_settings(Settings(metrics_listen='127.0.0.1:0'))\n"
+        "t.install_global()\n"
+        "early.add(3, {'verdict': 'ALLOW'})\n"
+        "print(t.prometheus_text())\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert 'fuelcard_other_scored_total{verdict="ALLOW"} 3' in res.stdout
+    assert "fuelcard_db_up 1" in res.stdout  # and ours

@@ -67,6 +67,9 @@ def flooder(server: RunningServer) -> Iterator[subprocess.Popen[str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 def _p99(samples: list[float]) -> float:

@@ -187,6 +187,7 @@ class _Meters:
         self.priority = priority
         # Authorize answers are also counted by decision and reason.
         self.counts_authorizations = counts_authorizations
+        self.shed = {"rpc.method": method, "priority_class": priority}
         self.by_status: dict[grpc.StatusCode | None, dict[str, str]] = {}
         self.decisions: dict[tuple[int, int], dict[str, str]] = {}
 
@@ -233,7 +234,7 @@ def _wrap(fn: Handler[S, Req, Resp], allowed: frozenset[Role]) -> Handler[S, Req
         admission = d.admission
         if admission is not None and not admission.enter(priority):
             # Refused before any work: no span, no audit record, no database.
-            tel.shed.add(1, {"rpc.method": m.method, "priority_class": m.priority})
+            tel.shed.add(1, m.shed)
             abort: Callable[[grpc.Status], Awaitable[None]] = context.abort_with_status  # type: ignore[attr-defined]
             await abort(admission.statuses[priority])
         try:
