@@ -168,6 +168,11 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       "UPDATE fc.accounts SET balance_fen = balance_fen - 10 WHERE uid = %(account)s",
       "UPDATE fc.accounts SET balance_fen = balance_fen + 10 WHERE uid = %(other)s"],
      {"allocations_stay_in_the_family"}),
+    # The event stream (issue 9): a position lost from the stream.
+    ("event-deleted",
+     ["SELECT fc.sequence_events(now(), 1000)",
+      "DELETE FROM fc.events WHERE position = 2"],
+     {"event_positions_gap_free"}),
 ]
 # The invariants of the core ledger (issue 2): a corruption must trip exactly
 # the ones expected of it. Checks added later may also fire.
