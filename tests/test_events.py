@@ -233,17 +233,6 @@ def test_pruned_events_expire_old_cursors(server: RunningServer, db: psycopg.Con
     assert db.execute("SELECT min(position) FROM fc.events").fetchone() == (4,)
 
 
-def test_verify_finds_a_hole_in_the_stream(server: RunningServer, database_url: str,
-                                          db: psycopg.Connection[Any]) -> None:
-    from fuelcard_server import verify
-
-    builders.open_card(server, balance_fen=1_000)
-    assert server.sequence_events() == 3
-    assert verify.run(database_url) == []
-    db.execute("DELETE FROM fc.events WHERE position = 2")
-    assert [v.check for v in verify.run(database_url)] == ["event_positions_gap_free"]
-
-
 def test_only_analytics_and_admin_callers_may_stream(tls_server: TlsServer) -> None:
     request = events_pb2.StreamEventsRequest()
     for name in ("analytics-bi", "admin-ops"):

@@ -187,6 +187,11 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
      ["ALTER TABLE fc.settlement_records DISABLE TRIGGER settlement_records_append_only",
       "DELETE FROM fc.settlement_records WHERE id = (SELECT min(id) FROM fc.settlement_records)"],
      {"settlement_record_per_channel_txn"}),
+    # The event stream (issue 9): a position lost from the stream.
+    ("event-deleted",
+     ["SELECT fc.sequence_events(now(), 1000)",
+      "DELETE FROM fc.events WHERE position = 2"],
+     {"event_positions_gap_free"}),
 ]
 # The invariants of the core ledger (issue 2): a corruption must trip exactly
 # the ones expected of it. Checks added later may also fire.

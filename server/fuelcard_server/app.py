@@ -46,7 +46,7 @@ from fuelcard_server.card_numbers import CardVault
 from fuelcard_server.cards import PanIndex
 from fuelcard_server.clock import Clock, SystemClock
 from fuelcard_server.db import Database
-from fuelcard_server.events import PRUNE_EVERY_S, Sequencer
+from fuelcard_server.events import PRUNE_BATCHES_MAX, PRUNE_EVERY_S, Sequencer
 from fuelcard_server.keys import pin_pepper
 from fuelcard_server.locks import EXPIRY_SWEEP_LOCK, POINTS_EXPIRY_LOCK, TIER_EVALUATION_LOCK
 from fuelcard_server.overload import Admission
@@ -359,7 +359,10 @@ class FuelcardServer:
                 full = await self._sequencer.run_once() >= self.settings.event_batch
                 if loop.time() >= next_prune:
                     next_prune = loop.time() + PRUNE_EVERY_S
-                    await self._sequencer.prune_once()
+                    # bounded: up to PRUNE_BATCHES_MAX batches a minute
+                    for _ in range(PRUNE_BATCHES_MAX):
+                        if await self._sequencer.prune_once() < self.settings.event_batch:
+                            break
             except errors.ApiError as exc:
                 log.warning("event sequencing failed: %s", exc.reason)
 
