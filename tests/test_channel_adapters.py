@@ -6,6 +6,7 @@ signatures, refunds (covered, and with a shortfall)."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import threading
 import uuid
 from collections.abc import Callable
@@ -341,3 +342,14 @@ def test_verify_catches_broken_refund_records(server: RunningServer, db: Conn) -
         found = {v.check for v in verify.run(server.database_url)}
         assert check in found, (check, found)
         db.execute(undo)
+
+
+def test_neutral_records_round_trip_through_the_proto() -> None:
+    from fuelcard_adapters.neutral import SHANGHAI, Kind, NeutralRecord, Status
+    record = NeutralRecord(funding_pb2.CHANNEL_ALIPAY, Kind.REFUND, "RF1", 250,
+                           dt.datetime(2026, 11, 25, 23, 59, 59, tzinfo=SHANGHAI), Status.PROCESSING,
+                           2, "2026112522001", "0b9d7a3e-1111-4c4c-8888-123456789abc")
+    m = record.to_proto()
+    assert (m.kind, m.status, m.business_date) == (2, 3, "2026-11-25")
+    back = NeutralRecord.from_proto(m)
+    assert back == record and back.time.utcoffset() == dt.timedelta(0)

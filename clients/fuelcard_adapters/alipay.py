@@ -14,6 +14,13 @@ sign_type, sorted by name, "k=v" joined with "&", values URL-decoded. Alipay
 signs with RSA2 (SHA256withRSA); its SDKs also know sign_type SM2, which this
 adapter and its simulator use (raw r || s).
 
+Refunds go to the core as that running total (RefundRecharge
+refunded_total_fen): the core refunds the difference under the account's lock,
+so the total is right in any order. If two partial refunds are notified out
+of order, the later refund id carries both amounts and the earlier one is
+"already covered": the day's reconciliation then shows them as an amount
+mismatch and a missing refund, for a person to look at.
+
 Answer: the literal body "success", or Alipay notifies again (8 times over
 25 hours); "fail" otherwise.
 
