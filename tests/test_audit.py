@@ -61,6 +61,7 @@ PHONE = "13912345678"
 ID_NUMBER = "110101199003071234"
 # Digit runs as long as a phone, ID or card number.
 LONG_DIGITS = re.compile(r"\d{11,}")
+UUIDS = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def assert_no_personal_data(db: Conn, *secrets: str) -> None:
     for whole, readable in found:
         for secret in secrets:
             assert secret not in whole, whole
-        assert not LONG_DIGITS.search(readable), readable
+        # a random uuid can hold a long digit run of its own
+        assert not LONG_DIGITS.search(UUIDS.sub("<uuid>", readable)), readable
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -321,8 +323,11 @@ def test_a_call_cancelled_midway_is_recorded(server: RunningServer, db: Conn) ->
         while last_id(db) == before and time.monotonic() < deadline:
             time.sleep(0.02)
         blocker.rollback()
-    assert [(r.method, r.target, r.outcome) for r in rows(db, before)] == [
-        (ACCOUNTS + "GetAccount", card.account_id, "CANCELLED")]
+    # CANCELLED when gRPC cancels the call first, DEADLINE_EXCEEDED when the
+    # server's own deadline watch stops the statement first: both are true
+    [(method, target, outcome)] = [(r.method, r.target, r.outcome) for r in rows(db, before)]
+    assert (method, target) == (ACCOUNTS + "GetAccount", card.account_id)
+    assert outcome in ("CANCELLED", "DEADLINE_EXCEEDED")
     assert audit.verify(server.database_url) == []
 
 

@@ -40,7 +40,8 @@ def otlp_sink() -> Iterator[OtlpSink]:
 
 @pytest.fixture
 def server_settings(tmp_path: Path, otlp_sink: OtlpSink) -> Settings:
-    return make_settings(tmp_path, metrics_listen="127.0.0.1:0", otlp_endpoint=otlp_sink.endpoint,
+    return make_settings(tmp_path, load_shedding=True, metrics_listen="127.0.0.1:0",
+                         otlp_endpoint=otlp_sink.endpoint,
                          trace_sample_ratio=0.0, max_inflight_reports=1, shed_retry_ms=300)
 
 

@@ -42,7 +42,8 @@ UNPROTECTED = os.environ.get("FUELCARD_TEST_UNPROTECTED") == "1"
 @pytest.fixture
 def server_settings(tmp_path: Path) -> Settings:
     # A small box: 8 connections, reports two at a time and 20 a second.
-    s = make_settings(tmp_path, pool_min=8, pool_max=8, max_inflight_reports=2,
+    s = make_settings(tmp_path, load_shedding=True, pool_min=8, pool_max=8,
+                      max_inflight_reports=2,
                       max_reports_per_s=20.0, shed_retry_ms=250)
     return dataclasses.replace(s, load_shedding=False) if UNPROTECTED else s
 
