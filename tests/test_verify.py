@@ -124,6 +124,9 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " description, created_at) VALUES (4, 2, 999999, fc.system_account('POINTS_REDEEMED'), 1,"
       " 'ghost', now())"],
      {"journal_references_exist", "ledger_sums_to_zero"}),
+    ("settled-while-suspended",   # risk (0006): a sale on a hold nobody approved
+     ["UPDATE fc.holds SET review_state = 1 WHERE id = (SELECT min(id) FROM fc.holds WHERE state = 2)"],
+     {"reviews_match_hold_states"}),
     ("confirmed-without-purchase",
      ["UPDATE fc.holds SET state = 2, settled_fen = 1"
       " WHERE id = (SELECT min(id) FROM fc.holds WHERE state = 4)"],

@@ -461,6 +461,9 @@ class Command:
         approved = r.decision == common_pb2.DECISION_APPROVED
         if approved:
             human = ["APPROVED", *hold_lines(r.hold), f"  available  {yuan(r.available_fen)}"]
+        elif r.decision == common_pb2.DECISION_REVIEW:   # risk engine: suspended (暂挂)
+            human = ["AWAITING REVIEW  do not deliver; check the hold until it is AUTHORIZED",
+                     *hold_lines(r.hold)]
         else:
             human = [f"DECLINED  {decline_name(r.decline_reason)}",
                      f"  card       {mask_card_number(a.card)}",

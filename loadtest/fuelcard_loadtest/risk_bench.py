@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -51,6 +52,14 @@ BEGIN
     END LOOP;
     RETURN v_out;
 END $$"""
+
+
+def backend_cpu_s(pid: int) -> float:
+    """CPU seconds of a PostgreSQL backend (same machine): robust where wall
+    time is not, on a loaded machine."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -103,25 +112,37 @@ def run(url: str, rules_path: str, *, cards: int, calls: int, blocks: int) -> di
             at += dt.timedelta(minutes=7)
         conn.execute(ASSESS_LOOP_SQL)
         ids = [c for c, _ in made]
+        pid_row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert pid_row is not None
+        cpu: dict[str, list[float]] = {"rules": [], "none": []}
         for mode in ("rules", "none", "rules", "none"):
             conn.execute("SELECT fc.risk_activate('bench', %s, %s, -6, 'bench', %s, now())",
                          (f"act-{uuid.uuid4().hex}", b"x", version[0] if mode == "rules" else 0))
+            c0 = backend_cpu_s(pid_row[0])
             row = conn.execute("SELECT pg_temp.assess_us(%s, %s, %s)", (ids, calls, at)).fetchone()
+            cpu[mode].append((backend_cpu_s(pid_row[0]) - c0) / calls * 1e6)
             assert row is not None
             out.setdefault(f"assess_us_{mode}", []).extend(row[0])
         # End to end, alternating blocks.
         lat: dict[str, list[float]] = {"rules": [], "none": []}
+        auth_cpu: dict[str, list[float]] = {"rules": [], "none": []}
         i = 0
         for b in range(blocks):
             mode = "rules" if b % 2 == 0 else "none"
             conn.execute("SELECT fc.risk_activate('bench', %s, %s, -6, 'bench', %s, now())",
                          (f"act-{uuid.uuid4().hex}", b"x", version[0] if mode == "rules" else 0))
+            c0 = backend_cpu_s(pid_row[0])
             for _ in range(calls // 4):
                 at += dt.timedelta(seconds=3)
                 lat[mode].append(authorize(conn, made[i % len(made)][1], at, i))
                 i += 1
+            auth_cpu[mode].append((backend_cpu_s(pid_row[0]) - c0) / (calls // 4) * 1e6)
     return {"assess_in_db_us": {m: summary(out[f"assess_us_{m}"]) for m in ("rules", "none")},
             "authorize_client_us": {m: summary(v) for m, v in lat.items()},
+            "assess_backend_cpu_us_per_call": {m: round(statistics.median(v), 1)
+                                               for m, v in cpu.items()},
+            "authorize_backend_cpu_us_per_call": {m: round(statistics.median(v), 1)
+                                                  for m, v in auth_cpu.items()},
             "cards": cards}
 
 
