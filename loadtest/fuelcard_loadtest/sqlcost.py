@@ -1,0 +1,142 @@
+"""What one pump cycle costs inside PostgreSQL, on several databases at once.
+
+`python -m fuelcard_loadtest.sqlcost DATA_DIR...` starts the embedded
+PostgreSQL of each `fuelcard-loadtest --data-dir` (servers stopped), then
+runs blocks of pump cycles on one connection per database, alternating the
+databases block by block so they share the machine's noise: the statements
+the server sends (`SELECT fc.authorize(...)`, then `SELECT fc.confirm(...)`,
+prepared), on random cards of the data set, one at a time. It prints per
+database the latency percentiles of each call (round trip on a Unix socket,
+commit included) and the shared-buffer reads per cycle (blocks PostgreSQL
+had to fetch from the OS: the cost of a database bigger than its buffers).
+
+Used for the scale comparison in BENCHMARKS.md, where the end-to-end p99 on
+a loaded machine is dominated by scheduling. The cycles are real sales
+(station SQLCOST): `fuelcard verify` holds afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from fuelcard_server.embedded import EmbeddedPostgres
+from fuelcard_server.services.transaction import AUTHORIZE_SQL, CONFIRM_SQL
+
+STATION = "SQLCOST"
+
+
+@dataclass
+class Target:
+    data_dir: Path
+    pg: EmbeddedPostgres
+    conn: psycopg.Connection[Any]
+    pans: list[bytes]
+    authorize_ms: list[float] = field(default_factory=list)
+    confirm_ms: list[float] = field(default_factory=list)
+    reads: int = 0
+    hits: int = 0
+    cycles: int = 0
+    started_here: bool = False
+
+
+def _blocks(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    row = conn.execute("SELECT blks_read, blks_hit FROM pg_stat_database"
+                       " WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _open(data_dir: Path, samples: int, rng: random.Random) -> Target:
+    pg = EmbeddedPostgres(data_dir / "postgres")
+    started = not pg.is_running()
+    if started:
+        pg.start()
+    conn = psycopg.connect(pg.url(), autocommit=True)
+    row = conn.execute("SELECT tag, cards FROM loadtest.datasets WHERE complete"
+                       " ORDER BY cards DESC LIMIT 1").fetchone()
+    assert row is not None, f"no data set in {data_dir}"
+    tag, cards = int(row[0]), int(row[1])
+    picks = [rng.randrange(cards) for _ in range(samples)]
+    rows = conn.execute("SELECT i, pan_index FROM loadtest.cards WHERE tag = %s AND i = ANY(%s)",
+                        (tag, picks)).fetchall()
+    by_i = {int(i): bytes(p) for i, p in rows}
+    return Target(data_dir, pg, conn, [by_i[i] for i in picks], started_here=started)
+
+
+def _cycle(t: Target, pan: bytes, rng: random.Random) -> None:
+    now = dt.datetime.now(dt.UTC)
+    amount = rng.randint(5_000, 50_000)
+    t0 = time.perf_counter()
+    row = t.conn.execute(AUTHORIZE_SQL.encode(), (
+        "", f"sqlcost-{uuid.uuid4()}", os.urandom(32), pan, amount, STATION, f"{STATION}-T", 1, 1,
+        now, dt.timedelta(minutes=30), None, None), prepare=True).fetchone()
+    t1 = time.perf_counter()
+    assert row is not None
+    answer = row[0]
+    t.authorize_ms.append((t1 - t0) * 1000)
+    if answer.get("decision") != "APPROVED":
+        return
+    final = rng.randint(amount * 3 // 10, amount - 1)
+    t2 = time.perf_counter()
+    t.conn.execute(CONFIRM_SQL.encode(), (
+        "", f"sqlcost-{uuid.uuid4()}", os.urandom(32), answer["hold"]["hold_id"], final,
+        final * 1000 // 785, 785, dt.datetime.now(dt.UTC), None, None), prepare=True)
+    t.confirm_ms.append((time.perf_counter() - t2) * 1000)
+    t.cycles += 1
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fuelcard_loadtest.sqlcost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_dirs", nargs="+", type=Path)
+    p.add_argument("--blocks", type=int, default=6, help="blocks per database (default 6)")
+    p.add_argument("--block-cycles", type=int, default=300, help="cycles per block (default 300)")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+    rng = random.Random(args.seed)
+    targets = [_open(d, args.blocks * args.block_cycles, rng) for d in args.data_dirs]
+    try:
+        for b in range(args.blocks):
+            for t in targets:
+                r0, h0 = _blocks(t.conn)
+                for pan in t.pans[b * args.block_cycles:(b + 1) * args.block_cycles]:
+                    _cycle(t, pan, rng)
+                r1, h1 = _blocks(t.conn)
+                t.reads += r1 - r0
+                t.hits += h1 - h0
+        print(f"{'database':40} {'cycles':>6} {'auth p50':>8} {'p90':>6} {'p99':>6}"
+              f" {'conf p50':>8} {'p90':>6} {'p99':>6} {'reads/cycle':>11} {'hits/cycle':>10}")
+        for t in targets:
+            a, c = t.authorize_ms, t.confirm_ms
+            print(f"{t.data_dir!s:40} {t.cycles:6d} {statistics.median(a):8.2f}"
+                  f" {_pct(a, .9):6.2f} {_pct(a, .99):6.2f} {statistics.median(c):8.2f}"
+                  f" {_pct(c, .9):6.2f} {_pct(c, .99):6.2f} {t.reads / max(t.cycles, 1):11.1f}"
+                  f" {t.hits / max(t.cycles, 1):10.1f}")
+    finally:
+        for t in targets:
+            t.conn.close()
+            if t.started_here:
+                t.pg.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
