@@ -7,8 +7,15 @@ databases block by block so they share the machine's noise: the statements
 the server sends (`SELECT fc.authorize(...)`, then `SELECT fc.confirm(...)`,
 prepared), on random cards of the data set, one at a time. It prints per
 database the latency percentiles of each call (round trip on a Unix socket,
-commit included) and the shared-buffer reads per cycle (blocks PostgreSQL
-had to fetch from the OS: the cost of a database bigger than its buffers).
+commit included), the shared-buffer misses and hits per cycle of client
+backends (pg_stat_io: blocks PostgreSQL had to fetch from the OS, the cost of
+a database bigger than its buffers; autovacuum's are not counted), and the
+WAL and full-page images per cycle (pg_stat_wal). Counters are cluster-wide:
+stop the servers first. --ab-set NAME=VALUE adds, per database, a second
+connection with that session setting, alternated with the plain one.
+
+The call follows the server's AUTHORIZE_SQL / CONFIRM_SQL parameter lists:
+a change to those needs the same change in _cycle.
 
 Used for the scale comparison in BENCHMARKS.md, where the end-to-end p99 on
 a loaded machine is dominated by scheduling. The cycles are real sales
@@ -40,6 +47,7 @@ STATION = "SQLCOST"
 @dataclass
 class Target:
     data_dir: Path
+    label: str
     pg: EmbeddedPostgres
     conn: psycopg.Connection[Any]
     pans: list[bytes]
@@ -47,24 +55,41 @@ class Target:
     confirm_ms: list[float] = field(default_factory=list)
     reads: int = 0
     hits: int = 0
+    wal_bytes: int = 0
+    wal_fpi: int = 0
     cycles: int = 0
     started_here: bool = False
 
 
-def _blocks(conn: psycopg.Connection[Any]) -> tuple[int, int]:
-    conn.execute("SELECT pg_stat_force_next_flush()")
-    row = conn.execute("SELECT blks_read, blks_hit FROM pg_stat_database"
-                       " WHERE datname = current_database()").fetchone()
+def _wal(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """WAL written by the cluster, and its full-page images (the first change
+    of a page after a checkpoint logs the whole page)."""
+    row = conn.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal").fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
 
 
-def _open(data_dir: Path, samples: int, rng: random.Random) -> Target:
+def _blocks(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    # Client backends only (pg_stat_io, PostgreSQL 16): the servers are
+    # stopped, so that is this connection, without autovacuum's reads.
+    row = conn.execute("SELECT coalesce(sum(reads), 0), coalesce(sum(hits), 0) FROM pg_stat_io"
+                       " WHERE backend_type = 'client backend'").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _open(data_dir: Path, samples: int, rng: random.Random, setting: str | None = None) -> Target:
     pg = EmbeddedPostgres(data_dir / "postgres")
     started = not pg.is_running()
     if started:
         pg.start()
     conn = psycopg.connect(pg.url(), autocommit=True)
+    label = str(data_dir)
+    if setting is not None:
+        name, _, value = setting.partition("=")
+        conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        label += f" {name}={value}"
     row = conn.execute("SELECT tag, cards FROM loadtest.datasets WHERE complete"
                        " ORDER BY cards DESC LIMIT 1").fetchone()
     assert row is not None, f"no data set in {data_dir}"
@@ -73,7 +98,7 @@ def _open(data_dir: Path, samples: int, rng: random.Random) -> Target:
     rows = conn.execute("SELECT i, pan_index FROM loadtest.cards WHERE tag = %s AND i = ANY(%s)",
                         (tag, picks)).fetchall()
     by_i = {int(i): bytes(p) for i, p in rows}
-    return Target(data_dir, pg, conn, [by_i[i] for i in picks], started_here=started)
+    return Target(data_dir, label, pg, conn, [by_i[i] for i in picks], started_here=started)
 
 
 def _cycle(t: Target, pan: bytes, rng: random.Random) -> None:
@@ -110,26 +135,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=6, help="blocks per database (default 6)")
     p.add_argument("--block-cycles", type=int, default=300, help="cycles per block (default 300)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--ab-set", metavar="NAME=VALUE",
+                   help="also run each database with this session setting (e.g."
+                   " wal_compression=pglz), alternated with the plain one")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
-    targets = [_open(d, args.blocks * args.block_cycles, rng) for d in args.data_dirs]
+    n = args.blocks * args.block_cycles
+    targets: list[Target] = []
     try:
+        for d in args.data_dirs:
+            targets.append(_open(d, n, rng))
+            if args.ab_set:
+                targets.append(_open(d, n, rng, args.ab_set))
         for b in range(args.blocks):
             for t in targets:
                 r0, h0 = _blocks(t.conn)
+                w0, f0 = _wal(t.conn)
                 for pan in t.pans[b * args.block_cycles:(b + 1) * args.block_cycles]:
                     _cycle(t, pan, rng)
                 r1, h1 = _blocks(t.conn)
+                w1, f1 = _wal(t.conn)
+                t.wal_bytes += w1 - w0
+                t.wal_fpi += f1 - f0
                 t.reads += r1 - r0
                 t.hits += h1 - h0
-        print(f"{'database':40} {'cycles':>6} {'auth p50':>8} {'p90':>6} {'p99':>6}"
-              f" {'conf p50':>8} {'p90':>6} {'p99':>6} {'reads/cycle':>11} {'hits/cycle':>10}")
+        print(f"{'database':60} {'cycles':>6} {'auth p50':>8} {'p90':>6} {'p99':>6}"
+              f" {'conf p50':>8} {'p90':>6} {'p99':>6} {'reads/cycle':>11} {'hits/cycle':>10}"
+              f" {'WAL kB/cycle':>12} {'FPI/cycle':>9}")
         for t in targets:
             a, c = t.authorize_ms, t.confirm_ms
-            print(f"{t.data_dir!s:40} {t.cycles:6d} {statistics.median(a):8.2f}"
+            print(f"{t.label:60} {t.cycles:6d} {statistics.median(a):8.2f}"
                   f" {_pct(a, .9):6.2f} {_pct(a, .99):6.2f} {statistics.median(c):8.2f}"
                   f" {_pct(c, .9):6.2f} {_pct(c, .99):6.2f} {t.reads / max(t.cycles, 1):11.1f}"
-                  f" {t.hits / max(t.cycles, 1):10.1f}")
+                  f" {t.hits / max(t.cycles, 1):10.1f}"
+                  f" {t.wal_bytes / 1000 / max(t.cycles, 1):12.1f} {t.wal_fpi / max(t.cycles, 1):9.1f}")
     finally:
         for t in targets:
             t.conn.close()
