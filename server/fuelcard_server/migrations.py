@@ -43,8 +43,9 @@ def available() -> list[Migration]:
     return found
 
 
-def migrate(url: str) -> list[str]:
-    """Apply pending migrations; return the names applied."""
+def migrate(url: str, *, up_to: int | None = None) -> list[str]:
+    """Apply pending migrations (those numbered up to `up_to`, if given: an
+    upgrade test stops part way); return the names applied."""
     applied_now: list[str] = []
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
@@ -58,6 +59,8 @@ def migrate(url: str) -> list[str]:
             done = {row[0]: row[1] for row in
                     conn.execute("SELECT version, checksum FROM public.fuelcard_migrations")}
             for m in available():
+                if up_to is not None and m.version > up_to:
+                    break
                 if m.version in done:
                     if done[m.version] != m.checksum:
                         raise RuntimeError(

@@ -193,6 +193,15 @@ END $$;
 CREATE TRIGGER recharges_settlement_record AFTER INSERT ON fc.recharges
     FOR EACH ROW EXECUTE FUNCTION fc.settle_recharge();
 
+-- Recharges booked before this migration get their records too: the
+-- invariant (verify: settlement_record_per_channel_txn) holds from the start
+-- on an upgraded database, not only on a new one.
+INSERT INTO fc.settlement_records (channel, kind, channel_txn_id, txn_uid, amount_fen, status,
+                                   occurred_at, business_date)
+SELECT channel, 1, channel_txn_id, uid, amount_fen, 1, created_at,
+       (created_at AT TIME ZONE fc.business_tz())::date
+  FROM fc.recharges ORDER BY id;
+
 CREATE FUNCTION fc.settle_refund() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
