@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from fuelcard_loadtest import cli, history, ledger, seed
 from fuelcard_loadtest.seed import account_uid, card_number
 from fuelcard_server import verify
@@ -26,6 +27,15 @@ def _run(server: RunningServer, tmp_path: Path, name: str, *extra: str) -> tuple
         "--processes", "2", "--channels", "2", "--warmup-s", "0.5", "--drain-s", "5",
         "--no-progress", "--seed", "7", "--report", str(report), *extra])
     return code, json.loads(report.read_text())
+
+
+def test_help_lists_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help used to crash on the "%" in a scenario's description."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "70 % personal" in " ".join(out.split())
 
 
 def test_card_numbers_are_deterministic_and_luhn_valid() -> None:

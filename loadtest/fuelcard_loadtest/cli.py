@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     w = p.add_argument_group("workload")
     w.add_argument("--scenario", choices=sorted(SCENARIOS), default="uniform",
-                   help="; ".join(f"{s.name}: {s.description}" for s in SCENARIOS.values()))
+                   # argparse %-formats help: a description's "70 %" must not reach it raw
+                   help="; ".join(f"{s.name}: {s.description}" for s in SCENARIOS.values())
+                   .replace("%", "%%"))
     w.add_argument("--cards", type=int, help="cards to seed (default: uniform and mixed 100000,"
                    " hot-fleet 500)")
     load = w.add_mutually_exclusive_group()
