@@ -193,7 +193,8 @@ class FuelcardServer:
         risk_pb2_grpc.add_RiskServiceServicer_to_server(RiskService(deps), server)
         settlement_pb2_grpc.add_ReconciliationServiceServicer_to_server(
             ReconciliationService(deps), server)
-        self._sequencer = Sequencer(self._db, self.clock, s.event_batch, s.event_retention_s)
+        self._sequencer = Sequencer(self._db, self.clock, s.event_batch, s.event_retention_s,
+                                    reads=self._reads)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(deps, self._sequencer),
                                                            server)
         self._health = health_aio.HealthServicer()

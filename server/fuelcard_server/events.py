@@ -51,8 +51,13 @@ PRUNE_BATCHES_MAX = 100
 
 
 class Sequencer:
-    def __init__(self, db: Database, clock: Clock, batch: int, retention_s: int) -> None:
+    def __init__(self, db: Database, clock: Clock, batch: int, retention_s: int,
+                 reads: Database | None = None) -> None:
+        # Positions are given and pruned on the primary; the stream reads them
+        # through the read pool (the replica when configured), never through
+        # the transaction pool the pumps need.
         self.db = db
+        self.reads = reads if reads is not None else db
         self.clock = clock
         self.batch = batch
         self.retention = dt.timedelta(seconds=retention_s)
@@ -86,12 +91,12 @@ class Sequencer:
 
     async def head(self) -> tuple[int, int]:
         """(last position given, last position pruned)."""
-        row = await self.db.fetch_one(HEAD_SQL, ())
+        row = await self.reads.fetch_one(HEAD_SQL, ())
         assert row is not None
         return int(row[0]), int(row[1])
 
     async def read(self, after: int, limit: int) -> list[events_pb2.Event]:
-        rows = await self.db.fetch_all(READ_SQL, (after, limit))
+        rows = await self.reads.fetch_all(READ_SQL, (after, limit))
         return [event(*r) for r in rows]
 
 

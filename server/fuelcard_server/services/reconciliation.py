@@ -80,7 +80,7 @@ class ReconciliationService(Servicer, settlement_pb2_grpc.ReconciliationServiceS
         before = v.page_token("page_token", request.page_token)
         v.raise_if_any()
         size = request.page_size or PAGE_SIZE_DEFAULT
-        rows = await self.d.db.fetch_all(LIST_SQL, {
+        rows = await self.d.reads.fetch_all(LIST_SQL, {
             "channel": request.channel, "day": day, "all": request.include_resolved,
             "before": before if before is not None else 2**63 - 1, "limit": size + 1})
         response = settlement_pb2.ListBreaksResponse(

@@ -120,7 +120,7 @@ class RiskService(Servicer, risk_pb2_grpc.RiskServiceServicer):
             v.add("page_size", f"must be 0-{MAX_PAGE}", "PAGE_SIZE_INVALID")
         after = v.page_token("page_token", request.page_token)
         v.raise_if_any()
-        rows = await self.d.db.fetch_all(SUSPENDED_SQL, (after or 0, size + 1))
+        rows = await self.d.reads.fetch_all(SUSPENDED_SQL, (after or 0, size + 1))
         response = risk_pb2.ListSuspendedHoldsResponse()
         for _, hold, score, rules in rows[:size]:
             response.holds.add(hold=wire.hold(hold), risk_score=score, fired_rules=rules)
