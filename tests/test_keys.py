@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import multiprocessing
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fuelcard_server import gm, keys
@@ -421,3 +423,33 @@ def test_pin_hash_is_salted_and_peppered() -> None:
 def test_pin_hash_refuses_malformed_values(stored: str) -> None:
     with pytest.raises(ValueError):
         keys.verify_pin(b"1234", stored, pepper=b"p" * 32)
+
+
+def _server_keys(data_dir: str, start: Any) -> tuple[str, str, str]:
+    """In a fresh process: the keys a server worker would use from data_dir."""
+    from fuelcard_server.settings import Settings
+
+    start.wait(timeout=60)  # every process reaches here, then all race at once
+    s = Settings(data_dir=Path(data_dir))
+    provider = s.key_provider()
+    assert isinstance(provider, keys.FileKeyProvider)
+    root = provider.root_key()
+    return (s.card_index_key().hex(), root.hex(), s.signing_key().to_hex())
+
+
+def test_workers_starting_together_on_a_fresh_data_dir_agree_on_one_set_of_keys(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `serve --workers N` on a fresh directory: a worker that read a key file
+    # half written, lost an O_EXCL race or kept a key another replaced would
+    # crash or look cards up under the wrong blind-index key.
+    monkeypatch.delenv(keys.ROOT_KEY_ENV, raising=False)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        start = manager.Barrier(8)
+        with ctx.Pool(8) as pool:
+            found = pool.starmap(_server_keys, [(str(tmp_path / "data"), start)] * 8)
+    assert len(set(found)) == 1, "workers disagree on the keys"
+    for name in ("card-index.key", "root.key", "server-sm2.key"):
+        assert os.stat(tmp_path / "data" / name).st_mode & 0o077 == 0
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "card-index.key", "root.key", "server-sm2.key"], "temporary files left behind"

@@ -133,6 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if s.workers == 1:
             _run_worker(s, url, args.demo, args.port_file)
             return 0
+        s.ensure_keys()  # made once here, never raced by the workers
         ctx = multiprocessing.get_context("spawn")
         procs = [ctx.Process(target=_run_worker, name=f"fuelcard-worker-{i}",
                              args=(s, url, args.demo and i == 0,

@@ -7,10 +7,12 @@ the setting, not a stack trace an hour later.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,30 @@ from fuelcard_server.keys import ROOT_KEY_ENV, EnvKeyProvider, FileKeyProvider, 
 
 class SettingsError(ValueError):
     pass
+
+
+def secret_file(path: Path, make: Callable[[], str]) -> str:
+    """The content of a 0600 secret file, made with make() if it is absent.
+
+    Several processes may start at once on a fresh data directory (`serve
+    --workers N`), so the file appears complete or not at all, and the first
+    writer wins: the secret is written to a private temporary file, then
+    hard-linked into place, which fails if another process got there first.
+    Replacing instead would let two workers each keep a different key."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(make())
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_text()
 
 
 @dataclass
@@ -238,34 +264,27 @@ class Settings:
         """The blind-index key; created on first use in data_dir if not given."""
         if self.card_index_key_hex is not None:
             return bytes.fromhex(self.card_index_key_hex)
-        path = self.data_dir / "card-index.key"
-        if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(secrets.token_hex(32))
-            tmp.chmod(0o600)
-            tmp.replace(path)
-        return bytes.fromhex(path.read_text().strip())
+        text = secret_file(self.data_dir / "card-index.key", lambda: secrets.token_hex(32))
+        return bytes.fromhex(text.strip())
 
     def key_provider(self) -> KeyProvider:
         if os.environ.get(ROOT_KEY_ENV):
             return EnvKeyProvider()
         path = self.root_key_file or self.data_dir / "root.key"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
+        secret_file(path, lambda: secrets.token_hex(32))
         return FileKeyProvider(path)
 
     def signing_key(self) -> Sm2PrivateKey:
         path = self.signing_key_file or self.data_dir / "server-sm2.key"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(Sm2PrivateKey.generate().to_hex())
-        return Sm2PrivateKey.from_hex(path.read_text().strip())
+        text = secret_file(path, lambda: Sm2PrivateKey.generate().to_hex())
+        return Sm2PrivateKey.from_hex(text.strip())
+
+    def ensure_keys(self) -> None:
+        """Create every key this server makes for itself, so that workers
+        started afterwards only ever read them."""
+        self.card_index_key()
+        self.key_provider()
+        self.signing_key()
 
     @property
     def certs_dir(self) -> Path:
