@@ -272,7 +272,7 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
 
 def test_health_flips_per_service_when_the_replica_stops_and_payments_go_on(
         probed_server: RunningServer,
-        primary_and_standby: tuple[EmbeddedPostgres, EmbeddedPostgres]) -> None:
+        primary_and_standby: tuple[EmbeddedPostgres, EmbeddedPostgres], tmp_path: Path) -> None:
     primary, standby = primary_and_standby
     server = probed_server
     card = builders.open_card(server, balance_fen=50_000)
@@ -301,12 +301,27 @@ def test_health_flips_per_service_when_the_replica_stops_and_payments_go_on(
         assert took < 1.0
         assert _metric(server, "fuelcard_replica_up") == 0.0
         assert _metric(server, "fuelcard_replica_lag_seconds") is None  # unknown, not 0
+        # A server started while the replica is down starts, and says so.
+        second = ServerThread(make_settings(tmp_path / "second", replica_url=standby.url(),
+                                            connect_timeout_s=1.0), primary.url(), server.clock)
+        port = second.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                other = RunningServer(f"127.0.0.1:{port}", primary.url(), server.clock,
+                                      second.server.settings, second.server, second.loop,
+                                      channel)
+                _report_services_are(other, NOT_SERVING, 0)
+                assert builders.authorize(other, card, 1_000).decision == \
+                    common_pb2.DECISION_APPROVED
+        finally:
+            second.stop()
     finally:
         control_postgres(standby, "start")
     _report_services_are(server, SERVING, 60)
     _caught_up(primary, standby)
     listed = server.accounts.ListTransactions(
         account_pb2.ListTransactionsRequest(account_id=card.account_id), timeout=10)
+    # (the second server's 1 000 fen hold is still open: no journal entry)
     assert sorted(t.amount_fen for t in listed.transactions) == [-20_000, 5_000, 50_000]
     assert _metric(server, "fuelcard_replica_up") == 1.0
 

@@ -98,6 +98,8 @@ READ_POOL_SERVICES = frozenset({
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 })
+# A replica that went past replica_max_lag_s is read again below this share of it.
+LAG_RECOVERY_SHARE = 0.5
 REPLICA_REFUSALS = {
     ReplicaState.DOWN: ("REPLICA_UNAVAILABLE", "the read replica is unavailable: reports and "
                                                "histories are paused, payments are not"),
@@ -360,7 +362,11 @@ class FuelcardServer:
                 raise
             assert row is not None
             lag = self._lag.lag_s(StandbyStatus.from_row(row), asyncio.get_running_loop().time())
-            state = ReplicaState.OK if lag <= s.replica_max_lag_s else ReplicaState.LAGGING
+            # Hysteresis: a lagging replica is read again once it is well
+            # under the limit, so a lag hovering at it does not flap health.
+            limit = s.replica_max_lag_s * (LAG_RECOVERY_SHARE if self._replica is
+                                           ReplicaState.LAGGING else 1.0)
+            state = ReplicaState.OK if lag <= limit else ReplicaState.LAGGING
             gauges.replica_up, gauges.replica_lag_s = 1, lag
         except (psycopg.Error, OSError, TimeoutError) as exc:
             conn = None

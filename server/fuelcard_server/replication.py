@@ -8,6 +8,8 @@ history without their last fill-up). Either way the read pool is closed to
 calls (they fail at once with UNAVAILABLE REPLICA_UNAVAILABLE or
 REPLICA_LAGGING) and the services that read through it report NOT_SERVING,
 while the payment services, which never read the replica, stay SERVING.
+A lagging replica is read again once its lag is under half the limit (no
+flapping while it hovers at the limit).
 
 Why not fall back to the primary when the replica lags: lag usually comes
 from the primary writing faster than the standby replays (a batch top-up, an

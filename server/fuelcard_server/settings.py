@@ -72,7 +72,7 @@ class Settings:
     # report and history calls fail fast (UNAVAILABLE REPLICA_LAGGING) and
     # the services that read it report NOT_SERVING until it catches up (no
     # fallback to the primary: see replication.py). Probed every
-    # health_interval_s.
+    # health_interval_s; read again once under half of it.
     replica_max_lag_s: float = 30.0
     # Bounded concurrency per priority class (服务降级): RPCs in flight in one
     # process. Past its limit a class is refused at once with
