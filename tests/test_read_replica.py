@@ -9,6 +9,7 @@ import datetime as dt
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from fuelcard.v1 import (
     control_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
 )
 from fuelcard_server import migrations
 from fuelcard_server.app import READ_POOL_SERVICES, SERVICE_NAMES
@@ -299,6 +302,17 @@ def test_health_flips_per_service_when_the_replica_stops_and_payments_go_on(
             account_pb2.ListTransactionsRequest(account_id=card.account_id), timeout=10))
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REPLICA_UNAVAILABLE")
         assert took < 1.0
+        # In a NOT_SERVING service, the listing (read pool) is refused; the
+        # resolution (primary) is served: an unknown id is NOT_FOUND.
+        recon = settlement_pb2_grpc.ReconciliationServiceStub(server.channel)
+        code, reason, _ = _refused(lambda: recon.ListChannelExceptions(
+            settlement_pb2.ListChannelExceptionsRequest(), timeout=10))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REPLICA_UNAVAILABLE")
+        code, reason, _ = _refused(lambda: recon.ResolveChannelException(
+            settlement_pb2.ResolveChannelExceptionRequest(
+                request_id=builders.rid("rx"), exception_id=str(uuid.uuid4()),
+                resolution="x"), timeout=10))
+        assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "CHANNEL_EXCEPTION_NOT_FOUND")
         assert _metric(server, "fuelcard_replica_up") == 0.0
         assert _metric(server, "fuelcard_replica_lag_seconds") is None  # unknown, not 0
         # A server started while the replica is down starts, and says so.
