@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from fuelcard_server.replication import LagMeter, StandbyStatus, parse_lsn
+from fuelcard_server.replication import SAMPLES_MAX, LagMeter, StandbyStatus, parse_lsn
 
 
 def _standby(replay: int | None, age_s: float | None, receive: int | None = None,
@@ -60,3 +60,10 @@ def test_behind_every_sample_with_nothing_replayed_is_at_least_their_span() -> N
     meter.note_primary(10.0, 8_000)
     meter.note_primary(20.0, 9_000)
     assert meter.lag_s(_standby(7_000, None), 25.0) == 15.0
+
+
+def test_the_samples_are_bounded() -> None:
+    meter = LagMeter()
+    for t in range(SAMPLES_MAX + 10):
+        meter.note_primary(float(t), t)
+    assert len(meter.samples) == SAMPLES_MAX and meter.samples[0] == (10.0, 10)

@@ -297,7 +297,8 @@ class FuelcardServer:
             raise
         assert self.telemetry is not None and row is not None
         self.telemetry.gauges.active_holds = row[0]
-        self._lag.note_primary(asyncio.get_running_loop().time(), parse_lsn(row[1]))
+        if self.settings.replica_url:
+            self._lag.note_primary(asyncio.get_running_loop().time(), parse_lsn(row[1]))
         return conn
 
     async def refresh_gauges(self) -> None:

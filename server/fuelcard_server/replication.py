@@ -50,9 +50,11 @@ STANDBY_SQL = """
            pg_last_wal_receive_lsn()::text,
            extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"""
 
-# Samples of the primary's WAL position kept (each probe adds one): enough
-# to cover any configured max lag at the probe interval, and bounded.
-SAMPLES_MAX = 10_000
+# Samples of the primary's WAL position kept (each probe adds one): about
+# an hour at the default 1 s probe interval. A standby behind all of them is
+# judged by its replay age alone (or the span of the samples), which is far
+# past any sensible max lag anyway.
+SAMPLES_MAX = 4096
 
 
 class ReplicaState(enum.Enum):
