@@ -27,7 +27,12 @@ from fuelcard.v1 import (
     settlement_pb2_grpc,
 )
 from fuelcard_server import migrations
-from fuelcard_server.app import READ_POOL_SERVICES, SERVICE_NAMES
+from fuelcard_server.app import (
+    READ_POOL_SERVICES,
+    READS_HEALTH_NAME,
+    REPLICA_HEALTH_NAMES,
+    SERVICE_NAMES,
+)
 from fuelcard_server.clock import ManualClock
 from fuelcard_server.embedded import EmbeddedPostgres, bin_dir
 from google.protobuf import timestamp_pb2
@@ -176,7 +181,9 @@ def test_payments_never_touch_the_replica(
 MAX_LAG_S = 1.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-PAYMENT_SERVICES = frozenset(SERVICE_NAMES) - READ_POOL_SERVICES
+# everything but the event stream: mixed services keep SERVING, their reads are
+# watched under READS_HEALTH_NAME
+STAY_SERVING = frozenset(SERVICE_NAMES) - REPLICA_HEALTH_NAMES
 
 
 @pytest.fixture
@@ -202,17 +209,17 @@ def probed_server(primary_and_standby: tuple[EmbeddedPostgres, EmbeddedPostgres]
 def _health(server: RunningServer) -> dict[str, int]:
     stub = health_pb2_grpc.HealthStub(server.channel)
     return {name: stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
-            for name in ("", *SERVICE_NAMES)}
+            for name in ("", *SERVICE_NAMES, READS_HEALTH_NAME)}
 
 
 def _report_services_are(server: RunningServer, status: int, timeout_s: float) -> dict[str, int]:
-    """Wait until every read-pool service says `status`; the payment services
-    (and the server as a whole) must say SERVING all along."""
+    """Wait until the replica's health names say `status`; every other
+    service (and the server as a whole) must say SERVING all along."""
     deadline = time.monotonic() + timeout_s
     while True:
         health = _health(server)
-        assert all(health[name] == SERVING for name in ("", *PAYMENT_SERVICES)), health
-        if all(health[name] == status for name in READ_POOL_SERVICES):
+        assert all(health[name] == SERVING for name in ("", *STAY_SERVING)), health
+        if all(health[name] == status for name in REPLICA_HEALTH_NAMES):
             return health
         assert time.monotonic() < deadline, health
         time.sleep(0.05)
@@ -236,9 +243,10 @@ def _refused(call: Callable[[], object]) -> tuple[grpc.StatusCode, str, float]:
 
 
 def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> None:
-    """READ_POOL_SERVICES (what flips when the replica fails) against the
-    RPCs' priority classes: a service has a report-type RPC (a history,
-    listing, report or stream: what the read pool serves) iff it is listed."""
+    """READ_POOL_SERVICES and REPLICA_HEALTH_NAMES against the RPCs' priority
+    classes: a service has a report-type RPC (a history, listing, report or
+    stream: what the read pool serves) iff it is in the first, and its own
+    health flips with the replica iff it has nothing but such RPCs."""
     from fuelcard_server.audit import method_name
     from fuelcard_server.overload import Priority, classify
     from fuelcard_server.services import (
@@ -254,6 +262,7 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
     )
 
     with_reports: set[str] = set()
+    with_others: set[str] = set()
     seen: set[str] = set()
     for module in (account, control, events, funding, points, reconciliation, risk, security,
                    transaction):
@@ -269,8 +278,12 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
                     seen.add(service)
                     if classify(name, roles) is Priority.REPORTS:
                         with_reports.add(service)
+                    else:
+                        with_others.add(service)
     assert seen == set(SERVICE_NAMES)
     assert with_reports == READ_POOL_SERVICES
+    # a service flips as a whole only if nothing else it serves would stop with it
+    assert with_reports - with_others == REPLICA_HEALTH_NAMES - {READS_HEALTH_NAME}
 
 
 def test_health_flips_per_service_when_the_replica_stops_and_payments_go_on(

@@ -85,10 +85,7 @@ SERVICE_NAMES = (
 
 # Services with an RPC that reads through the read pool (the replica when
 # configured): reports, histories, reconciliation and risk listings, the
-# event stream. They report NOT_SERVING while the replica cannot be read
-# (down, or further behind than replica_max_lag_s); the payment services
-# (TransactionService, FundingService, SecurityService) never read it and
-# keep SERVING. tests/test_read_replica.py checks this list against the
+# event stream. tests/test_read_replica.py checks this list against the
 # RPCs' priority classes.
 READ_POOL_SERVICES = frozenset({
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
@@ -97,6 +94,17 @@ READ_POOL_SERVICES = frozenset({
     risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+})
+# What reports NOT_SERVING while the replica cannot be read (down, or further
+# behind than replica_max_lag_s). A load balancer routes by these names, so a
+# service flips only if EVERY one of its RPCs reads the replica (the event
+# stream): pulling AccountService would stop card issuance and pulling
+# RiskService the reviewers' decisions, which go to the primary. The reads of
+# the mixed services are watched under a name of their own instead.
+READS_HEALTH_NAME = "fuelcard.v1.Reads"
+REPLICA_HEALTH_NAMES = frozenset({
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    READS_HEALTH_NAME,
 })
 # A replica that went past replica_max_lag_s is read again below this share of it.
 LAG_RECOVERY_SHARE = 0.5
@@ -275,8 +283,8 @@ class FuelcardServer:
         The server as a whole ("") follows the primary: payments go on."""
         assert self._health is not None
         replica_ok = self._replica is ReplicaState.OK
-        for name in ("", *SERVICE_NAMES):
-            serving = self._primary_up and (replica_ok or name not in READ_POOL_SERVICES)
+        for name in ("", *SERVICE_NAMES, READS_HEALTH_NAME):
+            serving = self._primary_up and (replica_ok or name not in REPLICA_HEALTH_NAMES)
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING if serving
                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
 
