@@ -8,7 +8,9 @@ from __future__ import annotations
 import datetime as dt
 import tempfile
 import time
-from collections.abc import Iterator
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -21,13 +23,23 @@ from fuelcard.v1 import (
     control_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
 )
 from fuelcard_server import migrations
+from fuelcard_server.app import (
+    READ_POOL_SERVICES,
+    READS_HEALTH_NAME,
+    REPLICA_HEALTH_NAMES,
+    SERVICE_NAMES,
+)
 from fuelcard_server.clock import ManualClock
 from fuelcard_server.embedded import EmbeddedPostgres, bin_dir
 from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import builders
+from tests.ledger_asserts import unpack
 from tests.plugins.database import control_postgres
 from tests.plugins.server import RunningServer, ServerThread, make_settings
 
@@ -162,3 +174,212 @@ def test_payments_never_touch_the_replica(
     for q in _statements(standby, "fuelcard-reads-w0"):
         assert "fc.authorize" not in q and "fc.recharge" not in q, q
     assert any("fc.authorize" in q or "fc." in q for q in _statements(primary, "fuelcard-w0"))
+
+
+# --- health and lag: the replica down or far behind ------------------------------
+
+MAX_LAG_S = 1.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# everything but the event stream: mixed services keep SERVING, their reads are
+# watched under READS_HEALTH_NAME
+STAY_SERVING = frozenset(SERVICE_NAMES) - REPLICA_HEALTH_NAMES
+
+
+@pytest.fixture
+def probed_server(primary_and_standby: tuple[EmbeddedPostgres, EmbeddedPostgres],
+                  tmp_path: Path) -> Iterator[RunningServer]:
+    """A split server probing often, with a small max lag and a scrape endpoint."""
+    primary, standby = primary_and_standby
+    settings = make_settings(tmp_path, replica_url=standby.url(), health_interval_s=0.1,
+                             replica_max_lag_s=MAX_LAG_S, connect_timeout_s=1.0,
+                             metrics_listen="127.0.0.1:0")
+    clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
+    thread = ServerThread(settings, primary.url(), clock)
+    port = thread.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield RunningServer(f"127.0.0.1:{port}", primary.url(), clock, settings, thread.server,
+                            thread.loop, channel)
+    finally:
+        channel.close()
+        thread.stop()
+
+
+def _health(server: RunningServer) -> dict[str, int]:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    return {name: stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+            for name in ("", *SERVICE_NAMES, READS_HEALTH_NAME)}
+
+
+def _report_services_are(server: RunningServer, status: int, timeout_s: float) -> dict[str, int]:
+    """Wait until the replica's health names say `status`; every other
+    service (and the server as a whole) must say SERVING all along."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = _health(server)
+        assert all(health[name] == SERVING for name in ("", *STAY_SERVING)), health
+        if all(health[name] == status for name in REPLICA_HEALTH_NAMES):
+            return health
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+
+
+def _metric(server: RunningServer, name: str) -> float | None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def _refused(call: Callable[[], object]) -> tuple[grpc.StatusCode, str, float]:
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    rich = unpack(err.value)
+    return rich.code, rich.reason, time.monotonic() - started
+
+
+def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> None:
+    """READ_POOL_SERVICES and REPLICA_HEALTH_NAMES against the RPCs' priority
+    classes: a service has a report-type RPC (a history, listing, report or
+    stream: what the read pool serves) iff it is in the first, and its own
+    health flips with the replica iff it has nothing but such RPCs."""
+    from fuelcard_server.audit import method_name
+    from fuelcard_server.overload import Priority, classify
+    from fuelcard_server.services import (
+        account,
+        control,
+        events,
+        funding,
+        points,
+        reconciliation,
+        risk,
+        security,
+        transaction,
+    )
+
+    with_reports: set[str] = set()
+    with_others: set[str] = set()
+    seen: set[str] = set()
+    for module in (account, control, events, funding, points, reconciliation, risk, security,
+                   transaction):
+        for servicer in vars(module).values():
+            if isinstance(servicer, type) and servicer.__module__ == module.__name__:
+                for name, fn in vars(servicer).items():
+                    roles = getattr(fn, "__wrapped_roles__", None)
+                    if name == "StreamEvents":  # streaming: not the unary rpc decorator
+                        roles = events.ALLOWED
+                    if roles is None:
+                        continue
+                    service = method_name(servicer, name).split("/")[1]
+                    seen.add(service)
+                    if classify(name, roles) is Priority.REPORTS:
+                        with_reports.add(service)
+                    else:
+                        with_others.add(service)
+    assert seen == set(SERVICE_NAMES)
+    assert with_reports == READ_POOL_SERVICES
+    # a service flips as a whole only if nothing else it serves would stop with it
+    assert with_reports - with_others == REPLICA_HEALTH_NAMES - {READS_HEALTH_NAME}
+
+
+def test_health_flips_per_service_when_the_replica_stops_and_payments_go_on(
+        probed_server: RunningServer,
+        primary_and_standby: tuple[EmbeddedPostgres, EmbeddedPostgres], tmp_path: Path) -> None:
+    primary, standby = primary_and_standby
+    server = probed_server
+    card = builders.open_card(server, balance_fen=50_000)
+    _caught_up(primary, standby)
+    # Idle for longer than the max lag: no commit to replay, and the standby
+    # is caught up; its lag is 0, not the age of the last commit replayed.
+    idle_until = time.monotonic() + 2.5 * MAX_LAG_S
+    while time.monotonic() < idle_until:
+        assert set(_health(server).values()) == {SERVING}
+        time.sleep(0.1)
+    assert _metric(server, "fuelcard_replica_lag_seconds") == 0.0
+    assert _metric(server, "fuelcard_replica_up") == 1.0
+
+    control_postgres(standby, "stop", "fast")
+    try:
+        _report_services_are(server, NOT_SERVING, 15)
+        # Payments go on: authorize, confirm, recharge on the primary.
+        held = builders.authorize(server, card, 30_000)
+        assert held.decision == common_pb2.DECISION_APPROVED
+        builders.confirm(server, held.hold.hold_id, 20_000)
+        builders.recharge(server, card.account_id, 5_000)
+        # Report reads fail at once, saying why.
+        code, reason, took = _refused(lambda: server.accounts.ListTransactions(
+            account_pb2.ListTransactionsRequest(account_id=card.account_id), timeout=10))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REPLICA_UNAVAILABLE")
+        assert took < 1.0
+        # In a NOT_SERVING service, the listing (read pool) is refused; the
+        # resolution (primary) is served: an unknown id is NOT_FOUND.
+        recon = settlement_pb2_grpc.ReconciliationServiceStub(server.channel)
+        code, reason, _ = _refused(lambda: recon.ListChannelExceptions(
+            settlement_pb2.ListChannelExceptionsRequest(), timeout=10))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REPLICA_UNAVAILABLE")
+        code, reason, _ = _refused(lambda: recon.ResolveChannelException(
+            settlement_pb2.ResolveChannelExceptionRequest(
+                request_id=builders.rid("rx"), exception_id=str(uuid.uuid4()),
+                resolution="x"), timeout=10))
+        assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "CHANNEL_EXCEPTION_NOT_FOUND")
+        assert _metric(server, "fuelcard_replica_up") == 0.0
+        assert _metric(server, "fuelcard_replica_lag_seconds") is None  # unknown, not 0
+        # A server started while the replica is down starts, and says so.
+        second = ServerThread(make_settings(tmp_path / "second", replica_url=standby.url(),
+                                            connect_timeout_s=1.0), primary.url(), server.clock)
+        port = second.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                other = RunningServer(f"127.0.0.1:{port}", primary.url(), server.clock,
+                                      second.server.settings, second.server, second.loop,
+                                      channel)
+                _report_services_are(other, NOT_SERVING, 0)
+                assert builders.authorize(other, card, 1_000).decision == \
+                    common_pb2.DECISION_APPROVED
+        finally:
+            second.stop()
+    finally:
+        control_postgres(standby, "start")
+    _report_services_are(server, SERVING, 60)
+    _caught_up(primary, standby)
+    listed = server.accounts.ListTransactions(
+        account_pb2.ListTransactionsRequest(account_id=card.account_id), timeout=10)
+    # (the second server's 1 000 fen hold is still open: no journal entry)
+    assert sorted(t.amount_fen for t in listed.transactions) == [-20_000, 5_000, 50_000]
+    assert _metric(server, "fuelcard_replica_up") == 1.0
+
+
+def test_a_replica_past_the_max_lag_is_not_read_until_it_catches_up(
+        probed_server: RunningServer,
+        primary_and_standby: tuple[EmbeddedPostgres, EmbeddedPostgres]) -> None:
+    primary, standby = primary_and_standby
+    server = probed_server
+    card = builders.open_card(server, balance_fen=20_000)
+    _caught_up(primary, standby)
+    _report_services_are(server, SERVING, 10)
+    with psycopg.connect(standby.url(), autocommit=True) as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+        try:
+            # The primary moves on; the standby's replay stays behind.
+            builders.recharge(server, card.account_id, 1_000)
+            _report_services_are(server, NOT_SERVING, 15)
+            lag = _metric(server, "fuelcard_replica_lag_seconds")
+            assert lag is not None and lag > MAX_LAG_S
+            assert _metric(server, "fuelcard_replica_up") == 1.0
+            code, reason, _ = _refused(lambda: server.accounts.ListHolds(
+                account_pb2.ListHoldsRequest(account_id=card.account_id), timeout=10))
+            assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REPLICA_LAGGING")
+            assert builders.authorize(server, card, 1_000).decision == \
+                common_pb2.DECISION_APPROVED
+        finally:
+            conn.execute("SELECT pg_wal_replay_resume()")
+    _report_services_are(server, SERVING, 15)
+    lag = _metric(server, "fuelcard_replica_lag_seconds")
+    assert lag is not None and lag <= MAX_LAG_S
+    listed = server.accounts.ListTransactions(
+        account_pb2.ListTransactionsRequest(account_id=card.account_id), timeout=10)
+    assert sorted(t.amount_fen for t in listed.transactions) == [1_000, 20_000]

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import psycopg
@@ -51,6 +52,7 @@ from fuelcard_server.keys import pin_pepper
 from fuelcard_server.locks import EXPIRY_SWEEP_LOCK, POINTS_EXPIRY_LOCK, TIER_EVALUATION_LOCK
 from fuelcard_server.overload import Admission
 from fuelcard_server.pins import Pins
+from fuelcard_server.replication import STANDBY_SQL, LagMeter, ReplicaState, StandbyStatus, parse_lsn
 from fuelcard_server.services.account import AccountService
 from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.events import EventService
@@ -81,6 +83,38 @@ SERVICE_NAMES = (
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
 
+# Services with an RPC that reads through the read pool (the replica when
+# configured): reports, histories, reconciliation and risk listings, the
+# event stream. tests/test_read_replica.py checks this list against the
+# RPCs' priority classes.
+READ_POOL_SERVICES = frozenset({
+    account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+    points_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name,
+    control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+    risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
+    settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+})
+# What reports NOT_SERVING while the replica cannot be read (down, or further
+# behind than replica_max_lag_s). A load balancer routes by these names, so a
+# service flips only if EVERY one of its RPCs reads the replica (the event
+# stream): pulling AccountService would stop card issuance and pulling
+# RiskService the reviewers' decisions, which go to the primary. The reads of
+# the mixed services are watched under a name of their own instead.
+READS_HEALTH_NAME = "fuelcard.v1.Reads"
+REPLICA_HEALTH_NAMES = frozenset({
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    READS_HEALTH_NAME,
+})
+# A replica that went past replica_max_lag_s is read again below this share of it.
+LAG_RECOVERY_SHARE = 0.5
+REPLICA_REFUSALS = {
+    ReplicaState.DOWN: ("REPLICA_UNAVAILABLE", "the read replica is unavailable: reports and "
+                                               "histories are paused, payments are not"),
+    ReplicaState.LAGGING: ("REPLICA_LAGGING", "the read replica is too far behind: reports and "
+                                              "histories are paused, payments are not"),
+}
+
 # Only one process sweeps at a time; the others skip the round.
 EXPIRE_SQL = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.expire_holds(%s::timestamptz, %s)"
@@ -93,7 +127,8 @@ EVALUATE_TIERS_SQL = (
     " ELSE -1 END")
 TIER_EVALUATION_INTERVAL = 3600.0
 # The health probe: its own connection, so a busy pool is not a dead database.
-PROBE_SQL = "SELECT count(*) FROM fc.holds WHERE state = 1"
+# (And the primary's WAL position: the replica's lag is measured against it.)
+PROBE_SQL = "SELECT count(*), pg_current_wal_lsn()::text FROM fc.holds WHERE state = 1"
 
 SERVER_OPTIONS = [
     # Several worker processes share the port; the kernel spreads connections.
@@ -150,6 +185,10 @@ class FuelcardServer:
     _health: health_aio.HealthServicer | None = None
     _jobs: list[asyncio.Task[None]] = field(default_factory=list)
     _sequencer: Sequencer | None = None
+    # What the health service says: the primary's probe, and the replica's.
+    _primary_up: bool = True
+    _replica: ReplicaState = ReplicaState.OK
+    _lag: LagMeter = field(default_factory=LagMeter)
 
     async def start(self) -> int:
         s = self.settings
@@ -164,7 +203,13 @@ class FuelcardServer:
                                max_size=s.read_pool_max, timeout_s=s.pool_timeout_s,
                                connect_timeout_s=s.connect_timeout_s, name=f"fuelcard-reads-w{self.worker}",
                                tracer=tel.tracer, read_only=True)
-        await self._reads.open()
+        if s.replica_url:
+            # A replica that is down must not keep payments from starting:
+            # its probe (below) says whether reports may use it.
+            await self._reads.pool.open(wait=False)
+            tel.gauges.replica_up = 0
+        else:
+            await self._reads.open()
         tel.watch_pool("transactions", self._db.pool.get_stats)
         tel.watch_pool("reads", self._reads.pool.get_stats)
         key = s.card_index_key()
@@ -210,7 +255,13 @@ class FuelcardServer:
             raise RuntimeError(f"cannot listen on {s.listen}")
         await server.start()
         self._server = server
-        await self._set_health(serving=True)
+        if s.replica_url:
+            with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+                await self.refresh_gauges()  # a first sample of the primary's WAL position
+            replica_conn = await self._probe_replica(None)
+            if replica_conn is not None:
+                await replica_conn.close()
+        await self._apply_health()
         if s.metrics_listen is not None:
             m_host, _, m_port = s.metrics_listen.rpartition(":")
             self._metrics = MetricsEndpoint(tel, m_host.strip("[]"),
@@ -219,19 +270,26 @@ class FuelcardServer:
             log.info("metrics on http://%s:%d/metrics", m_host, self.metrics_port)
         self._jobs.append(asyncio.create_task(self._expiry_loop(), name="hold-expiry"))
         self._jobs.append(asyncio.create_task(self._health_loop(), name="health-probe"))
+        if s.replica_url:
+            # Its own loop: a replica that hangs never delays the primary's probe.
+            self._jobs.append(asyncio.create_task(self._replica_loop(), name="replica-probe"))
         self._jobs.append(asyncio.create_task(self._event_loop(), name="event-sequencer"))
         log.info("serving on %s:%d", host, self.port)
         return self.port
 
-    async def _set_health(self, *, serving: bool) -> None:
+    async def _apply_health(self) -> None:
+        """Per service: SERVING while the primary is reachable and, for the
+        services that read through the read pool, the replica is readable.
+        The server as a whole ("") follows the primary: payments go on."""
         assert self._health is not None
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, status)
+        replica_ok = self._replica is ReplicaState.OK
+        for name in ("", *SERVICE_NAMES, READS_HEALTH_NAME):
+            serving = self._primary_up and (replica_ok or name not in REPLICA_HEALTH_NAMES)
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING if serving
+                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    async def probe_once(self, conn: psycopg.AsyncConnection[tuple[int]] | None
-                         ) -> psycopg.AsyncConnection[tuple[int]]:
+    async def probe_once(self, conn: psycopg.AsyncConnection[tuple[Any, ...]] | None
+                         ) -> psycopg.AsyncConnection[tuple[Any, ...]]:
         """One health probe on the probe's own connection (opened if None or
         broken): raises psycopg.Error if the database cannot be reached."""
         s = self.settings
@@ -247,6 +305,8 @@ class FuelcardServer:
             raise
         assert self.telemetry is not None and row is not None
         self.telemetry.gauges.active_holds = row[0]
+        if self.settings.replica_url:
+            self._lag.note_primary(asyncio.get_running_loop().time(), parse_lsn(row[1]))
         return conn
 
     async def refresh_gauges(self) -> None:
@@ -258,7 +318,7 @@ class FuelcardServer:
         """Probe the database; flip every service's health to NOT_SERVING
         while it cannot be reached, and make calls fail fast meanwhile."""
         assert self._db is not None and self.telemetry is not None
-        conn: psycopg.AsyncConnection[tuple[int]] | None = None
+        conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
         healthy = True
         try:
             while True:
@@ -280,10 +340,69 @@ class FuelcardServer:
                     if self._reads is not None and self._reads.url == self._db.url:
                         self._reads.available = up
                     self.telemetry.gauges.database_up = int(up)
-                    await self._set_health(serving=up)
+                    self._primary_up = up
+                    await self._apply_health()
                     if up:
                         log.info("database reachable again: SERVING")
                 await asyncio.sleep(self.settings.health_interval_s)
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    async def _probe_replica(self, conn: psycopg.AsyncConnection[tuple[Any, ...]] | None
+                             ) -> psycopg.AsyncConnection[tuple[Any, ...]] | None:
+        """One probe of the replica on its own connection (opened if None or
+        broken): its lag, its state, and what follows from a change (the read
+        pool refused or resumed, health). Returns the connection, None if the
+        replica could not be reached."""
+        s = self.settings
+        assert s.replica_url and self._reads is not None and self.telemetry is not None
+        gauges = self.telemetry.gauges
+        try:
+            if conn is None or conn.closed:
+                conn = await psycopg.AsyncConnection.connect(
+                    s.replica_url, autocommit=True, application_name="fuelcard-replica-health",
+                    connect_timeout=max(1, round(s.connect_timeout_s)))
+            try:
+                async with asyncio.timeout(s.connect_timeout_s):
+                    row = await (await conn.execute(STANDBY_SQL)).fetchone()
+            except BaseException:  # failed or cancelled: the caller never gets it back
+                await asyncio.shield(conn.close())
+                raise
+            assert row is not None
+            lag = self._lag.lag_s(StandbyStatus.from_row(row), asyncio.get_running_loop().time())
+            # Hysteresis: a lagging replica is read again once it is well
+            # under the limit, so a lag hovering at it does not flap health.
+            limit = s.replica_max_lag_s * (LAG_RECOVERY_SHARE if self._replica is
+                                           ReplicaState.LAGGING else 1.0)
+            state = ReplicaState.OK if lag <= limit else ReplicaState.LAGGING
+            gauges.replica_up, gauges.replica_lag_s = 1, lag
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            conn = None
+            state = ReplicaState.DOWN
+            gauges.replica_up, gauges.replica_lag_s = 0, None
+            if self._replica is not ReplicaState.DOWN:
+                log.warning("read replica unreachable (%s)", type(exc).__name__)
+        if state is not self._replica:
+            previous, self._replica = self._replica, state
+            if state is ReplicaState.OK:
+                if previous is ReplicaState.DOWN:  # drop the connections that died with it
+                    await self._reads.pool.check()
+                self._reads.resume()
+                log.info("read replica usable again: report services SERVING")
+            else:
+                self._reads.refuse(*REPLICA_REFUSALS[state])
+                log.warning("read replica %s (max lag %.1f s): report services NOT_SERVING, "
+                            "payments go on", state.value, s.replica_max_lag_s)
+            await self._apply_health()
+        return conn
+
+    async def _replica_loop(self) -> None:
+        conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        try:
+            while True:
+                await asyncio.sleep(self.settings.health_interval_s)
+                conn = await self._probe_replica(conn)
         finally:
             if conn is not None:
                 await conn.close()

@@ -38,7 +38,7 @@ def _add_database_flags(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     s = Settings.from_env(config=getattr(args, "config", None))
     for name in ("listen", "database_url", "data_dir", "workers", "hold_ttl_s", "pool_max",
-                 "pool_min", "tls_dir", "replica_url", "metrics_listen", "otlp_endpoint",
+                 "pool_min", "tls_dir", "replica_url", "replica_max_lag_s", "metrics_listen", "otlp_endpoint",
                  "trace_sample_ratio", "log_level"):
         value = getattr(args, name, None)
         if value is not None:
@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-url", dest="replica_url",
                    help="a streaming replica for report and history reads (env "
                    "FUELCARD_REPLICA_URL)")
+    p.add_argument("--replica-max-lag-s", type=float, dest="replica_max_lag_s",
+                   help="past this lag (seconds, default 30) the replica is not read: report "
+                   "services go NOT_SERVING until it catches up")
     p.add_argument("--metrics-listen", dest="metrics_listen", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (worker i of "
                    "--workers N on PORT+i)")

@@ -63,10 +63,6 @@ def _span(tracer: trace.Tracer | None, sql: str) -> contextlib.AbstractContextMa
     return tracer.start_as_current_span(span_name(sql), kind=trace.SpanKind.CLIENT)
 
 
-def _unavailable() -> errors.ApiError:
-    return errors.unavailable("DATABASE_UNAVAILABLE", "the database is unavailable")
-
-
 def translate(exc: psycopg.Error) -> errors.ApiError:
     diag = exc.diag
     state = exc.sqlstate or ""
@@ -110,6 +106,8 @@ class Database:
         # Only reads go through this pool: any statement may be retried.
         self.read_only = read_only
         self.available = True
+        # What calls are told while `available` is False.
+        self.unavailable_reason = ("DATABASE_UNAVAILABLE", "the database is unavailable")
         self.tracer = tracer if tracer is not None and tracing_on(tracer) else None
         self.pool = AsyncConnectionPool(
             url,
@@ -125,6 +123,17 @@ class Database:
             reconnect_timeout=24 * 3600.0,
             name=name,
         )
+
+    def refuse(self, reason: str, message: str) -> None:
+        """Fail every call at once with UNAVAILABLE `reason` until resume()."""
+        self.unavailable_reason = (reason, message)
+        self.available = False
+
+    def resume(self) -> None:
+        self.available = True
+
+    def _down(self) -> errors.ApiError:
+        return errors.unavailable(*self.unavailable_reason)
 
     def pool_waiting(self) -> int:
         return int(self.pool.get_stats().get("requests_waiting", 0))
@@ -143,7 +152,7 @@ class Database:
         function is idempotent on its request_id (a statement that did commit
         before the link broke answers the retry with its first answer)."""
         if not self.available:
-            raise _unavailable()
+            raise self._down()
         with _span(self.tracer, sql):
             broken_retry = True
             attempt = 0
@@ -172,12 +181,12 @@ class Database:
 
     def _pool_timeout(self) -> errors.ApiError:
         if not self.available:
-            return _unavailable()
+            return self._down()
         return errors.unavailable("DATABASE_BUSY", "no database connection became free in time")
 
     async def fetch_all(self, sql: LiteralString, params: Params) -> list[tuple[Any, ...]]:
         if not self.available:
-            raise _unavailable()
+            raise self._down()
         with _span(self.tracer, sql):
             broken_retry = self.read_only
             while True:

@@ -68,6 +68,12 @@ class Settings:
     # transaction pool.
     replica_url: str | None = field(default=None, repr=False)
     read_pool_max: int = 4
+    # A replica further behind the primary than this (seconds) is not read:
+    # report and history calls fail fast (UNAVAILABLE REPLICA_LAGGING) and
+    # the services that read it report NOT_SERVING until it catches up (no
+    # fallback to the primary: see replication.py). Probed every
+    # health_interval_s; read again once under half of it.
+    replica_max_lag_s: float = 30.0
     # Bounded concurrency per priority class (服务降级): RPCs in flight in one
     # process. Past its limit a class is refused at once with
     # RESOURCE_EXHAUSTED and a retry hint; while payments are in flight and
@@ -227,6 +233,7 @@ class Settings:
             (self.max_reports_per_s >= 0, "max_reports_per_s must be >= 0"),
             (0 < self.shed_retry_ms <= 60_000, "shed_retry_ms must be between 1 and 60000"),
             (self.health_interval_s > 0, "health_interval_s must be > 0"),
+            (self.replica_max_lag_s > 0, "replica_max_lag_s must be > 0"),
             (0.0 <= self.trace_sample_ratio <= 1.0, "trace_sample_ratio must be between 0 and 1"),
             (self.metrics_interval_s > 0, "metrics_interval_s must be > 0"),
             (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -93,6 +93,11 @@ class Gauges:
 
     active_holds: int = 0
     database_up: int = 1
+    # The read replica (None: no replica configured, nothing reported):
+    # 1 while its probe reaches it, and how far behind the primary it is
+    # (None while it cannot be reached).
+    replica_up: int | None = None
+    replica_lag_s: float | None = None
 
 
 @dataclass
@@ -121,6 +126,12 @@ class Telemetry:
                                   description="holds AUTHORIZED and not yet closed")
         m.create_observable_gauge("fuelcard.db.up", callbacks=[self._database_up],
                                   description="1 while the health probe reaches the database")
+        m.create_observable_gauge("fuelcard.replica.up", callbacks=[self._replica_up],
+                                  description="1 while the health probe reaches the read replica")
+        m.create_observable_gauge(
+            "fuelcard.replica.lag_seconds", unit="s", callbacks=[self._replica_lag],
+            description="how far the read replica's replay is behind the primary, in seconds"
+                        " (0 when caught up, also while the primary is idle)")
         m.create_observable_gauge("fuelcard.db.pool.in_use", callbacks=[self._pool_in_use],
                                   description="database connections lent out, by pool")
         m.create_observable_gauge("fuelcard.db.pool.waiting", callbacks=[self._pool_waiting],
@@ -194,6 +205,14 @@ class Telemetry:
 
     def _database_up(self, _options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(self.gauges.database_up)
+
+    def _replica_up(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if self.gauges.replica_up is not None:
+            yield Observation(self.gauges.replica_up)
+
+    def _replica_lag(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if self.gauges.replica_lag_s is not None and math.isfinite(self.gauges.replica_lag_s):
+            yield Observation(self.gauges.replica_lag_s)
 
     def _pool_in_use(self, _options: CallbackOptions) -> Iterable[Observation]:
         for name, stats in self._pools:

@@ -30,6 +30,19 @@ LIST_SQL = """
      ORDER BY b.id DESC LIMIT %(limit)s"""
 RESOLVE_SQL = "SELECT fc.resolve_break(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz)"
 
+EXCEPTION_STATES = frozenset(v for v in settlement_pb2.ChannelExceptionState.values()
+                             if v != settlement_pb2.CHANNEL_EXCEPTION_STATE_UNSPECIFIED)
+# fc.channel_exceptions.reason -> ChannelExceptionKind
+EXCEPTION_KINDS = {"REFUND_SHORTFALL": settlement_pb2.CHANNEL_EXCEPTION_KIND_REFUND_SHORTFALL}
+LIST_EXCEPTIONS_SQL = """
+    SELECT x.id, fc.channel_exception_json(x) FROM fc.channel_exceptions x
+     WHERE (%(channel)s = 0 OR x.channel = %(channel)s)
+       AND (%(state)s = 0 OR (x.resolved_at IS NULL) = (%(state)s = 1))
+       AND x.id < %(before)s
+     ORDER BY x.id DESC LIMIT %(limit)s"""
+RESOLVE_EXCEPTION_SQL = (
+    "SELECT fc.resolve_channel_exception(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz)")
+
 
 def _record(d: dict[str, Any], side: str, channel: int, kind: int, txn: str
             ) -> settlement_pb2.SettlementRecord:
@@ -59,6 +72,23 @@ def break_message(d: dict[str, Any]) -> settlement_pb2.ReconciliationBreak:
     if d["resolve_us"] is not None:
         b.resolve_time.FromMicroseconds(d["resolve_us"])
     return b
+
+
+def channel_exception_message(d: dict[str, Any]) -> settlement_pb2.ChannelException:
+    resolved = d["resolve_us"] is not None
+    x = settlement_pb2.ChannelException(
+        exception_id=d["exception_id"], channel=d["channel"],
+        kind=EXCEPTION_KINDS.get(d["reason"], settlement_pb2.CHANNEL_EXCEPTION_KIND_UNSPECIFIED),
+        account_id=d["account_id"], refund_id=d["refund_id"], recharge_id=d["recharge_id"],
+        channel_txn_id=d["channel_txn_id"], channel_refund_id=d["channel_refund_id"],
+        amount_fen=d["amount_fen"],
+        state=(settlement_pb2.CHANNEL_EXCEPTION_STATE_RESOLVED if resolved
+               else settlement_pb2.CHANNEL_EXCEPTION_STATE_OPEN),
+        resolution=d["resolution"] or "", resolved_by=d["resolved_by"] or "")
+    x.create_time.FromMicroseconds(d["create_us"])
+    if resolved:
+        x.resolve_time.FromMicroseconds(d["resolve_us"])
+    return x
 
 
 class ReconciliationService(Servicer, settlement_pb2_grpc.ReconciliationServiceServicer):
@@ -104,3 +134,45 @@ class ReconciliationService(Servicer, settlement_pb2_grpc.ReconciliationServiceS
         if "break" not in d:
             raise errors.internal()
         return settlement_pb2.ResolveBreakResponse(reconciliation_break=break_message(d["break"]))
+
+    @rpc(Role.ADMIN)
+    async def ListChannelExceptions(self, request: settlement_pb2.ListChannelExceptionsRequest,
+                                    context: Ctx) -> settlement_pb2.ListChannelExceptionsResponse:
+        v = Violations()
+        if request.channel:
+            v.enum("channel", request.channel, CHANNELS)
+        if request.state:
+            v.enum("state", request.state, EXCEPTION_STATES)
+        if not 0 <= request.page_size <= PAGE_SIZE_MAX:
+            v.add("page_size", f"must be 0-{PAGE_SIZE_MAX}", "PAGE_SIZE_INVALID")
+        before = v.page_token("page_token", request.page_token)
+        v.raise_if_any()
+        size = request.page_size or PAGE_SIZE_DEFAULT
+        # A report-type read: the read pool (the replica when configured).
+        rows = await self.d.reads.fetch_all(LIST_EXCEPTIONS_SQL, {
+            "channel": request.channel, "state": request.state,
+            "before": before if before is not None else 2**63 - 1, "limit": size + 1})
+        response = settlement_pb2.ListChannelExceptionsResponse(
+            channel_exceptions=[channel_exception_message(row[1]) for row in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = str(rows[size - 1][0])
+        return response
+
+    @rpc(Role.ADMIN)
+    async def ResolveChannelException(
+            self, request: settlement_pb2.ResolveChannelExceptionRequest, context: Ctx
+    ) -> settlement_pb2.ResolveChannelExceptionResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        exception_id = v.uuid("exception_id", request.exception_id)
+        v.text("resolution", request.resolution, required=True, max_chars=RESOLUTION_MAX_CHARS)
+        v.raise_if_any()
+        caller = self.d.identity()
+        d = await self.d.db.call(RESOLVE_EXCEPTION_SQL, (
+            self.d.caller(context), request.request_id,
+            self.d.fingerprint("resolve_channel_exception", request), exception_id,
+            request.resolution, caller.key or caller.name, self.d.clock.now()))
+        if "channel_exception" not in d:
+            raise errors.internal()
+        return settlement_pb2.ResolveChannelExceptionResponse(
+            channel_exception=channel_exception_message(d["channel_exception"]))

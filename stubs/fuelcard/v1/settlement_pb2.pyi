@@ -113,6 +113,56 @@ BREAK_KIND_STATUS_MISMATCH: BreakKind.ValueType  # 4
 """In both, same amount, with different statuses."""
 Global___BreakKind: _TypeAlias = BreakKind  # noqa: Y015
 
+class _ChannelExceptionKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChannelExceptionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChannelExceptionKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANNEL_EXCEPTION_KIND_UNSPECIFIED: _ChannelExceptionKind.ValueType  # 0
+    """Not given."""
+    CHANNEL_EXCEPTION_KIND_REFUND_SHORTFALL: _ChannelExceptionKind.ValueType  # 1
+    """A channel refunded a recharge, and the account no longer had (all of)
+    the money: amount_fen is what could not be debited. The channel has
+    already paid the payer back.
+    """
+
+class ChannelExceptionKind(_ChannelExceptionKind, metaclass=_ChannelExceptionKindEnumTypeWrapper):
+    """Why a channel exception was recorded."""
+
+CHANNEL_EXCEPTION_KIND_UNSPECIFIED: ChannelExceptionKind.ValueType  # 0
+"""Not given."""
+CHANNEL_EXCEPTION_KIND_REFUND_SHORTFALL: ChannelExceptionKind.ValueType  # 1
+"""A channel refunded a recharge, and the account no longer had (all of)
+the money: amount_fen is what could not be debited. The channel has
+already paid the payer back.
+"""
+Global___ChannelExceptionKind: _TypeAlias = ChannelExceptionKind  # noqa: Y015
+
+class _ChannelExceptionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChannelExceptionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChannelExceptionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANNEL_EXCEPTION_STATE_UNSPECIFIED: _ChannelExceptionState.ValueType  # 0
+    """Not given (in a filter: every state)."""
+    CHANNEL_EXCEPTION_STATE_OPEN: _ChannelExceptionState.ValueType  # 1
+    """Recorded, not yet followed up."""
+    CHANNEL_EXCEPTION_STATE_RESOLVED: _ChannelExceptionState.ValueType  # 2
+    """Closed by ResolveChannelException, with a note."""
+
+class ChannelExceptionState(_ChannelExceptionState, metaclass=_ChannelExceptionStateEnumTypeWrapper):
+    """Where a channel exception is in its follow-up: OPEN -> RESOLVED, once."""
+
+CHANNEL_EXCEPTION_STATE_UNSPECIFIED: ChannelExceptionState.ValueType  # 0
+"""Not given (in a filter: every state)."""
+CHANNEL_EXCEPTION_STATE_OPEN: ChannelExceptionState.ValueType  # 1
+"""Recorded, not yet followed up."""
+CHANNEL_EXCEPTION_STATE_RESOLVED: ChannelExceptionState.ValueType  # 2
+"""Closed by ResolveChannelException, with a note."""
+Global___ChannelExceptionState: _TypeAlias = ChannelExceptionState  # noqa: Y015
+
 @_typing.final
 class SettlementRecord(_message.Message):
     """One channel transaction in the neutral format."""
@@ -371,3 +421,204 @@ class ResolveBreakResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveBreakResponse: _TypeAlias = ResolveBreakResponse  # noqa: Y015
+
+@_typing.final
+class ChannelException(_message.Message):
+    """Money a channel movement should have moved and could not, for finance
+    staff to follow up (e.g. collect the shortfall from the holder).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXCEPTION_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REFUND_ID_FIELD_NUMBER: _builtins.int
+    RECHARGE_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_TXN_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_REFUND_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    RESOLVE_TIME_FIELD_NUMBER: _builtins.int
+    RESOLVED_BY_FIELD_NUMBER: _builtins.int
+    exception_id: _builtins.str
+    """Server-assigned id (UUID)."""
+    channel: _funding_pb2.Channel.ValueType
+    """The channel."""
+    kind: Global___ChannelExceptionKind.ValueType
+    """Why it was recorded."""
+    account_id: _builtins.str
+    """The account concerned."""
+    refund_id: _builtins.str
+    """The refund that fell short (Refund.refund_id)."""
+    recharge_id: _builtins.str
+    """The recharge refunded (Recharge.recharge_id)."""
+    channel_txn_id: _builtins.str
+    """The channel's transaction id of the payment refunded."""
+    channel_refund_id: _builtins.str
+    """The channel's id of the refund."""
+    amount_fen: _builtins.int
+    """The amount not moved, in fen (> 0)."""
+    state: Global___ChannelExceptionState.ValueType
+    """Where its follow-up is."""
+    resolution: _builtins.str
+    """What was done about it, as the resolver wrote it; empty while OPEN."""
+    resolved_by: _builtins.str
+    """Who resolved it (the caller's identity); empty while OPEN."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded."""
+
+    @_builtins.property
+    def resolve_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was resolved; unset while OPEN."""
+
+    def __init__(
+        self,
+        *,
+        exception_id: _builtins.str = ...,
+        channel: _funding_pb2.Channel.ValueType = ...,
+        kind: Global___ChannelExceptionKind.ValueType = ...,
+        account_id: _builtins.str = ...,
+        refund_id: _builtins.str = ...,
+        recharge_id: _builtins.str = ...,
+        channel_txn_id: _builtins.str = ...,
+        channel_refund_id: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        state: Global___ChannelExceptionState.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        resolution: _builtins.str = ...,
+        resolve_time: _timestamp_pb2.Timestamp | None = ...,
+        resolved_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "resolve_time", b"resolve_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_fen", b"amount_fen", "channel", b"channel", "channel_refund_id", b"channel_refund_id", "channel_txn_id", b"channel_txn_id", "create_time", b"create_time", "exception_id", b"exception_id", "kind", b"kind", "recharge_id", b"recharge_id", "refund_id", b"refund_id", "resolution", b"resolution", "resolve_time", b"resolve_time", "resolved_by", b"resolved_by", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelException: _TypeAlias = ChannelException  # noqa: Y015
+
+@_typing.final
+class ListChannelExceptionsRequest(_message.Message):
+    """Request for ReconciliationService.ListChannelExceptions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    channel: _funding_pb2.Channel.ValueType
+    """Only this channel; unset for every channel."""
+    state: Global___ChannelExceptionState.ValueType
+    """Only exceptions in this state; unset for every state."""
+    page_size: _builtins.int
+    """At most this many (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token (with the same filters)."""
+    def __init__(
+        self,
+        *,
+        channel: _funding_pb2.Channel.ValueType = ...,
+        state: Global___ChannelExceptionState.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChannelExceptionsRequest: _TypeAlias = ListChannelExceptionsRequest  # noqa: Y015
+
+@_typing.final
+class ListChannelExceptionsResponse(_message.Message):
+    """Response for ReconciliationService.ListChannelExceptions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_EXCEPTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
+    @_builtins.property
+    def channel_exceptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelException]:
+        """The exceptions, newest first."""
+
+    def __init__(
+        self,
+        *,
+        channel_exceptions: _abc.Iterable[Global___ChannelException] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_exceptions", b"channel_exceptions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChannelExceptionsResponse: _TypeAlias = ListChannelExceptionsResponse  # noqa: Y015
+
+@_typing.final
+class ResolveChannelExceptionRequest(_message.Message):
+    """Request for ReconciliationService.ResolveChannelException."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXCEPTION_ID_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, 1-64 printable ASCII characters."""
+    exception_id: _builtins.str
+    """The exception (ChannelException.exception_id)."""
+    resolution: _builtins.str
+    """What was done about it (1-500 characters), e.g. "shortfall collected
+    from the holder, ticket 4712".
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        exception_id: _builtins.str = ...,
+        resolution: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exception_id", b"exception_id", "request_id", b"request_id", "resolution", b"resolution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveChannelExceptionRequest: _TypeAlias = ResolveChannelExceptionRequest  # noqa: Y015
+
+@_typing.final
+class ResolveChannelExceptionResponse(_message.Message):
+    """Response for ReconciliationService.ResolveChannelException."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_EXCEPTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def channel_exception(self) -> Global___ChannelException:
+        """The exception, RESOLVED. One resolved before (by another request) is
+        FAILED_PRECONDITION CHANNEL_EXCEPTION_ALREADY_RESOLVED; an unknown id is
+        NOT_FOUND CHANNEL_EXCEPTION_NOT_FOUND.
+        """
+
+    def __init__(
+        self,
+        *,
+        channel_exception: Global___ChannelException | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["channel_exception", b"channel_exception"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_exception", b"channel_exception"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveChannelExceptionResponse: _TypeAlias = ResolveChannelExceptionResponse  # noqa: Y015

@@ -46,6 +46,16 @@ class ReconciliationServiceStub:
                 request_serializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveBreakRequest.SerializeToString,
                 response_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveBreakResponse.FromString,
                 _registered_method=True)
+        self.ListChannelExceptions = channel.unary_unary(
+                '/fuelcard.v1.ReconciliationService/ListChannelExceptions',
+                request_serializer=fuelcard_dot_v1_dot_settlement__pb2.ListChannelExceptionsRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ListChannelExceptionsResponse.FromString,
+                _registered_method=True)
+        self.ResolveChannelException = channel.unary_unary(
+                '/fuelcard.v1.ReconciliationService/ResolveChannelException',
+                request_serializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionResponse.FromString,
+                _registered_method=True)
 
 
 class ReconciliationServiceServicer:
@@ -67,6 +77,24 @@ class ReconciliationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListChannelExceptions(self, request, context):
+        """The channel exceptions (e.g. a refund the account could not cover),
+        newest first, filtered by channel and state. Read from the read replica
+        when one is configured: a resolution made a moment ago may show a little
+        later.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveChannelException(self, request, context):
+        """Close an OPEN channel exception with what was done about it (OPEN ->
+        RESOLVED, once). Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReconciliationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +107,16 @@ def add_ReconciliationServiceServicer_to_server(servicer, server):
                     servicer.ResolveBreak,
                     request_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveBreakRequest.FromString,
                     response_serializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveBreakResponse.SerializeToString,
+            ),
+            'ListChannelExceptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListChannelExceptions,
+                    request_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ListChannelExceptionsRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_settlement__pb2.ListChannelExceptionsResponse.SerializeToString,
+            ),
+            'ResolveChannelException': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveChannelException,
+                    request_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +175,60 @@ class ReconciliationService:
             '/fuelcard.v1.ReconciliationService/ResolveBreak',
             fuelcard_dot_v1_dot_settlement__pb2.ResolveBreakRequest.SerializeToString,
             fuelcard_dot_v1_dot_settlement__pb2.ResolveBreakResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListChannelExceptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.ReconciliationService/ListChannelExceptions',
+            fuelcard_dot_v1_dot_settlement__pb2.ListChannelExceptionsRequest.SerializeToString,
+            fuelcard_dot_v1_dot_settlement__pb2.ListChannelExceptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveChannelException(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.ReconciliationService/ResolveChannelException',
+            fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionRequest.SerializeToString,
+            fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,16 @@ class ReconciliationServiceStub:
     """The breaks of a channel, newest first; unresolved ones only unless asked."""
     ResolveBreak: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.ResolveBreakRequest, _settlement_pb2.ResolveBreakResponse]
     """Close a break with what was done about it. Idempotent on request_id."""
+    ListChannelExceptions: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.ListChannelExceptionsRequest, _settlement_pb2.ListChannelExceptionsResponse]
+    """The channel exceptions (e.g. a refund the account could not cover),
+    newest first, filtered by channel and state. Read from the read replica
+    when one is configured: a resolution made a moment ago may show a little
+    later.
+    """
+    ResolveChannelException: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.ResolveChannelExceptionRequest, _settlement_pb2.ResolveChannelExceptionResponse]
+    """Close an OPEN channel exception with what was done about it (OPEN ->
+    RESOLVED, once). Idempotent on request_id.
+    """
 
 @_typing.type_check_only
 class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
@@ -59,6 +69,16 @@ class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
     """The breaks of a channel, newest first; unresolved ones only unless asked."""
     ResolveBreak: _aio.UnaryUnaryMultiCallable[_settlement_pb2.ResolveBreakRequest, _settlement_pb2.ResolveBreakResponse]  # type: ignore[assignment]
     """Close a break with what was done about it. Idempotent on request_id."""
+    ListChannelExceptions: _aio.UnaryUnaryMultiCallable[_settlement_pb2.ListChannelExceptionsRequest, _settlement_pb2.ListChannelExceptionsResponse]  # type: ignore[assignment]
+    """The channel exceptions (e.g. a refund the account could not cover),
+    newest first, filtered by channel and state. Read from the read replica
+    when one is configured: a resolution made a moment ago may show a little
+    later.
+    """
+    ResolveChannelException: _aio.UnaryUnaryMultiCallable[_settlement_pb2.ResolveChannelExceptionRequest, _settlement_pb2.ResolveChannelExceptionResponse]  # type: ignore[assignment]
+    """Close an OPEN channel exception with what was done about it (OPEN ->
+    RESOLVED, once). Idempotent on request_id.
+    """
 
 class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Finance staff follow up the breaks reconciliation found. Internal: admin
@@ -80,5 +100,27 @@ class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_settlement_pb2.ResolveBreakResponse, _abc.Awaitable[_settlement_pb2.ResolveBreakResponse]]:
         """Close a break with what was done about it. Idempotent on request_id."""
+
+    @_abc_1.abstractmethod
+    def ListChannelExceptions(
+        self,
+        request: _settlement_pb2.ListChannelExceptionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_settlement_pb2.ListChannelExceptionsResponse, _abc.Awaitable[_settlement_pb2.ListChannelExceptionsResponse]]:
+        """The channel exceptions (e.g. a refund the account could not cover),
+        newest first, filtered by channel and state. Read from the read replica
+        when one is configured: a resolution made a moment ago may show a little
+        later.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveChannelException(
+        self,
+        request: _settlement_pb2.ResolveChannelExceptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_settlement_pb2.ResolveChannelExceptionResponse, _abc.Awaitable[_settlement_pb2.ResolveChannelExceptionResponse]]:
+        """Close an OPEN channel exception with what was done about it (OPEN ->
+        RESOLVED, once). Idempotent on request_id.
+        """
 
 def add_ReconciliationServiceServicer_to_server(servicer: ReconciliationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
