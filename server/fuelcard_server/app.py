@@ -51,6 +51,7 @@ from fuelcard_server.keys import pin_pepper
 from fuelcard_server.locks import EXPIRY_SWEEP_LOCK, POINTS_EXPIRY_LOCK, TIER_EVALUATION_LOCK
 from fuelcard_server.overload import Admission
 from fuelcard_server.pins import Pins
+from fuelcard_server.retention import Pruned, Retention
 from fuelcard_server.services.account import AccountService
 from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.events import EventService
@@ -150,6 +151,7 @@ class FuelcardServer:
     _health: health_aio.HealthServicer | None = None
     _jobs: list[asyncio.Task[None]] = field(default_factory=list)
     _sequencer: Sequencer | None = None
+    _retention: Retention | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -182,6 +184,7 @@ class FuelcardServer:
             tls=not s.insecure, read_db=self._reads, telemetry=tel,
             admission=Admission(s, self._db.pool_waiting) if s.load_shedding else None)
         self._audit = deps.audit
+        self._retention = Retention(self._db, self.clock, s, tel)
         server = grpc.aio.server(options=SERVER_OPTIONS,
                                  maximum_concurrent_rpcs=s.pool_max * 64)
         transaction_pb2_grpc.add_TransactionServiceServicer_to_server(TransactionService(deps), server)
@@ -318,8 +321,15 @@ class FuelcardServer:
         changed: int = row[0]
         return changed
 
+    async def prune_once(self) -> Pruned:
+        """One bounded retention run (retention.py): idempotency keys and
+        step-up challenges past their retention."""
+        assert self._retention is not None
+        return await self._retention.run_once()
+
     async def _expiry_loop(self) -> None:
         next_tiers = 0.0
+        next_prune = 0.0
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -327,6 +337,11 @@ class FuelcardServer:
                 if loop.time() >= next_tiers:
                     await self.evaluate_tiers_once()
                     next_tiers = loop.time() + TIER_EVALUATION_INTERVAL
+                if loop.time() >= next_prune:
+                    # capped (more due): again at the next sweep, after the holds
+                    pruned = await self.prune_once()
+                    next_prune = loop.time() + (0.0 if pruned.capped
+                                                else self.settings.retention_interval_s)
                 released = await self.expire_holds_once()
                 if released > 0:
                     log.info("released %d expired holds", released)
