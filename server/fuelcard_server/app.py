@@ -329,8 +329,9 @@ class FuelcardServer:
 
     async def _expiry_loop(self) -> None:
         next_tiers = 0.0
-        next_prune = 0.0
         loop = asyncio.get_running_loop()
+        # (not at start: servers restarted in a loop would prune back to back)
+        next_prune = loop.time() + self.settings.retention_interval_s
         while True:
             try:
                 await self.expire_points_once()
