@@ -184,7 +184,7 @@ class FuelcardServer:
             tls=not s.insecure, read_db=self._reads, telemetry=tel,
             admission=Admission(s, self._db.pool_waiting) if s.load_shedding else None)
         self._audit = deps.audit
-        self._retention = Retention(self._db, self.clock, s, tel)
+        self._retention = Retention(self._db, self.clock, s, tel, deps.step_ups.policy)
         server = grpc.aio.server(options=SERVER_OPTIONS,
                                  maximum_concurrent_rpcs=s.pool_max * 64)
         transaction_pb2_grpc.add_TransactionServiceServicer_to_server(TransactionService(deps), server)
