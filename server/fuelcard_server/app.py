@@ -53,6 +53,7 @@ from fuelcard_server.locks import EXPIRY_SWEEP_LOCK, POINTS_EXPIRY_LOCK, TIER_EV
 from fuelcard_server.overload import Admission
 from fuelcard_server.pins import Pins
 from fuelcard_server.replication import STANDBY_SQL, LagMeter, ReplicaState, StandbyStatus, parse_lsn
+from fuelcard_server.retention import Pruned, Retention
 from fuelcard_server.services.account import AccountService
 from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.events import EventService
@@ -189,6 +190,7 @@ class FuelcardServer:
     _primary_up: bool = True
     _replica: ReplicaState = ReplicaState.OK
     _lag: LagMeter = field(default_factory=LagMeter)
+    _retention: Retention | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -227,6 +229,7 @@ class FuelcardServer:
             tls=not s.insecure, read_db=self._reads, telemetry=tel,
             admission=Admission(s, self._db.pool_waiting) if s.load_shedding else None)
         self._audit = deps.audit
+        self._retention = Retention(self._db, self.clock, s, tel, deps.step_ups.policy)
         server = grpc.aio.server(options=SERVER_OPTIONS,
                                  maximum_concurrent_rpcs=s.pool_max * 64)
         transaction_pb2_grpc.add_TransactionServiceServicer_to_server(TransactionService(deps), server)
@@ -437,15 +440,28 @@ class FuelcardServer:
         changed: int = row[0]
         return changed
 
+    async def prune_once(self) -> Pruned:
+        """One bounded retention run (retention.py): idempotency keys and
+        step-up challenges past their retention."""
+        assert self._retention is not None
+        return await self._retention.run_once()
+
     async def _expiry_loop(self) -> None:
         next_tiers = 0.0
         loop = asyncio.get_running_loop()
+        # (not at start: servers restarted in a loop would prune back to back)
+        next_prune = loop.time() + self.settings.retention_interval_s
         while True:
             try:
                 await self.expire_points_once()
                 if loop.time() >= next_tiers:
                     await self.evaluate_tiers_once()
                     next_tiers = loop.time() + TIER_EVALUATION_INTERVAL
+                if loop.time() >= next_prune:
+                    # capped (more due): again at the next sweep, after the holds
+                    pruned = await self.prune_once()
+                    next_prune = loop.time() + (0.0 if pruned.capped
+                                                else self.settings.retention_interval_s)
                 released = await self.expire_holds_once()
                 if released > 0:
                     log.info("released %d expired holds", released)

@@ -1,4 +1,5 @@
-"""The `fuelcard` command: serve, migrate, verify, audit verify, demo, risk load/backtest."""
+"""The `fuelcard` command: serve, migrate, verify, prune, audit verify, demo, risk
+load/backtest."""
 
 from __future__ import annotations
 
@@ -213,6 +214,44 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{len(violations)} invariant(s) violated", file=sys.stderr)
         return 1
     print(f"all {len(verify.CHECKS)} invariants hold")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """One retention pass now, until nothing more is due (the servers run
+    it in the background too; this one waits its turn for nothing: if a
+    server holds the lock, it says so and stops)."""
+    from fuelcard_server.clock import SystemClock
+    from fuelcard_server.db import Database
+    from fuelcard_server.retention import Retention
+
+    s = _settings(args)
+    url, pg = _database(s)
+
+    async def run() -> tuple[int, int, bool]:
+        db = Database(url, min_size=1, max_size=1, timeout_s=s.pool_timeout_s,
+                      connect_timeout_s=s.connect_timeout_s, name="fuelcard-prune")
+        await db.open()
+        try:
+            retention = Retention(db, SystemClock(), s)
+            keys = step_ups = 0
+            while True:
+                pruned = await retention.run_once()
+                keys += pruned.idempotency_keys
+                step_ups += pruned.step_up_challenges
+                if pruned.busy or not pruned.capped:
+                    return keys, step_ups, pruned.busy
+        finally:
+            await db.close()
+
+    try:
+        keys, step_ups, busy = asyncio.run(run())
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
+    print(f"deleted {keys} idempotency keys and {step_ups} step-up challenges")
+    if busy:
+        print("another process is pruning right now; it carries on", file=sys.stderr)
     return 0
 
 
@@ -431,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every ledger invariant; non-zero exit on violation")
     _add_database_flags(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("prune", help="delete idempotency keys and step-up challenges past "
+                       "their retention now (servers do it in the background)")
+    _add_database_flags(p)
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("audit", help="the audit trail")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)

@@ -20,3 +20,6 @@ RISK_RULES_LOCK = -6
 # The event sequencer (fc.sequence_events, fc.prune_events): one process at a
 # time gives outbox rows their stream positions.
 EVENT_SEQUENCER_LOCK = -20
+# Retention (fc.prune_idempotency_keys, fc.prune_step_ups; retention.py): one
+# process at a time deletes, the others skip the round.
+RETENTION_LOCK = -30

@@ -148,6 +148,29 @@ class Settings:
     event_interval_s: float = 0.2
     event_batch: int = 2000
     event_retention_s: int = 7 * 24 * 3600
+    # Retention (retention.py, README "Retention"): how long idempotency keys
+    # answer replays. Keys of operations whose replay the ledger itself stops
+    # from moving money twice (authorize, confirm, cancel, review, recharge,
+    # refund: nearly all keys) are kept 7 days: well past a POS outbox's
+    # retries (minutes to hours; a station offline over a long weekend), a
+    # channel's re-notifications (WeChat Pay and Alipay retry for about 25
+    # hours), settlement files (T+1, re-run over a weekend: T+3) and a hold's
+    # life (30 min; an Authorize key is never deleted while its hold is live).
+    idempotency_retention_s: int = 7 * 24 * 3600
+    # Keys of every other operation (batch top-up, points redemption and
+    # pooling, account opening, ...: a replay without its key would run
+    # again): about 13 months, past a yearly re-run of a finance batch.
+    # 0: kept for ever.
+    idempotency_retention_unguarded_s: int = 400 * 24 * 3600
+    # Step-up challenges, expired or used, are kept this long (never less
+    # than the per-subject rate limit's window or a code's life).
+    step_up_retention_s: int = 24 * 3600
+    # How often each server process runs the retention job, rows deleted per
+    # statement (one short transaction each), and statements per run at most
+    # (a run that hits the cap runs again at the next expiry sweep).
+    retention_interval_s: float = 60.0
+    retention_batch: int = 1000
+    retention_batches_max: int = 20
 
     ENV_PREFIX = "FUELCARD_"
     CONFIG_ENV = "FUELCARD_CONFIG"
@@ -244,6 +267,17 @@ class Settings:
             (self.event_interval_s > 0, "event_interval_s must be > 0"),
             (1 <= self.event_batch <= 100_000, "event_batch must be 1..100000"),
             (self.event_retention_s >= 60, "event_retention_s must be >= 60"),
+            (self.idempotency_retention_s >= max(24 * 3600, 2 * self.hold_ttl_s),
+             "idempotency_retention_s must be >= 86400 (a day of channel retries) and >= "
+             "2 x hold_ttl_s"),
+            (self.idempotency_retention_unguarded_s == 0
+             or self.idempotency_retention_unguarded_s >= self.idempotency_retention_s,
+             "idempotency_retention_unguarded_s must be 0 (for ever) or >= "
+             "idempotency_retention_s"),
+            (self.step_up_retention_s >= 3600, "step_up_retention_s must be >= 3600"),
+            (self.retention_interval_s > 0, "retention_interval_s must be > 0"),
+            (1 <= self.retention_batch <= 100_000, "retention_batch must be 1..100000"),
+            (1 <= self.retention_batches_max <= 1000, "retention_batches_max must be 1..1000"),
         ]
         for ok, message in checks:
             if not ok:

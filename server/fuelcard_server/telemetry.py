@@ -120,6 +120,10 @@ class Telemetry:
             "fuelcard.authorizations", description="Authorize answers by decision and reason")
         self.hold_expiries = m.create_counter(
             "fuelcard.holds.expired", description="holds released by the expiry sweep")
+        self.retention_deleted = m.create_counter(
+            "fuelcard.retention.deleted",
+            description="rows deleted by the retention job, by table (idempotency_keys, "
+                        "step_up_challenges)")
         self.shed = m.create_counter(
             "fuelcard.rpc.shed", description="RPCs refused early by priority class (overload)")
         m.create_observable_gauge("fuelcard.holds.active", callbacks=[self._active_holds],

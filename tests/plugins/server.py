@@ -104,6 +104,9 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
                  step_up_recharge_above_fen=2**62, step_up_limit_raises=False,
                  # events are positioned when a stream asks (or a test does), not by a timer
                  event_interval_s=3600.0,
+                 # nor are keys and challenges pruned behind a test's back (test_retention.py
+                 # runs the job when it means to)
+                 retention_interval_s=3600.0,
                  # shedding refuses admin and report calls while payments wait for the pool:
                  # right for production, noise for storm tests about other things
                  # (test_overload.py and test_ops.py turn it on)

@@ -60,7 +60,9 @@ class FundingServiceServicer:
         """Credit an account with money a channel collected. Idempotent on
         `request_id` and on (channel, channel_txn_id): a channel that notifies the
         same payment twice, even under a new request_id, gets the original answer
-        back and the account is credited once.
+        back and the account is credited once. The request_id answers for the
+        server's idempotency retention (7 days by default); the channel
+        transaction for ever.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

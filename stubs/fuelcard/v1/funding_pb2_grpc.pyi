@@ -37,7 +37,9 @@ class FundingServiceStub:
     """Credit an account with money a channel collected. Idempotent on
     `request_id` and on (channel, channel_txn_id): a channel that notifies the
     same payment twice, even under a new request_id, gets the original answer
-    back and the account is credited once.
+    back and the account is credited once. The request_id answers for the
+    server's idempotency retention (7 days by default); the channel
+    transaction for ever.
     """
     GetRecharge: _grpc.UnaryUnaryMultiCallable[_funding_pb2.GetRechargeRequest, _funding_pb2.GetRechargeResponse]
     """Read a recharge by the channel's transaction id."""
@@ -60,7 +62,9 @@ class FundingServiceAsyncStub(FundingServiceStub):
     """Credit an account with money a channel collected. Idempotent on
     `request_id` and on (channel, channel_txn_id): a channel that notifies the
     same payment twice, even under a new request_id, gets the original answer
-    back and the account is credited once.
+    back and the account is credited once. The request_id answers for the
+    server's idempotency retention (7 days by default); the channel
+    transaction for ever.
     """
     GetRecharge: _aio.UnaryUnaryMultiCallable[_funding_pb2.GetRechargeRequest, _funding_pb2.GetRechargeResponse]  # type: ignore[assignment]
     """Read a recharge by the channel's transaction id."""
@@ -86,7 +90,9 @@ class FundingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Credit an account with money a channel collected. Idempotent on
         `request_id` and on (channel, channel_txn_id): a channel that notifies the
         same payment twice, even under a new request_id, gets the original answer
-        back and the account is credited once.
+        back and the account is credited once. The request_id answers for the
+        server's idempotency retention (7 days by default); the channel
+        transaction for ever.
         """
 
     @_abc_1.abstractmethod

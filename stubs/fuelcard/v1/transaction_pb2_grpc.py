@@ -31,6 +31,11 @@ class TransactionServiceStub:
     the link needs; the first answer is returned again and nothing happens twice.
     Reusing a request_id for a different request fails with FAILED_PRECONDITION
     (reason REQUEST_ID_REUSED) and changes nothing.
+    The first answer is kept for the server's idempotency retention (7 days by
+    default; an Authorize's for as long as its hold is open). A retry after that
+    still moves nothing twice, but is answered from the hold's state: Confirm of
+    a settled hold fails with HOLD_ALREADY_CONFIRMED, Cancel of a closed hold
+    succeeds and changes nothing, and Authorize makes a new hold.
     """
 
     def __init__(self, channel):
@@ -72,6 +77,11 @@ class TransactionServiceServicer:
     the link needs; the first answer is returned again and nothing happens twice.
     Reusing a request_id for a different request fails with FAILED_PRECONDITION
     (reason REQUEST_ID_REUSED) and changes nothing.
+    The first answer is kept for the server's idempotency retention (7 days by
+    default; an Authorize's for as long as its hold is open). A retry after that
+    still moves nothing twice, but is answered from the hold's state: Confirm of
+    a settled hold fails with HOLD_ALREADY_CONFIRMED, Cancel of a closed hold
+    succeeds and changes nothing, and Authorize makes a new hold.
     """
 
     def Authorize(self, request, context):
@@ -158,6 +168,11 @@ class TransactionService:
     the link needs; the first answer is returned again and nothing happens twice.
     Reusing a request_id for a different request fails with FAILED_PRECONDITION
     (reason REQUEST_ID_REUSED) and changes nothing.
+    The first answer is kept for the server's idempotency retention (7 days by
+    default; an Authorize's for as long as its hold is open). A retry after that
+    still moves nothing twice, but is answered from the hold's state: Confirm of
+    a settled hold fails with HOLD_ALREADY_CONFIRMED, Cancel of a closed hold
+    succeeds and changes nothing, and Authorize makes a new hold.
     """
 
     @staticmethod
