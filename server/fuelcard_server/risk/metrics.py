@@ -15,12 +15,20 @@ decisions = _meter.create_counter(
 fallbacks = _meter.create_counter(
     "fuelcard.risk.fallbacks", unit="{authorization}",
     description="authorizations decided by the fallback because the engine failed")
+rules_fired = _meter.create_counter(
+    "fuelcard.risk.rules_fired", unit="{authorization}",
+    description="authorizations on which a rule fired, by rule id and decision (terminals are"
+    " not told which rules fired: this and the review listing are where operators see it)")
 reviews = _meter.create_counter(
     "fuelcard.risk.reviews", unit="{hold}", description="suspended holds reviewed, by verdict")
 
 
 def record(risk: dict[str, Any]) -> None:
     """Count one assessment (the `risk` object fc.authorize answers)."""
-    decisions.add(1, {"decision": str(risk.get("decision", ""))})
+    decision = str(risk.get("decision", ""))
+    decisions.add(1, {"decision": decision})
+    # Rule ids come from the rule set in force (bounded: MAX_RULES per set).
+    for rule_id in risk.get("rules") or ():
+        rules_fired.add(1, {"rule": str(rule_id), "decision": decision})
     if risk.get("fallback"):
         fallbacks.add(1)
