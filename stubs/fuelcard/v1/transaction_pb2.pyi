@@ -129,7 +129,8 @@ class AuthorizeResponse(_message.Message):
         fire; decision and decline_reason (DECLINE_REASON_RISK_DECLINED,
         DECISION_REVIEW) say all a pump needs. Reviewers see the score and fired
         rules of a suspended hold in RiskService.ListSuspendedHolds; operators
-        see decisions, fallbacks and fired rules in the fuelcard.risk.* metrics.
+        see decisions, fallbacks and the rules behind each suspension or decline
+        in the fuelcard.risk.* metrics.
         Development mode (plaintext loopback, no caller identities, every role)
         gets the full assessment.
         """
