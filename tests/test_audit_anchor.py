@@ -84,7 +84,7 @@ def test_anchors_are_signed_heads_appended_to_the_file(
         assert gm.sm2_verify(public, signed, bytes.fromhex(d["signature"]))
     capsys.readouterr()
     assert fuelcard(logged, "audit", "verify", "--anchor", str(anchors)) == 0
-    assert "audit log intact" in capsys.readouterr().out
+    assert "extends all 2 anchored head(s)" in capsys.readouterr().out
     # Checked on a machine without the server's private key: its public key.
     assert cli.main(["audit", "verify", "--database-url", logged.database_url,
                      "--data-dir", str(tmp_path / "no-keys-here"), "--anchor", str(anchors),
@@ -168,6 +168,11 @@ def test_an_edited_or_forged_anchor_line_is_not_trusted(
         assert "anchor file not trusted" in out.err, (label, out.err)
         assert fuelcard(logged, "audit", "anchor", "--file", str(anchors)) == 1, label
         assert anchors.read_text() == text, label
+    # A missing file cannot be read (exit 2); an empty one checks nothing:
+    # refused rather than passed.
+    assert fuelcard(logged, "audit", "verify", "--anchor", str(tmp_path / "absent")) == 2
+    anchors.write_text("")
+    assert fuelcard(logged, "audit", "verify", "--anchor", str(anchors)) == 1
     anchors.write_text(genuine)
     assert fuelcard(logged, "audit", "verify", "--anchor", str(anchors)) == 0
     assert audit_anchor.read(anchors, server_key(logged).public_key)[0].record_id == record_id

@@ -281,6 +281,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         anchors, code = _anchors_of(args.anchor, s, args.public_key)
         if code:
             return code
+        if not anchors:
+            print(f"FAIL {args.anchor}: no anchor in it")
+            print("anchor file holds no anchor: nothing to check the log against",
+                  file=sys.stderr)
+            return 1
     else:
         anchor = args.anchor
     url, pg = _database(s)
@@ -301,7 +306,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
               f"({len(report.problems)} problem(s))", file=sys.stderr)
         return 1
     print(f"audit log intact: {report.records} record(s); head {report.head_id}:"
-          f"{report.head_hash.hex()}")
+          f"{report.head_hash.hex()}"
+          + (f"; extends all {len(anchors)} anchored head(s)" if anchors else ""))
     return 0
 
 
