@@ -202,17 +202,33 @@ def test_the_command_exits_non_zero_on_breaks(server: RunningServer, db: Conn, t
 def breaks(tls_server: TlsServer, db: Conn, tmp_path: Path) -> Iterator[list[str]]:
     """Three breaks of a WeChat day, found through the command's code path."""
     admin = tls_server.channel("admin-ops")
-    from fuelcard.v1 import account_pb2, account_pb2_grpc, funding_pb2_grpc
+    from fuelcard.v1 import (
+        account_pb2,
+        account_pb2_grpc,
+        funding_pb2_grpc,
+        security_pb2,
+        security_pb2_grpc,
+    )
+    from fuelcard_server import gm, keys
     accounts = account_pb2_grpc.AccountServiceStub(admin)
     account = accounts.OpenAccount(account_pb2.OpenAccountRequest(
         request_id=builders.rid("open"), type=account_pb2.ACCOUNT_TYPE_PERSONAL,
         holder=account_pb2.Holder(name="对账"))).account.account_id
-    funding = funding_pb2_grpc.FundingServiceStub(admin)
+    # WeChat Pay payments arrive signed by the WeChat Pay adapter.
+    key = gm.Sm2PrivateKey.generate()
+    security_pb2_grpc.SecurityServiceStub(admin).RegisterChannelKey(
+        security_pb2.RegisterChannelKeyRequest(channel=funding_pb2.CHANNEL_WECHAT_PAY,
+                                               public_key_hex=key.public_key.to_hex()))
+    funding = funding_pb2_grpc.FundingServiceStub(tls_server.channel("adapter-wechat-gw"))
     for i in range(4):
-        funding.Recharge(funding_pb2.RechargeRequest(
+        req = funding_pb2.RechargeRequest(
             request_id=builders.rid("rc"), account_id=account,
             channel=funding_pb2.CHANNEL_WECHAT_PAY, channel_txn_id=txn_id("WECHAT_PAY"),
-            amount_fen=100 + i))
+            amount_fen=100 + i)
+        req.signature = gm.sm2_sign(key, keys.canonical(
+            "Recharge", req.request_id, req.account_id, req.channel, req.channel_txn_id,
+            req.amount_fen))
+        funding.Recharge(req)
     records = ours(db, funding_pb2.CHANNEL_WECHAT_PAY)
     records[1] = dataclasses.replace(records[1], amount_fen=1)
     records[2] = dataclasses.replace(records[2], status=Status.PROCESSING)

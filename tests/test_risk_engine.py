@@ -14,8 +14,6 @@ import grpc
 import pytest
 from fuelcard.v1 import common_pb2, transaction_pb2, transaction_pb2_grpc
 from fuelcard_server.settings import Settings
-from opentelemetry import metrics
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from tests import builders
@@ -29,13 +27,6 @@ BURST = 24
 @pytest.fixture
 def server_settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path, risk_fault_injection=True)
-
-
-@pytest.fixture(scope="module")
-def metric_reader() -> InMemoryMetricReader:
-    reader = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    return reader
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from tests.plugins.server import RunningServer
 from tests.plugins.terminals import Fixture
 from tests.plugins.terminals import expect as expect_tls
 from tests.plugins.terminals import rid as tls_rid
-from tests.risk_helpers import authorize, fired, load_rules, risk, rule
+from tests.risk_helpers import authorize, load_rules, risk, rule
 
 MIN = dt.timedelta(minutes=1)
 
@@ -166,8 +166,10 @@ def test_roles_reviewers_review_admins_load_terminals_neither(setup: Fixture, db
             raise AssertionError("only reviewers review")
         except grpc.RpcError as err:
             expect_tls(err, grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
-    assert [h.hold.hold_id for h in reviewer.ListSuspendedHolds(
-        risk_pb2.ListSuspendedHoldsRequest()).holds] == [auth.hold.hold_id]
+    # The reviewer sees why; the terminal was told the decision only.
+    assert [(h.hold.hold_id, list(h.fired_rules)) for h in reviewer.ListSuspendedHolds(
+        risk_pb2.ListSuspendedHoldsRequest()).holds] == [(auth.hold.hold_id, ["BIG"])]
+    assert auth.risk == risk_pb2.RiskAssessment(decision=risk_pb2.RISK_DECISION_REVIEW)
     assert reviewer.ReviewHold(review).hold.state == common_pb2.HOLD_STATE_AUTHORIZED
     confirmed = setup.t1.pos.Confirm(setup.t1.confirm(auth.hold.hold_id, 20_000))
     assert confirmed.decision == common_pb2.DECISION_APPROVED
@@ -177,4 +179,3 @@ def test_roles_reviewers_review_admins_load_terminals_neither(setup: Fixture, db
     assert scalar(db, "SELECT count(*) FROM fc.audit_log WHERE actor = 'reviewer::risk'"
                   " AND method = '/fuelcard.v1.RiskService/ReviewHold' AND outcome = 'OK'"
                   " AND target = %s", (auth.hold.hold_id,)) == 1
-    assert fired(auth) == ["BIG"]

@@ -1,4 +1,5 @@
-"""The adapter's link to the core: signed Recharge and RefundRecharge calls.
+"""The adapter's link to the core: signed Recharge and RefundRecharge calls,
+and GetRecharge reads whose signed answers are checked the same way.
 
 Each call carries ONE request_id on every attempt, derived from the channel's
 own id of the transaction (so a channel's duplicate notification, even after
@@ -93,6 +94,22 @@ class CoreClient:
             resp.decision, resp.decline_reason, r.recharge_id, r.account_id, r.channel,
             r.channel_txn_id, r.amount_fen, r.create_time.seconds, r.create_time.nanos,
             resp.balance_fen)
+        if not sm2_verify(self.core_public_key, signed, resp.signature):
+            raise CoreError(grpc.StatusCode.UNAUTHENTICATED, "ANSWER_SIGNATURE_INVALID")
+        return resp
+
+    def get_recharge(self, channel_txn_id: str) -> funding_pb2.GetRechargeResponse:
+        """The core's record of one of this channel's payments (and what was
+        refunded of it), believed only if the core's signature verifies."""
+        req = funding_pb2.GetRechargeRequest(
+            channel=self.channel,  # type: ignore[arg-type]
+            channel_txn_id=channel_txn_id)
+        resp = self._call(lambda: self.funding.GetRecharge(req, timeout=self.timeout_s))
+        r = resp.recharge
+        signed = canonical(
+            "GetRechargeResponse", req.channel, req.channel_txn_id, r.recharge_id, r.account_id,
+            r.channel, r.channel_txn_id, r.amount_fen, r.create_time.seconds,
+            r.create_time.nanos, resp.refunded_fen)
         if not sm2_verify(self.core_public_key, signed, resp.signature):
             raise CoreError(grpc.StatusCode.UNAUTHENTICATED, "ANSWER_SIGNATURE_INVALID")
         return resp

@@ -37,7 +37,7 @@ import importlib
 import logging
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
@@ -263,7 +263,8 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
 
 
-def walk(url: str, anchor: tuple[int, bytes] | None = None) -> Report:
+def walk(url: str, anchor: tuple[int, bytes] | None = None,
+         anchors: Sequence[tuple[int, bytes]] = ()) -> Report:
     """Walk the whole chain in id order, recomputing every hash.
 
     Finds a record edited (its hash no longer matches its contents), deleted
@@ -271,10 +272,15 @@ def walk(url: str, anchor: tuple[int, bytes] | None = None) -> Report:
     moved (its link and its hash both break). A chain rewritten wholesale by
     someone who recomputed every later hash, or cut short at the end, is
     consistent in itself: `anchor` (a record id and the hash it had, noted
-    earlier outside the database) catches that."""
+    earlier outside the database) catches that, and so does each of
+    `anchors` (audit_anchor.py: heads anchored by `fuelcard audit anchor`):
+    the chain must still extend every one of them."""
     report = Report()
     expected, prev = 1, GENESIS
-    anchored: bytes | None = None
+    wanted: dict[int, set[bytes]] = {}
+    for record_id, digest in ([anchor] if anchor is not None else []) + list(anchors):
+        wanted.setdefault(record_id, set()).add(digest)
+    found: dict[int, bytes] = {}
     with psycopg.connect(url) as conn:
         conn.read_only = True
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -296,15 +302,18 @@ def walk(url: str, anchor: tuple[int, bytes] | None = None) -> Report:
                               outcome) != stored:
                     report.problems.append(Problem(
                         record_id, "edited", "hash does not match the record's contents: edited"))
-                if anchor is not None and record_id == anchor[0]:
-                    anchored = stored
+                if record_id in wanted:
+                    found[record_id] = stored
                 report.records += 1
                 report.head_id, report.head_hash = record_id, stored
                 expected, prev = record_id + 1, stored
-    if anchor is not None and anchored != anchor[1]:
-        detail = ("is missing: the log was cut short or rewritten" if anchored is None
+    for record_id in sorted(wanted):
+        stored = found.get(record_id)
+        if stored is not None and wanted[record_id] == {stored}:
+            continue
+        detail = ("is missing: the log was cut short or rewritten" if stored is None
                   else "has a different hash than the anchor: the log was rewritten")
-        report.problems.append(Problem(anchor[0], "anchor", detail))
+        report.problems.append(Problem(record_id, "anchor", detail))
     report.problems.sort(key=lambda p: p.record_id)
     return report
 

@@ -1,4 +1,4 @@
-"""The `fuelcard` command: serve, migrate, verify, prune, audit verify, demo, risk
+"""The `fuelcard` command: serve, migrate, verify, prune, audit verify/anchor, demo, risk
 load/backtest."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import psycopg
 
 from fuelcard_server import audit, logs, migrations, verify
 from fuelcard_server.embedded import EmbeddedPostgres
+from fuelcard_server.gm import Sm2PrivateKey, Sm2PublicKey
 from fuelcard_server.risk.model import RuleSet
 from fuelcard_server.settings import Settings, SettingsError
 
@@ -257,6 +258,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _anchor(text: str) -> tuple[int, bytes]:
     record, _, digest = text.partition(":")
+def _anchor(text: str) -> tuple[int, bytes] | Path:
+    """ID:HASH (a head noted by hand), or an anchor file (`audit anchor`)."""
+    record, colon, digest = text.partition(":")
+    if not (colon and record.isdigit()):
+        return Path(text)
     try:
         value = (int(record), bytes.fromhex(digest))
     except ValueError:
@@ -266,11 +272,66 @@ def _anchor(text: str) -> tuple[int, bytes]:
     return value
 
 
+def _server_key_file(s: Settings) -> Path:
+    return s.signing_key_file or s.data_dir / "server-sm2.key"
+
+
+def _server_key(s: Settings) -> Sm2PrivateKey | None:
+    """The server's SM2 key if it exists (never made here: a key made by
+    this command would not be the one the server signs with)."""
+    return s.signing_key() if _server_key_file(s).exists() else None
+
+
+def _anchors_of(path: Path, s: Settings, public_hex: str | None
+                ) -> tuple[list[tuple[int, bytes]], int]:
+    """The heads anchored in an anchor file, each signature checked; or ([],
+    exit code) after saying why they cannot be trusted."""
+    from fuelcard_server import audit_anchor
+
+    if public_hex is not None:
+        try:
+            public = Sm2PublicKey.from_hex(public_hex)
+        except ValueError:
+            print("fuelcard: --public-key: not an SM2 public key (128 hex digits)",
+                  file=sys.stderr)
+            return [], 2
+    else:
+        key = _server_key(s)
+        if key is None:
+            print(f"fuelcard: no server key at {_server_key_file(s)}: pass --public-key "
+                  "(SecurityService.GetServerSigningKey)", file=sys.stderr)
+            return [], 2
+        public = key.public_key
+    try:
+        anchors = audit_anchor.read(path, public)
+    except audit_anchor.AnchorError as exc:
+        print(f"FAIL {exc}")
+        print(f"anchor file not trusted: {exc}", file=sys.stderr)
+        return [], 1
+    except OSError as exc:
+        print(f"fuelcard: cannot read the anchor file: {exc.strerror or exc}", file=sys.stderr)
+        return [], 2
+    return [(a.record_id, a.hash) for a in anchors], 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     s = _settings(args)
+    anchor: tuple[int, bytes] | None = None
+    anchors: list[tuple[int, bytes]] = []
+    if isinstance(args.anchor, Path):
+        anchors, code = _anchors_of(args.anchor, s, args.public_key)
+        if code:
+            return code
+        if not anchors:
+            print(f"FAIL {args.anchor}: no anchor in it")
+            print("anchor file holds no anchor: nothing to check the log against",
+                  file=sys.stderr)
+            return 1
+    else:
+        anchor = args.anchor
     url, pg = _database(s)
     try:
-        report = audit.walk(url, args.anchor)
+        report = audit.walk(url, anchor, anchors)
     except psycopg.Error as exc:
         print(f"fuelcard: cannot read the audit log: {exc.diag.message_primary or exc}",
               file=sys.stderr)
@@ -286,7 +347,58 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
               f"({len(report.problems)} problem(s))", file=sys.stderr)
         return 1
     print(f"audit log intact: {report.records} record(s); head {report.head_id}:"
-          f"{report.head_hash.hex()}")
+          f"{report.head_hash.hex()}"
+          + (f"; extends all {len(anchors)} anchored head(s)" if anchors else ""))
+    return 0
+
+
+def cmd_audit_anchor(args: argparse.Namespace) -> int:
+    """Append the chain's head, signed, to the anchor file - only if the
+    chain is intact and still extends every head anchored there before."""
+    from fuelcard_server import audit_anchor
+
+    s = _settings(args)
+    key = _server_key(s)
+    if key is None:
+        print(f"fuelcard: no server key at {_server_key_file(s)} (the server makes it when it "
+              "first starts; --data-dir or signing_key_file names where it is)", file=sys.stderr)
+        return 2
+    anchors: list[tuple[int, bytes]] = []
+    if args.file.exists():
+        anchors, code = _anchors_of(args.file, s, None)
+        if code:
+            return code
+    url, pg = _database(s)
+    try:
+        report = audit.walk(url, anchors=anchors)
+    except psycopg.Error as exc:
+        print(f"fuelcard: cannot read the audit log: {exc.diag.message_primary or exc}",
+              file=sys.stderr)
+        return 2
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
+    if report.problems:
+        for problem in report.problems:
+            print(f"FAIL {problem}")
+        first = report.problems[0]
+        print(f"not anchored: audit log broken at record {first.record_id}: {first.detail}",
+              file=sys.stderr)
+        return 1
+    head = f"{report.head_id}:{report.head_hash.hex()}"
+    if report.head_id == 0:
+        print("audit log empty: nothing to anchor")
+        return 0
+    if anchors and anchors[-1] == (report.head_id, report.head_hash):
+        print(f"head {head} is already anchored in {args.file}")
+        return 0
+    try:
+        audit_anchor.append(args.file, audit_anchor.Anchor.make(
+            key, report.head_id, report.head_hash, dt.datetime.now(dt.UTC)))
+    except OSError as exc:
+        print(f"fuelcard: cannot write the anchor file: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"anchored head {head} in {args.file}")
     return 0
 
 
@@ -481,10 +593,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = audit_sub.add_parser("verify", help="check the audit log's hash chain; non-zero exit "
                              "naming the first broken record")
     _add_database_flags(p)
-    p.add_argument("--anchor", type=_anchor, metavar="ID:HASH",
-                   help="a record id and its hash noted earlier (the head this command "
-                   "printed): also catches a log cut short or rewritten wholesale")
+    p.add_argument("--anchor", type=_anchor, metavar="FILE|ID:HASH",
+                   help="an anchor file written by `audit anchor` (every line's signature is "
+                   "checked, and the chain must still extend every anchored head), or a record "
+                   "id and its hash noted earlier (the head this command printed): also "
+                   "catches a log cut short or rewritten wholesale")
+    p.add_argument("--public-key", dest="public_key", metavar="HEX",
+                   help="the server's SM2 public key (X || Y, 128 hex digits) to check an anchor "
+                   "file with; default: from the server's key in the data directory")
     p.set_defaults(func=cmd_audit_verify)
+    p = audit_sub.add_parser("anchor", help="append the audit chain's head (record id and hash, "
+                             "signed with the server's SM2 key) to an append-only anchor file "
+                             "kept outside the database; refuses if the chain is broken or no "
+                             "longer extends a head anchored there")
+    _add_database_flags(p)
+    p.add_argument("--file", type=Path, required=True,
+                   help="the anchor file (created if absent; lines are only ever appended): "
+                   "keep it, or copies of it, where database administrators cannot write")
+    p.set_defaults(func=cmd_audit_anchor)
 
     p = sub.add_parser("risk", help="the risk engine's rule sets")
     risk_sub = p.add_subparsers(dest="risk_command", required=True)

@@ -64,9 +64,11 @@ async def seed(target: str, certs: Path | None = None) -> list[tuple[DemoCard, s
             account_id = opened.account.account_id
             await accounts.IssueCard(account_pb2.IssueCardRequest(
                 request_id=f"demo-card-{i}", account_id=account_id, card_number=card.card_number))
+            # A counter top-up: the one channel staff may book unsigned (a
+            # WeChat Pay or bank payment comes signed by its adapter).
             await funding.Recharge(funding_pb2.RechargeRequest(
-                request_id=f"demo-recharge-{i}", account_id=account_id,
-                channel=funding_pb2.CHANNEL_WECHAT_PAY, channel_txn_id=f"demo-wx-{i:04d}",
+                request_id=f"demo-counter-{i}", account_id=account_id,
+                channel=funding_pb2.CHANNEL_COUNTER, channel_txn_id=f"demo-ctr-{i:04d}",
                 amount_fen=card.recharge_fen))
             made.append((card, account_id))
         # The default risk rule set, in force for the demo (the same request

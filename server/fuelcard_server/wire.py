@@ -124,6 +124,10 @@ def points_entry(d: dict[str, Any]) -> points_pb2.PointsEntry:
     return e
 
 
+def risk_decision(d: dict[str, Any]) -> risk_pb2.RiskDecision.ValueType:
+    return _RISK_DECISION[d["decision"]]
+
+
 def risk_assessment(d: dict[str, Any]) -> risk_pb2.RiskAssessment:
     return risk_pb2.RiskAssessment(
         decision=_RISK_DECISION[d["decision"]], score=min(d["score"], 2**31 - 1),

@@ -29,6 +29,9 @@ from fuelcard.v1 import (
 from fuelcard_server.app import FuelcardServer
 from fuelcard_server.clock import ManualClock
 from fuelcard_server.settings import Settings
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 TEST_KEY_HEX = "00112233445566778899aabbccddeeff" * 2
 
@@ -112,6 +115,16 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
                  # (test_overload.py and test_ops.py turn it on)
                  load_shedding=False)
     return dataclasses.replace(s, **overrides).validate()
+
+
+@pytest.fixture(scope="session")
+def metric_reader() -> InMemoryMetricReader:
+    """The metrics the servers of this test session record (OpenTelemetry's
+    global meter provider can be set once per process: one reader for all
+    tests; compare counts before and after)."""
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return reader
 
 
 @pytest.fixture

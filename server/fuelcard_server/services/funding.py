@@ -1,8 +1,9 @@
 """FundingService: top-ups reported by payment adapters.
 
 Recharge notifications are signed (SM2) by the channel's adapter and every
-answer is signed by the server; the signing inputs are defined below and in
-funding.proto (RechargeRequest.signature, RechargeResponse.signature).
+answer (Recharge, RefundRecharge, GetRecharge) is signed by the server; the
+signing inputs are defined below and in funding.proto (RechargeRequest.signature,
+RechargeResponse.signature, GetRechargeResponse.signature).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from fuelcard_server.validation import ID_MAX_CHARS, Violations
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 CHANNELS = frozenset(v for v in funding_pb2.Channel.values() if v != funding_pb2.CHANNEL_UNSPECIFIED)
+# Channels whose money the operator's own staff take in (cash or transfer at
+# a counter): an admin may book these unsigned. Every other channel's money
+# is a payment only that channel's adapter can vouch for (with its signature).
+OPERATOR_CHANNELS = frozenset({funding_pb2.CHANNEL_COUNTER})
 
 # Signed answers this process remembers, so that a replay (the same request,
 # or the channel's second notice of a payment) gets the original answer byte
@@ -74,6 +79,18 @@ def recharge_response_signing_input(request: funding_pb2.RechargeRequest,
         request.amount_fen, response.decision, response.decline_reason,
         r.recharge_id, r.account_id, r.channel, r.channel_txn_id, r.amount_fen,
         r.create_time.seconds, r.create_time.nanos, response.balance_fen)
+
+
+def get_recharge_signing_input(request: funding_pb2.GetRechargeRequest,
+                               response: funding_pb2.GetRechargeResponse) -> bytes:
+    """What the server signs for GetRecharge: the transaction asked about
+    (fields 1-2 of the request, as sent) and the recharge, field by field,
+    with what channels refunded of it (funding.proto)."""
+    r = response.recharge
+    return keys.canonical(
+        "GetRechargeResponse", request.channel, request.channel_txn_id,
+        r.recharge_id, r.account_id, r.channel, r.channel_txn_id, r.amount_fen,
+        r.create_time.seconds, r.create_time.nanos, response.refunded_fen)
 
 
 def refund_signing_input(request: funding_pb2.RefundRechargeRequest) -> bytes:
@@ -187,10 +204,14 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
     async def _check_signature(
             self, request: funding_pb2.RechargeRequest | funding_pb2.RefundRechargeRequest) -> None:
         """An adapter's notification must carry a valid SM2 signature by the
-        key registered for its channel. Other callers (admin staff booking
-        counter payments; development mode on plaintext loopback, which has
-        no identities) need not sign, but a signature they send is checked
-        all the same, so adapter code can be tried against a dev server.
+        key registered for its channel. An admin need not sign a booking on
+        an operator channel (OPERATOR_CHANNELS: staff at a counter), but a
+        bank, WeChat Pay, Alipay or e-CNY payment must arrive signed by that
+        channel's adapter, whoever relays it: unsigned from an admin it is
+        PERMISSION_DENIED SIGNATURE_MISSING. Development mode (plaintext
+        loopback, no identities) need not sign. A signature any caller sends
+        is checked all the same, so adapter code can be tried against a dev
+        server.
 
         SM2 verify runs in C (gmssl_pyx) but holds the GIL for about 0.5 ms,
         as does signing the answer: about 1 ms of one core per recharge,
@@ -198,9 +219,15 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
         transactions); never do this on the authorize/confirm path. The channel
         key comes from a per-process cache (security.ChannelKeys, 30 s)."""
         if not request.signature:
-            if self.d.identity().role is Role.ADAPTER:
+            role = self.d.identity().role
+            if role is Role.ADAPTER:
                 raise errors.unauthenticated(
                     "SIGNATURE_MISSING", "recharge notifications must carry the channel's SM2 signature")
+            if role is Role.ADMIN and request.channel not in OPERATOR_CHANNELS:
+                raise errors.ApiError(
+                    grpc.StatusCode.PERMISSION_DENIED, "SIGNATURE_MISSING",
+                    "staff may book only counter top-ups unsigned; a payment on this channel"
+                    " must carry its adapter's SM2 signature")
             return
         key = await channel_keys(self.d.db).get(request.channel)
         if key is None:
@@ -222,4 +249,7 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
         row = await self.d.db.fetch_one(GET_RECHARGE_SQL, (request.channel, request.channel_txn_id))
         if row is None:
             raise errors.not_found("RECHARGE_NOT_FOUND", "recharge")
-        return funding_pb2.GetRechargeResponse(recharge=wire.recharge(row[0]), refunded_fen=row[1])
+        response = funding_pb2.GetRechargeResponse(recharge=wire.recharge(row[0]),
+                                                   refunded_fen=row[1])
+        response.signature = self._sign(get_recharge_signing_input(request, response))
+        return response

@@ -83,7 +83,12 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
         if "hold" in d:
             response.hold.CopyFrom(wire.hold(d["hold"]))
         if "risk" in d:
-            response.risk.CopyFrom(wire.risk_assessment(d["risk"]))
+            if caller.role is Role.POS:
+                # The decision only: a terminal must not learn which rules
+                # fired or how close it came (transaction.proto, risk).
+                response.risk.decision = wire.risk_decision(d["risk"])
+            else:
+                response.risk.CopyFrom(wire.risk_assessment(d["risk"]))
             if not d.get("replayed"):
                 risk_metrics.record(d["risk"])
         return response

@@ -141,9 +141,13 @@ class RechargeRequest(_message.Message):
     UNAUTHENTICATED SIGNATURE_MISSING; one that does not verify ->
     UNAUTHENTICATED SIGNATURE_INVALID; no key registered for the channel ->
     FAILED_PRECONDITION CHANNEL_KEY_NOT_REGISTERED. Nothing changes in any of
-    these cases. Other callers (admin; development mode on plaintext loopback,
-    which has no caller identities) may leave it empty; a signature they do
-    send is checked the same way.
+    these cases. Admins (staff tools) may leave it empty only for
+    CHANNEL_COUNTER, money the operator's own staff took in; a bank-card,
+    WeChat Pay, Alipay or e-CNY payment must carry the signature of that
+    channel's adapter whoever sends it: unsigned from an admin ->
+    PERMISSION_DENIED SIGNATURE_MISSING, nothing changes. Development mode
+    (plaintext loopback, no caller identities) may leave it empty on any
+    channel. A signature any caller sends is checked the same way.
 
     Replays: request_id is signed, so a captured notification cannot be sent
     again under another request_id. The same request_id again gets the
@@ -283,8 +287,27 @@ class GetRechargeResponse(_message.Message):
 
     RECHARGE_FIELD_NUMBER: _builtins.int
     REFUNDED_FEN_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     refunded_fen: _builtins.int
     """How much of it channels have refunded so far (RefundRecharge), in fen."""
+    signature: _builtins.bytes
+    """The server's SM2 signature (same form and key as
+    RechargeResponse.signature), so the adapter can check the answer came
+    from the core, over the transaction the request asked about and fields
+    1-2:
+      E("GetRechargeResponse", request.channel, request.channel_txn_id,
+        recharge.recharge_id, recharge.account_id, recharge.channel,
+        recharge.channel_txn_id, recharge.amount_fen,
+        recharge.create_time.seconds, recharge.create_time.nanos,
+        refunded_fen)
+    with E as for RechargeRequest.signature (enums as their numbers). The
+    request's fields are the ones the caller sent, exactly: an answer about
+    another transaction does not verify. Every answer is signed (errors, as
+    gRPC statuses, are not). The same answer read again carries the same
+    signature bytes while the serving process remembers them; otherwise
+    fresh ones (SM2 is randomised): compare the signed fields, not the
+    signature bytes.
+    """
     @_builtins.property
     def recharge(self) -> Global___Recharge:
         """The recharge."""
@@ -294,10 +317,11 @@ class GetRechargeResponse(_message.Message):
         *,
         recharge: Global___Recharge | None = ...,
         refunded_fen: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["recharge", b"recharge"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["recharge", b"recharge", "refunded_fen", b"refunded_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recharge", b"recharge", "refunded_fen", b"refunded_fen", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -401,6 +425,8 @@ class RefundRechargeRequest(_message.Message):
     """SM2 signature, as RechargeRequest.signature, over
       E("RefundRecharge", request_id, channel, channel_txn_id,
         channel_refund_id, amount_fen, refunded_total_fen)
+    Who must sign: as Recharge (an admin may refund unsigned only on
+    CHANNEL_COUNTER; other channels' refunds come signed by their adapter).
     Errors: as Recharge; a payment the core has not seen (yet: a refund
     notified before its payment) is NOT_FOUND RECHARGE_NOT_FOUND; more than
     is left of the recharge is FAILED_PRECONDITION REFUND_EXCEEDS_RECHARGE;

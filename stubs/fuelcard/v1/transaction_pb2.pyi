@@ -121,8 +121,18 @@ class AuthorizeResponse(_message.Message):
 
     @_builtins.property
     def risk(self) -> _risk_pb2.RiskAssessment:
-        """What the risk engine said: its decision, score and the rules that fired.
-        Unset when no rule set is in force or a business check declined first.
+        """What the risk engine said. Unset when no rule set is in force or a
+        business check declined first. Who gets what: a terminal (role pos) gets
+        `risk.decision` only - score, fired_rules, rule_set_version and fallback
+        are left at their defaults (0, empty, 0, false), so that a tampered
+        terminal cannot probe the rules by trying amounts and watching which
+        fire; decision and decline_reason (DECLINE_REASON_RISK_DECLINED,
+        DECISION_REVIEW) say all a pump needs. Reviewers see the score and fired
+        rules of a suspended hold in RiskService.ListSuspendedHolds; operators
+        see decisions, fallbacks and the rules behind each suspension or decline
+        in the fuelcard.risk.* metrics.
+        Development mode (plaintext loopback, no caller identities, every role)
+        gets the full assessment.
         """
 
     def __init__(
