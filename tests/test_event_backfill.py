@@ -17,10 +17,11 @@ from pathlib import Path
 
 import grpc
 import psycopg
+import pytest
 from fuelcard.v1 import account_pb2, events_pb2, events_pb2_grpc, funding_pb2, points_pb2
 from fuelcard_analytics.follow import Target, follow
 from fuelcard_analytics.warehouse import Warehouse, open_store
-from fuelcard_server import event_backfill, migrations, verify
+from fuelcard_server import cli, event_backfill, migrations, verify
 from fuelcard_server.clock import ManualClock
 
 from tests import builders, control_builders
@@ -92,7 +93,7 @@ def matches(path: Path, db: Conn) -> bool:
 
 
 def test_backfill_brings_the_history_from_before_the_stream_into_the_warehouse(
-        pg_cluster: PostgresCluster, tmp_path: Path) -> None:
+        pg_cluster: PostgresCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = pg_cluster.create_database(DATABASE)
     clock = ManualClock(dt.datetime(2026, 3, 2, 1, 0, tzinfo=dt.UTC))
     everything = migrations.available()
@@ -174,6 +175,9 @@ def test_backfill_brings_the_history_from_before_the_stream_into_the_warehouse(
             server.sequence_events()
             head = db.execute("SELECT last_position FROM fc.event_head").fetchone()
             assert event_backfill.run(url, batch=5, now=clock.now) == 0
+            assert cli.main(["events", "backfill", "--database-url", url]) == 0
+            printed = capsys.readouterr().out
+            assert "nothing to write (done)" in printed and "refunds: done (5 of 5)" in printed
             assert db.execute("SELECT count(*) FROM fc.outbox").fetchone() == (0,)
             assert db.execute("SELECT last_position FROM fc.event_head").fetchone() == head
 
