@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pytest
 from fuelcard.v1 import (
     account_pb2,
     events_pb2,
@@ -21,7 +22,7 @@ from fuelcard.v1 import (
 from fuelcard_adapters.core import CoreClient
 from fuelcard_adapters.framework import Adapter
 from fuelcard_adapters.signing import Sm2Signer
-from fuelcard_analytics import reports
+from fuelcard_analytics import cli, reports
 from fuelcard_analytics.follow import Target, follow
 from fuelcard_analytics.warehouse import Warehouse, open_store
 
@@ -57,8 +58,8 @@ class Channel:
         return refund
 
 
-def sync(server: RunningServer, path: Path) -> None:
-    store = open_store(str(path))
+def sync(server: RunningServer, spec: str) -> None:
+    store = open_store(spec)
     try:
         follow(Target(server.target), Warehouse(store), keep_following=False, log=lambda _: None)
     finally:
@@ -66,7 +67,8 @@ def sync(server: RunningServer, path: Path) -> None:
 
 
 def test_the_warehouse_reconciles_with_the_journal_per_account(
-        server: RunningServer, db: Conn, tmp_path: Path) -> None:
+        server: RunningServer, db: Conn, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     wechat, alipay, bank = (Channel(server, WeChatSim()), Channel(server, AlipaySim()),
                             Channel(server, BankCardSim()))
     a = builders.open_card(server)
@@ -110,7 +112,14 @@ def test_the_warehouse_reconciles_with_the_journal_per_account(
     control_builders.transfer_points(server, member.account_id, family.parent_id, earned)
 
     store_path = tmp_path / "w.duckdb"
-    sync(server, store_path)
+    sync(server, str(store_path))
+    # the same in a PostgreSQL store
+    sync(server, server.database_url)
+    pg = open_store(server.database_url)
+    try:
+        assert_warehouse_matches_journal(pg, db)
+    finally:
+        pg.close()
     store = open_store(str(store_path))
     try:
         journal = assert_warehouse_matches_journal(store, db)
@@ -136,8 +145,19 @@ def test_the_warehouse_reconciles_with_the_journal_per_account(
         alipay_line = next(x for x in lines if ",ALIPAY," in x).split(",")
         assert alipay_line[2:7] == ["20000", "11000", "2000", "9000", "9000"]
         assert output.png.stat().st_size > 100
+        # A store made by the first release had its allocations in
+        # fact_ledger alone: opening it with this one books them.
+        store.execute("DELETE FROM fact_allocation")
+        store.execute("DELETE FROM warehouse_version")
+        Warehouse(store)
+        assert store.query("SELECT version FROM warehouse_version") == [(2,)]
+        assert_warehouse_matches_journal(store, db)
     finally:
         store.close()
+    assert cli.main(["totals", "--store", str(store_path)]) == 0
+    held = db.execute("SELECT sum(balance_fen), sum(points_balance) FROM fc.accounts").fetchone()
+    assert held is not None
+    assert f"held {held[0]} fen; points outstanding {held[1]}" in capsys.readouterr().out
     # the refund's own event, also for the one that moved no money
     stub = events_pb2_grpc.EventServiceStub(server.channel)
     streamed = [e for m in stub.StreamEvents(events_pb2.StreamEventsRequest()) for e in m.events]

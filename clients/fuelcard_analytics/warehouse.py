@@ -48,6 +48,8 @@ PRODUCTS = {1: ("92#", "gasoline"), 2: ("95#", "gasoline"), 3: ("98#", "gasoline
 TIERS = {1: ("regular", "普通"), 2: ("silver", "银牌"), 3: ("gold", "金牌"), 4: ("diamond", "钻石")}
 
 SCHEMA = [
+    # 1: the first release; 2: fact_refund, fact_allocation, fact_recharge.recharge_id
+    "CREATE TABLE IF NOT EXISTS warehouse_version (version INTEGER NOT NULL)",
     """CREATE TABLE IF NOT EXISTS sidecar_cursor (
            stream VARCHAR PRIMARY KEY, position BIGINT NOT NULL, events BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS dim_date (
@@ -134,6 +136,17 @@ SCHEMA = [
               CAST(sum(points) AS BIGINT) AS balance
          FROM fact_points GROUP BY account_id""",
 ]
+
+
+ALLOCATIONS_FROM_LEDGER = """
+    INSERT INTO fact_allocation (entry_id, position, date_key, booked_at, from_account_id,
+                                 to_account_id, amount_fen)
+    SELECT entry_id, position,
+           CAST(EXTRACT(year FROM booked_at) * 10000 + EXTRACT(month FROM booked_at) * 100
+                + EXTRACT(day FROM booked_at) AS INTEGER),
+           booked_at, debit, credit, amount
+      FROM fact_ledger WHERE kind = 5
+    ON CONFLICT DO NOTHING"""
 
 
 class Store(Protocol):
@@ -260,6 +273,14 @@ class Warehouse:
                 [list(TIERS), [v[0] for v in TIERS.values()], [v[1] for v in TIERS.values()]])
             store.execute("INSERT INTO sidecar_cursor (stream, position, events) VALUES (?, 0, 0)"
                           " ON CONFLICT (stream) DO NOTHING", [stream])
+            version = store.query("SELECT version FROM warehouse_version")
+            if not version or int(version[0][0]) < 2:
+                # A store made before fact_allocation: its allocations were
+                # booked in fact_ledger only (refunds come back with the
+                # server's backfill of refund events).
+                store.execute(ALLOCATIONS_FROM_LEDGER)
+                store.execute("DELETE FROM warehouse_version")
+                store.execute("INSERT INTO warehouse_version (version) VALUES (2)")
 
     def cursor(self) -> int:
         rows = self.store.query("SELECT position FROM sidecar_cursor WHERE stream = ?",
