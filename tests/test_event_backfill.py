@@ -201,3 +201,32 @@ def test_backfill_brings_the_history_from_before_the_stream_into_the_warehouse(
         assert verify.run(url) == []
     finally:
         pg_cluster.drop_database(DATABASE)
+
+
+def test_a_backfilled_card_never_undoes_a_change_positioned_before_it(
+        server: RunningServer, db: Conn, tmp_path: Path) -> None:
+    """A card blocked by a transaction that wrote its outbox row before the
+    backfill wrote the card's, and committed after: the change is positioned
+    first, and the backfilled card, described when positioned, says blocked
+    too (described when written, it would say active and win)."""
+    card = builders.open_card(server)
+    # as if the card had been issued before the stream existed
+    db.execute("UPDATE fc.event_backfill SET through_id = (SELECT max(id) FROM fc.cards)"
+               " WHERE source = 4")
+    with psycopg.connect(server.database_url) as racing:
+        racing.execute("UPDATE fc.cards SET status = 2 WHERE uid = %s", (card.card_id,))
+        assert db.execute("SELECT fc.backfill_events(100)").fetchone() == (1,)
+        racing.commit()
+    path = tmp_path / "w.duckdb"
+    sync(server, path)
+    store = open_store(str(path))
+    try:
+        assert store.query("SELECT status FROM dim_card WHERE card_id = ?", [card.card_id]) == [
+            (account_pb2.CARD_STATUS_BLOCKED,)]
+    finally:
+        store.close()
+    stub = events_pb2_grpc.EventServiceStub(server.channel)
+    cards = [(e.backfilled, e.card.status) for m in stub.StreamEvents(
+        events_pb2.StreamEventsRequest()) for e in m.events if e.HasField("card")]
+    assert cards == [(False, account_pb2.CARD_STATUS_ACTIVE), (False, account_pb2.CARD_STATUS_BLOCKED),
+                     (True, account_pb2.CARD_STATUS_BLOCKED)]

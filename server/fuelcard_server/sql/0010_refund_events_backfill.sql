@@ -18,9 +18,10 @@
 --      for each sale among them (kind 2 entry), its hold,
 --        CONFIRMED, right after the entry (as a confirm does)  kind 2
 --      accounts and cards that existed at this migration,
---        as their current snapshot (dimensions: the newest
+--        as they are when sequenced (dimensions: the newest
 --        version wins in the warehouse)                        kinds 3, 4
---      stations, current snapshot, in the first batch         kind 5
+--      stations, as they are when sequenced, in the first
+--        batch                                                kind 5
 --      refunds booked before this migration                   kind 6
 --    Holds cancelled or expired before the stream are not replayed: they
 --    moved no money and make no fact.
@@ -56,12 +57,27 @@ END $$;
 CREATE TRIGGER refunds_outbox AFTER INSERT ON fc.refunds
     FOR EACH ROW EXECUTE FUNCTION fc.outbox_refund();
 
--- 0009's payload builder with kind 6 and the backfill flag added.
+-- 0009's payload builder with kind 6 and the backfill flag added. A
+-- backfilled account, card or station is described as it is when sequenced,
+-- not when the backfill wrote its row: a change committed in between may be
+-- positioned before it (its outbox row is older), and must not be undone.
 CREATE OR REPLACE FUNCTION fc.event_payload(o fc.outbox) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v jsonb;
+    v          jsonb;
+    v_backfill boolean := coalesce(o.snap ? 'backfill', false);
+    v_snap     jsonb := o.snap;
 BEGIN
+    IF v_backfill AND o.kind = 3 THEN
+        SELECT fc.account_snap(a) INTO v_snap FROM fc.accounts a WHERE a.id = o.ref_id;
+    ELSIF v_backfill AND o.kind = 4 THEN
+        SELECT jsonb_build_object('status', c.status, 'account_id', c.account_id) INTO v_snap
+          FROM fc.cards c WHERE c.id = o.ref_id;
+    ELSIF v_backfill AND o.kind = 5 THEN
+        SELECT jsonb_build_object('station_id', s.station_id, 'name', s.name,
+                                  'latitude', s.latitude, 'longitude', s.longitude) INTO v_snap
+          FROM fc.stations s WHERE s.station_id = o.snap ->> 'station_id';
+    END IF;
     IF o.kind = 1 THEN
         SELECT jsonb_build_object(
                    'entry_id', j.id, 'kind', j.kind, 'asset', j.asset, 'amount', j.amount,
@@ -98,18 +114,18 @@ BEGIN
          WHERE h.id = o.ref_id;
     ELSIF o.kind = 3 THEN
         SELECT jsonb_build_object(
-                   'account_id', a.uid, 'type', o.snap -> 'kind', 'status', o.snap -> 'status',
-                   'tier', o.snap -> 'tier', 'funding_mode', o.snap -> 'funding_mode',
-                   'label', o.snap -> 'label', 'create_us', fc.ts(a.created_at),
+                   'account_id', a.uid, 'type', v_snap -> 'kind', 'status', v_snap -> 'status',
+                   'tier', v_snap -> 'tier', 'funding_mode', v_snap -> 'funding_mode',
+                   'label', v_snap -> 'label', 'create_us', fc.ts(a.created_at),
                    'parent_account_id', (SELECT p.uid FROM fc.accounts p
-                                          WHERE p.id = (o.snap ->> 'parent_id')::bigint))
+                                          WHERE p.id = (v_snap ->> 'parent_id')::bigint))
           INTO v
           FROM fc.accounts a WHERE a.id = o.ref_id;
     ELSIF o.kind = 4 THEN
         SELECT jsonb_build_object(
-                   'card_id', c.uid, 'status', o.snap -> 'status', 'create_us', fc.ts(c.created_at),
+                   'card_id', c.uid, 'status', v_snap -> 'status', 'create_us', fc.ts(c.created_at),
                    'account_id', (SELECT a.uid FROM fc.accounts a
-                                   WHERE a.id = (o.snap ->> 'account_id')::bigint))
+                                   WHERE a.id = (v_snap ->> 'account_id')::bigint))
           INTO v
           FROM fc.cards c WHERE c.id = o.ref_id;
     ELSIF o.kind = 6 THEN
@@ -124,9 +140,9 @@ BEGIN
           JOIN fc.accounts a ON a.id = f.account_id
          WHERE f.id = o.ref_id;
     ELSE
-        v := o.snap;
+        v := v_snap;
     END IF;
-    IF o.snap ? 'backfill' THEN
+    IF v_backfill THEN
         v := coalesce(v, '{}'::jsonb) || '{"backfill": true}'::jsonb;
     END IF;
     RETURN coalesce(v, '{}'::jsonb);
@@ -181,9 +197,7 @@ BEGIN
 
     IF v_s.done_id < v_s.through_id THEN
         INSERT INTO fc.outbox (kind, snap)
-        SELECT 5, jsonb_build_object('station_id', s.station_id, 'name', s.name,
-                                     'latitude', s.latitude, 'longitude', s.longitude,
-                                     'backfill', true)
+        SELECT 5, jsonb_build_object('station_id', s.station_id, 'backfill', true)
           FROM fc.stations s ORDER BY s.station_id;
         GET DIAGNOSTICS v_count = ROW_COUNT;
         UPDATE fc.event_backfill SET done_id = through_id WHERE source = 5;
@@ -212,14 +226,7 @@ BEGIN
         SELECT * FROM keyed ORDER BY k, src, id LIMIT p_limit
     ), written AS (
         SELECT t.k, t.src, t.id, 0 AS sub, t.src AS kind, t.id AS ref_id, NULL::smallint AS state,
-               t.t AS at,
-               CASE t.src
-                   WHEN 3 THEN (SELECT fc.account_snap(a) FROM fc.accounts a WHERE a.id = t.id)
-                   WHEN 4 THEN (SELECT jsonb_build_object('status', c.status,
-                                                          'account_id', c.account_id)
-                                  FROM fc.cards c WHERE c.id = t.id)
-                   ELSE '{}'::jsonb
-               END || '{"backfill": true}'::jsonb AS snap
+               t.t AS at, '{"backfill": true}'::jsonb AS snap
           FROM taken t
         UNION ALL
         -- a sale's hold, CONFIRMED, right after its entry
