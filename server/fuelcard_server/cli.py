@@ -376,6 +376,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_events_backfill(args: argparse.Namespace) -> int:
+    if args.batch < 1 or args.max_backlog < 0:
+        print("fuelcard: --batch must be >= 1 and --max-backlog >= 0", file=sys.stderr)
+        return 2
     s = _settings(args)
     url, pg = _database(s)
     try:
