@@ -37,12 +37,13 @@
 -- The journal mark: the entries that have an event are exactly those
 -- inserted after 0009's trigger (CREATE TRIGGER waited for every writer of
 -- fc.journal), i.e. above some id. If any journal event is still in the
--- outbox or the stream, the mark is just below the lowest; if none and
--- nothing was ever pruned, nothing has been streamed yet (0009 and this
--- migration applied together: the common upgrade) and the mark is the
--- journal's last id. If every journal event has been pruned, the boundary is
--- unknown and the mark is the last id: entries already streamed are written
--- again, and consumers skip the ones they hold (the backfill flag).
+-- outbox or the stream, the mark is just below the lowest; if none, nothing
+-- has been streamed yet (0009 and this migration applied together: the
+-- common upgrade) and the mark is the journal's last id, read while no
+-- writer is in flight (a short SHARE lock on fc.journal, to the end of this
+-- migration). If every journal event had already been pruned, the boundary
+-- is unknown and the mark is the last id: entries already streamed are
+-- written again, and consumers skip the ones they hold (the backfill flag).
 
 ------------------------------------------------------------------------------
 -- Refund events.
@@ -161,11 +162,28 @@ CREATE TABLE fc.event_backfill (
     done_id    bigint   NOT NULL DEFAULT 0
 );
 
-INSERT INTO fc.event_backfill (source, through_id)
-SELECT 1, coalesce(s.first_streamed - 1, (SELECT max(id) FROM fc.journal), 0)
-  FROM (SELECT least((SELECT min(ref_id) FROM fc.outbox WHERE kind = 1),
-                     (SELECT min((payload ->> 'entry_id')::bigint) FROM fc.events
-                       WHERE kind = 1)) AS first_streamed) s;
+DO $$
+DECLARE
+    v_head  bigint;
+    v_first bigint;
+BEGIN
+    -- The stream's events, read without a lock (a scan of up to the
+    -- retention's worth of events): the stream only grows.
+    SELECT last_position INTO v_head FROM fc.event_head;
+    SELECT min((payload ->> 'entry_id')::bigint) INTO v_first FROM fc.events
+     WHERE kind = 1 AND position <= v_head;
+    -- Then writers of fc.journal finish and new ones wait until this
+    -- migration commits (milliseconds from here), so that what the stream
+    -- and the outbox hold, and the journal's last id, are exact.
+    LOCK TABLE fc.journal IN SHARE MODE;
+    SELECT least(v_first,
+                 (SELECT min((payload ->> 'entry_id')::bigint) FROM fc.events
+                   WHERE kind = 1 AND position > v_head),
+                 (SELECT min(ref_id) FROM fc.outbox WHERE kind = 1))
+      INTO v_first;
+    INSERT INTO fc.event_backfill (source, through_id)
+    VALUES (1, coalesce(v_first - 1, (SELECT max(id) FROM fc.journal), 0));
+END $$;
 INSERT INTO fc.event_backfill (source, through_id) VALUES
     (3, coalesce((SELECT max(id) FROM fc.accounts WHERE kind <> 100), 0)),
     (4, coalesce((SELECT max(id) FROM fc.cards), 0)),
