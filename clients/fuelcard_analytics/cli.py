@@ -6,7 +6,8 @@
   generate  load a generated year of history into a (new) warehouse
   report    write the reports, the forecast and the churn warning: a CSV
             and a PNG each, and print what they found
-  totals    print the warehouse's ledger totals and cursor
+  totals    print the warehouse's ledger totals, cursor, and the money and
+            points the accounts hold by its facts
 
 The warehouse is a DuckDB file (--store PATH, default analytics.duckdb) or a
 schema of a PostgreSQL database (--store postgresql://... --schema NAME).
@@ -114,6 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cursor {stored[0][0] if stored else 0}")
             for kind, asset, n, total in rows:
                 print(f"kind {kind} asset {asset}: {n} entries, {int(total)}")
+            Warehouse(store, args.stream)  # the views, on a store made by an older release
+            money = store.query("SELECT count(*), sum(recharged_fen), sum(refunded_fen),"
+                                " sum(spent_fen), sum(balance_fen) FROM account_money")[0]
+            points = store.query("SELECT sum(balance) FROM account_points")[0][0]
+            print(f"accounts {money[0]}: recharged {int(money[1] or 0)}, refunded"
+                  f" {int(money[2] or 0)}, spent {int(money[3] or 0)}, held"
+                  f" {int(money[4] or 0)} fen; points outstanding {int(points or 0)}")
     finally:
         store.close()
     return 0

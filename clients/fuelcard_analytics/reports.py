@@ -4,6 +4,7 @@
   station-sales   sales per station and product per day
   tiers           tier distribution (accounts and their spend)
   points          points liability month by month
+  recharges       recharges per channel per month, net of their refunds
   heatmap         sales density by station location
 
 Queries are plain SQL over the star schema (DuckDB or PostgreSQL); the
@@ -230,6 +231,58 @@ def points_liability(store: Store, out: Path) -> Output:
                   f" after {len(table)} months")
 
 
+# --- recharges and their refunds per channel ---------------------------------------------
+
+CHANNELS = {1: "BANK_CARD", 2: "WECHAT_PAY", 3: "ALIPAY", 4: "ECNY", 5: "COUNTER"}
+RECHARGES_SQL = """
+    SELECT date_key / 100 AS month, channel, CAST(sum(recharged) AS BIGINT),
+           CAST(sum(refunded) AS BIGINT), CAST(sum(debited) AS BIGINT),
+           CAST(sum(shortfall) AS BIGINT)
+      FROM (SELECT date_key, channel, amount_fen AS recharged, 0 AS refunded, 0 AS debited,
+                   0 AS shortfall FROM fact_recharge
+            UNION ALL
+            SELECT date_key, channel, 0, amount_fen, debited_fen, shortfall_fen
+              FROM fact_refund) m
+     GROUP BY date_key / 100, channel ORDER BY month, channel"""
+
+
+def channel_recharges(store: Store, out: Path) -> Output:
+    """Per month and channel: recharged, refunded by the channel, of which
+    debited from the accounts and short (a channel exception each), and the
+    channel's net (recharged - refunded). Refunds are by refund date."""
+    table: list[tuple[str, str, int, int, int, int, int]] = []
+    for month, channel, recharged, refunded, debited, shortfall in store.query(RECHARGES_SQL):
+        m = int(month)
+        table.append((f"{m // 100}-{m % 100:02d}", CHANNELS.get(int(channel), str(channel)),
+                      int(recharged), int(refunded), int(debited), int(shortfall),
+                      int(recharged) - int(refunded)))
+    path = write_csv(out / "channel_recharges.csv",
+                     ["month", "channel", "recharged_fen", "refunded_fen", "debited_fen",
+                      "shortfall_fen", "net_fen"], table)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    months = sorted({r[0] for r in table})
+    x = np.arange(len(months))
+    channels = sorted({r[1] for r in table})
+    width = 0.8 / max(1, len(channels))
+    for i, channel in enumerate(channels):
+        by_month = {r[0]: r for r in table if r[1] == channel}
+        ax.bar(x + i * width, [by_month[m][6] / 100 if m in by_month else 0 for m in months],
+               width, label=f"{channel} net")
+        ax.scatter(x + i * width, [-by_month[m][3] / 100 if m in by_month else 0
+                                   for m in months], marker="v", color="#d62728", s=12)
+    ax.set_xticks(x + 0.4 - width / 2, months, rotation=45, fontsize=8)
+    ax.set_ylabel("yuan (triangles: refunds)")
+    ax.set_title("Recharges per channel, net of refunds")
+    ax.legend(fontsize=7)
+    png = _save(fig, out / "channel_recharges.png")
+    refunded = sum(r[3] for r in table)
+    short = sum(r[5] for r in table)
+    return Output("recharges", path, png,
+                  f"recharged {yuan(sum(r[2] for r in table))}, refunded {yuan(refunded)}"
+                  f" (of which {yuan(short)} not covered by the accounts)")
+
+
 # --- heat map ------------------------------------------------------------------------------
 
 HEAT_SQL = """
@@ -275,5 +328,6 @@ REPORTS: dict[str, Callable[[Store, Path], Output]] = {
     "station-sales": station_sales,
     "tiers": tiers,
     "points": points_liability,
+    "recharges": channel_recharges,
     "heatmap": heatmap,
 }

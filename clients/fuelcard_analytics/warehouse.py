@@ -1,8 +1,14 @@
 """The star-schema warehouse and its loader.
 
-Facts: fact_sale (confirmed fuel sales), fact_recharge, fact_points (points
-earned, redeemed, moved, lapsed; one row per account side), fact_ledger
-(every journal entry, to reconcile with the server's ledger).
+Facts: fact_sale (confirmed fuel sales, at the amount settled), fact_recharge,
+fact_refund (refunds of recharges: paid back by the channel, debited from the
+account, shortfall), fact_allocation (money a parent moved to a sub-account),
+fact_points (points earned, redeemed, moved, lapsed; one row per account
+side), fact_ledger (every journal entry, to reconcile with the server's
+ledger).
+Views: account_money (per account: recharged - refunded - spent + allocated
+in - allocated out = its balance in the journal) and account_points (per
+account: earned - redeemed +- moved - lapsed = its points balance).
 Dimensions: dim_date (with holidays), dim_station (with coordinates),
 dim_account (type, tier, fleet parent, label), dim_card, dim_product,
 dim_tier.
@@ -13,6 +19,10 @@ store. After a crash the store holds either the whole batch and its cursor
 or neither, and the sidecar resumes after the stored cursor. A batch that
 does not start right after the cursor is refused (a gap or a replay is a
 bug, never silently absorbed), and every fact has its natural primary key.
+Backfilled events (history booked before the stream existed, written by
+`fuelcard events backfill` after the live events) are booked only where the
+fact is not there yet: after an upgrade whose stream was already pruned, the
+backfill may repeat entries a running warehouse holds.
 
 The store is DuckDB (a file; embedded, nothing to set up) or a schema in
 PostgreSQL. The SQL here is the dialect both speak; columns are loaded with
@@ -38,6 +48,8 @@ PRODUCTS = {1: ("92#", "gasoline"), 2: ("95#", "gasoline"), 3: ("98#", "gasoline
 TIERS = {1: ("regular", "普通"), 2: ("silver", "银牌"), 3: ("gold", "金牌"), 4: ("diamond", "钻石")}
 
 SCHEMA = [
+    # 1: the first release; 2: fact_refund, fact_allocation, fact_recharge.recharge_id
+    "CREATE TABLE IF NOT EXISTS warehouse_version (version INTEGER NOT NULL)",
     """CREATE TABLE IF NOT EXISTS sidecar_cursor (
            stream VARCHAR PRIMARY KEY, position BIGINT NOT NULL, events BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS dim_date (
@@ -68,6 +80,19 @@ SCHEMA = [
            entry_id BIGINT PRIMARY KEY, position BIGINT NOT NULL, date_key INTEGER NOT NULL,
            booked_at TIMESTAMP NOT NULL, account_id VARCHAR NOT NULL, channel INTEGER NOT NULL,
            amount_fen BIGINT NOT NULL)""",
+    # added after the first release: a store made before has it NULL on older rows
+    "ALTER TABLE fact_recharge ADD COLUMN IF NOT EXISTS recharge_id VARCHAR",
+    # one row per refund; debited_fen is what left the account (the journal's
+    # RECHARGE_REFUND entry), shortfall_fen what the account could not cover
+    """CREATE TABLE IF NOT EXISTS fact_refund (
+           refund_id VARCHAR PRIMARY KEY, position BIGINT NOT NULL, date_key INTEGER NOT NULL,
+           refunded_at TIMESTAMP NOT NULL, recharge_id VARCHAR NOT NULL,
+           account_id VARCHAR NOT NULL, channel INTEGER NOT NULL, amount_fen BIGINT NOT NULL,
+           debited_fen BIGINT NOT NULL, shortfall_fen BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS fact_allocation (
+           entry_id BIGINT PRIMARY KEY, position BIGINT NOT NULL, date_key INTEGER NOT NULL,
+           booked_at TIMESTAMP NOT NULL, from_account_id VARCHAR NOT NULL,
+           to_account_id VARCHAR NOT NULL, amount_fen BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS fact_points (
            entry_id BIGINT NOT NULL, account_id VARCHAR NOT NULL, position BIGINT NOT NULL,
            date_key INTEGER NOT NULL, booked_at TIMESTAMP NOT NULL, kind INTEGER NOT NULL,
@@ -79,7 +104,49 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS tier_history (
            position BIGINT PRIMARY KEY, account_id VARCHAR NOT NULL, booked_at TIMESTAMP NOT NULL,
            tier INTEGER NOT NULL)""",
+    # Every money movement of a customer account, by what it was: the
+    # balance column is what the server's journal says the account holds.
+    """CREATE OR REPLACE VIEW account_money AS
+       SELECT account_id,
+              CAST(sum(recharged) AS BIGINT) AS recharged_fen,
+              CAST(sum(refunded) AS BIGINT) AS refunded_fen,
+              CAST(sum(spent) AS BIGINT) AS spent_fen,
+              CAST(sum(allocated_in) AS BIGINT) AS allocated_in_fen,
+              CAST(sum(allocated_out) AS BIGINT) AS allocated_out_fen,
+              CAST(sum(recharged - refunded - spent + allocated_in - allocated_out) AS BIGINT)
+                  AS balance_fen
+         FROM (SELECT account_id, amount_fen AS recharged, 0 AS refunded, 0 AS spent,
+                      0 AS allocated_in, 0 AS allocated_out FROM fact_recharge
+               UNION ALL
+               SELECT account_id, 0, debited_fen, 0, 0, 0 FROM fact_refund
+               UNION ALL
+               SELECT funding_account_id, 0, 0, amount_fen, 0, 0 FROM fact_sale
+               UNION ALL
+               SELECT to_account_id, 0, 0, 0, amount_fen, 0 FROM fact_allocation
+               UNION ALL
+               SELECT from_account_id, 0, 0, 0, 0, amount_fen FROM fact_allocation) m
+        GROUP BY account_id""",
+    # Points by account (fact_points has one signed row per account side).
+    """CREATE OR REPLACE VIEW account_points AS
+       SELECT account_id,
+              CAST(sum(CASE WHEN kind = 3 THEN points ELSE 0 END) AS BIGINT) AS earned,
+              CAST(-sum(CASE WHEN kind = 4 THEN points ELSE 0 END) AS BIGINT) AS redeemed,
+              CAST(sum(CASE WHEN kind = 6 THEN points ELSE 0 END) AS BIGINT) AS moved,
+              CAST(-sum(CASE WHEN kind = 7 THEN points ELSE 0 END) AS BIGINT) AS lapsed,
+              CAST(sum(points) AS BIGINT) AS balance
+         FROM fact_points GROUP BY account_id""",
 ]
+
+
+ALLOCATIONS_FROM_LEDGER = """
+    INSERT INTO fact_allocation (entry_id, position, date_key, booked_at, from_account_id,
+                                 to_account_id, amount_fen)
+    SELECT entry_id, position,
+           CAST(EXTRACT(year FROM booked_at) * 10000 + EXTRACT(month FROM booked_at) * 100
+                + EXTRACT(day FROM booked_at) AS INTEGER),
+           booked_at, debit, credit, amount
+      FROM fact_ledger WHERE kind = 5
+    ON CONFLICT DO NOTHING"""
 
 
 class Store(Protocol):
@@ -206,6 +273,14 @@ class Warehouse:
                 [list(TIERS), [v[0] for v in TIERS.values()], [v[1] for v in TIERS.values()]])
             store.execute("INSERT INTO sidecar_cursor (stream, position, events) VALUES (?, 0, 0)"
                           " ON CONFLICT (stream) DO NOTHING", [stream])
+            version = store.query("SELECT version FROM warehouse_version")
+            if not version or int(version[0][0]) < 2:
+                # A store made before fact_allocation: its allocations were
+                # booked in fact_ledger only (refunds come back with the
+                # server's backfill of refund events).
+                store.execute(ALLOCATIONS_FROM_LEDGER)
+                store.execute("DELETE FROM warehouse_version")
+                store.execute("INSERT INTO warehouse_version (version) VALUES (2)")
 
     def cursor(self) -> int:
         rows = self.store.query("SELECT position FROM sidecar_cursor WHERE stream = ?",
@@ -243,7 +318,14 @@ _INSERTS: dict[str, tuple[tuple[str, str], ...]] = {
                   ("volume_ml", "BIGINT"), ("unit_price_fen", "BIGINT"), ("points", "BIGINT")),
     "fact_recharge": (("entry_id", "BIGINT"), ("position", "BIGINT"), ("date_key", "INTEGER"),
                       ("booked_at", "TIMESTAMP"), ("account_id", "VARCHAR"), ("channel", "INTEGER"),
-                      ("amount_fen", "BIGINT")),
+                      ("amount_fen", "BIGINT"), ("recharge_id", "VARCHAR")),
+    "fact_refund": (("refund_id", "VARCHAR"), ("position", "BIGINT"), ("date_key", "INTEGER"),
+                    ("refunded_at", "TIMESTAMP"), ("recharge_id", "VARCHAR"),
+                    ("account_id", "VARCHAR"), ("channel", "INTEGER"), ("amount_fen", "BIGINT"),
+                    ("debited_fen", "BIGINT"), ("shortfall_fen", "BIGINT")),
+    "fact_allocation": (("entry_id", "BIGINT"), ("position", "BIGINT"), ("date_key", "INTEGER"),
+                        ("booked_at", "TIMESTAMP"), ("from_account_id", "VARCHAR"),
+                        ("to_account_id", "VARCHAR"), ("amount_fen", "BIGINT")),
     "fact_points": (("entry_id", "BIGINT"), ("account_id", "VARCHAR"), ("position", "BIGINT"),
                     ("date_key", "INTEGER"), ("booked_at", "TIMESTAMP"), ("kind", "INTEGER"),
                     ("points", "BIGINT")),
@@ -278,7 +360,10 @@ def _unnest_sql(table: str, columns: tuple[tuple[str, str], ...]) -> str:
 
 class _Batch:
     def __init__(self) -> None:
-        self.facts = {t: _Rows(tuple(c for c, _ in cols)) for t, cols in _INSERTS.items()}
+        self.live = {t: _Rows(tuple(c for c, _ in cols)) for t, cols in _INSERTS.items()}
+        # facts of backfilled events: booked unless already there
+        self.backfilled = {t: _Rows(tuple(c for c, _ in cols)) for t, cols in _INSERTS.items()}
+        self.facts = self.live
         self.dims: dict[str, dict[Any, tuple[Any, ...]]] = {t: {} for t in _UPSERTS}
 
     def _day(self, when: dt.datetime) -> int:
@@ -292,6 +377,7 @@ class _Batch:
     def add(self, e: events_pb2.Event) -> None:
         kind = e.WhichOneof("payload")
         at = _ts(e.occur_time)
+        self.facts = self.backfilled if e.backfilled else self.live
         if kind == "ledger_entry":
             self._entry(e.position, at, e.ledger_entry)
         elif kind == "hold":
@@ -317,6 +403,12 @@ class _Batch:
             s = e.station.station
             self.dims["dim_station"][s.station_id] = (s.station_id, s.name, s.location.latitude,
                                                       s.location.longitude)
+        elif kind == "refund":
+            f = e.refund
+            refunded = _ts(f.create_time) if f.HasField("create_time") else at
+            self.facts["fact_refund"].add(
+                f.refund_id, e.position, self._day(refunded), refunded, f.recharge_id,
+                f.account_id, f.channel, f.amount_fen, f.debited_fen, f.shortfall_fen)
         # other kinds (a newer server's): skipped, the cursor still moves on
 
     def _entry(self, position: int, at: dt.datetime, j: events_pb2.LedgerEntryEvent) -> None:
@@ -327,7 +419,12 @@ class _Batch:
         key = self._day(at)
         if j.kind == events_pb2.LEDGER_ENTRY_KIND_RECHARGE and j.credit_account_id:
             self.facts["fact_recharge"].add(j.entry_id, position, key, at, j.credit_account_id,
-                                            j.channel, j.amount)
+                                            j.channel, j.amount, j.recharge_id)
+        elif j.kind == events_pb2.LEDGER_ENTRY_KIND_ALLOCATION:
+            self.facts["fact_allocation"].add(j.entry_id, position, key, at, debit, credit,
+                                              j.amount)
+        # RECHARGE_REFUND entries are booked from the refund's own event
+        # (fact_refund.debited_fen is their amount), sales from the hold's.
         if j.asset == events_pb2.ASSET_POINTS:
             if j.credit_account_id:
                 self.facts["fact_points"].add(j.entry_id, j.credit_account_id, position, key, at,
@@ -347,6 +444,10 @@ class _Batch:
             store.execute(_unnest_sql(table, cols)
                           + f" ON CONFLICT ({key}) DO UPDATE SET {updates}",
                           [list(v) for v in values])
-        for table, fact in self.facts.items():
+        for table, fact in self.live.items():
             if len(fact):
                 store.execute(_unnest_sql(table, _INSERTS[table]), fact.values)
+        for table, fact in self.backfilled.items():
+            if len(fact):
+                store.execute(_unnest_sql(table, _INSERTS[table]) + " ON CONFLICT DO NOTHING",
+                              fact.values)

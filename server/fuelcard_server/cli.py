@@ -1,5 +1,5 @@
 """The `fuelcard` command: serve, migrate, verify, prune, audit verify/anchor, demo, risk
-load/backtest."""
+load/backtest, events backfill."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from fuelcard_server import audit, logs, migrations, verify
+from fuelcard_server import audit, event_backfill, logs, migrations, verify
 from fuelcard_server.embedded import EmbeddedPostgres
 from fuelcard_server.gm import Sm2PrivateKey, Sm2PublicKey
 from fuelcard_server.risk.model import RuleSet
@@ -525,6 +525,27 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events_backfill(args: argparse.Namespace) -> int:
+    if args.batch < 1 or args.max_backlog < 0:
+        print("fuelcard: --batch must be >= 1 and --max-backlog >= 0", file=sys.stderr)
+        return 2
+    s = _settings(args)
+    url, pg = _database(s)
+    try:
+        if not args.status:
+            written = event_backfill.run(url, batch=args.batch, max_backlog=args.max_backlog,
+                                         log=lambda m: print(m, flush=True))
+            print(f"{written} events written" if written else "nothing to write (done)")
+        with psycopg.connect(url) as conn:
+            for source in event_backfill.progress(conn):
+                state = "done" if source.done else "to do"
+                print(f"{source.name}: {state} ({source.done_id} of {source.through_id})")
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuelcard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -637,6 +658,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write every transaction and its outcome here (CSV)")
     p.add_argument("--show", type=int, default=50, help="breaks to print (default 50)")
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("events", help="the analytics event stream")
+    events_sub = p.add_subparsers(dest="events_command", required=True)
+    p = events_sub.add_parser(
+        "backfill", help="write stream events for the history booked before the stream "
+        "existed (an upgraded database); batched, resumable, safe while the server serves")
+    _add_database_flags(p)
+    p.add_argument("--batch", type=int, default=2000,
+                   help="history rows per batch, one short transaction each (default 2000)")
+    p.add_argument("--max-backlog", type=int, default=20_000, dest="max_backlog",
+                   help="unpositioned outbox rows at most before the next batch (default 20000)")
+    p.add_argument("--status", action="store_true", help="only print the progress")
+    p.set_defaults(func=cmd_events_backfill)
     return parser
 
 

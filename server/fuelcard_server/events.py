@@ -107,7 +107,8 @@ def _ts(message: Any, name: str, micros: int | None) -> None:
 
 def event(position: int, xid: int, kind: int, occur_us: int, p: dict[str, Any]) -> events_pb2.Event:
     """An fc.events row as an Event."""
-    e = events_pb2.Event(position=position, transaction_id=xid)
+    e = events_pb2.Event(position=position, transaction_id=xid,
+                         backfilled=bool(p.get("backfill")))
     e.occur_time.FromMicroseconds(occur_us)
     if kind == 1:
         e.ledger_entry.CopyFrom(events_pb2.LedgerEntryEvent(
@@ -161,6 +162,16 @@ def event(position: int, xid: int, kind: int, occur_us: int, p: dict[str, Any]) 
         e.station.station.CopyFrom(control_pb2.Station(
             station_id=p["station_id"], name=p["name"],
             location=control_pb2.GeoPoint(latitude=p["latitude"], longitude=p["longitude"])))
+    elif kind == 6:
+        f = e.refund
+        f.refund_id = p["refund_id"]
+        f.recharge_id = p["recharge_id"]
+        f.account_id = p["account_id"]
+        f.channel = p["channel"]
+        f.amount_fen = p["amount_fen"]
+        f.debited_fen = p["debited_fen"]
+        f.shortfall_fen = p["shortfall_fen"]
+        _ts(f, "create_time", p["create_us"])
     else:  # a kind this server version does not know how to describe
         log.warning("event %d of unknown kind %d sent without payload", position, kind)
     return e

@@ -58,6 +58,10 @@ class _LedgerEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ledge
     """Points moved from a family member to the main account."""
     LEDGER_ENTRY_KIND_POINTS_EXPIRED: _LedgerEntryKind.ValueType  # 7
     """Points lapsed at the end of their validity."""
+    LEDGER_ENTRY_KIND_RECHARGE_REFUND: _LedgerEntryKind.ValueType  # 8
+    """Money from an account back to a payment channel: the part of a refund
+    the account still had (recharge_id names the recharge refunded).
+    """
 
 class LedgerEntryKind(_LedgerEntryKind, metaclass=_LedgerEntryKindEnumTypeWrapper):
     """Kinds of journal entries. New kinds may be added: a consumer must accept
@@ -80,6 +84,10 @@ LEDGER_ENTRY_KIND_POINTS_TRANSFER: LedgerEntryKind.ValueType  # 6
 """Points moved from a family member to the main account."""
 LEDGER_ENTRY_KIND_POINTS_EXPIRED: LedgerEntryKind.ValueType  # 7
 """Points lapsed at the end of their validity."""
+LEDGER_ENTRY_KIND_RECHARGE_REFUND: LedgerEntryKind.ValueType  # 8
+"""Money from an account back to a payment channel: the part of a refund
+the account still had (recharge_id names the recharge refunded).
+"""
 Global___LedgerEntryKind: _TypeAlias = LedgerEntryKind  # noqa: Y015
 
 class _Asset:
@@ -183,16 +191,25 @@ class Event(_message.Message):
     POSITION_FIELD_NUMBER: _builtins.int
     TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    BACKFILLED_FIELD_NUMBER: _builtins.int
     LEDGER_ENTRY_FIELD_NUMBER: _builtins.int
     HOLD_FIELD_NUMBER: _builtins.int
     ACCOUNT_FIELD_NUMBER: _builtins.int
     CARD_FIELD_NUMBER: _builtins.int
     STATION_FIELD_NUMBER: _builtins.int
+    REFUND_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """Gap-free, increasing stream position: the cursor to resume after."""
     transaction_id: _builtins.int
     """The database transaction that made the change: events of one
     transaction are consecutive and share it.
+    """
+    backfilled: _builtins.bool
+    """Written by `fuelcard events backfill`: history booked before the stream
+    existed (occur_time is its original booking time), positioned after the
+    live events already streamed. A consumer books it only if it does not
+    hold it yet (by the fact's natural key: entry, hold, refund); dimension
+    rows (account, card, station) are their current snapshot.
     """
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
@@ -220,23 +237,29 @@ class Event(_message.Message):
     def station(self) -> Global___StationEvent:
         """A station was registered or changed."""
 
+    @_builtins.property
+    def refund(self) -> Global___RefundEvent:
+        """A payment channel refunded (part of) a recharge."""
+
     def __init__(
         self,
         *,
         position: _builtins.int = ...,
         transaction_id: _builtins.int = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
+        backfilled: _builtins.bool = ...,
         ledger_entry: Global___LedgerEntryEvent | None = ...,
         hold: Global___HoldEvent | None = ...,
         account: Global___AccountEvent | None = ...,
         card: Global___CardEvent | None = ...,
         station: Global___StationEvent | None = ...,
+        refund: Global___RefundEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "card", b"card", "hold", b"hold", "ledger_entry", b"ledger_entry", "occur_time", b"occur_time", "payload", b"payload", "station", b"station"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "card", b"card", "hold", b"hold", "ledger_entry", b"ledger_entry", "occur_time", b"occur_time", "payload", b"payload", "refund", b"refund", "station", b"station"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "card", b"card", "hold", b"hold", "ledger_entry", b"ledger_entry", "occur_time", b"occur_time", "payload", b"payload", "position", b"position", "station", b"station", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "backfilled", b"backfilled", "card", b"card", "hold", b"hold", "ledger_entry", b"ledger_entry", "occur_time", b"occur_time", "payload", b"payload", "position", b"position", "refund", b"refund", "station", b"station", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["ledger_entry", "hold", "account", "card", "station"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["ledger_entry", "hold", "account", "card", "station", "refund"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -520,3 +543,59 @@ class StationEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StationEvent: _TypeAlias = StationEvent  # noqa: Y015
+
+@_typing.final
+class RefundEvent(_message.Message):
+    """A refund of a recharge, whole: what the channel paid back to the payer,
+    what of it was debited from the account (a RECHARGE_REFUND journal entry,
+    streamed on its own, when > 0), and the shortfall the account could not
+    cover (a channel exception).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFUND_ID_FIELD_NUMBER: _builtins.int
+    RECHARGE_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    DEBITED_FEN_FIELD_NUMBER: _builtins.int
+    SHORTFALL_FEN_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    refund_id: _builtins.str
+    """The refund."""
+    recharge_id: _builtins.str
+    """The recharge refunded."""
+    account_id: _builtins.str
+    """The account the recharge credited."""
+    channel: _funding_pb2.Channel.ValueType
+    """The payment channel."""
+    amount_fen: _builtins.int
+    """What the channel paid back, in fen."""
+    debited_fen: _builtins.int
+    """What was debited from the account, in fen (<= amount_fen)."""
+    shortfall_fen: _builtins.int
+    """amount_fen - debited_fen: not covered by the account."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the refund was booked."""
+
+    def __init__(
+        self,
+        *,
+        refund_id: _builtins.str = ...,
+        recharge_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        channel: _funding_pb2.Channel.ValueType = ...,
+        amount_fen: _builtins.int = ...,
+        debited_fen: _builtins.int = ...,
+        shortfall_fen: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_fen", b"amount_fen", "channel", b"channel", "create_time", b"create_time", "debited_fen", b"debited_fen", "recharge_id", b"recharge_id", "refund_id", b"refund_id", "shortfall_fen", b"shortfall_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundEvent: _TypeAlias = RefundEvent  # noqa: Y015

@@ -1,0 +1,268 @@
+-- The event stream, completed: refunds as events of their own, and a
+-- backfill of the history booked before the stream existed.
+--
+-- 1. Refunds (outbox kind 6). A refund's money leg is already streamed as a
+--    journal entry of kind 8 (RECHARGE_REFUND) when the account still had
+--    the money; a refund it could not cover (in part or at all) leaves less
+--    or nothing in the journal, the rest being a channel exception. The
+--    refund event carries the whole refund: what the channel paid back,
+--    what was debited from the account, the shortfall. One per fc.refunds
+--    row, written by a row trigger (refunds are rare; never on the pump path).
+--
+-- 2. The backfill. Rows booked before 0009's triggers existed have no
+--    events. fc.backfill_events writes outbox rows for them, in bounded
+--    batches, each batch its own short transaction; the sequencer gives them
+--    positions like any other (after the live events already positioned).
+--    What is written:
+--      journal entries with id <= the journal mark             kind 1
+--      for each sale among them (kind 2 entry), its hold,
+--        CONFIRMED, right after the entry (as a confirm does)  kind 2
+--      accounts and cards that existed at this migration,
+--        as they are when sequenced (dimensions: the newest
+--        version wins in the warehouse)                        kinds 3, 4
+--      stations, as they are when sequenced, in the first
+--        batch                                                kind 5
+--      refunds booked before this migration                   kind 6
+--    Holds cancelled or expired before the stream are not replayed: they
+--    moved no money and make no fact.
+--    Order: within each source by id; across sources by booking time (each
+--    source keyed by the running maximum of its booking times in id order,
+--    so a batch always takes a prefix of every source and progress is one id
+--    per source). Progress is kept in fc.event_backfill under a row lock:
+--    a batch is all or nothing, a second run writes nothing, two runs at once
+--    wait for each other batch by batch.
+--    Backfilled rows carry {"backfill": true} in their snapshot; the payload
+--    says so, and a consumer books them "if not already there".
+--
+-- The journal mark: the entries that have an event are exactly those
+-- inserted after 0009's trigger (CREATE TRIGGER waited for every writer of
+-- fc.journal), i.e. above some id. If any journal event is still in the
+-- outbox or the stream, the mark is just below the lowest; if none, nothing
+-- has been streamed yet (0009 and this migration applied together: the
+-- common upgrade) and the mark is the journal's last id, read while no
+-- writer is in flight (a short SHARE lock on fc.journal, to the end of this
+-- migration). If every journal event had already been pruned, the boundary
+-- is unknown and the mark is the last id: entries already streamed are
+-- written again, and consumers skip the ones they hold (the backfill flag).
+
+------------------------------------------------------------------------------
+-- Refund events.
+------------------------------------------------------------------------------
+
+CREATE FUNCTION fc.outbox_refund() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fc.outbox (kind, ref_id, at) VALUES (6, NEW.id, NEW.created_at);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER refunds_outbox AFTER INSERT ON fc.refunds
+    FOR EACH ROW EXECUTE FUNCTION fc.outbox_refund();
+
+-- 0009's payload builder with kind 6 and the backfill flag added. A
+-- backfilled account, card or station is described as it is when sequenced,
+-- not when the backfill wrote its row: a change committed in between may be
+-- positioned before it (its outbox row is older), and must not be undone.
+CREATE OR REPLACE FUNCTION fc.event_payload(o fc.outbox) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v          jsonb;
+    v_backfill boolean := coalesce(o.snap ? 'backfill', false);
+    v_snap     jsonb := o.snap;
+BEGIN
+    IF v_backfill AND o.kind = 3 THEN
+        SELECT fc.account_snap(a) INTO v_snap FROM fc.accounts a WHERE a.id = o.ref_id;
+    ELSIF v_backfill AND o.kind = 4 THEN
+        SELECT jsonb_build_object('status', c.status, 'account_id', c.account_id) INTO v_snap
+          FROM fc.cards c WHERE c.id = o.ref_id;
+    ELSIF v_backfill AND o.kind = 5 THEN
+        SELECT jsonb_build_object('station_id', s.station_id, 'name', s.name,
+                                  'latitude', s.latitude, 'longitude', s.longitude) INTO v_snap
+          FROM fc.stations s WHERE s.station_id = o.snap ->> 'station_id';
+    END IF;
+    IF o.kind = 1 THEN
+        SELECT jsonb_build_object(
+                   'entry_id', j.id, 'kind', j.kind, 'asset', j.asset, 'amount', j.amount,
+                   'debit_account_id', da.uid, 'debit_system_code', da.system_code,
+                   'credit_account_id', ca.uid, 'credit_system_code', ca.system_code,
+                   'hold_id', h.uid, 'recharge_id', r.uid, 'channel', r.channel,
+                   'description', j.description)
+          INTO v
+          FROM fc.journal j
+          JOIN fc.accounts da ON da.id = j.debit_account_id
+          JOIN fc.accounts ca ON ca.id = j.credit_account_id
+          LEFT JOIN fc.holds h ON h.id = j.hold_id
+          LEFT JOIN fc.recharges r ON r.id = j.recharge_id
+         WHERE j.id = o.ref_id;
+    ELSIF o.kind = 2 THEN
+        SELECT jsonb_build_object(
+                   'hold_id', h.uid, 'state', o.state, 'account_id', fa.uid,
+                   'spender_account_id', sa.uid, 'card_id', c.uid, 'amount_fen', h.amount_fen,
+                   'station_id', h.station_id, 'terminal_id', h.terminal_id, 'nozzle', h.nozzle,
+                   'product', h.product, 'create_us', fc.ts(h.created_at),
+                   'expire_us', fc.ts(h.expires_at),
+                   -- closed_at is written once, when the hold leaves AUTHORIZED
+                   'close_us', CASE WHEN o.state <> 1 THEN fc.ts(h.closed_at) END)
+               -- the settlement is final once CONFIRMED
+               || CASE WHEN o.state = 2 THEN jsonb_build_object(
+                   'settled_fen', h.settled_fen, 'volume_ml', h.volume_ml,
+                   'unit_price_fen', h.unit_price_fen, 'points_earned', h.points_earned,
+                   'confirmed_late', h.confirmed_late) ELSE '{}'::jsonb END
+          INTO v
+          FROM fc.holds h
+          JOIN fc.accounts fa ON fa.id = h.account_id
+          JOIN fc.accounts sa ON sa.id = h.spender_account_id
+          JOIN fc.cards c ON c.id = h.card_id
+         WHERE h.id = o.ref_id;
+    ELSIF o.kind = 3 THEN
+        SELECT jsonb_build_object(
+                   'account_id', a.uid, 'type', v_snap -> 'kind', 'status', v_snap -> 'status',
+                   'tier', v_snap -> 'tier', 'funding_mode', v_snap -> 'funding_mode',
+                   'label', v_snap -> 'label', 'create_us', fc.ts(a.created_at),
+                   'parent_account_id', (SELECT p.uid FROM fc.accounts p
+                                          WHERE p.id = (v_snap ->> 'parent_id')::bigint))
+          INTO v
+          FROM fc.accounts a WHERE a.id = o.ref_id;
+    ELSIF o.kind = 4 THEN
+        SELECT jsonb_build_object(
+                   'card_id', c.uid, 'status', v_snap -> 'status', 'create_us', fc.ts(c.created_at),
+                   'account_id', (SELECT a.uid FROM fc.accounts a
+                                   WHERE a.id = (v_snap ->> 'account_id')::bigint))
+          INTO v
+          FROM fc.cards c WHERE c.id = o.ref_id;
+    ELSIF o.kind = 6 THEN
+        SELECT jsonb_build_object(
+                   'refund_id', f.uid, 'recharge_id', r.uid, 'account_id', a.uid,
+                   'channel', f.channel, 'amount_fen', f.amount_fen,
+                   'debited_fen', f.debited_fen, 'shortfall_fen', f.amount_fen - f.debited_fen,
+                   'create_us', fc.ts(f.created_at))
+          INTO v
+          FROM fc.refunds f
+          JOIN fc.recharges r ON r.id = f.recharge_id
+          JOIN fc.accounts a ON a.id = f.account_id
+         WHERE f.id = o.ref_id;
+    ELSE
+        v := v_snap;
+    END IF;
+    IF v_backfill THEN
+        v := coalesce(v, '{}'::jsonb) || '{"backfill": true}'::jsonb;
+    END IF;
+    RETURN coalesce(v, '{}'::jsonb);
+END $$;
+
+------------------------------------------------------------------------------
+-- The backfill.
+------------------------------------------------------------------------------
+
+-- One row per source (its outbox kind): rows with id <= through_id predate
+-- the stream; done_id is how far the backfill has written. Stations (5) have
+-- no id: through_id 1 means "to do", done_id 1 "done".
+CREATE TABLE fc.event_backfill (
+    source     smallint PRIMARY KEY CHECK (source IN (1, 3, 4, 5, 6)),
+    through_id bigint   NOT NULL,
+    done_id    bigint   NOT NULL DEFAULT 0
+);
+
+DO $$
+DECLARE
+    v_head  bigint;
+    v_first bigint;
+BEGIN
+    -- The stream's events, read without a lock (a scan of up to the
+    -- retention's worth of events): the stream only grows.
+    SELECT last_position INTO v_head FROM fc.event_head;
+    SELECT min((payload ->> 'entry_id')::bigint) INTO v_first FROM fc.events
+     WHERE kind = 1 AND position <= v_head;
+    -- Then writers of fc.journal finish and new ones wait until this
+    -- migration commits (milliseconds from here), so that what the stream
+    -- and the outbox hold, and the journal's last id, are exact.
+    LOCK TABLE fc.journal IN SHARE MODE;
+    SELECT least(v_first,
+                 (SELECT min((payload ->> 'entry_id')::bigint) FROM fc.events
+                   WHERE kind = 1 AND position > v_head),
+                 (SELECT min(ref_id) FROM fc.outbox WHERE kind = 1))
+      INTO v_first;
+    INSERT INTO fc.event_backfill (source, through_id)
+    VALUES (1, coalesce(v_first - 1, (SELECT max(id) FROM fc.journal), 0));
+END $$;
+INSERT INTO fc.event_backfill (source, through_id) VALUES
+    (3, coalesce((SELECT max(id) FROM fc.accounts WHERE kind <> 100), 0)),
+    (4, coalesce((SELECT max(id) FROM fc.cards), 0)),
+    (5, CASE WHEN EXISTS (SELECT FROM fc.stations) THEN 1 ELSE 0 END),
+    -- refunds had no events before this migration: every one so far
+    (6, coalesce((SELECT max(id) FROM fc.refunds), 0));
+
+-- One batch: outbox rows for up to p_limit source rows (plus the hold of
+-- each sale among them, and the stations in the first batch); returns the
+-- number of outbox rows written, 0 once everything is written.
+CREATE FUNCTION fc.backfill_events(p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_j       fc.event_backfill;
+    v_a       fc.event_backfill;
+    v_c       fc.event_backfill;
+    v_s       fc.event_backfill;
+    v_f       fc.event_backfill;
+    v_count   integer := 0;
+    v_written integer;
+BEGIN
+    -- Progress is read and moved under these row locks: one batch at a time.
+    PERFORM 1 FROM fc.event_backfill ORDER BY source FOR UPDATE;
+    SELECT * INTO v_j FROM fc.event_backfill WHERE source = 1;
+    SELECT * INTO v_a FROM fc.event_backfill WHERE source = 3;
+    SELECT * INTO v_c FROM fc.event_backfill WHERE source = 4;
+    SELECT * INTO v_s FROM fc.event_backfill WHERE source = 5;
+    SELECT * INTO v_f FROM fc.event_backfill WHERE source = 6;
+
+    IF v_s.done_id < v_s.through_id THEN
+        INSERT INTO fc.outbox (kind, snap)
+        SELECT 5, jsonb_build_object('station_id', s.station_id, 'backfill', true)
+          FROM fc.stations s ORDER BY s.station_id;
+        GET DIAGNOSTICS v_count = ROW_COUNT;
+        UPDATE fc.event_backfill SET done_id = through_id WHERE source = 5;
+    END IF;
+
+    WITH cand AS (
+        (SELECT 1::smallint AS src, j.id, j.created_at AS t, j.kind AS entry_kind, j.hold_id
+           FROM fc.journal j WHERE j.id > v_j.done_id AND j.id <= v_j.through_id
+          ORDER BY j.id LIMIT p_limit)
+        UNION ALL
+        (SELECT 3::smallint, a.id, a.created_at, NULL::smallint, NULL::bigint
+           FROM fc.accounts a WHERE a.id > v_a.done_id AND a.id <= v_a.through_id
+            AND a.kind <> 100
+          ORDER BY a.id LIMIT p_limit)
+        UNION ALL
+        (SELECT 4::smallint, c.id, c.created_at, NULL::smallint, NULL::bigint
+           FROM fc.cards c WHERE c.id > v_c.done_id AND c.id <= v_c.through_id
+          ORDER BY c.id LIMIT p_limit)
+        UNION ALL
+        (SELECT 6::smallint, f.id, f.created_at, NULL::smallint, NULL::bigint
+           FROM fc.refunds f WHERE f.id > v_f.done_id AND f.id <= v_f.through_id
+          ORDER BY f.id LIMIT p_limit)
+    ), keyed AS (
+        SELECT c.*, max(c.t) OVER (PARTITION BY c.src ORDER BY c.id) AS k FROM cand c
+    ), taken AS (
+        SELECT * FROM keyed ORDER BY k, src, id LIMIT p_limit
+    ), written AS (
+        SELECT t.k, t.src, t.id, 0 AS sub, t.src AS kind, t.id AS ref_id, NULL::smallint AS state,
+               t.t AS at, '{"backfill": true}'::jsonb AS snap
+          FROM taken t
+        UNION ALL
+        -- a sale's hold, CONFIRMED, right after its entry
+        SELECT t.k, t.src, t.id, 1, 2::smallint, h.id, 2::smallint, h.closed_at,
+               '{"backfill": true}'::jsonb
+          FROM taken t JOIN fc.holds h ON h.id = t.hold_id
+         WHERE t.src = 1 AND t.entry_kind = 2
+    ), ins AS (
+        INSERT INTO fc.outbox (kind, ref_id, state, at, snap)
+        SELECT w.kind, w.ref_id, w.state, w.at, w.snap FROM written w
+         ORDER BY w.k, w.src, w.id, w.sub
+        RETURNING 1
+    ), moved AS (
+        UPDATE fc.event_backfill m SET done_id = x.last_id
+          FROM (SELECT src, max(id) AS last_id FROM taken GROUP BY src) x
+         WHERE m.source = x.src
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM ins) + 0 * (SELECT count(*) FROM moved) INTO v_written;
+    RETURN v_count + v_written;
+END $$;
