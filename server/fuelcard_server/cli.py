@@ -256,8 +256,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _anchor(text: str) -> tuple[int, bytes]:
-    record, _, digest = text.partition(":")
 def _anchor(text: str) -> tuple[int, bytes] | Path:
     """ID:HASH (a head noted by hand), or an anchor file (`audit anchor`)."""
     record, colon, digest = text.partition(":")
@@ -570,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "FUELCARD_REPLICA_URL)")
     p.add_argument("--replica-max-lag-s", type=float, dest="replica_max_lag_s",
                    help="past this lag (seconds, default 30) the replica is not read: report "
-                   "services go NOT_SERVING until it catches up")
+                   "reads (health name fuelcard.v1.Reads) go NOT_SERVING until it catches up")
     p.add_argument("--metrics-listen", dest="metrics_listen", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (worker i of "
                    "--workers N on PORT+i)")
