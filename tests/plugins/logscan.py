@@ -115,9 +115,30 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     directory = Path(tempfile.mkdtemp(prefix="fuelcard-logscan-"))
     _SESSION = Scanner(directory / "logs.jsonl")
+    _attach()
+
+
+def _attach() -> None:
+    """Put the session's handler (back) on the root logger at DEBUG.
+
+    A test that runs a command in-process (cli.main) has the command's
+    logs.configure() replace the root handlers, which would silently end the
+    scan for every later test; its stderr handler also outlives the test's
+    captured stream. Before each test both are undone."""
+    assert _SESSION is not None
     root = logging.getLogger()
-    root.addHandler(_SESSION.handler)
+    for handler in list(root.handlers):
+        if handler is not _SESSION.handler and type(handler) is logging.StreamHandler \
+                and isinstance(handler.formatter, JsonFormatter):
+            root.removeHandler(handler)
+    if _SESSION.handler not in root.handlers:
+        root.addHandler(_SESSION.handler)
     root.setLevel(logging.DEBUG)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _SESSION is not None:
+        _attach()
 
 
 @pytest.hookimpl(tryfirst=True)
