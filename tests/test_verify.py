@@ -190,6 +190,13 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
      ["ALTER TABLE fc.settlement_records DISABLE TRIGGER settlement_records_append_only",
       "DELETE FROM fc.settlement_records WHERE id = (SELECT min(id) FROM fc.settlement_records)"],
      {"settlement_record_per_channel_txn"}),
+    # The tier window's kept sums (issue 3, round 2): an earlier month written
+    # behind confirm's back.
+    ("tier-window-month-added",
+     ["INSERT INTO fc.monthly_spend (account_id, month, spend_fen)"
+      " SELECT account_id, (month - interval '1 month')::date, 100 FROM fc.monthly_spend"
+      " WHERE prior_fen IS NOT NULL ORDER BY 1, 2 LIMIT 1"],
+     {"tier_window_sums_kept"}),
     # The event stream (issue 9): a position lost from the stream.
     ("event-deleted",
      ["SELECT fc.sequence_events(now(), 1000)",

@@ -9,8 +9,10 @@ prepared), on random cards of the data set, one at a time. It prints per
 database the latency percentiles of each call (round trip on a Unix socket,
 commit included), the shared-buffer misses and hits per cycle of client
 backends (pg_stat_io: blocks PostgreSQL had to fetch from the OS, the cost of
-a database bigger than its buffers; autovacuum's are not counted), and the
-WAL and full-page images per cycle (pg_stat_wal). Counters are cluster-wide:
+a database bigger than its buffers; autovacuum's are not counted), the WAL
+and full-page images per cycle (pg_stat_wal), and the CPU time the backend
+itself spent per cycle (/proc/PID/schedstat of the connection's backend: on
+a loaded machine the figure to trust, where latencies measure the queue). Counters are cluster-wide:
 stop the servers first. --ab-set NAME=VALUE adds, per database, a second
 connection with that session setting, alternated with the plain one.
 
@@ -57,6 +59,7 @@ class Target:
     hits: int = 0
     wal_bytes: int = 0
     wal_fpi: int = 0
+    cpu_ns: int = 0
     cycles: int = 0
     started_here: bool = False
 
@@ -67,6 +70,13 @@ def _wal(conn: psycopg.Connection[Any]) -> tuple[int, int]:
     row = conn.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal").fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
+
+
+def _cpu_ns(conn: psycopg.Connection[Any]) -> int:
+    """CPU time the connection's backend has used so far (the scheduler's
+    nanoseconds: finer than /proc/PID/stat's clock ticks)."""
+    with open(f"/proc/{conn.info.backend_pid}/schedstat") as f:
+        return int(f.read().split()[0])
 
 
 def _blocks(conn: psycopg.Connection[Any]) -> tuple[int, int]:
@@ -151,24 +161,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             for t in targets:
                 r0, h0 = _blocks(t.conn)
                 w0, f0 = _wal(t.conn)
+                c0 = _cpu_ns(t.conn)
                 for pan in t.pans[b * args.block_cycles:(b + 1) * args.block_cycles]:
                     _cycle(t, pan, rng)
+                c1 = _cpu_ns(t.conn)
                 r1, h1 = _blocks(t.conn)
                 w1, f1 = _wal(t.conn)
+                t.cpu_ns += c1 - c0
                 t.wal_bytes += w1 - w0
                 t.wal_fpi += f1 - f0
                 t.reads += r1 - r0
                 t.hits += h1 - h0
         print(f"{'database':60} {'cycles':>6} {'auth p50':>8} {'p90':>6} {'p99':>6}"
               f" {'conf p50':>8} {'p90':>6} {'p99':>6} {'reads/cycle':>11} {'hits/cycle':>10}"
-              f" {'WAL kB/cycle':>12} {'FPI/cycle':>9}")
+              f" {'WAL kB/cycle':>12} {'FPI/cycle':>9} {'CPU us/cycle':>12}")
         for t in targets:
             a, c = t.authorize_ms, t.confirm_ms
             print(f"{t.label:60} {t.cycles:6d} {statistics.median(a):8.2f}"
                   f" {_pct(a, .9):6.2f} {_pct(a, .99):6.2f} {statistics.median(c):8.2f}"
                   f" {_pct(c, .9):6.2f} {_pct(c, .99):6.2f} {t.reads / max(t.cycles, 1):11.1f}"
                   f" {t.hits / max(t.cycles, 1):10.1f}"
-                  f" {t.wal_bytes / 1000 / max(t.cycles, 1):12.1f} {t.wal_fpi / max(t.cycles, 1):9.1f}")
+                  f" {t.wal_bytes / 1000 / max(t.cycles, 1):12.1f} {t.wal_fpi / max(t.cycles, 1):9.1f}"
+                  f" {t.cpu_ns / 1000 / max(t.cycles, 1):12.0f}")
     finally:
         for t in targets:
             t.conn.close()

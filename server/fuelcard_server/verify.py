@@ -231,6 +231,20 @@ CHECKS: tuple[Check, ...] = (
                                 AND s.channel_txn_id = f.channel_refund_id
                                 AND s.amount_fen = f.amount_fen)
            LIMIT 10"""),
+    # issue 3, round 2: confirm keeps the sum of the tier window's earlier
+    # months on the month's row instead of re-reading them on every sale.
+    Check("tier_window_sums_kept",
+          "a month's kept sum of the tier window's earlier months (monthly_spend.prior_fen)"
+          " equals the sum of those months",
+          """
+          SELECT m.account_id, m.month, m.prior_window, m.prior_fen, e.total
+            FROM fc.monthly_spend m
+           CROSS JOIN LATERAL (
+                 SELECT coalesce(sum(x.spend_fen), 0) AS total FROM fc.monthly_spend x
+                  WHERE x.account_id = m.account_id AND x.month < m.month
+                    AND x.month > (m.month - make_interval(months => m.prior_window))::date) e
+           WHERE m.prior_fen IS NOT NULL AND m.prior_fen <> e.total
+           LIMIT 10"""),
     Check("event_positions_gap_free",
           "the event stream holds every position after the pruned ones up to the head, once",
           """
