@@ -171,3 +171,67 @@ def test_tls_is_the_default_and_needs_certificates(tmp_path: Path, database_url:
                          capture_output=True, text=True, env=_env(), timeout=60)
     assert res.returncode == 2, res.stderr
     assert "fuelcard certs" in res.stderr and "--insecure" in res.stderr
+
+
+def _run_demo(database_url: str, data: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
+    """`fuelcard serve --demo --tls` as scripts/demo runs it, until it has
+    printed what to try; returns the process and the lines it printed."""
+    proc = subprocess.Popen(
+        [FUELCARD, "serve", "--demo", "--tls", "--data-dir", str(data), "--database-url",
+         database_url, "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while not lines or "Ctrl-C" not in lines[-1]:
+        line = proc.stdout.readline()
+        if not line or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the demo did not come up: {''.join(lines)} {proc.communicate(timeout=30)[1]}")
+        lines.append(line)
+    return proc, lines
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]  # also closes the pipes
+    assert proc.returncode == 0, err
+
+
+def test_the_demo_serves_cards_a_terminal_can_pay_with_and_restarts_unchanged(
+        database_url: str, tmp_path: Path) -> None:
+    """README's first command: the demo prints cards and the POS commands to
+    try, over mutual TLS; the printed commands work as printed; running the
+    demo again on the same data neither fails nor tops the cards up again."""
+    from fuelcard_loadtest.server import free_port
+
+    data = tmp_path / "data"
+    port = free_port()
+    proc, lines = _run_demo(database_url, data, port)
+    try:
+        cards = [line.split()[1] for line in lines if line.strip().startswith("card ")]
+        assert len(cards) == 3, lines
+        tries = [line.strip() for line in lines if line.strip().startswith(".venv/bin/fuelcard-pos")]
+        balance_cmd, authorize_cmd = tries
+        pos = str(Path(sys.executable).parent / "fuelcard-pos")
+        before = subprocess.run([pos, *balance_cmd.split()[1:]], capture_output=True, text=True,
+                                timeout=60)
+        assert before.returncode == 0, before.stderr
+        assert "available  800.00 CNY" in before.stdout, before.stdout
+        paid = subprocess.run([pos, *authorize_cmd.split()[1:]], capture_output=True, text=True,
+                              timeout=60)
+        assert paid.returncode == 0 and "APPROVED" in paid.stdout, paid.stdout + paid.stderr
+    finally:
+        _stop(proc)
+
+    proc, again = _run_demo(database_url, data, port)
+    try:
+        assert [line.split()[1] for line in again if line.strip().startswith("card ")] == cards
+        after = subprocess.run([pos, *balance_cmd.split()[1:]], capture_output=True, text=True,
+                               timeout=60)
+        assert after.returncode == 0, after.stderr
+        # the 200.00 hold still stands; no second top-up
+        assert "balance    800.00 CNY" in after.stdout and "available  600.00 CNY" in after.stdout, \
+            after.stdout
+    finally:
+        _stop(proc)
