@@ -488,3 +488,32 @@ def test_the_servers_maintenance_loop_prunes_by_itself(database_url: str, db: Co
         assert count(db, "idempotency_keys", "request_id LIKE %s", ("young-%",)) == 5
     finally:
         thread.stop()
+
+
+def test_a_failing_prune_never_keeps_expired_holds_reserved(database_url: str, db: Conn,
+                                                            tmp_path: Path) -> None:
+    """The maintenance jobs share one loop: a retention run that fails every
+    time (here its function is gone) must not stop the hold sweep, or the
+    customers' money would stay reserved."""
+    settings = make_settings(tmp_path, expiry_interval_s=0.05, retention_interval_s=0.05)
+    clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
+    insert_old_keys(db, 10, clock.now() - WINDOW - DAY)
+    db.execute("ALTER FUNCTION fc.prune_idempotency_keys RENAME TO prune_idempotency_keys_gone")
+    thread = ServerThread(settings, database_url, clock)
+    port = thread.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        server = RunningServer(f"127.0.0.1:{port}", database_url, clock, settings, thread.server,
+                               thread.loop, channel)
+        card = builders.open_card(server, 50_000)
+        assert builders.authorize(server, card, 20_000).decision == common_pb2.DECISION_APPROVED
+        assert builders.balance(server, card).balance.available_fen == 30_000
+        clock.advance(dt.timedelta(seconds=settings.hold_ttl_s + 1))
+        deadline = time.monotonic() + 30
+        while builders.balance(server, card).balance.available_fen != 50_000:
+            assert time.monotonic() < deadline, "the hold sweep stopped behind a failing prune"
+            time.sleep(0.05)
+        assert count(db, "idempotency_keys", "caller = 'bulk'") == 10, "the prune did fail"
+    finally:
+        channel.close()
+        thread.stop()

@@ -12,8 +12,9 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import psycopg
@@ -71,6 +72,7 @@ from fuelcard_server.telemetry import MetricsEndpoint, Telemetry
 from fuelcard_server.terminals import TerminalKeys
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SERVICE_NAMES = (
     transaction_pb2.DESCRIPTOR.services_by_name["TransactionService"].full_name,
@@ -452,26 +454,36 @@ class FuelcardServer:
         # (not at start: servers restarted in a loop would prune back to back)
         next_prune = loop.time() + self.settings.retention_interval_s
         while True:
-            try:
-                await self.expire_points_once()
-                if loop.time() >= next_tiers:
-                    await self.evaluate_tiers_once()
-                    next_tiers = loop.time() + TIER_EVALUATION_INTERVAL
-                if loop.time() >= next_prune:
-                    # capped (more due): again at the next sweep, after the holds
-                    pruned = await self.prune_once()
+            # Holds first, and every other job on its own: one that keeps
+            # failing (a timeout, a function missing) must never keep
+            # customers' money reserved. A failed job is tried again at the
+            # next sweep.
+            released = await self._sweep("hold expiry", self.expire_holds_once)
+            if released:
+                log.info("released %d expired holds", released)
+            await self._sweep("points expiry", self.expire_points_once)
+            if loop.time() >= next_tiers and \
+                    await self._sweep("tier evaluation", self.evaluate_tiers_once) is not None:
+                next_tiers = loop.time() + TIER_EVALUATION_INTERVAL
+            if loop.time() >= next_prune:
+                pruned = await self._sweep("retention", self.prune_once)
+                if pruned is not None:  # capped (more due): again at the next sweep
                     next_prune = loop.time() + (0.0 if pruned.capped
                                                 else self.settings.retention_interval_s)
-                released = await self.expire_holds_once()
-                if released > 0:
-                    log.info("released %d expired holds", released)
-                # A full batch means more are due: go again at once.
-                if released >= self.settings.expiry_batch:
-                    continue
-            except errors.ApiError as exc:
-                # (the health probe flips health when the database is gone)
-                log.warning("hold expiry sweep failed: %s", exc.reason)
+            # A full batch means more holds are due: go again at once.
+            if released is not None and released >= self.settings.expiry_batch:
+                continue
             await asyncio.sleep(self.settings.expiry_interval_s)
+
+    @staticmethod
+    async def _sweep(what: str, job: Callable[[], Awaitable[_T]]) -> _T | None:
+        """One maintenance job; None if it failed (the health probe flips
+        health when the database is gone, so a warning is enough here)."""
+        try:
+            return await job()
+        except errors.ApiError as exc:
+            log.warning("%s failed: %s", what, exc.reason)
+            return None
 
     async def sequence_events_once(self) -> int:
         """Position one batch of committed outbox rows; -1 if another
