@@ -169,3 +169,22 @@ def test_the_warehouse_reconciles_with_the_journal_per_account(
         events_pb2.LEDGER_ENTRY_KIND_ALLOCATION, events_pb2.LEDGER_ENTRY_KIND_POINTS_TRANSFER,
         events_pb2.LEDGER_ENTRY_KIND_RECHARGE_REFUND}
     assert not any(e.backfilled for e in streamed)
+
+
+def test_the_recharges_report_has_one_row_per_month_and_channel(tmp_path: Path) -> None:
+    """Recharges on several days of one month, and one the next month: the
+    default store (DuckDB) divides integers exactly, so a month computed as
+    date_key / 100 would split the days into rows of their own."""
+    store = open_store(str(tmp_path / "w.duckdb"))
+    try:
+        Warehouse(store)
+        for i, date_key in enumerate((20260105, 20260120, 20260131, 20260201)):
+            store.execute(
+                "INSERT INTO fact_recharge (entry_id, position, date_key, booked_at, account_id,"
+                " channel, amount_fen) VALUES (?, ?, ?, TIMESTAMP '2026-01-05 08:00:00', 'a', 2,"
+                " ?)", (i + 1, i + 1, date_key, 1_000 * (i + 1)))
+        lines = reports.channel_recharges(store, tmp_path / "reports").csv.read_text().splitlines()
+    finally:
+        store.close()
+    assert [line.split(",")[:3] for line in lines[1:]] == [
+        ["2026-01", "WECHAT_PAY", "6000"], ["2026-02", "WECHAT_PAY", "4000"]]

@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 families=args.families, fleets=args.fleets, seed=args.seed)
             generate(store, config, log=lambda m: print(m, flush=True))
         elif args.command == "report":
+            Warehouse(store)  # brings a store made by an older release up to date first
             for name in args.names or ALL:
                 if name == "forecast":
                     output, _ = forecast.run(store, args.out)

@@ -235,7 +235,8 @@ def points_liability(store: Store, out: Path) -> Output:
 
 CHANNELS = {1: "BANK_CARD", 2: "WECHAT_PAY", 3: "ALIPAY", 4: "ECNY", 5: "COUNTER"}
 RECHARGES_SQL = """
-    SELECT date_key / 100 AS month, channel, CAST(sum(recharged) AS BIGINT),
+    SELECT CAST(floor(date_key / 100.0) AS INTEGER) AS month, channel,
+           CAST(sum(recharged) AS BIGINT),
            CAST(sum(refunded) AS BIGINT), CAST(sum(debited) AS BIGINT),
            CAST(sum(shortfall) AS BIGINT)
       FROM (SELECT date_key, channel, amount_fen AS recharged, 0 AS refunded, 0 AS debited,
@@ -243,7 +244,9 @@ RECHARGES_SQL = """
             UNION ALL
             SELECT date_key, channel, 0, amount_fen, debited_fen, shortfall_fen
               FROM fact_refund) m
-     GROUP BY date_key / 100, channel ORDER BY month, channel"""
+     GROUP BY 1, 2 ORDER BY 1, 2"""
+# (DuckDB's "/" on integers is a true division: floor of a decimal quotient
+# gives the month in both stores)
 
 
 def channel_recharges(store: Store, out: Path) -> Output:
