@@ -338,9 +338,12 @@ class FuelcardServer:
                 if up != healthy:
                     healthy = up
                     if up:  # drop the pooled connections that died with it
-                        for db in (self._db, self._reads):
-                            if db is not None:
-                                await db.pool.check()
+                        await self._db.pool.check()
+                        # The replica's pool is the replica loop's business:
+                        # checking it here could hang on a partitioned
+                        # replica and keep payments refused.
+                        if self._reads is not None and self._reads.url == self._db.url:
+                            await self._reads.pool.check()
                     self._db.available = up
                     if self._reads is not None and self._reads.url == self._db.url:
                         self._reads.available = up
@@ -376,10 +379,11 @@ class FuelcardServer:
                 raise
             assert row is not None
             lag = self._lag.lag_s(StandbyStatus.from_row(row), asyncio.get_running_loop().time())
-            # Hysteresis: a lagging replica is read again once it is well
-            # under the limit, so a lag hovering at it does not flap health.
-            limit = s.replica_max_lag_s * (LAG_RECOVERY_SHARE if self._replica is
-                                           ReplicaState.LAGGING else 1.0)
+            # Hysteresis: a replica that was lagging or down is read again
+            # once it is well under the limit, so a lag hovering at it (or a
+            # lagging replica that dropped a probe) does not flap health.
+            limit = s.replica_max_lag_s * (1.0 if self._replica is ReplicaState.OK
+                                           else LAG_RECOVERY_SHARE)
             state = ReplicaState.OK if lag <= limit else ReplicaState.LAGGING
             gauges.replica_up, gauges.replica_lag_s = 1, lag
         except (psycopg.Error, OSError, TimeoutError) as exc:
