@@ -6,7 +6,15 @@
 
 ALTER TABLE fc.channel_exceptions
     ADD COLUMN resolution  text,
-    ADD COLUMN resolved_by text,
+    ADD COLUMN resolved_by text;
+-- Before this there was no RPC to resolve one: an exception marked by hand in
+-- SQL (resolved_at set) keeps its mark and says so, rather than failing the
+-- constraint below and with it the upgrade.
+UPDATE fc.channel_exceptions
+   SET resolution = 'resolved in SQL before ResolveChannelException existed',
+       resolved_by = 'migration'
+ WHERE resolved_at IS NOT NULL;
+ALTER TABLE fc.channel_exceptions
     ADD CONSTRAINT channel_exception_resolved_with_a_note
         CHECK ((resolved_at IS NULL) = (resolution IS NULL)
                AND (resolved_at IS NULL) = (resolved_by IS NULL));
