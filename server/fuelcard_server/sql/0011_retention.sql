@@ -25,6 +25,9 @@
 -- reconciliation) has no such guard: its key is kept for the longer
 -- retention. They are a small share of the keys; the pump cycle and the
 -- channels' notifications are nearly all of them.
+-- The index below is built on this function: a later migration that changes
+-- the list must REINDEX INDEX fc.idempotency_keys_retention in the same
+-- migration, or existing keys keep their old class.
 CREATE FUNCTION fc.replay_guarded(p_operation text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT p_operation IN ('authorize', 'confirm', 'cancel', 'review_hold', 'recharge',
