@@ -46,6 +46,8 @@ class TcpProxy:
         self._hanging = False
         self._down = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._writers: set[asyncio.StreamWriter] = set()  # every socket, to close at stop
         self.port = 0
         self.accepted = 0  # connections accepted and forwarded
         self.refused = 0  # connections cut at once because the link was down
@@ -108,14 +110,27 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:
+        self._stopping = True
         if self._server is not None:
             self._server.close()
+        # Connections accepted just before the close have their _accept task
+        # scheduled but not started: let them start (and close themselves).
+        for _ in range(3):
+            await asyncio.sleep(0)
         await self._cut_all()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+        # A cut interrupted by the cancellation above may have closed a writer
+        # without waiting for it: close whatever is left, then give the loop
+        # the turns it needs to release the sockets before it is stopped
+        # (a transport closes its socket one callback after close()).
+        for writer in self._writers:
+            writer.close()
+        for _ in range(5):
+            await asyncio.sleep(0)
 
     async def _set(self, *, hanging: bool | None = None, down: bool | None = None) -> None:
         if hanging is not None:
@@ -155,13 +170,31 @@ class TcpProxy:
             await _close(writer)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._down:
+        # Tracked like the pumps, so that stopping cancels a connection still
+        # being made (Python 3.11's Server.wait_closed does not wait for it).
+        me = asyncio.current_task()
+        assert me is not None
+        self._tasks.add(me)
+        me.add_done_callback(self._tasks.discard)
+        self._writers.add(writer)
+        if self._down or self._stopping:
             self.refused += 1
             await _close(writer)
             return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         except OSError:
+            await _close(writer)
+            return
+        except asyncio.CancelledError:
+            await _close(writer)
+            raise
+        self._writers.add(up_writer)
+        if self._down or self._stopping:
+            # cut (or stopped) while the upstream connection was being made:
+            # the cut did not see this link, so close it here, not leak it
+            self.refused += 1
+            await _close(up_writer)
             await _close(writer)
             return
         self.accepted += 1
