@@ -270,14 +270,10 @@ def _anchor(text: str) -> tuple[int, bytes] | Path:
     return value
 
 
-def _server_key_file(s: Settings) -> Path:
-    return s.signing_key_file or s.data_dir / "server-sm2.key"
-
-
 def _server_key(s: Settings) -> Sm2PrivateKey | None:
     """The server's SM2 key if it exists (never made here: a key made by
     this command would not be the one the server signs with)."""
-    return s.signing_key() if _server_key_file(s).exists() else None
+    return s.signing_key() if s.signing_key_path.exists() else None
 
 
 def _anchors_of(path: Path, s: Settings, public_hex: str | None
@@ -296,7 +292,7 @@ def _anchors_of(path: Path, s: Settings, public_hex: str | None
     else:
         key = _server_key(s)
         if key is None:
-            print(f"fuelcard: no server key at {_server_key_file(s)}: pass --public-key "
+            print(f"fuelcard: no server key at {s.signing_key_path}: pass --public-key "
                   "(SecurityService.GetServerSigningKey)", file=sys.stderr)
             return [], 2
         public = key.public_key
@@ -358,7 +354,7 @@ def cmd_audit_anchor(args: argparse.Namespace) -> int:
     s = _settings(args)
     key = _server_key(s)
     if key is None:
-        print(f"fuelcard: no server key at {_server_key_file(s)} (the server makes it when it "
+        print(f"fuelcard: no server key at {s.signing_key_path} (the server makes it when it "
               "first starts; --data-dir or signing_key_file names where it is)", file=sys.stderr)
         return 2
     anchors: list[tuple[int, bytes]] = []

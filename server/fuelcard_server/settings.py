@@ -316,7 +316,7 @@ class Settings:
         return FileKeyProvider(path)
 
     def signing_key(self) -> Sm2PrivateKey:
-        path = self.signing_key_file or self.data_dir / "server-sm2.key"
+        path = self.signing_key_path
         text = secret_file(path, lambda: Sm2PrivateKey.generate().to_hex())
         return Sm2PrivateKey.from_hex(text.strip())
 
@@ -326,6 +326,11 @@ class Settings:
         self.card_index_key()
         self.key_provider()
         self.signing_key()
+
+    @property
+    def signing_key_path(self) -> Path:
+        """Where the server's SM2 signing key is (made there on first use)."""
+        return self.signing_key_file or self.data_dir / "server-sm2.key"
 
     @property
     def certs_dir(self) -> Path:
