@@ -67,3 +67,22 @@ def test_masks() -> None:
     assert mask_phone(PHONE) == "138****5678"
     assert mask_id_number(ID_NUMBER) == "1101**********1234"
     assert mask_phone("123") == "***"
+
+
+def test_trace_and_span_ids_are_written_whole_even_when_they_hold_long_digit_runs() -> None:
+    # One random trace id in about twenty holds a run of eleven or more decimal
+    # digits; masked, the line could no longer be joined to its trace.
+    trace_id = "6da210883165091a234c2300611688bd"
+    span_id = "1234567890123456"
+    record = logging.LogRecord("t", logging.WARNING, __file__, 1, "card 9860000000000000016",
+                               None, None)
+    record.trace_id = trace_id
+    record.span_id = span_id
+    record.request_id = "rid-9860000000000000016"
+    written = JsonFormatter().format(record)
+    assert f'"trace_id": "{trace_id}"' in written
+    assert f'"span_id": "{span_id}"' in written
+    assert "9860000000000000016" not in written  # message and request_id still scrubbed
+    # a trace_id field that is not a hex id is free text and scrubbed
+    record.trace_id = "card 9860000000000000016"
+    assert "9860000000000000016" not in JsonFormatter().format(record)

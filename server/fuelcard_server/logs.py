@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 
 from opentelemetry import trace
 
 from fuelcard_server.privacy import scrub
+
+_HEX_ID = re.compile(r"[0-9a-f]{16}|[0-9a-f]{32}")
 
 # Set by the rpc decorator for the RPC being served (one task per RPC).
 METHOD: contextvars.ContextVar[str | None] = contextvars.ContextVar("fuelcard_method",
@@ -50,14 +53,29 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": scrub(record.getMessage()),
         }
-        for key in ("request_id", "trace_id", "span_id", "method"):
+        for key in ("request_id", "method"):
             value = getattr(record, key, None)
             if value is not None:
                 line[key] = scrub(str(value))
+        # Trace and span ids are W3C hex identifiers (RpcContext formats them
+        # from integers) and exist so a log line can be joined to its trace;
+        # a run of eleven decimal digits occurs in about one trace id in
+        # twenty, and masking it would break that join.
+        for key in ("trace_id", "span_id"):
+            value = getattr(record, key, None)
+            if value is not None:
+                line[key] = _hex_id(value)
         if record.exc_info and record.exc_info[0] is not None:
             line["exc_type"] = record.exc_info[0].__name__
             line["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(line, ensure_ascii=False)
+
+
+def _hex_id(value: object) -> str:
+    text = str(value)
+    # Anything that is not a plain hex id (a record given trace_id by hand)
+    # is free text again and scrubbed like the rest.
+    return text if _HEX_ID.fullmatch(text) else scrub(text)
 
 
 def configure(level: str = "INFO") -> None:
