@@ -63,6 +63,26 @@ def _span(tracer: trace.Tracer | None, sql: str) -> contextlib.AbstractContextMa
     return tracer.start_as_current_span(span_name(sql), kind=trace.SpanKind.CLIENT)
 
 
+# When a statement is run again (once, on another pooled connection): only
+# when the link broke, so the statement may have died with it, or when the
+# server rolled the transaction back for a concurrency reason (class 40:
+# deadlock victim, serialisation failure) - both safe, as every fc.*
+# function is idempotent on its request_id. psycopg raises OperationalError
+# for these but also for our own refusals (class FC is unknown to it and
+# maps to OperationalError) and for deadline cancels (57014); running those
+# again made every refused payment cost two statements.
+_LINK_LOST_STATES = frozenset({"57P01", "57P02", "57P03"})  # shutdown, crash, starting
+
+
+def may_run_again(exc: psycopg.Error) -> bool:
+    """True for a broken link (no SQLSTATE: the client lost it; class 08;
+    the server going down) or a concurrency rollback (class 40); False for
+    a statement the database refused."""
+    state = exc.sqlstate
+    return (state is None or state.startswith(("08", "40"))
+            or state in _LINK_LOST_STATES)
+
+
 def translate(exc: psycopg.Error) -> errors.ApiError:
     diag = exc.diag
     state = exc.sqlstate or ""
@@ -169,7 +189,7 @@ class Database:
                 except PoolTimeout:  # an OperationalError too: catch it first
                     raise self._pool_timeout() from None
                 except psycopg.OperationalError as exc:
-                    if broken_retry and self.available:
+                    if broken_retry and self.available and may_run_again(exc):
                         broken_retry = False
                         continue
                     raise translate(exc) from None
@@ -197,7 +217,7 @@ class Database:
                 except PoolTimeout:  # an OperationalError too: catch it first
                     raise self._pool_timeout() from None
                 except psycopg.OperationalError as exc:
-                    if broken_retry and self.available:  # a read: safe to retry
+                    if broken_retry and self.available and may_run_again(exc):  # a read: safe
                         broken_retry = False
                         continue
                     raise translate(exc) from None
