@@ -19,6 +19,7 @@ from fuelcard_server import verify
 from tests import builders
 from tests.ledger_asserts import Conn, unpack
 from tests.plugins.server import RunningServer, TlsServer
+from tests.row_lock import twins_behind_row_lock
 
 OPEN = settlement_pb2.CHANNEL_EXCEPTION_STATE_OPEN
 RESOLVED = settlement_pb2.CHANNEL_EXCEPTION_STATE_RESOLVED
@@ -190,3 +191,18 @@ def test_a_resolution_needs_its_note_and_actor(server: RunningServer,
     _shortfall(server, funding_pb2.CHANNEL_ECNY, 500)
     with pytest.raises(psycopg.errors.CheckViolation, match="channel_exception_resolved_with_a_note"):
         db.execute("UPDATE fc.channel_exceptions SET resolved_at = now()")
+
+
+def test_the_same_resolution_sent_twice_at_once_answers_both_the_same(
+        server: RunningServer, tls_server: TlsServer, db: Conn) -> None:
+    _shortfall(server, funding_pb2.CHANNEL_WECHAT_PAY, 1_500)
+    exception_id = str(db.execute("SELECT uid FROM fc.channel_exceptions").fetchone()[0])  # type: ignore[index]
+    stub = _stub(tls_server)
+    req = settlement_pb2.ResolveChannelExceptionRequest(
+        request_id=builders.rid("rx"), exception_id=exception_id, resolution="collected")
+    futures = twins_behind_row_lock(tls_server.database_url, "channel_exceptions",
+                                    exception_id, lambda: stub.ResolveChannelException(req))
+    answers = [f.result().channel_exception for f in futures]  # none failed
+    assert all(a == answers[0] for a in answers) and answers[0].state == RESOLVED
+    assert db.execute("SELECT count(*) FROM fc.idempotency_keys WHERE request_id = %s",
+                      (req.request_id,)).fetchone() == (1,)

@@ -23,6 +23,7 @@ from fuelcard_server import cli, reconcile
 from tests import builders
 from tests.ledger_asserts import Conn, count, snapshot, unpack
 from tests.plugins.server import TEST_KEY_HEX, RunningServer, TlsServer
+from tests.row_lock import twins_behind_row_lock
 
 DAY = dt.date(2026, 11, 25)  # the server fixtures' clock starts at 16:00 Beijing time that day
 CHANNELS = ("WECHAT_PAY", "ALIPAY", "BANK_CARD", "ECNY")
@@ -279,6 +280,21 @@ def test_breaks_are_listed_resolved_once_and_audited(tls_server: TlsServer, db: 
     assert audited[-1][2] == "FAILED_PRECONDITION BREAK_ALREADY_RESOLVED"
     # Reconciling the day again does not raise the resolved break again.
     assert count(db, "reconciliation_breaks") == 3
+
+
+
+def test_the_same_resolution_sent_twice_at_once_answers_both_the_same(
+        tls_server: TlsServer, db: Conn, breaks: list[str]) -> None:
+    stub = settlement_pb2_grpc.ReconciliationServiceStub(tls_server.channel("admin-ops"))
+    break_id = stub.ListBreaks(settlement_pb2.ListBreaksRequest()).breaks[0].break_id
+    req = settlement_pb2.ResolveBreakRequest(request_id=builders.rid("res"), break_id=break_id,
+                                             resolution="written off, ticket 4713")
+    futures = twins_behind_row_lock(tls_server.database_url, "reconciliation_breaks", break_id,
+                                    lambda: stub.ResolveBreak(req))
+    answers = [f.result().reconciliation_break for f in futures]  # none failed
+    assert all(a == answers[0] for a in answers) and answers[0].resolved
+    assert db.execute("SELECT count(*) FROM fc.reconciliation_breaks"
+                      " WHERE resolved_at IS NOT NULL").fetchone() == (1,)
 
 
 def test_only_admins_may_follow_up_breaks(tls_server: TlsServer, breaks: list[str],
