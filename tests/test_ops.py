@@ -302,6 +302,7 @@ def test_settings_come_from_file_then_environment(tmp_path: Path) -> None:
     ("metrics_listen = 'nine'", "metrics_listen: expected HOST:PORT"),
     ("otlp_endpoint = '127.0.0.1:4317'", "otlp_endpoint: expected a URL"),
     ("replica_max_lag_s = 0", "replica_max_lag_s must be > 0"),
+    ("replica_down_after_probes = 0", "replica_down_after_probes must be between 1 and 100"),
     ("pool_max = [", "not TOML"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(tmp_path: Path, text: str,

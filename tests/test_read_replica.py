@@ -6,6 +6,7 @@ every write stay on the primary; report reads never touch the primary."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import tempfile
 import time
 import urllib.request
@@ -41,6 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests import builders
 from tests.ledger_asserts import unpack
 from tests.plugins.database import control_postgres
+from tests.plugins.proxy import TcpProxy
 from tests.plugins.server import RunningServer, ServerThread, make_settings
 
 pytestmark = pytest.mark.skipif(not (bin_dir() / "pg_basebackup").exists(),
@@ -383,3 +385,60 @@ def test_a_replica_past_the_max_lag_is_not_read_until_it_catches_up(
     listed = server.accounts.ListTransactions(
         account_pb2.ListTransactionsRequest(account_id=card.account_id), timeout=10)
     assert sorted(t.amount_fen for t in listed.transactions) == [1_000, 20_000]
+
+
+def test_one_dropped_probe_does_not_flap_health_three_in_a_row_do(
+        primary_and_standby: tuple[EmbeddedPostgres, EmbeddedPostgres], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The replica behind a link we can cut: down until one probe has failed,
+    then up again, and health stays SERVING; keep it down and the report
+    services go NOT_SERVING after replica_down_after_probes probes."""
+    primary, standby = primary_and_standby
+    caplog.set_level(logging.WARNING, logger="fuelcard_server.app")
+    with TcpProxy(f"127.0.0.1:{standby.port}") as link:
+        port = link.target.rpartition(":")[2]
+        # Probes 0.5 s apart: time enough to bring the link back after the
+        # first failure is logged and before a third one.
+        settings = make_settings(tmp_path, replica_url=standby.url(tcp=True).replace(
+            f":{standby.port}/", f":{port}/"), health_interval_s=0.5, replica_max_lag_s=60.0,
+            connect_timeout_s=1.0, replica_down_after_probes=3, metrics_listen="127.0.0.1:0")
+        clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
+        thread = ServerThread(settings, primary.url(), clock)
+        server_port = thread.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{server_port}") as channel:
+                server = RunningServer(f"127.0.0.1:{server_port}", primary.url(), clock,
+                                       settings, thread.server, thread.loop, channel)
+                _report_services_are(server, SERVING, 10)
+
+                def warnings() -> list[str]:
+                    return [r.getMessage() for r in caplog.records
+                            if r.name == "fuelcard_server.app" and r.levelno == logging.WARNING]
+
+                def wait_for(text: str) -> None:
+                    deadline = time.monotonic() + 10
+                    while not any(text in w for w in warnings()):
+                        assert time.monotonic() < deadline, warnings()
+                        time.sleep(0.01)
+
+                link.down()
+                wait_for("probe 1 of 3")
+                link.up()
+                assert _metric(server, "fuelcard_replica_up") == 0.0  # what the probe saw
+                # three probe intervals later: never out, and the probe is back
+                until = time.monotonic() + 1.5
+                while time.monotonic() < until:
+                    _report_services_are(server, SERVING, 0)
+                    time.sleep(0.05)
+                assert not any("NOT_SERVING" in w for w in warnings()), warnings()
+                assert _metric(server, "fuelcard_replica_up") == 1.0
+
+                link.down()  # and stays down
+                _report_services_are(server, NOT_SERVING, 10)
+                said = warnings()
+                assert any("probe 3 of 3" in w for w in said), said
+                assert any("NOT_SERVING" in w for w in said), said
+                link.up()
+                _report_services_are(server, SERVING, 30)
+        finally:
+            thread.stop()

@@ -191,6 +191,12 @@ class FuelcardServer:
     # What the health service says: the primary's probe, and the replica's.
     _primary_up: bool = True
     _replica: ReplicaState = ReplicaState.OK
+    # Failed replica probes in a row (replica_down_after_probes).
+    _replica_failures: int = 0
+    # One writer of the health service at a time: the primary's probe and the
+    # replica's each apply both states, and two interleaved passes could
+    # leave a name with the older pass's status.
+    _health_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _lag: LagMeter = field(default_factory=LagMeter)
     _retention: Retention | None = None
 
@@ -263,7 +269,7 @@ class FuelcardServer:
         if s.replica_url:
             with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
                 await self.refresh_gauges()  # a first sample of the primary's WAL position
-            replica_conn = await self._probe_replica(None)
+            replica_conn = await self._probe_replica(None, first=True)
             if replica_conn is not None:
                 await replica_conn.close()
         await self._apply_health()
@@ -287,11 +293,13 @@ class FuelcardServer:
         services that read through the read pool, the replica is readable.
         The server as a whole ("") follows the primary: payments go on."""
         assert self._health is not None
-        replica_ok = self._replica is ReplicaState.OK
-        for name in ("", *SERVICE_NAMES, READS_HEALTH_NAME):
-            serving = self._primary_up and (replica_ok or name not in REPLICA_HEALTH_NAMES)
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING if serving
-                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+        async with self._health_lock:
+            for name in ("", *SERVICE_NAMES, READS_HEALTH_NAME):
+                # read per name, under the lock: the latest state wins
+                serving = self._primary_up and (self._replica is ReplicaState.OK
+                                                or name not in REPLICA_HEALTH_NAMES)
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING if serving
+                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def probe_once(self, conn: psycopg.AsyncConnection[tuple[Any, ...]] | None
                          ) -> psycopg.AsyncConnection[tuple[Any, ...]]:
@@ -357,12 +365,15 @@ class FuelcardServer:
             if conn is not None:
                 await conn.close()
 
-    async def _probe_replica(self, conn: psycopg.AsyncConnection[tuple[Any, ...]] | None
+    async def _probe_replica(self, conn: psycopg.AsyncConnection[tuple[Any, ...]] | None,
+                             first: bool = False
                              ) -> psycopg.AsyncConnection[tuple[Any, ...]] | None:
         """One probe of the replica on its own connection (opened if None or
         broken): its lag, its state, and what follows from a change (the read
         pool refused or resumed, health). Returns the connection, None if the
-        replica could not be reached."""
+        replica could not be reached. A readable replica is taken out after
+        replica_down_after_probes failed probes in a row (`first`: the probe
+        at start, after one)."""
         s = self.settings
         assert s.replica_url and self._reads is not None and self.telemetry is not None
         gauges = self.telemetry.gauges
@@ -386,12 +397,19 @@ class FuelcardServer:
                                            else LAG_RECOVERY_SHARE)
             state = ReplicaState.OK if lag <= limit else ReplicaState.LAGGING
             gauges.replica_up, gauges.replica_lag_s = 1, lag
+            self._replica_failures = 0
         except (psycopg.Error, OSError, TimeoutError) as exc:
             conn = None
-            state = ReplicaState.DOWN
+            # the gauges say what the last probe saw; the state waits for more
             gauges.replica_up, gauges.replica_lag_s = 0, None
+            self._replica_failures = min(self._replica_failures + 1, s.replica_down_after_probes)
+            tolerated = (self._replica is ReplicaState.OK and not first
+                         and self._replica_failures < s.replica_down_after_probes)
+            state = self._replica if tolerated else ReplicaState.DOWN
             if self._replica is not ReplicaState.DOWN:
-                log.warning("read replica unreachable (%s)", type(exc).__name__)
+                log.warning("read replica unreachable (%s), probe %d of %d in a row",
+                            type(exc).__name__, self._replica_failures,
+                            1 if first else s.replica_down_after_probes)
         if state is not self._replica:
             previous, self._replica = self._replica, state
             if state is ReplicaState.OK:

@@ -74,6 +74,12 @@ class Settings:
     # fallback to the primary: see replication.py). Probed every
     # health_interval_s; read again once under half of it.
     replica_max_lag_s: float = 30.0
+    # A replica that was readable is taken out (NOT_SERVING, reads refused)
+    # only after this many probes in a row could not reach it: one dropped
+    # connection or a probe that timed out on a busy replica is not an
+    # outage, and flapping health makes load balancers and pagers flap too.
+    # At start, one failed probe is enough (nothing says it was readable).
+    replica_down_after_probes: int = 3
     # Bounded concurrency per priority class (服务降级): RPCs in flight in one
     # process. Past its limit a class is refused at once with
     # RESOURCE_EXHAUSTED and a retry hint; while payments are in flight and
@@ -257,6 +263,8 @@ class Settings:
             (0 < self.shed_retry_ms <= 60_000, "shed_retry_ms must be between 1 and 60000"),
             (self.health_interval_s > 0, "health_interval_s must be > 0"),
             (self.replica_max_lag_s > 0, "replica_max_lag_s must be > 0"),
+            (1 <= self.replica_down_after_probes <= 100,
+             "replica_down_after_probes must be between 1 and 100"),
             (0.0 <= self.trace_sample_ratio <= 1.0, "trace_sample_ratio must be between 0 and 1"),
             (self.metrics_interval_s > 0, "metrics_interval_s must be > 0"),
             (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
