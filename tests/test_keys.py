@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import multiprocessing
 import os
 import secrets
@@ -425,10 +426,14 @@ def test_pin_hash_refuses_malformed_values(stored: str) -> None:
         keys.verify_pin(b"1234", stored, pepper=b"p" * 32)
 
 
-def _server_keys(data_dir: str, start: Any) -> tuple[str, str, str]:
+def _server_keys(data_dir: str, start: Any, hard_links: bool) -> tuple[str, str, str]:
     """In a fresh process: the keys a server worker would use from data_dir."""
     from fuelcard_server.settings import Settings
 
+    if not hard_links:  # a filesystem without them (some SMB/FUSE mounts) answers EPERM
+        def no_link(*args: object, **kwargs: object) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        os.link = no_link
     start.wait(timeout=60)  # every process reaches here, then all race at once
     s = Settings(data_dir=Path(data_dir))
     provider = s.key_provider()
@@ -437,8 +442,9 @@ def _server_keys(data_dir: str, start: Any) -> tuple[str, str, str]:
     return (s.card_index_key().hex(), root.hex(), s.signing_key().to_hex())
 
 
+@pytest.mark.parametrize("hard_links", [True, False], ids=["hard-links", "no-hard-links"])
 def test_workers_starting_together_on_a_fresh_data_dir_agree_on_one_set_of_keys(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool) -> None:
     # `serve --workers N` on a fresh directory: a worker that read a key file
     # half written, lost an O_EXCL race or kept a key another replaced would
     # crash or look cards up under the wrong blind-index key.
@@ -447,7 +453,8 @@ def test_workers_starting_together_on_a_fresh_data_dir_agree_on_one_set_of_keys(
     with ctx.Manager() as manager:
         start = manager.Barrier(8)
         with ctx.Pool(8) as pool:
-            found = pool.starmap(_server_keys, [(str(tmp_path / "data"), start)] * 8)
+            found = pool.starmap(_server_keys,
+                                 [(str(tmp_path / "data"), start, hard_links)] * 8)
     assert len(set(found)) == 1, "workers disagree on the keys"
     for name in ("card-index.key", "root.key", "server-sm2.key"):
         assert os.stat(tmp_path / "data" / name).st_mode & 0o077 == 0

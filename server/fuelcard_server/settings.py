@@ -7,10 +7,11 @@ the setting, not a stack trace an hour later.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import errno
 import os
 import secrets
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,12 @@ from fuelcard_server.keys import ROOT_KEY_ENV, EnvKeyProvider, FileKeyProvider, 
 
 class SettingsError(ValueError):
     pass
+
+
+# os.link's answers on a filesystem without hard links (some SMB/FUSE mounts).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+# How long a process waits for the secret another one is writing.
+SECRET_WAIT_S = 10.0
 
 
 def secret_file(path: Path, make: Callable[[], str]) -> str:
@@ -41,11 +48,42 @@ def secret_file(path: Path, make: Callable[[], str]) -> str:
                 f.write(make())
                 f.flush()
                 os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):
+            try:
                 os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                _place_once_without_links(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     return path.read_text()
+
+
+def _place_once_without_links(tmp: Path, path: Path) -> None:
+    """The first-writer-wins placement without hard links: a lock file made
+    with O_EXCL elects one writer, which renames its file into place (a
+    rename is atomic: readers see all of it or nothing) unless one is there
+    already; the others wait for the file to appear."""
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        deadline = time.monotonic() + SECRET_WAIT_S
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise SettingsError(
+                    f"{path.name} did not appear within {SECRET_WAIT_S:.0f} s while another "
+                    f"process held {lock}; if no other fuelcard process is starting, remove "
+                    "that lock file") from None
+            time.sleep(0.01)
+        return
+    try:
+        if not path.exists():  # a writer before us may have placed it and left
+            os.replace(tmp, path)
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 @dataclass
