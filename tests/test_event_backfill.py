@@ -236,3 +236,15 @@ def test_a_backfilled_card_never_undoes_a_change_positioned_before_it(
         events_pb2.StreamEventsRequest()) for e in m.events if e.HasField("card")]
     assert cards == [(False, account_pb2.CARD_STATUS_ACTIVE), (False, account_pb2.CARD_STATUS_BLOCKED),
                      (True, account_pb2.CARD_STATUS_BLOCKED)]
+
+
+def test_a_range_that_ends_in_a_gap_is_reported_done(server: RunningServer, db: Conn) -> None:
+    """The journal's pre-stream range ends in ids no row has (transactions
+    that rolled back): once everything that exists is written, --status says
+    done, not "to do" for ever."""
+    builders.open_card(server)
+    db.execute("UPDATE fc.event_backfill SET through_id = (SELECT max(id) + 5 FROM fc.cards)"
+               " WHERE source = 4")
+    assert event_backfill.run(server.database_url) == 1
+    assert [s.name for s in event_backfill.progress(db) if not s.done] == []
+    assert event_backfill.run(server.database_url) == 0  # and nothing written twice

@@ -32,6 +32,12 @@ from fuelcard_server.locks import EVENT_SEQUENCER_LOCK
 BACKFILL_SQL = "SELECT fc.backfill_events(%s)"
 PROGRESS_SQL = "SELECT source, through_id, done_id FROM fc.event_backfill ORDER BY source"
 BACKLOG_SQL = "SELECT count(*) FROM (SELECT 1 FROM fc.outbox LIMIT %s) o"
+# After a batch that found nothing: every source's range is written, but its
+# done_id is the last id that existed, short of through_id when the range
+# ends in a gap (ids of rolled-back transactions): close the ranges, or
+# --status says "to do" for ever. Safe: the ranges predate the stream, so no
+# row can appear in them later.
+CLOSE_SQL = "UPDATE fc.event_backfill SET done_id = through_id WHERE done_id < through_id"
 SOURCES = {1: "journal entries", 3: "accounts", 4: "cards", 5: "stations", 6: "refunds"}
 # How long to wait for another process's sequencer round before looking again.
 SEQUENCER_BUSY_WAIT_S = 0.1
@@ -86,6 +92,7 @@ def run(url: str, *, batch: int = 2000, max_backlog: int = 20_000,
             row = conn.execute(BACKFILL_SQL, (batch,)).fetchone()
             count = int(row[0]) if row is not None else 0
             if count == 0:
+                conn.execute(CLOSE_SQL)
                 break
             written += count
             batches += 1
