@@ -7,7 +7,7 @@ import grpc
 import pytest
 from fuelcard.v1 import common_pb2, security_pb2, security_pb2_grpc
 
-from tests.ledger_asserts import Conn, scalar
+from tests.ledger_asserts import Conn, scalar, unpack
 from tests.plugins.terminals import Fixture, expect
 
 PIN = b"246810"
@@ -85,3 +85,42 @@ def test_only_a_salted_slow_hash_is_stored(setup: Fixture, db: Conn) -> None:
     assert stored.startswith("scrypt-sm3$") and PIN.decode() not in stored
     set_pin(setup, PIN, old=PIN)  # same PIN again: a fresh salt
     assert scalar(db, "SELECT pin_hash FROM fc.card_pins") != stored
+
+
+def test_wrong_old_pins_at_set_card_pin_count_towards_the_lock(setup: Fixture, db: Conn) -> None:
+    # Before, SetCardPin compared old PINs without counting: unlimited guesses.
+    set_pin(setup, PIN)
+    errors = []
+    for wrong in (b"111111", b"222222", b"333333", b"444444"):
+        with pytest.raises(grpc.RpcError) as err:
+            set_pin(setup, b"135790", old=wrong)
+        errors.append(unpack(err.value).reason)
+    assert errors == ["OLD_PIN_WRONG", "OLD_PIN_WRONG", "PIN_LOCKED", "PIN_LOCKED"]
+    assert scalar(db, "SELECT failed_attempts FROM fc.card_pins") == 3
+    assert decline(setup, PIN) == common_pb2.DECLINE_REASON_PIN_LOCKED
+
+
+def test_the_right_pin_at_set_card_pin_does_not_unlock_a_locked_card(setup: Fixture,
+                                                                     db: Conn) -> None:
+    # Before, the right guess at SetCardPin replaced the PIN and cleared the lock.
+    set_pin(setup, PIN)
+    for wrong in (b"000000", b"999999", b"123456"):
+        decline(setup, wrong)
+    stored = scalar(db, "SELECT pin_hash FROM fc.card_pins")
+    with pytest.raises(grpc.RpcError) as err:
+        set_pin(setup, b"135790", old=PIN)
+    expect(err.value, grpc.StatusCode.FAILED_PRECONDITION, "PIN_LOCKED")
+    assert scalar(db, "SELECT pin_hash FROM fc.card_pins") == stored
+    assert scalar(db, "SELECT locked_at IS NOT NULL FROM fc.card_pins") is True
+    assert decline(setup, PIN) == common_pb2.DECLINE_REASON_PIN_LOCKED
+
+
+def test_a_change_without_the_old_pin_block_is_refused_and_not_counted(setup: Fixture,
+                                                                        db: Conn) -> None:
+    set_pin(setup, PIN)
+    for _ in range(4):
+        with pytest.raises(grpc.RpcError) as err:
+            set_pin(setup, b"135790")
+        expect(err.value, grpc.StatusCode.FAILED_PRECONDITION, "OLD_PIN_WRONG")
+    assert scalar(db, "SELECT failed_attempts FROM fc.card_pins") == 0
+    assert decline(setup, PIN) == common_pb2.DECLINE_REASON_UNSPECIFIED

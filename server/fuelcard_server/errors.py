@@ -93,6 +93,7 @@ _PRECONDITION_MESSAGES = {
     "PIN_NEEDS_TERMINAL_KEY": "PIN blocks are read with the key of a terminal named by its "
                               "certificate (mutual TLS)",
     "OLD_PIN_WRONG": "the current PIN given to change it is wrong",
+    "PIN_LOCKED": "the card's PIN is locked after too many wrong PINs; an operator must reset it",
     "NO_PHONE_ON_FILE": "the holder has no phone number to send a step-up code to",
     "TOO_MANY_STEP_UPS": "too many step-up codes were asked for this subject; try again later",
     "CARD_NUMBER_NOT_STORED": "this card's number is not stored (a seeded card)",

@@ -19,7 +19,7 @@ from fuelcard_server.terminals import TerminalKeys
 PIN_HASH_SQL = """
     SELECT c.id, p.pin_hash FROM fc.cards c LEFT JOIN fc.card_pins p ON p.card_id = c.id
      WHERE c.pan_index = %s"""
-SET_PIN_SQL = "SELECT fc.set_pin(%s, %s, %s::timestamptz)"
+CHANGE_PIN_SQL = "SELECT fc.change_pin(%s, %s, %s, %s, %s::timestamptz)"
 
 
 class Pins:
@@ -61,19 +61,31 @@ class Pins:
 
     async def set(self, terminal_id: str, key_version: int, card_number: str, pan_index: bytes,
                   new_block: bytes, old_block: bytes, now: dt.datetime) -> None:
+        """Set a card's first PIN, or change it given the current one. A
+        wrong current PIN counts towards the card's PIN lock, as at the pump,
+        and a locked card is refused: only an operator's reset unlocks it."""
         row = await self._db.fetch_one(PIN_HASH_SQL, (pan_index,))
         if row is None:
             raise errors.not_found("CARD_NOT_FOUND", "card")
         card_id, stored = row
-        if stored is not None:
-            old = (await self._clear_pin(terminal_id, key_version, old_block, card_number, now)
-                   if old_block else None)
-            if not await self._matches(old, stored):
-                raise errors.failed_precondition("OLD_PIN_WRONG")
-        new = await self._clear_pin(terminal_id, key_version, new_block, card_number, now)
-        if new is None:
-            raise errors.invalid([errors.FieldViolation(
-                "new_pin_block", "does not decode to a PIN of 4-12 digits", "PIN_BLOCK_INVALID")])
-        hashed = await asyncio.to_thread(keys.hash_pin, new, pepper=self._pepper)
-        del new
-        await self._db.fetch_one(SET_PIN_SQL, (card_id, hashed, now))
+        old_ok: bool | None = None
+        if stored is not None and old_block:
+            old = await self._clear_pin(terminal_id, key_version, old_block, card_number, now)
+            old_ok = await self._matches(old, stored)
+            del old
+        hashed: str | None = None
+        if stored is None or old_ok:
+            new = await self._clear_pin(terminal_id, key_version, new_block, card_number, now)
+            if new is None:
+                raise errors.invalid([errors.FieldViolation(
+                    "new_pin_block", "does not decode to a PIN of 4-12 digits",
+                    "PIN_BLOCK_INVALID")])
+            hashed = await asyncio.to_thread(keys.hash_pin, new, pepper=self._pepper)
+            del new
+        answer = await self._db.fetch_one(CHANGE_PIN_SQL, (
+            card_id, stored is not None, old_ok, hashed, now))
+        refusal = answer[0] if answer is not None else None
+        if refusal == "PIN_LOCKED":
+            raise errors.failed_precondition("PIN_LOCKED")
+        if refusal is not None:  # WRONG_PIN, PIN_REQUIRED
+            raise errors.failed_precondition("OLD_PIN_WRONG")

@@ -238,7 +238,11 @@ class SetCardPinRequest(_message.Message):
     new_pin_block: _builtins.bytes
     """The new PIN's block (4-12 digits)."""
     old_pin_block: _builtins.bytes
-    """The current PIN's block; required if the card has a PIN."""
+    """The current PIN's block; required if the card has a PIN. A wrong one
+    counts towards the card's PIN lock, as a wrong PIN at the pump does;
+    a locked card is refused with FAILED_PRECONDITION PIN_LOCKED until an
+    operator resets its PIN (ResetCardPin).
+    """
     def __init__(
         self,
         *,
