@@ -9,12 +9,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import psycopg
 from fuelcard.v1 import account_pb2, common_pb2, transaction_pb2, transaction_pb2_grpc
 from fuelcard_server import verify
 
 from tests import builders
 from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, count
 from tests.plugins.server import RunningServer
+from tests.row_lock import wait_queued
 
 
 def _set_status(server: RunningServer, card: builders.FundedCard,
@@ -119,6 +121,32 @@ def test_blocked_card_is_declined_and_unblocking_restores_it(server: RunningServ
         account_pb2.CARD_STATUS_ACTIVE
     assert builders.authorize(server, card, 1_000).decision == common_pb2.DECISION_APPROVED
 
+
+
+def test_a_block_committed_while_authorize_waited_for_the_lock_applies(
+        server: RunningServer, database_url: str) -> None:
+    # Found in review: authorize read the card before the account lock only,
+    # and approved a card blocked by the request ahead of it. Deterministic:
+    # a side connection holds the card row, so the block takes the account
+    # lock and waits on the row; the authorize reads the card (still active)
+    # and queues on the account lock; then the side lets go.
+    card = builders.open_card(server, 10_000)
+    with ThreadPoolExecutor(2) as pool:
+        with psycopg.connect(database_url) as holder:
+            holder.execute("SELECT 1 FROM fc.cards WHERE uid = %s FOR UPDATE", (card.card_id,))
+            blocked = pool.submit(lambda: server.accounts.UpdateCardStatus(
+                account_pb2.UpdateCardStatusRequest(
+                    request_id=builders.rid("blk"), card_id=card.card_id,
+                    status=account_pb2.CARD_STATUS_BLOCKED)))
+            wait_queued(database_url, 1, [blocked])
+            answer = pool.submit(lambda: builders.authorize(server, card, 1_000))
+            wait_queued(database_url, 2, [blocked, answer])
+            holder.rollback()
+        assert blocked.result(20).card.status == account_pb2.CARD_STATUS_BLOCKED
+        decision = answer.result(20)
+    assert (decision.decision, decision.decline_reason) == (
+        common_pb2.DECISION_DECLINED, common_pb2.DECLINE_REASON_CARD_BLOCKED)
+    assert not decision.HasField("hold")
 
 def test_closed_card_is_declined_for_good(server: RunningServer, db: Conn) -> None:
     card = builders.open_card(server, balance_fen=10_000)

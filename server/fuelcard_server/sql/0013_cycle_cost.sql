@@ -34,6 +34,11 @@
 --     taking that lock, so it sees every raise the full lookup would.
 --     Caps that are not set are not checked (cap_refusal answers NULL for them
 --     without reading anything).
+--
+-- And one correction, not for speed (found in review): authorize reads the
+-- card again once it holds the account lock. It had read the card only
+-- before, so a block, limit or scope committed while it waited for the lock
+-- was not seen: a card blocked by the request ahead of it was approved.
 
 -- The sum of the rolling tier window's months before this row's month, and
 -- the window (tier_window_months) it was taken over; NULL: not yet known.
@@ -146,6 +151,11 @@ BEGIN
     -- Serialise every reservation on this account tree (parent first). Held
     -- until commit, which is the end of this one statement.
     PERFORM fc.lock_chain(v_card.account_id);
+    -- The card again, now that changes to it are serialised with us too: a
+    -- block, a limit or a scope committed while we waited for the lock
+    -- applies to this reservation (fc.update_card_status and the controls
+    -- change a card under the same lock).
+    SELECT * INTO v_card FROM fc.cards WHERE id = v_card.id;
     SELECT * INTO v_spender FROM fc.accounts WHERE id = v_card.account_id;
     IF v_spender.parent_id IS NOT NULL THEN
         SELECT * INTO v_parent FROM fc.accounts WHERE id = v_spender.parent_id;
