@@ -1,8 +1,8 @@
 """Issue 4, family cards (家庭主副卡): a main account whose members' secondary
 cards draw on its balance within the caps the main holder sets, the main
 holder reading a member's history, and points pooling (积分合并): members
-move points to the main account, which redeems the pool. Everything through
-gRPC against the real PostgreSQL."""
+move points still valid to the main account, which redeems the pool.
+Everything through gRPC against the real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -173,4 +173,33 @@ def test_points_pool_on_the_main_account_which_redeems_them(server: RunningServe
     assert redeemed.entry.kind == points_pb2.POINTS_ENTRY_KIND_REDEEM
     assert scalar(db, "SELECT sum(remaining) FROM fc.points_lots l JOIN fc.accounts a"
                       " ON a.id = l.account_id WHERE a.uid = %s", (main.account_id,)) == 50
+    cb.assert_verified(server)
+
+
+def test_points_past_their_expiry_are_not_pooled(server: RunningServer, db: Conn) -> None:
+    family = _family(server)
+    main, son = family.parent, family.subs[1]
+    cb.sale(server, son, 30_000)                         # 300 points, valid 24 months
+    cb.sale(server, main, 10_000)                        # 100 on the main account
+    server.advance(dt.timedelta(days=400))
+    cb.sale(server, son, 20_000)                         # 200 more, a later lot
+    server.advance(dt.timedelta(days=400))               # the first lots expired; no sweep yet
+
+    refused = cb.transfer_points(server, son.account_id, main.account_id, 300)
+    assert (refused.decision, refused.decline_reason) == (
+        cb.DECLINED, common_pb2.DECLINE_REASON_INSUFFICIENT_POINTS)
+    # Both balances in the answer count no expired points: both lapsed, journaled.
+    assert (refused.from_points_balance, refused.to_points_balance) == (200, 0)
+    assert _history(server, son.account_id)[0] == (points_pb2.POINTS_ENTRY_KIND_EXPIRE, -300)
+    assert _history(server, main.account_id)[0] == (points_pb2.POINTS_ENTRY_KIND_EXPIRE, -100)
+
+    moved = cb.transfer_points(server, son.account_id, main.account_id, 200)
+    assert (moved.decision, moved.from_points_balance, moved.to_points_balance) == (
+        cb.APPROVED, 0, 200)
+    # Only points still valid reached the main account.
+    assert scalar(db, "SELECT count(*) FROM fc.points_lots l JOIN fc.accounts a"
+                      " ON a.id = l.account_id WHERE a.uid = %s AND l.remaining > 0"
+                      " AND l.expires_at <= %s", (main.account_id, server.clock.now())) == 0
+    assert count(db, "journal", "kind = 7") == 2
+    assert server.run(server.server.expire_points_once) == 0
     cb.assert_verified(server)

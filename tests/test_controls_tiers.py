@@ -3,8 +3,10 @@
 fc.tier_rules), the multiplier applied when points are earned, tier changes
 recorded and falling as old months leave the window; points lots that expire
 after fc.config points_validity_months, an idempotent expiry job that
-journals what lapsed, and redemption from the oldest lots first. Through gRPC
-against the real PostgreSQL; the jobs run on the server's own loop."""
+journals what lapsed, a redemption that lapses expired lots first whether
+the job has run or not, and redemption from the oldest lots first; the jobs
+running at once without deadlocking. Through gRPC against the real
+PostgreSQL; the jobs run on the server's own loop."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import datetime as dt
 
 from fuelcard.v1 import account_pb2, common_pb2, points_pb2
 
-from tests import builders
+from tests import builders, job_races
 from tests import control_builders as cb
 from tests.builders import FundedCard
 from tests.ledger_asserts import Conn, count
@@ -232,4 +234,61 @@ def test_redemption_takes_the_oldest_lots_first(server: RunningServer, db: Conn)
     month = now.month + 3
     assert _lots(db, card)[-1][2] == now.replace(year=now.year + (month - 1) // 12,
                                                  month=(month - 1) % 12 + 1)
+    cb.assert_verified(server)
+
+
+def test_expired_points_are_lapsed_before_a_redemption_decides(server: RunningServer,
+                                                               db: Conn) -> None:
+    card = _rich_card(server, 100_000)
+    assert _earned(server, card, 10_000) == 100
+    server.advance(dt.timedelta(days=180))
+    assert _earned(server, card, 20_000) == 200
+    # The first lot is past its 24 months; the points sweep has not run.
+    first_expiry = _lots(db, card)[0][2]
+    server.advance(first_expiry - server.clock.now())
+    request = points_pb2.RedeemPointsRequest(request_id=builders.rid("redeem"),
+                                             account_id=card.account_id, points=250,
+                                             description="积分商城 订单 88002")
+    refused = server.points.RedeemPoints(request)
+    assert (refused.decision, refused.decline_reason, refused.points_balance) == (
+        common_pb2.DECISION_DECLINED, common_pb2.DECLINE_REASON_INSUFFICIENT_POINTS, 200)
+    # The lapse is booked as the sweep books it, and kept with the decline.
+    assert db.execute("SELECT amount, created_at FROM fc.journal WHERE kind = 7").fetchall() == [
+        (100, first_expiry)]
+    assert [r for _, r, _ in _lots(db, card)] == [0, 200]
+    assert cb.points_of(server, card.account_id) == 200
+    history = server.points.ListPointsHistory(points_pb2.ListPointsHistoryRequest(
+        account_id=card.account_id)).entries
+    assert (history[0].kind, history[0].points) == (points_pb2.POINTS_ENTRY_KIND_EXPIRE, -100)
+    # Resent: the same answer; nothing lapses twice.
+    assert server.points.RedeemPoints(request) == refused
+    assert count(db, "journal", "kind = 7") == 1
+
+    # What is still valid is spent; the sweep finds nothing left to lapse.
+    spent = server.points.RedeemPoints(points_pb2.RedeemPointsRequest(
+        request_id=builders.rid("redeem"), account_id=card.account_id, points=200))
+    assert (spent.decision, spent.points_balance) == (common_pb2.DECISION_APPROVED, 0)
+    assert _expire_points(server) == 0
+    assert count(db, "journal", "kind = 7") == 1
+    cb.assert_verified(server)
+
+
+def test_points_expiry_and_tier_evaluation_at_once_do_not_deadlock(server: RunningServer,
+                                                                   db: Conn) -> None:
+    # Points on A and B that expired; P2 and A above the lowest tier, so the
+    # tier job visits P2 (its lock) and then A (P1 first): against a points
+    # sweep that holds P1 and waits for A, then wants P2.
+    tree = job_races.crossed_families(server, db, cb.SHARED)
+    _earned(server, tree.card_a, 10_000)
+    _earned(server, tree.card_b, 10_000)
+    server.advance(dt.timedelta(days=800))
+    db.execute("UPDATE fc.accounts SET tier = 2 WHERE id IN (%s, %s)", (tree.p2, tree.a))
+    now = server.clock.now()
+    results = job_races.jobs_behind_account_lock(
+        server.database_url, tree.a,
+        ("SELECT fc.expire_points(%s, 100)", (now,)), ("SELECT fc.evaluate_tiers(%s)", (now,)))
+    assert results == [2, 2]
+    assert (cb.points_of(server, tree.card_a.account_id),
+            cb.points_of(server, tree.card_b.account_id)) == (0, 0)
+    assert (_tier(server, tree.card_a), _tier(server, tree.card_b)) == (REGULAR, REGULAR)
     cb.assert_verified(server)

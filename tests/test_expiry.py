@@ -1,6 +1,7 @@
 """Semantic 4: holds expire after a configurable TTL and release their money;
 a confirm after expiry is never lost (late settlement, or a recorded
-settlement exception). Time moves by the ManualClock, never by sleeping."""
+settlement exception); the sweep runs beside the other jobs without
+deadlocking. Time moves by the ManualClock, never by sleeping."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from fuelcard.v1 import account_pb2, common_pb2, transaction_pb2
 from fuelcard_server.settings import Settings
 
-from tests import builders
+from tests import builders, job_races
+from tests import control_builders as cb
 from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, snapshot
 from tests.plugins.server import RunningServer, make_settings
 
@@ -273,3 +275,23 @@ def test_late_settlement_closes_the_exception_recorded_for_it(server: RunningSer
     open_rows = db.execute("SELECT count(*) FROM fc.settlement_exceptions"
                            " WHERE resolved_at IS NULL").fetchone()
     assert open_rows == (0,)
+
+
+def test_hold_expiry_and_tier_evaluation_at_once_do_not_deadlock(server: RunningServer,
+                                                                 db: Conn) -> None:
+    # Expired holds on A and B; P2 and A above the lowest tier, so the tier
+    # job visits P2 (its lock) and then A (P1 first): against a hold sweep
+    # that holds P1 and waits for A, then wants P2.
+    tree = job_races.crossed_families(server, db, cb.ALLOCATED)
+    for card in (tree.card_a, tree.card_b):
+        builders.authorize(server, card, 30_000)
+    server.advance(31 * MIN)
+    db.execute("UPDATE fc.accounts SET tier = 2 WHERE id IN (%s, %s)", (tree.p2, tree.a))
+    now = server.clock.now()
+    results = job_races.jobs_behind_account_lock(
+        server.database_url, tree.a,
+        ("SELECT fc.expire_holds(%s, 100)", (now,)), ("SELECT fc.evaluate_tiers(%s)", (now,)))
+    assert results == [2, 2]
+    for card in (tree.card_a, tree.card_b):
+        assert builders.balance(server, card).balance.held_fen == 0
+    assert_ledger_ok(server.database_url)

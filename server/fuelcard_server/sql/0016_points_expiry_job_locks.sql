@@ -1,0 +1,269 @@
+-- 0016: expired points are never spent, and the maintenance jobs never
+-- deadlock each other.
+--
+-- 1. Points past their expiry stayed spendable until the points sweep got
+--    to them: fc.redeem_points and fc.transfer_points checked points_balance
+--    and fc.take_points took the oldest lots whatever their expires_at. Now,
+--    under the account lock and before deciding, they lapse the account's
+--    expired lots (fc.lapse_points_locked: the booking fc.expire_points has
+--    always made, a kind 7 points entry to POINTS_EXPIRED), as fc.authorize
+--    releases expired holds under the lock (fc.release_expired_locked). The
+--    lapse is kept whatever the decision (a declined redemption commits it
+--    too, as a declined authorize keeps the holds it released), so the
+--    stored answer's balance is the one the account is left with. The
+--    transfer lapses the receiving main account's expired lots as well (it
+--    is locked too): its balance in the answer counts no expired points.
+--    fc.take_points refuses an expired lot: a caller that did not lapse
+--    first fails loudly instead of spending it.
+--
+-- 2. fc.expire_holds, fc.expire_points and fc.evaluate_tiers looped over
+--    accounts in ascending id and called fc.lock_chain (parent, then the
+--    account) per account. The advisory locks are held to the end of the
+--    job's one transaction, so across iterations they were not taken in
+--    ascending order (P1 < P2 < A < B locked P1, A, P2, B), and two jobs
+--    running at once (each has its own job lock) deadlocked. Each job is one
+--    statement, one transaction (app.py: SELECT ... fc.<job>(...) under
+--    pg_try_advisory_xact_lock), so it cannot commit per account: it now
+--    collects the batch's accounts and their parents, locks them all in one
+--    pass in ascending id (fc.lock_accounts), then does the work. The number
+--    of locks held is what it was (xact locks were already held to the end).
+--
+-- Bodies otherwise as in 0002 (redeem_points, transfer_points, take_points,
+-- expire_points, evaluate_tiers) and 0007 (expire_holds).
+
+-- Locks the given accounts and their parents, all in ascending id in one
+-- pass: the documented lock order for a transaction that needs many.
+CREATE FUNCTION fc.lock_accounts(p_ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    FOR v_id IN
+        SELECT k.id FROM (
+            SELECT a.id FROM fc.accounts a WHERE a.id = ANY (p_ids)
+            UNION
+            SELECT a.parent_id FROM fc.accounts a
+             WHERE a.id = ANY (p_ids) AND a.parent_id IS NOT NULL) k
+        ORDER BY k.id
+    LOOP
+        PERFORM pg_advisory_xact_lock(v_id);
+    END LOOP;
+END $$;
+
+-- Lapses an account's points lots past their expiry: one points entry to
+-- POINTS_EXPIRED for what they had left. Caller holds the account's lock.
+-- Returns the number of lots that lapsed.
+CREATE FUNCTION fc.lapse_points_locked(p_account_id bigint, p_now timestamptz) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_points bigint;
+    v_lots   integer;
+BEGIN
+    SELECT count(*), coalesce(sum(remaining), 0) INTO v_lots, v_points FROM fc.points_lots
+     WHERE account_id = p_account_id AND remaining > 0 AND expires_at <= p_now;
+    UPDATE fc.points_lots SET remaining = 0
+     WHERE account_id = p_account_id AND remaining > 0 AND expires_at <= p_now;
+    IF v_points > 0 THEN
+        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
+                                description, created_at)
+        VALUES (7, 2, p_account_id, fc.system_account('POINTS_EXPIRED'), v_points,
+                'points expired', p_now);
+        UPDATE fc.accounts SET points_balance = points_balance - v_points WHERE id = p_account_id;
+    END IF;
+    RETURN v_lots;
+END $$;
+
+-- Takes p_points from an account's open lots, oldest first; returns the
+-- consumed (expires_at, points) pairs so a transfer can keep their expiry.
+-- The caller has lapsed the expired lots (fc.lapse_points_locked) under the
+-- lock: a lot still open past its expiry is a bug, never points to spend.
+-- (Replaces the two-argument version of 0002, which had no clock to tell.)
+DROP FUNCTION fc.take_points(bigint, bigint);
+CREATE FUNCTION fc.take_points(p_account_id bigint, p_points bigint, p_now timestamptz)
+RETURNS TABLE (expires_at timestamptz, points bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_lot  fc.points_lots;
+    v_left bigint := p_points;
+    v_take bigint;
+BEGIN
+    FOR v_lot IN SELECT * FROM fc.points_lots l
+                  WHERE l.account_id = p_account_id AND l.remaining > 0
+                  ORDER BY l.expires_at, l.id LOOP
+        EXIT WHEN v_left = 0;
+        IF v_lot.expires_at <= p_now THEN
+            RAISE EXCEPTION 'points lot % of account % expired and was not lapsed',
+                v_lot.id, p_account_id;
+        END IF;
+        v_take := least(v_left, v_lot.remaining);
+        UPDATE fc.points_lots SET remaining = remaining - v_take WHERE id = v_lot.id;
+        v_left := v_left - v_take;
+        expires_at := v_lot.expires_at;
+        points := v_take;
+        RETURN NEXT;
+    END LOOP;
+    IF v_left <> 0 THEN
+        RAISE EXCEPTION 'points lots of account % short by %', p_account_id, v_left;
+    END IF;
+END $$;
+
+------------------------------------------------------------------------------
+-- 1. Spending points lapses the expired ones first.
+------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION fc.redeem_points(
+    p_caller text, p_request_id text, p_request_hash bytea,
+    p_account_uid uuid, p_points bigint, p_description text, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_response jsonb;
+    v_account  fc.accounts;
+    v_entry    fc.journal;
+BEGIN
+    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
+    END IF;
+    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> 100;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND', DETAIL = 'account_id';
+    END IF;
+    PERFORM fc.lock_chain(v_account.id);
+    PERFORM fc.lapse_points_locked(v_account.id, p_now);   -- expired points are not spendable
+    SELECT * INTO v_account FROM fc.accounts WHERE id = v_account.id;
+
+    IF v_account.status <> 1 THEN
+        v_response := jsonb_build_object('decision', 'DECLINED', 'decline_reason', 'ACCOUNT_FROZEN',
+                                         'points_balance', v_account.points_balance);
+    ELSIF v_account.points_balance < p_points THEN
+        v_response := jsonb_build_object('decision', 'DECLINED', 'decline_reason', 'INSUFFICIENT_POINTS',
+                                         'points_balance', v_account.points_balance);
+    ELSE
+        PERFORM fc.take_points(v_account.id, p_points, p_now);   -- oldest lots first
+        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, description, created_at)
+        VALUES (4, 2, v_account.id, fc.system_account('POINTS_REDEEMED'), p_points, p_description, p_now)
+        RETURNING * INTO v_entry;
+        UPDATE fc.accounts SET points_balance = points_balance - p_points WHERE id = v_account.id
+        RETURNING * INTO v_account;
+        v_response := jsonb_build_object('decision', 'APPROVED',
+            'entry', jsonb_build_object('entry_id', v_entry.id::text, 'kind', 4,
+                                        'points', -p_points, 'description', p_description,
+                                        'create_us', fc.ts(p_now)),
+            'points_balance', v_account.points_balance);
+    END IF;
+    RETURN fc.remember(p_caller, p_request_id, 'redeem_points', p_request_hash, v_response, p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION fc.transfer_points(
+    p_caller text, p_request_id text, p_request_hash bytea, p_from_uid uuid, p_to_uid uuid,
+    p_points bigint, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_response jsonb;
+    v_from     fc.accounts;
+    v_to       fc.accounts;
+BEGIN
+    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
+    END IF;
+    SELECT * INTO v_from FROM fc.accounts WHERE uid = p_from_uid AND kind <> 100;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
+            DETAIL = 'from_account_id';
+    END IF;
+    SELECT * INTO v_to FROM fc.accounts WHERE uid = p_to_uid AND kind <> 100;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
+            DETAIL = 'to_account_id';
+    END IF;
+    IF v_from.parent_id IS DISTINCT FROM v_to.id THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'NOT_THE_PARENT_ACCOUNT',
+            DETAIL = 'to_account_id';
+    END IF;
+    PERFORM fc.lock_chain(v_from.id);                    -- the main account (v_to) and the member
+    PERFORM fc.lapse_points_locked(v_to.id, p_now);      -- expired points are not spendable,
+    PERFORM fc.lapse_points_locked(v_from.id, p_now);    -- nor counted in either balance
+    SELECT * INTO v_from FROM fc.accounts WHERE id = v_from.id;
+    IF v_from.points_balance < p_points THEN
+        v_response := jsonb_build_object('decision', 'DECLINED',
+            'decline_reason', 'INSUFFICIENT_POINTS', 'from_points_balance', v_from.points_balance,
+            'to_points_balance', (SELECT points_balance FROM fc.accounts WHERE id = v_to.id));
+    ELSE
+        -- The points keep their expiry dates on the main account.
+        INSERT INTO fc.points_lots (account_id, points, remaining, earned_at, expires_at)
+        SELECT v_to.id, t.points, t.points, p_now, t.expires_at
+          FROM fc.take_points(v_from.id, p_points, p_now) t;
+        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
+                                description, created_at)
+        VALUES (6, 2, v_from.id, v_to.id, p_points, 'points pooled', p_now);
+        UPDATE fc.accounts SET points_balance = points_balance - p_points WHERE id = v_from.id
+        RETURNING * INTO v_from;
+        UPDATE fc.accounts SET points_balance = points_balance + p_points WHERE id = v_to.id
+        RETURNING * INTO v_to;
+        v_response := jsonb_build_object('decision', 'APPROVED',
+            'from_points_balance', v_from.points_balance, 'to_points_balance', v_to.points_balance);
+    END IF;
+    RETURN fc.remember(p_caller, p_request_id, 'transfer_points', p_request_hash, v_response, p_now);
+END $$;
+
+------------------------------------------------------------------------------
+-- 2. The jobs: the batch's accounts and parents locked in one ascending pass.
+------------------------------------------------------------------------------
+
+-- Job: lots past their expiry lapse. Idempotent: a lapsed lot has nothing
+-- left to lapse. Returns the number of lots that lapsed.
+CREATE OR REPLACE FUNCTION fc.expire_points(p_now timestamptz, p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_accounts bigint[];
+    v_account  bigint;
+    v_total    integer := 0;
+BEGIN
+    SELECT coalesce(array_agg(DISTINCT account_id ORDER BY account_id), '{}') INTO v_accounts
+      FROM (SELECT account_id FROM fc.points_lots
+             WHERE remaining > 0 AND expires_at <= p_now ORDER BY expires_at LIMIT p_limit) due;
+    PERFORM fc.lock_accounts(v_accounts);
+    FOREACH v_account IN ARRAY v_accounts LOOP
+        v_total := v_total + fc.lapse_points_locked(v_account, p_now);
+    END LOOP;
+    RETURN v_total;
+END $$;
+
+CREATE OR REPLACE FUNCTION fc.expire_holds(p_now timestamptz, p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_accounts bigint[];
+    v_account  bigint;
+    v_count    integer := 0;
+BEGIN
+    SELECT coalesce(array_agg(DISTINCT account_id ORDER BY account_id), '{}') INTO v_accounts
+      FROM (SELECT account_id FROM fc.holds
+             WHERE state IN (1, 5) AND expires_at <= p_now
+             ORDER BY expires_at LIMIT p_limit) due;
+    PERFORM fc.lock_accounts(v_accounts);
+    FOREACH v_account IN ARRAY v_accounts LOOP
+        v_count := v_count + fc.release_expired_locked(v_account, p_now);
+    END LOOP;
+    RETURN v_count;
+END $$;
+
+-- Daily job: tiers fall when old months leave the window even if the account
+-- buys nothing. Returns the number of accounts whose tier changed.
+CREATE OR REPLACE FUNCTION fc.evaluate_tiers(p_now timestamptz) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_accounts bigint[];
+    v_account  bigint;
+    v_before   bigint := (SELECT count(*) FROM fc.tier_changes);
+BEGIN
+    SELECT coalesce(array_agg(id ORDER BY id), '{}') INTO v_accounts
+      FROM fc.accounts WHERE kind <> 100 AND tier > 1;
+    PERFORM fc.lock_accounts(v_accounts);
+    FOREACH v_account IN ARRAY v_accounts LOOP
+        PERFORM fc.evaluate_tier(v_account, p_now);
+    END LOOP;
+    RETURN (SELECT count(*) FROM fc.tier_changes) - v_before;
+END $$;
