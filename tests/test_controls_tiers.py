@@ -286,9 +286,29 @@ def test_points_expiry_and_tier_evaluation_at_once_do_not_deadlock(server: Runni
     now = server.clock.now()
     results = job_races.jobs_behind_account_lock(
         server.database_url, tree.a,
-        ("SELECT fc.expire_points(%s, 100)", (now,)), ("SELECT fc.evaluate_tiers(%s)", (now,)))
+        ("SELECT fc.expire_points(%s, 100)", (now,)),
+        ("SELECT fc.evaluate_tiers(%s, 0, 100) -> 'changed'", (now,)))
     assert results == [2, 2]
     assert (cb.points_of(server, tree.card_a.account_id),
             cb.points_of(server, tree.card_b.account_id)) == (0, 0)
     assert (_tier(server, tree.card_a), _tier(server, tree.card_b)) == (REGULAR, REGULAR)
+    cb.assert_verified(server)
+
+
+def test_the_tier_job_runs_in_batches_each_its_own_transaction(server: RunningServer,
+                                                                db: Conn) -> None:
+    # One transaction for every tiered account held one lock per account:
+    # past the lock table's size the job failed every hour. Five accounts
+    # marked silver with no spend fall in three batches of two.
+    cards = [_rich_card(server, 10_000) for _ in range(5)]
+    ids = [int(r[0]) for r in db.execute(
+        "SELECT a.id FROM fc.accounts a JOIN fc.cards c ON c.account_id = a.id"
+        " WHERE c.uid = ANY(%s::uuid[]) ORDER BY a.id", ([c.card_id for c in cards],))]
+    db.execute("UPDATE fc.accounts SET tier = %s WHERE id = ANY(%s)", (SILVER, ids))
+    batches = db.execute("SELECT fc.evaluate_tiers(%s, 0, 2)", (server.clock.now(),)).fetchone()
+    assert batches == ({"changed": 2, "last_id": ids[1]},)  # the first batch alone
+    assert server.run(lambda: server.server.evaluate_tiers_once(batch=2)) == 3  # the rest
+    assert [_tier(server, c) for c in cards] == [REGULAR] * 5
+    assert db.execute("SELECT fc.evaluate_tiers(%s, 0, 2)", (server.clock.now(),)).fetchone() == (
+        {"changed": 0, "last_id": None},)
     cb.assert_verified(server)

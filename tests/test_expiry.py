@@ -290,7 +290,8 @@ def test_hold_expiry_and_tier_evaluation_at_once_do_not_deadlock(server: Running
     now = server.clock.now()
     results = job_races.jobs_behind_account_lock(
         server.database_url, tree.a,
-        ("SELECT fc.expire_holds(%s, 100)", (now,)), ("SELECT fc.evaluate_tiers(%s)", (now,)))
+        ("SELECT fc.expire_holds(%s, 100)", (now,)),
+        ("SELECT fc.evaluate_tiers(%s, 0, 100) -> 'changed'", (now,)))
     assert results == [2, 2]
     for card in (tree.card_a, tree.card_b):
         assert builders.balance(server, card).balance.held_fen == 0

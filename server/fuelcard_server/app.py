@@ -125,10 +125,16 @@ EXPIRE_SQL = (
 EXPIRE_POINTS_SQL = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.expire_points(%s::timestamptz, %s)"
     " ELSE -1 END")
+# One batch of the tier job (NULL: another process is at it).
 EVALUATE_TIERS_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.evaluate_tiers(%s::timestamptz)"
-    " ELSE -1 END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s)"
+    " THEN fc.evaluate_tiers(%s::timestamptz, %s, %s) END")
 TIER_EVALUATION_INTERVAL = 3600.0
+# Accounts per batch of the tier job, each batch its own transaction holding
+# that many account locks (plus parents) for a few milliseconds; and a bound
+# on batches per run (a run past it goes on at the next interval).
+TIER_BATCH = 500
+TIER_BATCHES_MAX = 100_000
 # The health probe: its own connection, so a busy pool is not a dead database.
 # (And the primary's WAL position: the replica's lag is measured against it.)
 PROBE_SQL = "SELECT count(*), pg_current_wal_lsn()::text FROM fc.holds WHERE state = 1"
@@ -455,13 +461,24 @@ class FuelcardServer:
         lapsed: int = row[0]
         return lapsed
 
-    async def evaluate_tiers_once(self) -> int:
-        """Re-evaluate tiers (they fall as old months leave the window)."""
+    async def evaluate_tiers_once(self, batch: int = TIER_BATCH) -> int:
+        """Re-evaluate tiers (they fall as old months leave the window), in
+        batches of `batch` accounts; the number changed, or -1 if another
+        process is on it."""
         assert self._db is not None
-        row = await self._db.fetch_one(EVALUATE_TIERS_SQL, (TIER_EVALUATION_LOCK,
-                                                            self.clock.now()))
-        assert row is not None
-        changed: int = row[0]
+        now = self.clock.now()
+        changed = 0
+        after_id = 0
+        for _ in range(TIER_BATCHES_MAX):
+            row = await self._db.fetch_one(EVALUATE_TIERS_SQL, (
+                TIER_EVALUATION_LOCK, now, after_id, batch))
+            assert row is not None
+            if row[0] is None:  # another process took the job between two batches
+                return changed if after_id else -1
+            changed += int(row[0]["changed"])
+            if row[0]["last_id"] is None:
+                break
+            after_id = int(row[0]["last_id"])
         return changed
 
     async def prune_once(self) -> Pruned:

@@ -29,7 +29,8 @@
 --    of locks held is what it was (xact locks were already held to the end).
 --
 -- Bodies otherwise as in 0002 (redeem_points, transfer_points, take_points,
--- expire_points, evaluate_tiers) and 0007 (expire_holds).
+-- expire_points, evaluate_tiers) and 0007 (expire_holds). evaluate_tiers
+-- also runs in batches now (see there).
 
 -- Locks the given accounts and their parents, all in ascending id in one
 -- pass: the documented lock order for a transaction that needs many.
@@ -250,20 +251,39 @@ BEGIN
     RETURN v_count;
 END $$;
 
--- Daily job: tiers fall when old months leave the window even if the account
--- buys nothing. Returns the number of accounts whose tier changed.
-CREATE OR REPLACE FUNCTION fc.evaluate_tiers(p_now timestamptz) RETURNS integer
+-- The tier job: tiers fall when old months leave the window even if the
+-- account buys nothing. In batches, each its own transaction: accounts
+-- after p_after_id (ascending id), at most p_limit of them, locked in one
+-- ascending pass. One transaction for every account above the lowest tier
+-- held one advisory lock per account to its end: past the lock table's
+-- size (max_locks_per_transaction x max_connections, about 19 000 on the
+-- embedded server) the job failed with "out of shared memory" every hour,
+-- and until then it held every tiered account's payments for its whole
+-- run. Answers {"changed": tiers changed, "last_id": the batch's last
+-- account, or null when none was left}.
+DROP FUNCTION fc.evaluate_tiers(timestamptz);
+CREATE FUNCTION fc.evaluate_tiers(p_now timestamptz, p_after_id bigint, p_limit integer)
+RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_accounts bigint[];
     v_account  bigint;
-    v_before   bigint := (SELECT count(*) FROM fc.tier_changes);
+    v_old      smallint;
+    v_changed  integer := 0;
 BEGIN
     SELECT coalesce(array_agg(id ORDER BY id), '{}') INTO v_accounts
-      FROM fc.accounts WHERE kind <> 100 AND tier > 1;
+      FROM (SELECT id FROM fc.accounts
+             WHERE kind <> 100 AND tier > 1 AND id > p_after_id
+             ORDER BY id LIMIT p_limit) batch;
     PERFORM fc.lock_accounts(v_accounts);
-    FOREACH v_account IN ARRAY v_accounts LOOP
-        PERFORM fc.evaluate_tier(v_account, p_now);
+    -- each tier as it is under the lock (a confirm may have moved it since)
+    FOR v_account, v_old IN
+        SELECT id, tier FROM fc.accounts WHERE id = ANY (v_accounts) ORDER BY id
+    LOOP
+        IF fc.evaluate_tier(v_account, p_now) IS DISTINCT FROM v_old THEN
+            v_changed := v_changed + 1;
+        END IF;
     END LOOP;
-    RETURN (SELECT count(*) FROM fc.tier_changes) - v_before;
+    RETURN jsonb_build_object('changed', v_changed,
+                              'last_id', v_accounts[cardinality(v_accounts)]);
 END $$;
