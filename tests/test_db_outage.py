@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from fuelcard.v1 import common_pb2
 from fuelcard_pos.client import PosClient, PosError, PosPending, RetryPolicy
@@ -35,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import builders
 from tests.plugins.database import control_postgres, postgres_running
+from tests.plugins.proxy import TcpProxy
 from tests.plugins.server import TEST_KEY_HEX, RunningServer, ServerThread, make_settings
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
@@ -109,6 +111,47 @@ def test_health_flips_when_the_database_stops_and_calls_fail_fast(
     answer = builders.authorize(server, card, 1_000)
     assert answer.decision == common_pb2.DECISION_APPROVED
 
+
+
+def test_payments_resume_when_the_database_returns_though_pooled_links_went_silent(
+        database_url: str, tmp_path: Path) -> None:
+    # The server reaches the database through a link we can silence: every
+    # connection open at that moment goes quiet for good (a host gone behind
+    # a moved address), new ones work. The probe's own link times out: down;
+    # the next probe connects: up. Before, the recovery asked each pooled
+    # connection with pool.check(), which waited for ever on a silent one,
+    # and payments stayed refused although the database answered.
+    port = psycopg.conninfo.conninfo_to_dict(database_url).get("port") or 5432
+    with TcpProxy(f"127.0.0.1:{port}") as link:
+        proxied = psycopg.conninfo.make_conninfo(database_url, host="127.0.0.1",
+                                                 port=link.target.rpartition(":")[2])
+        settings = make_settings(tmp_path, health_interval_s=0.2, connect_timeout_s=1.0,
+                                 pool_min=2, pool_max=2, read_pool_max=1)
+        clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
+        thread = ServerThread(settings, proxied, clock)
+        server_port = thread.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{server_port}") as channel:
+                server = RunningServer(f"127.0.0.1:{server_port}", proxied, clock, settings,
+                                       thread.server, thread.loop, channel)
+                card = builders.open_card(server, balance_fen=100_000)
+                builders.authorize(server, card, 1_000)
+                db = thread.server._db
+                assert db is not None
+                link.blackhole()
+                deadline = time.monotonic() + 20
+                while db.available:  # the probe's silent link times out
+                    assert time.monotonic() < deadline, "the probe never noticed"
+                    time.sleep(0.02)
+                deadline = time.monotonic() + 15
+                while not db.available:  # the next probe connects afresh
+                    assert time.monotonic() < deadline, "payments still refused"
+                    time.sleep(0.05)
+                answer = server.pos.Authorize(builders.authorize_request(card, 1_000),
+                                              timeout=10)
+                assert answer.decision == common_pb2.DECISION_APPROVED
+        finally:
+            thread.stop()
 
 @dataclass
 class Tally:

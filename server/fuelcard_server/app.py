@@ -351,13 +351,19 @@ class FuelcardServer:
                         log.warning("database unreachable (%s): NOT_SERVING", type(exc).__name__)
                 if up != healthy:
                     healthy = up
-                    if up:  # drop the pooled connections that died with it
-                        await self._db.pool.check()
-                        # The replica's pool is the replica loop's business:
-                        # checking it here could hang on a partitioned
-                        # replica and keep payments refused.
+                    if up:
+                        # Replace every pooled connection: they may have died
+                        # with the database, or lead to a host that is gone
+                        # without a word (a moved address, a NAT that forgot
+                        # the flow). pool.check() asked each one, one at a
+                        # time without a time limit, and one that never
+                        # answered kept payments refused although the
+                        # database was back; drain() closes them and opens
+                        # new ones in the background, waiting on nothing.
+                        await self._db.pool.drain()
+                        # The replica's pool is the replica loop's business.
                         if self._reads is not None and self._reads.url == self._db.url:
-                            await self._reads.pool.check()
+                            await self._reads.pool.drain()
                     self._db.available = up
                     if self._reads is not None and self._reads.url == self._db.url:
                         self._reads.available = up
@@ -419,8 +425,8 @@ class FuelcardServer:
         if state is not self._replica:
             previous, self._replica = self._replica, state
             if state is ReplicaState.OK:
-                if previous is ReplicaState.DOWN:  # drop the connections that died with it
-                    await self._reads.pool.check()
+                if previous is ReplicaState.DOWN:  # replace the connections that died with it
+                    await self._reads.pool.drain()
                 self._reads.resume()
                 log.info("read replica usable again: report services SERVING")
             else:

@@ -8,6 +8,9 @@ Put it between a client and the real server to play a bad POS link:
   what was held and forwards normally again.
 - `down()`: every open connection is cut and new ones are accepted and closed
   at once: the link is gone. `up()` lets connections through again.
+- `blackhole()`: the connections open now go silent, both ways, for good
+  (bytes accepted and dropped, nothing closed: a host gone behind a moved
+  address, a NAT that forgot the flow); new connections work normally.
 
 It runs on its own thread and event loop; `close()` (or the context manager)
 stops it and closes every socket.
@@ -30,6 +33,7 @@ class _Link:
     client_writer: asyncio.StreamWriter
     upstream_writer: asyncio.StreamWriter
     held: list[bytes] = field(default_factory=list)
+    silent: bool = False  # blackholed: everything it carries is dropped
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -100,6 +104,10 @@ class TcpProxy:
         """Accept and forward connections again."""
         self._run(self._set(down=False, hanging=False))
 
+    def blackhole(self) -> None:
+        """Silence the connections open now; later ones are forwarded."""
+        self._run(self._silence())
+
     # -- on the proxy's loop ---------------------------------------------
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -146,6 +154,10 @@ class TcpProxy:
                 link.client_writer.write(chunk)
             with contextlib.suppress(ConnectionError):
                 await link.client_writer.drain()
+
+    async def _silence(self) -> None:
+        for link in self._links:
+            link.silent = True
 
     async def _down_now(self) -> None:
         self._down = True
@@ -215,6 +227,8 @@ class TcpProxy:
                 data = await reader.read(65536)
                 if not data:
                     break
+                if link.silent:
+                    continue
                 if upstream:
                     self.bytes_up += len(data)
                 elif self._hanging:
