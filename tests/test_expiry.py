@@ -296,3 +296,74 @@ def test_hold_expiry_and_tier_evaluation_at_once_do_not_deadlock(server: Running
     for card in (tree.card_a, tree.card_b):
         assert builders.balance(server, card).balance.held_fen == 0
     assert_ledger_ok(server.database_url)
+
+
+def test_a_maintenance_job_that_breaks_does_not_stop_hold_expiry(
+        database_url: str, db: Conn, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Found in review: the maintenance loop caught only ApiError, so any
+    # other exception from one job (here the tier job, after a bad hotfix
+    # left fc.evaluate_tiers answering nothing it can read) ended the loop
+    # for good, silently: no hold expired again, customers' money stayed
+    # reserved; and stop() re-raised it before closing the pools.
+    import logging
+    import time
+
+    from fuelcard_server.clock import ManualClock
+
+    from tests.plugins.server import ServerThread
+    db.execute("CREATE OR REPLACE FUNCTION fc.evaluate_tiers(p_now timestamptz,"
+               " p_after_id bigint, p_limit integer)"
+               " RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$")
+    settings = make_settings(tmp_path, expiry_interval_s=0.05)
+    clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
+    thread = ServerThread(settings, database_url, clock)
+    port = thread.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            server = RunningServer(f"127.0.0.1:{port}", database_url, clock, settings,
+                                   thread.server, thread.loop, channel)
+            card = builders.open_card(server, balance_fen=100_000)
+            hold = builders.authorize(server, card, 50_000).hold
+            # the loop's first round ran the tier job at start
+            clock.advance(dt.timedelta(seconds=settings.hold_ttl_s + 60))
+            deadline = time.monotonic() + 10
+            while server.pos.GetHold(transaction_pb2.GetHoldRequest(
+                    hold_id=hold.hold_id)).hold.state != common_pb2.HOLD_STATE_EXPIRED:
+                assert time.monotonic() < deadline, "hold expiry stopped with the tier job"
+                time.sleep(0.05)
+    finally:
+        thread.stop()  # raised the job's exception before
+    assert any(r.levelno == logging.ERROR and "tier evaluation" in r.getMessage()
+               for r in caplog.records)
+    assert_ledger_ok(database_url)
+
+
+def test_a_sweep_another_process_is_doing_is_not_logged_as_released_holds(
+        database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Under `serve --workers N` every sweep but one finds the sweep's lock
+    # taken and answers -1, which read as true: "released -1 expired holds"
+    # at INFO, once a second per worker.
+    import asyncio
+    import logging
+    import time
+
+    import psycopg
+    from fuelcard_server.clock import ManualClock
+    from fuelcard_server.locks import EXPIRY_SWEEP_LOCK
+
+    from tests.plugins.server import ServerThread
+    settings = make_settings(tmp_path, expiry_interval_s=0.02)
+    clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
+    with psycopg.connect(database_url, autocommit=True) as other_worker:
+        other_worker.execute("SELECT pg_advisory_lock(%s)", (EXPIRY_SWEEP_LOCK,))
+        thread = ServerThread(settings, database_url, clock)
+        with caplog.at_level(logging.INFO, logger="fuelcard_server.app"):
+            thread.start()
+            try:
+                skipped = asyncio.run_coroutine_threadsafe(
+                    thread.server.expire_holds_once(), thread.loop).result(10)
+                assert skipped == -1  # what each round of the loop gets
+                time.sleep(0.3)  # some fifteen rounds of the loop, each skipped
+            finally:
+                thread.stop()
+    assert [r.getMessage() for r in caplog.records if "expired holds" in r.getMessage()] == []

@@ -303,6 +303,10 @@ def test_settings_come_from_file_then_environment(tmp_path: Path) -> None:
     ("otlp_endpoint = '127.0.0.1:4317'", "otlp_endpoint: expected a URL"),
     ("replica_max_lag_s = 0", "replica_max_lag_s must be > 0"),
     ("replica_down_after_probes = 0", "replica_down_after_probes must be between 1 and 100"),
+    ("health_interval_s = inf", "health_interval_s must be a finite number"),
+    ("connect_timeout_s = nan", "connect_timeout_s must be a finite number"),
+    ("idempotency_retention_unguarded_s = 100000000000",
+     "idempotency_retention_unguarded_s must be at most"),
     ("pool_max = [", "not TOML"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(tmp_path: Path, text: str,

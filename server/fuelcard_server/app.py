@@ -504,7 +504,7 @@ class FuelcardServer:
             # customers' money reserved. A failed job is tried again at the
             # next sweep.
             released = await self._sweep("hold expiry", self.expire_holds_once)
-            if released:
+            if released is not None and released > 0:  # -1: another process sweeps
                 log.info("released %d expired holds", released)
             await self._sweep("points expiry", self.expire_points_once)
             if loop.time() >= next_tiers and \
@@ -523,11 +523,16 @@ class FuelcardServer:
     @staticmethod
     async def _sweep(what: str, job: Callable[[], Awaitable[_T]]) -> _T | None:
         """One maintenance job; None if it failed (the health probe flips
-        health when the database is gone, so a warning is enough here)."""
+        health when the database is gone, so a warning is enough here). Any
+        other exception is a bug, logged as one, but it must not end the
+        loop: expiry is what gives customers' reserved money back."""
         try:
             return await job()
         except errors.ApiError as exc:
             log.warning("%s failed: %s", what, exc.reason)
+            return None
+        except Exception:
+            log.exception("%s failed unexpectedly; tried again at the next sweep", what)
             return None
 
     async def sequence_events_once(self) -> int:
@@ -558,6 +563,8 @@ class FuelcardServer:
                             break
             except errors.ApiError as exc:
                 log.warning("event sequencing failed: %s", exc.reason)
+            except Exception:
+                log.exception("event sequencing failed unexpectedly; tried again shortly")
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight RPCs finish, then close the pool."""
@@ -567,8 +574,13 @@ class FuelcardServer:
             await self._server.stop(self.settings.grace_s if grace_s is None else grace_s)
         for job in self._jobs:
             job.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
+        # A job that had died of an exception must not stop the shutdown
+        # before the audit appends are drained and the pools closed.
+        outcomes = await asyncio.gather(*self._jobs, return_exceptions=True)
+        for job, outcome in zip(self._jobs, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.error("background job %s had ended with %s", job.get_name(),
+                          type(outcome).__name__)
         self._jobs.clear()
         if self._audit is not None:
             await self._audit.drain()  # records of calls cancelled at shutdown

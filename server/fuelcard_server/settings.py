@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import math
 import os
 import secrets
 import time
@@ -27,6 +28,8 @@ class SettingsError(ValueError):
 
 # os.link's answers on a filesystem without hard links (some SMB/FUSE mounts).
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+# No duration setting (a name ending in _s) may exceed ten years.
+DURATION_MAX_S = 10 * 365 * 24 * 3600
 # How long a process waits for the secret another one is writing.
 SECRET_WAIT_S = 10.0
 
@@ -276,6 +279,15 @@ class Settings:
         setattr(self, name, value)
 
     def validate(self) -> Settings:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                # float() reads "inf" and "nan": an interval of inf sleeps for ever
+                raise SettingsError(f"{f.name} must be a finite number, got {value}")
+            if f.name.endswith("_s") and isinstance(value, int | float) \
+                    and value > DURATION_MAX_S:
+                # times are computed with these (now - retention): keep them in range
+                raise SettingsError(f"{f.name} must be at most {DURATION_MAX_S} (10 years)")
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise SettingsError(f"listen: expected HOST:PORT, got {self.listen!r}")
