@@ -252,18 +252,19 @@ CHECKS: tuple[Check, ...] = (
     # the business time zone, which is the purchase entry's created_at; a late
     # confirm of an expired hold counts in the month it was confirmed, not
     # the month the hold closed). Nothing takes a sale back (refunds are of
-    # recharges), so the sum only grows.
+    # recharges), so the sum only grows. The time zone is a subquery: run
+    # once (an InitPlan), not per sale.
     Check("monthly_spend_equals_sales",
           "each month's spend of an account (monthly_spend, which sets its tier) equals its"
           " confirmed sales in that business month",
           """
           WITH sold AS (
               SELECT h.spender_account_id AS account_id,
-                     date_trunc('month', j.created_at AT TIME ZONE z.tz)::date AS month,
+                     date_trunc('month', j.created_at AT TIME ZONE (SELECT fc.business_tz()))
+                         ::date AS month,
                      sum(j.amount)::bigint AS spend_fen
                 FROM fc.journal j
                 JOIN fc.holds h ON h.id = j.hold_id
-               CROSS JOIN (SELECT fc.business_tz() AS tz) z
                WHERE j.kind = 2
                GROUP BY 1, 2)
           SELECT coalesce(s.account_id, m.account_id), coalesce(s.month, m.month),
