@@ -11,14 +11,16 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-from fuelcard.v1 import common_pb2, points_pb2
+from fuelcard.v1 import account_pb2, common_pb2, funding_pb2, points_pb2
 from fuelcard_server import verify
 
 from tests import builders
+from tests import control_builders as cb
 from tests.ledger_asserts import Conn, scalar
 from tests.plugins.server import TEST_KEY_HEX, RunningServer
 
@@ -74,6 +76,74 @@ def test_busy_ledger_verifies_and_sums_to_zero(server: RunningServer, db: Conn) 
         assert customers > 0
     assert scalar(db, "SELECT count(*) FROM fc.journal WHERE amount <= 0"
                   " OR debit_account_id = credit_account_id") == 0
+
+
+def _every_kind_ledger(server: RunningServer) -> tuple[str, str]:
+    """Every kind of journal entry, on the channels and accounts the server
+    books it against; a sale funded by the parent of the account it counts
+    for; settlement exceptions, one still open and one closed by a late sale
+    confirmed in the month after its hold expired."""
+    family = cb.open_fleet(server, 100_000, [cb.SHARED],
+                           account_type=account_pb2.ACCOUNT_TYPE_FAMILY)
+    son = family.subs[0]
+    cb.sale(server, son, 20_000)                  # 1, 2, 3: the parent's money, the son's spend
+    assert cb.transfer_points(server, son.account_id, family.parent_id,
+                              50).decision == cb.APPROVED                               # 6
+    server.points.RedeemPoints(points_pb2.RedeemPointsRequest(
+        request_id=builders.rid(), account_id=family.parent_id, points=10))             # 4
+    fleet = cb.open_fleet(server, 50_000, [cb.ALLOCATED])
+    assert cb.batch_top_up(server, fleet.parent_id,
+                           [(fleet.subs[0].account_id, 30_000)]).decision == cb.APPROVED  # 5
+    card = builders.open_card(server)
+    txn = f"ali-{uuid.uuid4().hex}"
+    server.funding.Recharge(funding_pb2.RechargeRequest(
+        request_id=builders.rid(), account_id=card.account_id, channel=funding_pb2.CHANNEL_ALIPAY,
+        channel_txn_id=txn, amount_fen=10_000))
+    server.funding.RefundRecharge(funding_pb2.RefundRechargeRequest(                     # 8
+        request_id=builders.rid(), channel=funding_pb2.CHANNEL_ALIPAY, channel_txn_id=txn,
+        channel_refund_id=f"rf-{uuid.uuid4().hex}", amount_fen=4_000))
+    # 6 000 fen left, all of it held by two holds that expire; the money is
+    # spent elsewhere, and both late confirms record a settlement exception.
+    unpaid = builders.authorize(server, card, 5_000).hold
+    paid_late = builders.authorize(server, card, 1_000).hold
+    server.advance(dt.timedelta(minutes=31))
+    assert server.expire_holds() == 2
+    cb.sale(server, card, 5_500)
+    for hold, amount in ((unpaid, 5_000), (paid_late, 1_000)):
+        assert builders.confirm(server, hold.hold_id, amount).decline_reason == \
+            common_pb2.DECLINE_REASON_HOLD_EXPIRED
+    # Next month the driver pays in and the POS resends one of them: a sale
+    # of the month it is confirmed in, not of the month its hold closed.
+    month = cb.local_now(server).replace(day=1, hour=0, minute=5, second=0, microsecond=0)
+    cb.advance_to_local(server, (month + dt.timedelta(days=32)).replace(day=1))
+    builders.recharge(server, card.account_id, 2_000)
+    assert builders.confirm(server, paid_late.hold_id, 1_000).decision == cb.APPROVED
+    # Two years on, the points left lapse.
+    server.advance(dt.timedelta(days=800))
+    assert server.run(server.server.expire_points_once) > 0                              # 7
+    return family.parent_id, son.account_id
+
+
+def test_every_kind_of_entry_verifies(server: RunningServer, db: Conn) -> None:
+    parent, son = _every_kind_ledger(server)
+    assert verify.run(server.database_url) == []
+    assert [r[0] for r in db.execute(
+        "SELECT DISTINCT kind FROM fc.journal ORDER BY 1").fetchall()] == list(range(1, 9))
+    assert db.execute(
+        "SELECT h.state, x.resolved_at IS NOT NULL FROM fc.settlement_exceptions x"
+        " JOIN fc.holds h ON h.id = x.hold_id ORDER BY x.id").fetchall() == [(4, False), (2, True)]
+    # The late sale counts in the month it was confirmed, after its hold closed.
+    assert scalar(db, """
+        SELECT count(*) FROM fc.journal j JOIN fc.holds h ON h.id = j.hold_id
+         WHERE j.kind = 2 AND h.confirmed_late
+           AND date_trunc('month', j.created_at AT TIME ZONE fc.business_tz())
+               > date_trunc('month', h.closed_at AT TIME ZONE fc.business_tz())""") == 1
+    # The family's sale counts for the son who bought, not the parent who paid.
+    spend = db.execute(
+        "SELECT a.uid::text, sum(m.spend_fen) FROM fc.monthly_spend m"
+        " JOIN fc.accounts a ON a.id = m.account_id WHERE a.uid IN (%s, %s)"
+        " GROUP BY a.uid", (parent, son)).fetchall()
+    assert spend == [(son, 20_000)]
 
 
 def test_cli_passes_on_a_healthy_ledger(server: RunningServer, tmp_path: Path) -> None:
@@ -197,6 +267,39 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " SELECT account_id, (month - interval '1 month')::date, 100 FROM fc.monthly_spend"
       " WHERE prior_fen IS NOT NULL ORDER BY 1, 2 LIMIT 1"],
      {"tier_window_sums_kept"}),
+    # Review r2: what the tiers read, who is on the other side of an entry,
+    # and what a settlement exception names.
+    ("monthly-spend-drifted",
+     ["UPDATE fc.monthly_spend SET spend_fen = spend_fen + 10000000, prior_fen = NULL,"
+      " prior_window = NULL"],
+     {"monthly_spend_equals_sales"}),
+    ("monthly-spend-in-the-wrong-month",
+     ["UPDATE fc.monthly_spend SET month = (month - interval '1 month')::date, prior_fen = NULL,"
+      " prior_window = NULL"],
+     {"monthly_spend_equals_sales"}),
+    ("sale-credited-to-a-clearing-account",  # balances and the zero sum still agree
+     ["ALTER TABLE fc.journal DISABLE TRIGGER journal_append_only",
+      "UPDATE fc.journal SET credit_account_id = fc.system_account('CHANNEL_CLEARING_ALIPAY')"
+      " WHERE kind = 2",
+      "ALTER TABLE fc.journal ENABLE TRIGGER journal_append_only"],
+     {"entries_have_their_counterparties"}),
+    ("recharge-from-another-channel",
+     ["ALTER TABLE fc.journal DISABLE TRIGGER journal_append_only",
+      "UPDATE fc.journal SET debit_account_id = fc.system_account('CHANNEL_CLEARING_COUNTER')"
+      " WHERE id = (SELECT min(id) FROM fc.journal WHERE kind = 1)",
+      "ALTER TABLE fc.journal ENABLE TRIGGER journal_append_only"],
+     {"entries_have_their_counterparties"}),
+    ("settlement-exception-on-a-paid-hold",  # fuel "not paid" on a hold that was paid
+     ["INSERT INTO fc.settlement_exceptions (hold_id, account_id, amount_fen, reason,"
+      " created_at) SELECT id, account_id, settled_fen, 'HOLD_EXPIRED_INSUFFICIENT_FUNDS',"
+      " now() FROM fc.holds WHERE state = 2"],
+     {"settlement_exception_on_unpaid_hold"}),
+    ("settlement-exception-on-another-account",
+     ["INSERT INTO fc.settlement_exceptions (hold_id, account_id, amount_fen, reason,"
+      " created_at) SELECT h.id, a.id, h.amount_fen, 'HOLD_EXPIRED_INSUFFICIENT_FUNDS', now()"
+      " FROM fc.holds h, fc.accounts a WHERE h.state = 4 AND a.uid = %(other)s"
+      " AND h.account_id <> a.id"],
+     {"settlement_exception_on_unpaid_hold"}),
     # The event stream (issue 9): a position lost from the stream.
     ("event-deleted",
      ["SELECT fc.sequence_events(now(), 1000)",

@@ -245,6 +245,87 @@ CHECKS: tuple[Check, ...] = (
                     AND x.month > (m.month - make_interval(months => m.prior_window))::date) e
            WHERE m.prior_fen IS NOT NULL AND m.prior_fen <> e.total
            LIMIT 10"""),
+    # Review r2. The tiers (points multipliers) are read from monthly_spend:
+    # each month's spend is what the spender's confirmed sales of that month
+    # said. fc.confirm adds the settled amount to the spender's (the hold's
+    # spender_account_id) row of the business month of the sale (its p_now in
+    # the business time zone, which is the purchase entry's created_at; a late
+    # confirm of an expired hold counts in the month it was confirmed, not
+    # the month the hold closed). Nothing takes a sale back (refunds are of
+    # recharges), so the sum only grows. The time zone is a subquery: run
+    # once (an InitPlan), not per sale.
+    Check("monthly_spend_equals_sales",
+          "each month's spend of an account (monthly_spend, which sets its tier) equals its"
+          " confirmed sales in that business month",
+          """
+          WITH sold AS (
+              SELECT h.spender_account_id AS account_id,
+                     date_trunc('month', j.created_at AT TIME ZONE (SELECT fc.business_tz()))
+                         ::date AS month,
+                     sum(j.amount)::bigint AS spend_fen
+                FROM fc.journal j
+                JOIN fc.holds h ON h.id = j.hold_id
+               WHERE j.kind = 2
+               GROUP BY 1, 2)
+          SELECT coalesce(s.account_id, m.account_id), coalesce(s.month, m.month),
+                 s.spend_fen, m.spend_fen
+            FROM sold s
+            FULL JOIN fc.monthly_spend m ON m.account_id = s.account_id AND m.month = s.month
+           WHERE coalesce(s.spend_fen, 0) <> coalesce(m.spend_fen, 0)
+           LIMIT 10"""),
+    # Review r2. Every other check would pass a sale credited to a clearing
+    # account, or points issued from FUEL_SALES: the rows still balance. Each
+    # kind has the asset and the system account (or none: a customer) of the
+    # one function that writes it: 1 fc.recharge, 2 and 3 fc.confirm,
+    # 4 fc.redeem_points, 5 fc.batch_top_up, 6 fc.transfer_points,
+    # 7 fc.expire_points, 8 fc.refund_recharge (the clearing account of the
+    # recharge's channel, fc.clearing_account; a refund has its recharge's
+    # channel). Which customer it is, is checked by the checks above.
+    Check("entries_have_their_counterparties",
+          "each journal entry moves its kind's asset between its kind's accounts (e.g. a sale"
+          " from a customer to FUEL_SALES, a recharge from its channel's clearing account to"
+          " a customer)",
+          """
+          WITH sys AS (SELECT id, system_code AS code FROM fc.accounts
+                        WHERE system_code IS NOT NULL),
+          e AS (
+              SELECT j.id, j.kind, j.asset, d.code AS debit, c.code AS credit,
+                     'CHANNEL_CLEARING_' || (ARRAY['BANK_CARD', 'WECHAT_PAY', 'ALIPAY', 'ECNY',
+                                                   'COUNTER'])[r.channel] AS clearing
+                FROM fc.journal j
+                LEFT JOIN sys d ON d.id = j.debit_account_id
+                LEFT JOIN sys c ON c.id = j.credit_account_id
+                LEFT JOIN fc.recharges r ON r.id = j.recharge_id AND j.kind IN (1, 8))
+          SELECT id, kind, asset, debit, credit FROM e
+           WHERE NOT coalesce(CASE kind
+                 WHEN 1 THEN asset = 1 AND debit = clearing AND credit IS NULL
+                 WHEN 2 THEN asset = 1 AND debit IS NULL AND credit = 'FUEL_SALES'
+                 WHEN 3 THEN asset = 2 AND debit = 'POINTS_ISSUED' AND credit IS NULL
+                 WHEN 4 THEN asset = 2 AND debit IS NULL AND credit = 'POINTS_REDEEMED'
+                 WHEN 5 THEN asset = 1 AND debit IS NULL AND credit IS NULL
+                 WHEN 6 THEN asset = 2 AND debit IS NULL AND credit IS NULL
+                 WHEN 7 THEN asset = 2 AND debit IS NULL AND credit = 'POINTS_EXPIRED'
+                 WHEN 8 THEN asset = 1 AND debit IS NULL AND credit = clearing
+                 END, false)
+           LIMIT 10"""),
+    # Review r2. A settlement exception is fuel delivered on an EXPIRED hold
+    # whose money was gone by the late confirm (fc.confirm): the hold stays
+    # EXPIRED while it is open. If the money comes back and a later confirm
+    # settles the hold after all, that confirm closes it (resolved_at) and
+    # the hold is CONFIRMED late. Nothing else resolves one. So: an open one
+    # names an EXPIRED hold; one on a paid hold is closed. (An EXPIRED hold
+    # may have a closed one: written off by hand.) Channel exceptions name
+    # refunds, not holds: refund_shortfall_recorded checks them.
+    Check("settlement_exception_on_unpaid_hold",
+          "a settlement exception (fuel delivered, not paid) names an EXPIRED hold of its"
+          " account, for no more than the hold; one whose hold was paid later is closed",
+          """
+          SELECT x.id, x.hold_id, h.state, x.amount_fen, h.amount_fen, x.resolved_at
+            FROM fc.settlement_exceptions x JOIN fc.holds h ON h.id = x.hold_id
+           WHERE x.account_id <> h.account_id OR x.amount_fen > h.amount_fen
+              OR NOT (h.state = 4
+                      OR (h.state = 2 AND h.confirmed_late AND x.resolved_at IS NOT NULL))
+           LIMIT 10"""),
     Check("event_positions_gap_free",
           "the event stream holds every position after the pruned ones up to the head, once",
           """
