@@ -3,6 +3,7 @@ challenge id (an SMS gateway cannot exist here)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import dataclass, field
 
@@ -20,9 +21,17 @@ class FakeOtpSender:
     sent: list[SentCode] = field(default_factory=list)
     # Set to make the next sends fail, as a gateway outage would.
     failing: bool = False
+    # Set to a cleared Event to hold every send until it is set (a slow
+    # gateway); `waiting` counts the sends that got there.
+    held: threading.Event | None = None
+    waiting: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def send(self, destination: str, code: str, *, challenge_id: str, kind: int) -> None:
+        if self.held is not None:
+            with self._lock:
+                self.waiting += 1
+            await asyncio.to_thread(self.held.wait, 30)
         if self.failing:
             raise ConnectionError("gateway down")
         with self._lock:

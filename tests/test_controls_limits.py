@@ -19,11 +19,12 @@ from typing import Any
 
 import grpc
 from fuelcard.v1 import account_pb2, common_pb2, control_pb2, transaction_pb2, transaction_pb2_grpc
+from google.protobuf import timestamp_pb2
 
 from tests import builders
 from tests import control_builders as cb
 from tests.builders import FundedCard
-from tests.ledger_asserts import Conn, count, expect
+from tests.ledger_asserts import Conn, count, expect, snapshot
 from tests.plugins.server import RunningServer
 
 PD = grpc.StatusCode.PERMISSION_DENIED
@@ -276,6 +277,51 @@ def test_temporary_raise_is_in_force_only_inside_its_window(server: RunningServe
            "NOT_THE_CONTROLLING_ACCOUNT")
     assert cb.declined(server, secondary, 20_001) == PER_TXN
     cb.assert_verified(server)
+
+
+LAST_DAY_S = 253402300800 - 86400  # 9999-12-31, the last day a Timestamp holds
+
+
+def test_impossible_times_are_invalid_argument_and_late_windows_are_no_error(
+        server: RunningServer, db: Conn) -> None:
+    """A Timestamp's nanos must be 0-999 999 999 and its seconds within year
+    1970-9999: each bad one is named (it was INTERNAL: ValueError from
+    ToDatetime). A window starting in the last 90 days of year 9999 is a
+    window like any other (`start + 90 days` raised OverflowError)."""
+    family = cb.open_fleet(server, 100_000, [cb.SHARED], account_type=account_pb2.ACCOUNT_TYPE_FAMILY)
+    main, secondary = family.parent_id, family.subs[0]
+
+    def raise_request(start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp
+                      ) -> control_pb2.GrantTemporaryRaiseRequest:
+        return control_pb2.GrantTemporaryRaiseRequest(
+            request_id=builders.rid("raise"), actor_account_id=main, card_id=secondary.card_id,
+            limits=cb.limits(txn=50_000), start_time=start, end_time=end)
+
+    def report_request(start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp
+                       ) -> control_pb2.GetFleetCostReportRequest:
+        return control_pb2.GetFleetCostReportRequest(parent_account_id=main, start_time=start,
+                                                     end_time=end)
+
+    ok = timestamp_pb2.Timestamp(seconds=1_800_000_000)
+    later = timestamp_pb2.Timestamp(seconds=1_800_003_600)
+    bad = [("start_time", timestamp_pb2.Timestamp(seconds=1_800_000_000, nanos=-5), later),
+           ("start_time", timestamp_pb2.Timestamp(seconds=1_800_000_000, nanos=10**9), later),
+           ("end_time", ok, timestamp_pb2.Timestamp(seconds=1_800_003_600, nanos=-1)),
+           ("end_time", ok, timestamp_pb2.Timestamp(seconds=253402300800))]
+    before = snapshot(db)
+    for field, start, end in bad:
+        expect(functools.partial(cb.control(server).GrantTemporaryRaise,
+                                 raise_request(start, end)), IA, "TIME_INVALID", field)
+        expect(functools.partial(cb.control(server).GetFleetCostReport,
+                                 report_request(start, end)), IA, "TIME_INVALID", field)
+    assert snapshot(db) == before
+    start = timestamp_pb2.Timestamp(seconds=LAST_DAY_S)
+    end = timestamp_pb2.Timestamp(seconds=LAST_DAY_S + 3600)
+    assert cb.control(server).GrantTemporaryRaise(raise_request(start, end)).raise_id
+    report = cb.control(server).GetFleetCostReport(report_request(start, end))
+    assert all(v.spend_fen == 0 for v in report.vehicles)
+    expect(lambda: cb.control(server).GrantTemporaryRaise(raise_request(end, start)), IA,
+           "RAISE_WINDOW_INVALID", "end_time")
 
 
 def test_overlapping_raises_the_largest_caps_win(server: RunningServer) -> None:

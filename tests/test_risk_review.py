@@ -4,12 +4,13 @@ reviewers, terminals and admins may do."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 
 import grpc
 from fuelcard.v1 import common_pb2, risk_pb2, risk_pb2_grpc, transaction_pb2
 
 from tests import builders
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, expect, scalar
+from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, expect, scalar, snapshot
 from tests.plugins.server import RunningServer
 from tests.plugins.terminals import Fixture
 from tests.plugins.terminals import expect as expect_tls
@@ -138,6 +139,24 @@ def test_suspended_holds_page_oldest_first(server: RunningServer) -> None:
     expect(lambda: risk(server).ReviewHold(risk_pb2.ReviewHoldRequest(
         request_id=builders.rid("r"), hold_id=ids[0])), grpc.StatusCode.INVALID_ARGUMENT,
         "ENUM_VALUE_INVALID", "verdict")
+
+
+def test_a_note_with_control_characters_is_invalid_argument(server: RunningServer,
+                                                            db: Conn) -> None:
+    """PostgreSQL text cannot hold NUL: a note with one was INTERNAL (psycopg
+    DataError). Notes follow the rule of every free-text field: no control
+    characters; the refusal names the note and changes nothing."""
+    load_rules(server, [rule("ANY", "amount", min_amount_fen=1)])
+    card = builders.open_card(server, balance_fen=300_000)
+    hold_id = authorize(server, card, 1_000).hold.hold_id
+    before = snapshot(db)
+    for note in ("ok\x00", "called\x07", "x" * 501):
+        request = risk_pb2.ReviewHoldRequest(request_id=builders.rid("r"), hold_id=hold_id,
+                                             verdict=risk_pb2.REVIEW_VERDICT_APPROVE, note=note)
+        expect(functools.partial(risk(server).ReviewHold, request),
+               grpc.StatusCode.INVALID_ARGUMENT, None, "note")
+    assert snapshot(db) == before
+    assert _hold(server, hold_id).state == common_pb2.HOLD_STATE_SUSPENDED
 
 
 def test_roles_reviewers_review_admins_load_terminals_neither(setup: Fixture, db: Conn) -> None:

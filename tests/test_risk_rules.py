@@ -309,12 +309,23 @@ def test_invalid_rule_sets_change_nothing(server: RunningServer, db: Conn) -> No
         ([rule("X", "watchlist")], "RULE_PARAM_MISSING", "rules[0].stations"),
         ([rule("X", "amount", min_amount_fen=1, tiers=[5])], "RULE_PARAM_INVALID",
          "rules[0].tiers"),
+        # PostgreSQL text and jsonb cannot hold NUL (these were INTERNAL)
+        ([rule("X", "amount", min_amount_fen=1, description="big\x00")], "RULE_PARAM_INVALID",
+         "rules[0].description"),
+        ([rule("X", "watchlist", stations=["KM\x00001"])], "RULE_PARAM_INVALID",
+         "rules[0].stations"),
     ]
     for rules, reason, field in cases:
         expect(functools.partial(load_rules, server, rules), grpc.StatusCode.INVALID_ARGUMENT,
                reason, field)
     expect(lambda: load_rules(server, [], fallback="approve"), grpc.StatusCode.INVALID_ARGUMENT,
            "RULES_FALLBACK_INVALID", "fallback")
+    expect(lambda: load_rules(server, [], name="night\x00"), grpc.StatusCode.INVALID_ARGUMENT,
+           "RULES_NAME_INVALID", "name")
+    expect(lambda: risk(server).LoadRuleSet(risk_pb2.LoadRuleSetRequest(
+        request_id=builders.rid("r"), document='name = "a\\u0000b"',
+        format=risk_pb2.RULE_FORMAT_TOML)), grpc.StatusCode.INVALID_ARGUMENT,
+        "RULES_NAME_INVALID", "name")
     expect(lambda: risk(server).LoadRuleSet(risk_pb2.LoadRuleSetRequest(
         request_id=builders.rid("r"), document="name = [", format=risk_pb2.RULE_FORMAT_TOML)),
         grpc.StatusCode.INVALID_ARGUMENT, "RULES_UNREADABLE", "document")

@@ -11,6 +11,7 @@ import functools
 import json
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -276,6 +277,72 @@ def test_a_gateway_outage_is_unavailable(env: Env) -> None:
     env.sender.failing = True
     expect(lambda: env.challenge(step_up_pb2.STEP_UP_KIND_RECHARGE, env.account_id, 200_000),
            grpc.StatusCode.UNAVAILABLE, "OTP_NOT_SENT")
+
+
+def _challenge_request(env: Env) -> security_pb2.CreateStepUpChallengeRequest:
+    return security_pb2.CreateStepUpChallengeRequest(
+        request_id=rid(), kind=step_up_pb2.STEP_UP_KIND_RECHARGE, subject_id=env.account_id,
+        amount_fen=200_000)
+
+
+def test_a_retry_after_a_gateway_failure_gets_a_fresh_code(env: Env, db: Conn) -> None:
+    """OTP_NOT_SENT is UNAVAILABLE: clients retry with the same request_id.
+    The retry sends a code (under a new challenge id: the first was never
+    answered), the code works, and a further retry sends none."""
+    request = _challenge_request(env)
+    env.sender.failing = True
+    expect(lambda: env.security.CreateStepUpChallenge(request),
+           grpc.StatusCode.UNAVAILABLE, "OTP_NOT_SENT")
+    env.sender.failing = False
+    answer = env.security.CreateStepUpChallenge(request)
+    step_up = step_up_pb2.StepUp(challenge_id=answer.challenge_id,
+                                 code=env.sender.code(answer.challenge_id))
+    assert env.security.CreateStepUpChallenge(request).challenge_id == answer.challenge_id
+    assert len(env.sender.sent) == 1
+    assert scalar(db, "SELECT count(*) FROM fc.step_up_challenges") == 1
+    approved = env.funding.Recharge(env.recharge_request(200_000, step_up))
+    assert approved.decision == common_pb2.DECISION_APPROVED
+
+
+def test_undelivered_challenges_do_not_count_toward_the_rate_limit(env: Env) -> None:
+    env.sender.failing = True
+    for _ in range(5):
+        expect(lambda: env.challenge(step_up_pb2.STEP_UP_KIND_RECHARGE, env.account_id, 200_000),
+               grpc.StatusCode.UNAVAILABLE, "OTP_NOT_SENT")
+    env.sender.failing = False
+    for _ in range(5):
+        env.challenge(step_up_pb2.STEP_UP_KIND_RECHARGE, env.account_id, 200_000)
+    expect(lambda: env.challenge(step_up_pb2.STEP_UP_KIND_RECHARGE, env.account_id, 200_000),
+           grpc.StatusCode.FAILED_PRECONDITION, "TOO_MANY_STEP_UPS")
+
+
+def test_concurrent_retries_after_a_gateway_failure_send_one_code(env: Env) -> None:
+    """Two retries of a failed challenge at once: one sends a fresh code;
+    the other, arriving while that send is under way, is told to ask again
+    (not OK: that code may yet fail). Afterwards both see the one challenge."""
+    request = _challenge_request(env)
+    env.sender.failing = True
+    expect(lambda: env.security.CreateStepUpChallenge(request),
+           grpc.StatusCode.UNAVAILABLE, "OTP_NOT_SENT")
+    env.sender.failing = False
+    env.sender.held = threading.Event()
+    first: list[str] = []
+    sender = threading.Thread(target=lambda: first.append(
+        env.security.CreateStepUpChallenge(request, timeout=30).challenge_id))
+    sender.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not env.sender.waiting and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the first retry reaches the (held) gateway
+        assert env.sender.waiting == 1, "the retry sent no code"
+        expect(lambda: env.security.CreateStepUpChallenge(request, timeout=30),
+               grpc.StatusCode.UNAVAILABLE, "OTP_NOT_SENT")
+    finally:
+        env.sender.held.set()
+        sender.join(30)
+    assert first and env.sender.code(first[0])
+    assert env.security.CreateStepUpChallenge(request).challenge_id == first[0]
+    assert [s.challenge_id for s in env.sender.sent] == first
 
 
 def test_terminals_cannot_ask_for_challenges(env: Env) -> None:

@@ -5,7 +5,9 @@ the operation: its kind, its subject (account or card) and its amount. The
 server makes a 6-digit code, stores only a keyed hash of it (HMAC-SM3 under a
 key derived from the root key, over the challenge id and the code) and hands
 the code to an OtpSender, which delivers it to the phone of the subject's
-holder. The operation's request then carries a StepUp (challenge id + code).
+holder. The challenge is answered OK only once the sender took the code
+(fc.step_up_sent, 0017): a retry after a failed send gets a fresh code. The
+operation's request then carries a StepUp (challenge id + code).
 
 The check runs inside PostgreSQL, in the same transaction as the operation
 (fc.consume_step_up, 0006): the code is used if and only if the operation
@@ -51,7 +53,9 @@ KIND_NAMES = {RECHARGE: "recharge", PIN_RESET: "PIN reset", LIMIT_RAISE: "limit 
 
 CREATE_SQL = (
     "SELECT fc.create_step_up(%s, %s, %s::uuid, %s::smallint, %s::uuid, %s::bigint, %s,"
-    " %s::timestamptz, %s::smallint, %s::integer, %s::interval, %s::timestamptz)")
+    " %s::timestamptz, %s::smallint, %s::integer, %s::interval, %s::timestamptz, %s::interval)")
+SENT_SQL = "SELECT fc.step_up_sent(%s::uuid, %s::timestamptz)"
+NOT_SENT_SQL = "SELECT fc.step_up_not_sent(%s::uuid)"
 CONSUME_SQL = (
     "SELECT fc.consume_step_up(%s, %s, %s, %s::boolean, %s::smallint, %s::uuid, %s::bigint, %s::uuid,"
     " %s, %s::timestamptz)")
@@ -102,6 +106,10 @@ class Policy:
     # At most this many challenges per subject within `window`.
     max_open: int = 5
     window: dt.timedelta = dt.timedelta(minutes=15)
+    # A send that has not returned in this time has failed. A retry finding
+    # a send older than twice this takes it for dead (its server went away)
+    # and sends a fresh code.
+    send_timeout: dt.timedelta = dt.timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -179,24 +187,49 @@ class StepUps:
 
     async def create(self, caller: str, request_id: str, kind: int, subject: uuid.UUID,
                      amount_fen: int, now: dt.datetime) -> Challenge:
+        """The challenge of (caller, request_id), its code sent: a new one; a
+        retry's, sent once; or, if its code was never sent (the gateway
+        failed), a fresh one under a new id. Raises UNAVAILABLE OTP_NOT_SENT
+        while no code went out (the caller asks again)."""
         challenge_id = uuid.uuid4()
         code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
         p = self.policy
         row = await self._db.fetch_one(CREATE_SQL, (
             caller, request_id, challenge_id, kind, subject, amount_fen,
             self.code_hash(challenge_id, code), now + p.ttl, p.max_attempts, p.max_open,
-            p.window, now))
+            p.window, now, 2 * p.send_timeout))
         assert row is not None
         d: dict[str, Any] = row[0]
+        if d.get("sending"):
+            raise errors.unavailable("OTP_NOT_SENT",
+                                     "the code is being sent by another call; ask again")
         phone: str = d["phone"]
         if d["created"]:
-            try:
-                await self.sender.send(phone, code, challenge_id=str(challenge_id), kind=kind)
-            except Exception as exc:
-                # Never the destination or the code: only what failed.
-                log.error("step-up code not sent (%s)", type(exc).__name__)
-                raise errors.unavailable("OTP_NOT_SENT",
-                                         "the code could not be sent; ask again") from None
+            await self._send(phone, code, challenge_id, kind, now)
         del code
         return Challenge(str(d["challenge_id"]), int(d["expire_us"]), int(d["max_attempts"]),
                          mask_phone(phone) if phone else "")
+
+    async def _send(self, phone: str, code: str, challenge_id: uuid.UUID, kind: int,
+                    now: dt.datetime) -> None:
+        """Send the code and record whether it went (fc.step_up_sent /
+        fc.step_up_not_sent): only a delivered challenge is answered OK and
+        counts toward the rate limit."""
+        try:
+            async with asyncio.timeout(self.policy.send_timeout.total_seconds()):
+                await self.sender.send(phone, code, challenge_id=str(challenge_id), kind=kind)
+        except Exception as exc:
+            # Never the destination or the code: only what failed.
+            log.error("step-up code not sent (%s)", type(exc).__name__)
+            try:
+                await self._db.fetch_one(NOT_SENT_SQL, (challenge_id,))
+            except errors.ApiError as db_error:
+                # The challenge stays "being sent" until its send is taken
+                # for dead (Policy.send_timeout): a retry then sends afresh.
+                log.warning("step-up send failure not recorded (%s)", db_error.reason)
+            raise errors.unavailable("OTP_NOT_SENT",
+                                     "the code could not be sent; ask again") from None
+        row = await self._db.fetch_one(SENT_SQL, (challenge_id, now))
+        if row is None or not row[0]:
+            # A retry renewed the challenge meanwhile: this code is void.
+            raise errors.unavailable("OTP_NOT_SENT", "the code could not be sent; ask again")

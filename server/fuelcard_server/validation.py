@@ -6,6 +6,7 @@ naming all of them before anything touches the database.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Container
 from typing import Any
@@ -20,6 +21,10 @@ ID_MAX_CHARS = 64
 PAGE_SIZE_MAX = 500
 PAGE_SIZE_DEFAULT = 50
 NOZZLE_MAX = 999
+# google.protobuf.Timestamp's range: 0001-01-01 .. 9999-12-31 (here from the
+# epoch on: no fuel card event is older).
+TIMESTAMP_MAX_S = 253402300800
+NANOS_PER_S = 1_000_000_000
 
 
 class Violations:
@@ -98,6 +103,15 @@ class Violations:
             self.add(field, f"must be at most {max_chars} characters", "FIELD_TOO_LONG")
         elif not value.isprintable():
             self.add(field, "must not contain control characters", "FIELD_MALFORMED")
+
+    def timestamp(self, field: str, stamp: Any) -> dt.datetime | None:
+        """A google.protobuf.Timestamp as an aware UTC datetime: seconds from
+        the epoch to the end of year 9999, nanos 0-999 999 999."""
+        if not (0 <= stamp.seconds < TIMESTAMP_MAX_S and 0 <= stamp.nanos < NANOS_PER_S):
+            self.add(field, "must be a real date", "TIME_INVALID")
+            return None
+        value: dt.datetime = stamp.ToDatetime(tzinfo=dt.UTC)
+        return value
 
     def enum(self, field: str, value: int, allowed: Container[int]) -> None:
         if value not in allowed:

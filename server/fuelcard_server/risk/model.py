@@ -242,8 +242,8 @@ def parse(doc: Any, *, allow_fault: bool = False) -> RuleSet:
     for key in sorted(unknown):
         fail(key, "unknown key", "RULES_KEY_UNKNOWN")
     name = doc.get("name", "")
-    if not isinstance(name, str) or not 1 <= len(name) <= 128:
-        fail("name", "1-128 characters", "RULES_NAME_INVALID")
+    if not isinstance(name, str) or not 1 <= len(name) <= 128 or not name.isprintable():
+        fail("name", "1-128 characters, no control characters", "RULES_NAME_INVALID")
     fallback = doc.get("fallback", "review")
     if fallback not in FALLBACKS:
         fail("fallback", "\"review\" or \"decline\" (an engine fault never approves)",
@@ -310,8 +310,10 @@ def _rule(where: str, raw: Any, problems: _Problems, allow_fault: bool) -> Rule 
     if not _is_int(score) or not 0 <= score <= 1_000_000:
         fail(f"{where}.score", "an integer 0-1000000", "RULE_SCORE_INVALID")
     description = raw.get("description", "")
-    if not isinstance(description, str) or len(description) > 1000:
-        fail(f"{where}.description", "text up to 1000 characters", "RULE_PARAM_INVALID")
+    if (not isinstance(description, str) or len(description) > 1000
+            or not description.isprintable()):
+        fail(f"{where}.description", "text up to 1000 characters, no control characters",
+             "RULE_PARAM_INVALID")
     tiers = raw.get("tiers")
     if tiers is not None and (not isinstance(tiers, list) or not tiers
                               or not all(_is_int(t) and 1 <= t <= 4 for t in tiers)):
@@ -372,7 +374,8 @@ def _check_param(kind: str, key: str, typ: type, value: Any) -> str | None:
         return None
     if typ is list:
         if (not isinstance(value, list) or len(value) > MAX_LIST
-                or not all(isinstance(v, str) and 1 <= len(v) <= 64 for v in value)):
-            return f"a list of at most {MAX_LIST} ids of 1-64 characters"
+                or not all(isinstance(v, str) and 1 <= len(v) <= 64 and v.isprintable()
+                           for v in value)):
+            return f"a list of at most {MAX_LIST} ids of 1-64 characters, no control characters"
         return None
     return "unsupported"

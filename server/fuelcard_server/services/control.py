@@ -109,12 +109,7 @@ def _time(v: Violations, field: str, request: Any) -> dt.datetime | None:
     if not request.HasField(field):
         v.add(field, "is required", "FIELD_MISSING")
         return None
-    stamp = getattr(request, field)
-    if not 0 <= stamp.seconds < 253402300800:
-        v.add(field, "must be a real date", "TIME_INVALID")
-        return None
-    value: dt.datetime = stamp.ToDatetime(tzinfo=dt.UTC)
-    return value
+    return v.timestamp(field, getattr(request, field))
 
 
 class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
@@ -195,7 +190,7 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         _check_limits(v, "limits", request.limits)
         start = _time(v, "start_time", request)
         end = _time(v, "end_time", request)
-        if start and end and not start < end <= start + MAX_RAISE:
+        if start and end and not (start < end and end - start <= MAX_RAISE):
             v.add("end_time", "must be after start_time and at most 90 days later",
                   "RAISE_WINDOW_INVALID")
         challenge = v.step_up("step_up", request)
@@ -308,7 +303,7 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         parent = v.uuid("parent_account_id", request.parent_account_id)
         start = _time(v, "start_time", request)
         end = _time(v, "end_time", request)
-        if start and end and not start < end <= start + MAX_REPORT_SPAN:
+        if start and end and not (start < end and end - start <= MAX_REPORT_SPAN):
             v.add("end_time", "must be after start_time, at most 366 days later",
                   "PERIOD_INVALID")
         v.raise_if_any()

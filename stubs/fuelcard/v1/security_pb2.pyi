@@ -33,7 +33,9 @@ class CreateStepUpChallengeRequest(_message.Message):
     AMOUNT_FEN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key, 1-64 printable ASCII characters. A retry gets the same
-    challenge and sends no second code.
+    challenge and sends no second code. A retry after UNAVAILABLE
+    OTP_NOT_SENT (the code could not be sent) sends a fresh code, under a
+    new challenge_id.
     """
     kind: _step_up_pb2.StepUpKind.ValueType
     """The operation the code will authorise."""
