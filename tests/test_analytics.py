@@ -22,13 +22,21 @@ from fuelcard.v1 import events_pb2, events_pb2_grpc
 from fuelcard_analytics import churn, cli, forecast, reports
 from fuelcard_analytics.generator import YearConfig, generate
 from fuelcard_analytics.warehouse import CursorMismatch, Warehouse, open_store
+from fuelcard_server.settings import Settings
 
 from tests import builders
-from tests.plugins.server import RunningServer, TlsServer
+from tests.plugins.server import RunningServer, TlsServer, make_settings
 
 SMALL_YEAR = YearConfig(days=220, stations=8, drivers=220, families=30, fleets=2, seed=11)
 REPORT_FILES = ["fleet_costs", "station_sales", "tiers", "points_liability", "station_heatmap",
                 "forecast", "churn"]
+
+
+@pytest.fixture
+def server_settings(tmp_path: Path) -> Settings:
+    # A live server: its sequencer loop runs on its timer, as in production
+    # (a following stream waits for the loop's rounds, it never sequences).
+    return make_settings(tmp_path, event_interval_s=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +245,7 @@ def test_the_sidecar_follows_under_load_and_resumes_after_kill_9(
         resumed = _position(sidecar.wait_for(lambda line: _position(line) > 0))
         assert resumed > applied
         time.sleep(1.0)  # following, under load
-    while server.sequence_events() != 0:  # -1: the sidecar's stream is sequencing
+    while server.sequence_events() != 0:  # -1: the server's sequencer loop is at it
         time.sleep(0.05)
     head = db.execute("SELECT last_position FROM fc.event_head").fetchone()
     assert head is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -192,6 +193,9 @@ def test_follow_delivers_what_commits_after_the_stream_opened(server: RunningSer
     reader.start()
     try:
         builders.recharge(server, card.account_id, 4_321)
+        # the background sequencer's round (its timer is off in tests); a
+        # following stream never positions events itself
+        assert server.sequence_events() == 1
         message = got.get(timeout=10)
         assert [e.ledger_entry.amount for e in message.events] == [4_321]
         assert message.events[0].position == cursor + 1
@@ -242,3 +246,96 @@ def test_only_analytics_and_admin_callers_may_stream(tls_server: TlsServer) -> N
         stub = events_pb2_grpc.EventServiceStub(tls_server.channel(name))
         expect(lambda s=stub: list(s.StreamEvents(request, timeout=10)),  # type: ignore[misc]
                grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
+
+
+def test_event_streams_are_admitted_like_other_report_calls(database_url: str,
+                                                            tmp_path: Path) -> None:
+    """StreamEvents is outside the unary rpc decorator, so it admits itself:
+    past max_event_streams a stream is refused at once (RESOURCE_EXHAUSTED
+    OVERLOADED with a RetryInfo hint, like every shed call), a stream's slot
+    comes back when the client cancels it, and the server stops with one
+    open. Idle following streams take nothing from the transaction pool the
+    pumps need: they never run the sequencer (only the background loop
+    does), they read positioned events through the read pool."""
+    import datetime as dt
+    import time
+
+    from fuelcard_server.clock import ManualClock
+    from google.rpc import error_details_pb2, status_pb2
+
+    from tests.plugins.server import ServerThread, make_settings
+    settings = make_settings(tmp_path, load_shedding=True, max_event_streams=2,
+                             max_reports_per_s=0)
+    clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
+    thread = ServerThread(settings, database_url, clock)
+    port = thread.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    server = RunningServer(f"127.0.0.1:{port}", database_url, clock, settings, thread.server,
+                           thread.loop, channel)
+    stub = events_pb2_grpc.EventServiceStub(channel)
+    calls: list[Any] = []
+    ended: queue.Queue[grpc.StatusCode] = queue.Queue()
+    readers: list[threading.Thread] = []
+
+    def follow() -> None:
+        """Open a following stream; return once its first batch arrived."""
+        call = stub.StreamEvents(events_pb2.StreamEventsRequest(follow=True), timeout=60)
+        calls.append(call)
+        first: queue.Queue[object] = queue.Queue()
+
+        def read() -> None:
+            try:
+                for message in call:
+                    first.put(message)
+            except grpc.RpcError as exc:
+                first.put(exc)
+                ended.put(exc.code())
+        readers.append(threading.Thread(target=read))
+        readers[-1].start()
+        got = first.get(timeout=30)
+        if isinstance(got, grpc.RpcError):
+            raise got
+        assert isinstance(got, events_pb2.StreamEventsResponse)
+
+    try:
+        builders.open_card(server)
+        assert server.sequence_events() > 0
+        follow()
+        follow()
+        for _ in range(4):
+            refused = expect(lambda: next(iter(stub.StreamEvents(
+                events_pb2.StreamEventsRequest(follow=True), timeout=10))),
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")
+            retry = [d for d in status_pb2.Status.FromString(refused.raw).details
+                     if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+            assert len(retry) == 1
+        # Both streams are idle now: they look for events on the read pool
+        # (and wait for the sequencer's rounds), never on the transaction pool.
+        db, reads = thread.server._db, thread.server._reads
+        assert db is not None and reads is not None
+        before = db.pool.get_stats().get("requests_num", 0)
+        read_before = reads.pool.get_stats().get("requests_num", 0)
+        deadline = time.monotonic() + 30
+        while reads.pool.get_stats().get("requests_num", 0) < read_before + 8:
+            assert time.monotonic() < deadline, "idle streams stopped looking for events"
+            time.sleep(0.05)
+        assert db.pool.get_stats().get("requests_num", 0) == before, \
+            "idle streams used the transaction pool"
+        # A cancelled stream gives its slot back.
+        calls[0].cancel()
+        readers[0].join(timeout=10)
+        assert ended.get(timeout=10) == grpc.StatusCode.CANCELLED
+        while True:
+            try:
+                follow()
+                break
+            except grpc.RpcError as exc:  # the slot is released as the handler unwinds
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "a cancelled stream kept its slot"
+                time.sleep(0.05)
+    finally:
+        thread.stop()  # two streams still open: stop ends them
+        for r in readers:
+            r.join(10)
+        channel.close()
+    assert not any(r.is_alive() for r in readers)

@@ -299,6 +299,7 @@ def test_settings_come_from_file_then_environment(tmp_path: Path) -> None:
     ("no_such_thing = 1", "unknown setting no_such_thing"),
     ("trace_sample_ratio = 2.0", "trace_sample_ratio must be between 0 and 1"),
     ("max_inflight_reports = 5000", "max_inflight_payments must be the largest"),
+    ("max_event_streams = 0", "max_event_streams must be between 1 and 64"),
     ("metrics_listen = 'nine'", "metrics_listen: expected HOST:PORT"),
     ("otlp_endpoint = '127.0.0.1:4317'", "otlp_endpoint: expected a URL"),
     ("replica_max_lag_s = 0", "replica_max_lag_s must be > 0"),

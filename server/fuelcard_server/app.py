@@ -542,15 +542,16 @@ class FuelcardServer:
         return await self._sequencer.run_once()
 
     async def _event_loop(self) -> None:
-        """Keep the event stream moving (and pruned) while no consumer is
-        attached; bounded batches, one process at a time."""
+        """Keep the event stream moving (and pruned): the only caller of
+        run_once in a serving process (streams wait for its rounds, or ask
+        for one now: Sequencer.round); bounded batches, one process at a time."""
         assert self._sequencer is not None
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + PRUNE_EVERY_S
         full = False
         while True:
             if not full:
-                await asyncio.sleep(self.settings.event_interval_s)
+                await self._sequencer.pause(self.settings.event_interval_s)
             full = False
             try:
                 # a full batch: more are waiting, go again at once

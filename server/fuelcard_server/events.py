@@ -5,13 +5,17 @@ How events get there and why their order is commit order:
 sql/0009_events.sql. Here:
 
 * `Sequencer.run_once` - one bounded batch, under an advisory lock so one
-  process at a time positions events (the others skip the round). Every
-  server process runs it in the background every `event_interval_s`; a
-  StreamEvents call that has caught up also runs it before it waits, so a
-  consumer never waits for the timer when events are already committed.
-* Waiters (open streams) are woken when this process positioned events, and
-  otherwise look again after at most `POLL_S`: a bounded poll covers events
-  positioned by another process.
+  process at a time positions events (the others skip the round). Only the
+  background loop of each server process runs it (app.py `_event_loop`),
+  every `event_interval_s`, on the transaction pool: one connection per
+  round whatever the number of open streams. A stream never runs it.
+* A stream that has caught up (follow=False) asks the loop for a round now
+  (`round`) and waits for one that started after it asked: what committed
+  before the call is then positioned. Requests that arrive together share
+  one round.
+* Waiters (following streams) are woken after every round of this process
+  (whatever it positioned: another process may have positioned events), and
+  otherwise look again after at most `POLL_S`, on the read pool.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ HEAD_SQL = "SELECT last_position, pruned_through FROM fc.event_head"
 # Longest an open stream waits before it looks for events positioned by
 # another server process.
 POLL_S = 0.25
+# Longest a caught-up stream waits for the round it asked for (the loop is
+# busy or the database slow): then it looks again and asks again.
+ROUND_WAIT_S = 5.0
 PRUNE_EVERY_S = 60.0
 # Batches pruned per round at most: 100 x event_batch (2000) a minute keeps
 # up with ~3 300 events/s, far above what the server commits.
@@ -61,19 +68,54 @@ class Sequencer:
         self.clock = clock
         self.batch = batch
         self.retention = dt.timedelta(seconds=retention_s)
+        # Set (and replaced) after every round.
         self._wake = asyncio.Event()
+        # A stream asked for a round now (the loop's pause ends early).
+        self._asked = asyncio.Event()
+        # Rounds started and the latest finished, with what it positioned.
+        self._started = 0
+        self._finished = 0
+        self._result = -1
 
     async def run_once(self) -> int:
         """Position one batch; how many events, or -1 if another process is
-        sequencing right now."""
-        row = await self.db.fetch_one(SEQUENCE_SQL, (EVENT_SEQUENCER_LOCK, self.clock.now(),
-                                                     self.batch))
-        assert row is not None
-        count: int = row[0]
-        if count > 0:
+        sequencing right now. Called by the background loop (and tests)."""
+        self._started += 1
+        serial = self._started
+        self._asked.clear()  # this round serves every request made before it
+        count = -1
+        try:
+            row = await self.db.fetch_one(SEQUENCE_SQL, (EVENT_SEQUENCER_LOCK, self.clock.now(),
+                                                         self.batch))
+            assert row is not None
+            count = int(row[0])
+        finally:  # a failed round wakes its waiters too (as -1: look again)
+            if serial > self._finished:
+                self._finished, self._result = serial, count
             self._wake.set()
             self._wake = asyncio.Event()
         return count
+
+    async def pause(self, timeout_s: float) -> None:
+        """The background loop's wait between rounds: timeout_s, or until a
+        stream asks for a round."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._asked.wait(), timeout_s)
+
+    async def round(self, timeout_s: float = ROUND_WAIT_S) -> int:
+        """Ask the background loop for a round and wait for one that started
+        after this call: how many events it positioned; -1 if another process
+        was sequencing, the round failed, or none finished within timeout_s."""
+        target = self._started + 1
+        self._asked.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._finished < target:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return -1
+            await self.wait(remaining)
+        return self._result
 
     async def prune_once(self) -> int:
         """Delete one batch of events older than the retention."""
@@ -84,7 +126,7 @@ class Sequencer:
         return pruned
 
     async def wait(self, timeout_s: float = POLL_S) -> None:
-        """Until this process positions events, or timeout_s."""
+        """Until this process's next round ends, or timeout_s."""
         wake = self._wake
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), timeout_s)

@@ -17,6 +17,11 @@ are in flight and calls wait for a connection of the transaction pool, every
 class below PAYMENTS is refused as well: the pool is what payments need, and
 they get it first.
 Refused calls cost a few microseconds and no database work.
+
+StreamEvents (server-streaming, outside the unary decorator) is admitted by
+`enter_stream`: its opening passes the REPORTS checks, and while open it
+counts against max_event_streams rather than the reports cap, which a
+stream that lives for hours would otherwise hold.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class Admission:
             Priority.REPORTS: settings.max_inflight_reports,
         }
         self.inflight = dict.fromkeys(Priority, 0)
+        self.max_streams = settings.max_event_streams
+        self.streams = 0
         self.retry_delay_ms = settings.shed_retry_ms
         # token bucket for REPORTS: refills at max_reports_per_s, holds at
         # most max_inflight_reports tokens (the largest burst)
@@ -116,3 +123,15 @@ class Admission:
 
     def leave(self, priority: Priority) -> None:
         self.inflight[priority] -= 1
+
+    def enter_stream(self) -> bool:
+        """Admit an event stream (True: call leave_stream when it ends), or
+        refuse it (False: answer statuses[Priority.REPORTS])."""
+        if self.streams >= self.max_streams or not self.enter(Priority.REPORTS):
+            return False
+        self.leave(Priority.REPORTS)  # the opening passed; the stream counts on its own
+        self.streams += 1
+        return True
+
+    def leave_stream(self) -> None:
+        self.streams -= 1

@@ -131,6 +131,10 @@ class Settings:
     max_inflight_funding: int = 64
     max_inflight_admin: int = 32
     max_inflight_reports: int = 4
+    # Open StreamEvents calls per process: a stream lives for hours, so it is
+    # counted here rather than against max_inflight_reports (its opening is
+    # shed like a report call). A sidecar and one spare.
+    max_event_streams: int = 2
     # Reports started per second per process (a token bucket): a cheap
     # report run back-to-back would otherwise take a CPU share no cap on
     # concurrency bounds. 0: no rate limit.
@@ -310,6 +314,7 @@ class Settings:
                                                self.max_inflight_reports),
              "max_inflight_payments must be the largest: payments go first"),
             (self.max_reports_per_s >= 0, "max_reports_per_s must be >= 0"),
+            (1 <= self.max_event_streams <= 64, "max_event_streams must be between 1 and 64"),
             (0 < self.shed_retry_ms <= 60_000, "shed_retry_ms must be between 1 and 60000"),
             (self.health_interval_s > 0, "health_interval_s must be > 0"),
             (self.replica_max_lag_s > 0, "replica_max_lag_s must be > 0"),

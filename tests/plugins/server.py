@@ -105,7 +105,8 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     s = Settings(listen="127.0.0.1:0", data_dir=tmp_path, card_index_key_hex=TEST_KEY_HEX,
                  pool_min=2, pool_max=8, expiry_interval_s=3600.0, grace_s=1.0, insecure=True,
                  step_up_recharge_above_fen=2**62, step_up_limit_raises=False,
-                 # events are positioned when a stream asks (or a test does), not by a timer
+                 # events are positioned when a caught-up stream asks the sequencer loop for
+                 # a round (or a test does), not by a timer
                  event_interval_s=3600.0,
                  # nor are keys and challenges pruned behind a test's back (test_retention.py
                  # runs the job when it means to)

@@ -1,8 +1,8 @@
 """EventService: the committed-transaction stream for analytics callers.
 
 A server-streaming RPC, so it cannot use the unary `rpc` decorator: it makes
-the same checks (caller identity, role) and writes the same audit record
-(one per stream, when it opens) itself.
+the same checks (admission, caller identity, role) and writes the same audit
+record (one per stream, when it opens) itself.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from fuelcard_server import errors
 from fuelcard_server.events import Sequencer
 from fuelcard_server.identity import Role
 from fuelcard_server.identity import of as identity_of
+from fuelcard_server.overload import Priority
 from fuelcard_server.services.handling import Deps, Servicer
 from fuelcard_server.validation import Violations
 
@@ -29,6 +30,8 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 ALLOWED = frozenset({Role.ANALYTICS, Role.ADMIN})
 BATCH_DEFAULT = 500
 BATCH_MAX = 5000
+_SHED_ATTRIBUTES = {"rpc.method": "/fuelcard.v1.EventService/StreamEvents",
+                    "priority_class": Priority.REPORTS.label}
 
 
 class EventService(Servicer, events_pb2_grpc.EventServiceServicer):
@@ -67,11 +70,27 @@ class EventService(Servicer, events_pb2_grpc.EventServiceServicer):
 
     async def StreamEvents(self, request: events_pb2.StreamEventsRequest, context: Ctx
                            ) -> AsyncIterator[events_pb2.StreamEventsResponse]:
+        admission = self.d.admission
+        admitted = False
         try:
+            if admission is not None:
+                # Shed like a report call, before any work (no audit record,
+                # no database); while open, counted against max_event_streams.
+                if not admission.enter_stream():
+                    self.d.telemetry.shed.add(1, _SHED_ATTRIBUTES)
+                    shed: Callable[[grpc.Status], Awaitable[None]] = context.abort_with_status  # type: ignore[attr-defined]
+                    await shed(admission.statuses[Priority.REPORTS])
+                admitted = True
             await self._admit(request, context)
             limit = request.max_batch or BATCH_DEFAULT
             cursor = request.after_position
+            # A round that started after the call found nothing to position:
+            # everything committed before the call is readable now.
+            settled = False
             while True:
+                # Positioned events only, through the read pool: the stream
+                # never runs the sequencer (the background loop does), so an
+                # open stream takes nothing from the transaction pool.
                 batch = await self.seq.read(cursor, limit)
                 if batch:
                     head, _ = await self.seq.head()
@@ -79,13 +98,15 @@ class EventService(Servicer, events_pb2_grpc.EventServiceServicer):
                     yield events_pb2.StreamEventsResponse(events=batch,
                                                           head_position=max(head, cursor))
                     continue
-                positioned = await self.seq.run_once()
-                if positioned > 0:
-                    continue
-                if positioned == 0 and not request.follow:
+                if settled:
                     return  # caught up with everything committed
-                # Another process is sequencing (-1), or nothing is new.
-                await self.seq.wait()
+                if request.follow:
+                    await self.seq.wait()  # the loop's next round, or POLL_S
+                    continue
+                positioned = await self.seq.round()
+                settled = positioned == 0
+                if positioned < 0:  # another process is sequencing (or no round came)
+                    await self.seq.wait()
         except errors.ApiError as exc:
             abort: Callable[[grpc.Status], Awaitable[None]] = context.abort_with_status  # type: ignore[attr-defined]
             await abort(exc.to_status())
@@ -95,3 +116,8 @@ class EventService(Servicer, events_pb2_grpc.EventServiceServicer):
             log.exception("unhandled %s in StreamEvents", type(exc).__name__)
             abort = context.abort_with_status  # type: ignore[attr-defined]
             await abort(errors.internal().to_status())
+        finally:
+            # ended, failed, cancelled by the client or by the server's stop
+            if admitted:
+                assert admission is not None
+                admission.leave_stream()
