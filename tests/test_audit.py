@@ -54,6 +54,7 @@ from tests.ledger_asserts import Conn, expect
 from tests.plugins.database import PostgresCluster
 from tests.plugins.server import TEST_KEY_HEX, RunningServer, ServerThread, TlsServer
 from tests.plugins.terminals import sign_on
+from tests.row_lock import wait_queued
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
 ACCOUNTS = "/fuelcard.v1.AccountService/"
@@ -520,3 +521,38 @@ def test_cli_on_the_embedded_database_and_on_an_unmigrated_one(
         assert "cannot read the audit log" in res.stderr
     finally:
         pg_cluster.drop_database(name)
+
+
+def test_a_call_cancelled_by_shutdown_keeps_its_audit_record(server: RunningServer,
+                                                               db: Conn) -> None:
+    # Found in review: stop() cancels the calls still running when the grace
+    # ends, and each writes a CANCELLED record as it unwinds; but grpc's stop
+    # returned before they had unwound (the cancel of their statement is a
+    # round trip), stop() found nothing to drain and closed the pools, and
+    # the records were lost. An audited call (RedeemPoints, development
+    # mode) waits on its account's lock from the side when the server stops.
+    card = builders.open_card(server, balance_fen=0)
+    account_id = db.execute("SELECT id FROM fc.accounts WHERE uid = %s",
+                            (card.account_id,)).fetchone()
+    assert account_id is not None
+    seen: list[grpc.StatusCode] = []
+
+    def redeem() -> None:
+        try:
+            server.points.RedeemPoints(points_pb2.RedeemPointsRequest(
+                request_id=builders.rid("redeem"), account_id=card.account_id, points=10),
+                timeout=30)
+        except grpc.RpcError as exc:
+            seen.append(exc.code())
+
+    with psycopg.connect(server.database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", account_id)
+        caller = threading.Thread(target=redeem)
+        caller.start()
+        wait_queued(server.database_url, 1)
+        server.run(lambda: server.server.stop(grace_s=0.3))
+        holder.execute("SELECT pg_advisory_unlock_all()")
+        caller.join(30)
+    assert seen and seen[0] != grpc.StatusCode.OK
+    assert db.execute("SELECT outcome FROM fc.audit_log WHERE method ="
+                      " '/fuelcard.v1.PointsService/RedeemPoints'").fetchall() == [("CANCELLED",)]

@@ -130,6 +130,8 @@ EVALUATE_TIERS_SQL = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock(%s)"
     " THEN fc.evaluate_tiers(%s::timestamptz, %s, %s) END")
 TIER_EVALUATION_INTERVAL = 3600.0
+# At shutdown, how long cancelled calls get to unwind (their audit records).
+UNWIND_WAIT_S = 10.0
 # Accounts per batch of the tier job, each batch its own transaction holding
 # that many account locks (plus parents) for a few milliseconds; and a bound
 # on batches per run (a run past it goes on at the next interval).
@@ -191,6 +193,7 @@ class FuelcardServer:
     _reads: Database | None = None
     _metrics: MetricsEndpoint | None = None
     _audit: AuditLog | None = None
+    _deps: Deps | None = None
     _health: health_aio.HealthServicer | None = None
     _jobs: list[asyncio.Task[None]] = field(default_factory=list)
     _sequencer: Sequencer | None = None
@@ -243,6 +246,7 @@ class FuelcardServer:
             tls=not s.insecure, read_db=self._reads, telemetry=tel,
             admission=Admission(s, self._db.pool_waiting) if s.load_shedding else None)
         self._audit = deps.audit
+        self._deps = deps
         self._retention = Retention(self._db, self.clock, s, tel, deps.step_ups.policy)
         server = grpc.aio.server(options=SERVER_OPTIONS,
                                  maximum_concurrent_rpcs=s.pool_max * 64)
@@ -573,6 +577,13 @@ class FuelcardServer:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.grace_s if grace_s is None else grace_s)
+        if self._deps is not None and self._deps.in_flight:
+            # grpc's stop cancels the calls still running when the grace ends
+            # and returns before they have unwound (a cancelled database call
+            # takes a round trip to cancel its statement): wait for them, so
+            # that the audit records of their cancellation are appended
+            # before the drain below, and the pools close under nobody.
+            await asyncio.wait(set(self._deps.in_flight), timeout=UNWIND_WAIT_S)
         for job in self._jobs:
             job.cancel()
         # A job that had died of an exception must not stop the shutdown

@@ -74,6 +74,9 @@ class Deps:
     telemetry: Telemetry = field(default_factory=Telemetry.disabled)
     # Bounded concurrency per priority class; None: no shedding.
     admission: Admission | None = None
+    # The unary calls being served (their tasks): shutdown waits for the ones
+    # it cancelled to unwind, so that their audit records are written.
+    in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
     def reads(self) -> Database:
@@ -237,11 +240,16 @@ def _wrap(fn: Handler[S, Req, Resp], allowed: frozenset[Role]) -> Handler[S, Req
             tel.shed.add(1, m.shed)
             abort: Callable[[grpc.Status], Awaitable[None]] = context.abort_with_status  # type: ignore[attr-defined]
             await abort(admission.statuses[priority])
+        me = asyncio.current_task()
+        if me is not None:
+            d.in_flight.add(me)
         try:
             return await _serve(self, request, context, fn, allowed, tel, m, started)
         finally:
             if admission is not None:
                 admission.leave(priority)
+            if me is not None:
+                d.in_flight.discard(me)
 
     wrapper.__wrapped_roles__ = allowed  # type: ignore[attr-defined]
     return wrapper
