@@ -85,3 +85,35 @@ def test_only_a_broken_link_or_a_concurrency_rollback_may_run_again(database_url
     assert not may_run_again(refused) and not may_run_again(cancelled)
     assert may_run_again(killed), killed.sqlstate
     assert may_run_again(serialisation)
+
+
+def test_a_call_past_the_pools_waiting_limit_is_busy_at_once_not_retried(
+        database_url: str) -> None:
+    # psycopg_pool refuses a caller past max_waiting with TooManyRequests, an
+    # OperationalError without SQLSTATE, like a lost link: it was retried
+    # and then answered DATABASE_UNAVAILABLE, as if the database were gone.
+    async def go() -> list[dict[str, object] | errors.ApiError]:
+        database = Database(database_url, min_size=1, max_size=1, timeout_s=10.0)
+        await database.open()
+        held = await database.pool.getconn()  # the only connection: everyone waits
+        try:
+            async def one() -> dict[str, object] | errors.ApiError:
+                try:
+                    return await database.call("SELECT '{}'::jsonb", ())
+                except errors.ApiError as exc:
+                    return exc
+            waiting = [asyncio.create_task(one()) for _ in range(64)]  # max_waiting
+            for _ in range(1000):  # all 64 queued (within 10 s)
+                if database.pool_waiting() >= 64:
+                    break
+                await asyncio.sleep(0.01)
+            assert database.pool_waiting() == 64
+            refused = await one()  # the 65th
+            await database.pool.putconn(held)
+            return [refused, *await asyncio.gather(*waiting)]
+        finally:
+            await database.close()
+    refused, *served = asyncio.run(go())
+    assert isinstance(refused, errors.ApiError)
+    assert (refused.code, refused.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_BUSY")
+    assert served == [{}] * 64

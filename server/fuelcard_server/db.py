@@ -17,7 +17,7 @@ import grpc
 import psycopg
 import psycopg.errors
 from opentelemetry import trace
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 from fuelcard_server import errors
 
@@ -186,8 +186,9 @@ class Database:
                     if exc.diag.constraint_name in _RACE_CONSTRAINTS and attempt < _RACE_RETRIES:
                         continue
                     raise translate(exc) from None
-                except PoolTimeout:  # an OperationalError too: catch it first
-                    raise self._pool_timeout() from None
+                except (PoolTimeout, TooManyRequests, PoolClosed) as exc:  # OperationalErrors
+                    # with no SQLSTATE, like a lost link: caught first, never retried
+                    raise self._pool_refusal(exc) from None
                 except psycopg.OperationalError as exc:
                     if broken_retry and self.available and may_run_again(exc):
                         broken_retry = False
@@ -199,9 +200,14 @@ class Database:
                 result: dict[str, Any] = row[0]
                 return result
 
-    def _pool_timeout(self) -> errors.ApiError:
+    def _pool_refusal(self, exc: psycopg.OperationalError) -> errors.ApiError:
         if not self.available:
             return self._down()
+        if isinstance(exc, PoolClosed):
+            return errors.unavailable("SERVER_STOPPING", "the server is stopping; retry")
+        if isinstance(exc, TooManyRequests):
+            return errors.unavailable("DATABASE_BUSY",
+                                      "too many calls are waiting for a database connection")
         return errors.unavailable("DATABASE_BUSY", "no database connection became free in time")
 
     async def fetch_all(self, sql: LiteralString, params: Params) -> list[tuple[Any, ...]]:
@@ -214,8 +220,9 @@ class Database:
                     async with self.pool.connection() as conn:
                         cur = await conn.execute(sql, params, prepare=True)
                         return await cur.fetchall()
-                except PoolTimeout:  # an OperationalError too: catch it first
-                    raise self._pool_timeout() from None
+                except (PoolTimeout, TooManyRequests, PoolClosed) as exc:  # OperationalErrors
+                    # with no SQLSTATE, like a lost link: caught first, never retried
+                    raise self._pool_refusal(exc) from None
                 except psycopg.OperationalError as exc:
                     if broken_retry and self.available and may_run_again(exc):  # a read: safe
                         broken_retry = False
