@@ -12,10 +12,11 @@ from typing import Any
 
 import grpc
 import psycopg
+import pytest
 from fuelcard.v1 import account_pb2, common_pb2, control_pb2, events_pb2, events_pb2_grpc
 
 from tests import builders, control_builders
-from tests.ledger_asserts import expect
+from tests.ledger_asserts import expect, unpack
 from tests.plugins.server import RunningServer, TlsServer
 
 Event = events_pb2.Event
@@ -236,6 +237,28 @@ def test_pruned_events_expire_old_cursors(server: RunningServer, db: psycopg.Con
     assert [e.position for e in rest] == [4, 5, 6]
     assert db.execute("SELECT min(position) FROM fc.events").fetchone() == (4,)
 
+
+
+def test_events_pruned_after_a_stream_started_end_it_instead_of_being_skipped(
+        server: RunningServer, db: psycopg.Connection[Any]) -> None:
+    # The cursor is checked against the pruned horizon when a stream opens;
+    # events pruned after that (a stream behind by the retention) were
+    # skipped silently. Played by deleting the first events without moving
+    # the horizon, as if pruned between the check and the read.
+    builders.open_card(server, balance_fen=1_000)
+    builders.open_card(server, balance_fen=1_000)
+    assert server.sequence_events() == 6
+    db.execute("DELETE FROM fc.events WHERE position <= 3")
+    stub = events_pb2_grpc.EventServiceStub(server.channel)
+    received: list[int] = []
+    with pytest.raises(grpc.RpcError) as err:
+        for message in stub.StreamEvents(events_pb2.StreamEventsRequest(after_position=0),
+                                         timeout=10):
+            received += [e.position for e in message.events]
+    assert received == []
+    assert (unpack(err.value).code, unpack(err.value).reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "CURSOR_EXPIRED")
+    assert [e.position for e in stream(server, after=3)] == [4, 5, 6]
 
 def test_only_analytics_and_admin_callers_may_stream(tls_server: TlsServer) -> None:
     request = events_pb2.StreamEventsRequest()

@@ -92,6 +92,12 @@ class EventService(Servicer, events_pb2_grpc.EventServiceServicer):
                 # never runs the sequencer (the background loop does), so an
                 # open stream takes nothing from the transaction pool.
                 batch = await self.seq.read(cursor, limit)
+                if batch and batch[0].position != cursor + 1:
+                    # Positions are given without gaps: the events after the
+                    # cursor were pruned while this stream was behind (after
+                    # the check at its start). End it as that check would,
+                    # rather than skip them.
+                    raise errors.failed_precondition("CURSOR_EXPIRED")
                 if batch:
                     head, _ = await self.seq.head()
                     cursor = batch[-1].position
