@@ -424,7 +424,6 @@ def test_one_dropped_probe_does_not_flap_health_three_in_a_row_do(
                 link.down()
                 wait_for("probe 1 of 3")
                 link.up()
-                assert _metric(server, "fuelcard_replica_up") == 0.0  # what the probe saw
                 # three probe intervals later: never out, and the probe is back
                 until = time.monotonic() + 1.5
                 while time.monotonic() < until:
