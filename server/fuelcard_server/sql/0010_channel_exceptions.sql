@@ -43,9 +43,10 @@ BEGIN
      WHERE f.id = x.refund_id);
 END $$;
 
--- ResolveChannelException: idempotent on request_id; only an OPEN exception
--- can be resolved (one resolved before, by another request, is
--- CHANNEL_EXCEPTION_ALREADY_RESOLVED).
+-- ResolveChannelException: idempotent on request_id, also for a twin sent
+-- while the first was in flight (the key is looked up again after the row
+-- lock); only an OPEN exception can be resolved (one resolved before, by
+-- another request, is CHANNEL_EXCEPTION_ALREADY_RESOLVED).
 CREATE FUNCTION fc.resolve_channel_exception(p_caller text, p_request_id text,
                                              p_request_hash bytea, p_exception_uid uuid,
                                              p_resolution text, p_resolved_by text,
@@ -66,6 +67,12 @@ BEGIN
             DETAIL = 'channel_exception';
     END IF;
     IF v_exception.resolved_at IS NOT NULL THEN
+        -- resolved while we waited for the lock: by this very request? (a
+        -- retry sent while the first was in flight answers as the first did)
+        v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+        IF v_response IS NOT NULL THEN
+            RETURN v_response;
+        END IF;
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'CHANNEL_EXCEPTION_ALREADY_RESOLVED',
             DETAIL = 'exception_id';
     END IF;
