@@ -124,3 +124,25 @@ def test_a_change_without_the_old_pin_block_is_refused_and_not_counted(setup: Fi
         expect(err.value, grpc.StatusCode.FAILED_PRECONDITION, "OLD_PIN_WRONG")
     assert scalar(db, "SELECT failed_attempts FROM fc.card_pins") == 0
     assert decline(setup, PIN) == common_pb2.DECLINE_REASON_UNSPECIFIED
+
+
+def test_a_locked_card_answers_alike_for_a_right_and_a_wrong_old_pin(setup: Fixture) -> None:
+    # Found in review: the new PIN block was read only once the old PIN had
+    # matched, so on a locked card a bad new block answered PIN_BLOCK_INVALID
+    # for the right old PIN and PIN_LOCKED for a wrong one: an oracle still.
+    set_pin(setup, PIN)
+    for wrong in (b"000000", b"999999", b"123456"):
+        decline(setup, wrong)
+    stub = security_pb2_grpc.SecurityServiceStub(setup.server.channel("pos-KM-001-T1"))
+    t = setup.t1
+    answers = []
+    for old in (PIN, b"111111"):
+        for new_block in (b"\x00" * 16, t.pin_block(b"135790", setup.card_number)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.SetCardPin(security_pb2.SetCardPinRequest(
+                    card_number=setup.card_number, key_version=t.working.version,
+                    new_pin_block=new_block, old_pin_block=t.pin_block(old, setup.card_number)))
+            answers.append((unpack(err.value).code, unpack(err.value).reason))
+    with_right_pin, with_wrong_pin = answers[:2], answers[2:]
+    assert with_right_pin == with_wrong_pin == [(grpc.StatusCode.INVALID_ARGUMENT, "PIN_BLOCK_INVALID"),
+                              (grpc.StatusCode.FAILED_PRECONDITION, "PIN_LOCKED")]

@@ -68,20 +68,21 @@ class Pins:
         if row is None:
             raise errors.not_found("CARD_NOT_FOUND", "card")
         card_id, stored = row
+        # The new PIN first, and always: decoding or hashing it only once the
+        # old one matched would tell a right guess from a wrong one (by the
+        # answer for a bad new block, or by the time a hash takes), lock or
+        # no lock.
+        new = await self._clear_pin(terminal_id, key_version, new_block, card_number, now)
+        if new is None:
+            raise errors.invalid([errors.FieldViolation(
+                "new_pin_block", "does not decode to a PIN of 4-12 digits", "PIN_BLOCK_INVALID")])
+        hashed = await asyncio.to_thread(keys.hash_pin, new, pepper=self._pepper)
+        del new
         old_ok: bool | None = None
         if stored is not None and old_block:
             old = await self._clear_pin(terminal_id, key_version, old_block, card_number, now)
             old_ok = await self._matches(old, stored)
             del old
-        hashed: str | None = None
-        if stored is None or old_ok:
-            new = await self._clear_pin(terminal_id, key_version, new_block, card_number, now)
-            if new is None:
-                raise errors.invalid([errors.FieldViolation(
-                    "new_pin_block", "does not decode to a PIN of 4-12 digits",
-                    "PIN_BLOCK_INVALID")])
-            hashed = await asyncio.to_thread(keys.hash_pin, new, pepper=self._pepper)
-            del new
         answer = await self._db.fetch_one(CHANGE_PIN_SQL, (
             card_id, stored is not None, old_ok, hashed, now))
         refusal = answer[0] if answer is not None else None
