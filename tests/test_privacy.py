@@ -73,7 +73,7 @@ def test_trace_and_span_ids_are_written_whole_even_when_they_hold_long_digit_run
     # One random trace id in about twenty holds a run of eleven or more decimal
     # digits; masked, the line could no longer be joined to its trace.
     trace_id = "6da210883165091a234c2300611688bd"
-    span_id = "1234567890123456"
+    span_id = "123456789012345a"
     record = logging.LogRecord("t", logging.WARNING, __file__, 1, "card 9860000000000000016",
                                None, None)
     record.trace_id = trace_id
@@ -86,3 +86,11 @@ def test_trace_and_span_ids_are_written_whole_even_when_they_hold_long_digit_run
     # a trace_id field that is not a hex id is free text and scrubbed
     record.trace_id = "card 9860000000000000016"
     assert "9860000000000000016" not in JsonFormatter().format(record)
+
+
+def test_a_callers_trace_id_with_room_for_a_card_number_is_scrubbed() -> None:
+    # A traceparent is the caller's choice: a POS that builds it from the
+    # transaction could put the card number in it.
+    record = logging.LogRecord("t", logging.WARNING, __file__, 1, "authorize failed", None, None)
+    record.trace_id = "0000000000000000" + "9860000000000016"
+    assert "9860000000000016" not in JsonFormatter().format(record)
