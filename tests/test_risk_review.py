@@ -157,6 +157,12 @@ def test_a_note_with_control_characters_is_invalid_argument(server: RunningServe
                grpc.StatusCode.INVALID_ARGUMENT, None, "note")
     assert snapshot(db) == before
     assert _hold(server, hold_id).state == common_pb2.HOLD_STATE_SUSPENDED
+    # A note may run over several lines (line breaks and tabs are not refused).
+    note = "called the driver:\r\n\tconfirmed at the pump\n"
+    risk(server).ReviewHold(risk_pb2.ReviewHoldRequest(
+        request_id=builders.rid("r"), hold_id=hold_id, verdict=risk_pb2.REVIEW_VERDICT_APPROVE,
+        note=note))
+    assert _hold(server, hold_id).state == common_pb2.HOLD_STATE_AUTHORIZED
 
 
 def test_roles_reviewers_review_admins_load_terminals_neither(setup: Fixture, db: Conn) -> None:

@@ -330,3 +330,7 @@ def test_invalid_rule_sets_change_nothing(server: RunningServer, db: Conn) -> No
         request_id=builders.rid("r"), document="name = [", format=risk_pb2.RULE_FORMAT_TOML)),
         grpc.StatusCode.INVALID_ARGUMENT, "RULES_UNREADABLE", "document")
     assert snapshot(db) == before
+    # A description may run over several lines, as a TOML multi-line string does.
+    described = load_rules(server, [rule("X", "amount", min_amount_fen=1,
+                                         description="large amounts:\n\tsee the runbook")])
+    assert described.rule_set.version > 0

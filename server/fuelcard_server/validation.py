@@ -27,6 +27,15 @@ TIMESTAMP_MAX_S = 253402300800
 NANOS_PER_S = 1_000_000_000
 
 
+def printable(value: str, *, multiline: bool = False) -> bool:
+    """No control characters (NUL among them: PostgreSQL text cannot hold
+    it). A multi-line field (a note, a description) may hold line breaks
+    and tabs."""
+    if multiline:
+        value = value.replace("\r\n", "").replace("\n", "").replace("\t", "")
+    return value.isprintable()
+
+
 class Violations:
     def __init__(self) -> None:
         self.items: list[FieldViolation] = []
@@ -96,13 +105,15 @@ class Violations:
             self.add(field, "must be 16-19 digits with a valid check digit",
                      "CARD_NUMBER_MALFORMED")
 
-    def text(self, field: str, value: str, *, required: bool, max_chars: int) -> None:
+    def text(self, field: str, value: str, *, required: bool, max_chars: int,
+             multiline: bool = False) -> None:
         if required and not value.strip():
             self.add(field, "is required", "FIELD_MISSING")
         elif len(value) > max_chars:
             self.add(field, f"must be at most {max_chars} characters", "FIELD_TOO_LONG")
-        elif not value.isprintable():
-            self.add(field, "must not contain control characters", "FIELD_MALFORMED")
+        elif not printable(value, multiline=multiline):
+            self.add(field, "must not contain control characters" + (
+                " other than line breaks and tabs" if multiline else ""), "FIELD_MALFORMED")
 
     def timestamp(self, field: str, stamp: Any) -> dt.datetime | None:
         """A google.protobuf.Timestamp as an aware UTC datetime: seconds from

@@ -41,6 +41,7 @@ from typing import Any
 
 from fuelcard_server import errors
 from fuelcard_server.errors import FieldViolation
+from fuelcard_server.validation import printable
 
 # Limits the card state can answer exactly (fc.risk_card_state keeps the last
 # 64 authorization times, 16 decline times, 7 local days, 32 terminals).
@@ -311,9 +312,9 @@ def _rule(where: str, raw: Any, problems: _Problems, allow_fault: bool) -> Rule 
         fail(f"{where}.score", "an integer 0-1000000", "RULE_SCORE_INVALID")
     description = raw.get("description", "")
     if (not isinstance(description, str) or len(description) > 1000
-            or not description.isprintable()):
-        fail(f"{where}.description", "text up to 1000 characters, no control characters",
-             "RULE_PARAM_INVALID")
+            or not printable(description, multiline=True)):
+        fail(f"{where}.description", "text up to 1000 characters, no control characters "
+             "other than line breaks and tabs", "RULE_PARAM_INVALID")
     tiers = raw.get("tiers")
     if tiers is not None and (not isinstance(tiers, list) or not tiers
                               or not all(_is_int(t) and 1 <= t <= 4 for t in tiers)):

@@ -140,7 +140,8 @@ class RiskService(Servicer, risk_pb2_grpc.RiskServiceServicer):
             v.items.append(FieldViolation("note", f"at most {MAX_NOTE_CHARS} characters",
                                           "NOTE_TOO_LONG"))
         else:  # no control characters (PostgreSQL text cannot hold NUL)
-            v.text("note", request.note, required=False, max_chars=MAX_NOTE_CHARS)
+            v.text("note", request.note, required=False, max_chars=MAX_NOTE_CHARS,
+                   multiline=True)
         v.raise_if_any()
         approve = request.verdict == risk_pb2.REVIEW_VERDICT_APPROVE
         d = await self.d.db.call(REVIEW_SQL, (
