@@ -174,6 +174,37 @@ def test_rpc_spans_follow_the_callers_traceparent_with_database_children(
     assert card.card_number not in captured.getvalue()
 
 
+
+def test_a_call_cancelled_while_its_audit_record_is_written_still_ends_its_span(
+        server: RunningServer, otlp_sink: OtlpSink) -> None:
+    # The audit append waits for the audit chain's lock, held from the side;
+    # the caller's deadline passes meanwhile and the call is cancelled there.
+    # Its span used to be left open, so never exported.
+    from fuelcard_server.locks import AUDIT_LOCK
+    trace_id = next(t for t in (secrets.token_hex(16) for _ in range(100))
+                    if not re.search(r"\d{16}", t))
+    with psycopg.connect(server.database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (AUDIT_LOCK,))
+        with pytest.raises(grpc.RpcError) as caught:
+            server.accounts.OpenAccount(account_pb2.OpenAccountRequest(
+                request_id=builders.rid("open"), type=account_pb2.ACCOUNT_TYPE_PERSONAL,
+                holder=account_pb2.Holder(name="审计")), timeout=1.0,
+                metadata=(("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01"),))
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        holder.execute("SELECT pg_advisory_unlock_all()")
+    assert server.server.telemetry is not None
+    deadline = time.monotonic() + 10
+    while True:  # the handler unwinds after the client has given up
+        server.server.telemetry.force_flush()
+        spans = [s for s in otlp_sink.spans_of_trace(bytes.fromhex(trace_id))
+                 if s.name == "/fuelcard.v1.AccountService/OpenAccount"]
+        if spans or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(spans) == 1, "the cancelled call's span was never ended"
+    codes = [a.value.int_value for a in spans[0].attributes if a.key == "rpc.grpc.status_code"]
+    assert codes == [grpc.StatusCode.CANCELLED.value[0]]
+
 def _mark_database_down(server: RunningServer, down: bool) -> Callable[[], Awaitable[None]]:
     async def flip() -> None:
         db = server.server._db

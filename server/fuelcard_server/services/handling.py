@@ -273,6 +273,7 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
     caller: Caller | None = None
     response: Resp | None = None
     error: ApiError | None = None
+    deadline: asyncio.Timeout | None = None
     try:
         caller = identity_of(context, tls=d.tls)
         if caller is None:
@@ -287,13 +288,17 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
         else:
             # Past the caller's deadline the work stops: cancelling the
             # database call cancels its statement in PostgreSQL.
-            async with asyncio.timeout(max(remaining, 0.0)):
+            async with asyncio.timeout(max(remaining, 0.0)) as deadline:
                 response = await fn(self, request, context)
     except ApiError as exc:
         error = exc
     except TimeoutError:
-        error = ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
-                         "the call's deadline passed; its work was stopped")
+        if deadline is not None and deadline.expired():
+            error = ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
+                             "the call's deadline passed; its work was stopped")
+        else:  # a time limit of the handler's own, not handled there: a bug
+            log.exception("unhandled TimeoutError in %s", fn.__name__)
+            error = internal()
     except (grpc.aio.AbortError, grpc.aio.UsageError):
         _finish(tel, m, span, token, started, None)
         raise
@@ -305,8 +310,14 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
         log.exception("unhandled %s in %s", type(exc).__name__, fn.__name__)
         error = internal()
     # The audit record, if this call gets one (never on the POS hot path).
-    error = await d.audit.rpc_done(type(self), fn.__name__, allowed, caller, request,
-                                   response, error)
+    try:
+        error = await d.audit.rpc_done(type(self), fn.__name__, allowed, caller, request,
+                                       response, error)
+    except asyncio.CancelledError:
+        # Cancelled while the record was appended (the append itself goes
+        # on: it is shielded): end the span and count the call all the same.
+        _finish(tel, m, span, token, started, grpc.StatusCode.CANCELLED)
+        raise
     if error is None and response is not None:
         if m.counts_authorizations:
             tel.authorizations.add(1, m.decision(response))
