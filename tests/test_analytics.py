@@ -24,8 +24,8 @@ from fuelcard_analytics.generator import YearConfig, generate
 from fuelcard_analytics.warehouse import CursorMismatch, Warehouse, open_store
 from fuelcard_server.settings import Settings
 
-from tests import builders
 from tests.plugins.server import RunningServer, TlsServer, make_settings
+from tests.support import builders
 
 SMALL_YEAR = YearConfig(days=220, stations=8, drivers=220, families=30, fleets=2, seed=11)
 REPORT_FILES = ["fleet_costs", "station_sales", "tiers", "points_liability", "station_heatmap",

@@ -21,11 +21,11 @@ import grpc
 from fuelcard.v1 import account_pb2, common_pb2, control_pb2, transaction_pb2, transaction_pb2_grpc
 from google.protobuf import timestamp_pb2
 
-from tests import builders
-from tests import control_builders as cb
-from tests.builders import FundedCard
-from tests.ledger_asserts import Conn, count, expect, snapshot
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support import control_builders as cb
+from tests.support.builders import FundedCard
+from tests.support.ledger_asserts import Conn, count, expect, snapshot
 
 PD = grpc.StatusCode.PERMISSION_DENIED
 IA = grpc.StatusCode.INVALID_ARGUMENT

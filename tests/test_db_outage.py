@@ -34,10 +34,10 @@ from fuelcard_server.clock import ManualClock
 from fuelcard_server.embedded import EmbeddedPostgres
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests import builders
 from tests.plugins.database import control_postgres, postgres_running
 from tests.plugins.proxy import TcpProxy
 from tests.plugins.server import TEST_KEY_HEX, RunningServer, ServerThread, make_settings
+from tests.support import builders
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
 STATION, TERMINAL = "KM-001", "KM-001-T1"

@@ -33,10 +33,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests import builders
-from tests.ledger_asserts import shared_server, unpack
 from tests.plugins.database import PostgresCluster
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support.ledger_asserts import shared_server, unpack
 
 AUTHORIZED = common_pb2.HOLD_STATE_AUTHORIZED
 CONFIRMED = common_pb2.HOLD_STATE_CONFIRMED

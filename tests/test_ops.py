@@ -26,9 +26,9 @@ from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests import builders
-from tests.ledger_asserts import count, unpack
 from tests.plugins.server import RunningServer, make_settings
+from tests.support import builders
+from tests.support.ledger_asserts import count, unpack
 
 Db = psycopg.Connection[tuple[object, ...]]
 

@@ -39,11 +39,11 @@ from fuelcard_server.embedded import EmbeddedPostgres, bin_dir
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests import builders
-from tests.ledger_asserts import unpack
 from tests.plugins.database import control_postgres
 from tests.plugins.proxy import TcpProxy
 from tests.plugins.server import RunningServer, ServerThread, make_settings
+from tests.support import builders
+from tests.support.ledger_asserts import unpack
 
 pytestmark = pytest.mark.skipif(not (bin_dir() / "pg_basebackup").exists(),
                                 reason="the embedded PostgreSQL has no pg_basebackup")

@@ -17,11 +17,11 @@ from fuelcard_server.risk.model import RuleSet, load_text, parse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests import builders
-from tests.ledger_asserts import Conn, assert_ledger_ok, scalar, snapshot
 from tests.plugins.server import RunningServer
-from tests.risk_helpers import risk
-from tests.risk_history import generate
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, assert_ledger_ok, scalar, snapshot
+from tests.support.risk_helpers import risk
+from tests.support.risk_history import generate
 
 DEFAULT = Path(cli.__file__).parent / "risk" / "default_rules.toml"
 
