@@ -29,9 +29,9 @@ from fuelcard.v1 import common_pb2
 from fuelcard_pos.client import PosClient, PosError, PosPending, RetryPolicy
 from fuelcard_pos.outbox import Outbox
 from fuelcard_server import migrations
-from fuelcard_server.app import SERVICE_NAMES
 from fuelcard_server.clock import ManualClock
 from fuelcard_server.embedded import EmbeddedPostgres
+from fuelcard_server.health import SERVICE_NAMES
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.plugins.database import control_postgres, postgres_running

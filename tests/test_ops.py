@@ -20,7 +20,7 @@ import pytest
 from fuelcard.v1 import account_pb2, common_pb2
 from fuelcard_loadtest.otlp_sink import OtlpSink
 from fuelcard_server import logs
-from fuelcard_server.app import SERVICE_NAMES
+from fuelcard_server.health import SERVICE_NAMES
 from fuelcard_server.settings import Settings, SettingsError
 from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2

@@ -17,6 +17,7 @@ from pathlib import Path
 import psycopg
 
 from fuelcard_server import audit, event_backfill, logs, migrations, verify
+from fuelcard_server.db import one_shot
 from fuelcard_server.embedded import EmbeddedPostgres
 from fuelcard_server.gm import Sm2PrivateKey, Sm2PublicKey
 from fuelcard_server.risk.model import RuleSet
@@ -429,7 +430,7 @@ def cmd_risk_load(args: argparse.Namespace) -> int:
     actor = f"cli:{getpass.getuser()}"
     url, pg = _database(s)
     try:
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        with one_shot(url, autocommit=True) as conn, conn.transaction():
             row = conn.execute(LOAD_SQL, (
                 "cli", f"cli-risk-load-{uuid.uuid4().hex}",
                 hashlib.sha256(rule_set.digest().encode()).digest(),
@@ -530,7 +531,7 @@ def cmd_events_backfill(args: argparse.Namespace) -> int:
             written = event_backfill.run(url, batch=args.batch, max_backlog=args.max_backlog,
                                          log=lambda m: print(m, flush=True))
             print(f"{written} events written" if written else "nothing to write (done)")
-        with psycopg.connect(url) as conn:
+        with one_shot(url) as conn:
             for source in event_backfill.progress(conn):
                 state = "done" if source.done else "to do"
                 print(f"{source.name}: {state} ({source.done_id} of {source.through_id})")
