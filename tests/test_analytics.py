@@ -228,6 +228,7 @@ def pump_load(server: RunningServer, cards: list[builders.FundedCard]) -> Iterat
     assert not errors, errors
 
 
+@pytest.mark.slow
 def test_the_sidecar_follows_under_load_and_resumes_after_kill_9(
         server: RunningServer, db: psycopg.Connection[Any], tmp_path: Path) -> None:
     cards = [builders.open_card(server, balance_fen=5_000_000) for _ in range(4)]

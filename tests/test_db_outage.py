@@ -198,6 +198,7 @@ def _pump(server: RunningServer, cards: list[builders.FundedCard], outbox: Outbo
                 tally.longest_call_s = max(tally.longest_call_s, time.monotonic() - started)
 
 
+@pytest.mark.slow
 def test_database_crash_under_load_leaves_the_ledger_consistent(
         outage_server: RunningServer, own_pg: EmbeddedPostgres, tmp_path: Path) -> None:
     server = outage_server

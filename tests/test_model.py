@@ -236,6 +236,7 @@ def model_server(pg_cluster: PostgresCluster, migrated_template: str,
         yield server
 
 
+@pytest.mark.slow
 def test_ledger_matches_a_simple_model(model_server: RunningServer) -> None:
     LedgerMachine.server = model_server
     run_state_machine_as_test(LedgerMachine, settings=settings(

@@ -132,6 +132,7 @@ def _run_phases(server: RunningServer, flooder: subprocess.Popen[str]
     return latencies, counts
 
 
+@pytest.mark.slow
 def test_a_report_flood_leaves_authorize_latency_alone(
         server: RunningServer, flooder: subprocess.Popen[str]) -> None:
     latencies, counts = _run_phases(server, flooder)

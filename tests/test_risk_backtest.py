@@ -34,6 +34,7 @@ def _review_only(rs: RuleSet) -> RuleSet:
     return dataclasses.replace(rs, rules=rules, decline_score=1_000_000)
 
 
+@pytest.mark.slow
 def test_backtest_on_a_generated_history(server: RunningServer, db: Conn,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     default = load_text(DEFAULT.read_text(encoding="utf-8"), "toml")
