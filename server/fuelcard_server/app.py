@@ -210,8 +210,9 @@ class FuelcardServer:
         log.info("serving on %s:%d", host, self.port)
         return self.port
 
-    # The steps of the health probe and the jobs, one at a time (tests, and
-    # `fuelcard` commands that run a job now).
+    # One step of a job or of the health probe, now rather than at its
+    # loop's next round: how tests drive them (health.py and jobs.py hold
+    # the steps; these only hand over).
 
     async def refresh_gauges(self) -> None:
         """One probe of the primary now (the gauges it feeds)."""
