@@ -3,7 +3,7 @@ ended - for every internal/admin RPC and every read of personal data.
 
 Records live in fc.audit_log, append-only (triggers refuse UPDATE, DELETE
 and TRUNCATE) and SM3 hash-chained: each record's hash covers the previous
-record's hash and its own canonical encoding (0004_audit.sql defines it), so
+record's hash and its own canonical encoding (sql/functions/audit.sql defines it), so
 `verify` finds any record edited, deleted or moved by someone who got past
 the triggers. The database extends the chain (fc.audit_append, under
 locks.AUDIT_LOCK): an audited RPC costs one more round trip, and every

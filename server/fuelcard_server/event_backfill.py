@@ -2,7 +2,7 @@
 event stream existed (an upgraded database), so that a sidecar's warehouse
 holds all of it.
 
-The work is fc.backfill_events (sql/*_refund_events_backfill.sql): one
+The work is fc.backfill_events (sql/functions/events.sql): one
 bounded batch per call, each its own short transaction that only reads the
 history (by primary key ranges) and appends to fc.outbox, so it runs while
 the server serves: no table lock, no long transaction. Progress is stored in

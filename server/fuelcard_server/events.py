@@ -2,7 +2,7 @@
 stream positions, and the translation of fc.events rows into Events.
 
 How events get there and why their order is commit order:
-sql/0009_events.sql. Here:
+sql/functions/events.sql (its header). Here:
 
 * `Sequencer.run_once` - one bounded batch, under an advisory lock so one
   process at a time positions events (the others skip the round). Only the

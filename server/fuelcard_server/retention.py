@@ -3,7 +3,7 @@
 Neither table is needed for ever: a key answers replays of its request, a
 challenge lets its code be checked and counts towards the per-subject rate
 limit. What may be deleted, and why a replay after that cannot move money
-twice, is in sql/<n>_retention.sql (fc.replay_guarded). Here: how often and
+twice, is in sql/functions/idempotency.sql (fc.replay_guarded). Here: how often and
 how much.
 
 A run is a bounded number of short transactions (`retention_batch` rows each,
