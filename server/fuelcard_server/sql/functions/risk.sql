@@ -26,7 +26,6 @@
 -- applies the rule set's fallback (decline or review), never an approval, and
 -- the answer says so (risk.fallback) so the server counts it.
 
--
 --
 -- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
