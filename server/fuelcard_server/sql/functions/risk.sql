@@ -25,7 +25,6 @@
 -- Engine fault: the evaluation runs in an EXCEPTION block; any error inside
 -- applies the rule set's fallback (decline or review), never an approval, and
 -- the answer says so (risk.fallback) so the server counts it.
-
 --
 -- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
