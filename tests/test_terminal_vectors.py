@@ -252,3 +252,11 @@ def test_mac_layout_table_matches_the_server(rpc: str) -> None:
     fields = server_mac_fields(rpc, request, "KM-001-T1", "KM-001")
     assert fields[0] == rpc
     assert [names[f] for f in fields[1:]] == _table_row(rpc)
+
+
+def test_annotated_mac_input_is_the_vector() -> None:
+    """The field-by-field breakdown in the document adds up to its vector."""
+    m = re.search(r"^```annotated\n(.*?)^```$", DOC.read_text(encoding="utf-8"), re.S | re.M)
+    assert m, "no annotated MAC input"
+    hex_text = "".join(line.split("#")[0].replace(" ", "") for line in m.group(1).splitlines())
+    assert bytes.fromhex(hex_text) == b(VECTORS["mac/cancel"], "mac_input_hex")
