@@ -27,13 +27,15 @@ def test_recharges_booked_before_the_channels_migration_get_settlement_records(
             # what migrate() does, stopping short of the channels migration
             migrations.migrate(url, up_to=channels.version - 1)
             now = dt.datetime.now(dt.UTC)
-            row = conn.execute(OPEN_ACCOUNT_SQL, (
-                "upgrade-test", "open-1", b"\x01" * 32, 1, "Holder", "", "", None, 0, "",
-                now)).fetchone()
+            row = conn.execute(OPEN_ACCOUNT_SQL, {
+                "caller": "upgrade-test", "request_id": "open-1", "request_hash": b"\x01" * 32,
+                "kind": 1, "name": "Holder", "phone": "", "id_number": "", "parent_uid": None,
+                "funding_mode": 0, "label": "", "now": now}).fetchone()
             assert row is not None
-            conn.execute(RECHARGE_SQL, (
-                "upgrade-test", "recharge-1", b"\x02" * 32, row[0]["account_id"], CHANNEL_WECHAT,
-                "wx-before-upgrade", 10_000, now))
+            conn.execute(RECHARGE_SQL, {
+                "caller": "upgrade-test", "request_id": "recharge-1", "request_hash": b"\x02" * 32,
+                "account_uid": row[0]["account_id"], "channel": CHANNEL_WECHAT,
+                "channel_txn_id": "wx-before-upgrade", "amount_fen": 10_000, "now": now})
             assert conn.execute("SELECT count(*) FROM fc.recharges").fetchone() == (1,)
         applied = migrations.migrate(url)
         assert channels.name in applied
@@ -60,13 +62,15 @@ def test_a_channel_exception_resolved_by_hand_keeps_its_mark_through_the_upgrade
         migrations.migrate(url, up_to=exceptions.version - 1)
         now = dt.datetime.now(dt.UTC)
         with psycopg.connect(url, autocommit=True) as conn:
-            row = conn.execute(OPEN_ACCOUNT_SQL, (
-                "upgrade-test", "open-1", b"\x01" * 32, 1, "Holder", "", "", None, 0, "",
-                now)).fetchone()
+            row = conn.execute(OPEN_ACCOUNT_SQL, {
+                "caller": "upgrade-test", "request_id": "open-1", "request_hash": b"\x01" * 32,
+                "kind": 1, "name": "Holder", "phone": "", "id_number": "", "parent_uid": None,
+                "funding_mode": 0, "label": "", "now": now}).fetchone()
             assert row is not None
-            conn.execute(RECHARGE_SQL, (
-                "upgrade-test", "recharge-1", b"\x02" * 32, row[0]["account_id"], CHANNEL_WECHAT,
-                "wx-before-upgrade", 10_000, now))
+            conn.execute(RECHARGE_SQL, {
+                "caller": "upgrade-test", "request_id": "recharge-1", "request_hash": b"\x02" * 32,
+                "account_uid": row[0]["account_id"], "channel": CHANNEL_WECHAT,
+                "channel_txn_id": "wx-before-upgrade", "amount_fen": 10_000, "now": now})
             # a refund the account could not cover at all, as fc.refund_recharge
             # records it, then marked followed up by hand
             conn.execute(
