@@ -151,7 +151,7 @@ def test_embedded_database_needs_no_setup(tmp_path: Path) -> None:
     res = subprocess.run([FUELCARD, "migrate", "--data-dir", str(data)],
                          capture_output=True, text=True, env=_env(), timeout=180)
     assert res.returncode == 0, res.stderr
-    assert "0001_ledger" in res.stdout
+    assert "0001_baseline" in res.stdout
     res = subprocess.run([FUELCARD, "verify", "--data-dir", str(data)],
                          capture_output=True, text=True, env=_env(), timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -190,6 +190,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     s = _settings(args)
     url, pg = _database(s)
     try:
+        if args.status or args.dry_run:
+            plan = migrations.status(url)
+            if args.status:
+                print("\n".join(plan.describe()))
+            if args.dry_run:
+                todo = ([f"{migrations.LEGACY_MIGRATIONS[-1]} recorded as the baseline"] if plan.legacy
+                        else []) + [m.name for m in plan.pending] + [f"functions/{f.name}"
+                                                                      for f in plan.changed]
+                print("would apply: " + (", ".join(todo) if todo else "nothing (up to date)"))
+            return 0
         applied = migrations.migrate(url)
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
         return 0
@@ -431,12 +441,14 @@ def cmd_risk_load(args: argparse.Namespace) -> int:
     url, pg = _database(s)
     try:
         with one_shot(url, autocommit=True) as conn, conn.transaction():
-            row = conn.execute(LOAD_SQL, (
-                "cli", f"cli-risk-load-{uuid.uuid4().hex}",
-                hashlib.sha256(rule_set.digest().encode()).digest(),
-                *load_args(rule_set, actor), dt.datetime.now(dt.UTC))).fetchone()
+            row = conn.execute(LOAD_SQL, {
+                "caller": "cli", "request_id": f"cli-risk-load-{uuid.uuid4().hex}",
+                "request_hash": hashlib.sha256(rule_set.digest().encode()).digest(),
+                **load_args(rule_set, actor), "now": dt.datetime.now(dt.UTC)}).fetchone()
             # the change in the hash-chained audit trail too, in the same transaction
-            conn.execute(APPEND_SQL, (AUDIT_LOCK, actor, "cli/fuelcard risk load", None, "OK"))
+            conn.execute(APPEND_SQL, {"lock": AUDIT_LOCK, "actor": actor,
+                                      "method": "cli/fuelcard risk load", "target": None,
+                                      "outcome": "OK"})
     finally:
         if pg is not None:
             pg.stop_if_started_here()
@@ -591,8 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"an internal {role} service certificate (repeatable)")
     p.set_defaults(func=cmd_certs)
 
-    p = sub.add_parser("migrate", help="apply pending SQL migrations")
+    p = sub.add_parser("migrate", help="apply pending schema migrations, then every changed function file")
     _add_database_flags(p)
+    p.add_argument("--status", action="store_true",
+                   help="list applied and pending migrations and current and changed function files")
+    p.add_argument("--dry-run", action="store_true", help="say what a run would apply; change nothing")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("verify", help="check every ledger invariant; non-zero exit on violation")

@@ -31,15 +31,16 @@ _T = TypeVar("_T")
 
 # Only one process sweeps at a time; the others skip the round.
 EXPIRE_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.expire_holds(%s::timestamptz, %s)"
-    " ELSE -1 END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
+    " THEN fc.expire_holds(p_now => %(now)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
 EXPIRE_POINTS_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.expire_points(%s::timestamptz, %s)"
-    " ELSE -1 END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
+    " THEN fc.expire_points(p_now => %(now)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
 # One batch of the tier job (NULL: another process is at it).
 EVALUATE_TIERS_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s)"
-    " THEN fc.evaluate_tiers(%s::timestamptz, %s, %s) END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
+    " THEN fc.evaluate_tiers(p_now => %(now)s::timestamptz, p_after_id => %(after_id)s,"
+    " p_limit => %(limit)s) END")
 TIER_EVALUATION_INTERVAL = 3600.0
 # Accounts per batch of the tier job, each batch its own transaction holding
 # that many account locks (plus parents) for a few milliseconds; and a bound
@@ -64,8 +65,8 @@ class Jobs:
     async def expire_holds_once(self) -> int:
         """One sweep; returns holds released, or -1 if another process is
         sweeping."""
-        row = await self._db.fetch_one(EXPIRE_SQL, (
-            EXPIRY_SWEEP_LOCK, self.clock.now(), self.settings.expiry_batch))
+        row = await self._db.fetch_one(EXPIRE_SQL, {
+            "lock": EXPIRY_SWEEP_LOCK, "now": self.clock.now(), "limit": self.settings.expiry_batch})
         assert row is not None
         released: int = row[0]
         if released > 0:
@@ -74,8 +75,8 @@ class Jobs:
 
     async def expire_points_once(self) -> int:
         """Lapse points lots past their expiry; -1 if another process is on it."""
-        row = await self._db.fetch_one(EXPIRE_POINTS_SQL, (
-            POINTS_EXPIRY_LOCK, self.clock.now(), self.settings.expiry_batch))
+        row = await self._db.fetch_one(EXPIRE_POINTS_SQL, {
+            "lock": POINTS_EXPIRY_LOCK, "now": self.clock.now(), "limit": self.settings.expiry_batch})
         assert row is not None
         lapsed: int = row[0]
         return lapsed
@@ -88,8 +89,8 @@ class Jobs:
         changed = 0
         after_id = 0
         for _ in range(TIER_BATCHES_MAX):
-            row = await self._db.fetch_one(EVALUATE_TIERS_SQL, (
-                TIER_EVALUATION_LOCK, now, after_id, batch))
+            row = await self._db.fetch_one(EVALUATE_TIERS_SQL, {
+                "lock": TIER_EVALUATION_LOCK, "now": now, "after_id": after_id, "limit": batch})
             assert row is not None
             if row[0] is None:  # another process took the job between two batches
                 return changed if after_id else -1

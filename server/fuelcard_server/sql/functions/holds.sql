@@ -1,122 +1,118 @@
--- 0010: a pump cycle (fc.authorize + fc.confirm) costs PostgreSQL less CPU,
--- with the same answers, rows and events. Measured with
--- `python -m fuelcard_loadtest.sqlcost` (BENCHMARKS.md, "Issue #3: PostgreSQL
--- CPU per cycle, round 2"). Copies of the final bodies of 0007 with the
--- changes marked "perf":
+-- Holds at the pump (Try-Confirm-Cancel): authorize reserves, confirm settles, cancel and
+-- expiry release. The hold state machine is enforced by a trigger here.
 --
---   * fc.ts is inlined again. Declared IMMUTABLE around extract(epoch FROM
---     timestamptz), which is only STABLE, it could never be inlined and was
---     run as a separate SQL function, planned afresh on every call: six
---     calls per cycle (hold_json). Same microseconds, now from immutable
---     operators (the interval since the epoch).
---   * Authorize reads fc.config for the business time zone once, not twice.
---     The hold in its answer is built from the account and card rows it has
---     already read, not read again by fc.hold_json (confirm: the card's).
---   * Confirm: a personal account funds itself, so its row is not read a
---     second time, and points and money change it in ONE update (one row
---     version, not two). The tier is evaluated without re-reading the
---     account's months (up to 12 monthly_spend rows, growing with history):
---     this month's row keeps the sum of the window's earlier months
---     (prior_fen, computed at the month's first sale with the window it
---     used), so the rolling spend is that plus the month's own spend, which
---     the upsert returns. Exactly fc.evaluate_tier's figure as long as
---     earlier months do not change; they change only when a sale is dated
---     before a later month already sold in (a request that waited for the
---     lock across the end of a month): that sale clears the later months'
---     kept sums, which are then computed afresh. `fuelcard verify` checks
---     every kept sum against the months. fc.evaluate_tier itself is
---     unchanged (the daily fc.evaluate_tiers job uses it).
---   * The caps check (fc.caps_refusal, authorize's) looks for limit raises
---     only when one can be in force: each account row carries the latest end
---     of any raise granted to it or to one of its cards (raises_end_at, kept
---     by a trigger on fc.limit_raises). grant_raise writes it under the
---     account's advisory lock, and authorize reads the account row after
---     taking that lock, so it sees every raise the full lookup would.
---     Caps that are not set are not checked (cap_refusal answers NULL for them
---     without reading anything).
---
--- And one correction, not for speed (found in review): authorize reads the
--- card again once it holds the account lock. It had read the card only
--- before, so a block, limit or scope committed while it waited for the lock
--- was not seen: a card blocked by the request ahead of it was approved.
+-- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
+-- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
 
--- The sum of the rolling tier window's months before this row's month, and
--- the window (tier_window_months) it was taken over; NULL: not yet known.
-ALTER TABLE fc.monthly_spend
-    ADD COLUMN prior_fen    bigint CHECK (prior_fen >= 0),
-    ADD COLUMN prior_window integer,
-    ADD CONSTRAINT prior_with_window CHECK ((prior_fen IS NULL) = (prior_window IS NULL));
+CREATE OR REPLACE FUNCTION fc.hold_json(h fc.holds) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT jsonb_build_object(
+        'hold_id', h.uid,
+        'account_id', (SELECT uid FROM fc.accounts WHERE id = h.account_id),
+        'card_id', c.uid,
+        'masked_card_number', c.masked,
+        'state', h.state,
+        'amount_fen', h.amount_fen,
+        'settled_fen', h.settled_fen,
+        'station_id', h.station_id,
+        'terminal_id', h.terminal_id,
+        'nozzle', h.nozzle,
+        'product', h.product,
+        'create_us', fc.ts(h.created_at),
+        'expire_us', fc.ts(h.expires_at),
+        'close_us', fc.ts(h.closed_at),
+        'volume_ml', h.volume_ml,
+        'unit_price_fen', h.unit_price_fen,
+        'points_earned', h.points_earned,
+        'confirmed_late', h.confirmed_late)
+      FROM fc.cards c WHERE c.id = h.card_id);
+END $$;
 
-CREATE OR REPLACE FUNCTION fc.ts(p timestamptz) RETURNS bigint
-LANGUAGE sql IMMUTABLE AS $$
-    -- microseconds since the epoch: exact, and cheap to turn into a Timestamp
-    SELECT CASE WHEN p IS NULL THEN NULL
-                ELSE (extract(epoch FROM p - timestamptz '1970-01-01 00:00:00+00') * 1000000)::bigint END
-$$;
-
--- The latest ends_at of any limit raise granted to this account or to one of
--- its cards (an upper bound: a raise deleted or shortened leaves it); NULL:
--- none ever. No raise is in force at p_now unless raises_end_at > p_now.
-ALTER TABLE fc.accounts ADD COLUMN raises_end_at timestamptz;
-UPDATE fc.accounts a SET raises_end_at = m.ends_at
-  FROM (SELECT coalesce(r.account_id, c.account_id) AS account_id, max(r.ends_at) AS ends_at
-          FROM fc.limit_raises r LEFT JOIN fc.cards c ON c.id = r.card_id
-         GROUP BY 1) m
- WHERE a.id = m.account_id;
-
-CREATE FUNCTION fc.note_raise() RETURNS trigger
+CREATE OR REPLACE FUNCTION fc.check_hold_transition() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE fc.accounts SET raises_end_at = NEW.ends_at
-     WHERE id = coalesce(NEW.account_id, (SELECT account_id FROM fc.cards WHERE id = NEW.card_id))
-       AND (raises_end_at IS NULL OR raises_end_at < NEW.ends_at);
-    RETURN NULL;
+    IF NEW.state <> OLD.state AND NOT (
+           (OLD.state = 1 AND NEW.state IN (2, 3, 4))   -- confirm, cancel, expire
+        OR (OLD.state = 4 AND NEW.state = 2)            -- late confirm
+        OR (OLD.state = 5 AND NEW.state IN (1, 3, 4, 6)) -- review approve, cancel, expire, reject
+    ) THEN
+        RAISE EXCEPTION 'illegal hold transition % -> % for hold %', OLD.state, NEW.state, OLD.id;
+    END IF;
+    IF NEW.amount_fen <> OLD.amount_fen OR NEW.account_id <> OLD.account_id THEN
+        RAISE EXCEPTION 'hold % amount and account are immutable', OLD.id;
+    END IF;
+    RETURN NEW;
 END $$;
-CREATE TRIGGER limit_raises_noted AFTER INSERT OR UPDATE ON fc.limit_raises
-    FOR EACH ROW EXECUTE FUNCTION fc.note_raise();
 
--- Which cap of the card, its account or that account's parent (in that
--- order) `p_amount` more would break, or NULL. Callers hold the chain's
--- locks and read s and p under them.
--- perf: was LANGUAGE sql over fc.card_caps / fc.account_caps, which read
--- fc.limit_raises for every card and account; now only where a raise can be
--- in force (raises_end_at), and cap_refusal only for caps that are set.
-CREATE OR REPLACE FUNCTION fc.caps_refusal(c fc.cards, s fc.accounts, p fc.accounts, p_day date,
-                                           p_amount bigint, p_now timestamptz)
-RETURNS text
-LANGUAGE plpgsql STABLE AS $$
+CREATE OR REPLACE TRIGGER holds_state_machine BEFORE UPDATE ON fc.holds
+    FOR EACH ROW EXECUTE FUNCTION fc.check_hold_transition();
+
+-- The money movements, aware of suspended and rejected holds. Copies of the
+-- final bodies of 0002 with the changes marked "risk".
+CREATE OR REPLACE FUNCTION fc.release_expired_locked(p_account_id bigint, p_now timestamptz)
+RETURNS integer
+LANGUAGE plpgsql AS $$
 DECLARE
-    v_reason text;
+    v_hold     record;
+    v_count    integer := 0;
+    v_released bigint := 0;
 BEGIN
-    IF c.account_id IS DISTINCT FROM s.id OR s.raises_end_at > p_now THEN
-        v_reason := coalesce(
-            fc.cap_refusal(fc.card_caps(c, p_now), 1::smallint, c.id, p_day, p_amount),
-            fc.cap_refusal(fc.account_caps(s, p_now), 2::smallint, s.id, p_day, p_amount));
-    ELSE
-        -- No raise of the card or its account in force: the standing caps.
-        IF num_nonnulls(c.limit_txn_fen, c.limit_daily_fen, c.limit_monthly_fen) > 0 THEN
-            v_reason := fc.cap_refusal(
-                ROW(c.limit_txn_fen, c.limit_daily_fen, c.limit_monthly_fen, NULL)::fc.caps,
-                1::smallint, c.id, p_day, p_amount);
-        END IF;
-        IF v_reason IS NULL
-           AND num_nonnulls(s.limit_txn_fen, s.limit_daily_fen, s.limit_monthly_fen) > 0 THEN
-            v_reason := fc.cap_refusal(
-                ROW(s.limit_txn_fen, s.limit_daily_fen, s.limit_monthly_fen, NULL)::fc.caps,
-                2::smallint, s.id, p_day, p_amount);
-        END IF;
+    FOR v_hold IN
+        UPDATE fc.holds h SET state = 4, closed_at = p_now
+          FROM fc.accounts s
+         WHERE h.account_id = p_account_id AND h.state IN (1, 5) AND h.expires_at <= p_now  -- risk
+           AND s.id = h.spender_account_id
+        RETURNING h.card_id, h.spender_account_id, s.parent_id, h.usage_day, h.amount_fen
+    LOOP
+        PERFORM fc.charge_usage(v_hold.card_id, v_hold.spender_account_id, v_hold.parent_id,
+                                v_hold.usage_day, -v_hold.amount_fen);
+        v_count := v_count + 1;
+        v_released := v_released + v_hold.amount_fen;
+    END LOOP;
+    IF v_released > 0 THEN
+        UPDATE fc.accounts SET held_fen = held_fen - v_released WHERE id = p_account_id;
     END IF;
-    IF v_reason IS NULL AND p.id IS NOT NULL THEN
-        IF p.raises_end_at > p_now THEN
-            v_reason := fc.cap_refusal(fc.account_caps(p, p_now), 2::smallint, p.id, p_day,
-                                       p_amount);
-        ELSIF num_nonnulls(p.limit_txn_fen, p.limit_daily_fen, p.limit_monthly_fen) > 0 THEN
-            v_reason := fc.cap_refusal(
-                ROW(p.limit_txn_fen, p.limit_daily_fen, p.limit_monthly_fen, NULL)::fc.caps,
-                2::smallint, p.id, p_day, p_amount);
-        END IF;
+    RETURN v_count;
+END $$;
+
+CREATE OR REPLACE FUNCTION fc.cancel(
+    p_caller text, p_request_id text, p_request_hash bytea, p_hold_uid uuid, p_now timestamptz,
+    p_terminal text, p_counter bigint)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_response   jsonb;
+    v_spender_id bigint;
+    v_parent_id  bigint;
+    v_hold       fc.holds;
+BEGIN
+    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal, p_counter);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
     END IF;
-    RETURN v_reason;
+    SELECT spender_account_id INTO v_spender_id FROM fc.holds WHERE uid = p_hold_uid;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'HOLD_NOT_FOUND', DETAIL = 'hold_id';
+    END IF;
+    v_parent_id := fc.lock_chain(v_spender_id);
+    SELECT * INTO v_hold FROM fc.holds WHERE uid = p_hold_uid;
+    IF p_terminal IS NOT NULL AND v_hold.terminal_id <> p_terminal THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCPD0', MESSAGE = 'NOT_YOUR_HOLD', DETAIL = 'hold_id';
+    END IF;
+    IF v_hold.state = 2 THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_ALREADY_CONFIRMED', DETAIL = 'hold_id';
+    END IF;
+    -- risk: a suspended hold may be cancelled too (the driver gave up waiting).
+    IF v_hold.state IN (1, 5) THEN
+        UPDATE fc.holds SET state = 3, closed_at = p_now WHERE id = v_hold.id RETURNING * INTO v_hold;
+        UPDATE fc.accounts SET held_fen = held_fen - v_hold.amount_fen WHERE id = v_hold.account_id;
+        PERFORM fc.charge_usage(v_hold.card_id, v_spender_id, v_parent_id, v_hold.usage_day,
+                                -v_hold.amount_fen);
+    END IF;
+    -- Already cancelled, expired or rejected: the money is free; nothing to do.
+    v_response := jsonb_build_object('hold', fc.hold_json(v_hold));
+    RETURN fc.remember(p_caller, p_request_id, 'cancel', p_request_hash, v_response, p_now);
 END $$;
 
 CREATE OR REPLACE FUNCTION fc.authorize(
@@ -435,4 +431,22 @@ BEGIN
             'confirmed_late', v_hold.confirmed_late),
         'points_earned', v_points, 'balance_fen', v_funder.balance_fen);
     RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash, v_response, p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION fc.expire_holds(p_now timestamptz, p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_accounts bigint[];
+    v_account  bigint;
+    v_count    integer := 0;
+BEGIN
+    SELECT coalesce(array_agg(DISTINCT account_id ORDER BY account_id), '{}') INTO v_accounts
+      FROM (SELECT account_id FROM fc.holds
+             WHERE state IN (1, 5) AND expires_at <= p_now
+             ORDER BY expires_at LIMIT p_limit) due;
+    PERFORM fc.lock_accounts(v_accounts);
+    FOREACH v_account IN ARRAY v_accounts LOOP
+        v_count := v_count + fc.release_expired_locked(v_account, p_now);
+    END LOOP;
+    RETURN v_count;
 END $$;

@@ -1,3 +1,64 @@
+-- Idempotency (AIP-155): every mutating call stores its answer under (caller, request_id)
+-- with a fingerprint of the request; a retry gets the stored answer, a different request under
+-- the same key is refused. Also the retention classes of stored keys and their pruning.
+--
+-- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
+-- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
+
+-- Returns the stored response of a replayed request, or raises
+-- REQUEST_ID_REUSED when the same key came with a different request.
+CREATE OR REPLACE FUNCTION fc.replay(p_caller text, p_request_id text, p_request_hash bytea) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_hash bytea;
+    v_response jsonb;
+BEGIN
+    SELECT request_hash, response INTO v_hash, v_response
+      FROM fc.idempotency_keys WHERE caller = p_caller AND request_id = p_request_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_hash <> p_request_hash THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REQUEST_ID_REUSED',
+            DETAIL = 'request_id';
+    END IF;
+    RETURN v_response || '{"replayed": true}';
+END $$;
+
+-- The start of every terminal request: the stored answer of a replay, or
+-- NULL after advancing the terminal's counter (when the request carries one).
+-- A counter at or below the last one is refused, unless a concurrent
+-- duplicate of this very request took it first: then its answer is returned.
+CREATE OR REPLACE FUNCTION fc.admit(p_caller text, p_request_id text, p_request_hash bytea,
+                         p_terminal text, p_counter bigint)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_response jsonb := fc.replay(p_caller, p_request_id, p_request_hash);
+BEGIN
+    IF v_response IS NOT NULL OR p_counter IS NULL OR fc.advance_counter(p_terminal, p_counter) THEN
+        RETURN v_response;
+    END IF;
+    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'FCUA0', MESSAGE = 'COUNTER_REPLAYED',
+        DETAIL = 'terminal_counter';
+END $$;
+
+CREATE OR REPLACE FUNCTION fc.remember(p_caller text, p_request_id text, p_operation text,
+                                       p_request_hash bytea, p_response jsonb, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- A concurrent duplicate that got this far fails here on the primary key;
+    -- its transaction rolls back and the server retries it as a replay.
+    INSERT INTO fc.idempotency_keys (caller, request_id, operation, request_hash, response, created_at)
+    VALUES (p_caller, p_request_id, p_operation, p_request_hash, p_response, p_now);
+    RETURN p_response;
+END $$;
+
 -- Retention: idempotency keys and step-up challenges are deleted once no
 -- legitimate retry can need them (retention.py runs these functions in
 -- bounded batches, one process at a time; README "Retention").
@@ -28,25 +89,24 @@
 -- The index below is built on this function: a later migration that changes
 -- the list must REINDEX INDEX fc.idempotency_keys_retention in the same
 -- migration, or existing keys keep their old class.
-CREATE FUNCTION fc.replay_guarded(p_operation text) RETURNS boolean
+CREATE OR REPLACE FUNCTION fc.replay_guarded(p_operation text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT p_operation IN ('authorize', 'confirm', 'cancel', 'review_hold', 'recharge',
                            'refund_recharge')
 $$;
 
--- Keys by retention class, then age: each class's deletable keys are a
--- range at the front of its part of the index, so a batch never reads past
--- keys it must keep. It replaces the index on age alone (same write cost).
-CREATE INDEX idempotency_keys_retention
+-- The index lives beside the function it is built on: a fresh database needs the function
+-- first. Changing the list above needs REINDEX INDEX fc.idempotency_keys_retention in a
+-- numbered migration, or existing keys keep their old class.
+CREATE INDEX IF NOT EXISTS idempotency_keys_retention
     ON fc.idempotency_keys (fc.replay_guarded(operation), created_at);
-DROP INDEX fc.idempotency_keys_age;
 
 -- Deletes up to p_limit keys: guarded operations' keys made before p_before,
 -- other operations' keys made before p_unguarded_before (NULL: those are
 -- kept for ever), never the key of an Authorize whose hold is still
 -- AUTHORIZED or SUSPENDED. Returns how many. Rows another transaction has
 -- locked are skipped (and deleted by a later batch), so a prune never waits.
-CREATE FUNCTION fc.prune_idempotency_keys(p_before timestamptz, p_unguarded_before timestamptz,
+CREATE OR REPLACE FUNCTION fc.prune_idempotency_keys(p_before timestamptz, p_unguarded_before timestamptz,
                                           p_limit integer)
 RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -76,31 +136,4 @@ BEGIN
         GET DIAGNOSTICS v_more = ROW_COUNT;
     END IF;
     RETURN v_count + v_more;
-END $$;
-
-------------------------------------------------------------------------------
--- Step-up challenges
-------------------------------------------------------------------------------
-
-CREATE INDEX step_up_challenges_age ON fc.step_up_challenges (created_at);
-
--- Deletes up to p_limit challenges made and expired before p_before (the
--- caller keeps p_before behind the per-subject rate limit's window and the
--- codes' lifetime, so no challenge the rate limit counts, and none that can
--- still be answered, is deleted). A consumed challenge only lets a retry of
--- the operation that used it pass again; that operation's idempotency key
--- answers such a retry for longer. Returns how many.
-CREATE FUNCTION fc.prune_step_ups(p_before timestamptz, p_limit integer) RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_count integer;
-BEGIN
-    WITH doomed AS (
-        SELECT uid FROM fc.step_up_challenges
-         WHERE created_at < p_before AND expires_at < p_before
-         ORDER BY created_at LIMIT p_limit
-           FOR UPDATE SKIP LOCKED)
-    DELETE FROM fc.step_up_challenges c USING doomed d WHERE c.uid = d.uid;
-    GET DIAGNOSTICS v_count = ROW_COUNT;
-    RETURN v_count;
 END $$;

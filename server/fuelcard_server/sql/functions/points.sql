@@ -1,60 +1,45 @@
--- 0016: expired points are never spent, and the maintenance jobs never
--- deadlock each other.
+-- Loyalty points: earning into lots that expire, spending oldest first, family pooling, and
+-- tiers from the rolling 12-month spend.
 --
--- 1. Points past their expiry stayed spendable until the points sweep got
---    to them: fc.redeem_points and fc.transfer_points checked points_balance
---    and fc.take_points took the oldest lots whatever their expires_at. Now,
---    under the account lock and before deciding, they lapse the account's
---    expired lots (fc.lapse_points_locked: the booking fc.expire_points has
---    always made, a kind 7 points entry to POINTS_EXPIRED), as fc.authorize
---    releases expired holds under the lock (fc.release_expired_locked). The
---    lapse is kept whatever the decision (a declined redemption commits it
---    too, as a declined authorize keeps the holds it released), so the
---    stored answer's balance is the one the account is left with. The
---    transfer lapses the receiving main account's expired lots as well (it
---    is locked too): its balance in the answer counts no expired points.
---    fc.take_points refuses an expired lot: a caller that did not lapse
---    first fails loudly instead of spending it.
---
--- 2. fc.expire_holds, fc.expire_points and fc.evaluate_tiers looped over
---    accounts in ascending id and called fc.lock_chain (parent, then the
---    account) per account. The advisory locks are held to the end of the
---    job's one transaction, so across iterations they were not taken in
---    ascending order (P1 < P2 < A < B locked P1, A, P2, B), and two jobs
---    running at once (each has its own job lock) deadlocked. Each job is one
---    statement, one transaction (app.py: SELECT ... fc.<job>(...) under
---    pg_try_advisory_xact_lock), so it cannot commit per account: it now
---    collects the batch's accounts and their parents, locks them all in one
---    pass in ascending id (fc.lock_accounts), then does the work. The number
---    of locks held is what it was (xact locks were already held to the end).
---
--- Bodies otherwise as in 0002 (redeem_points, transfer_points, take_points,
--- expire_points, evaluate_tiers) and 0007 (expire_holds). evaluate_tiers
--- also runs in batches now (see there).
+-- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
+-- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
 
--- Locks the given accounts and their parents, all in ascending id in one
--- pass: the documented lock order for a transaction that needs many.
-CREATE FUNCTION fc.lock_accounts(p_ids bigint[]) RETURNS void
+-- Re-evaluates an account's tier from its confirmed spend over the rolling
+-- window ending with p_now's month; records a change. Caller holds the lock.
+CREATE OR REPLACE FUNCTION fc.evaluate_tier(p_account_id bigint, p_now timestamptz) RETURNS smallint
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_id bigint;
+    v_month  date := date_trunc('month', p_now AT TIME ZONE fc.business_tz())::date;
+    v_window integer := (SELECT value::integer FROM fc.config WHERE key = 'tier_window_months');
+    v_spend  bigint;
+    v_old    smallint;
+    v_new    smallint;
 BEGIN
-    FOR v_id IN
-        SELECT k.id FROM (
-            SELECT a.id FROM fc.accounts a WHERE a.id = ANY (p_ids)
-            UNION
-            SELECT a.parent_id FROM fc.accounts a
-             WHERE a.id = ANY (p_ids) AND a.parent_id IS NOT NULL) k
-        ORDER BY k.id
-    LOOP
-        PERFORM pg_advisory_xact_lock(v_id);
-    END LOOP;
+    SELECT coalesce(sum(spend_fen), 0) INTO v_spend FROM fc.monthly_spend
+     WHERE account_id = p_account_id
+       AND month > (v_month - make_interval(months => v_window))::date AND month <= v_month;
+    SELECT tier INTO v_new FROM fc.tier_rules WHERE min_spend_fen <= v_spend
+     ORDER BY min_spend_fen DESC LIMIT 1;
+    SELECT tier INTO v_old FROM fc.accounts WHERE id = p_account_id;
+    IF v_new IS DISTINCT FROM v_old THEN
+        UPDATE fc.accounts SET tier = v_new WHERE id = p_account_id;
+        INSERT INTO fc.tier_changes (account_id, from_tier, to_tier, spend_fen, created_at)
+        VALUES (p_account_id, v_old, v_new, v_spend, p_now);
+    END IF;
+    RETURN v_new;
+END $$;
+
+CREATE OR REPLACE FUNCTION fc.points_for(p_amount_fen bigint, p_tier smallint) RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT (p_amount_fen / 100) * multiplier_permille / 1000
+              FROM fc.tier_rules WHERE tier = p_tier);
 END $$;
 
 -- Lapses an account's points lots past their expiry: one points entry to
 -- POINTS_EXPIRED for what they had left. Caller holds the account's lock.
 -- Returns the number of lots that lapsed.
-CREATE FUNCTION fc.lapse_points_locked(p_account_id bigint, p_now timestamptz) RETURNS integer
+CREATE OR REPLACE FUNCTION fc.lapse_points_locked(p_account_id bigint, p_now timestamptz) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_points bigint;
@@ -74,13 +59,7 @@ BEGIN
     RETURN v_lots;
 END $$;
 
--- Takes p_points from an account's open lots, oldest first; returns the
--- consumed (expires_at, points) pairs so a transfer can keep their expiry.
--- The caller has lapsed the expired lots (fc.lapse_points_locked) under the
--- lock: a lot still open past its expiry is a bug, never points to spend.
--- (Replaces the two-argument version of 0002, which had no clock to tell.)
-DROP FUNCTION fc.take_points(bigint, bigint);
-CREATE FUNCTION fc.take_points(p_account_id bigint, p_points bigint, p_now timestamptz)
+CREATE OR REPLACE FUNCTION fc.take_points(p_account_id bigint, p_points bigint, p_now timestamptz)
 RETURNS TABLE (expires_at timestamptz, points bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -108,10 +87,7 @@ BEGIN
     END IF;
 END $$;
 
-------------------------------------------------------------------------------
 -- 1. Spending points lapses the expired ones first.
-------------------------------------------------------------------------------
-
 CREATE OR REPLACE FUNCTION fc.redeem_points(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_account_uid uuid, p_points bigint, p_description text, p_now timestamptz)
@@ -210,7 +186,6 @@ BEGIN
     RETURN fc.remember(p_caller, p_request_id, 'transfer_points', p_request_hash, v_response, p_now);
 END $$;
 
-------------------------------------------------------------------------------
 -- 2. The jobs: the batch's accounts and parents locked in one ascending pass.
 ------------------------------------------------------------------------------
 
@@ -233,36 +208,7 @@ BEGIN
     RETURN v_total;
 END $$;
 
-CREATE OR REPLACE FUNCTION fc.expire_holds(p_now timestamptz, p_limit integer) RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_accounts bigint[];
-    v_account  bigint;
-    v_count    integer := 0;
-BEGIN
-    SELECT coalesce(array_agg(DISTINCT account_id ORDER BY account_id), '{}') INTO v_accounts
-      FROM (SELECT account_id FROM fc.holds
-             WHERE state IN (1, 5) AND expires_at <= p_now
-             ORDER BY expires_at LIMIT p_limit) due;
-    PERFORM fc.lock_accounts(v_accounts);
-    FOREACH v_account IN ARRAY v_accounts LOOP
-        v_count := v_count + fc.release_expired_locked(v_account, p_now);
-    END LOOP;
-    RETURN v_count;
-END $$;
-
--- The tier job: tiers fall when old months leave the window even if the
--- account buys nothing. In batches, each its own transaction: accounts
--- after p_after_id (ascending id), at most p_limit of them, locked in one
--- ascending pass. One transaction for every account above the lowest tier
--- held one advisory lock per account to its end: past the lock table's
--- size (max_locks_per_transaction x max_connections, about 19 000 on the
--- embedded server) the job failed with "out of shared memory" every hour,
--- and until then it held every tiered account's payments for its whole
--- run. Answers {"changed": tiers changed, "last_id": the batch's last
--- account, or null when none was left}.
-DROP FUNCTION fc.evaluate_tiers(timestamptz);
-CREATE FUNCTION fc.evaluate_tiers(p_now timestamptz, p_after_id bigint, p_limit integer)
+CREATE OR REPLACE FUNCTION fc.evaluate_tiers(p_now timestamptz, p_after_id bigint, p_limit integer)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE

@@ -1,34 +1,96 @@
--- 0017: a step-up challenge whose code was not sent is sent again on retry.
+-- Step-up verification (one-time codes) for high-risk operations: challenges, delivery
+-- bookkeeping and consumption inside the operation's own transaction.
 --
--- fc.create_step_up committed the challenge before the server handed its
--- code to the OtpSender. When the send failed the caller was answered
--- UNAVAILABLE OTP_NOT_SENT ("ask again"), but its retry - same request_id,
--- as for every retryable error - replayed the committed challenge with
--- "created": false: OK, and no code was ever sent for it. Failed challenges
--- also counted toward TOO_MANY_STEP_UPS.
+-- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
+-- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
+
+-- The account a step-up subject belongs to (an account uid, or a card uid).
+CREATE OR REPLACE FUNCTION fc.step_up_account(p_subject uuid) RETURNS fc.accounts
+LANGUAGE sql STABLE AS $$
+    SELECT a FROM fc.accounts a
+     WHERE a.kind <> 100
+       AND (a.uid = p_subject OR a.id = (SELECT c.account_id FROM fc.cards c WHERE c.uid = p_subject))
+     LIMIT 1
+$$;
+
+-- The step-up gate of a high-risk operation: NULL if the operation may run,
+-- else why not (STEP_UP_REQUIRED, or STEP_UP_FAILED:<cause>). Call it in the
+-- same transaction as the operation, before it:
 --
--- Now a challenge records its delivery: sending_since while a send is in
--- progress, sent_at once the OtpSender took the code (fc.step_up_sent); a
--- failed send clears sending_since (fc.step_up_not_sent). A retry of a
--- challenge that is not delivered and not being sent gets a fresh code under
--- a fresh challenge id (new hash, new expiry, attempts reset): the old id
--- was never answered to anyone. A retry while another call is sending is
--- told so ("sending": the caller answers UNAVAILABLE). Undelivered
--- challenges do not count toward the rate limit; those being sent do (so
--- concurrent first requests cannot farm codes).
+--   WITH s AS MATERIALIZED (SELECT fc.consume_step_up(...) AS refusal)
+--   SELECT CASE WHEN s.refusal IS NULL THEN fc.<operation>(...)
+--               ELSE jsonb_build_object('step_up_refusal', s.refusal) END FROM s
+--
+-- so the code is used if and only if the operation commits, and a wrong
+-- code's attempt is counted although the operation does not run. An operation
+-- p_operation (the name fc.remember stores) already answered under
+-- (p_caller, p_request_id) passes (it replays its stored answer, or fails
+-- REQUEST_ID_REUSED), as does a retry of the very operation that used the
+-- challenge. p_operation NULL (an operation that stores no answer, e.g. a
+-- read): only the latter. Other code (e.g. the risk engine, on an
+-- anomaly) demands a step-up by calling this with p_required = true.
+CREATE OR REPLACE FUNCTION fc.consume_step_up(
+    p_caller text, p_request_id text, p_operation text, p_required boolean, p_kind smallint, p_subject uuid,
+    p_amount bigint, p_challenge uuid, p_code_hash bytea, p_now timestamptz)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v fc.step_up_challenges;
+BEGIN
+    IF NOT p_required
+       OR EXISTS (SELECT 1 FROM fc.idempotency_keys
+                   WHERE caller = p_caller AND request_id = p_request_id
+                     AND operation = p_operation) THEN
+        RETURN NULL;
+    END IF;
+    IF p_challenge IS NULL THEN
+        RETURN 'STEP_UP_REQUIRED';
+    END IF;
+    SELECT * INTO v FROM fc.step_up_challenges WHERE uid = p_challenge AND caller = p_caller
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'STEP_UP_FAILED:UNKNOWN_CHALLENGE';
+    ELSIF v.consumed_at IS NOT NULL THEN
+        IF v.consumed_request_id = p_request_id AND v.kind = p_kind AND v.subject = p_subject
+           AND v.amount_fen = p_amount THEN
+            RETURN NULL;
+        END IF;
+        RETURN 'STEP_UP_FAILED:USED';
+    ELSIF (v.kind, v.subject, v.amount_fen) <> (p_kind, p_subject, p_amount) THEN
+        RETURN 'STEP_UP_FAILED:MISMATCH';
+    ELSIF p_now >= v.expires_at THEN
+        RETURN 'STEP_UP_FAILED:EXPIRED';
+    ELSIF v.attempts >= v.max_attempts THEN
+        RETURN 'STEP_UP_FAILED:ATTEMPTS_EXHAUSTED';
+    ELSIF v.code_hash <> p_code_hash THEN
+        UPDATE fc.step_up_challenges SET attempts = attempts + 1 WHERE uid = v.uid;
+        RETURN 'STEP_UP_FAILED:WRONG_CODE';
+    END IF;
+    UPDATE fc.step_up_challenges SET consumed_at = p_now, consumed_request_id = p_request_id
+     WHERE uid = v.uid;
+    RETURN NULL;
+END $$;
 
-ALTER TABLE fc.step_up_challenges
-    ADD COLUMN sent_at timestamptz,
-    ADD COLUMN sending_since timestamptz;
--- Challenges made before this migration were answered OK only after their
--- code was sent (a failed send's challenge cannot be told apart: counted as
--- sent, as before).
-UPDATE fc.step_up_challenges SET sent_at = created_at;
-ALTER TABLE fc.step_up_challenges
-    ADD CONSTRAINT step_up_sent_or_sending CHECK (sent_at IS NULL OR sending_since IS NULL);
-
-DROP FUNCTION fc.create_step_up(text, text, uuid, smallint, uuid, bigint, bytea, timestamptz,
-                                smallint, integer, interval, timestamptz);
+-- Deletes up to p_limit challenges made and expired before p_before (the
+-- caller keeps p_before behind the per-subject rate limit's window and the
+-- codes' lifetime, so no challenge the rate limit counts, and none that can
+-- still be answered, is deleted). A consumed challenge only lets a retry of
+-- the operation that used it pass again; that operation's idempotency key
+-- answers such a retry for longer. Returns how many.
+CREATE OR REPLACE FUNCTION fc.prune_step_ups(p_before timestamptz, p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    WITH doomed AS (
+        SELECT uid FROM fc.step_up_challenges
+         WHERE created_at < p_before AND expires_at < p_before
+         ORDER BY created_at LIMIT p_limit
+           FOR UPDATE SKIP LOCKED)
+    DELETE FROM fc.step_up_challenges c USING doomed d WHERE c.uid = d.uid;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END $$;
 
 -- Records a new challenge (or renews an undelivered one) and returns where
 -- to send its code: the phone of the subject's holder (or of the parent
@@ -39,7 +101,7 @@ DROP FUNCTION fc.create_step_up(text, text, uuid, smallint, uuid, bigint, bytea,
 -- call is sending this request's code (for less than p_send_timeout). At
 -- most p_max_open challenges per subject, delivered or being sent, are made
 -- within p_window, so codes cannot be farmed.
-CREATE FUNCTION fc.create_step_up(
+CREATE OR REPLACE FUNCTION fc.create_step_up(
     p_caller text, p_request_id text, p_uid uuid, p_kind smallint, p_subject uuid,
     p_amount bigint, p_code_hash bytea, p_expires timestamptz, p_max_attempts smallint,
     p_max_open integer, p_window interval, p_now timestamptz, p_send_timeout interval)
@@ -112,7 +174,7 @@ END $$;
 -- The OtpSender took the code of challenge p_uid: it is delivered. False if
 -- the challenge is no longer that code's (renewed by a retry after this
 -- send was taken for dead): the caller must not answer OK.
-CREATE FUNCTION fc.step_up_sent(p_uid uuid, p_now timestamptz) RETURNS boolean
+CREATE OR REPLACE FUNCTION fc.step_up_sent(p_uid uuid, p_now timestamptz) RETURNS boolean
 LANGUAGE sql AS $$
     WITH done AS (
         UPDATE fc.step_up_challenges SET sent_at = coalesce(sent_at, p_now), sending_since = NULL
@@ -122,7 +184,7 @@ $$;
 
 -- The send of challenge p_uid's code failed: a retry of its request sends a
 -- fresh code at once, and it no longer counts toward the rate limit.
-CREATE FUNCTION fc.step_up_not_sent(p_uid uuid) RETURNS boolean
+CREATE OR REPLACE FUNCTION fc.step_up_not_sent(p_uid uuid) RETURNS boolean
 LANGUAGE sql AS $$
     WITH done AS (
         UPDATE fc.step_up_challenges SET sending_since = NULL

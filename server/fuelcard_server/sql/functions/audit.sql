@@ -1,3 +1,28 @@
+-- The audit trail: an append-only, SM3 hash-chained record of every
+-- internal/admin RPC and every read of personal data (who, what, when,
+-- outcome). fuelcard_server/audit.py writes it and verifies it.
+--
+-- Record n is bound to record n-1:
+--   hash(n) = SM3(prev_hash(n) || canonical(n)),  prev_hash(n) = hash(n-1)
+--   prev_hash(1) = 32 zero bytes
+--   canonical(n) = 'FCAUDIT1' || int8(id) || int8(created_at, microseconds
+--                  since 1970-01-01 UTC) || lp(actor) || lp(method)
+--                  || lp(target as text, '' if none) || lp(outcome)
+--   lp(s) = int4(octet length of s in UTF-8) || s in UTF-8; integers are
+--   big-endian (int8send/int4send).
+-- So an edited record no longer matches its hash, a deleted one leaves a gap
+-- in the ids and a broken link, and a moved one breaks both.
+--
+-- PostgreSQL has no SM3 (and pgcrypto is not in every installation), so
+-- fc.sm3 implements GB/T 32905 here. The chain is extended inside the database,
+-- under one advisory lock, so an audited RPC costs one round trip and two
+-- writers (two worker processes) can never fork the chain. `fuelcard audit
+-- verify` recomputes every hash with the C-backed SM3 of fuelcard_server.gm,
+-- so the two implementations check each other.
+--
+-- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
+-- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
+
 -- 0004: the audit trail - an append-only, SM3 hash-chained record of every
 -- internal/admin RPC and every read of personal data (who, what, when,
 -- outcome). fuelcard_server/audit.py writes it and verifies it.
@@ -22,7 +47,7 @@
 
 -- SM3 (GB/T 32905-2016) on 32-bit words held in bigints. About 70 us per
 -- 64-byte block; an audit record is 3-5 blocks.
-CREATE FUNCTION fc.sm3(p_data bytea) RETURNS bytea
+CREATE OR REPLACE FUNCTION fc.sm3(p_data bytea) RETURNS bytea
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
     m   CONSTANT bigint := 4294967295;
@@ -80,34 +105,8 @@ BEGIN
                   || lpad(to_hex(v7), 8, '0'), 'hex');
 END $$;
 
--- One row per audited RPC. No card number, phone or ID number ever goes in:
--- the target is an internal uuid, the actor the caller's certificate identity,
--- the outcome a status code name and an UPPER_SNAKE reason.
-CREATE TABLE fc.audit_log (
-    -- 1, 2, 3, ... without gaps: assigned under the chain's lock, not by a
-    -- sequence (a sequence leaves gaps, and a gap here means a deleted record).
-    id         bigint      PRIMARY KEY CHECK (id >= 1),
-    created_at timestamptz NOT NULL,
-    -- role:scope:name of the client certificate, 'development' in development
-    -- mode, 'unidentified' for a certificate that names no role
-    actor      text        NOT NULL,
-    -- the full gRPC method, e.g. /fuelcard.v1.AccountService/GetAccount
-    method     text        NOT NULL,
-    -- the account, card or hold the call was about, if any
-    target     uuid,
-    -- OK, or the gRPC status code name and the reason: PERMISSION_DENIED ROLE_NOT_ALLOWED
-    outcome    text        NOT NULL,
-    prev_hash  bytea       NOT NULL CHECK (octet_length(prev_hash) = 32),
-    hash       bytea       NOT NULL CHECK (octet_length(hash) = 32)
-);
-
-CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON fc.audit_log
-    FOR EACH ROW EXECUTE FUNCTION fc.refuse_change();
-CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON fc.audit_log
-    FOR EACH STATEMENT EXECUTE FUNCTION fc.refuse_change();
-
 -- The record's canonical encoding (see the top of this file).
-CREATE FUNCTION fc.audit_canonical(p_id bigint, p_created_at timestamptz, p_actor text,
+CREATE OR REPLACE FUNCTION fc.audit_canonical(p_id bigint, p_created_at timestamptz, p_actor text,
                                    p_method text, p_target uuid, p_outcome text) RETURNS bytea
 LANGUAGE sql IMMUTABLE AS $$
     SELECT convert_to('FCAUDIT1', 'UTF8') || int8send(p_id)
@@ -123,7 +122,7 @@ $$;
 -- (locks.AUDIT_LOCK): held to the end of the transaction, it serialises every
 -- append, so each one reads the committed head and extends it. The time is
 -- the database's, taken under the lock, so ids and times rise together.
-CREATE FUNCTION fc.audit_append(p_lock bigint, p_actor text, p_method text, p_target uuid,
+CREATE OR REPLACE FUNCTION fc.audit_append(p_lock bigint, p_actor text, p_method text, p_target uuid,
                                 p_outcome text) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE

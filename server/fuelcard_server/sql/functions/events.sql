@@ -1,3 +1,197 @@
+-- The event stream for the analytics sidecar (transactional outbox).
+--
+-- Every committed money movement and card/account change reaches the stream:
+--
+--   1. Triggers on the tables that record them write one compact row to
+--      fc.outbox in the same transaction (a rollback takes it away too). The
+--      triggers live on the tables, not in the fc.* functions, so a function
+--      rewritten with CREATE OR REPLACE keeps feeding the stream.
+--        fc.journal   every entry (money and points; recharges carry their
+--                     channel, sales their hold)                     kind 1
+--        fc.holds     every change of a hold's state (confirmed, cancelled,
+--                     expired, and states added later), the whole hold kind 2
+--        fc.accounts  opened, or status/tier/kind/parent/mode/label changed  3
+--        fc.cards     issued, or status/account changed              kind 4
+--        fc.stations  registered or moved                            kind 5
+--      Balance and held_fen updates fire nothing (the WHEN clauses are
+--      checked in C, no function call): the journal says the same. A hold
+--      being made is no event either (a reservation moves no journal money;
+--      the hold is streamed whole when it is settled, cancelled or expires),
+--      so the authorize path writes nothing to the outbox at all.
+--      Journal rows are written by row triggers (one cached-plan INSERT
+--      each: measured cheaper than a statement trigger with a transition
+--      table for the one-row inserts of the hot path); accounts and cards,
+--      which loaders COPY in bulk, by statement triggers.
+--   2. One sequencer at a time (fc.sequence_events, under an advisory lock
+--      taken by the caller) moves the rows its snapshot sees from fc.outbox
+--      to fc.events and gives them gap-free positions 1, 2, 3, ... A row is
+--      positioned only once its transaction has committed, so a transaction
+--      that commits late gets a later position: a reader following positions
+--      never skips it (a reader following outbox ids would). Within a batch,
+--      transactions are ordered by their last outbox row and keep their rows
+--      together. When one transaction waited for another (the account
+--      advisory locks), all the waiter's rows were written after the other
+--      committed, so the order agrees with commit order where it matters.
+--   3. StreamEvents serves fc.events by position > the consumer's cursor.
+--
+-- Hold rows carry the state they changed to; the immutable fields (amount,
+-- station, card, ...) and the settlement of a CONFIRMED hold are read when
+-- the row is sequenced. Account, card and station rows carry a snapshot of
+-- the fields that may change again. Payloads are built by the sequencer,
+-- never on the authorize path.
+--
+-- Retention: fc.prune_events deletes events sequenced more than the
+-- retention ago (the server's --event-retention-s, default 7 days), in
+-- bounded batches; fc.event_head remembers the last position given and the
+-- last position pruned, so a cursor older than the retention is refused
+-- (CURSOR_EXPIRED) instead of silently missing events.
+--
+-- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
+-- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
+
+-- Triggers: one INSERT of a compact row each.
+CREATE OR REPLACE FUNCTION fc.outbox_journal() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fc.outbox (kind, ref_id, at) VALUES (1, NEW.id, NEW.created_at);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER journal_outbox AFTER INSERT ON fc.journal
+    FOR EACH ROW EXECUTE FUNCTION fc.outbox_journal();
+
+CREATE OR REPLACE FUNCTION fc.outbox_hold_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fc.outbox (kind, ref_id, state, at) VALUES (2, NEW.id, NEW.state, NEW.closed_at);
+    RETURN NULL;
+END $$;
+
+-- Any state change, including states added later: the stream passes the
+-- number through.
+CREATE OR REPLACE TRIGGER holds_outbox_update AFTER UPDATE ON fc.holds
+    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
+    EXECUTE FUNCTION fc.outbox_hold_changed();
+
+CREATE OR REPLACE FUNCTION fc.account_snap(a fc.accounts) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT jsonb_build_object('kind', a.kind, 'status', a.status, 'tier', a.tier,
+                              'parent_id', a.parent_id, 'funding_mode', a.funding_mode,
+                              'label', a.label)
+$$;
+
+CREATE OR REPLACE FUNCTION fc.outbox_account_opened() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fc.outbox (kind, ref_id, at, snap)
+    SELECT 3, n.id, n.created_at, fc.account_snap(n) FROM new_rows n WHERE n.kind <> 100 ORDER BY n.id;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER accounts_outbox_insert AFTER INSERT ON fc.accounts
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION fc.outbox_account_opened();
+
+CREATE OR REPLACE FUNCTION fc.outbox_account_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fc.outbox (kind, ref_id, snap) VALUES (3, NEW.id, fc.account_snap(NEW));
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER accounts_outbox_update AFTER UPDATE ON fc.accounts
+    FOR EACH ROW WHEN (NEW.kind <> 100 AND (
+        OLD.status IS DISTINCT FROM NEW.status OR OLD.tier IS DISTINCT FROM NEW.tier
+        OR OLD.kind IS DISTINCT FROM NEW.kind OR OLD.parent_id IS DISTINCT FROM NEW.parent_id
+        OR OLD.funding_mode IS DISTINCT FROM NEW.funding_mode
+        OR OLD.label IS DISTINCT FROM NEW.label))
+    EXECUTE FUNCTION fc.outbox_account_changed();
+
+CREATE OR REPLACE FUNCTION fc.outbox_card_issued() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fc.outbox (kind, ref_id, at, snap)
+    SELECT 4, n.id, n.created_at, jsonb_build_object('status', n.status, 'account_id', n.account_id)
+      FROM new_rows n ORDER BY n.id;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER cards_outbox_insert AFTER INSERT ON fc.cards
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION fc.outbox_card_issued();
+
+CREATE OR REPLACE FUNCTION fc.outbox_card_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fc.outbox (kind, ref_id, snap)
+    VALUES (4, NEW.id, jsonb_build_object('status', NEW.status, 'account_id', NEW.account_id));
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER cards_outbox_update AFTER UPDATE ON fc.cards
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status
+                       OR OLD.account_id IS DISTINCT FROM NEW.account_id)
+    EXECUTE FUNCTION fc.outbox_card_changed();
+
+CREATE OR REPLACE FUNCTION fc.outbox_station() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fc.outbox (kind, snap)
+    VALUES (5, jsonb_build_object('station_id', NEW.station_id, 'name', NEW.name,
+                                  'latitude', NEW.latitude, 'longitude', NEW.longitude));
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER stations_outbox AFTER INSERT OR UPDATE ON fc.stations
+    FOR EACH ROW EXECUTE FUNCTION fc.outbox_station();
+
+-- The sequencer. The caller holds the sequencer's advisory lock (see
+-- fuelcard_server/locks.py), so positions are given by one transaction at a
+-- time and readers see a batch all at once, when it commits.
+CREATE OR REPLACE FUNCTION fc.sequence_events(p_now timestamptz, p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_last  bigint;
+    v_count integer;
+BEGIN
+    SELECT last_position INTO v_last FROM fc.event_head FOR UPDATE;
+    WITH batch AS (
+        SELECT o.* FROM fc.outbox o ORDER BY o.id LIMIT p_limit
+    ), by_tx AS (
+        SELECT b.*, max(b.id) OVER (PARTITION BY b.xid) AS tx_last FROM batch b
+    ), ordered AS (
+        SELECT t.id, row_number() OVER (ORDER BY t.tx_last, t.id) AS n FROM by_tx t
+    ), moved AS (
+        DELETE FROM fc.outbox o USING ordered WHERE o.id = ordered.id
+        RETURNING o.*, ordered.n
+    )
+    INSERT INTO fc.events (position, xid, kind, occurred_at, sequenced_at, payload)
+    SELECT v_last + m.n, m.xid, m.kind, coalesce(m.at, p_now), p_now,
+           fc.event_payload(ROW(m.id, m.xid, m.kind, m.ref_id, m.state, m.at, m.snap)::fc.outbox)
+      FROM moved m;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        UPDATE fc.event_head SET last_position = v_last + v_count;
+    END IF;
+    RETURN v_count;
+END $$;
+
+-- Deletes up to p_limit events sequenced before p_before; returns how many.
+CREATE OR REPLACE FUNCTION fc.prune_events(p_before timestamptz, p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_through bigint;
+    v_count   integer;
+BEGIN
+    SELECT max(position), count(*) INTO v_through, v_count FROM (
+        SELECT position FROM fc.events WHERE sequenced_at < p_before
+         ORDER BY position LIMIT p_limit) old;
+    IF v_count = 0 THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM fc.events WHERE position <= v_through;
+    UPDATE fc.event_head SET pruned_through = greatest(pruned_through, v_through);
+    RETURN v_count;
+END $$;
+
 -- The event stream, completed: refunds as events of their own, and a
 -- backfill of the history booked before the stream existed.
 --
@@ -47,15 +241,14 @@
 
 ------------------------------------------------------------------------------
 -- Refund events.
-------------------------------------------------------------------------------
-
-CREATE FUNCTION fc.outbox_refund() RETURNS trigger
+CREATE OR REPLACE FUNCTION fc.outbox_refund() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO fc.outbox (kind, ref_id, at) VALUES (6, NEW.id, NEW.created_at);
     RETURN NULL;
 END $$;
-CREATE TRIGGER refunds_outbox AFTER INSERT ON fc.refunds
+
+CREATE OR REPLACE TRIGGER refunds_outbox AFTER INSERT ON fc.refunds
     FOR EACH ROW EXECUTE FUNCTION fc.outbox_refund();
 
 -- 0009's payload builder with kind 6 and the backfill flag added. A
@@ -149,52 +342,10 @@ BEGIN
     RETURN coalesce(v, '{}'::jsonb);
 END $$;
 
-------------------------------------------------------------------------------
--- The backfill.
-------------------------------------------------------------------------------
-
--- One row per source (its outbox kind): rows with id <= through_id predate
--- the stream; done_id is how far the backfill has written. Stations (5) have
--- no id: through_id 1 means "to do", done_id 1 "done".
-CREATE TABLE fc.event_backfill (
-    source     smallint PRIMARY KEY CHECK (source IN (1, 3, 4, 5, 6)),
-    through_id bigint   NOT NULL,
-    done_id    bigint   NOT NULL DEFAULT 0
-);
-
-DO $$
-DECLARE
-    v_head  bigint;
-    v_first bigint;
-BEGIN
-    -- The stream's events, read without a lock (a scan of up to the
-    -- retention's worth of events): the stream only grows.
-    SELECT last_position INTO v_head FROM fc.event_head;
-    SELECT min((payload ->> 'entry_id')::bigint) INTO v_first FROM fc.events
-     WHERE kind = 1 AND position <= v_head;
-    -- Then writers of fc.journal finish and new ones wait until this
-    -- migration commits (milliseconds from here), so that what the stream
-    -- and the outbox hold, and the journal's last id, are exact.
-    LOCK TABLE fc.journal IN SHARE MODE;
-    SELECT least(v_first,
-                 (SELECT min((payload ->> 'entry_id')::bigint) FROM fc.events
-                   WHERE kind = 1 AND position > v_head),
-                 (SELECT min(ref_id) FROM fc.outbox WHERE kind = 1))
-      INTO v_first;
-    INSERT INTO fc.event_backfill (source, through_id)
-    VALUES (1, coalesce(v_first - 1, (SELECT max(id) FROM fc.journal), 0));
-END $$;
-INSERT INTO fc.event_backfill (source, through_id) VALUES
-    (3, coalesce((SELECT max(id) FROM fc.accounts WHERE kind <> 100), 0)),
-    (4, coalesce((SELECT max(id) FROM fc.cards), 0)),
-    (5, CASE WHEN EXISTS (SELECT FROM fc.stations) THEN 1 ELSE 0 END),
-    -- refunds had no events before this migration: every one so far
-    (6, coalesce((SELECT max(id) FROM fc.refunds), 0));
-
 -- One batch: outbox rows for up to p_limit source rows (plus the hold of
 -- each sale among them, and the stations in the first batch); returns the
 -- number of outbox rows written, 0 once everything is written.
-CREATE FUNCTION fc.backfill_events(p_limit integer) RETURNS integer
+CREATE OR REPLACE FUNCTION fc.backfill_events(p_limit integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_j       fc.event_backfill;

@@ -1,0 +1,285 @@
+-- Money in and back out through payment channels: recharges, channel refunds, batch top-up
+-- of sub-accounts, and the settlement records reconciliation compares with the channels' files.
+--
+-- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
+-- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
+
+-- Batch top-up (批量充值) and points pooling (积分合并).
+CREATE OR REPLACE FUNCTION fc.batch_top_up(
+    p_caller text, p_request_id text, p_request_hash bytea, p_parent_uid uuid,
+    p_lines jsonb, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_response jsonb;
+    v_parent   fc.accounts;
+    v_total    bigint;
+    v_bad      text;
+    v_line     record;
+BEGIN
+    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
+    END IF;
+    SELECT * INTO v_parent FROM fc.accounts WHERE uid = p_parent_uid AND kind <> 100;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
+            DETAIL = 'parent_account_id';
+    END IF;
+    CREATE TEMP TABLE IF NOT EXISTS pg_temp.top_up_lines (
+        account_id bigint, funding_mode smallint, parent_id bigint, uid uuid, amount bigint)
+        ON COMMIT DROP;
+    INSERT INTO pg_temp.top_up_lines
+    SELECT a.id, a.funding_mode, a.parent_id, l.uid, l.amount
+      FROM jsonb_to_recordset(p_lines) AS l(uid uuid, amount bigint)
+      LEFT JOIN fc.accounts a ON a.uid = l.uid AND a.kind <> 100;
+    SELECT uid::text INTO v_bad FROM pg_temp.top_up_lines WHERE account_id IS NULL LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
+            DETAIL = 'lines.account_id';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_temp.top_up_lines
+                WHERE parent_id IS DISTINCT FROM v_parent.id OR funding_mode <> 1) THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'NOT_AN_ALLOCATED_SUB_ACCOUNT',
+            DETAIL = 'lines.account_id';
+    END IF;
+    -- Parent first, then its sub-accounts in ascending id: the lock order.
+    PERFORM pg_advisory_xact_lock(v_parent.id);
+    PERFORM pg_advisory_xact_lock(account_id)
+       FROM (SELECT account_id FROM pg_temp.top_up_lines ORDER BY account_id) ordered;
+    SELECT * INTO v_parent FROM fc.accounts WHERE id = v_parent.id;
+    SELECT sum(amount) INTO v_total FROM pg_temp.top_up_lines;
+    IF v_parent.status <> 1 THEN
+        v_response := jsonb_build_object('decision', 'DECLINED', 'decline_reason', 'ACCOUNT_FROZEN',
+                                         'total_fen', v_total, 'parent_balance_fen', v_parent.balance_fen);
+    ELSIF v_parent.balance_fen - v_parent.held_fen < v_total THEN
+        v_response := jsonb_build_object('decision', 'DECLINED',
+                                         'decline_reason', 'INSUFFICIENT_FUNDS',
+                                         'total_fen', v_total, 'parent_balance_fen', v_parent.balance_fen);
+    ELSE
+        FOR v_line IN SELECT * FROM pg_temp.top_up_lines ORDER BY account_id LOOP
+            INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
+                                    description, created_at)
+            VALUES (5, 1, v_parent.id, v_line.account_id, v_line.amount, 'batch top-up', p_now);
+            UPDATE fc.accounts SET balance_fen = balance_fen + v_line.amount
+             WHERE id = v_line.account_id;
+        END LOOP;
+        UPDATE fc.accounts SET balance_fen = balance_fen - v_total WHERE id = v_parent.id
+        RETURNING * INTO v_parent;
+        v_response := jsonb_build_object('decision', 'APPROVED', 'total_fen', v_total,
+                                         'parent_balance_fen', v_parent.balance_fen);
+    END IF;
+    DROP TABLE pg_temp.top_up_lines;
+    RETURN fc.remember(p_caller, p_request_id, 'batch_top_up', p_request_hash, v_response, p_now);
+END $$;
+
+-- Recharge: SHARED sub-accounts hold no money; sub-accounts lock their parent first.
+CREATE OR REPLACE FUNCTION fc.recharge(
+    p_caller text, p_request_id text, p_request_hash bytea,
+    p_account_uid uuid, p_channel smallint, p_channel_txn_id text, p_amount_fen bigint,
+    p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_response jsonb;
+    v_account  fc.accounts;
+    v_recharge fc.recharges;
+    v_clearing text;
+BEGIN
+    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
+    END IF;
+    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> 100;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND', DETAIL = 'account_id';
+    END IF;
+    IF v_account.funding_mode = 2 THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'ACCOUNT_USES_PARENT_BALANCE',
+            DETAIL = 'account_id';
+    END IF;
+
+    -- The channel may notify the same payment again under a new request_id.
+    SELECT * INTO v_recharge FROM fc.recharges
+     WHERE channel = p_channel AND channel_txn_id = p_channel_txn_id;
+    IF FOUND THEN
+        IF v_recharge.account_id <> v_account.id OR v_recharge.amount_fen <> p_amount_fen THEN
+            RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'CHANNEL_TXN_REUSED',
+                DETAIL = 'channel_txn_id';
+        END IF;
+        -- The original answer: the balance just after this recharge was credited.
+        v_response := jsonb_build_object('decision', 'APPROVED',
+            'recharge', fc.recharge_json(v_recharge), 'balance_fen', v_recharge.balance_after_fen);
+        -- This request_id is now spent on this answer, like any other.
+        RETURN fc.remember(p_caller, p_request_id, 'recharge', p_request_hash, v_response, p_now)
+               || '{"replayed": true}';
+    END IF;
+
+    PERFORM fc.lock_chain(v_account.id);
+    SELECT * INTO v_account FROM fc.accounts WHERE id = v_account.id;
+    IF v_account.balance_fen > v_account.max_balance_fen - p_amount_fen THEN
+        v_response := jsonb_build_object('decision', 'DECLINED',
+            'decline_reason', 'BALANCE_LIMIT_EXCEEDED', 'balance_fen', v_account.balance_fen);
+        RETURN fc.remember(p_caller, p_request_id, 'recharge', p_request_hash, v_response, p_now);
+    END IF;
+
+    v_clearing := 'CHANNEL_CLEARING_' || (ARRAY['BANK_CARD', 'WECHAT_PAY', 'ALIPAY', 'ECNY', 'COUNTER'])[p_channel];
+    INSERT INTO fc.recharges (account_id, channel, channel_txn_id, amount_fen, balance_after_fen,
+                              created_at)
+    VALUES (v_account.id, p_channel, p_channel_txn_id, p_amount_fen,
+            v_account.balance_fen + p_amount_fen, p_now)
+    RETURNING * INTO v_recharge;
+    INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, recharge_id, created_at)
+    VALUES (1, 1, fc.system_account(v_clearing), v_account.id, p_amount_fen, v_recharge.id, p_now);
+    UPDATE fc.accounts SET balance_fen = balance_fen + p_amount_fen WHERE id = v_account.id
+    RETURNING * INTO v_account;
+
+    v_response := jsonb_build_object('decision', 'APPROVED',
+        'recharge', fc.recharge_json(v_recharge), 'balance_fen', v_account.balance_fen);
+    RETURN fc.remember(p_caller, p_request_id, 'recharge', p_request_hash, v_response, p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION fc.recharge_json(r fc.recharges) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN jsonb_build_object(
+        'recharge_id', r.uid,
+        'account_id', (SELECT uid FROM fc.accounts WHERE id = r.account_id),
+        'channel', r.channel,
+        'channel_txn_id', r.channel_txn_id,
+        'amount_fen', r.amount_fen,
+        'create_us', fc.ts(r.created_at));
+END $$;
+
+CREATE OR REPLACE FUNCTION fc.refund_json(f fc.refunds) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT jsonb_build_object(
+        'refund_id', f.uid,
+        'recharge_id', r.uid,
+        'account_id', (SELECT uid FROM fc.accounts WHERE id = f.account_id),
+        'channel', f.channel,
+        'channel_txn_id', r.channel_txn_id,
+        'channel_refund_id', f.channel_refund_id,
+        'amount_fen', f.amount_fen,
+        'debited_fen', f.debited_fen,
+        'shortfall_fen', f.amount_fen - f.debited_fen,
+        'create_us', fc.ts(f.created_at))
+      FROM fc.recharges r WHERE r.id = f.recharge_id);
+END $$;
+
+-- RefundRecharge: one round trip. p_amount_fen (this refund) or
+-- p_refunded_total_fen (the channel's running total; this refund is the
+-- difference from what is already refunded, worked out under the lock).
+CREATE OR REPLACE FUNCTION fc.refund_recharge(
+    p_caller text, p_request_id text, p_request_hash bytea,
+    p_channel smallint, p_channel_txn_id text, p_channel_refund_id text,
+    p_amount_fen bigint, p_refunded_total_fen bigint, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_response jsonb;
+    v_recharge fc.recharges;
+    v_refund   fc.refunds;
+    v_account  fc.accounts;
+    v_refunded bigint;
+    v_amount   bigint;
+    v_debit    bigint;
+BEGIN
+    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
+    END IF;
+    SELECT * INTO v_recharge FROM fc.recharges
+     WHERE channel = p_channel AND channel_txn_id = p_channel_txn_id;
+    IF NOT FOUND THEN
+        -- Also a refund notified before its payment: the adapter asks the
+        -- channel to notify again later.
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'RECHARGE_NOT_FOUND',
+            DETAIL = 'recharge';
+    END IF;
+    PERFORM fc.lock_chain(v_recharge.account_id);
+
+    -- The channel may notify the same refund again under a new request_id.
+    SELECT * INTO v_refund FROM fc.refunds
+     WHERE channel = p_channel AND channel_refund_id = p_channel_refund_id;
+    IF FOUND THEN
+        IF v_refund.recharge_id <> v_recharge.id
+           OR (p_amount_fen > 0 AND v_refund.amount_fen <> p_amount_fen) THEN
+            RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'CHANNEL_REFUND_REUSED',
+                DETAIL = 'channel_refund_id';
+        END IF;
+        v_response := jsonb_build_object('refund', fc.refund_json(v_refund),
+                                         'balance_fen', v_refund.balance_after_fen);
+        RETURN fc.remember(p_caller, p_request_id, 'refund_recharge', p_request_hash,
+                           v_response, p_now) || '{"replayed": true}';
+    END IF;
+
+    SELECT coalesce(sum(amount_fen), 0) INTO v_refunded FROM fc.refunds
+     WHERE recharge_id = v_recharge.id;
+    IF p_refunded_total_fen > 0 THEN
+        v_amount := p_refunded_total_fen - v_refunded;
+        IF v_amount <= 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REFUND_ALREADY_COVERED',
+                DETAIL = 'refunded_total_fen';
+        END IF;
+    ELSE
+        v_amount := p_amount_fen;
+    END IF;
+    IF v_amount > v_recharge.amount_fen - v_refunded THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REFUND_EXCEEDS_RECHARGE',
+            DETAIL = 'amount_fen';
+    END IF;
+
+    SELECT * INTO v_account FROM fc.accounts WHERE id = v_recharge.account_id;
+    -- Only money still there is taken back: never what holds reserve.
+    v_debit := least(v_amount, greatest(v_account.balance_fen - v_account.held_fen, 0));
+    INSERT INTO fc.refunds (recharge_id, account_id, channel, channel_refund_id, amount_fen,
+                            debited_fen, balance_after_fen, created_at)
+    VALUES (v_recharge.id, v_account.id, p_channel, p_channel_refund_id, v_amount, v_debit,
+            v_account.balance_fen - v_debit, p_now)
+    RETURNING * INTO v_refund;
+    IF v_debit > 0 THEN
+        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
+                                recharge_id, description, created_at)
+        VALUES (8, 1, v_account.id, fc.clearing_account(p_channel), v_debit, v_recharge.id,
+                'channel refund', p_now);
+        UPDATE fc.accounts SET balance_fen = balance_fen - v_debit WHERE id = v_account.id;
+    END IF;
+    IF v_debit < v_amount THEN
+        INSERT INTO fc.channel_exceptions (refund_id, account_id, channel, amount_fen, reason,
+                                           created_at)
+        VALUES (v_refund.id, v_account.id, p_channel, v_amount - v_debit, 'REFUND_SHORTFALL', p_now);
+    END IF;
+    v_response := jsonb_build_object('refund', fc.refund_json(v_refund),
+                                     'balance_fen', v_refund.balance_after_fen);
+    RETURN fc.remember(p_caller, p_request_id, 'refund_recharge', p_request_hash, v_response, p_now);
+END $$;
+
+CREATE OR REPLACE FUNCTION fc.settle_recharge() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fc.settlement_records (channel, kind, channel_txn_id, txn_uid, amount_fen,
+                                       status, occurred_at, business_date)
+    VALUES (NEW.channel, 1, NEW.channel_txn_id, NEW.uid, NEW.amount_fen, 1, NEW.created_at,
+            (NEW.created_at AT TIME ZONE fc.business_tz())::date);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER recharges_settlement_record AFTER INSERT ON fc.recharges
+    FOR EACH ROW EXECUTE FUNCTION fc.settle_recharge();
+
+CREATE OR REPLACE FUNCTION fc.settle_refund() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fc.settlement_records (channel, kind, channel_txn_id, txn_uid,
+                                       original_channel_txn_id, amount_fen, status, occurred_at,
+                                       business_date)
+    SELECT NEW.channel, 2, NEW.channel_refund_id, NEW.uid, r.channel_txn_id, NEW.amount_fen, 1,
+           NEW.created_at, (NEW.created_at AT TIME ZONE fc.business_tz())::date
+      FROM fc.recharges r WHERE r.id = NEW.recharge_id;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER refunds_settlement_record AFTER INSERT ON fc.refunds
+    FOR EACH ROW EXECUTE FUNCTION fc.settle_refund();
