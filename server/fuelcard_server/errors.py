@@ -2,8 +2,10 @@
 
 Every error leaves the server as a google.rpc.Status with exactly one
 ErrorInfo (domain `fuelcard.v1`, an UPPER_SNAKE reason); INVALID_ARGUMENT also
-carries a BadRequest naming each bad field. Messages are fixed English text:
-they never echo a card number, phone or ID number back.
+carries a BadRequest naming the bad fields (the first VIOLATIONS_LISTED of
+them; ErrorInfo.metadata["violation_count"] says how many there are).
+Messages are fixed English text: they never echo a card number, phone or ID
+number back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "fuelcard.v1"
+# A status travels in trailers (grpc-message and grpc-status-details-bin),
+# and clients refuse trailers past 8-16 KiB: a batch with hundreds of bad
+# lines answered RESOURCE_EXHAUSTED "received metadata size exceeds hard
+# limit", with no ErrorInfo, when every violation went into it. So a
+# BadRequest lists the first 20 (~2 KiB) and the count says how many more.
+VIOLATIONS_LISTED = 20
+# ErrorInfo.metadata key of an INVALID_ARGUMENT: how many fields are invalid.
+VIOLATION_COUNT_KEY = "violation_count"
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,7 @@ class ApiError(Exception):
         status.details.append(detail)
         if self.violations:
             bad = error_details_pb2.BadRequest()
-            for v in self.violations:
+            for v in self.violations[:VIOLATIONS_LISTED]:
                 bad.field_violations.add(field=v.field, description=v.description, reason=v.reason)
             detail = any_pb2.Any()
             detail.Pack(bad)
@@ -64,13 +74,38 @@ class ApiError(Exception):
 
 
 def invalid(violations: Sequence[FieldViolation]) -> ApiError:
+    """INVALID_ARGUMENT naming the bad fields: all of them in the message
+    and the BadRequest up to VIOLATIONS_LISTED; past that, the count and
+    the first VIOLATIONS_LISTED (the ApiError keeps them all, for callers
+    in this process such as the CLI)."""
     assert violations, "an INVALID_ARGUMENT error names at least one field"
-    fields = ", ".join(v.field for v in violations)
+    total = len(violations)
+    if total <= VIOLATIONS_LISTED:
+        message = "invalid request: " + ", ".join(v.field for v in violations)
+    else:
+        message = f"{total} fields are invalid; the first {VIOLATIONS_LISTED} are listed"
     return ApiError(
         grpc.StatusCode.INVALID_ARGUMENT,
         violations[0].reason,
-        f"invalid request: {fields}",
+        message,
         violations,
+        metadata={VIOLATION_COUNT_KEY: str(total)},
+    )
+
+
+MALFORMED_REQUEST = "MALFORMED_REQUEST"
+
+
+def malformed(message_type: str, violation: FieldViolation) -> ApiError:
+    """INVALID_ARGUMENT for bytes that are not a `message_type` message:
+    corrupt wire format, or a string field that is not UTF-8. `violation`
+    names the field where decoding failed ("" if none can be named)."""
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        MALFORMED_REQUEST,
+        f"the request is not a valid {message_type} message",
+        [violation],
+        metadata={VIOLATION_COUNT_KEY: "1"},
     )
 
 
