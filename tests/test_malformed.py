@@ -9,13 +9,28 @@ the raw bytes go out on a generic channel call with no serializer.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
 import grpc
-from fuelcard.v1 import common_pb2, control_pb2, events_pb2, events_pb2_grpc, transaction_pb2
+from fuelcard.v1 import (
+    common_pb2,
+    control_pb2,
+    events_pb2,
+    events_pb2_grpc,
+    risk_pb2,
+    risk_pb2_grpc,
+    transaction_pb2,
+)
 from fuelcard_server.app import SERVICE_NAMES
-from fuelcard_server.errors import VIOLATION_COUNT_KEY, VIOLATIONS_LISTED, FieldViolation, invalid
+from fuelcard_server.errors import (
+    FIELD_CHARS_MAX,
+    VIOLATION_COUNT_KEY,
+    VIOLATIONS_LISTED,
+    FieldViolation,
+    invalid,
+)
 from fuelcard_server.validation import LOCATE_FIELDS_MAX, undecodable
 from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError
@@ -167,6 +182,12 @@ def test_up_to_twenty_violations_are_all_listed_by_name() -> None:
     assert status.code == IA
     assert len(status.trailing_metadata) == 1  # grpc-status-details-bin
 
+    # All listed, but their names too long for the message: the count.
+    long_names = invalid([FieldViolation(f"{i}" + "x" * 200, "unknown key", "RULES_KEY_UNKNOWN")
+                          for i in range(10)])
+    assert long_names.message == "10 fields are invalid; all are listed"
+    assert len(long_names.to_status().trailing_metadata[0][1]) < STATUS_BYTES_MAX
+
 
 def test_the_search_for_the_bad_field_is_bounded() -> None:
     # More fields than the search looks at, then a bad string: the whole request is named.
@@ -199,3 +220,22 @@ def test_any_bytes_protobuf_refuses_get_a_violation(tail: bytes, at: int, noise:
         v = undecodable(control_pb2.BatchTopUpRequest.DESCRIPTOR, data)
         assert v.reason in ("WIRE_FORMAT_CORRUPT", "FIELD_NOT_UTF8")
         assert v.field.split("[")[0].split(".")[0] in ("", "request_id", "parent_account_id", "lines")
+
+
+def test_long_field_names_from_the_caller_are_clipped(server: RunningServer, db: Conn) -> None:
+    """A rule set document names its unknown keys: a caller's own strings,
+    of any length, that would otherwise swell the status past the limits."""
+    before = snapshot(db)
+    document = json.dumps({"name": "x", **{f"{i}-" + "k" * 20_000: 1 for i in range(30)}})
+    e = rpc_error(lambda: risk_pb2_grpc.RiskServiceStub(server.channel).LoadRuleSet(
+        risk_pb2.LoadRuleSetRequest(request_id=builders.rid(), document=document,
+                                    format=risk_pb2.RULE_FORMAT_JSON), timeout=30))
+    assert e.code == IA and len(e.infos) == 1 and e.reason == "RULES_KEY_UNKNOWN"
+    assert e.infos[0].metadata[VIOLATION_COUNT_KEY] == "30"
+    listed = len(e.fields)
+    assert 1 <= listed <= VIOLATIONS_LISTED
+    assert e.message == f"30 fields are invalid; the first {listed} are listed"
+    assert all(f.startswith(f"{i}-kkk") and len(f) <= FIELD_CHARS_MAX
+               for i, f in zip(sorted(range(30), key=lambda i: f"{i}-"), e.fields, strict=False))
+    assert len(e.raw) < STATUS_BYTES_MAX, len(e.raw)
+    assert snapshot(db) == before

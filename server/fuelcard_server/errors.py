@@ -23,8 +23,16 @@ DOMAIN = "fuelcard.v1"
 # and clients refuse trailers past 8-16 KiB: a batch with hundreds of bad
 # lines answered RESOURCE_EXHAUSTED "received metadata size exceeds hard
 # limit", with no ErrorInfo, when every violation went into it. So a
-# BadRequest lists the first 20 (~2 KiB) and the count says how many more.
+# BadRequest lists the first 20 and the count says how many there are; and
+# since a field path may hold the caller's own text (the unknown keys of a
+# rule set document), each violation is clipped and the listed ones stop at
+# a byte budget: a whole status stays under ~4 KiB (~5 KiB in base64).
 VIOLATIONS_LISTED = 20
+FIELD_CHARS_MAX = 128
+DESCRIPTION_CHARS_MAX = 200
+VIOLATIONS_BYTES_MAX = 2048
+# Past this, the message gives the count instead of the field names.
+MESSAGE_CHARS_MAX = 1024
 # ErrorInfo.metadata key of an INVALID_ARGUMENT: how many fields are invalid.
 VIOLATION_COUNT_KEY = "violation_count"
 
@@ -59,7 +67,7 @@ class ApiError(Exception):
         status.details.append(detail)
         if self.violations:
             bad = error_details_pb2.BadRequest()
-            for v in self.violations[:VIOLATIONS_LISTED]:
+            for v in listed(self.violations):
                 bad.field_violations.add(field=v.field, description=v.description, reason=v.reason)
             detail = any_pb2.Any()
             detail.Pack(bad)
@@ -73,17 +81,37 @@ class ApiError(Exception):
         return rpc_status.to_status(status)
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def listed(violations: Sequence[FieldViolation]) -> list[FieldViolation]:
+    """The violations a status carries: the first VIOLATIONS_LISTED, each
+    clipped, as many as fit VIOLATIONS_BYTES_MAX (at least one)."""
+    out: list[FieldViolation] = []
+    size = 0
+    for v in violations[:VIOLATIONS_LISTED]:
+        clipped = FieldViolation(_clip(v.field, FIELD_CHARS_MAX),
+                                 _clip(v.description, DESCRIPTION_CHARS_MAX), v.reason)
+        size += sum(len(t.encode()) + 3 for t in (clipped.field, clipped.description, v.reason))
+        if out and size > VIOLATIONS_BYTES_MAX:
+            break
+        out.append(clipped)
+    return out
+
+
 def invalid(violations: Sequence[FieldViolation]) -> ApiError:
-    """INVALID_ARGUMENT naming the bad fields: all of them in the message
-    and the BadRequest up to VIOLATIONS_LISTED; past that, the count and
-    the first VIOLATIONS_LISTED (the ApiError keeps them all, for callers
-    in this process such as the CLI)."""
+    """INVALID_ARGUMENT naming the bad fields: by name in the message when
+    they are all listed and the names are short, otherwise the count and how
+    many are listed (the ApiError keeps them all, for callers in this
+    process such as the CLI)."""
     assert violations, "an INVALID_ARGUMENT error names at least one field"
     total = len(violations)
-    if total <= VIOLATIONS_LISTED:
-        message = "invalid request: " + ", ".join(v.field for v in violations)
-    else:
-        message = f"{total} fields are invalid; the first {VIOLATIONS_LISTED} are listed"
+    shown = listed(violations)
+    message = "invalid request: " + ", ".join(v.field for v in shown)
+    if len(shown) < total or len(message) > MESSAGE_CHARS_MAX:
+        message = (f"{total} fields are invalid; the first {len(shown)} are listed"
+                   if len(shown) < total else f"{total} fields are invalid; all are listed")
     return ApiError(
         grpc.StatusCode.INVALID_ARGUMENT,
         violations[0].reason,

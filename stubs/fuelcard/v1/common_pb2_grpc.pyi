@@ -11,11 +11,12 @@ Errors: every RPC error carries a google.rpc.Status in the
 `grpc-status-details-bin` trailer with exactly one google.rpc.ErrorInfo
 (domain "fuelcard.v1", an UPPER_SNAKE reason such as REQUEST_ID_REUSED), and
 for INVALID_ARGUMENT also a google.rpc.BadRequest naming the bad fields.
-The BadRequest lists at most the first 20 field violations, so that a
-status always fits gRPC's metadata limits; ErrorInfo.metadata
-"violation_count" says how many fields are invalid in all (e.g. a batch
-with 412 bad fields: message "412 fields are invalid; the first 20 are
-listed", 20 violations, violation_count "412").
+The BadRequest lists at most the first 20 field violations (fewer if
+they are long; a field path or description is clipped at 128 and 200
+characters), so that a status always fits gRPC's metadata limits;
+ErrorInfo.metadata "violation_count" says how many fields are invalid in
+all (e.g. a batch with 412 bad fields: message "412 fields are invalid;
+the first 20 are listed", 20 violations, violation_count "412").
 Bytes that are not a valid request message (corrupt wire format, a string
 field that is not UTF-8) are INVALID_ARGUMENT with reason MALFORMED_REQUEST
 and one violation: the field where decoding failed (e.g.
