@@ -45,6 +45,13 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
 def _wait_gone(pid: int) -> None:
     deadline = time.monotonic() + 60
     while _alive(pid):
@@ -99,13 +106,15 @@ class Serve:
             self._fed = True
             logscan.feed("fuelcard serve", self.output())
 
-    def kill(self) -> None:
+    def kill(self, reap: bool = True) -> None:
         """SIGKILL, as the OOM killer or `kill -9` does: the command has no
-        chance to stop anything."""
-        if self.proc.poll() is None:
+        chance to stop anything. Not reaped: its zombie stays (as under a
+        parent that never waits) until kill() is called again."""
+        if self.proc.returncode is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=60)
-        self._done()
+        if reap:
+            self.proc.wait(timeout=60)
+            self._done()
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -157,16 +166,19 @@ def test_a_killed_server_restarts_at_once_and_leaves_no_postmaster(data_dir: Pat
     with serving(data_dir, "first") as first:
         account_id = _open_account(first.target)
         postmaster = _postmaster_pid(pgdata)
-        first.kill()
-    # What a killed server leaves: its postmaster, running on.
-    assert _alive(postmaster)
+        first.kill(reap=False)
+        _wait_gone(first.proc.pid)
+        # What a killed server leaves: its postmaster, running on.
+        assert _alive(postmaster)
 
-    with serving(data_dir, "second") as second:
-        # Serves at once, from the same cluster (adopted, not a second one).
-        assert _get_account(second.target, account_id).account_id == account_id
-        assert _postmaster_pid(pgdata) == postmaster
-        assert "adopting it" in second.output()
-        assert second.stop() == 0
+        with serving(data_dir, "second") as second:
+            # Serves at once, from the same cluster (adopted, not a second
+            # one), though the killed server's zombie is still there.
+            assert _zombie(first.proc.pid)
+            assert _get_account(second.target, account_id).account_id == account_id
+            assert _postmaster_pid(pgdata) == postmaster
+            assert "adopting it" in second.output()
+            assert second.stop() == 0
     # ...and stops it on its way out.
     _wait_gone(postmaster)
     assert not (pgdata / "postmaster.pid").exists()

@@ -14,7 +14,9 @@ postmaster whose starter is gone: it is used, and stopped when that process
 is done, instead of being left running for good. A postmaster.pid whose pid
 now belongs to another process (the cluster died with its machine or
 container, and the pid was handed out again) is removed, so that the
-cluster starts instead of waiting on a server that is not there.
+cluster starts instead of waiting on a server that is not there; so is one
+naming a zombie (a postmaster killed and never reaped: a container's init
+may never do it).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def _free_port() -> int:
 def _process_start(pid: int) -> str | None:
     """When process `pid` started (clock ticks since boot, from /proc), to
     tell it from a later process given the same pid; None if there is no
-    such process. Without /proc: "" for any live process."""
+    such process, or only its zombie (killed, and not reaped by its parent).
+    Without /proc: "" for any live process."""
     if not Path("/proc/self/stat").exists():
         try:
             os.kill(pid, 0)
@@ -70,9 +73,10 @@ def _process_start(pid: int) -> str | None:
         fields = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # after the command name, which is in parentheses and may hold anything,
-    # starttime is the 20th field
-    return fields.rsplit(")", 1)[1].split()[19]
+    # after the command name, which is in parentheses and may hold anything:
+    # the state, and starttime as the 20th field
+    after_name = fields.rsplit(")", 1)[1].split()
+    return None if after_name[0] == "Z" else after_name[19]
 
 
 def _port_free(port: int) -> bool:
