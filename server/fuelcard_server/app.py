@@ -47,7 +47,7 @@ from fuelcard_server.services.account import AccountService
 from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.events import EventService
 from fuelcard_server.services.funding import FundingService
-from fuelcard_server.services.handling import Deps
+from fuelcard_server.services.handling import Deps, guarded
 from fuelcard_server.services.points import PointsService
 from fuelcard_server.services.reconciliation import ReconciliationService
 from fuelcard_server.services.risk import RiskService
@@ -165,19 +165,21 @@ class FuelcardServer:
         self._retention = Retention(self._db, self.clock, s, tel, deps.step_ups.policy)
         server = grpc.aio.server(options=SERVER_OPTIONS,
                                  maximum_concurrent_rpcs=s.pool_max * 64)
-        transaction_pb2_grpc.add_TransactionServiceServicer_to_server(TransactionService(deps), server)
-        funding_pb2_grpc.add_FundingServiceServicer_to_server(FundingService(deps), server)
-        points_pb2_grpc.add_PointsServiceServicer_to_server(PointsService(deps), server)
-        account_pb2_grpc.add_AccountServiceServicer_to_server(AccountService(deps), server)
-        control_pb2_grpc.add_ControlServiceServicer_to_server(ControlService(deps), server)
-        security_pb2_grpc.add_SecurityServiceServicer_to_server(SecurityService(deps), server)
-        risk_pb2_grpc.add_RiskServiceServicer_to_server(RiskService(deps), server)
+        # Undecodable requests answer INVALID_ARGUMENT with an ErrorInfo (handling.guarded).
+        guard = guarded(server)
+        transaction_pb2_grpc.add_TransactionServiceServicer_to_server(TransactionService(deps), guard)
+        funding_pb2_grpc.add_FundingServiceServicer_to_server(FundingService(deps), guard)
+        points_pb2_grpc.add_PointsServiceServicer_to_server(PointsService(deps), guard)
+        account_pb2_grpc.add_AccountServiceServicer_to_server(AccountService(deps), guard)
+        control_pb2_grpc.add_ControlServiceServicer_to_server(ControlService(deps), guard)
+        security_pb2_grpc.add_SecurityServiceServicer_to_server(SecurityService(deps), guard)
+        risk_pb2_grpc.add_RiskServiceServicer_to_server(RiskService(deps), guard)
         settlement_pb2_grpc.add_ReconciliationServiceServicer_to_server(
-            ReconciliationService(deps), server)
+            ReconciliationService(deps), guard)
         self._sequencer = Sequencer(self._db, self.clock, s.event_batch, s.event_retention_s,
                                     reads=self._reads)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(deps, self._sequencer),
-                                                           server)
+                                                           guard)
         self._jobs = Jobs(self._db, self.clock, s, tel, self._retention, self._sequencer)
         self._health = Health(s, self.database_url, tel, self._db, self._reads,
                               health_aio.HealthServicer())

@@ -1,5 +1,8 @@
-"""The `fuelcard` command: serve, migrate, verify, prune, audit verify/anchor, demo, risk
-load/backtest, events backfill."""
+"""The `fuelcard` command: the transaction server and the tools that run it.
+
+Its help lists the commands from the parsers themselves (build_parser), so it
+names only real ones; tests/test_embedded_restart.py runs each with --help.
+"""
 
 from __future__ import annotations
 
@@ -554,8 +557,17 @@ def cmd_events_backfill(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fuelcard", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="fuelcard", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The fuel card transaction server and the tools that run it.\n"
+                    "`fuelcard COMMAND --help` says more about each command.",
+        epilog="examples:\n"
+               "  fuelcard serve --insecure --demo   a development server with demo cards "
+               "(plaintext, loopback)\n"
+               "  fuelcard serve                     mutual TLS, embedded PostgreSQL in ./data\n"
+               "  fuelcard migrate                   apply pending migrations, then exit\n"
+               "  fuelcard audit verify              check the audit log's hash chain")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the gRPC server")
     p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
