@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import getpass
 import re
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 from fuelcard_adapters.channels import CHANNELS, by_name
 from fuelcard_adapters.neutral import Kind, Status
-from fuelcard_server import cli
+from fuelcard_server import audit, cli
 
 from tests.plugins.server import TEST_KEY_HEX
 
@@ -128,7 +129,8 @@ def test_breaks_are_listed_and_resolved_from_the_command_line(
     capsys.readouterr()
     assert cli.main([*resolve[:-1], str(uuid.uuid4())]) == 1
     assert "BREAK_ALREADY_RESOLVED" in capsys.readouterr().err
-    assert cli.main([*resolve[:3], str(uuid.uuid4()), *resolve[4:-2]]) == 1
+    unknown = str(uuid.uuid4())
+    assert cli.main([*resolve[:3], unknown, *resolve[4:-2]]) == 1
     assert "BREAK_NOT_FOUND" in capsys.readouterr().err
     assert cli.main([*resolve[:3], "not-an-id", *resolve[4:-2]]) == 1
     assert "BREAK_ID_MALFORMED" in capsys.readouterr().err
@@ -140,7 +142,20 @@ def test_breaks_are_listed_and_resolved_from_the_command_line(
     with psycopg.connect(database_url) as conn:
         row = conn.execute("SELECT resolved_by, resolution FROM fc.reconciliation_breaks"
                            " WHERE uid = %s", (ids[0],)).fetchone()
+        trail = conn.execute("SELECT actor, method, target::text, outcome FROM fc.audit_log"
+                             " ORDER BY id").fetchall()
     assert row == ("finance-li", "booked by hand, voucher 2026-118")
+    # audited as the service's calls are, refusals too, in an unbroken chain
+    resolve_method = "/fuelcard.v1.ReconciliationService/ResolveBreak"
+    assert [t for t in trail if t[1] == resolve_method] == [
+        ("cli:finance-li", resolve_method, ids[0], "OK"),
+        ("cli:finance-li", resolve_method, ids[0], "OK"),  # the replay
+        ("cli:finance-li", resolve_method, ids[0], "FAILED_PRECONDITION BREAK_ALREADY_RESOLVED"),
+        ("cli:finance-li", resolve_method, unknown, "NOT_FOUND BREAK_NOT_FOUND"),
+        ("cli:finance-li", resolve_method, None, "INVALID_ARGUMENT BREAK_ID_MALFORMED")]
+    login = f"cli:{getpass.getuser()}"
+    assert {(t[0], t[3]) for t in trail if t[1].endswith("/ListBreaks")} == {(login, "OK")}
+    assert audit.verify(database_url) == []
 
 
 def test_reconcile_without_its_flags_says_what_is_missing(

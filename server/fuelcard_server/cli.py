@@ -558,20 +558,21 @@ def _cmd_reconcile_breaks(args: argparse.Namespace) -> int:
                   "any case)", file=sys.stderr)
             return 2
     names = {files.channel: name for name, files in CHANNELS.items()}
+    if args.breaks_command == "list" and args.limit < 1:
+        print("fuelcard: --limit must be >= 1", file=sys.stderr)
+        return 2
+    # who, for the audit trail (and the break's resolved_by)
+    by = getattr(args, "by", None) or f"cli:{getpass.getuser()}"
     s = _settings(args)
     url, pg = _database(s)
     try:
         if args.breaks_command == "list":
-            if args.limit < 1:
-                print("fuelcard: --limit must be >= 1", file=sys.stderr)
-                return 2
-            found = reconcile.list_breaks(url, channel=channel, day=args.date,
+            found = reconcile.list_breaks(url, by=by, channel=channel, day=args.date,
                                           include_resolved=args.all, limit=args.limit)
             for line in reconcile.break_lines(found, names):
                 print(line)
             print(f"{len(found)} break(s)" + ("" if args.all else " open"), file=sys.stderr)
             return 0
-        by = args.by or f"cli:{getpass.getuser()}"
         try:
             resolved = reconcile.resolve_break(url, args.break_id, args.resolution, by,
                                                now=dt.datetime.now(dt.UTC),
@@ -735,7 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_database_flags(q)
     q.add_argument("break_id", help="the break's id, as `breaks list` prints it")
     q.add_argument("--resolution", required=True, help="what was done about it (free text)")
-    q.add_argument("--by", help="who resolved it (default cli:<login name>)")
+    q.add_argument("--by", help="who resolved it, for the break and the audit trail "
+                   "(default cli:<login name>)")
     q.add_argument("--request-id", dest="request_id",
                    help="repeat a resolve that got no answer: the same id answers the first result")
 

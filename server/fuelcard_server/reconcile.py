@@ -329,9 +329,28 @@ class BreakError(Exception):
 # Idempotency keys of the command line live apart from every certificate's
 # (a service's scope is its certificate name, never containing a colon).
 CLI_CALLER = "cli:reconcile"
+LIST_METHOD = "/fuelcard.v1.ReconciliationService/ListBreaks"
+RESOLVE_METHOD = "/fuelcard.v1.ReconciliationService/ResolveBreak"
 
 
-def list_breaks(url: str, *, channel: int = 0, day: dt.date | None = None,
+def _actor(by: str) -> str:
+    """The audit trail's actor for a command-line user: marked as such."""
+    from fuelcard_server.privacy import scrub
+
+    return scrub(by if by.startswith("cli:") else f"cli:{by}")
+
+
+def _audit(conn: psycopg.Connection[Any], actor: str, method: str, target: str | None,
+           outcome: str) -> None:
+    """One audit record, as the rpc decorator writes for the service's
+    calls: the follow-up of breaks is audited whichever way it is made."""
+    from fuelcard_server.audit import APPEND_SQL
+    from fuelcard_server.locks import AUDIT_LOCK
+
+    conn.execute(APPEND_SQL, (AUDIT_LOCK, actor, method, target, outcome))
+
+
+def list_breaks(url: str, *, by: str, channel: int = 0, day: dt.date | None = None,
                 include_resolved: bool = False, limit: int = 100) -> list[dict[str, Any]]:
     """Breaks, newest first, as fc.break_json gives them (ListBreaks' query)."""
     from fuelcard_server.services.reconciliation import LIST_SQL
@@ -339,32 +358,47 @@ def list_breaks(url: str, *, channel: int = 0, day: dt.date | None = None,
     with psycopg.connect(url) as conn:
         rows = conn.execute(LIST_SQL, {"channel": channel, "day": day, "all": include_resolved,
                                        "before": 2**63 - 1, "limit": limit}).fetchall()
+        _audit(conn, _actor(by), LIST_METHOD, None, "OK")
     return [row[1] for row in rows]
 
 
 def resolve_break(url: str, break_id: str, resolution: str, resolved_by: str, *,
                   now: dt.datetime, request_id: str | None = None) -> dict[str, Any]:
     """Resolve one break with fc.resolve_break, the function ResolveBreak
-    calls: the same request_id again answers the first result."""
+    calls: the same request_id again answers the first result. Audited,
+    refusals too. BreakError with the reason the service would answer."""
+    import grpc
+
+    from fuelcard_server import db, errors
+    from fuelcard_server.audit import outcome_of
     from fuelcard_server.services.reconciliation import RESOLUTION_MAX_CHARS, RESOLVE_SQL
 
+    actor = _actor(resolved_by)
+    uid: str | None = None
+    refusal: errors.ApiError | None = None
     try:
         uid = str(uuid.UUID(break_id))
     except ValueError:
-        raise BreakError("BREAK_ID_MALFORMED") from None
-    if not resolution.strip() or len(resolution) > RESOLUTION_MAX_CHARS:
-        raise BreakError("RESOLUTION_INVALID")
+        refusal = errors.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "BREAK_ID_MALFORMED",
+                                  "break_id must be a uuid")
+    if refusal is None and (not resolution.strip() or len(resolution) > RESOLUTION_MAX_CHARS):
+        refusal = errors.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "RESOLUTION_INVALID",
+                                  f"resolution: 1-{RESOLUTION_MAX_CHARS} characters")
     request_id = request_id or str(uuid.uuid4())
     digest = hashlib.sha256(f"resolve_break\0{uid}\0{resolution}".encode()).digest()
-    try:
-        with psycopg.connect(url) as conn:
-            row = conn.execute(RESOLVE_SQL, (CLI_CALLER, request_id, digest, uid, resolution,
-                                             resolved_by, now)).fetchone()
-    except psycopg.Error as exc:
-        reason = exc.diag.message_primary or ""
-        if reason.isupper() and reason.replace("_", "").isalpha():
-            raise BreakError(reason) from None
-        raise
+    with psycopg.connect(url) as conn:
+        if refusal is None:
+            try:
+                row = conn.execute(RESOLVE_SQL, (CLI_CALLER, request_id, digest, uid, resolution,
+                                                 resolved_by, now)).fetchone()
+            except psycopg.Error as exc:
+                conn.rollback()
+                refusal = db.translate(exc)
+        if refusal is not None:
+            _audit(conn, actor, RESOLVE_METHOD, uid, outcome_of(refusal))
+            conn.commit()
+            raise BreakError(refusal.reason)
+        _audit(conn, actor, RESOLVE_METHOD, uid, "OK")
     assert row is not None
     result: dict[str, Any] = row[0]["break"]
     return result
