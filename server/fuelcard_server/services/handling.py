@@ -285,9 +285,11 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
         if caller is None:
             raise unauthenticated("NO_CLIENT_IDENTITY",
                                   "the client certificate names no fuelcard role")
+        # set before the role check, so the access line of a refused call
+        # names the role that was refused
+        _CALLER.set(caller)
         if not caller.may(allowed):
             raise permission_denied("ROLE_NOT_ALLOWED")
-        _CALLER.set(caller)
         remaining = context.time_remaining()
         if remaining is None:
             response = await fn(self, request, context)
@@ -339,7 +341,11 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
 
 def _finish(tel: Telemetry, m: _Meters, span: trace.Span | None, token: object,
             started: float, code: grpc.StatusCode | None) -> None:
-    tel.rpc_latency.record((time.perf_counter() - started) * 1000.0, m.status(code))
+    elapsed = time.perf_counter() - started
+    tel.rpc_latency.record(elapsed * 1000.0, m.status(code))
+    caller = _CALLER.get()
+    tel.access(m.method, code.name if code else "OK", elapsed,
+               caller.role.value if caller.role else caller.name)
     if span is not None:
         if code is not None:
             span.set_attribute("rpc.grpc.status_code", code.value[0])
