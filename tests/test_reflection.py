@@ -10,17 +10,22 @@ README gives to grpcurl are the ones that work.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
 import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from fuelcard_server import demo
 from fuelcard_server.app import SERVICE_NAMES
 from fuelcard_server.cli import demo_certs
 from fuelcard_server.clock import ManualClock
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -93,6 +98,67 @@ def test_reflection_lists_and_describes_every_service_over_mutual_tls(
         authorize = pool.FindMethodByName("fuelcard.v1.TransactionService.Authorize")
         assert authorize.input_type.full_name == "fuelcard.v1.AuthorizeRequest"
         assert "card_number" in authorize.input_type.fields_by_name
+
+
+def readme_grpcurl() -> tuple[dict[str, str], list[list[str]]]:
+    """The README's grpcurl example: its certificate flags and each call's
+    arguments after the target."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    flags = re.search(r'^C="(.*)"$', readme, re.MULTILINE)
+    assert flags is not None, "the README's grpcurl example sets C"
+    words = shlex.split(flags.group(1))
+    files = dict(zip(words[::2], words[1::2], strict=True))
+    calls = []
+    for line in re.findall(r"^grpcurl \$C (.*)$", readme, re.MULTILINE):
+        args = shlex.split(line)
+        data = args[args.index("-d") + 1] if "-d" in args else None
+        rest = [a for a in args if a not in ("-d", data)]
+        assert rest[0] == "127.0.0.1:50051", line  # the demo's port
+        calls.append([*rest[1:], *([data] if data is not None else [])])
+    return files, calls
+
+
+def test_the_readme_grpcurl_example_works_against_the_demo(demo_tls: tuple[str, Path]) -> None:
+    """Each grpcurl line of the README, done as grpcurl does it: methods and
+    messages from reflection, requests from the JSON given with -d."""
+    target, certs = demo_tls
+    files, calls = readme_grpcurl()
+    assert set(files) == {"-cacert", "-cert", "-key"}
+    for path in files.values():  # the files `scripts/demo` (--data-dir data) makes
+        assert path.startswith("data/certs/") and (certs / Path(path).name).is_file(), path
+    assert [c[0] for c in calls] == ["list", "describe", "fuelcard.v1.TransactionService/GetCardBalance",
+                                     "grpc.health.v1.Health/Check"]
+    made = asyncio.run(demo.seed(target, certs))
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(certs / Path(files["-cacert"]).name).read_bytes(),
+        private_key=(certs / Path(files["-key"]).name).read_bytes(),
+        certificate_chain=(certs / Path(files["-cert"]).name).read_bytes())
+    answers: dict[str, dict[str, Any]] = {}
+    with grpc.secure_channel(target, creds) as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        for call in calls:
+            if call[0] == "list":
+                assert "fuelcard.v1.TransactionService" in ProtoReflectionDescriptorDatabase(
+                    channel).get_services()
+            elif call[0] == "describe":
+                assert pool.FindServiceByName(call[1]).methods_by_name
+            else:
+                service, method_name = call[0].rsplit("/", 1)
+                method = pool.FindServiceByName(service).methods_by_name[method_name]
+                request_class = message_factory.GetMessageClass(method.input_type)
+                response_class = message_factory.GetMessageClass(method.output_type)
+                request = json_format.Parse(call[1], request_class())
+                invoke = channel.unary_unary(f"/{service}/{method_name}",
+                                             request_serializer=lambda m: m.SerializeToString(),
+                                             response_deserializer=response_class.FromString)
+                answers[call[0]] = json_format.MessageToDict(invoke(request, timeout=10),
+                                                             preserving_proto_field_name=True)
+    balance = answers["fuelcard.v1.TransactionService/GetCardBalance"]
+    card, account_id = made[0]
+    assert json.loads(calls[2][1])["card_number"] == card.card_number  # a demo card
+    assert (balance["account_id"], balance["balance"]["balance_fen"]) == (
+        account_id, str(card.recharge_fen))
+    assert answers["grpc.health.v1.Health/Check"] == {"status": "SERVING"}
 
 
 def test_reflection_needs_a_client_certificate(demo_tls: tuple[str, Path]) -> None:
