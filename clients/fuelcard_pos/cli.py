@@ -622,9 +622,7 @@ class Command:
             raise UsageError("a PIN needs the terminal certificate (--ca, --cert, --key): it is "
                              "sent only as a PIN block under the terminal's PIN key")
         if a.pin_stdin:
-            line = sys.stdin.buffer.readline()
-            pin = bytearray(line.rstrip(b"\r\n"))
-            line = b""
+            pin = bytearray(sys.stdin.buffer.readline().rstrip(b"\r\n"))
         else:
             with warnings.catch_warnings():
                 # getpass falls back to an echoing read from stdin when there
