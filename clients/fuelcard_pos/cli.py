@@ -778,8 +778,6 @@ class Command:
                     continue
                 outbox.discard(entry.id)
                 delivered.append((entry, response))
-            else:
-                not_tried = []
         lines = [f"outbox {path}: delivered {len(delivered)}, failed again {len(errors)}"
                  + (f", not tried {len(not_tried)}" if not_tried else "")]
         lines += [f"  delivered  entry {e.id} {e.operation} hold {e.hold_id} "
