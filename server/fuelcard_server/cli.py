@@ -92,19 +92,8 @@ def _run_worker(s: Settings, url: str, demo: bool, port_file: str | None,
             from fuelcard_server import demo as demo_data
             made = await demo_data.seed(f"127.0.0.1:{port}",
                                         None if s.insecure else s.certs_dir)
-            print(f"\nfuelcard is serving on {s.host_port[0]}:{port} with demo data:", flush=True)
-            for card, account_id in made:
-                print(f"  card {card.card_number}  account {account_id}  {card.holder}")
-            pos = f".venv/bin/fuelcard-pos --target 127.0.0.1:{port}"
-            if not s.insecure:
-                d = s.certs_dir
-                pos += (f" --ca {d / 'ca.pem'} --cert {d / 'pos-KM-001-T1.pem'}"
-                        f" --key {d / 'pos-KM-001-T1.key'} --state {d.parent / 'pos-state.sqlite3'}")
-            print(f"\ntry (as terminal KM-001-T1 of station KM-001):\n"
-                  f"  {pos} balance {made[0][0].card_number}\n"
-                  f"  {pos} authorize {made[0][0].card_number} 20000"
-                  " --station KM-001 --terminal KM-001-T1\n"
-                  "Ctrl-C stops the server.", flush=True)
+            print(demo_data.banner(s.host_port[0], port, made,
+                                   None if s.insecure else s.certs_dir), flush=True)
         await stop.wait()
         log.info("shutting down: draining in-flight calls")
         await server.stop()
