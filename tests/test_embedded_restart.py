@@ -28,9 +28,9 @@ import pytest
 from fuelcard.v1 import account_pb2, account_pb2_grpc
 from fuelcard_server.embedded import SYSTEM_USER
 
-from tests import builders
 from tests.plugins import logscan
 from tests.plugins.server import TEST_KEY_HEX
+from tests.support import builders
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
 START_S = 180  # an upper bound on a start (initdb and migrations on a shared machine), not a measure

@@ -26,9 +26,9 @@ from fuelcard_server import logs
 from fuelcard_server.settings import Settings, SettingsError
 from fuelcard_server.telemetry import Telemetry
 
-from tests import builders
 from tests.plugins import logscan
 from tests.plugins.server import TEST_KEY_HEX, RunningServer, TlsServer
+from tests.support import builders
 
 ROOT = Path(__file__).resolve().parent.parent
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")

@@ -23,7 +23,6 @@ from fuelcard.v1 import (
     risk_pb2_grpc,
     transaction_pb2,
 )
-from fuelcard_server.app import SERVICE_NAMES
 from fuelcard_server.errors import (
     FIELD_CHARS_MAX,
     VIOLATION_COUNT_KEY,
@@ -31,16 +30,17 @@ from fuelcard_server.errors import (
     FieldViolation,
     invalid,
 )
+from fuelcard_server.health import SERVICE_NAMES
 from fuelcard_server.validation import LOCATE_FIELDS_MAX, undecodable
 from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests import builders
-from tests import control_builders as cb
-from tests.ledger_asserts import Conn, RichError, rpc_error, snapshot
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support import control_builders as cb
+from tests.support.ledger_asserts import Conn, RichError, rpc_error, snapshot
 
 IA = grpc.StatusCode.INVALID_ARGUMENT
 # Not a message of any type: a tag whose varint never ends.

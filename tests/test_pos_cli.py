@@ -25,10 +25,10 @@ from fuelcard_pos import cli
 from fuelcard_pos.client import PosClient
 from fuelcard_pos.outbox import Outbox
 
-from tests import builders
 from tests.plugins.proxy import TcpProxy
 from tests.plugins.server import RunningServer
 from tests.plugins.terminals import Fixture
+from tests.support import builders
 
 Db = psycopg.Connection[tuple[Any, ...]]
 

@@ -22,9 +22,9 @@ from typing import Any
 import grpc
 import pytest
 from fuelcard_server import demo
-from fuelcard_server.app import SERVICE_NAMES
 from fuelcard_server.cli import demo_certs
 from fuelcard_server.clock import ManualClock
+from fuelcard_server.health import SERVICE_NAMES
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,

@@ -45,7 +45,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     s = Settings.from_env(config=getattr(args, "config", None))
     for name in ("listen", "database_url", "data_dir", "workers", "hold_ttl_s", "pool_max",
                  "pool_min", "tls_dir", "replica_url", "replica_max_lag_s", "metrics_listen", "otlp_endpoint",
-                 "trace_sample_ratio", "log_level"):
+                 "trace_sample_ratio", "access_log_sample", "log_level"):
         value = getattr(args, name, None)
         if value is not None:
             s.set(name, value)
@@ -656,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-sample-ratio", type=float, dest="trace_sample_ratio",
                    help="share of root traces kept (default 0.05; a caller's sampled "
                    "traceparent is always followed)")
+    p.add_argument("--access-log-sample", type=float, dest="access_log_sample",
+                   help="share of RPCs given an access log line, 0..1 (default 0.01; env "
+                   "FUELCARD_ACCESS_LOG_SAMPLE)")
     p.add_argument("--no-tracing", action="store_true", help="create no spans at all")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--demo", action="store_true", help="create demo accounts and cards")
