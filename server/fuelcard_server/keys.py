@@ -318,6 +318,18 @@ class WorkingKeys:
         sealed = gm.seal(self._wrap_key, key, unsealed.aad())
         return WrappedWorkingKey(terminal_id, version, valid_from, valid_until, self._root_id, sealed)
 
+    def rewrap(self, wrapped: WrappedWorkingKey, new_root: KeyProvider) -> WrappedWorkingKey:
+        """`wrapped` sealed anew under `new_root`'s wrapping key, with the same
+        terminal, version and window (root-key rotation: the working key, and
+        so every MAC and PIN block made with it, stays the same)."""
+        working = self._unwrap(wrapped)
+        root = new_root.root_key()
+        unsealed = WrappedWorkingKey(wrapped.terminal_id, wrapped.version, wrapped.valid_from,
+                                     wrapped.valid_until, root_key_id(root), b"")
+        sealed = gm.seal(_derive(root, "wrap/v1"), working.key, unsealed.aad())
+        return WrappedWorkingKey(unsealed.terminal_id, unsealed.version, unsealed.valid_from,
+                                 unsealed.valid_until, unsealed.root_key_id, sealed)
+
     def current(self, terminal_id: str, now: dt.datetime) -> WorkingKey:
         """The working key current at `now`, made and stored if this period has
         none yet (that is the daily rotation: no scheduler needed)."""
