@@ -227,6 +227,15 @@ class FileKeySetStore:
             _write_secret(path, text)
 
     def stage(self, key_set: KeySet) -> None:
+        # A key that comes from the environment or a setting cannot be
+        # replaced by a file: refused here, before the database moves.
+        s = self.settings
+        if self._root_from_env and s.key_provider().root_key() != key_set.root:
+            raise KeyCustodyError(f"the root key comes from {keys.ROOT_KEY_ENV}: unset it and keep "
+                                  "the root key in a file to rotate it")
+        if s.card_index_key_hex is not None and s.card_index_key() != key_set.card_index:
+            raise KeyCustodyError("the card-index key comes from the card_index_key_hex setting: "
+                                  "remove the setting and keep the key in a file to rotate it")
         _write_secret(self.pending_path, key_set.to_json())
 
     def staged(self) -> KeySet | None:
@@ -339,8 +348,8 @@ def check_key_set(conn: Conn, key_set: KeySet) -> None:
             f"this host's key set is not the one the database was made with: {_describe(differ)} "
             f"differ{'s' if len(differ) == 1 else ''} (check values {detail}). With these keys no "
             "card, PIN or terminal key would be found. Import the database's key set (`fuelcard "
-            "keys export` on a host that serves it, `fuelcard keys import` here); README, Key "
-            "custody")
+            "keys export` on a host that serves it, then `fuelcard keys import --replace` here); "
+            "README, Key custody")
     rotation = conn.execute(ROTATION_SQL).fetchone()
     if rotation is not None:
         raise KeyCustodyError(
