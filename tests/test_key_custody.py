@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from tests.plugins import logscan
 from tests.plugins.server import RunningServer, ServerThread, TlsServer, make_settings
 from tests.plugins.terminals import Terminal, rid, sign_on
 
+FUELCARD = str(Path(sys.executable).parent / "fuelcard")
 NOW = dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC)
 PASSPHRASE = "correct horse battery staple"
 PIN = b"246810"
@@ -146,6 +149,23 @@ def test_a_host_with_other_keys_refuses_to_start_and_names_the_keys(
     # Host A still starts and still finds its card: nothing was overwritten.
     with host(database_url, tmp_path / "a") as a:
         assert find(a, card.card_number).balance.balance_fen == 1_000
+
+
+def test_serve_and_keys_check_refuse_a_host_with_other_keys(
+        database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with host(database_url, tmp_path / "a"):
+        pass
+    assert fuelcard("keys", "check", "--database-url", database_url, "--data-dir", tmp_path / "a") == 0
+    assert "is the database's" in capsys.readouterr().out
+    # As an operator meets it: `fuelcard serve` exits with the message, no traceback.
+    proc = subprocess.run(
+        [FUELCARD, "serve", "--insecure", "--listen", "127.0.0.1:0", "--database-url", database_url,
+         "--data-dir", str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "the root key, the card-index key and the signing key differ" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert fuelcard("keys", "check", "--database-url", database_url, "--data-dir", tmp_path / "b") == 2
+    assert "the root key, the card-index key and the signing key differ" in capsys.readouterr().err
 
 
 def test_one_key_differing_is_named_alone(database_url: str, tmp_path: Path) -> None:
