@@ -317,6 +317,49 @@ def test_rotate_root_keeps_every_card_pin_and_terminal_key_working(
     assert "the root key differs" in refusal_to_start(database_url, stale)
 
 
+def test_a_database_from_before_custody_keeps_its_pins_and_card_numbers(
+        database_url: str, tmp_path: Path, dev_certs: Path, db: Conn) -> None:
+    data_dir = tmp_path / "a"
+    with tls_host(database_url, data_dir, dev_certs) as server:
+        admin = account_pb2_grpc.AccountServiceStub(server.channel("admin-ops"))
+        opened = admin.OpenAccount(account_pb2.OpenAccountRequest(
+            request_id=rid(), type=account_pb2.ACCOUNT_TYPE_PERSONAL,
+            holder=account_pb2.Holder(name="升级测试")))
+        issued = admin.IssueCard(account_pb2.IssueCardRequest(
+            request_id=rid(), account_id=opened.account.account_id))
+        logscan.register("card number", issued.card_number)
+        funding_pb2_grpc.FundingServiceStub(server.channel("admin-ops")).Recharge(
+            funding_pb2.RechargeRequest(
+                request_id=rid(), account_id=opened.account.account_id,
+                channel=funding_pb2.CHANNEL_COUNTER, channel_txn_id=f"ctr-{rid()}",
+                amount_fen=100_000))
+        _set_pin(server, sign_on(server, "pos-KM-001-T1", "KM-001-T1", "KM-001"),
+                 issued.card_number)
+    store = FileKeySetStore(host_settings(data_dir))
+    data = key_custody.open_key_set(database_url, store.load()).data.root_key()
+    # A new database's data key is random, not the root key ...
+    assert data != store.load().root
+    # ... but before custody, PIN hashes and card numbers were keyed from the
+    # root key itself. Make this database look so: its data key becomes the
+    # root key, nothing custody recorded is left, and the working keys
+    # (wrapped under the other root) go: terminals sign on afresh.
+    (data_dir / "root.key").write_text(data.hex())
+    for table in ("key_check_values", "wrapped_keys", "terminal_keys"):
+        db.execute(f"DELETE FROM fc.{table}")
+    with tls_host(database_url, data_dir, dev_certs) as server:
+        t1 = sign_on(server, "pos-KM-001-T1", "KM-001-T1", "KM-001")
+        wrong = t1.pos.Authorize(t1.authorize(issued.card_number, 5_000, pin=b"111111"))
+        right = t1.pos.Authorize(t1.authorize(issued.card_number, 5_000, pin=PIN))
+        assert wrong.decline_reason == common_pb2.DECLINE_REASON_WRONG_PIN
+        assert right.decision == common_pb2.DECISION_APPROVED
+    served = key_custody.open_key_set(database_url, store.load())
+    assert served.data.root_key() == data
+    parts = scalar(db, "SELECT fc.card_number_parts(%s::uuid)", (issued.card.card_id,))
+    vault = CardVault(served.data, PanIndex(served.card_index))
+    assert vault.open(bytes.fromhex(parts["pan_index"]), parts["root_key_id"],
+                      [bytes.fromhex(v) for v in parts["sealed"]]) == issued.card_number
+
+
 def test_rotate_root_from_an_interrupted_run_installs_the_staged_key(
         database_url: str, tmp_path: Path) -> None:
     data_dir = tmp_path / "a"
