@@ -403,6 +403,10 @@ def test_rotate_card_index_keeps_every_card_findable_and_resumes(
     # Half re-indexed: no server may serve (half the cards would be missing).
     assert "rotation is under way" in refusal_to_start(database_url, data_dir)
     assert key_files(data_dir)["card-index.key"] == old_key
+    # Nor may the root key rotate meanwhile, nor the half-used key be installed.
+    before = key_files(data_dir)
+    assert fuelcard("keys", "rotate-root", "--database-url", database_url, "--data-dir", data_dir) == 2
+    assert key_files(data_dir) == before
 
     progress: list[tuple[int, int]] = []
     done = key_custody.rotate_card_index(database_url, store, batch=2,

@@ -430,11 +430,27 @@ def _new_root() -> bytes:
             continue
 
 
+def _lock_check_value(conn: Conn, name: str, current: KeySet) -> None:
+    """Lock the recorded check value of `name` until the transaction ends;
+    KeyCustodyError unless it is still `current`'s (another rotation ran
+    since the check)."""
+    row = conn.execute(LOCK_CHECK_VALUE_SQL, (name,)).fetchone()
+    if row is None or row[0] != current.check_values()[name]:
+        raise KeyCustodyError(f"the {name} key changed in the database meanwhile (another "
+                              "rotation?): nothing changed here")
+
+
 def _finish_interrupted(conn: Conn, store: KeySetStore, name: str) -> bool:
     """Whether a rotation of `name` had moved the database but not the files
     (a crash in between): then the staged set is installed now."""
     staged = store.staged()
-    if staged is None or _recorded(conn).get(name) != staged.check_values()[name]:
+    if staged is None:
+        return False
+    moved_to = staged.check_values()[name]
+    # A staged set whose key `name` is this host's is another rotation's
+    # (a card-index rotation under way keeps the root key): not ours to install.
+    if moved_to == store.load(create=False).check_values()[name] \
+            or _recorded(conn).get(name) != moved_to:
         return False
     store.promote()
     return True
@@ -463,7 +479,7 @@ def rotate_root(database_url: str, store: KeySetStore, say: Callable[[str], None
         new_root = LoadedKey(new.root)
         old_id = keys.root_key_id(current.root)
         with conn.transaction():
-            conn.execute(LOCK_CHECK_VALUE_SQL, ("root",))
+            _lock_check_value(conn, "root", current)
             moved = skipped = 0
             for tid, version, valid_from, valid_until, rid, sealed in \
                     conn.execute(TERMINAL_KEYS_SQL).fetchall():
@@ -548,7 +564,7 @@ def rotate_card_index(database_url: str, store: KeySetStore, *, batch: int = 100
             if staged is None or staged.check_values()["card-index"] != rotation[0]:
                 raise KeyCustodyError(
                     "a card-index rotation is under way, started with a key this host does not hold "
-                    f"({store_location(store)} is missing or other): run it on the host that started it")
+                    "(its pending key set is missing or another): run it on the host that started it")
             recorded = _recorded(conn)
             if recorded.get("card-index") != current.check_values()["card-index"]:
                 raise KeyCustodyError("this host's card-index key is not the database's")
@@ -585,7 +601,7 @@ def rotate_card_index(database_url: str, store: KeySetStore, *, batch: int = 100
             done += len(cards)
             progress(done, total)
         with conn.transaction():
-            conn.execute(LOCK_CHECK_VALUE_SQL, ("card-index",))
+            _lock_check_value(conn, "card-index", current)
             conn.execute(SET_CHECK_VALUE_SQL, (staged.check_values()["card-index"], "card-index"))
             conn.execute(END_ROTATION_SQL)
         store.promote()
@@ -593,6 +609,3 @@ def rotate_card_index(database_url: str, store: KeySetStore, *, batch: int = 100
         f"{staged.check_values()['card-index']}")
     return done
 
-
-def store_location(store: KeySetStore) -> str:
-    return str(store.pending_path) if isinstance(store, FileKeySetStore) else "the pending key set"
