@@ -27,11 +27,11 @@ from fuelcard_server import cli, event_backfill, migrations, verify
 from fuelcard_server.clock import ManualClock
 from psycopg import sql
 
-from tests import builders, control_builders
-from tests.ledger_asserts import Conn
 from tests.plugins.database import PostgresCluster
 from tests.plugins.server import RunningServer, ServerThread, make_settings
-from tests.warehouse_asserts import (
+from tests.support import builders, control_builders
+from tests.support.ledger_asserts import Conn
+from tests.support.warehouse_asserts import (
     assert_warehouse_matches_journal,
     journal_by_account,
     warehouse_by_account,
@@ -287,7 +287,7 @@ def test_a_backfilled_card_never_undoes_a_change_positioned_before_it(
                " WHERE source = 4")
     with psycopg.connect(server.database_url) as racing:
         racing.execute("UPDATE fc.cards SET status = 2 WHERE uid = %s", (card.card_id,))
-        assert db.execute("SELECT fc.backfill_events(100)").fetchone() == (1,)
+        assert db.execute("SELECT fc.backfill_events(p_limit => 100)").fetchone() == (1,)
         racing.commit()
     path = tmp_path / "w.duckdb"
     sync(server, path)

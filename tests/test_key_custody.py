@@ -40,11 +40,11 @@ from fuelcard_server.clock import ManualClock
 from fuelcard_server.key_custody import FileKeySetStore, KeyCustodyError
 from fuelcard_server.settings import Settings
 
-from tests import builders
-from tests.ledger_asserts import Conn, scalar, unpack
 from tests.plugins import logscan
 from tests.plugins.server import RunningServer, ServerThread, TlsServer, make_settings
 from tests.plugins.terminals import Terminal, rid, sign_on
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, scalar, unpack
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
 NOW = dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC)
