@@ -168,9 +168,74 @@ BEGIN
       FROM fc.recharges r WHERE r.id = f.recharge_id);
 END $$;
 
+-- What this refund of p_recharge is, in fen: p_amount_fen, or the rise of the channel's
+-- running total p_refunded_total_fen over what is already refunded. Refuses a total already
+-- covered, and a refund past what the recharge has left. The caller holds the account's lock.
+CREATE OR REPLACE FUNCTION fc.refund_amount(p_recharge fc.recharges, p_amount_fen bigint,
+                                            p_refunded_total_fen bigint)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_refunded bigint;
+    v_amount   bigint;
+BEGIN
+    SELECT coalesce(sum(amount_fen), 0) INTO v_refunded FROM fc.refunds
+     WHERE recharge_id = p_recharge.id;
+    IF p_refunded_total_fen > 0 THEN
+        v_amount := p_refunded_total_fen - v_refunded;
+        IF v_amount <= 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REFUND_ALREADY_COVERED',
+                DETAIL = 'refunded_total_fen';
+        END IF;
+    ELSE
+        v_amount := p_amount_fen;
+    END IF;
+    IF v_amount > p_recharge.amount_fen - v_refunded THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REFUND_EXCEEDS_RECHARGE',
+            DETAIL = 'amount_fen';
+    END IF;
+    RETURN v_amount;
+END $$;
+
+-- The refund's money: only money still on the account is taken back, never what holds
+-- reserve; the rest is a shortfall, a channel exception for someone to settle. Returns the
+-- refund. The caller holds the account's lock.
+CREATE OR REPLACE FUNCTION fc.book_refund(p_recharge fc.recharges, p_channel smallint,
+                                          p_channel_refund_id text, p_amount bigint,
+                                          p_now timestamptz)
+RETURNS fc.refunds
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_account fc.accounts;
+    v_refund  fc.refunds;
+    v_debit   bigint;
+BEGIN
+    SELECT * INTO v_account FROM fc.accounts WHERE id = p_recharge.account_id;
+    v_debit := least(p_amount, greatest(v_account.balance_fen - v_account.held_fen, 0));
+    INSERT INTO fc.refunds (recharge_id, account_id, channel, channel_refund_id, amount_fen,
+                            debited_fen, balance_after_fen, created_at)
+    VALUES (p_recharge.id, v_account.id, p_channel, p_channel_refund_id, p_amount, v_debit,
+            v_account.balance_fen - v_debit, p_now)
+    RETURNING * INTO v_refund;
+    IF v_debit > 0 THEN
+        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
+                                recharge_id, description, created_at)
+        VALUES (fc.ledger_entry_kind_recharge_refund(), fc.asset_money(), v_account.id,
+                fc.clearing_account(p_channel), v_debit, p_recharge.id, 'channel refund', p_now);
+        UPDATE fc.accounts SET balance_fen = balance_fen - v_debit WHERE id = v_account.id;
+    END IF;
+    IF v_debit < p_amount THEN
+        INSERT INTO fc.channel_exceptions (refund_id, account_id, channel, amount_fen, reason,
+                                           created_at)
+        VALUES (v_refund.id, v_account.id, p_channel, p_amount - v_debit, 'REFUND_SHORTFALL', p_now);
+    END IF;
+    RETURN v_refund;
+END $$;
+
 -- RefundRecharge: one round trip. p_amount_fen (this refund) or
 -- p_refunded_total_fen (the channel's running total; this refund is the
 -- difference from what is already refunded, worked out under the lock).
+-- Steps: the amount (fc.refund_amount), the money (fc.book_refund).
 CREATE OR REPLACE FUNCTION fc.refund_recharge(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_channel smallint, p_channel_txn_id text, p_channel_refund_id text,
@@ -181,10 +246,6 @@ DECLARE
     v_response jsonb;
     v_recharge fc.recharges;
     v_refund   fc.refunds;
-    v_account  fc.accounts;
-    v_refunded bigint;
-    v_amount   bigint;
-    v_debit    bigint;
 BEGIN
     v_response := fc.replay(p_caller, p_request_id, p_request_hash);
     IF v_response IS NOT NULL THEN
@@ -215,42 +276,9 @@ BEGIN
                            v_response, p_now) || '{"replayed": true}';
     END IF;
 
-    SELECT coalesce(sum(amount_fen), 0) INTO v_refunded FROM fc.refunds
-     WHERE recharge_id = v_recharge.id;
-    IF p_refunded_total_fen > 0 THEN
-        v_amount := p_refunded_total_fen - v_refunded;
-        IF v_amount <= 0 THEN
-            RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REFUND_ALREADY_COVERED',
-                DETAIL = 'refunded_total_fen';
-        END IF;
-    ELSE
-        v_amount := p_amount_fen;
-    END IF;
-    IF v_amount > v_recharge.amount_fen - v_refunded THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REFUND_EXCEEDS_RECHARGE',
-            DETAIL = 'amount_fen';
-    END IF;
-
-    SELECT * INTO v_account FROM fc.accounts WHERE id = v_recharge.account_id;
-    -- Only money still there is taken back: never what holds reserve.
-    v_debit := least(v_amount, greatest(v_account.balance_fen - v_account.held_fen, 0));
-    INSERT INTO fc.refunds (recharge_id, account_id, channel, channel_refund_id, amount_fen,
-                            debited_fen, balance_after_fen, created_at)
-    VALUES (v_recharge.id, v_account.id, p_channel, p_channel_refund_id, v_amount, v_debit,
-            v_account.balance_fen - v_debit, p_now)
-    RETURNING * INTO v_refund;
-    IF v_debit > 0 THEN
-        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
-                                recharge_id, description, created_at)
-        VALUES (8, 1, v_account.id, fc.clearing_account(p_channel), v_debit, v_recharge.id,
-                'channel refund', p_now);
-        UPDATE fc.accounts SET balance_fen = balance_fen - v_debit WHERE id = v_account.id;
-    END IF;
-    IF v_debit < v_amount THEN
-        INSERT INTO fc.channel_exceptions (refund_id, account_id, channel, amount_fen, reason,
-                                           created_at)
-        VALUES (v_refund.id, v_account.id, p_channel, v_amount - v_debit, 'REFUND_SHORTFALL', p_now);
-    END IF;
+    v_refund := fc.book_refund(v_recharge, p_channel, p_channel_refund_id,
+                               fc.refund_amount(v_recharge, p_amount_fen, p_refunded_total_fen),
+                               p_now);
     v_response := jsonb_build_object('refund', fc.refund_json(v_refund),
                                      'balance_fen', v_refund.balance_after_fen);
     RETURN fc.remember(p_caller, p_request_id, 'refund_recharge', p_request_hash, v_response, p_now);

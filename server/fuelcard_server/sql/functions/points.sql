@@ -29,6 +29,50 @@ BEGIN
     RETURN v_new;
 END $$;
 
+-- A sale's part in its spender's tier: adds it to the spend of its month, and moves the tier
+-- when the rolling window's spend says so. What fc.evaluate_tier decides, without summing
+-- the window on every sale: the earlier months' sum is kept on this month's row (prior_fen,
+-- computed at the month's first sale, or again when the window setting changed). p_tier:
+-- the spender's tier before the sale; returns the tier after it. Caller holds the lock.
+CREATE OR REPLACE FUNCTION fc.count_sale_for_tier(p_spender_id bigint, p_tier smallint,
+                                                  p_final_fen bigint, p_now timestamptz)
+RETURNS smallint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_month  date := date_trunc('month', p_now AT TIME ZONE fc.business_tz())::date;
+    v_ms     fc.monthly_spend;   -- this month's row, after the sale
+    v_window integer;
+    v_prior  bigint;
+    v_spend  bigint;
+    v_tier   smallint;
+BEGIN
+    INSERT INTO fc.monthly_spend (account_id, month, spend_fen) VALUES (p_spender_id, v_month, p_final_fen)
+    ON CONFLICT (account_id, month) DO UPDATE SET spend_fen = fc.monthly_spend.spend_fen + excluded.spend_fen
+    RETURNING * INTO v_ms;
+    v_window := (SELECT value::integer FROM fc.config WHERE key = 'tier_window_months');
+    -- A later month's kept sum covers this month: a sale dated before it (a
+    -- request that waited for the lock across a month's end) makes it stale.
+    UPDATE fc.monthly_spend SET prior_fen = NULL, prior_window = NULL
+     WHERE account_id = p_spender_id AND month > v_month AND prior_fen IS NOT NULL;
+    v_prior := v_ms.prior_fen;
+    IF v_prior IS NULL OR v_ms.prior_window IS DISTINCT FROM v_window THEN
+        SELECT coalesce(sum(spend_fen), 0) INTO v_prior FROM fc.monthly_spend
+         WHERE account_id = p_spender_id
+           AND month > (v_month - make_interval(months => v_window))::date AND month < v_month;
+        UPDATE fc.monthly_spend SET prior_fen = v_prior, prior_window = v_window
+         WHERE account_id = p_spender_id AND month = v_month;
+    END IF;
+    v_spend := v_prior + v_ms.spend_fen;
+    SELECT tier INTO v_tier FROM fc.tier_rules WHERE min_spend_fen <= v_spend
+     ORDER BY min_spend_fen DESC LIMIT 1;
+    IF v_tier IS DISTINCT FROM p_tier THEN
+        UPDATE fc.accounts SET tier = v_tier WHERE id = p_spender_id;
+        INSERT INTO fc.tier_changes (account_id, from_tier, to_tier, spend_fen, created_at)
+        VALUES (p_spender_id, p_tier, v_tier, v_spend, p_now);
+    END IF;
+    RETURN v_tier;
+END $$;
+
 CREATE OR REPLACE FUNCTION fc.points_for(p_amount_fen bigint, p_tier smallint) RETURNS bigint
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
