@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from fuelcard.v1 import account_pb2, common_pb2, events_pb2, risk_pb2
+from fuelcard.v1 import account_pb2, common_pb2, events_pb2, risk_pb2, step_up_pb2
 
 
 class HoldState(IntEnum):
@@ -89,6 +89,16 @@ class RiskDecision(IntEnum):
     DECLINE = risk_pb2.RISK_DECISION_DECLINE
 
 
+class StepUpKind(IntEnum):
+    """step_up_challenges.kind: what a step-up challenge confirms."""
+
+    RECHARGE = step_up_pb2.STEP_UP_KIND_RECHARGE
+    PIN_RESET = step_up_pb2.STEP_UP_KIND_PIN_RESET
+    LIMIT_RAISE = step_up_pb2.STEP_UP_KIND_LIMIT_RAISE
+    REVEAL_CARD_NUMBER = step_up_pb2.STEP_UP_KIND_REVEAL_CARD_NUMBER
+    ANOMALY = step_up_pb2.STEP_UP_KIND_ANOMALY
+
+
 class ReviewState(IntEnum):
     """holds.review_state: where a hold the risk engine suspended stands in
     its review (NULL on a hold never suspended). Not in the proto: a hold
@@ -110,4 +120,5 @@ PROTO_ENUMS: dict[type[IntEnum], str] = {
     LedgerEntryKind: "fuelcard.v1.LedgerEntryKind",
     Asset: "fuelcard.v1.Asset",
     RiskDecision: "fuelcard.v1.RiskDecision",
+    StepUpKind: "fuelcard.v1.StepUpKind",
 }

@@ -15,7 +15,8 @@ from fuelcard_server.validation import TEXT_MAX_CHARS, Violations
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 REDEEM_SQL = "SELECT fc.redeem_points(%s, %s, %s, %s::uuid, %s::bigint, %s, %s::timestamptz)"
-POINTS_BALANCE_SQL = "SELECT points_balance FROM fc.accounts WHERE uid = %s::uuid AND kind <> 100"
+POINTS_BALANCE_SQL = ("SELECT points_balance FROM fc.accounts"
+                      " WHERE uid = %s::uuid AND kind <> fc.account_kind_system()")
 
 
 

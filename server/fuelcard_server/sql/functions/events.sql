@@ -39,7 +39,8 @@ CREATE OR REPLACE FUNCTION fc.outbox_account_opened() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO fc.outbox (kind, ref_id, at, snap)
-    SELECT 3, n.id, n.created_at, fc.account_snap(n) FROM new_rows n WHERE n.kind <> 100 ORDER BY n.id;
+    SELECT 3, n.id, n.created_at, fc.account_snap(n) FROM new_rows n
+     WHERE n.kind <> fc.account_kind_system() ORDER BY n.id;
     RETURN NULL;
 END $$;
 
@@ -53,6 +54,8 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- 100: fc.account_kind_system(), by its number: a trigger's WHEN is resolved when the trigger
+-- is made, and a fresh database gets this file before states.sql.
 CREATE OR REPLACE TRIGGER accounts_outbox_update AFTER UPDATE ON fc.accounts
     FOR EACH ROW WHEN (NEW.kind <> 100 AND (
         OLD.status IS DISTINCT FROM NEW.status OR OLD.tier IS DISTINCT FROM NEW.tier
@@ -147,8 +150,7 @@ BEGIN
     RETURN v_count;
 END $$;
 
--- The event stream, completed: refunds as events of their own, and a
--- backfill of the history booked before the stream existed.
+-- Refunds and the backfill of history.
 --
 -- 1. Refunds (outbox kind 6). A refund's money leg is already streamed as a
 --    journal entry of kind 8 (RECHARGE_REFUND) when the account still had
@@ -158,20 +160,21 @@ END $$;
 --    what was debited from the account, the shortfall. One per fc.refunds
 --    row, written by a row trigger (refunds are rare; never on the pump path).
 --
--- 2. The backfill. Rows booked before 0009's triggers existed have no
+-- 2. The backfill. Rows booked before the stream's triggers existed have no
 --    events. fc.backfill_events writes outbox rows for them, in bounded
 --    batches, each batch its own short transaction; the sequencer gives them
 --    positions like any other (after the live events already positioned).
---    What is written:
---      journal entries with id <= the journal mark             kind 1
+--    Each source's rows to write end at its mark (fc.event_backfill.through_id,
+--    recorded when the stream was added). What is written:
+--      journal entries up to the journal mark                 kind 1
 --      for each sale among them (kind 2 entry), its hold,
 --        CONFIRMED, right after the entry (as a confirm does)  kind 2
---      accounts and cards that existed at this migration,
---        as they are when sequenced (dimensions: the newest
---        version wins in the warehouse)                        kinds 3, 4
+--      accounts and cards up to their marks, as they are
+--        when sequenced (dimensions: the newest version wins
+--        in the warehouse)                                     kinds 3, 4
 --      stations, as they are when sequenced, in the first
 --        batch                                                kind 5
---      refunds booked before this migration                   kind 6
+--      refunds up to their mark                               kind 6
 --    Holds cancelled or expired before the stream are not replayed: they
 --    moved no money and make no fact.
 --    Order: within each source by id; across sources by booking time (each
@@ -184,15 +187,14 @@ END $$;
 --    says so, and a consumer books them "if not already there".
 --
 -- The journal mark: the entries that have an event are exactly those
--- inserted after 0009's trigger (CREATE TRIGGER waited for every writer of
--- fc.journal), i.e. above some id. If any journal event is still in the
--- outbox or the stream, the mark is just below the lowest; if none, nothing
--- has been streamed yet (0009 and this migration applied together: the
--- common upgrade) and the mark is the journal's last id, read while no
--- writer is in flight (a short SHARE lock on fc.journal, to the end of this
--- migration). If every journal event had already been pruned, the boundary
--- is unknown and the mark is the last id: entries already streamed are
--- written again, and consumers skip the ones they hold (the backfill flag).
+-- inserted after the journal's outbox trigger was made (CREATE TRIGGER
+-- waited for every writer of fc.journal), i.e. above some id. If a journal
+-- event was still in the outbox or the stream when the mark was recorded,
+-- the mark is just below the lowest; if none, nothing had been streamed yet
+-- and the mark is the journal's last id then, read while no writer was in
+-- flight. If every journal event had already been pruned, the boundary is
+-- unknown and the mark is the last id: entries already streamed are written
+-- again, and consumers skip the ones they hold (the backfill flag).
 
 ------------------------------------------------------------------------------
 -- Refund events.

@@ -21,7 +21,7 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    SELECT * INTO v_parent FROM fc.accounts WHERE uid = p_parent_uid AND kind <> 100;
+    SELECT * INTO v_parent FROM fc.accounts WHERE uid = p_parent_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
             DETAIL = 'parent_account_id';
@@ -32,14 +32,15 @@ BEGIN
     INSERT INTO pg_temp.top_up_lines
     SELECT a.id, a.funding_mode, a.parent_id, l.uid, l.amount
       FROM jsonb_to_recordset(p_lines) AS l(uid uuid, amount bigint)
-      LEFT JOIN fc.accounts a ON a.uid = l.uid AND a.kind <> 100;
+      LEFT JOIN fc.accounts a ON a.uid = l.uid AND a.kind <> fc.account_kind_system();
     SELECT uid::text INTO v_bad FROM pg_temp.top_up_lines WHERE account_id IS NULL LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
             DETAIL = 'lines.account_id';
     END IF;
     IF EXISTS (SELECT 1 FROM pg_temp.top_up_lines
-                WHERE parent_id IS DISTINCT FROM v_parent.id OR funding_mode <> 1) THEN
+                WHERE parent_id IS DISTINCT FROM v_parent.id
+                   OR funding_mode <> fc.funding_mode_allocated()) THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'NOT_AN_ALLOCATED_SUB_ACCOUNT',
             DETAIL = 'lines.account_id';
     END IF;
@@ -49,7 +50,7 @@ BEGIN
        FROM (SELECT account_id FROM pg_temp.top_up_lines ORDER BY account_id) ordered;
     SELECT * INTO v_parent FROM fc.accounts WHERE id = v_parent.id;
     SELECT sum(amount) INTO v_total FROM pg_temp.top_up_lines;
-    IF v_parent.status <> 1 THEN
+    IF v_parent.status <> fc.account_status_active() THEN
         v_response := jsonb_build_object('decision', 'DECLINED', 'decline_reason', 'ACCOUNT_FROZEN',
                                          'total_fen', v_total, 'parent_balance_fen', v_parent.balance_fen);
     ELSIF v_parent.balance_fen - v_parent.held_fen < v_total THEN
@@ -60,7 +61,8 @@ BEGIN
         FOR v_line IN SELECT * FROM pg_temp.top_up_lines ORDER BY account_id LOOP
             INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
                                     description, created_at)
-            VALUES (5, 1, v_parent.id, v_line.account_id, v_line.amount, 'batch top-up', p_now);
+            VALUES (fc.ledger_entry_kind_allocation(), fc.asset_money(), v_parent.id, v_line.account_id,
+                    v_line.amount, 'batch top-up', p_now);
             UPDATE fc.accounts SET balance_fen = balance_fen + v_line.amount
              WHERE id = v_line.account_id;
         END LOOP;
@@ -90,11 +92,11 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> 100;
+    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND', DETAIL = 'account_id';
     END IF;
-    IF v_account.funding_mode = 2 THEN
+    IF v_account.funding_mode = fc.funding_mode_shared() THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'ACCOUNT_USES_PARENT_BALANCE',
             DETAIL = 'account_id';
     END IF;
@@ -130,7 +132,8 @@ BEGIN
             v_account.balance_fen + p_amount_fen, p_now)
     RETURNING * INTO v_recharge;
     INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, recharge_id, created_at)
-    VALUES (1, 1, fc.system_account(v_clearing), v_account.id, p_amount_fen, v_recharge.id, p_now);
+    VALUES (fc.ledger_entry_kind_recharge(), fc.asset_money(), fc.system_account(v_clearing), v_account.id,
+            p_amount_fen, v_recharge.id, p_now);
     UPDATE fc.accounts SET balance_fen = balance_fen + p_amount_fen WHERE id = v_account.id
     RETURNING * INTO v_account;
 

@@ -96,7 +96,8 @@ BEGIN
     IF v_points > 0 THEN
         INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
                                 description, created_at)
-        VALUES (7, 2, p_account_id, fc.system_account('POINTS_EXPIRED'), v_points,
+        VALUES (fc.ledger_entry_kind_points_expired(), fc.asset_points(), p_account_id,
+                fc.system_account('POINTS_EXPIRED'), v_points,
                 'points expired', p_now);
         UPDATE fc.accounts SET points_balance = points_balance - v_points WHERE id = p_account_id;
     END IF;
@@ -146,7 +147,7 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> 100;
+    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND', DETAIL = 'account_id';
     END IF;
@@ -154,7 +155,7 @@ BEGIN
     PERFORM fc.lapse_points_locked(v_account.id, p_now);   -- expired points are not spendable
     SELECT * INTO v_account FROM fc.accounts WHERE id = v_account.id;
 
-    IF v_account.status <> 1 THEN
+    IF v_account.status <> fc.account_status_active() THEN
         v_response := jsonb_build_object('decision', 'DECLINED', 'decline_reason', 'ACCOUNT_FROZEN',
                                          'points_balance', v_account.points_balance);
     ELSIF v_account.points_balance < p_points THEN
@@ -163,12 +164,13 @@ BEGIN
     ELSE
         PERFORM fc.take_points(v_account.id, p_points, p_now);   -- oldest lots first
         INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, description, created_at)
-        VALUES (4, 2, v_account.id, fc.system_account('POINTS_REDEEMED'), p_points, p_description, p_now)
+        VALUES (fc.ledger_entry_kind_points_redeemed(), fc.asset_points(), v_account.id,
+                fc.system_account('POINTS_REDEEMED'), p_points, p_description, p_now)
         RETURNING * INTO v_entry;
         UPDATE fc.accounts SET points_balance = points_balance - p_points WHERE id = v_account.id
         RETURNING * INTO v_account;
         v_response := jsonb_build_object('decision', 'APPROVED',
-            'entry', jsonb_build_object('entry_id', v_entry.id::text, 'kind', 4,
+            'entry', jsonb_build_object('entry_id', v_entry.id::text, 'kind', v_entry.kind,
                                         'points', -p_points, 'description', p_description,
                                         'create_us', fc.ts(p_now)),
             'points_balance', v_account.points_balance);
@@ -190,12 +192,12 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    SELECT * INTO v_from FROM fc.accounts WHERE uid = p_from_uid AND kind <> 100;
+    SELECT * INTO v_from FROM fc.accounts WHERE uid = p_from_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
             DETAIL = 'from_account_id';
     END IF;
-    SELECT * INTO v_to FROM fc.accounts WHERE uid = p_to_uid AND kind <> 100;
+    SELECT * INTO v_to FROM fc.accounts WHERE uid = p_to_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
             DETAIL = 'to_account_id';
@@ -219,7 +221,8 @@ BEGIN
           FROM fc.take_points(v_from.id, p_points, p_now) t;
         INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
                                 description, created_at)
-        VALUES (6, 2, v_from.id, v_to.id, p_points, 'points pooled', p_now);
+        VALUES (fc.ledger_entry_kind_points_transfer(), fc.asset_points(), v_from.id, v_to.id, p_points,
+                'points pooled', p_now);
         UPDATE fc.accounts SET points_balance = points_balance - p_points WHERE id = v_from.id
         RETURNING * INTO v_from;
         UPDATE fc.accounts SET points_balance = points_balance + p_points WHERE id = v_to.id
@@ -263,7 +266,7 @@ DECLARE
 BEGIN
     SELECT coalesce(array_agg(id ORDER BY id), '{}') INTO v_accounts
       FROM (SELECT id FROM fc.accounts
-             WHERE kind <> 100 AND tier > 1 AND id > p_after_id
+             WHERE kind <> fc.account_kind_system() AND tier > 1 AND id > p_after_id
              ORDER BY id LIMIT p_limit) batch;
     PERFORM fc.lock_accounts(v_accounts);
     -- each tier as it is under the lock (a confirm may have moved it since)

@@ -90,6 +90,18 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 2::smallint';
 CREATE OR REPLACE FUNCTION fc.risk_decision_decline() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 3::smallint';
 
+-- What a step-up challenge confirms (fuelcard.v1.StepUpKind).
+CREATE OR REPLACE FUNCTION fc.step_up_kind_recharge() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 1::smallint';
+CREATE OR REPLACE FUNCTION fc.step_up_kind_pin_reset() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 2::smallint';
+CREATE OR REPLACE FUNCTION fc.step_up_kind_limit_raise() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 3::smallint';
+CREATE OR REPLACE FUNCTION fc.step_up_kind_reveal_card_number() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 4::smallint';
+CREATE OR REPLACE FUNCTION fc.step_up_kind_anomaly() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 5::smallint';
+
 -- Not in the proto: the kind of the system accounts (FUEL_SALES, CHANNEL_CLEARING_*, POINTS_*),
 -- which the API never shows.
 CREATE OR REPLACE FUNCTION fc.account_kind_system() RETURNS smallint
