@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from fuelcard.v1 import account_pb2, common_pb2, events_pb2, risk_pb2, step_up_pb2
+from fuelcard.v1 import account_pb2, common_pb2, events_pb2, risk_pb2, settlement_pb2, step_up_pb2
 
 
 class HoldState(IntEnum):
@@ -99,6 +99,28 @@ class StepUpKind(IntEnum):
     ANOMALY = step_up_pb2.STEP_UP_KIND_ANOMALY
 
 
+class SettlementKind(IntEnum):
+    """settlement_records.kind (reconciliation_breaks.record_kind)."""
+
+    PAYMENT = settlement_pb2.SETTLEMENT_KIND_PAYMENT
+    REFUND = settlement_pb2.SETTLEMENT_KIND_REFUND
+
+
+class SettlementStatus(IntEnum):
+    SUCCESS = settlement_pb2.SETTLEMENT_STATUS_SUCCESS
+    FAILED = settlement_pb2.SETTLEMENT_STATUS_FAILED
+    PROCESSING = settlement_pb2.SETTLEMENT_STATUS_PROCESSING
+
+
+class BreakKind(IntEnum):
+    """reconciliation_breaks.kind: how our record and the channel's differ."""
+
+    MISSING_OURS = settlement_pb2.BREAK_KIND_MISSING_OURS
+    MISSING_THEIRS = settlement_pb2.BREAK_KIND_MISSING_THEIRS
+    AMOUNT_MISMATCH = settlement_pb2.BREAK_KIND_AMOUNT_MISMATCH
+    STATUS_MISMATCH = settlement_pb2.BREAK_KIND_STATUS_MISMATCH
+
+
 class ReviewState(IntEnum):
     """holds.review_state: where a hold the risk engine suspended stands in
     its review (NULL on a hold never suspended). Not in the proto: a hold
@@ -121,4 +143,7 @@ PROTO_ENUMS: dict[type[IntEnum], str] = {
     Asset: "fuelcard.v1.Asset",
     RiskDecision: "fuelcard.v1.RiskDecision",
     StepUpKind: "fuelcard.v1.StepUpKind",
+    SettlementKind: "fuelcard.v1.SettlementKind",
+    SettlementStatus: "fuelcard.v1.SettlementStatus",
+    BreakKind: "fuelcard.v1.BreakKind",
 }

@@ -19,6 +19,7 @@ from fuelcard_server.states import (
     HoldState,
     LedgerEntryKind,
     ReviewState,
+    SettlementKind,
 )
 
 
@@ -240,16 +241,18 @@ CHECKS: tuple[Check, ...] = (
            LIMIT 10"""),
     Check("settlement_record_per_channel_txn",
           "every recharge and refund has its neutral settlement record, of its amount",
-          """
+          f"""
           SELECT 'recharge', r.id FROM fc.recharges r
            WHERE NOT EXISTS (SELECT 1 FROM fc.settlement_records s
-                              WHERE s.txn_uid = r.uid AND s.kind = 1 AND s.channel = r.channel
+                              WHERE s.txn_uid = r.uid AND s.kind = {SettlementKind.PAYMENT:d}
+                                AND s.channel = r.channel
                                 AND s.channel_txn_id = r.channel_txn_id
                                 AND s.amount_fen = r.amount_fen)
           UNION ALL
           SELECT 'refund', f.id FROM fc.refunds f
            WHERE NOT EXISTS (SELECT 1 FROM fc.settlement_records s
-                              WHERE s.txn_uid = f.uid AND s.kind = 2 AND s.channel = f.channel
+                              WHERE s.txn_uid = f.uid AND s.kind = {SettlementKind.REFUND:d}
+                                AND s.channel = f.channel
                                 AND s.channel_txn_id = f.channel_refund_id
                                 AND s.amount_fen = f.amount_fen)
            LIMIT 10"""),

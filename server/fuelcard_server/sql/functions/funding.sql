@@ -292,7 +292,8 @@ LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO fc.settlement_records (channel, kind, channel_txn_id, txn_uid, amount_fen,
                                        status, occurred_at, business_date)
-    VALUES (NEW.channel, 1, NEW.channel_txn_id, NEW.uid, NEW.amount_fen, 1, NEW.created_at,
+    VALUES (NEW.channel, fc.settlement_kind_payment(), NEW.channel_txn_id, NEW.uid, NEW.amount_fen,
+            fc.settlement_status_success(), NEW.created_at,
             (NEW.created_at AT TIME ZONE fc.business_tz())::date);
     RETURN NULL;
 END $$;
@@ -306,7 +307,8 @@ BEGIN
     INSERT INTO fc.settlement_records (channel, kind, channel_txn_id, txn_uid,
                                        original_channel_txn_id, amount_fen, status, occurred_at,
                                        business_date)
-    SELECT NEW.channel, 2, NEW.channel_refund_id, NEW.uid, r.channel_txn_id, NEW.amount_fen, 1,
+    SELECT NEW.channel, fc.settlement_kind_refund(), NEW.channel_refund_id, NEW.uid, r.channel_txn_id,
+           NEW.amount_fen, fc.settlement_status_success(),
            NEW.created_at, (NEW.created_at AT TIME ZONE fc.business_tz())::date
       FROM fc.recharges r WHERE r.id = NEW.recharge_id;
     RETURN NULL;

@@ -102,6 +102,31 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 4::smallint';
 CREATE OR REPLACE FUNCTION fc.step_up_kind_anomaly() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 5::smallint';
 
+-- A settlement record's kind (fuelcard.v1.SettlementKind): settlement_records.kind, and
+-- reconciliation_breaks.record_kind.
+CREATE OR REPLACE FUNCTION fc.settlement_kind_payment() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 1::smallint';
+CREATE OR REPLACE FUNCTION fc.settlement_kind_refund() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 2::smallint';
+
+-- A settlement record's status (fuelcard.v1.SettlementStatus).
+CREATE OR REPLACE FUNCTION fc.settlement_status_success() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 1::smallint';
+CREATE OR REPLACE FUNCTION fc.settlement_status_failed() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 2::smallint';
+CREATE OR REPLACE FUNCTION fc.settlement_status_processing() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 3::smallint';
+
+-- What a reconciliation break is (fuelcard.v1.BreakKind): reconciliation_breaks.kind.
+CREATE OR REPLACE FUNCTION fc.break_kind_missing_ours() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 1::smallint';
+CREATE OR REPLACE FUNCTION fc.break_kind_missing_theirs() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 2::smallint';
+CREATE OR REPLACE FUNCTION fc.break_kind_amount_mismatch() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 3::smallint';
+CREATE OR REPLACE FUNCTION fc.break_kind_status_mismatch() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 4::smallint';
+
 -- Not in the proto: the kind of the system accounts (FUEL_SALES, CHANNEL_CLEARING_*, POINTS_*),
 -- which the API never shows.
 CREATE OR REPLACE FUNCTION fc.account_kind_system() RETURNS smallint
