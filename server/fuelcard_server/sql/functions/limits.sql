@@ -96,7 +96,8 @@ BEGIN
         END IF;
         SELECT * INTO o_account FROM fc.accounts WHERE id = o_card.account_id;
     ELSE
-        SELECT * INTO o_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> fc.account_kind_system();
+        SELECT * INTO o_account FROM fc.accounts
+         WHERE uid = p_account_uid AND kind <> fc.account_kind_system();
         IF NOT FOUND THEN
             RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
                 DETAIL = 'account_id';
