@@ -262,8 +262,6 @@ END $$;
 -- Whether new caps (0: no cap) are higher than the standing ones of a card or
 -- account, or remove one: a limit raise needs a step-up. False for an unknown
 -- target (the operation itself answers NOT_FOUND).
--- (kind 100: fc.account_kind_system(), by its number: a LANGUAGE sql body is resolved when
--- it is made, and a fresh database gets this file before states.sql.)
 CREATE OR REPLACE FUNCTION fc.is_limit_raise(p_card_uid uuid, p_account_uid uuid, p_txn bigint,
                                   p_daily bigint, p_monthly bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
@@ -272,7 +270,8 @@ LANGUAGE sql STABLE AS $$
           FROM fc.cards WHERE p_card_uid IS NOT NULL AND uid = p_card_uid
         UNION ALL
         SELECT limit_txn_fen, limit_daily_fen, limit_monthly_fen
-          FROM fc.accounts WHERE p_card_uid IS NULL AND uid = p_account_uid AND kind <> 100)
+          FROM fc.accounts
+         WHERE p_card_uid IS NULL AND uid = p_account_uid AND kind <> fc.account_kind_system())
     SELECT coalesce(bool_or(
                (o.t IS NOT NULL AND (p_txn = 0 OR p_txn > o.t))
             OR (o.d IS NOT NULL AND (p_daily = 0 OR p_daily > o.d))

@@ -10,8 +10,9 @@
 -- keep the numbers (they are schema, in the baseline).
 --
 -- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Function bodies
--- are PL/pgSQL and resolve these names when they first run, so the order of the files does not
--- matter for them; a LANGUAGE sql function that uses one must be in a file applied after this.
+-- resolve these names when they run (migrate creates them with check_function_bodies off), so
+-- any file may use them; what is resolved when it is made, a trigger's WHEN or an index
+-- expression, must be in a file applied after this one or keep the number.
 
 -- Hold states (fuelcard.v1.HoldState): the life of a reservation at the pump.
 CREATE OR REPLACE FUNCTION fc.hold_state_authorized() RETURNS smallint
