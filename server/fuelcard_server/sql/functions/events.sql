@@ -374,7 +374,7 @@ BEGIN
         UNION ALL
         (SELECT 3::smallint, a.id, a.created_at, NULL::smallint, NULL::bigint
            FROM fc.accounts a WHERE a.id > v_a.done_id AND a.id <= v_a.through_id
-            AND a.kind <> 100
+            AND a.kind <> fc.account_kind_system()
           ORDER BY a.id LIMIT p_limit)
         UNION ALL
         (SELECT 4::smallint, c.id, c.created_at, NULL::smallint, NULL::bigint
@@ -394,10 +394,10 @@ BEGIN
           FROM taken t
         UNION ALL
         -- a sale's hold, CONFIRMED, right after its entry
-        SELECT t.k, t.src, t.id, 1, 2::smallint, h.id, 2::smallint, h.closed_at,
+        SELECT t.k, t.src, t.id, 1, 2::smallint, h.id, fc.hold_state_confirmed(), h.closed_at,
                '{"backfill": true}'::jsonb
           FROM taken t JOIN fc.holds h ON h.id = t.hold_id
-         WHERE t.src = 1 AND t.entry_kind = 2
+         WHERE t.src = 1 AND t.entry_kind = fc.ledger_entry_kind_purchase()
     ), ins AS (
         INSERT INTO fc.outbox (kind, ref_id, state, at, snap)
         SELECT w.kind, w.ref_id, w.state, w.at, w.snap FROM written w
