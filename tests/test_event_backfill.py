@@ -25,12 +25,13 @@ from fuelcard_analytics.follow import Target, follow
 from fuelcard_analytics.warehouse import Warehouse, open_store
 from fuelcard_server import cli, event_backfill, migrations, verify
 from fuelcard_server.clock import ManualClock
+from psycopg import sql
 
-from tests import builders, control_builders
-from tests.ledger_asserts import Conn
 from tests.plugins.database import PostgresCluster
 from tests.plugins.server import RunningServer, ServerThread, make_settings
-from tests.warehouse_asserts import (
+from tests.support import builders, control_builders
+from tests.support.ledger_asserts import Conn
+from tests.support.warehouse_asserts import (
     assert_warehouse_matches_journal,
     journal_by_account,
     warehouse_by_account,
@@ -94,16 +95,78 @@ def matches(path: Path, db: Conn) -> bool:
         store.close()
 
 
+@contextlib.contextmanager
+def booked_without_events(url: str, *, refunds_only: bool = False) -> Iterator[None]:
+    """Money booked inside this block leaves no trace in the event stream, as
+    on a database that did not have the stream's triggers yet: none at all
+    (the released migrations before 0009_events), or, with `refunds_only`,
+    only the refunds' (0009 applied, 0012_refund_events_backfill not yet:
+    a refund's journal entry was streamed, the refund itself was not).
+
+    The stream is fed by the outbox triggers alone (no stored function
+    writes fc.outbox on a booking), so switching them off gives exactly what
+    those releases wrote: no fc.outbox rows, hence no fc.events rows and
+    fc.event_head untouched, and the positions that are given stay gap-free
+    (deleting the rows afterwards would leave holes the sequencer never
+    leaves). The triggers are found by what their function writes, so one
+    added later is switched off too. Nothing may be serving when the block
+    is entered or left (ALTER TABLE waits for every transaction on the table).
+    """
+    with psycopg.connect(url, autocommit=True) as db:
+        triggers = db.execute(
+            "SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t"
+            " JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_proc p ON p.oid = t.tgfoid"
+            " WHERE NOT t.tgisinternal AND p.prosrc ~* 'insert\\s+into\\s+fc\\.outbox'"
+            "   AND (NOT %s OR t.tgrelid = 'fc.refunds'::regclass)"
+            " ORDER BY 1, 2, 3", (refunds_only,)).fetchall()
+        assert triggers, "no outbox trigger found: the simulation would stream everything"
+
+        def switch(action: str) -> None:
+            for schema, table, name in triggers:
+                db.execute(sql.SQL("ALTER TABLE {} {} TRIGGER {}").format(
+                    sql.Identifier(schema, table), sql.SQL(action), sql.Identifier(name)))
+
+        switch("DISABLE")
+        try:
+            yield
+        finally:
+            switch("ENABLE")
+
+
+def record_what_predates_the_stream(url: str) -> None:
+    """fc.event_backfill as 0012_refund_events_backfill left it on a database
+    that had served with 0009 (and before it) for a while: per source, the
+    last id the stream does not have. Journal: just below the lowest entry
+    the stream or the outbox holds, else the journal's last id; accounts
+    (system accounts aside), cards: the last id, those opened since 0009
+    included (a dimension written twice is one row in the warehouse);
+    stations: all of them, if any; refunds: every one so far (they had no
+    events before 0012). Nothing is written yet (done_id 0). The same
+    computation as 0012's DO block, without its lock: nothing is serving."""
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("""
+            UPDATE fc.event_backfill b SET through_id = m.through_id, done_id = 0
+              FROM (VALUES
+                (1, coalesce(least(
+                        (SELECT min((payload ->> 'entry_id')::bigint) FROM fc.events WHERE kind = 1),
+                        (SELECT min(ref_id) FROM fc.outbox WHERE kind = 1)) - 1,
+                     (SELECT max(id) FROM fc.journal), 0)),
+                (3, coalesce((SELECT max(id) FROM fc.accounts WHERE kind <> 100), 0)),
+                (4, coalesce((SELECT max(id) FROM fc.cards), 0)),
+                (5, CASE WHEN EXISTS (SELECT FROM fc.stations) THEN 1 ELSE 0 END),
+                (6, coalesce((SELECT max(id) FROM fc.refunds), 0))) AS m (source, through_id)
+             WHERE b.source = m.source""")
+
+
 def test_backfill_brings_the_history_from_before_the_stream_into_the_warehouse(
         pg_cluster: PostgresCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = pg_cluster.create_database(DATABASE)
     clock = ManualClock(dt.datetime(2026, 3, 2, 1, 0, tzinfo=dt.UTC))
-    everything = migrations.available()
-    events = next(m for m in everything if m.name.endswith("_events"))
     try:
+        migrations.migrate(url)
         # 1. Before the stream: money of every kind, and a station.
-        migrations.migrate(url, up_to=events.version - 1)
-        with serving(url, tmp_path / "s1", clock) as server:
+        with booked_without_events(url), serving(url, tmp_path / "s1", clock) as server:
             control_builders.register_station(server, "KM-001", 25.04, 102.71)
             old = [builders.open_card(server) for _ in range(3)]
             for i, card in enumerate(old):
@@ -116,16 +179,16 @@ def test_backfill_brings_the_history_from_before_the_stream_into_the_warehouse(
             server.points.RedeemPoints(points_pb2.RedeemPointsRequest(
                 request_id=builders.rid("redeem"), account_id=old[0].account_id, points=3,
                 description="mall order"))
-        # 2. The stream's migration alone, running for a while: its events,
-        #    some positioned, some still in the outbox; refunds only as
-        #    journal entries.
-        migrations.migrate(url, up_to=events.version)
-        with serving(url, tmp_path / "s2", clock) as server:
+        # 2. The stream without refund events, running for a while: its
+        #    events, some positioned, some still in the outbox; refunds only
+        #    as journal entries.
+        with booked_without_events(url, refunds_only=True), \
+                serving(url, tmp_path / "s2", clock) as server:
             book_some(server, old[1], 10)
             assert server.sequence_events() > 0
             book_some(server, builders.open_card(server), 11)
-        # 3. The rest of the migrations; the server serves again.
-        assert migrations.migrate(url)
+        # 3. The upgrade that completed the stream; the server serves again.
+        record_what_predates_the_stream(url)
         with serving(url, tmp_path / "s3", clock) as server, \
                 psycopg.connect(url, autocommit=True) as db:
             book_some(server, old[2], 20)
@@ -221,7 +284,7 @@ def test_a_backfilled_card_never_undoes_a_change_positioned_before_it(
                " WHERE source = 4")
     with psycopg.connect(server.database_url) as racing:
         racing.execute("UPDATE fc.cards SET status = 2 WHERE uid = %s", (card.card_id,))
-        assert db.execute("SELECT fc.backfill_events(100)").fetchone() == (1,)
+        assert db.execute("SELECT fc.backfill_events(p_limit => 100)").fetchone() == (1,)
         racing.commit()
     path = tmp_path / "w.duckdb"
     sync(server, path)

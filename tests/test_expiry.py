@@ -13,10 +13,10 @@ import pytest
 from fuelcard.v1 import account_pb2, common_pb2, transaction_pb2
 from fuelcard_server.settings import Settings
 
-from tests import builders, job_races
-from tests import control_builders as cb
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, snapshot
 from tests.plugins.server import RunningServer, make_settings
+from tests.support import builders, job_races
+from tests.support import control_builders as cb
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, snapshot
 
 MIN = dt.timedelta(minutes=1)
 SEC = dt.timedelta(seconds=1)
@@ -290,8 +290,9 @@ def test_hold_expiry_and_tier_evaluation_at_once_do_not_deadlock(server: Running
     now = server.clock.now()
     results = job_races.jobs_behind_account_lock(
         server.database_url, tree.a,
-        ("SELECT fc.expire_holds(%s, 100)", (now,)),
-        ("SELECT fc.evaluate_tiers(%s, 0, 100) -> 'changed'", (now,)))
+        ("SELECT fc.expire_holds(p_now => %(now)s, p_limit => 100)", {"now": now}),
+        ("SELECT fc.evaluate_tiers(p_now => %(now)s, p_after_id => 0, p_limit => 100) -> 'changed'",
+         {"now": now}))
     assert results == [2, 2]
     for card in (tree.card_a, tree.card_b):
         assert builders.balance(server, card).balance.held_fen == 0

@@ -45,6 +45,7 @@ def test_card_numbers_are_deterministic_and_luhn_valid() -> None:
     assert len(card_number(1, 0)) == 19
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_and_a_planted_loss_fails_the_ledger_check(
         server: RunningServer, tmp_path: Path) -> None:
     plot = tmp_path / "run.png"
@@ -86,7 +87,7 @@ def test_smoke_run_reports_and_a_planted_loss_fails_the_ledger_check(
         conn.execute(
             """INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
                                        hold_id, created_at)
-               SELECT 2, 1, h.account_id, fc.system_account('FUEL_SALES'), 1, h.id, now()
+               SELECT 2, 1, h.account_id, fc.system_account(p_code => 'FUEL_SALES'), 1, h.id, now()
                  FROM fc.holds h WHERE h.station_id = %s AND h.state = 2 LIMIT 1""",
             (ledger.station(r["run_id"]),))
     planted = ledger.check(server.database_url, r["run_id"], seen, since=since)
@@ -109,6 +110,7 @@ def test_smoke_run_reports_and_a_planted_loss_fails_the_ledger_check(
     assert again["ledger"]["generator"] == again["ledger"]["ledger"]
 
 
+@pytest.mark.slow
 def test_history_fills_the_tables_and_keeps_the_ledger_exact(
         server: RunningServer, tmp_path: Path) -> None:
     """The scale run's history generator at a tiny size: the planned counts,

@@ -33,9 +33,9 @@ from fuelcard_server.clock import ManualClock
 from fuelcard_server.retention import Pruned, Retention
 from fuelcard_server.settings import Settings, SettingsError
 
-from tests import builders
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, scalar
 from tests.plugins.server import RunningServer, ServerThread, make_settings
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, scalar
 
 DAY = dt.timedelta(days=1)
 WINDOW = dt.timedelta(seconds=Settings().idempotency_retention_s)
@@ -312,8 +312,9 @@ def test_concurrent_prune_statements_skip_each_others_rows(server: RunningServer
             with psycopg.connect(server.database_url, autocommit=True) as conn:
                 start.wait()
                 while True:
-                    row = conn.execute("SELECT fc.prune_idempotency_keys(%s, NULL, 200)",
-                                       (cutoff,)).fetchone()
+                    row = conn.execute(
+                        "SELECT fc.prune_idempotency_keys(p_before => %(before)s,"
+                        " p_unguarded_before => NULL, p_limit => 200)", {"before": cutoff}).fetchone()
                     assert row is not None
                     counts.append(int(row[0]))
                     if row[0] == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any, LiteralString
 
 import grpc
@@ -23,7 +24,9 @@ from fuelcard_server import errors
 
 log = logging.getLogger(__name__)
 
-Params = tuple[Any, ...] | dict[str, Any]
+# Positional (`%s`) or named (`%(name)s`: every fc.* call passes its
+# arguments by name, tests/test_sql_calls.py).
+Params = tuple[Any, ...] | Mapping[str, Any]
 
 # Unique violations that mean "a concurrent duplicate won the race": the
 # transaction rolled back, and running it again returns the winner's answer.
@@ -113,7 +116,7 @@ def translate(exc: psycopg.Error) -> errors.ApiError:
 class Database:
     """A pool and the calls through it.
 
-    `available` is the health probe's verdict (app.py): while it says the
+    `available` is the health probe's verdict (health.py): while it says the
     database is down, calls fail at once with UNAVAILABLE instead of each
     waiting out the pool timeout; the probe notices the database's return.
     """
@@ -164,7 +167,7 @@ class Database:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def call(self, sql: LiteralString, params: tuple[Any, ...]) -> dict[str, Any]:
+    async def call(self, sql: LiteralString, params: Params) -> dict[str, Any]:
         """Run one statement returning a single jsonb value.
 
         A connection that turns out dead (the database restarted since it was
@@ -234,3 +237,27 @@ class Database:
     async def fetch_one(self, sql: LiteralString, params: Params) -> tuple[Any, ...] | None:
         rows = await self.fetch_all(sql, params)
         return rows[0] if rows else None
+
+
+# Connections outside any pool, for the two kinds of work a Database does
+# not fit: a health probe, and a one-off command. Named, so that each use
+# says why it does not go through a pool.
+
+async def probe_connection(url: str, name: str, connect_timeout_s: float
+                           ) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+    """A connection of a health probe's own (health.py): a pool whose
+    connections are all busy is not a database that is down, and a probe
+    that waited for a pooled connection would say it is."""
+    return await psycopg.AsyncConnection.connect(
+        url, autocommit=True, application_name=name,
+        connect_timeout=max(1, round(connect_timeout_s)))
+
+
+def one_shot(url: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[Any, ...]]:
+    """One synchronous connection for one command of the `fuelcard` CLI
+    (or `verify.run`); used as `with one_shot(url) as conn:`, it is closed
+    when the block ends. These run once, outside any event loop, and some
+    need a transaction over several statements (a REPEATABLE READ snapshot
+    for the checks, a rule set and its audit record together), which the
+    pool's one-statement calls do not give."""
+    return psycopg.connect(url, autocommit=autocommit)

@@ -1,5 +1,5 @@
 """The rule evaluator in Python: the same features and the same decisions as
-fc.risk_assess / fc.risk_note (0007_risk.sql), for backtests.
+fc.risk_assess / fc.risk_note (sql/functions/risk.sql), for backtests.
 
 The SQL evaluator scores live authorizations under the account lock; this one
 replays history (fuelcard_server.risk.backtest). tests/test_risk_backtest.py

@@ -1,4 +1,24 @@
--- The audit log: SM3 in SQL and the hash-chained, append-only record of every mutating call.
+-- The audit trail: an append-only, SM3 hash-chained record of every
+-- internal/admin RPC and every read of personal data (who, what, when,
+-- outcome). fuelcard_server/audit.py writes it and verifies it.
+--
+-- Record n is bound to record n-1:
+--   hash(n) = SM3(prev_hash(n) || canonical(n)),  prev_hash(n) = hash(n-1)
+--   prev_hash(1) = 32 zero bytes
+--   canonical(n) = 'FCAUDIT1' || int8(id) || int8(created_at, microseconds
+--                  since 1970-01-01 UTC) || lp(actor) || lp(method)
+--                  || lp(target as text, '' if none) || lp(outcome)
+--   lp(s) = int4(octet length of s in UTF-8) || s in UTF-8; integers are
+--   big-endian (int8send/int4send).
+-- So an edited record no longer matches its hash, a deleted one leaves a gap
+-- in the ids and a broken link, and a moved one breaks both.
+--
+-- PostgreSQL has no SM3 (and pgcrypto is not in every installation), so
+-- fc.sm3 implements GB/T 32905 here. The chain is extended inside the database,
+-- under one advisory lock, so an audited RPC costs one round trip and two
+-- writers (two worker processes) can never fork the chain. `fuelcard audit
+-- verify` recomputes every hash with the C-backed SM3 of fuelcard_server.gm,
+-- so the two implementations check each other.
 --
 -- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.

@@ -1,5 +1,50 @@
--- The event stream: triggers write one outbox row per change, the sequencer gives committed
--- rows gap-free positions, and payloads are rendered from the current rows.
+-- The event stream for the analytics sidecar (transactional outbox).
+--
+-- Every committed money movement and card/account change reaches the stream:
+--
+--   1. Triggers on the tables that record them write one compact row to
+--      fc.outbox in the same transaction (a rollback takes it away too). The
+--      triggers live on the tables, not in the fc.* functions, so a function
+--      rewritten with CREATE OR REPLACE keeps feeding the stream.
+--        fc.journal   every entry (money and points; recharges carry their
+--                     channel, sales their hold)                     kind 1
+--        fc.holds     every change of a hold's state (confirmed, cancelled,
+--                     expired, and states added later), the whole hold kind 2
+--        fc.accounts  opened, or status/tier/kind/parent/mode/label changed  3
+--        fc.cards     issued, or status/account changed              kind 4
+--        fc.stations  registered or moved                            kind 5
+--      Balance and held_fen updates fire nothing (the WHEN clauses are
+--      checked in C, no function call): the journal says the same. A hold
+--      being made is no event either (a reservation moves no journal money;
+--      the hold is streamed whole when it is settled, cancelled or expires),
+--      so the authorize path writes nothing to the outbox at all.
+--      Journal rows are written by row triggers (one cached-plan INSERT
+--      each: measured cheaper than a statement trigger with a transition
+--      table for the one-row inserts of the hot path); accounts and cards,
+--      which loaders COPY in bulk, by statement triggers.
+--   2. One sequencer at a time (fc.sequence_events, under an advisory lock
+--      taken by the caller) moves the rows its snapshot sees from fc.outbox
+--      to fc.events and gives them gap-free positions 1, 2, 3, ... A row is
+--      positioned only once its transaction has committed, so a transaction
+--      that commits late gets a later position: a reader following positions
+--      never skips it (a reader following outbox ids would). Within a batch,
+--      transactions are ordered by their last outbox row and keep their rows
+--      together. When one transaction waited for another (the account
+--      advisory locks), all the waiter's rows were written after the other
+--      committed, so the order agrees with commit order where it matters.
+--   3. StreamEvents serves fc.events by position > the consumer's cursor.
+--
+-- Hold rows carry the state they changed to; the immutable fields (amount,
+-- station, card, ...) and the settlement of a CONFIRMED hold are read when
+-- the row is sequenced. Account, card and station rows carry a snapshot of
+-- the fields that may change again. Payloads are built by the sequencer,
+-- never on the authorize path.
+--
+-- Retention: fc.prune_events deletes events sequenced more than the
+-- retention ago (the server's --event-retention-s, default 7 days), in
+-- bounded batches; fc.event_head remembers the last position given and the
+-- last position pruned, so a cursor older than the retention is refused
+-- (CURSOR_EXPIRED) instead of silently missing events.
 --
 -- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.

@@ -1,5 +1,11 @@
 -- Account locks: every function that touches several accounts locks them in ascending id
--- order (parents have lower ids than their children), so no two transactions deadlock.
+-- order and holds them to the end of its transaction (pg_advisory_xact_lock; keys >= 1 are
+-- account ids, keys <= 0 belong to jobs: fuelcard_server/locks.py).
+--
+-- A movement on a sub-account locks its parent first,
+-- then the sub-account. parent_id < id always holds (a parent exists before
+-- its children), so "parent first" is "ascending account id" and agrees with
+-- every other function: no two transactions can wait on each other in a cycle.
 --
 -- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.

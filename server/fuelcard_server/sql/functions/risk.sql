@@ -1,5 +1,30 @@
--- The risk engine's stored side: rule sets as data (loaded, diffed, activated), the per-card
--- risk state each authorization notes, and the review of suspended holds.
+-- The real-time risk engine, its stored side.
+--
+-- Rules are data: a rule set is a versioned row of fc.risk_rule_sets with its
+-- rules in fc.risk_rules (one row per rule, its parameters in typed columns),
+-- and fc.risk_active names the one in force. Loading a new set or activating
+-- an old one is one transaction: every authorization sees either the old set
+-- or the new one, and no server restarts.
+--
+-- Every authorization is scored inside fc.authorize, under the account's
+-- advisory lock (which serialises every card of the account): the features of
+-- the card are computed once from its small state row (fc.risk_card_state),
+-- then all active rules are evaluated by one SELECT, and the state row is
+-- updated in the same transaction as the reservation. So counters are
+-- consistent across server processes, and a burst of concurrent
+-- authorizations cannot slip past a velocity or interval rule.
+--
+-- Decisions: APPROVE (as before), DECLINE (decline_reason RISK_DECLINED,
+-- nothing reserved) or REVIEW: the hold is made in state 5 SUSPENDED - the
+-- money is reserved and counts in held_fen and the usage counters, the pump
+-- must not deliver - until a reviewer approves it (-> 1 AUTHORIZED, with a
+-- fresh expiry) or rejects it (-> 6 REJECTED, money released), the POS
+-- cancels it (-> 3), or it expires like any hold (-> 4). A hold that expired
+-- while suspended can never be confirmed late: it was never approved.
+--
+-- Engine fault: the evaluation runs in an EXCEPTION block; any error inside
+-- applies the rule set's fallback (decline or review), never an approval, and
+-- the answer says so (risk.fallback) so the server counts it.
 --
 -- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
