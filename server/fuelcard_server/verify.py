@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fuelcard_server.db import one_shot
-
 from fuelcard_server.states import (
     ACCOUNT_KIND_SYSTEM,
     Asset,
