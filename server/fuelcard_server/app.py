@@ -21,6 +21,8 @@ import psycopg
 from fuelcard.v1 import (
     account_pb2,
     account_pb2_grpc,
+    adjustment_pb2,
+    adjustment_pb2_grpc,
     control_pb2,
     control_pb2_grpc,
     events_pb2,
@@ -56,6 +58,7 @@ from fuelcard_server.pins import Pins
 from fuelcard_server.replication import STANDBY_SQL, LagMeter, ReplicaState, StandbyStatus, parse_lsn
 from fuelcard_server.retention import Pruned, Retention
 from fuelcard_server.services.account import AccountService
+from fuelcard_server.services.adjustment import AdjustmentService
 from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.events import EventService
 from fuelcard_server.services.funding import FundingService
@@ -84,6 +87,7 @@ SERVICE_NAMES = (
     risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
 )
 
 # Services with an RPC that reads through the read pool (the replica when
@@ -97,6 +101,7 @@ READ_POOL_SERVICES = frozenset({
     risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
 })
 # What reports NOT_SERVING while the replica cannot be read (down, or further
 # behind than replica_max_lag_s). A load balancer routes by these names, so a
@@ -260,6 +265,7 @@ class FuelcardServer:
         risk_pb2_grpc.add_RiskServiceServicer_to_server(RiskService(deps), server)
         settlement_pb2_grpc.add_ReconciliationServiceServicer_to_server(
             ReconciliationService(deps), server)
+        adjustment_pb2_grpc.add_AdjustmentServiceServicer_to_server(AdjustmentService(deps), server)
         self._sequencer = Sequencer(self._db, self.clock, s.event_batch, s.event_retention_s,
                                     reads=self._reads)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(deps, self._sequencer),
