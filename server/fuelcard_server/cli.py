@@ -1,5 +1,5 @@
 """The `fuelcard` command: serve, migrate, verify, prune, audit verify/anchor, demo, risk
-load/backtest, events backfill."""
+load/backtest, events backfill, exceptions list/get/resolve."""
 
 from __future__ import annotations
 
@@ -680,6 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpositioned outbox rows at most before the next batch (default 20000)")
     p.add_argument("--status", action="store_true", help="only print the progress")
     p.set_defaults(func=cmd_events_backfill)
+
+    # Settlement exceptions: list, get, resolve (exception_commands.py).
+    from fuelcard_server import exception_commands
+    exception_commands.add_parser(sub, _add_database_flags, _settings, _database)
     return parser
 
 
