@@ -282,7 +282,8 @@ CHECKS: tuple[Check, ...] = (
     # 4 fc.redeem_points, 5 fc.batch_top_up, 6 fc.transfer_points,
     # 7 fc.expire_points, 8 fc.refund_recharge (the clearing account of the
     # recharge's channel, fc.clearing_account; a refund has its recharge's
-    # channel). Which customer it is, is checked by the checks above.
+    # channel), 9 fc.approve_adjustment (ADJUSTMENTS on the side opposite the
+    # customer, issue 14). Which customer it is, is checked by the checks above.
     Check("entries_have_their_counterparties",
           "each journal entry moves its kind's asset between its kind's accounts (e.g. a sale"
           " from a customer to FUEL_SALES, a recharge from its channel's clearing account to"
