@@ -300,6 +300,7 @@ def test_without_identities_nothing_can_be_approved(server: RunningServer, db: C
     expect(lambda: _approve(stub, adj.adjustment_id), grpc.StatusCode.PERMISSION_DENIED,
            "OWN_ADJUSTMENT")
     assert count(db, "journal", "kind = 9") == 0
+    assert_ledger_ok(server.database_url)
 
 
 def test_verify_finds_an_approval_that_was_not_booked(

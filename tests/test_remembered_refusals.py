@@ -138,6 +138,7 @@ def test_twins_of_a_refused_request_get_one_refusal(server: RunningServer, db: C
     assert len(_stored(db, request.request_id)) == 1
     expect(lambda: stub.ResolveSettlementException(request), FP,
            "SETTLEMENT_EXCEPTION_ALREADY_RESOLVED")
+    assert_ledger_ok(server.database_url)
 
 
 @pytest.mark.parametrize(("sqlstate", "reason", "kept"), [

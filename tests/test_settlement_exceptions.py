@@ -209,6 +209,7 @@ def test_only_admins_follow_up_and_bad_requests_are_named(
         exception_id="12")), grpc.StatusCode.INVALID_ARGUMENT, field="exception_id")
     assert stub.GetSettlementException(settlement_pb2.GetSettlementExceptionRequest(
         exception_id=exception_id)).settlement_exception.state == OPEN
+    assert_ledger_ok(server.database_url)
 
 
 def test_the_cli_lists_reads_and_resolves(server: RunningServer, db: Conn,
