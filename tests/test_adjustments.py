@@ -21,10 +21,10 @@ from fuelcard_server import verify
 from fuelcard_server.certs import DevPki
 from fuelcard_server.identity import Role
 
-from tests import builders, control_builders
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect
 from tests.plugins.server import RunningServer, TlsServer
-from tests.row_lock import twins_behind_row_lock, wait_queued
+from tests.support import builders, control_builders
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect
+from tests.support.row_lock import twins_behind_row_lock, wait_queued
 
 CREDIT = adjustment_pb2.ADJUSTMENT_DIRECTION_CREDIT
 DEBIT = adjustment_pb2.ADJUSTMENT_DIRECTION_DEBIT

@@ -28,22 +28,22 @@ from fuelcard.v1 import (
     settlement_pb2_grpc,
 )
 from fuelcard_server import migrations
-from fuelcard_server.app import (
+from fuelcard_server.clock import ManualClock
+from fuelcard_server.embedded import EmbeddedPostgres, bin_dir
+from fuelcard_server.health import (
     READ_POOL_SERVICES,
     READS_HEALTH_NAME,
     REPLICA_HEALTH_NAMES,
     SERVICE_NAMES,
 )
-from fuelcard_server.clock import ManualClock
-from fuelcard_server.embedded import EmbeddedPostgres, bin_dir
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests import builders
-from tests.ledger_asserts import unpack
 from tests.plugins.database import control_postgres
 from tests.plugins.proxy import TcpProxy
-from tests.plugins.server import RunningServer, ServerThread, make_settings
+from tests.plugins.server import RunningServer, ServerThread, make_settings, same_keys
+from tests.support import builders
+from tests.support.ledger_asserts import unpack
 
 pytestmark = pytest.mark.skipif(not (bin_dir() / "pg_basebackup").exists(),
                                 reason="the embedded PostgreSQL has no pg_basebackup")
@@ -333,7 +333,8 @@ def test_health_flips_per_service_when_the_replica_stops_and_payments_go_on(
         assert _metric(server, "fuelcard_replica_lag_seconds") is None  # unknown, not 0
         # A server started while the replica is down starts, and says so.
         second = ServerThread(make_settings(tmp_path / "second", replica_url=standby.url(),
-                                            connect_timeout_s=1.0), primary.url(), server.clock)
+                                            connect_timeout_s=1.0, **same_keys(server.settings)),
+                              primary.url(), server.clock)
         port = second.start()
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -32,10 +32,10 @@ from fuelcard_server.services import (
     transaction,
 )
 
-from tests import builders
-from tests.ledger_asserts import Conn, assert_ledger_ok, count, expect
 from tests.plugins.server import RunningServer
-from tests.row_lock import QUEUED_SQL, twins_behind_row_lock
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, assert_ledger_ok, count, expect
+from tests.support.row_lock import QUEUED_SQL, twins_behind_row_lock
 
 FP = grpc.StatusCode.FAILED_PRECONDITION
 MIN = dt.timedelta(minutes=1)

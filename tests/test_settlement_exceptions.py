@@ -19,10 +19,10 @@ import pytest
 from fuelcard.v1 import common_pb2, settlement_pb2, settlement_pb2_grpc
 from fuelcard_server import cli, verify
 
-from tests import builders
-from tests.ledger_asserts import Conn, assert_ledger_ok, expect
 from tests.plugins.server import RunningServer, TlsServer
-from tests.row_lock import twins_behind_row_lock, wait_queued
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, assert_ledger_ok, expect
+from tests.support.row_lock import twins_behind_row_lock, wait_queued
 
 OPEN = settlement_pb2.SETTLEMENT_EXCEPTION_STATE_OPEN
 RESOLVED = settlement_pb2.SETTLEMENT_EXCEPTION_STATE_RESOLVED

@@ -114,8 +114,19 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
                  # shedding refuses admin and report calls while payments wait for the pool:
                  # right for production, noise for storm tests about other things
                  # (test_overload.py and test_ops.py turn it on)
-                 load_shedding=False)
+                 load_shedding=False,
+                 # every call's access line, so the session's log scan sees them all
+                 access_log_sample=1.0)
     return dataclasses.replace(s, **overrides).validate()
+
+
+def same_keys(settings: Settings) -> dict[str, Any]:
+    """make_settings overrides for another server that shares `settings`'
+    key set, as a second host does after `fuelcard keys import`: a server
+    with other keys refuses to start against the same database."""
+    return {"root_key_file": settings.root_key_file or settings.data_dir / "root.key",
+            "signing_key_file": settings.signing_key_path,
+            "card_index_key_hex": settings.card_index_key_hex}
 
 
 @pytest.fixture(scope="session")
