@@ -10,6 +10,11 @@ Two kinds of SQL file, as Flyway has versioned and repeatable migrations:
   in exactly one file. A file is re-applied whenever its checksum differs from
   the one recorded, after the migrations, in a fixed order (by file name).
 
+Then `sql/privileges.sql`, after every run that applied anything: who owns
+schema fc and what the serving role may do (issue 15). It cannot be a
+numbered migration: re-creating a function resets its SECURITY DEFINER, and
+a new table or function is owned by whoever made it.
+
 One run is one transaction under an advisory lock: two concurrent runs
 serialise, and the second finds nothing left to do. A database at the
 released migration 0017 (before the squash into `0001_baseline`) is recognised
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = "migrations"
 FUNCTIONS_DIR = "functions"
+PRIVILEGES_FILE = "privileges.sql"
 
 # The released migrations that 0001_baseline squashes, in order. A database
 # that recorded exactly these is at the baseline's schema.
@@ -194,6 +200,15 @@ def _apply(conn: psycopg.Connection[tuple[object, ...]], plan: Plan) -> None:
             "VALUES (%(file)s, %(checksum)s) ON CONFLICT (file) DO UPDATE "
             "SET checksum = excluded.checksum, applied_at = now()",
             {"file": f.name, "checksum": f.checksum})
+    log.info("applying %s", PRIVILEGES_FILE)
+    conn.execute(privileges_sql().encode())
+
+
+def privileges_sql() -> str:
+    """Ownership and grants of schema fc: the owner role owns everything, the
+    serving role may read and call the entry points (sql/privileges.sql)."""
+    return importlib.resources.files("fuelcard_server.sql").joinpath(PRIVILEGES_FILE).read_text(
+        encoding="utf-8")
 
 
 def _run(url: str, *, apply: bool) -> Plan:
