@@ -20,9 +20,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from fuelcard.v1 import points_pb2
-from fuelcard_server import roles, verify
+from fuelcard_server import migrations, roles, verify
 from fuelcard_server.embedded import EmbeddedPostgres
 
+from tests.plugins.database import PostgresCluster
 from tests.plugins.server import TEST_KEY_HEX, RunningServer
 from tests.support import builders
 from tests.support.ledger_asserts import Conn, scalar
@@ -170,3 +171,37 @@ def test_embedded_serve_migrates_as_admin_and_serves_as_the_serving_role(tmp_pat
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+def _definer(url: str, function: str) -> bool:
+    with psycopg.connect(url) as conn:
+        value: bool = scalar(conn, "SELECT bool_and(prosecdef) FROM pg_proc WHERE proname = %s"
+                             " AND pronamespace = 'fc'::regnamespace", (function,))
+    return value
+
+
+def test_a_reapplied_function_file_keeps_its_entry_points(
+        pg_cluster: PostgresCluster, migrated_template: str) -> None:
+    """CREATE OR REPLACE FUNCTION resets SECURITY DEFINER: privileges.sql is
+    applied again after every run that re-creates functions, and whenever it
+    changed itself."""
+    url = pg_cluster.create_database("fc_privileges_again", template=migrated_template)
+    try:
+        assert _definer(url, "confirm")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE public.fuelcard_function_files SET checksum = 'old'"
+                         " WHERE file = 'holds.sql'")
+        assert migrations.migrate(url) == ["functions/holds.sql"]
+        assert _definer(url, "confirm")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER FUNCTION fc.confirm SECURITY INVOKER")
+            conn.execute("UPDATE public.fuelcard_function_files SET checksum = 'old'"
+                         " WHERE file = 'privileges.sql'")
+        assert not _definer(url, "confirm")
+        plan = migrations.status(url)
+        assert plan.privileges_changed and "changed: privileges.sql" in plan.describe()
+        assert migrations.migrate(url) == ["privileges.sql"]
+        assert _definer(url, "confirm")
+        assert migrations.migrate(url) == []
+    finally:
+        pg_cluster.drop_database("fc_privileges_again")

@@ -195,6 +195,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 todo = ([f"{migrations.LEGACY_MIGRATIONS[-1]} recorded as the baseline"] if plan.legacy
                         else []) + [m.name for m in plan.pending] + [f"functions/{f.name}"
                                                                       for f in plan.changed]
+                todo += [migrations.PRIVILEGES_FILE] if plan.privileges_changed else []
                 print("would apply: " + (", ".join(todo) if todo else "nothing (up to date)"))
             return 0
         applied = migrations.migrate(url)
