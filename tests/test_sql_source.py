@@ -130,6 +130,7 @@ def test_a_database_at_0017_upgrades_to_the_schema_a_fresh_one_gets(
             ).fetchall()
         applied = migrations.migrate(url)
         assert applied[0] == "0017_step_up_resend recorded as 0001_baseline"
+        # then the migrations after the baseline, then every function file
         later = [m.name for m in migrations.available()[1:]]
         assert applied[1:1 + len(later)] == later
         assert all(name.startswith("functions/") for name in applied[1 + len(later):])
