@@ -773,6 +773,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpositioned outbox rows at most before the next batch (default 20000)")
     p.add_argument("--status", action="store_true", help="only print the progress")
     p.set_defaults(func=cmd_events_backfill)
+
+    # `fuelcard admin ...`: operator work over gRPC with the admin certificate
+    # (admin_cli.py holds the whole group).
+    from fuelcard_server import admin_cli
+    admin_cli.add_parser(sub)
     return parser
 
 

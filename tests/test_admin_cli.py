@@ -1,0 +1,131 @@
+"""`fuelcard admin` end to end against a real mutual-TLS server: a fleet
+with two vehicles set up in one command per step, then listed with the list
+RPCs; the batch top-up's preview and confirmation; errors as exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fuelcard_server import cli
+
+from tests.plugins.server import RunningServer, TlsServer
+from tests.support import builders
+
+
+def admin(tls: TlsServer, capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> str:
+    got = cli.main(["admin", *argv, "--target", tls.target, "--certs", str(tls.certs)])
+    out, err = capsys.readouterr()
+    assert got == code, (out, err)
+    return out if code == 0 else err
+
+
+def admin_json(tls: TlsServer, capsys: pytest.CaptureFixture[str], *argv: str) -> object:
+    return json.loads(admin(tls, capsys, *argv, "--json"))
+
+
+def test_a_fleet_with_two_vehicles_in_one_command_per_step(
+        tls_server: TlsServer, server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    t = tls_server
+    fleet = admin_json(t, capsys, "accounts", "open", "--type", "fleet", "--name", "昆明顺达物流")
+    assert isinstance(fleet, dict)
+    parent = fleet["account"]["account_id"]
+    vehicles = []
+    for plate in ("云A·12345", "云A·D7788"):
+        v = admin_json(t, capsys, "accounts", "open", "--parent", parent, "--mode", "allocated",
+                       "--name", "司机", "--label", plate)
+        assert isinstance(v, dict)
+        vehicles.append(v["account"]["account_id"])
+    cards = []
+    for vehicle in vehicles:
+        c = admin_json(t, capsys, "cards", "issue", vehicle)
+        assert isinstance(c, dict)
+        assert c["card"]["account_id"] == vehicle
+        cards.append(c["card"]["card_id"])
+    limits = admin_json(t, capsys, "limits", "set", "--actor", parent, "--account", vehicles[0],
+                        "--per-txn", "300", "--daily", "800.50")
+    assert limits == {"limits": {"per_transaction_fen": "30000", "daily_fen": "80050"}}
+    # the parent's money comes from a recharge (a payment channel's job, not the CLI's): through
+    # a development-mode server on the same database
+    builders.recharge(server, parent, 200_000)
+    # top-up: preview, then done (--yes: no prompt)
+    out = admin(t, capsys, "topup", "--parent", parent, "--line", f"{vehicles[0]}=500",
+                "--line", f"{vehicles[1]}=300.25", "--yes")
+    assert "2 line(s), total 800.25" in out
+    assert "parent balance now 1199.75" in out
+
+    # listed with the list RPCs: the vehicles with their balances, each one's card
+    table = admin(t, capsys, "accounts", "list", "--parent", parent)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["ACCOUNT", "TYPE", "LABEL"]
+    assert [line.split()[0] for line in lines[1:]] == vehicles
+    assert "云A·12345" in lines[1] and "500.00" in lines[1]
+    assert "云A·D7788" in lines[2] and "300.25" in lines[2]
+    listed = admin_json(t, capsys, "accounts", "list", "--parent", parent)
+    assert isinstance(listed, list)
+    assert [a["balance"]["balance_fen"] for a in listed] == ["50000", "30025"]
+    for vehicle, card in zip(vehicles, cards, strict=True):
+        got = admin_json(t, capsys, "cards", "list", vehicle)
+        assert isinstance(got, list)
+        assert [c["card_id"] for c in got] == [card]
+        assert "*" in got[0]["masked_card_number"]
+    shown = admin(t, capsys, "limits", "get", "--account", vehicles[0])
+    assert "300.00" in shown and "800.50" in shown
+
+
+def test_top_up_from_a_csv_asks_first_and_refuses_bad_files(
+        tls_server: TlsServer, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    t = tls_server
+    fleet = admin_json(t, capsys, "accounts", "open", "--type", "corporate", "--name", "车队")
+    assert isinstance(fleet, dict)
+    parent = fleet["account"]["account_id"]
+    v = admin_json(t, capsys, "accounts", "open", "--parent", parent, "--mode", "allocated",
+                   "--name", "司机", "--label", "云A·1")
+    assert isinstance(v, dict)
+    vehicle = v["account"]["account_id"]
+    sheet = tmp_path / "topup.csv"
+    sheet.write_text(f"account_id,amount_yuan,label\n{vehicle},12.34,云A·1\n", encoding="utf-8")
+
+    # not a terminal and no --yes: nothing moves
+    err = admin(t, capsys, "topup", "--parent", parent, "--csv", str(sheet), code=2)
+    assert "--yes" in err
+    # a terminal that answers no: nothing moves either
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert cli.main(["admin", "topup", "--parent", parent, "--csv", str(sheet), "--target", t.target,
+                     "--certs", str(t.certs)]) == 1
+    out, _ = capsys.readouterr()
+    assert "12.34" in out and "warning: the parent does not have that much" in out
+    balance = admin_json(t, capsys, "accounts", "get", vehicle)
+    assert isinstance(balance, dict)
+    assert "balance_fen" not in balance["account"]["balance"]  # proto3 JSON omits a zero
+    # answered yes, the server refuses: the parent has no money (exit 1, the reason said)
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert cli.main(["admin", "topup", "--parent", parent, "--csv", str(sheet), "--target", t.target,
+                     "--certs", str(t.certs)]) == 1
+    _, err = capsys.readouterr()
+    assert "top-up declined (insufficient_funds) after 0/1 line(s)" in err
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"account_id,amount_yuan\n{vehicle},1.234\n", encoding="utf-8")
+    err = admin(t, capsys, "topup", "--parent", parent, "--csv", str(bad), "--yes", code=2)
+    assert "bad.csv:2" in err and "two decimals" in err
+    err = admin(t, capsys, "cards", "list", "not-a-uuid", code=1)
+    assert "INVALID_ARGUMENT" in err and "account_id" in err
+
+
+def test_the_console_script_runs_admin_over_tls(tls_server: TlsServer) -> None:
+    exe = Path(sys.executable).parent / "fuelcard"
+    done = subprocess.run([str(exe), "admin", "accounts", "open", "--type", "personal", "--name", "张伟",
+                           "--json", "--target", tls_server.target, "--certs", str(tls_server.certs)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["account"]["holder"]["name"] == "张伟"
+    # without a certificate: refused by the command, not by a stack trace
+    done = subprocess.run([str(exe), "admin", "rules", "show", "--target", tls_server.target],
+                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin"})
+    assert done.returncode == 2 and "no admin certificate" in done.stderr
