@@ -4,16 +4,19 @@ RPCs; the batch top-up's preview and confirmation; errors as exit codes."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fuelcard.v1 import account_pb2
 from fuelcard_server import cli
 
 from tests.plugins.server import RunningServer, TlsServer
 from tests.support import builders
+from tests.support.ledger_asserts import Conn
 
 
 def admin(tls: TlsServer, capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> str:
@@ -129,3 +132,37 @@ def test_the_console_script_runs_admin_over_tls(tls_server: TlsServer) -> None:
     done = subprocess.run([str(exe), "admin", "rules", "show", "--target", tls_server.target],
                           capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin"})
     assert done.returncode == 2 and "no admin certificate" in done.stderr
+
+
+def test_principal_add_makes_a_login_with_a_hashed_password(
+        server: RunningServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        db: Conn) -> None:
+    fleet = server.accounts.OpenAccount(account_pb2.OpenAccountRequest(
+        request_id=builders.rid("open"), type=account_pb2.ACCOUNT_TYPE_CORPORATE,
+        holder=account_pb2.Holder(name="车队"))).account.account_id
+
+    def add(*argv: str, password: str = "s3cret-enough\n") -> int:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(password))
+        return cli.main(["admin", "principal", "add", "--database-url", server.database_url,
+                         "--password-stdin", "--account", fleet, *argv])
+
+    assert add("--login", "fleet.boss", "--kind", "fleet_manager", "--json") == 0
+    made = json.loads(capsys.readouterr().out)
+    assert (made["login"], made["kind"], made["account_id"]) == ("fleet.boss", "fleet_manager", fleet)
+    stored = db.execute("SELECT password_hash FROM fc.principals WHERE login = 'fleet.boss'").fetchone()
+    assert stored is not None and stored[0].startswith("scrypt$") and "s3cret" not in stored[0]
+    from fuelcard_api.principals import check_password
+    assert check_password("s3cret-enough", stored[0]) and not check_password("s3cret-enougH", stored[0])
+    # taken, too short a password, not a fleet's account: refused, nothing stored
+    assert add("--login", "fleet.boss", "--kind", "holder") == 1
+    assert add("--login", "other", "--kind", "holder", password="short\n") == 1
+    vehicle = server.accounts.OpenAccount(account_pb2.OpenAccountRequest(
+        request_id=builders.rid("open"), parent_account_id=fleet,
+        funding_mode=account_pb2.FUNDING_MODE_SHARED,
+        holder=account_pb2.Holder(name="司机"))).account.account_id
+    monkeypatch.setattr(sys, "stdin", io.StringIO("s3cret-enough\n"))
+    assert cli.main(["admin", "principal", "add", "--database-url", server.database_url, "--password-stdin",
+                     "--account", vehicle, "--login", "not.a.fleet", "--kind", "fleet_manager"]) == 1
+    err = capsys.readouterr().err
+    assert "that login is taken" in err and "8-256 characters" in err and "top-level corporate" in err
+    assert db.execute("SELECT count(*) FROM fc.principals").fetchone() == (1,)
