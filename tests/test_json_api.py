@@ -26,9 +26,11 @@ from fuelcard.v1 import account_pb2
 from fuelcard_api import principals
 from fuelcard_api.app import Api, ApiSettings
 from fuelcard_api.openapi import document
+from fuelcard_api.throttle import Throttle
+from fuelcard_server.audit import actor_of
 from fuelcard_server.certs import DevPki
 from fuelcard_server.clock import ManualClock
-from fuelcard_server.identity import Role
+from fuelcard_server.identity import ON_BEHALF_OF, Caller, Role, acting_for
 from fuelcard_server.stepup import FileOtpSender
 from openapi_spec_validator import validate
 
@@ -340,3 +342,36 @@ def test_rate_limits_answer_429_per_principal_then_per_ip(tight_edge: Edge, serv
     assert (status, refused["error"]["reason"]) == (429, "RATE_LIMITED")
     status, refused = edge.call("POST", "/v1/sessions", {"login": "manager.d", "password": PASSWORD})
     assert status == 429
+
+
+def test_only_an_admin_callers_well_formed_principal_is_taken() -> None:
+    principal = "principal:0b6f1a52-6c1e-4c7e-9b3a-123456789012"
+    edge_cert = Caller(role=Role.ADMIN, name="fuelcard-api")
+    acting = acting_for(edge_cert, ((ON_BEHALF_OF, principal),))
+    assert acting.on_behalf_of == principal
+    assert acting.key == edge_cert.key  # the idempotency scope stays the edge's
+    # all twelve digits of the uuid's last group are kept: a uuid is not a phone number
+    assert actor_of(acting) == f"admin::fuelcard-api for {principal}"
+    assert actor_of(edge_cert) == "admin::fuelcard-api"
+    terminal = Caller(role=Role.POS, name="KM-001-T1", scope="KM-001")
+    assert acting_for(terminal, ((ON_BEHALF_OF, principal),)) == terminal
+    for bad in ("principal:13800138000", "principal:" + principal, "x" * 30 + ":" + principal[10:]):
+        assert acting_for(edge_cert, ((ON_BEHALF_OF, bad),)) == edge_cert, bad
+
+
+def test_the_throttle_keeps_at_most_max_keys_and_refills_at_its_rate() -> None:
+    now = [0.0]
+    throttle = Throttle(rate=1.0, burst=2, max_keys=3, clock=lambda: now[0])
+    assert [throttle.take("a") for _ in range(3)] == [0.0, 0.0, 1.0]
+    now[0] = 0.5
+    assert throttle.take("a") == 0.5  # half a token back, half a second to wait for the next
+    now[0] = 1.0
+    assert throttle.take("a") == 0.0
+    for key in ("b", "c", "d"):
+        throttle.take(key)
+    assert len(throttle) == 3  # "a", the least recently used, went
+    assert throttle.take("a") == 0.0  # and comes back with a full bucket
+    assert Throttle(rate=0.0, burst=1).take("x") == 0.0
+    never = Throttle(rate=0.0, burst=1)
+    never.take("x")
+    assert never.take("x") == float("inf")

@@ -46,6 +46,7 @@ from fuelcard.v1 import (
     step_up_pb2,
 )
 from fuelcard_server.db import Database
+from fuelcard_server.errors import ApiError
 from fuelcard_server.identity import ON_BEHALF_OF
 from fuelcard_server.locks import AUDIT_LOCK
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -276,6 +277,15 @@ class Api:
                              exc.reason).response()
         except grpc.aio.AioRpcError as exc:
             return from_rpc(exc).response()
+        except ApiError as exc:  # the API's own database calls (sessions, authority)
+            status = 503 if exc.code is grpc.StatusCode.UNAVAILABLE else 500
+            return HttpError(status, exc.reason, "the service is unavailable; retry"
+                             if status == 503 else "internal error").response()
+        except Exception as exc:  # a bug: the type in the log, never the request
+            log.exception("unhandled %s in %s %s", type(exc).__name__, request.method,
+                          request.match_info.route.resource.canonical
+                          if request.match_info.route.resource else "?")
+            return HttpError(500, "INTERNAL", "internal error").response()
 
     def _bind(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def serve(request: web.Request) -> web.StreamResponse:

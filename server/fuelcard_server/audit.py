@@ -119,7 +119,9 @@ def actor_of(caller: Caller | None) -> str:
         return "unidentified"
     actor = "development" if caller.role is None else scrub(caller.key)
     if caller.on_behalf_of:
-        actor += " for " + scrub(caller.on_behalf_of)
+        # "principal:<uuid>" (identity.acting_for admits nothing else): not
+        # scrubbed, a uuid's 12 hex digits may all be decimal ones
+        actor += " for " + caller.on_behalf_of
     return actor
 
 

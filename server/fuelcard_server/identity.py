@@ -58,7 +58,10 @@ DEVELOPMENT = Caller(role=None, name="development")
 # for, e.g. "principal:<uuid>". Other roles' values are ignored: a terminal
 # speaks for itself.
 ON_BEHALF_OF = "fuelcard-on-behalf-of"
-_ON_BEHALF_OF_FORM = re.compile(r"[a-z_]{1,20}:[A-Za-z0-9._-]{1,64}")
+# "<kind>:<uuid>": an internal id, never a login, phone or name, so that it
+# can go into the audit trail as it is.
+_ON_BEHALF_OF_FORM = re.compile(
+    r"[a-z_]{1,20}:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def acting_for(caller: Caller, metadata: Any) -> Caller:
