@@ -166,3 +166,35 @@ def test_principal_add_makes_a_login_with_a_hashed_password(
     err = capsys.readouterr().err
     assert "that login is taken" in err and "8-256 characters" in err and "top-level corporate" in err
     assert db.execute("SELECT count(*) FROM fc.principals").fetchone() == (1,)
+
+
+def test_rules_reviews_breaks_and_exceptions_over_tls(
+        tls_server: TlsServer, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    t = tls_server
+    rules = Path(cli.__file__).parent / "risk" / "default_rules.toml"
+    first = admin_json(t, capsys, "rules", "load", str(rules))
+    assert isinstance(first, dict)
+    # a second version goes in force at once; `activate` puts the first back
+    second = tmp_path / "second.toml"
+    second.write_text(rules.read_text(encoding="utf-8").replace('name = "default"', 'name = "second"', 1),
+                      encoding="utf-8")
+    out = admin(t, capsys, "rules", "load", str(second))
+    assert "second" in out.splitlines()[1] and "in force" in out
+    version = first["rule_set"]["version"]
+    out = admin(t, capsys, "rules", "activate", str(version))
+    assert out.splitlines()[1].split()[:2] == [str(version), "default"] and "yes" in out.splitlines()[1]
+    shown = admin_json(t, capsys, "rules", "show")
+    assert isinstance(shown, dict)
+    assert (shown["rule_set"]["version"], shown["rule_set"]["name"]) == (version, "default")
+    # nothing suspended, broken or exceptional on a fresh database: headers only, [] for scripts
+    for group in ("reviews", "breaks", "exceptions"):
+        assert admin_json(t, capsys, group, "list") == []
+        assert len(admin(t, capsys, group, "list").splitlines()) == 1
+    err = admin(t, capsys, "reviews", "approve", "00000000-0000-4000-8000-000000000000",
+                "--as", "reviewer-risk", code=1)
+    assert "NOT_FOUND" in err
+    # a review is a reviewer's decision: the admin certificate is refused
+    err = admin(t, capsys, "reviews", "approve", "00000000-0000-4000-8000-000000000000", code=1)
+    assert "PERMISSION_DENIED ROLE_NOT_ALLOWED" in err
+    err = admin(t, capsys, "rules", "load", str(tmp_path / "missing.toml"), code=2)
+    assert "cannot read" in err

@@ -29,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=os.environ.get("FUELCARD_TARGET", "127.0.0.1:50051"),
                    help="the core's gRPC address (env FUELCARD_TARGET)")
     p.add_argument("--certs", type=Path, required=True,
-                   help="directory with ca.pem and the API's admin certificate admin-NAME.pem/.key "
+                   help="directory with ca.pem and the API's admin certificate STEM.pem/.key "
                         "(`fuelcard certs --admin fuelcard-api`)")
-    p.add_argument("--as", dest="cert_name", default="fuelcard-api", metavar="NAME",
-                   help="the certificate's NAME (default fuelcard-api)")
+    p.add_argument("--as", dest="cert_name", default="admin-fuelcard-api", metavar="STEM",
+                   help="the certificate's file stem in --certs (default admin-fuelcard-api)")
     p.add_argument("--database-url", dest="database_url",
                    default=os.environ.get("FUELCARD_DATABASE_URL"),
                    help="the core's database, for principals and sessions (env FUELCARD_DATABASE_URL)")
@@ -78,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, _, port = args.listen.rpartition(":")
     certs: Path = args.certs
     settings = ApiSettings(
-        target=args.target, ca=certs / "ca.pem", cert=certs / f"admin-{args.cert_name}.pem",
-        key=certs / f"admin-{args.cert_name}.key", database_url=args.database_url,
+        target=args.target, ca=certs / "ca.pem", cert=certs / f"{args.cert_name}.pem",
+        key=certs / f"{args.cert_name}.key", database_url=args.database_url,
         session_ttl_s=args.session_ttl_s, ip_rate=args.ip_rate, ip_burst=args.ip_burst,
         principal_rate=args.principal_rate, principal_burst=args.principal_burst)
     asyncio.run(serve(settings, host or "127.0.0.1", int(port), args.port_file))

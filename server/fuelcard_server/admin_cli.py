@@ -156,8 +156,8 @@ def connect(args: argparse.Namespace) -> Admin:
     cert, key, ca = args.cert, args.key, args.ca
     if certs:
         directory = Path(certs)
-        cert = cert or directory / f"admin-{args.cert_name}.pem"
-        key = key or directory / f"admin-{args.cert_name}.key"
+        cert = cert or directory / f"{args.cert_name}.pem"
+        key = key or directory / f"{args.cert_name}.key"
         ca = ca or directory / "ca.pem"
     if not (cert and key and ca):
         raise UsageError("no admin certificate: give --certs DIR (from `fuelcard certs --admin NAME`), "
@@ -559,9 +559,9 @@ def rules_load(a: Admin, args: argparse.Namespace, out: TextIO) -> int:
         out.write(_json(r) + "\n")
     else:
         _rule_set(r.rule_set, out)
-        out.write(f"added {len(r.changes.added)}, removed {len(r.changes.removed)}, "
-                  f"changed {len(r.changes.changed)} rule(s); `rules activate {r.rule_set.version}` "
-                  "puts it in force\n")
+        out.write(f"in force; added {len(r.changes.added)}, removed {len(r.changes.removed)}, "
+                  f"changed {len(r.changes.changed)} rule(s) (`rules activate VERSION` puts an "
+                  "earlier version back)\n")
     return 0
 
 
@@ -637,10 +637,11 @@ def _connection_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("connection")
     g.add_argument("--target", help=f"the server, HOST:PORT (env FUELCARD_TARGET; default {DEFAULT_TARGET})")
-    g.add_argument("--certs", help="directory of `fuelcard certs`: ca.pem and admin-NAME.pem/.key "
-                   "(env FUELCARD_CERTS)")
-    g.add_argument("--as", dest="cert_name", default="ops", metavar="NAME",
-                   help="the admin certificate's NAME in --certs (default ops)")
+    g.add_argument("--certs", help="directory of `fuelcard certs`: ca.pem and the client "
+                   "certificates (env FUELCARD_CERTS)")
+    g.add_argument("--as", dest="cert_name", default="admin-ops", metavar="STEM",
+                   help="the certificate in --certs: STEM.pem and STEM.key (default admin-ops; "
+                        "hold reviews take a reviewer's, e.g. reviewer-risk)")
     g.add_argument("--cert", type=Path, help="the admin client certificate (PEM)")
     g.add_argument("--key", type=Path, help="its private key")
     g.add_argument("--ca", type=Path, help="the CA that signed the server's certificate")
@@ -770,10 +771,10 @@ def add_parser(sub: Any) -> None:
         dest="rules_command", required=True)
     p = g.add_parser("show", parents=[c], help="the rule set in force")
     p.set_defaults(admin_func=rules_show)
-    p = g.add_parser("load", parents=[c], help="store a rule set (TOML or .json); not yet in force")
+    p = g.add_parser("load", parents=[c], help="validate a rule set (TOML or .json) and put it in force")
     p.add_argument("file", type=Path)
     p.set_defaults(admin_func=rules_load)
-    p = g.add_parser("activate", parents=[c], help="put a stored version in force")
+    p = g.add_parser("activate", parents=[c], help="put a stored version back in force (a rollback)")
     p.add_argument("version", type=int)
     p.set_defaults(admin_func=rules_activate)
 
