@@ -9,7 +9,7 @@ from fuelcard.v1 import account_pb2
 
 from tests.plugins.server import RunningServer, TlsServer
 from tests.support import control_builders as cb
-from tests.support.ledger_asserts import expect
+from tests.support.ledger_asserts import Conn, expect
 
 IA = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -95,3 +95,21 @@ def test_terminals_may_not_list(tls_server: TlsServer) -> None:
            grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
     expect(lambda: reviewer.ListCards(account_pb2.ListCardsRequest(account_id=cb.new_uuid())),
            grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")
+
+
+def test_lists_run_on_the_read_pool_never_the_transaction_pool(server: RunningServer, db: Conn) -> None:
+    parent = cb.open_account(server, account_pb2.ACCOUNT_TYPE_CORPORATE).account_id
+    vehicle = cb.open_account(server, parent=parent, mode=cb.SHARED, label="云A·1").account_id
+    card = cb.issue_card(server, vehicle).card_id
+    for _ in range(3):  # every connection of the read pool has run one at least once
+        assert [a.account_id for a in server.accounts.ListSubAccounts(
+            account_pb2.ListSubAccountsRequest(parent_account_id=parent)).accounts] == [vehicle]
+        assert [c.card_id for c in server.accounts.ListCards(
+            account_pb2.ListCardsRequest(account_id=vehicle)).cards] == [card]
+    by_pool: dict[str, list[str]] = {}
+    for application, query in db.execute(
+            "SELECT application_name, query FROM pg_stat_activity WHERE application_name LIKE 'fuelcard%'"):
+        by_pool.setdefault(application, []).append(query)
+    pages = ("ORDER BY a.id LIMIT", "ORDER BY c.id LIMIT")
+    assert any(p in q for q in by_pool["fuelcard-reads-w0"] for p in pages), by_pool
+    assert not any(p in q for q in by_pool.get("fuelcard-w0", []) for p in pages), by_pool
