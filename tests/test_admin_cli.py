@@ -67,6 +67,14 @@ def test_a_fleet_with_two_vehicles_in_one_command_per_step(
     assert [line.split()[0] for line in lines[1:]] == vehicles
     assert "云A·12345" in lines[1] and "500.00" in lines[1]
     assert "云A·D7788" in lines[2] and "300.25" in lines[2]
+    # page by page, with progress on stderr
+    assert cli.main(["admin", "accounts", "list", "--parent", parent, "--page-size", "1", "--target",
+                     t.target, "--certs", str(t.certs)]) == 0
+    paged, progress = capsys.readouterr()
+    assert paged == table
+    # (the in-process server's JSON log lines share stderr)
+    assert [line for line in progress.splitlines() if not line.startswith("{")][:2] == [
+        "1 accounts so far", "2 accounts in all"]
     listed = admin_json(t, capsys, "accounts", "list", "--parent", parent)
     assert isinstance(listed, list)
     assert [a["balance"]["balance_fen"] for a in listed] == ["50000", "30025"]
@@ -166,6 +174,16 @@ def test_principal_add_makes_a_login_with_a_hashed_password(
     err = capsys.readouterr().err
     assert "that login is taken" in err and "8-256 characters" in err and "top-level corporate" in err
     assert db.execute("SELECT count(*) FROM fc.principals").fetchone() == (1,)
+
+    # disabled: no more logins (the JSON API's tests show its sessions end), audited
+    assert cli.main(["admin", "principal", "disable", "--login", "fleet.boss", "--database-url",
+                     server.database_url]) == 0
+    assert "disabled fleet.boss" in capsys.readouterr().out
+    assert db.execute("SELECT disabled_at IS NOT NULL FROM fc.principals").fetchone() == (True,)
+    assert cli.main(["admin", "principal", "disable", "--login", "fleet.boss", "--database-url",
+                     server.database_url]) == 1
+    assert db.execute("SELECT count(*) FROM fc.audit_log WHERE method LIKE '/fuelcard.api/%%Principal'"
+                      ).fetchone() == (2,)
 
 
 def test_rules_reviews_breaks_and_exceptions_over_tls(

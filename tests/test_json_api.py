@@ -316,6 +316,13 @@ def test_sessions_expire_end_and_bad_logins_are_refused(edge: Edge, server: Runn
     assert edge.call("DELETE", "/v1/sessions/current", token=token)[0] == 204
     assert edge.call("GET", "/v1/me", token=token)[0] == 401
 
+    # a disabled principal: its sessions end at once, and it cannot log in again
+    token = edge.login("manager.b")
+    assert principals.disable(edge.database_url, login="manager.b", by="test")[1] == 1
+    assert edge.call("GET", "/v1/me", token=token)[0] == 401
+    status, refused = edge.call("POST", "/v1/sessions", {"login": "manager.b", "password": PASSWORD})
+    assert (status, refused["error"]["reason"]) == (401, "LOGIN_FAILED")
+
 
 @pytest.fixture
 def tight_edge(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[Edge]:

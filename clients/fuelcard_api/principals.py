@@ -34,6 +34,12 @@ INSERT_SQL = """
       FROM fc.accounts a WHERE a.uid = %(account)s::uuid AND a.kind <> 100
     RETURNING uid::text"""
 ACCOUNT_SQL = "SELECT kind, parent_id IS NULL FROM fc.accounts WHERE uid = %(account)s::uuid AND kind <> 100"
+# Disabling ends every session at once: the sessions go with it.
+DISABLE_SQL = """
+    WITH p AS (UPDATE fc.principals SET disabled_at = now()
+                WHERE login = %(login)s AND disabled_at IS NULL RETURNING id, uid::text),
+         s AS (DELETE FROM fc.api_sessions WHERE principal_id IN (SELECT id FROM p) RETURNING 1)
+    SELECT p.uid, (SELECT count(*) FROM s) FROM p"""
 AUDIT_SQL = (
     "SELECT fc.audit_append(p_lock => %(lock)s, p_actor => %(actor)s, p_method => %(method)s,"
     " p_target => %(target)s::uuid, p_outcome => %(outcome)s)")
@@ -107,3 +113,16 @@ def add(url: str, *, login: str, kind: str, account_id: str, password: str, phon
         conn.execute(AUDIT_SQL, {"lock": AUDIT_LOCK, "actor": by, "method": "/fuelcard.api/AddPrincipal",
                                  "target": made[0], "outcome": "OK"})
     return Principal(made[0], login, kind, account_id)
+
+
+def disable(url: str, *, login: str, by: str) -> tuple[str, int]:
+    """Stop a principal from logging in and end its sessions
+    (`fuelcard admin principal disable`), audited: (its id, sessions ended)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(DISABLE_SQL, {"login": login}).fetchone()
+        if row is None:
+            raise PrincipalError("no such login, or it is disabled already")
+        conn.execute(AUDIT_SQL, {"lock": AUDIT_LOCK, "actor": by,
+                                 "method": "/fuelcard.api/DisablePrincipal", "target": row[0],
+                                 "outcome": "OK"})
+    return str(row[0]), int(row[1])
