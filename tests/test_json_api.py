@@ -42,6 +42,26 @@ from tests.support.ledger_asserts import Conn
 PASSWORD = "correct horse battery"
 
 
+def http(base: str, method: str, path: str, body: Any = None, token: str | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One real HTTP request: (status, the JSON body or None)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    for k, v in (headers or {}).items():
+        request.add_header(k, v)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        exc.close()
+        return exc.code, json.loads(raw) if raw else None
+
+
 @dataclass
 class Edge:
     """The core (mutual TLS, step-up on limit raises) and the JSON API."""
@@ -55,21 +75,7 @@ class Edge:
 
     def call(self, method: str, path: str, body: Any = None, token: str | None = None,
              headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        request.add_header("Content-Type", "application/json")
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        for k, v in (headers or {}).items():
-            request.add_header(k, v)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            exc.close()
-            return exc.code, json.loads(raw) if raw else None
+        return http(self.url, method, path, body, token, headers)
 
     def login(self, login: str, password: str = PASSWORD) -> str:
         status, body = self.call("POST", "/v1/sessions", {"login": login, "password": password})
@@ -382,3 +388,36 @@ def test_the_throttle_keeps_at_most_max_keys_and_refills_at_its_rate() -> None:
     never = Throttle(rate=0.0, burst=1)
     never.take("x")
     assert never.take("x") == float("inf")
+
+
+def test_fuelcard_api_serve_runs_as_its_own_process(database_url: str, dev_certs: Path,
+                                                    tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    DevPki(dev_certs).client(Role.ADMIN, "fuelcard-api")
+    port_file = tmp_path / "port"
+    exe = Path(sys.executable).parent / "fuelcard-api"
+    proc = subprocess.Popen([str(exe), "serve", "--listen", "127.0.0.1:0", "--certs", str(dev_certs),
+                             "--target", "127.0.0.1:1", "--database-url", database_url,
+                             "--port-file", str(port_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60  # readiness, not a timing assertion
+        while not (port_file.exists() and port_file.read_text()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "fuelcard-api did not start"
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port_file.read_text()}"
+        status, served = http(base, "GET", "/openapi.json")
+        assert status == 200 and served["info"]["title"] == "fuelcard JSON API"
+        status, refused = http(base, "POST", "/v1/sessions", {"login": "nobody.here", "password": "x"})
+        assert (status, refused["error"]["reason"]) == (401, "LOGIN_FAILED")
+        status, refused = http(base, "GET", "/v1/nowhere")
+        assert (status, refused["error"]["reason"]) == (404, "NOT_FOUND")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
