@@ -68,7 +68,7 @@ NEW_SESSION_SQL = """
     INSERT INTO fc.api_sessions (token_hash, principal_id, created_at, expires_at)
     VALUES (%(hash)s, %(principal)s, %(now)s, %(expires)s) RETURNING 1"""
 SESSION_SQL = """
-    SELECT p.uid::text, p.kind, a.uid::text, p.account_id, s.expires_at
+    SELECT p.uid::text, p.kind, a.uid::text, p.account_id
       FROM fc.api_sessions s JOIN fc.principals p ON p.id = s.principal_id
       JOIN fc.accounts a ON a.id = p.account_id
      WHERE s.token_hash = %(hash)s AND s.expires_at > %(now)s AND p.disabled_at IS NULL"""
