@@ -86,6 +86,14 @@ def test_a_fleet_with_two_vehicles_in_one_command_per_step(
     shown = admin(t, capsys, "limits", "get", "--account", vehicles[0])
     assert "300.00" in shown and "800.50" in shown
 
+    # for people: a table, and the full number once, to print on the card
+    issued = admin(t, capsys, "cards", "issue", vehicles[1])
+    header, row, number_line = issued.splitlines()
+    assert header.split() == ["CARD", "ACCOUNT", "NUMBER", "STATUS", "ISSUED"]
+    number = number_line.rpartition(" ")[2]
+    assert number_line.startswith("card number (shown once") and number.isdigit() and 16 <= len(number) <= 19
+    assert number not in row and number[-4:] in row  # the table shows it masked
+
 
 def test_top_up_from_a_csv_asks_first_and_refuses_bad_files(
         tls_server: TlsServer, capsys: pytest.CaptureFixture[str], tmp_path: Path,

@@ -281,7 +281,8 @@ def cards_issue(a: Admin, args: argparse.Namespace, out: TextIO) -> int:
     else:
         table(CARD_HEADERS, [_card_row(response.card)], out)
         # The full number is shown once, for printing the card; never again.
-        _progress("card number (shown once, for printing): " + response.card_number)
+        # It is the command's output (stdout), never a log or progress line.
+        out.write(f"card number (shown once, for printing): {response.card_number}\n")
     return 0
 
 
