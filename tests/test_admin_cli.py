@@ -86,6 +86,14 @@ def test_a_fleet_with_two_vehicles_in_one_command_per_step(
     shown = admin(t, capsys, "limits", "get", "--account", vehicles[0])
     assert "300.00" in shown and "800.50" in shown
 
+    # scope: products, hours and a fence, replaced whole
+    out = admin(t, capsys, "scope", "set", "--actor", parent, "--card", cards[0], "--product", "92",
+                "--product", "0", "--hours", "06:00-22:00", "--circle", "25.04,102.71,30000")
+    assert out == ("stations: any; products: gasoline_92, diesel_0; fences: 1; hour windows: 1\n")
+    err = admin(t, capsys, "scope", "set", "--actor", parent, "--card", cards[0], "--hours", "6-22",
+                code=2)
+    assert "HH:MM-HH:MM" in err
+
     # for people: a table, and the full number once, to print on the card
     issued = admin(t, capsys, "cards", "issue", vehicles[1])
     header, row, number_line = issued.splitlines()
