@@ -86,6 +86,13 @@ def test_a_fleet_with_two_vehicles_in_one_command_per_step(
     shown = admin(t, capsys, "limits", "get", "--account", vehicles[0])
     assert "300.00" in shown and "800.50" in shown
 
+    history = admin(t, capsys, "accounts", "history", vehicles[0]).splitlines()
+    assert history[0].split() == ["TIME", "KIND", "AMOUNT", "TRANSACTION"]
+    assert [line.split()[2:4] for line in history[1:]] == [["allocation", "500.00"]]
+    blocked = admin_json(t, capsys, "cards", "block", cards[1])
+    assert isinstance(blocked, dict) and blocked["card"]["status"] == "CARD_STATUS_BLOCKED"
+    assert "active" in admin(t, capsys, "cards", "unblock", cards[1]).splitlines()[1]
+
     # scope: products, hours and a fence, replaced whole
     out = admin(t, capsys, "scope", "set", "--actor", parent, "--card", cards[0], "--product", "92",
                 "--product", "0", "--hours", "06:00-22:00", "--circle", "25.04,102.71,30000")
