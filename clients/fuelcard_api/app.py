@@ -77,7 +77,7 @@ SWEEP_SQL = "DELETE FROM fc.api_sessions WHERE expires_at <= %(now)s RETURNING 1
 # Authority: the principal's own account, or a sub-account of it.
 ACCOUNT_AUTHORITY_SQL = """
     SELECT 1 FROM fc.accounts a
-     WHERE a.uid = %(target)s::uuid AND a.kind <> 100
+     WHERE a.uid = %(target)s::uuid AND a.kind <> fc.account_kind_system()
        AND (a.id = %(mine)s OR a.parent_id = %(mine)s)"""
 CARD_AUTHORITY_SQL = """
     SELECT 1 FROM fc.cards c JOIN fc.accounts a ON a.id = c.account_id

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import psycopg
 from fuelcard_server.locks import AUDIT_LOCK
+from fuelcard_server.states import AccountType
 
 KINDS = {"holder": 1, "fleet_manager": 2}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
@@ -31,9 +32,10 @@ MAX_PASSWORD_CHARS = 256
 INSERT_SQL = """
     INSERT INTO fc.principals (login, kind, account_id, password_hash, phone, created_at)
     SELECT %(login)s, %(kind)s, a.id, %(hash)s, %(phone)s, now()
-      FROM fc.accounts a WHERE a.uid = %(account)s::uuid AND a.kind <> 100
+      FROM fc.accounts a WHERE a.uid = %(account)s::uuid AND a.kind <> fc.account_kind_system()
     RETURNING uid::text"""
-ACCOUNT_SQL = "SELECT kind, parent_id IS NULL FROM fc.accounts WHERE uid = %(account)s::uuid AND kind <> 100"
+ACCOUNT_SQL = ("SELECT kind, parent_id IS NULL FROM fc.accounts"
+               " WHERE uid = %(account)s::uuid AND kind <> fc.account_kind_system()")
 # Disabling ends every session at once: the sessions go with it.
 DISABLE_SQL = """
     WITH p AS (UPDATE fc.principals SET disabled_at = now()
@@ -100,7 +102,7 @@ def add(url: str, *, login: str, kind: str, account_id: str, password: str, phon
         if row is None:
             raise PrincipalError("no such account")
         account_kind, top_level = row
-        if kind == "fleet_manager" and not (account_kind == 2 and top_level):
+        if kind == "fleet_manager" and not (account_kind == AccountType.CORPORATE and top_level):
             raise PrincipalError("a fleet manager's account must be a top-level corporate account")
         try:
             made = conn.execute(INSERT_SQL, {"login": login, "kind": KINDS[kind], "account": account_id,
