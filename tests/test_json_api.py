@@ -14,6 +14,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,14 @@ def test_the_openapi_document_validates_and_is_served(edge: Edge) -> None:
     assert served == json.loads(json.dumps(document()))
     assert served["openapi"] == "3.1.0"
     assert {"/v1/sessions", "/v1/top-ups", "/v1/accounts/{account_id}/sub-accounts"} <= set(served["paths"])
+    # every documented operation is served (and asks for a session, login aside)
+    for path, operations in served["paths"].items():
+        concrete = path.replace("{account_id}", str(uuid.uuid4())).replace("{card_id}", str(uuid.uuid4()))
+        for method, operation in operations.items():
+            status, refused = edge.call(method.upper(), concrete, {} if method != "get" else None)
+            expected = (400, "FIELD_INVALID") if operation.get("security") == [] else (
+                401, "SESSION_MISSING")
+            assert (status, refused["error"]["reason"]) == expected, (method, path)
     # a broken document is caught by the validator (the check can fail)
     broken = json.loads(json.dumps(document()))
     broken["paths"]["/v1/me"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
