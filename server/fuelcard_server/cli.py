@@ -776,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     key_commands.add_parser(sub, _add_database_flags)
 
+    # Settlement exceptions: list, get, resolve (exception_commands.py).
+    from fuelcard_server import exception_commands
+    exception_commands.add_parser(sub, _add_database_flags, _settings, _database)
+
     # `fuelcard admin ...`: operator work over gRPC with the admin certificate
     # (admin_cli.py holds the whole group).
     from fuelcard_server import admin_cli
