@@ -11,20 +11,28 @@ import datetime as dt
 import io
 import json
 import threading
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from fuelcard.v1 import common_pb2, funding_pb2, invoice_pb2, invoice_pb2_grpc
+from fuelcard.v1 import (
+    account_pb2,
+    account_pb2_grpc,
+    common_pb2,
+    funding_pb2,
+    invoice_pb2,
+    invoice_pb2_grpc,
+)
 from fuelcard_server import verify
 from pypdf import PdfReader
 
-from tests.plugins.server import RunningServer
+from tests.plugins.server import RunningServer, TlsServer
 from tests.support import builders
 from tests.support import control_builders as cb
 from tests.support.builders import rid
-from tests.support.ledger_asserts import Conn, expect
+from tests.support.ledger_asserts import Conn, expect, unpack
 
 FP = grpc.StatusCode.FAILED_PRECONDITION
 MONTH = "2026-11"
@@ -189,7 +197,10 @@ def test_consumption_invoice_then_no_recharge_invoice_for_the_same_money(
     assert sum(i.tax_fen for i in inv.items) == inv.tax_fen
     assert sum(i.amount_fen for i in inv.items) == inv.amount_fen
     # unit price before tax, per litre
-    assert gas.unit_price == "6.92761600" or abs(float(gas.unit_price) * 51.959 - gas.amount_fen / 100) < 0.01
+    # unit price before tax, per litre, 8 decimals: price x litres gives back the amount
+    assert abs(Decimal(gas.unit_price) * Decimal(gas.quantity) - Decimal(gas.amount_fen) / 100) < Decimal(
+        "0.01")
+    assert len(gas.unit_price.split(".")[1]) == 8
 
     doc = json.loads(inv.document_json)
     assert doc["gmfnsrsbh"] == BUYER.taxpayer_id and doc["fppz"] == "增值税专用发票"
@@ -201,6 +212,9 @@ def test_consumption_invoice_then_no_recharge_invoice_for_the_same_money(
     expect(lambda: request(server, fleet.parent_id, RECHARGE, recharge_id=recharge), FP,
            "INVOICING_MODE_CONFLICT")
     assert db.execute("SELECT count(*) FROM fc.invoices").fetchone() == before
+    # a month without sales has nothing to invoice
+    expect(lambda: request(server, fleet.parent_id, CONSUMPTION, month="2026-10"), FP,
+           "NOTHING_TO_INVOICE")
     # nor twice the same month
     expect(lambda: request(server, fleet.parent_id, CONSUMPTION, month=MONTH), FP,
            "MONTH_ALREADY_INVOICED")
@@ -308,5 +322,29 @@ def test_two_simultaneous_requests_for_the_same_month_make_one_invoice(
     made = [o for o in outcomes if isinstance(o, invoice_pb2.Invoice)]
     refused = [o for o in outcomes if isinstance(o, grpc.RpcError)]
     assert len(made) == 1 and len(refused) == 1
-    expect(lambda: (_ for _ in ()).throw(refused[0]), FP, "MONTH_ALREADY_INVOICED")
+    lost = unpack(refused[0])
+    assert (lost.code, lost.reason) == (FP, "MONTH_ALREADY_INVOICED")
     assert db.execute("SELECT count(*) FROM fc.invoices").fetchone() == (1,)
+
+
+def test_roles_over_mutual_tls(tls_server: TlsServer) -> None:
+    """Admin requests and issues; analytics reads statements and invoices but
+    cannot ask for an invoice; a reviewer or a terminal reads nothing."""
+    admin = invoice_pb2_grpc.InvoiceServiceStub(tls_server.channel("admin-ops"))
+    accounts = account_pb2_grpc.AccountServiceStub(tls_server.channel("admin-ops"))
+    opened = accounts.OpenAccount(account_pb2.OpenAccountRequest(
+        request_id=rid("open"), type=account_pb2.ACCOUNT_TYPE_CORPORATE,
+        holder=account_pb2.Holder(name="昆明顺达物流有限公司"))).account
+    statement = invoice_pb2.GetStatementRequest(account_id=opened.account_id, month=MONTH)
+    assert admin.GetStatement(statement).statement.totals.closing_balance_fen == 0
+    analytics = invoice_pb2_grpc.InvoiceServiceStub(tls_server.channel("analytics-bi"))
+    assert analytics.GetStatement(statement).statement.account_id == opened.account_id
+    ask = invoice_pb2.RequestInvoiceRequest(request_id=rid("inv"), account_id=opened.account_id,
+                                            kind=CONSUMPTION, month=MONTH, buyer=BUYER)
+    expect(lambda: analytics.RequestInvoice(ask), grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
+    for name in ("reviewer-risk", "pos-KM-001-T1"):
+        other = invoice_pb2_grpc.InvoiceServiceStub(tls_server.channel(name))
+        expect(lambda: other.GetStatement(statement), grpc.StatusCode.PERMISSION_DENIED,  # noqa: B023
+               "ROLE_NOT_ALLOWED")
+    # the admin may ask (November has not ended on the test clock)
+    expect(lambda: admin.RequestInvoice(ask), FP, "MONTH_NOT_ENDED")

@@ -20,6 +20,7 @@ import grpc
 from fuelcard.v1 import invoice_pb2, invoice_pb2_grpc
 
 from fuelcard_server import errors, invoices, statements
+from fuelcard_server.db import Database
 from fuelcard_server.identity import Role
 from fuelcard_server.services.handling import Deps, Servicer, rpc
 from fuelcard_server.validation import Violations
@@ -168,8 +169,8 @@ class InvoiceService(Servicer, invoice_pb2_grpc.InvoiceServiceServicer):
             raise errors.internal()
         return invoice_pb2.RequestInvoiceResponse(invoice=invoice_message(d["invoice"]))
 
-    async def _fetch(self, invoice_id: uuid.UUID) -> dict[str, Any]:
-        row = await self.d.db.fetch_one(GET_SQL, {"uid": invoice_id})
+    async def _fetch(self, invoice_id: uuid.UUID, db: Database) -> dict[str, Any]:
+        row = await db.fetch_one(GET_SQL, {"uid": invoice_id})
         if row is None:
             raise errors.not_found("INVOICE_NOT_FOUND", "invoice")
         found: dict[str, Any] = row[0]
@@ -182,7 +183,8 @@ class InvoiceService(Servicer, invoice_pb2_grpc.InvoiceServiceServicer):
         invoice_id = v.uuid("invoice_id", request.invoice_id)
         v.raise_if_any()
         assert invoice_id is not None
-        return invoice_pb2.GetInvoiceResponse(invoice=invoice_message(await self._fetch(invoice_id)))
+        return invoice_pb2.GetInvoiceResponse(invoice=invoice_message(
+            await self._fetch(invoice_id, self.d.reads)))
 
     @rpc(Role.ADMIN, Role.ANALYTICS)
     async def ListInvoices(self, request: invoice_pb2.ListInvoicesRequest, context: Ctx
@@ -214,7 +216,8 @@ class InvoiceService(Servicer, invoice_pb2_grpc.InvoiceServiceServicer):
             v.text("reason", reason, required=True, max_chars=REASON_MAX_CHARS)
         v.raise_if_any()
         assert invoice_id is not None
-        found = await self._fetch(invoice_id)
+        # the primary: the state decides whether the provider is called
+        found = await self._fetch(invoice_id, self.d.db)
         number: str | None = None
         # Only an invoice in the state before: anything else is a replay of a
         # request that went through, or a refusal (the stored function says which).

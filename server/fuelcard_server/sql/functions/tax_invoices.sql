@@ -105,10 +105,12 @@ $$;
 -- A month's consumption of an account family, as a consolidated invoice's list: one entry
 -- per vehicle (the account whose card bought) and product, from the journal's sales.
 CREATE OR REPLACE FUNCTION fc.consumption_entries(p_account_id bigint, p_month date)
-RETURNS TABLE (spender_account_id bigint, product smallint, quantity_ml bigint,
+RETURNS TABLE (line_no bigint, spender_account_id bigint, product smallint, quantity_ml bigint,
                sale_count bigint, total_fen bigint)
 LANGUAGE sql STABLE AS $$
-    SELECT h.spender_account_id, h.product, sum(h.volume_ml)::bigint, count(*),
+    SELECT row_number() OVER (ORDER BY a.parent_id IS NOT NULL, a.label, h.spender_account_id,
+                                       h.product),
+           h.spender_account_id, h.product, sum(h.volume_ml)::bigint, count(*),
            sum(j.amount)::bigint
       FROM fc.journal j JOIN fc.holds h ON h.id = j.hold_id
       JOIN fc.accounts a ON a.id = h.spender_account_id
@@ -210,7 +212,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO fc.invoice_list_entries (invoice_id, line_no, spender_account_id, product,
                                          quantity_ml, sale_count, amount_fen, tax_fen, total_fen)
-    SELECT p_invoice_id, row_number() OVER (), c.spender_account_id, c.product, c.quantity_ml,
+    SELECT p_invoice_id, c.line_no, c.spender_account_id, c.product, c.quantity_ml,
            c.sale_count, c.total_fen - t.tax, t.tax, c.total_fen
       FROM fc.consumption_entries(p_account_id => p_account_id, p_month => p_month) c
      CROSS JOIN LATERAL (SELECT fc.vat_in(p_total_fen => c.total_fen, p_rate_bp => p.rate_bp) AS tax
