@@ -11,7 +11,7 @@ import datetime as dt
 import io
 import json
 import threading
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -348,3 +348,31 @@ def test_roles_over_mutual_tls(tls_server: TlsServer) -> None:
                "ROLE_NOT_ALLOWED")
     # the admin may ask (November has not ended on the test clock)
     expect(lambda: admin.RequestInvoice(ask), FP, "MONTH_NOT_ENDED")
+
+
+def test_family_statement_totals_equal_the_journal(server: RunningServer, db: Conn) -> None:
+    family = cb.open_fleet(server, 0, [cb.SHARED], account_type=account_pb2.ACCOUNT_TYPE_FAMILY,
+                           labels=["副卡 妈妈"])
+    builders.recharge(server, family.parent_id, 50_000)
+    cb.sale(server, family.subs[0], 8_888, volume_ml=11_111)
+    cb.sale(server, family.parent, 1_234, volume_ml=1_500)
+    s = stub(server).GetStatement(invoice_pb2.GetStatementRequest(
+        account_id=family.parent_id, month=MONTH)).statement
+    start, end = s.start_time.ToDatetime(dt.UTC), s.end_time.ToDatetime(dt.UTC)
+    j = journal_totals(db, family.parent_id, start, end)
+    assert (s.totals.recharges_fen, s.totals.sales_fen) == (j[1], j[2]) == (50_000, 10_122)
+    assert s.totals.closing_balance_fen == family_balance(db, family.parent_id, end) == 50_000 - 10_122
+    assert [(line.label, line.sales_fen) for line in s.lines] == [("", 1_234), ("副卡 妈妈", 8_888)]
+
+
+def test_tax_is_rounded_half_up_in_whole_fen(db: Conn) -> None:
+    """fc.vat_in against exact decimal arithmetic, for every amount up to
+    20 000 fen at 13 % and 9 %."""
+    for rate_bp in (1300, 900):
+        rows = db.execute("SELECT t, fc.vat_in(p_total_fen => t, p_rate_bp => %(rate)s)"
+                          " FROM generate_series(1::bigint, 20000) t", {"rate": rate_bp}).fetchall()
+        for total, tax in rows:
+            exact = Decimal(total) * rate_bp / (10000 + rate_bp)
+            assert tax == int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP)), (total, rate_bp)
+            # the platform's tolerance: amount x rate differs from the tax by at most 6 fen
+            assert abs((total - tax) * Decimal(rate_bp) / 10000 - tax) <= 6
