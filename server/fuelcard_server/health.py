@@ -23,6 +23,7 @@ from fuelcard.v1 import (
     control_pb2,
     events_pb2,
     funding_pb2,
+    invoice_pb2,
     points_pb2,
     risk_pb2,
     security_pb2,
@@ -54,6 +55,7 @@ SERVICE_NAMES = (
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
+    invoice_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
 )
 
 # Services with an RPC that reads through the read pool (the replica when
@@ -68,6 +70,7 @@ READ_POOL_SERVICES = frozenset({
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
+    invoice_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
 })
 # What reports NOT_SERVING while the replica cannot be read (down, or further
 # behind than replica_max_lag_s). A load balancer routes by these names, so a
