@@ -8,6 +8,7 @@ PostgreSQL fails one of them."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ def crossed_families(server: RunningServer, db: Conn, mode: cb.FundingMode) -> C
     return CrossedFamilies(p1, p2, a, b, card_a, card_b)
 
 
-def _run(database_url: str, query: str, params: tuple[object, ...]) -> int:
+def _run(database_url: str, query: str, params: Mapping[str, object]) -> int:
     with psycopg.connect(database_url, autocommit=True) as conn:
         row = conn.execute(query.encode(), params).fetchone()
         assert row is not None
@@ -57,8 +58,8 @@ def _run(database_url: str, query: str, params: tuple[object, ...]) -> int:
 
 
 def jobs_behind_account_lock(database_url: str, account_id: int,
-                             first: tuple[str, tuple[object, ...]],
-                             second: tuple[str, tuple[object, ...]],
+                             first: tuple[str, Mapping[str, object]],
+                             second: tuple[str, Mapping[str, object]],
                              timeout_s: float = 20.0) -> list[int | BaseException]:
     """Each job's result, or the exception it failed with."""
     # The pool outlives the lock holder: on a failed assertion the holder

@@ -112,7 +112,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_sql_sm3_gives_the_standard_answers_and_agrees_with_gm(db: Conn) -> None:
     def sql_sm3(data: bytes) -> bytes:
-        row = db.execute("SELECT fc.sm3(%s)", (data,)).fetchone()
+        row = db.execute("SELECT fc.sm3(p_data => %(data)s)", {"data": data}).fetchone()
         assert row is not None
         return bytes(row[0])
 
@@ -486,8 +486,9 @@ def test_a_rewritten_chain_is_caught_by_an_anchor(logged: RunningServer, db: Con
         db.execute("""
             UPDATE fc.audit_log l
                SET prev_hash = p.hash,
-                   hash = fc.sm3(p.hash || fc.audit_canonical(l.id, l.created_at, l.actor,
-                                                              l.method, l.target, l.outcome))
+                   hash = fc.sm3(p_data => p.hash || fc.audit_canonical(
+                       p_id => l.id, p_created_at => l.created_at, p_actor => l.actor,
+                       p_method => l.method, p_target => l.target, p_outcome => l.outcome))
               FROM fc.audit_log p WHERE p.id = l.id - 1 AND l.id = %s""", (record_id,))
     db.execute("ALTER TABLE fc.audit_log ENABLE TRIGGER audit_log_append_only")
 

@@ -129,8 +129,9 @@ def test_a_rewritten_chain_fails_against_an_earlier_anchor(
         db.execute("""
             UPDATE fc.audit_log l
                SET prev_hash = p.hash,
-                   hash = fc.sm3(p.hash || fc.audit_canonical(l.id, l.created_at, l.actor,
-                                                              l.method, l.target, l.outcome))
+                   hash = fc.sm3(p_data => p.hash || fc.audit_canonical(
+                       p_id => l.id, p_created_at => l.created_at, p_actor => l.actor,
+                       p_method => l.method, p_target => l.target, p_outcome => l.outcome))
               FROM fc.audit_log p WHERE p.id = l.id - 1 AND l.id = %s""", (record_id,))
     db.execute("SELECT setval(pg_get_serial_sequence('fc.audit_log', 'id'), %s)", (last,))
     db.execute("ALTER TABLE fc.audit_log ENABLE TRIGGER audit_log_append_only")

@@ -286,8 +286,9 @@ def test_points_expiry_and_tier_evaluation_at_once_do_not_deadlock(server: Runni
     now = server.clock.now()
     results = job_races.jobs_behind_account_lock(
         server.database_url, tree.a,
-        ("SELECT fc.expire_points(%s, 100)", (now,)),
-        ("SELECT fc.evaluate_tiers(%s, 0, 100) -> 'changed'", (now,)))
+        ("SELECT fc.expire_points(p_now => %(now)s, p_limit => 100)", {"now": now}),
+        ("SELECT fc.evaluate_tiers(p_now => %(now)s, p_after_id => 0, p_limit => 100) -> 'changed'",
+         {"now": now}))
     assert results == [2, 2]
     assert (cb.points_of(server, tree.card_a.account_id),
             cb.points_of(server, tree.card_b.account_id)) == (0, 0)
@@ -305,10 +306,11 @@ def test_the_tier_job_runs_in_batches_each_its_own_transaction(server: RunningSe
         "SELECT a.id FROM fc.accounts a JOIN fc.cards c ON c.account_id = a.id"
         " WHERE c.uid = ANY(%s::uuid[]) ORDER BY a.id", ([c.card_id for c in cards],))]
     db.execute("UPDATE fc.accounts SET tier = %s WHERE id = ANY(%s)", (SILVER, ids))
-    batches = db.execute("SELECT fc.evaluate_tiers(%s, 0, 2)", (server.clock.now(),)).fetchone()
+    batches = db.execute("SELECT fc.evaluate_tiers(p_now => %(now)s, p_after_id => 0, p_limit => 2)",
+                         {"now": server.clock.now()}).fetchone()
     assert batches == ({"changed": 2, "last_id": ids[1]},)  # the first batch alone
     assert server.run(lambda: server.server.evaluate_tiers_once(batch=2)) == 3  # the rest
     assert [_tier(server, c) for c in cards] == [REGULAR] * 5
-    assert db.execute("SELECT fc.evaluate_tiers(%s, 0, 2)", (server.clock.now(),)).fetchone() == (
-        {"changed": 0, "last_id": None},)
+    assert db.execute("SELECT fc.evaluate_tiers(p_now => %(now)s, p_after_id => 0, p_limit => 2)",
+                      {"now": server.clock.now()}).fetchone() == ({"changed": 0, "last_id": None},)
     cb.assert_verified(server)

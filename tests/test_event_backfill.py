@@ -284,7 +284,7 @@ def test_a_backfilled_card_never_undoes_a_change_positioned_before_it(
                " WHERE source = 4")
     with psycopg.connect(server.database_url) as racing:
         racing.execute("UPDATE fc.cards SET status = 2 WHERE uid = %s", (card.card_id,))
-        assert db.execute("SELECT fc.backfill_events(100)").fetchone() == (1,)
+        assert db.execute("SELECT fc.backfill_events(p_limit => 100)").fetchone() == (1,)
         racing.commit()
     path = tmp_path / "w.duckdb"
     sync(server, path)

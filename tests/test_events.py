@@ -113,8 +113,12 @@ def test_a_transaction_that_commits_late_is_not_skipped(server: RunningServer,
 
     def recharge_in(conn: psycopg.Connection[Any], account_id: str, amount: int) -> None:
         conn.execute(
-            "SELECT fc.recharge('', %s, '\\x00', %s::uuid, 2::smallint, %s, %s, now())",
-            (builders.rid("late"), account_id, f"wx-{uuid.uuid4().hex}", amount))
+            "SELECT fc.recharge(p_caller => '', p_request_id => %(request_id)s,"
+            " p_request_hash => '\\x00', p_account_uid => %(account_uid)s::uuid,"
+            " p_channel => 2::smallint, p_channel_txn_id => %(channel_txn_id)s,"
+            " p_amount_fen => %(amount_fen)s, p_now => now())",
+            {"request_id": builders.rid("late"), "account_uid": account_id,
+             "channel_txn_id": f"wx-{uuid.uuid4().hex}", "amount_fen": amount})
 
     with psycopg.connect(database_url) as early, psycopg.connect(database_url) as late:
         # `late` writes first (lower journal and outbox ids) and commits last

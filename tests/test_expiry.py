@@ -290,8 +290,9 @@ def test_hold_expiry_and_tier_evaluation_at_once_do_not_deadlock(server: Running
     now = server.clock.now()
     results = job_races.jobs_behind_account_lock(
         server.database_url, tree.a,
-        ("SELECT fc.expire_holds(%s, 100)", (now,)),
-        ("SELECT fc.evaluate_tiers(%s, 0, 100) -> 'changed'", (now,)))
+        ("SELECT fc.expire_holds(p_now => %(now)s, p_limit => 100)", {"now": now}),
+        ("SELECT fc.evaluate_tiers(p_now => %(now)s, p_after_id => 0, p_limit => 100) -> 'changed'",
+         {"now": now}))
     assert results == [2, 2]
     for card in (tree.card_a, tree.card_b):
         assert builders.balance(server, card).balance.held_fen == 0

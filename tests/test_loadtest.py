@@ -86,7 +86,7 @@ def test_smoke_run_reports_and_a_planted_loss_fails_the_ledger_check(
         conn.execute(
             """INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
                                        hold_id, created_at)
-               SELECT 2, 1, h.account_id, fc.system_account('FUEL_SALES'), 1, h.id, now()
+               SELECT 2, 1, h.account_id, fc.system_account(p_code => 'FUEL_SALES'), 1, h.id, now()
                  FROM fc.holds h WHERE h.station_id = %s AND h.state = 2 LIMIT 1""",
             (ledger.station(r["run_id"]),))
     planted = ledger.check(server.database_url, r["run_id"], seen, since=since)

@@ -312,8 +312,9 @@ def test_concurrent_prune_statements_skip_each_others_rows(server: RunningServer
             with psycopg.connect(server.database_url, autocommit=True) as conn:
                 start.wait()
                 while True:
-                    row = conn.execute("SELECT fc.prune_idempotency_keys(%s, NULL, 200)",
-                                       (cutoff,)).fetchone()
+                    row = conn.execute(
+                        "SELECT fc.prune_idempotency_keys(p_before => %(before)s,"
+                        " p_unguarded_before => NULL, p_limit => 200)", {"before": cutoff}).fetchone()
                     assert row is not None
                     counts.append(int(row[0]))
                     if row[0] == 0:

@@ -22,11 +22,19 @@ from hypothesis import strategies as st
 STATIONS = {"S-A": (25.04, 102.71), "S-B": (25.20, 102.90), "S-C": (39.90, 116.40)}
 START = dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC)
 AUTHORIZE_SQL = (
-    "SELECT fc.authorize('t', %s, %s, %s, %s::bigint, %s, %s, 1, 1::smallint,"
-    " %s::timestamptz, interval '30 minutes', NULL::bigint, NULL::boolean)")
+    "SELECT fc.authorize(p_caller => 't', p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_pan_index => %(pan_index)s,"
+    " p_amount_fen => %(amount_fen)s::bigint, p_station_id => %(station_id)s,"
+    " p_terminal_id => %(terminal_id)s, p_nozzle => 1, p_product => 1::smallint,"
+    " p_now => %(now)s::timestamptz, p_ttl => interval '30 minutes', p_counter => NULL::bigint,"
+    " p_pin_ok => NULL::boolean)")
 LOAD_SQL = (
-    "SELECT fc.risk_load('t', %s, %s, %s, 't', %s, %s::jsonb, %s, %s::smallint, %s, %s,"
-    " %s::integer[], %s, %s::jsonb, %s::timestamptz)")
+    "SELECT fc.risk_load(p_caller => 't', p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_lock => %(lock)s, p_actor => 't', p_name => %(name)s,"
+    " p_document => %(document)s::jsonb, p_digest => %(digest)s,"
+    " p_fallback => %(fallback)s::smallint, p_review_score => %(review_score)s,"
+    " p_decline_score => %(decline_score)s, p_windows => %(windows)s::integer[],"
+    " p_has_points => %(has_points)s, p_rules => %(rules)s::jsonb, p_now => %(now)s::timestamptz)")
 
 windows = st.sampled_from([30, 120, 600, 3600, 86400])
 rule_params: dict[str, st.SearchStrategy[dict[str, Any]]] = {
@@ -82,10 +90,12 @@ def test_sql_and_python_evaluators_agree(database_url: str,
         for sid, (lat, lon) in STATIONS.items():
             conn.execute("INSERT INTO fc.stations VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
                          (sid, sid, lat, lon))
-        conn.execute(LOAD_SQL, (
-            uuid.uuid4().hex, b"h", RISK_RULES_LOCK, rs.name, json.dumps(rs.to_document()),
-            rs.digest(), FALLBACKS[rs.fallback], rs.review_score, rs.decline_score, rs.windows,
-            rs.has_points, json.dumps(rs.rows()), START))
+        conn.execute(LOAD_SQL, {
+            "request_id": uuid.uuid4().hex, "request_hash": b"h", "lock": RISK_RULES_LOCK,
+            "name": rs.name, "document": json.dumps(rs.to_document()), "digest": rs.digest(),
+            "fallback": FALLBACKS[rs.fallback], "review_score": rs.review_score,
+            "decline_score": rs.decline_score, "windows": rs.windows, "has_points": rs.has_points,
+            "rules": json.dumps(rs.rows()), "now": START})
         cards = [_card(conn), _card(conn)]
         engine = Engine(rs, STATIONS, ZoneInfo("Asia/Shanghai"))
         states = [CardState(), CardState()]
@@ -94,8 +104,10 @@ def test_sql_and_python_evaluators_agree(database_url: str,
             now += dt.timedelta(seconds=seconds)
             card_id, account_id, pan = cards[which]
             request_id = uuid.uuid4().hex
-            row = conn.execute(AUTHORIZE_SQL, (request_id, hashlib.sha256(pan).digest(), pan,
-                                               amount, sid, f"{sid}-{terminal}", now)).fetchone()
+            row = conn.execute(AUTHORIZE_SQL, {
+                "request_id": request_id, "request_hash": hashlib.sha256(pan).digest(),
+                "pan_index": pan, "amount_fen": amount, "station_id": sid,
+                "terminal_id": f"{sid}-{terminal}", "now": now}).fetchone()
             assert row is not None
             sql = row[0]["risk"]
             a = Authorization(card_id, account_id, 1, 1, amount, sid, f"{sid}-{terminal}", now)

@@ -112,9 +112,12 @@ def _straddle(server: RunningServer, db: Conn, model: Model, first_fen: int,
     dated = month_start - dt.timedelta(minutes=1)
     request_id = f"straddle-{uuid.uuid4()}"
     answer = db.execute(
-        "SELECT fc.confirm('tests', %s, %s, %s, %s, 1000, 785, %s, NULL, NULL)",
-        (request_id, hashlib.sha256(request_id.encode()).digest(), hold.hold_id, first_fen,
-         dated)).fetchone()
+        "SELECT fc.confirm(p_caller => 'tests', p_request_id => %(request_id)s,"
+        " p_request_hash => %(request_hash)s, p_hold_uid => %(hold_uid)s, p_final_fen => %(final_fen)s,"
+        " p_volume_ml => 1000, p_unit_price_fen => 785, p_now => %(now)s, p_terminal => NULL,"
+        " p_counter => NULL)",
+        {"request_id": request_id, "request_hash": hashlib.sha256(request_id.encode()).digest(),
+         "hold_uid": hold.hold_id, "final_fen": first_fen, "now": dated}).fetchone()
     assert answer is not None
     confirmed = answer[0]
     assert isinstance(confirmed, dict) and confirmed["decision"] == "APPROVED"

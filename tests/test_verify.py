@@ -179,7 +179,7 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
      {"points_equal_journal", "ledger_sums_to_zero"}),
     ("journal-row-without-balance",  # an unbalanced state: money in the journal only
      ["INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,"
-      " recharge_id, created_at) SELECT 1, 1, fc.system_account('CHANNEL_CLEARING_ALIPAY'), id,"
+      " recharge_id, created_at) SELECT 1, 1, fc.system_account(p_code => 'CHANNEL_CLEARING_ALIPAY'), id,"
       " 500, (SELECT min(id) FROM fc.recharges), now() FROM fc.accounts WHERE uid = %(account)s"],
      {"balance_equals_journal", "ledger_sums_to_zero", "recharge_credited_once"}),
     ("held-without-hold",
@@ -191,7 +191,7 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
      {"no_overdraft", "held_equals_active_holds"}),
     ("journal-names-a-missing-account",
      ["INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,"
-      " description, created_at) VALUES (4, 2, 999999, fc.system_account('POINTS_REDEEMED'), 1,"
+      " description, created_at) VALUES (4, 2, 999999, fc.system_account(p_code => 'POINTS_REDEEMED'), 1,"
       " 'ghost', now())"],
      {"journal_references_exist", "ledger_sums_to_zero"}),
     ("settled-while-suspended",   # risk (0006): a sale on a hold nobody approved
@@ -203,13 +203,13 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
      {"confirmed_hold_settled_once"}),
     ("purchase-on-a-cancelled-hold",
      ["INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id,"
-      " created_at) SELECT 2, 1, h.account_id, fc.system_account('FUEL_SALES'), 1, h.id, now()"
+      " created_at) SELECT 2, 1, h.account_id, fc.system_account(p_code => 'FUEL_SALES'), 1, h.id, now()"
       " FROM fc.holds h WHERE h.state = 3",
       "UPDATE fc.accounts SET balance_fen = balance_fen - 1 WHERE uid = %(account)s"],
      {"confirmed_hold_settled_once"}),
     ("points-earned-twice",
      ["INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id,"
-      " created_at) SELECT 3, 2, fc.system_account('POINTS_ISSUED'), h.account_id, 1, h.id, now()"
+      " created_at) SELECT 3, 2, fc.system_account(p_code => 'POINTS_ISSUED'), h.account_id, 1, h.id, now()"
       " FROM fc.holds h WHERE h.state = 2",
       "UPDATE fc.accounts SET points_balance = points_balance + 1 WHERE uid = %(account)s"],
      {"points_earned_once"}),
@@ -220,7 +220,7 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
      {"recharge_credited_once"}),
     ("entry-without-cause",
      ["INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,"
-      " created_at) SELECT 2, 1, id, fc.system_account('FUEL_SALES'), 5, now()"
+      " created_at) SELECT 2, 1, id, fc.system_account(p_code => 'FUEL_SALES'), 5, now()"
       " FROM fc.accounts WHERE uid = %(account)s",
       "UPDATE fc.accounts SET balance_fen = balance_fen - 5 WHERE uid = %(account)s"],
      {"entries_point_at_their_cause"}),
@@ -279,13 +279,13 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
      {"monthly_spend_equals_sales"}),
     ("sale-credited-to-a-clearing-account",  # balances and the zero sum still agree
      ["ALTER TABLE fc.journal DISABLE TRIGGER journal_append_only",
-      "UPDATE fc.journal SET credit_account_id = fc.system_account('CHANNEL_CLEARING_ALIPAY')"
+      "UPDATE fc.journal SET credit_account_id = fc.system_account(p_code => 'CHANNEL_CLEARING_ALIPAY')"
       " WHERE kind = 2",
       "ALTER TABLE fc.journal ENABLE TRIGGER journal_append_only"],
      {"entries_have_their_counterparties"}),
     ("recharge-from-another-channel",
      ["ALTER TABLE fc.journal DISABLE TRIGGER journal_append_only",
-      "UPDATE fc.journal SET debit_account_id = fc.system_account('CHANNEL_CLEARING_COUNTER')"
+      "UPDATE fc.journal SET debit_account_id = fc.system_account(p_code => 'CHANNEL_CLEARING_COUNTER')"
       " WHERE id = (SELECT min(id) FROM fc.journal WHERE kind = 1)",
       "ALTER TABLE fc.journal ENABLE TRIGGER journal_append_only"],
      {"entries_have_their_counterparties"}),
@@ -302,7 +302,7 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
      {"settlement_exception_on_unpaid_hold"}),
     # The event stream (issue 9): a position lost from the stream.
     ("event-deleted",
-     ["SELECT fc.sequence_events(now(), 1000)",
+     ["SELECT fc.sequence_events(p_now => now(), p_limit => 1000)",
       "DELETE FROM fc.events WHERE position = 2"],
      {"event_positions_gap_free"}),
 ]

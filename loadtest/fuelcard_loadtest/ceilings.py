@@ -79,19 +79,20 @@ SELECT p.proargnames::text[],
 
 
 def _server_arity(name: str) -> int | None:
-    """How many parameters the server passes to fc.<name> (its SQL constant)."""
+    """How many arguments the server passes to fc.<name> (its SQL constant,
+    which names each one: `p_x => ...`)."""
     try:
         from fuelcard_server.services import transaction
     except ImportError:
         return None
     text = str(getattr(transaction, f"{name.upper()}_SQL", ""))
-    return text.count("%s") or None
+    return text.count("=>") or None
 
 
 def _call(conn: psycopg.Connection[Any], name: str, known: dict[str, str],
           nulls: list[str]) -> str:
-    """`fc.<name>(...)` with pgbench's values for the parameters we know and
-    typed NULLs for the others."""
+    """`fc.<name>(p_x => ...)` with pgbench's values for the parameters we
+    know and typed NULLs for the others, by name as the server passes them."""
     overloads = [(list(names or []), list(types)) for names, types in
                  conn.execute(SIGNATURES_SQL, (name,)).fetchall()]
     if not overloads:
@@ -103,10 +104,11 @@ def _call(conn: psycopg.Connection[Any], name: str, known: dict[str, str],
     for i, sql_type in enumerate(types):
         arg = names[i] if i < len(names) else ""
         if arg in known:
-            args.append(known[arg])
+            value = known[arg]
         else:
-            args.append(f"NULL::{sql_type}")
+            value = f"NULL::{sql_type}"
             nulls.append(f"{name}.{arg or i}")
+        args.append(f"{arg} => {value}" if arg else value)
     return f"fc.{name}({', '.join(args)})"
 
 

@@ -361,8 +361,8 @@ def _check_columns(conn: psycopg.Connection[Any]) -> None:
 
 def _params(conn: psycopg.Connection[Any], tag: int, plan: Plan,
             end: dt.datetime) -> dict[str, Any]:
-    def one(sql: str, *args: Any) -> Any:
-        row = conn.execute(sql, args).fetchone()
+    def one(sql: str, **params: Any) -> Any:
+        row = conn.execute(sql, params).fetchone()
         assert row is not None and row[0] is not None, sql
         return row[0]
 
@@ -370,9 +370,10 @@ def _params(conn: psycopg.Connection[Any], tag: int, plan: Plan,
         "tag": tag, "tz": one("SELECT fc.business_tz()"),
         "permille": int(one("SELECT multiplier_permille FROM fc.tier_rules WHERE tier = 1")),
         "validity": int(one("SELECT value FROM fc.config WHERE key = 'points_validity_months'")),
-        "sales_account": int(one("SELECT fc.system_account('FUEL_SALES')")),
-        "issued_account": int(one("SELECT fc.system_account('POINTS_ISSUED')")),
-        "clearing": [int(one("SELECT fc.system_account(%s)", code)) for code in CLEARING],
+        "sales_account": int(one("SELECT fc.system_account(p_code => 'FUEL_SALES')")),
+        "issued_account": int(one("SELECT fc.system_account(p_code => 'POINTS_ISSUED')")),
+        "clearing": [int(one("SELECT fc.system_account(p_code => %(code)s)", code=code))
+                     for code in CLEARING],
         "price": UNIT_PRICE_FEN, "amin": HOLD_MIN_FEN, "amax": HOLD_MAX_FEN,
         "rmin": RECHARGE_MIN_FEN, "rmax": RECHARGE_MAX_FEN, "stations": STATIONS,
         "cancel_every": CANCEL_EVERY,

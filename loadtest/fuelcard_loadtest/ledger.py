@@ -27,7 +27,7 @@ WITH sales AS MATERIALIZED (
     SELECT j.amount FROM fc.journal j JOIN fc.holds h ON h.id = j.hold_id
      WHERE j.id > %(j0)s AND h.id > %(h0)s AND h.station_id = %(station)s
        AND j.kind = 2 AND j.asset = 1
-       AND j.credit_account_id = (SELECT fc.system_account('FUEL_SALES'))),
+       AND j.credit_account_id = (SELECT fc.system_account(p_code => 'FUEL_SALES'))),
 topups AS MATERIALIZED (
     SELECT j.amount FROM fc.journal j JOIN fc.recharges r ON r.id = j.recharge_id
      WHERE j.id > %(j0)s AND r.id > %(r0)s AND r.channel_txn_id LIKE %(txn)s

@@ -33,8 +33,15 @@ import psycopg
 from fuelcard_loadtest import risk_rules
 
 AUTHORIZE_SQL = (
-    "SELECT fc.authorize('bench', %s, %s, %s, 1000::bigint, %s, %s, 1, 1::smallint,"
-    " %s::timestamptz, interval '30 minutes', NULL::bigint, NULL::boolean)")
+    "SELECT fc.authorize(p_caller => 'bench', p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_pan_index => %(pan_index)s, p_amount_fen => 1000::bigint,"
+    " p_station_id => %(station_id)s, p_terminal_id => %(terminal_id)s, p_nozzle => 1,"
+    " p_product => 1::smallint, p_now => %(now)s::timestamptz, p_ttl => interval '30 minutes',"
+    " p_counter => NULL::bigint, p_pin_ok => NULL::boolean)")
+ACTIVATE_SQL = (
+    "SELECT fc.risk_activate(p_caller => 'bench', p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_lock => -6, p_actor => 'bench', p_version => %(version)s,"
+    " p_now => now())")
 ASSESS_LOOP_SQL = """
 CREATE OR REPLACE FUNCTION pg_temp.assess_us(p_cards bigint[], p_n integer, p_now timestamptz)
 RETURNS double precision[] LANGUAGE plpgsql AS $$
@@ -46,8 +53,10 @@ BEGIN
     FOR i IN 1..p_n LOOP
         v_card := p_cards[1 + i % cardinality(p_cards)];
         v_t0 := clock_timestamp();
-        PERFORM fc.risk_assess(v_card, 1::smallint, 1::smallint, v_card, 1000, 'KM-001',
-                               'KM-001-T1', p_now, p_now AT TIME ZONE 'Asia/Shanghai');
+        PERFORM fc.risk_assess(p_card_id => v_card, p_tier => 1::smallint,
+                               p_account_kind => 1::smallint, p_spender_id => v_card,
+                               p_amount => 1000, p_station => 'KM-001', p_terminal => 'KM-001-T1',
+                               p_now => p_now, p_local => p_now AT TIME ZONE 'Asia/Shanghai');
         v_out := v_out || extract(epoch FROM clock_timestamp() - v_t0) * 1e6;
     END LOOP;
     RETURN v_out;
@@ -91,8 +100,10 @@ def setup(conn: psycopg.Connection[Any], cards: int) -> list[tuple[int, bytes]]:
 
 def authorize(conn: psycopg.Connection[Any], pan: bytes, at: dt.datetime, i: int) -> float:
     t0 = time.perf_counter()
-    conn.execute(AUTHORIZE_SQL, (f"b-{uuid.uuid4().hex}", hashlib.sha256(pan).digest(), pan,
-                                 "KM-001" if i % 3 else "KM-002", f"KM-001-T{i % 5}", at),
+    conn.execute(AUTHORIZE_SQL, {"request_id": f"b-{uuid.uuid4().hex}",
+                                 "request_hash": hashlib.sha256(pan).digest(), "pan_index": pan,
+                                 "station_id": "KM-001" if i % 3 else "KM-002",
+                                 "terminal_id": f"KM-001-T{i % 5}", "now": at},
                  prepare=True).fetchone()
     return (time.perf_counter() - t0) * 1e6
 
@@ -116,8 +127,8 @@ def run(url: str, rules_path: str, *, cards: int, calls: int, blocks: int) -> di
         assert pid_row is not None
         cpu: dict[str, list[float]] = {"rules": [], "none": []}
         for mode in ("rules", "none", "rules", "none"):
-            conn.execute("SELECT fc.risk_activate('bench', %s, %s, -6, 'bench', %s, now())",
-                         (f"act-{uuid.uuid4().hex}", b"x", version[0] if mode == "rules" else 0))
+            conn.execute(ACTIVATE_SQL, {"request_id": f"act-{uuid.uuid4().hex}", "request_hash": b"x",
+                                        "version": version[0] if mode == "rules" else 0})
             c0 = backend_cpu_s(pid_row[0])
             row = conn.execute("SELECT pg_temp.assess_us(%s, %s, %s)", (ids, calls, at)).fetchone()
             cpu[mode].append((backend_cpu_s(pid_row[0]) - c0) / calls * 1e6)
@@ -129,8 +140,8 @@ def run(url: str, rules_path: str, *, cards: int, calls: int, blocks: int) -> di
         i = 0
         for b in range(blocks):
             mode = "rules" if b % 2 == 0 else "none"
-            conn.execute("SELECT fc.risk_activate('bench', %s, %s, -6, 'bench', %s, now())",
-                         (f"act-{uuid.uuid4().hex}", b"x", version[0] if mode == "rules" else 0))
+            conn.execute(ACTIVATE_SQL, {"request_id": f"act-{uuid.uuid4().hex}", "request_hash": b"x",
+                                        "version": version[0] if mode == "rules" else 0})
             c0 = backend_cpu_s(pid_row[0])
             for _ in range(calls // 4):
                 at += dt.timedelta(seconds=3)

@@ -23,8 +23,12 @@ from typing import Any
 import psycopg
 
 LOAD_SQL = (
-    "SELECT fc.risk_load(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s::smallint, %s, %s,"
-    " %s::integer[], %s, %s::jsonb, now())")
+    "SELECT fc.risk_load(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_lock => %(lock)s, p_actor => %(actor)s,"
+    " p_name => %(name)s, p_document => %(document)s::jsonb, p_digest => %(digest)s,"
+    " p_fallback => %(fallback)s::smallint, p_review_score => %(review_score)s,"
+    " p_decline_score => %(decline_score)s, p_windows => %(windows)s::integer[],"
+    " p_has_points => %(has_points)s, p_rules => %(rules)s::jsonb, p_now => now())")
 
 WINDOWS_S = (60, 300, 600, 1800, 3600, 6 * 3600, 86400, 7 * 86400)
 
@@ -78,9 +82,12 @@ def apply(url: str, path: str, log: Callable[[str], None] = print) -> None:
 
     if path == "none":
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("SELECT fc.risk_activate(%s, %s, %s, %s, %s, 0, now())", (
-                "loadtest", f"lt-rules-{uuid.uuid4().hex}", b"none", RISK_RULES_LOCK,
-                "loadtest"))
+            conn.execute(
+                "SELECT fc.risk_activate(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+                " p_request_hash => %(request_hash)s, p_lock => %(lock)s, p_actor => %(actor)s,"
+                " p_version => 0, p_now => now())",
+                {"caller": "loadtest", "request_id": f"lt-rules-{uuid.uuid4().hex}",
+                 "request_hash": b"none", "lock": RISK_RULES_LOCK, "actor": "loadtest"})
         log("no risk rule set in force")
         return
 
@@ -88,11 +95,13 @@ def apply(url: str, path: str, log: Callable[[str], None] = print) -> None:
         text = f.read()
     rs = load_text(text, "json" if path.endswith(".json") else "toml")
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(LOAD_SQL, (
-            "loadtest", f"lt-rules-{uuid.uuid4().hex}", hashlib.sha256(text.encode()).digest(),
-            RISK_RULES_LOCK, "loadtest", rs.name, json.dumps(rs.to_document()), rs.digest(),
-            FALLBACKS[rs.fallback], rs.review_score, rs.decline_score, rs.windows,
-            rs.has_points, json.dumps(rs.rows())))
+        conn.execute(LOAD_SQL, {
+            "caller": "loadtest", "request_id": f"lt-rules-{uuid.uuid4().hex}",
+            "request_hash": hashlib.sha256(text.encode()).digest(), "lock": RISK_RULES_LOCK,
+            "actor": "loadtest", "name": rs.name, "document": json.dumps(rs.to_document()),
+            "digest": rs.digest(), "fallback": FALLBACKS[rs.fallback],
+            "review_score": rs.review_score, "decline_score": rs.decline_score,
+            "windows": rs.windows, "has_points": rs.has_points, "rules": json.dumps(rs.rows())})
     log(f"risk rule set {rs.name!r} in force: {len(rs.rules)} rules")
 
 

@@ -232,7 +232,8 @@ def seed(url: str, key: bytes, scenario: str, cards: int, *, reuse: bool = True,
             raise RuntimeError("loadtest.datasets is full (999 tags): use a fresh database")
         columns = _columns(conn)
         with_after = "balance_after_fen" in columns["recharges"]
-        clearing_row = conn.execute("SELECT fc.system_account(%s)", (SEED_CLEARING,)).fetchone()
+        clearing_row = conn.execute("SELECT fc.system_account(p_code => %(code)s)",
+                                   {"code": SEED_CLEARING}).fetchone()
         assert clearing_row is not None and clearing_row[0] is not None
         clearing = int(clearing_row[0])
 

@@ -16,8 +16,8 @@ a loaded machine the figure to trust, where latencies measure the queue). Counte
 stop the servers first. --ab-set NAME=VALUE adds, per database, a second
 connection with that session setting, alternated with the plain one.
 
-The call follows the server's AUTHORIZE_SQL / CONFIRM_SQL parameter lists:
-a change to those needs the same change in _cycle.
+The call follows the server's AUTHORIZE_SQL / CONFIRM_SQL parameters (by
+name): a change to those needs the same change in _cycle.
 
 Used for the scale comparison in BENCHMARKS.md, where the end-to-end p99 on
 a loaded machine is dominated by scheduling. The cycles are real sales
@@ -115,9 +115,11 @@ def _cycle(t: Target, pan: bytes, rng: random.Random) -> None:
     now = dt.datetime.now(dt.UTC)
     amount = rng.randint(5_000, 50_000)
     t0 = time.perf_counter()
-    row = t.conn.execute(AUTHORIZE_SQL.encode(), (
-        "", f"sqlcost-{uuid.uuid4()}", os.urandom(32), pan, amount, STATION, f"{STATION}-T", 1, 1,
-        now, dt.timedelta(minutes=30), None, None), prepare=True).fetchone()
+    row = t.conn.execute(AUTHORIZE_SQL.encode(), {
+        "caller": "", "request_id": f"sqlcost-{uuid.uuid4()}", "request_hash": os.urandom(32),
+        "pan_index": pan, "amount_fen": amount, "station_id": STATION,
+        "terminal_id": f"{STATION}-T", "nozzle": 1, "product": 1, "now": now,
+        "ttl": dt.timedelta(minutes=30), "counter": None, "pin_ok": None}, prepare=True).fetchone()
     t1 = time.perf_counter()
     assert row is not None
     answer = row[0]
@@ -126,9 +128,11 @@ def _cycle(t: Target, pan: bytes, rng: random.Random) -> None:
         return
     final = rng.randint(amount * 3 // 10, amount - 1)
     t2 = time.perf_counter()
-    t.conn.execute(CONFIRM_SQL.encode(), (
-        "", f"sqlcost-{uuid.uuid4()}", os.urandom(32), answer["hold"]["hold_id"], final,
-        final * 1000 // 785, 785, dt.datetime.now(dt.UTC), None, None), prepare=True)
+    t.conn.execute(CONFIRM_SQL.encode(), {
+        "caller": "", "request_id": f"sqlcost-{uuid.uuid4()}", "request_hash": os.urandom(32),
+        "hold_uid": answer["hold"]["hold_id"], "final_fen": final,
+        "volume_ml": final * 1000 // 785, "unit_price_fen": 785, "now": dt.datetime.now(dt.UTC),
+        "terminal": None, "counter": None}, prepare=True)
     t.confirm_ms.append((time.perf_counter() - t2) * 1000)
     t.cycles += 1
 

@@ -22,6 +22,7 @@ import sys
 import time
 
 from fuelcard_server import db
+from fuelcard_server.services.transaction import AUTHORIZE_SQL
 from fuelcard_server.settings import Settings
 from fuelcard_server.telemetry import Telemetry, parent_context
 from opentelemetry import context as otel_context
@@ -29,7 +30,8 @@ from opentelemetry import trace
 
 from fuelcard_loadtest.server import free_port
 
-SQL = "SELECT fc.authorize(%s, %s, %s)"
+# The span of the server's own statement (never run here: no database).
+SQL = AUTHORIZE_SQL
 METADATA = (("user-agent", "grpc-python/1.85"),)
 ATTRS = {"rpc.method": "/fuelcard.v1.TransactionService/Authorize",
          "rpc.grpc.status_code": "OK"}

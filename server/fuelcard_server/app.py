@@ -120,15 +120,16 @@ REPLICA_REFUSALS = {
 
 # Only one process sweeps at a time; the others skip the round.
 EXPIRE_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.expire_holds(%s::timestamptz, %s)"
-    " ELSE -1 END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
+    " THEN fc.expire_holds(p_now => %(now)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
 EXPIRE_POINTS_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.expire_points(%s::timestamptz, %s)"
-    " ELSE -1 END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
+    " THEN fc.expire_points(p_now => %(now)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
 # One batch of the tier job (NULL: another process is at it).
 EVALUATE_TIERS_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s)"
-    " THEN fc.evaluate_tiers(%s::timestamptz, %s, %s) END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
+    " THEN fc.evaluate_tiers(p_now => %(now)s::timestamptz, p_after_id => %(after_id)s,"
+    " p_limit => %(limit)s) END")
 TIER_EVALUATION_INTERVAL = 3600.0
 # At shutdown, how long cancelled calls get to unwind (their audit records).
 UNWIND_WAIT_S = 10.0
@@ -454,8 +455,8 @@ class FuelcardServer:
         """One sweep; returns holds released, or -1 if another process is
         sweeping."""
         assert self._db is not None
-        row = await self._db.fetch_one(EXPIRE_SQL, (
-            EXPIRY_SWEEP_LOCK, self.clock.now(), self.settings.expiry_batch))
+        row = await self._db.fetch_one(EXPIRE_SQL, {
+            "lock": EXPIRY_SWEEP_LOCK, "now": self.clock.now(), "limit": self.settings.expiry_batch})
         assert row is not None
         released: int = row[0]
         if released > 0 and self.telemetry is not None:
@@ -465,8 +466,8 @@ class FuelcardServer:
     async def expire_points_once(self) -> int:
         """Lapse points lots past their expiry; -1 if another process is on it."""
         assert self._db is not None
-        row = await self._db.fetch_one(EXPIRE_POINTS_SQL, (
-            POINTS_EXPIRY_LOCK, self.clock.now(), self.settings.expiry_batch))
+        row = await self._db.fetch_one(EXPIRE_POINTS_SQL, {
+            "lock": POINTS_EXPIRY_LOCK, "now": self.clock.now(), "limit": self.settings.expiry_batch})
         assert row is not None
         lapsed: int = row[0]
         return lapsed
@@ -480,8 +481,8 @@ class FuelcardServer:
         changed = 0
         after_id = 0
         for _ in range(TIER_BATCHES_MAX):
-            row = await self._db.fetch_one(EVALUATE_TIERS_SQL, (
-                TIER_EVALUATION_LOCK, now, after_id, batch))
+            row = await self._db.fetch_one(EVALUATE_TIERS_SQL, {
+                "lock": TIER_EVALUATION_LOCK, "now": now, "after_id": after_id, "limit": batch})
             assert row is not None
             if row[0] is None:  # another process took the job between two batches
                 return changed if after_id else -1

@@ -69,7 +69,9 @@ ALWAYS_AUDITED = frozenset({"/fuelcard.v1.SecurityService/CreateStepUpChallenge"
 ROUTINE_SERVICES = frozenset({"fuelcard.v1.TransactionService", "fuelcard.v1.FundingService"})
 ROUTINE_ROLES = frozenset({Role.POS, Role.ADAPTER})
 
-APPEND_SQL = "SELECT fc.audit_append(%s, %s, %s, %s::uuid, %s)"
+APPEND_SQL = (
+    "SELECT fc.audit_append(p_lock => %(lock)s, p_actor => %(actor)s, p_method => %(method)s,"
+    " p_target => %(target)s::uuid, p_outcome => %(outcome)s)")
 WALK_SQL = ("SELECT id, created_at, actor, method, target, outcome, prev_hash, hash"
             " FROM fc.audit_log ORDER BY id")
 
@@ -195,7 +197,8 @@ class AuditLog:
 
     async def _append(self, actor: str, method: str, target: uuid.UUID | None,
                       outcome: str) -> int:
-        row = await self.db.fetch_one(APPEND_SQL, (AUDIT_LOCK, actor, method, target, outcome))
+        row = await self.db.fetch_one(APPEND_SQL, {"lock": AUDIT_LOCK, "actor": actor, "method": method,
+                                                   "target": target, "outcome": outcome})
         assert row is not None
         record_id: int = row[0]
         return record_id

@@ -440,12 +440,14 @@ def cmd_risk_load(args: argparse.Namespace) -> int:
     url, pg = _database(s)
     try:
         with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-            row = conn.execute(LOAD_SQL, (
-                "cli", f"cli-risk-load-{uuid.uuid4().hex}",
-                hashlib.sha256(rule_set.digest().encode()).digest(),
-                *load_args(rule_set, actor), dt.datetime.now(dt.UTC))).fetchone()
+            row = conn.execute(LOAD_SQL, {
+                "caller": "cli", "request_id": f"cli-risk-load-{uuid.uuid4().hex}",
+                "request_hash": hashlib.sha256(rule_set.digest().encode()).digest(),
+                **load_args(rule_set, actor), "now": dt.datetime.now(dt.UTC)}).fetchone()
             # the change in the hash-chained audit trail too, in the same transaction
-            conn.execute(APPEND_SQL, (AUDIT_LOCK, actor, "cli/fuelcard risk load", None, "OK"))
+            conn.execute(APPEND_SQL, {"lock": AUDIT_LOCK, "actor": actor,
+                                      "method": "cli/fuelcard risk load", "target": None,
+                                      "outcome": "OK"})
     finally:
         if pg is not None:
             pg.stop_if_started_here()

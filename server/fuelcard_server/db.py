@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any, LiteralString
 
 import grpc
@@ -23,7 +24,9 @@ from fuelcard_server import errors
 
 log = logging.getLogger(__name__)
 
-Params = tuple[Any, ...] | dict[str, Any]
+# Positional (`%s`) or named (`%(name)s`: every fc.* call passes its
+# arguments by name, tests/test_sql_calls.py).
+Params = tuple[Any, ...] | Mapping[str, Any]
 
 # Unique violations that mean "a concurrent duplicate won the race": the
 # transaction rolled back, and running it again returns the winner's answer.
@@ -164,7 +167,7 @@ class Database:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def call(self, sql: LiteralString, params: tuple[Any, ...]) -> dict[str, Any]:
+    async def call(self, sql: LiteralString, params: Params) -> dict[str, Any]:
         """Run one statement returning a single jsonb value.
 
         A connection that turns out dead (the database restarted since it was

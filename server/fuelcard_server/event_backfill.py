@@ -29,7 +29,7 @@ import psycopg
 from fuelcard_server.events import SEQUENCE_SQL
 from fuelcard_server.locks import EVENT_SEQUENCER_LOCK
 
-BACKFILL_SQL = "SELECT fc.backfill_events(%s)"
+BACKFILL_SQL = "SELECT fc.backfill_events(p_limit => %(limit)s)"
 PROGRESS_SQL = "SELECT source, through_id, done_id FROM fc.event_backfill ORDER BY source"
 BACKLOG_SQL = "SELECT count(*) FROM (SELECT 1 FROM fc.outbox LIMIT %s) o"
 # After a batch that found nothing: every source's range is written, but its
@@ -69,7 +69,8 @@ def _drain(conn: psycopg.Connection[tuple[Any, ...]], max_backlog: int, batch: i
         row = conn.execute(BACKLOG_SQL, (max_backlog + 1,)).fetchone()
         if row is None or int(row[0]) <= max_backlog:
             return
-        done = conn.execute(SEQUENCE_SQL, (EVENT_SEQUENCER_LOCK, now(), batch)).fetchone()
+        done = conn.execute(SEQUENCE_SQL, {"lock": EVENT_SEQUENCER_LOCK, "now": now(),
+                                          "limit": batch}).fetchone()
         if done is not None and int(done[0]) < 0:  # a server process is at it
             time.sleep(SEQUENCER_BUSY_WAIT_S)
 
@@ -89,7 +90,7 @@ def run(url: str, *, batch: int = 2000, max_backlog: int = 20_000,
         conn.execute("SET lock_timeout = '10s'")
         while max_batches is None or batches < max_batches:
             _drain(conn, max_backlog, batch, now)
-            row = conn.execute(BACKFILL_SQL, (batch,)).fetchone()
+            row = conn.execute(BACKFILL_SQL, {"limit": batch}).fetchone()
             count = int(row[0]) if row is not None else 0
             if count == 0:
                 conn.execute(CLOSE_SQL)

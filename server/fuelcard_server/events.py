@@ -35,13 +35,13 @@ from fuelcard_server.locks import EVENT_SEQUENCER_LOCK
 log = logging.getLogger(__name__)
 
 SEQUENCE_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.sequence_events(%s::timestamptz, %s)"
-    " ELSE -1 END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
+    " THEN fc.sequence_events(p_now => %(now)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
 PRUNE_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN fc.prune_events(%s::timestamptz, %s)"
-    " ELSE -1 END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
+    " THEN fc.prune_events(p_before => %(before)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
 READ_SQL = (
-    "SELECT position, xid::text::bigint, kind, fc.ts(occurred_at), payload FROM fc.events"
+    "SELECT position, xid::text::bigint, kind, fc.ts(p => occurred_at), payload FROM fc.events"
     " WHERE position > %s ORDER BY position LIMIT %s")
 HEAD_SQL = "SELECT last_position, pruned_through FROM fc.event_head"
 
@@ -85,8 +85,8 @@ class Sequencer:
         self._asked.clear()  # this round serves every request made before it
         count = -1
         try:
-            row = await self.db.fetch_one(SEQUENCE_SQL, (EVENT_SEQUENCER_LOCK, self.clock.now(),
-                                                         self.batch))
+            row = await self.db.fetch_one(SEQUENCE_SQL, {
+                "lock": EVENT_SEQUENCER_LOCK, "now": self.clock.now(), "limit": self.batch})
             assert row is not None
             count = int(row[0])
         finally:  # a failed round wakes its waiters too (as -1: look again)
@@ -119,8 +119,9 @@ class Sequencer:
 
     async def prune_once(self) -> int:
         """Delete one batch of events older than the retention."""
-        row = await self.db.fetch_one(PRUNE_SQL, (EVENT_SEQUENCER_LOCK,
-                                                  self.clock.now() - self.retention, self.batch))
+        row = await self.db.fetch_one(PRUNE_SQL, {
+            "lock": EVENT_SEQUENCER_LOCK, "before": self.clock.now() - self.retention,
+            "limit": self.batch})
         assert row is not None
         pruned: int = row[0]
         return pruned

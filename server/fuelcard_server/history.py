@@ -22,7 +22,7 @@ ACCOUNT_ID_SQL = "SELECT id FROM fc.accounts WHERE uid = %s::uuid AND kind <> 10
 # Two index scans (credits, debits) merged: an OR over both columns would scan
 # the whole journal of a busy account.
 JOURNAL_PAGE_SQL = """
-    SELECT id, kind, signed, hold_uid, recharge_uid, description, fc.ts(created_at)
+    SELECT id, kind, signed, hold_uid, recharge_uid, description, fc.ts(p => created_at)
       FROM ((SELECT j.id, j.kind, j.amount AS signed, j.hold_id, j.recharge_id,
                     j.description, j.created_at
                FROM fc.journal j
@@ -44,7 +44,7 @@ JOURNAL_PAGE_SQL = """
 # An account's holds: those reserving its money, and those its cards made
 # (a SHARED member's holds reserve its parent's money).
 HOLDS_PAGE_SQL = """
-    SELECT h.id, fc.hold_json(h) FROM fc.holds h
+    SELECT h.id, fc.hold_json(h => h) FROM fc.holds h
      WHERE (h.account_id = %(account)s OR h.spender_account_id = %(account)s)
        AND h.id < %(before)s
        AND (%(state)s = 0 OR h.state = %(state)s)

@@ -19,7 +19,9 @@ from fuelcard_server.terminals import TerminalKeys
 PIN_HASH_SQL = """
     SELECT c.id, p.pin_hash FROM fc.cards c LEFT JOIN fc.card_pins p ON p.card_id = c.id
      WHERE c.pan_index = %s"""
-CHANGE_PIN_SQL = "SELECT fc.change_pin(%s, %s, %s, %s, %s::timestamptz)"
+CHANGE_PIN_SQL = (
+    "SELECT fc.change_pin(p_card_id => %(card_id)s, p_had_pin => %(had_pin)s,"
+    " p_old_ok => %(old_ok)s, p_pin_hash => %(pin_hash)s, p_now => %(now)s::timestamptz)")
 
 
 class Pins:
@@ -83,8 +85,9 @@ class Pins:
             old = await self._clear_pin(terminal_id, key_version, old_block, card_number, now)
             old_ok = await self._matches(old, stored)
             del old
-        answer = await self._db.fetch_one(CHANGE_PIN_SQL, (
-            card_id, stored is not None, old_ok, hashed, now))
+        answer = await self._db.fetch_one(CHANGE_PIN_SQL, {
+            "card_id": card_id, "had_pin": stored is not None, "old_ok": old_ok, "pin_hash": hashed,
+            "now": now})
         refusal = answer[0] if answer is not None else None
         if refusal == "PIN_LOCKED":
             raise errors.failed_precondition("PIN_LOCKED")

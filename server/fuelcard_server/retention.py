@@ -29,11 +29,12 @@ from fuelcard_server.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 PRUNE_KEYS_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s)"
-    " THEN fc.prune_idempotency_keys(%s::timestamptz, %s::timestamptz, %s) ELSE -1 END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
+    " THEN fc.prune_idempotency_keys(p_before => %(before)s::timestamptz,"
+    " p_unguarded_before => %(unguarded_before)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
 PRUNE_STEP_UPS_SQL = (
-    "SELECT CASE WHEN pg_try_advisory_xact_lock(%s)"
-    " THEN fc.prune_step_ups(%s::timestamptz, %s) ELSE -1 END")
+    "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
+    " THEN fc.prune_step_ups(p_before => %(before)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
 
 KEYS = "idempotency_keys"
 STEP_UPS = "step_up_challenges"
@@ -84,10 +85,11 @@ class Retention:
         busy = False
         capped = False
         # Challenges first: few, so a backlog of keys never starves them.
-        plans = ((STEP_UPS, PRUNE_STEP_UPS_SQL, (RETENTION_LOCK, step_ups_before,
-                                                 s.retention_batch)),
-                 (KEYS, PRUNE_KEYS_SQL, (RETENTION_LOCK, keys_before, unguarded_before,
-                                         s.retention_batch)))
+        plans = ((STEP_UPS, PRUNE_STEP_UPS_SQL, {"lock": RETENTION_LOCK, "before": step_ups_before,
+                                                 "limit": s.retention_batch}),
+                 (KEYS, PRUNE_KEYS_SQL, {"lock": RETENTION_LOCK, "before": keys_before,
+                                         "unguarded_before": unguarded_before,
+                                         "limit": s.retention_batch}))
         for table, sql, params in plans:
             while True:
                 if budget == 0:

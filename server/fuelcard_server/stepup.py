@@ -17,7 +17,7 @@ request_id) passes without a fresh code. `gate()` builds that statement.
 
 Hook for other code (the risk engine, on a new device or impossible travel):
 call `StepUps.verify()` before the operation (its own transaction), or put
-`fc.consume_step_up(..., p_required => true, ...)` in front of the
+`fc.consume_step_up(p_required => true, ...)` in front of the
 operation's function as `gate()` does; on a refusal raise `refusal_error()`.
 
 The destination (the holder's phone) is never logged or put in an error: only
@@ -52,13 +52,23 @@ KIND_NAMES = {RECHARGE: "recharge", PIN_RESET: "PIN reset", LIMIT_RAISE: "limit 
               REVEAL_CARD_NUMBER: "card number reveal", ANOMALY: "transaction check"}
 
 CREATE_SQL = (
-    "SELECT fc.create_step_up(%s, %s, %s::uuid, %s::smallint, %s::uuid, %s::bigint, %s,"
-    " %s::timestamptz, %s::smallint, %s::integer, %s::interval, %s::timestamptz, %s::interval)")
-SENT_SQL = "SELECT fc.step_up_sent(%s::uuid, %s::timestamptz)"
-NOT_SENT_SQL = "SELECT fc.step_up_not_sent(%s::uuid)"
-CONSUME_SQL = (
-    "SELECT fc.consume_step_up(%s, %s, %s, %s::boolean, %s::smallint, %s::uuid, %s::bigint, %s::uuid,"
-    " %s, %s::timestamptz)")
+    "SELECT fc.create_step_up(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_uid => %(uid)s::uuid, p_kind => %(kind)s::smallint, p_subject => %(subject)s::uuid,"
+    " p_amount => %(amount)s::bigint, p_code_hash => %(code_hash)s,"
+    " p_expires => %(expires)s::timestamptz, p_max_attempts => %(max_attempts)s::smallint,"
+    " p_max_open => %(max_open)s::integer, p_window => %(window)s::interval,"
+    " p_now => %(now)s::timestamptz, p_send_timeout => %(send_timeout)s::interval)")
+SENT_SQL = "SELECT fc.step_up_sent(p_uid => %(uid)s::uuid, p_now => %(now)s::timestamptz)"
+NOT_SENT_SQL = "SELECT fc.step_up_not_sent(p_uid => %(uid)s::uuid)"
+# The gate's call, its placeholders named step_up_* so that they never meet
+# the guarded operation's own (caller, request_id, now, ...) in one statement.
+CONSUME_CALL = (
+    "fc.consume_step_up(p_caller => %(step_up_caller)s, p_request_id => %(step_up_request_id)s,"
+    " p_operation => %(step_up_operation)s, p_required => %(step_up_required)s::boolean,"
+    " p_kind => %(step_up_kind)s::smallint, p_subject => %(step_up_subject)s::uuid,"
+    " p_amount => %(step_up_amount)s::bigint, p_challenge => %(step_up_challenge)s::uuid,"
+    " p_code_hash => %(step_up_code_hash)s, p_now => %(step_up_now)s::timestamptz)")
+CONSUME_SQL = "SELECT " + CONSUME_CALL
 
 
 class OtpSender(Protocol):
@@ -136,10 +146,10 @@ def refusal_error(refusal: str) -> errors.ApiError:
 def gate(operation_sql: LiteralString) -> LiteralString:
     """The statement running the step-up gate and then, only if it passes,
     `operation_sql` (a `fc.<operation>(...)` call expression, no SELECT), in
-    one transaction. Its parameters: the ten of fc.consume_step_up
-    (gate_params), then the operation's. Answers the operation's jsonb, or {"step_up_refusal": ...}."""
-    return ("WITH s AS MATERIALIZED (SELECT fc.consume_step_up(%s, %s, %s, %s::boolean, %s::smallint,"
-            " %s::uuid, %s::bigint, %s::uuid, %s, %s::timestamptz) AS refusal)"
+    one transaction. Its parameters: the ten step_up_* of fc.consume_step_up
+    (gate_params) and the operation's, in one mapping. Answers the operation's jsonb, or
+    {"step_up_refusal": ...}."""
+    return ("WITH s AS MATERIALIZED (SELECT " + CONSUME_CALL + " AS refusal)"
             " SELECT CASE WHEN s.refusal IS NULL THEN " + operation_sql +
             " ELSE jsonb_build_object('step_up_refusal', s.refusal) END FROM s")
 
@@ -166,13 +176,16 @@ class StepUps:
     def gate_params(self, caller: str, request_id: str, operation: str | None, required: bool,
                     kind: int, subject: uuid.UUID | str | None, amount_fen: int,
                     challenge_id: uuid.UUID | None, code: str, now: dt.datetime
-                    ) -> tuple[Any, ...]:
+                    ) -> dict[str, Any]:
         """The ten parameters of fc.consume_step_up for `gate()`. `operation`:
         the name under which the operation stores its answer (fc.remember), so
         that a retry replays without a fresh code; None if it stores none."""
         code_hash = self.code_hash(challenge_id, code) if challenge_id is not None else None
-        return (caller, request_id, operation, required, kind, subject, amount_fen, challenge_id,
-                code_hash, now)
+        return {"step_up_caller": caller, "step_up_request_id": request_id,
+                "step_up_operation": operation, "step_up_required": required, "step_up_kind": kind,
+                "step_up_subject": subject, "step_up_amount": amount_fen,
+                "step_up_challenge": challenge_id, "step_up_code_hash": code_hash,
+                "step_up_now": now}
 
     async def verify(self, caller: str, request_id: str, kind: int, subject: uuid.UUID | str,
                      amount_fen: int, challenge_id: uuid.UUID | None, code: str,
@@ -194,10 +207,11 @@ class StepUps:
         challenge_id = uuid.uuid4()
         code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
         p = self.policy
-        row = await self._db.fetch_one(CREATE_SQL, (
-            caller, request_id, challenge_id, kind, subject, amount_fen,
-            self.code_hash(challenge_id, code), now + p.ttl, p.max_attempts, p.max_open,
-            p.window, now, 2 * p.send_timeout))
+        row = await self._db.fetch_one(CREATE_SQL, {
+            "caller": caller, "request_id": request_id, "uid": challenge_id, "kind": kind,
+            "subject": subject, "amount": amount_fen, "code_hash": self.code_hash(challenge_id, code),
+            "expires": now + p.ttl, "max_attempts": p.max_attempts, "max_open": p.max_open,
+            "window": p.window, "now": now, "send_timeout": 2 * p.send_timeout})
         assert row is not None
         d: dict[str, Any] = row[0]
         if d.get("sending"):
@@ -222,14 +236,14 @@ class StepUps:
             # Never the destination or the code: only what failed.
             log.error("step-up code not sent (%s)", type(exc).__name__)
             try:
-                await self._db.fetch_one(NOT_SENT_SQL, (challenge_id,))
+                await self._db.fetch_one(NOT_SENT_SQL, {"uid": challenge_id})
             except errors.ApiError as db_error:
                 # The challenge stays "being sent" until its send is taken
                 # for dead (Policy.send_timeout): a retry then sends afresh.
                 log.warning("step-up send failure not recorded (%s)", db_error.reason)
             raise errors.unavailable("OTP_NOT_SENT",
                                      "the code could not be sent; ask again") from None
-        row = await self._db.fetch_one(SENT_SQL, (challenge_id, now))
+        row = await self._db.fetch_one(SENT_SQL, {"uid": challenge_id, "now": now})
         if row is None or not row[0]:
             # A retry renewed the challenge meanwhile: this code is void.
             raise errors.unavailable("OTP_NOT_SENT", "the code could not be sent; ask again")

@@ -23,20 +23,30 @@ PHONE_MAX_CHARS = 20
 ID_NUMBER_MAX_CHARS = 32
 
 OPEN_ACCOUNT_SQL = (
-    "SELECT fc.open_account(%s, %s, %s, %s::smallint, %s, %s, %s, %s::uuid, %s::smallint, %s,"
-    " %s::timestamptz)")
+    "SELECT fc.open_account(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_kind => %(kind)s::smallint, p_name => %(name)s,"
+    " p_phone => %(phone)s, p_id_number => %(id_number)s, p_parent_uid => %(parent_uid)s::uuid,"
+    " p_funding_mode => %(funding_mode)s::smallint, p_label => %(label)s,"
+    " p_now => %(now)s::timestamptz)")
 SUB_ACCOUNT_MODES = frozenset({account_pb2.FUNDING_MODE_ALLOCATED, account_pb2.FUNDING_MODE_SHARED})
 LABEL_MAX_CHARS = 50
-ISSUE_CARD_SQL = "SELECT fc.issue_card(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz)"
+ISSUE_CARD_CALL = (
+    "fc.issue_card(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_account_uid => %(account_uid)s::uuid,"
+    " p_pan_index => %(pan_index)s, p_masked => %(masked)s, p_now => %(now)s::timestamptz)")
+ISSUE_CARD_SQL = "SELECT " + ISSUE_CARD_CALL
 # Issue, then store the number's sealed segments and sealed whole
 # (card_numbers.py), in one statement and so one transaction.
 ISSUE_AND_STORE_CARD_SQL = (
-    "WITH i AS MATERIALIZED (SELECT fc.issue_card(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz) AS d)"
-    " SELECT fc.store_card_number(i.d, %s, %s, %s::bytea[]) FROM i")
+    "WITH i AS MATERIALIZED (SELECT " + ISSUE_CARD_CALL + " AS d)"
+    " SELECT fc.store_card_number(p_issued => i.d, p_pan_index => %(pan_index)s,"
+    " p_root_key_id => %(root_key_id)s, p_sealed => %(sealed)s::bytea[]) FROM i")
 UPDATE_CARD_STATUS_SQL = (
-    "SELECT fc.update_card_status(%s, %s, %s, %s::uuid, %s::smallint, %s::timestamptz)")
-GET_ACCOUNT_SQL = "SELECT fc.account_json(a) FROM fc.accounts a WHERE a.uid = %s::uuid AND a.kind <> 100"
-GET_CARD_SQL = "SELECT fc.card_json(c) FROM fc.cards c WHERE c.uid = %s::uuid"
+    "SELECT fc.update_card_status(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_card_uid => %(card_uid)s::uuid,"
+    " p_status => %(status)s::smallint, p_now => %(now)s::timestamptz)")
+GET_ACCOUNT_SQL = "SELECT fc.account_json(a => a) FROM fc.accounts a WHERE a.uid = %s::uuid AND a.kind <> 100"
+GET_CARD_SQL = "SELECT fc.card_json(c => c) FROM fc.cards c WHERE c.uid = %s::uuid"
 
 # journal kind -> TransactionKind
 _TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTION_KIND_PURCHASE,
@@ -77,10 +87,12 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
                               and len(id_number) <= ID_NUMBER_MAX_CHARS):
             v.add("holder.id_number", "must be up to 32 letters or digits", "ID_NUMBER_MALFORMED")
         v.raise_if_any()
-        d = await self.d.db.call(OPEN_ACCOUNT_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("open_account", request),
-            request.type, request.holder.name, phone, id_number, parent, request.funding_mode,
-            request.label, self.d.clock.now()))
+        d = await self.d.db.call(OPEN_ACCOUNT_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("open_account", request), "kind": request.type,
+            "name": request.holder.name, "phone": phone, "id_number": id_number,
+            "parent_uid": parent, "funding_mode": request.funding_mode, "label": request.label,
+            "now": self.d.clock.now()})
         return account_pb2.OpenAccountResponse(account=await self._account(d["account_id"]))
 
     @rpc(Role.ADMIN, Role.REVIEWER)
@@ -105,10 +117,12 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
         # with the same number although the number is stored nowhere.
         pan = request.card_number or self.d.pan_index.generate(f"{caller}\0{request.request_id}")
         pan_index = self.d.pan_index.of(pan)
-        d = await self.d.db.call(ISSUE_AND_STORE_CARD_SQL, (
-            caller, request.request_id, self.d.fingerprint("issue_card", request),
-            request.account_id, pan_index, cards.mask(pan), self.d.clock.now(),
-            pan_index, self.d.card_vault.root_key_id, self.d.card_vault.seal(pan)))
+        d = await self.d.db.call(ISSUE_AND_STORE_CARD_SQL, {
+            "caller": caller, "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("issue_card", request),
+            "account_uid": request.account_id, "pan_index": pan_index, "masked": cards.mask(pan),
+            "now": self.d.clock.now(), "root_key_id": self.d.card_vault.root_key_id,
+            "sealed": self.d.card_vault.seal(pan)})
         return account_pb2.IssueCardResponse(card=wire.card(d["card"]), card_number=pan)
 
     @rpc(Role.ADMIN, Role.REVIEWER)
@@ -130,10 +144,10 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
         v.uuid("card_id", request.card_id)
         v.enum("status", request.status, CARD_STATUSES)
         v.raise_if_any()
-        d = await self.d.db.call(UPDATE_CARD_STATUS_SQL, (
-            self.d.caller(context), request.request_id,
-            self.d.fingerprint("update_card_status", request), request.card_id, request.status,
-            self.d.clock.now()))
+        d = await self.d.db.call(UPDATE_CARD_STATUS_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("update_card_status", request),
+            "card_uid": request.card_id, "status": request.status, "now": self.d.clock.now()})
         return account_pb2.UpdateCardStatusResponse(card=wire.card(d["card"]))
 
     @rpc(Role.ADMIN, Role.REVIEWER)

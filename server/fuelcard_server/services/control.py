@@ -28,32 +28,53 @@ MAX_RADIUS_M = 2_000_000
 MAX_RAISE = dt.timedelta(days=90)
 MAX_REPORT_SPAN = dt.timedelta(days=366)
 
-BATCH_TOP_UP_SQL = "SELECT fc.batch_top_up(%s, %s, %s, %s::uuid, %s::jsonb, %s::timestamptz)"
-SET_LIMITS_SQL = (
-    "SELECT fc.set_limits(%s, %s, %s, %s::uuid, %s::uuid, %s::uuid, %s::bigint, %s::bigint,"
-    " %s::bigint, %s::timestamptz)")
+BATCH_TOP_UP_SQL = (
+    "SELECT fc.batch_top_up(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_parent_uid => %(parent_uid)s::uuid,"
+    " p_lines => %(lines)s::jsonb, p_now => %(now)s::timestamptz)")
+SET_LIMITS_CALL = (
+    "fc.set_limits(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_actor_uid => %(actor_uid)s::uuid,"
+    " p_card_uid => %(card_uid)s::uuid, p_account_uid => %(account_uid)s::uuid,"
+    " p_txn => %(txn)s::bigint, p_daily => %(daily)s::bigint, p_monthly => %(monthly)s::bigint,"
+    " p_now => %(now)s::timestamptz)")
+SET_LIMITS_SQL = "SELECT " + SET_LIMITS_CALL
 # Limit raises behind the step-up gate (stepup.gate): SetSpendingLimits
 # passes fc.is_limit_raise(...) as the gate's "required", decided in the same
-# transaction as the change.
+# transaction as the change (on the same target and limits as the change).
 STEP_UP_SET_LIMITS_SQL = (
-    "WITH s AS MATERIALIZED (SELECT fc.consume_step_up(%s, %s, %s,"
-    " %s::boolean AND fc.is_limit_raise(%s::uuid, %s::uuid, %s::bigint, %s::bigint, %s::bigint),"
-    " %s::smallint, %s::uuid, %s::bigint, %s::uuid, %s, %s::timestamptz) AS refusal)"
-    " SELECT CASE WHEN s.refusal IS NULL THEN fc.set_limits(%s, %s, %s, %s::uuid, %s::uuid,"
-    " %s::uuid, %s::bigint, %s::bigint, %s::bigint, %s::timestamptz)"
+    "WITH s AS MATERIALIZED (SELECT fc.consume_step_up(p_caller => %(step_up_caller)s,"
+    " p_request_id => %(step_up_request_id)s, p_operation => %(step_up_operation)s,"
+    " p_required => %(step_up_required)s::boolean AND fc.is_limit_raise("
+    "p_card_uid => %(card_uid)s::uuid, p_account_uid => %(account_uid)s::uuid,"
+    " p_txn => %(txn)s::bigint, p_daily => %(daily)s::bigint, p_monthly => %(monthly)s::bigint),"
+    " p_kind => %(step_up_kind)s::smallint, p_subject => %(step_up_subject)s::uuid,"
+    " p_amount => %(step_up_amount)s::bigint, p_challenge => %(step_up_challenge)s::uuid,"
+    " p_code_hash => %(step_up_code_hash)s, p_now => %(step_up_now)s::timestamptz) AS refusal)"
+    " SELECT CASE WHEN s.refusal IS NULL THEN " + SET_LIMITS_CALL +
     " ELSE jsonb_build_object('step_up_refusal', s.refusal) END FROM s")
-STEP_UP_GRANT_RAISE_SQL = stepup.gate(
-    "fc.grant_raise(%s, %s, %s, %s::uuid, %s::uuid, %s::uuid, %s::bigint, %s::bigint,"
-    " %s::bigint, %s::timestamptz, %s::timestamptz, %s::timestamptz)")
-GET_LIMITS_SQL = "SELECT fc.get_limits(%s::uuid, %s::uuid, %s::timestamptz)"
-GRANT_RAISE_SQL = (
-    "SELECT fc.grant_raise(%s, %s, %s, %s::uuid, %s::uuid, %s::uuid, %s::bigint, %s::bigint,"
-    " %s::bigint, %s::timestamptz, %s::timestamptz, %s::timestamptz)")
+GRANT_RAISE_CALL = (
+    "fc.grant_raise(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_actor_uid => %(actor_uid)s::uuid,"
+    " p_card_uid => %(card_uid)s::uuid, p_account_uid => %(account_uid)s::uuid,"
+    " p_txn => %(txn)s::bigint, p_daily => %(daily)s::bigint, p_monthly => %(monthly)s::bigint,"
+    " p_starts => %(starts)s::timestamptz, p_ends => %(ends)s::timestamptz,"
+    " p_now => %(now)s::timestamptz)")
+STEP_UP_GRANT_RAISE_SQL = stepup.gate(GRANT_RAISE_CALL)
+GET_LIMITS_SQL = (
+    "SELECT fc.get_limits(p_card_uid => %(card_uid)s::uuid, p_account_uid => %(account_uid)s::uuid,"
+    " p_now => %(now)s::timestamptz)")
+GRANT_RAISE_SQL = "SELECT " + GRANT_RAISE_CALL
 SET_SCOPE_SQL = (
-    "SELECT fc.set_scope(%s, %s, %s, %s::uuid, %s::uuid, %s::text[], %s::smallint[], %s::jsonb,"
-    " %s::integer[], %s::timestamptz)")
+    "SELECT fc.set_scope(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_actor_uid => %(actor_uid)s::uuid,"
+    " p_card_uid => %(card_uid)s::uuid, p_stations => %(stations)s::text[],"
+    " p_products => %(products)s::smallint[], p_fences => %(fences)s::jsonb,"
+    " p_hours => %(hours)s::integer[], p_now => %(now)s::timestamptz)")
 TRANSFER_POINTS_SQL = (
-    "SELECT fc.transfer_points(%s, %s, %s, %s::uuid, %s::uuid, %s::bigint, %s::timestamptz)")
+    "SELECT fc.transfer_points(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_from_uid => %(from_uid)s::uuid,"
+    " p_to_uid => %(to_uid)s::uuid, p_points => %(points)s::bigint, p_now => %(now)s::timestamptz)")
 REGISTER_STATION_SQL = """
     INSERT INTO fc.stations (station_id, name, latitude, longitude) VALUES (%s, %s, %s, %s)
     ON CONFLICT (station_id) DO UPDATE
@@ -61,7 +82,7 @@ REGISTER_STATION_SQL = """
     RETURNING station_id, name, latitude, longitude"""
 CHANGES_SQL = """
     SELECT c.id, actor.uid::text, c.kind, card.uid::text, target.uid::text, c.details::text,
-           fc.ts(c.created_at)
+           fc.ts(p => c.created_at)
       FROM fc.control_changes c
       JOIN fc.accounts actor ON actor.id = c.actor_account_id
       JOIN fc.accounts target ON target.id = c.account_id
@@ -133,9 +154,11 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
                 seen.add(account)
                 lines.append({"uid": str(account), "amount": line.amount_fen})
         v.raise_if_any()
-        d = await self.d.db.call(BATCH_TOP_UP_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("batch_top_up", request),
-            request.parent_account_id, json.dumps(lines), self.d.clock.now()))
+        d = await self.d.db.call(BATCH_TOP_UP_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("batch_top_up", request),
+            "parent_uid": request.parent_account_id, "lines": json.dumps(lines),
+            "now": self.d.clock.now()})
         return control_pb2.BatchTopUpResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             total_fen=d["total_fen"], parent_balance_fen=d["parent_balance_fen"])
@@ -156,12 +179,12 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
             caller, request.request_id, "set_limits", self.d.settings.step_up_limit_raises,
             stepup.LIMIT_RAISE, card or account, _raise_amount(lim), challenge,
             request.step_up.code, now)
-        d = stepup.check_answer(await self.d.db.call(STEP_UP_SET_LIMITS_SQL, (
-            *gate[:4], card, account, lim.per_transaction_fen, lim.daily_fen, lim.monthly_fen,
-            *gate[4:],
-            caller, request.request_id, self.d.fingerprint("set_limits", request),
-            request.actor_account_id, card, account, lim.per_transaction_fen, lim.daily_fen,
-            lim.monthly_fen, now)))
+        d = stepup.check_answer(await self.d.db.call(STEP_UP_SET_LIMITS_SQL, gate | {
+            "caller": caller, "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("set_limits", request),
+            "actor_uid": request.actor_account_id, "card_uid": card, "account_uid": account,
+            "txn": lim.per_transaction_fen, "daily": lim.daily_fen, "monthly": lim.monthly_fen,
+            "now": now}))
         return control_pb2.SetSpendingLimitsResponse(limits=_limits(d["limits"]))
 
     @rpc(Role.ADMIN)
@@ -170,7 +193,8 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         v = Violations()
         card, account = _target(v, request)
         v.raise_if_any()
-        row = await self.d.db.fetch_one(GET_LIMITS_SQL, (card, account, self.d.clock.now()))
+        row = await self.d.db.fetch_one(GET_LIMITS_SQL, {
+            "card_uid": card, "account_uid": account, "now": self.d.clock.now()})
         assert row is not None
         d = row[0]
         response = control_pb2.GetSpendingLimitsResponse(
@@ -197,15 +221,17 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         v.raise_if_any()
         lim = request.limits
         caller, now = self.d.caller(context), self.d.clock.now()
-        params = (caller, request.request_id, self.d.fingerprint("grant_raise", request),
-                  request.actor_account_id, card, account, lim.per_transaction_fen, lim.daily_fen,
-                  lim.monthly_fen, start, end, now)
+        params = {"caller": caller, "request_id": request.request_id,
+                  "request_hash": self.d.fingerprint("grant_raise", request),
+                  "actor_uid": request.actor_account_id, "card_uid": card, "account_uid": account,
+                  "txn": lim.per_transaction_fen, "daily": lim.daily_fen, "monthly": lim.monthly_fen,
+                  "starts": start, "ends": end, "now": now}
         if self.d.settings.step_up_limit_raises:
             d = stepup.check_answer(await self.d.db.call(STEP_UP_GRANT_RAISE_SQL, (
-                *self.d.step_ups.gate_params(caller, request.request_id, "grant_raise", True,
-                                             stepup.LIMIT_RAISE, card or account,
-                                             _raise_amount(lim), challenge, request.step_up.code,
-                                             now), *params)))
+                self.d.step_ups.gate_params(caller, request.request_id, "grant_raise", True,
+                                            stepup.LIMIT_RAISE, card or account,
+                                            _raise_amount(lim), challenge, request.step_up.code,
+                                            now) | params)))
         else:
             d = await self.d.db.call(GRANT_RAISE_SQL, params)
         return control_pb2.GrantTemporaryRaiseResponse(raise_id=d["raise_id"])
@@ -253,11 +279,13 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
                       "HOURS_INVALID")
             hours += [w.start_minute, w.end_minute]
         v.raise_if_any()
-        d = await self.d.db.call(SET_SCOPE_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("set_scope", request),
-            request.actor_account_id, request.card_id, list(scope.station_ids) or None,
-            list(scope.products) or None, json.dumps(fences) if fences else None, hours or None,
-            self.d.clock.now()))
+        d = await self.d.db.call(SET_SCOPE_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("set_scope", request),
+            "actor_uid": request.actor_account_id, "card_uid": request.card_id,
+            "stations": list(scope.station_ids) or None, "products": list(scope.products) or None,
+            "fences": json.dumps(fences) if fences else None, "hours": hours or None,
+            "now": self.d.clock.now()})
         del d  # the stored answer only confirms; the scope is what was asked for
         return control_pb2.SetCardScopeResponse(scope=scope)
 
@@ -288,10 +316,11 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         v.uuid("to_account_id", request.to_account_id)
         v.amount("points", request.points, self.d.settings.max_points_redeem)
         v.raise_if_any()
-        d = await self.d.db.call(TRANSFER_POINTS_SQL, (
-            self.d.caller(context), request.request_id,
-            self.d.fingerprint("transfer_points", request), request.from_account_id,
-            request.to_account_id, request.points, self.d.clock.now()))
+        d = await self.d.db.call(TRANSFER_POINTS_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("transfer_points", request),
+            "from_uid": request.from_account_id, "to_uid": request.to_account_id,
+            "points": request.points, "now": self.d.clock.now()})
         return control_pb2.TransferPointsResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             from_points_balance=d["from_points_balance"], to_points_balance=d["to_points_balance"])

@@ -36,26 +36,37 @@ OPERATOR_CHANNELS = frozenset({funding_pb2.CHANNEL_COUNTER})
 # 64 bytes plus overhead: about 3 MB.
 SIGNED_ANSWERS = 10_000
 
-RECHARGE_SQL = (
-    "SELECT fc.recharge(%s, %s, %s, %s::uuid, %s::smallint, %s, %s::bigint, %s::timestamptz)")
+RECHARGE_CALL = (
+    "fc.recharge(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_account_uid => %(account_uid)s::uuid,"
+    " p_channel => %(channel)s::smallint, p_channel_txn_id => %(channel_txn_id)s,"
+    " p_amount_fen => %(amount_fen)s::bigint, p_now => %(now)s::timestamptz)")
+RECHARGE_SQL = "SELECT " + RECHARGE_CALL
 # A recharge above the step-up threshold: the same call behind the step-up
 # gate (stepup.gate). A channel's second notice of a payment already booked
 # (same channel_txn_id) needs no code: it gets the original answer, or
 # CHANNEL_TXN_REUSED.
 STEP_UP_RECHARGE_SQL = (
-    "WITH s AS MATERIALIZED (SELECT fc.consume_step_up(%s, %s, %s, %s::boolean AND NOT EXISTS"
-    " (SELECT 1 FROM fc.recharges WHERE channel = %s::smallint AND channel_txn_id = %s),"
-    " %s::smallint, %s::uuid, %s::bigint, %s::uuid, %s, %s::timestamptz) AS refusal)"
-    " SELECT CASE WHEN s.refusal IS NULL THEN"
-    " fc.recharge(%s, %s, %s, %s::uuid, %s::smallint, %s, %s::bigint, %s::timestamptz)"
+    "WITH s AS MATERIALIZED (SELECT fc.consume_step_up(p_caller => %(step_up_caller)s,"
+    " p_request_id => %(step_up_request_id)s, p_operation => %(step_up_operation)s,"
+    " p_required => %(step_up_required)s::boolean AND NOT EXISTS"
+    " (SELECT 1 FROM fc.recharges WHERE channel = %(channel)s::smallint"
+    " AND channel_txn_id = %(channel_txn_id)s),"
+    " p_kind => %(step_up_kind)s::smallint, p_subject => %(step_up_subject)s::uuid,"
+    " p_amount => %(step_up_amount)s::bigint, p_challenge => %(step_up_challenge)s::uuid,"
+    " p_code_hash => %(step_up_code_hash)s, p_now => %(step_up_now)s::timestamptz) AS refusal)"
+    " SELECT CASE WHEN s.refusal IS NULL THEN " + RECHARGE_CALL +
     " ELSE jsonb_build_object('step_up_refusal', s.refusal) END FROM s")
 GET_RECHARGE_SQL = (
-    "SELECT fc.recharge_json(r),"
+    "SELECT fc.recharge_json(r => r),"
     " (SELECT coalesce(sum(f.amount_fen), 0)::bigint FROM fc.refunds f WHERE f.recharge_id = r.id)"
     " FROM fc.recharges r WHERE r.channel = %s::smallint AND r.channel_txn_id = %s")
 REFUND_SQL = (
-    "SELECT fc.refund_recharge(%s, %s, %s, %s::smallint, %s, %s, %s::bigint, %s::bigint,"
-    " %s::timestamptz)")
+    "SELECT fc.refund_recharge(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_channel => %(channel)s::smallint,"
+    " p_channel_txn_id => %(channel_txn_id)s, p_channel_refund_id => %(channel_refund_id)s,"
+    " p_amount_fen => %(amount_fen)s::bigint, p_refunded_total_fen => %(refunded_total_fen)s::bigint,"
+    " p_now => %(now)s::timestamptz)")
 
 
 def recharge_signing_input(request: funding_pb2.RechargeRequest) -> bytes:
@@ -140,14 +151,15 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
         # Before anything is written: a refused notification changes nothing.
         await self._check_signature(request)
         caller, now = self.d.caller(context), self.d.clock.now()
-        params = (caller, request.request_id, self.d.fingerprint("recharge", request),
-                  account_id, request.channel, request.channel_txn_id, request.amount_fen, now)
+        params = {"caller": caller, "request_id": request.request_id,
+                  "request_hash": self.d.fingerprint("recharge", request), "account_uid": account_id,
+                  "channel": request.channel, "channel_txn_id": request.channel_txn_id,
+                  "amount_fen": request.amount_fen, "now": now}
         if request.amount_fen > self.d.settings.step_up_recharge_above_fen:
             gate = self.d.step_ups.gate_params(
                 caller, request.request_id, "recharge", True, stepup.RECHARGE, account_id,
                 request.amount_fen, challenge, request.step_up.code, now)
-            d = stepup.check_answer(await self.d.db.call(STEP_UP_RECHARGE_SQL, (
-                *gate[:4], request.channel, request.channel_txn_id, *gate[4:], *params)))
+            d = stepup.check_answer(await self.d.db.call(STEP_UP_RECHARGE_SQL, gate | params))
         else:
             d = await self.d.db.call(RECHARGE_SQL, params)
         response = funding_pb2.RechargeResponse(
@@ -192,10 +204,12 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
         v.raise_if_any()
         _own_channel(self.d.identity(), request.channel)
         await self._check_signature(request)
-        d = await self.d.db.call(REFUND_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("refund", request),
-            request.channel, request.channel_txn_id, request.channel_refund_id,
-            request.amount_fen, request.refunded_total_fen, self.d.clock.now()))
+        d = await self.d.db.call(REFUND_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("refund", request), "channel": request.channel,
+            "channel_txn_id": request.channel_txn_id, "channel_refund_id": request.channel_refund_id,
+            "amount_fen": request.amount_fen, "refunded_total_fen": request.refunded_total_fen,
+            "now": self.d.clock.now()})
         response = funding_pb2.RefundRechargeResponse(refund=wire.refund(d["refund"]),
                                                       balance_fen=d["balance_fen"])
         response.signature = self._sign(refund_response_signing_input(request, response))

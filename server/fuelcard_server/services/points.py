@@ -14,7 +14,11 @@ from fuelcard_server.validation import TEXT_MAX_CHARS, Violations
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-REDEEM_SQL = "SELECT fc.redeem_points(%s, %s, %s, %s::uuid, %s::bigint, %s, %s::timestamptz)"
+REDEEM_SQL = (
+    "SELECT fc.redeem_points(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_account_uid => %(account_uid)s::uuid,"
+    " p_points => %(points)s::bigint, p_description => %(description)s,"
+    " p_now => %(now)s::timestamptz)")
 POINTS_BALANCE_SQL = "SELECT points_balance FROM fc.accounts WHERE uid = %s::uuid AND kind <> 100"
 
 
@@ -60,9 +64,11 @@ class PointsService(Servicer, points_pb2_grpc.PointsServiceServicer):
         v.amount("points", request.points, self.d.settings.max_points_redeem)
         v.text("description", request.description, required=False, max_chars=TEXT_MAX_CHARS)
         v.raise_if_any()
-        d = await self.d.db.call(REDEEM_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("redeem", request),
-            account_id, request.points, request.description, self.d.clock.now()))
+        d = await self.d.db.call(REDEEM_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("redeem", request), "account_uid": account_id,
+            "points": request.points, "description": request.description,
+            "now": self.d.clock.now()})
         response = points_pb2.RedeemPointsResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             points_balance=d["points_balance"])

@@ -22,26 +22,33 @@ PAGE_SIZE_MAX = 1000
 RESOLUTION_MAX_CHARS = 500
 
 LIST_SQL = """
-    SELECT b.id, fc.break_json(b) FROM fc.reconciliation_breaks b
+    SELECT b.id, fc.break_json(b => b) FROM fc.reconciliation_breaks b
      WHERE (%(channel)s = 0 OR b.channel = %(channel)s)
        AND (%(day)s::date IS NULL OR b.business_date = %(day)s::date)
        AND (%(all)s OR b.resolved_at IS NULL)
        AND b.id < %(before)s
      ORDER BY b.id DESC LIMIT %(limit)s"""
-RESOLVE_SQL = "SELECT fc.resolve_break(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz)"
+RESOLVE_SQL = (
+    "SELECT fc.resolve_break(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_break_uid => %(break_uid)s::uuid,"
+    " p_resolution => %(resolution)s, p_resolved_by => %(resolved_by)s,"
+    " p_now => %(now)s::timestamptz)")
 
 EXCEPTION_STATES = frozenset(v for v in settlement_pb2.ChannelExceptionState.values()
                              if v != settlement_pb2.CHANNEL_EXCEPTION_STATE_UNSPECIFIED)
 # fc.channel_exceptions.reason -> ChannelExceptionKind
 EXCEPTION_KINDS = {"REFUND_SHORTFALL": settlement_pb2.CHANNEL_EXCEPTION_KIND_REFUND_SHORTFALL}
 LIST_EXCEPTIONS_SQL = """
-    SELECT x.id, fc.channel_exception_json(x) FROM fc.channel_exceptions x
+    SELECT x.id, fc.channel_exception_json(x => x) FROM fc.channel_exceptions x
      WHERE (%(channel)s = 0 OR x.channel = %(channel)s)
        AND (%(state)s = 0 OR (x.resolved_at IS NULL) = (%(state)s = 1))
        AND x.id < %(before)s
      ORDER BY x.id DESC LIMIT %(limit)s"""
 RESOLVE_EXCEPTION_SQL = (
-    "SELECT fc.resolve_channel_exception(%s, %s, %s, %s::uuid, %s, %s, %s::timestamptz)")
+    "SELECT fc.resolve_channel_exception(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_exception_uid => %(exception_uid)s::uuid,"
+    " p_resolution => %(resolution)s, p_resolved_by => %(resolved_by)s,"
+    " p_now => %(now)s::timestamptz)")
 
 
 def _record(d: dict[str, Any], side: str, channel: int, kind: int, txn: str
@@ -128,9 +135,11 @@ class ReconciliationService(Servicer, settlement_pb2_grpc.ReconciliationServiceS
         v.text("resolution", request.resolution, required=True, max_chars=RESOLUTION_MAX_CHARS)
         v.raise_if_any()
         caller = self.d.identity()
-        d = await self.d.db.call(RESOLVE_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("resolve_break", request),
-            break_id, request.resolution, caller.key or caller.name, self.d.clock.now()))
+        d = await self.d.db.call(RESOLVE_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("resolve_break", request), "break_uid": break_id,
+            "resolution": request.resolution, "resolved_by": caller.key or caller.name,
+            "now": self.d.clock.now()})
         if "break" not in d:
             raise errors.internal()
         return settlement_pb2.ResolveBreakResponse(reconciliation_break=break_message(d["break"]))
@@ -168,10 +177,11 @@ class ReconciliationService(Servicer, settlement_pb2_grpc.ReconciliationServiceS
         v.text("resolution", request.resolution, required=True, max_chars=RESOLUTION_MAX_CHARS)
         v.raise_if_any()
         caller = self.d.identity()
-        d = await self.d.db.call(RESOLVE_EXCEPTION_SQL, (
-            self.d.caller(context), request.request_id,
-            self.d.fingerprint("resolve_channel_exception", request), exception_id,
-            request.resolution, caller.key or caller.name, self.d.clock.now()))
+        d = await self.d.db.call(RESOLVE_EXCEPTION_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("resolve_channel_exception", request),
+            "exception_uid": exception_id, "resolution": request.resolution,
+            "resolved_by": caller.key or caller.name, "now": self.d.clock.now()})
         if "channel_exception" not in d:
             raise errors.internal()
         return settlement_pb2.ResolveChannelExceptionResponse(

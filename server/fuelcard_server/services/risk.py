@@ -25,25 +25,36 @@ MAX_NOTE_CHARS = 500
 MAX_PAGE = 500
 
 LOAD_SQL = (
-    "SELECT fc.risk_load(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s::smallint, %s, %s,"
-    " %s::integer[], %s, %s::jsonb, %s::timestamptz)")
-ACTIVATE_SQL = "SELECT fc.risk_activate(%s, %s, %s, %s, %s, %s, %s::timestamptz)"
-ACTIVE_SQL = "SELECT fc.risk_set_json(rule_set_id) FROM fc.risk_active"
+    "SELECT fc.risk_load(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_lock => %(lock)s, p_actor => %(actor)s,"
+    " p_name => %(name)s, p_document => %(document)s::jsonb, p_digest => %(digest)s,"
+    " p_fallback => %(fallback)s::smallint, p_review_score => %(review_score)s,"
+    " p_decline_score => %(decline_score)s, p_windows => %(windows)s::integer[],"
+    " p_has_points => %(has_points)s, p_rules => %(rules)s::jsonb, p_now => %(now)s::timestamptz)")
+ACTIVATE_SQL = (
+    "SELECT fc.risk_activate(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_lock => %(lock)s, p_actor => %(actor)s,"
+    " p_version => %(version)s, p_now => %(now)s::timestamptz)")
+ACTIVE_SQL = "SELECT fc.risk_set_json(p_id => rule_set_id) FROM fc.risk_active"
 REVIEW_SQL = (
-    "SELECT fc.review_hold(%s, %s, %s, %s::uuid, %s, %s, %s, %s::timestamptz, %s::interval)")
+    "SELECT fc.review_hold(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_hold_uid => %(hold_uid)s::uuid,"
+    " p_approve => %(approve)s, p_reviewer => %(reviewer)s, p_note => %(note)s,"
+    " p_now => %(now)s::timestamptz, p_ttl => %(ttl)s::interval)")
 SUSPENDED_SQL = """
-    SELECT h.id, fc.hold_json(h), h.risk_score, h.risk_rules
+    SELECT h.id, fc.hold_json(h => h), h.risk_score, h.risk_rules
       FROM fc.holds h
      WHERE h.state = 5 AND h.id > %s
      ORDER BY h.id LIMIT %s"""
 
 
-def load_args(rule_set: RuleSet, actor: str) -> tuple[Any, ...]:
-    """fc.risk_load's arguments after (caller, request_id, hash), before now."""
-    return (RISK_RULES_LOCK, actor, rule_set.name, json.dumps(rule_set.to_document()),
-            rule_set.digest(), FALLBACKS[rule_set.fallback], rule_set.review_score,
-            rule_set.decline_score, rule_set.windows, rule_set.has_points,
-            json.dumps(rule_set.rows()))
+def load_args(rule_set: RuleSet, actor: str) -> dict[str, Any]:
+    """fc.risk_load's arguments but caller, request_id, request_hash and now."""
+    return {"lock": RISK_RULES_LOCK, "actor": actor, "name": rule_set.name,
+            "document": json.dumps(rule_set.to_document()), "digest": rule_set.digest(),
+            "fallback": FALLBACKS[rule_set.fallback], "review_score": rule_set.review_score,
+            "decline_score": rule_set.decline_score, "windows": rule_set.windows,
+            "has_points": rule_set.has_points, "rules": json.dumps(rule_set.rows())}
 
 
 def rule_set_info(d: dict[str, Any]) -> risk_pb2.RuleSetInfo:
@@ -79,9 +90,10 @@ class RiskService(Servicer, risk_pb2_grpc.RiskServiceServicer):
         fmt = "toml" if request.format == risk_pb2.RULE_FORMAT_TOML else "json"
         rule_set = load_text(request.document, fmt,
                              allow_fault=self.d.settings.risk_fault_injection)
-        d = await self.d.db.call(LOAD_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("risk_load", request),
-            *load_args(rule_set, self._actor()), self.d.clock.now()))
+        d = await self.d.db.call(LOAD_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("risk_load", request),
+            **load_args(rule_set, self._actor()), "now": self.d.clock.now()})
         return risk_pb2.LoadRuleSetResponse(rule_set=rule_set_info(d["rule_set"]),
                                             changes=changes(d["changes"]))
 
@@ -93,10 +105,10 @@ class RiskService(Servicer, risk_pb2_grpc.RiskServiceServicer):
         if request.version < 0:
             v.add("version", "a version from LoadRuleSet, or 0 for none", "VALUE_NEGATIVE")
         v.raise_if_any()
-        d = await self.d.db.call(ACTIVATE_SQL, (
-            self.d.caller(context), request.request_id,
-            self.d.fingerprint("risk_activate", request), RISK_RULES_LOCK, self._actor(),
-            request.version, self.d.clock.now()))
+        d = await self.d.db.call(ACTIVATE_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("risk_activate", request), "lock": RISK_RULES_LOCK,
+            "actor": self._actor(), "version": request.version, "now": self.d.clock.now()})
         response = risk_pb2.ActivateRuleSetResponse(changes=changes(d["changes"]))
         if d["rule_set"] is not None:
             response.rule_set.CopyFrom(rule_set_info(d["rule_set"]))
@@ -144,9 +156,11 @@ class RiskService(Servicer, risk_pb2_grpc.RiskServiceServicer):
                    multiline=True)
         v.raise_if_any()
         approve = request.verdict == risk_pb2.REVIEW_VERDICT_APPROVE
-        d = await self.d.db.call(REVIEW_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("review_hold", request),
-            hold_id, approve, self._actor(), request.note, self.d.clock.now(), self.d.hold_ttl))
+        d = await self.d.db.call(REVIEW_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("review_hold", request), "hold_uid": hold_id,
+            "approve": approve, "reviewer": self._actor(), "note": request.note,
+            "now": self.d.clock.now(), "ttl": self.d.hold_ttl})
         if not d.get("replayed"):
             risk_metrics.reviews.add(1, {"verdict": "approve" if approve else "reject"})
         return risk_pb2.ReviewHoldResponse(hold=wire.hold(d["hold"]))

@@ -32,8 +32,10 @@ ADMIN_KEY_PREFIX = "admin/"
 # console does not hold the card number).
 NO_PAN = "0" * 13
 RESET_PIN_SQL = stepup.gate(
-    "fc.reset_pin(%s, %s, %s, %s::uuid, %s, %s::timestamptz)")
-CARD_NUMBER_PARTS_SQL = "SELECT fc.card_number_parts(%s::uuid)"
+    "fc.reset_pin(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_card_uid => %(card_uid)s::uuid,"
+    " p_pin_hash => %(pin_hash)s, p_now => %(now)s::timestamptz)")
+CARD_NUMBER_PARTS_SQL = "SELECT fc.card_number_parts(p_card_uid => %(card_uid)s::uuid)"
 
 
 REGISTER_CHANNEL_KEY_SQL = """
@@ -216,11 +218,12 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
         del pin
         key = self.d.caller(context)
         d = stepup.check_answer(await self.d.db.call(RESET_PIN_SQL, (
-            *self.d.step_ups.gate_params(key, request.request_id, "reset_pin", True,
-                                         stepup.PIN_RESET, card_id, 0, challenge,
-                                         request.step_up.code, now),
-            key, request.request_id, self.d.fingerprint("reset_pin", request), card_id, hashed,
-            now)))
+            self.d.step_ups.gate_params(key, request.request_id, "reset_pin", True,
+                                        stepup.PIN_RESET, card_id, 0, challenge,
+                                        request.step_up.code, now)
+            | {"caller": key, "request_id": request.request_id,
+               "request_hash": self.d.fingerprint("reset_pin", request), "card_uid": card_id,
+               "pin_hash": hashed, "now": now})))
         return security_pb2.ResetCardPinResponse(card_id=d["card_id"])
 
     @rpc(Role.ADMIN)
@@ -235,7 +238,7 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
         await self.d.step_ups.verify(self.d.caller(context), request.request_id,
                                      stepup.REVEAL_CARD_NUMBER, card_id, 0, challenge,
                                      request.step_up.code, self.d.clock.now())
-        row = await self.d.db.fetch_one(CARD_NUMBER_PARTS_SQL, (card_id,))
+        row = await self.d.db.fetch_one(CARD_NUMBER_PARTS_SQL, {"card_uid": card_id})
         if row is None or row[0] is None:
             raise errors.not_found("CARD_NOT_FOUND", "card")
         parts = row[0]

@@ -21,15 +21,25 @@ MAX_VOLUME_ML = 10_000_000
 MAX_UNIT_PRICE_FEN = 1_000_000
 
 AUTHORIZE_SQL = (
-    "SELECT fc.authorize(%s, %s, %s, %s, %s::bigint, %s, %s, %s::integer, %s::smallint,"
-    " %s::timestamptz, %s::interval, %s::bigint, %s::boolean)")
+    "SELECT fc.authorize(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_pan_index => %(pan_index)s,"
+    " p_amount_fen => %(amount_fen)s::bigint, p_station_id => %(station_id)s,"
+    " p_terminal_id => %(terminal_id)s, p_nozzle => %(nozzle)s::integer,"
+    " p_product => %(product)s::smallint, p_now => %(now)s::timestamptz, p_ttl => %(ttl)s::interval,"
+    " p_counter => %(counter)s::bigint, p_pin_ok => %(pin_ok)s::boolean)")
 CONFIRM_SQL = (
-    "SELECT fc.confirm(%s, %s, %s, %s::uuid, %s::bigint, %s::bigint, %s::bigint,"
-    " %s::timestamptz, %s, %s::bigint)")
-CANCEL_SQL = "SELECT fc.cancel(%s, %s, %s, %s::uuid, %s::timestamptz, %s, %s::bigint)"
+    "SELECT fc.confirm(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_hold_uid => %(hold_uid)s::uuid,"
+    " p_final_fen => %(final_fen)s::bigint, p_volume_ml => %(volume_ml)s::bigint,"
+    " p_unit_price_fen => %(unit_price_fen)s::bigint, p_now => %(now)s::timestamptz,"
+    " p_terminal => %(terminal)s, p_counter => %(counter)s::bigint)")
+CANCEL_SQL = (
+    "SELECT fc.cancel(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_hold_uid => %(hold_uid)s::uuid,"
+    " p_now => %(now)s::timestamptz, p_terminal => %(terminal)s, p_counter => %(counter)s::bigint)")
 GET_TERMINAL_HOLD_SQL = (
-    "SELECT fc.hold_json(h) FROM fc.holds h WHERE h.uid = %s::uuid AND h.terminal_id = %s")
-GET_HOLD_SQL = "SELECT fc.hold_json(h) FROM fc.holds h WHERE h.uid = %s::uuid"
+    "SELECT fc.hold_json(h => h) FROM fc.holds h WHERE h.uid = %s::uuid AND h.terminal_id = %s")
+GET_HOLD_SQL = "SELECT fc.hold_json(h => h) FROM fc.holds h WHERE h.uid = %s::uuid"
 # The money is the funding account's (the parent's, for a SHARED card); the
 # points are the card's own account's.
 CARD_BALANCE_SQL = """
@@ -72,11 +82,12 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             pin_ok = await self.d.pins.verdict(caller.name, request.key_version,
                                                request.pin_block, request.card_number,
                                                pan_index, self.d.clock.now())
-        d = await self.d.db.call(AUTHORIZE_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("authorize", request),
-            pan_index, request.amount_fen,
-            request.station_id, request.terminal_id, request.nozzle, request.product,
-            self.d.clock.now(), self.d.hold_ttl, counter, pin_ok))
+        d = await self.d.db.call(AUTHORIZE_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("authorize", request), "pan_index": pan_index,
+            "amount_fen": request.amount_fen, "station_id": request.station_id,
+            "terminal_id": request.terminal_id, "nozzle": request.nozzle, "product": request.product,
+            "now": self.d.clock.now(), "ttl": self.d.hold_ttl, "counter": counter, "pin_ok": pin_ok})
         response = transaction_pb2.AuthorizeResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             available_fen=d["available_fen"])
@@ -109,10 +120,12 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             "Confirm", request.request_id, request.hold_id, request.final_amount_fen,
             request.volume_ml, request.unit_price_fen, request.key_version,
             request.terminal_counter)
-        d = await self.d.db.call(CONFIRM_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("confirm", request),
-            hold_id, request.final_amount_fen, request.volume_ml, request.unit_price_fen,
-            self.d.clock.now(), terminal, counter))
+        d = await self.d.db.call(CONFIRM_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("confirm", request), "hold_uid": hold_id,
+            "final_fen": request.final_amount_fen, "volume_ml": request.volume_ml,
+            "unit_price_fen": request.unit_price_fen, "now": self.d.clock.now(),
+            "terminal": terminal, "counter": counter})
         return transaction_pb2.ConfirmResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             hold=wire.hold(d["hold"]), points_earned=d["points_earned"],
@@ -130,9 +143,10 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             request.mac, request.key_version, request.terminal_counter,
             "Cancel", request.request_id, request.hold_id, request.key_version,
             request.terminal_counter)
-        d = await self.d.db.call(CANCEL_SQL, (
-            self.d.caller(context), request.request_id, self.d.fingerprint("cancel", request),
-            hold_id, self.d.clock.now(), terminal, counter))
+        d = await self.d.db.call(CANCEL_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("cancel", request), "hold_uid": hold_id,
+            "now": self.d.clock.now(), "terminal": terminal, "counter": counter})
         return transaction_pb2.CancelResponse(hold=wire.hold(d["hold"]))
 
     @rpc(Role.POS, Role.ADMIN, Role.REVIEWER)

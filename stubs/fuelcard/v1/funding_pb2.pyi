@@ -135,7 +135,7 @@ class RechargeRequest(_message.Message):
     account_id, channel_txn_id), tag "i" for integers as minimal signed
     big-endian bytes (channel as its enum number, amount_fen). For example
     channel CHANNEL_WECHAT_PAY is 69 00000001 02 and amount_fen 10000 is
-    69 00000002 2710 (fuelcard_server.keys.canonical).
+    69 00000002 2710 (the same encoding as the terminal MAC input: docs/TERMINAL_PROTOCOL.md).
 
     Payment adapters (mutual TLS, role adapter) must sign: no signature ->
     UNAUTHENTICATED SIGNATURE_MISSING; one that does not verify ->

@@ -251,7 +251,7 @@ class LoadRuleSetRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key, 1-64 printable ASCII characters."""
     document: _builtins.str
-    """The rule set document (see fuelcard_server/risk/model.py), at most 1 MiB."""
+    """The rule set document (its format: RISK.md, "Rule kinds"), at most 1 MiB."""
     format: Global___RuleFormat.ValueType
     """How `document` is written."""
     def __init__(

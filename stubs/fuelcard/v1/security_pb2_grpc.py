@@ -28,21 +28,27 @@ if _version_not_supported:
 class SecurityServiceStub:
     """Key management for terminals and payment adapters.
 
-    Terminal requests (Authorize, Confirm, Cancel) carry a MAC. The MAC input
-    is the concatenation, for each field below in order, of a one-byte type tag
-    ("s" text as UTF-8, "i" integer as minimal signed big-endian bytes, "b"
-    bytes), a 4-byte big-endian length and the field's bytes:
-    Authorize: "Authorize", request_id, card_number, amount_fen, station_id,
+    Terminal requests (Authorize, Confirm, Cancel) carry a MAC; the full
+    specification, with known-answer test vectors, is docs/TERMINAL_PROTOCOL.md.
+    In short, E(...) is the canonical encoding of a tuple of fields: for each
+    field in order, a one-byte type tag ("s" text as UTF-8, "i" integer as
+    minimal signed big-endian bytes, 0 being one byte 00; enums by number; "b"
+    bytes), a 4-byte big-endian length and the field's bytes. Unset fields are
+    encoded with their default value, never skipped. The MAC input is
+    Authorize: E("Authorize", request_id, card_number, amount_fen, station_id,
     terminal_id, nozzle, product, key_version, terminal_counter,
-    pin_block
-    Confirm:   "Confirm", request_id, hold_id, final_amount_fen, volume_ml,
-    unit_price_fen, key_version, terminal_counter
-    Cancel:    "Cancel", request_id, hold_id, key_version, terminal_counter
-    The MAC is HMAC-SM3 under the session key
-    SM3-KDF(working_key || E("fuelcard", "session/v1", terminal_id,
-    key_version, terminal_counter)), 16 bytes,
-    where E is the same tagged encoding (fuelcard_server.keys.session_key), so
-    every transaction has its own key.
+    pin_block)
+    Confirm:   E("Confirm", request_id, hold_id, final_amount_fen, volume_ml,
+    unit_price_fen, key_version, terminal_counter)
+    Cancel:    E("Cancel", request_id, hold_id, key_version, terminal_counter)
+    and the MAC is HMAC-SM3 (RFC 2104 with SM3), 32 bytes, not truncated, under
+    the 16-byte session key
+    KDF(working_key || E("fuelcard", "session/v1", terminal_id, key_version,
+    terminal_counter), 16)
+    where KDF is the SM3 key derivation function of GB/T 32918.4 (GM/T 0003.4):
+    SM3(Z || 00000001) || SM3(Z || 00000002) || ..., truncated to 16 bytes.
+    Every transaction has its own key. The PIN key is
+    KDF(working_key || E("fuelcard", "pin/v1", terminal_id, key_version), 16).
     """
 
     def __init__(self, channel):
@@ -91,21 +97,27 @@ class SecurityServiceStub:
 class SecurityServiceServicer:
     """Key management for terminals and payment adapters.
 
-    Terminal requests (Authorize, Confirm, Cancel) carry a MAC. The MAC input
-    is the concatenation, for each field below in order, of a one-byte type tag
-    ("s" text as UTF-8, "i" integer as minimal signed big-endian bytes, "b"
-    bytes), a 4-byte big-endian length and the field's bytes:
-    Authorize: "Authorize", request_id, card_number, amount_fen, station_id,
+    Terminal requests (Authorize, Confirm, Cancel) carry a MAC; the full
+    specification, with known-answer test vectors, is docs/TERMINAL_PROTOCOL.md.
+    In short, E(...) is the canonical encoding of a tuple of fields: for each
+    field in order, a one-byte type tag ("s" text as UTF-8, "i" integer as
+    minimal signed big-endian bytes, 0 being one byte 00; enums by number; "b"
+    bytes), a 4-byte big-endian length and the field's bytes. Unset fields are
+    encoded with their default value, never skipped. The MAC input is
+    Authorize: E("Authorize", request_id, card_number, amount_fen, station_id,
     terminal_id, nozzle, product, key_version, terminal_counter,
-    pin_block
-    Confirm:   "Confirm", request_id, hold_id, final_amount_fen, volume_ml,
-    unit_price_fen, key_version, terminal_counter
-    Cancel:    "Cancel", request_id, hold_id, key_version, terminal_counter
-    The MAC is HMAC-SM3 under the session key
-    SM3-KDF(working_key || E("fuelcard", "session/v1", terminal_id,
-    key_version, terminal_counter)), 16 bytes,
-    where E is the same tagged encoding (fuelcard_server.keys.session_key), so
-    every transaction has its own key.
+    pin_block)
+    Confirm:   E("Confirm", request_id, hold_id, final_amount_fen, volume_ml,
+    unit_price_fen, key_version, terminal_counter)
+    Cancel:    E("Cancel", request_id, hold_id, key_version, terminal_counter)
+    and the MAC is HMAC-SM3 (RFC 2104 with SM3), 32 bytes, not truncated, under
+    the 16-byte session key
+    KDF(working_key || E("fuelcard", "session/v1", terminal_id, key_version,
+    terminal_counter), 16)
+    where KDF is the SM3 key derivation function of GB/T 32918.4 (GM/T 0003.4):
+    SM3(Z || 00000001) || SM3(Z || 00000002) || ..., truncated to 16 bytes.
+    Every transaction has its own key. The PIN key is
+    KDF(working_key || E("fuelcard", "pin/v1", terminal_id, key_version), 16).
     """
 
     def SignOn(self, request, context):
@@ -221,21 +233,27 @@ def add_SecurityServiceServicer_to_server(servicer, server):
 class SecurityService:
     """Key management for terminals and payment adapters.
 
-    Terminal requests (Authorize, Confirm, Cancel) carry a MAC. The MAC input
-    is the concatenation, for each field below in order, of a one-byte type tag
-    ("s" text as UTF-8, "i" integer as minimal signed big-endian bytes, "b"
-    bytes), a 4-byte big-endian length and the field's bytes:
-    Authorize: "Authorize", request_id, card_number, amount_fen, station_id,
+    Terminal requests (Authorize, Confirm, Cancel) carry a MAC; the full
+    specification, with known-answer test vectors, is docs/TERMINAL_PROTOCOL.md.
+    In short, E(...) is the canonical encoding of a tuple of fields: for each
+    field in order, a one-byte type tag ("s" text as UTF-8, "i" integer as
+    minimal signed big-endian bytes, 0 being one byte 00; enums by number; "b"
+    bytes), a 4-byte big-endian length and the field's bytes. Unset fields are
+    encoded with their default value, never skipped. The MAC input is
+    Authorize: E("Authorize", request_id, card_number, amount_fen, station_id,
     terminal_id, nozzle, product, key_version, terminal_counter,
-    pin_block
-    Confirm:   "Confirm", request_id, hold_id, final_amount_fen, volume_ml,
-    unit_price_fen, key_version, terminal_counter
-    Cancel:    "Cancel", request_id, hold_id, key_version, terminal_counter
-    The MAC is HMAC-SM3 under the session key
-    SM3-KDF(working_key || E("fuelcard", "session/v1", terminal_id,
-    key_version, terminal_counter)), 16 bytes,
-    where E is the same tagged encoding (fuelcard_server.keys.session_key), so
-    every transaction has its own key.
+    pin_block)
+    Confirm:   E("Confirm", request_id, hold_id, final_amount_fen, volume_ml,
+    unit_price_fen, key_version, terminal_counter)
+    Cancel:    E("Cancel", request_id, hold_id, key_version, terminal_counter)
+    and the MAC is HMAC-SM3 (RFC 2104 with SM3), 32 bytes, not truncated, under
+    the 16-byte session key
+    KDF(working_key || E("fuelcard", "session/v1", terminal_id, key_version,
+    terminal_counter), 16)
+    where KDF is the SM3 key derivation function of GB/T 32918.4 (GM/T 0003.4):
+    SM3(Z || 00000001) || SM3(Z || 00000002) || ..., truncated to 16 bytes.
+    Every transaction has its own key. The PIN key is
+    KDF(working_key || E("fuelcard", "pin/v1", terminal_id, key_version), 16).
     """
 
     @staticmethod

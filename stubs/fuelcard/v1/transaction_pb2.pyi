@@ -52,23 +52,32 @@ class AuthorizeRequest(_message.Message):
     product: _common_pb2.Product.ValueType
     """The fuel grade the nozzle delivers."""
     key_version: _builtins.int
-    """Message authentication (see MacFields): the version of the terminal's
-    working key the session key was derived from.
+    """Message authentication (see SecurityService and
+    docs/TERMINAL_PROTOCOL.md): the version of the terminal's working key,
+    from SignOn, the session key was derived from.
     """
     terminal_counter: _builtins.int
-    """The terminal's transaction counter: strictly increasing across all of
-    the terminal's authorize, confirm and cancel requests. A counter at or
-    below the last one accepted is refused as a replay.
+    """The terminal's transaction counter, 1 to 2^63-1: strictly increasing
+    across all of the terminal's authorize, confirm and cancel requests. A
+    counter at or below the last one accepted is refused (UNAUTHENTICATED
+    COUNTER_REPLAYED), except in a retry of an answered request_id: the
+    server looks up request_id before it checks the counter, so a resend
+    with a new counter and MAC gets the first answer.
     """
     mac: _builtins.bytes
-    """HMAC-SM3 of the request's MAC input under the session key
-    SM3-KDF(working key, terminal_counter). Required when the server
-    requires MACs; wrong -> UNAUTHENTICATED, nothing changes.
+    """HMAC-SM3 (32 bytes) of the request's MAC input under its session key
+    KDF(working_key || E("fuelcard", "session/v1", terminal_id, key_version,
+    terminal_counter), 16), KDF being the SM3 KDF of GB/T 32918.4 (see
+    SecurityService). Required when the server requires MACs; missing or
+    wrong -> UNAUTHENTICATED (MAC_MISSING, MAC_INVALID), nothing changes.
     """
     pin_block: _builtins.bytes
-    """The PIN, as a 16-byte SM4-encrypted PIN block under the terminal's PIN
-    key (fuelcard_server.keys: ISO 9564 format 0 widened to 16 bytes, under
-    SM3-KDF(working key, "pin/v1", terminal, key_version)). Required for
+    """The PIN, as a 16-byte PIN block: ISO 9564-1 format 0 widened to 16
+    bytes (PIN field 0, length, digits, F fill; XOR twenty 0 nibbles and the
+    12 rightmost card digits before the check digit), encrypted with SM4-ECB,
+    no padding, under the terminal's PIN key
+    KDF(working_key || E("fuelcard", "pin/v1", terminal_id, key_version), 16)
+    (docs/TERMINAL_PROTOCOL.md). Empty when no PIN was entered. Required for
     cards with a PIN (declined PIN_REQUIRED without); needs mutual TLS.
     """
     def __init__(

@@ -60,6 +60,14 @@ SET default_tablespace = '';
 SET default_table_access_method = heap;
 
 -- table: fc.accounts
+-- Account kinds: 1 personal, 2 corporate, 3 family (AccountType in the proto),
+-- 100 system account (the other side of every customer movement).
+-- Fleets and families: a top-level account with sub-accounts one level deep.
+-- Funding modes: 0 own (top-level), 1 ALLOCATED (own balance, funded by the
+-- parent), 2 SHARED (spends the parent's balance within its own limits).
+-- The latest ends_at of any limit raise granted to this account or to one of
+-- its cards (an upper bound: a raise deleted or shortened leaves it); NULL:
+-- none ever. No raise is in force at p_now unless raises_end_at > p_now.
 CREATE TABLE fc.accounts (
     id bigint NOT NULL,
     uid uuid DEFAULT gen_random_uuid() NOT NULL,
@@ -127,6 +135,9 @@ CREATE TABLE fc.reconciliation_breaks (
 );
 
 -- table: fc.cards
+-- Scope of use, kept in columns the authorize path reads directly. NULL means
+-- no restriction of that kind. Hours are pairs of minutes after local
+-- midnight: {start1, end1, start2, end2, ...}.
 CREATE TABLE fc.cards (
     id bigint NOT NULL,
     uid uuid DEFAULT gen_random_uuid() NOT NULL,
@@ -150,6 +161,9 @@ CREATE TABLE fc.cards (
 );
 
 -- table: fc.channel_exceptions
+-- A refund the account could not cover in full: the channel paid the payer
+-- back, the money was no longer on the account. One per refund. (Apart from
+-- fc.settlement_exceptions, whose rows are late pump sales: hold_id NOT NULL.)
 CREATE TABLE fc.channel_exceptions (
     id bigint NOT NULL,
     uid uuid DEFAULT gen_random_uuid() NOT NULL,
@@ -168,18 +182,25 @@ CREATE TABLE fc.channel_exceptions (
 );
 
 -- table: fc.outbox
+-- Written by every money movement and read only by the sequencer.
 CREATE TABLE fc.outbox (
     id bigint NOT NULL,
     xid xid8 DEFAULT pg_current_xact_id() NOT NULL,
     kind smallint NOT NULL,
-    ref_id bigint,
-    state smallint,
-    at timestamp with time zone,
-    snap jsonb
+    ref_id bigint, -- id of the row in its table (NULL for stations)
+    state smallint, -- holds: the state changed to
+    at timestamp with time zone, -- business time of the change, when the row has one
+    snap jsonb -- accounts, cards, stations: the changeable fields
 )
 WITH (autovacuum_vacuum_scale_factor='0.0', autovacuum_vacuum_threshold='5000');
 
 -- table: fc.holds
+-- Hold states: 1 AUTHORIZED, 2 CONFIRMED, 3 CANCELLED, 4 EXPIRED.
+-- Holds remember who spent (the card's account) besides whose money is
+-- reserved (account_id: the parent for SHARED sub-accounts), and the local
+-- day whose usage counters they charged.
+-- What the risk engine said about the hold, and its review.
+-- review_state: NULL never suspended, 1 pending, 2 approved, 3 rejected.
 CREATE TABLE fc.holds (
     id bigint NOT NULL,
     uid uuid DEFAULT gen_random_uuid() NOT NULL,
@@ -216,6 +237,7 @@ CREATE TABLE fc.holds (
 );
 
 -- table: fc.recharges
+-- Channels: 1 bank card, 2 WeChat Pay, 3 Alipay, 4 e-CNY, 5 counter.
 CREATE TABLE fc.recharges (
     id bigint NOT NULL,
     uid uuid DEFAULT gen_random_uuid() NOT NULL,
@@ -247,6 +269,8 @@ CREATE TABLE fc.refunds (
 );
 
 -- table: fc.account_holders
+-- Personal data lives apart from the money so that it can be protected (and
+-- audited) on its own.
 CREATE TABLE fc.account_holders (
     account_id bigint NOT NULL,
     name text NOT NULL,
@@ -265,6 +289,9 @@ ALTER TABLE fc.accounts ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 );
 
 -- table: fc.audit_log
+-- One row per audited RPC. No card number, phone or ID number ever goes in:
+-- the target is an internal uuid, the actor the caller's certificate identity,
+-- the outcome a status code name and an UPPER_SNAKE reason.
 CREATE TABLE fc.audit_log (
     id bigint NOT NULL,
     created_at timestamp with time zone NOT NULL,
@@ -280,6 +307,9 @@ CREATE TABLE fc.audit_log (
 );
 
 -- table: fc.card_pins
+-- PINs: only a salted slow hash (scrypt, with a pepper from the root key) is
+-- stored, never the PIN; the check itself runs in the server, which passes
+-- authorize its verdict. Too many wrong PINs in a row lock the card.
 CREATE TABLE fc.card_pins (
     card_id bigint NOT NULL,
     pin_hash text NOT NULL,
@@ -310,6 +340,7 @@ ALTER TABLE fc.channel_exceptions ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTI
 );
 
 -- table: fc.channel_keys
+-- Payment channels' SM2 public keys, for their signed notifications.
 CREATE TABLE fc.channel_keys (
     channel smallint NOT NULL,
     public_key_hex text NOT NULL,
@@ -325,6 +356,7 @@ CREATE TABLE fc.config (
 );
 
 -- table: fc.control_changes
+-- Who changed which control, when, to what.
 CREATE TABLE fc.control_changes (
     id bigint NOT NULL,
     actor_account_id bigint NOT NULL,
@@ -347,6 +379,11 @@ ALTER TABLE fc.control_changes ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY 
 );
 
 -- table: fc.event_backfill
+-- The backfill.
+
+-- One row per source (its outbox kind): rows with id <= through_id predate
+-- the stream; done_id is how far the backfill has written. Stations (5) have
+-- no id: through_id 1 means "to do", done_id 1 "done".
 CREATE TABLE fc.event_backfill (
     source smallint NOT NULL,
     through_id bigint NOT NULL,
@@ -383,6 +420,8 @@ ALTER TABLE fc.holds ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 );
 
 -- table: fc.idempotency_keys
+-- Idempotency (AIP-155): the first response to (caller, request_id) is kept
+-- with a fingerprint of the request it answered.
 CREATE TABLE fc.idempotency_keys (
     caller text NOT NULL,
     request_id text NOT NULL,
@@ -393,6 +432,20 @@ CREATE TABLE fc.idempotency_keys (
 );
 
 -- table: fc.journal
+-- The journal. Each row is one balanced transfer: `amount` leaves the debit
+-- account and reaches the credit account, so every entry balances by
+-- construction and the sum of all balances is zero. A movement with several
+-- legs (a sale that also earns points) is several rows in one transaction.
+-- An account's balance is sum(credits) - sum(debits) of its rows.
+--
+-- Assets: 1 money (fen), 2 points.
+-- Kinds:  1 recharge, 2 purchase, 3 points earned, 4 points redeemed.
+--
+-- No foreign keys here on purpose: a FOR KEY SHARE lock on the FUEL_SALES row
+-- from every concurrent confirm would turn that row into a multixact hot spot.
+-- `fuelcard verify` checks the references instead.
+-- Journal kinds, extended: 5 allocation (parent to sub-account money),
+-- 6 points transfer (member to main account), 7 points expired.
 CREATE TABLE fc.journal (
     id bigint NOT NULL,
     kind smallint NOT NULL,
@@ -421,6 +474,7 @@ ALTER TABLE fc.journal ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 );
 
 -- table: fc.limit_raises
+-- Temporary limit raises (假期临时提额): the caps in force inside a window.
 CREATE TABLE fc.limit_raises (
     id bigint NOT NULL,
     uid uuid DEFAULT gen_random_uuid() NOT NULL,
@@ -471,6 +525,8 @@ ALTER TABLE fc.outbox ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 );
 
 -- table: fc.points_lots
+-- Points lots: every earning is a lot that expires; spending takes the oldest
+-- first. An account's points balance is the sum of its lots' remainders.
 CREATE TABLE fc.points_lots (
     id bigint NOT NULL,
     account_id bigint NOT NULL,
@@ -513,6 +569,9 @@ ALTER TABLE fc.reconciliation_breaks ALTER COLUMN id ADD GENERATED ALWAYS AS IDE
 );
 
 -- table: fc.reconciliation_runs
+-- Reconciliation (对账): one run per channel file; the breaks it found.
+--   break kind: 1 missing ours, 2 missing theirs, 3 amount mismatch,
+--               4 status mismatch
 CREATE TABLE fc.reconciliation_runs (
     id bigint NOT NULL,
     channel smallint NOT NULL,
@@ -551,6 +610,8 @@ ALTER TABLE fc.refunds ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 );
 
 -- table: fc.risk_active
+-- The rule set in force (none: no row, nothing is scored but the card state
+-- is kept, so a set activated later sees the cards' history).
 CREATE TABLE fc.risk_active (
     singleton boolean DEFAULT true NOT NULL,
     rule_set_id integer NOT NULL,
@@ -560,21 +621,25 @@ CREATE TABLE fc.risk_active (
 );
 
 -- table: fc.risk_card_state
+-- Per card: what the rules need to know about its past, bounded.
 CREATE TABLE fc.risk_card_state (
     card_id bigint NOT NULL,
-    n_auths integer DEFAULT 0 NOT NULL,
+    n_auths integer DEFAULT 0 NOT NULL, -- holds made (approved or suspended)
     last_at timestamp with time zone,
     last_station text,
     last_lat double precision,
     last_lon double precision,
-    auth_times timestamp with time zone[] DEFAULT '{}'::timestamp with time zone[] NOT NULL,
-    day_list date[] DEFAULT '{}'::date[] NOT NULL,
-    day_fens bigint[] DEFAULT '{}'::bigint[] NOT NULL,
-    terminals text[] DEFAULT '{}'::text[] NOT NULL,
-    decline_times timestamp with time zone[] DEFAULT '{}'::timestamp with time zone[] NOT NULL
+    auth_times timestamp with time zone[] DEFAULT '{}'::timestamp with time zone[] NOT NULL, -- oldest first, the last 64
+    day_list date[] DEFAULT '{}'::date[] NOT NULL, -- newest first, last 7 local days
+    day_fens bigint[] DEFAULT '{}'::bigint[] NOT NULL, -- authorized amount on each
+    terminals text[] DEFAULT '{}'::text[] NOT NULL, -- most recent first, at most 32
+    decline_times timestamp with time zone[] DEFAULT '{}'::timestamp with time zone[] NOT NULL -- oldest first, the last 16
 );
 
 -- table: fc.risk_rule_changes
+-- Who changed the rules, when, and what changed (rule ids added, removed,
+-- changed against the set in force before). The RPC itself is also in the
+-- hash-chained audit log.
 CREATE TABLE fc.risk_rule_changes (
     id bigint NOT NULL,
     action text NOT NULL,
@@ -597,8 +662,25 @@ ALTER TABLE fc.risk_rule_changes ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTIT
 );
 
 -- table: fc.risk_rule_sets
+-- Rule sets.
+
+-- Rule kinds (fuelcard_server/risk/model.py is the reference):
+--   1 amount            amount >= threshold
+--   2 daily_amount      card's authorized amount this local day, with this one, >= threshold
+--   3 weekly_amount     ... over the last 7 local days (today and the 6 before)
+--   4 velocity          card's authorizations in the last window_s, with this one, >= threshold
+--   5 min_interval      less than window_s since the card's last authorization
+--   6 impossible_travel distance from the last authorization's station >= threshold metres
+--                       and faster than speed_kmh to cover it
+--   7 new_terminal      terminal not among the card's recent ones, card used >= threshold times
+--   8 watchlist         station in stations or terminal in terminals
+--   9 decline_streak    card's declines in the last window_s >= threshold
+--  10 night_amount      amount >= threshold and local time in [minute_from, minute_to)
+--  11 points_redemption points redeemed by the card's account in the last window_s >= threshold
+--  99 fault            test only (risk_fault_injection setting): divides by zero
+-- Actions: 0 score only, 2 review, 3 decline.
 CREATE TABLE fc.risk_rule_sets (
-    id integer NOT NULL,
+    id integer NOT NULL, -- the version
     name text NOT NULL,
     document jsonb NOT NULL,
     digest text NOT NULL,
@@ -632,8 +714,8 @@ CREATE TABLE fc.risk_rules (
     kind smallint NOT NULL,
     action smallint NOT NULL,
     score integer NOT NULL,
-    tiers smallint[],
-    account_kinds smallint[],
+    tiers smallint[], -- NULL: every tier
+    account_kinds smallint[], -- NULL: every account type
     threshold bigint DEFAULT 0 NOT NULL,
     window_s integer DEFAULT 0 NOT NULL,
     widx integer DEFAULT 0 NOT NULL,
@@ -648,6 +730,8 @@ CREATE TABLE fc.risk_rules (
 );
 
 -- table: fc.settlement_exceptions
+-- A confirm that arrived after its hold expired, when the money was gone:
+-- the fuel was delivered but not paid from the card. One per hold.
 CREATE TABLE fc.settlement_exceptions (
     id bigint NOT NULL,
     uid uuid DEFAULT gen_random_uuid() NOT NULL,
@@ -671,12 +755,17 @@ ALTER TABLE fc.settlement_exceptions ALTER COLUMN id ADD GENERATED ALWAYS AS IDE
 );
 
 -- table: fc.settlement_records
+-- The neutral settlement record (中立的清结算协议): settlement.proto's
+-- SettlementRecord, one row per channel transaction, written by triggers in
+-- the transaction that moves the money.
+--   kind:   1 payment (a recharge), 2 refund
+--   status: 1 success, 2 failed, 3 processing
 CREATE TABLE fc.settlement_records (
     id bigint NOT NULL,
     channel smallint NOT NULL,
     kind smallint NOT NULL,
     channel_txn_id text NOT NULL,
-    txn_uid uuid NOT NULL,
+    txn_uid uuid NOT NULL, -- recharges.uid or refunds.uid
     original_channel_txn_id text DEFAULT ''::text NOT NULL,
     amount_fen bigint NOT NULL,
     fee_fen bigint DEFAULT 0 NOT NULL,
@@ -736,6 +825,9 @@ CREATE TABLE fc.step_up_challenges (
 );
 
 -- table: fc.terminal_keys
+-- Working keys (三级密钥体制, the middle tier): per terminal and version, sealed
+-- (SM4-GCM) under a key derived from the root key, with the window and the
+-- terminal bound to the seal. The root key itself is never in the database.
 CREATE TABLE fc.terminal_keys (
     terminal_id text NOT NULL,
     version integer NOT NULL,
@@ -774,6 +866,8 @@ ALTER TABLE fc.tier_changes ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 );
 
 -- table: fc.tier_rules
+-- Member tiers: thresholds on the rolling confirmed spend, and the points
+-- multiplier of each (in per mille: 1000 = x1.0).
 CREATE TABLE fc.tier_rules (
     tier smallint NOT NULL,
     min_spend_fen bigint NOT NULL,
@@ -784,6 +878,10 @@ CREATE TABLE fc.tier_rules (
 );
 
 -- table: fc.usage
+-- Spending per local day, per card and per account (the spender, and the
+-- spender's parent). A hold charges its amount while AUTHORIZED, its settled
+-- amount once CONFIRMED, nothing once released. Months are sums of days.
+-- Kinds: 1 card, 2 account.
 CREATE TABLE fc.usage (
     scope_kind smallint NOT NULL,
     scope_id bigint NOT NULL,
@@ -1103,6 +1201,7 @@ CREATE INDEX journal_by_credit ON fc.journal USING btree (credit_account_id, id 
 CREATE INDEX journal_by_debit ON fc.journal USING btree (debit_account_id, id DESC);
 
 -- index: fc.journal_redemptions
+-- Redemptions by account and time, for the points_redemption rule.
 CREATE INDEX journal_redemptions ON fc.journal USING btree (debit_account_id, created_at) WHERE (kind = 4);
 
 -- index: fc.limit_raises_account
@@ -1133,6 +1232,7 @@ CREATE INDEX refunds_by_recharge ON fc.refunds USING btree (recharge_id);
 CREATE INDEX settlement_records_by_day ON fc.settlement_records USING btree (channel, business_date);
 
 -- index: fc.step_up_challenges_age
+-- Step-up challenges
 CREATE INDEX step_up_challenges_age ON fc.step_up_challenges USING btree (created_at);
 
 -- index: fc.step_up_challenges_subject
