@@ -86,6 +86,11 @@ class HaError(RuntimeError):
     message says which and how to see why."""
 
 
+# The processes this one started, kept so that they are reaped (and Python
+# does not warn of a child still running when its Popen is collected).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -373,6 +378,7 @@ class HaCluster:
                                 stdin=subprocess.DEVNULL, cwd=self.root, env=env,
                                 start_new_session=True)
         logf.close()
+        _CHILDREN[proc.pid] = proc
         return proc.pid
 
     def start_etcd(self) -> None:
@@ -445,11 +451,21 @@ class HaCluster:
                 seen = self.members()
                 roles = sorted(m.role for m in seen if m.state in ("running", "streaming"))
                 if len(roles) == members and "leader" in roles and (
-                        members == 1 or "sync_standby" in roles):
+                        members == 1 or "sync_standby" in roles) and all(
+                        self._node_healthy(self.node(m.name)) for m in seen):
                     return
             time.sleep(0.5)
         raise HaError(f"the cluster did not become healthy in {timeout_s:.0f} s: {seen}; "
                       f"see {self.root / 'logs'}")
+
+    def _node_healthy(self, n: Node) -> bool:
+        """The node's own Patroni says its PostgreSQL runs (the DCS may still
+        list a member that was lost until its key expires)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{n.rest_port}/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
 
     def wait_leader(self, timeout_s: float = 60.0, *, other_than: str | None = None) -> str:
         deadline = time.monotonic() + timeout_s
@@ -468,10 +484,14 @@ class HaCluster:
             raise HaError("no leader to run the command on")
         return self.node(name)
 
-    def backrest(self, *args: str, pg_path: Path | None = None, timeout: float = 300.0) -> str:
+    def backrest(self, *args: str, pg_path: Path | None = None, repo_only: bool = False,
+                 timeout: float = 300.0) -> str:
         """Run a pgBackRest command as the cluster's user, for the primary
-        (or, for a restore, into the directory `pg_path`)."""
-        if pg_path is None:
+        (or, for a restore, into the directory `pg_path`; `repo_only`: a
+        command about the repository alone, such as info)."""
+        if repo_only:
+            where = []
+        elif pg_path is None:
             n = self._leader_node()
             where = [f"--pg1-path={n.data_dir(self.root)}", f"--pg1-port={n.pg_port}"]
         else:
@@ -483,7 +503,8 @@ class HaCluster:
         self.backrest(f"--type={kind}", "backup")
 
     def backup_info(self) -> dict[str, Any]:
-        info: list[dict[str, Any]] = json.loads(self.backrest("--output=json", "info"))
+        info: list[dict[str, Any]] = json.loads(self.backrest("--output=json", "info",
+                                                                         repo_only=True))
         return info[0]
 
     def restore_at(self, target_time: str, name: str = "restored") -> tuple[Path, int, int]:
@@ -607,12 +628,27 @@ class HaCluster:
                 [str(fuelcard), "serve", "--insecure", "--listen", f"127.0.0.1:{port}",
                  "--metrics-listen", f"127.0.0.1:{metrics}", "--database-url", self.database_url,
                  "--data-dir", str(data)],
-                env={**os.environ, "FUELCARD_REPLICA_URL": self.replica_url},
+                # A probe every 0.25 s (one short query per process): a
+                # failover is noticed, and the pool renewed, within a
+                # quarter of a second of the new primary accepting writes.
+                env={**os.environ, "FUELCARD_REPLICA_URL": self.replica_url,
+                     "FUELCARD_HEALTH_INTERVAL_S": "0.25"},
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
             logf.close()
+            _CHILDREN[proc.pid] = proc
             self.servers.append({"port": port, "metrics": metrics, "pid": proc.pid})
             self.save()
+        for i, srv in enumerate(self.servers):
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(OSError), \
+                        socket.create_connection(("127.0.0.1", srv["port"]), timeout=1):
+                    break
+                if time.monotonic() > deadline or not _alive(srv["pid"]):
+                    raise HaError(f"fuelcard serve {i} did not start listening; see "
+                                  f"{self.root / 'logs' / f'server{i}.log'}")
+                time.sleep(0.1)
 
     # ---- tear down
 
@@ -634,6 +670,8 @@ class HaCluster:
 def _alive(pid: int | None) -> bool:
     if pid is None:
         return False
+    if pid in _CHILDREN:
+        return _CHILDREN[pid].poll() is None
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
@@ -648,6 +686,11 @@ def _alive(pid: int | None) -> bool:
 
 
 def _reap(pid: int) -> None:
+    proc = _CHILDREN.get(pid)
+    if proc is not None:
+        if proc.poll() is not None:
+            del _CHILDREN[pid]
+        return
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
 
