@@ -33,8 +33,8 @@ from fuelcard_server.db import Database
 from fuelcard_server.services import funding, security
 from gmssl import sm2 as gmssl_sm2
 
-from tests.ledger_asserts import Conn, account_row, count, snapshot, unpack
 from tests.plugins.server import RunningServer, TlsServer
+from tests.support.ledger_asserts import Conn, account_row, count, snapshot, unpack
 
 WECHAT = funding_pb2.CHANNEL_WECHAT_PAY
 Signer = Callable[[bytes], bytes]

@@ -24,8 +24,8 @@ from fuelcard_analytics.generator import YearConfig, generate
 from fuelcard_analytics.warehouse import CursorMismatch, Warehouse, open_store
 from fuelcard_server.settings import Settings
 
-from tests import builders
 from tests.plugins.server import RunningServer, TlsServer, make_settings
+from tests.support import builders
 
 SMALL_YEAR = YearConfig(days=220, stations=8, drivers=220, families=30, fleets=2, seed=11)
 REPORT_FILES = ["fleet_costs", "station_sales", "tiers", "points_liability", "station_heatmap",
@@ -228,6 +228,7 @@ def pump_load(server: RunningServer, cards: list[builders.FundedCard]) -> Iterat
     assert not errors, errors
 
 
+@pytest.mark.slow
 def test_the_sidecar_follows_under_load_and_resumes_after_kill_9(
         server: RunningServer, db: psycopg.Connection[Any], tmp_path: Path) -> None:
     cards = [builders.open_card(server, balance_fen=5_000_000) for _ in range(4)]

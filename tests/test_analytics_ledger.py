@@ -26,11 +26,11 @@ from fuelcard_analytics import cli, reports
 from fuelcard_analytics.follow import Target, follow
 from fuelcard_analytics.warehouse import Warehouse, open_store
 
-from tests import builders, control_builders
-from tests.channel_simulators import AlipaySim, BankCardSim, Notice, Simulator, WeChatSim
-from tests.ledger_asserts import Conn
 from tests.plugins.server import RunningServer
-from tests.warehouse_asserts import assert_warehouse_matches_journal
+from tests.support import builders, control_builders
+from tests.support.channel_simulators import AlipaySim, BankCardSim, Notice, Simulator, WeChatSim
+from tests.support.ledger_asserts import Conn
+from tests.support.warehouse_asserts import assert_warehouse_matches_journal
 
 
 class Channel:

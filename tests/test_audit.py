@@ -49,12 +49,12 @@ from fuelcard_server.services.points import PointsService
 from fuelcard_server.services.security import SecurityService
 from fuelcard_server.services.transaction import TransactionService
 
-from tests import builders
-from tests.ledger_asserts import Conn, expect
 from tests.plugins.database import PostgresCluster
 from tests.plugins.server import TEST_KEY_HEX, RunningServer, ServerThread, TlsServer
 from tests.plugins.terminals import sign_on
-from tests.row_lock import wait_queued
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, expect
+from tests.support.row_lock import wait_queued
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
 ACCOUNTS = "/fuelcard.v1.AccountService/"

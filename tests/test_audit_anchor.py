@@ -21,9 +21,9 @@ import pytest
 from fuelcard.v1 import account_pb2
 from fuelcard_server import audit, audit_anchor, cli, gm, keys
 
-from tests import builders
-from tests.ledger_asserts import Conn
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support.ledger_asserts import Conn
 
 
 @pytest.fixture

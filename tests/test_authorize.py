@@ -13,10 +13,10 @@ import psycopg
 from fuelcard.v1 import account_pb2, common_pb2, transaction_pb2, transaction_pb2_grpc
 from fuelcard_server import verify
 
-from tests import builders
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, count
 from tests.plugins.server import RunningServer
-from tests.row_lock import wait_queued
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, count
+from tests.support.row_lock import wait_queued
 
 
 def _set_status(server: RunningServer, card: builders.FundedCard,

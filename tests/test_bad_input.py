@@ -25,8 +25,10 @@ from fuelcard.v1 import account_pb2, common_pb2, funding_pb2, points_pb2, transa
 from fuelcard_server.cards import luhn_check_digit
 from google.protobuf.message import Message
 
-from tests import builders
-from tests.ledger_asserts import (
+from tests.plugins.database import PostgresCluster
+from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support.ledger_asserts import (
     Conn,
     RichError,
     assert_ledger_ok,
@@ -35,8 +37,6 @@ from tests.ledger_asserts import (
     shared_server,
     snapshot,
 )
-from tests.plugins.database import PostgresCluster
-from tests.plugins.server import RunningServer
 
 IA = grpc.StatusCode.INVALID_ARGUMENT
 NF = grpc.StatusCode.NOT_FOUND

@@ -35,10 +35,10 @@ from fuelcard_server.identity import Role
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests import builders
-from tests.channel_simulators import SIMULATORS, AlipaySim, Simulator
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, snapshot
 from tests.plugins.server import RunningServer, TlsServer
+from tests.support import builders
+from tests.support.channel_simulators import SIMULATORS, AlipaySim, Simulator
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, snapshot
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ import pytest
 from fuelcard.v1 import funding_pb2, settlement_pb2, settlement_pb2_grpc
 from fuelcard_server import verify
 
-from tests import builders
-from tests.ledger_asserts import Conn, unpack
 from tests.plugins.server import RunningServer, TlsServer
-from tests.row_lock import twins_behind_row_lock
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, unpack
+from tests.support.row_lock import twins_behind_row_lock
 
 OPEN = settlement_pb2.CHANNEL_EXCEPTION_STATE_OPEN
 RESOLVED = settlement_pb2.CHANNEL_EXCEPTION_STATE_RESOLVED

@@ -22,13 +22,13 @@ from fuelcard.v1 import (
     transaction_pb2,
     transaction_pb2_grpc,
 )
-from fuelcard_server.app import SERVICE_NAMES
+from fuelcard_server.health import SERVICE_NAMES
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests import builders
 from tests.plugins import logscan
 from tests.plugins.server import TEST_KEY_HEX, RunningServer
+from tests.support import builders
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
 

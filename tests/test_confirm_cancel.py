@@ -11,9 +11,9 @@ import grpc
 import pytest
 from fuelcard.v1 import account_pb2, common_pb2, transaction_pb2
 
-from tests import builders
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, snapshot
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, snapshot
 
 FP = grpc.StatusCode.FAILED_PRECONDITION
 

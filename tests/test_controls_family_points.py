@@ -11,11 +11,11 @@ import datetime as dt
 import grpc
 from fuelcard.v1 import account_pb2, common_pb2, points_pb2
 
-from tests import builders
-from tests import control_builders as cb
-from tests.builders import FundedCard
-from tests.ledger_asserts import Conn, count, expect, scalar
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support import control_builders as cb
+from tests.support.builders import FundedCard
+from tests.support.ledger_asserts import Conn, count, expect, scalar
 
 FP = grpc.StatusCode.FAILED_PRECONDITION
 PD = grpc.StatusCode.PERMISSION_DENIED

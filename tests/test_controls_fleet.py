@@ -10,10 +10,10 @@ import datetime as dt
 import grpc
 from fuelcard.v1 import account_pb2, common_pb2, control_pb2
 
-from tests import builders
-from tests import control_builders as cb
-from tests.ledger_asserts import Conn, count, expect
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support import control_builders as cb
+from tests.support.ledger_asserts import Conn, count, expect
 
 FP = grpc.StatusCode.FAILED_PRECONDITION
 IA = grpc.StatusCode.INVALID_ARGUMENT

@@ -18,14 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import pytest
 from fuelcard.v1 import account_pb2, common_pb2, control_pb2, transaction_pb2, transaction_pb2_grpc
 from google.protobuf import timestamp_pb2
 
-from tests import builders
-from tests import control_builders as cb
-from tests.builders import FundedCard
-from tests.ledger_asserts import Conn, count, expect, snapshot
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support import control_builders as cb
+from tests.support.builders import FundedCard
+from tests.support.ledger_asserts import Conn, count, expect, snapshot
 
 PD = grpc.StatusCode.PERMISSION_DENIED
 IA = grpc.StatusCode.INVALID_ARGUMENT
@@ -514,6 +515,7 @@ def test_concurrent_children_never_pass_their_parents_daily_cap(server: RunningS
 STORM_SECONDS = 3.0
 
 
+@pytest.mark.slow
 def test_parent_child_storm_never_deadlocks(server: RunningServer, db: Conn) -> None:
     """Authorize/confirm/cancel on many SHARED and ALLOCATED children of one
     parent, with batch top-ups on the parent, limit changes on parent and

@@ -10,11 +10,11 @@ import datetime as dt
 import grpc
 from fuelcard.v1 import common_pb2, control_pb2
 
-from tests import builders
-from tests import control_builders as cb
-from tests.builders import FundedCard
-from tests.ledger_asserts import Conn, count, expect
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support import control_builders as cb
+from tests.support.builders import FundedCard
+from tests.support.ledger_asserts import Conn, count, expect
 
 PD = grpc.StatusCode.PERMISSION_DENIED
 IA = grpc.StatusCode.INVALID_ARGUMENT

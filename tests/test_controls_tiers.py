@@ -14,11 +14,11 @@ import datetime as dt
 
 from fuelcard.v1 import account_pb2, common_pb2, points_pb2
 
-from tests import builders, job_races
-from tests import control_builders as cb
-from tests.builders import FundedCard
-from tests.ledger_asserts import Conn, count
 from tests.plugins.server import RunningServer
+from tests.support import builders, job_races
+from tests.support import control_builders as cb
+from tests.support.builders import FundedCard
+from tests.support.ledger_asserts import Conn, count
 
 REGULAR, SILVER, GOLD, DIAMOND = (account_pb2.TIER_REGULAR, account_pb2.TIER_SILVER,
                                   account_pb2.TIER_GOLD, account_pb2.TIER_DIAMOND)

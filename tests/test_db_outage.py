@@ -29,15 +29,15 @@ from fuelcard.v1 import common_pb2
 from fuelcard_pos.client import PosClient, PosError, PosPending, RetryPolicy
 from fuelcard_pos.outbox import Outbox
 from fuelcard_server import migrations
-from fuelcard_server.app import SERVICE_NAMES
 from fuelcard_server.clock import ManualClock
 from fuelcard_server.embedded import EmbeddedPostgres
+from fuelcard_server.health import SERVICE_NAMES
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests import builders
 from tests.plugins.database import control_postgres, postgres_running
 from tests.plugins.proxy import TcpProxy
 from tests.plugins.server import TEST_KEY_HEX, RunningServer, ServerThread, make_settings
+from tests.support import builders
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
 STATION, TERMINAL = "KM-001", "KM-001-T1"
@@ -198,6 +198,7 @@ def _pump(server: RunningServer, cards: list[builders.FundedCard], outbox: Outbo
                 tally.longest_call_s = max(tally.longest_call_s, time.monotonic() - started)
 
 
+@pytest.mark.slow
 def test_database_crash_under_load_leaves_the_ledger_consistent(
         outage_server: RunningServer, own_pg: EmbeddedPostgres, tmp_path: Path) -> None:
     server = outage_server

@@ -15,7 +15,7 @@ import pytest
 from fuelcard_server import errors
 from fuelcard_server.db import Database, may_run_again
 
-from tests.ledger_asserts import Conn
+from tests.support.ledger_asserts import Conn
 
 RUNS_SQL = "SELECT last_value FROM fc_test.runs"
 

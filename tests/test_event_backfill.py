@@ -27,11 +27,11 @@ from fuelcard_server import cli, event_backfill, migrations, verify
 from fuelcard_server.clock import ManualClock
 from psycopg import sql
 
-from tests import builders, control_builders
-from tests.ledger_asserts import Conn
 from tests.plugins.database import PostgresCluster
 from tests.plugins.server import RunningServer, ServerThread, make_settings
-from tests.warehouse_asserts import (
+from tests.support import builders, control_builders
+from tests.support.ledger_asserts import Conn
+from tests.support.warehouse_asserts import (
     assert_warehouse_matches_journal,
     journal_by_account,
     warehouse_by_account,

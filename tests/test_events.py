@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from fuelcard.v1 import account_pb2, common_pb2, control_pb2, events_pb2, events_pb2_grpc
 
-from tests import builders, control_builders
-from tests.ledger_asserts import expect, unpack
 from tests.plugins.server import RunningServer, TlsServer
+from tests.support import builders, control_builders
+from tests.support.ledger_asserts import expect, unpack
 
 Event = events_pb2.Event
 

@@ -13,10 +13,10 @@ import pytest
 from fuelcard.v1 import account_pb2, common_pb2, transaction_pb2
 from fuelcard_server.settings import Settings
 
-from tests import builders, job_races
-from tests import control_builders as cb
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, snapshot
 from tests.plugins.server import RunningServer, make_settings
+from tests.support import builders, job_races
+from tests.support import control_builders as cb
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, snapshot
 
 MIN = dt.timedelta(minutes=1)
 SEC = dt.timedelta(seconds=1)

@@ -29,8 +29,9 @@ from fuelcard.v1 import (
 from fuelcard_server.cards import luhn_check_digit
 from google.protobuf.message import Message
 
-from tests import builders
-from tests.ledger_asserts import (
+from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support.ledger_asserts import (
     Conn,
     account_row,
     assert_ledger_ok,
@@ -39,7 +40,6 @@ from tests.ledger_asserts import (
     scalar,
     snapshot,
 )
-from tests.plugins.server import RunningServer
 
 FP = grpc.StatusCode.FAILED_PRECONDITION
 

@@ -45,6 +45,7 @@ def test_card_numbers_are_deterministic_and_luhn_valid() -> None:
     assert len(card_number(1, 0)) == 19
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_and_a_planted_loss_fails_the_ledger_check(
         server: RunningServer, tmp_path: Path) -> None:
     plot = tmp_path / "run.png"
@@ -109,6 +110,7 @@ def test_smoke_run_reports_and_a_planted_loss_fails_the_ledger_check(
     assert again["ledger"]["generator"] == again["ledger"]["ledger"]
 
 
+@pytest.mark.slow
 def test_history_fills_the_tables_and_keeps_the_ledger_exact(
         server: RunningServer, tmp_path: Path) -> None:
     """The scale run's history generator at a tiny size: the planned counts,

@@ -33,10 +33,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests import builders
-from tests.ledger_asserts import shared_server, unpack
 from tests.plugins.database import PostgresCluster
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support.ledger_asserts import shared_server, unpack
 
 AUTHORIZED = common_pb2.HOLD_STATE_AUTHORIZED
 CONFIRMED = common_pb2.HOLD_STATE_CONFIRMED
@@ -236,6 +236,7 @@ def model_server(pg_cluster: PostgresCluster, migrated_template: str,
         yield server
 
 
+@pytest.mark.slow
 def test_ledger_matches_a_simple_model(model_server: RunningServer) -> None:
     LedgerMachine.server = model_server
     run_state_machine_as_test(LedgerMachine, settings=settings(

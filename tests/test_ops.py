@@ -20,15 +20,15 @@ import pytest
 from fuelcard.v1 import account_pb2, common_pb2
 from fuelcard_loadtest.otlp_sink import OtlpSink
 from fuelcard_server import logs
-from fuelcard_server.app import SERVICE_NAMES
+from fuelcard_server.health import SERVICE_NAMES
 from fuelcard_server.settings import Settings, SettingsError
 from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests import builders
-from tests.ledger_asserts import count, unpack
 from tests.plugins.server import RunningServer, make_settings
+from tests.support import builders
+from tests.support.ledger_asserts import count, unpack
 
 Db = psycopg.Connection[tuple[object, ...]]
 

@@ -27,8 +27,8 @@ import pytest
 from fuelcard.v1 import common_pb2, transaction_pb2_grpc
 from fuelcard_server.settings import Settings
 
-from tests import builders
 from tests.plugins.server import RunningServer, make_settings
+from tests.support import builders
 
 PHASE_S = 1.5
 PHASES = ("quiet", "flood") * 3
@@ -54,7 +54,7 @@ def flooder(server: RunningServer) -> Iterator[subprocess.Popen[str]]:
     for _ in range(30):  # a page of history worth reading
         builders.recharge(server, target.account_id, 100)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.report_flood", server.target, target.account_id,
+        [sys.executable, "-m", "tests.support.report_flood", server.target, target.account_id,
          str(FLOODERS)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         cwd=Path(__file__).resolve().parent.parent)
@@ -132,6 +132,7 @@ def _run_phases(server: RunningServer, flooder: subprocess.Popen[str]
     return latencies, counts
 
 
+@pytest.mark.slow
 def test_a_report_flood_leaves_authorize_latency_alone(
         server: RunningServer, flooder: subprocess.Popen[str]) -> None:
     latencies, counts = _run_phases(server, flooder)

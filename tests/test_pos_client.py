@@ -38,9 +38,9 @@ from fuelcard_server.settings import Settings
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from tests import builders
 from tests.plugins.proxy import TcpProxy
 from tests.plugins.server import RunningServer, make_settings
+from tests.support import builders
 
 Db = psycopg.Connection[tuple[Any, ...]]
 

@@ -11,8 +11,8 @@ from fuelcard.v1 import account_pb2, transaction_pb2
 from fuelcard_server.logs import JsonFormatter
 from fuelcard_server.privacy import mask_id_number, mask_phone, scrub
 
-from tests import builders
 from tests.plugins.server import RunningServer
+from tests.support import builders
 
 PHONE = "13812345678"
 ID_NUMBER = "110101199003071234"

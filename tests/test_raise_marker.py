@@ -10,9 +10,9 @@ import datetime as dt
 
 from fuelcard.v1 import account_pb2, common_pb2
 
-from tests import control_builders as cb
-from tests.ledger_asserts import Conn
 from tests.plugins.server import RunningServer
+from tests.support import control_builders as cb
+from tests.support.ledger_asserts import Conn
 
 DAILY = common_pb2.DECLINE_REASON_LIMIT_DAILY
 

@@ -28,22 +28,22 @@ from fuelcard.v1 import (
     settlement_pb2_grpc,
 )
 from fuelcard_server import migrations
-from fuelcard_server.app import (
+from fuelcard_server.clock import ManualClock
+from fuelcard_server.embedded import EmbeddedPostgres, bin_dir
+from fuelcard_server.health import (
     READ_POOL_SERVICES,
     READS_HEALTH_NAME,
     REPLICA_HEALTH_NAMES,
     SERVICE_NAMES,
 )
-from fuelcard_server.clock import ManualClock
-from fuelcard_server.embedded import EmbeddedPostgres, bin_dir
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests import builders
-from tests.ledger_asserts import unpack
 from tests.plugins.database import control_postgres
 from tests.plugins.proxy import TcpProxy
 from tests.plugins.server import RunningServer, ServerThread, make_settings
+from tests.support import builders
+from tests.support.ledger_asserts import unpack
 
 pytestmark = pytest.mark.skipif(not (bin_dir() / "pg_basebackup").exists(),
                                 reason="the embedded PostgreSQL has no pg_basebackup")

@@ -20,10 +20,10 @@ from fuelcard_adapters.neutral import SHANGHAI, FormatError, Kind, NeutralRecord
 from fuelcard_loadtest import channel_files
 from fuelcard_server import cli, reconcile
 
-from tests import builders
-from tests.ledger_asserts import Conn, count, snapshot, unpack
 from tests.plugins.server import TEST_KEY_HEX, RunningServer, TlsServer
-from tests.row_lock import twins_behind_row_lock
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, count, snapshot, unpack
+from tests.support.row_lock import twins_behind_row_lock
 
 DAY = dt.date(2026, 11, 25)  # the server fixtures' clock starts at 16:00 Beijing time that day
 CHANNELS = ("WECHAT_PAY", "ALIPAY", "BANK_CARD", "ECNY")

@@ -33,9 +33,9 @@ from fuelcard_server.clock import ManualClock
 from fuelcard_server.retention import Pruned, Retention
 from fuelcard_server.settings import Settings, SettingsError
 
-from tests import builders
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, scalar
 from tests.plugins.server import RunningServer, ServerThread, make_settings
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, scalar
 
 DAY = dt.timedelta(days=1)
 WINDOW = dt.timedelta(seconds=Settings().idempotency_retention_s)

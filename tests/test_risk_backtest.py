@@ -17,11 +17,11 @@ from fuelcard_server.risk.model import RuleSet, load_text, parse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests import builders
-from tests.ledger_asserts import Conn, assert_ledger_ok, scalar, snapshot
 from tests.plugins.server import RunningServer
-from tests.risk_helpers import risk
-from tests.risk_history import generate
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, assert_ledger_ok, scalar, snapshot
+from tests.support.risk_helpers import risk
+from tests.support.risk_history import generate
 
 DEFAULT = Path(cli.__file__).parent / "risk" / "default_rules.toml"
 
@@ -34,6 +34,7 @@ def _review_only(rs: RuleSet) -> RuleSet:
     return dataclasses.replace(rs, rules=rules, decline_score=1_000_000)
 
 
+@pytest.mark.slow
 def test_backtest_on_a_generated_history(server: RunningServer, db: Conn,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     default = load_text(DEFAULT.read_text(encoding="utf-8"), "toml")

@@ -16,10 +16,10 @@ from fuelcard.v1 import common_pb2, transaction_pb2, transaction_pb2_grpc
 from fuelcard_server.settings import Settings
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from tests import builders
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok
 from tests.plugins.server import RunningServer, ServerThread, make_settings
-from tests.risk_helpers import fired, load_rules, rule
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok
+from tests.support.risk_helpers import fired, load_rules, rule
 
 BURST = 24
 

@@ -9,13 +9,13 @@ import functools
 import grpc
 from fuelcard.v1 import common_pb2, risk_pb2, risk_pb2_grpc, transaction_pb2
 
-from tests import builders
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, expect, scalar, snapshot
 from tests.plugins.server import RunningServer
 from tests.plugins.terminals import Fixture
 from tests.plugins.terminals import expect as expect_tls
 from tests.plugins.terminals import rid as tls_rid
-from tests.risk_helpers import authorize, load_rules, risk, rule
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, expect, scalar, snapshot
+from tests.support.risk_helpers import authorize, load_rules, risk, rule
 
 MIN = dt.timedelta(minutes=1)
 

@@ -17,10 +17,10 @@ from fuelcard.v1 import (
     risk_pb2,
 )
 
-from tests import builders
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, expect, scalar, snapshot
 from tests.plugins.server import RunningServer
-from tests.risk_helpers import approved, authorize, fired, load_rules, risk, rule, station
+from tests.support import builders
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, expect, scalar, snapshot
+from tests.support.risk_helpers import approved, authorize, fired, load_rules, risk, rule, station
 
 SEC = dt.timedelta(seconds=1)
 HOUR = dt.timedelta(hours=1)

@@ -22,9 +22,9 @@ from fuelcard_server import keys
 from fuelcard_server.certs import DevPki
 from fuelcard_server.settings import SettingsError
 
-from tests.ledger_asserts import Conn, snapshot
 from tests.plugins.server import make_settings
 from tests.plugins.terminals import Fixture, expect, rid, sign_on
+from tests.support.ledger_asserts import Conn, snapshot
 
 
 def test_a_terminal_with_a_good_mac_pays(setup: Fixture) -> None:

@@ -30,8 +30,8 @@ from fuelcard_adapters.signing import Sm2Signer
 from fuelcard_server import gm, keys
 from fuelcard_server.services import funding
 
-from tests.ledger_asserts import Conn, account_row, count, snapshot, unpack
 from tests.plugins.server import TlsServer
+from tests.support.ledger_asserts import Conn, account_row, count, snapshot, unpack
 
 WECHAT = funding_pb2.CHANNEL_WECHAT_PAY
 PAYMENT_CHANNELS = (funding_pb2.CHANNEL_BANK_CARD, WECHAT, funding_pb2.CHANNEL_ALIPAY,

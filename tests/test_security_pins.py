@@ -7,8 +7,8 @@ import grpc
 import pytest
 from fuelcard.v1 import common_pb2, security_pb2, security_pb2_grpc
 
-from tests.ledger_asserts import Conn, scalar, unpack
 from tests.plugins.terminals import Fixture, expect
+from tests.support.ledger_asserts import Conn, scalar, unpack
 
 PIN = b"246810"
 

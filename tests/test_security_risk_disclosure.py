@@ -12,8 +12,8 @@ import json
 from fuelcard.v1 import common_pb2, risk_pb2, risk_pb2_grpc
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from tests.ledger_asserts import Conn, account_row
 from tests.plugins.terminals import Fixture, rid
+from tests.support.ledger_asserts import Conn, account_row
 
 
 def rule_counts(reader: InMemoryMetricReader) -> dict[tuple[str, str], int]:

@@ -36,11 +36,11 @@ from fuelcard_server import keys
 from fuelcard_server.clock import ManualClock
 from google.protobuf import timestamp_pb2
 
-from tests.ledger_asserts import Conn, account_row, assert_ledger_ok, expect, scalar, snapshot
-from tests.otp_fake import FakeOtpSender
 from tests.plugins import logscan
 from tests.plugins.server import RunningServer, ServerThread, TlsServer, make_settings
 from tests.plugins.terminals import Terminal, sign_on
+from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, expect, scalar, snapshot
+from tests.support.otp_fake import FakeOtpSender
 
 PHONE = "13812345678"
 THRESHOLD_FEN = 100_000

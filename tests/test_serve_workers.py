@@ -20,8 +20,8 @@ import pytest
 from fuelcard.v1 import account_pb2, account_pb2_grpc, common_pb2, transaction_pb2_grpc
 from fuelcard_loadtest.server import free_port, listening_sockets
 
-from tests import builders
 from tests.plugins.server import TEST_KEY_HEX
+from tests.support import builders
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fuelcard.v1 import common_pb2
 from fuelcard_server import verify
 
-from tests import builders
 from tests.plugins.server import RunningServer
+from tests.support import builders
 
 
 def test_pump_cycle_moves_money_and_points(server: RunningServer) -> None:

@@ -17,12 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests import builders
-from tests import control_builders as cb
-from tests.builders import FundedCard
-from tests.control_builders import BUSINESS_TZ
-from tests.ledger_asserts import Conn
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support import control_builders as cb
+from tests.support.builders import FundedCard
+from tests.support.control_builders import BUSINESS_TZ
+from tests.support.ledger_asserts import Conn
 
 SALE_FEN = st.integers(1, 1_000_000) | st.sampled_from([499_999, 500_000, 1_000_000, 1])
 

@@ -19,10 +19,10 @@ import pytest
 from fuelcard.v1 import account_pb2, common_pb2, funding_pb2, points_pb2
 from fuelcard_server import verify
 
-from tests import builders
-from tests import control_builders as cb
-from tests.ledger_asserts import Conn, scalar
 from tests.plugins.server import TEST_KEY_HEX, RunningServer
+from tests.support import builders
+from tests.support import control_builders as cb
+from tests.support.ledger_asserts import Conn, scalar
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
 

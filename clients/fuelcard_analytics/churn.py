@@ -25,12 +25,21 @@ from pathlib import Path
 
 import numpy as np
 
-from fuelcard_analytics.reports import Output, _plt, _save, day_of, write_csv
+from fuelcard_analytics.reports import (
+    Output,
+    TooLittleHistory,
+    _plt,
+    _save,
+    day_of,
+    write_csv,
+)
 from fuelcard_analytics.warehouse import Store
 
 WINDOW_DAYS = 42
 PRIOR_WINDOWS = 3
 EARLY_DAYS = 30
+# A card is judged once its sales span the recent window and the prior ones.
+HISTORY_NEEDED_DAYS = WINDOW_DAYS * (PRIOR_WINDOWS + 1) + 1
 TOP = 20
 WEIGHTS = (1.1, 1.6, 0.8)   # recency, frequency drop, amount drop
 BIAS = -2.0
@@ -125,11 +134,14 @@ def run(store: Store, out: Path) -> tuple[Output, ChurnQuality | None]:
     for card, key, amount in store.query(SALES_SQL):
         sales[card].append((day_of(key), int(amount)))
     if not sales:
-        raise ValueError("no sales in the warehouse")
+        raise TooLittleHistory("churn", HISTORY_NEEDED_DAYS, 0)
     for history in sales.values():
         history.sort()
     last = max(h[-1][0] for h in sales.values())
     scored = sorted(score_cards(sales, last), key=lambda c: -c.score)
+    if not scored:  # no card has a history long enough to judge
+        first = min(h[0][0] for h in sales.values())
+        raise TooLittleHistory("churn", HISTORY_NEEDED_DAYS, (last - first).days + 1)
     table = [[c.card_id, round(c.score, 4), c.recency_days, c.recent_sales,
               round(c.prior_sales_per_window, 2), c.recent_fen, int(c.prior_fen_per_window)]
              for c in scored]

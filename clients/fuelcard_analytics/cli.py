@@ -11,12 +11,18 @@
 
 The warehouse is a DuckDB file (--store PATH, default analytics.duckdb) or a
 schema of a PostgreSQL database (--store postgresql://... --schema NAME).
+Reports that need a longer history than the warehouse holds (the forecast:
+86 days of sales, the churn warning: 169) are skipped with a message saying
+so; the others are made.
 
-Examples:
-  fuelcard-analytics follow --target 127.0.0.1:50051 --certs-dir data/certs --name bi
-  fuelcard-analytics sync --target 127.0.0.1:50051 --insecure
-  fuelcard-analytics generate --store year.duckdb
-  fuelcard-analytics report --store year.duckdb --out docs/analytics
+Examples (tests/test_analytics_edges.py runs each one):
+  fuelcard-analytics generate --store year.duckdb --drivers 300 --families 40 --fleets 3
+  fuelcard-analytics report --store year.duckdb --out reports
+  fuelcard-analytics generate --store month.duckdb --days 30 --drivers 300 --families 40
+  fuelcard-analytics report --store month.duckdb --out month-reports
+  fuelcard-analytics sync --target 127.0.0.1:50051 --insecure --store live.duckdb
+  fuelcard-analytics follow --target 127.0.0.1:50051 --certs-dir data/certs --name analytics-bi
+  fuelcard-analytics totals --store year.duckdb
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ import grpc
 from fuelcard_analytics import churn, forecast
 from fuelcard_analytics.follow import Target, follow
 from fuelcard_analytics.generator import YearConfig, generate
-from fuelcard_analytics.reports import REPORTS
-from fuelcard_analytics.warehouse import Warehouse, open_store
+from fuelcard_analytics.reports import REPORTS, TooLittleHistory, history_days
+from fuelcard_analytics.warehouse import Store, Warehouse, open_store
 
 ALL = [*REPORTS, "forecast", "churn"]
 
@@ -58,12 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="certificate file stem in --certs-dir (default analytics)")
         q.add_argument("--max-batch", type=int, default=500, help="events per batch (default 500)")
         q.add_argument("--quiet", action="store_true", help="no line per batch")
-    q = sub.add_parser("generate", help="load a generated year of history")
+    q = sub.add_parser(
+        "generate", help="load a generated year of history",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Load a generated history (a year by default) into a new warehouse.",
+        epilog="examples:\n"
+               "  fuelcard-analytics generate --store small.duckdb --days 120 --drivers 200 --families 20\n"
+               "  fuelcard-analytics generate --store week.duckdb --days 7 --stations 5 --drivers 50")
     store_args(q)
     defaults = YearConfig()
     for field in ("days", "stations", "drivers", "families", "fleets", "seed"):
         q.add_argument(f"--{field}", type=int, default=getattr(defaults, field))
-    q = sub.add_parser("report", help="write the reports (CSV + PNG)")
+    q = sub.add_parser(
+        "report", help="write the reports (CSV + PNG)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write the reports, a CSV and a PNG each; those the warehouse's history "
+                    "is too short for are skipped, saying what they need.",
+        epilog="examples:\n"
+               "  fuelcard-analytics report tiers heatmap --store small.duckdb --out reports\n"
+               "  fuelcard-analytics report forecast churn --store year.duckdb --out reports")
     store_args(q)
     q.add_argument("names", nargs="*", choices=[*ALL, []], default=[],
                    help=f"which (default all): {', '.join(ALL)}")
@@ -99,15 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             generate(store, config, log=lambda m: print(m, flush=True))
         elif args.command == "report":
             Warehouse(store)  # brings a store made by an older release up to date first
-            for name in args.names or ALL:
-                if name == "forecast":
-                    output, _ = forecast.run(store, args.out)
-                elif name == "churn":
-                    output, _ = churn.run(store, args.out)
-                else:
-                    output = REPORTS[name](store, args.out)
-                print(f"{output.name}: {output.summary}\n  {output.csv}\n  {output.png}",
-                      flush=True)
+            return _report(store, args.names, args.out)
         elif args.command == "totals":
             rows = store.query("SELECT kind, asset, count(*), sum(amount) FROM fact_ledger"
                                " GROUP BY kind, asset ORDER BY kind, asset")
@@ -126,6 +137,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         store.close()
     return 0
+
+
+def _report(store: Store, names: list[str], out: Path) -> int:
+    """The reports asked for (all by default). On a young warehouse those
+    that need a longer history are skipped with a message: exit 0 when all
+    were asked for and the rest were made, 1 when one named is not made."""
+    days = history_days(store)
+    if days == 0:
+        print("fuelcard-analytics: the warehouse holds no sales yet: nothing to report (fill it"
+              " with sync, follow or generate first)", file=sys.stderr)
+        return 1
+    skipped: list[TooLittleHistory] = []
+    for name in names or ALL:
+        try:
+            if name == "forecast":
+                output, _ = forecast.run(store, out)
+            elif name == "churn":
+                output, _ = churn.run(store, out)
+            else:
+                output = REPORTS[name](store, out)
+        except TooLittleHistory as exc:
+            skipped.append(exc)
+            print(f"{name}: not made: it {exc}", flush=True)
+            continue
+        print(f"{output.name}: {output.summary}\n  {output.csv}\n  {output.png}", flush=True)
+    if skipped:
+        print(f"fuelcard-analytics: the warehouse holds {days} days of sales; not made yet: "
+              + ", ".join(f"{e.report} (from {e.needed_days} days)" for e in skipped),
+              file=sys.stderr)
+    return 1 if skipped and names else 0
 
 
 if __name__ == "__main__":

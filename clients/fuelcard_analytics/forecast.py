@@ -27,7 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from fuelcard_analytics.calendar import eve, holiday
-from fuelcard_analytics.reports import Output, _plt, _save, day_of, write_csv
+from fuelcard_analytics.reports import (
+    Output,
+    TooLittleHistory,
+    _plt,
+    _save,
+    day_of,
+    write_csv,
+)
 from fuelcard_analytics.warehouse import PRODUCTS, Store
 
 HORIZON_DAYS = 30
@@ -166,7 +173,7 @@ def backtest(s: Series, folds: int = FOLDS) -> tuple[Backtest, list[tuple[int, n
     n_days = s.litres.shape[1]
     folds = min(folds, max(0, (n_days - MIN_TRAIN_DAYS) // HORIZON_DAYS))
     if folds == 0:
-        raise ValueError(f"need at least {MIN_TRAIN_DAYS + HORIZON_DAYS} days of sales")
+        raise TooLittleHistory("forecast", MIN_TRAIN_DAYS + HORIZON_DAYS, n_days)
     stations = sorted({k[0] for k in s.keys})
     member = np.array([[1.0 if k[0] == st else 0.0 for k in s.keys] for st in stations])
     actual_sp, fc_sp, actual_st, fc_st, actual_net, fc_net = [], [], [], [], [], []
@@ -200,7 +207,7 @@ def backtest(s: Series, folds: int = FOLDS) -> tuple[Backtest, list[tuple[int, n
 def run(store: Store, out: Path) -> tuple[Output, Backtest]:
     s = load(store)
     if s is None:
-        raise ValueError("no sales in the warehouse")
+        raise TooLittleHistory("forecast", MIN_TRAIN_DAYS + HORIZON_DAYS, 0)
     result, predictions = backtest(s)
     n_days = s.litres.shape[1]
     ahead = forecast_matrix(s, n_days, HORIZON_DAYS)

@@ -182,8 +182,9 @@ class Generator:
         return card
 
     def _opening_day(self) -> int:
-        # 70 % are customers already; the rest join through the year (growth)
-        return 0 if self.rnd.random() < 0.7 else self.rnd.randrange(1, self.c.days - 30)
+        # 70 % are customers already; the rest join through the year (growth),
+        # the last month aside (a short history, `--days 30`: on day 1)
+        return 0 if self.rnd.random() < 0.7 else self.rnd.randrange(1, max(2, self.c.days - 30))
 
     def _tier_for(self, yearly_fen: float) -> int:
         return next(t for t, floor in TIER_MIN_SPEND_FEN if yearly_fen >= floor)
@@ -217,12 +218,15 @@ class Generator:
             for v in range(self.rnd.randint(5, 22)):
                 sub = self._open(0 if v < 4 else self._opening_day(), 2,
                                  parent=parent.account_id, mode=2,
-                                 label=f"YN-{'ABCDEFGH'[f % 8]}{10000 + 97 * f + v}")
+                                 # a Yunnan plate, as fleets label their trucks
+                                 label=f"云{'ABCDEFGH'[f % 8]}·{10000 + 97 * f + v}")
                 self._issue(0, sub, parent, "fleet", rate(1 / 2.8), 4, depot)
         drivers = [c for c in self.cards if c.segment != "fleet"]
         for c in self.rng.choice(len(drivers), int(len(drivers) * self.c.churn_share),
                                  replace=False):
-            drivers[int(c)].churn_day = int(self.rng.integers(self.c.days - 60, self.c.days - 4))
+            # inside the last two months (all of a shorter history)
+            low = max(1, self.c.days - 60)
+            drivers[int(c)].churn_day = int(self.rng.integers(low, max(low + 1, self.c.days - 4)))
         fleet = [c for c in self.cards if c.segment == "fleet" and c.opened == 0]
         for c in self.rng.choice(len(fleet), min(self.c.anomalies, len(fleet)), replace=False):
             fleet[int(c)].anomaly = True

@@ -37,18 +37,87 @@ def day_of(key: int) -> dt.date:
     return dt.date(key // 10000, key // 100 % 100, key % 100)
 
 
+class TooLittleHistory(ValueError):
+    """A report the warehouse's history is too short for (a young warehouse:
+    a new network, or a sidecar that started following lately)."""
+
+    def __init__(self, report: str, needed_days: int, has_days: int) -> None:
+        super().__init__(f"needs {needed_days} days of sales, the warehouse holds {has_days}")
+        self.report, self.needed_days, self.has_days = report, needed_days, has_days
+
+
+HISTORY_SQL = "SELECT min(date_key), max(date_key) FROM fact_sale"
+
+
+def history_days(store: Store) -> int:
+    """How many days of sales the warehouse spans (0: none yet)."""
+    first, last = store.query(HISTORY_SQL)[0]
+    if first is None or last is None:
+        return 0
+    return (day_of(int(last)) - day_of(int(first))).days + 1
+
+
+# Fonts with the Chinese characters of plates (云A·10097) and names, best
+# first; Debian's fonts-noto-cjk (scripts/bootstrap installs it) gives the
+# first. Latin text keeps its usual face; CJK characters come from these.
+CJK_FAMILIES = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC",
+                "Source Han Sans CN", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+                "Droid Sans Fallback", "AR PL UMing CN")
+_CJK_FILE_HINTS = ("cjk", "sourcehan", "wqy", "droidsansfallback", "uming", "ukai")
+_cjk_family: list[str | None] = []  # found once per process
+
+
+def cjk_font() -> str | None:
+    """The family name of a CJK font matplotlib can use, or None. Font
+    files installed after matplotlib built its font cache are not in it:
+    they are looked for on disk and added."""
+    if _cjk_family:
+        return _cjk_family[0]
+    from matplotlib import font_manager
+
+    def known() -> str | None:
+        names = {f.name for f in font_manager.fontManager.ttflist}
+        return next((family for family in CJK_FAMILIES if family in names), None)
+
+    found = known()
+    if found is None:
+        for path in font_manager.findSystemFonts():
+            if any(hint in Path(path).name.lower() for hint in _CJK_FILE_HINTS):
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):
+                    continue  # unreadable: the next one
+        found = known()
+    _cjk_family.append(found)
+    return found
+
+
 def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cjk = cjk_font()
+    if cjk is not None:
+        # (a list in font.family: matplotlib falls back along it glyph by
+        # glyph; the generic "sans-serif" would resolve to one font only)
+        plt.rcParams["font.family"] = ["DejaVu Sans", cjk]
     return plt
 
 
-def _ascii(text: str, fallback: str) -> str:
-    """Chart labels: the default fonts have no CJK glyphs."""
-    return text if text and text.isascii() else fallback
+def _label(text: str, fallback: str) -> str:
+    """A chart label: as it is when a CJK font is there to draw it (or it
+    is plain ASCII), else the fallback (no squares for missing glyphs)."""
+    if text and (text.isascii() or cjk_font() is not None):
+        return text
+    return fallback
+
+
+def _legend(ax: Any, **options: Any) -> None:
+    """A legend, if anything is labelled (an empty one warns)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
@@ -126,11 +195,11 @@ def fleet_costs(store: Store, out: Path, period_days: int = 30) -> Output:
     ax.bar(x - 0.2, [r[6] / 100 for r in shown], 0.4, color="#bbbbbb", label="baseline (mean)")
     ax.bar(x + 0.2, [r[3] / 100 for r in shown], 0.4,
            color=["#d62728" if r[7] else "#1f77b4" for r in shown], label="last period")
-    ax.set_xticks(x, [_ascii(r[2], r[1][:8]) for r in shown], rotation=75, fontsize=7)
+    ax.set_xticks(x, [_label(r[2], r[1][:8]) for r in shown], rotation=75, fontsize=7)
     ax.set_ylabel("yuan")
     ax.set_title(f"Fleet cost per vehicle, last {period_days} days (red: anomaly, "
                  f">= {ANOMALY_FACTOR}x own baseline)")
-    ax.legend()
+    _legend(ax)
     png = _save(fig, out / "fleet_costs.png")
     flagged = [r for r in table if r[7]]
     return Output("fleet-costs", path, png, f"{len(table)} vehicles, {len(flagged)} flagged: "
@@ -160,7 +229,7 @@ def station_sales(store: Store, out: Path) -> Output:
         ax.plot(days, [series[d] for d in days], label=name, linewidth=0.9)
     ax.set_ylabel("litres per day")
     ax.set_title("Network fuel volume per day and product")
-    ax.legend(ncol=4, fontsize=8)
+    _legend(ax, ncol=4, fontsize=8)
     png = _save(fig, out / "station_sales.png")
     stations = len({r[1] for r in rows})
     return Output("station-sales", path, png,
@@ -225,7 +294,7 @@ def points_liability(store: Store, out: Path) -> Output:
     ax.set_xticks(x, [r[0] for r in table], rotation=45, fontsize=8)
     ax.set_ylabel("points")
     ax.set_title("Points liability")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     png = _save(fig, out / "points_liability.png")
     return Output("points", path, png, f"outstanding {outstanding} points"
                   f" after {len(table)} months")
@@ -277,7 +346,7 @@ def channel_recharges(store: Store, out: Path) -> Output:
     ax.set_xticks(x + 0.4 - width / 2, months, rotation=45, fontsize=8)
     ax.set_ylabel("yuan (triangles: refunds)")
     ax.set_title("Recharges per channel, net of refunds")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     png = _save(fig, out / "channel_recharges.png")
     refunded = sum(r[3] for r in table)
     short = sum(r[5] for r in table)

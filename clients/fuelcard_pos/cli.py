@@ -3,10 +3,29 @@
     fuelcard-pos [--target HOST:PORT] [--ca FILE --cert FILE --key FILE]
                  [--state FILE] [--deadline-s S] [--json] COMMAND ...
 
-Commands: authorize, confirm, cancel, balance, hold, outbox-flush, sign-on.
-Output is human-readable by default; with --json, exactly one JSON object goes
-to stdout (responses as google.protobuf.json_format.MessageToDict with the
-proto field names; errors as {"error": {...}}).
+Commands: authorize, confirm, cancel, balance, hold, sign-on, and the outbox's
+`outbox list|retry|drop|flush` (`outbox-flush` is `outbox flush`).
+Output is human-readable by default; with --json (anywhere on the command
+line, before or after the command), exactly one JSON object goes to stdout
+(responses as google.protobuf.json_format.MessageToDict with the proto field
+names, plus "request_id"; errors as {"error": {...}}).
+
+Request ids: authorize, confirm and cancel print the request id they sent,
+answered or not (with --json, "request_id"). When an answer is lost (a
+timeout, the link dropped), send the same command again with
+`--request-id ID`: the server applies a request id once and answers every
+resend with the first answer, so the resend never makes a second hold or a
+second sale.
+
+PIN: `authorize ... --pin` asks for the card's PIN on the terminal (getpass,
+not echoed); `--pin-stdin` reads it from the first line of stdin. A PIN given
+as `--pin VALUE` is refused (it would show in `ps` and the shell history).
+The PIN is only ever sent as an SM4 PIN block under the terminal's PIN key
+(fuelcard_pos.pin), so it needs the terminal certificate; it is never printed
+or logged.
+
+A closed stdout (`fuelcard-pos outbox list | head -1`) is not an error: the
+rest of the output is dropped and the exit code is still the command's.
 
 Secure link: --ca (the CA of the server's certificate), --cert and --key (the
 terminal's certificate and key; env FUELCARD_POS_CA, FUELCARD_POS_CERT,
@@ -34,11 +53,15 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import errno
+import getpass
 import json
 import os
 import re
 import sqlite3
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,14 +75,17 @@ from google.protobuf.message import Message
 from fuelcard_pos.client import (
     DEFAULT_DEADLINE_S,
     DEFAULT_TARGET,
+    MAX_RESIGNS,
     PosClient,
     PosError,
     PosPending,
     RetryPolicy,
     mask_card_number,
+    new_request_id,
 )
 from fuelcard_pos.outbox import FlushReport, Outbox, OutboxEntry
-from fuelcard_pos.terminal import certificate_identity
+from fuelcard_pos.pin import PIN_MAX_DIGITS, PIN_MIN_DIGITS, encrypt_pin_block, valid_pin
+from fuelcard_pos.terminal import certificate_identity, sign
 
 EXIT_OK = 0
 EXIT_DECLINED = 1
@@ -107,6 +133,7 @@ class Output:
         self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._stdout = stdout or sys.stdout
         self._stderr = stderr or sys.stderr
+        self._closed: set[IO[str]] = set()
 
     def scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -114,17 +141,43 @@ class Output:
         return _DIGIT_RUN.sub(lambda m: mask_card_number(m.group(0)), text)
 
     def out(self, text: str) -> None:
-        self._stdout.write(self.scrub(text) + "\n")
-        self._stdout.flush()
+        self._write(self._stdout, self.scrub(text) + "\n")
 
     def err(self, text: str) -> None:
-        self._stderr.write(self.scrub(text) + "\n")
-        self._stderr.flush()
+        self._write(self._stderr, self.scrub(text) + "\n")
 
     def raw(self, text: str, to_stderr: bool) -> None:
-        stream = self._stderr if to_stderr else self._stdout
-        stream.write(self.scrub(text))
-        stream.flush()
+        self._write(self._stderr if to_stderr else self._stdout, self.scrub(text))
+
+    def _write(self, stream: IO[str], text: str) -> None:
+        """Write and flush; a reader that went away (`| head -1`) ends the
+        output, not the command: a confirm whose answer nobody reads has
+        still been made, and the exit code must still say how it went."""
+        if stream in self._closed:
+            return
+        try:
+            stream.write(text)
+            stream.flush()
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.EINVAL):
+                raise
+            self._closed.add(stream)
+            _discard_rest(stream)
+
+
+def _discard_rest(stream: IO[str]) -> None:
+    """Point a closed stream's file descriptor at /dev/null, so that what is
+    still buffered (flushed again at exit) goes nowhere instead of raising
+    BrokenPipeError from the interpreter's shutdown."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return  # not a file (e.g. a StringIO in tests): nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _cardish_args(argv: Sequence[str]) -> list[str]:
@@ -248,6 +301,10 @@ def _has_cert(argv: Sequence[str]) -> bool:
     return bool(known.cert)
 
 
+# The value of a bare `--pin`: ask. Not a possible PIN (PINs are digits).
+_ASK_PIN = "ask"
+
+
 def build_parser(output: Output, terminal_cert: bool = False) -> argparse.ArgumentParser:
     class Parser(argparse.ArgumentParser):
         def _print_message(self, message: str, file: object = None) -> None:
@@ -268,7 +325,8 @@ def build_parser(output: Output, terminal_cert: bool = False) -> argparse.Argume
     parser.add_argument("--total-timeout-s", type=_positive_float,
                         default=RetryPolicy.total_timeout_s,
                         help="time budget per call, retries included (default %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (also accepted after the command)")
     parser.add_argument("--ca", type=Path, default=_env_path(CA_ENV), metavar="FILE",
                         help=f"CA certificate (PEM) the server's certificate must chain to "
                              f"(env {CA_ENV})")
@@ -280,13 +338,24 @@ def build_parser(output: Output, terminal_cert: bool = False) -> argparse.Argume
     parser.add_argument("--state", type=Path, default=_env_path(STATE_ENV), metavar="FILE",
                         help=f"the terminal's counter and working key (env {STATE_ENV}; "
                              "default: the outbox file)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --json after the command too: each command's parser knows it, with no
+    # default of its own, so that it never resets a --json given before.
+    json_anywhere = argparse.ArgumentParser(add_help=False)
+    json_anywhere.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                               help="print one JSON object")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=Parser)
+
+    def command(name: str, help_text: str, group: Any = commands) -> argparse.ArgumentParser:
+        made: argparse.ArgumentParser = group.add_parser(name, help=help_text,
+                                                         parents=[json_anywhere])
+        return made
 
     def outbox_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--outbox", type=Path, default=None,
                        help=f"outbox file (env {OUTBOX_ENV}; default {default_outbox_path()})")
 
-    p = commands.add_parser("authorize", help="reserve an amount before the nozzle is lifted")
+    p = command("authorize", "reserve an amount before the nozzle is lifted")
     p.add_argument("card", metavar="CARD", help="card number (never printed)")
     p.add_argument("amount_fen", metavar="AMOUNT_FEN", type=int, help="amount to reserve, in fen")
     p.add_argument("--station", required=not terminal_cert, default=None,
@@ -296,36 +365,68 @@ def build_parser(output: Output, terminal_cert: bool = False) -> argparse.Argume
     p.add_argument("--nozzle", type=int, default=1, help="nozzle number (default 1)")
     p.add_argument("--product", type=_product, default=common_pb2.PRODUCT_GASOLINE_92,
                    help="92|95|98|0#diesel|-10#diesel|gas|shop (default 92)")
-    p.add_argument("--request-id", default=None, help="idempotency key (default: a new UUID)")
+    p.add_argument("--request-id", default=None,
+                   help="idempotency key (default: a new UUID); give the printed one again to "
+                        "resend a request whose answer was lost")
+    p.add_argument("--pin", nargs="?", const=_ASK_PIN, default=None, metavar=_ASK_PIN,
+                   help="ask for the card's PIN (not echoed; needs --cert)")
+    p.add_argument("--pin-stdin", action="store_true",
+                   help="read the card's PIN from the first line of stdin (needs --cert)")
 
-    p = commands.add_parser("confirm", help="settle a hold for the amount delivered")
+    p = command("confirm", "settle a hold for the amount delivered")
     p.add_argument("hold_id", metavar="HOLD_ID")
     p.add_argument("final_fen", metavar="FINAL_FEN", type=int, help="amount delivered, in fen")
     p.add_argument("--volume-ml", type=int, default=0, help="volume delivered, ml")
     p.add_argument("--unit-price-fen", type=int, default=0, help="price per litre, fen")
-    p.add_argument("--request-id", default=None, help="idempotency key (default: a new UUID)")
+    p.add_argument("--request-id", default=None,
+                   help="idempotency key (default: a new UUID); give the printed one again to "
+                        "resend a request whose answer was lost")
     outbox_options(p)
     p.add_argument("--no-outbox", action="store_true",
                    help="fail instead of queueing when the server cannot be reached")
 
-    p = commands.add_parser("cancel", help="release a hold")
+    p = command("cancel", "release a hold")
     p.add_argument("hold_id", metavar="HOLD_ID")
-    p.add_argument("--request-id", default=None, help="idempotency key (default: a new UUID)")
+    p.add_argument("--request-id", default=None,
+                   help="idempotency key (default: a new UUID); give the printed one again to "
+                        "resend a request whose answer was lost")
     outbox_options(p)
     p.add_argument("--no-outbox", action="store_true",
                    help="fail instead of queueing when the server cannot be reached")
 
-    p = commands.add_parser("balance", help="the balance behind a card")
+    p = command("balance", "the balance behind a card")
     p.add_argument("card", metavar="CARD", help="card number (never printed)")
 
-    p = commands.add_parser("hold", help="read a hold")
+    p = command("hold", "read a hold")
     p.add_argument("hold_id", metavar="HOLD_ID")
 
-    p = commands.add_parser("outbox-flush", help="deliver queued confirms and cancels")
+    p = command("outbox-flush", "deliver queued confirms and cancels (= outbox flush)")
     outbox_options(p)
 
-    commands.add_parser("sign-on", help="sign on now (needs --cert): fetch the working key and "
-                                        "re-sync the counter (the key is never shown)")
+    p = command("outbox", "list, deliver, retry or drop queued confirms and cancels")
+    actions = p.add_subparsers(dest="outbox_command", required=True, metavar="ACTION",
+                               parser_class=Parser)
+    p = command("list", "the entries, oldest first, with their request ids and last errors",
+                actions)
+    outbox_options(p)
+    p.add_argument("--state", choices=("pending", "failed"), default=None,
+                   help="only pending or only failed entries")
+    p = command("flush", "deliver the pending entries in order (failed ones stay)", actions)
+    outbox_options(p)
+    p = command("retry", "send entries again now, failed ones included; delivered ones leave",
+                actions)
+    outbox_options(p)
+    p.add_argument("entry_ids", metavar="ENTRY_ID", type=int, nargs="*",
+                   help="the entries to send (default: all, oldest first)")
+    p = command("drop", "remove entries (an operator has dealt with them)", actions)
+    outbox_options(p)
+    p.add_argument("entry_ids", metavar="ENTRY_ID", type=int, nargs="+")
+    p.add_argument("--force", action="store_true",
+                   help="also drop pending entries: a dropped confirm is a sale the server "
+                        "never books")
+
+    command("sign-on", "sign on now (needs --cert): fetch the working key and re-sync the "
+                       "counter (the key is never shown)")
     return parser
 
 
@@ -399,6 +500,9 @@ class Command:
         self.output = output
         self.link = link
         self.json: bool = args.json
+        # Chosen here, before anything is sent, so that it can be printed
+        # whatever becomes of the call (answered, refused, or lost).
+        self.request_id: str = getattr(args, "request_id", None) or new_request_id()
 
     def client(self, outbox: Outbox | None = None) -> PosClient:
         link = self.link
@@ -415,10 +519,19 @@ class Command:
             for line in human:
                 self.output.out(line)
 
+    @property
+    def mutating(self) -> bool:
+        return self.args.command in MUTATING
+
     def fail(self, exc: PosError) -> int:
         code = EXIT_USAGE if exc.code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_ERROR
+        request_id = exc.request_id or (self.request_id if self.mutating else "")
         if self.json:
-            self.output.out(json.dumps({"error": error_dict(exc)}, ensure_ascii=False))
+            error = {**error_dict(exc), "request_id": request_id}
+            obj: dict[str, Any] = {"error": error}
+            if request_id:
+                obj["request_id"] = request_id
+            self.output.out(json.dumps(obj, ensure_ascii=False))
         else:
             self.output.err(f"error: {exc.code.name}"
                             + (f" {exc.reason}" if exc.reason else "")
@@ -426,7 +539,17 @@ class Command:
             for v in exc.field_violations:
                 self.output.err(f"  {v.field}: {v.description}"
                                 + (f" ({v.reason})" if v.reason else ""))
+            if request_id:
+                self.output.err(f"  request_id {request_id}")
+                if exc.resendable:
+                    self.output.err(f"  the answer may be lost: send the same command again with "
+                                    f"--request-id {request_id} (the server answers it once)")
         return code
+
+    def emit_answer(self, message: Message, human: list[str]) -> None:
+        """A mutating call's answer, with the request id it was sent under."""
+        self.emit({**to_dict(message), "request_id": self.request_id},
+                  [*human, f"  request_id {self.request_id}"])
 
     def pending(self, p: PosPending, outbox_path: Path) -> int:
         self.emit(
@@ -455,9 +578,21 @@ class Command:
         if missing:
             raise UsageError("authorize: the following arguments are required: "
                              + ", ".join(missing))
-        with self.client() as client:
-            r = client.authorize(a.card, a.amount_fen, station, terminal, a.nozzle, a.product,
-                                 request_id=a.request_id)
+        assert station is not None and terminal is not None
+        pin = self.read_pin()
+        try:
+            if pin is None:
+                with self.client() as client:
+                    r = client.authorize(a.card, a.amount_fen, station, terminal, a.nozzle,
+                                         a.product, request_id=self.request_id)
+            else:
+                with self.pin_client() as pin_client:
+                    r = pin_client.authorize_with_pin(
+                        a.card, pin, a.amount_fen, station, terminal, a.nozzle, a.product,
+                        request_id=self.request_id)
+        finally:
+            if pin is not None:
+                pin[:] = bytes(len(pin))  # wiped: it is no longer needed anywhere
         approved = r.decision == common_pb2.DECISION_APPROVED
         if approved:
             human = ["APPROVED", *hold_lines(r.hold), f"  available  {yuan(r.available_fen)}"]
@@ -469,8 +604,49 @@ class Command:
                      f"  card       {mask_card_number(a.card)}",
                      f"  asked      {yuan(a.amount_fen)}",
                      f"  available  {yuan(r.available_fen)}"]
-        self.emit(to_dict(r), human)
+        self.emit_answer(r, human)
         return EXIT_OK if approved else EXIT_DECLINED
+
+    def read_pin(self) -> bytearray | None:
+        """The PIN asked for by --pin or --pin-stdin, as a bytearray the
+        caller wipes; None without them. Never echoed, printed or logged."""
+        a = self.args
+        if a.pin is None and not a.pin_stdin:
+            return None
+        if a.pin is not None and a.pin != _ASK_PIN:
+            raise UsageError("--pin takes no value (a PIN on the command line shows in ps and the "
+                             "shell history): give --pin alone to be asked, or --pin-stdin")
+        if a.pin is not None and a.pin_stdin:
+            raise UsageError("--pin and --pin-stdin: choose one")
+        if not self.link.secure:
+            raise UsageError("a PIN needs the terminal certificate (--ca, --cert, --key): it is "
+                             "sent only as a PIN block under the terminal's PIN key")
+        if a.pin_stdin:
+            pin = bytearray(sys.stdin.buffer.readline().rstrip(b"\r\n"))
+        else:
+            with warnings.catch_warnings():
+                # getpass falls back to an echoing read from stdin when there
+                # is no terminal; a PIN must never be echoed, so refuse that.
+                warnings.simplefilter("error", getpass.GetPassWarning)
+                try:
+                    pin = bytearray(getpass.getpass("PIN: ").encode())
+                except getpass.GetPassWarning:
+                    raise UsageError("--pin needs a terminal to ask on (its input is not "
+                                     "echoed); use --pin-stdin") from None
+                except EOFError:
+                    raise UsageError("no PIN was entered") from None
+        if not valid_pin(pin):
+            pin[:] = bytes(len(pin))
+            raise UsageError(f"a PIN is {PIN_MIN_DIGITS} to {PIN_MAX_DIGITS} digits")
+        return pin
+
+    def pin_client(self) -> PinTerminal:
+        link = self.link
+        return PinTerminal(self.args.target, deadline_s=self.args.deadline_s,
+                           retry=RetryPolicy(max_attempts=self.args.max_attempts,
+                                             total_timeout_s=self.args.total_timeout_s),
+                           ca_file=link.ca, cert_file=link.cert, key_file=link.key,
+                           state=link.state)
 
     def _with_outbox(self, send: Callable[[PosClient], int]) -> int:
         if self.args.no_outbox:
@@ -488,7 +664,7 @@ class Command:
 
         def send(client: PosClient) -> int:
             r = client.confirm(a.hold_id, a.final_fen, a.volume_ml, a.unit_price_fen,
-                               request_id=a.request_id)
+                               request_id=self.request_id)
             return self._confirmed(r)
 
         return self._with_outbox(send)
@@ -503,15 +679,15 @@ class Command:
             human = [f"DECLINED  {decline_name(r.decline_reason)}", *hold_lines(r.hold),
                      f"  settlement exception {r.settlement_exception_id}: the driver must "
                      "pay another way"]
-        self.emit(to_dict(r), human)
+        self.emit_answer(r, human)
         return EXIT_OK if approved else EXIT_DECLINED
 
     def cancel(self) -> int:
         a = self.args
 
         def send(client: PosClient) -> int:
-            r = client.cancel(a.hold_id, request_id=a.request_id)
-            self.emit(to_dict(r), [f"OK  {state_name(r.hold.state)}", *hold_lines(r.hold)])
+            r = client.cancel(a.hold_id, request_id=self.request_id)
+            self.emit_answer(r, [f"OK  {state_name(r.hold.state)}", *hold_lines(r.hold)])
             return EXIT_OK
 
         return self._with_outbox(send)
@@ -561,6 +737,158 @@ class Command:
         self.emit(flush_dict(report, path, failed_total), flush_lines(report, path, failed_total))
         return EXIT_OK if report.complete else EXIT_ERROR
 
+    def outbox(self) -> int:
+        return OUTBOX_ACTIONS[self.args.outbox_command](self)
+
+    def outbox_list(self) -> int:
+        path = self.outbox_path()
+        with Outbox(path) as outbox:
+            entries = outbox.entries(self.args.state)
+        pending = sum(e.state == "pending" for e in entries)
+        self.emit({"outbox": str(path), "entries": [_listed_dict(e) for e in entries]},
+                  [f"outbox {path}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "
+                   f"({pending} pending, {len(entries) - pending} failed)",
+                   *(_listed_line(e) for e in entries)])
+        return EXIT_OK
+
+    def outbox_retry(self) -> int:
+        """Send the chosen entries (or all) again now, in order, failed ones
+        included: for an operator who has fixed what made them fail. A
+        delivered entry leaves the outbox; one that fails again stays as it
+        was; a link still down stops the run (nothing overtakes an entry)."""
+        path = self.outbox_path()
+        delivered: list[tuple[OutboxEntry, Message]] = []
+        errors: list[tuple[OutboxEntry, PosError]] = []
+        with Outbox(path) as outbox, self.client() as client:
+            chosen, not_found = _choose(outbox.entries(), self.args.entry_ids)
+            not_tried = list(chosen)
+            for entry in chosen:
+                not_tried.remove(entry)
+                request = entry.request
+                try:
+                    response: Message
+                    if isinstance(request, transaction_pb2.ConfirmRequest):
+                        response = client.send_confirm(request, queue=False)
+                    else:
+                        response = client.send_cancel(request, queue=False)
+                except PosError as exc:
+                    errors.append((entry, exc))
+                    if exc.resendable:
+                        break
+                    continue
+                outbox.discard(entry.id)
+                delivered.append((entry, response))
+        lines = [f"outbox {path}: delivered {len(delivered)}, failed again {len(errors)}"
+                 + (f", not tried {len(not_tried)}" if not_tried else "")]
+        lines += [f"  delivered  entry {e.id} {e.operation} hold {e.hold_id} "
+                  f"(request_id {e.request_id})" for e, _ in delivered]
+        lines += [f"  FAILED     entry {e.id} {e.operation} hold {e.hold_id} "
+                  f"(request_id {e.request_id}): {exc}" for e, exc in errors]
+        lines += [f"  no entry {n}" for n in not_found]
+        self.emit({"outbox": str(path),
+                   "delivered": [{**_entry_dict(e), "response": to_dict(r)} for e, r in delivered],
+                   "failed": [{**_entry_dict(e), "error": error_dict(exc)} for e, exc in errors],
+                   "not_tried": [_entry_dict(e) for e in not_tried],
+                   "not_found": not_found}, lines)
+        return EXIT_OK if not (errors or not_found or not_tried) else EXIT_ERROR
+
+    def outbox_drop(self) -> int:
+        path = self.outbox_path()
+        dropped: list[OutboxEntry] = []
+        refused: list[OutboxEntry] = []
+        with Outbox(path) as outbox:
+            chosen, not_found = _choose(outbox.entries(), self.args.entry_ids)
+            for entry in chosen:
+                if entry.state == "pending" and not self.args.force:
+                    refused.append(entry)
+                elif outbox.discard(entry.id):
+                    dropped.append(entry)
+                else:
+                    not_found.append(entry.id)  # dropped meanwhile by another process
+        lines = [f"outbox {path}: dropped {len(dropped)}"]
+        lines += [f"  dropped    entry {e.id} {e.state} {e.operation} hold {e.hold_id} "
+                  f"(request_id {e.request_id})" for e in dropped]
+        lines += [f"  kept       entry {e.id} {e.operation} hold {e.hold_id}: still pending, not "
+                  "delivered yet (--force drops it: the server never gets it)" for e in refused]
+        lines += [f"  no entry {n}" for n in not_found]
+        self.emit({"outbox": str(path), "dropped": [_listed_dict(e) for e in dropped],
+                   "refused_pending": [_entry_dict(e) for e in refused],
+                   "not_found": not_found}, lines)
+        if refused:
+            return EXIT_USAGE
+        return EXIT_ERROR if not_found else EXIT_OK
+
+
+class PinTerminal(PosClient):
+    """A PosClient that authorizes with a PIN block. The block is made under
+    the PIN key of the very working key the request is signed with, and made
+    again if a refused key or counter makes the client sign on and re-sign:
+    a block under a stale key would decode to garbage and count as a wrong
+    PIN toward the card's lock."""
+
+    def __enter__(self) -> PinTerminal:
+        return self
+
+    def authorize_with_pin(self, card_number: str, pin: bytearray, amount_fen: int,
+                           station_id: str, terminal_id: str, nozzle: int,
+                           product: common_pb2.Product.ValueType, *, request_id: str
+                           ) -> transaction_pb2.AuthorizeResponse:
+        if self.store is None or self.terminal_id is None:
+            raise UsageError("a PIN needs the terminal certificate (--cert)")
+        request = transaction_pb2.AuthorizeRequest(
+            request_id=request_id, card_number=card_number, amount_fen=amount_fen,
+            station_id=station_id, terminal_id=terminal_id, nozzle=nozzle, product=product)
+        resigns = 0
+        while True:
+            key = self._working_key(None)
+            request.pin_block = encrypt_pin_block(key, pin, card_number)
+            signed = sign(request, key, self.store.reserve(self.terminal_id))
+            try:
+                return self._call("Authorize", self._stub.Authorize, signed, request_id, None)
+            except PosError as exc:
+                if resigns >= MAX_RESIGNS or not self._resync(exc, key, None):
+                    raise
+            resigns += 1
+
+
+def _choose(entries: list[OutboxEntry], ids: Sequence[int]) -> tuple[list[OutboxEntry], list[int]]:
+    """The entries named (all when none are), oldest first, and the ids of
+    none."""
+    if not ids:
+        return entries, []
+    by_id = {e.id: e for e in entries}
+    return ([by_id[i] for i in sorted(set(ids)) if i in by_id],
+            [i for i in dict.fromkeys(ids) if i not in by_id])
+
+
+def _time(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+def _listed_dict(entry: OutboxEntry) -> dict[str, Any]:
+    request = entry.request
+    out = {**_entry_dict(entry), "state": entry.state, "created_at": _time(entry.created_at),
+           "last_attempt_at": _time(entry.last_attempt_at), "error_code": entry.error_code,
+           "error_reason": entry.error_reason, "last_error": entry.last_error}
+    if isinstance(request, transaction_pb2.ConfirmRequest):
+        out["final_amount_fen"] = request.final_amount_fen
+    return out
+
+
+def _listed_line(entry: OutboxEntry) -> str:
+    request = entry.request
+    what = (f"confirm {yuan(request.final_amount_fen)}"
+            if isinstance(request, transaction_pb2.ConfirmRequest) else "cancel")
+    line = (f"  {entry.id:>5}  {entry.state:<7}  {what:<20}  hold {entry.hold_id}  "
+            f"request_id {entry.request_id}  queued {_time(entry.created_at)}  "
+            f"attempts {entry.attempts}")
+    if entry.error_code:
+        line += f"  last error {entry.error_code}" + (f" {entry.error_reason}"
+                                                      if entry.error_reason else "")
+    return line
+
 
 def _entry_dict(entry: OutboxEntry) -> dict[str, Any]:
     return {"entry_id": entry.id, "operation": entry.operation, "hold_id": entry.hold_id,
@@ -588,7 +916,8 @@ def flush_lines(report: FlushReport, path: Path, failed_total: int) -> list[str]
                 d.response.decision == common_pb2.DECISION_DECLINED:
             outcome = (f"DECLINED {decline_name(d.response.decline_reason)}, settlement exception "
                        f"{d.response.settlement_exception_id}")
-        lines.append(f"  delivered  {d.entry.operation} hold {d.entry.hold_id}: "
+        lines.append(f"  delivered  {d.entry.operation} hold {d.entry.hold_id} "
+                     f"(request_id {d.entry.request_id}): "
                      f"{outcome}, {state_name(d.response.hold.state)}")
     for entry, exc in report.failed:
         lines.append(f"  FAILED     {entry.operation} hold {entry.hold_id} "
@@ -608,8 +937,17 @@ COMMANDS: dict[str, Callable[[Command], int]] = {
     "balance": Command.balance,
     "hold": Command.hold,
     "outbox-flush": Command.outbox_flush,
+    "outbox": Command.outbox,
     "sign-on": Command.sign_on,
 }
+OUTBOX_ACTIONS: dict[str, Callable[[Command], int]] = {
+    "list": Command.outbox_list,
+    "flush": Command.outbox_flush,
+    "retry": Command.outbox_retry,
+    "drop": Command.outbox_drop,
+}
+# The commands that send a request id (and print it).
+MUTATING = frozenset({"authorize", "confirm", "cancel"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,12 +37,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fuelcard.v1 import transaction_pb2
 from google.protobuf.message import Message
 
-from fuelcard_pos.client import PosClient, PosError
+from fuelcard_pos.errors import PosError
 from fuelcard_pos.terminal import strip_auth
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "Delivery", "FlushReport", "Outbox", "OutboxEntry", "OutboxFull"]
@@ -74,6 +74,17 @@ CREATE INDEX IF NOT EXISTS outbox_by_state ON outbox (state, id);
 
 _COLUMNS = ("id, operation, request_id, hold_id, payload, state, created_at, attempts,"
             " last_attempt_at, last_error, error_code, error_reason")
+
+
+class Resender(Protocol):
+    """What `flush` sends through: a PosClient. Named by what it does so
+    that the outbox never imports the client (the client imports the outbox)."""
+
+    def send_confirm(self, request: transaction_pb2.ConfirmRequest, *, queue: bool
+                     ) -> transaction_pb2.ConfirmResponse: ...
+
+    def send_cancel(self, request: transaction_pb2.CancelRequest, *, queue: bool
+                    ) -> transaction_pb2.CancelResponse: ...
 
 
 class OutboxFull(Exception):
@@ -229,7 +240,7 @@ class Outbox:
 
     # -- delivering --------------------------------------------------------
 
-    def flush(self, client: PosClient, *, limit: int | None = None) -> FlushReport:
+    def flush(self, client: Resender, *, limit: int | None = None) -> FlushReport:
         """Resend pending entries, oldest first, through `client` (which does
         its own bounded retries and signs each resend). Stops at the first
         entry that still gets a retryable error (or a refused key or counter),

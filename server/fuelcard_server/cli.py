@@ -1,5 +1,8 @@
-"""The `fuelcard` command: serve, migrate, verify, prune, audit verify/anchor, demo, risk
-load/backtest, events backfill."""
+"""The `fuelcard` command: the transaction server and the tools that run it.
+
+Its help lists the commands from the parsers themselves (build_parser), so it
+names only real ones; tests/test_embedded_restart.py runs each with --help.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 import psycopg
 
 from fuelcard_server import audit, event_backfill, logs, migrations, verify
+from fuelcard_server.db import one_shot
 from fuelcard_server.embedded import EmbeddedPostgres
 from fuelcard_server.gm import Sm2PrivateKey, Sm2PublicKey
 from fuelcard_server.risk.model import RuleSet
@@ -41,7 +45,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     s = Settings.from_env(config=getattr(args, "config", None))
     for name in ("listen", "database_url", "data_dir", "workers", "hold_ttl_s", "pool_max",
                  "pool_min", "tls_dir", "replica_url", "replica_max_lag_s", "metrics_listen", "otlp_endpoint",
-                 "trace_sample_ratio", "log_level"):
+                 "trace_sample_ratio", "access_log_sample", "log_level"):
         value = getattr(args, name, None)
         if value is not None:
             s.set(name, value)
@@ -88,19 +92,8 @@ def _run_worker(s: Settings, url: str, demo: bool, port_file: str | None,
             from fuelcard_server import demo as demo_data
             made = await demo_data.seed(f"127.0.0.1:{port}",
                                         None if s.insecure else s.certs_dir)
-            print(f"\nfuelcard is serving on {s.host_port[0]}:{port} with demo data:", flush=True)
-            for card, account_id in made:
-                print(f"  card {card.card_number}  account {account_id}  {card.holder}")
-            pos = f".venv/bin/fuelcard-pos --target 127.0.0.1:{port}"
-            if not s.insecure:
-                d = s.certs_dir
-                pos += (f" --ca {d / 'ca.pem'} --cert {d / 'pos-KM-001-T1.pem'}"
-                        f" --key {d / 'pos-KM-001-T1.key'} --state {d.parent / 'pos-state.sqlite3'}")
-            print(f"\ntry (as terminal KM-001-T1 of station KM-001):\n"
-                  f"  {pos} balance {made[0][0].card_number}\n"
-                  f"  {pos} authorize {made[0][0].card_number} 20000"
-                  " --station KM-001 --terminal KM-001-T1\n"
-                  "Ctrl-C stops the server.", flush=True)
+            print(demo_data.banner(s.host_port[0], port, made,
+                                   None if s.insecure else s.certs_dir), flush=True)
         await stop.wait()
         log.info("shutting down: draining in-flight calls")
         await server.stop()
@@ -439,7 +432,7 @@ def cmd_risk_load(args: argparse.Namespace) -> int:
     actor = f"cli:{getpass.getuser()}"
     url, pg = _database(s)
     try:
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        with one_shot(url, autocommit=True) as conn, conn.transaction():
             row = conn.execute(LOAD_SQL, {
                 "caller": "cli", "request_id": f"cli-risk-load-{uuid.uuid4().hex}",
                 "request_hash": hashlib.sha256(rule_set.digest().encode()).digest(),
@@ -488,18 +481,28 @@ def _date(text: str) -> dt.date:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Reconcile a channel's daily settlement file (issue 8): exit 0 when
-    everything matches, 1 on any break, 2 if the file cannot be read."""
+    everything matches, 1 on any break, 2 if the file cannot be read.
+    Amounts are printed in yuan and times in Beijing time, as on the bills."""
     from fuelcard_adapters.channels import CHANNELS, by_name
     from fuelcard_adapters.neutral import FormatError
 
     from fuelcard_server import reconcile
 
+    if getattr(args, "breaks_command", None) is not None:
+        return _cmd_reconcile_breaks(args)
+    missing = [flag for flag, value in (("--channel", args.channel), ("--date", args.date),
+                                        ("--file", args.file)) if value is None]
+    if missing:
+        print(f"fuelcard reconcile: {', '.join(missing)} required (or: reconcile breaks "
+              "list|resolve)", file=sys.stderr)
+        return 2
     try:
         files = by_name(args.channel)
     except KeyError:
-        print(f"fuelcard: unknown channel {args.channel!r} (one of {', '.join(CHANNELS)})",
+        print(f"fuelcard: unknown channel {args.channel!r} (one of {', '.join(CHANNELS)}, any case)",
               file=sys.stderr)
         return 2
+    name = _channel_name(files.channel)
     s = _settings(args)
     url, pg = _database(s)
     try:
@@ -511,13 +514,17 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     finally:
         if pg is not None:
             pg.stop_if_started_here()
-    print(f"reconciliation run {result.run_id}: {args.channel.upper()} {args.date} ({args.file.name})")
-    print(f"  theirs {result.theirs:>9} records: paid {result.theirs_paid_fen} fen, refunded "
-          f"{result.theirs_refunded_fen} fen, fees {result.theirs_fee_fen} fen")
-    print(f"  ours   {result.ours:>9} records: paid {result.ours_paid_fen} fen, refunded "
-          f"{result.ours_refunded_fen} fen")
-    for name, n in result.counts.items():
-        print(f"  {name:<16} {n:>9}")
+    warning = result.date_warning(args.date)
+    if warning:
+        print(f"fuelcard: warning: {args.file.name}: {warning}", file=sys.stderr)
+    yuan = reconcile.yuan
+    print(f"reconciliation run {result.run_id}: {name} {args.date} ({args.file.name})")
+    print(f"  theirs {result.theirs:>9} records: paid {yuan(result.theirs_paid_fen)} yuan, refunded "
+          f"{yuan(result.theirs_refunded_fen)} yuan, fees {yuan(result.theirs_fee_fen)} yuan")
+    print(f"  ours   {result.ours:>9} records: paid {yuan(result.ours_paid_fen)} yuan, refunded "
+          f"{yuan(result.ours_refunded_fen)} yuan")
+    for outcome, n in result.counts.items():
+        print(f"  {outcome:<16} {n:>9}")
     for line in result.breaks:
         print(f"  {line}")
     if result.break_count > len(result.breaks):
@@ -525,10 +532,65 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
               "(--report FILE lists every transaction)")
     if result.break_count:
         print(f"{result.break_count} break(s), stored for follow-up "
-              "(ReconciliationService.ListBreaks)", file=sys.stderr)
+              "(fuelcard reconcile breaks list)", file=sys.stderr)
         return 1
     print("no breaks")
     return 0
+
+
+def _channel_name(channel: int) -> str:
+    from fuelcard_adapters.channels import CHANNELS
+
+    return next(name for name, files in CHANNELS.items() if files.channel == channel)
+
+
+def _cmd_reconcile_breaks(args: argparse.Namespace) -> int:
+    """`reconcile breaks list|resolve`: the follow-up ReconciliationService
+    offers, straight on the database (the SQL the service runs), for finance
+    staff at the server's console."""
+    import getpass
+
+    from fuelcard_adapters.channels import CHANNELS, by_name
+
+    from fuelcard_server import reconcile
+
+    channel = 0
+    if getattr(args, "channel", None):
+        try:
+            channel = by_name(args.channel).channel
+        except KeyError:
+            print(f"fuelcard: unknown channel {args.channel!r} (one of {', '.join(CHANNELS)}, "
+                  "any case)", file=sys.stderr)
+            return 2
+    names = {files.channel: name for name, files in CHANNELS.items()}
+    if args.breaks_command == "list" and args.limit < 1:
+        print("fuelcard: --limit must be >= 1", file=sys.stderr)
+        return 2
+    # who, for the audit trail (and the break's resolved_by)
+    by = getattr(args, "by", None) or f"cli:{getpass.getuser()}"
+    s = _settings(args)
+    url, pg = _database(s)
+    try:
+        if args.breaks_command == "list":
+            found = reconcile.list_breaks(url, by=by, channel=channel, day=args.date,
+                                          include_resolved=args.all, limit=args.limit)
+            for line in reconcile.break_lines(found, names):
+                print(line)
+            print(f"{len(found)} break(s)" + ("" if args.all else " open"), file=sys.stderr)
+            return 0
+        try:
+            resolved = reconcile.resolve_break(url, args.break_id, args.resolution, by,
+                                               now=dt.datetime.now(dt.UTC),
+                                               request_id=args.request_id)
+        except reconcile.BreakError as exc:
+            print(f"fuelcard: break {args.break_id}: {exc.reason}", file=sys.stderr)
+            return 1
+        for line in reconcile.break_lines([resolved], names):
+            print(line)
+        return 0
+    finally:
+        if pg is not None:
+            pg.stop_if_started_here()
 
 
 def cmd_events_backfill(args: argparse.Namespace) -> int:
@@ -542,7 +604,7 @@ def cmd_events_backfill(args: argparse.Namespace) -> int:
             written = event_backfill.run(url, batch=args.batch, max_backlog=args.max_backlog,
                                          log=lambda m: print(m, flush=True))
             print(f"{written} events written" if written else "nothing to write (done)")
-        with psycopg.connect(url) as conn:
+        with one_shot(url) as conn:
             for source in event_backfill.progress(conn):
                 state = "done" if source.done else "to do"
                 print(f"{source.name}: {state} ({source.done_id} of {source.through_id})")
@@ -553,8 +615,17 @@ def cmd_events_backfill(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fuelcard", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="fuelcard", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The fuel card transaction server and the tools that run it.\n"
+                    "`fuelcard COMMAND --help` says more about each command.",
+        epilog="examples:\n"
+               "  fuelcard serve --insecure --demo   a development server with demo cards "
+               "(plaintext, loopback)\n"
+               "  fuelcard serve                     mutual TLS, embedded PostgreSQL in ./data\n"
+               "  fuelcard migrate                   apply pending migrations, then exit\n"
+               "  fuelcard audit verify              check the audit log's hash chain")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the gRPC server")
     p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
@@ -585,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-sample-ratio", type=float, dest="trace_sample_ratio",
                    help="share of root traces kept (default 0.05; a caller's sampled "
                    "traceparent is always followed)")
+    p.add_argument("--access-log-sample", type=float, dest="access_log_sample",
+                   help="share of RPCs given an access log line, 0..1 (default 0.01; env "
+                   "FUELCARD_ACCESS_LOG_SAMPLE)")
     p.add_argument("--no-tracing", action="store_true", help="create no spans at all")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--demo", action="store_true", help="create demo accounts and cards")
@@ -656,17 +730,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="only transactions from this ISO time on")
     p.add_argument("--until", help="only transactions before this ISO time")
     p.set_defaults(func=cmd_risk_backtest)
-    p = sub.add_parser("reconcile", help="reconcile a channel's daily settlement file; non-zero "
-                       "exit on any break")
+    p = sub.add_parser(
+        "reconcile", help="reconcile a channel's daily settlement file (non-zero exit on any "
+        "break); `reconcile breaks list|resolve` follows up the breaks",
+        description="Amounts are shown in yuan and times in Beijing time, as on the bills.")
     _add_database_flags(p)
-    p.add_argument("--channel", required=True,
-                   help="BANK_CARD, WECHAT_PAY, ALIPAY or ECNY (any case)")
-    p.add_argument("--date", type=_date, required=True, help="the business day, YYYY-MM-DD")
-    p.add_argument("--file", type=Path, required=True, help="the channel's file, in its format")
+    p.add_argument("--channel", help="BANK_CARD, WECHAT_PAY, ALIPAY or ECNY (any case)")
+    p.add_argument("--date", type=_date, help="the business day, YYYY-MM-DD (Beijing time)")
+    p.add_argument("--file", type=Path, help="the channel's file, in its format")
     p.add_argument("--report", type=Path,
-                   help="write every transaction and its outcome here (CSV)")
+                   help="write every transaction and its outcome here (CSV, yuan, Beijing time)")
     p.add_argument("--show", type=int, default=50, help="breaks to print (default 50)")
     p.set_defaults(func=cmd_reconcile)
+    recon_sub = p.add_subparsers(dest="reconcile_command")
+    breaks_p = recon_sub.add_parser("breaks", help="the breaks reconciliation found")
+    breaks_sub = breaks_p.add_subparsers(dest="breaks_command", required=True)
+    q = breaks_sub.add_parser("list", help="open breaks, newest first (yuan, Beijing time)")
+    _add_database_flags(q)
+    q.add_argument("--channel", help="only this channel: BANK_CARD, WECHAT_PAY, ALIPAY or ECNY "
+                   "(any case)")
+    q.add_argument("--date", type=_date, help="only this business day, YYYY-MM-DD")
+    q.add_argument("--all", action="store_true", help="resolved breaks too")
+    q.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    q = breaks_sub.add_parser("resolve", help="mark a break resolved, saying how")
+    _add_database_flags(q)
+    q.add_argument("break_id", help="the break's id, as `breaks list` prints it")
+    q.add_argument("--resolution", required=True, help="what was done about it (free text)")
+    q.add_argument("--by", help="who resolved it, for the break and the audit trail "
+                   "(default cli:<login name>)")
+    q.add_argument("--request-id", dest="request_id",
+                   help="repeat a resolve that got no answer: the same id answers the first result")
 
     p = sub.add_parser("events", help="the analytics event stream")
     events_sub = p.add_subparsers(dest="events_command", required=True)

@@ -120,7 +120,7 @@ def translate(exc: psycopg.Error) -> errors.ApiError:
 class Database:
     """A pool and the calls through it.
 
-    `available` is the health probe's verdict (app.py): while it says the
+    `available` is the health probe's verdict (health.py): while it says the
     database is down, calls fail at once with UNAVAILABLE instead of each
     waiting out the pool timeout; the probe notices the database's return.
     """
@@ -277,3 +277,27 @@ class Database:
     async def fetch_one(self, sql: LiteralString, params: Params) -> tuple[Any, ...] | None:
         rows = await self.fetch_all(sql, params)
         return rows[0] if rows else None
+
+
+# Connections outside any pool, for the two kinds of work a Database does
+# not fit: a health probe, and a one-off command. Named, so that each use
+# says why it does not go through a pool.
+
+async def probe_connection(url: str, name: str, connect_timeout_s: float
+                           ) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+    """A connection of a health probe's own (health.py): a pool whose
+    connections are all busy is not a database that is down, and a probe
+    that waited for a pooled connection would say it is."""
+    return await psycopg.AsyncConnection.connect(
+        url, autocommit=True, application_name=name,
+        connect_timeout=max(1, round(connect_timeout_s)))
+
+
+def one_shot(url: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[Any, ...]]:
+    """One synchronous connection for one command of the `fuelcard` CLI
+    (or `verify.run`); used as `with one_shot(url) as conn:`, it is closed
+    when the block ends. These run once, outside any event loop, and some
+    need a transaction over several statements (a REPEATABLE READ snapshot
+    for the checks, a rule set and its audit record together), which the
+    pool's one-statement calls do not give."""
+    return psycopg.connect(url, autocommit=autocommit)

@@ -1,4 +1,5 @@
-"""Demo data, created through the public API like any client would.
+"""Demo data, created through the public API like any client would, and the
+banner `fuelcard serve --demo` prints.
 
 Idempotent: every request has a fixed request_id, so running it twice
 creates nothing new.
@@ -18,6 +19,8 @@ from fuelcard.v1 import (
     risk_pb2,
     risk_pb2_grpc,
 )
+
+from fuelcard_server.risk.model import Rule, RuleSet, load_text
 
 DEFAULT_RULES = Path(__file__).parent / "risk" / "default_rules.toml"
 
@@ -77,3 +80,92 @@ async def seed(target: str, certs: Path | None = None) -> list[tuple[DemoCard, s
             request_id="demo-risk-default", document=DEFAULT_RULES.read_text(encoding="utf-8"),
             format=risk_pb2.RULE_FORMAT_TOML))
     return made
+
+
+# -- the banner ----------------------------------------------------------------
+# Someone trying the demo with a script (authorize, confirm, authorize again
+# on the same card) meets the risk rules within seconds: a second
+# authorization a moment after the first is declined RISK_DECLINED, and the
+# terminal is not told which rule fired (transaction.proto, risk). So the
+# banner says which rules pace a card, read from the very document the demo
+# loads, so that it cannot drift from the rules in force.
+
+_PACE_KINDS = ("min_interval", "velocity", "decline_streak")
+
+
+def _span(seconds: int) -> str:
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+def _effect(rule: Rule) -> str:
+    if rule.action == "decline":
+        return "DECLINED (RISK_DECLINED)"
+    if rule.action == "review":
+        return "hold SUSPENDED for review (DECISION_REVIEW)"
+    return f"+{rule.score} to the risk score"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _pace_line(rule: Rule) -> str:
+    if rule.kind == "min_interval":
+        what = f"an authorization less than {rule.window_s} s after the card's previous one"
+    elif rule.kind == "velocity":
+        what = f"the {_ordinal(rule.threshold)} authorization of one card within {_span(rule.window_s)}"
+    else:
+        what = f"an authorization after {rule.threshold} declines of the card within {_span(rule.window_s)}"
+    if rule.account_types:
+        what += f" ({'/'.join(rule.account_types)} cards)"
+    return f"  {rule.rule_id:<20} {what}: {_effect(rule)}"
+
+
+def demo_rule_set() -> RuleSet:
+    """The rule set the demo puts in force (DEFAULT_RULES)."""
+    return load_text(DEFAULT_RULES.read_text(encoding="utf-8"), "toml")
+
+
+def interval_wait_s(rules: RuleSet) -> int:
+    """How long to wait between authorizations on one card so that no
+    minimum-interval rule fires (0 if there is none)."""
+    return max((r.window_s for r in rules.rules if r.kind == "min_interval"), default=0)
+
+
+def risk_lines(rules: RuleSet) -> list[str]:
+    """What the banner says about the rules that pace one card."""
+    lines = [f"risk rules in force (rule set {rules.name!r}, {DEFAULT_RULES.name}) that pace one card:"]
+    lines += [_pace_line(r) for r in rules.rules if r.kind in _PACE_KINDS]
+    lines.append(f"  a risk score of {rules.review_score} suspends the hold for review, "
+                 f"{rules.decline_score} declines it")
+    declining = sorted((r for r in rules.rules if r.kind == "min_interval" and r.action == "decline"),
+                       key=lambda r: r.window_s)
+    if declining:
+        lines.append(f"scripted tests on one card are declined by the interval rule {declining[-1].rule_id}: "
+                     f"wait {interval_wait_s(rules)} s between authorizations on one card or use "
+                     "another card")
+    return lines
+
+
+def banner(host: str, port: int, made: list[tuple[DemoCard, str]], certs: Path | None) -> str:
+    """The text `fuelcard serve --demo` prints once the demo data is in."""
+    lines = [f"\nfuelcard is serving on {host}:{port} with demo data:"]
+    lines += [f"  card {card.card_number}  account {account_id}  {card.holder}"
+              for card, account_id in made]
+    pos = f".venv/bin/fuelcard-pos --target 127.0.0.1:{port}"
+    if certs is not None:
+        pos += (f" --ca {certs / 'ca.pem'} --cert {certs / 'pos-KM-001-T1.pem'}"
+                f" --key {certs / 'pos-KM-001-T1.key'} --state {certs.parent / 'pos-state.sqlite3'}")
+    first = made[0][0].card_number
+    lines += ["", "try (as terminal KM-001-T1 of station KM-001):",
+              f"  {pos} balance {first}",
+              f"  {pos} authorize {first} 20000 --station KM-001 --terminal KM-001-T1"]
+    if certs is not None:
+        lines.append(f"  grpcurl -cacert {certs / 'ca.pem'} -cert {certs / 'pos-KM-001-T1.pem'}"
+                     f" -key {certs / 'pos-KM-001-T1.key'} 127.0.0.1:{port} list")
+    lines += ["", *risk_lines(demo_rule_set()), "Ctrl-C stops the server."]
+    return "\n".join(lines)

@@ -6,6 +6,17 @@ own server class so that we choose the settings that matter here: durability
 on (fsync, synchronous_commit), a TCP port on loopback for pgbench and
 replicas, a Unix socket for the server's own connections, and enough
 connections for several worker processes.
+
+The postmaster outlives the process that starts it (pg_ctl detaches it): a
+`fuelcard serve` killed with SIGKILL leaves it running. So the starter is
+recorded (`owner`: pid and start time), and the next start adopts a
+postmaster whose starter is gone: it is used, and stopped when that process
+is done, instead of being left running for good. A postmaster.pid whose pid
+now belongs to another process (the cluster died with its machine or
+container, and the pid was handed out again) is removed, so that the
+cluster starts instead of waiting on a server that is not there; so is one
+naming a zombie (a postmaster killed and never reaped: a container's init
+may never do it).
 """
 
 from __future__ import annotations
@@ -45,6 +56,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), to
+    tell it from a later process given the same pid; None if there is no
+    such process, or only its zombie (killed, and not reaped by its parent).
+    Without /proc: "" for any live process."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # after the command name, which is in parentheses and may hold anything:
+    # the state, and starttime as the 20th field
+    after_name = fields.rsplit(")", 1)[1].split()
+    return None if after_name[0] == "Z" else after_name[19]
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
@@ -73,6 +107,11 @@ class EmbeddedPostgres:
     @property
     def port(self) -> int:
         return int((self.data_dir / "port").read_text())
+
+    @property
+    def owner_file(self) -> Path:
+        """Who started the running postmaster: "PID STARTTIME"."""
+        return self.data_dir / "owner"
 
     def url(self, database: str = DATABASE, *, tcp: bool = False) -> str:
         if tcp:
@@ -155,10 +194,61 @@ class EmbeddedPostgres:
             os.chown(target, entry.pw_uid, entry.pw_gid)
 
     def is_running(self) -> bool:
-        if not (self.pgdata / "postmaster.pid").exists():
+        if not (self.pgdata / "postmaster.pid").exists() or self._stale_lock() is not None:
             return False
         res = self._run("pg_ctl", "-D", str(self.pgdata), "status", check=False)
         return res.returncode == 0
+
+    def _stale_lock(self) -> int | None:
+        """The pid in postmaster.pid if it looks alive but is no postmaster
+        of this cluster; None when it is one, is gone, or cannot be told."""
+        return self._stale_pid(self.pgdata / "postmaster.pid")
+
+    def _stale_pid(self, lock: Path) -> int | None:
+        """The pid a lock file names if it is a zombie (a crashed postmaster
+        nobody reaped: a container's init may never do it) or a live process
+        that does not work in this cluster's directory (as a postmaster and
+        its children do). pg_ctl and PostgreSQL take any of those for a
+        running postmaster: pg_ctl would say "running" and signal it, and
+        PostgreSQL would refuse to start."""
+        try:
+            pid = int(lock.read_text().split("\n", 1)[0])
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):  # no lock, no such process, no /proc
+            return None
+        if state == "Z":
+            return pid
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:  # not ours to read: PostgreSQL ignores other users' pids too
+            return None
+        return None if os.path.realpath(cwd) == os.path.realpath(self.pgdata) else pid
+
+    def _clear_stale_lock(self) -> None:
+        """Remove the lock files (the data directory's, the socket's) that
+        name a pid which is not a postmaster of this cluster any more."""
+        for lock in (self.pgdata / "postmaster.pid", *self.socket_dir.glob(".s.PGSQL.*.lock")):
+            pid = self._stale_pid(lock)
+            if pid is not None:
+                log.warning("embedded PostgreSQL: %s names pid %d, which is not its postmaster "
+                            "any more (gone, or another process); removing it", lock.name, pid)
+                lock.unlink(missing_ok=True)
+
+    def _claim(self) -> None:
+        """Record this process as the one that stops the postmaster."""
+        pid = os.getpid()
+        self.owner_file.write_text(f"{pid} {_process_start(pid)}\n")
+        self._started_here = True
+
+    def _owner_alive(self) -> int | None:
+        """The pid of the process that started the running postmaster, if it
+        is still there; None if it is gone (or unknown)."""
+        try:
+            pid_text, _, start = self.owner_file.read_text().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None
+        return pid if _process_start(pid) == start else None
 
     def start(self) -> str:
         """Start (initialising if needed) and return the database URL."""
@@ -172,8 +262,18 @@ class EmbeddedPostgres:
                 shutil.rmtree(self.pgdata)
             self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
                       "--encoding=UTF8", "--locale=C", "--no-instructions")
+        self._clear_stale_lock()
         if self.is_running():
-            log.info("embedded PostgreSQL already running on port %s", self.port)
+            owner = self._owner_alive()
+            if owner is not None:
+                # another fuelcard process uses it (e.g. `migrate` next to
+                # `serve`): it stops it, not we
+                log.info("embedded PostgreSQL already running on port %s (started by pid %d)",
+                         self.port, owner)
+            else:
+                log.warning("embedded PostgreSQL on port %s was left running by a process that "
+                            "is gone (killed?): adopting it, to stop it when done", self.port)
+                self._claim()
         else:
             port = self._requested_port
             if port is None:
@@ -190,7 +290,7 @@ class EmbeddedPostgres:
                 with contextlib.suppress(OSError):
                     logtail = (self.pgdata / "server.log").read_text()[-2000:]
                 raise RuntimeError(f"embedded PostgreSQL failed to start: {res.stderr}\n{logtail}")
-            self._started_here = True
+            self._claim()
         self._ensure_database()
         return self.url()
 
@@ -229,6 +329,7 @@ class EmbeddedPostgres:
         if self.is_running():
             self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-m", mode, "stop",
                       check=False)
+        self.owner_file.unlink(missing_ok=True)
         # The socket directory lives in the system temp dir: do not leave it.
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 

@@ -2,8 +2,10 @@
 
 Every error leaves the server as a google.rpc.Status with exactly one
 ErrorInfo (domain `fuelcard.v1`, an UPPER_SNAKE reason); INVALID_ARGUMENT also
-carries a BadRequest naming each bad field. Messages are fixed English text:
-they never echo a card number, phone or ID number back.
+carries a BadRequest naming the bad fields (the first VIOLATIONS_LISTED of
+them; ErrorInfo.metadata["violation_count"] says how many there are).
+Messages are fixed English text: they never echo a card number, phone or ID
+number back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "fuelcard.v1"
+# A status travels in trailers (grpc-message and grpc-status-details-bin),
+# and clients refuse trailers past 8-16 KiB: a batch with hundreds of bad
+# lines answered RESOURCE_EXHAUSTED "received metadata size exceeds hard
+# limit", with no ErrorInfo, when every violation went into it. So a
+# BadRequest lists the first 20 and the count says how many there are; and
+# since a field path may hold the caller's own text (the unknown keys of a
+# rule set document), each violation is clipped and the listed ones stop at
+# a byte budget: a whole status stays under ~4 KiB (~5 KiB in base64).
+VIOLATIONS_LISTED = 20
+FIELD_CHARS_MAX = 128
+DESCRIPTION_CHARS_MAX = 200
+VIOLATIONS_BYTES_MAX = 2048
+# Past this, the message gives the count instead of the field names.
+MESSAGE_CHARS_MAX = 1024
+# ErrorInfo.metadata key of an INVALID_ARGUMENT: how many fields are invalid.
+VIOLATION_COUNT_KEY = "violation_count"
 
 
 @dataclass(frozen=True)
@@ -49,7 +67,7 @@ class ApiError(Exception):
         status.details.append(detail)
         if self.violations:
             bad = error_details_pb2.BadRequest()
-            for v in self.violations:
+            for v in listed(self.violations):
                 bad.field_violations.add(field=v.field, description=v.description, reason=v.reason)
             detail = any_pb2.Any()
             detail.Pack(bad)
@@ -63,14 +81,59 @@ class ApiError(Exception):
         return rpc_status.to_status(status)
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def listed(violations: Sequence[FieldViolation]) -> list[FieldViolation]:
+    """The violations a status carries: the first VIOLATIONS_LISTED, each
+    clipped, as many as fit VIOLATIONS_BYTES_MAX (at least one)."""
+    out: list[FieldViolation] = []
+    size = 0
+    for v in violations[:VIOLATIONS_LISTED]:
+        clipped = FieldViolation(_clip(v.field, FIELD_CHARS_MAX),
+                                 _clip(v.description, DESCRIPTION_CHARS_MAX), v.reason)
+        size += sum(len(t.encode()) + 3 for t in (clipped.field, clipped.description, v.reason))
+        if out and size > VIOLATIONS_BYTES_MAX:
+            break
+        out.append(clipped)
+    return out
+
+
 def invalid(violations: Sequence[FieldViolation]) -> ApiError:
+    """INVALID_ARGUMENT naming the bad fields: by name in the message when
+    they are all listed and the names are short, otherwise the count and how
+    many are listed (the ApiError keeps them all, for callers in this
+    process such as the CLI)."""
     assert violations, "an INVALID_ARGUMENT error names at least one field"
-    fields = ", ".join(v.field for v in violations)
+    total = len(violations)
+    shown = listed(violations)
+    message = "invalid request: " + ", ".join(v.field for v in shown)
+    if len(shown) < total or len(message) > MESSAGE_CHARS_MAX:
+        message = (f"{total} fields are invalid; the first {len(shown)} are listed"
+                   if len(shown) < total else f"{total} fields are invalid; all are listed")
     return ApiError(
         grpc.StatusCode.INVALID_ARGUMENT,
         violations[0].reason,
-        f"invalid request: {fields}",
+        message,
         violations,
+        metadata={VIOLATION_COUNT_KEY: str(total)},
+    )
+
+
+MALFORMED_REQUEST = "MALFORMED_REQUEST"
+
+
+def malformed(message_type: str, violation: FieldViolation) -> ApiError:
+    """INVALID_ARGUMENT for bytes that are not a `message_type` message:
+    corrupt wire format, or a string field that is not UTF-8. `violation`
+    names the field where decoding failed ("" if none can be named)."""
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        MALFORMED_REQUEST,
+        f"the request is not a valid {message_type} message",
+        [violation],
+        metadata={VIOLATION_COUNT_KEY: "1"},
     )
 
 

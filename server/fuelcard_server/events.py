@@ -6,7 +6,7 @@ sql/functions/events.sql (its header). Here:
 
 * `Sequencer.run_once` - one bounded batch, under an advisory lock so one
   process at a time positions events (the others skip the round). Only the
-  background loop of each server process runs it (app.py `_event_loop`),
+  background loop of each server process runs it (jobs.py `event_loop`),
   every `event_interval_s`, on the transaction pool: one connection per
   round whatever the number of open streams. A stream never runs it.
 * A stream that has caught up (follow=False) asks the loop for a round now

@@ -17,10 +17,16 @@ on our D-1 or D+1; the file's records are matched against our records of
 D-1..D+1, so it is not reported twice. An open "missing theirs" break of
 another day that this file matches is resolved automatically.
 
-Every break is stored (fc.reconciliation_breaks) for ReconciliationService;
-reconciling the same channel and day again replaces that day's open breaks
-(resolved ones stay, and are not raised again). The run and its totals are
-kept in fc.reconciliation_runs.
+Every break is stored (fc.reconciliation_breaks) for ReconciliationService
+and `fuelcard reconcile breaks list|resolve` (list_breaks, resolve_break:
+the service's own SQL); reconciling the same channel and day again replaces
+that day's open breaks (resolved ones stay, and are not raised again). The
+run and its totals are kept in fc.reconciliation_runs.
+
+What finance staff read (the printed summary, the CSV report, the break
+list) shows amounts in yuan and times in Beijing time, as the channels'
+bills do, so a line can be checked against the bill by eye; what is stored
+stays in fen and UTC.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import datetime as dt
 import hashlib
 import io
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +43,7 @@ from typing import IO, Any
 
 import psycopg
 from fuelcard_adapters.channels import ChannelFiles
-from fuelcard_adapters.neutral import FormatError, NeutralRecord
+from fuelcard_adapters.neutral import SHANGHAI, FormatError, NeutralRecord, format_yuan
 
 OUTCOMES = ("matched", "missing_ours", "missing_theirs", "amount_mismatch", "status_mismatch")
 BREAK_KINDS = OUTCOMES[1:]
@@ -124,11 +131,19 @@ _AUTO_RESOLVE = """
      WHERE b.channel = %(channel)s AND b.business_date <> %(day)s AND b.kind = 2
        AND b.resolved_at IS NULL AND r.outcome = 0
        AND b.record_kind = r.kind AND b.channel_txn_id = r.channel_txn_id"""
+# The business days (Beijing time) the file's records fall on: a file whose
+# dates are not the --date given was most likely picked for the wrong day.
+_FILE_DAYS = """
+    SELECT count(*) FILTER (WHERE (occurred_at AT TIME ZONE 'Asia/Shanghai')::date <> %(day)s),
+           min((occurred_at AT TIME ZONE 'Asia/Shanghai')::date),
+           max((occurred_at AT TIME ZONE 'Asia/Shanghai')::date)
+      FROM recon_theirs"""
 _SAMPLE = """
     SELECT outcome, kind, channel_txn_id, ours_amount_fen, theirs_amount_fen, ours_status,
            theirs_status
       FROM recon_result WHERE outcome > 0
      ORDER BY outcome, kind, channel_txn_id LIMIT %(limit)s"""
+# Yuan with two decimals and Beijing wall-clock time, as on the channels' bills.
 _REPORT = """
     COPY (SELECT CASE outcome WHEN 0 THEN 'matched' WHEN 1 THEN 'missing_ours'
                               WHEN 2 THEN 'missing_theirs' WHEN 3 THEN 'amount_mismatch'
@@ -136,10 +151,27 @@ _REPORT = """
                  CASE kind WHEN 1 THEN 'payment' ELSE 'refund' END AS kind,
                  channel_txn_id, txn_uid AS our_txn_id,
                  coalesce(ours_original, theirs_original) AS original_channel_txn_id,
-                 ours_amount_fen, theirs_amount_fen, fee_fen AS theirs_fee_fen,
-                 ours_status, theirs_status, ours_at, theirs_at
+                 to_char(ours_amount_fen / 100.0, 'FM9999999999999990.00') AS ours_amount_yuan,
+                 to_char(theirs_amount_fen / 100.0, 'FM9999999999999990.00') AS theirs_amount_yuan,
+                 to_char(fee_fen / 100.0, 'FM9999999999999990.00') AS theirs_fee_yuan,
+                 ours_status, theirs_status,
+                 to_char(ours_at AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI:SS')
+                     AS ours_time_beijing,
+                 to_char(theirs_at AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI:SS')
+                     AS theirs_time_beijing
             FROM recon_result ORDER BY outcome, kind, channel_txn_id)
     TO STDOUT WITH (FORMAT csv, HEADER)"""
+
+
+def yuan(fen: int | None) -> str:
+    """An amount as the bills write it: 12345 -> '123.45'; None -> '-'."""
+    # int(): PostgreSQL's sum() of bigint arrives as a Decimal
+    return "-" if fen is None else format_yuan(int(fen))
+
+
+def beijing(at: dt.datetime | None) -> str:
+    """An instant as the bills write it, Beijing wall-clock time."""
+    return "-" if at is None else at.astimezone(SHANGHAI).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @dataclass(frozen=True)
@@ -153,11 +185,9 @@ class BreakLine:
     theirs_status: str
 
     def __str__(self) -> str:
-        def amount(v: int | None) -> str:
-            return "-" if v is None else str(v)
         return (f"{self.outcome:<16} {self.kind:<7} {self.channel_txn_id:<34} "
-                f"ours {amount(self.ours_amount_fen):>12} {self.ours_status or '-':<10} "
-                f"theirs {amount(self.theirs_amount_fen):>12} {self.theirs_status or '-'}")
+                f"ours {yuan(self.ours_amount_fen):>12} {self.ours_status or '-':<10} "
+                f"theirs {yuan(self.theirs_amount_fen):>12} {self.theirs_status or '-'}")
 
 
 @dataclass
@@ -174,6 +204,20 @@ class Result:
     breaks: list[BreakLine] = field(default_factory=list)
     # seconds per phase: load (read, parse, COPY), ours, join, store, report
     phases_s: dict[str, float] = field(default_factory=dict)
+    # the file's records dated (Beijing time) other than the day reconciled,
+    # and the first and last day it holds (None for an empty file)
+    off_day: int = 0
+    first_day: dt.date | None = None
+    last_day: dt.date | None = None
+
+    def date_warning(self, day: dt.date) -> str | None:
+        """Why the file may not be the one for `day`; None if its dates fit."""
+        if not self.off_day or self.first_day is None or self.last_day is None:
+            return None
+        span = (str(self.first_day) if self.first_day == self.last_day
+                else f"{self.first_day} to {self.last_day}")
+        return (f"{self.off_day} of {self.theirs} records in the file are not dated {day} "
+                f"(Beijing time; the file holds {span}): is it the file for {day}?")
 
     @property
     def break_count(self) -> int:
@@ -247,6 +291,8 @@ def reconcile(url: str, files: ChannelFiles, day: dt.date, path: Path, *,
             lap("join")
             totals = cur.execute(_TOTALS, params).fetchone()
             assert totals is not None
+            file_days = cur.execute(_FILE_DAYS, params).fetchone()
+            assert file_days is not None
             counts = dict(zip(OUTCOMES, totals[2:7], strict=True))
             params.update(counts, theirs=totals[0], ours=totals[1], sha=hashing.sha.digest())
             run = cur.execute(_RUN, params).fetchone()
@@ -266,4 +312,111 @@ def reconcile(url: str, files: ChannelFiles, day: dt.date, path: Path, *,
                 lap("report")
     lap("commit")
     return Result(run[0], totals[0], totals[1], counts, totals[7], totals[8], totals[9],
-                  totals[10], totals[11], sample, phases)
+                  totals[10], totals[11], sample, phases, *file_days)
+
+
+# --- following up breaks from the command line ------------------------------------
+
+class BreakError(Exception):
+    """A break that cannot be resolved: its reason (BREAK_NOT_FOUND,
+    BREAK_ALREADY_RESOLVED, ...), as ReconciliationService answers it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# Idempotency keys of the command line live apart from every certificate's
+# (a service's scope is its certificate name, never containing a colon).
+CLI_CALLER = "cli:reconcile"
+LIST_METHOD = "/fuelcard.v1.ReconciliationService/ListBreaks"
+RESOLVE_METHOD = "/fuelcard.v1.ReconciliationService/ResolveBreak"
+
+
+def _actor(by: str) -> str:
+    """The audit trail's actor for a command-line user: marked as such."""
+    from fuelcard_server.privacy import scrub
+
+    return scrub(by if by.startswith("cli:") else f"cli:{by}")
+
+
+def _audit(conn: psycopg.Connection[Any], actor: str, method: str, target: str | None,
+           outcome: str) -> None:
+    """One audit record, as the rpc decorator writes for the service's
+    calls: the follow-up of breaks is audited whichever way it is made."""
+    from fuelcard_server.audit import APPEND_SQL
+    from fuelcard_server.locks import AUDIT_LOCK
+
+    conn.execute(APPEND_SQL, (AUDIT_LOCK, actor, method, target, outcome))
+
+
+def list_breaks(url: str, *, by: str, channel: int = 0, day: dt.date | None = None,
+                include_resolved: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+    """Breaks, newest first, as fc.break_json gives them (ListBreaks' query)."""
+    from fuelcard_server.services.reconciliation import LIST_SQL
+
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(LIST_SQL, {"channel": channel, "day": day, "all": include_resolved,
+                                       "before": 2**63 - 1, "limit": limit}).fetchall()
+        _audit(conn, _actor(by), LIST_METHOD, None, "OK")
+    return [row[1] for row in rows]
+
+
+def resolve_break(url: str, break_id: str, resolution: str, resolved_by: str, *,
+                  now: dt.datetime, request_id: str | None = None) -> dict[str, Any]:
+    """Resolve one break with fc.resolve_break, the function ResolveBreak
+    calls: the same request_id again answers the first result. Audited,
+    refusals too. BreakError with the reason the service would answer."""
+    import grpc
+
+    from fuelcard_server import db, errors
+    from fuelcard_server.audit import outcome_of
+    from fuelcard_server.services.reconciliation import RESOLUTION_MAX_CHARS, RESOLVE_SQL
+
+    actor = _actor(resolved_by)
+    uid: str | None = None
+    refusal: errors.ApiError | None = None
+    try:
+        uid = str(uuid.UUID(break_id))
+    except ValueError:
+        refusal = errors.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "BREAK_ID_MALFORMED",
+                                  "break_id must be a uuid")
+    if refusal is None and (not resolution.strip() or len(resolution) > RESOLUTION_MAX_CHARS):
+        refusal = errors.ApiError(grpc.StatusCode.INVALID_ARGUMENT, "RESOLUTION_INVALID",
+                                  f"resolution: 1-{RESOLUTION_MAX_CHARS} characters")
+    request_id = request_id or str(uuid.uuid4())
+    digest = hashlib.sha256(f"resolve_break\0{uid}\0{resolution}".encode()).digest()
+    with psycopg.connect(url) as conn:
+        if refusal is None:
+            try:
+                row = conn.execute(RESOLVE_SQL, (CLI_CALLER, request_id, digest, uid, resolution,
+                                                 resolved_by, now)).fetchone()
+            except psycopg.Error as exc:
+                conn.rollback()
+                refusal = db.translate(exc)
+        if refusal is not None:
+            _audit(conn, actor, RESOLVE_METHOD, uid, outcome_of(refusal))
+            conn.commit()
+            raise BreakError(refusal.reason)
+        _audit(conn, actor, RESOLVE_METHOD, uid, "OK")
+    assert row is not None
+    result: dict[str, Any] = row[0]["break"]
+    return result
+
+
+def break_lines(breaks: list[dict[str, Any]], channel_names: dict[int, str]) -> list[str]:
+    """The breaks for a person: yuan and Beijing time, as on the bills."""
+    lines = []
+    for b in breaks:
+        def side(name: str, b: dict[str, Any] = b) -> str:
+            us = b[f"{name}_us"]
+            at = None if us is None else dt.datetime.fromtimestamp(us / 1e6, dt.UTC)
+            return (f"{name} {yuan(b[f'{name}_amount_fen']):>12} "
+                    f"{STATUS_NAMES.get(b[f'{name}_status'] or 0, '-'):<10} {beijing(at)}")
+        state = (f"resolved by {b['resolved_by']}: {b['resolution']}" if b["resolve_us"] is not None
+                 else "open")
+        lines.append(f"{b['break_id']}  {channel_names.get(b['channel'], str(b['channel']))} "
+                     f"{b['business_date']} {OUTCOMES[b['kind']]:<16} "
+                     f"{KIND_NAMES.get(b['record_kind'], '?'):<7} {b['channel_txn_id']}\n"
+                     f"    {side('ours')}\n    {side('theirs')}\n    {state}")
+    return lines

@@ -152,6 +152,10 @@ class Settings:
     trace_sample_ratio: float = 0.05
     metrics_interval_s: float = 15.0
     log_level: str = "INFO"
+    # The share of RPCs that get an access line (method, code, duration,
+    # caller role): small, as a payment storm must not become a log storm,
+    # but never silent. 1.0 logs every call; 0 none.
+    access_log_sample: float = 0.01
     hold_ttl_s: int = 30 * 60
     expiry_interval_s: float = 1.0
     expiry_batch: int = 500
@@ -322,6 +326,7 @@ class Settings:
              "replica_down_after_probes must be between 1 and 100"),
             (0.0 <= self.trace_sample_ratio <= 1.0, "trace_sample_ratio must be between 0 and 1"),
             (self.metrics_interval_s > 0, "metrics_interval_s must be > 0"),
+            (0.0 <= self.access_log_sample <= 1.0, "access_log_sample must be between 0 and 1"),
             (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
              "log_level must be DEBUG, INFO, WARNING or ERROR"),
             (self.step_up_recharge_above_fen >= 0, "step_up_recharge_above_fen must be >= 0"),

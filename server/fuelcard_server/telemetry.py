@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,9 @@ from fuelcard_server.replication import ReplicationView
 from fuelcard_server.settings import Settings
 
 log = logging.getLogger(__name__)
+# The sampled access lines (logs.py): a logger of their own, so an operator
+# can route or silence them apart from the rest.
+access_log = logging.getLogger("fuelcard_server.access")
 
 SCOPE = "fuelcard_server"
 RPC_LATENCY = "fuelcard.rpc.latency_ms"
@@ -115,6 +119,8 @@ class Telemetry:
     meter_provider: MeterProvider | None = None
     scrape_reader: InMemoryMetricReader | None = None
     gauges: Gauges = field(default_factory=Gauges)
+    # share of RPCs given an access line (Settings.access_log_sample)
+    access_sample: float = 0.0
     # attributes of the pool gauges, filled in by watch_pools
     _pools: list[tuple[str, Callable[[], Mapping[str, int]]]] = field(default_factory=list)
 
@@ -202,14 +208,32 @@ class Telemetry:
                 LATENCY_BUCKETS_MS))])
         return cls(tracer, meter_provider.get_meter(SCOPE), tracing=s.tracing,
                    tracer_provider=tracer_provider, meter_provider=meter_provider,
-                   scrape_reader=scrape)
+                   scrape_reader=scrape, access_sample=s.access_log_sample)
 
     def install_global(self) -> None:
-        """Make our providers the process's globals (once, in a worker)."""
+        """Make our providers the process's globals (once, in a worker), and
+        route gRPC's C-core log lines into the worker's JSON log stream (a
+        process-wide change, like the providers: only a serving process
+        makes it; see logs.route_native_stderr)."""
+        from fuelcard_server import logs
+
+        logs.route_native_stderr()
         if self.meter_provider is not None:
             metrics.set_meter_provider(self.meter_provider)
         if self.tracer_provider is not None:
             trace.set_tracer_provider(self.tracer_provider)
+
+    def access(self, method: str, code: str, elapsed_s: float, peer_role: str) -> None:
+        """The access line of one RPC, if it is sampled. Only what the
+        server knows of any call: never a request field, so no card, phone
+        or ID number can be in it."""
+        rate = self.access_sample
+        if rate <= 0.0 or (rate < 1.0 and random.random() >= rate):
+            return
+        us = int(elapsed_s * 1_000_000)
+        access_log.info("%s %s %d us (%s)", method, code, us, peer_role, extra={
+            "method": method, "fields": {"code": code, "duration_us": us, "peer_role": peer_role,
+                                         "sample_rate": rate}})
 
     def watch_pool(self, name: str, stats: Callable[[], Mapping[str, int]]) -> None:
         self._pools.append((name, stats))

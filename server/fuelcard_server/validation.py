@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Container
 from typing import Any
 
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
 from fuelcard_server import cards
 from fuelcard_server.errors import FieldViolation, invalid
 
@@ -144,3 +146,94 @@ class Violations:
             self.add(field, "must be a token from a previous response", "PAGE_TOKEN_INVALID")
             return None
         return int(value)
+
+
+# Where bytes that protobuf refused to parse went wrong (upb says only
+# "Wire format was corrupt" or "String field had bad UTF-8", never where).
+_NOT_UTF8 = ("is a string whose bytes are not valid UTF-8", "FIELD_NOT_UTF8")
+_CORRUPT = ("is not valid protobuf wire format (truncated, or a bad tag or length)",
+            "WIRE_FORMAT_CORRUPT")
+# Bounds on the search, which runs on the event loop: a request is at most
+# 1 MiB, and a corrupt one must not buy much time with tiny fields. Past
+# them the whole request is named ("").
+LOCATE_FIELDS_MAX = 20_000
+LOCATE_DEPTH_MAX = 100  # upb's own recursion limit
+
+
+def undecodable(descriptor: Descriptor, data: bytes) -> FieldViolation:
+    """The field of `data` (bytes that do not parse as a `descriptor`
+    message) where decoding fails, as a path such as `lines[3].account_id`:
+    a string that is not UTF-8, or wire format that is corrupt. Field ""
+    when the fault is in no field (a bad tag at the top level) or the search
+    gives up."""
+    budget = [LOCATE_FIELDS_MAX]
+    found = _locate(descriptor, data, "", 0, budget)
+    if found is None:
+        found = ("", *_CORRUPT)
+    return FieldViolation(*found)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int] | None:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return None
+
+
+def _locate(descriptor: Descriptor, data: bytes, path: str, depth: int,
+            budget: list[int]) -> tuple[str, str, str] | None:
+    corrupt_here = (path, *_CORRUPT)
+    if depth > LOCATE_DEPTH_MAX:
+        return corrupt_here
+    seen: dict[int, int] = {}
+    pos = 0
+    while pos < len(data):
+        budget[0] -= 1
+        if budget[0] < 0:
+            return ("", *_CORRUPT)
+        key = _varint(data, pos)
+        if key is None or key[0] >> 3 == 0:
+            return corrupt_here
+        number, wire_type, pos = key[0] >> 3, key[0] & 7, key[1]
+        fd = descriptor.fields_by_number.get(number)
+        field = path
+        if fd is not None:
+            field = f"{path}.{fd.name}" if path else fd.name
+            if fd.is_repeated and fd.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_STRING,
+                                              FieldDescriptor.TYPE_BYTES):
+                index = seen.get(number, 0)
+                seen[number] = index + 1
+                field = f"{field}[{index}]"
+        if wire_type == 0:
+            value = _varint(data, pos)
+            if value is None:
+                return (field, *_CORRUPT)
+            pos = value[1]
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+            if pos > len(data):
+                return (field, *_CORRUPT)
+        elif wire_type == 2:
+            length = _varint(data, pos)
+            if length is None or length[1] + length[0] > len(data):
+                return (field, *_CORRUPT)
+            start, pos = length[1], length[1] + length[0]
+            if fd is None:
+                continue
+            if fd.type == FieldDescriptor.TYPE_STRING:
+                try:
+                    data[start:pos].decode("utf-8")
+                except UnicodeDecodeError:
+                    return (field, *_NOT_UTF8)
+            elif fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
+                inner = _locate(fd.message_type, data[start:pos], field, depth + 1, budget)
+                if inner is not None:
+                    return inner
+        else:  # groups (3, 4: not in proto3) and the undefined 6 and 7
+            return (field, *_CORRUPT)
+    return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import psycopg
+from fuelcard_server.db import one_shot
 
 
 @dataclass(frozen=True)
@@ -341,7 +341,7 @@ CHECKS: tuple[Check, ...] = (
 
 def run(url: str) -> list[Violation]:
     found: list[Violation] = []
-    with psycopg.connect(url) as conn:
+    with one_shot(url) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         for check in CHECKS:
             rows = conn.execute(check.sql.encode()).fetchall()

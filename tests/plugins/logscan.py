@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fuelcard_server.logs import JsonFormatter
+from fuelcard_server.logs import JsonFormatter, JsonHandler
 
 # Shorter values are not personal data here (amounts, ids, ports).
 MIN_CHARS = 7
@@ -128,8 +128,9 @@ def _attach() -> None:
     assert _SESSION is not None
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if handler is not _SESSION.handler and type(handler) is logging.StreamHandler \
-                and isinstance(handler.formatter, JsonFormatter):
+        if handler is not _SESSION.handler and (isinstance(handler, JsonHandler) or (
+                type(handler) is logging.StreamHandler
+                and isinstance(handler.formatter, JsonFormatter))):
             root.removeHandler(handler)
     if _SESSION.handler not in root.handlers:
         root.addHandler(_SESSION.handler)

@@ -114,7 +114,9 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
                  # shedding refuses admin and report calls while payments wait for the pool:
                  # right for production, noise for storm tests about other things
                  # (test_overload.py and test_ops.py turn it on)
-                 load_shedding=False)
+                 load_shedding=False,
+                 # every call's access line, so the session's log scan sees them all
+                 access_log_sample=1.0)
     return dataclasses.replace(s, **overrides).validate()
 
 

@@ -25,9 +25,9 @@ from fuelcard.v1 import (
 )
 from fuelcard_server import keys
 
-from tests.ledger_asserts import unpack
 from tests.plugins import logscan
 from tests.plugins.server import TlsServer
+from tests.support.ledger_asserts import unpack
 
 
 def expect(err: grpc.RpcError, code: grpc.StatusCode, reason: str) -> None:

@@ -1,22 +1,27 @@
-"""What every servicer shares: dependencies, request fingerprints, and the
-translation of ApiError into a gRPC status."""
+"""What every servicer shares: dependencies, request fingerprints, the
+translation of ApiError into a gRPC status, and the registration that
+answers undecodable requests."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import functools
 import hashlib
 import hmac
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import DecodeError, Message
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -26,7 +31,7 @@ from fuelcard_server.card_numbers import CardVault
 from fuelcard_server.cards import PanIndex
 from fuelcard_server.clock import Clock
 from fuelcard_server.db import Database
-from fuelcard_server.errors import ApiError, internal, permission_denied, unauthenticated
+from fuelcard_server.errors import ApiError, internal, malformed, permission_denied, unauthenticated
 from fuelcard_server.gm import Sm2PrivateKey
 from fuelcard_server.identity import DEVELOPMENT, Caller, Role
 from fuelcard_server.identity import of as identity_of
@@ -36,6 +41,7 @@ from fuelcard_server.settings import Settings
 from fuelcard_server.stepup import StepUps
 from fuelcard_server.telemetry import Telemetry, parent_context
 from fuelcard_server.terminals import TerminalKeys
+from fuelcard_server.validation import undecodable
 
 log = logging.getLogger(__name__)
 
@@ -279,9 +285,11 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
         if caller is None:
             raise unauthenticated("NO_CLIENT_IDENTITY",
                                   "the client certificate names no fuelcard role")
+        # set before the role check, so the access line of a refused call
+        # names the role that was refused
+        _CALLER.set(caller)
         if not caller.may(allowed):
             raise permission_denied("ROLE_NOT_ALLOWED")
-        _CALLER.set(caller)
         remaining = context.time_remaining()
         if remaining is None:
             response = await fn(self, request, context)
@@ -333,7 +341,11 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
 
 def _finish(tel: Telemetry, m: _Meters, span: trace.Span | None, token: object,
             started: float, code: grpc.StatusCode | None) -> None:
-    tel.rpc_latency.record((time.perf_counter() - started) * 1000.0, m.status(code))
+    elapsed = time.perf_counter() - started
+    tel.rpc_latency.record(elapsed * 1000.0, m.status(code))
+    caller = _CALLER.get()
+    tel.access(m.method, code.name if code else "OK", elapsed,
+               caller.role.value if caller.role else caller.name)
     if span is not None:
         if code is not None:
             span.set_attribute("rpc.grpc.status_code", code.value[0])
@@ -341,3 +353,103 @@ def _finish(tel: Telemetry, m: _Meters, span: trace.Span | None, token: object,
                 span.set_status(trace.StatusCode.ERROR)
         span.end()
         otel_context.detach(token)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# Registration: requests that are not messages
+# --------------------------------------------------------------------------
+
+class Malformed:
+    """What a servicer's request deserializer hands the handler for bytes
+    that are not a valid request message, in place of the message: the
+    answer to send (gRPC would answer a DecodeError with UNKNOWN and no
+    ErrorInfo)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ApiError) -> None:
+        self.error = error
+
+
+def guarded(server: grpc.aio.Server) -> grpc.aio.Server:
+    """A stand-in for `server` to hand the generated add_*Servicer_to_server
+    functions: it registers their handlers on `server` with a deserializer
+    that answers undecodable requests INVALID_ARGUMENT / MALFORMED_REQUEST
+    (a BadRequest naming the field, when one can be named). It takes
+    nothing else."""
+    return cast(grpc.aio.Server, _Guard(server))
+
+
+class _Guard:
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        # The generated code registers the same handlers both ways: generic
+        # (wrapped, opaque) first, then by method (a dictionary). Both are
+        # registered, guarded, from the dictionary below.
+        pass
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
+        methods = descriptor_pool.Default().FindServiceByName(service).methods_by_name
+        safe = {name: _guard(handler, methods[name].input_type, f"/{service}/{name}")
+                for name, handler in handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, safe),))
+        # grpc-stubs does not know registered method handlers yet.
+        self._server.add_registered_method_handlers(service, safe)  # type: ignore[attr-defined]
+
+
+def _deserializer(request: Descriptor) -> Callable[[bytes], Any]:
+    parse = message_factory.GetMessageClass(request).FromString
+
+    def deserialize(data: bytes) -> Message | Malformed:
+        try:
+            return parse(data)
+        except DecodeError:
+            return Malformed(malformed(request.full_name, undecodable(request, data)))
+
+    return deserialize
+
+
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], method: str, request: Malformed) -> None:
+    _log_failure(method, request.error)
+    await _abort(context, request.error)
+
+
+def _guard(handler: grpc.RpcMethodHandler[Any, Any], request: Descriptor, method: str
+           ) -> grpc.RpcMethodHandler[Any, Any]:
+    """The handler with a deserializer that never raises, and a behavior
+    that answers its Malformed marker before the servicer sees it: for the
+    unary calls one check of the request's type (nothing on the pump path
+    but that and one more await). No fuelcard RPC streams its requests."""
+    if handler.request_streaming:
+        raise TypeError(f"{request.full_name}: streamed requests are not guarded yet")
+    deserialize = _deserializer(request)
+    if not handler.response_streaming:
+        unary: Callable[[Any, Any], Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if type(request) is Malformed:
+                await _refuse(context, method, request)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=deserialize,
+            response_serializer=handler.response_serializer)
+    stream: Callable[[Any, Any], Any] = handler.unary_stream  # type: ignore[assignment]
+    if not inspect.isasyncgenfunction(stream):
+        raise TypeError(f"{request.full_name}: a streaming handler must be an async generator")
+
+    async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]
+                           ) -> AsyncIterator[Any]:
+        if type(request) is Malformed:
+            await _refuse(context, method, request)
+        # closed with this generator, whenever grpc closes it
+        async with contextlib.aclosing(stream(request, context)) as responses:
+            async for response in responses:
+                yield response
+
+    return grpc.unary_stream_rpc_method_handler(
+        unary_stream, request_deserializer=deserialize,
+        response_serializer=handler.response_serializer)

@@ -10,7 +10,18 @@ floating-point amount, and the currency is always CNY.
 Errors: every RPC error carries a google.rpc.Status in the
 `grpc-status-details-bin` trailer with exactly one google.rpc.ErrorInfo
 (domain "fuelcard.v1", an UPPER_SNAKE reason such as REQUEST_ID_REUSED), and
-for INVALID_ARGUMENT also a google.rpc.BadRequest naming each bad field.
+for INVALID_ARGUMENT also a google.rpc.BadRequest naming the bad fields.
+The BadRequest lists at most the first 20 field violations (fewer if
+they are long; a field path or description is clipped at 128 and 200
+characters), so that a status always fits gRPC's metadata limits;
+ErrorInfo.metadata "violation_count" says how many fields are invalid in
+all (e.g. a batch with 412 bad fields: message "412 fields are invalid;
+the first 20 are listed", 20 violations, violation_count "412").
+Bytes that are not a valid request message (corrupt wire format, a string
+field that is not UTF-8) are INVALID_ARGUMENT with reason MALFORMED_REQUEST
+and one violation: the field where decoding failed (e.g.
+"lines[2].account_id"; "" when no field can be named), with reason
+FIELD_NOT_UTF8 or WIRE_FORMAT_CORRUPT.
 A business decline (insufficient funds, card blocked, ...) is not an error:
 it is a normal response whose `decision` is DECISION_DECLINED.
 """

@@ -1,7 +1,7 @@
 """A flood of report calls from a process of its own (so it competes with
 the server for the machine, not for the test's interpreter lock).
 
-    python -m tests.report_flood TARGET ACCOUNT_ID CONCURRENCY
+    python -m tests.support.report_flood TARGET ACCOUNT_ID CONCURRENCY
 
 Reads commands on stdin, one a line: `flood` starts CONCURRENCY loops of
 ListTransactions on the account, `quiet` stops them and prints

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import psycopg
 
-from tests import builders
-from tests import control_builders as cb
-from tests.builders import FundedCard
-from tests.ledger_asserts import Conn, scalar
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support import control_builders as cb
+from tests.support.builders import FundedCard
+from tests.support.ledger_asserts import Conn, scalar
 
 
 @dataclass(frozen=True)

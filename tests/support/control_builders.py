@@ -22,10 +22,10 @@ from fuelcard.v1 import (
 from fuelcard_server import verify
 from google.protobuf import timestamp_pb2
 
-from tests import builders
-from tests.builders import FundedCard, rid
 from tests.plugins import logscan
 from tests.plugins.server import RunningServer
+from tests.support import builders
+from tests.support.builders import FundedCard, rid
 
 AccountType: TypeAlias = account_pb2.AccountType.ValueType
 FundingMode: TypeAlias = account_pb2.FundingMode.ValueType

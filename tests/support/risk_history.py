@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from fuelcard.v1 import account_pb2, common_pb2, risk_pb2
 
-from tests import builders
 from tests.plugins.server import RunningServer
-from tests.risk_helpers import authorize, risk, station
+from tests.support import builders
+from tests.support.risk_helpers import authorize, risk, station
 
 # (id, latitude, longitude): stations around Kunming, and far away.
 LOCAL_STATIONS = [(f"KM-{i:03d}", 24.90 + 0.03 * (i % 7), 102.60 + 0.04 * (i // 7))

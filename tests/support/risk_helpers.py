@@ -15,8 +15,8 @@ from fuelcard.v1 import (
     transaction_pb2,
 )
 
-from tests import builders
 from tests.plugins.server import RunningServer
+from tests.support import builders
 
 
 def risk(server: RunningServer) -> risk_pb2_grpc.RiskServiceStub:

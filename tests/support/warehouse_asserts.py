@@ -8,7 +8,7 @@ from typing import Any
 
 from fuelcard_analytics.warehouse import Store
 
-from tests.ledger_asserts import Conn
+from tests.support.ledger_asserts import Conn
 
 # Per customer account, from the journal: recharged (kind 1 credits),
 # refunded (kind 8 debits), spent (kind 2 debits), allocated in / out
