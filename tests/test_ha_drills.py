@@ -19,6 +19,7 @@ message; these drills are never skipped.
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ import pytest
 from fuelcard_loadtest import ha_cluster, ha_drills
 from fuelcard_loadtest.ha_cluster import HaCluster
 from fuelcard_loadtest.ha_drills import Card
+from fuelcard_server.health import READS_HEALTH_NAME as READS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -48,11 +50,17 @@ def cards(cluster: HaCluster) -> list[Card]:
     return ha_drills.open_cards(f"127.0.0.1:{cluster.servers[0]['port']}", 30)
 
 
-def _serving(target: str) -> bool:
+def _serving(target: str, service: str = "") -> bool:
     with grpc.insecure_channel(target) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=5)
+            health_pb2.HealthCheckRequest(service=service), timeout=5)
     return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _metrics(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def _check_drill(result: ha_drills.DrillResult, cluster: HaCluster, rto_max_s: float) -> None:
@@ -80,6 +88,26 @@ def test_postmaster_crash_fails_over_with_nothing_lost(
     members = {m.name: m.role for m in cluster.members()}
     assert members[result.old_leader] in ("sync_standby", "replica"), members
     assert members[result.new_leader] == "leader"
+    # Report reads were on node2, the synchronous standby that was promoted:
+    # each server noticed (PROMOTED), refused them for a moment, and now
+    # reads a node that is a standby again; its metrics name the new
+    # primary's synchronous standby.
+    assert result.new_leader == "node2"
+    sync = cluster.sync_standby()
+    for i, srv in enumerate(cluster.servers):
+        log = (cluster.root / "logs" / f"server{i}.log").read_text()
+        assert "read replica promoted" in log
+        deadline = time.monotonic() + 20
+        while True:
+            metrics = _metrics(srv["metrics"])
+            if (metrics.get("fuelcard_replica_standby") == 1.0
+                    and metrics.get(f'fuelcard_replication_sync_standbys{{name="{sync}"}}') == 1.0
+                    and _serving(f"127.0.0.1:{srv['port']}", READS)):
+                break
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.2)
+        primary = cluster.node(result.new_leader).pg_port
+        assert metrics[f'fuelcard_db_primary{{node="127.0.0.1:{primary}"}}'] == 1.0
 
 
 def test_switchover_fails_no_confirm(cluster: HaCluster, cards: list[Card], tmp_path: Path) -> None:

@@ -77,8 +77,10 @@ STATE_FILE = "cluster.json"
 # primary's postmaster is not restarted in place (≈ 14 s with the default)
 # but failed over at once to the synchronous standby; ttl 20 (Patroni's
 # minimum): a node that vanishes whole loses the leader key within 20 s;
-# loop_wait 2 and retry_timeout 5 bound how long a decision waits.
-DCS_TIMING = {"ttl": 20, "loop_wait": 2, "retry_timeout": 5, "primary_start_timeout": 0}
+# loop_wait 1 (a crashed postmaster is seen within a second) and
+# retry_timeout 5 bound how long a decision waits (loop_wait + 2 x
+# retry_timeout must stay under ttl).
+DCS_TIMING = {"ttl": 20, "loop_wait": 1, "retry_timeout": 5, "primary_start_timeout": 0}
 
 
 class HaError(RuntimeError):
@@ -223,9 +225,13 @@ class HaCluster:
 
     @property
     def replica_url(self) -> str:
-        """Report reads: a standby (the server's replica probe refuses a
-        node that is not in recovery, and reconnects)."""
-        hosts = ",".join(f"127.0.0.1:{n.pg_port}" for n in reversed(self.nodes))
+        """Report reads: the first of the hosts that is a standby, same city
+        first (node2: the synchronous standby at start), then the other
+        city. A failover promotes node2 under the read pool: the server's
+        replica probe sees a node no longer in recovery, refuses reads and
+        reconnects, which finds node3 (health.py, replication.py)."""
+        order = [self.nodes[1], self.nodes[2], self.nodes[0]]
+        hosts = ",".join(f"127.0.0.1:{n.pg_port}" for n in order)
         return (f"postgresql://{SUPERUSER}@{hosts}/{DATABASE}"
                 "?target_session_attrs=standby&connect_timeout=2")
 
