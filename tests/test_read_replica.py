@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.plugins.database import control_postgres
 from tests.plugins.proxy import TcpProxy
-from tests.plugins.server import RunningServer, ServerThread, make_settings
+from tests.plugins.server import RunningServer, ServerThread, make_settings, same_keys
 from tests.support import builders
 from tests.support.ledger_asserts import unpack
 
@@ -332,7 +332,8 @@ def test_health_flips_per_service_when_the_replica_stops_and_payments_go_on(
         assert _metric(server, "fuelcard_replica_lag_seconds") is None  # unknown, not 0
         # A server started while the replica is down starts, and says so.
         second = ServerThread(make_settings(tmp_path / "second", replica_url=standby.url(),
-                                            connect_timeout_s=1.0), primary.url(), server.clock)
+                                            connect_timeout_s=1.0, **same_keys(server.settings)),
+                              primary.url(), server.clock)
         port = second.start()
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

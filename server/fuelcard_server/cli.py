@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 
-from fuelcard_server import audit, event_backfill, logs, migrations, verify
+from fuelcard_server import audit, event_backfill, key_commands, logs, migrations, verify
 from fuelcard_server.db import one_shot
 from fuelcard_server.embedded import EmbeddedPostgres
 from fuelcard_server.gm import Sm2PrivateKey, Sm2PublicKey
@@ -773,6 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpositioned outbox rows at most before the next batch (default 20000)")
     p.add_argument("--status", action="store_true", help="only print the progress")
     p.set_defaults(func=cmd_events_backfill)
+
+    key_commands.add_parser(sub, _add_database_flags)
     return parser
 
 

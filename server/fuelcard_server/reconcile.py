@@ -347,7 +347,8 @@ def _audit(conn: psycopg.Connection[Any], actor: str, method: str, target: str |
     from fuelcard_server.audit import APPEND_SQL
     from fuelcard_server.locks import AUDIT_LOCK
 
-    conn.execute(APPEND_SQL, (AUDIT_LOCK, actor, method, target, outcome))
+    conn.execute(APPEND_SQL, {"lock": AUDIT_LOCK, "actor": actor, "method": method,
+                              "target": target, "outcome": outcome})
 
 
 def list_breaks(url: str, *, by: str, channel: int = 0, day: dt.date | None = None,
@@ -389,8 +390,10 @@ def resolve_break(url: str, break_id: str, resolution: str, resolved_by: str, *,
     with psycopg.connect(url) as conn:
         if refusal is None:
             try:
-                row = conn.execute(RESOLVE_SQL, (CLI_CALLER, request_id, digest, uid, resolution,
-                                                 resolved_by, now)).fetchone()
+                row = conn.execute(RESOLVE_SQL, {
+                    "caller": CLI_CALLER, "request_id": request_id, "request_hash": digest,
+                    "break_uid": uid, "resolution": resolution, "resolved_by": resolved_by,
+                    "now": now}).fetchone()
             except psycopg.Error as exc:
                 conn.rollback()
                 refusal = db.translate(exc)

@@ -120,6 +120,15 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return dataclasses.replace(s, **overrides).validate()
 
 
+def same_keys(settings: Settings) -> dict[str, Any]:
+    """make_settings overrides for another server that shares `settings`'
+    key set, as a second host does after `fuelcard keys import`: a server
+    with other keys refuses to start against the same database."""
+    return {"root_key_file": settings.root_key_file or settings.data_dir / "root.key",
+            "signing_key_file": settings.signing_key_path,
+            "card_index_key_hex": settings.card_index_key_hex}
+
+
 @pytest.fixture(scope="session")
 def metric_reader() -> InMemoryMetricReader:
     """The metrics the servers of this test session record (OpenTelemetry's

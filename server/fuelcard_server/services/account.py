@@ -113,9 +113,10 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
             v.card_number("card_number", request.card_number)
         v.raise_if_any()
         caller = self.d.caller(context)
-        # A generated number is derived from the request, so a replay answers
-        # with the same number although the number is stored nowhere.
-        pan = request.card_number or self.d.pan_index.generate(f"{caller}\0{request.request_id}")
+        # A generated number is random (a clash with a card in use, about one
+        # in 10^14 per card held, answers CARD_NUMBER_IN_USE; nothing is
+        # remembered, so the same request may simply be sent again).
+        pan = request.card_number or cards.new_card_number()
         pan_index = self.d.pan_index.of(pan)
         d = await self.d.db.call(ISSUE_AND_STORE_CARD_SQL, {
             "caller": caller, "request_id": request.request_id,
@@ -123,7 +124,10 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
             "account_uid": request.account_id, "pan_index": pan_index, "masked": cards.mask(pan),
             "now": self.d.clock.now(), "root_key_id": self.d.card_vault.root_key_id,
             "sealed": self.d.card_vault.seal(pan)})
-        return account_pb2.IssueCardResponse(card=wire.card(d["card"]), card_number=pan)
+        # The full number is in the first answer only: a replay (the number
+        # drawn for it is not the card's) shows the masked one, in `card`.
+        return account_pb2.IssueCardResponse(card=wire.card(d["card"]),
+                                             card_number="" if d.get("replayed") else pan)
 
     @rpc(Role.ADMIN, Role.REVIEWER)
     async def GetCard(self, request: account_pb2.GetCardRequest, context: Ctx
