@@ -292,7 +292,8 @@ def cycles_per_s(cluster: HaCluster, cards: list[Card], outbox_dir: Path, second
     return (after - before) / seconds
 
 
-def measure(rounds: int, ab_seconds: float, ab_rounds: int, servers: int) -> dict[str, object]:
+def measure(rounds: int, ab_seconds: float, ab_rounds: int, servers: int,
+            ab_clients: int = 4) -> dict[str, object]:
     fuelcard = Path(sys.executable).parent / "fuelcard"
     out: dict[str, object] = {}
     with running(servers=servers) as cluster, tempfile.TemporaryDirectory() as tmp:
@@ -312,20 +313,23 @@ def measure(rounds: int, ab_seconds: float, ab_rounds: int, servers: int) -> dic
         ab: dict[str, list[float]] = {"sync": [], "single": []}
         for _ in range(ab_rounds):
             cluster.wait_healthy()
-            ab["sync"].append(cycles_per_s(cluster, cards, Path(tmp), ab_seconds))
+            ab["sync"].append(cycles_per_s(cluster, cards, Path(tmp), ab_seconds, ab_clients))
             leader = cluster.wait_leader()
             standbys = [n.name for n in cluster.nodes if n.name != leader]
             for name in standbys:
                 cluster.stop_node(name)
             time.sleep(3)
-            ab["single"].append(cycles_per_s(cluster, cards, Path(tmp), ab_seconds))
+            ab["single"].append(cycles_per_s(cluster, cards, Path(tmp), ab_seconds, ab_clients))
             for name in standbys:
                 cluster.start_node(name)
         print(f"cycles/s sync {ab['sync']} single {ab['single']}", flush=True)
         out["ab"] = ab
+        out["load_average"] = os.getloadavg()
     summary = {}
     for kind in ("crash", "node", "switchover"):
         rtos = [r.rto_s for r in results if r.kind == kind]
+        if not rtos:
+            continue
         summary[kind] = {"rto_median_s": statistics.median(rtos), "rto_max_s": max(rtos),
                          "rpo_max": max(len(r.lost) for r in results if r.kind == kind)}
     out["summary"] = summary
@@ -340,9 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ab-seconds", type=float, default=20.0)
     p.add_argument("--ab-rounds", type=int, default=2)
     p.add_argument("--servers", type=int, default=2)
+    p.add_argument("--ab-clients", type=int, default=4, help="POS clients during the A/B")
     p.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args(argv)
-    figures = measure(args.rounds, args.ab_seconds, args.ab_rounds, args.servers)
+    figures = measure(args.rounds, args.ab_seconds, args.ab_rounds, args.servers, args.ab_clients)
     print(json.dumps(figures["summary"], indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=str))
