@@ -658,7 +658,14 @@ class HaCluster:
 
     # ---- tear down
 
-    def down(self, *, keep: bool = False) -> None:
+    def down(self, *, keep: bool = False, fast: bool = False) -> None:
+        """Stop everything; `fast`: kill -9 instead of orderly shutdowns (a
+        drill's teardown, whose data is thrown away: ≈ 15 s sooner)."""
+        if fast:
+            self._kill_all()
+            if not keep:
+                shutil.rmtree(self.root, ignore_errors=True)
+            return
         _stop_all([int(s["pid"]) for s in self.servers], 30.0)
         # Patroni stops its PostgreSQL on SIGTERM; all at once (≈ 4 s each)
         _stop_all([n.pid for n in self.nodes if n.pid is not None], 60.0)
@@ -671,6 +678,33 @@ class HaCluster:
             _stop_all([self.etcd_pid], 20.0)
         if not keep:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+    def _kill_all(self) -> None:
+        # Patroni runs each postmaster in a session of its own (so that it
+        # outlives Patroni), hence the postmaster.pid files as well as the
+        # process groups; a killed postmaster's backends exit by themselves.
+        postmasters = []
+        for d in [n.data_dir(self.root) for n in self.nodes] + list(
+                self.root.iterdir() if self.root.exists() else []):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                postmasters.append(int((d / "postmaster.pid").read_text().split()[0]))
+        groups = [int(s["pid"]) for s in self.servers] + [
+            n.pid for n in self.nodes if n.pid is not None] + (
+            [self.etcd_pid] if self.etcd_pid is not None else [])
+        for pid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        for pid in postmasters:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        # (the postmasters are not our children: once killed, nothing of
+        # theirs needs waiting for)
+        for pid in groups:
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            _reap(pid)
 
 
 def _alive(pid: int | None) -> bool:
@@ -769,7 +803,7 @@ def running(servers: int = 0) -> Iterator[HaCluster]:
     try:
         yield cluster
     finally:
-        cluster.down()
+        cluster.down(fast=True)
 
 
 def main(argv: list[str] | None = None) -> int:
