@@ -137,6 +137,12 @@ def install(log: Any = print) -> None:
         system_python = shutil.which("python3", path="/usr/bin")
         if system_python is None:
             raise HaError("no /usr/bin/python3 to build Patroni's venv from")
+        if subprocess.run([system_python, "-c", "import ensurepip, venv"],
+                          capture_output=True).returncode != 0:
+            # Debian splits venv support out of python3
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "python3-venv"],
+                 what="apt-get install python3-venv", env=env)
         shutil.rmtree(PATRONI_VENV, ignore_errors=True)
         _run([system_python, "-m", "venv", str(PATRONI_VENV)], what="python3 -m venv (Patroni)")
         _run([str(PATRONI_VENV / "bin" / "pip"), "install", "-q",
