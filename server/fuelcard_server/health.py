@@ -99,7 +99,8 @@ REPLICA_REFUSALS = {
 
 # The health probe: its own connection, so a busy pool is not a dead database.
 # (And the primary's WAL position: the replica's lag is measured against it.)
-PROBE_SQL = "SELECT count(*), pg_current_wal_lsn()::text FROM fc.holds WHERE state = 1"
+PROBE_SQL = ("SELECT count(*), pg_current_wal_lsn()::text FROM fc.holds"
+             " WHERE state = fc.hold_state_authorized()")
 
 
 class Health:

@@ -45,7 +45,8 @@ UPDATE_CARD_STATUS_SQL = (
     "SELECT fc.update_card_status(p_caller => %(caller)s, p_request_id => %(request_id)s,"
     " p_request_hash => %(request_hash)s, p_card_uid => %(card_uid)s::uuid,"
     " p_status => %(status)s::smallint, p_now => %(now)s::timestamptz)")
-GET_ACCOUNT_SQL = "SELECT fc.account_json(a => a) FROM fc.accounts a WHERE a.uid = %s::uuid AND a.kind <> 100"
+GET_ACCOUNT_SQL = ("SELECT fc.account_json(a => a) FROM fc.accounts a"
+                   " WHERE a.uid = %s::uuid AND a.kind <> fc.account_kind_system()")
 GET_CARD_SQL = "SELECT fc.card_json(c => c) FROM fc.cards c WHERE c.uid = %s::uuid"
 
 # journal kind -> TransactionKind

@@ -119,7 +119,8 @@ BEGIN
          WHERE fc.replay_guarded(k.operation) AND k.created_at < p_before
            AND NOT (k.operation = 'authorize' AND EXISTS (
                    SELECT 1 FROM fc.holds h
-                    WHERE h.uid = (k.response->'hold'->>'hold_id')::uuid AND h.state IN (1, 5)))
+                    WHERE h.uid = (k.response->'hold'->>'hold_id')::uuid 
+                      AND h.state IN (fc.hold_state_authorized(), fc.hold_state_suspended())))
          ORDER BY k.created_at LIMIT p_limit
            FOR UPDATE OF k SKIP LOCKED)
     DELETE FROM fc.idempotency_keys k USING doomed d
