@@ -775,6 +775,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_events_backfill)
 
     key_commands.add_parser(sub, _add_database_flags)
+
+    # Settlement exceptions: list, get, resolve (exception_commands.py).
+    from fuelcard_server import exception_commands
+    exception_commands.add_parser(sub, _add_database_flags, _settings, _database)
     return parser
 
 
