@@ -52,6 +52,8 @@ def test_renew_says_no_while_the_database_is_down_and_gives_a_working_pool_after
             assert db.pool is not before
             # what renew() said is what a call finds
             assert await db.fetch_one("SELECT 2", ()) == (2,)
+            # the pool metrics follow the new pool (the old one is emptied)
+            assert db.pool_stats().get("pool_size", 0) >= 1
             # the replaced pools are closed in the background, not leaked
             await asyncio.sleep(0)
             for _ in range(50):

@@ -191,6 +191,10 @@ class Database:
     def _down(self) -> errors.ApiError:
         return errors.unavailable(*self.unavailable_reason)
 
+    def pool_stats(self) -> dict[str, int]:
+        """The current pool's statistics (renew() replaces the pool)."""
+        return self.pool.get_stats()
+
     def pool_waiting(self) -> int:
         return int(self.pool.get_stats().get("requests_waiting", 0))
 
