@@ -113,7 +113,9 @@ def test_postmaster_crash_fails_over_with_nothing_lost(
 def test_switchover_fails_no_confirm(cluster: HaCluster, cards: list[Card], tmp_path: Path) -> None:
     result = ha_drills.drill(cluster, "switchover", cards, tmp_path)
     print(result.line())
-    _check_drill(result, cluster, rto_max_s=5.0)
+    # ≈ 2.5 s measured (BENCHMARKS.md); what a switchover must not do is fail
+    # a confirm, so the bound here is the POS's retry budget
+    _check_drill(result, cluster, rto_max_s=ha_drills.PumpLoad.RETRY.total_timeout_s)
     # planned: the POS retries cover the hand-over, nothing had to wait in an outbox
     assert result.failed_confirms == []
     assert result.pending == 0, result.line()
