@@ -153,8 +153,9 @@ class FuelcardServer:
             tel.gauges.replica_up = 0
         else:
             await self._reads.open()
-        tel.watch_pool("transactions", self._db.pool.get_stats)
-        tel.watch_pool("reads", self._reads.pool.get_stats)
+        # through the Database, not its pool of the moment (renew() replaces it)
+        tel.watch_pool("transactions", self._db.pool_stats)
+        tel.watch_pool("reads", self._reads.pool_stats)
         key = served.card_index
         terminal_keys = TerminalKeys(self._db, served.root)
         deps = Deps(
