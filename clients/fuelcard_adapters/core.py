@@ -7,7 +7,9 @@ an adapter restart, is the same request to the core). Attempts are retried
 with backoff, bounded in number, only for codes that mean "try again". Every
 request is signed with the adapter's SM2 key (registered for its channel);
 every answer's SM2 signature is checked against the core's key before the
-adapter believes it.
+adapter believes it. The current OpenTelemetry context (the notification's
+span, when the notification service serves it) travels as `traceparent`
+metadata, so the core's span of the call joins the notification's trace.
 """
 
 from __future__ import annotations
@@ -22,12 +24,21 @@ import grpc
 from fuelcard.v1 import funding_pb2, funding_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from fuelcard_adapters.signing import Sm2Signer, canonical, sm2_verify
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.RESOURCE_EXHAUSTED})
 T = TypeVar("T")
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The current trace context as gRPC metadata (empty outside a span)."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return tuple(carrier.items())
 
 
 class CoreError(Exception):
@@ -87,7 +98,8 @@ class CoreClient:
         req.signature = self.key.sign(canonical(
             "Recharge", req.request_id, req.account_id, req.channel, req.channel_txn_id,
             req.amount_fen))
-        resp = self._call(lambda: self.funding.Recharge(req, timeout=self.timeout_s))
+        resp = self._call(lambda: self.funding.Recharge(
+            req, timeout=self.timeout_s, metadata=trace_metadata()))
         r = resp.recharge
         signed = canonical(
             "RechargeResponse", req.account_id, req.channel, req.channel_txn_id, req.amount_fen,
@@ -104,7 +116,8 @@ class CoreClient:
         req = funding_pb2.GetRechargeRequest(
             channel=self.channel,  # type: ignore[arg-type]
             channel_txn_id=channel_txn_id)
-        resp = self._call(lambda: self.funding.GetRecharge(req, timeout=self.timeout_s))
+        resp = self._call(lambda: self.funding.GetRecharge(
+            req, timeout=self.timeout_s, metadata=trace_metadata()))
         r = resp.recharge
         signed = canonical(
             "GetRechargeResponse", req.channel, req.channel_txn_id, r.recharge_id, r.account_id,
@@ -124,7 +137,8 @@ class CoreClient:
         req.signature = self.key.sign(canonical(
             "RefundRecharge", req.request_id, req.channel, req.channel_txn_id,
             req.channel_refund_id, req.amount_fen, req.refunded_total_fen))
-        resp = self._call(lambda: self.funding.RefundRecharge(req, timeout=self.timeout_s))
+        resp = self._call(lambda: self.funding.RefundRecharge(
+            req, timeout=self.timeout_s, metadata=trace_metadata()))
         f = resp.refund
         signed = canonical(
             "RefundRechargeResponse", req.channel, req.channel_txn_id, req.channel_refund_id,

@@ -71,6 +71,16 @@ class Event:
     amount_fen: int = 0          # this payment / this refund
     refund_id: str = ""          # the channel's refund id (refunds)
     refunded_total_fen: int = 0  # a running refunded total instead of amount_fen
+    # The payment's total as a refund notification restates it (Alipay's
+    # total_amount): checked against the core's record of the payment.
+    payment_total_fen: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str, int, int]:
+        """What makes two notifications the same event: a duplicate (same
+        key) is answered as the first one was."""
+        return (self.kind.value, self.channel_txn_id, self.refund_id, self.amount_fen,
+                self.refunded_total_fen)
 
 
 class Outcome(enum.Enum):
@@ -114,11 +124,20 @@ class Adapter:
         return self.mapping.reply(self.process(request))
 
     def process(self, request: HttpRequest) -> Result:
+        event = self.parse(request)
+        return event if isinstance(event, Result) else self.apply(event)
+
+    def parse(self, request: HttpRequest) -> Event | Result:
+        """The notification as an Event, or the Result of refusing it."""
         try:
-            event = self.mapping.parse_notification(request)
+            return self.mapping.parse_notification(request)
         except (BadNotification, FormatError) as exc:
             log.warning("channel %d: notification rejected: %s", self.mapping.channel, exc)
             return Result(Outcome.REJECTED, str(exc))
+
+    def apply(self, event: Event) -> Result:
+        """The core call for one genuine notification (idempotent: the same
+        event always makes the same request)."""
         if event.kind is EventKind.IGNORE:
             return Result(Outcome.ACCEPTED, "IGNORED")
         try:
@@ -131,6 +150,15 @@ class Adapter:
                                 common_pb2.DeclineReason.Name(paid.decline_reason))
                     return Result(Outcome.ACCEPTED, "DECLINED", paid.balance_fen)
                 return Result(Outcome.ACCEPTED, "APPROVED", paid.balance_fen)
+            if event.payment_total_fen:
+                # Our record of the payment must say what the channel says:
+                # a refund of a payment we know under another amount is not
+                # ours to apply (a person looks at it).
+                known = self.core.get_recharge(event.channel_txn_id).recharge.amount_fen
+                if known != event.payment_total_fen:
+                    log.warning("channel %d: refund notification states another payment total",
+                                self.mapping.channel)
+                    return Result(Outcome.REJECTED, "PAYMENT_TOTAL_MISMATCH")
             refunded = self.core.refund(event.channel_txn_id, event.refund_id,
                                         amount_fen=event.amount_fen,
                                         refunded_total_fen=event.refunded_total_fen)
