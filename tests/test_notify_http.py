@@ -15,6 +15,10 @@ import json
 import logging
 import re
 import secrets
+import socket
+import ssl
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,8 +34,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fuelcard.v1 import account_pb2, account_pb2_grpc, security_pb2, security_pb2_grpc
 from fuelcard_adapters import cli as adapters_cli
+from fuelcard_adapters import wechat
 from fuelcard_adapters.framework import HttpReply, HttpRequest
 from fuelcard_adapters.http_service import NotifyService, start
+from fuelcard_adapters.neutral import FormatError, Kind, Status
 from fuelcard_adapters.signing import Sm2Signer
 from fuelcard_server import logs
 from fuelcard_server.certs import DevPki
@@ -373,3 +379,78 @@ def test_wechat_refund_closed_and_abnormal_are_taken_without_moving_money(
         reply = edge.send(wx, wx._notify(f"REFUND.{status}", "refund", data))
         assert reply.status in (200, 204) and reply.body == b""
     assert snapshot(db) == after
+
+
+def test_serve_runs_as_its_own_process_over_tls(tls_server: TlsServer, edge_certs: Path,
+                                                tmp_path: Path, db: Conn) -> None:
+    admin_channel = tls_server.channel("admin-ops")
+    sims: dict[str, Any] = {"WECHAT_PAY": WeChatSim(clock=wall_clock),
+                            "ALIPAY": AlipaySim(clock=wall_clock),
+                            "BANK_CARD": BankCardSim(clock=wall_clock),
+                            "ECNY": EcnySim(clock=wall_clock)}
+    config = write_config(tmp_path, edge_certs, tls_server.target, sims,
+                          security_pb2_grpc.SecurityServiceStub(admin_channel))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fuelcard_adapters.cli", "serve", "--config", str(config),
+         "--listen", f"127.0.0.1:{port}", "--tls-cert", str(edge_certs / "server.pem"),
+         "--tls-key", str(edge_certs / "server.key")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tls = ssl.create_default_context(cafile=str(edge_certs / "ca.pem"))
+    base_url = f"https://localhost:{port}"
+    accounts = account_pb2_grpc.AccountServiceStub(admin_channel)
+    account = accounts.OpenAccount(account_pb2.OpenAccountRequest(
+        request_id=f"open-{uuid.uuid4().hex[:16]}", type=account_pb2.ACCOUNT_TYPE_CORPORATE,
+        holder=account_pb2.Holder(name="通知测试"))).account.account_id
+    wx, ali = sims["WECHAT_PAY"], sims["ALIPAY"]
+
+    async def run() -> list[HttpReply]:
+        connector = aiohttp.TCPConnector(ssl=tls)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(300):  # until it listens (it first asks the core for its key)
+                try:
+                    async with session.get(base_url + "/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    assert proc.poll() is None, "fuelcard-adapters serve exited"
+                await asyncio.sleep(0.1)
+            return [await post(session, base_url, wx.path, wx.pay(account, 1_500).request),
+                    await post(session, base_url, ali.path, ali.pay(account, 2_500).request)]
+
+    try:
+        wx_reply, ali_reply = asyncio.run(run())
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    assert wx.taken(wx_reply) and ali_reply.body == b"success"
+    assert balance(db, account) == 4_000
+    assert b"notify wechat" in err and account.encode() not in err
+
+
+def test_the_wechat_trade_bill_is_read_with_its_summary_in_yuan() -> None:
+    path = Path(__file__).parent.parent / "docs/examples/settlement-wechat-pay-2026-11-25.csv"
+    text = path.read_text(encoding="utf-8-sig")
+    records = list(wechat.parse_bill(text.splitlines(keepends=True)))
+    assert [(r.kind, r.channel_txn_id, r.amount_fen, r.fee_fen, r.status,
+             r.original_channel_txn_id) for r in records] == [
+        (Kind.PAYMENT, "4220261125WE00000001", 20_000, 120, Status.SUCCESS, ""),
+        (Kind.PAYMENT, "4220261125WE00000002", 12_345, 74, Status.SUCCESS, ""),
+        (Kind.PAYMENT, "4220261125WE00000003", 50_000, 300, Status.SUCCESS, ""),
+        (Kind.REFUND, "4220261125WE00000004", 2_345, 14, Status.SUCCESS, "4220261125WE00000002"),
+        (Kind.PAYMENT, "4220261125WE00000005", 8_800, 0, Status.FAILED, "")]
+    assert records[2].time.isoformat() == "2026-11-25T23:59:05+08:00"
+    # The summary's totals are checked against the rows: each total altered by
+    # one fen is refused, and so is a bill cut before its summary.
+    lines = text.splitlines(keepends=True)
+    for good, bad in (("`911.45,`23.45", "`911.46,`23.45"), (",`23.45,", ",`23.44,"),
+                      ("`4.80", "`4.81"), ("`5,", "`4,")):
+        altered = [*lines[:-1], lines[-1].replace(good, bad, 1)]
+        assert altered[-1] != lines[-1]
+        with pytest.raises(FormatError, match="summary"):
+            list(wechat.parse_bill(altered))
+    with pytest.raises(FormatError, match="without its summary"):
+        list(wechat.parse_bill(lines[:-2]))
