@@ -13,6 +13,7 @@ value; "s" text, "i" minimal signed big-endian integers).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import gmssl_pyx
@@ -20,6 +21,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from fuelcard_server import gm
 
 # A channel's public key: SM2 as X || Y (64 bytes), or RSA.
 ChannelKey = bytes | rsa.RSAPublicKey
@@ -74,8 +76,20 @@ class Sm2Signer:
     def public_hex(self) -> str:
         return self.public.hex()
 
+    @functools.cached_property
+    def _key(self) -> gm.Sm2PrivateKey:
+        return gm.Sm2PrivateKey(self.secret, _public_key(self.public))
+
     def sign(self, data: bytes) -> bytes:
-        return der_to_raw(gmssl_pyx.sm2_sign(self.secret, self.public, data))
+        # The server's SM2 (fuelcard_server.gm): Z of the key computed in
+        # Python's SM3 and GmSSL signing the digest, ~4x faster than
+        # gmssl_pyx.sm2_sign, which the notification service felt per call.
+        return gm.sm2_sign(self._key, data)
+
+
+@functools.lru_cache(maxsize=64)
+def _public_key(public: bytes) -> gm.Sm2PublicKey:
+    return gm.Sm2PublicKey(public)
 
 
 def sm2_verify(public: bytes, data: bytes, sig: bytes) -> bool:
@@ -83,9 +97,10 @@ def sm2_verify(public: bytes, data: bytes, sig: bytes) -> bool:
     if len(sig) != 64 or len(public) != 64:
         return False
     try:
-        return bool(gmssl_pyx.sm2_verify(public, data, raw_to_der(sig)))
-    except (gmssl_pyx.GmsslInnerError, gmssl_pyx.InvalidValueError, ValueError):
+        key = _public_key(public)
+    except ValueError:
         return False
+    return gm.sm2_verify(key, data, sig)
 
 
 def sorted_pairs(params: dict[str, str], *, exclude: tuple[str, ...]) -> bytes:
