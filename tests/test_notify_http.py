@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fuelcard.v1 import account_pb2, account_pb2_grpc, security_pb2, security_pb2_grpc
 from fuelcard_adapters import cli as adapters_cli
 from fuelcard_adapters import wechat
-from fuelcard_adapters.framework import HttpReply, HttpRequest
-from fuelcard_adapters.http_service import NotifyService, start
+from fuelcard_adapters.framework import HttpReply, HttpRequest, Outcome, Result
+from fuelcard_adapters.http_service import DAY_S, NotificationMemory, NotifyService, start
 from fuelcard_adapters.neutral import FormatError, Kind, Status
 from fuelcard_adapters.signing import Sm2Signer
 from fuelcard_server import logs
@@ -454,3 +454,15 @@ def test_the_wechat_trade_bill_is_read_with_its_summary_in_yuan() -> None:
             list(wechat.parse_bill(altered))
     with pytest.raises(FormatError, match="without its summary"):
         list(wechat.parse_bill(lines[:-2]))
+
+
+def test_the_memory_of_taken_notifications_is_bounded_in_count_and_time() -> None:
+    now = [0.0]
+    memory = NotificationMemory(ttl_s=DAY_S, capacity=3, clock=lambda: now[0])
+    taken = Result(Outcome.ACCEPTED, "APPROVED", 100)
+    for key in "abcd":
+        memory.put(key, taken)
+    assert len(memory) == 3 and memory.get("a") is None  # the oldest forgotten first
+    assert memory.get("b") is taken
+    now[0] = DAY_S + 1  # the channels have stopped re-notifying by now
+    assert memory.get("c") is None and len(memory) == 2

@@ -68,7 +68,10 @@ class NotificationMemory:
     """Events the core took, by key, for `ttl_s`; at most `capacity` of them
     (memory stays flat under any load: the oldest are forgotten first)."""
 
-    def __init__(self, ttl_s: float = DAY_S, capacity: int = 200_000,
+    # ~0.5 KB an event: 50 000 is ~25 MB, a few minutes of notifications at
+    # hundreds a second, which is when a channel's quick retries come; what
+    # falls out goes to the core, idempotent on its own.
+    def __init__(self, ttl_s: float = DAY_S, capacity: int = 50_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
         self.capacity = capacity
