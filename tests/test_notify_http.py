@@ -466,3 +466,26 @@ def test_the_memory_of_taken_notifications_is_bounded_in_count_and_time() -> Non
     assert memory.get("b") is taken
     now[0] = DAY_S + 1  # the channels have stopped re-notifying by now
     assert memory.get("c") is None and len(memory) == 2
+
+
+def test_alipay_refund_restating_another_total_is_refused_and_unionpay_a6_is_a_payment(
+        edge: Edge, db: Conn) -> None:
+    ali: AlipaySim = edge.sims["ALIPAY"]  # type: ignore[assignment]
+    up: BankCardSim = edge.sims["BANK_CARD"]  # type: ignore[assignment]
+    account = edge.open_account()
+    paid = ali.pay(account, 10_000)
+    assert ali.taken(edge.send(ali, paid.request))
+    # A genuine-looking (signed) partial refund of a trade whose total_amount
+    # is not what we booked: not applied, answered "fail".
+    refund = ali.refund(paid, 1_000)
+    wrong_total = ali._send({**refund.fields, "total_amount": "200.00"})
+    assert edge.send(ali, wrong_total).body == b"fail"
+    assert edge.service.counts["rejected"] == 1  # refused, not "retry later"
+    assert balance(db, account) == 10_000
+    assert ali.taken(edge.send(ali, refund.request))
+    assert balance(db, account) == 9_000
+    # UnionPay respCode A6 (success with a defect): the money moved.
+    query_id = "7" + "".join(secrets.choice("0123456789") for _ in range(20))
+    params = {**up._params("01", 3_300, query_id), "reqReserved": account, "respCode": "A6"}
+    assert up.taken(edge.send(up, up._sign(params)))
+    assert recharges(db, up.channel, query_id) == [3_300]
