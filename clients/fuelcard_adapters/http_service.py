@@ -175,7 +175,11 @@ class NotifyService:
         notification = HttpRequest(body, {k.lower(): v for k, v in request.headers.items()})
         # Reading and checking a notification is CPU only (an RSA verify is
         # ~50 µs, SM2 under 1 ms): done on the loop, a thread hop costs more.
-        parsed = route.adapter.parse(notification)
+        try:
+            parsed = route.adapter.parse(notification)
+        except Exception as exc:  # a mapping's gap must not become aiohttp's bare 500
+            log.warning("notify %s: unreadable notification (%s)", route.name, type(exc).__name__)
+            parsed = Result(Outcome.REJECTED, "MALFORMED")
         if isinstance(parsed, Result):
             return parsed, mapping.reply(parsed)
         result = await self._apply(route, parsed)
@@ -199,6 +203,12 @@ class NotifyService:
             log.warning("notify %s: the core did not answer within %.1f s", route.name,
                         self.deadline_s)
             return Result(Outcome.RETRY, "CORE_TIMEOUT")
+        except Exception as exc:
+            # Whatever went wrong on the way to the core, the channel's answer
+            # is "retry": it sends the notification again. The type only: an
+            # exception's text may quote the request.
+            log.error("notify %s: core call failed (%s)", route.name, type(exc).__name__)
+            return Result(Outcome.RETRY, "INTERNAL")
 
     def _settled(self, key: object, done: asyncio.Future[Result]) -> None:
         self._inflight.pop(key, None)
