@@ -63,6 +63,7 @@ from fuelcard_loadtest.server import (
     cpu_seconds,
     free_port,
     listening_sockets,
+    machine_cpu,
     postmaster_pid,
     rss_mb,
     tree,
@@ -303,9 +304,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         edge_pids, core_pids = tree(edge.pid), tree(core.pid)
         pg_pid = postmaster_pid(EmbeddedPostgres(data / "postgres"))
         pg_pids = tree(pg_pid) if pg_pid else []
-        cpu_before = [cpu_seconds(p) for p in (edge_pids, core_pids, pg_pids)]
+        groups = (edge_pids, core_pids, pg_pids, [os.getpid()])
+        busy_before = machine_cpu()
+        cpu_before = [cpu_seconds(p) for p in groups]
         latencies, taken, rss, elapsed = asyncio.run(_fire(base_url, planned, rate, edge.pid))
-        cpu_after = [cpu_seconds(p) for p in (edge_pids, core_pids, pg_pids)]
+        cpu_after = [cpu_seconds(p) for p in groups]
+        busy_after = machine_cpu()
+        # How busy the whole machine was (other work included): the figures
+        # mean little on a machine that was not ours.
+        machine_busy = (busy_after[0] - busy_before[0]) / max(1.0, busy_after[2] - busy_before[2])
+        ours_s = sum(a - b for a, b in zip(cpu_after, cpu_before, strict=True))
+        ncpu = os.cpu_count() or 1
         cpu_us = [round((a - b) / total * 1e6) for a, b in zip(cpu_after, cpu_before, strict=True)]
         taken += warm_taken
         unique = {(p.channel, p.txn): p.fen for p in [*warm, *planned] if not p.duplicate}
@@ -331,7 +340,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_ms": round(ordered[-1], 1) if ordered else 0.0,
             "not_taken": taken.count(False),
             "cpu_us_per_notification": {"service": cpu_us[0], "core": cpu_us[1],
-                                        "postgres": cpu_us[2]},
+                                        "postgres": cpu_us[2], "generator": cpu_us[3]},
+            "machine_busy": round(machine_busy, 2),
+            "others_busy_cpus": round(max(0.0, machine_busy * ncpu - ours_s / elapsed), 2),
+            "load_average": os.getloadavg()[0],
             "service_rss_mb": {"first": round(rss[0], 1), "last": round(rss[-1], 1),
                                "max": round(max(rss), 1)},
             "booked": {("WECHAT_PAY" if ch == WECHAT else "ALIPAY"): v
