@@ -489,3 +489,17 @@ def test_alipay_refund_restating_another_total_is_refused_and_unionpay_a6_is_a_p
     params = {**up._params("01", 3_300, query_id), "reqReserved": account, "respCode": "A6"}
     assert up.taken(edge.send(up, up._sign(params)))
     assert recharges(db, up.channel, query_id) == [3_300]
+
+
+def test_past_the_inflight_bound_notifications_are_answered_retry_and_land_later(
+        edge: Edge, db: Conn) -> None:
+    wx = edge.sims["WECHAT_PAY"]
+    account = edge.open_account()
+    paid = wx.pay(account, 600)
+    edge.service.max_inflight = 0  # as if 256 notifications were being served already
+    reply = edge.send(wx, paid.request)
+    assert reply.status == 500 and json.loads(reply.body)["code"] == "FAIL"
+    assert recharges(db, wx.channel, paid.txn_id) == []
+    edge.service.max_inflight = 256
+    assert wx.taken(edge.send(wx, wx.resend(paid)))
+    assert recharges(db, wx.channel, paid.txn_id) == [600]

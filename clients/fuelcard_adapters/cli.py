@@ -61,6 +61,7 @@ from fuelcard_adapters.core import CoreClient
 from fuelcard_adapters.framework import Adapter, ChannelMapping
 from fuelcard_adapters.http_service import (
     MAX_BODY,
+    MAX_INFLIGHT,
     NotifyService,
     Route,
     server_ssl_context,
@@ -181,7 +182,8 @@ def build_routes(config_path: Path) -> tuple[list[Route], list[grpc.Channel]]:
 
 async def _serve(args: argparse.Namespace) -> None:
     routes, channels = build_routes(Path(args.config))
-    service = NotifyService(routes, max_body=args.max_body, trusted_proxies=args.trusted_proxy)
+    service = NotifyService(routes, max_body=args.max_body, trusted_proxies=args.trusted_proxy,
+                            max_inflight=args.max_inflight)
     host, _, port = args.listen.rpartition(":")
     ssl_context = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     runner, bound = await start(service, host or "0.0.0.0", int(port), ssl_context)
@@ -208,6 +210,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", help="... and its private key")
     s.add_argument("--max-body", type=int, default=MAX_BODY,
                    help="largest notification body in bytes; larger is answered 413")
+    s.add_argument("--max-inflight", type=int, default=MAX_INFLIGHT,
+                   help="notifications served at once; more are answered 'retry' at once")
     s.add_argument("--trusted-proxy", action="append", default=[], metavar="IP",
                    help="a reverse proxy whose X-Forwarded-For is believed (repeatable)")
     s.add_argument("--log-level", default="INFO")

@@ -62,6 +62,10 @@ T_arg = TypeVar("T_arg")
 MAX_BODY = 64 * 1024      # a real notification is a few KiB
 DEADLINE_S = 4.0          # WeChat Pay waits 5 s; answer "retry" before it gives up
 DAY_S = 24 * 3600.0       # how long the channels keep re-notifying
+# Notifications being served at once past which more are answered "retry" at
+# once: under overload a queue only makes every answer late (and the channel
+# retries anyway), so the service stays quick and its memory bounded.
+MAX_INFLIGHT = 256
 
 
 class NotificationMemory:
@@ -109,12 +113,15 @@ class Route:
 class NotifyService:
     def __init__(self, routes: Iterable[Route], *, max_body: int = MAX_BODY,
                  deadline_s: float = DEADLINE_S, memory: NotificationMemory | None = None,
-                 threads: int = 8, trusted_proxies: Iterable[str] = ()) -> None:
+                 threads: int = 8, trusted_proxies: Iterable[str] = (),
+                 max_inflight: int = MAX_INFLIGHT) -> None:
         self.routes = {r.name: r for r in routes}
         self.max_body = max_body
         self.deadline_s = deadline_s
         self.memory = memory or NotificationMemory()
         self.trusted_proxies = frozenset(trusted_proxies)
+        self.max_inflight = max_inflight
+        self._serving = 0
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="notify")
         self._inflight: dict[object, asyncio.Future[Result]] = {}
         self.counts: collections.Counter[str] = collections.Counter()  # outcome -> notifications
@@ -160,6 +167,18 @@ class NotifyService:
         return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
 
     async def _process(self, route: Route, request: web.Request) -> tuple[Result, HttpReply]:
+        mapping = route.adapter.mapping
+        if self._serving >= self.max_inflight:
+            busy = Result(Outcome.RETRY, "BUSY")
+            return busy, mapping.reply(busy)
+        self._serving += 1
+        try:
+            return await self._read_and_apply(route, request)
+        finally:
+            self._serving -= 1
+
+    async def _read_and_apply(self, route: Route, request: web.Request
+                              ) -> tuple[Result, HttpReply]:
         mapping = route.adapter.mapping
         length = request.content_length
         body: bytes | None = None
