@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import logging
+import random
 import re
 import secrets
 import socket
@@ -33,12 +34,13 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fuelcard.v1 import account_pb2, account_pb2_grpc, security_pb2, security_pb2_grpc
+from fuelcard_adapters import alipay, wechat
 from fuelcard_adapters import cli as adapters_cli
-from fuelcard_adapters import wechat
-from fuelcard_adapters.framework import HttpReply, HttpRequest, Outcome, Result
+from fuelcard_adapters.framework import EventKind, HttpReply, HttpRequest, Outcome, Result
 from fuelcard_adapters.http_service import DAY_S, NotificationMemory, NotifyService, start
 from fuelcard_adapters.neutral import FormatError, Kind, Status
 from fuelcard_adapters.signing import Sm2Signer
+from fuelcard_loadtest import notify_bench
 from fuelcard_server import logs
 from fuelcard_server.certs import DevPki
 from fuelcard_server.identity import Role
@@ -503,3 +505,21 @@ def test_past_the_inflight_bound_notifications_are_answered_retry_and_land_later
     edge.service.max_inflight = 256
     assert wx.taken(edge.send(wx, wx.resend(paid)))
     assert recharges(db, wx.channel, paid.txn_id) == [600]
+
+
+def test_the_load_runs_notifications_are_genuine_with_the_share_of_duplicates_asked() -> None:
+    channels = notify_bench.Channels()
+    planned = notify_bench.plan(channels, ["A1", "A2"], 400, 0.2, random.Random(7))
+    wx = wechat.WeChatPay({notify_bench.SERIAL: channels.wechat_key.public_key()},
+                          channels.apiv3_key)
+    ali = alipay.Alipay(channels.alipay_key.public_key(), notify_bench.APP_ID,
+                        seller_id=notify_bench.SELLER_ID)
+    for p in planned:
+        event = (wx if p.channel == notify_bench.WECHAT else ali).parse_notification(p.request)
+        assert (event.kind, event.channel_txn_id, event.amount_fen) == (
+            EventKind.PAYMENT, p.txn, p.fen)
+    duplicates = [p for p in planned if p.duplicate]
+    assert 50 <= len(duplicates) <= 110  # about 20 % of 400 (seeded)
+    originals = {p.txn for p in planned if not p.duplicate}
+    assert {p.txn for p in duplicates} <= originals
+    assert len(originals) == len(planned) - len(duplicates)
