@@ -10,6 +10,7 @@ the tests can cut (a core outage)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -523,3 +524,30 @@ def test_the_load_runs_notifications_are_genuine_with_the_share_of_duplicates_as
     originals = {p.txn for p in planned if not p.duplicate}
     assert {p.txn for p in duplicates} <= originals
     assert len(originals) == len(planned) - len(duplicates)
+
+
+def test_a_route_without_an_asyncio_core_uses_the_adapters_blocking_client(
+        edge: Edge, db: Conn) -> None:
+    # Routes built by hand from library adapters (no `connect`): the core
+    # calls go through the thread pool, with the same answers.
+    routes = [dataclasses.replace(r, connect=None) for r in edge.service.routes.values()]
+    thread = ServiceThread(NotifyService(routes))
+    base_url = thread.start()
+    try:
+        for channel in CHANNELS:
+            sim = edge.sims[channel]
+            account = edge.open_account()
+            paid = sim.pay(account, 700)
+            refund = sim.refund(paid, 200)
+            sends = (refund.request, paid.request, sim.resend(paid), refund.request)
+
+            async def send_all(session: aiohttp.ClientSession, sim: Simulator = sim,
+                               sends: tuple[HttpRequest, ...] = sends) -> list[HttpReply]:
+                return [await post(session, base_url, sim.path, r) for r in sends]
+
+            replies = edge.run(send_all)
+            # a refund before its payment: retry; then all taken
+            assert [sim.taken(r) for r in replies] == [False, True, True, True]
+            assert balance(db, account) == 500
+    finally:
+        thread.stop()

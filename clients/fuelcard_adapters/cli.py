@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fuelcard.v1 import funding_pb2_grpc, security_pb2, security_pb2_grpc
 
 from fuelcard_adapters import alipay, bankcard, ecny, wechat
-from fuelcard_adapters.core import CoreClient
+from fuelcard_adapters.core import AsyncCoreClient, CoreClient
 from fuelcard_adapters.framework import Adapter, ChannelMapping
 from fuelcard_adapters.http_service import (
     MAX_BODY,
@@ -151,6 +152,14 @@ def _mapping(name: str, c: dict[str, Any], cfg: _Config) -> ChannelMapping:
     raise ConfigError(f"channels.{name}: unknown channel (known: {', '.join(CHANNEL_NAMES)})")
 
 
+def _connect_async(target: str, creds: grpc.ChannelCredentials, channel: int, key: Sm2Signer,
+                   core_key: bytes) -> tuple[AsyncCoreClient, grpc.aio.Channel]:
+    aio = grpc.aio.secure_channel(target, creds, options=GRPC_OPTIONS)
+    # (the generated stub, given an aio channel, is the asyncio stub)
+    return AsyncCoreClient(funding_pb2_grpc.FundingServiceStub(aio), channel, key, core_key,
+                           attempts=3, timeout_s=1.5), aio
+
+
 def build_routes(config_path: Path) -> tuple[list[Route], list[grpc.Channel]]:
     """Every configured channel's adapter, connected to the core."""
     cfg = _Config(config_path)
@@ -170,11 +179,13 @@ def build_routes(config_path: Path) -> tuple[list[Route], list[grpc.Channel]]:
         core_key_hex = core.get("signing_key_hex") or security_pb2_grpc.SecurityServiceStub(
             ch).GetServerSigningKey(security_pb2.GetServerSigningKeyRequest(), timeout=10,
                                     wait_for_ready=True).public_key_hex
-        client = CoreClient(funding_pb2_grpc.FundingServiceStub(ch), mapping.channel,
-                            read_signing_key(cfg.path(section.get("signing_key"),
-                                                      f"{where}.signing_key")),
-                            bytes.fromhex(core_key_hex), attempts=3, timeout_s=1.5)
-        routes.append(Route(name, Adapter(mapping, client)))
+        signing_key = read_signing_key(cfg.path(section.get("signing_key"), f"{where}.signing_key"))
+        core_key = bytes.fromhex(core_key_hex)
+        client = CoreClient(funding_pb2_grpc.FundingServiceStub(ch), mapping.channel, signing_key,
+                            core_key, attempts=3, timeout_s=1.5)
+        connect = functools.partial(_connect_async, target, creds, mapping.channel, signing_key,
+                                    core_key)
+        routes.append(Route(name, Adapter(mapping, client), connect))
     if not routes:
         raise ConfigError("no [channels.*] section: nothing to serve")
     return routes, channels
