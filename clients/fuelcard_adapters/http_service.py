@@ -69,6 +69,11 @@ DAY_S = 24 * 3600.0       # how long the channels keep re-notifying
 # once: under overload a queue only makes every answer late (and the channel
 # retries anyway), so the service stays quick and its memory bounded.
 MAX_INFLIGHT = 256
+# Core calls in flight at once (the thread pool's size on the blocking path).
+# More only queue inside the core for its database pool, where they time out
+# or are shed: the load run without this bound saw DATABASE_BUSY answers and
+# most notifications answered "retry".
+CORE_CONCURRENCY = 8
 
 
 class NotificationMemory:
@@ -125,8 +130,9 @@ class Route:
 class NotifyService:
     def __init__(self, routes: Iterable[Route], *, max_body: int = MAX_BODY,
                  deadline_s: float = DEADLINE_S, memory: NotificationMemory | None = None,
-                 threads: int = 8, trusted_proxies: Iterable[str] = (),
-                 max_inflight: int = MAX_INFLIGHT) -> None:
+                 trusted_proxies: Iterable[str] = (),
+                 max_inflight: int = MAX_INFLIGHT, core_concurrency: int = CORE_CONCURRENCY
+                 ) -> None:
         self.routes = {r.name: r for r in routes}
         self.max_body = max_body
         self.deadline_s = deadline_s
@@ -134,9 +140,10 @@ class NotifyService:
         self.trusted_proxies = frozenset(trusted_proxies)
         self.max_inflight = max_inflight
         self._serving = 0
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="notify")
+        self._pool = ThreadPoolExecutor(max_workers=core_concurrency, thread_name_prefix="notify")
         self._inflight: dict[object, asyncio.Future[Result]] = {}
         self._cores: dict[str, AsyncCoreClient] = {}
+        self._core_slots = asyncio.Semaphore(core_concurrency)
         self._core_channels: list[grpc.aio.Channel] = []
         self.counts: collections.Counter[str] = collections.Counter()  # outcome -> notifications
 
@@ -237,7 +244,7 @@ class NotifyService:
         if pending is None:
             core = self._cores.get(route.name)
             pending = asyncio.ensure_future(
-                route.adapter.apply_async(event, core) if core is not None
+                self._apply_async(route.adapter, event, core) if core is not None
                 else self._in_thread(route.adapter.apply, event))
             self._inflight[key] = pending
             pending.add_done_callback(functools.partial(self._settled, key))
@@ -255,6 +262,10 @@ class NotifyService:
             # exception's text may quote the request.
             log.error("notify %s: core call failed (%s)", route.name, type(exc).__name__)
             return Result(Outcome.RETRY, "INTERNAL")
+
+    async def _apply_async(self, adapter: Adapter, event: Event, core: AsyncCoreClient) -> Result:
+        async with self._core_slots:
+            return await adapter.apply_async(event, core)
 
     def _settled(self, key: object, done: asyncio.Future[Result]) -> None:
         self._inflight.pop(key, None)
