@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -193,6 +194,8 @@ def build_routes(config_path: Path) -> tuple[list[Route], list[grpc.Channel]]:
 
 async def _serve(args: argparse.Namespace) -> None:
     routes, channels = build_routes(Path(args.config))
+    if args.core_client == "blocking":
+        routes = [dataclasses.replace(r, connect=None) for r in routes]
     service = NotifyService(routes, max_body=args.max_body, trusted_proxies=args.trusted_proxy,
                             max_inflight=args.max_inflight)
     host, _, port = args.listen.rpartition(":")
@@ -221,6 +224,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", help="... and its private key")
     s.add_argument("--max-body", type=int, default=MAX_BODY,
                    help="largest notification body in bytes; larger is answered 413")
+    s.add_argument("--core-client", choices=("asyncio", "blocking"), default="asyncio",
+                   help="core calls on grpc.aio in the loop, or blocking gRPC on a thread pool")
     s.add_argument("--max-inflight", type=int, default=MAX_INFLIGHT,
                    help="notifications served at once; more are answered 'retry' at once")
     s.add_argument("--trusted-proxy", action="append", default=[], metavar="IP",

@@ -320,7 +320,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             'alipay_public_key = "keys/alipay-public.pem"\n')
         edge = subprocess.Popen(
             [sys.executable, "-m", "fuelcard_adapters.cli", "serve", "--config", str(config),
-             "--listen", f"127.0.0.1:{edge_port}", "--log-level", "WARNING"],
+             "--listen", f"127.0.0.1:{edge_port}", "--log-level", "WARNING",
+             "--core-client", args.core_client],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _wait(lambda: listening_sockets(edge_port) >= 1, edge, "fuelcard-adapters serve")
         total = int(rate * duration)
@@ -371,6 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ordered = sorted(latencies)
         return {
             "notifications": total, "warmup_notifications": warmup,
+            "core_client": args.core_client,
             "duplicates": sum(p.duplicate for p in planned),
             "unique_payments": len(unique), "target_rate": rate,
             "achieved_rate": round(total / elapsed, 1),
@@ -403,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=30.0, help=f"max {MAX_DURATION_S}")
     p.add_argument("--duplicates", type=float, default=0.2, help="share of re-notifications")
     p.add_argument("--warmup-s", type=float, default=5.0)
+    p.add_argument("--core-client", choices=("asyncio", "blocking"), default="asyncio",
+                   help="the service's core client (fuelcard-adapters serve --core-client)")
     p.add_argument("--accounts", type=int, default=200)
     p.add_argument("--core-workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=18)
