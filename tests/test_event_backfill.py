@@ -44,7 +44,10 @@ MINUTE = dt.timedelta(minutes=1)
 @contextlib.contextmanager
 def serving(url: str, data_dir: Path, clock: ManualClock) -> Iterator[RunningServer]:
     data_dir.mkdir(parents=True, exist_ok=True)
-    settings = make_settings(data_dir)
+    # Servers of one test share a key set (kept beside their data
+    # directories): other keys would be refused by the database.
+    settings = make_settings(data_dir, root_key_file=data_dir.parent / "root.key",
+                             signing_key_file=data_dir.parent / "server-sm2.key")
     thread = ServerThread(settings, url, clock)
     port = thread.start()
     target = f"127.0.0.1:{port}"

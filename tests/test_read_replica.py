@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.plugins.database import control_postgres
 from tests.plugins.proxy import TcpProxy
-from tests.plugins.server import RunningServer, ServerThread, make_settings
+from tests.plugins.server import RunningServer, ServerThread, make_settings, same_keys
 from tests.support import builders
 from tests.support.ledger_asserts import unpack
 
@@ -253,9 +253,11 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
     from fuelcard_server.overload import Priority, classify
     from fuelcard_server.services import (
         account,
+        adjustment,
         control,
         events,
         funding,
+        invoice,
         points,
         reconciliation,
         risk,
@@ -266,8 +268,8 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
     with_reports: set[str] = set()
     with_others: set[str] = set()
     seen: set[str] = set()
-    for module in (account, control, events, funding, points, reconciliation, risk, security,
-                   transaction):
+    for module in (account, adjustment, control, events, funding, invoice, points, reconciliation,
+                   risk, security, transaction):
         for servicer in vars(module).values():
             if isinstance(servicer, type) and servicer.__module__ == module.__name__:
                 for name, fn in vars(servicer).items():
@@ -332,7 +334,8 @@ def test_health_flips_per_service_when_the_replica_stops_and_payments_go_on(
         assert _metric(server, "fuelcard_replica_lag_seconds") is None  # unknown, not 0
         # A server started while the replica is down starts, and says so.
         second = ServerThread(make_settings(tmp_path / "second", replica_url=standby.url(),
-                                            connect_timeout_s=1.0), primary.url(), server.clock)
+                                            connect_timeout_s=1.0, **same_keys(server.settings)),
+                              primary.url(), server.clock)
         port = second.start()
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -33,7 +33,7 @@ from fuelcard_server.clock import ManualClock
 from fuelcard_server.retention import Pruned, Retention
 from fuelcard_server.settings import Settings, SettingsError
 
-from tests.plugins.server import RunningServer, ServerThread, make_settings
+from tests.plugins.server import RunningServer, ServerThread, make_settings, same_keys
 from tests.support import builders
 from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, scalar
 
@@ -252,7 +252,8 @@ def test_a_run_is_bounded_and_capped(server: RunningServer, db: Conn) -> None:
 
 @pytest.fixture
 def second_server(database_url: str, server: RunningServer) -> Iterator[RunningServer]:
-    settings = dataclasses.replace(server.settings, data_dir=server.settings.data_dir / "second")
+    settings = dataclasses.replace(server.settings, data_dir=server.settings.data_dir / "second",
+                                   **same_keys(server.settings))
     thread = ServerThread(settings, database_url, server.clock)
     port = thread.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -16,7 +16,7 @@ from fuelcard.v1 import common_pb2, transaction_pb2, transaction_pb2_grpc
 from fuelcard_server.settings import Settings
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from tests.plugins.server import RunningServer, ServerThread, make_settings
+from tests.plugins.server import RunningServer, ServerThread, make_settings, same_keys
 from tests.support import builders
 from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok
 from tests.support.risk_helpers import fired, load_rules, rule
@@ -33,7 +33,8 @@ def server_settings(tmp_path: Path) -> Settings:
 def second_server(server: RunningServer, tmp_path: Path) -> Iterator[grpc.Channel]:
     """Another server on the same database: its own pool and loop, as a
     second worker process would have."""
-    thread = ServerThread(make_settings(tmp_path / "second"), server.database_url, server.clock)
+    thread = ServerThread(make_settings(tmp_path / "second", **same_keys(server.settings)),
+                          server.database_url, server.clock)
     port = thread.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 import grpc
 from fuelcard.v1 import (
     account_pb2_grpc,
+    adjustment_pb2_grpc,
     control_pb2_grpc,
     events_pb2_grpc,
     funding_pb2_grpc,
+    invoice_pb2_grpc,
     points_pb2_grpc,
     risk_pb2_grpc,
     security_pb2_grpc,
@@ -39,15 +41,18 @@ from fuelcard_server.db import Database
 from fuelcard_server.events import Sequencer
 from fuelcard_server.health import SERVICE_NAMES, Health
 from fuelcard_server.jobs import TIER_BATCH, Jobs
+from fuelcard_server.key_custody import FileKeySetStore, open_key_set
 from fuelcard_server.keys import pin_pepper
 from fuelcard_server.overload import Admission
 from fuelcard_server.pins import Pins
 from fuelcard_server.retention import Pruned, Retention
 from fuelcard_server.services.account import AccountService
+from fuelcard_server.services.adjustment import AdjustmentService
 from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.events import EventService
 from fuelcard_server.services.funding import FundingService
 from fuelcard_server.services.handling import Deps, guarded
+from fuelcard_server.services.invoice import InvoiceService
 from fuelcard_server.services.points import PointsService
 from fuelcard_server.services.reconciliation import ReconciliationService
 from fuelcard_server.services.risk import RiskService
@@ -126,6 +131,10 @@ class FuelcardServer:
 
     async def start(self) -> int:
         s = self.settings
+        # Before anything listens: a host whose keys are not the database's
+        # refuses to start (key_custody.py) rather than answer CARD_NOT_FOUND.
+        key_set = await asyncio.to_thread(FileKeySetStore(s).load)
+        served = await asyncio.to_thread(open_key_set, self.database_url, key_set)
         tel = self.telemetry = self.telemetry or Telemetry.from_settings(s, self.worker)
         self._db = Database(self.database_url, min_size=s.pool_min, max_size=s.pool_max,
                             timeout_s=s.pool_timeout_s, connect_timeout_s=s.connect_timeout_s,
@@ -146,18 +155,17 @@ class FuelcardServer:
             await self._reads.open()
         tel.watch_pool("transactions", self._db.pool.get_stats)
         tel.watch_pool("reads", self._reads.pool.get_stats)
-        key = s.card_index_key()
-        provider = s.key_provider()
-        terminal_keys = TerminalKeys(self._db, provider)
+        key = served.card_index
+        terminal_keys = TerminalKeys(self._db, served.root)
         deps = Deps(
             db=self._db, clock=self.clock, settings=s, pan_index=PanIndex(key),
             fingerprint_key=hmac.new(key, b"request-fingerprint", hashlib.sha256).digest(),
-            terminal_keys=terminal_keys, signing_key=s.signing_key(),
-            pins=Pins(self._db, terminal_keys, pin_pepper(provider)), audit=AuditLog(self._db),
-            step_ups=StepUps(self._db, provider, self.otp_sender or FileOtpSender(
+            terminal_keys=terminal_keys, signing_key=served.signing,
+            pins=Pins(self._db, terminal_keys, pin_pepper(served.data)), audit=AuditLog(self._db),
+            step_ups=StepUps(self._db, served.data, self.otp_sender or FileOtpSender(
                 s.otp_outbox_file or s.data_dir / "otp-outbox.jsonl"), StepUpPolicy(
                     ttl=dt.timedelta(seconds=s.otp_ttl_s), max_attempts=s.otp_max_attempts)),
-            card_vault=CardVault(provider, PanIndex(key)),
+            card_vault=CardVault(served.data, PanIndex(key)),
             tls=not s.insecure, read_db=self._reads, telemetry=tel,
             admission=Admission(s, self._db.pool_waiting) if s.load_shedding else None)
         self._audit = deps.audit
@@ -176,6 +184,8 @@ class FuelcardServer:
         risk_pb2_grpc.add_RiskServiceServicer_to_server(RiskService(deps), guard)
         settlement_pb2_grpc.add_ReconciliationServiceServicer_to_server(
             ReconciliationService(deps), guard)
+        adjustment_pb2_grpc.add_AdjustmentServiceServicer_to_server(AdjustmentService(deps), guard)
+        invoice_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceService(deps), guard)
         self._sequencer = Sequencer(self._db, self.clock, s.event_batch, s.event_retention_s,
                                     reads=self._reads)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(deps, self._sequencer),
@@ -209,6 +219,7 @@ class FuelcardServer:
             self._tasks.append(asyncio.create_task(self._health.replica_loop(),
                                                    name="replica-probe"))
         self._tasks.append(asyncio.create_task(self._jobs.event_loop(), name="event-sequencer"))
+        self._tasks.append(asyncio.create_task(self._jobs.journal_chain_loop(), name="journal-chain"))
         log.info("serving on %s:%d", host, self.port)
         return self.port
 
@@ -240,6 +251,10 @@ class FuelcardServer:
     async def sequence_events_once(self) -> int:
         assert self._jobs is not None
         return await self._jobs.sequence_events_once()
+
+    async def chain_journal_once(self) -> int:
+        assert self._jobs is not None
+        return await self._jobs.chain_journal_once()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight RPCs finish, then close the pool."""

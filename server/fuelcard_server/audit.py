@@ -78,7 +78,7 @@ WALK_SQL = ("SELECT id, created_at, actor, method, target, outcome, prev_hash, h
 # Fields naming what a call is about, most specific first; a request's win
 # over a response's (OpenAccount's target is the account it made).
 _TARGET_FIELDS = ("hold_id", "card_id", "account_id", "parent_account_id", "from_account_id",
-                  "subject_id", "break_id", "exception_id")
+                  "subject_id", "break_id", "exception_id", "adjustment_id")
 _TARGET_MESSAGES = (("hold", "hold_id"), ("card", "card_id"), ("account", "account_id"),
                     ("recharge", "account_id"))
 _REASON = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
@@ -113,11 +113,16 @@ def should_audit(method: str, caller: Caller | None, allowed: frozenset[Role]) -
 
 
 def actor_of(caller: Caller | None) -> str:
+    """The certificate's identity, and the principal an edge acted for
+    ("admin::fuelcard-api for principal:<uuid>")."""
     if caller is None:
         return "unidentified"
-    if caller.role is None:
-        return "development"
-    return scrub(caller.key)
+    actor = "development" if caller.role is None else scrub(caller.key)
+    if caller.on_behalf_of:
+        # "principal:<uuid>" (identity.acting_for admits nothing else): not
+        # scrubbed, a uuid's 12 hex digits may all be decimal ones
+        actor += " for " + caller.on_behalf_of
+    return actor
 
 
 def outcome_of(error: errors.ApiError | None) -> str:

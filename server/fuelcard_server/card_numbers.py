@@ -2,13 +2,14 @@
 
 fc.cards keeps the blind index (to find a card) and the masked form (to show
 it). Besides, at issue, the number is cut into three segments; each is
-sealed (SM4-GCM) under its own key derived from the root key and stored in
+sealed (SM4-GCM) under its own key derived from the data key and stored in
 its own schema, owned by its own NOLOGIN role (fc_pan_seg1..3, 0006); the
 whole number, sealed under a fourth derived key, goes to a fourth schema
 (fc_pan_vault). Every sealed value is bound (associated data) to the card's
 blind index and to its part number, so none can be moved to another card or
 slot. No single table, schema or database dump shows a usable number, and
-without the root key (never in the database) none of them shows any digit.
+without the root key (never in the database), which the data key is sealed
+under (key_custody.py), none of them shows any digit.
 
 RevealCardNumber (admin, step-up, audited) is the only reader: it unseals the
 segments and the whole number and returns the number only if they agree and
@@ -35,6 +36,9 @@ def segments(pan: str) -> tuple[str, str, str]:
 
 
 class CardVault:
+    # `provider` gives the data key (key_custody.ServingKeys.data). The id
+    # stored with each part is that key's id, in a column named root_key_id:
+    # before key custody the data key was the root key itself.
     def __init__(self, provider: keys.KeyProvider, index: PanIndex) -> None:
         root = provider.root_key()
         self.root_key_id = keys.root_key_id(root)

@@ -8,6 +8,7 @@ itself is kept only sealed, in segments that live apart (card_numbers.py).
 from __future__ import annotations
 
 import hmac
+import secrets
 
 PAN_MIN_DIGITS = 16
 PAN_MAX_DIGITS = 19
@@ -37,6 +38,19 @@ def is_valid_pan(pan: str) -> bool:
     )
 
 
+def new_card_number(length: int = PAN_MAX_DIGITS) -> str:
+    """A new card number: the issuer's BIN, random digits from the operating
+    system's CSPRNG, and the Luhn check digit. Nothing about the request goes
+    in: a number derived from request data (as numbers once were, from the
+    card-index key, the caller and the request id) can be rebuilt by whoever
+    holds that key and the idempotency table."""
+    if not PAN_MIN_DIGITS <= length <= PAN_MAX_DIGITS:
+        raise ValueError(f"a card number is {PAN_MIN_DIGITS} to {PAN_MAX_DIGITS} digits")
+    payload = ISSUER_PREFIX + "".join(secrets.choice("0123456789")
+                                      for _ in range(length - len(ISSUER_PREFIX) - 1))
+    return payload + luhn_check_digit(payload)
+
+
 def mask(pan: str) -> str:
     """'6222 **** **** 1234': the first four and last four digits only."""
     return f"{pan[:4]} **** **** {pan[-4:]}"
@@ -52,13 +66,3 @@ class PanIndex:
 
     def of(self, pan: str) -> bytes:
         return hmac.new(self._key, pan.encode("ascii"), "sm3").digest()
-
-    def generate(self, seed: str, length: int = 19) -> str:
-        """A Luhn-valid card number derived from `seed` (e.g. the issuing
-        request's caller and request_id), so a replayed IssueCard yields the
-        same number without the number ever being stored."""
-        digest = hmac.new(self._key, b"pan-generate:" + seed.encode(), "sm3").digest()
-        body_len = length - len(ISSUER_PREFIX) - 1
-        body = str(int.from_bytes(digest, "big"))[-body_len:].rjust(body_len, "0")
-        payload = ISSUER_PREFIX + body
-        return payload + luhn_check_digit(payload)

@@ -19,9 +19,11 @@ from typing import Any
 import psycopg
 from fuelcard.v1 import (
     account_pb2,
+    adjustment_pb2,
     control_pb2,
     events_pb2,
     funding_pb2,
+    invoice_pb2,
     points_pb2,
     risk_pb2,
     security_pb2,
@@ -52,6 +54,8 @@ SERVICE_NAMES = (
     risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
+    invoice_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
 )
 
 # Services with an RPC that reads through the read pool (the replica when
@@ -65,6 +69,8 @@ READ_POOL_SERVICES = frozenset({
     risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
+    invoice_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
 })
 # What reports NOT_SERVING while the replica cannot be read (down, or further
 # behind than replica_max_lag_s). A load balancer routes by these names, so a
@@ -88,7 +94,8 @@ REPLICA_REFUSALS = {
 
 # The health probe: its own connection, so a busy pool is not a dead database.
 # (And the primary's WAL position: the replica's lag is measured against it.)
-PROBE_SQL = "SELECT count(*), pg_current_wal_lsn()::text FROM fc.holds WHERE state = 1"
+PROBE_SQL = ("SELECT count(*), pg_current_wal_lsn()::text FROM fc.holds"
+             " WHERE state = fc.hold_state_authorized()")
 
 
 class Health:

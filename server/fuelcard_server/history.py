@@ -17,7 +17,7 @@ ASSET_MONEY = 1
 ASSET_POINTS = 2
 NO_TOKEN = 2**63 - 1
 
-ACCOUNT_ID_SQL = "SELECT id FROM fc.accounts WHERE uid = %s::uuid AND kind <> 100"
+ACCOUNT_ID_SQL = "SELECT id FROM fc.accounts WHERE uid = %s::uuid AND kind <> fc.account_kind_system()"
 
 # Two index scans (credits, debits) merged: an OR over both columns would scan
 # the whole journal of a busy account.

@@ -13,6 +13,11 @@ takes `now` (a timezone-aware datetime); storage is a protocol.
            │  request (HMAC-SM3)
            └─ PIN key: SM3-KDF of the working key; encrypts the PIN block (SM4)
 
+Besides the working keys, the root key wraps the data key (key_custody.py),
+which the PIN pepper, the card-number segment keys and the step-up key come
+from; so pin_pepper() and card_numbers.CardVault are given the data key, and a
+new root key (`fuelcard keys rotate-root`) re-wraps rather than re-keys.
+
 PINs are stored only as a salted, peppered scrypt hash. Functions that see a
 PIN return it as bytes and keep no copy: callers drop it as soon as the check
 is done, and never log it.
@@ -179,8 +184,9 @@ def _derive(key: bytes, label: str, *context: bytes | str | int, length: int = 1
 
 
 def pin_pepper(provider: KeyProvider) -> bytes:
-    """The secret mixed into every PIN hash (from the root key): a stolen
-    database alone does not allow a search of the small PIN space."""
+    """The secret mixed into every PIN hash (from the data key the server
+    passes as `provider`): a stolen database alone does not allow a search
+    of the small PIN space."""
     return _derive(provider.root_key(), "pin-pepper/v1", length=32)
 
 
@@ -317,6 +323,18 @@ class WorkingKeys:
         unsealed = WrappedWorkingKey(terminal_id, version, valid_from, valid_until, self._root_id, b"")
         sealed = gm.seal(self._wrap_key, key, unsealed.aad())
         return WrappedWorkingKey(terminal_id, version, valid_from, valid_until, self._root_id, sealed)
+
+    def rewrap(self, wrapped: WrappedWorkingKey, new_root: KeyProvider) -> WrappedWorkingKey:
+        """`wrapped` sealed anew under `new_root`'s wrapping key, with the same
+        terminal, version and window (root-key rotation: the working key, and
+        so every MAC and PIN block made with it, stays the same)."""
+        working = self._unwrap(wrapped)
+        root = new_root.root_key()
+        unsealed = WrappedWorkingKey(wrapped.terminal_id, wrapped.version, wrapped.valid_from,
+                                     wrapped.valid_until, root_key_id(root), b"")
+        sealed = gm.seal(_derive(root, "wrap/v1"), working.key, unsealed.aad())
+        return WrappedWorkingKey(unsealed.terminal_id, unsealed.version, unsealed.valid_from,
+                                 unsealed.valid_until, unsealed.root_key_id, sealed)
 
     def current(self, terminal_id: str, now: dt.datetime) -> WorkingKey:
         """The working key current at `now`, made and stored if this period has

@@ -45,10 +45,12 @@ import psycopg
 from fuelcard_adapters.channels import ChannelFiles
 from fuelcard_adapters.neutral import SHANGHAI, FormatError, NeutralRecord, format_yuan
 
+from fuelcard_server.states import SettlementKind, SettlementStatus
+
 OUTCOMES = ("matched", "missing_ours", "missing_theirs", "amount_mismatch", "status_mismatch")
 BREAK_KINDS = OUTCOMES[1:]
-KIND_NAMES = {1: "payment", 2: "refund"}
-STATUS_NAMES = {1: "SUCCESS", 2: "FAILED", 3: "PROCESSING"}
+KIND_NAMES: dict[int, str] = {SettlementKind.PAYMENT: "payment", SettlementKind.REFUND: "refund"}
+STATUS_NAMES: dict[int, str] = {s: s.name for s in SettlementStatus}
 
 _SETUP = """
     CREATE TEMP TABLE recon_theirs (
@@ -72,10 +74,13 @@ _RESULT = """
     CREATE TEMP TABLE recon_result ON COMMIT DROP AS
     SELECT coalesce(o.kind, t.kind) AS kind,
            coalesce(o.channel_txn_id, t.channel_txn_id) AS channel_txn_id,
-           CASE WHEN o.kind IS NULL THEN CASE WHEN t.status = 2 THEN 0 ELSE 1 END
-                WHEN t.kind IS NULL THEN 2
-                WHEN o.amount_fen <> t.amount_fen THEN 3
-                WHEN o.status <> t.status THEN 4
+           -- 0: matched (no break); else a break kind
+           CASE WHEN o.kind IS NULL
+                THEN CASE WHEN t.status = fc.settlement_status_failed() THEN 0
+                          ELSE fc.break_kind_missing_ours() END
+                WHEN t.kind IS NULL THEN fc.break_kind_missing_theirs()
+                WHEN o.amount_fen <> t.amount_fen THEN fc.break_kind_amount_mismatch()
+                WHEN o.status <> t.status THEN fc.break_kind_status_mismatch()
                 ELSE 0 END AS outcome,
            o.txn_uid, o.original AS ours_original, o.amount_fen AS ours_amount_fen,
            o.status AS ours_status, o.occurred_at AS ours_at, o.business_date AS ours_business_date,
@@ -85,17 +90,23 @@ _RESULT = """
         ON o.kind = t.kind AND o.channel_txn_id = t.channel_txn_id"""
 _TOTALS = """
     SELECT (SELECT count(*) FROM recon_theirs), (SELECT count(*) FROM recon_ours),
-           count(*) FILTER (WHERE outcome = 0), count(*) FILTER (WHERE outcome = 1),
-           count(*) FILTER (WHERE outcome = 2), count(*) FILTER (WHERE outcome = 3),
-           count(*) FILTER (WHERE outcome = 4),
-           (SELECT coalesce(sum(amount_fen) FILTER (WHERE kind = 1 AND status = 1), 0)
+           count(*) FILTER (WHERE outcome = 0),
+           count(*) FILTER (WHERE outcome = fc.break_kind_missing_ours()),
+           count(*) FILTER (WHERE outcome = fc.break_kind_missing_theirs()),
+           count(*) FILTER (WHERE outcome = fc.break_kind_amount_mismatch()),
+           count(*) FILTER (WHERE outcome = fc.break_kind_status_mismatch()),
+           (SELECT coalesce(sum(amount_fen) FILTER (WHERE kind = fc.settlement_kind_payment()
+                                                   AND status = fc.settlement_status_success()), 0)
               FROM recon_theirs),
-           (SELECT coalesce(sum(amount_fen) FILTER (WHERE kind = 2 AND status = 1), 0)
+           (SELECT coalesce(sum(amount_fen) FILTER (WHERE kind = fc.settlement_kind_refund()
+                                                   AND status = fc.settlement_status_success()), 0)
               FROM recon_theirs),
            (SELECT coalesce(sum(fee_fen), 0) FROM recon_theirs),
-           (SELECT coalesce(sum(amount_fen) FILTER (WHERE kind = 1 AND status = 1), 0)
+           (SELECT coalesce(sum(amount_fen) FILTER (WHERE kind = fc.settlement_kind_payment()
+                                                   AND status = fc.settlement_status_success()), 0)
               FROM recon_ours WHERE business_date = %(day)s),
-           (SELECT coalesce(sum(amount_fen) FILTER (WHERE kind = 2 AND status = 1), 0)
+           (SELECT coalesce(sum(amount_fen) FILTER (WHERE kind = fc.settlement_kind_refund()
+                                                   AND status = fc.settlement_status_success()), 0)
               FROM recon_ours WHERE business_date = %(day)s)
       FROM recon_result"""
 _RUN = """
@@ -128,7 +139,8 @@ _AUTO_RESOLVE = """
        SET resolved_at = %(now)s, resolved_by = 'reconcile',
            resolution = 'matched in the channel file of ' || %(day)s::text
       FROM recon_result r
-     WHERE b.channel = %(channel)s AND b.business_date <> %(day)s AND b.kind = 2
+     WHERE b.channel = %(channel)s AND b.business_date <> %(day)s
+       AND b.kind = fc.break_kind_missing_theirs()
        AND b.resolved_at IS NULL AND r.outcome = 0
        AND b.record_kind = r.kind AND b.channel_txn_id = r.channel_txn_id"""
 # The business days (Beijing time) the file's records fall on: a file whose
@@ -145,10 +157,12 @@ _SAMPLE = """
      ORDER BY outcome, kind, channel_txn_id LIMIT %(limit)s"""
 # Yuan with two decimals and Beijing wall-clock time, as on the channels' bills.
 _REPORT = """
-    COPY (SELECT CASE outcome WHEN 0 THEN 'matched' WHEN 1 THEN 'missing_ours'
-                              WHEN 2 THEN 'missing_theirs' WHEN 3 THEN 'amount_mismatch'
+    COPY (SELECT CASE outcome WHEN 0 THEN 'matched'
+                              WHEN fc.break_kind_missing_ours() THEN 'missing_ours'
+                              WHEN fc.break_kind_missing_theirs() THEN 'missing_theirs'
+                              WHEN fc.break_kind_amount_mismatch() THEN 'amount_mismatch'
                               ELSE 'status_mismatch' END AS outcome,
-                 CASE kind WHEN 1 THEN 'payment' ELSE 'refund' END AS kind,
+                 CASE kind WHEN fc.settlement_kind_payment() THEN 'payment' ELSE 'refund' END AS kind,
                  channel_txn_id, txn_uid AS our_txn_id,
                  coalesce(ours_original, theirs_original) AS original_channel_txn_id,
                  to_char(ours_amount_fen / 100.0, 'FM9999999999999990.00') AS ours_amount_yuan,
@@ -347,7 +361,8 @@ def _audit(conn: psycopg.Connection[Any], actor: str, method: str, target: str |
     from fuelcard_server.audit import APPEND_SQL
     from fuelcard_server.locks import AUDIT_LOCK
 
-    conn.execute(APPEND_SQL, (AUDIT_LOCK, actor, method, target, outcome))
+    conn.execute(APPEND_SQL, {"lock": AUDIT_LOCK, "actor": actor, "method": method,
+                              "target": target, "outcome": outcome})
 
 
 def list_breaks(url: str, *, by: str, channel: int = 0, day: dt.date | None = None,
@@ -389,8 +404,10 @@ def resolve_break(url: str, break_id: str, resolution: str, resolved_by: str, *,
     with psycopg.connect(url) as conn:
         if refusal is None:
             try:
-                row = conn.execute(RESOLVE_SQL, (CLI_CALLER, request_id, digest, uid, resolution,
-                                                 resolved_by, now)).fetchone()
+                row = conn.execute(RESOLVE_SQL, {
+                    "caller": CLI_CALLER, "request_id": request_id, "request_hash": digest,
+                    "break_uid": uid, "resolution": resolution, "resolved_by": resolved_by,
+                    "now": now}).fetchone()
             except psycopg.Error as exc:
                 conn.rollback()
                 refusal = db.translate(exc)

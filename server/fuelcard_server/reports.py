@@ -15,7 +15,7 @@ BASELINE_PERIODS = 6
 MIN_BASELINE_PERIODS = 3
 ANOMALY_FACTOR = 2
 
-PARENT_SQL = "SELECT id FROM fc.accounts WHERE uid = %s::uuid AND kind <> 100"
+PARENT_SQL = "SELECT id FROM fc.accounts WHERE uid = %s::uuid AND kind <> fc.account_kind_system()"
 
 FLEET_COST_SQL = """
     WITH vehicles AS (
@@ -26,7 +26,7 @@ FLEET_COST_SQL = """
                     ELSE floor(extract(epoch FROM (%(start)s::timestamptz - h.closed_at))
                                / %(span_s)s)::integer END AS periods_back
           FROM fc.holds h JOIN vehicles v ON v.id = h.spender_account_id
-         WHERE h.state = 2
+         WHERE h.state = fc.hold_state_confirmed()
            AND h.closed_at >= %(start)s::timestamptz - %(span_s)s * %(baseline)s * interval '1 second'
            AND h.closed_at < %(end)s::timestamptz)
     SELECT v.uid::text, v.label,

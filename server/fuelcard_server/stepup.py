@@ -42,14 +42,15 @@ import grpc
 from fuelcard_server import errors, gm, keys
 from fuelcard_server.db import Database
 from fuelcard_server.privacy import mask_phone
+from fuelcard_server.states import StepUpKind
 
 log = logging.getLogger(__name__)
 
 CODE_DIGITS = 6
-# StepUpKind numbers (step_up.proto).
-RECHARGE, PIN_RESET, LIMIT_RAISE, REVEAL_CARD_NUMBER, ANOMALY = 1, 2, 3, 4, 5
-KIND_NAMES = {RECHARGE: "recharge", PIN_RESET: "PIN reset", LIMIT_RAISE: "limit raise",
-              REVEAL_CARD_NUMBER: "card number reveal", ANOMALY: "transaction check"}
+RECHARGE, PIN_RESET, LIMIT_RAISE = StepUpKind.RECHARGE, StepUpKind.PIN_RESET, StepUpKind.LIMIT_RAISE
+REVEAL_CARD_NUMBER, ANOMALY = StepUpKind.REVEAL_CARD_NUMBER, StepUpKind.ANOMALY
+KIND_NAMES: dict[int, str] = {RECHARGE: "recharge", PIN_RESET: "PIN reset", LIMIT_RAISE: "limit raise",
+                              REVEAL_CARD_NUMBER: "card number reveal", ANOMALY: "transaction check"}
 
 CREATE_SQL = (
     "SELECT fc.create_step_up(p_caller => %(caller)s, p_request_id => %(request_id)s,"

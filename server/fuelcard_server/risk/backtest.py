@@ -26,6 +26,7 @@ import psycopg
 
 from fuelcard_server.risk.engine import Authorization, CardState, Engine, Verdict
 from fuelcard_server.risk.model import RuleSet
+from fuelcard_server.states import HoldState, ReviewState
 
 TARGET_LEGIT_SUSPENDED = 0.003
 
@@ -36,7 +37,8 @@ HOLDS_SQL = """
      WHERE h.created_at >= %s AND h.created_at < %s
      ORDER BY h.created_at, h.id"""
 STATIONS_SQL = "SELECT station_id, latitude, longitude FROM fc.stations"
-REDEMPTIONS_SQL = "SELECT debit_account_id, created_at, amount FROM fc.journal WHERE kind = 4"
+REDEMPTIONS_SQL = ("SELECT debit_account_id, created_at, amount FROM fc.journal"
+                   " WHERE kind = fc.ledger_entry_kind_points_redeemed()")
 TZ_SQL = "SELECT fc.business_tz()"
 
 
@@ -101,7 +103,7 @@ def replay(rows: list[tuple[Any, ...]], engine: Engine, keep: bool = False) -> R
         st = states[card_id]
         verdict = engine.assess(st, a)
         engine.note(st, a, held=True)  # it did happen: the state follows history
-        legit = state == 2 and review_state != 3
+        legit = state == HoldState.CONFIRMED and review_state != ReviewState.REJECTED
         report.transactions += 1
         report.legitimate += legit
         report.declined += verdict.decision == "DECLINE"

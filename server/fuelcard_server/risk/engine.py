@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from fuelcard_server.risk.model import ACCOUNT_TYPES, ACTIONS, Rule, RuleSet
+from fuelcard_server.states import RiskDecision
 
 AUTH_TIMES_KEPT = 64
 DECLINES_KEPT = 16
@@ -121,9 +122,9 @@ class Engine:
                 fired.append(r)
         score = sum(r.score for r in fired)
         action = max((ACTIONS[r.action] for r in fired), default=0)
-        if action == 3 or score >= rs.decline_score:
+        if action == RiskDecision.DECLINE or score >= rs.decline_score:
             decision = "DECLINE"
-        elif action == 2 or score >= rs.review_score:
+        elif action == RiskDecision.REVIEW or score >= rs.review_score:
             decision = "REVIEW"
         else:
             decision = "APPROVE"

@@ -41,6 +41,7 @@ from typing import Any
 
 from fuelcard_server import errors
 from fuelcard_server.errors import FieldViolation
+from fuelcard_server.states import AccountType, RiskDecision
 from fuelcard_server.validation import printable
 
 # Limits the card state can answer exactly (fc.risk_card_state keeps the last
@@ -54,10 +55,11 @@ MAX_FEN = 10**12
 ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
-ACTIONS = {"score": 0, "review": 2, "decline": 3}
+# A rule's action: 0 when it only scores, else the decision it forces.
+ACTIONS: dict[str, int] = {"score": 0, "review": RiskDecision.REVIEW, "decline": RiskDecision.DECLINE}
 ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
-FALLBACKS = {"review": 2, "decline": 3}
-ACCOUNT_TYPES = {"personal": 1, "corporate": 2, "family": 3}
+FALLBACKS: dict[str, int] = {"review": RiskDecision.REVIEW, "decline": RiskDecision.DECLINE}
+ACCOUNT_TYPES: dict[str, int] = {t.name.lower(): t for t in AccountType}
 ACCOUNT_TYPE_NAMES = {v: k for k, v in ACCOUNT_TYPES.items()}
 
 

@@ -45,13 +45,32 @@ UPDATE_CARD_STATUS_SQL = (
     "SELECT fc.update_card_status(p_caller => %(caller)s, p_request_id => %(request_id)s,"
     " p_request_hash => %(request_hash)s, p_card_uid => %(card_uid)s::uuid,"
     " p_status => %(status)s::smallint, p_now => %(now)s::timestamptz)")
-GET_ACCOUNT_SQL = "SELECT fc.account_json(a => a) FROM fc.accounts a WHERE a.uid = %s::uuid AND a.kind <> 100"
+GET_ACCOUNT_SQL = ("SELECT fc.account_json(a => a) FROM fc.accounts a"
+                   " WHERE a.uid = %s::uuid AND a.kind <> fc.account_kind_system()")
 GET_CARD_SQL = "SELECT fc.card_json(c => c) FROM fc.cards c WHERE c.uid = %s::uuid"
+# Keyset pages, oldest first (a fleet's vehicles in the order they were added):
+# the page token is the last id seen. Indexes (parent_id, id) and
+# (account_id, id) (migration 0005) serve each page without a sort.
+SUB_ACCOUNTS_PAGE_SQL = """
+    SELECT a.id, fc.account_json(a => a) FROM fc.accounts a
+     WHERE a.parent_id = %(parent)s AND a.id > %(after)s
+     ORDER BY a.id LIMIT %(limit)s"""
+CARDS_PAGE_SQL = """
+    SELECT c.id, fc.card_json(c => c) FROM fc.cards c
+     WHERE c.account_id = %(account)s AND c.id > %(after)s
+     ORDER BY c.id LIMIT %(limit)s"""
 
 # journal kind -> TransactionKind
 _TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTION_KIND_PURCHASE,
              5: account_pb2.TRANSACTION_KIND_ALLOCATION,
              8: account_pb2.TRANSACTION_KIND_RECHARGE_REFUND}
+
+
+def _page(rows: list[Any], size: int) -> tuple[list[Any], str]:
+    """The page's rows, and the token for the next page (empty on the last)."""
+    if len(rows) > size:
+        return rows[:size], str(rows[size - 1][0])
+    return rows, ""
 
 
 class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
@@ -113,9 +132,10 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
             v.card_number("card_number", request.card_number)
         v.raise_if_any()
         caller = self.d.caller(context)
-        # A generated number is derived from the request, so a replay answers
-        # with the same number although the number is stored nowhere.
-        pan = request.card_number or self.d.pan_index.generate(f"{caller}\0{request.request_id}")
+        # A generated number is random (a clash with a card in use, about one
+        # in 10^14 per card held, answers CARD_NUMBER_IN_USE; nothing is
+        # remembered, so the same request may simply be sent again).
+        pan = request.card_number or cards.new_card_number()
         pan_index = self.d.pan_index.of(pan)
         d = await self.d.db.call(ISSUE_AND_STORE_CARD_SQL, {
             "caller": caller, "request_id": request.request_id,
@@ -123,7 +143,10 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
             "account_uid": request.account_id, "pan_index": pan_index, "masked": cards.mask(pan),
             "now": self.d.clock.now(), "root_key_id": self.d.card_vault.root_key_id,
             "sealed": self.d.card_vault.seal(pan)})
-        return account_pb2.IssueCardResponse(card=wire.card(d["card"]), card_number=pan)
+        # The full number is in the first answer only: a replay (the number
+        # drawn for it is not the card's) shows the masked one, in `card`.
+        return account_pb2.IssueCardResponse(card=wire.card(d["card"]),
+                                             card_number="" if d.get("replayed") else pan)
 
     @rpc(Role.ADMIN, Role.REVIEWER)
     async def GetCard(self, request: account_pb2.GetCardRequest, context: Ctx
@@ -183,3 +206,37 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
                 amount_fen=line.signed_amount, hold_id=line.hold_id, recharge_id=line.recharge_id)
             t.create_time.FromMicroseconds(line.create_us)
         return response
+
+    @rpc(Role.ADMIN, Role.REVIEWER)
+    async def ListSubAccounts(self, request: account_pb2.ListSubAccountsRequest, context: Ctx
+                              ) -> account_pb2.ListSubAccountsResponse:
+        v = Violations()
+        parent_id = v.uuid("parent_account_id", request.parent_account_id)
+        size = v.page_size("page_size", request.page_size)
+        after = v.page_token("page_token", request.page_token)
+        v.raise_if_any()
+        assert parent_id is not None
+        # A listing, not a money movement: the read pool (the replica when
+        # configured), as ListHolds and ListChannelExceptions.
+        parent = await history.account_key(self.d.reads, parent_id)
+        rows = await self.d.reads.fetch_all(SUB_ACCOUNTS_PAGE_SQL, {
+            "parent": parent, "after": after or 0, "limit": size + 1})
+        page, token = _page(rows, size)
+        return account_pb2.ListSubAccountsResponse(accounts=[wire.account(r[1]) for r in page],
+                                                   next_page_token=token)
+
+    @rpc(Role.ADMIN, Role.REVIEWER)
+    async def ListCards(self, request: account_pb2.ListCardsRequest, context: Ctx
+                        ) -> account_pb2.ListCardsResponse:
+        v = Violations()
+        account_id = v.uuid("account_id", request.account_id)
+        size = v.page_size("page_size", request.page_size)
+        after = v.page_token("page_token", request.page_token)
+        v.raise_if_any()
+        assert account_id is not None
+        account = await history.account_key(self.d.reads, account_id)
+        rows = await self.d.reads.fetch_all(CARDS_PAGE_SQL, {
+            "account": account, "after": after or 0, "limit": size + 1})
+        page, token = _page(rows, size)
+        return account_pb2.ListCardsResponse(cards=[wire.card(r[1]) for r in page],
+                                             next_page_token=token)

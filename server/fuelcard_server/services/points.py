@@ -19,7 +19,8 @@ REDEEM_SQL = (
     " p_request_hash => %(request_hash)s, p_account_uid => %(account_uid)s::uuid,"
     " p_points => %(points)s::bigint, p_description => %(description)s,"
     " p_now => %(now)s::timestamptz)")
-POINTS_BALANCE_SQL = "SELECT points_balance FROM fc.accounts WHERE uid = %s::uuid AND kind <> 100"
+POINTS_BALANCE_SQL = ("SELECT points_balance FROM fc.accounts"
+                      " WHERE uid = %s::uuid AND kind <> fc.account_kind_system()")
 
 
 

@@ -44,7 +44,7 @@ REVIEW_SQL = (
 SUSPENDED_SQL = """
     SELECT h.id, fc.hold_json(h => h), h.risk_score, h.risk_rules
       FROM fc.holds h
-     WHERE h.state = 5 AND h.id > %s
+     WHERE h.state = fc.hold_state_suspended() AND h.id > %s
      ORDER BY h.id LIMIT %s"""
 
 

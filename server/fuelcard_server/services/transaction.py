@@ -46,7 +46,8 @@ CARD_BALANCE_SQL = """
     SELECT c.uid::text, c.masked, f.uid::text, f.balance_fen, f.held_fen, a.points_balance
       FROM fc.cards c
       JOIN fc.accounts a ON a.id = c.account_id
-      JOIN fc.accounts f ON f.id = CASE WHEN a.funding_mode = 2 THEN a.parent_id ELSE a.id END
+      JOIN fc.accounts f
+        ON f.id = CASE WHEN a.funding_mode = fc.funding_mode_shared() THEN a.parent_id ELSE a.id END
      WHERE c.pan_index = %s"""
 
 

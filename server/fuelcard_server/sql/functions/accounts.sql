@@ -24,7 +24,7 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> 100;
+    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND', DETAIL = 'account_id';
     END IF;
@@ -58,7 +58,7 @@ BEGIN
     -- never in the middle of one.
     PERFORM pg_advisory_xact_lock(v_card.account_id);
     SELECT * INTO v_card FROM fc.cards WHERE uid = p_card_uid;
-    IF v_card.status = 3 AND p_status <> 3 THEN
+    IF v_card.status = fc.card_status_closed() AND p_status <> fc.card_status_closed() THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'CARD_CLOSED', DETAIL = 'card_id';
     END IF;
     UPDATE fc.cards SET status = p_status WHERE id = v_card.id RETURNING * INTO v_card;
@@ -82,7 +82,7 @@ BEGIN
         RETURN v_response;
     END IF;
     IF p_parent_uid IS NOT NULL THEN
-        SELECT * INTO v_parent FROM fc.accounts WHERE uid = p_parent_uid AND kind <> 100;
+        SELECT * INTO v_parent FROM fc.accounts WHERE uid = p_parent_uid AND kind <> fc.account_kind_system();
         IF NOT FOUND THEN
             RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
                 DETAIL = 'parent_account_id';

@@ -23,7 +23,7 @@
 -- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
 
--- 0004: the audit trail - an append-only, SM3 hash-chained record of every
+-- The audit trail: an append-only, SM3 hash-chained record of every
 -- internal/admin RPC and every read of personal data (who, what, when,
 -- outcome). fuelcard_server/audit.py writes it and verifies it.
 --

@@ -40,8 +40,24 @@ LANGUAGE sql STABLE AS $$
       FROM fc.cards c WHERE c.uid = p_card_uid
 $$;
 
--- The segment schemas' own functions (one pair per schema, owned by the schema's role):
--- put stores a sealed value once, get reads it back. The server's role may only EXECUTE them.
+-- `fuelcard keys rotate-card-index` (key_custody.py), one card at a time inside a batch: the
+-- card's blind index under the new card-index key, and its four parts re-sealed, since each is
+-- bound to the index (p_sealed as in fc.store_card_number). The caller holds the rotation row's
+-- lock, so one run moves a card once.
+CREATE OR REPLACE FUNCTION fc.reindex_card(p_card_id bigint, p_pan_index bytea, p_root_key_id text,
+                                           p_sealed bytea[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE fc.cards SET pan_index = p_pan_index WHERE id = p_card_id;
+    PERFORM fc_pan_seg1.replace(p_card_id, p_root_key_id, p_sealed[1]);
+    PERFORM fc_pan_seg2.replace(p_card_id, p_root_key_id, p_sealed[2]);
+    PERFORM fc_pan_seg3.replace(p_card_id, p_root_key_id, p_sealed[3]);
+    PERFORM fc_pan_vault.replace(p_card_id, p_root_key_id, p_sealed[4]);
+END $$;
+
+-- The segment schemas' own functions (owned by the schema's role): put stores a sealed value
+-- once, get reads it back, replace re-seals it (card-index rotation only). The server's role
+-- may only EXECUTE them.
 
 CREATE OR REPLACE FUNCTION fc_pan_seg1.put(p_card_id bigint, p_root_key_id text, p_sealed bytea)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
@@ -54,6 +70,12 @@ ALTER FUNCTION fc_pan_seg1.put(bigint, text, bytea) OWNER TO fc_pan_seg1;
 ALTER FUNCTION fc_pan_seg1.get(bigint) OWNER TO fc_pan_seg1;
 REVOKE ALL ON FUNCTION fc_pan_seg1.put(bigint, text, bytea), fc_pan_seg1.get(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION fc_pan_seg1.put(bigint, text, bytea), fc_pan_seg1.get(bigint) TO CURRENT_USER;
+CREATE OR REPLACE FUNCTION fc_pan_seg1.replace(p_card_id bigint, p_root_key_id text, p_sealed bytea)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
+'UPDATE fc_pan_seg1.sealed SET root_key_id = $2, sealed = $3 WHERE card_id = $1';
+ALTER FUNCTION fc_pan_seg1.replace(bigint, text, bytea) OWNER TO fc_pan_seg1;
+REVOKE ALL ON FUNCTION fc_pan_seg1.replace(bigint, text, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION fc_pan_seg1.replace(bigint, text, bytea) TO CURRENT_USER;
 
 CREATE OR REPLACE FUNCTION fc_pan_seg2.put(p_card_id bigint, p_root_key_id text, p_sealed bytea)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
@@ -66,6 +88,12 @@ ALTER FUNCTION fc_pan_seg2.put(bigint, text, bytea) OWNER TO fc_pan_seg2;
 ALTER FUNCTION fc_pan_seg2.get(bigint) OWNER TO fc_pan_seg2;
 REVOKE ALL ON FUNCTION fc_pan_seg2.put(bigint, text, bytea), fc_pan_seg2.get(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION fc_pan_seg2.put(bigint, text, bytea), fc_pan_seg2.get(bigint) TO CURRENT_USER;
+CREATE OR REPLACE FUNCTION fc_pan_seg2.replace(p_card_id bigint, p_root_key_id text, p_sealed bytea)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
+'UPDATE fc_pan_seg2.sealed SET root_key_id = $2, sealed = $3 WHERE card_id = $1';
+ALTER FUNCTION fc_pan_seg2.replace(bigint, text, bytea) OWNER TO fc_pan_seg2;
+REVOKE ALL ON FUNCTION fc_pan_seg2.replace(bigint, text, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION fc_pan_seg2.replace(bigint, text, bytea) TO CURRENT_USER;
 
 CREATE OR REPLACE FUNCTION fc_pan_seg3.put(p_card_id bigint, p_root_key_id text, p_sealed bytea)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
@@ -78,6 +106,12 @@ ALTER FUNCTION fc_pan_seg3.put(bigint, text, bytea) OWNER TO fc_pan_seg3;
 ALTER FUNCTION fc_pan_seg3.get(bigint) OWNER TO fc_pan_seg3;
 REVOKE ALL ON FUNCTION fc_pan_seg3.put(bigint, text, bytea), fc_pan_seg3.get(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION fc_pan_seg3.put(bigint, text, bytea), fc_pan_seg3.get(bigint) TO CURRENT_USER;
+CREATE OR REPLACE FUNCTION fc_pan_seg3.replace(p_card_id bigint, p_root_key_id text, p_sealed bytea)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
+'UPDATE fc_pan_seg3.sealed SET root_key_id = $2, sealed = $3 WHERE card_id = $1';
+ALTER FUNCTION fc_pan_seg3.replace(bigint, text, bytea) OWNER TO fc_pan_seg3;
+REVOKE ALL ON FUNCTION fc_pan_seg3.replace(bigint, text, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION fc_pan_seg3.replace(bigint, text, bytea) TO CURRENT_USER;
 
 CREATE OR REPLACE FUNCTION fc_pan_vault.put(p_card_id bigint, p_root_key_id text, p_sealed bytea)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
@@ -90,3 +124,9 @@ ALTER FUNCTION fc_pan_vault.put(bigint, text, bytea) OWNER TO fc_pan_vault;
 ALTER FUNCTION fc_pan_vault.get(bigint) OWNER TO fc_pan_vault;
 REVOKE ALL ON FUNCTION fc_pan_vault.put(bigint, text, bytea), fc_pan_vault.get(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION fc_pan_vault.put(bigint, text, bytea), fc_pan_vault.get(bigint) TO CURRENT_USER;
+CREATE OR REPLACE FUNCTION fc_pan_vault.replace(p_card_id bigint, p_root_key_id text, p_sealed bytea)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
+'UPDATE fc_pan_vault.sealed SET root_key_id = $2, sealed = $3 WHERE card_id = $1';
+ALTER FUNCTION fc_pan_vault.replace(bigint, text, bytea) OWNER TO fc_pan_vault;
+REVOKE ALL ON FUNCTION fc_pan_vault.replace(bigint, text, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION fc_pan_vault.replace(bigint, text, bytea) TO CURRENT_USER;

@@ -84,7 +84,8 @@ CREATE OR REPLACE FUNCTION fc.outbox_account_opened() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO fc.outbox (kind, ref_id, at, snap)
-    SELECT 3, n.id, n.created_at, fc.account_snap(n) FROM new_rows n WHERE n.kind <> 100 ORDER BY n.id;
+    SELECT 3, n.id, n.created_at, fc.account_snap(n) FROM new_rows n
+     WHERE n.kind <> fc.account_kind_system() ORDER BY n.id;
     RETURN NULL;
 END $$;
 
@@ -98,6 +99,8 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- 100: fc.account_kind_system(), by its number: a trigger's WHEN is resolved when the trigger
+-- is made, and a fresh database gets this file before states.sql.
 CREATE OR REPLACE TRIGGER accounts_outbox_update AFTER UPDATE ON fc.accounts
     FOR EACH ROW WHEN (NEW.kind <> 100 AND (
         OLD.status IS DISTINCT FROM NEW.status OR OLD.tier IS DISTINCT FROM NEW.tier
@@ -192,8 +195,7 @@ BEGIN
     RETURN v_count;
 END $$;
 
--- The event stream, completed: refunds as events of their own, and a
--- backfill of the history booked before the stream existed.
+-- Refunds and the backfill of history.
 --
 -- 1. Refunds (outbox kind 6). A refund's money leg is already streamed as a
 --    journal entry of kind 8 (RECHARGE_REFUND) when the account still had
@@ -203,20 +205,21 @@ END $$;
 --    what was debited from the account, the shortfall. One per fc.refunds
 --    row, written by a row trigger (refunds are rare; never on the pump path).
 --
--- 2. The backfill. Rows booked before 0009's triggers existed have no
+-- 2. The backfill. Rows booked before the stream's triggers existed have no
 --    events. fc.backfill_events writes outbox rows for them, in bounded
 --    batches, each batch its own short transaction; the sequencer gives them
 --    positions like any other (after the live events already positioned).
---    What is written:
---      journal entries with id <= the journal mark             kind 1
+--    Each source's rows to write end at its mark (fc.event_backfill.through_id,
+--    recorded when the stream was added). What is written:
+--      journal entries up to the journal mark                 kind 1
 --      for each sale among them (kind 2 entry), its hold,
 --        CONFIRMED, right after the entry (as a confirm does)  kind 2
---      accounts and cards that existed at this migration,
---        as they are when sequenced (dimensions: the newest
---        version wins in the warehouse)                        kinds 3, 4
+--      accounts and cards up to their marks, as they are
+--        when sequenced (dimensions: the newest version wins
+--        in the warehouse)                                     kinds 3, 4
 --      stations, as they are when sequenced, in the first
 --        batch                                                kind 5
---      refunds booked before this migration                   kind 6
+--      refunds up to their mark                               kind 6
 --    Holds cancelled or expired before the stream are not replayed: they
 --    moved no money and make no fact.
 --    Order: within each source by id; across sources by booking time (each
@@ -229,15 +232,14 @@ END $$;
 --    says so, and a consumer books them "if not already there".
 --
 -- The journal mark: the entries that have an event are exactly those
--- inserted after 0009's trigger (CREATE TRIGGER waited for every writer of
--- fc.journal), i.e. above some id. If any journal event is still in the
--- outbox or the stream, the mark is just below the lowest; if none, nothing
--- has been streamed yet (0009 and this migration applied together: the
--- common upgrade) and the mark is the journal's last id, read while no
--- writer is in flight (a short SHARE lock on fc.journal, to the end of this
--- migration). If every journal event had already been pruned, the boundary
--- is unknown and the mark is the last id: entries already streamed are
--- written again, and consumers skip the ones they hold (the backfill flag).
+-- inserted after the journal's outbox trigger was made (CREATE TRIGGER
+-- waited for every writer of fc.journal), i.e. above some id. If a journal
+-- event was still in the outbox or the stream when the mark was recorded,
+-- the mark is just below the lowest; if none, nothing had been streamed yet
+-- and the mark is the journal's last id then, read while no writer was in
+-- flight. If every journal event had already been pruned, the boundary is
+-- unknown and the mark is the last id: entries already streamed are written
+-- again, and consumers skip the ones they hold (the backfill flag).
 
 ------------------------------------------------------------------------------
 -- Refund events.
@@ -251,10 +253,11 @@ END $$;
 CREATE OR REPLACE TRIGGER refunds_outbox AFTER INSERT ON fc.refunds
     FOR EACH ROW EXECUTE FUNCTION fc.outbox_refund();
 
--- 0009's payload builder with kind 6 and the backfill flag added. A
--- backfilled account, card or station is described as it is when sequenced,
--- not when the backfill wrote its row: a change committed in between may be
--- positioned before it (its outbox row is older), and must not be undone.
+-- An event's payload, rendered when it is sequenced, by outbox kind: 1 journal entry, 2 hold
+-- state change, 3 account, 4 card, 5 station (its snapshot as written), 6 refund. A
+-- backfilled account, card or station is described as it is when sequenced, not when the
+-- backfill wrote its row: a change committed in between may be positioned before it (its
+-- outbox row is older), and must not be undone. Backfilled payloads carry "backfill": true.
 CREATE OR REPLACE FUNCTION fc.event_payload(o fc.outbox) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -262,84 +265,121 @@ DECLARE
     v_backfill boolean := coalesce(o.snap ? 'backfill', false);
     v_snap     jsonb := o.snap;
 BEGIN
-    IF v_backfill AND o.kind = 3 THEN
-        SELECT fc.account_snap(a) INTO v_snap FROM fc.accounts a WHERE a.id = o.ref_id;
-    ELSIF v_backfill AND o.kind = 4 THEN
-        SELECT jsonb_build_object('status', c.status, 'account_id', c.account_id) INTO v_snap
-          FROM fc.cards c WHERE c.id = o.ref_id;
-    ELSIF v_backfill AND o.kind = 5 THEN
-        SELECT jsonb_build_object('station_id', s.station_id, 'name', s.name,
-                                  'latitude', s.latitude, 'longitude', s.longitude) INTO v_snap
-          FROM fc.stations s WHERE s.station_id = o.snap ->> 'station_id';
+    IF v_backfill AND o.kind IN (3, 4, 5) THEN
+        v_snap := fc.current_snap(o);
     END IF;
-    IF o.kind = 1 THEN
-        SELECT jsonb_build_object(
-                   'entry_id', j.id, 'kind', j.kind, 'asset', j.asset, 'amount', j.amount,
-                   'debit_account_id', da.uid, 'debit_system_code', da.system_code,
-                   'credit_account_id', ca.uid, 'credit_system_code', ca.system_code,
-                   'hold_id', h.uid, 'recharge_id', r.uid, 'channel', r.channel,
-                   'description', j.description)
-          INTO v
-          FROM fc.journal j
-          JOIN fc.accounts da ON da.id = j.debit_account_id
-          JOIN fc.accounts ca ON ca.id = j.credit_account_id
-          LEFT JOIN fc.holds h ON h.id = j.hold_id
-          LEFT JOIN fc.recharges r ON r.id = j.recharge_id
-         WHERE j.id = o.ref_id;
-    ELSIF o.kind = 2 THEN
-        SELECT jsonb_build_object(
-                   'hold_id', h.uid, 'state', o.state, 'account_id', fa.uid,
-                   'spender_account_id', sa.uid, 'card_id', c.uid, 'amount_fen', h.amount_fen,
-                   'station_id', h.station_id, 'terminal_id', h.terminal_id, 'nozzle', h.nozzle,
-                   'product', h.product, 'create_us', fc.ts(h.created_at),
-                   'expire_us', fc.ts(h.expires_at),
-                   -- closed_at is written once, when the hold leaves AUTHORIZED
-                   'close_us', CASE WHEN o.state <> 1 THEN fc.ts(h.closed_at) END)
-               -- the settlement is final once CONFIRMED
-               || CASE WHEN o.state = 2 THEN jsonb_build_object(
-                   'settled_fen', h.settled_fen, 'volume_ml', h.volume_ml,
-                   'unit_price_fen', h.unit_price_fen, 'points_earned', h.points_earned,
-                   'confirmed_late', h.confirmed_late) ELSE '{}'::jsonb END
-          INTO v
-          FROM fc.holds h
-          JOIN fc.accounts fa ON fa.id = h.account_id
-          JOIN fc.accounts sa ON sa.id = h.spender_account_id
-          JOIN fc.cards c ON c.id = h.card_id
-         WHERE h.id = o.ref_id;
-    ELSIF o.kind = 3 THEN
-        SELECT jsonb_build_object(
-                   'account_id', a.uid, 'type', v_snap -> 'kind', 'status', v_snap -> 'status',
-                   'tier', v_snap -> 'tier', 'funding_mode', v_snap -> 'funding_mode',
-                   'label', v_snap -> 'label', 'create_us', fc.ts(a.created_at),
-                   'parent_account_id', (SELECT p.uid FROM fc.accounts p
-                                          WHERE p.id = (v_snap ->> 'parent_id')::bigint))
-          INTO v
-          FROM fc.accounts a WHERE a.id = o.ref_id;
-    ELSIF o.kind = 4 THEN
-        SELECT jsonb_build_object(
-                   'card_id', c.uid, 'status', v_snap -> 'status', 'create_us', fc.ts(c.created_at),
-                   'account_id', (SELECT a.uid FROM fc.accounts a
-                                   WHERE a.id = (v_snap ->> 'account_id')::bigint))
-          INTO v
-          FROM fc.cards c WHERE c.id = o.ref_id;
-    ELSIF o.kind = 6 THEN
-        SELECT jsonb_build_object(
-                   'refund_id', f.uid, 'recharge_id', r.uid, 'account_id', a.uid,
-                   'channel', f.channel, 'amount_fen', f.amount_fen,
-                   'debited_fen', f.debited_fen, 'shortfall_fen', f.amount_fen - f.debited_fen,
-                   'create_us', fc.ts(f.created_at))
-          INTO v
-          FROM fc.refunds f
-          JOIN fc.recharges r ON r.id = f.recharge_id
-          JOIN fc.accounts a ON a.id = f.account_id
-         WHERE f.id = o.ref_id;
-    ELSE
-        v := v_snap;
-    END IF;
+    v := CASE o.kind
+             WHEN 1 THEN fc.journal_event(o.ref_id)
+             WHEN 2 THEN fc.hold_event(o.ref_id, o.state)
+             WHEN 3 THEN fc.account_event(o.ref_id, v_snap)
+             WHEN 4 THEN fc.card_event(o.ref_id, v_snap)
+             WHEN 6 THEN fc.refund_event(o.ref_id)
+             ELSE v_snap END;
     IF v_backfill THEN
         v := coalesce(v, '{}'::jsonb) || '{"backfill": true}'::jsonb;
     END IF;
     RETURN coalesce(v, '{}'::jsonb);
+END $$;
+
+-- A backfilled account's, card's or station's snapshot, as the row is now (the backfill
+-- writes only a reference; see fc.event_payload).
+CREATE OR REPLACE FUNCTION fc.current_snap(o fc.outbox) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF o.kind = 3 THEN
+        RETURN (SELECT fc.account_snap(a) FROM fc.accounts a WHERE a.id = o.ref_id);
+    ELSIF o.kind = 4 THEN
+        RETURN (SELECT jsonb_build_object('status', c.status, 'account_id', c.account_id)
+                  FROM fc.cards c WHERE c.id = o.ref_id);
+    END IF;
+    RETURN (SELECT jsonb_build_object('station_id', s.station_id, 'name', s.name,
+                                      'latitude', s.latitude, 'longitude', s.longitude)
+              FROM fc.stations s WHERE s.station_id = o.snap ->> 'station_id');
+END $$;
+
+-- A journal entry's event: the entry, with its accounts, hold and recharge by their ids.
+CREATE OR REPLACE FUNCTION fc.journal_event(p_entry_id bigint) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT jsonb_build_object(
+                'entry_id', j.id, 'kind', j.kind, 'asset', j.asset, 'amount', j.amount,
+                'debit_account_id', da.uid, 'debit_system_code', da.system_code,
+                'credit_account_id', ca.uid, 'credit_system_code', ca.system_code,
+                'hold_id', h.uid, 'recharge_id', r.uid, 'channel', r.channel,
+                'description', j.description)
+              FROM fc.journal j
+              JOIN fc.accounts da ON da.id = j.debit_account_id
+              JOIN fc.accounts ca ON ca.id = j.credit_account_id
+              LEFT JOIN fc.holds h ON h.id = j.hold_id
+              LEFT JOIN fc.recharges r ON r.id = j.recharge_id
+             WHERE j.id = p_entry_id);
+END $$;
+
+-- A hold's event, for its move to p_state (the state the change wrote, not the hold's state
+-- now, which may have moved on since).
+CREATE OR REPLACE FUNCTION fc.hold_event(p_hold_id bigint, p_state smallint) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT jsonb_build_object(
+                'hold_id', h.uid, 'state', p_state, 'account_id', fa.uid,
+                'spender_account_id', sa.uid, 'card_id', c.uid, 'amount_fen', h.amount_fen,
+                'station_id', h.station_id, 'terminal_id', h.terminal_id, 'nozzle', h.nozzle,
+                'product', h.product, 'create_us', fc.ts(h.created_at),
+                'expire_us', fc.ts(h.expires_at),
+                -- closed_at is written once, when the hold leaves AUTHORIZED
+                'close_us', CASE WHEN p_state <> fc.hold_state_authorized()
+                                 THEN fc.ts(h.closed_at) END)
+            -- the settlement is final once CONFIRMED
+            || CASE WHEN p_state = fc.hold_state_confirmed() THEN jsonb_build_object(
+                'settled_fen', h.settled_fen, 'volume_ml', h.volume_ml,
+                'unit_price_fen', h.unit_price_fen, 'points_earned', h.points_earned,
+                'confirmed_late', h.confirmed_late) ELSE '{}'::jsonb END
+              FROM fc.holds h
+              JOIN fc.accounts fa ON fa.id = h.account_id
+              JOIN fc.accounts sa ON sa.id = h.spender_account_id
+              JOIN fc.cards c ON c.id = h.card_id
+             WHERE h.id = p_hold_id);
+END $$;
+
+-- An account's event: the snapshot the change wrote (p_snap, see fc.account_snap), with the
+-- ids the stream uses.
+CREATE OR REPLACE FUNCTION fc.account_event(p_account_id bigint, p_snap jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT jsonb_build_object(
+                'account_id', a.uid, 'type', p_snap -> 'kind', 'status', p_snap -> 'status',
+                'tier', p_snap -> 'tier', 'funding_mode', p_snap -> 'funding_mode',
+                'label', p_snap -> 'label', 'create_us', fc.ts(a.created_at),
+                'parent_account_id', (SELECT p.uid FROM fc.accounts p
+                                       WHERE p.id = (p_snap ->> 'parent_id')::bigint))
+              FROM fc.accounts a WHERE a.id = p_account_id);
+END $$;
+
+-- A card's event: the snapshot the change wrote (status, account), with the stream's ids.
+CREATE OR REPLACE FUNCTION fc.card_event(p_card_id bigint, p_snap jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT jsonb_build_object(
+                'card_id', c.uid, 'status', p_snap -> 'status', 'create_us', fc.ts(c.created_at),
+                'account_id', (SELECT a.uid FROM fc.accounts a
+                                WHERE a.id = (p_snap ->> 'account_id')::bigint))
+              FROM fc.cards c WHERE c.id = p_card_id);
+END $$;
+
+-- A refund's event: the whole refund, what the channel paid back, what was debited from the
+-- account, and the shortfall.
+CREATE OR REPLACE FUNCTION fc.refund_event(p_refund_id bigint) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT jsonb_build_object(
+                'refund_id', f.uid, 'recharge_id', r.uid, 'account_id', a.uid,
+                'channel', f.channel, 'amount_fen', f.amount_fen,
+                'debited_fen', f.debited_fen, 'shortfall_fen', f.amount_fen - f.debited_fen,
+                'create_us', fc.ts(f.created_at))
+              FROM fc.refunds f
+              JOIN fc.recharges r ON r.id = f.recharge_id
+              JOIN fc.accounts a ON a.id = f.account_id
+             WHERE f.id = p_refund_id);
 END $$;
 
 -- One batch: outbox rows for up to p_limit source rows (plus the hold of
@@ -379,7 +419,7 @@ BEGIN
         UNION ALL
         (SELECT 3::smallint, a.id, a.created_at, NULL::smallint, NULL::bigint
            FROM fc.accounts a WHERE a.id > v_a.done_id AND a.id <= v_a.through_id
-            AND a.kind <> 100
+            AND a.kind <> fc.account_kind_system()
           ORDER BY a.id LIMIT p_limit)
         UNION ALL
         (SELECT 4::smallint, c.id, c.created_at, NULL::smallint, NULL::bigint
@@ -399,10 +439,10 @@ BEGIN
           FROM taken t
         UNION ALL
         -- a sale's hold, CONFIRMED, right after its entry
-        SELECT t.k, t.src, t.id, 1, 2::smallint, h.id, 2::smallint, h.closed_at,
+        SELECT t.k, t.src, t.id, 1, 2::smallint, h.id, fc.hold_state_confirmed(), h.closed_at,
                '{"backfill": true}'::jsonb
           FROM taken t JOIN fc.holds h ON h.id = t.hold_id
-         WHERE t.src = 1 AND t.entry_kind = 2
+         WHERE t.src = 1 AND t.entry_kind = fc.ledger_entry_kind_purchase()
     ), ins AS (
         INSERT INTO fc.outbox (kind, ref_id, state, at, snap)
         SELECT w.kind, w.ref_id, w.state, w.at, w.snap FROM written w

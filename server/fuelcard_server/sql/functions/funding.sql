@@ -21,7 +21,7 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    SELECT * INTO v_parent FROM fc.accounts WHERE uid = p_parent_uid AND kind <> 100;
+    SELECT * INTO v_parent FROM fc.accounts WHERE uid = p_parent_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
             DETAIL = 'parent_account_id';
@@ -32,14 +32,15 @@ BEGIN
     INSERT INTO pg_temp.top_up_lines
     SELECT a.id, a.funding_mode, a.parent_id, l.uid, l.amount
       FROM jsonb_to_recordset(p_lines) AS l(uid uuid, amount bigint)
-      LEFT JOIN fc.accounts a ON a.uid = l.uid AND a.kind <> 100;
+      LEFT JOIN fc.accounts a ON a.uid = l.uid AND a.kind <> fc.account_kind_system();
     SELECT uid::text INTO v_bad FROM pg_temp.top_up_lines WHERE account_id IS NULL LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
             DETAIL = 'lines.account_id';
     END IF;
     IF EXISTS (SELECT 1 FROM pg_temp.top_up_lines
-                WHERE parent_id IS DISTINCT FROM v_parent.id OR funding_mode <> 1) THEN
+                WHERE parent_id IS DISTINCT FROM v_parent.id
+                   OR funding_mode <> fc.funding_mode_allocated()) THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'NOT_AN_ALLOCATED_SUB_ACCOUNT',
             DETAIL = 'lines.account_id';
     END IF;
@@ -49,7 +50,7 @@ BEGIN
        FROM (SELECT account_id FROM pg_temp.top_up_lines ORDER BY account_id) ordered;
     SELECT * INTO v_parent FROM fc.accounts WHERE id = v_parent.id;
     SELECT sum(amount) INTO v_total FROM pg_temp.top_up_lines;
-    IF v_parent.status <> 1 THEN
+    IF v_parent.status <> fc.account_status_active() THEN
         v_response := jsonb_build_object('decision', 'DECLINED', 'decline_reason', 'ACCOUNT_FROZEN',
                                          'total_fen', v_total, 'parent_balance_fen', v_parent.balance_fen);
     ELSIF v_parent.balance_fen - v_parent.held_fen < v_total THEN
@@ -60,7 +61,8 @@ BEGIN
         FOR v_line IN SELECT * FROM pg_temp.top_up_lines ORDER BY account_id LOOP
             INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
                                     description, created_at)
-            VALUES (5, 1, v_parent.id, v_line.account_id, v_line.amount, 'batch top-up', p_now);
+            VALUES (fc.ledger_entry_kind_allocation(), fc.asset_money(), v_parent.id, v_line.account_id,
+                    v_line.amount, 'batch top-up', p_now);
             UPDATE fc.accounts SET balance_fen = balance_fen + v_line.amount
              WHERE id = v_line.account_id;
         END LOOP;
@@ -90,11 +92,11 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> 100;
+    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND', DETAIL = 'account_id';
     END IF;
-    IF v_account.funding_mode = 2 THEN
+    IF v_account.funding_mode = fc.funding_mode_shared() THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'ACCOUNT_USES_PARENT_BALANCE',
             DETAIL = 'account_id';
     END IF;
@@ -130,7 +132,8 @@ BEGIN
             v_account.balance_fen + p_amount_fen, p_now)
     RETURNING * INTO v_recharge;
     INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, recharge_id, created_at)
-    VALUES (1, 1, fc.system_account(v_clearing), v_account.id, p_amount_fen, v_recharge.id, p_now);
+    VALUES (fc.ledger_entry_kind_recharge(), fc.asset_money(), fc.system_account(v_clearing), v_account.id,
+            p_amount_fen, v_recharge.id, p_now);
     UPDATE fc.accounts SET balance_fen = balance_fen + p_amount_fen WHERE id = v_account.id
     RETURNING * INTO v_account;
 
@@ -168,9 +171,74 @@ BEGIN
       FROM fc.recharges r WHERE r.id = f.recharge_id);
 END $$;
 
+-- What this refund of p_recharge is, in fen: p_amount_fen, or the rise of the channel's
+-- running total p_refunded_total_fen over what is already refunded. Refuses a total already
+-- covered, and a refund past what the recharge has left. The caller holds the account's lock.
+CREATE OR REPLACE FUNCTION fc.refund_amount(p_recharge fc.recharges, p_amount_fen bigint,
+                                            p_refunded_total_fen bigint)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_refunded bigint;
+    v_amount   bigint;
+BEGIN
+    SELECT coalesce(sum(amount_fen), 0) INTO v_refunded FROM fc.refunds
+     WHERE recharge_id = p_recharge.id;
+    IF p_refunded_total_fen > 0 THEN
+        v_amount := p_refunded_total_fen - v_refunded;
+        IF v_amount <= 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REFUND_ALREADY_COVERED',
+                DETAIL = 'refunded_total_fen';
+        END IF;
+    ELSE
+        v_amount := p_amount_fen;
+    END IF;
+    IF v_amount > p_recharge.amount_fen - v_refunded THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REFUND_EXCEEDS_RECHARGE',
+            DETAIL = 'amount_fen';
+    END IF;
+    RETURN v_amount;
+END $$;
+
+-- The refund's money: only money still on the account is taken back, never what holds
+-- reserve; the rest is a shortfall, a channel exception for someone to settle. Returns the
+-- refund. The caller holds the account's lock.
+CREATE OR REPLACE FUNCTION fc.book_refund(p_recharge fc.recharges, p_channel smallint,
+                                          p_channel_refund_id text, p_amount bigint,
+                                          p_now timestamptz)
+RETURNS fc.refunds
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_account fc.accounts;
+    v_refund  fc.refunds;
+    v_debit   bigint;
+BEGIN
+    SELECT * INTO v_account FROM fc.accounts WHERE id = p_recharge.account_id;
+    v_debit := least(p_amount, greatest(v_account.balance_fen - v_account.held_fen, 0));
+    INSERT INTO fc.refunds (recharge_id, account_id, channel, channel_refund_id, amount_fen,
+                            debited_fen, balance_after_fen, created_at)
+    VALUES (p_recharge.id, v_account.id, p_channel, p_channel_refund_id, p_amount, v_debit,
+            v_account.balance_fen - v_debit, p_now)
+    RETURNING * INTO v_refund;
+    IF v_debit > 0 THEN
+        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
+                                recharge_id, description, created_at)
+        VALUES (fc.ledger_entry_kind_recharge_refund(), fc.asset_money(), v_account.id,
+                fc.clearing_account(p_channel), v_debit, p_recharge.id, 'channel refund', p_now);
+        UPDATE fc.accounts SET balance_fen = balance_fen - v_debit WHERE id = v_account.id;
+    END IF;
+    IF v_debit < p_amount THEN
+        INSERT INTO fc.channel_exceptions (refund_id, account_id, channel, amount_fen, reason,
+                                           created_at)
+        VALUES (v_refund.id, v_account.id, p_channel, p_amount - v_debit, 'REFUND_SHORTFALL', p_now);
+    END IF;
+    RETURN v_refund;
+END $$;
+
 -- RefundRecharge: one round trip. p_amount_fen (this refund) or
 -- p_refunded_total_fen (the channel's running total; this refund is the
 -- difference from what is already refunded, worked out under the lock).
+-- Steps: the amount (fc.refund_amount), the money (fc.book_refund).
 CREATE OR REPLACE FUNCTION fc.refund_recharge(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_channel smallint, p_channel_txn_id text, p_channel_refund_id text,
@@ -181,10 +249,6 @@ DECLARE
     v_response jsonb;
     v_recharge fc.recharges;
     v_refund   fc.refunds;
-    v_account  fc.accounts;
-    v_refunded bigint;
-    v_amount   bigint;
-    v_debit    bigint;
 BEGIN
     v_response := fc.replay(p_caller, p_request_id, p_request_hash);
     IF v_response IS NOT NULL THEN
@@ -215,42 +279,9 @@ BEGIN
                            v_response, p_now) || '{"replayed": true}';
     END IF;
 
-    SELECT coalesce(sum(amount_fen), 0) INTO v_refunded FROM fc.refunds
-     WHERE recharge_id = v_recharge.id;
-    IF p_refunded_total_fen > 0 THEN
-        v_amount := p_refunded_total_fen - v_refunded;
-        IF v_amount <= 0 THEN
-            RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REFUND_ALREADY_COVERED',
-                DETAIL = 'refunded_total_fen';
-        END IF;
-    ELSE
-        v_amount := p_amount_fen;
-    END IF;
-    IF v_amount > v_recharge.amount_fen - v_refunded THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REFUND_EXCEEDS_RECHARGE',
-            DETAIL = 'amount_fen';
-    END IF;
-
-    SELECT * INTO v_account FROM fc.accounts WHERE id = v_recharge.account_id;
-    -- Only money still there is taken back: never what holds reserve.
-    v_debit := least(v_amount, greatest(v_account.balance_fen - v_account.held_fen, 0));
-    INSERT INTO fc.refunds (recharge_id, account_id, channel, channel_refund_id, amount_fen,
-                            debited_fen, balance_after_fen, created_at)
-    VALUES (v_recharge.id, v_account.id, p_channel, p_channel_refund_id, v_amount, v_debit,
-            v_account.balance_fen - v_debit, p_now)
-    RETURNING * INTO v_refund;
-    IF v_debit > 0 THEN
-        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
-                                recharge_id, description, created_at)
-        VALUES (8, 1, v_account.id, fc.clearing_account(p_channel), v_debit, v_recharge.id,
-                'channel refund', p_now);
-        UPDATE fc.accounts SET balance_fen = balance_fen - v_debit WHERE id = v_account.id;
-    END IF;
-    IF v_debit < v_amount THEN
-        INSERT INTO fc.channel_exceptions (refund_id, account_id, channel, amount_fen, reason,
-                                           created_at)
-        VALUES (v_refund.id, v_account.id, p_channel, v_amount - v_debit, 'REFUND_SHORTFALL', p_now);
-    END IF;
+    v_refund := fc.book_refund(v_recharge, p_channel, p_channel_refund_id,
+                               fc.refund_amount(v_recharge, p_amount_fen, p_refunded_total_fen),
+                               p_now);
     v_response := jsonb_build_object('refund', fc.refund_json(v_refund),
                                      'balance_fen', v_refund.balance_after_fen);
     RETURN fc.remember(p_caller, p_request_id, 'refund_recharge', p_request_hash, v_response, p_now);
@@ -261,7 +292,8 @@ LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO fc.settlement_records (channel, kind, channel_txn_id, txn_uid, amount_fen,
                                        status, occurred_at, business_date)
-    VALUES (NEW.channel, 1, NEW.channel_txn_id, NEW.uid, NEW.amount_fen, 1, NEW.created_at,
+    VALUES (NEW.channel, fc.settlement_kind_payment(), NEW.channel_txn_id, NEW.uid, NEW.amount_fen,
+            fc.settlement_status_success(), NEW.created_at,
             (NEW.created_at AT TIME ZONE fc.business_tz())::date);
     RETURN NULL;
 END $$;
@@ -275,7 +307,8 @@ BEGIN
     INSERT INTO fc.settlement_records (channel, kind, channel_txn_id, txn_uid,
                                        original_channel_txn_id, amount_fen, status, occurred_at,
                                        business_date)
-    SELECT NEW.channel, 2, NEW.channel_refund_id, NEW.uid, r.channel_txn_id, NEW.amount_fen, 1,
+    SELECT NEW.channel, fc.settlement_kind_refund(), NEW.channel_refund_id, NEW.uid, r.channel_txn_id,
+           NEW.amount_fen, fc.settlement_status_success(),
            NEW.created_at, (NEW.created_at AT TIME ZONE fc.business_tz())::date
       FROM fc.recharges r WHERE r.id = NEW.recharge_id;
     RETURN NULL;

@@ -1,6 +1,10 @@
 -- Holds at the pump (Try-Confirm-Cancel): authorize reserves, confirm settles, cancel and
 -- expiry release. The hold state machine is enforced by a trigger here.
 --
+-- fc.authorize and fc.confirm are the pump's two calls, each one statement: the steps they are
+-- made of are functions of their own, called inside that statement, and handed the rows the
+-- caller has already read rather than reading them again.
+--
 -- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
 
@@ -29,13 +33,38 @@ BEGIN
       FROM fc.cards c WHERE c.id = h.card_id);
 END $$;
 
+-- fc.hold_json's answer, from the funding account's and the card's values the pump path has
+-- already read: no query. A plain SQL expression, inlined where it is called.
+CREATE OR REPLACE FUNCTION fc.hold_json_of(h fc.holds, p_account_uid uuid, p_card_uid uuid,
+                                           p_masked text)
+RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'hold_id', h.uid, 'account_id', p_account_uid, 'card_id', p_card_uid,
+        'masked_card_number', p_masked, 'state', h.state,
+        'amount_fen', h.amount_fen, 'settled_fen', h.settled_fen,
+        'station_id', h.station_id, 'terminal_id', h.terminal_id,
+        'nozzle', h.nozzle, 'product', h.product,
+        'create_us', fc.ts(h.created_at), 'expire_us', fc.ts(h.expires_at),
+        'close_us', fc.ts(h.closed_at), 'volume_ml', h.volume_ml,
+        'unit_price_fen', h.unit_price_fen, 'points_earned', h.points_earned,
+        'confirmed_late', h.confirmed_late)
+$$;
+
 CREATE OR REPLACE FUNCTION fc.check_hold_transition() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.state <> OLD.state AND NOT (
-           (OLD.state = 1 AND NEW.state IN (2, 3, 4))   -- confirm, cancel, expire
-        OR (OLD.state = 4 AND NEW.state = 2)            -- late confirm
-        OR (OLD.state = 5 AND NEW.state IN (1, 3, 4, 6)) -- review approve, cancel, expire, reject
+           -- confirm, cancel, expire
+           (OLD.state = fc.hold_state_authorized()
+            AND NEW.state IN (fc.hold_state_confirmed(), fc.hold_state_cancelled(),
+                              fc.hold_state_expired()))
+           -- late confirm
+        OR (OLD.state = fc.hold_state_expired() AND NEW.state = fc.hold_state_confirmed())
+           -- review approve, cancel, expire, reject
+        OR (OLD.state = fc.hold_state_suspended()
+            AND NEW.state IN (fc.hold_state_authorized(), fc.hold_state_cancelled(),
+                              fc.hold_state_expired(), fc.hold_state_rejected()))
     ) THEN
         RAISE EXCEPTION 'illegal hold transition % -> % for hold %', OLD.state, NEW.state, OLD.id;
     END IF;
@@ -48,8 +77,9 @@ END $$;
 CREATE OR REPLACE TRIGGER holds_state_machine BEFORE UPDATE ON fc.holds
     FOR EACH ROW EXECUTE FUNCTION fc.check_hold_transition();
 
--- The money movements, aware of suspended and rejected holds. Copies of the
--- final bodies of 0002 with the changes marked "risk".
+-- Releases an account's holds past their expiry, the suspended ones too (a hold waiting for
+-- review reserves money like an authorized one): their money and the usage they charged.
+-- The caller holds the account's lock. Returns how many it released.
 CREATE OR REPLACE FUNCTION fc.release_expired_locked(p_account_id bigint, p_now timestamptz)
 RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -59,9 +89,11 @@ DECLARE
     v_released bigint := 0;
 BEGIN
     FOR v_hold IN
-        UPDATE fc.holds h SET state = 4, closed_at = p_now
+        UPDATE fc.holds h SET state = fc.hold_state_expired(), closed_at = p_now
           FROM fc.accounts s
-         WHERE h.account_id = p_account_id AND h.state IN (1, 5) AND h.expires_at <= p_now  -- risk
+         WHERE h.account_id = p_account_id
+           AND h.state IN (fc.hold_state_authorized(), fc.hold_state_suspended())
+           AND h.expires_at <= p_now
            AND s.id = h.spender_account_id
         RETURNING h.card_id, h.spender_account_id, s.parent_id, h.usage_day, h.amount_fen
     LOOP
@@ -100,12 +132,13 @@ BEGIN
     IF p_terminal IS NOT NULL AND v_hold.terminal_id <> p_terminal THEN
         RAISE EXCEPTION USING ERRCODE = 'FCPD0', MESSAGE = 'NOT_YOUR_HOLD', DETAIL = 'hold_id';
     END IF;
-    IF v_hold.state = 2 THEN
+    IF v_hold.state = fc.hold_state_confirmed() THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_ALREADY_CONFIRMED', DETAIL = 'hold_id';
     END IF;
-    -- risk: a suspended hold may be cancelled too (the driver gave up waiting).
-    IF v_hold.state IN (1, 5) THEN
-        UPDATE fc.holds SET state = 3, closed_at = p_now WHERE id = v_hold.id RETURNING * INTO v_hold;
+    -- A suspended hold may be cancelled too: the driver gave up waiting for the review.
+    IF v_hold.state IN (fc.hold_state_authorized(), fc.hold_state_suspended()) THEN
+        UPDATE fc.holds SET state = fc.hold_state_cancelled(), closed_at = p_now
+         WHERE id = v_hold.id RETURNING * INTO v_hold;
         UPDATE fc.accounts SET held_fen = held_fen - v_hold.amount_fen WHERE id = v_hold.account_id;
         PERFORM fc.charge_usage(v_hold.card_id, v_spender_id, v_parent_id, v_hold.usage_day,
                                 -v_hold.amount_fen);
@@ -115,6 +148,81 @@ BEGIN
     RETURN fc.remember(p_caller, p_request_id, 'cancel', p_request_hash, v_response, p_now);
 END $$;
 
+-- Authorize: reserve money at the pump.
+------------------------------------------------------------------------------
+
+-- Why the card may not be used at all now: a blocked or closed card, a frozen account or
+-- parent, a PIN refused (asked only of a card that may otherwise be used); NULL if it may.
+CREATE OR REPLACE FUNCTION fc.card_refusal(c fc.cards, s fc.accounts, p fc.accounts,
+                                           p_pin_ok boolean, p_now timestamptz)
+RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF c.status = fc.card_status_blocked() THEN
+        RETURN 'CARD_BLOCKED';
+    ELSIF c.status = fc.card_status_closed() THEN
+        RETURN 'CARD_CLOSED';
+    -- p is NULL for an account without a parent: only s decides then.
+    ELSIF s.status <> fc.account_status_active() OR p.status <> fc.account_status_active() THEN
+        RETURN 'ACCOUNT_FROZEN';
+    ELSIF c.has_pin THEN
+        RETURN fc.pin_refusal(c.id, p_pin_ok, p_now);
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Whether p_amount fits: the card's scope (station, product, hours), the caps of the card,
+-- its account and the parent, then the money of the funding account p_funder; the refusal,
+-- or NULL if it fits. Reads only. (A text answer, not a record: a PL/pgSQL function with OUT
+-- parameters costs several microseconds more per call on the pump path.)
+CREATE OR REPLACE FUNCTION fc.room_refusal(
+    c fc.cards, s fc.accounts, p fc.accounts, p_funder fc.accounts, p_amount bigint,
+    p_station_id text, p_product smallint, p_local timestamp, p_day date, p_now timestamptz)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_reason text;
+BEGIN
+    v_reason := coalesce(fc.scope_refusal(c, p_station_id, p_product, p_local),
+                         fc.caps_refusal(c, s, p, p_day, p_amount, p_now));
+    IF v_reason IS NULL AND p_funder.balance_fen - p_funder.held_fen < p_amount THEN
+        v_reason := 'INSUFFICIENT_FUNDS';
+    END IF;
+    RETURN v_reason;
+END $$;
+
+-- The reservation itself: the hold (SUSPENDED, waiting for a reviewer, when the risk verdict
+-- p_risk says REVIEW; AUTHORIZED otherwise), the money held on the funding account, and the
+-- usage charged to the caps of the card, its account and the parent. Returns the hold.
+CREATE OR REPLACE FUNCTION fc.open_hold(
+    p_card_id bigint, p_spender_id bigint, p_parent_id bigint, p_funder_id bigint, p_day date,
+    p_amount_fen bigint, p_station_id text, p_terminal_id text, p_nozzle integer,
+    p_product smallint, p_now timestamptz, p_ttl interval, p_risk jsonb)
+RETURNS fc.holds
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_hold fc.holds;
+BEGIN
+    INSERT INTO fc.holds (account_id, card_id, spender_account_id, usage_day, state,
+                          amount_fen, station_id, terminal_id, nozzle, product,
+                          created_at, expires_at, risk_score, risk_rules, review_state)
+    VALUES (p_funder_id, p_card_id, p_spender_id, p_day,
+            CASE WHEN p_risk->>'decision' = 'REVIEW' THEN fc.hold_state_suspended()
+                 ELSE fc.hold_state_authorized() END,
+            p_amount_fen, p_station_id, p_terminal_id, p_nozzle, p_product, p_now, p_now + p_ttl,
+            coalesce((p_risk->>'score')::integer, 0),
+            coalesce(ARRAY(SELECT jsonb_array_elements_text(p_risk->'rules')), '{}'),
+            CASE WHEN p_risk->>'decision' = 'REVIEW' THEN fc.review_state_pending() END)
+    RETURNING * INTO v_hold;
+    UPDATE fc.accounts SET held_fen = held_fen + p_amount_fen WHERE id = p_funder_id;
+    PERFORM fc.charge_usage(p_card_id, p_spender_id, p_parent_id, p_day, p_amount_fen);
+    RETURN v_hold;
+END $$;
+
+-- Reserve p_amount_fen for a sale at the pump, or decline. The money comes from the card's
+-- account, or from its parent for a SHARED sub-account. Steps: the card (fc.card_refusal),
+-- the room and the money (fc.room_refusal, again after releasing expired holds), the risk
+-- engine, the hold (fc.open_hold).
 CREATE OR REPLACE FUNCTION fc.authorize(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_pan_index bytea, p_amount_fen bigint,
@@ -131,115 +239,60 @@ DECLARE
     v_hold     fc.holds;
     v_reason   text;
     v_local    timestamp := p_now AT TIME ZONE fc.business_tz();
-    v_day      date := v_local::date;                   -- perf: one fc.config read
-    v_risk     jsonb;         -- risk: the engine's verdict, NULL without a rule set
+    v_day      date := v_local::date;   -- from v_local: one fc.config read
+    v_risk     jsonb;         -- the risk engine's verdict, NULL without a rule set
 BEGIN
     v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal_id, p_counter);
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-
     SELECT * INTO v_card FROM fc.cards WHERE pan_index = p_pan_index;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'CARD_NOT_FOUND', DETAIL = 'card_number';
     END IF;
-
-    -- Serialise every reservation on this account tree (parent first). Held
-    -- until commit, which is the end of this one statement.
+    -- Serialise reservations on this account tree (parent first) until commit; then read the
+    -- card again: a block, limit or scope committed while we waited applies to this one.
     PERFORM fc.lock_chain(v_card.account_id);
-    -- The card again, now that changes to it are serialised with us too: a
-    -- block, a limit or a scope committed while we waited for the lock
-    -- applies to this reservation (fc.update_card_status and the controls
-    -- change a card under the same lock).
     SELECT * INTO v_card FROM fc.cards WHERE id = v_card.id;
     SELECT * INTO v_spender FROM fc.accounts WHERE id = v_card.account_id;
     IF v_spender.parent_id IS NOT NULL THEN
         SELECT * INTO v_parent FROM fc.accounts WHERE id = v_spender.parent_id;
     END IF;
-    IF v_spender.funding_mode = 2 THEN
-        v_funder := v_parent;
-    ELSE
-        v_funder := v_spender;
-    END IF;
-
-    IF v_card.status = 2 THEN
-        v_reason := 'CARD_BLOCKED';
-    ELSIF v_card.status = 3 THEN
-        v_reason := 'CARD_CLOSED';
-    ELSIF v_spender.status <> 1 OR v_parent.status <> 1 THEN
-        v_reason := 'ACCOUNT_FROZEN';
-    END IF;
-    IF v_reason IS NULL AND v_card.has_pin THEN
-        v_reason := fc.pin_refusal(v_card.id, p_pin_ok, p_now);
-    END IF;
+    v_funder := CASE WHEN v_spender.funding_mode = fc.funding_mode_shared() THEN v_parent
+                     ELSE v_spender END;
+    v_reason := fc.card_refusal(v_card, v_spender, v_parent, p_pin_ok, p_now);
     IF v_reason IS NULL THEN
-        v_reason := coalesce(
-            fc.scope_refusal(v_card, p_station_id, p_product, v_local),
-            fc.caps_refusal(v_card, v_spender, v_parent, v_day, p_amount_fen, p_now));
-        -- Holds past their expiry still use their room until the sweeper gets
-        -- to them; as for the money below, release this account's now, then
-        -- look again. (Nested IFs: SQL's AND does not promise to skip the call.)
-        IF v_reason LIKE 'LIMIT_%' THEN
+        v_reason := fc.room_refusal(v_card, v_spender, v_parent, v_funder, p_amount_fen,
+                                    p_station_id, p_product, v_local, v_day, p_now);
+        -- Holds past their expiry still use their room and money until the sweeper gets to
+        -- them: for a refusal of either, release this account's now, then look again.
+        IF v_reason LIKE 'LIMIT_%' OR v_reason = 'INSUFFICIENT_FUNDS' THEN
             IF fc.release_expired_locked(v_funder.id, p_now) > 0 THEN
                 SELECT * INTO v_funder FROM fc.accounts WHERE id = v_funder.id;
-                v_reason := fc.caps_refusal(v_card, v_spender, v_parent, v_day, p_amount_fen,
-                                            p_now);
-            END IF;
-        END IF;
-        IF v_reason IS NULL AND v_funder.balance_fen - v_funder.held_fen < p_amount_fen THEN
-            -- Holds past their expiry still count until the sweeper gets to
-            -- them; release this account's now, then look again.
-            IF fc.release_expired_locked(v_funder.id, p_now) > 0 THEN
-                SELECT * INTO v_funder FROM fc.accounts WHERE id = v_funder.id;
-            END IF;
-            IF v_funder.balance_fen - v_funder.held_fen < p_amount_fen THEN
-                v_reason := 'INSUFFICIENT_FUNDS';
+                v_reason := fc.room_refusal(v_card, v_spender, v_parent, v_funder, p_amount_fen,
+                                            p_station_id, p_product, v_local, v_day, p_now);
             END IF;
         END IF;
     END IF;
-
-    -- risk: score what passed every business check.
+    -- The risk engine scores only what passed every business check.
     IF v_reason IS NULL THEN
         v_risk := fc.risk_assess(v_card.id, v_spender.tier, v_spender.kind, v_spender.id,
                                  p_amount_fen, p_station_id, p_terminal_id, p_now, v_local);
-        IF v_risk->>'decision' = 'DECLINE' THEN
-            v_reason := 'RISK_DECLINED';
-        END IF;
+        v_reason := CASE WHEN v_risk->>'decision' = 'DECLINE' THEN 'RISK_DECLINED' END;
     END IF;
     PERFORM fc.risk_note(v_card.id, v_reason IS NULL, p_amount_fen, p_station_id,
                          p_terminal_id, p_now, v_day);
-
     IF v_reason IS NOT NULL THEN
-        v_response := jsonb_build_object(
-            'decision', 'DECLINED', 'decline_reason', v_reason,
-            'available_fen', v_funder.balance_fen - v_funder.held_fen);
+        v_response := jsonb_build_object('decision', 'DECLINED', 'decline_reason', v_reason,
+                                         'available_fen', v_funder.balance_fen - v_funder.held_fen);
     ELSE
-        INSERT INTO fc.holds (account_id, card_id, spender_account_id, usage_day, state,
-                              amount_fen, station_id, terminal_id, nozzle, product,
-                              created_at, expires_at, risk_score, risk_rules, review_state)
-        VALUES (v_funder.id, v_card.id, v_spender.id, v_day,
-                CASE WHEN v_risk->>'decision' = 'REVIEW' THEN 5 ELSE 1 END,   -- risk
-                p_amount_fen, p_station_id,
-                p_terminal_id, p_nozzle, p_product, p_now, p_now + p_ttl,
-                coalesce((v_risk->>'score')::integer, 0),
-                coalesce(ARRAY(SELECT jsonb_array_elements_text(v_risk->'rules')), '{}'),
-                CASE WHEN v_risk->>'decision' = 'REVIEW' THEN 1 END)
-        RETURNING * INTO v_hold;
-        UPDATE fc.accounts SET held_fen = held_fen + p_amount_fen WHERE id = v_funder.id;
-        PERFORM fc.charge_usage(v_card.id, v_spender.id, v_parent.id, v_day, p_amount_fen);
+        v_hold := fc.open_hold(v_card.id, v_spender.id, v_parent.id, v_funder.id, v_day,
+                               p_amount_fen, p_station_id, p_terminal_id, p_nozzle, p_product,
+                               p_now, p_ttl, v_risk);
         v_response := jsonb_build_object(
-            'decision', CASE WHEN v_hold.state = 5 THEN 'REVIEW' ELSE 'APPROVED' END,
-            -- perf: fc.hold_json(v_hold), from the rows already read
-            'hold', jsonb_build_object(
-                'hold_id', v_hold.uid, 'account_id', v_funder.uid, 'card_id', v_card.uid,
-                'masked_card_number', v_card.masked, 'state', v_hold.state,
-                'amount_fen', v_hold.amount_fen, 'settled_fen', v_hold.settled_fen,
-                'station_id', v_hold.station_id, 'terminal_id', v_hold.terminal_id,
-                'nozzle', v_hold.nozzle, 'product', v_hold.product,
-                'create_us', fc.ts(v_hold.created_at), 'expire_us', fc.ts(v_hold.expires_at),
-                'close_us', fc.ts(v_hold.closed_at), 'volume_ml', v_hold.volume_ml,
-                'unit_price_fen', v_hold.unit_price_fen, 'points_earned', v_hold.points_earned,
-                'confirmed_late', v_hold.confirmed_late),
+            'decision', CASE WHEN v_hold.state = fc.hold_state_suspended() THEN 'REVIEW'
+                             ELSE 'APPROVED' END,
+            'hold', fc.hold_json_of(v_hold, v_funder.uid, v_card.uid, v_card.masked),
             'available_fen', v_funder.balance_fen - v_funder.held_fen - p_amount_fen);
     END IF;
     IF v_risk IS NOT NULL THEN
@@ -248,6 +301,142 @@ BEGIN
     RETURN fc.remember(p_caller, p_request_id, 'authorize', p_request_hash, v_response, p_now);
 END $$;
 
+-- Confirm: settle a hold for what the pump delivered.
+------------------------------------------------------------------------------
+
+-- Refuses a hold that cannot be confirmed for p_final_fen: already confirmed, cancelled,
+-- never approved by its review, rejected, or smaller than the sale. Otherwise answers whether
+-- the sale is late: the hold has expired (swept or not yet).
+CREATE OR REPLACE FUNCTION fc.check_confirm(h fc.holds, p_final_fen bigint, p_now timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF h.state = fc.hold_state_confirmed() THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_ALREADY_CONFIRMED', DETAIL = 'hold_id';
+    ELSIF h.state = fc.hold_state_cancelled() THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_CANCELLED', DETAIL = 'hold_id';
+    -- A suspended hold, or one that expired before anyone approved it, was never approved:
+    -- no fuel may have been sold on it.
+    ELSIF h.state = fc.hold_state_suspended()
+          OR (h.state = fc.hold_state_expired()
+              AND h.review_state IN (fc.review_state_pending(), fc.review_state_rejected())) THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_SUSPENDED', DETAIL = 'hold_id';
+    ELSIF h.state = fc.hold_state_rejected() THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_REJECTED', DETAIL = 'hold_id';
+    END IF;
+    IF p_final_fen > h.amount_fen THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCIA0', MESSAGE = 'FINAL_AMOUNT_EXCEEDS_HOLD',
+            DETAIL = 'final_amount_fen';
+    END IF;
+    RETURN h.state = fc.hold_state_expired() OR h.expires_at <= p_now;
+END $$;
+
+-- A confirm of nothing delivered (final amount 0) behaves as a cancel: an authorized hold is
+-- released; an expired one stays expired. Returns the answer.
+CREATE OR REPLACE FUNCTION fc.confirm_nothing(h fc.holds, p_funder fc.accounts, p_spender_id bigint,
+                                              p_parent_id bigint, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF h.state = fc.hold_state_authorized() THEN
+        UPDATE fc.holds SET state = fc.hold_state_cancelled(), closed_at = p_now WHERE id = h.id
+        RETURNING * INTO h;
+        UPDATE fc.accounts SET held_fen = held_fen - h.amount_fen WHERE id = p_funder.id
+        RETURNING * INTO p_funder;
+        PERFORM fc.charge_usage(h.card_id, p_spender_id, p_parent_id, h.usage_day, -h.amount_fen);
+    END IF;
+    RETURN jsonb_build_object('decision', 'APPROVED', 'hold', fc.hold_json(h),
+                              'points_earned', 0, 'balance_fen', p_funder.balance_fen);
+END $$;
+
+-- A late sale on an expired hold whose money has been spent since: the fuel is gone but
+-- cannot be paid from the card. Records it for reconciliation (once per hold) and answers
+-- DECLINED, HOLD_EXPIRED, naming the record.
+CREATE OR REPLACE FUNCTION fc.confirm_unpaid(h fc.holds, p_funder fc.accounts, p_final_fen bigint,
+                                             p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_exception uuid;
+BEGIN
+    INSERT INTO fc.settlement_exceptions (hold_id, account_id, amount_fen, reason, created_at)
+    VALUES (h.id, p_funder.id, p_final_fen, 'HOLD_EXPIRED_INSUFFICIENT_FUNDS', p_now)
+    ON CONFLICT (hold_id) DO NOTHING;
+    SELECT uid INTO v_exception FROM fc.settlement_exceptions WHERE hold_id = h.id;
+    RETURN jsonb_build_object(
+        'decision', 'DECLINED', 'decline_reason', 'HOLD_EXPIRED',
+        'hold', fc.hold_json(h), 'points_earned', 0,
+        'balance_fen', p_funder.balance_fen, 'settlement_exception_id', v_exception);
+END $$;
+
+-- The sale's money and points: the purchase entry, the points entry and lot, the funding
+-- account's balance (and its held money, while the hold is authorized: an expired hold was
+-- already released), the spender's points, and the usage the caps count. p_funder as read
+-- under the lock; returns it as updated.
+CREATE OR REPLACE FUNCTION fc.book_sale(h fc.holds, p_funder fc.accounts, p_spender_id bigint,
+                                        p_parent_id bigint, p_final_fen bigint, p_points bigint,
+                                        p_now timestamptz)
+RETURNS fc.accounts
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_open boolean := h.state = fc.hold_state_authorized();
+BEGIN
+    INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id, created_at)
+    VALUES (fc.ledger_entry_kind_purchase(), fc.asset_money(), p_funder.id,
+            fc.system_account('FUEL_SALES'), p_final_fen, h.id, p_now);
+    IF p_points > 0 THEN
+        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id, created_at)
+        VALUES (fc.ledger_entry_kind_points_earned(), fc.asset_points(),
+                fc.system_account('POINTS_ISSUED'), p_spender_id, p_points, h.id, p_now);
+        INSERT INTO fc.points_lots (account_id, points, remaining, earned_at, expires_at)
+        VALUES (p_spender_id, p_points, p_points, p_now,
+                p_now + make_interval(months => (SELECT value::integer FROM fc.config
+                                                  WHERE key = 'points_validity_months')));
+        -- An account that funds itself gets its points with the money below: one row version.
+        IF p_spender_id <> p_funder.id THEN
+            UPDATE fc.accounts SET points_balance = points_balance + p_points WHERE id = p_spender_id;
+        END IF;
+    END IF;
+    UPDATE fc.accounts
+       SET balance_fen = balance_fen - p_final_fen,
+           held_fen = held_fen - CASE WHEN v_open THEN h.amount_fen ELSE 0 END,
+           points_balance = points_balance
+                            + CASE WHEN p_spender_id = p_funder.id THEN p_points ELSE 0 END
+     WHERE id = p_funder.id
+    RETURNING * INTO p_funder;
+    -- Usage: an open hold charged its amount and now charges what was sold; an expired one
+    -- had been released and charges the sale afresh.
+    PERFORM fc.charge_usage(h.card_id, p_spender_id, p_parent_id, h.usage_day,
+                            p_final_fen - CASE WHEN v_open THEN h.amount_fen ELSE 0 END);
+    RETURN p_funder;
+END $$;
+
+-- The hold, settled: CONFIRMED for what was sold. A late sale on an expired hold, once
+-- declined for want of money and settled after all, closes the exception recorded for it.
+-- Returns the hold as updated.
+CREATE OR REPLACE FUNCTION fc.close_sale(h fc.holds, p_final_fen bigint, p_volume_ml bigint,
+                                         p_unit_price_fen bigint, p_points bigint, p_late boolean,
+                                         p_now timestamptz)
+RETURNS fc.holds
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF h.state = fc.hold_state_expired() THEN
+        UPDATE fc.settlement_exceptions SET resolved_at = p_now
+         WHERE hold_id = h.id AND resolved_at IS NULL;
+    END IF;
+    UPDATE fc.holds
+       SET state = fc.hold_state_confirmed(), settled_fen = p_final_fen,
+           closed_at = coalesce(closed_at, p_now),
+           volume_ml = p_volume_ml, unit_price_fen = p_unit_price_fen,
+           points_earned = p_points, confirmed_late = p_late
+     WHERE id = h.id
+    RETURNING * INTO h;
+    RETURN h;
+END $$;
+
+-- Settle a hold for p_final_fen delivered (0: nothing, as a cancel). Steps: the checks
+-- (fc.check_confirm), the money and points (fc.book_sale), the tier (fc.count_sale_for_tier),
+-- the hold (fc.close_sale).
 CREATE OR REPLACE FUNCTION fc.confirm(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_hold_uid uuid, p_final_fen bigint, p_volume_ml bigint, p_unit_price_fen bigint,
@@ -255,29 +444,22 @@ CREATE OR REPLACE FUNCTION fc.confirm(
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_response  jsonb;
+    v_response   jsonb;
     v_spender_id bigint;
-    v_parent_id bigint;
-    v_hold      fc.holds;
-    v_funder    fc.accounts;
-    v_spender   fc.accounts;
-    v_points    bigint := 0;
-    v_late      boolean;
-    v_exception uuid;
-    v_month     date;
-    v_ms        fc.monthly_spend;   -- perf: this month's row, after the sale
-    v_window    integer;
-    v_spend     bigint;
-    v_tier      smallint;
-    v_prior     bigint;
-    v_card_uid  uuid;
-    v_masked    text;
+    v_parent_id  bigint;
+    v_hold       fc.holds;
+    v_funder     fc.accounts;
+    v_spender    fc.accounts;
+    v_points     bigint;
+    v_late       boolean;
+    v_tier       smallint;
+    v_card_uid   uuid;
+    v_masked     text;
 BEGIN
     v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal, p_counter);
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-
     SELECT spender_account_id INTO v_spender_id FROM fc.holds WHERE uid = p_hold_uid;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'HOLD_NOT_FOUND', DETAIL = 'hold_id';
@@ -295,140 +477,35 @@ BEGIN
     IF p_terminal IS NOT NULL AND v_hold.terminal_id <> p_terminal THEN
         RAISE EXCEPTION USING ERRCODE = 'FCPD0', MESSAGE = 'NOT_YOUR_HOLD', DETAIL = 'hold_id';
     END IF;
-
-    IF v_hold.state = 2 THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_ALREADY_CONFIRMED', DETAIL = 'hold_id';
-    ELSIF v_hold.state = 3 THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_CANCELLED', DETAIL = 'hold_id';
-    -- risk: a suspended hold, or one that expired before anyone approved it,
-    -- was never approved: no fuel may have been sold on it.
-    ELSIF v_hold.state = 5 OR (v_hold.state = 4 AND v_hold.review_state IN (1, 3)) THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_SUSPENDED', DETAIL = 'hold_id';
-    ELSIF v_hold.state = 6 THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_REJECTED', DETAIL = 'hold_id';
-    END IF;
-    IF p_final_fen > v_hold.amount_fen THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCIA0', MESSAGE = 'FINAL_AMOUNT_EXCEEDS_HOLD',
-            DETAIL = 'final_amount_fen';
-    END IF;
-
+    v_late := fc.check_confirm(v_hold, p_final_fen, p_now);
     IF p_final_fen = 0 THEN
-        -- Nothing delivered: behaves as cancel. An expired hold stays expired.
-        IF v_hold.state = 1 THEN
-            UPDATE fc.holds SET state = 3, closed_at = p_now WHERE id = v_hold.id
-            RETURNING * INTO v_hold;
-            UPDATE fc.accounts SET held_fen = held_fen - v_hold.amount_fen WHERE id = v_funder.id
-            RETURNING * INTO v_funder;
-            PERFORM fc.charge_usage(v_hold.card_id, v_spender_id, v_parent_id, v_hold.usage_day,
-                                    -v_hold.amount_fen);
-        END IF;
-        v_response := jsonb_build_object('decision', 'APPROVED', 'hold', fc.hold_json(v_hold),
-                                         'points_earned', 0, 'balance_fen', v_funder.balance_fen);
-        RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash, v_response, p_now);
+        RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash,
+                           fc.confirm_nothing(v_hold, v_funder, v_spender_id, v_parent_id, p_now),
+                           p_now);
+    END IF;
+    IF v_hold.state = fc.hold_state_expired()
+       AND v_funder.balance_fen - v_funder.held_fen < p_final_fen THEN
+        RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash,
+                           fc.confirm_unpaid(v_hold, v_funder, p_final_fen, p_now), p_now);
     END IF;
 
-    v_late := v_hold.state = 4 OR v_hold.expires_at <= p_now;
-    IF v_hold.state = 4 AND v_funder.balance_fen - v_funder.held_fen < p_final_fen THEN
-        -- Expired, released, and the money has been spent since: the fuel is
-        -- gone but cannot be paid from the card. Record it for reconciliation.
-        INSERT INTO fc.settlement_exceptions (hold_id, account_id, amount_fen, reason, created_at)
-        VALUES (v_hold.id, v_funder.id, p_final_fen, 'HOLD_EXPIRED_INSUFFICIENT_FUNDS', p_now)
-        ON CONFLICT (hold_id) DO NOTHING;
-        SELECT uid INTO v_exception FROM fc.settlement_exceptions WHERE hold_id = v_hold.id;
-        v_response := jsonb_build_object(
-            'decision', 'DECLINED', 'decline_reason', 'HOLD_EXPIRED',
-            'hold', fc.hold_json(v_hold), 'points_earned', 0,
-            'balance_fen', v_funder.balance_fen, 'settlement_exception_id', v_exception);
-        RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash, v_response, p_now);
-    END IF;
-
-    -- perf: a personal account funds itself: the row read above, not read again.
+    -- An account that funds itself is the row read above, not read again.
     IF v_funder.id = v_spender_id THEN
         v_spender := v_funder;
     ELSE
         SELECT * INTO v_spender FROM fc.accounts WHERE id = v_spender_id;
     END IF;
     v_points := fc.points_for(p_final_fen, v_spender.tier);
-    INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id, created_at)
-    VALUES (2, 1, v_funder.id, fc.system_account('FUEL_SALES'), p_final_fen, v_hold.id, p_now);
-    IF v_points > 0 THEN
-        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id, created_at)
-        VALUES (3, 2, fc.system_account('POINTS_ISSUED'), v_spender_id, v_points, v_hold.id, p_now);
-        INSERT INTO fc.points_lots (account_id, points, remaining, earned_at, expires_at)
-        VALUES (v_spender_id, v_points, v_points, p_now,
-                p_now + make_interval(months => (SELECT value::integer FROM fc.config
-                                                  WHERE key = 'points_validity_months')));
-        IF v_spender_id <> v_funder.id THEN   -- perf: else with the money, one row version
-            UPDATE fc.accounts SET points_balance = points_balance + v_points WHERE id = v_spender_id;
-        END IF;
-    END IF;
-    UPDATE fc.accounts
-       SET balance_fen = balance_fen - p_final_fen,
-           -- an expired hold no longer counts in held_fen
-           held_fen = held_fen - CASE WHEN v_hold.state = 1 THEN v_hold.amount_fen ELSE 0 END,
-           points_balance = points_balance
-                            + CASE WHEN v_spender_id = v_funder.id THEN v_points ELSE 0 END
-     WHERE id = v_funder.id
-    RETURNING * INTO v_funder;
-    -- Usage: an open hold charged its amount and now charges what was sold;
-    -- an expired one had been released and charges the sale afresh.
-    PERFORM fc.charge_usage(v_hold.card_id, v_spender_id, v_parent_id, v_hold.usage_day,
-                            p_final_fen - CASE WHEN v_hold.state = 1 THEN v_hold.amount_fen ELSE 0 END);
-    v_month := date_trunc('month', p_now AT TIME ZONE fc.business_tz())::date;
-    INSERT INTO fc.monthly_spend (account_id, month, spend_fen) VALUES (v_spender_id, v_month, p_final_fen)
-    ON CONFLICT (account_id, month) DO UPDATE SET spend_fen = fc.monthly_spend.spend_fen + excluded.spend_fen
-    RETURNING * INTO v_ms;
-    -- perf: fc.evaluate_tier(v_spender_id, p_now) without re-reading the
-    -- window: its spend is this month's row plus the earlier months' sum,
-    -- kept on this month's row (prior_fen, computed at its first sale).
-    v_window := (SELECT value::integer FROM fc.config WHERE key = 'tier_window_months');
-    -- A later month's kept sum covers this month: a sale dated before it (a
-    -- request that waited for the lock across a month's end) makes it stale.
-    UPDATE fc.monthly_spend SET prior_fen = NULL, prior_window = NULL
-     WHERE account_id = v_spender_id AND month > v_month AND prior_fen IS NOT NULL;
-    v_prior := v_ms.prior_fen;
-    IF v_prior IS NULL OR v_ms.prior_window IS DISTINCT FROM v_window THEN
-        SELECT coalesce(sum(spend_fen), 0) INTO v_prior FROM fc.monthly_spend
-         WHERE account_id = v_spender_id
-           AND month > (v_month - make_interval(months => v_window))::date AND month < v_month;
-        UPDATE fc.monthly_spend SET prior_fen = v_prior, prior_window = v_window
-         WHERE account_id = v_spender_id AND month = v_month;
-    END IF;
-    v_spend := v_prior + v_ms.spend_fen;
-    SELECT tier INTO v_tier FROM fc.tier_rules WHERE min_spend_fen <= v_spend
-     ORDER BY min_spend_fen DESC LIMIT 1;
-    IF v_tier IS DISTINCT FROM v_spender.tier THEN
-        UPDATE fc.accounts SET tier = v_tier WHERE id = v_spender_id;
-        INSERT INTO fc.tier_changes (account_id, from_tier, to_tier, spend_fen, created_at)
-        VALUES (v_spender_id, v_spender.tier, v_tier, v_spend, p_now);
-    END IF;
-    IF v_hold.state = 4 THEN
-        -- A sale once declined for want of money, settled after all: the
-        -- exception recorded for it is closed.
-        UPDATE fc.settlement_exceptions SET resolved_at = p_now
-         WHERE hold_id = v_hold.id AND resolved_at IS NULL;
-    END IF;
-    UPDATE fc.holds
-       SET state = 2, settled_fen = p_final_fen, closed_at = coalesce(closed_at, p_now),
-           volume_ml = p_volume_ml, unit_price_fen = p_unit_price_fen,
-           points_earned = v_points, confirmed_late = v_late
-     WHERE id = v_hold.id
-    RETURNING * INTO v_hold;
-
-    -- perf: fc.hold_json(v_hold) without reading the funding account again.
+    v_funder := fc.book_sale(v_hold, v_funder, v_spender_id, v_parent_id, p_final_fen, v_points,
+                             p_now);
+    v_tier := fc.count_sale_for_tier(v_spender_id, v_spender.tier, p_final_fen, p_now);
+    v_hold := fc.close_sale(v_hold, p_final_fen, p_volume_ml, p_unit_price_fen, v_points, v_late,
+                            p_now);
+    -- fc.hold_json(v_hold) without reading the funding account again.
     SELECT uid, masked INTO v_card_uid, v_masked FROM fc.cards WHERE id = v_hold.card_id;
     v_response := jsonb_build_object(
         'decision', 'APPROVED',
-        'hold', jsonb_build_object(
-            'hold_id', v_hold.uid, 'account_id', v_funder.uid, 'card_id', v_card_uid,
-            'masked_card_number', v_masked, 'state', v_hold.state,
-            'amount_fen', v_hold.amount_fen, 'settled_fen', v_hold.settled_fen,
-            'station_id', v_hold.station_id, 'terminal_id', v_hold.terminal_id,
-            'nozzle', v_hold.nozzle, 'product', v_hold.product,
-            'create_us', fc.ts(v_hold.created_at), 'expire_us', fc.ts(v_hold.expires_at),
-            'close_us', fc.ts(v_hold.closed_at), 'volume_ml', v_hold.volume_ml,
-            'unit_price_fen', v_hold.unit_price_fen, 'points_earned', v_hold.points_earned,
-            'confirmed_late', v_hold.confirmed_late),
+        'hold', fc.hold_json_of(v_hold, v_funder.uid, v_card_uid, v_masked),
         'points_earned', v_points, 'balance_fen', v_funder.balance_fen);
     RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash, v_response, p_now);
 END $$;
@@ -442,7 +519,8 @@ DECLARE
 BEGIN
     SELECT coalesce(array_agg(DISTINCT account_id ORDER BY account_id), '{}') INTO v_accounts
       FROM (SELECT account_id FROM fc.holds
-             WHERE state IN (1, 5) AND expires_at <= p_now
+             WHERE state IN (fc.hold_state_authorized(), fc.hold_state_suspended())
+               AND expires_at <= p_now
              ORDER BY expires_at LIMIT p_limit) due;
     PERFORM fc.lock_accounts(v_accounts);
     FOREACH v_account IN ARRAY v_accounts LOOP

@@ -60,15 +60,14 @@ CREATE OR REPLACE TRIGGER risk_rule_changes_append_only BEFORE UPDATE OR DELETE 
 CREATE OR REPLACE TRIGGER settlement_records_append_only BEFORE UPDATE OR DELETE ON fc.settlement_records
     FOR EACH ROW EXECUTE FUNCTION fc.refuse_change();
 
--- 0005: the helpers on the authorize/confirm path, rewritten from LANGUAGE
--- sql to plpgsql with the same bodies.
---
--- Why: a SQL-language function that PostgreSQL cannot inline (it takes a row,
+-- The helpers on the authorize/confirm path are plpgsql, not LANGUAGE sql:
+-- a SQL-language function that PostgreSQL cannot inline (it takes a row,
 -- reads a table, or writes) is planned afresh on every call, while plpgsql
 -- caches each statement's plan for the life of the connection. Measured on
--- this machine, one call of hold_json went from ~100 us to a fraction of it,
--- and system_account/points_for from ~25 us each; together that was about
--- half the database time of a pump cycle.
+-- this machine, one call of hold_json as SQL cost ~100 us and
+-- system_account/points_for ~25 us each, about half the database time of a
+-- pump cycle; as plpgsql a fraction of that. (A SQL function that can be
+-- inlined, such as fc.ts or the constants of states.sql, costs nothing.)
 CREATE OR REPLACE FUNCTION fc.business_tz() RETURNS text
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -94,3 +93,11 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN p IS NULL THEN NULL
                 ELSE (extract(epoch FROM p - timestamptz '1970-01-01 00:00:00+00') * 1000000)::bigint END
 $$;
+
+-- The journal's hash chain (journal_chain.py) is append-only too: a chain
+-- row, once written, is what `verify` recomputes against.
+CREATE OR REPLACE TRIGGER journal_chain_append_only BEFORE UPDATE OR DELETE ON fc.journal_chain
+    FOR EACH ROW EXECUTE FUNCTION fc.refuse_change();
+
+CREATE OR REPLACE TRIGGER journal_chain_no_truncate BEFORE TRUNCATE ON fc.journal_chain
+    FOR EACH STATEMENT EXECUTE FUNCTION fc.refuse_change();

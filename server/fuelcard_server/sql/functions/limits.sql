@@ -71,7 +71,7 @@ LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_actor bigint;
 BEGIN
-    SELECT id INTO v_actor FROM fc.accounts WHERE uid = p_actor_uid AND kind <> 100;
+    SELECT id INTO v_actor FROM fc.accounts WHERE uid = p_actor_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
             DETAIL = 'actor_account_id';
@@ -96,7 +96,8 @@ BEGIN
         END IF;
         SELECT * INTO o_account FROM fc.accounts WHERE id = o_card.account_id;
     ELSE
-        SELECT * INTO o_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> 100;
+        SELECT * INTO o_account FROM fc.accounts
+         WHERE uid = p_account_uid AND kind <> fc.account_kind_system();
         IF NOT FOUND THEN
             RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
                 DETAIL = 'account_id';
@@ -269,7 +270,8 @@ LANGUAGE sql STABLE AS $$
           FROM fc.cards WHERE p_card_uid IS NOT NULL AND uid = p_card_uid
         UNION ALL
         SELECT limit_txn_fen, limit_daily_fen, limit_monthly_fen
-          FROM fc.accounts WHERE p_card_uid IS NULL AND uid = p_account_uid AND kind <> 100)
+          FROM fc.accounts
+         WHERE p_card_uid IS NULL AND uid = p_account_uid AND kind <> fc.account_kind_system())
     SELECT coalesce(bool_or(
                (o.t IS NOT NULL AND (p_txn = 0 OR p_txn > o.t))
             OR (o.d IS NOT NULL AND (p_daily = 0 OR p_daily > o.d))
@@ -292,9 +294,9 @@ CREATE OR REPLACE TRIGGER limit_raises_noted AFTER INSERT OR UPDATE ON fc.limit_
 -- Which cap of the card, its account or that account's parent (in that
 -- order) `p_amount` more would break, or NULL. Callers hold the chain's
 -- locks and read s and p under them.
--- perf: was LANGUAGE sql over fc.card_caps / fc.account_caps, which read
--- fc.limit_raises for every card and account; now only where a raise can be
--- in force (raises_end_at), and cap_refusal only for caps that are set.
+-- On the pump path: fc.card_caps / fc.account_caps (which read
+-- fc.limit_raises) only where a raise can be in force (raises_end_at), and
+-- fc.cap_refusal only for the caps that are set.
 CREATE OR REPLACE FUNCTION fc.caps_refusal(c fc.cards, s fc.accounts, p fc.accounts, p_day date,
                                            p_amount bigint, p_now timestamptz)
 RETURNS text

@@ -25,39 +25,25 @@ BEGIN
     RETURN v_parent;
 END $$;
 
--- 0016: expired points are never spent, and the maintenance jobs never
--- deadlock each other.
+-- The maintenance jobs (fc.expire_holds, fc.expire_points, fc.evaluate_tiers)
+-- work on many accounts in one statement, one transaction (the job runs
+-- `SELECT fc.<job>(...)` under pg_try_advisory_xact_lock), and the advisory
+-- locks they take are held to its end. Locking per account as they went
+-- (fc.lock_chain: parent, then the account) would take them out of
+-- ascending order across accounts (P1 < P2 < A < B locked P1, A, P2, B), and
+-- two jobs running at once (each has its own job lock) would deadlock. So a
+-- job first collects its batch's accounts and their parents, locks them all
+-- in one pass in ascending id (fc.lock_accounts), then does the work.
 --
--- 1. Points past their expiry stayed spendable until the points sweep got
---    to them: fc.redeem_points and fc.transfer_points checked points_balance
---    and fc.take_points took the oldest lots whatever their expires_at. Now,
---    under the account lock and before deciding, they lapse the account's
---    expired lots (fc.lapse_points_locked: the booking fc.expire_points has
---    always made, a kind 7 points entry to POINTS_EXPIRED), as fc.authorize
---    releases expired holds under the lock (fc.release_expired_locked). The
---    lapse is kept whatever the decision (a declined redemption commits it
---    too, as a declined authorize keeps the holds it released), so the
---    stored answer's balance is the one the account is left with. The
---    transfer lapses the receiving main account's expired lots as well (it
---    is locked too): its balance in the answer counts no expired points.
---    fc.take_points refuses an expired lot: a caller that did not lapse
---    first fails loudly instead of spending it.
---
--- 2. fc.expire_holds, fc.expire_points and fc.evaluate_tiers looped over
---    accounts in ascending id and called fc.lock_chain (parent, then the
---    account) per account. The advisory locks are held to the end of the
---    job's one transaction, so across iterations they were not taken in
---    ascending order (P1 < P2 < A < B locked P1, A, P2, B), and two jobs
---    running at once (each has its own job lock) deadlocked. Each job is one
---    statement, one transaction (app.py: SELECT ... fc.<job>(...) under
---    pg_try_advisory_xact_lock), so it cannot commit per account: it now
---    collects the batch's accounts and their parents, locks them all in one
---    pass in ascending id (fc.lock_accounts), then does the work. The number
---    of locks held is what it was (xact locks were already held to the end).
---
--- Bodies otherwise as in 0002 (redeem_points, transfer_points, take_points,
--- expire_points, evaluate_tiers) and 0007 (expire_holds). evaluate_tiers
--- also runs in batches now (see there).
+-- Expired points are never spent: fc.redeem_points and fc.transfer_points
+-- lapse the account's expired lots under the account lock before deciding
+-- (fc.lapse_points_locked, the booking fc.expire_points makes), as
+-- fc.authorize releases expired holds under the lock. The lapse is kept
+-- whatever the decision (a declined redemption commits it too, as a declined
+-- authorize keeps the holds it released), so the stored answer's balance is
+-- the one the account is left with; a transfer lapses the receiving main
+-- account's lots as well. fc.take_points refuses an expired lot: a caller
+-- that did not lapse first fails loudly instead of spending it.
 
 -- Locks the given accounts and their parents, all in ascending id in one
 -- pass: the documented lock order for a transaction that needs many.

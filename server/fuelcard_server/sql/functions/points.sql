@@ -29,6 +29,50 @@ BEGIN
     RETURN v_new;
 END $$;
 
+-- A sale's part in its spender's tier: adds it to the spend of its month, and moves the tier
+-- when the rolling window's spend says so. What fc.evaluate_tier decides, without summing
+-- the window on every sale: the earlier months' sum is kept on this month's row (prior_fen,
+-- computed at the month's first sale, or again when the window setting changed). p_tier:
+-- the spender's tier before the sale; returns the tier after it. Caller holds the lock.
+CREATE OR REPLACE FUNCTION fc.count_sale_for_tier(p_spender_id bigint, p_tier smallint,
+                                                  p_final_fen bigint, p_now timestamptz)
+RETURNS smallint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_month  date := date_trunc('month', p_now AT TIME ZONE fc.business_tz())::date;
+    v_ms     fc.monthly_spend;   -- this month's row, after the sale
+    v_window integer;
+    v_prior  bigint;
+    v_spend  bigint;
+    v_tier   smallint;
+BEGIN
+    INSERT INTO fc.monthly_spend (account_id, month, spend_fen) VALUES (p_spender_id, v_month, p_final_fen)
+    ON CONFLICT (account_id, month) DO UPDATE SET spend_fen = fc.monthly_spend.spend_fen + excluded.spend_fen
+    RETURNING * INTO v_ms;
+    v_window := (SELECT value::integer FROM fc.config WHERE key = 'tier_window_months');
+    -- A later month's kept sum covers this month: a sale dated before it (a
+    -- request that waited for the lock across a month's end) makes it stale.
+    UPDATE fc.monthly_spend SET prior_fen = NULL, prior_window = NULL
+     WHERE account_id = p_spender_id AND month > v_month AND prior_fen IS NOT NULL;
+    v_prior := v_ms.prior_fen;
+    IF v_prior IS NULL OR v_ms.prior_window IS DISTINCT FROM v_window THEN
+        SELECT coalesce(sum(spend_fen), 0) INTO v_prior FROM fc.monthly_spend
+         WHERE account_id = p_spender_id
+           AND month > (v_month - make_interval(months => v_window))::date AND month < v_month;
+        UPDATE fc.monthly_spend SET prior_fen = v_prior, prior_window = v_window
+         WHERE account_id = p_spender_id AND month = v_month;
+    END IF;
+    v_spend := v_prior + v_ms.spend_fen;
+    SELECT tier INTO v_tier FROM fc.tier_rules WHERE min_spend_fen <= v_spend
+     ORDER BY min_spend_fen DESC LIMIT 1;
+    IF v_tier IS DISTINCT FROM p_tier THEN
+        UPDATE fc.accounts SET tier = v_tier WHERE id = p_spender_id;
+        INSERT INTO fc.tier_changes (account_id, from_tier, to_tier, spend_fen, created_at)
+        VALUES (p_spender_id, p_tier, v_tier, v_spend, p_now);
+    END IF;
+    RETURN v_tier;
+END $$;
+
 CREATE OR REPLACE FUNCTION fc.points_for(p_amount_fen bigint, p_tier smallint) RETURNS bigint
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -52,7 +96,8 @@ BEGIN
     IF v_points > 0 THEN
         INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
                                 description, created_at)
-        VALUES (7, 2, p_account_id, fc.system_account('POINTS_EXPIRED'), v_points,
+        VALUES (fc.ledger_entry_kind_points_expired(), fc.asset_points(), p_account_id,
+                fc.system_account('POINTS_EXPIRED'), v_points,
                 'points expired', p_now);
         UPDATE fc.accounts SET points_balance = points_balance - v_points WHERE id = p_account_id;
     END IF;
@@ -102,7 +147,7 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> 100;
+    SELECT * INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND', DETAIL = 'account_id';
     END IF;
@@ -110,7 +155,7 @@ BEGIN
     PERFORM fc.lapse_points_locked(v_account.id, p_now);   -- expired points are not spendable
     SELECT * INTO v_account FROM fc.accounts WHERE id = v_account.id;
 
-    IF v_account.status <> 1 THEN
+    IF v_account.status <> fc.account_status_active() THEN
         v_response := jsonb_build_object('decision', 'DECLINED', 'decline_reason', 'ACCOUNT_FROZEN',
                                          'points_balance', v_account.points_balance);
     ELSIF v_account.points_balance < p_points THEN
@@ -119,12 +164,13 @@ BEGIN
     ELSE
         PERFORM fc.take_points(v_account.id, p_points, p_now);   -- oldest lots first
         INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, description, created_at)
-        VALUES (4, 2, v_account.id, fc.system_account('POINTS_REDEEMED'), p_points, p_description, p_now)
+        VALUES (fc.ledger_entry_kind_points_redeemed(), fc.asset_points(), v_account.id,
+                fc.system_account('POINTS_REDEEMED'), p_points, p_description, p_now)
         RETURNING * INTO v_entry;
         UPDATE fc.accounts SET points_balance = points_balance - p_points WHERE id = v_account.id
         RETURNING * INTO v_account;
         v_response := jsonb_build_object('decision', 'APPROVED',
-            'entry', jsonb_build_object('entry_id', v_entry.id::text, 'kind', 4,
+            'entry', jsonb_build_object('entry_id', v_entry.id::text, 'kind', v_entry.kind,
                                         'points', -p_points, 'description', p_description,
                                         'create_us', fc.ts(p_now)),
             'points_balance', v_account.points_balance);
@@ -146,12 +192,12 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    SELECT * INTO v_from FROM fc.accounts WHERE uid = p_from_uid AND kind <> 100;
+    SELECT * INTO v_from FROM fc.accounts WHERE uid = p_from_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
             DETAIL = 'from_account_id';
     END IF;
-    SELECT * INTO v_to FROM fc.accounts WHERE uid = p_to_uid AND kind <> 100;
+    SELECT * INTO v_to FROM fc.accounts WHERE uid = p_to_uid AND kind <> fc.account_kind_system();
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
             DETAIL = 'to_account_id';
@@ -175,7 +221,8 @@ BEGIN
           FROM fc.take_points(v_from.id, p_points, p_now) t;
         INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount,
                                 description, created_at)
-        VALUES (6, 2, v_from.id, v_to.id, p_points, 'points pooled', p_now);
+        VALUES (fc.ledger_entry_kind_points_transfer(), fc.asset_points(), v_from.id, v_to.id, p_points,
+                'points pooled', p_now);
         UPDATE fc.accounts SET points_balance = points_balance - p_points WHERE id = v_from.id
         RETURNING * INTO v_from;
         UPDATE fc.accounts SET points_balance = points_balance + p_points WHERE id = v_to.id
@@ -219,7 +266,7 @@ DECLARE
 BEGIN
     SELECT coalesce(array_agg(id ORDER BY id), '{}') INTO v_accounts
       FROM (SELECT id FROM fc.accounts
-             WHERE kind <> 100 AND tier > 1 AND id > p_after_id
+             WHERE kind <> fc.account_kind_system() AND tier > 1 AND id > p_after_id
              ORDER BY id LIMIT p_limit) batch;
     PERFORM fc.lock_accounts(v_accounts);
     -- each tier as it is under the lock (a confirm may have moved it since)

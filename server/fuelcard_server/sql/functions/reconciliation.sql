@@ -82,15 +82,14 @@ BEGIN
                                           fc.channel_exception_json(v_exception)), p_now);
 END $$;
 
--- 0014: a request that resolves a break, sent twice at the same time (a
--- retry after a timeout that had in fact gone through), answers both times
--- as the first did. Before, the twin waited for the row lock the first
--- held, then found the row resolved and answered BREAK_ALREADY_RESOLVED: an
--- idempotent RPC that failed on its own retry. After the lock, the
--- request's key is looked up again (under READ COMMITTED the statement sees
--- what the first committed), as fc.confirm does after the account lock.
--- Body otherwise as in 0008. (fc.resolve_channel_exception had the same
--- flaw; 0010 had not been released, so it is fixed there.)
+-- A request that resolves a break, sent twice at the same time (a retry
+-- after a timeout that had in fact gone through), answers both times as the
+-- first did: the twin waits for the row lock the first holds, and would
+-- then find the row resolved and answer BREAK_ALREADY_RESOLVED, an
+-- idempotent RPC failing on its own retry. So after the lock the request's
+-- key is looked up again (under READ COMMITTED the statement sees what the
+-- first committed), as fc.confirm does after the account lock, and as
+-- fc.resolve_channel_exception does.
 CREATE OR REPLACE FUNCTION fc.resolve_break(p_caller text, p_request_id text,
                                             p_request_hash bytea, p_break_uid uuid,
                                             p_resolution text, p_resolved_by text,

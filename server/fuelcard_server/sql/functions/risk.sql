@@ -154,6 +154,7 @@ END $$;
 --  version, fallback}; NULL when no rule set is in force. Reads only: the
 -- card state is updated by fc.risk_note afterwards. The caller holds the
 -- account's advisory lock. Any error inside applies the set's fallback.
+-- Steps: the reads here, the features (fc.risk_score), the rules (fc.risk_fired).
 CREATE OR REPLACE FUNCTION fc.risk_assess(
     p_card_id bigint, p_tier smallint, p_account_kind smallint, p_spender_id bigint,
     p_amount bigint, p_station text, p_terminal text, p_now timestamptz, p_local timestamp)
@@ -164,20 +165,7 @@ DECLARE
     v_st         fc.risk_card_state;
     v_red_at     timestamptz[];
     v_red_pts    bigint[];
-    v_day        date := p_local::date;
-    v_minute     integer;
-    v_day_fen    bigint := 0;
-    v_week_fen   bigint := 0;
-    v_since_us   bigint;
     v_dist_m     double precision;
-    v_counts     bigint[];
-    v_declines   bigint[];
-    v_points     bigint[];
-    v_new_term   boolean;
-    v_fired      text[];
-    v_score      bigint;
-    v_action     integer;
-    v_decision   text;
 BEGIN
     -- Not s.*: the document is large (TOASTed) and not needed here.
     SELECT s.id, s.fallback, s.review_score, s.decline_score, s.windows, s.has_points
@@ -195,84 +183,129 @@ BEGIN
           INTO v_dist_m FROM fc.stations s WHERE s.station_id = p_station;
     END IF;
     IF v_set.has_points THEN
-        -- Redemptions in the longest window (one index scan); none: v_points
-        -- stays NULL and no points rule fires.
+        -- Redemptions in the longest window (one index scan); none: no points rule fires.
         SELECT array_agg(j.created_at), array_agg(j.amount) INTO v_red_at, v_red_pts
           FROM fc.journal j
-         WHERE j.kind = 4 AND j.debit_account_id = p_spender_id
+         WHERE j.kind = fc.ledger_entry_kind_points_redeemed() AND j.debit_account_id = p_spender_id
            AND j.created_at > p_now - make_interval(secs => v_set.windows[cardinality(v_set.windows)])
            AND j.created_at <= p_now;
     END IF;
     PERFORM FROM fc.risk_rules r WHERE r.rule_set_id = v_set.id AND r.ord = 0;  -- its lock, here
     BEGIN
-        -- The features, once.
-        v_minute := extract(hour FROM p_local)::integer * 60 + extract(minute FROM p_local)::integer;
-        IF v_st.card_id IS NOT NULL THEN
-            SELECT coalesce(sum(f) FILTER (WHERE d = v_day), 0),
-                   coalesce(sum(f) FILTER (WHERE d > v_day - 7), 0)
-              INTO v_day_fen, v_week_fen
-              FROM unnest(v_st.day_list, v_st.day_fens) AS x(d, f);
-            v_since_us := fc.ts(p_now) - fc.ts(v_st.last_at);
-            v_new_term := NOT (p_terminal = ANY (v_st.terminals));
-        ELSE
-            v_st.n_auths := 0;
-            v_new_term := true;
-        END IF;
-        -- Times are kept oldest first: how many are later than the start of
-        -- a window is a binary search (width_bucket counts those at or before).
-        SELECT array_agg(cardinality(v_st.auth_times)
-                         - width_bucket(p_now - make_interval(secs => w), v_st.auth_times) ORDER BY i),
-               array_agg(cardinality(v_st.decline_times)
-                         - width_bucket(p_now - make_interval(secs => w), v_st.decline_times) ORDER BY i)
-          INTO v_counts, v_declines
-          FROM unnest(v_set.windows) WITH ORDINALITY AS u(w, i);
-        IF v_set.has_points THEN
-            SELECT array_agg((SELECT coalesce(sum(x.pts), 0) FROM unnest(v_red_at, v_red_pts) x(t, pts)
-                               WHERE x.t > p_now - make_interval(secs => w)) ORDER BY i)
-              INTO v_points
-              FROM unnest(v_set.windows) WITH ORDINALITY AS u(w, i)
-             WHERE v_red_at IS NOT NULL;
-        END IF;
-
-        -- Every rule, in one pass.
-        SELECT coalesce(array_agg(r.rule_id ORDER BY r.ord), '{}'), coalesce(sum(r.score), 0),
-               coalesce(max(r.action), 0)
-          INTO v_fired, v_score, v_action
-          FROM fc.risk_rules r
-         WHERE r.rule_set_id = v_set.id
-           AND (r.tiers IS NULL OR p_tier = ANY (r.tiers))
-           AND (r.account_kinds IS NULL OR p_account_kind = ANY (r.account_kinds))
-           AND CASE r.kind
-                 WHEN 1 THEN p_amount >= r.threshold
-                 WHEN 2 THEN v_day_fen + p_amount >= r.threshold
-                 WHEN 3 THEN v_week_fen + p_amount >= r.threshold
-                 WHEN 4 THEN v_counts[r.widx] + 1 >= r.threshold
-                 WHEN 5 THEN v_since_us < r.window_s::bigint * 1000000
-                 WHEN 6 THEN v_dist_m >= r.threshold
-                             AND v_dist_m * 3.6e6 > r.speed_kmh * greatest(v_since_us, 1000000)
-                 WHEN 7 THEN v_new_term AND v_st.n_auths >= r.threshold
-                 WHEN 8 THEN p_station = ANY (r.stations) OR p_terminal = ANY (r.terminals)
-                 WHEN 9 THEN v_declines[r.widx] >= r.threshold
-                 WHEN 10 THEN p_amount >= r.threshold
-                              AND CASE WHEN r.minute_from <= r.minute_to
-                                       THEN v_minute >= r.minute_from AND v_minute < r.minute_to
-                                       ELSE v_minute >= r.minute_from OR v_minute < r.minute_to END
-                 WHEN 11 THEN v_points[r.widx] >= r.threshold
-                 WHEN 99 THEN 1 / r.threshold > 0
-               END;
-        v_decision := CASE
-            WHEN v_action = 3 OR v_score >= v_set.decline_score THEN 'DECLINE'
-            WHEN v_action = 2 OR v_score >= v_set.review_score THEN 'REVIEW'
-            ELSE 'APPROVE' END;
-        RETURN jsonb_build_object('decision', v_decision, 'score', v_score, 'rules', v_fired,
-                                  'version', v_set.id, 'fallback', false);
+        RETURN fc.risk_score(v_set.id, v_set.review_score, v_set.decline_score, v_set.windows,
+                             v_set.has_points, v_st, v_dist_m, v_red_at, v_red_pts, p_tier,
+                             p_account_kind, p_amount, p_station, p_terminal, p_now, p_local);
     EXCEPTION WHEN OTHERS THEN
         -- Never approve blindly: the configured fallback, flagged for the metrics.
         RETURN jsonb_build_object(
-            'decision', CASE v_set.fallback WHEN 3 THEN 'DECLINE' ELSE 'REVIEW' END,
+            'decision', CASE v_set.fallback WHEN fc.risk_decision_decline() THEN 'DECLINE'
+                                            ELSE 'REVIEW' END,
             'score', 0, 'rules', jsonb_build_array('ENGINE_FAULT'), 'version', v_set.id,
             'fallback', true);
     END;
+END $$;
+
+-- Rule set p_set_id's verdict (fc.risk_assess's answer) from what fc.risk_assess read: the
+-- card's risk state p_st (all NULL for a card not seen before), the distance from its last
+-- station p_dist_m, the spender's redemptions in the longest window (p_red_at, p_red_pts;
+-- NULL if none or the set has no points rule). Works out each feature once, for every rule.
+-- Runs inside fc.risk_assess's guarded block: an error here is the set's fallback.
+CREATE OR REPLACE FUNCTION fc.risk_score(
+    p_set_id integer, p_review_score integer, p_decline_score integer, p_windows integer[],
+    p_has_points boolean, p_st fc.risk_card_state, p_dist_m double precision,
+    p_red_at timestamptz[], p_red_pts bigint[], p_tier smallint, p_account_kind smallint,
+    p_amount bigint, p_station text, p_terminal text, p_now timestamptz, p_local timestamp)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_day        date := p_local::date;
+    v_minute     integer;
+    v_day_fen    bigint := 0;
+    v_week_fen   bigint := 0;
+    v_since_us   bigint;
+    v_counts     bigint[];
+    v_declines   bigint[];
+    v_points     bigint[];
+    v_new_term   boolean;
+    v_fired      record;   -- fc.risk_fired's answer
+BEGIN
+    v_minute := extract(hour FROM p_local)::integer * 60 + extract(minute FROM p_local)::integer;
+    IF p_st.card_id IS NOT NULL THEN
+        SELECT coalesce(sum(f) FILTER (WHERE d = v_day), 0),
+               coalesce(sum(f) FILTER (WHERE d > v_day - 7), 0)
+          INTO v_day_fen, v_week_fen
+          FROM unnest(p_st.day_list, p_st.day_fens) AS x(d, f);
+        v_since_us := fc.ts(p_now) - fc.ts(p_st.last_at);
+        v_new_term := NOT (p_terminal = ANY (p_st.terminals));
+    ELSE
+        p_st.n_auths := 0;
+        v_new_term := true;
+    END IF;
+    -- Times are kept oldest first: how many are later than the start of
+    -- a window is a binary search (width_bucket counts those at or before).
+    SELECT array_agg(cardinality(p_st.auth_times)
+                     - width_bucket(p_now - make_interval(secs => w), p_st.auth_times) ORDER BY i),
+           array_agg(cardinality(p_st.decline_times)
+                     - width_bucket(p_now - make_interval(secs => w), p_st.decline_times) ORDER BY i)
+      INTO v_counts, v_declines
+      FROM unnest(p_windows) WITH ORDINALITY AS u(w, i);
+    IF p_has_points THEN
+        SELECT array_agg((SELECT coalesce(sum(x.pts), 0) FROM unnest(p_red_at, p_red_pts) x(t, pts)
+                           WHERE x.t > p_now - make_interval(secs => w)) ORDER BY i)
+          INTO v_points
+          FROM unnest(p_windows) WITH ORDINALITY AS u(w, i)
+         WHERE p_red_at IS NOT NULL;
+    END IF;
+    v_fired := fc.risk_fired(p_set_id, p_tier, p_account_kind, p_amount, p_station, p_terminal,
+                             v_minute, v_day_fen, v_week_fen, v_since_us, p_dist_m, v_new_term,
+                             p_st.n_auths, v_counts, v_declines, v_points);
+    RETURN jsonb_build_object(
+        'decision', CASE
+            WHEN v_fired.o_action = fc.risk_decision_decline() OR v_fired.o_score >= p_decline_score
+                THEN 'DECLINE'
+            WHEN v_fired.o_action = fc.risk_decision_review() OR v_fired.o_score >= p_review_score
+                THEN 'REVIEW'
+            ELSE 'APPROVE' END,
+        'score', v_fired.o_score, 'rules', v_fired.o_fired, 'version', p_set_id, 'fallback', false);
+END $$;
+
+-- Which rules of set p_set_id fire on these features, in one pass over the set: their ids in
+-- order (o_fired), their summed score (o_score) and their strongest action (o_action: 0 when
+-- they only score, else a RiskDecision). The kinds are fuelcard_server.risk.model.KINDS;
+-- p_counts, p_declines and p_points hold one value per window of the set (r.widx).
+CREATE OR REPLACE FUNCTION fc.risk_fired(
+    p_set_id integer, p_tier smallint, p_account_kind smallint, p_amount bigint,
+    p_station text, p_terminal text, p_minute integer, p_day_fen bigint, p_week_fen bigint,
+    p_since_us bigint, p_dist_m double precision, p_new_term boolean, p_n_auths integer,
+    p_counts bigint[], p_declines bigint[], p_points bigint[],
+    OUT o_fired text[], OUT o_score bigint, OUT o_action integer)
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT coalesce(array_agg(r.rule_id ORDER BY r.ord), '{}'), coalesce(sum(r.score), 0),
+           coalesce(max(r.action), 0)
+      INTO o_fired, o_score, o_action
+      FROM fc.risk_rules r
+     WHERE r.rule_set_id = p_set_id
+       AND (r.tiers IS NULL OR p_tier = ANY (r.tiers))
+       AND (r.account_kinds IS NULL OR p_account_kind = ANY (r.account_kinds))
+       AND CASE r.kind
+             WHEN 1 THEN p_amount >= r.threshold                          -- amount
+             WHEN 2 THEN p_day_fen + p_amount >= r.threshold              -- daily_amount
+             WHEN 3 THEN p_week_fen + p_amount >= r.threshold             -- weekly_amount
+             WHEN 4 THEN p_counts[r.widx] + 1 >= r.threshold              -- velocity
+             WHEN 5 THEN p_since_us < r.window_s::bigint * 1000000        -- min_interval
+             WHEN 6 THEN p_dist_m >= r.threshold                          -- impossible_travel
+                         AND p_dist_m * 3.6e6 > r.speed_kmh * greatest(p_since_us, 1000000)
+             WHEN 7 THEN p_new_term AND p_n_auths >= r.threshold          -- new_terminal
+             WHEN 8 THEN p_station = ANY (r.stations) OR p_terminal = ANY (r.terminals)  -- watchlist
+             WHEN 9 THEN p_declines[r.widx] >= r.threshold                -- decline_streak
+             WHEN 10 THEN p_amount >= r.threshold                         -- night_amount
+                          AND CASE WHEN r.minute_from <= r.minute_to
+                                   THEN p_minute >= r.minute_from AND p_minute < r.minute_to
+                                   ELSE p_minute >= r.minute_from OR p_minute < r.minute_to END
+             WHEN 11 THEN p_points[r.widx] >= r.threshold                 -- points_redemption
+             WHEN 99 THEN 1 / r.threshold > 0                             -- fault (tests)
+           END;
 END $$;
 
 -- Record an authorization in the card's risk state: p_held (a hold was made,
@@ -346,18 +379,20 @@ BEGIN
         RETURN v_response;
     END IF;
     SELECT * INTO v_hold FROM fc.holds WHERE uid = p_hold_uid;
-    IF v_hold.state <> 5 THEN
+    IF v_hold.state <> fc.hold_state_suspended() THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_NOT_SUSPENDED', DETAIL = 'hold_id';
     ELSIF v_hold.expires_at <= p_now THEN
         -- Too late: the sweeper releases it like any expired hold.
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_EXPIRED', DETAIL = 'hold_id';
     END IF;
     IF p_approve THEN
-        UPDATE fc.holds SET state = 1, expires_at = p_now + p_ttl, review_state = 2,
+        UPDATE fc.holds SET state = fc.hold_state_authorized(), expires_at = p_now + p_ttl,
+                            review_state = fc.review_state_approved(),
                             reviewed_by = p_reviewer, reviewed_at = p_now, review_note = p_note
          WHERE id = v_hold.id RETURNING * INTO v_hold;
     ELSE
-        UPDATE fc.holds SET state = 6, closed_at = p_now, review_state = 3,
+        UPDATE fc.holds SET state = fc.hold_state_rejected(), closed_at = p_now,
+                            review_state = fc.review_state_rejected(),
                             reviewed_by = p_reviewer, reviewed_at = p_now, review_note = p_note
          WHERE id = v_hold.id RETURNING * INTO v_hold;
         UPDATE fc.accounts SET held_fen = held_fen - v_hold.amount_fen WHERE id = v_hold.account_id;

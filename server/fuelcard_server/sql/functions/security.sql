@@ -78,17 +78,15 @@ BEGIN
                        jsonb_build_object('card_id', v_card.uid), p_now);
 END $$;
 
--- 0015: changing a PIN (SecurityService.SetCardPin, from a terminal) obeys
--- the same lockout as paying with it. Before, the server compared the old
--- PIN block with the stored hash and, on a match, called fc.set_pin, which
--- clears the lock: a wrong old PIN was never counted and a locked card was
--- never refused, so anyone holding a card number could guess its PIN at
--- SetCardPin without limit, and the right guess unlocked the card. Now the
--- server's verdict on the old PIN goes through fc.pin_refusal under the
--- PIN row's lock (the lock fc.authorize's check takes too): a wrong one
--- counts towards the lock, a locked card is refused, and only a right one
--- replaces the hash. The lock itself is cleared only by fc.set_pin, which
--- is left to fc.reset_pin (an operator, with step-up verification).
+-- Changing a PIN (SecurityService.SetCardPin, from a terminal) obeys the
+-- same lockout as paying with it: the server's verdict on the old PIN goes
+-- through fc.pin_refusal under the PIN row's lock (the lock fc.authorize's
+-- check takes too), so a wrong one counts towards the lock, a locked card is
+-- refused, and only a right one replaces the hash. Otherwise anyone holding
+-- a card number could guess its PIN at SetCardPin without limit, and the
+-- right guess would unlock the card (fc.set_pin clears the lock). The lock
+-- is cleared only by fc.set_pin, which is left to fc.reset_pin (an
+-- operator, with step-up verification).
 
 -- Returns NULL when the PIN was changed, else why not: PIN_LOCKED,
 -- WRONG_PIN (counted, or the card got a PIN since the server looked),

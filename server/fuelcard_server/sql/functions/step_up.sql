@@ -8,7 +8,7 @@
 CREATE OR REPLACE FUNCTION fc.step_up_account(p_subject uuid) RETURNS fc.accounts
 LANGUAGE sql STABLE AS $$
     SELECT a FROM fc.accounts a
-     WHERE a.kind <> 100
+     WHERE a.kind <> fc.account_kind_system()
        AND (a.uid = p_subject OR a.id = (SELECT c.account_id FROM fc.cards c WHERE c.uid = p_subject))
      LIMIT 1
 $$;
@@ -113,7 +113,8 @@ DECLARE
     v_phone   text;
 BEGIN
     v_account := fc.step_up_account(p_subject);
-    IF v_account.id IS NULL OR (p_kind IN (2, 4, 5)
+    IF v_account.id IS NULL OR (p_kind IN (fc.step_up_kind_pin_reset(), fc.step_up_kind_reveal_card_number(),
+                                           fc.step_up_kind_anomaly())
                                 AND NOT EXISTS (SELECT 1 FROM fc.cards WHERE uid = p_subject)) THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'SUBJECT_NOT_FOUND', DETAIL = 'subject_id';
     END IF;
