@@ -34,6 +34,8 @@ SQL_ONLY: dict[str, int] = {
     "review_state_pending": states.ReviewState.PENDING,
     "review_state_approved": states.ReviewState.APPROVED,
     "review_state_rejected": states.ReviewState.REJECTED,
+    "principal_kind_holder": states.PrincipalKind.HOLDER,
+    "principal_kind_fleet_manager": states.PrincipalKind.FLEET_MANAGER,
 }
 
 

@@ -132,6 +132,14 @@ class ReviewState(IntEnum):
     REJECTED = 3
 
 
+class PrincipalKind(IntEnum):
+    """fc.principals.kind: who logs in to the JSON API. Not in the proto: the
+    core sees a principal only as the approver of a sub-account's limit raise."""
+
+    HOLDER = 1
+    FLEET_MANAGER = 2
+
+
 # Each enum and the proto enum it takes its values from (its prefix is the
 # proto enum's name in UPPER_SNAKE).
 PROTO_ENUMS: dict[type[IntEnum], str] = {

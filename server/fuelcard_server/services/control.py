@@ -32,27 +32,15 @@ BATCH_TOP_UP_SQL = (
     "SELECT fc.batch_top_up(p_caller => %(caller)s, p_request_id => %(request_id)s,"
     " p_request_hash => %(request_hash)s, p_parent_uid => %(parent_uid)s::uuid,"
     " p_lines => %(lines)s::jsonb, p_now => %(now)s::timestamptz)")
-SET_LIMITS_CALL = (
-    "fc.set_limits(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+# The step-up gate of a raise runs inside fc.set_limits, under the account
+# lock: whether the change is a raise is decided there (issue 15).
+SET_LIMITS_SQL = (
+    "SELECT fc.set_limits(p_caller => %(caller)s, p_request_id => %(request_id)s,"
     " p_request_hash => %(request_hash)s, p_actor_uid => %(actor_uid)s::uuid,"
     " p_card_uid => %(card_uid)s::uuid, p_account_uid => %(account_uid)s::uuid,"
     " p_txn => %(txn)s::bigint, p_daily => %(daily)s::bigint, p_monthly => %(monthly)s::bigint,"
-    " p_now => %(now)s::timestamptz)")
-SET_LIMITS_SQL = "SELECT " + SET_LIMITS_CALL
-# Limit raises behind the step-up gate (stepup.gate): SetSpendingLimits
-# passes fc.is_limit_raise(...) as the gate's "required", decided in the same
-# transaction as the change (on the same target and limits as the change).
-STEP_UP_SET_LIMITS_SQL = (
-    "WITH s AS MATERIALIZED (SELECT fc.consume_step_up(p_caller => %(step_up_caller)s,"
-    " p_request_id => %(step_up_request_id)s, p_operation => %(step_up_operation)s,"
-    " p_required => %(step_up_required)s::boolean AND fc.is_limit_raise("
-    "p_card_uid => %(card_uid)s::uuid, p_account_uid => %(account_uid)s::uuid,"
-    " p_txn => %(txn)s::bigint, p_daily => %(daily)s::bigint, p_monthly => %(monthly)s::bigint),"
-    " p_kind => %(step_up_kind)s::smallint, p_subject => %(step_up_subject)s::uuid,"
-    " p_amount => %(step_up_amount)s::bigint, p_challenge => %(step_up_challenge)s::uuid,"
-    " p_code_hash => %(step_up_code_hash)s, p_now => %(step_up_now)s::timestamptz) AS refusal)"
-    " SELECT CASE WHEN s.refusal IS NULL THEN " + SET_LIMITS_CALL +
-    " ELSE jsonb_build_object('step_up_refusal', s.refusal) END FROM s")
+    " p_now => %(now)s::timestamptz, p_step_up => %(step_up)s::boolean,"
+    " p_challenge => %(challenge)s::uuid, p_code_hash => %(code_hash)s)")
 GRANT_RAISE_CALL = (
     "fc.grant_raise(p_caller => %(caller)s, p_request_id => %(request_id)s,"
     " p_request_hash => %(request_hash)s, p_actor_uid => %(actor_uid)s::uuid,"
@@ -175,16 +163,14 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         v.raise_if_any()
         lim = request.limits
         caller, now = self.d.caller(context), self.d.clock.now()
-        gate = self.d.step_ups.gate_params(
-            caller, request.request_id, "set_limits", self.d.settings.step_up_limit_raises,
-            stepup.LIMIT_RAISE, card or account, _raise_amount(lim), challenge,
-            request.step_up.code, now)
-        d = stepup.check_answer(await self.d.db.call(STEP_UP_SET_LIMITS_SQL, gate | {
+        d = stepup.check_answer(await self.d.db.call(SET_LIMITS_SQL, {
             "caller": caller, "request_id": request.request_id,
             "request_hash": self.d.fingerprint("set_limits", request),
             "actor_uid": request.actor_account_id, "card_uid": card, "account_uid": account,
             "txn": lim.per_transaction_fen, "daily": lim.daily_fen, "monthly": lim.monthly_fen,
-            "now": now}))
+            "now": now, "step_up": self.d.settings.step_up_limit_raises, "challenge": challenge,
+            "code_hash": (self.d.step_ups.code_hash(challenge, request.step_up.code)
+                          if challenge is not None else None)}))
         return control_pb2.SetSpendingLimitsResponse(limits=_limits(d["limits"]))
 
     @rpc(Role.ADMIN)

@@ -105,16 +105,24 @@ BEGIN
     END IF;
 END $$;
 
+-- Sets standing caps. Whether this is a raise (fc.is_limit_raise) is decided
+-- under the account chain's lock, and a raise's step-up (p_step_up: raises
+-- need one; p_challenge, p_code_hash: the code given) is used there, in this
+-- transaction: decided before the lock, a lowering committed meanwhile would
+-- let a raise through as "not a raise". The code is bound to the target and
+-- the highest cap set (0 if any cap is removed), as StepUpKind says. Refused:
+-- {"step_up_refusal": ...}, nothing changed but a wrong code's attempt.
 CREATE OR REPLACE FUNCTION fc.set_limits(
     p_caller text, p_request_id text, p_request_hash bytea, p_actor_uid uuid,
     p_card_uid uuid, p_account_uid uuid, p_txn bigint, p_daily bigint, p_monthly bigint,
-    p_now timestamptz)
+    p_now timestamptz, p_step_up boolean, p_challenge uuid, p_code_hash bytea)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_response jsonb;
     v_target   record;
     v_actor    bigint;
+    v_refusal  text;
     v_limits   jsonb := jsonb_build_object('per_transaction_fen', p_txn, 'daily_fen', p_daily,
                                            'monthly_fen', p_monthly);
 BEGIN
@@ -125,6 +133,16 @@ BEGIN
     v_target := fc.resolve_target(p_card_uid, p_account_uid);
     v_actor := fc.require_controller(p_actor_uid, v_target.o_account);
     PERFORM fc.lock_chain((v_target.o_account).id);
+    IF p_step_up AND fc.is_limit_raise(p_card_uid, p_account_uid, p_txn, p_daily, p_monthly) THEN
+        v_refusal := fc.consume_step_up(
+            p_caller, p_request_id, 'set_limits', true, fc.step_up_kind_limit_raise(),
+            coalesce(p_card_uid, p_account_uid),
+            CASE WHEN 0 IN (p_txn, p_daily, p_monthly) THEN 0 ELSE greatest(p_txn, p_daily, p_monthly) END,
+            p_challenge, p_code_hash, p_now);
+        IF v_refusal IS NOT NULL THEN
+            RETURN jsonb_build_object('step_up_refusal', v_refusal);
+        END IF;
+    END IF;
     IF p_card_uid IS NOT NULL THEN
         UPDATE fc.cards SET limit_txn_fen = nullif(p_txn, 0), limit_daily_fen = nullif(p_daily, 0),
                             limit_monthly_fen = nullif(p_monthly, 0)
@@ -261,7 +279,8 @@ END $$;
 
 -- Whether new caps (0: no cap) are higher than the standing ones of a card or
 -- account, or remove one: a limit raise needs a step-up. False for an unknown
--- target (the operation itself answers NOT_FOUND).
+-- target (the operation itself answers NOT_FOUND). fc.set_limits asks under
+-- the chain's lock, so that no concurrent change can make its answer stale.
 CREATE OR REPLACE FUNCTION fc.is_limit_raise(p_card_uid uuid, p_account_uid uuid, p_txn bigint,
                                   p_daily bigint, p_monthly bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$

@@ -143,3 +143,10 @@ CREATE OR REPLACE FUNCTION fc.review_state_approved() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 2::smallint';
 CREATE OR REPLACE FUNCTION fc.review_state_rejected() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 3::smallint';
+
+-- Not in the proto: who a JSON API principal is (fc.principals.kind): a card holder (a family's
+-- main-card holder holds the parent account) or a fleet manager (a top-level corporate account).
+CREATE OR REPLACE FUNCTION fc.principal_kind_holder() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 1::smallint';
+CREATE OR REPLACE FUNCTION fc.principal_kind_fleet_manager() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 2::smallint';

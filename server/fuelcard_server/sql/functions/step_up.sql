@@ -92,9 +92,33 @@ BEGIN
     RETURN v_count;
 END $$;
 
+-- Where a step-up's code goes (NULL: nowhere on file). A limit raise on a
+-- sub-account or its card (a fleet vehicle, a family secondary card) is
+-- approved by whoever has authority over it - the fleet's manager principal
+-- (fc.principals kind 2, its phone) or the parent account's holder (a
+-- family's main-card holder), then a holder principal of the parent - and
+-- never by the sub-account's own holder, the person being limited. Every
+-- other step-up goes to the subject's holder, else to the parent's holder.
+CREATE OR REPLACE FUNCTION fc.step_up_phone(p_account fc.accounts, p_kind smallint) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN p_kind = fc.step_up_kind_limit_raise() AND p_account.parent_id IS NOT NULL THEN coalesce(
+            (SELECT nullif(pr.phone, '') FROM fc.principals pr
+              WHERE pr.account_id = p_account.parent_id AND pr.kind = fc.principal_kind_fleet_manager()
+                AND pr.disabled_at IS NULL AND pr.phone <> '' ORDER BY pr.id LIMIT 1),
+            (SELECT nullif(h.phone, '') FROM fc.account_holders h WHERE h.account_id = p_account.parent_id),
+            (SELECT nullif(pr.phone, '') FROM fc.principals pr
+              WHERE pr.account_id = p_account.parent_id AND pr.kind = fc.principal_kind_holder()
+                AND pr.disabled_at IS NULL AND pr.phone <> '' ORDER BY pr.id LIMIT 1))
+        ELSE coalesce(
+            (SELECT nullif(h.phone, '') FROM fc.account_holders h WHERE h.account_id = p_account.id),
+            (SELECT nullif(h.phone, '') FROM fc.account_holders h
+              WHERE p_account.parent_id IS NOT NULL AND h.account_id = p_account.parent_id))
+    END
+$$;
+
 -- Records a new challenge (or renews an undelivered one) and returns where
--- to send its code: the phone of the subject's holder (or of the parent
--- account's holder, for a sub-account without one). "created": true - send
+-- to send its code (fc.step_up_phone). "created": true - send
 -- the code for "challenge_id" (p_uid, whose hash p_code_hash is), then call
 -- fc.step_up_sent or fc.step_up_not_sent. A retry of a delivered challenge
 -- returns it with "created": false (no second code). "sending": true - another
@@ -118,11 +142,7 @@ BEGIN
                                 AND NOT EXISTS (SELECT 1 FROM fc.cards WHERE uid = p_subject)) THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'SUBJECT_NOT_FOUND', DETAIL = 'subject_id';
     END IF;
-    SELECT nullif(h.phone, '') INTO v_phone FROM fc.account_holders h WHERE h.account_id = v_account.id;
-    IF v_phone IS NULL AND v_account.parent_id IS NOT NULL THEN
-        SELECT nullif(h.phone, '') INTO v_phone FROM fc.account_holders h
-         WHERE h.account_id = v_account.parent_id;
-    END IF;
+    v_phone := fc.step_up_phone(v_account, p_kind);
     IF v_phone IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'NO_PHONE_ON_FILE', DETAIL = 'subject_id';
     END IF;
