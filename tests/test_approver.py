@@ -206,3 +206,48 @@ def test_a_lowering_racing_a_raise_cannot_skip_the_step_up(env: Env, db: Conn) -
     assert not isinstance(answer, control_pb2.SetSpendingLimitsResponse), "raised without a code"
     assert getattr(answer, "reason", None) == "STEP_UP_REQUIRED"
     assert scalar(db, "SELECT limit_daily_fen FROM fc.cards WHERE uid = %s", (card,)) == 100_000
+
+
+OLD_PHONE, NEW_PHONE = "13600000005", "13600000006"
+
+
+def test_a_phone_change_needs_a_code_sent_to_the_old_phone_and_is_audited(env: Env, db: Conn) -> None:
+    logscan.register("phone", OLD_PHONE)
+    logscan.register("phone", NEW_PHONE)
+    account = env.open(account_pb2.ACCOUNT_TYPE_PERSONAL, OLD_PHONE)
+
+    def change(step_up: step_up_pb2.StepUp | None, request_id: str
+               ) -> security_pb2.ChangeHolderPhoneResponse:
+        answer: security_pb2.ChangeHolderPhoneResponse = env.security.ChangeHolderPhone(
+            security_pb2.ChangeHolderPhoneRequest(request_id=request_id, account_id=account,
+                                                  phone=NEW_PHONE, step_up=step_up))
+        return answer
+
+    def phone() -> str:
+        p: str = scalar(db, "SELECT h.phone FROM fc.account_holders h JOIN fc.accounts a"
+                            " ON a.id = h.account_id WHERE a.uid = %s", (account,))
+        return p
+
+    expect(lambda: change(None, rid()), grpc.StatusCode.FAILED_PRECONDITION, "STEP_UP_REQUIRED")
+    step_up, to = env.challenge(step_up_pb2.STEP_UP_KIND_PHONE_CHANGE, account)
+    assert to == OLD_PHONE
+    wrong = step_up_pb2.StepUp(challenge_id=step_up.challenge_id,
+                               code=f"{(int(step_up.code) + 1) % 1_000_000:06d}")
+    expect(lambda: change(wrong, rid()), grpc.StatusCode.PERMISSION_DENIED, "STEP_UP_FAILED")
+    assert phone() == OLD_PHONE
+    request_id = rid()
+    answer = change(step_up, request_id)
+    assert answer.account_id == account and answer.masked_phone == "136****0006"
+    assert phone() == NEW_PHONE
+    # A retry gets the first answer, without a fresh code; the code is used up.
+    assert change(step_up, request_id) == answer
+    expect(lambda: change(step_up, rid()), grpc.StatusCode.PERMISSION_DENIED, "STEP_UP_FAILED")
+    rows = db.execute("SELECT actor, target::text, outcome FROM fc.audit_log WHERE method ="
+                      " '/fuelcard.v1.SecurityService/ChangeHolderPhone' ORDER BY id").fetchall()
+    assert [r[2] for r in rows] == [
+        "FAILED_PRECONDITION STEP_UP_REQUIRED", "PERMISSION_DENIED STEP_UP_FAILED", "OK", "OK",
+        "PERMISSION_DENIED STEP_UP_FAILED"]
+    assert {r[1] for r in rows} == {account}
+    # The next code goes to the new phone.
+    _, to = env.challenge(step_up_pb2.STEP_UP_KIND_PIN_RESET, env.card(account))
+    assert to == NEW_PHONE

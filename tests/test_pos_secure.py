@@ -96,8 +96,8 @@ def site(tls_server: TlsServer, tmp_path: Path) -> Site:
 
 
 def server_counter(db: Db, terminal: str = TERMINAL) -> int:
-    row = db.execute("SELECT last_counter FROM fc.terminals WHERE terminal_id = %s",
-                     (terminal,)).fetchone()
+    row = db.execute("SELECT last_counter FROM fc.terminals WHERE station_id = %s AND terminal_id = %s",
+                     (STATION, terminal)).fetchone()
     return int(row[0]) if row is not None else 0
 
 

@@ -114,8 +114,8 @@ def _straddle(server: RunningServer, db: Conn, model: Model, first_fen: int,
     answer = db.execute(
         "SELECT fc.confirm(p_caller => 'tests', p_request_id => %(request_id)s,"
         " p_request_hash => %(request_hash)s, p_hold_uid => %(hold_uid)s, p_final_fen => %(final_fen)s,"
-        " p_volume_ml => 1000, p_unit_price_fen => 785, p_now => %(now)s, p_terminal => NULL,"
-        " p_counter => NULL)",
+        " p_volume_ml => 1000, p_unit_price_fen => 785, p_now => %(now)s, p_station => NULL,"
+        " p_terminal => NULL, p_counter => NULL)",
         {"request_id": request_id, "request_hash": hashlib.sha256(request_id.encode()).digest(),
          "hold_uid": hold.hold_id, "final_fen": first_fen, "now": dated}).fetchone()
     assert answer is not None

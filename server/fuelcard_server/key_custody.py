@@ -412,10 +412,11 @@ def open_key_set(database_url: str, key_set: KeySet) -> ServingKeys:
 # --- rotations ---------------------------------------------------------------
 
 TERMINAL_KEYS_SQL = """
-    SELECT terminal_id, version, valid_from, valid_until, root_key_id, sealed FROM fc.terminal_keys
-     ORDER BY terminal_id, version FOR UPDATE"""
+    SELECT station_id, terminal_id, version, valid_from, valid_until, root_key_id, sealed
+      FROM fc.terminal_keys ORDER BY station_id, terminal_id, version FOR UPDATE"""
 UPDATE_TERMINAL_KEY_SQL = """
-    UPDATE fc.terminal_keys SET root_key_id = %s, sealed = %s WHERE terminal_id = %s AND version = %s"""
+    UPDATE fc.terminal_keys SET root_key_id = %s, sealed = %s
+     WHERE station_id = %s AND terminal_id = %s AND version = %s"""
 UPDATE_WRAPPED_SQL = "UPDATE fc.wrapped_keys SET root_key_id = %s, sealed = %s WHERE key_name = %s"
 LOCK_CHECK_VALUE_SQL = "SELECT check_value FROM fc.key_check_values WHERE key_name = %s FOR UPDATE"
 SET_CHECK_VALUE_SQL = """UPDATE fc.key_check_values SET check_value = %s, recorded_at = now()
@@ -481,7 +482,7 @@ def rotate_root(database_url: str, store: KeySetStore, say: Callable[[str], None
         with conn.transaction():
             _lock_check_value(conn, "root", current)
             moved = skipped = 0
-            for tid, version, valid_from, valid_until, rid, sealed in \
+            for station, tid, version, valid_from, valid_until, rid, sealed in \
                     conn.execute(TERMINAL_KEYS_SQL).fetchall():
                 if rid != old_id:
                     skipped += 1  # wrapped under some older root: unusable already
@@ -491,7 +492,8 @@ def rotate_root(database_url: str, store: KeySetStore, say: Callable[[str], None
                     fresh = old_keys.rewrap(wrapped, new_root)
                 except keys.KeyNotAccepted as exc:
                     raise KeyCustodyError(f"cannot re-wrap: {exc}") from None
-                conn.execute(UPDATE_TERMINAL_KEY_SQL, (fresh.root_key_id, fresh.sealed, tid, version))
+                conn.execute(UPDATE_TERMINAL_KEY_SQL,
+                             (fresh.root_key_id, fresh.sealed, station, tid, version))
                 moved += 1
             data = data_key(conn, current.root)
             conn.execute(UPDATE_WRAPPED_SQL, (*_wrap(new.root, DATA_KEY, data), DATA_KEY))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import datetime as dt
 import hashlib
 import hmac
@@ -298,6 +299,14 @@ class WorkingKeys:
         self._root_id = root_key_id(root)
         self._store = store
         self.policy = policy or RotationPolicy()
+
+    def on(self, store: WorkingKeyStore) -> WorkingKeys:
+        """These working keys over another store (the same root and policy):
+        a server keeps one store per station, since a terminal is named by
+        its station and its id together (two stations may both have a "T1")."""
+        scoped = copy.copy(self)
+        scoped._store = store
+        return scoped
 
     def _unwrap(self, wrapped: WrappedWorkingKey) -> WorkingKey:
         if wrapped.root_key_id != self._root_id:

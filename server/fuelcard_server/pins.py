@@ -34,11 +34,11 @@ class Pins:
     def pepper(self) -> bytes:
         return self._pepper
 
-    async def _clear_pin(self, terminal_id: str, key_version: int, block: bytes,
+    async def _clear_pin(self, station_id: str, terminal_id: str, key_version: int, block: bytes,
                          card_number: str, now: dt.datetime) -> bytes | None:
         """The PIN in a block, or None if the block does not decode (wrong
         key, wrong card, malformed: all count as a wrong PIN)."""
-        working = await self._keys.accepted(terminal_id, key_version, now)
+        working = await self._keys.accepted(station_id, terminal_id, key_version, now)
         try:
             return keys.decrypt_pin_block(keys.pin_key(working), block, card_number)
         except keys.PinBlockError:
@@ -49,20 +49,20 @@ class Pins:
             return False
         return await asyncio.to_thread(keys.verify_pin, pin, stored, pepper=self._pepper)
 
-    async def verdict(self, terminal_id: str, key_version: int, block: bytes, card_number: str,
-                      pan_index: bytes, now: dt.datetime) -> bool | None:
+    async def verdict(self, station_id: str, terminal_id: str, key_version: int, block: bytes,
+                      card_number: str, pan_index: bytes, now: dt.datetime) -> bool | None:
         """Whether the block holds the card's PIN; None if the card has no
         PIN (or is unknown: authorize answers that)."""
         row = await self._db.fetch_one(PIN_HASH_SQL, (pan_index,))
         if row is None or row[1] is None:
             return None
-        pin = await self._clear_pin(terminal_id, key_version, block, card_number, now)
+        pin = await self._clear_pin(station_id, terminal_id, key_version, block, card_number, now)
         ok = await self._matches(pin, row[1])
         del pin
         return ok
 
-    async def set(self, terminal_id: str, key_version: int, card_number: str, pan_index: bytes,
-                  new_block: bytes, old_block: bytes, now: dt.datetime) -> None:
+    async def set(self, station_id: str, terminal_id: str, key_version: int, card_number: str,
+                  pan_index: bytes, new_block: bytes, old_block: bytes, now: dt.datetime) -> None:
         """Set a card's first PIN, or change it given the current one. A
         wrong current PIN counts towards the card's PIN lock, as at the pump,
         and a locked card is refused: only an operator's reset unlocks it."""
@@ -74,7 +74,7 @@ class Pins:
         # old one matched would tell a right guess from a wrong one (by the
         # answer for a bad new block, or by the time a hash takes), lock or
         # no lock.
-        new = await self._clear_pin(terminal_id, key_version, new_block, card_number, now)
+        new = await self._clear_pin(station_id, terminal_id, key_version, new_block, card_number, now)
         if new is None:
             raise errors.invalid([errors.FieldViolation(
                 "new_pin_block", "does not decode to a PIN of 4-12 digits", "PIN_BLOCK_INVALID")])
@@ -82,7 +82,7 @@ class Pins:
         del new
         old_ok: bool | None = None
         if stored is not None and old_block:
-            old = await self._clear_pin(terminal_id, key_version, old_block, card_number, now)
+            old = await self._clear_pin(station_id, terminal_id, key_version, old_block, card_number, now)
             old_ok = await self._matches(old, stored)
             del old
         answer = await self._db.fetch_one(CHANGE_PIN_SQL, {

@@ -98,6 +98,7 @@ class StepUpKind(IntEnum):
     LIMIT_RAISE = step_up_pb2.STEP_UP_KIND_LIMIT_RAISE
     REVEAL_CARD_NUMBER = step_up_pb2.STEP_UP_KIND_REVEAL_CARD_NUMBER
     ANOMALY = step_up_pb2.STEP_UP_KIND_ANOMALY
+    PHONE_CHANGE = step_up_pb2.STEP_UP_KIND_PHONE_CHANGE
 
 
 class SettlementKind(IntEnum):

@@ -51,8 +51,12 @@ _CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("fuelcard_calle
                                                                  default=DEVELOPMENT)
 
 # Fields that authenticate a request rather than say what it asks for: a POS
-# may re-sign a retry with a fresh counter, and it is still the same request
-# (a retry of a high-risk operation needs no fresh step-up code either).
+# may re-sign a retry with a fresh counter, under a newer key version after a
+# sign-on, and it is still the same request (a retry of a high-risk operation
+# needs no fresh step-up code either). A PIN block stays in: it is encrypted
+# under the key version, so a PIN-bearing retry under a newer key is another
+# request (REQUEST_ID_REUSED; docs/TERMINAL_PROTOCOL.md section 8) - the
+# server never decrypts a PIN to compare two requests.
 _AUTH_FIELDS = ("mac", "terminal_counter", "key_version", "signature", "step_up")
 
 
@@ -120,21 +124,22 @@ class Deps:
         return _CALLER.get()
 
     async def terminal_auth(self, mac: bytes, key_version: int, counter: int,
-                            *fields: bytes | str | int) -> tuple[str | None, int | None]:
-        """For a terminal's request: (its terminal id, the counter to advance
-        atomically with the operation), after checking the request's MAC.
-        (None, None) for other callers and in development mode, where no
-        certificate names a terminal."""
+                            *fields: bytes | str | int) -> tuple[str | None, str | None, int | None]:
+        """For a terminal's request: (its station, its terminal id, the
+        counter to advance atomically with the operation), after checking the
+        request's MAC. A terminal is the pair (station, terminal id): its
+        certificate's O and CN. (None, None, None) for other callers and in
+        development mode, where no certificate names a terminal."""
         caller = _CALLER.get()
         if not self.tls or caller.role is not Role.POS:
-            return None, None
+            return None, None, None
         if not mac:
             if self.settings.require_mac:
                 raise unauthenticated("MAC_MISSING", "terminal requests must carry a MAC")
-            return caller.name, None
-        await self.terminal_keys.check_mac(caller.name, key_version, counter, mac,
+            return caller.scope, caller.name, None
+        await self.terminal_keys.check_mac(caller.scope, caller.name, key_version, counter, mac,
                                            self.clock.now(), *fields)
-        return caller.name, counter
+        return caller.scope, caller.name, counter
 
 
 Req = TypeVar("Req", bound=Message)

@@ -17,6 +17,7 @@ from fuelcard_server import errors, gm, keys, stepup
 from fuelcard_server.card_numbers import CardNumberMismatch
 from fuelcard_server.db import Database
 from fuelcard_server.identity import Role
+from fuelcard_server.privacy import mask_phone
 from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.validation import ID_MAX_CHARS, Violations
 
@@ -24,7 +25,8 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger(__name__)
 
 STEP_UP_KINDS = frozenset({stepup.RECHARGE, stepup.PIN_RESET, stepup.LIMIT_RAISE,
-                           stepup.REVEAL_CARD_NUMBER, stepup.ANOMALY})
+                           stepup.REVEAL_CARD_NUMBER, stepup.ANOMALY, stepup.PHONE_CHANGE})
+PHONE_MIN_CHARS, PHONE_MAX_CHARS = 5, 20
 STEP_UP_MAX_AMOUNT_FEN = 10**12
 # An admin console's key id: its working key is kept apart from any terminal's.
 ADMIN_KEY_PREFIX = "admin/"
@@ -35,6 +37,11 @@ RESET_PIN_SQL = stepup.gate(
     "fc.reset_pin(p_caller => %(caller)s, p_request_id => %(request_id)s,"
     " p_request_hash => %(request_hash)s, p_card_uid => %(card_uid)s::uuid,"
     " p_pin_hash => %(pin_hash)s, p_now => %(now)s::timestamptz)")
+# A phone change behind the step-up gate: its code went to the old phone.
+CHANGE_HOLDER_PHONE_SQL = stepup.gate(
+    "fc.change_holder_phone(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_account_uid => %(account_uid)s::uuid,"
+    " p_phone => %(phone)s, p_now => %(now)s::timestamptz)")
 CARD_NUMBER_PARTS_SQL = "SELECT fc.card_number_parts(p_card_uid => %(card_uid)s::uuid)"
 
 
@@ -120,10 +127,10 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
         if request.terminal_id != key_id or (caller.role is Role.POS
                                              and key_id.startswith(ADMIN_KEY_PREFIX)):
             raise errors.permission_denied("TERMINAL_MISMATCH")
-        working = await self.d.terminal_keys.current(key_id, self.d.clock.now())
+        working = await self.d.terminal_keys.current(caller.scope, key_id, self.d.clock.now())
         response = security_pb2.SignOnResponse(
             key_version=working.version, working_key=working.key,
-            last_counter=await self.d.terminal_keys.last_counter(key_id))
+            last_counter=await self.d.terminal_keys.last_counter(caller.scope, key_id))
         response.valid_from.FromDatetime(working.valid_from)
         response.valid_until.FromDatetime(working.valid_until)
         return response
@@ -141,7 +148,7 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
         if not self.d.tls:
             raise errors.failed_precondition("PIN_NEEDS_TERMINAL_KEY")
         caller = self.d.identity()
-        await self.d.pins.set(caller.name, request.key_version, request.card_number,
+        await self.d.pins.set(caller.scope, caller.name, request.key_version, request.card_number,
                               self.d.pan_index.of(request.card_number), request.new_pin_block,
                               request.old_pin_block, self.d.clock.now())
         return security_pb2.SetCardPinResponse()
@@ -206,7 +213,7 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
             # The block is read with the key of the console its certificate names.
             raise errors.failed_precondition("PIN_NEEDS_TERMINAL_KEY")
         caller, now = self.d.identity(), self.d.clock.now()
-        working = await self.d.terminal_keys.accepted(ADMIN_KEY_PREFIX + caller.name,
+        working = await self.d.terminal_keys.accepted(caller.scope, ADMIN_KEY_PREFIX + caller.name,
                                                       request.key_version, now)
         try:
             pin = keys.decrypt_pin_block(keys.pin_key(working), request.new_pin_block, NO_PAN)
@@ -253,3 +260,28 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
             raise errors.ApiError(grpc.StatusCode.DATA_LOSS, "CARD_NUMBER_DAMAGED",
                                   "the stored card number does not verify") from None
         return security_pb2.RevealCardNumberResponse(card_id=request.card_id, card_number=pan)
+
+    @rpc(Role.ADMIN)
+    async def ChangeHolderPhone(self, request: security_pb2.ChangeHolderPhoneRequest, context: Ctx
+                                ) -> security_pb2.ChangeHolderPhoneResponse:
+        """Step-up to the old phone rather than dual control by two admins:
+        the person who holds the number on file agrees, and one insider
+        alone cannot redirect a holder's codes (as two colluding could)."""
+        v = Violations()
+        v.request_id(request.request_id)
+        account_id = v.uuid("account_id", request.account_id)
+        phone = request.phone
+        if not (phone.isascii() and phone.isdigit() and PHONE_MIN_CHARS <= len(phone) <= PHONE_MAX_CHARS):
+            v.add("phone", f"must be {PHONE_MIN_CHARS}-{PHONE_MAX_CHARS} digits", "PHONE_MALFORMED")
+        challenge = v.step_up("step_up", request)
+        v.raise_if_any()
+        caller, now = self.d.caller(context), self.d.clock.now()
+        d = stepup.check_answer(await self.d.db.call(CHANGE_HOLDER_PHONE_SQL, (
+            self.d.step_ups.gate_params(caller, request.request_id, "change_holder_phone", True,
+                                        stepup.PHONE_CHANGE, account_id, 0, challenge,
+                                        request.step_up.code, now)
+            | {"caller": caller, "request_id": request.request_id,
+               "request_hash": self.d.fingerprint("change_holder_phone", request),
+               "account_uid": account_id, "phone": phone, "now": now})))
+        return security_pb2.ChangeHolderPhoneResponse(account_id=str(d["account_id"]),
+                                                      masked_phone=mask_phone(phone))

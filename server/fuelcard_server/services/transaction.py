@@ -32,13 +32,16 @@ CONFIRM_SQL = (
     " p_request_hash => %(request_hash)s, p_hold_uid => %(hold_uid)s::uuid,"
     " p_final_fen => %(final_fen)s::bigint, p_volume_ml => %(volume_ml)s::bigint,"
     " p_unit_price_fen => %(unit_price_fen)s::bigint, p_now => %(now)s::timestamptz,"
-    " p_terminal => %(terminal)s, p_counter => %(counter)s::bigint)")
+    " p_station => %(station)s, p_terminal => %(terminal)s, p_counter => %(counter)s::bigint)")
 CANCEL_SQL = (
     "SELECT fc.cancel(p_caller => %(caller)s, p_request_id => %(request_id)s,"
     " p_request_hash => %(request_hash)s, p_hold_uid => %(hold_uid)s::uuid,"
-    " p_now => %(now)s::timestamptz, p_terminal => %(terminal)s, p_counter => %(counter)s::bigint)")
+    " p_now => %(now)s::timestamptz, p_station => %(station)s, p_terminal => %(terminal)s,"
+    " p_counter => %(counter)s::bigint)")
+# A terminal is (station, terminal id): a "T1" of another station does not own the hold.
 GET_TERMINAL_HOLD_SQL = (
-    "SELECT fc.hold_json(h => h) FROM fc.holds h WHERE h.uid = %s::uuid AND h.terminal_id = %s")
+    "SELECT fc.hold_json(h => h) FROM fc.holds h"
+    " WHERE h.uid = %s::uuid AND h.station_id = %s AND h.terminal_id = %s")
 GET_HOLD_SQL = "SELECT fc.hold_json(h => h) FROM fc.holds h WHERE h.uid = %s::uuid"
 # The money is the funding account's (the parent's, for a SHARED card); the
 # points are the card's own account's.
@@ -69,7 +72,7 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
         if caller.role is Role.POS and (request.station_id != caller.scope
                                         or request.terminal_id != caller.name):
             raise errors.permission_denied("TERMINAL_MISMATCH")
-        _, counter = await self.d.terminal_auth(
+        _, _, counter = await self.d.terminal_auth(
             request.mac, request.key_version, request.terminal_counter,
             "Authorize", request.request_id, request.card_number, request.amount_fen,
             request.station_id, request.terminal_id, request.nozzle, request.product,
@@ -80,7 +83,7 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             if caller.role is not Role.POS or not self.d.tls:
                 # Only a terminal named by its certificate has a PIN key.
                 raise errors.failed_precondition("PIN_NEEDS_TERMINAL_KEY")
-            pin_ok = await self.d.pins.verdict(caller.name, request.key_version,
+            pin_ok = await self.d.pins.verdict(caller.scope, caller.name, request.key_version,
                                                request.pin_block, request.card_number,
                                                pan_index, self.d.clock.now())
         d = await self.d.db.call(AUTHORIZE_SQL, {
@@ -116,7 +119,7 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
         v.non_negative("volume_ml", request.volume_ml, MAX_VOLUME_ML)
         v.non_negative("unit_price_fen", request.unit_price_fen, MAX_UNIT_PRICE_FEN)
         v.raise_if_any()
-        terminal, counter = await self.d.terminal_auth(
+        station, terminal, counter = await self.d.terminal_auth(
             request.mac, request.key_version, request.terminal_counter,
             "Confirm", request.request_id, request.hold_id, request.final_amount_fen,
             request.volume_ml, request.unit_price_fen, request.key_version,
@@ -126,7 +129,7 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             "request_hash": self.d.fingerprint("confirm", request), "hold_uid": hold_id,
             "final_fen": request.final_amount_fen, "volume_ml": request.volume_ml,
             "unit_price_fen": request.unit_price_fen, "now": self.d.clock.now(),
-            "terminal": terminal, "counter": counter})
+            "station": station, "terminal": terminal, "counter": counter})
         return transaction_pb2.ConfirmResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             hold=wire.hold(d["hold"]), points_earned=d["points_earned"],
@@ -140,14 +143,14 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
         v.request_id(request.request_id)
         hold_id = v.uuid("hold_id", request.hold_id)
         v.raise_if_any()
-        terminal, counter = await self.d.terminal_auth(
+        station, terminal, counter = await self.d.terminal_auth(
             request.mac, request.key_version, request.terminal_counter,
             "Cancel", request.request_id, request.hold_id, request.key_version,
             request.terminal_counter)
         d = await self.d.db.call(CANCEL_SQL, {
             "caller": self.d.caller(context), "request_id": request.request_id,
             "request_hash": self.d.fingerprint("cancel", request), "hold_uid": hold_id,
-            "now": self.d.clock.now(), "terminal": terminal, "counter": counter})
+            "now": self.d.clock.now(), "station": station, "terminal": terminal, "counter": counter})
         return transaction_pb2.CancelResponse(hold=wire.hold(d["hold"]))
 
     @rpc(Role.POS, Role.ADMIN, Role.REVIEWER)
@@ -158,7 +161,7 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
         v.raise_if_any()
         caller = self.d.identity()
         if caller.role is Role.POS:  # a terminal sees its own holds only
-            row = await self.d.db.fetch_one(GET_TERMINAL_HOLD_SQL, (hold_id, caller.name))
+            row = await self.d.db.fetch_one(GET_TERMINAL_HOLD_SQL, (hold_id, caller.scope, caller.name))
         else:
             row = await self.d.db.fetch_one(GET_HOLD_SQL, (hold_id,))
         if row is None:

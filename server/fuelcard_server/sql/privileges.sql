@@ -27,7 +27,7 @@ DECLARE
     entry_points text[] := ARRAY[
         'advance_invoice', 'approve_adjustment', 'audit_append', 'authorize', 'backfill_events',
         'batch_top_up',
-        'cancel', 'card_number_parts', 'change_pin', 'confirm', 'consume_step_up',
+        'cancel', 'card_number_parts', 'change_holder_phone', 'change_pin', 'confirm', 'consume_step_up',
         'create_step_up', 'evaluate_tiers', 'expire_holds', 'expire_points', 'grant_raise',
         'issue_card', 'open_account', 'propose_adjustment', 'prune_events',
         'prune_idempotency_keys', 'prune_step_ups', 'recharge', 'redeem_points',

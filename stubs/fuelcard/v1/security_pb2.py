@@ -27,41 +27,45 @@ from fuelcard.v1 import step_up_pb2 as fuelcard_dot_v1_dot_step__up__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66uelcard/v1/security.proto\x12\x0b\x66uelcard.v1\x1a\x19\x66uelcard/v1/funding.proto\x1a\x19\x66uelcard/v1/step_up.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x1c\x43reateStepUpChallengeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.fuelcard.v1.StepUpKind\x12\x12\n\nsubject_id\x18\x03 \x01(\t\x12\x12\n\namount_fen\x18\x04 \x01(\x03\"\x98\x01\n\x1d\x43reateStepUpChallengeResponse\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12masked_destination\x18\x03 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\"\x8c\x01\n\x13ResetCardPinRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\x05\x12\x15\n\rnew_pin_block\x18\x04 \x01(\x0c\x12$\n\x07step_up\x18\x05 \x01(\x0b\x32\x13.fuelcard.v1.StepUp\"\'\n\x14ResetCardPinResponse\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\"d\n\x17RevealCardNumberRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12$\n\x07step_up\x18\x03 \x01(\x0b\x32\x13.fuelcard.v1.StepUp\"@\n\x18RevealCardNumberResponse\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\"k\n\x11SetCardPinRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\x05\x12\x15\n\rnew_pin_block\x18\x03 \x01(\x0c\x12\x15\n\rold_pin_block\x18\x04 \x01(\x0c\"\x14\n\x12SetCardPinResponse\"$\n\rSignOnRequest\x12\x13\n\x0bterminal_id\x18\x01 \x01(\t\"\xb1\x01\n\x0eSignOnResponse\x12\x13\n\x0bkey_version\x18\x01 \x01(\x05\x12\x13\n\x0bworking_key\x18\x02 \x01(\x0c\x12.\n\nvalid_from\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clast_counter\x18\x05 \x01(\x04\"Z\n\x19RegisterChannelKeyRequest\x12%\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0epublic_key_hex\x18\x02 \x01(\t\"4\n\x1aRegisterChannelKeyResponse\x12\x16\n\x0epublic_key_hex\x18\x01 \x01(\t\"\x1c\n\x1aGetServerSigningKeyRequest\"5\n\x1bGetServerSigningKeyResponse\x12\x16\n\x0epublic_key_hex\x18\x01 \x01(\t2\x9a\x05\n\x0fSecurityService\x12\x41\n\x06SignOn\x12\x1a.fuelcard.v1.SignOnRequest\x1a\x1b.fuelcard.v1.SignOnResponse\x12\x65\n\x12RegisterChannelKey\x12&.fuelcard.v1.RegisterChannelKeyRequest\x1a\'.fuelcard.v1.RegisterChannelKeyResponse\x12h\n\x13GetServerSigningKey\x12\'.fuelcard.v1.GetServerSigningKeyRequest\x1a(.fuelcard.v1.GetServerSigningKeyResponse\x12M\n\nSetCardPin\x12\x1e.fuelcard.v1.SetCardPinRequest\x1a\x1f.fuelcard.v1.SetCardPinResponse\x12n\n\x15\x43reateStepUpChallenge\x12).fuelcard.v1.CreateStepUpChallengeRequest\x1a*.fuelcard.v1.CreateStepUpChallengeResponse\x12S\n\x0cResetCardPin\x12 .fuelcard.v1.ResetCardPinRequest\x1a!.fuelcard.v1.ResetCardPinResponse\x12_\n\x10RevealCardNumber\x12$.fuelcard.v1.RevealCardNumberRequest\x1a%.fuelcard.v1.RevealCardNumberResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66uelcard/v1/security.proto\x12\x0b\x66uelcard.v1\x1a\x19\x66uelcard/v1/funding.proto\x1a\x19\x66uelcard/v1/step_up.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x18\x43hangeHolderPhoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\r\n\x05phone\x18\x03 \x01(\t\x12$\n\x07step_up\x18\x04 \x01(\x0b\x32\x13.fuelcard.v1.StepUp\"E\n\x19\x43hangeHolderPhoneResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0cmasked_phone\x18\x02 \x01(\t\"\x81\x01\n\x1c\x43reateStepUpChallengeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.fuelcard.v1.StepUpKind\x12\x12\n\nsubject_id\x18\x03 \x01(\t\x12\x12\n\namount_fen\x18\x04 \x01(\x03\"\x98\x01\n\x1d\x43reateStepUpChallengeResponse\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12masked_destination\x18\x03 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\"\x8c\x01\n\x13ResetCardPinRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\x05\x12\x15\n\rnew_pin_block\x18\x04 \x01(\x0c\x12$\n\x07step_up\x18\x05 \x01(\x0b\x32\x13.fuelcard.v1.StepUp\"\'\n\x14ResetCardPinResponse\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\"d\n\x17RevealCardNumberRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12$\n\x07step_up\x18\x03 \x01(\x0b\x32\x13.fuelcard.v1.StepUp\"@\n\x18RevealCardNumberResponse\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\"k\n\x11SetCardPinRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\x05\x12\x15\n\rnew_pin_block\x18\x03 \x01(\x0c\x12\x15\n\rold_pin_block\x18\x04 \x01(\x0c\"\x14\n\x12SetCardPinResponse\"$\n\rSignOnRequest\x12\x13\n\x0bterminal_id\x18\x01 \x01(\t\"\xb1\x01\n\x0eSignOnResponse\x12\x13\n\x0bkey_version\x18\x01 \x01(\x05\x12\x13\n\x0bworking_key\x18\x02 \x01(\x0c\x12.\n\nvalid_from\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clast_counter\x18\x05 \x01(\x04\"Z\n\x19RegisterChannelKeyRequest\x12%\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0epublic_key_hex\x18\x02 \x01(\t\"4\n\x1aRegisterChannelKeyResponse\x12\x16\n\x0epublic_key_hex\x18\x01 \x01(\t\"\x1c\n\x1aGetServerSigningKeyRequest\"5\n\x1bGetServerSigningKeyResponse\x12\x16\n\x0epublic_key_hex\x18\x01 \x01(\t2\xfe\x05\n\x0fSecurityService\x12\x41\n\x06SignOn\x12\x1a.fuelcard.v1.SignOnRequest\x1a\x1b.fuelcard.v1.SignOnResponse\x12\x65\n\x12RegisterChannelKey\x12&.fuelcard.v1.RegisterChannelKeyRequest\x1a\'.fuelcard.v1.RegisterChannelKeyResponse\x12h\n\x13GetServerSigningKey\x12\'.fuelcard.v1.GetServerSigningKeyRequest\x1a(.fuelcard.v1.GetServerSigningKeyResponse\x12M\n\nSetCardPin\x12\x1e.fuelcard.v1.SetCardPinRequest\x1a\x1f.fuelcard.v1.SetCardPinResponse\x12n\n\x15\x43reateStepUpChallenge\x12).fuelcard.v1.CreateStepUpChallengeRequest\x1a*.fuelcard.v1.CreateStepUpChallengeResponse\x12S\n\x0cResetCardPin\x12 .fuelcard.v1.ResetCardPinRequest\x1a!.fuelcard.v1.ResetCardPinResponse\x12_\n\x10RevealCardNumber\x12$.fuelcard.v1.RevealCardNumberRequest\x1a%.fuelcard.v1.RevealCardNumberResponse\x12\x62\n\x11\x43hangeHolderPhone\x12%.fuelcard.v1.ChangeHolderPhoneRequest\x1a&.fuelcard.v1.ChangeHolderPhoneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuelcard.v1.security_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATESTEPUPCHALLENGEREQUEST']._serialized_start=131
-  _globals['_CREATESTEPUPCHALLENGEREQUEST']._serialized_end=260
-  _globals['_CREATESTEPUPCHALLENGERESPONSE']._serialized_start=263
-  _globals['_CREATESTEPUPCHALLENGERESPONSE']._serialized_end=415
-  _globals['_RESETCARDPINREQUEST']._serialized_start=418
-  _globals['_RESETCARDPINREQUEST']._serialized_end=558
-  _globals['_RESETCARDPINRESPONSE']._serialized_start=560
-  _globals['_RESETCARDPINRESPONSE']._serialized_end=599
-  _globals['_REVEALCARDNUMBERREQUEST']._serialized_start=601
-  _globals['_REVEALCARDNUMBERREQUEST']._serialized_end=701
-  _globals['_REVEALCARDNUMBERRESPONSE']._serialized_start=703
-  _globals['_REVEALCARDNUMBERRESPONSE']._serialized_end=767
-  _globals['_SETCARDPINREQUEST']._serialized_start=769
-  _globals['_SETCARDPINREQUEST']._serialized_end=876
-  _globals['_SETCARDPINRESPONSE']._serialized_start=878
-  _globals['_SETCARDPINRESPONSE']._serialized_end=898
-  _globals['_SIGNONREQUEST']._serialized_start=900
-  _globals['_SIGNONREQUEST']._serialized_end=936
-  _globals['_SIGNONRESPONSE']._serialized_start=939
-  _globals['_SIGNONRESPONSE']._serialized_end=1116
-  _globals['_REGISTERCHANNELKEYREQUEST']._serialized_start=1118
-  _globals['_REGISTERCHANNELKEYREQUEST']._serialized_end=1208
-  _globals['_REGISTERCHANNELKEYRESPONSE']._serialized_start=1210
-  _globals['_REGISTERCHANNELKEYRESPONSE']._serialized_end=1262
-  _globals['_GETSERVERSIGNINGKEYREQUEST']._serialized_start=1264
-  _globals['_GETSERVERSIGNINGKEYREQUEST']._serialized_end=1292
-  _globals['_GETSERVERSIGNINGKEYRESPONSE']._serialized_start=1294
-  _globals['_GETSERVERSIGNINGKEYRESPONSE']._serialized_end=1347
-  _globals['_SECURITYSERVICE']._serialized_start=1350
-  _globals['_SECURITYSERVICE']._serialized_end=2016
+  _globals['_CHANGEHOLDERPHONEREQUEST']._serialized_start=130
+  _globals['_CHANGEHOLDERPHONEREQUEST']._serialized_end=249
+  _globals['_CHANGEHOLDERPHONERESPONSE']._serialized_start=251
+  _globals['_CHANGEHOLDERPHONERESPONSE']._serialized_end=320
+  _globals['_CREATESTEPUPCHALLENGEREQUEST']._serialized_start=323
+  _globals['_CREATESTEPUPCHALLENGEREQUEST']._serialized_end=452
+  _globals['_CREATESTEPUPCHALLENGERESPONSE']._serialized_start=455
+  _globals['_CREATESTEPUPCHALLENGERESPONSE']._serialized_end=607
+  _globals['_RESETCARDPINREQUEST']._serialized_start=610
+  _globals['_RESETCARDPINREQUEST']._serialized_end=750
+  _globals['_RESETCARDPINRESPONSE']._serialized_start=752
+  _globals['_RESETCARDPINRESPONSE']._serialized_end=791
+  _globals['_REVEALCARDNUMBERREQUEST']._serialized_start=793
+  _globals['_REVEALCARDNUMBERREQUEST']._serialized_end=893
+  _globals['_REVEALCARDNUMBERRESPONSE']._serialized_start=895
+  _globals['_REVEALCARDNUMBERRESPONSE']._serialized_end=959
+  _globals['_SETCARDPINREQUEST']._serialized_start=961
+  _globals['_SETCARDPINREQUEST']._serialized_end=1068
+  _globals['_SETCARDPINRESPONSE']._serialized_start=1070
+  _globals['_SETCARDPINRESPONSE']._serialized_end=1090
+  _globals['_SIGNONREQUEST']._serialized_start=1092
+  _globals['_SIGNONREQUEST']._serialized_end=1128
+  _globals['_SIGNONRESPONSE']._serialized_start=1131
+  _globals['_SIGNONRESPONSE']._serialized_end=1308
+  _globals['_REGISTERCHANNELKEYREQUEST']._serialized_start=1310
+  _globals['_REGISTERCHANNELKEYREQUEST']._serialized_end=1400
+  _globals['_REGISTERCHANNELKEYRESPONSE']._serialized_start=1402
+  _globals['_REGISTERCHANNELKEYRESPONSE']._serialized_end=1454
+  _globals['_GETSERVERSIGNINGKEYREQUEST']._serialized_start=1456
+  _globals['_GETSERVERSIGNINGKEYREQUEST']._serialized_end=1484
+  _globals['_GETSERVERSIGNINGKEYRESPONSE']._serialized_start=1486
+  _globals['_GETSERVERSIGNINGKEYRESPONSE']._serialized_end=1539
+  _globals['_SECURITYSERVICE']._serialized_start=1542
+  _globals['_SECURITYSERVICE']._serialized_end=2308
 # @@protoc_insertion_point(module_scope)

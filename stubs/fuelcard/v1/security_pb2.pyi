@@ -22,6 +22,70 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ChangeHolderPhoneRequest(_message.Message):
+    """Request for SecurityService.ChangeHolderPhone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PHONE_FIELD_NUMBER: _builtins.int
+    STEP_UP_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, 1-64 printable ASCII characters."""
+    account_id: _builtins.str
+    """The account whose holder's phone changes."""
+    phone: _builtins.str
+    """The new phone: 5-20 digits."""
+    @_builtins.property
+    def step_up(self) -> _step_up_pb2.StepUp:
+        """The verified second factor (STEP_UP_KIND_PHONE_CHANGE, subject account_id),
+        its code sent to the old phone.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        phone: _builtins.str = ...,
+        step_up: _step_up_pb2.StepUp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step_up", b"step_up"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "phone", b"phone", "request_id", b"request_id", "step_up", b"step_up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeHolderPhoneRequest: _TypeAlias = ChangeHolderPhoneRequest  # noqa: Y015
+
+@_typing.final
+class ChangeHolderPhoneResponse(_message.Message):
+    """Response for SecurityService.ChangeHolderPhone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MASKED_PHONE_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account."""
+    masked_phone: _builtins.str
+    """The new phone, masked (e.g. 138****5678)."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        masked_phone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "masked_phone", b"masked_phone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeHolderPhoneResponse: _TypeAlias = ChangeHolderPhoneResponse  # noqa: Y015
+
+@_typing.final
 class CreateStepUpChallengeRequest(_message.Message):
     """Request for SecurityService.CreateStepUpChallenge."""
 

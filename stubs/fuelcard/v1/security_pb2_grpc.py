@@ -92,6 +92,11 @@ class SecurityServiceStub:
                 request_serializer=fuelcard_dot_v1_dot_security__pb2.RevealCardNumberRequest.SerializeToString,
                 response_deserializer=fuelcard_dot_v1_dot_security__pb2.RevealCardNumberResponse.FromString,
                 _registered_method=True)
+        self.ChangeHolderPhone = channel.unary_unary(
+                '/fuelcard.v1.SecurityService/ChangeHolderPhone',
+                request_serializer=fuelcard_dot_v1_dot_security__pb2.ChangeHolderPhoneRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_security__pb2.ChangeHolderPhoneResponse.FromString,
+                _registered_method=True)
 
 
 class SecurityServiceServicer:
@@ -184,6 +189,16 @@ class SecurityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ChangeHolderPhone(self, request, context):
+        """Change an account holder's phone, where step-up codes go: needs a
+        step-up sent to the old phone (STEP_UP_KIND_PHONE_CHANGE), so that whoever
+        holds the old number agrees. Idempotent (request_id) and audited. Admins
+        only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SecurityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +236,11 @@ def add_SecurityServiceServicer_to_server(servicer, server):
                     servicer.RevealCardNumber,
                     request_deserializer=fuelcard_dot_v1_dot_security__pb2.RevealCardNumberRequest.FromString,
                     response_serializer=fuelcard_dot_v1_dot_security__pb2.RevealCardNumberResponse.SerializeToString,
+            ),
+            'ChangeHolderPhone': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeHolderPhone,
+                    request_deserializer=fuelcard_dot_v1_dot_security__pb2.ChangeHolderPhoneRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_security__pb2.ChangeHolderPhoneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +455,33 @@ class SecurityService:
             '/fuelcard.v1.SecurityService/RevealCardNumber',
             fuelcard_dot_v1_dot_security__pb2.RevealCardNumberRequest.SerializeToString,
             fuelcard_dot_v1_dot_security__pb2.RevealCardNumberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeHolderPhone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.SecurityService/ChangeHolderPhone',
+            fuelcard_dot_v1_dot_security__pb2.ChangeHolderPhoneRequest.SerializeToString,
+            fuelcard_dot_v1_dot_security__pb2.ChangeHolderPhoneResponse.FromString,
             options,
             channel_credentials,
             insecure,

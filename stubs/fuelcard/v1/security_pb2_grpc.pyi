@@ -93,6 +93,12 @@ class SecurityServiceStub:
     (STEP_UP_KIND_REVEAL_CARD_NUMBER) and is audited. Admins only. Every
     other answer carries only the masked number.
     """
+    ChangeHolderPhone: _grpc.UnaryUnaryMultiCallable[_security_pb2.ChangeHolderPhoneRequest, _security_pb2.ChangeHolderPhoneResponse]
+    """Change an account holder's phone, where step-up codes go: needs a
+    step-up sent to the old phone (STEP_UP_KIND_PHONE_CHANGE), so that whoever
+    holds the old number agrees. Idempotent (request_id) and audited. Admins
+    only.
+    """
 
 @_typing.type_check_only
 class SecurityServiceAsyncStub(SecurityServiceStub):
@@ -156,6 +162,12 @@ class SecurityServiceAsyncStub(SecurityServiceStub):
     checked against its encrypted copy. Needs a step-up
     (STEP_UP_KIND_REVEAL_CARD_NUMBER) and is audited. Admins only. Every
     other answer carries only the masked number.
+    """
+    ChangeHolderPhone: _aio.UnaryUnaryMultiCallable[_security_pb2.ChangeHolderPhoneRequest, _security_pb2.ChangeHolderPhoneResponse]  # type: ignore[assignment]
+    """Change an account holder's phone, where step-up codes go: needs a
+    step-up sent to the old phone (STEP_UP_KIND_PHONE_CHANGE), so that whoever
+    holds the old number agrees. Idempotent (request_id) and audited. Admins
+    only.
     """
 
 class SecurityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -259,6 +271,18 @@ class SecurityServiceServicer(metaclass=_abc_1.ABCMeta):
         checked against its encrypted copy. Needs a step-up
         (STEP_UP_KIND_REVEAL_CARD_NUMBER) and is audited. Admins only. Every
         other answer carries only the masked number.
+        """
+
+    @_abc_1.abstractmethod
+    def ChangeHolderPhone(
+        self,
+        request: _security_pb2.ChangeHolderPhoneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_security_pb2.ChangeHolderPhoneResponse, _abc.Awaitable[_security_pb2.ChangeHolderPhoneResponse]]:
+        """Change an account holder's phone, where step-up codes go: needs a
+        step-up sent to the old phone (STEP_UP_KIND_PHONE_CHANGE), so that whoever
+        holds the old number agrees. Idempotent (request_id) and audited. Admins
+        only.
         """
 
 def add_SecurityServiceServicer_to_server(servicer: SecurityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -49,6 +49,13 @@ class _StepUpKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepUpKind
     """An operation the risk engine flagged (a new device, impossible travel).
     Subject: the card; amount: the operation's amount in fen.
     """
+    STEP_UP_KIND_PHONE_CHANGE: _StepUpKind.ValueType  # 7
+    """(6: the data-subject export of issue 15 item 5.)
+    An administrator changes an account holder's phone
+    (SecurityService.ChangeHolderPhone): the code goes to the phone on file,
+    the old one (a sub-account without one: its parent's holder). Subject:
+    the account; amount: 0.
+    """
 
 class StepUpKind(_StepUpKind, metaclass=_StepUpKindEnumTypeWrapper):
     """What a step-up challenge authorises. A challenge is bound to its kind, its
@@ -78,6 +85,13 @@ STEP_UP_KIND_REVEAL_CARD_NUMBER: StepUpKind.ValueType  # 4
 STEP_UP_KIND_ANOMALY: StepUpKind.ValueType  # 5
 """An operation the risk engine flagged (a new device, impossible travel).
 Subject: the card; amount: the operation's amount in fen.
+"""
+STEP_UP_KIND_PHONE_CHANGE: StepUpKind.ValueType  # 7
+"""(6: the data-subject export of issue 15 item 5.)
+An administrator changes an account holder's phone
+(SecurityService.ChangeHolderPhone): the code goes to the phone on file,
+the old one (a sub-account without one: its parent's holder). Subject:
+the account; amount: 0.
 """
 Global___StepUpKind: _TypeAlias = StepUpKind  # noqa: Y015
 

@@ -114,3 +114,30 @@ LANGUAGE sql STABLE AS $$
         'funding_mode', a.funding_mode, 'label', a.label)
     FROM fc.account_holders h WHERE h.account_id = a.id
 $$;
+
+-- Changes an account holder's phone (where its step-up codes go). The step-up
+-- gate ran before, in the same transaction, with its code sent to the old
+-- phone (STEP_UP_KIND_PHONE_CHANGE). Under the account's lock, as
+-- fc.create_step_up reads the phone under it. The stored answer names the
+-- account only: no phone in the idempotency table.
+CREATE OR REPLACE FUNCTION fc.change_holder_phone(p_caller text, p_request_id text, p_request_hash bytea,
+                                       p_account_uid uuid, p_phone text, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_response jsonb;
+    v_account  bigint;
+BEGIN
+    v_response := fc.replay(p_caller, p_request_id, p_request_hash);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
+    END IF;
+    SELECT id INTO v_account FROM fc.accounts WHERE uid = p_account_uid AND kind <> fc.account_kind_system();
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND', DETAIL = 'account_id';
+    END IF;
+    PERFORM pg_advisory_xact_lock(v_account);
+    UPDATE fc.account_holders SET phone = p_phone WHERE account_id = v_account;
+    RETURN fc.remember(p_caller, p_request_id, 'change_holder_phone', p_request_hash,
+                       jsonb_build_object('account_id', p_account_uid), p_now);
+END $$;

@@ -110,7 +110,7 @@ END $$;
 
 CREATE OR REPLACE FUNCTION fc.cancel(
     p_caller text, p_request_id text, p_request_hash bytea, p_hold_uid uuid, p_now timestamptz,
-    p_terminal text, p_counter bigint)
+    p_station text, p_terminal text, p_counter bigint)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -119,7 +119,7 @@ DECLARE
     v_parent_id  bigint;
     v_hold       fc.holds;
 BEGIN
-    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal, p_counter);
+    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_station, p_terminal, p_counter);
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
@@ -129,7 +129,7 @@ BEGIN
     END IF;
     v_parent_id := fc.lock_chain(v_spender_id);
     SELECT * INTO v_hold FROM fc.holds WHERE uid = p_hold_uid;
-    IF p_terminal IS NOT NULL AND v_hold.terminal_id <> p_terminal THEN
+    IF p_terminal IS NOT NULL AND (v_hold.station_id, v_hold.terminal_id) <> (p_station, p_terminal) THEN
         RAISE EXCEPTION USING ERRCODE = 'FCPD0', MESSAGE = 'NOT_YOUR_HOLD', DETAIL = 'hold_id';
     END IF;
     IF v_hold.state = fc.hold_state_confirmed() THEN
@@ -242,7 +242,7 @@ DECLARE
     v_day      date := v_local::date;   -- from v_local: one fc.config read
     v_risk     jsonb;         -- the risk engine's verdict, NULL without a rule set
 BEGIN
-    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal_id, p_counter);
+    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_station_id, p_terminal_id, p_counter);
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
@@ -440,7 +440,7 @@ END $$;
 CREATE OR REPLACE FUNCTION fc.confirm(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_hold_uid uuid, p_final_fen bigint, p_volume_ml bigint, p_unit_price_fen bigint,
-    p_now timestamptz, p_terminal text, p_counter bigint)
+    p_now timestamptz, p_station text, p_terminal text, p_counter bigint)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -456,7 +456,7 @@ DECLARE
     v_card_uid   uuid;
     v_masked     text;
 BEGIN
-    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal, p_counter);
+    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_station, p_terminal, p_counter);
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
@@ -474,7 +474,7 @@ BEGIN
     -- Re-read under the lock: the sweeper or a racing confirm may have moved it.
     SELECT * INTO v_hold FROM fc.holds WHERE uid = p_hold_uid;
     SELECT * INTO v_funder FROM fc.accounts WHERE id = v_hold.account_id;
-    IF p_terminal IS NOT NULL AND v_hold.terminal_id <> p_terminal THEN
+    IF p_terminal IS NOT NULL AND (v_hold.station_id, v_hold.terminal_id) <> (p_station, p_terminal) THEN
         RAISE EXCEPTION USING ERRCODE = 'FCPD0', MESSAGE = 'NOT_YOUR_HOLD', DETAIL = 'hold_id';
     END IF;
     v_late := fc.check_confirm(v_hold, p_final_fen, p_now);

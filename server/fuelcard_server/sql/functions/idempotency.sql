@@ -38,13 +38,13 @@ END $$;
 -- A counter at or below the last one is refused, unless a concurrent
 -- duplicate of this very request took it first: then its answer is returned.
 CREATE OR REPLACE FUNCTION fc.admit(p_caller text, p_request_id text, p_request_hash bytea,
-                         p_terminal text, p_counter bigint)
+                         p_station text, p_terminal text, p_counter bigint)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_response jsonb := fc.replay(p_caller, p_request_id, p_request_hash);
 BEGIN
-    IF v_response IS NOT NULL OR p_counter IS NULL OR fc.advance_counter(p_terminal, p_counter) THEN
+    IF v_response IS NOT NULL OR p_counter IS NULL OR fc.advance_counter(p_station, p_terminal, p_counter) THEN
         RETURN v_response;
     END IF;
     v_response := fc.replay(p_caller, p_request_id, p_request_hash);

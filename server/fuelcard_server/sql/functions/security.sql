@@ -40,11 +40,14 @@ LANGUAGE sql AS $$
     UPDATE fc.cards SET has_pin = true WHERE id = p_card_id;
 $$;
 
-CREATE OR REPLACE FUNCTION fc.advance_counter(p_terminal text, p_counter bigint) RETURNS boolean
+-- A terminal is (station, terminal id): two stations' "T1" count apart.
+CREATE OR REPLACE FUNCTION fc.advance_counter(p_station text, p_terminal text, p_counter bigint)
+RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO fc.terminals AS t (terminal_id, last_counter) VALUES (p_terminal, p_counter)
-    ON CONFLICT (terminal_id) DO UPDATE SET last_counter = excluded.last_counter
+    INSERT INTO fc.terminals AS t (station_id, terminal_id, last_counter)
+    VALUES (p_station, p_terminal, p_counter)
+    ON CONFLICT (station_id, terminal_id) DO UPDATE SET last_counter = excluded.last_counter
      WHERE t.last_counter < excluded.last_counter;
     RETURN FOUND;
 END $$;
