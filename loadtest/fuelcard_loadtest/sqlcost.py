@@ -132,7 +132,7 @@ def _cycle(t: Target, pan: bytes, rng: random.Random) -> None:
         "caller": "", "request_id": f"sqlcost-{uuid.uuid4()}", "request_hash": os.urandom(32),
         "hold_uid": answer["hold"]["hold_id"], "final_fen": final,
         "volume_ml": final * 1000 // 785, "unit_price_fen": 785, "now": dt.datetime.now(dt.UTC),
-        "terminal": None, "counter": None}, prepare=True)
+        "station": None, "terminal": None, "counter": None}, prepare=True)
     t.confirm_ms.append((time.perf_counter() - t2) * 1000)
     t.cycles += 1
 
