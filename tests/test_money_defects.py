@@ -13,7 +13,7 @@ import uuid
 import grpc
 import pytest
 from fuelcard.v1 import account_pb2, common_pb2, funding_pb2, transaction_pb2
-from fuelcard_server import migrations
+from fuelcard_server import migrations, verify
 
 from tests.plugins.server import RunningServer
 from tests.support import builders
@@ -92,6 +92,8 @@ def test_a_hold_that_cannot_be_released_does_not_wedge_the_sweep(
     assert not [r for r in caplog.records if "hold expiry failed" in r.getMessage()]
     assert counted.total == 1
     assert count(db, "hold_sweep_failures", "failures = 1") == 1
+    assert {v.check for v in verify.run(server.database_url)} == {
+        "no_account_set_aside_by_the_expiry_sweep", "usage_equals_holds"}
 
     # The upgrade's backfill repairs it; at its retry time the sweep releases it.
     _backfill(db)
@@ -127,6 +129,8 @@ def test_an_account_set_aside_does_not_fill_every_batch(server: RunningServer, d
     assert _state(server, freed.hold_id) == common_pb2.HOLD_STATE_EXPIRED
     assert sweep() == 0
     _backfill(db)
+    server.advance(61 * MIN)
+    assert sweep() == 1
     assert_ledger_ok(server.database_url)
 
 
