@@ -9,8 +9,10 @@ import calendar
 import datetime as dt
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import psycopg
 import pytest
 from fuelcard.v1 import account_pb2, common_pb2, funding_pb2, transaction_pb2
 from fuelcard_server import migrations, verify
@@ -19,6 +21,7 @@ from tests.plugins.server import RunningServer
 from tests.support import builders
 from tests.support import control_builders as cb
 from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, count, expect, snapshot
+from tests.support.row_lock import wait_queued
 
 MIN = dt.timedelta(minutes=1)
 ALLOCATED = account_pb2.FUNDING_MODE_ALLOCATED
@@ -229,6 +232,34 @@ def test_a_parents_caps_do_not_count_a_family_members_expired_hold(
     assert limits.used_today_fen == 5_000
     # A real breach is still one.
     assert cb.authorize(server, card, 6_000).decline_reason == common_pb2.DECLINE_REASON_LIMIT_DAILY
+    assert_ledger_ok(server.database_url)
+
+
+def test_a_family_release_racing_the_sweep_releases_each_hold_once(server: RunningServer,
+                                                                   db: Conn) -> None:
+    fleet = cb.open_fleet(server, 100_000, [ALLOCATED, ALLOCATED])
+    cb.batch_top_up(server, fleet.parent_id, [(fleet.subs[0].account_id, 20_000),
+                                              (fleet.subs[1].account_id, 20_000)])
+    cb.set_limits(server, fleet.parent_id, account=fleet.parent_id, daily=10_000)
+    expired = cb.approved(server, fleet.subs[0], 8_000)
+    server.advance(31 * MIN)
+    # Both queue behind the parent's lock: the sibling's authorization (refused by the parent's
+    # cap until it releases the family's expired holds) and the sweep (which locks the parent
+    # with the member); whichever goes first releases the hold, the other finds it released.
+    with psycopg.connect(server.database_url, autocommit=True) as side:
+        side.execute("BEGIN")
+        side.execute("SELECT pg_advisory_xact_lock(%s)", (account_row(db, fleet.parent_id)["id"],))
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            auth = pool.submit(cb.authorize, server, fleet.subs[1], 5_000)
+            sweep = pool.submit(server.expire_holds)
+            wait_queued(server.database_url, 2, [auth, sweep])
+            side.execute("COMMIT")
+            answer, released = auth.result(timeout=30), sweep.result(timeout=30)
+    assert answer.decision == common_pb2.DECISION_APPROVED, answer.decline_reason
+    assert released in (0, 1)
+    assert _state(server, expired.hold_id) == common_pb2.HOLD_STATE_EXPIRED
+    assert cb.balance_of(server, fleet.subs[0].account_id) == (20_000, 0)
+    assert cb.get_limits(server, account=fleet.parent_id).used_today_fen == 5_000
     assert_ledger_ok(server.database_url)
 
 
