@@ -54,8 +54,8 @@ def _drop_usage_counters(db: Conn, card: builders.FundedCard) -> None:
 
 
 def _backfill(db: Conn) -> None:
-    """The upgrade's backfill, as 0010_money_defects.sql runs it."""
-    sql = next(m for m in migrations.available() if m.version == 10).sql
+    """The upgrade's backfill, as the money-defects migration runs it."""
+    sql = next(m for m in migrations.available() if m.name.endswith("_money_defects")).sql
     db.execute(sql[sql.index("INSERT INTO fc.usage"):].encode())
 
 
