@@ -314,6 +314,16 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " proposed_at, decided_by, decided_at) SELECT id, 1, 500, 'goodwill', 2, 'admin::a', now(),"
       " 'admin::b', now() FROM fc.accounts WHERE uid = %(account)s"],
      {"adjustments_booked_once"}),
+    # Overrun receivables (issue 14, item 3): an account said to owe what no
+    # receivable says; a receivable never booked, with no exception to chase it.
+    ("receivable-on-the-account-only",
+     ["UPDATE fc.accounts SET receivable_fen = receivable_fen + 5 WHERE uid = %(account)s"],
+     {"receivables_booked_and_owed"}),
+    ("receivable-unbooked",
+     ["INSERT INTO fc.receivables (account_id, hold_id, amount_fen, created_at)"
+      " SELECT h.account_id, h.id, 5, now() FROM fc.holds h JOIN fc.accounts a ON a.id = h.account_id"
+      " WHERE a.uid = %(account)s AND h.state = 2 ORDER BY h.id LIMIT 1"],
+     {"receivables_booked_and_owed", "receivable_exception_open_while_owed"}),
     # The event stream (issue 9): a position lost from the stream.
     ("event-deleted",
      ["SELECT fc.sequence_events(p_now => now(), p_limit => 1000)",

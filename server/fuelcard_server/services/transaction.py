@@ -51,6 +51,17 @@ CARD_BALANCE_SQL = """
      WHERE c.pan_index = %s"""
 
 
+def overrun_above_tolerance(exception_id: str) -> errors.ApiError:
+    """A confirm past the hold by more than the overrun tolerance: nothing
+    booked, the hold still open, the excess recorded as the settlement
+    exception named in the metadata for finance to follow up."""
+    return errors.ApiError(
+        grpc.StatusCode.FAILED_PRECONDITION, "OVERRUN_ABOVE_TOLERANCE",
+        "the final amount exceeds the hold by more than the overrun tolerance; nothing was"
+        " booked and the excess is recorded as a settlement exception",
+        metadata={"settlement_exception_id": exception_id})
+
+
 class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServicer):
 
     @rpc(Role.POS)
@@ -127,11 +138,17 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             "final_fen": request.final_amount_fen, "volume_ml": request.volume_ml,
             "unit_price_fen": request.unit_price_fen, "now": self.d.clock.now(),
             "terminal": terminal, "counter": counter})
+        if d.get("overrun_refusal") == "OVERRUN_ABOVE_TOLERANCE":
+            # fc.confirm answers this refusal rather than raising it: the
+            # exception it records must commit (a raise would roll it back),
+            # and the answer is remembered for a retry like any other.
+            raise overrun_above_tolerance(str(d["settlement_exception_id"]))
         return transaction_pb2.ConfirmResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             hold=wire.hold(d["hold"]), points_earned=d["points_earned"],
             balance_fen=d["balance_fen"],
-            settlement_exception_id=d.get("settlement_exception_id") or "")
+            settlement_exception_id=d.get("settlement_exception_id") or "",
+            receivable_fen=d.get("receivable_fen") or 0)
 
     @rpc(Role.POS)
     async def Cancel(self, request: transaction_pb2.CancelRequest, context: Ctx
