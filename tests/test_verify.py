@@ -324,6 +324,12 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " SELECT h.account_id, h.id, 5, now() FROM fc.holds h JOIN fc.accounts a ON a.id = h.account_id"
       " WHERE a.uid = %(account)s AND h.state = 2 ORDER BY h.id LIMIT 1"],
      {"receivables_booked_and_owed", "receivable_exception_open_while_owed"}),
+    # Litre counters (issue 14, item 4): litres counted that no sale sold.
+    ("litres-uncounted",
+     ["INSERT INTO fc.volume_usage (card_id, day, volume_ml)"
+      " SELECT c.id, current_date, 1000 FROM fc.cards c JOIN fc.accounts a ON a.id = c.account_id"
+      " WHERE a.uid = %(account)s LIMIT 1"],
+     {"litres_equal_confirmed_volumes"}),
     # The event stream (issue 9): a position lost from the stream.
     ("event-deleted",
      ["SELECT fc.sequence_events(p_now => now(), p_limit => 1000)",

@@ -476,6 +476,25 @@ CHECKS: tuple[Check, ...] = (
               OR (r.repaid_at IS NULL AND x.resolved_at IS NULL AND x.account_id <> r.account_id)
               OR (r.repaid_at IS NOT NULL AND x.resolved_at IS NULL)
            LIMIT 10"""),
+    # Issue 14, item 4: a card's litre counters (what its daily and monthly
+    # litre caps are checked against) are the volumes of its confirmed sales
+    # that fc.confirm counted (holds.volume_counted: the card had litre caps),
+    # per business day; only a confirmed sale is counted.
+    Check("litres_equal_confirmed_volumes",
+          "each card's litres per day (volume_usage) equal the volumes of its counted confirmed"
+          " sales",
+          f"""
+          WITH sold AS (
+              SELECT card_id, usage_day AS day, sum(volume_ml) AS volume_ml FROM fc.holds
+               WHERE volume_counted AND state = {HoldState.CONFIRMED:d}
+               GROUP BY card_id, usage_day)
+          SELECT coalesce(s.card_id, u.card_id), coalesce(s.day, u.day), s.volume_ml, u.volume_ml
+            FROM sold s FULL JOIN fc.volume_usage u ON u.card_id = s.card_id AND u.day = s.day
+           WHERE coalesce(s.volume_ml, 0) <> coalesce(u.volume_ml, 0)
+          UNION ALL
+          SELECT card_id, usage_day, volume_ml, NULL FROM fc.holds
+           WHERE volume_counted AND state <> {HoldState.CONFIRMED:d}
+           LIMIT 10"""),
     Check("event_positions_gap_free",
           "the event stream holds every position after the pruned ones up to the head, once",
           """

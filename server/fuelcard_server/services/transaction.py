@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 from fuelcard.v1 import common_pb2, transaction_pb2, transaction_pb2_grpc
+from opentelemetry import metrics
 
 from fuelcard_server import errors, wire
 from fuelcard_server.identity import Role
@@ -49,6 +50,16 @@ CARD_BALANCE_SQL = """
       JOIN fc.accounts f
         ON f.id = CASE WHEN a.funding_mode = fc.funding_mode_shared() THEN a.parent_id ELSE a.id END
      WHERE c.pan_index = %s"""
+
+
+# Confirms whose figures do not add up (fc.note_sale_figures, recorded on the
+# hold): volume x unit price more than one fen from the amount, or a unit
+# price other than the station's posted price. The sale stands (the pump's
+# amount is what was charged); a pump or price board to look at.
+sale_figures_off = metrics.get_meter("fuelcard.pump").create_counter(
+    "fuelcard.pump.sale_figures_off", unit="{sale}",
+    description="confirmed sales whose amount is not volume x unit price (amount) or whose"
+    " unit price is not the posted price (price)")
 
 
 def overrun_above_tolerance(exception_id: str) -> errors.ApiError:
@@ -143,6 +154,9 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             # exception it records must commit (a raise would roll it back),
             # and the answer is remembered for a retry like any other.
             raise overrun_above_tolerance(str(d["settlement_exception_id"]))
+        if (d.get("amount_mismatch") or d.get("price_mismatch")) and not d.get("replayed"):
+            sale_figures_off.add(1, {"amount": bool(d.get("amount_mismatch")),
+                                     "price": bool(d.get("price_mismatch"))})
         return transaction_pb2.ConfirmResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             hold=wire.hold(d["hold"]), points_earned=d["points_earned"],

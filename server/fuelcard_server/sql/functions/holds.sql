@@ -185,6 +185,10 @@ DECLARE
 BEGIN
     v_reason := coalesce(fc.scope_refusal(c, p_station_id, p_product, p_local),
                          fc.caps_refusal(c, s, p, p_day, p_amount, p_now));
+    -- Litre caps (fc.volume_refusal): only a card that has one pays for the look.
+    IF v_reason IS NULL AND num_nonnulls(c.limit_fill_ml, c.limit_daily_ml, c.limit_monthly_ml) > 0 THEN
+        v_reason := fc.volume_refusal(c, p_station_id, p_product, p_amount, p_day, p_now);
+    END IF;
     -- An overrun left the account owing (fc.book_receivable): no new sale until a recharge
     -- has repaid it. From the row already read: no query.
     IF v_reason IS NULL AND p_funder.receivable_fen > 0 THEN
@@ -516,6 +520,8 @@ DECLARE
     v_masked     text;
     v_paid       bigint;   -- what the balance pays of the sale
     v_exception  uuid;     -- an overrun's shortfall exception
+    v_counts     boolean;  -- the card counts its litres
+    v_posted     bigint;   -- the posted price of the sale's product at its station
 BEGIN
     -- What the balance pays: all of it, except an overrun past the money (the rest is owed).
     v_paid := least(p_final_fen, p_funder.balance_fen - p_funder.held_fen
@@ -535,13 +541,18 @@ BEGIN
     END IF;
     v_tier := fc.count_sale_for_tier(p_spender_id, v_spender.tier, p_final_fen, p_now);
     h := fc.close_sale(h, p_final_fen, p_volume_ml, p_unit_price_fen, v_points, p_late, p_now);
-    -- fc.hold_json(h) without reading the funding account again.
-    SELECT uid, masked INTO v_card_uid, v_masked FROM fc.cards WHERE id = h.card_id;
+    -- fc.hold_json(h) without reading the funding account again; from the same row, whether
+    -- the card counts litres, and the posted price (fc.note_sale_figures).
+    SELECT c.uid, c.masked, num_nonnulls(c.limit_daily_ml, c.limit_monthly_ml) > 0,
+           CASE WHEN p_unit_price_fen > 0 THEN fc.posted_price(h.station_id, h.product, p_now) END
+      INTO v_card_uid, v_masked, v_counts, v_posted FROM fc.cards c WHERE c.id = h.card_id;
+    h := fc.note_sale_figures(h, v_posted, v_counts);
     RETURN jsonb_build_object(
         'decision', 'APPROVED',
         'hold', fc.hold_json_of(h, p_funder.uid, v_card_uid, v_masked),
         'points_earned', v_points, 'balance_fen', p_funder.balance_fen,
-        'receivable_fen', p_final_fen - v_paid, 'settlement_exception_id', v_exception);
+        'receivable_fen', p_final_fen - v_paid, 'settlement_exception_id', v_exception,
+        'amount_mismatch', h.amount_mismatch, 'price_mismatch', h.price_mismatch);
 END $$;
 
 -- Settle a hold for p_final_fen delivered (0: nothing, as a cancel). Steps: the checks

@@ -72,3 +72,53 @@ CREATE UNIQUE INDEX settlement_exceptions_channel_payment
 ALTER TABLE fc.holds DROP CONSTRAINT settled_only_when_confirmed;
 ALTER TABLE fc.holds ADD CONSTRAINT settled_only_when_confirmed
     CHECK (settled_fen >= 0 AND (state = 2 OR settled_fen = 0));
+
+------------------------------------------------------------------------------
+-- Prices and litres (item 4)
+------------------------------------------------------------------------------
+
+-- The posted price of a product at a station from a moment on (挂牌价), in integer fen per
+-- litre as pumps show it: the price in force at t is the row with the latest effective_at
+-- <= t. ControlService.SetPrice writes it; fc.confirm compares the pump's unit price with
+-- it and fc.authorize converts money into litres with it for a card's litre caps.
+CREATE TABLE fc.prices (
+    station_id     text NOT NULL,
+    product        smallint NOT NULL CHECK (product BETWEEN 1 AND 20),
+    effective_at   timestamptz NOT NULL,
+    unit_price_fen bigint NOT NULL CHECK (unit_price_fen > 0),
+    set_by         text NOT NULL,
+    created_at     timestamptz NOT NULL,
+    PRIMARY KEY (station_id, product, effective_at)
+);
+
+-- What a confirm reported that does not add up, recorded on the sale (the confirm still
+-- succeeds: the pump's amount is what was charged): amount_mismatch when volume_ml x
+-- unit_price_fen / 1000 is more than one fen from the amount, price_mismatch when the unit
+-- price is not the station's posted price. volume_counted: the sale's volume was charged to
+-- its card's litre counters (a card with litre caps), which verify checks against.
+ALTER TABLE fc.holds
+    ADD COLUMN amount_mismatch boolean NOT NULL DEFAULT false,
+    ADD COLUMN price_mismatch boolean NOT NULL DEFAULT false,
+    ADD COLUMN volume_counted boolean NOT NULL DEFAULT false;
+
+-- A card's litre caps (as Sinopec and WEX fleet cards have): per fill, per business day,
+-- per business month, in millilitres; NULL: none.
+ALTER TABLE fc.cards
+    ADD COLUMN limit_fill_ml bigint CHECK (limit_fill_ml > 0),
+    ADD COLUMN limit_daily_ml bigint CHECK (limit_daily_ml > 0),
+    ADD COLUMN limit_monthly_ml bigint CHECK (limit_monthly_ml > 0);
+
+-- The litres a card with litre caps bought per business day (the hold's usage_day): charged
+-- by fc.confirm with the confirmed volume. Only cards with litre caps are counted, so the
+-- pump path of every other card writes nothing more.
+CREATE TABLE fc.volume_usage (
+    card_id   bigint NOT NULL REFERENCES fc.cards (id),
+    day       date NOT NULL,
+    volume_ml bigint NOT NULL CHECK (volume_ml >= 0),
+    PRIMARY KEY (card_id, day)
+);
+
+-- A change of a card's litre caps is a control change like its money caps.
+ALTER TABLE fc.control_changes DROP CONSTRAINT control_changes_kind_check;
+ALTER TABLE fc.control_changes ADD CONSTRAINT control_changes_kind_check
+    CHECK (kind IN ('limits', 'raise', 'scope', 'volume_limits'));
