@@ -10,7 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from fuelcard.v1 import common_pb2, transaction_pb2
+from fuelcard.v1 import account_pb2, common_pb2, transaction_pb2
 
 from tests.plugins.server import RunningServer
 from tests.support import builders
@@ -91,6 +91,13 @@ def test_an_overrun_past_the_money_is_booked_owed_and_repaid_by_the_next_recharg
     resolved = db.execute("SELECT resolved_at IS NOT NULL, resolved_by FROM fc.settlement_exceptions"
                           " WHERE uid = %s", (done.settlement_exception_id,)).fetchone()
     assert resolved == (True, None)
+    # The account's history shows the repayments, each naming the sale and its recharge.
+    txns = server.accounts.ListTransactions(account_pb2.ListTransactionsRequest(
+        account_id=card.account_id)).transactions
+    repayments = [t for t in txns if t.kind == account_pb2.TRANSACTION_KIND_OVERRUN_REPAYMENT]
+    assert [(t.amount_fen, t.hold_id) for t in repayments] == [(-300, hold.hold_id),
+                                                              (-500, hold.hold_id)]
+    assert all(t.recharge_id for t in repayments)
     assert builders.authorize(server, card, 100).decision == common_pb2.DECISION_APPROVED
     assert_ledger_ok(server.database_url)
 

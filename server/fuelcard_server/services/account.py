@@ -52,7 +52,10 @@ GET_CARD_SQL = "SELECT fc.card_json(c => c) FROM fc.cards c WHERE c.uid = %s::uu
 # journal kind -> TransactionKind
 _TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTION_KIND_PURCHASE,
              5: account_pb2.TRANSACTION_KIND_ALLOCATION,
-             8: account_pb2.TRANSACTION_KIND_RECHARGE_REFUND}
+             8: account_pb2.TRANSACTION_KIND_RECHARGE_REFUND,
+             # kind 12 on a customer's account is only ever a repayment (the
+             # overrun's own entry is between RECEIVABLES and FUEL_SALES)
+             12: account_pb2.TRANSACTION_KIND_OVERRUN_REPAYMENT}
 
 
 class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
