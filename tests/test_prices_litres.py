@@ -87,6 +87,9 @@ def test_litre_caps_per_fill_and_per_day(server: RunningServer, db: Conn) -> Non
     assert cb.declined(server, card, 30_000) == common_pb2.DECLINE_REASON_LIMIT_VOLUME_DAILY
     hold = cb.approved(server, card, 24_000)
     builders.confirm(server, hold.hold_id, 24_000, volume_ml=30_000, unit_price_fen=800)
+    got = cb.get_limits(server, card=card.card_id)
+    assert (got.volume_limits.per_fill_ml, got.volume_limits.daily_ml) == (50_000, 80_000)
+    assert (got.used_today_ml, got.used_this_month_ml) == (80_000, 80_000)
     # The day is used up: without a posted price (95 has none) it declines too.
     assert cb.declined(server, card, 100, product=G95) == common_pb2.DECLINE_REASON_LIMIT_VOLUME_DAILY
     assert_ledger_ok(server.database_url)

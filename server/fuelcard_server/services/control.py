@@ -221,6 +221,10 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
             used_today_fen=d["used_today_fen"], used_this_month_fen=d["used_this_month_fen"])
         if d["raise_end_us"] is not None:
             response.raise_end_time.FromMicroseconds(d["raise_end_us"])
+        if "volume_limits" in d:   # a card
+            response.volume_limits.CopyFrom(_volume_limits(d["volume_limits"]))
+            response.used_today_ml = d["used_today_ml"]
+            response.used_this_month_ml = d["used_this_month_ml"]
         return response
 
     @rpc(Role.ADMIN)
@@ -434,10 +438,12 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
             "actor_uid": request.actor_account_id, "card_uid": card,
             "fill_ml": lim.per_fill_ml, "daily_ml": lim.daily_ml, "monthly_ml": lim.monthly_ml,
             "now": self.d.clock.now()})
-        got = d["limits"]
-        return control_pb2.SetVolumeLimitsResponse(limits=control_pb2.VolumeLimits(
-            per_fill_ml=got["per_fill_ml"], daily_ml=got["daily_ml"],
-            monthly_ml=got["monthly_ml"]))
+        return control_pb2.SetVolumeLimitsResponse(limits=_volume_limits(d["limits"]))
+
+
+def _volume_limits(d: dict[str, Any]) -> control_pb2.VolumeLimits:
+    return control_pb2.VolumeLimits(per_fill_ml=d["per_fill_ml"], daily_ml=d["daily_ml"],
+                                    monthly_ml=d["monthly_ml"])
 
 
 def _price(d: dict[str, Any]) -> control_pb2.Price:

@@ -732,10 +732,19 @@ class GetSpendingLimitsResponse(_message.Message):
     USED_TODAY_FEN_FIELD_NUMBER: _builtins.int
     USED_THIS_MONTH_FEN_FIELD_NUMBER: _builtins.int
     RAISE_END_TIME_FIELD_NUMBER: _builtins.int
+    VOLUME_LIMITS_FIELD_NUMBER: _builtins.int
+    USED_TODAY_ML_FIELD_NUMBER: _builtins.int
+    USED_THIS_MONTH_ML_FIELD_NUMBER: _builtins.int
     used_today_fen: _builtins.int
     """Authorized today (holds and settled sales), in fen."""
     used_this_month_fen: _builtins.int
     """Authorized this month, in fen."""
+    used_today_ml: _builtins.int
+    """A card's litres of confirmed sales today, in millilitres (counted only
+    while the card has a daily or monthly litre cap).
+    """
+    used_this_month_ml: _builtins.int
+    """The same this month."""
     @_builtins.property
     def limits(self) -> Global___SpendingLimits:
         """The standing caps."""
@@ -748,6 +757,10 @@ class GetSpendingLimitsResponse(_message.Message):
     def raise_end_time(self) -> _timestamp_pb2.Timestamp:
         """End of the temporary raise in force, if any."""
 
+    @_builtins.property
+    def volume_limits(self) -> Global___VolumeLimits:
+        """A card's litre caps (SetVolumeLimits); unset for an account."""
+
     def __init__(
         self,
         *,
@@ -756,10 +769,13 @@ class GetSpendingLimitsResponse(_message.Message):
         used_today_fen: _builtins.int = ...,
         used_this_month_fen: _builtins.int = ...,
         raise_end_time: _timestamp_pb2.Timestamp | None = ...,
+        volume_limits: Global___VolumeLimits | None = ...,
+        used_today_ml: _builtins.int = ...,
+        used_this_month_ml: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_limits", b"effective_limits", "limits", b"limits", "raise_end_time", b"raise_end_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_limits", b"effective_limits", "limits", b"limits", "raise_end_time", b"raise_end_time", "volume_limits", b"volume_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_limits", b"effective_limits", "limits", b"limits", "raise_end_time", b"raise_end_time", "used_this_month_fen", b"used_this_month_fen", "used_today_fen", b"used_today_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_limits", b"effective_limits", "limits", b"limits", "raise_end_time", b"raise_end_time", "used_this_month_fen", b"used_this_month_fen", "used_this_month_ml", b"used_this_month_ml", "used_today_fen", b"used_today_fen", "used_today_ml", b"used_today_ml", "volume_limits", b"volume_limits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

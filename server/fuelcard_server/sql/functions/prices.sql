@@ -143,3 +143,16 @@ BEGIN
     END IF;
     RETURN h;
 END $$;
+
+-- A card's litre caps and its litres today and this month (p_day's), for GetSpendingLimits.
+CREATE OR REPLACE FUNCTION fc.volume_limits_json(c fc.cards, p_day date) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'volume_limits', jsonb_build_object('per_fill_ml', coalesce(c.limit_fill_ml, 0),
+                                            'daily_ml', coalesce(c.limit_daily_ml, 0),
+                                            'monthly_ml', coalesce(c.limit_monthly_ml, 0)),
+        'used_today_ml', coalesce(sum(u.volume_ml) FILTER (WHERE u.day = p_day), 0),
+        'used_this_month_ml', coalesce(sum(u.volume_ml), 0))
+      FROM fc.volume_usage u
+     WHERE u.card_id = c.id AND u.day >= date_trunc('month', p_day)::date AND u.day <= p_day
+$$;
