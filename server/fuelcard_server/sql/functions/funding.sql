@@ -119,6 +119,7 @@ DECLARE
     v_account  fc.accounts;
     v_recharge fc.recharges;
     v_clearing text;
+    v_repay    bigint;   -- what the payment repays of the account's overrun receivables
 BEGIN
     v_response := fc.replay(p_caller, p_request_id, p_request_hash);
     IF v_response IS NOT NULL THEN
@@ -151,9 +152,11 @@ BEGIN
 
     PERFORM fc.lock_chain(v_account.id);
     SELECT * INTO v_account FROM fc.accounts WHERE id = v_account.id;
-    IF v_account.balance_fen > v_account.max_balance_fen - p_amount_fen THEN
-        v_response := jsonb_build_object('decision', 'DECLINED',
-            'decline_reason', 'BALANCE_LIMIT_EXCEEDED', 'balance_fen', v_account.balance_fen);
+    -- What the account owes from overruns is paid first, out of this payment.
+    v_repay := least(v_account.receivable_fen, p_amount_fen);
+    v_response := fc.channel_payment_refusal(v_account, p_channel, p_channel_txn_id,
+                                             p_amount_fen - v_repay, p_amount_fen, p_now);
+    IF v_response IS NOT NULL THEN
         RETURN fc.remember(p_caller, p_request_id, 'recharge', p_request_hash, v_response, p_now);
     END IF;
 
@@ -161,17 +164,90 @@ BEGIN
     INSERT INTO fc.recharges (account_id, channel, channel_txn_id, amount_fen, balance_after_fen,
                               created_at)
     VALUES (v_account.id, p_channel, p_channel_txn_id, p_amount_fen,
-            v_account.balance_fen + p_amount_fen, p_now)
+            v_account.balance_fen + p_amount_fen - v_repay, p_now)
     RETURNING * INTO v_recharge;
     INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, recharge_id, created_at)
     VALUES (fc.ledger_entry_kind_recharge(), fc.asset_money(), fc.system_account(v_clearing), v_account.id,
             p_amount_fen, v_recharge.id, p_now);
     UPDATE fc.accounts SET balance_fen = balance_fen + p_amount_fen WHERE id = v_account.id
     RETURNING * INTO v_account;
+    IF v_repay > 0 THEN
+        v_account := fc.repay_receivables(v_account, v_recharge.id, v_repay, p_now);
+    END IF;
 
     v_response := jsonb_build_object('decision', 'APPROVED',
         'recharge', fc.recharge_json(v_recharge), 'balance_fen', v_account.balance_fen);
     RETURN fc.remember(p_caller, p_request_id, 'recharge', p_request_hash, v_response, p_now);
+END $$;
+
+-- Why a channel payment must be refused and given back to the payer, as the recharge's
+-- answer, or NULL if it may be credited. p_kept: what the payment would add to the balance
+-- (what it does not repay of receivables). A payment once refused stays refused: the
+-- channel's re-notifications of it (new request_ids) find its exception and get the same
+-- answer, even if the balance has room by then, since the adapter was already told to
+-- refund it. The refusal is a settlement exception of kind 3 (one per channel payment) and
+-- the answer's refund_payment. The caller holds the account's lock.
+CREATE OR REPLACE FUNCTION fc.channel_payment_refusal(p_account fc.accounts, p_channel smallint,
+                                                      p_channel_txn_id text, p_kept bigint,
+                                                      p_amount_fen bigint, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_exception fc.settlement_exceptions;
+BEGIN
+    SELECT * INTO v_exception FROM fc.settlement_exceptions
+     WHERE kind = 3 AND channel = p_channel AND channel_txn_id = p_channel_txn_id;
+    IF NOT FOUND THEN
+        IF p_account.balance_fen <= p_account.max_balance_fen - p_kept THEN
+            RETURN NULL;
+        END IF;
+        INSERT INTO fc.settlement_exceptions (kind, account_id, channel, channel_txn_id, amount_fen,
+                                              reason, created_at)
+        VALUES (3, p_account.id, p_channel, p_channel_txn_id, p_amount_fen, 'BALANCE_LIMIT_EXCEEDED',
+                p_now)
+        RETURNING * INTO v_exception;
+    END IF;
+    RETURN jsonb_build_object('decision', 'DECLINED', 'decline_reason', v_exception.reason,
+                              'balance_fen', p_account.balance_fen, 'refund_payment', true,
+                              'settlement_exception_id', v_exception.uid);
+END $$;
+
+-- Pays p_amount of p_account's overrun receivables out of recharge p_recharge_id, oldest
+-- first: a journal entry of kind 12 from the account to RECEIVABLES per receivable paid
+-- (naming its hold and the recharge), the receivables and the account's receivable_fen
+-- down. A receivable paid in full closes its shortfall exception (SETTLED, as a late confirm
+-- paid after all does). The caller holds the lock. Returns the account as updated.
+CREATE OR REPLACE FUNCTION fc.repay_receivables(p_account fc.accounts, p_recharge_id bigint,
+                                                p_amount bigint, p_now timestamptz)
+RETURNS fc.accounts
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_left bigint := p_amount;
+    v_pay  bigint;
+    v_rec  fc.receivables;
+BEGIN
+    FOR v_rec IN SELECT * FROM fc.receivables WHERE account_id = p_account.id AND repaid_at IS NULL
+                  ORDER BY id LOOP
+        EXIT WHEN v_left = 0;
+        v_pay := least(v_left, v_rec.amount_fen - v_rec.repaid_fen);
+        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id,
+                                recharge_id, created_at)
+        VALUES (fc.ledger_entry_kind_overrun_receivable(), fc.asset_money(), p_account.id,
+                fc.system_account('RECEIVABLES'), v_pay, v_rec.hold_id, p_recharge_id, p_now);
+        UPDATE fc.receivables
+           SET repaid_fen = repaid_fen + v_pay,
+               repaid_at = CASE WHEN repaid_fen + v_pay = amount_fen THEN p_now END
+         WHERE id = v_rec.id;
+        IF v_pay = v_rec.amount_fen - v_rec.repaid_fen THEN
+            UPDATE fc.settlement_exceptions SET resolved_at = p_now
+             WHERE hold_id = v_rec.hold_id AND kind = 2 AND resolved_at IS NULL;
+        END IF;
+        v_left := v_left - v_pay;
+    END LOOP;
+    UPDATE fc.accounts SET balance_fen = balance_fen - (p_amount - v_left),
+                           receivable_fen = receivable_fen - (p_amount - v_left)
+     WHERE id = p_account.id RETURNING * INTO p_account;
+    RETURN p_account;
 END $$;
 
 CREATE OR REPLACE FUNCTION fc.recharge_json(r fc.recharges) RETURNS jsonb

@@ -227,7 +227,15 @@ DECLARE
 BEGIN
     v_reason := coalesce(fc.scope_refusal(c, p_station_id, p_product, p_local),
                          fc.caps_refusal(c, s, p, p_day, p_amount, p_now));
-    IF v_reason IS NULL AND p_funder.balance_fen - p_funder.held_fen < p_amount THEN
+    -- Litre caps (fc.volume_refusal): only a card that has one pays for the look.
+    IF v_reason IS NULL AND num_nonnulls(c.limit_fill_ml, c.limit_daily_ml, c.limit_monthly_ml) > 0 THEN
+        v_reason := fc.volume_refusal(c, p_station_id, p_product, p_amount, p_day, p_now);
+    END IF;
+    -- An overrun left the account owing (fc.book_receivable): no new sale until a recharge
+    -- has repaid it. From the row already read: no query.
+    IF v_reason IS NULL AND p_funder.receivable_fen > 0 THEN
+        v_reason := 'RECEIVABLE_OUTSTANDING';
+    ELSIF v_reason IS NULL AND p_funder.balance_fen - p_funder.held_fen < p_amount THEN
         v_reason := 'INSUFFICIENT_FUNDS';
     END IF;
     RETURN v_reason;
@@ -346,7 +354,7 @@ END $$;
 ------------------------------------------------------------------------------
 
 -- Refuses a hold that cannot be confirmed for p_final_fen: already confirmed, cancelled,
--- never approved by its review, rejected, or smaller than the sale. Otherwise answers whether
+-- never approved by its review, or rejected. Otherwise answers whether
 -- the sale is late: the hold has expired (swept or not yet).
 CREATE OR REPLACE FUNCTION fc.check_confirm(h fc.holds, p_final_fen bigint, p_now timestamptz)
 RETURNS boolean
@@ -365,10 +373,7 @@ BEGIN
     ELSIF h.state = fc.hold_state_rejected() THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_REJECTED', DETAIL = 'hold_id';
     END IF;
-    IF p_final_fen > h.amount_fen THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCIA0', MESSAGE = 'FINAL_AMOUNT_EXCEEDS_HOLD',
-            DETAIL = 'final_amount_fen';
-    END IF;
+    -- A sale above the hold is an overrun: fc.confirm_overrun decides it.
     RETURN h.state = fc.hold_state_expired() OR h.expires_at <= p_now;
 END $$;
 
@@ -498,9 +503,125 @@ BEGIN
     RETURN h;
 END $$;
 
+-- A pump overrun: p_final_fen above the hold. Beyond the tolerance (fc.config
+-- overrun_tolerance_fen, or overrun_tolerance_pct of the hold, whichever is larger) nothing
+-- is booked: a pump that ran that far past its preset is a fault or a fraud, not run-on, and
+-- a person must look at it first. The hold stays as it was (the terminal may confirm again
+-- with the amount it can justify, under a new request_id) and an exception of kind 2 records
+-- the excess; the answer is the refusal, remembered like any other (not under the key
+-- 'refusal', which fc.replay takes for a raised refusal of fc.remember_refusal). NULL when within the
+-- tolerance. The config is read here only: the common path never comes here.
+CREATE OR REPLACE FUNCTION fc.overrun_refusal(h fc.holds, p_final_fen bigint, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_tolerance bigint;
+    v_exception uuid;
+BEGIN
+    SELECT greatest(max(value::bigint) FILTER (WHERE key = 'overrun_tolerance_fen'),
+                    h.amount_fen * max(value::bigint) FILTER (WHERE key = 'overrun_tolerance_pct')
+                        / 100)
+      INTO v_tolerance FROM fc.config
+     WHERE key IN ('overrun_tolerance_fen', 'overrun_tolerance_pct');
+    IF p_final_fen - h.amount_fen <= coalesce(v_tolerance, 0) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO fc.settlement_exceptions (kind, hold_id, account_id, amount_fen, reason, created_at)
+    VALUES (2, h.id, h.account_id, p_final_fen - h.amount_fen, 'OVERRUN_ABOVE_TOLERANCE', p_now)
+    ON CONFLICT (hold_id) DO UPDATE SET amount_fen = greatest(fc.settlement_exceptions.amount_fen,
+                                                             EXCLUDED.amount_fen)
+    RETURNING uid INTO v_exception;
+    RETURN jsonb_build_object('overrun_refusal', 'OVERRUN_ABOVE_TOLERANCE',
+                              'settlement_exception_id', v_exception);
+END $$;
+
+-- The part p_shortfall of a sale on hold h that its account's balance could not pay (an
+-- overrun): booked all the same, from RECEIVABLES to FUEL_SALES (journal kind 12), owed by
+-- the account (receivables, accounts.receivable_fen: it declines new authorizations until a
+-- recharge repays it), charged to the caps' usage like the rest of the sale, and an open
+-- settlement exception of kind 2 for finance. Returns the exception's uid.
+CREATE OR REPLACE FUNCTION fc.book_receivable(h fc.holds, p_spender_id bigint, p_parent_id bigint,
+                                              p_shortfall bigint, p_now timestamptz)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_exception uuid;
+BEGIN
+    INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id, created_at)
+    VALUES (fc.ledger_entry_kind_overrun_receivable(), fc.asset_money(),
+            fc.system_account('RECEIVABLES'), fc.system_account('FUEL_SALES'), p_shortfall, h.id, p_now);
+    INSERT INTO fc.receivables (account_id, hold_id, amount_fen, created_at)
+    VALUES (h.account_id, h.id, p_shortfall, p_now);
+    UPDATE fc.accounts SET receivable_fen = receivable_fen + p_shortfall WHERE id = h.account_id;
+    PERFORM fc.charge_usage(h.card_id, p_spender_id, p_parent_id, h.usage_day, p_shortfall);
+    -- An earlier confirm of this hold, refused above the tolerance, left one: this is now
+    -- the hold's exception, for what is owed.
+    INSERT INTO fc.settlement_exceptions (kind, hold_id, account_id, amount_fen, reason, created_at)
+    VALUES (2, h.id, h.account_id, p_shortfall, 'OVERRUN_SHORTFALL', p_now)
+    ON CONFLICT (hold_id) DO UPDATE
+       SET kind = 2, amount_fen = EXCLUDED.amount_fen, reason = EXCLUDED.reason,
+           created_at = EXCLUDED.created_at, resolved_at = NULL, resolution = NULL,
+           resolved_by = NULL
+    RETURNING uid INTO v_exception;
+    RETURN v_exception;
+END $$;
+
+-- The sale settled (fc.confirm's last step, once every check has passed): what the balance
+-- pays (all of it, except an overrun past the money), the money and points (fc.book_sale),
+-- the unpaid rest of an overrun (fc.book_receivable), the tier (fc.count_sale_for_tier), the
+-- hold (fc.close_sale). Returns the answer.
+CREATE OR REPLACE FUNCTION fc.settle_sale(h fc.holds, p_funder fc.accounts, p_spender_id bigint,
+                                          p_parent_id bigint, p_final_fen bigint,
+                                          p_volume_ml bigint, p_unit_price_fen bigint,
+                                          p_late boolean, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_spender    fc.accounts;
+    v_points     bigint;
+    v_tier       smallint;
+    v_card_uid   uuid;
+    v_masked     text;
+    v_paid       bigint;   -- what the balance pays of the sale
+    v_exception  uuid;     -- an overrun's shortfall exception
+    v_counts     boolean;  -- the card counts its litres
+    v_posted     bigint;   -- the posted price of the sale's product at its station
+BEGIN
+    -- What the balance pays: all of it, except an overrun past the money (the rest is owed).
+    v_paid := least(p_final_fen, p_funder.balance_fen - p_funder.held_fen
+                                 + CASE WHEN h.state = fc.hold_state_authorized()
+                                        THEN h.amount_fen ELSE 0 END);
+    -- An account that funds itself is the row read above, not read again.
+    IF p_funder.id = p_spender_id THEN
+        v_spender := p_funder;
+    ELSE
+        SELECT * INTO v_spender FROM fc.accounts WHERE id = p_spender_id;
+    END IF;
+    v_points := fc.points_for(p_final_fen, v_spender.tier);
+    p_funder := fc.book_sale(h, p_funder, p_spender_id, p_parent_id, v_paid, v_points, p_now);
+    IF v_paid < p_final_fen THEN
+        v_exception := fc.book_receivable(h, p_spender_id, p_parent_id, p_final_fen - v_paid,
+                                          p_now);
+    END IF;
+    v_tier := fc.count_sale_for_tier(p_spender_id, v_spender.tier, p_final_fen, p_now);
+    h := fc.close_sale(h, p_final_fen, p_volume_ml, p_unit_price_fen, v_points, p_late, p_now);
+    -- fc.hold_json(h) without reading the funding account again; from the same row, whether
+    -- the card counts litres, and the posted price (fc.note_sale_figures).
+    SELECT c.uid, c.masked, num_nonnulls(c.limit_daily_ml, c.limit_monthly_ml) > 0,
+           CASE WHEN p_unit_price_fen > 0 THEN fc.posted_price(h.station_id, h.product, p_now) END
+      INTO v_card_uid, v_masked, v_counts, v_posted FROM fc.cards c WHERE c.id = h.card_id;
+    h := fc.note_sale_figures(h, v_posted, v_counts);
+    RETURN jsonb_build_object(
+        'decision', 'APPROVED',
+        'hold', fc.hold_json_of(h, p_funder.uid, v_card_uid, v_masked),
+        'points_earned', v_points, 'balance_fen', p_funder.balance_fen,
+        'receivable_fen', p_final_fen - v_paid, 'settlement_exception_id', v_exception,
+        'amount_mismatch', h.amount_mismatch, 'price_mismatch', h.price_mismatch);
+END $$;
+
 -- Settle a hold for p_final_fen delivered (0: nothing, as a cancel). Steps: the checks
--- (fc.check_confirm), the money and points (fc.book_sale), the tier (fc.count_sale_for_tier),
--- the hold (fc.close_sale).
+-- (fc.check_confirm), an overrun beyond the tolerance (fc.overrun_refusal), a late sale
+-- without money (fc.confirm_unpaid), then the sale (fc.settle_sale).
 CREATE OR REPLACE FUNCTION fc.confirm(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_hold_uid uuid, p_final_fen bigint, p_volume_ml bigint, p_unit_price_fen bigint,
@@ -513,12 +634,7 @@ DECLARE
     v_parent_id  bigint;
     v_hold       fc.holds;
     v_funder     fc.accounts;
-    v_spender    fc.accounts;
-    v_points     bigint;
     v_late       boolean;
-    v_tier       smallint;
-    v_card_uid   uuid;
-    v_masked     text;
 BEGIN
     v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal, p_counter);
     IF v_response IS NOT NULL THEN
@@ -547,6 +663,12 @@ BEGIN
                            fc.confirm_nothing(v_hold, v_funder, v_spender_id, v_parent_id, p_now),
                            p_now);
     END IF;
+    IF p_final_fen > v_hold.amount_fen THEN
+        v_response := fc.overrun_refusal(v_hold, p_final_fen, p_now);
+        IF v_response IS NOT NULL THEN
+            RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash, v_response, p_now);
+        END IF;
+    END IF;
     IF v_hold.state = fc.hold_state_expired() THEN
         v_funder := fc.funder_for_late_sale(v_funder, p_final_fen, p_now);
     END IF;
@@ -555,26 +677,9 @@ BEGIN
         RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash,
                            fc.confirm_unpaid(v_hold, v_funder, p_final_fen, p_now), p_now);
     END IF;
-
-    -- An account that funds itself is the row read above, not read again.
-    IF v_funder.id = v_spender_id THEN
-        v_spender := v_funder;
-    ELSE
-        SELECT * INTO v_spender FROM fc.accounts WHERE id = v_spender_id;
-    END IF;
-    v_points := fc.points_for(p_final_fen, v_spender.tier);
-    v_funder := fc.book_sale(v_hold, v_funder, v_spender_id, v_parent_id, p_final_fen, v_points,
-                             p_now);
-    v_tier := fc.count_sale_for_tier(v_spender_id, v_spender.tier, p_final_fen, p_now);
-    v_hold := fc.close_sale(v_hold, p_final_fen, p_volume_ml, p_unit_price_fen, v_points, v_late,
-                            p_now);
-    -- fc.hold_json(v_hold) without reading the funding account again.
-    SELECT uid, masked INTO v_card_uid, v_masked FROM fc.cards WHERE id = v_hold.card_id;
-    v_response := jsonb_build_object(
-        'decision', 'APPROVED',
-        'hold', fc.hold_json_of(v_hold, v_funder.uid, v_card_uid, v_masked),
-        'points_earned', v_points, 'balance_fen', v_funder.balance_fen);
-    RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash, v_response, p_now);
+    RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash,
+                       fc.settle_sale(v_hold, v_funder, v_spender_id, v_parent_id, p_final_fen,
+                                      p_volume_ml, p_unit_price_fen, v_late, p_now), p_now);
 END $$;
 
 -- The expiry sweep. Each account is released in a subtransaction of its own
