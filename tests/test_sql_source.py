@@ -121,7 +121,9 @@ def test_a_database_at_0017_upgrades_to_the_schema_a_fresh_one_gets(
     try:
         load_legacy(url)
         book_history(url)
-        assert verify.run(url) == []
+        # (verify checks the current schema, which names tables and columns
+        # later migrations add: it runs after the upgrade, and the balances
+        # are compared across it)
         with psycopg.connect(url) as conn:
             before = conn.execute(
                 "SELECT id, balance_fen, held_fen, points_balance FROM fc.accounts ORDER BY id"
@@ -139,7 +141,9 @@ def test_a_database_at_0017_upgrades_to_the_schema_a_fresh_one_gets(
                 "SELECT id, balance_fen, held_fen, points_balance FROM fc.accounts ORDER BY id"
             ).fetchall()
             recorded = conn.execute("SELECT version, name FROM public.fuelcard_migrations").fetchall()
-        assert after == before
+        # every account as it was; what the upgrade adds is system accounts (no stored money)
+        assert after[:len(before)] == before
+        assert all(row[1:] == (0, 0, 0) for row in after[len(before):])
         assert recorded == [(m.version, m.name) for m in migrations.available()]
         assert schema_dump(url) == schema_dump(pg_cluster.url_for(migrated_template))
     finally:

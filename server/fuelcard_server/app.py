@@ -213,6 +213,7 @@ class FuelcardServer:
             self._tasks.append(asyncio.create_task(self._health.replica_loop(),
                                                    name="replica-probe"))
         self._tasks.append(asyncio.create_task(self._jobs.event_loop(), name="event-sequencer"))
+        self._tasks.append(asyncio.create_task(self._jobs.journal_chain_loop(), name="journal-chain"))
         log.info("serving on %s:%d", host, self.port)
         return self.port
 
@@ -244,6 +245,10 @@ class FuelcardServer:
     async def sequence_events_once(self) -> int:
         assert self._jobs is not None
         return await self._jobs.sequence_events_once()
+
+    async def chain_journal_once(self) -> int:
+        assert self._jobs is not None
+        return await self._jobs.chain_journal_once()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight RPCs finish, then close the pool."""

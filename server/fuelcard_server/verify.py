@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fuelcard_server import journal_chain
 from fuelcard_server.db import one_shot
 from fuelcard_server.states import (
     ACCOUNT_KIND_SYSTEM,
@@ -26,7 +27,7 @@ from fuelcard_server.states import (
 class Check:
     name: str
     description: str
-    sql: str
+    sql: str  # "" for JOURNAL_CHAIN, which is recomputed in Python
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Violation:
     description: str
     samples: list[tuple[object, ...]]
 
+
+JOURNAL_CHAIN = "journal_chain_intact"
 
 _BALANCES = f"""
     WITH moves AS (
@@ -370,6 +373,48 @@ CHECKS: tuple[Check, ...] = (
           HAVING count(e.position) <> h.last_position - h.pruned_through
               OR (count(e.position) > 0 AND (min(e.position) <> h.pruned_through + 1
                                              OR max(e.position) <> h.last_position))"""),
+    # Issue 15. A sale's points go to whoever bought the fuel (the hold's
+    # spender: fc.confirm), not to the account that paid (a SHARED
+    # sub-account's parent): the review found nothing checked it.
+    Check("points_credited_to_the_spender",
+          "each points-earned entry credits its hold's spender, not the funder",
+          """
+          SELECT j.id, j.hold_id, j.credit_account_id, h.spender_account_id
+            FROM fc.journal j JOIN fc.holds h ON h.id = j.hold_id
+           WHERE j.kind = 3 AND j.credit_account_id <> h.spender_account_id
+           LIMIT 10"""),
+    # A hold reserves the money of the account that pays: a SHARED
+    # (funding_mode 2) sub-account spends its parent's balance, every other
+    # account its own (fc.authorize; nothing changes an account's funding
+    # mode once it is opened).
+    Check("holds_on_the_right_funder",
+          "each hold is on its funder: a SHARED sub-account's on its parent, others' on their own"
+          " account",
+          """
+          SELECT h.id, h.account_id, s.id, s.funding_mode, s.parent_id
+            FROM fc.holds h JOIN fc.accounts s ON s.id = h.spender_account_id
+           WHERE h.account_id IS DISTINCT FROM
+                 CASE WHEN s.funding_mode = 2 THEN s.parent_id ELSE s.id END
+           LIMIT 10"""),
+    # The append-only guards: disabled (ALTER TABLE ... DISABLE TRIGGER, by
+    # the owner) or dropped, they leave history editable; the serving role
+    # cannot do either (issue 15), so a guard found off was someone else.
+    Check("append_only_triggers_enabled",
+          "the triggers that keep the journal, its chain and the audit log append-only are"
+          " there and enabled",
+          """
+          SELECT g.tab, g.name, t.tgenabled
+            FROM (VALUES ('fc.journal', 'journal_append_only'), ('fc.journal', 'journal_no_truncate'),
+                         ('fc.audit_log', 'audit_log_append_only'),
+                         ('fc.audit_log', 'audit_log_no_truncate'),
+                         ('fc.journal_chain', 'journal_chain_append_only'),
+                         ('fc.journal_chain', 'journal_chain_no_truncate')) g (tab, name)
+            LEFT JOIN pg_trigger t ON t.tgrelid = g.tab::regclass AND t.tgname = g.name
+           WHERE t.tgenabled IS NULL OR t.tgenabled NOT IN ('O', 'A')"""),
+    Check(JOURNAL_CHAIN,
+          "every chained journal entry matches its SM3 chain hash, and none below the chain's"
+          " head is missing from it (journal_chain.py)",
+          ""),
 )
 
 
@@ -378,7 +423,11 @@ def run(url: str) -> list[Violation]:
     with one_shot(url) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         for check in CHECKS:
-            rows = conn.execute(check.sql.encode()).fetchall()
+            if check.name == JOURNAL_CHAIN:
+                report = journal_chain.walk_connection(conn)
+                rows = [(p.entry_id, p.kind, p.detail) for p in report.problems[:10]]
+            else:
+                rows = conn.execute(check.sql.encode()).fetchall()
             if rows:
                 found.append(Violation(check.name, check.description, list(rows)))
     return found
