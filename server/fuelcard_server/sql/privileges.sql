@@ -26,11 +26,11 @@ DECLARE
     entry_points text[] := ARRAY[
         'audit_append', 'authorize', 'backfill_events', 'batch_top_up', 'cancel',
         'card_number_parts', 'change_pin', 'confirm', 'consume_step_up', 'create_step_up',
-        'evaluate_tiers', 'expire_holds', 'expire_points', 'grant_raise', 'issue_card',
-        'open_account', 'prune_events', 'prune_idempotency_keys', 'prune_step_ups', 'recharge',
+        'erase_holder', 'evaluate_tiers', 'expire_holds', 'expire_points', 'grant_raise', 'issue_card',
+        'holders_to_seal', 'open_account', 'prune_events', 'prune_idempotency_keys', 'prune_step_ups', 'recharge',
         'redeem_points', 'refund_recharge', 'reset_pin', 'resolve_break',
         'resolve_channel_exception', 'review_hold', 'risk_activate', 'risk_load',
-        'sequence_events', 'set_limits', 'set_scope', 'step_up_not_sent', 'step_up_sent',
+        'seal_holder', 'sequence_events', 'set_limits', 'set_scope', 'step_up_not_sent', 'step_up_sent',
         'store_card_number', 'transfer_points', 'update_card_status'];
     missing text[];
     owner oid := 'fuelcard_owner'::regrole;

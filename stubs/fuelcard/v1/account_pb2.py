@@ -23,64 +23,73 @@ _sym_db = _symbol_database.Default()
 
 
 from fuelcard.v1 import common_pb2 as fuelcard_dot_v1_dot_common__pb2
+from fuelcard.v1 import step_up_pb2 as fuelcard_dot_v1_dot_step__up__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66uelcard/v1/account.proto\x12\x0b\x66uelcard.v1\x1a\x18\x66uelcard/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x06Holder\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12\x11\n\tid_number\x18\x03 \x01(\t\"\x81\x03\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.fuelcard.v1.AccountType\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.fuelcard.v1.AccountStatus\x12#\n\x06holder\x18\x04 \x01(\x0b\x32\x13.fuelcard.v1.Holder\x12%\n\x07\x62\x61lance\x18\x05 \x01(\x0b\x32\x14.fuelcard.v1.Balance\x12\x16\n\x0epoints_balance\x18\x06 \x01(\x03\x12\x1f\n\x04tier\x18\x07 \x01(\x0e\x32\x11.fuelcard.v1.Tier\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11parent_account_id\x18\t \x01(\t\x12.\n\x0c\x66unding_mode\x18\n \x01(\x0e\x32\x18.fuelcard.v1.FundingMode\x12\r\n\x05label\x18\x0b \x01(\t\"\xa1\x01\n\x04\x43\x61rd\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x1a\n\x12masked_card_number\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.fuelcard.v1.CardStatus\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbc\x01\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.fuelcard.v1.TransactionKind\x12\x12\n\namount_fen\x18\x03 \x01(\x03\x12\x0f\n\x07hold_id\x18\x04 \x01(\t\x12\x13\n\x0brecharge_id\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcf\x01\n\x12OpenAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.fuelcard.v1.AccountType\x12#\n\x06holder\x18\x03 \x01(\x0b\x32\x13.fuelcard.v1.Holder\x12\x19\n\x11parent_account_id\x18\x04 \x01(\t\x12.\n\x0c\x66unding_mode\x18\x05 \x01(\x0e\x32\x18.fuelcard.v1.FundingMode\x12\r\n\x05label\x18\x06 \x01(\t\"<\n\x13OpenAccountResponse\x12%\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Account\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\";\n\x12GetAccountResponse\x12%\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Account\"O\n\x10IssueCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\"I\n\x11IssueCardResponse\x12\x1f\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x11.fuelcard.v1.Card\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\"!\n\x0eGetCardRequest\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\"2\n\x0fGetCardResponse\x12\x1f\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x11.fuelcard.v1.Card\"g\n\x17UpdateCardStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.fuelcard.v1.CardStatus\";\n\x18UpdateCardStatusResponse\x12\x1f\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x11.fuelcard.v1.Card\"t\n\x10ListHoldsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.fuelcard.v1.HoldState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"N\n\x11ListHoldsResponse\x12 \n\x05holds\x18\x01 \x03(\x0b\x32\x11.fuelcard.v1.Hold\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x17ListTransactionsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x18ListTransactionsResponse\x12.\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x18.fuelcard.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*{\n\x0b\x41\x63\x63ountType\x12\x1c\n\x18\x41\x43\x43OUNT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43OUNT_TYPE_PERSONAL\x10\x01\x12\x1a\n\x16\x41\x43\x43OUNT_TYPE_CORPORATE\x10\x02\x12\x17\n\x13\x41\x43\x43OUNT_TYPE_FAMILY\x10\x03*`\n\x0b\x46undingMode\x12\x1c\n\x18\x46UNDING_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46UNDING_MODE_ALLOCATED\x10\x01\x12\x17\n\x13\x46UNDING_MODE_SHARED\x10\x02*e\n\rAccountStatus\x12\x1e\n\x1a\x41\x43\x43OUNT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_ACTIVE\x10\x01\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_FROZEN\x10\x02*r\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x17\n\x13\x43\x41RD_STATUS_BLOCKED\x10\x02\x12\x16\n\x12\x43\x41RD_STATUS_CLOSED\x10\x03*`\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x10\n\x0cTIER_REGULAR\x10\x01\x12\x0f\n\x0bTIER_SILVER\x10\x02\x12\r\n\tTIER_GOLD\x10\x03\x12\x10\n\x0cTIER_DIAMOND\x10\x04*\xb8\x01\n\x0fTransactionKind\x12 \n\x1cTRANSACTION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSACTION_KIND_RECHARGE\x10\x01\x12\x1d\n\x19TRANSACTION_KIND_PURCHASE\x10\x02\x12\x1f\n\x1bTRANSACTION_KIND_ALLOCATION\x10\x03\x12$\n TRANSACTION_KIND_RECHARGE_REFUND\x10\x04\x32\xd1\x04\n\x0e\x41\x63\x63ountService\x12P\n\x0bOpenAccount\x12\x1f.fuelcard.v1.OpenAccountRequest\x1a .fuelcard.v1.OpenAccountResponse\x12M\n\nGetAccount\x12\x1e.fuelcard.v1.GetAccountRequest\x1a\x1f.fuelcard.v1.GetAccountResponse\x12J\n\tIssueCard\x12\x1d.fuelcard.v1.IssueCardRequest\x1a\x1e.fuelcard.v1.IssueCardResponse\x12\x44\n\x07GetCard\x12\x1b.fuelcard.v1.GetCardRequest\x1a\x1c.fuelcard.v1.GetCardResponse\x12_\n\x10UpdateCardStatus\x12$.fuelcard.v1.UpdateCardStatusRequest\x1a%.fuelcard.v1.UpdateCardStatusResponse\x12J\n\tListHolds\x12\x1d.fuelcard.v1.ListHoldsRequest\x1a\x1e.fuelcard.v1.ListHoldsResponse\x12_\n\x10ListTransactions\x12$.fuelcard.v1.ListTransactionsRequest\x1a%.fuelcard.v1.ListTransactionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66uelcard/v1/account.proto\x12\x0b\x66uelcard.v1\x1a\x18\x66uelcard/v1/common.proto\x1a\x19\x66uelcard/v1/step_up.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x06Holder\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12\x11\n\tid_number\x18\x03 \x01(\t\"\x81\x03\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.fuelcard.v1.AccountType\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.fuelcard.v1.AccountStatus\x12#\n\x06holder\x18\x04 \x01(\x0b\x32\x13.fuelcard.v1.Holder\x12%\n\x07\x62\x61lance\x18\x05 \x01(\x0b\x32\x14.fuelcard.v1.Balance\x12\x16\n\x0epoints_balance\x18\x06 \x01(\x03\x12\x1f\n\x04tier\x18\x07 \x01(\x0e\x32\x11.fuelcard.v1.Tier\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11parent_account_id\x18\t \x01(\t\x12.\n\x0c\x66unding_mode\x18\n \x01(\x0e\x32\x18.fuelcard.v1.FundingMode\x12\r\n\x05label\x18\x0b \x01(\t\"\xa1\x01\n\x04\x43\x61rd\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x1a\n\x12masked_card_number\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.fuelcard.v1.CardStatus\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbc\x01\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.fuelcard.v1.TransactionKind\x12\x12\n\namount_fen\x18\x03 \x01(\x03\x12\x0f\n\x07hold_id\x18\x04 \x01(\t\x12\x13\n\x0brecharge_id\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcf\x01\n\x12OpenAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.fuelcard.v1.AccountType\x12#\n\x06holder\x18\x03 \x01(\x0b\x32\x13.fuelcard.v1.Holder\x12\x19\n\x11parent_account_id\x18\x04 \x01(\t\x12.\n\x0c\x66unding_mode\x18\x05 \x01(\x0e\x32\x18.fuelcard.v1.FundingMode\x12\r\n\x05label\x18\x06 \x01(\t\"<\n\x13OpenAccountResponse\x12%\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Account\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\";\n\x12GetAccountResponse\x12%\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Account\"O\n\x10IssueCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\"I\n\x11IssueCardResponse\x12\x1f\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x11.fuelcard.v1.Card\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\"!\n\x0eGetCardRequest\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\"2\n\x0fGetCardResponse\x12\x1f\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x11.fuelcard.v1.Card\"g\n\x17UpdateCardStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.fuelcard.v1.CardStatus\";\n\x18UpdateCardStatusResponse\x12\x1f\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x11.fuelcard.v1.Card\"t\n\x10ListHoldsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.fuelcard.v1.HoldState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"N\n\x11ListHoldsResponse\x12 \n\x05holds\x18\x01 \x03(\x0b\x32\x11.fuelcard.v1.Hold\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x17ListTransactionsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x18ListTransactionsResponse\x12.\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x18.fuelcard.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x17\x45xportHolderDataRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12$\n\x07step_up\x18\x03 \x01(\x0b\x32\x13.fuelcard.v1.StepUp\"A\n\x18\x45xportHolderDataResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tdata_json\x18\x02 \x01(\t\"@\n\x16\x45raseHolderDataRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\"u\n\x17\x45raseHolderDataResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_erased\x18\x02 \x01(\x08\x12.\n\nerase_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*{\n\x0b\x41\x63\x63ountType\x12\x1c\n\x18\x41\x43\x43OUNT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43OUNT_TYPE_PERSONAL\x10\x01\x12\x1a\n\x16\x41\x43\x43OUNT_TYPE_CORPORATE\x10\x02\x12\x17\n\x13\x41\x43\x43OUNT_TYPE_FAMILY\x10\x03*`\n\x0b\x46undingMode\x12\x1c\n\x18\x46UNDING_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46UNDING_MODE_ALLOCATED\x10\x01\x12\x17\n\x13\x46UNDING_MODE_SHARED\x10\x02*e\n\rAccountStatus\x12\x1e\n\x1a\x41\x43\x43OUNT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_ACTIVE\x10\x01\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_FROZEN\x10\x02*r\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x17\n\x13\x43\x41RD_STATUS_BLOCKED\x10\x02\x12\x16\n\x12\x43\x41RD_STATUS_CLOSED\x10\x03*`\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x10\n\x0cTIER_REGULAR\x10\x01\x12\x0f\n\x0bTIER_SILVER\x10\x02\x12\r\n\tTIER_GOLD\x10\x03\x12\x10\n\x0cTIER_DIAMOND\x10\x04*\xb8\x01\n\x0fTransactionKind\x12 \n\x1cTRANSACTION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSACTION_KIND_RECHARGE\x10\x01\x12\x1d\n\x19TRANSACTION_KIND_PURCHASE\x10\x02\x12\x1f\n\x1bTRANSACTION_KIND_ALLOCATION\x10\x03\x12$\n TRANSACTION_KIND_RECHARGE_REFUND\x10\x04\x32\x90\x06\n\x0e\x41\x63\x63ountService\x12P\n\x0bOpenAccount\x12\x1f.fuelcard.v1.OpenAccountRequest\x1a .fuelcard.v1.OpenAccountResponse\x12M\n\nGetAccount\x12\x1e.fuelcard.v1.GetAccountRequest\x1a\x1f.fuelcard.v1.GetAccountResponse\x12J\n\tIssueCard\x12\x1d.fuelcard.v1.IssueCardRequest\x1a\x1e.fuelcard.v1.IssueCardResponse\x12\x44\n\x07GetCard\x12\x1b.fuelcard.v1.GetCardRequest\x1a\x1c.fuelcard.v1.GetCardResponse\x12_\n\x10UpdateCardStatus\x12$.fuelcard.v1.UpdateCardStatusRequest\x1a%.fuelcard.v1.UpdateCardStatusResponse\x12J\n\tListHolds\x12\x1d.fuelcard.v1.ListHoldsRequest\x1a\x1e.fuelcard.v1.ListHoldsResponse\x12_\n\x10ListTransactions\x12$.fuelcard.v1.ListTransactionsRequest\x1a%.fuelcard.v1.ListTransactionsResponse\x12_\n\x10\x45xportHolderData\x12$.fuelcard.v1.ExportHolderDataRequest\x1a%.fuelcard.v1.ExportHolderDataResponse\x12\\\n\x0f\x45raseHolderData\x12#.fuelcard.v1.EraseHolderDataRequest\x1a$.fuelcard.v1.EraseHolderDataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuelcard.v1.account_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCOUNTTYPE']._serialized_start=2070
-  _globals['_ACCOUNTTYPE']._serialized_end=2193
-  _globals['_FUNDINGMODE']._serialized_start=2195
-  _globals['_FUNDINGMODE']._serialized_end=2291
-  _globals['_ACCOUNTSTATUS']._serialized_start=2293
-  _globals['_ACCOUNTSTATUS']._serialized_end=2394
-  _globals['_CARDSTATUS']._serialized_start=2396
-  _globals['_CARDSTATUS']._serialized_end=2510
-  _globals['_TIER']._serialized_start=2512
-  _globals['_TIER']._serialized_end=2608
-  _globals['_TRANSACTIONKIND']._serialized_start=2611
-  _globals['_TRANSACTIONKIND']._serialized_end=2795
-  _globals['_HOLDER']._serialized_start=101
-  _globals['_HOLDER']._serialized_end=157
-  _globals['_ACCOUNT']._serialized_start=160
-  _globals['_ACCOUNT']._serialized_end=545
-  _globals['_CARD']._serialized_start=548
-  _globals['_CARD']._serialized_end=709
-  _globals['_TRANSACTION']._serialized_start=712
-  _globals['_TRANSACTION']._serialized_end=900
-  _globals['_OPENACCOUNTREQUEST']._serialized_start=903
-  _globals['_OPENACCOUNTREQUEST']._serialized_end=1110
-  _globals['_OPENACCOUNTRESPONSE']._serialized_start=1112
-  _globals['_OPENACCOUNTRESPONSE']._serialized_end=1172
-  _globals['_GETACCOUNTREQUEST']._serialized_start=1174
-  _globals['_GETACCOUNTREQUEST']._serialized_end=1213
-  _globals['_GETACCOUNTRESPONSE']._serialized_start=1215
-  _globals['_GETACCOUNTRESPONSE']._serialized_end=1274
-  _globals['_ISSUECARDREQUEST']._serialized_start=1276
-  _globals['_ISSUECARDREQUEST']._serialized_end=1355
-  _globals['_ISSUECARDRESPONSE']._serialized_start=1357
-  _globals['_ISSUECARDRESPONSE']._serialized_end=1430
-  _globals['_GETCARDREQUEST']._serialized_start=1432
-  _globals['_GETCARDREQUEST']._serialized_end=1465
-  _globals['_GETCARDRESPONSE']._serialized_start=1467
-  _globals['_GETCARDRESPONSE']._serialized_end=1517
-  _globals['_UPDATECARDSTATUSREQUEST']._serialized_start=1519
-  _globals['_UPDATECARDSTATUSREQUEST']._serialized_end=1622
-  _globals['_UPDATECARDSTATUSRESPONSE']._serialized_start=1624
-  _globals['_UPDATECARDSTATUSRESPONSE']._serialized_end=1683
-  _globals['_LISTHOLDSREQUEST']._serialized_start=1685
-  _globals['_LISTHOLDSREQUEST']._serialized_end=1801
-  _globals['_LISTHOLDSRESPONSE']._serialized_start=1803
-  _globals['_LISTHOLDSRESPONSE']._serialized_end=1881
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1883
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1967
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1969
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=2068
-  _globals['_ACCOUNTSERVICE']._serialized_start=2798
-  _globals['_ACCOUNTSERVICE']._serialized_end=3391
+  _globals['_ACCOUNTTYPE']._serialized_start=2454
+  _globals['_ACCOUNTTYPE']._serialized_end=2577
+  _globals['_FUNDINGMODE']._serialized_start=2579
+  _globals['_FUNDINGMODE']._serialized_end=2675
+  _globals['_ACCOUNTSTATUS']._serialized_start=2677
+  _globals['_ACCOUNTSTATUS']._serialized_end=2778
+  _globals['_CARDSTATUS']._serialized_start=2780
+  _globals['_CARDSTATUS']._serialized_end=2894
+  _globals['_TIER']._serialized_start=2896
+  _globals['_TIER']._serialized_end=2992
+  _globals['_TRANSACTIONKIND']._serialized_start=2995
+  _globals['_TRANSACTIONKIND']._serialized_end=3179
+  _globals['_HOLDER']._serialized_start=128
+  _globals['_HOLDER']._serialized_end=184
+  _globals['_ACCOUNT']._serialized_start=187
+  _globals['_ACCOUNT']._serialized_end=572
+  _globals['_CARD']._serialized_start=575
+  _globals['_CARD']._serialized_end=736
+  _globals['_TRANSACTION']._serialized_start=739
+  _globals['_TRANSACTION']._serialized_end=927
+  _globals['_OPENACCOUNTREQUEST']._serialized_start=930
+  _globals['_OPENACCOUNTREQUEST']._serialized_end=1137
+  _globals['_OPENACCOUNTRESPONSE']._serialized_start=1139
+  _globals['_OPENACCOUNTRESPONSE']._serialized_end=1199
+  _globals['_GETACCOUNTREQUEST']._serialized_start=1201
+  _globals['_GETACCOUNTREQUEST']._serialized_end=1240
+  _globals['_GETACCOUNTRESPONSE']._serialized_start=1242
+  _globals['_GETACCOUNTRESPONSE']._serialized_end=1301
+  _globals['_ISSUECARDREQUEST']._serialized_start=1303
+  _globals['_ISSUECARDREQUEST']._serialized_end=1382
+  _globals['_ISSUECARDRESPONSE']._serialized_start=1384
+  _globals['_ISSUECARDRESPONSE']._serialized_end=1457
+  _globals['_GETCARDREQUEST']._serialized_start=1459
+  _globals['_GETCARDREQUEST']._serialized_end=1492
+  _globals['_GETCARDRESPONSE']._serialized_start=1494
+  _globals['_GETCARDRESPONSE']._serialized_end=1544
+  _globals['_UPDATECARDSTATUSREQUEST']._serialized_start=1546
+  _globals['_UPDATECARDSTATUSREQUEST']._serialized_end=1649
+  _globals['_UPDATECARDSTATUSRESPONSE']._serialized_start=1651
+  _globals['_UPDATECARDSTATUSRESPONSE']._serialized_end=1710
+  _globals['_LISTHOLDSREQUEST']._serialized_start=1712
+  _globals['_LISTHOLDSREQUEST']._serialized_end=1828
+  _globals['_LISTHOLDSRESPONSE']._serialized_start=1830
+  _globals['_LISTHOLDSRESPONSE']._serialized_end=1908
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1910
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1994
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1996
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=2095
+  _globals['_EXPORTHOLDERDATAREQUEST']._serialized_start=2097
+  _globals['_EXPORTHOLDERDATAREQUEST']._serialized_end=2200
+  _globals['_EXPORTHOLDERDATARESPONSE']._serialized_start=2202
+  _globals['_EXPORTHOLDERDATARESPONSE']._serialized_end=2267
+  _globals['_ERASEHOLDERDATAREQUEST']._serialized_start=2269
+  _globals['_ERASEHOLDERDATAREQUEST']._serialized_end=2333
+  _globals['_ERASEHOLDERDATARESPONSE']._serialized_start=2335
+  _globals['_ERASEHOLDERDATARESPONSE']._serialized_end=2452
+  _globals['_ACCOUNTSERVICE']._serialized_start=3182
+  _globals['_ACCOUNTSERVICE']._serialized_end=3966
 # @@protoc_insertion_point(module_scope)

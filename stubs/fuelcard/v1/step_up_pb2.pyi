@@ -49,6 +49,11 @@ class _StepUpKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepUpKind
     """An operation the risk engine flagged (a new device, impossible travel).
     Subject: the card; amount: the operation's amount in fen.
     """
+    STEP_UP_KIND_HOLDER_DATA_EXPORT: _StepUpKind.ValueType  # 6
+    """An administrator exports everything held about an account's holder
+    (AccountService.ExportHolderData): the code goes to the holder, who asked
+    for the export. Subject: the account; amount: 0.
+    """
 
 class StepUpKind(_StepUpKind, metaclass=_StepUpKindEnumTypeWrapper):
     """What a step-up challenge authorises. A challenge is bound to its kind, its
@@ -78,6 +83,11 @@ STEP_UP_KIND_REVEAL_CARD_NUMBER: StepUpKind.ValueType  # 4
 STEP_UP_KIND_ANOMALY: StepUpKind.ValueType  # 5
 """An operation the risk engine flagged (a new device, impossible travel).
 Subject: the card; amount: the operation's amount in fen.
+"""
+STEP_UP_KIND_HOLDER_DATA_EXPORT: StepUpKind.ValueType  # 6
+"""An administrator exports everything held about an account's holder
+(AccountService.ExportHolderData): the code goes to the holder, who asked
+for the export. Subject: the account; amount: 0.
 """
 Global___StepUpKind: _TypeAlias = StepUpKind  # noqa: Y015
 
