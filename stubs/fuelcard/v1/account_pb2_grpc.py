@@ -150,8 +150,9 @@ class AccountServiceServicer:
 
     def EraseHolderData(self, request, context):
         """Erase (anonymise) the personal data of a closed account: it holds no
-        money, nothing held and no points, every card of it is closed and every
-        sub-account erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED). The
+        money and nothing held, every card of it is closed and every sub-account
+        erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED); points left are
+        forfeited. The
         holder's name becomes "erased", phone and ID number and the account's
         label are removed, and the account is frozen. The ledger stays whole
         (journal lines, holds and audit records name no person). Idempotent.

@@ -59,8 +59,9 @@ class AccountServiceStub:
     """
     EraseHolderData: _grpc.UnaryUnaryMultiCallable[_account_pb2.EraseHolderDataRequest, _account_pb2.EraseHolderDataResponse]
     """Erase (anonymise) the personal data of a closed account: it holds no
-    money, nothing held and no points, every card of it is closed and every
-    sub-account erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED). The
+    money and nothing held, every card of it is closed and every sub-account
+    erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED); points left are
+    forfeited. The
     holder's name becomes "erased", phone and ID number and the account's
     label are removed, and the account is frozen. The ledger stays whole
     (journal lines, holds and audit records name no person). Idempotent.
@@ -98,8 +99,9 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """
     EraseHolderData: _aio.UnaryUnaryMultiCallable[_account_pb2.EraseHolderDataRequest, _account_pb2.EraseHolderDataResponse]  # type: ignore[assignment]
     """Erase (anonymise) the personal data of a closed account: it holds no
-    money, nothing held and no points, every card of it is closed and every
-    sub-account erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED). The
+    money and nothing held, every card of it is closed and every sub-account
+    erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED); points left are
+    forfeited. The
     holder's name becomes "erased", phone and ID number and the account's
     label are removed, and the account is frozen. The ledger stays whole
     (journal lines, holds and audit records name no person). Idempotent.
@@ -188,8 +190,9 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_pb2.EraseHolderDataResponse, _abc.Awaitable[_account_pb2.EraseHolderDataResponse]]:
         """Erase (anonymise) the personal data of a closed account: it holds no
-        money, nothing held and no points, every card of it is closed and every
-        sub-account erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED). The
+        money and nothing held, every card of it is closed and every sub-account
+        erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED); points left are
+        forfeited. The
         holder's name becomes "erased", phone and ID number and the account's
         label are removed, and the account is frozen. The ledger stays whole
         (journal lines, holds and audit records name no person). Idempotent.

@@ -95,8 +95,9 @@ BEGIN
               FROM fc.audit_log l WHERE l.target = ANY (v_targets)));
 END $$;
 
--- Erasure (anonymisation) of a closed account's personal data. Closed: it holds nothing (no
--- money, nothing held, no points), every card is closed and every sub-account already erased.
+-- Erasure (anonymisation) of a closed account's personal data. Closed: it holds no money and
+-- nothing held, every card is closed and every sub-account already erased. Points left over are
+-- forfeited with the account (they stay in the ledger, on a frozen account nobody can spend).
 -- The holder's name becomes a placeholder, phone and ID number (sealed, index and any
 -- plaintext) go, the account's label goes, and the account is frozen so that nothing moves
 -- into it again. The ledger is untouched: journal lines, holds and audit records name
@@ -118,7 +119,7 @@ BEGIN
         RETURN jsonb_build_object('account_id', v_account.uid, 'already', true,
                                   'erase_us', fc.ts(v_erased));
     END IF;
-    IF v_account.balance_fen <> 0 OR v_account.held_fen <> 0 OR v_account.points_balance <> 0
+    IF v_account.balance_fen <> 0 OR v_account.held_fen <> 0
        OR EXISTS (SELECT 1 FROM fc.cards WHERE account_id = v_account.id
                      AND status <> fc.card_status_closed())
        OR EXISTS (SELECT 1 FROM fc.accounts s JOIN fc.account_holders sh ON sh.account_id = s.id

@@ -35,3 +35,7 @@ CREATE INDEX account_holders_plaintext ON fc.account_holders (account_id)
 -- open_account takes the sealed values now
 DROP FUNCTION IF EXISTS fc.open_account(text, text, bytea, smallint, text, text, text, uuid, smallint, text,
                               timestamptz);
+-- a step-up of the holder for the data-subject export (STEP_UP_KIND_HOLDER_DATA_EXPORT = 6)
+ALTER TABLE fc.step_up_challenges DROP CONSTRAINT step_up_challenges_kind_check;
+ALTER TABLE fc.step_up_challenges ADD CONSTRAINT step_up_challenges_kind_check
+    CHECK (((kind >= 1) AND (kind <= 6)));
