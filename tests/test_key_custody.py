@@ -304,7 +304,8 @@ def test_rotate_root_keeps_every_card_pin_and_terminal_key_working(
     # The stored card number still opens (RevealCardNumber's parts): its
     # segment keys come from the data key, re-wrapped, not replaced.
     served = key_custody.open_key_set(database_url, FileKeySetStore(host_settings(data_dir)).load())
-    parts = scalar(db, "SELECT fc.card_number_parts(%s::uuid)", (issued.card.card_id,))
+    parts = scalar(db, "SELECT fc.card_number_parts(p_card_uid => %s::uuid)",
+                   (issued.card.card_id,))
     vault = CardVault(served.data, PanIndex(served.card_index))
     assert vault.open(bytes.fromhex(parts["pan_index"]), parts["root_key_id"],
                       [bytes.fromhex(v) for v in parts["sealed"]]) == issued.card_number
@@ -354,7 +355,8 @@ def test_a_database_from_before_custody_keeps_its_pins_and_card_numbers(
         assert right.decision == common_pb2.DECISION_APPROVED
     served = key_custody.open_key_set(database_url, store.load())
     assert served.data.root_key() == data
-    parts = scalar(db, "SELECT fc.card_number_parts(%s::uuid)", (issued.card.card_id,))
+    parts = scalar(db, "SELECT fc.card_number_parts(p_card_uid => %s::uuid)",
+                   (issued.card.card_id,))
     vault = CardVault(served.data, PanIndex(served.card_index))
     assert vault.open(bytes.fromhex(parts["pan_index"]), parts["root_key_id"],
                       [bytes.fromhex(v) for v in parts["sealed"]]) == issued.card_number

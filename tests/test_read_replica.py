@@ -253,6 +253,7 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
     from fuelcard_server.overload import Priority, classify
     from fuelcard_server.services import (
         account,
+        adjustment,
         control,
         events,
         funding,
@@ -266,8 +267,8 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
     with_reports: set[str] = set()
     with_others: set[str] = set()
     seen: set[str] = set()
-    for module in (account, control, events, funding, points, reconciliation, risk, security,
-                   transaction):
+    for module in (account, adjustment, control, events, funding, points, reconciliation, risk,
+                   security, transaction):
         for servicer in vars(module).values():
             if isinstance(servicer, type) and servicer.__module__ == module.__name__:
                 for name, fn in vars(servicer).items():

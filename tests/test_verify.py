@@ -328,6 +328,20 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       "UPDATE fc.journal SET description = 'edited' WHERE id = (SELECT min(id) FROM fc.journal)",
       "ALTER TABLE fc.journal ENABLE TRIGGER journal_append_only"],
      {"journal_chain_intact"}),
+    # Issue 14: an open exception filed under an account that is not its
+    # hold's (listed where nobody chases it), and an adjustment approved
+    # without its booking.
+    ("open-exception-under-another-account",
+     ["INSERT INTO fc.settlement_exceptions (kind, hold_id, account_id, amount_fen, reason,"
+      " created_at) SELECT 2, h.id, a.id, 10, 'OVERRUN_SHORTFALL', now()"
+      " FROM fc.holds h, fc.accounts a WHERE h.state = 2 AND a.uid = %(other)s"
+      " AND h.account_id <> a.id"],
+     {"open_settlement_exceptions_reachable"}),
+    ("adjustment-approved-unbooked",
+     ["INSERT INTO fc.adjustments (account_id, direction, amount_fen, reason, state, proposed_by,"
+      " proposed_at, decided_by, decided_at) SELECT id, 1, 500, 'goodwill', 2, 'admin::a', now(),"
+      " 'admin::b', now() FROM fc.accounts WHERE uid = %(account)s"],
+     {"adjustments_booked_once"}),
     # The event stream (issue 9): a position lost from the stream.
     ("event-deleted",
      ["SELECT fc.sequence_events(p_now => now(), p_limit => 1000)",

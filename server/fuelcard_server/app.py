@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 from fuelcard.v1 import (
     account_pb2_grpc,
+    adjustment_pb2_grpc,
     control_pb2_grpc,
     events_pb2_grpc,
     funding_pb2_grpc,
@@ -46,6 +47,7 @@ from fuelcard_server.overload import Admission
 from fuelcard_server.pins import Pins
 from fuelcard_server.retention import Pruned, Retention
 from fuelcard_server.services.account import AccountService
+from fuelcard_server.services.adjustment import AdjustmentService
 from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.events import EventService
 from fuelcard_server.services.funding import FundingService
@@ -185,6 +187,7 @@ class FuelcardServer:
         risk_pb2_grpc.add_RiskServiceServicer_to_server(RiskService(deps), guard)
         settlement_pb2_grpc.add_ReconciliationServiceServicer_to_server(
             ReconciliationService(deps), guard)
+        adjustment_pb2_grpc.add_AdjustmentServiceServicer_to_server(AdjustmentService(deps), guard)
         self._sequencer = Sequencer(self._db, self.clock, s.event_batch, s.event_retention_s,
                                     reads=self._reads)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(deps, self._sequencer),

@@ -78,7 +78,7 @@ WALK_SQL = ("SELECT id, created_at, actor, method, target, outcome, prev_hash, h
 # Fields naming what a call is about, most specific first; a request's win
 # over a response's (OpenAccount's target is the account it made).
 _TARGET_FIELDS = ("hold_id", "card_id", "account_id", "parent_account_id", "from_account_id",
-                  "subject_id", "break_id", "exception_id")
+                  "subject_id", "break_id", "exception_id", "adjustment_id")
 _TARGET_MESSAGES = (("hold", "hold_id"), ("card", "card_id"), ("account", "account_id"),
                     ("recharge", "account_id"))
 _REASON = re.compile(r"[A-Z][A-Z0-9_]{0,63}")

@@ -800,6 +800,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     key_commands.add_parser(sub, _add_database_flags)
     privacy_commands.add_parser(sub, _add_database_flags)
+
+    # Settlement exceptions: list, get, resolve (exception_commands.py).
+    from fuelcard_server import exception_commands
+    exception_commands.add_parser(sub, _add_database_flags, _settings, _database)
     return parser
 
 

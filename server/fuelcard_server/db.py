@@ -66,6 +66,31 @@ def _span(tracer: trace.Tracer | None, sql: str) -> contextlib.AbstractContextMa
     return tracer.start_as_current_span(span_name(sql), kind=trace.SpanKind.CLIENT)
 
 
+# The refusals worth remembering are those of an idempotent call: one that
+# names its caller, request_id and fingerprint (and its time, for the key's
+# retention). The operation the key is filed under is the function called
+# with them, e.g. "confirm" for fc.confirm (what fc.remember files its
+# answers under, so fc.replay_guarded classes both alike).
+_KEY_PARAMS = ("caller", "request_id", "request_hash", "now")
+_IDEMPOTENT_CALL = re.compile(
+    r"\bfc\.(\w+)\(p_caller => %\(caller\)s, p_request_id => %\(request_id\)s,"
+    r" p_request_hash => %\(request_hash\)s")
+_OPERATIONS: dict[str, str | None] = {}
+REMEMBER_REFUSAL_SQL = (
+    "SELECT fc.remember_refusal(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_operation => %(operation)s, p_request_hash => %(request_hash)s,"
+    " p_sqlstate => %(sqlstate)s, p_reason => %(reason)s, p_field => %(field)s,"
+    " p_now => %(now)s::timestamptz)")
+
+
+def idempotent_operation(sql: str) -> str | None:
+    """The operation of an idempotent fc.* call (None: not one)."""
+    if sql not in _OPERATIONS:
+        found = _IDEMPOTENT_CALL.search(sql)
+        _OPERATIONS[sql] = found.group(1) if found else None
+    return _OPERATIONS[sql]
+
+
 # When a statement is run again (once, on another pooled connection): only
 # when the link broke, so the statement may have died with it, or when the
 # server rolled the transaction back for a concurrency reason (class 40:
@@ -196,12 +221,37 @@ class Database:
                     if broken_retry and self.available and may_run_again(exc):
                         broken_retry = False
                         continue
+                    await self._remember_refusal(sql, params, exc)
                     raise translate(exc) from None
                 except psycopg.Error as exc:
+                    await self._remember_refusal(sql, params, exc)
                     raise translate(exc) from None
                 assert row is not None and row[0] is not None, "fc functions always answer"
                 result: dict[str, Any] = row[0]
                 return result
+
+    async def _remember_refusal(self, sql: LiteralString, params: Params, exc: psycopg.Error) -> None:
+        """Store a permanent refusal as the request's answer (sql/functions/
+        idempotency.sql, fc.remember_refusal, says why it is a second
+        statement and which refusals it keeps). Only an idempotent call's
+        refusal of class FC, not one fc.replay replayed; best effort: if it
+        cannot be stored, a retry is decided afresh, as before."""
+        state = exc.sqlstate
+        if (state is None or not state.startswith("FC") or state == "FCUA0"
+                or exc.diag.message_hint == "replayed" or not isinstance(params, Mapping)):
+            return
+        operation = idempotent_operation(sql)
+        if operation is None or not all(k in params for k in _KEY_PARAMS):
+            return
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(REMEMBER_REFUSAL_SQL, {
+                    "caller": params["caller"], "request_id": params["request_id"],
+                    "operation": operation, "request_hash": params["request_hash"],
+                    "sqlstate": state, "reason": exc.diag.message_primary or "",
+                    "field": exc.diag.message_detail or "", "now": params["now"]}, prepare=True)
+        except (psycopg.Error, PoolTimeout, TooManyRequests, PoolClosed) as failure:
+            log.warning("refusal not remembered (%s)", type(failure).__name__)
 
     def _pool_refusal(self, exc: psycopg.OperationalError) -> errors.ApiError:
         if not self.available:

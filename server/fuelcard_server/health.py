@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from fuelcard.v1 import (
     account_pb2,
+    adjustment_pb2,
     control_pb2,
     events_pb2,
     funding_pb2,
@@ -52,6 +53,7 @@ SERVICE_NAMES = (
     risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
 )
 
 # Services with an RPC that reads through the read pool (the replica when
@@ -65,6 +67,7 @@ READ_POOL_SERVICES = frozenset({
     risk_pb2.DESCRIPTOR.services_by_name["RiskService"].full_name,
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
 })
 # What reports NOT_SERVING while the replica cannot be read (down, or further
 # behind than replica_max_lag_s). A load balancer routes by these names, so a

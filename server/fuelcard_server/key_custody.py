@@ -514,16 +514,21 @@ class _NoStore:
 
 UNINDEXABLE_SQL = """
     SELECT count(*) FROM fc.cards c
-     WHERE (fc_pan_vault.get(c.id)).sealed IS NULL OR (fc_pan_seg1.get(c.id)).sealed IS NULL
-        OR (fc_pan_seg2.get(c.id)).sealed IS NULL OR (fc_pan_seg3.get(c.id)).sealed IS NULL"""
+     WHERE (fc_pan_vault.get(p_card_id => c.id)).sealed IS NULL
+        OR (fc_pan_seg1.get(p_card_id => c.id)).sealed IS NULL
+        OR (fc_pan_seg2.get(p_card_id => c.id)).sealed IS NULL
+        OR (fc_pan_seg3.get(p_card_id => c.id)).sealed IS NULL"""
 START_ROTATION_SQL = "INSERT INTO fc.card_index_rotation (new_check_value) VALUES (%s)"
 LOCK_ROTATION_SQL = "SELECT new_check_value, after_card_id FROM fc.card_index_rotation FOR UPDATE"
 CARD_BATCH_SQL = """
-    SELECT c.id, c.pan_index, (fc_pan_vault.get(c.id)).root_key_id,
-           ARRAY[(fc_pan_seg1.get(c.id)).sealed, (fc_pan_seg2.get(c.id)).sealed,
-                 (fc_pan_seg3.get(c.id)).sealed, (fc_pan_vault.get(c.id)).sealed]
-      FROM fc.cards c WHERE c.id > %s ORDER BY c.id LIMIT %s"""
-REINDEX_SQL = "SELECT fc.reindex_card(%s, %s, %s, %s::bytea[])"
+    SELECT c.id, c.pan_index, (fc_pan_vault.get(p_card_id => c.id)).root_key_id,
+           ARRAY[(fc_pan_seg1.get(p_card_id => c.id)).sealed,
+                 (fc_pan_seg2.get(p_card_id => c.id)).sealed,
+                 (fc_pan_seg3.get(p_card_id => c.id)).sealed,
+                 (fc_pan_vault.get(p_card_id => c.id)).sealed]
+      FROM fc.cards c WHERE c.id > %(after)s ORDER BY c.id LIMIT %(batch)s"""
+REINDEX_SQL = ("SELECT fc.reindex_card(p_card_id => %(card_id)s, p_pan_index => %(pan_index)s,"
+               " p_root_key_id => %(root_key_id)s, p_sealed => %(sealed)s::bytea[])")
 ADVANCE_SQL = "UPDATE fc.card_index_rotation SET after_card_id = %s"
 CARDS_AFTER_SQL = "SELECT count(*) FROM fc.cards WHERE id > %s"
 END_ROTATION_SQL = "DELETE FROM fc.card_index_rotation"
@@ -582,7 +587,7 @@ def rotate_card_index(database_url: str, store: KeySetStore, *, batch: int = 100
             with conn.transaction():
                 row = conn.execute(LOCK_ROTATION_SQL).fetchone()
                 assert row is not None
-                cards = conn.execute(CARD_BATCH_SQL, (row[1], batch)).fetchall()
+                cards = conn.execute(CARD_BATCH_SQL, {"after": row[1], "batch": batch}).fetchall()
                 for card_id, pan_index, rid, sealed in cards:
                     if rid is None or None in sealed:
                         raise KeyCustodyError(f"card id {card_id} has no stored number: cannot "
@@ -591,8 +596,9 @@ def rotate_card_index(database_url: str, store: KeySetStore, *, batch: int = 100
                         pan = old_vault.open(bytes(pan_index), rid, [bytes(v) for v in sealed])
                     except CardNumberMismatch as exc:
                         raise KeyCustodyError(f"card id {card_id}: {exc}") from None
-                    conn.execute(REINDEX_SQL, (card_id, new_index.of(pan), new_vault.root_key_id,
-                                               new_vault.seal(pan)))
+                    conn.execute(REINDEX_SQL, {
+                        "card_id": card_id, "pan_index": new_index.of(pan),
+                        "root_key_id": new_vault.root_key_id, "sealed": new_vault.seal(pan)})
                     del pan
                 if cards:
                     conn.execute(ADVANCE_SQL, (cards[-1][0],))

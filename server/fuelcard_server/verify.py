@@ -144,6 +144,9 @@ CHECKS: tuple[Check, ...] = (
               OR (kind IN ({LedgerEntryKind.POINTS_REDEEMED:d}, {LedgerEntryKind.ALLOCATION:d},
                            {LedgerEntryKind.POINTS_TRANSFER:d}, {LedgerEntryKind.POINTS_EXPIRED:d})
                   AND (hold_id IS NOT NULL OR recharge_id IS NOT NULL))
+              OR ((kind = {LedgerEntryKind.MANUAL_ADJUSTMENT:d}) <> (adjustment_id IS NOT NULL))
+              OR (kind = {LedgerEntryKind.MANUAL_ADJUSTMENT:d}
+                  AND (hold_id IS NOT NULL OR recharge_id IS NOT NULL))
            LIMIT 10"""),
     Check("allocations_stay_in_the_family",
           "batch top-ups move money from a parent to its own ALLOCATED sub-accounts",
@@ -307,7 +310,8 @@ CHECKS: tuple[Check, ...] = (
     # 4 fc.redeem_points, 5 fc.batch_top_up, 6 fc.transfer_points,
     # 7 fc.expire_points, 8 fc.refund_recharge (the clearing account of the
     # recharge's channel, fc.clearing_account; a refund has its recharge's
-    # channel). Which customer it is, is checked by the checks above.
+    # channel), 9 fc.approve_adjustment (ADJUSTMENTS on the side opposite the
+    # customer, issue 14). Which customer it is, is checked by the checks above.
     Check("entries_have_their_counterparties",
           "each journal entry moves its kind's asset between its kind's accounts (e.g. a sale"
           " from a customer to FUEL_SALES, a recharge from its channel's clearing account to"
@@ -342,6 +346,9 @@ CHECKS: tuple[Check, ...] = (
                      THEN asset = {Asset.POINTS:d} AND debit IS NULL AND credit = 'POINTS_EXPIRED'
                  WHEN {LedgerEntryKind.RECHARGE_REFUND:d}
                      THEN asset = {Asset.MONEY:d} AND debit IS NULL AND credit = clearing
+                 WHEN {LedgerEntryKind.MANUAL_ADJUSTMENT:d}
+                     THEN asset = {Asset.MONEY:d} AND ((debit = 'ADJUSTMENTS' AND credit IS NULL)
+                                                    OR (debit IS NULL AND credit = 'ADJUSTMENTS'))
                  END, false)
            LIMIT 10"""),
     # Review r2. A settlement exception is fuel delivered on an EXPIRED hold
@@ -358,10 +365,62 @@ CHECKS: tuple[Check, ...] = (
           f"""
           SELECT x.id, x.hold_id, h.state, x.amount_fen, h.amount_fen, x.resolved_at
             FROM fc.settlement_exceptions x JOIN fc.holds h ON h.id = x.hold_id
-           WHERE x.account_id <> h.account_id OR x.amount_fen > h.amount_fen
-              OR NOT (h.state = {HoldState.EXPIRED:d}
-                      OR (h.state = {HoldState.CONFIRMED:d} AND h.confirmed_late
-                          AND x.resolved_at IS NOT NULL))
+           WHERE x.kind = 1
+             AND (x.account_id <> h.account_id OR x.amount_fen > h.amount_fen
+                  OR NOT (h.state = {HoldState.EXPIRED:d}
+                          OR (h.state = {HoldState.CONFIRMED:d} AND h.confirmed_late
+                              AND x.resolved_at IS NOT NULL)))
+           LIMIT 10"""),
+    # Issue 14, item 6: finance follows the open exceptions up through
+    # ReconciliationService.ListSettlementExceptions and `fuelcard
+    # exceptions`. An open one nobody can reach is money nobody chases: each
+    # names what it is about (a hold for kinds 1 and 2, a channel payment for
+    # kind 3, and the recharge when it names one), of its own account, and is
+    # of a kind the API knows and renders (fc.settlement_exception_json, the
+    # listing's own function, gives it a state and an account).
+    Check("open_settlement_exceptions_reachable",
+          "every open settlement exception names an existing hold (or channel payment) of its"
+          " account and is listed by the API",
+          """
+          SELECT x.id, x.kind, x.hold_id, x.recharge_id
+            FROM fc.settlement_exceptions x
+            LEFT JOIN fc.holds h ON h.id = x.hold_id
+            LEFT JOIN fc.recharges r ON r.id = x.recharge_id
+           WHERE x.resolved_at IS NULL
+             AND (x.kind NOT IN (1, 2, 3)
+                  OR (x.kind IN (1, 2) AND h.id IS NULL)
+                  OR (x.kind = 3 AND (x.channel IS NULL OR x.channel_txn_id IS NULL))
+                  OR (x.recharge_id IS NOT NULL AND r.id IS NULL)
+                  OR (h.id IS NOT NULL AND h.account_id <> x.account_id)
+                  OR (r.id IS NOT NULL AND r.account_id <> x.account_id)
+                  OR fc.settlement_exception_json(x => x) IS NULL
+                  OR fc.settlement_exception_json(x => x)->>'state' IS DISTINCT FROM 'OPEN')
+           LIMIT 10"""),
+    # Issue 14, item 7: an APPROVED adjustment is booked exactly once, as one
+    # kind 9 entry of its amount between its account (on the side its
+    # direction says) and ADJUSTMENTS; a PROPOSED or REJECTED one is booked
+    # nowhere; a kind 9 entry names an adjustment that exists.
+    Check("adjustments_booked_once",
+          "each APPROVED adjustment has exactly one adjustment entry, of its amount and"
+          " direction, on its account; no other adjustment has one",
+          """
+          SELECT coalesce(a.id, e.adjustment_id), a.state, a.amount_fen, e.n, e.total
+            FROM fc.adjustments a
+            FULL JOIN (SELECT adjustment_id, count(*) AS n, sum(amount) AS total,
+                              min(CASE WHEN debit_account_id = (SELECT id FROM fc.accounts
+                                                                WHERE system_code = 'ADJUSTMENTS')
+                                       THEN credit_account_id ELSE -debit_account_id END) AS lo,
+                              max(CASE WHEN debit_account_id = (SELECT id FROM fc.accounts
+                                                                WHERE system_code = 'ADJUSTMENTS')
+                                       THEN credit_account_id ELSE -debit_account_id END) AS hi
+                         FROM fc.journal WHERE kind = 9 GROUP BY adjustment_id) e
+                   ON e.adjustment_id = a.id
+           WHERE a.id IS NULL
+              OR (a.state = 2 AND (e.n IS DISTINCT FROM 1 OR e.total <> a.amount_fen
+                                   OR e.lo <> e.hi
+                                   OR e.lo <> CASE a.direction WHEN 1 THEN a.account_id
+                                                               ELSE -a.account_id END))
+              OR (a.state <> 2 AND e.n IS NOT NULL)
            LIMIT 10"""),
     Check("event_positions_gap_free",
           "the event stream holds every position after the pruned ones up to the head, once",

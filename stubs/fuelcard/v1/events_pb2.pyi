@@ -62,6 +62,11 @@ class _LedgerEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ledge
     """Money from an account back to a payment channel: the part of a refund
     the account still had (recharge_id names the recharge refunded).
     """
+    LEDGER_ENTRY_KIND_MANUAL_ADJUSTMENT: _LedgerEntryKind.ValueType  # 9
+    """Money moved by hand between an account and the ADJUSTMENTS system
+    account: an approved manual adjustment (AdjustmentService), a credit or a
+    debit of the account.
+    """
 
 class LedgerEntryKind(_LedgerEntryKind, metaclass=_LedgerEntryKindEnumTypeWrapper):
     """Kinds of journal entries. New kinds may be added: a consumer must accept
@@ -87,6 +92,11 @@ LEDGER_ENTRY_KIND_POINTS_EXPIRED: LedgerEntryKind.ValueType  # 7
 LEDGER_ENTRY_KIND_RECHARGE_REFUND: LedgerEntryKind.ValueType  # 8
 """Money from an account back to a payment channel: the part of a refund
 the account still had (recharge_id names the recharge refunded).
+"""
+LEDGER_ENTRY_KIND_MANUAL_ADJUSTMENT: LedgerEntryKind.ValueType  # 9
+"""Money moved by hand between an account and the ADJUSTMENTS system
+account: an approved manual adjustment (AdjustmentService), a credit or a
+debit of the account.
 """
 Global___LedgerEntryKind: _TypeAlias = LedgerEntryKind  # noqa: Y015
 

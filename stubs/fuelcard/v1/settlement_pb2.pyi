@@ -163,6 +163,82 @@ CHANNEL_EXCEPTION_STATE_RESOLVED: ChannelExceptionState.ValueType  # 2
 """Closed by ResolveChannelException, with a note."""
 Global___ChannelExceptionState: _TypeAlias = ChannelExceptionState  # noqa: Y015
 
+class _SettlementExceptionKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SettlementExceptionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SettlementExceptionKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SETTLEMENT_EXCEPTION_KIND_UNSPECIFIED: _SettlementExceptionKind.ValueType  # 0
+    """Not given (in a filter: every kind)."""
+    SETTLEMENT_EXCEPTION_KIND_LATE_CONFIRM_NO_FUNDS: _SettlementExceptionKind.ValueType  # 1
+    """A Confirm arrived after its hold had expired and been released, and the
+    account no longer had the money: the fuel was delivered but not paid
+    from the card. hold_id names the hold; amount_fen is the sale.
+    """
+    SETTLEMENT_EXCEPTION_KIND_OVERRUN_SHORTFALL: _SettlementExceptionKind.ValueType  # 2
+    """A pump delivered more than the hold covered and the account could not
+    pay the difference: hold_id names the hold; amount_fen is the shortfall.
+    """
+    SETTLEMENT_EXCEPTION_KIND_CHANNEL_PAYMENT_REFUSED: _SettlementExceptionKind.ValueType  # 3
+    """A channel collected a payment the core would not credit (e.g. the
+    account is closed): channel and channel_txn_id name the payment, which
+    the channel must refund; amount_fen is the payment.
+    """
+
+class SettlementExceptionKind(_SettlementExceptionKind, metaclass=_SettlementExceptionKindEnumTypeWrapper):
+    """Why a settlement exception was recorded."""
+
+SETTLEMENT_EXCEPTION_KIND_UNSPECIFIED: SettlementExceptionKind.ValueType  # 0
+"""Not given (in a filter: every kind)."""
+SETTLEMENT_EXCEPTION_KIND_LATE_CONFIRM_NO_FUNDS: SettlementExceptionKind.ValueType  # 1
+"""A Confirm arrived after its hold had expired and been released, and the
+account no longer had the money: the fuel was delivered but not paid
+from the card. hold_id names the hold; amount_fen is the sale.
+"""
+SETTLEMENT_EXCEPTION_KIND_OVERRUN_SHORTFALL: SettlementExceptionKind.ValueType  # 2
+"""A pump delivered more than the hold covered and the account could not
+pay the difference: hold_id names the hold; amount_fen is the shortfall.
+"""
+SETTLEMENT_EXCEPTION_KIND_CHANNEL_PAYMENT_REFUSED: SettlementExceptionKind.ValueType  # 3
+"""A channel collected a payment the core would not credit (e.g. the
+account is closed): channel and channel_txn_id name the payment, which
+the channel must refund; amount_fen is the payment.
+"""
+Global___SettlementExceptionKind: _TypeAlias = SettlementExceptionKind  # noqa: Y015
+
+class _SettlementExceptionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SettlementExceptionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SettlementExceptionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SETTLEMENT_EXCEPTION_STATE_UNSPECIFIED: _SettlementExceptionState.ValueType  # 0
+    """Not given (in a filter: every state)."""
+    SETTLEMENT_EXCEPTION_STATE_OPEN: _SettlementExceptionState.ValueType  # 1
+    """Recorded, not yet followed up."""
+    SETTLEMENT_EXCEPTION_STATE_RESOLVED: _SettlementExceptionState.ValueType  # 2
+    """Closed by ResolveSettlementException, with a note."""
+    SETTLEMENT_EXCEPTION_STATE_SETTLED: _SettlementExceptionState.ValueType  # 3
+    """Closed by the system: a later Confirm of the hold found the money and
+    paid the sale after all (no note, no resolver).
+    """
+
+class SettlementExceptionState(_SettlementExceptionState, metaclass=_SettlementExceptionStateEnumTypeWrapper):
+    """Where a settlement exception is in its follow-up."""
+
+SETTLEMENT_EXCEPTION_STATE_UNSPECIFIED: SettlementExceptionState.ValueType  # 0
+"""Not given (in a filter: every state)."""
+SETTLEMENT_EXCEPTION_STATE_OPEN: SettlementExceptionState.ValueType  # 1
+"""Recorded, not yet followed up."""
+SETTLEMENT_EXCEPTION_STATE_RESOLVED: SettlementExceptionState.ValueType  # 2
+"""Closed by ResolveSettlementException, with a note."""
+SETTLEMENT_EXCEPTION_STATE_SETTLED: SettlementExceptionState.ValueType  # 3
+"""Closed by the system: a later Confirm of the hold found the money and
+paid the sale after all (no note, no resolver).
+"""
+Global___SettlementExceptionState: _TypeAlias = SettlementExceptionState  # noqa: Y015
+
 @_typing.final
 class SettlementRecord(_message.Message):
     """One channel transaction in the neutral format."""
@@ -622,3 +698,262 @@ class ResolveChannelExceptionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveChannelExceptionResponse: _TypeAlias = ResolveChannelExceptionResponse  # noqa: Y015
+
+@_typing.final
+class SettlementException(_message.Message):
+    """Fuel delivered or money collected that the ledger could not book as the
+    terminal or channel asked, for finance staff to follow up.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXCEPTION_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    RECHARGE_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    CHANNEL_TXN_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FEN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    RESOLVE_TIME_FIELD_NUMBER: _builtins.int
+    RESOLVED_BY_FIELD_NUMBER: _builtins.int
+    exception_id: _builtins.str
+    """Server-assigned id (UUID)."""
+    kind: Global___SettlementExceptionKind.ValueType
+    """Why it was recorded."""
+    account_id: _builtins.str
+    """The account concerned (Account.account_id): the one whose money was
+    missing or that the payment was for.
+    """
+    hold_id: _builtins.str
+    """The hold concerned (Hold.hold_id), for LATE_CONFIRM_NO_FUNDS and
+    OVERRUN_SHORTFALL; empty otherwise.
+    """
+    recharge_id: _builtins.str
+    """The recharge concerned (Recharge.recharge_id), when one was booked;
+    empty otherwise.
+    """
+    channel: _funding_pb2.Channel.ValueType
+    """The payment channel, for CHANNEL_PAYMENT_REFUSED; unset otherwise."""
+    channel_txn_id: _builtins.str
+    """The channel's id of the payment, for CHANNEL_PAYMENT_REFUSED; empty
+    otherwise.
+    """
+    amount_fen: _builtins.int
+    """The amount not booked, in fen (> 0)."""
+    reason: _builtins.str
+    """The machine reason recorded with it (UPPER_SNAKE), e.g.
+    HOLD_EXPIRED_INSUFFICIENT_FUNDS.
+    """
+    state: Global___SettlementExceptionState.ValueType
+    """Where its follow-up is."""
+    resolution: _builtins.str
+    """What was done about it, as the resolver wrote it; empty unless RESOLVED."""
+    resolved_by: _builtins.str
+    """Who resolved it (the caller's identity); empty unless RESOLVED."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded."""
+
+    @_builtins.property
+    def resolve_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was closed (RESOLVED or SETTLED); unset while OPEN."""
+
+    def __init__(
+        self,
+        *,
+        exception_id: _builtins.str = ...,
+        kind: Global___SettlementExceptionKind.ValueType = ...,
+        account_id: _builtins.str = ...,
+        hold_id: _builtins.str = ...,
+        recharge_id: _builtins.str = ...,
+        channel: _funding_pb2.Channel.ValueType = ...,
+        channel_txn_id: _builtins.str = ...,
+        amount_fen: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        state: Global___SettlementExceptionState.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        resolution: _builtins.str = ...,
+        resolve_time: _timestamp_pb2.Timestamp | None = ...,
+        resolved_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "resolve_time", b"resolve_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_fen", b"amount_fen", "channel", b"channel", "channel_txn_id", b"channel_txn_id", "create_time", b"create_time", "exception_id", b"exception_id", "hold_id", b"hold_id", "kind", b"kind", "reason", b"reason", "recharge_id", b"recharge_id", "resolution", b"resolution", "resolve_time", b"resolve_time", "resolved_by", b"resolved_by", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettlementException: _TypeAlias = SettlementException  # noqa: Y015
+
+@_typing.final
+class ListSettlementExceptionsRequest(_message.Message):
+    """Request for ReconciliationService.ListSettlementExceptions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    state: Global___SettlementExceptionState.ValueType
+    """Only exceptions in this state; unset for every state."""
+    kind: Global___SettlementExceptionKind.ValueType
+    """Only exceptions of this kind; unset for every kind."""
+    page_size: _builtins.int
+    """At most this many (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token (with the same filters)."""
+    def __init__(
+        self,
+        *,
+        state: Global___SettlementExceptionState.ValueType = ...,
+        kind: Global___SettlementExceptionKind.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSettlementExceptionsRequest: _TypeAlias = ListSettlementExceptionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSettlementExceptionsResponse(_message.Message):
+    """Response for ReconciliationService.ListSettlementExceptions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLEMENT_EXCEPTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last one."""
+    @_builtins.property
+    def settlement_exceptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettlementException]:
+        """The exceptions, newest first."""
+
+    def __init__(
+        self,
+        *,
+        settlement_exceptions: _abc.Iterable[Global___SettlementException] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "settlement_exceptions", b"settlement_exceptions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSettlementExceptionsResponse: _TypeAlias = ListSettlementExceptionsResponse  # noqa: Y015
+
+@_typing.final
+class GetSettlementExceptionRequest(_message.Message):
+    """Request for ReconciliationService.GetSettlementException."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXCEPTION_ID_FIELD_NUMBER: _builtins.int
+    exception_id: _builtins.str
+    """The exception (SettlementException.exception_id). An unknown id is
+    NOT_FOUND SETTLEMENT_EXCEPTION_NOT_FOUND.
+    """
+    def __init__(
+        self,
+        *,
+        exception_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exception_id", b"exception_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettlementExceptionRequest: _TypeAlias = GetSettlementExceptionRequest  # noqa: Y015
+
+@_typing.final
+class GetSettlementExceptionResponse(_message.Message):
+    """Response for ReconciliationService.GetSettlementException."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLEMENT_EXCEPTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settlement_exception(self) -> Global___SettlementException:
+        """The exception."""
+
+    def __init__(
+        self,
+        *,
+        settlement_exception: Global___SettlementException | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settlement_exception", b"settlement_exception"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settlement_exception", b"settlement_exception"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettlementExceptionResponse: _TypeAlias = GetSettlementExceptionResponse  # noqa: Y015
+
+@_typing.final
+class ResolveSettlementExceptionRequest(_message.Message):
+    """Request for ReconciliationService.ResolveSettlementException."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXCEPTION_ID_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, 1-64 printable ASCII characters."""
+    exception_id: _builtins.str
+    """The exception (SettlementException.exception_id)."""
+    resolution: _builtins.str
+    """What was done about it (1-500 characters), e.g. "collected from the
+    fleet by invoice 2026-118".
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        exception_id: _builtins.str = ...,
+        resolution: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exception_id", b"exception_id", "request_id", b"request_id", "resolution", b"resolution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveSettlementExceptionRequest: _TypeAlias = ResolveSettlementExceptionRequest  # noqa: Y015
+
+@_typing.final
+class ResolveSettlementExceptionResponse(_message.Message):
+    """Response for ReconciliationService.ResolveSettlementException."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLEMENT_EXCEPTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settlement_exception(self) -> Global___SettlementException:
+        """The exception, RESOLVED. One closed before (resolved by another request,
+        or SETTLED) is FAILED_PRECONDITION SETTLEMENT_EXCEPTION_ALREADY_RESOLVED;
+        an unknown id is NOT_FOUND SETTLEMENT_EXCEPTION_NOT_FOUND.
+        """
+
+    def __init__(
+        self,
+        *,
+        settlement_exception: Global___SettlementException | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settlement_exception", b"settlement_exception"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settlement_exception", b"settlement_exception"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveSettlementExceptionResponse: _TypeAlias = ResolveSettlementExceptionResponse  # noqa: Y015

@@ -56,6 +56,21 @@ class ReconciliationServiceStub:
                 request_serializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionRequest.SerializeToString,
                 response_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionResponse.FromString,
                 _registered_method=True)
+        self.ListSettlementExceptions = channel.unary_unary(
+                '/fuelcard.v1.ReconciliationService/ListSettlementExceptions',
+                request_serializer=fuelcard_dot_v1_dot_settlement__pb2.ListSettlementExceptionsRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ListSettlementExceptionsResponse.FromString,
+                _registered_method=True)
+        self.GetSettlementException = channel.unary_unary(
+                '/fuelcard.v1.ReconciliationService/GetSettlementException',
+                request_serializer=fuelcard_dot_v1_dot_settlement__pb2.GetSettlementExceptionRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_settlement__pb2.GetSettlementExceptionResponse.FromString,
+                _registered_method=True)
+        self.ResolveSettlementException = channel.unary_unary(
+                '/fuelcard.v1.ReconciliationService/ResolveSettlementException',
+                request_serializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveSettlementExceptionRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveSettlementExceptionResponse.FromString,
+                _registered_method=True)
 
 
 class ReconciliationServiceServicer:
@@ -95,6 +110,31 @@ class ReconciliationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSettlementExceptions(self, request, context):
+        """The settlement exceptions (e.g. fuel delivered on a late confirm that
+        found the money gone), newest first, filtered by state and kind. Read
+        from the read replica when one is configured.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSettlementException(self, request, context):
+        """One settlement exception, read from the primary (what a resolution just
+        changed shows at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveSettlementException(self, request, context):
+        """Close an OPEN settlement exception with what was done about it (OPEN ->
+        RESOLVED, once). Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReconciliationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +157,21 @@ def add_ReconciliationServiceServicer_to_server(servicer, server):
                     servicer.ResolveChannelException,
                     request_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionRequest.FromString,
                     response_serializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionResponse.SerializeToString,
+            ),
+            'ListSettlementExceptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSettlementExceptions,
+                    request_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ListSettlementExceptionsRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_settlement__pb2.ListSettlementExceptionsResponse.SerializeToString,
+            ),
+            'GetSettlementException': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSettlementException,
+                    request_deserializer=fuelcard_dot_v1_dot_settlement__pb2.GetSettlementExceptionRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_settlement__pb2.GetSettlementExceptionResponse.SerializeToString,
+            ),
+            'ResolveSettlementException': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveSettlementException,
+                    request_deserializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveSettlementExceptionRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_settlement__pb2.ResolveSettlementExceptionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +284,87 @@ class ReconciliationService:
             '/fuelcard.v1.ReconciliationService/ResolveChannelException',
             fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionRequest.SerializeToString,
             fuelcard_dot_v1_dot_settlement__pb2.ResolveChannelExceptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSettlementExceptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.ReconciliationService/ListSettlementExceptions',
+            fuelcard_dot_v1_dot_settlement__pb2.ListSettlementExceptionsRequest.SerializeToString,
+            fuelcard_dot_v1_dot_settlement__pb2.ListSettlementExceptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSettlementException(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.ReconciliationService/GetSettlementException',
+            fuelcard_dot_v1_dot_settlement__pb2.GetSettlementExceptionRequest.SerializeToString,
+            fuelcard_dot_v1_dot_settlement__pb2.GetSettlementExceptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveSettlementException(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.ReconciliationService/ResolveSettlementException',
+            fuelcard_dot_v1_dot_settlement__pb2.ResolveSettlementExceptionRequest.SerializeToString,
+            fuelcard_dot_v1_dot_settlement__pb2.ResolveSettlementExceptionResponse.FromString,
             options,
             channel_credentials,
             insecure,

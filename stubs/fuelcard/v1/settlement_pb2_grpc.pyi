@@ -57,6 +57,19 @@ class ReconciliationServiceStub:
     """Close an OPEN channel exception with what was done about it (OPEN ->
     RESOLVED, once). Idempotent on request_id.
     """
+    ListSettlementExceptions: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.ListSettlementExceptionsRequest, _settlement_pb2.ListSettlementExceptionsResponse]
+    """The settlement exceptions (e.g. fuel delivered on a late confirm that
+    found the money gone), newest first, filtered by state and kind. Read
+    from the read replica when one is configured.
+    """
+    GetSettlementException: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.GetSettlementExceptionRequest, _settlement_pb2.GetSettlementExceptionResponse]
+    """One settlement exception, read from the primary (what a resolution just
+    changed shows at once).
+    """
+    ResolveSettlementException: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.ResolveSettlementExceptionRequest, _settlement_pb2.ResolveSettlementExceptionResponse]
+    """Close an OPEN settlement exception with what was done about it (OPEN ->
+    RESOLVED, once). Idempotent on request_id.
+    """
 
 @_typing.type_check_only
 class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
@@ -77,6 +90,19 @@ class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
     """
     ResolveChannelException: _aio.UnaryUnaryMultiCallable[_settlement_pb2.ResolveChannelExceptionRequest, _settlement_pb2.ResolveChannelExceptionResponse]  # type: ignore[assignment]
     """Close an OPEN channel exception with what was done about it (OPEN ->
+    RESOLVED, once). Idempotent on request_id.
+    """
+    ListSettlementExceptions: _aio.UnaryUnaryMultiCallable[_settlement_pb2.ListSettlementExceptionsRequest, _settlement_pb2.ListSettlementExceptionsResponse]  # type: ignore[assignment]
+    """The settlement exceptions (e.g. fuel delivered on a late confirm that
+    found the money gone), newest first, filtered by state and kind. Read
+    from the read replica when one is configured.
+    """
+    GetSettlementException: _aio.UnaryUnaryMultiCallable[_settlement_pb2.GetSettlementExceptionRequest, _settlement_pb2.GetSettlementExceptionResponse]  # type: ignore[assignment]
+    """One settlement exception, read from the primary (what a resolution just
+    changed shows at once).
+    """
+    ResolveSettlementException: _aio.UnaryUnaryMultiCallable[_settlement_pb2.ResolveSettlementExceptionRequest, _settlement_pb2.ResolveSettlementExceptionResponse]  # type: ignore[assignment]
+    """Close an OPEN settlement exception with what was done about it (OPEN ->
     RESOLVED, once). Idempotent on request_id.
     """
 
@@ -120,6 +146,37 @@ class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_settlement_pb2.ResolveChannelExceptionResponse, _abc.Awaitable[_settlement_pb2.ResolveChannelExceptionResponse]]:
         """Close an OPEN channel exception with what was done about it (OPEN ->
+        RESOLVED, once). Idempotent on request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSettlementExceptions(
+        self,
+        request: _settlement_pb2.ListSettlementExceptionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_settlement_pb2.ListSettlementExceptionsResponse, _abc.Awaitable[_settlement_pb2.ListSettlementExceptionsResponse]]:
+        """The settlement exceptions (e.g. fuel delivered on a late confirm that
+        found the money gone), newest first, filtered by state and kind. Read
+        from the read replica when one is configured.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSettlementException(
+        self,
+        request: _settlement_pb2.GetSettlementExceptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_settlement_pb2.GetSettlementExceptionResponse, _abc.Awaitable[_settlement_pb2.GetSettlementExceptionResponse]]:
+        """One settlement exception, read from the primary (what a resolution just
+        changed shows at once).
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveSettlementException(
+        self,
+        request: _settlement_pb2.ResolveSettlementExceptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_settlement_pb2.ResolveSettlementExceptionResponse, _abc.Awaitable[_settlement_pb2.ResolveSettlementExceptionResponse]]:
+        """Close an OPEN settlement exception with what was done about it (OPEN ->
         RESOLVED, once). Idempotent on request_id.
         """
 

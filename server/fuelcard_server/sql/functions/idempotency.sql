@@ -6,7 +6,10 @@
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
 
 -- Returns the stored response of a replayed request, or raises
--- REQUEST_ID_REUSED when the same key came with a different request.
+-- REQUEST_ID_REUSED when the same key came with a different request. A
+-- request refused for good (fc.remember_refusal) is refused again, with the
+-- same SQLSTATE, reason and field, marked HINT 'replayed' so that the server
+-- does not try to remember it a second time.
 CREATE OR REPLACE FUNCTION fc.replay(p_caller text, p_request_id text, p_request_hash bytea) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -21,6 +24,11 @@ BEGIN
     IF v_hash <> p_request_hash THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REQUEST_ID_REUSED',
             DETAIL = 'request_id';
+    END IF;
+    IF v_response ? 'refusal' THEN
+        RAISE EXCEPTION USING ERRCODE = v_response->'refusal'->>'sqlstate',
+            MESSAGE = v_response->'refusal'->>'reason',
+            DETAIL = coalesce(v_response->'refusal'->>'field', ''), HINT = 'replayed';
     END IF;
     RETURN v_response || '{"replayed": true}';
 END $$;
@@ -57,6 +65,61 @@ BEGIN
     INSERT INTO fc.idempotency_keys (caller, request_id, operation, request_hash, response, created_at)
     VALUES (p_caller, p_request_id, p_operation, p_request_hash, p_response, p_now);
     RETURN p_response;
+END $$;
+
+-- Permanent refusals are remembered as Stripe remembers a 4xx: a retry of a
+-- refused request (same caller, request_id and fingerprint) is refused again
+-- with the same error instead of being decided afresh, so a client that lost
+-- the first answer learns what it was, and a request never turns from
+-- refused into done behind its sender's back.
+--
+-- A RAISE rolls back everything its transaction did, the key included, so
+-- the refusal cannot be stored where it is decided without catching it: an
+-- EXCEPTION block in every mutating function, i.e. a subtransaction on every
+-- pump call, successful ones included, and edits to every function. Instead
+-- the server stores it right after the failed statement (db.py), in this one
+-- short statement, keyed and fingerprinted like any answer. That is sound
+-- because a refused request changed nothing (its transaction rolled back):
+-- storing its answer a moment later says what storing it at once would have
+-- said. A twin that got in between and stored its own answer first wins (ON
+-- CONFLICT DO NOTHING): every later retry gets that stored answer, as
+-- always. If the server dies between the two statements, the refusal is not
+-- remembered and a retry is decided afresh, as before. The success path costs
+-- nothing more.
+--
+-- What is remembered: the refusals of class FC that answer the request
+-- itself (NOT_FOUND FCNF0, FAILED_PRECONDITION FCFP0, PERMISSION_DENIED
+-- FCPD0, INVALID_ARGUMENT FCIA0). Never: REQUEST_ID_REUSED (the key is
+-- another request's), UNAUTHENTICATED FCUA0 (the sending was refused, not
+-- the request: a re-signed retry goes through), and the refusals that
+-- invite the same request again later (fc.refusal_is_transient). Transient
+-- failures (lost link, class 40 rollbacks, DATABASE_BUSY, deadlines) never
+-- reach here: they raise no FC SQLSTATE.
+CREATE OR REPLACE FUNCTION fc.refusal_is_transient(p_reason text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    -- RECHARGE_NOT_FOUND: a channel's refund that came before its payment; the
+    --   adapter sends the same request again once the payment is booked.
+    -- TOO_MANY_STEP_UPS: a rate limit ("try again later").
+    SELECT p_reason IN ('REQUEST_ID_REUSED', 'RECHARGE_NOT_FOUND', 'TOO_MANY_STEP_UPS')
+$$;
+
+-- Stores a permanent refusal as the request's answer; whether it did.
+CREATE OR REPLACE FUNCTION fc.remember_refusal(p_caller text, p_request_id text, p_operation text,
+                                               p_request_hash bytea, p_sqlstate text,
+                                               p_reason text, p_field text, p_now timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_sqlstate NOT IN ('FCNF0', 'FCFP0', 'FCPD0', 'FCIA0') OR fc.refusal_is_transient(p_reason) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO fc.idempotency_keys (caller, request_id, operation, request_hash, response, created_at)
+    VALUES (p_caller, p_request_id, p_operation, p_request_hash,
+            jsonb_build_object('refusal', jsonb_build_object(
+                'sqlstate', p_sqlstate, 'reason', p_reason, 'field', p_field)),
+            p_now)
+    ON CONFLICT (caller, request_id) DO NOTHING;
+    RETURN FOUND;
 END $$;
 
 -- Retention: idempotency keys and step-up challenges are deleted once no

@@ -76,6 +76,8 @@ CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_points_expired() RETURNS smallin
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 7::smallint';
 CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_recharge_refund() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 8::smallint';
+CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_manual_adjustment() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 9::smallint';
 
 -- What a journal entry moves (fuelcard.v1.Asset).
 CREATE OR REPLACE FUNCTION fc.asset_money() RETURNS smallint
