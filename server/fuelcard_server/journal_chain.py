@@ -60,9 +60,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
-from fuelcard_server import gm, keys
-from fuelcard_server.db import Database
+from fuelcard_server import errors, gm, keys
+from fuelcard_server.db import Database, translate
 from fuelcard_server.locks import JOURNAL_CHAIN_LOCK
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,21 @@ class Chainer:
 
     async def run_once(self) -> int:
         """Chain up to one batch of committed entries; how many, or -1 if
-        another process is at it."""
+        another process is at it. A database that is down (or a pool that
+        is busy) is an ApiError, as for the other jobs: tried next round."""
+        if not self.db.available:
+            raise errors.unavailable(*self.db.unavailable_reason)
+        try:
+            return await self._round()
+        except (PoolTimeout, TooManyRequests, PoolClosed):
+            raise errors.unavailable("DATABASE_BUSY",
+                                     "no database connection for the chain job") from None
+        except psycopg.Error as exc:
+            raise translate(exc) from None
+
+    async def _round(self) -> int:
+        # Several statements in one transaction (the hashing happens here,
+        # between them), which Database's one-statement calls do not give.
         async with self.db.pool.connection() as conn, conn.transaction():
             row = await (await conn.execute(LOCK_SQL, {"lock": JOURNAL_CHAIN_LOCK})).fetchone()
             if row is None or not row[0]:
