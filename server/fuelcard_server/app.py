@@ -211,7 +211,8 @@ class FuelcardServer:
         if s.metrics_listen is not None:
             m_host, _, m_port = s.metrics_listen.rpartition(":")
             self._metrics = MetricsEndpoint(tel, m_host.strip("[]"),
-                                            int(m_port) + self.worker if int(m_port) else 0)
+                                            int(m_port) + self.worker if int(m_port) else 0,
+                                            readiness=self._health.readiness)
             self.metrics_port = await self._metrics.start()
             log.info("metrics on http://%s:%d/metrics", m_host, self.metrics_port)
         self._tasks.append(asyncio.create_task(self._jobs.expiry_loop(), name="hold-expiry"))
@@ -261,6 +262,7 @@ class FuelcardServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight RPCs finish, then close the pool."""
         if self._health is not None:
+            self._health.stopping = True
             await self._health.servicer.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.grace_s if grace_s is None else grace_s)
