@@ -16,7 +16,7 @@ from fuelcard.v1 import account_pb2, security_pb2, security_pb2_grpc, step_up_pb
 from fuelcard_server import cli, verify
 from fuelcard_server.stepup import FileOtpSender
 
-from tests.plugins.server import TEST_KEY_HEX, RunningServer
+from tests.plugins.server import TEST_KEY_HEX, RunningServer, ServerThread
 from tests.support import builders
 from tests.support.ledger_asserts import expect
 
@@ -113,6 +113,21 @@ def test_plaintext_left_by_an_upgrade_is_sealed(server: RunningServer, db: Conn,
     exported = json.loads(capsys.readouterr().out)
     assert exported["account"]["account_id"] == card.account_id
     assert exported["account"]["holder_phone"] == PHONE
+
+
+def test_a_server_seals_plaintext_when_it_starts(server: RunningServer, db: Conn) -> None:
+    card = builders.open_card(server)
+    db.execute("UPDATE fc.account_holders SET phone_plaintext = %s"
+               " WHERE account_id = (SELECT id FROM fc.accounts WHERE uid = %s)",
+               (PHONE, card.account_id))
+    assert PHONE in holder_row(db, card.account_id)
+    # a second server on the same database and key set (an upgraded host starting)
+    other = ServerThread(server.settings, server.database_url, server.clock)
+    other.start()
+    other.stop()
+    assert PHONE not in holder_row(db, card.account_id)
+    account = server.accounts.GetAccount(account_pb2.GetAccountRequest(account_id=card.account_id)).account
+    assert account.holder.phone == "139****4321"
 
 
 def test_export_needs_a_step_up_and_returns_everything_held(server: RunningServer) -> None:
