@@ -132,7 +132,9 @@ def test_every_writing_function_the_server_calls_is_an_entry_point(db: Conn) -> 
     """The serving role writes only through SECURITY DEFINER entry points
     (sql/privileges.sql lists them): a new writing function the Python calls
     but the list lacks would fail for want of privilege."""
-    called = _called_from_python()
+    # (fc.reindex_card: called by `fuelcard keys rotate-card-index` only, as
+    # an administrator; the serving role may not re-index cards)
+    called = _called_from_python() - {"reindex_card"}
     assert {"authorize", "confirm", "recharge", "audit_append"} <= called
     rows = db.execute(
         "SELECT proname, provolatile, prosecdef, proconfig, has_function_privilege("

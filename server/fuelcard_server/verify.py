@@ -437,23 +437,24 @@ CHECKS: tuple[Check, ...] = (
     # sub-account's parent): the review found nothing checked it.
     Check("points_credited_to_the_spender",
           "each points-earned entry credits its hold's spender, not the funder",
-          """
+          f"""
           SELECT j.id, j.hold_id, j.credit_account_id, h.spender_account_id
             FROM fc.journal j JOIN fc.holds h ON h.id = j.hold_id
-           WHERE j.kind = 3 AND j.credit_account_id <> h.spender_account_id
+           WHERE j.kind = {LedgerEntryKind.POINTS_EARNED:d}
+             AND j.credit_account_id <> h.spender_account_id
            LIMIT 10"""),
     # A hold reserves the money of the account that pays: a SHARED
-    # (funding_mode 2) sub-account spends its parent's balance, every other
+    # sub-account spends its parent's balance, every other
     # account its own (fc.authorize; nothing changes an account's funding
     # mode once it is opened).
     Check("holds_on_the_right_funder",
           "each hold is on its funder: a SHARED sub-account's on its parent, others' on their own"
           " account",
-          """
+          f"""
           SELECT h.id, h.account_id, s.id, s.funding_mode, s.parent_id
             FROM fc.holds h JOIN fc.accounts s ON s.id = h.spender_account_id
            WHERE h.account_id IS DISTINCT FROM
-                 CASE WHEN s.funding_mode = 2 THEN s.parent_id ELSE s.id END
+                 CASE WHEN s.funding_mode = {FundingMode.SHARED:d} THEN s.parent_id ELSE s.id END
            LIMIT 10"""),
     # The append-only guards: disabled (ALTER TABLE ... DISABLE TRIGGER, by
     # the owner) or dropped, they leave history editable; the serving role

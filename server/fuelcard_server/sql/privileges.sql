@@ -22,16 +22,19 @@ DECLARE
     r record;
     -- Every fc function the server's Python calls that writes (or reads the card number
     -- segments). tests/test_least_privilege.py checks that no VOLATILE function the Python
-    -- calls is missing.
+    -- calls is missing. Not fc.reindex_card: only `fuelcard keys rotate-card-index` calls it,
+    -- as the owner; the serving role must not re-index cards.
     entry_points text[] := ARRAY[
-        'audit_append', 'authorize', 'backfill_events', 'batch_top_up', 'cancel',
-        'card_number_parts', 'change_pin', 'confirm', 'consume_step_up', 'create_step_up',
-        'erase_holder', 'evaluate_tiers', 'expire_holds', 'expire_points', 'grant_raise', 'issue_card',
-        'holders_to_seal', 'open_account', 'prune_events', 'prune_idempotency_keys', 'prune_step_ups', 'recharge',
-        'redeem_points', 'refund_recharge', 'reset_pin', 'resolve_break',
-        'resolve_channel_exception', 'review_hold', 'risk_activate', 'risk_load',
-        'seal_holder', 'sequence_events', 'set_limits', 'set_scope', 'step_up_not_sent', 'step_up_sent',
-        'store_card_number', 'transfer_points', 'update_card_status'];
+        'approve_adjustment', 'audit_append', 'authorize', 'backfill_events', 'batch_top_up',
+        'cancel', 'card_number_parts', 'change_pin', 'confirm', 'consume_step_up',
+        'create_step_up', 'erase_holder', 'evaluate_tiers', 'expire_holds', 'expire_points',
+        'grant_raise', 'holders_to_seal', 'issue_card', 'open_account', 'propose_adjustment',
+        'prune_events', 'prune_idempotency_keys', 'prune_step_ups', 'recharge', 'redeem_points',
+        'refund_recharge', 'reject_adjustment', 'remember_refusal', 'reset_pin', 'resolve_break',
+        'resolve_channel_exception', 'resolve_settlement_exception', 'review_hold',
+        'risk_activate', 'risk_load', 'seal_holder', 'sequence_events', 'set_limits', 'set_scope',
+        'step_up_not_sent', 'step_up_sent', 'store_card_number', 'transfer_points',
+        'update_card_status'];
     missing text[];
     owner oid := 'fuelcard_owner'::regrole;
 BEGIN
