@@ -342,6 +342,29 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " proposed_at, decided_by, decided_at) SELECT id, 1, 500, 'goodwill', 2, 'admin::a', now(),"
       " 'admin::b', now() FROM fc.accounts WHERE uid = %(account)s"],
      {"adjustments_booked_once"}),
+    # Invoices (issue 19): the account's recharges invoiced at recharge, then (past the
+    # constraint that forbids it) its consumption invoiced too: the same money twice.
+    ("money-invoiced-twice",
+     ["INSERT INTO fc.invoicing_modes SELECT id, 1, now() FROM fc.accounts WHERE uid = %(account)s",
+      "INSERT INTO fc.invoices (account_id, kind, invoice_type, recharge_id, buyer_name, amount_fen,"
+      " tax_fen, total_fen, created_at, requested_by) SELECT r.account_id, 1, 1, r.id, 'x',"
+      " r.amount_fen, 0, r.amount_fen, now(), 't' FROM fc.recharges r"
+      " JOIN fc.accounts a ON a.id = r.account_id WHERE a.uid = %(account)s",
+      "ALTER TABLE fc.invoices DROP CONSTRAINT invoice_follows_account_mode",
+      "INSERT INTO fc.invoices (account_id, kind, invoice_type, month, buyer_name, amount_fen,"
+      " tax_fen, total_fen, created_at, requested_by) SELECT id, 2, 1, date_trunc('month', now()),"
+      " 'x', 100, 0, 100, now(), 't' FROM fc.accounts WHERE uid = %(account)s"],
+     {"no_money_invoiced_twice"}),
+    ("invoice-item-off-by-a-fen",
+     ["INSERT INTO fc.invoicing_modes SELECT id, 1, now() FROM fc.accounts WHERE uid = %(account)s",
+      "INSERT INTO fc.invoices (account_id, kind, invoice_type, recharge_id, buyer_name, amount_fen,"
+      " tax_fen, total_fen, created_at, requested_by) SELECT r.account_id, 1, 1, r.id, 'x',"
+      " r.amount_fen, 0, r.amount_fen, now(), 't' FROM fc.recharges r"
+      " JOIN fc.accounts a ON a.id = r.account_id WHERE a.uid = %(account)s",
+      "INSERT INTO fc.invoice_items (invoice_id, line_no, name, tax_code, amount_fen, tax_fen,"
+      " total_fen) SELECT id, 1, 'x', '6010000000000000000', amount_fen - 1, 0, total_fen - 1"
+      " FROM fc.invoices"],
+     {"invoice_lines_sum_to_totals"}),
     # The event stream (issue 9): a position lost from the stream.
     ("event-deleted",
      ["SELECT fc.sequence_events(p_now => now(), p_limit => 1000)",

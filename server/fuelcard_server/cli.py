@@ -804,6 +804,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Settlement exceptions: list, get, resolve (exception_commands.py).
     from fuelcard_server import exception_commands
     exception_commands.add_parser(sub, _add_database_flags, _settings, _database)
+
+    # `fuelcard admin ...`: operator work over gRPC with the admin certificate
+    # (admin_cli.py holds the whole group).
+    from fuelcard_server import admin_cli
+    admin_cli.add_parser(sub)
     return parser
 
 

@@ -140,6 +140,14 @@ def same_keys(settings: Settings) -> dict[str, Any]:
             "card_index_key_hex": settings.card_index_key_hex}
 
 
+def cluster_keys(directory: Path) -> dict[str, Any]:
+    """make_settings overrides for every server of a module that shares one
+    database across its tests: one key set for them all, kept in `directory`
+    (made by the first server), as the hosts of one deployment share theirs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return same_keys(make_settings(directory))
+
+
 @pytest.fixture(scope="session")
 def metric_reader() -> InMemoryMetricReader:
     """The metrics the servers of this test session record (OpenTelemetry's

@@ -25,12 +25,14 @@ DECLARE
     -- calls is missing. Not fc.reindex_card: only `fuelcard keys rotate-card-index` calls it,
     -- as the owner; the serving role must not re-index cards.
     entry_points text[] := ARRAY[
-        'approve_adjustment', 'audit_append', 'authorize', 'backfill_events', 'batch_top_up',
+        'advance_invoice', 'approve_adjustment', 'audit_append', 'authorize', 'backfill_events',
+        'batch_top_up',
         'cancel', 'card_number_parts', 'change_pin', 'confirm', 'consume_step_up',
         'create_step_up', 'erase_holder', 'evaluate_tiers', 'expire_holds', 'expire_points',
         'grant_raise', 'holders_to_seal', 'issue_card', 'open_account', 'propose_adjustment',
         'prune_events', 'prune_idempotency_keys', 'prune_step_ups', 'recharge', 'redeem_points',
-        'refund_recharge', 'reject_adjustment', 'remember_refusal', 'reset_pin', 'resolve_break',
+        'refund_recharge', 'reject_adjustment', 'remember_refusal', 'request_invoice', 'reset_pin',
+        'resolve_break',
         'resolve_channel_exception', 'resolve_settlement_exception', 'review_hold',
         'risk_activate', 'risk_load', 'seal_holder', 'sequence_events', 'set_limits', 'set_scope',
         'step_up_not_sent', 'step_up_sent', 'store_card_number', 'transfer_points',

@@ -67,6 +67,15 @@ class AccountServiceStub:
     (journal lines, holds and audit records name no person). Idempotent.
     Audited. Admins only.
     """
+    ListSubAccounts: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListSubAccountsRequest, _account_pb2.ListSubAccountsResponse]
+    """List the sub-accounts of a parent account (a fleet's vehicles, a
+    family's members), oldest first. Read from the read replica when one is
+    configured, so a sub-account opened a moment ago may appear a moment later.
+    """
+    ListCards: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListCardsRequest, _account_pb2.ListCardsResponse]
+    """List the cards issued on an account, oldest first, whatever their status.
+    Read from the read replica when one is configured.
+    """
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
@@ -106,6 +115,15 @@ class AccountServiceAsyncStub(AccountServiceStub):
     label are removed, and the account is frozen. The ledger stays whole
     (journal lines, holds and audit records name no person). Idempotent.
     Audited. Admins only.
+    """
+    ListSubAccounts: _aio.UnaryUnaryMultiCallable[_account_pb2.ListSubAccountsRequest, _account_pb2.ListSubAccountsResponse]  # type: ignore[assignment]
+    """List the sub-accounts of a parent account (a fleet's vehicles, a
+    family's members), oldest first. Read from the read replica when one is
+    configured, so a sub-account opened a moment ago may appear a moment later.
+    """
+    ListCards: _aio.UnaryUnaryMultiCallable[_account_pb2.ListCardsRequest, _account_pb2.ListCardsResponse]  # type: ignore[assignment]
+    """List the cards issued on an account, oldest first, whatever their status.
+    Read from the read replica when one is configured.
     """
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -197,6 +215,27 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         label are removed, and the account is frozen. The ledger stays whole
         (journal lines, holds and audit records name no person). Idempotent.
         Audited. Admins only.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSubAccounts(
+        self,
+        request: _account_pb2.ListSubAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.ListSubAccountsResponse, _abc.Awaitable[_account_pb2.ListSubAccountsResponse]]:
+        """List the sub-accounts of a parent account (a fleet's vehicles, a
+        family's members), oldest first. Read from the read replica when one is
+        configured, so a sub-account opened a moment ago may appear a moment later.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCards(
+        self,
+        request: _account_pb2.ListCardsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.ListCardsResponse, _abc.Awaitable[_account_pb2.ListCardsResponse]]:
+        """List the cards issued on an account, oldest first, whatever their status.
+        Read from the read replica when one is configured.
         """
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
