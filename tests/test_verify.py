@@ -342,6 +342,12 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " proposed_at, decided_by, decided_at) SELECT id, 1, 500, 'goodwill', 2, 'admin::a', now(),"
       " 'admin::b', now() FROM fc.accounts WHERE uid = %(account)s"],
      {"adjustments_booked_once"}),
+    # Issue 14, item 9: an account the expiry sweep set aside.
+    ("account-set-aside-by-the-sweep",
+     ["INSERT INTO fc.hold_sweep_failures (account_id, sqlstate, message, failures,"
+      " first_failed_at, last_failed_at, retry_at) SELECT id, 'P0001', 'usage counters missing',"
+      " 1, now(), now(), now() + interval '1 hour' FROM fc.accounts WHERE uid = %(account)s"],
+     {"no_account_set_aside_by_the_expiry_sweep"}),
     # Invoices (issue 19): the account's recharges invoiced at recharge, then (past the
     # constraint that forbids it) its consumption invoiced too: the same money twice.
     ("money-invoiced-twice",

@@ -425,6 +425,15 @@ CHECKS: tuple[Check, ...] = (
                                                                ELSE -a.account_id END))
               OR (a.state <> 2 AND e.n IS NOT NULL)
            LIMIT 10"""),
+    # Issue 14, item 9: an account whose expired holds the sweep could not
+    # release is set aside (fc.sweep_account) so that it wedges no other;
+    # until someone repairs it, its customer's money stays reserved.
+    Check("no_account_set_aside_by_the_expiry_sweep",
+          "no account has expired holds the expiry sweep could not release",
+          """
+          SELECT f.account_id, f.sqlstate, f.failures, f.last_failed_at
+            FROM fc.hold_sweep_failures f ORDER BY f.account_id LIMIT 10""",
+          since_table="fc.hold_sweep_failures"),
     # issue 19: invoices (统一开票). The same money is invoiced once: an account's invoices
     # are all of its one invoicing mode (at recharge, or on consumption), a recharge or a month
     # has at most one live invoice, a recharge invoice covers no more than the recharge, and

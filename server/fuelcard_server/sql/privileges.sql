@@ -35,8 +35,8 @@ DECLARE
         'resolve_break',
         'resolve_channel_exception', 'resolve_settlement_exception', 'review_hold',
         'risk_activate', 'risk_load', 'seal_holder', 'sequence_events', 'set_limits', 'set_scope',
-        'step_up_not_sent', 'step_up_sent', 'store_card_number', 'transfer_points',
-        'update_card_status'];
+        'step_up_not_sent', 'step_up_sent', 'store_card_number', 'take_hold_sweep_failures',
+        'transfer_points', 'update_card_status'];
     missing text[];
     owner oid := 'fuelcard_owner'::regrole;
 BEGIN

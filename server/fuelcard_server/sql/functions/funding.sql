@@ -5,6 +5,56 @@
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
 
 -- Batch top-up (批量充值) and points pooling (积分合并).
+
+-- The lines of a batch top-up into pg_temp.top_up_lines (n: the line's index in the request),
+-- checked (every account a known ALLOCATED sub-account of p_parent_id) and locked: the parent
+-- first, then its sub-accounts in ascending id, the lock order.
+CREATE OR REPLACE FUNCTION fc.load_top_up_lines(p_parent_id bigint, p_lines jsonb)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    CREATE TEMP TABLE IF NOT EXISTS pg_temp.top_up_lines (
+        n bigint, account_id bigint, funding_mode smallint, parent_id bigint, uid uuid,
+        amount bigint)
+        ON COMMIT DROP;
+    INSERT INTO pg_temp.top_up_lines
+    SELECT e.n - 1, a.id, a.funding_mode, a.parent_id, (e.line->>'uid')::uuid,
+           (e.line->>'amount')::bigint
+      FROM jsonb_array_elements(p_lines) WITH ORDINALITY AS e(line, n)
+      LEFT JOIN fc.accounts a ON a.uid = (e.line->>'uid')::uuid
+                             AND a.kind <> fc.account_kind_system();
+    IF EXISTS (SELECT 1 FROM pg_temp.top_up_lines WHERE account_id IS NULL) THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
+            DETAIL = 'lines.account_id';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_temp.top_up_lines
+                WHERE parent_id IS DISTINCT FROM p_parent_id
+                   OR funding_mode <> fc.funding_mode_allocated()) THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'NOT_AN_ALLOCATED_SUB_ACCOUNT',
+            DETAIL = 'lines.account_id';
+    END IF;
+    PERFORM pg_advisory_xact_lock(p_parent_id);
+    PERFORM pg_advisory_xact_lock(account_id)
+       FROM (SELECT account_id FROM pg_temp.top_up_lines ORDER BY account_id) ordered;
+END $$;
+
+-- A batch is all or nothing, and no sub-account may end above its maximum balance (as a
+-- recharge may not): refuses the whole batch, naming every line that would
+-- (lines[<n>].amount_fen, one field violation each). The caller holds the locks.
+CREATE OR REPLACE FUNCTION fc.check_top_up_max_balance() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_fields text;
+BEGIN
+    SELECT string_agg(format('lines[%s].amount_fen', l.n), E'\n' ORDER BY l.n) INTO v_fields
+      FROM pg_temp.top_up_lines l JOIN fc.accounts a ON a.id = l.account_id
+     WHERE a.balance_fen > a.max_balance_fen - l.amount;
+    IF v_fields IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCIA0', MESSAGE = 'BALANCE_LIMIT_EXCEEDED',
+            DETAIL = v_fields;
+    END IF;
+END $$;
+
 CREATE OR REPLACE FUNCTION fc.batch_top_up(
     p_caller text, p_request_id text, p_request_hash bytea, p_parent_uid uuid,
     p_lines jsonb, p_now timestamptz)
@@ -14,7 +64,6 @@ DECLARE
     v_response jsonb;
     v_parent   fc.accounts;
     v_total    bigint;
-    v_bad      text;
     v_line     record;
 BEGIN
     v_response := fc.replay(p_caller, p_request_id, p_request_hash);
@@ -26,28 +75,11 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
             DETAIL = 'parent_account_id';
     END IF;
-    CREATE TEMP TABLE IF NOT EXISTS pg_temp.top_up_lines (
-        account_id bigint, funding_mode smallint, parent_id bigint, uid uuid, amount bigint)
-        ON COMMIT DROP;
-    INSERT INTO pg_temp.top_up_lines
-    SELECT a.id, a.funding_mode, a.parent_id, l.uid, l.amount
-      FROM jsonb_to_recordset(p_lines) AS l(uid uuid, amount bigint)
-      LEFT JOIN fc.accounts a ON a.uid = l.uid AND a.kind <> fc.account_kind_system();
-    SELECT uid::text INTO v_bad FROM pg_temp.top_up_lines WHERE account_id IS NULL LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'ACCOUNT_NOT_FOUND',
-            DETAIL = 'lines.account_id';
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_temp.top_up_lines
-                WHERE parent_id IS DISTINCT FROM v_parent.id
-                   OR funding_mode <> fc.funding_mode_allocated()) THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'NOT_AN_ALLOCATED_SUB_ACCOUNT',
-            DETAIL = 'lines.account_id';
-    END IF;
-    -- Parent first, then its sub-accounts in ascending id: the lock order.
-    PERFORM pg_advisory_xact_lock(v_parent.id);
-    PERFORM pg_advisory_xact_lock(account_id)
-       FROM (SELECT account_id FROM pg_temp.top_up_lines ORDER BY account_id) ordered;
+    PERFORM fc.load_top_up_lines(v_parent.id, p_lines);
+    PERFORM fc.check_top_up_max_balance();
+    -- Holds past their expiry still count in the parent's held money until the sweeper gets
+    -- to them: release them under the lock before deciding, as authorize does.
+    PERFORM fc.release_expired_locked(v_parent.id, p_now);
     SELECT * INTO v_parent FROM fc.accounts WHERE id = v_parent.id;
     SELECT sum(amount) INTO v_total FROM pg_temp.top_up_lines;
     IF v_parent.status <> fc.account_status_active() THEN
@@ -235,6 +267,14 @@ BEGIN
     RETURN v_refund;
 END $$;
 
+-- The channel's running total of refunds of a recharge as it stood just after refund f: what
+-- a re-sent running-total notification of the same refund must name again. A different total
+-- under the same channel refund id is another refund reusing the id, never a duplicate.
+CREATE OR REPLACE FUNCTION fc.refunded_total_at(f fc.refunds) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT sum(amount_fen) FROM fc.refunds WHERE recharge_id = f.recharge_id AND id <= f.id
+$$;
+
 -- RefundRecharge: one round trip. p_amount_fen (this refund) or
 -- p_refunded_total_fen (the channel's running total; this refund is the
 -- difference from what is already refunded, worked out under the lock).
@@ -269,7 +309,9 @@ BEGIN
      WHERE channel = p_channel AND channel_refund_id = p_channel_refund_id;
     IF FOUND THEN
         IF v_refund.recharge_id <> v_recharge.id
-           OR (p_amount_fen > 0 AND v_refund.amount_fen <> p_amount_fen) THEN
+           OR (p_amount_fen > 0 AND v_refund.amount_fen <> p_amount_fen)
+           OR (p_refunded_total_fen > 0
+               AND fc.refunded_total_at(v_refund) <> p_refunded_total_fen) THEN
             RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'CHANNEL_REFUND_REUSED',
                 DETAIL = 'channel_refund_id';
         END IF;
@@ -279,6 +321,9 @@ BEGIN
                            v_response, p_now) || '{"replayed": true}';
     END IF;
 
+    -- Holds past their expiry still count in the held money until the sweeper gets to them:
+    -- release them under the lock before deciding what the account can give back.
+    PERFORM fc.release_expired_locked(v_recharge.account_id, p_now);
     v_refund := fc.book_refund(v_recharge, p_channel, p_channel_refund_id,
                                fc.refund_amount(v_recharge, p_amount_fen, p_refunded_total_fen),
                                p_now);

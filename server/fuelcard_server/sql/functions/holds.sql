@@ -108,6 +108,48 @@ BEGIN
     RETURN v_count;
 END $$;
 
+-- Releases the expired holds of a whole family: the account p_root_id and its sub-accounts,
+-- whoever's money they reserve. A parent's caps count what every member's holds charged (a
+-- sub-account's holds charge its parent's usage too), so releasing only the funding
+-- account's would leave a sibling's expired hold counting against the parent's caps. The
+-- caller holds the root's lock: every movement on a sub-account locks its parent first, so
+-- no member's holds can move under us. Returns how many it released.
+CREATE OR REPLACE FUNCTION fc.release_family_expired_locked(p_root_id bigint, p_now timestamptz)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_account bigint;
+    v_count   integer := 0;
+BEGIN
+    FOR v_account IN
+        SELECT DISTINCT h.account_id FROM fc.holds h JOIN fc.accounts a ON a.id = h.account_id
+         WHERE (a.id = p_root_id OR a.parent_id = p_root_id)
+           AND h.state IN (fc.hold_state_authorized(), fc.hold_state_suspended())
+           AND h.expires_at <= p_now
+         ORDER BY h.account_id
+    LOOP
+        v_count := v_count + fc.release_expired_locked(v_account, p_now);
+    END LOOP;
+    RETURN v_count;
+END $$;
+
+-- Before an authorization is declined for want of room or money: releases the expired holds
+-- that may be what stands in the way. Money: the funding account's. Caps: the whole family's
+-- (rooted at p_root_id, the parent or the account itself), since a parent's caps count every
+-- member's holds. Returns how many it released; the caller looks again when any were.
+CREATE OR REPLACE FUNCTION fc.release_for_refusal(p_reason text, p_funder_id bigint,
+                                                  p_root_id bigint, p_now timestamptz)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_reason LIKE 'LIMIT_%' THEN
+        RETURN fc.release_family_expired_locked(p_root_id, p_now);
+    ELSIF p_reason = 'INSUFFICIENT_FUNDS' THEN
+        RETURN fc.release_expired_locked(p_funder_id, p_now);
+    END IF;
+    RETURN 0;
+END $$;
+
 CREATE OR REPLACE FUNCTION fc.cancel(
     p_caller text, p_request_id text, p_request_hash bytea, p_hold_uid uuid, p_now timestamptz,
     p_terminal text, p_counter bigint)
@@ -264,14 +306,13 @@ BEGIN
     IF v_reason IS NULL THEN
         v_reason := fc.room_refusal(v_card, v_spender, v_parent, v_funder, p_amount_fen,
                                     p_station_id, p_product, v_local, v_day, p_now);
-        -- Holds past their expiry still use their room and money until the sweeper gets to
-        -- them: for a refusal of either, release this account's now, then look again.
-        IF v_reason LIKE 'LIMIT_%' OR v_reason = 'INSUFFICIENT_FUNDS' THEN
-            IF fc.release_expired_locked(v_funder.id, p_now) > 0 THEN
-                SELECT * INTO v_funder FROM fc.accounts WHERE id = v_funder.id;
-                v_reason := fc.room_refusal(v_card, v_spender, v_parent, v_funder, p_amount_fen,
-                                            p_station_id, p_product, v_local, v_day, p_now);
-            END IF;
+        -- Expired holds not yet swept still use room and money: release them, look again.
+        IF v_reason IS NOT NULL
+           AND fc.release_for_refusal(v_reason, v_funder.id, coalesce(v_parent.id, v_spender.id),
+                                      p_now) > 0 THEN
+            SELECT * INTO v_funder FROM fc.accounts WHERE id = v_funder.id;
+            v_reason := fc.room_refusal(v_card, v_spender, v_parent, v_funder, p_amount_fen,
+                                        p_station_id, p_product, v_local, v_day, p_now);
         END IF;
     END IF;
     -- The risk engine scores only what passed every business check.
@@ -369,6 +410,23 @@ BEGIN
         'balance_fen', p_funder.balance_fen, 'settlement_exception_id', v_exception);
 END $$;
 
+-- A late sale on a swept (expired) hold is paid from the available money: when that looks
+-- short, other holds past their expiry may still reserve money the sweeper has not given back
+-- yet. Releases them under the lock (as fc.authorize does) before the caller decides, and
+-- returns the funding account as it then is. The hold being confirmed is expired already and
+-- untouched. Only on the late path: an ordinary confirm does not come here.
+CREATE OR REPLACE FUNCTION fc.funder_for_late_sale(p_funder fc.accounts, p_final_fen bigint,
+                                                   p_now timestamptz)
+RETURNS fc.accounts
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_funder.balance_fen - p_funder.held_fen < p_final_fen
+       AND fc.release_expired_locked(p_funder.id, p_now) > 0 THEN
+        SELECT * INTO p_funder FROM fc.accounts WHERE id = p_funder.id;
+    END IF;
+    RETURN p_funder;
+END $$;
+
 -- The sale's money and points: the purchase entry, the points entry and lot, the funding
 -- account's balance (and its held money, while the hold is authorized: an expired hold was
 -- already released), the spender's points, and the usage the caps count. p_funder as read
@@ -388,10 +446,16 @@ BEGIN
         INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id, created_at)
         VALUES (fc.ledger_entry_kind_points_earned(), fc.asset_points(),
                 fc.system_account('POINTS_ISSUED'), p_spender_id, p_points, h.id, p_now);
+        -- The lot lasts so many calendar months in the business time zone: "+ 12 months" on
+        -- a timestamptz counts months in the session's zone (UTC for the server), which moves
+        -- a sale made early on the 29th-31st local (still the day before in UTC) to another
+        -- expiry date. One read of fc.config for both values, as before for one.
         INSERT INTO fc.points_lots (account_id, points, remaining, earned_at, expires_at)
-        VALUES (p_spender_id, p_points, p_points, p_now,
-                p_now + make_interval(months => (SELECT value::integer FROM fc.config
-                                                  WHERE key = 'points_validity_months')));
+        SELECT p_spender_id, p_points, p_points, p_now,
+               ((p_now AT TIME ZONE tz.value) + make_interval(months => m.value::integer))
+                   AT TIME ZONE tz.value
+          FROM fc.config m, fc.config tz
+         WHERE m.key = 'points_validity_months' AND tz.key = 'business_time_zone';
         -- An account that funds itself gets its points with the money below: one row version.
         IF p_spender_id <> p_funder.id THEN
             UPDATE fc.accounts SET points_balance = points_balance + p_points WHERE id = p_spender_id;
@@ -483,6 +547,9 @@ BEGIN
                            fc.confirm_nothing(v_hold, v_funder, v_spender_id, v_parent_id, p_now),
                            p_now);
     END IF;
+    IF v_hold.state = fc.hold_state_expired() THEN
+        v_funder := fc.funder_for_late_sale(v_funder, p_final_fen, p_now);
+    END IF;
     IF v_hold.state = fc.hold_state_expired()
        AND v_funder.balance_fen - v_funder.held_fen < p_final_fen THEN
         RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash,
@@ -510,6 +577,13 @@ BEGIN
     RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash, v_response, p_now);
 END $$;
 
+-- The expiry sweep. Each account is released in a subtransaction of its own
+-- (fc.sweep_account): one account whose holds cannot be released (say, a hold from an older
+-- schema without the usage counters it should have charged) must not keep every other
+-- customer's money reserved. Such an account is set aside in fc.hold_sweep_failures, skipped
+-- until its retry time (an hour on: not retried in a tight loop, since the sweep goes again at
+-- once after a full batch), and reported once by the job (fc.take_hold_sweep_failures).
+-- Returns how many holds it released.
 CREATE OR REPLACE FUNCTION fc.expire_holds(p_now timestamptz, p_limit integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -518,13 +592,61 @@ DECLARE
     v_count    integer := 0;
 BEGIN
     SELECT coalesce(array_agg(DISTINCT account_id ORDER BY account_id), '{}') INTO v_accounts
-      FROM (SELECT account_id FROM fc.holds
-             WHERE state IN (fc.hold_state_authorized(), fc.hold_state_suspended())
-               AND expires_at <= p_now
-             ORDER BY expires_at LIMIT p_limit) due;
+      FROM (SELECT h.account_id FROM fc.holds h
+             WHERE h.state IN (fc.hold_state_authorized(), fc.hold_state_suspended())
+               AND h.expires_at <= p_now
+               AND NOT EXISTS (SELECT 1 FROM fc.hold_sweep_failures f
+                                WHERE f.account_id = h.account_id AND f.retry_at > p_now)
+             ORDER BY h.expires_at LIMIT p_limit) due;
     PERFORM fc.lock_accounts(v_accounts);
     FOREACH v_account IN ARRAY v_accounts LOOP
-        v_count := v_count + fc.release_expired_locked(v_account, p_now);
+        v_count := v_count + fc.sweep_account(v_account, p_now);
     END LOOP;
     RETURN v_count;
+END $$;
+
+-- One account of the sweep, in a subtransaction: its expired holds released, or, when that
+-- fails, nothing of it changed and the failure recorded (the account set aside for an hour).
+-- A transient failure (a deadlock, a serialisation failure, the server short of resources or
+-- shutting down) is raised instead: the whole sweep is simply tried again. The caller holds
+-- the account's lock. Returns how many holds it released.
+CREATE OR REPLACE FUNCTION fc.sweep_account(p_account_id bigint, p_now timestamptz)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count   integer;
+    v_state   text;
+    v_message text;
+BEGIN
+    v_count := fc.release_expired_locked(p_account_id, p_now);
+    DELETE FROM fc.hold_sweep_failures WHERE account_id = p_account_id;
+    RETURN v_count;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT;
+    IF left(v_state, 2) IN ('40', '53', '57', '08') THEN
+        RAISE;
+    END IF;
+    INSERT INTO fc.hold_sweep_failures (account_id, sqlstate, message, failures, first_failed_at,
+                                        last_failed_at, retry_at, reported)
+    VALUES (p_account_id, v_state, v_message, 1, p_now, p_now, p_now + interval '1 hour', false)
+    ON CONFLICT (account_id) DO UPDATE
+       SET sqlstate = excluded.sqlstate, message = excluded.message,
+           failures = fc.hold_sweep_failures.failures + 1, last_failed_at = excluded.last_failed_at,
+           retry_at = excluded.retry_at, reported = false;
+    RETURN 0;
+END $$;
+
+-- The sweep failures not yet reported, marked reported: the job logs each once and counts
+-- it (fuelcard.holds.expiry_failures). Account ids are the public uids; the message is the
+-- database's own text about internal rows, never a card number.
+CREATE OR REPLACE FUNCTION fc.take_hold_sweep_failures()
+RETURNS TABLE (account_uid uuid, sqlstate text, message text, failures integer,
+               retry_at timestamptz)
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY
+    UPDATE fc.hold_sweep_failures f SET reported = true
+      FROM fc.accounts a
+     WHERE a.id = f.account_id AND NOT f.reported
+    RETURNING a.uid, f.sqlstate, f.message, f.failures, f.retry_at;
 END $$;
