@@ -99,6 +99,7 @@ class StepUpKind(IntEnum):
     LIMIT_RAISE = step_up_pb2.STEP_UP_KIND_LIMIT_RAISE
     REVEAL_CARD_NUMBER = step_up_pb2.STEP_UP_KIND_REVEAL_CARD_NUMBER
     ANOMALY = step_up_pb2.STEP_UP_KIND_ANOMALY
+    HOLDER_DATA_EXPORT = step_up_pb2.STEP_UP_KIND_HOLDER_DATA_EXPORT
 
 
 class SettlementKind(IntEnum):

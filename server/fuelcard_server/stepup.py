@@ -41,6 +41,7 @@ import grpc
 
 from fuelcard_server import errors, gm, keys
 from fuelcard_server.db import Database
+from fuelcard_server.holder_data import HolderSeal
 from fuelcard_server.privacy import mask_phone
 from fuelcard_server.states import StepUpKind
 
@@ -49,8 +50,10 @@ log = logging.getLogger(__name__)
 CODE_DIGITS = 6
 RECHARGE, PIN_RESET, LIMIT_RAISE = StepUpKind.RECHARGE, StepUpKind.PIN_RESET, StepUpKind.LIMIT_RAISE
 REVEAL_CARD_NUMBER, ANOMALY = StepUpKind.REVEAL_CARD_NUMBER, StepUpKind.ANOMALY
+HOLDER_DATA_EXPORT = StepUpKind.HOLDER_DATA_EXPORT
 KIND_NAMES: dict[int, str] = {RECHARGE: "recharge", PIN_RESET: "PIN reset", LIMIT_RAISE: "limit raise",
-                              REVEAL_CARD_NUMBER: "card number reveal", ANOMALY: "transaction check"}
+                              REVEAL_CARD_NUMBER: "card number reveal", ANOMALY: "transaction check",
+                              HOLDER_DATA_EXPORT: "export of your personal data"}
 
 CREATE_SQL = (
     "SELECT fc.create_step_up(p_caller => %(caller)s, p_request_id => %(request_id)s,"
@@ -168,6 +171,8 @@ class StepUps:
                  policy: Policy | None = None) -> None:
         self._db = db
         self._key = gm.sm3_kdf(provider.root_key(), keys.canonical("fuelcard", "otp/v1"), 32)
+        # The phone is stored sealed (holder_data.py); it is opened only to send the code.
+        self._holders = HolderSeal(provider)
         self.sender = sender
         self.policy = policy or Policy()
 
@@ -218,7 +223,7 @@ class StepUps:
         if d.get("sending"):
             raise errors.unavailable("OTP_NOT_SENT",
                                      "the code is being sent by another call; ask again")
-        phone: str = d["phone"]
+        phone = self._holders.open_stored("phone", d["phone"], "holder_")
         if d["created"]:
             await self._send(phone, code, challenge_id, kind, now)
         del code

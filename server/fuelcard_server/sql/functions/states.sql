@@ -106,6 +106,8 @@ CREATE OR REPLACE FUNCTION fc.step_up_kind_reveal_card_number() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 4::smallint';
 CREATE OR REPLACE FUNCTION fc.step_up_kind_anomaly() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 5::smallint';
+CREATE OR REPLACE FUNCTION fc.step_up_kind_holder_data_export() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 6::smallint';
 
 -- A settlement record's kind (fuelcard.v1.SettlementKind): settlement_records.kind, and
 -- reconciliation_breaks.record_kind.

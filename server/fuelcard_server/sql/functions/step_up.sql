@@ -110,7 +110,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_old     fc.step_up_challenges;
     v_account fc.accounts;
-    v_phone   text;
+    v_phone   jsonb;
 BEGIN
     v_account := fc.step_up_account(p_subject);
     IF v_account.id IS NULL OR (p_kind IN (fc.step_up_kind_pin_reset(), fc.step_up_kind_reveal_card_number(),
@@ -118,10 +118,13 @@ BEGIN
                                 AND NOT EXISTS (SELECT 1 FROM fc.cards WHERE uid = p_subject)) THEN
         RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'SUBJECT_NOT_FOUND', DETAIL = 'subject_id';
     END IF;
-    SELECT nullif(h.phone, '') INTO v_phone FROM fc.account_holders h WHERE h.account_id = v_account.id;
+    -- The phone as stored (sealed; the server opens it: holder_data.py).
+    SELECT fc.holder_sealed_json(h => h) INTO v_phone FROM fc.account_holders h
+     WHERE h.account_id = v_account.id AND (h.phone_sealed IS NOT NULL OR h.phone_plaintext IS NOT NULL);
     IF v_phone IS NULL AND v_account.parent_id IS NOT NULL THEN
-        SELECT nullif(h.phone, '') INTO v_phone FROM fc.account_holders h
-         WHERE h.account_id = v_account.parent_id;
+        SELECT fc.holder_sealed_json(h => h) INTO v_phone FROM fc.account_holders h
+         WHERE h.account_id = v_account.parent_id
+           AND (h.phone_sealed IS NOT NULL OR h.phone_plaintext IS NOT NULL);
     END IF;
     IF v_phone IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'NO_PHONE_ON_FILE', DETAIL = 'subject_id';
