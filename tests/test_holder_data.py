@@ -92,7 +92,7 @@ def test_plaintext_left_by_an_upgrade_is_sealed(server: RunningServer, db: Conn,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     card = builders.open_card(server)
-    # as migration 0008 leaves a row of an older database
+    # as migration 0009 leaves a row of an older database
     db.execute("UPDATE fc.account_holders SET phone_plaintext = %s, id_number_plaintext = %s"
                " WHERE account_id = (SELECT id FROM fc.accounts WHERE uid = %s)",
                (PHONE, ID_NUMBER, card.account_id))

@@ -11,7 +11,7 @@ holder's. The name stays readable: it is what an operator recognises an
 account by, and erasure replaces it.
 
 An older database held both in plaintext. The key is not in the database, so
-migration 0008 cannot seal them: it keeps them in *_plaintext columns, and the
+migration 0009 cannot seal them: it keeps them in *_plaintext columns, and the
 server seals them in batches when it starts (`fuelcard privacy seal` does the
 same by hand); reads meanwhile take a row either way.
 
