@@ -149,7 +149,8 @@ def _env(url: str) -> dict[str, str]:
     info = psycopg.conninfo.conninfo_to_dict(url)
     env = dict(os.environ)
     for key, var in (("host", "PGHOST"), ("port", "PGPORT"), ("user", "PGUSER"),
-                     ("dbname", "PGDATABASE"), ("password", "PGPASSWORD")):
+                     ("dbname", "PGDATABASE"), ("password", "PGPASSWORD"),
+                     ("passfile", "PGPASSFILE")):
         value = info.get(key)
         if value is not None:
             env[var] = str(value)

@@ -84,7 +84,8 @@ class Options:
         base = SCENARIOS[self.scenario].mix
         return Mix(cancel=base.cancel if self.cancel_share is None else self.cancel_share,
                    recharge=base.recharge if self.recharge_share is None else self.recharge_share,
-                   redeem=base.redeem if self.redeem_share is None else self.redeem_share)
+                   redeem=base.redeem if self.redeem_share is None else self.redeem_share,
+                   overrun=base.overrun)
 
     def validate(self) -> Options:
         problems = []

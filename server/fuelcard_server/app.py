@@ -40,6 +40,7 @@ from fuelcard_server.clock import Clock, SystemClock
 from fuelcard_server.db import Database
 from fuelcard_server.events import Sequencer
 from fuelcard_server.health import SERVICE_NAMES, Health
+from fuelcard_server.holder_data import HolderSeal, seal_plaintext
 from fuelcard_server.jobs import TIER_BATCH, Jobs
 from fuelcard_server.key_custody import FileKeySetStore, open_key_set
 from fuelcard_server.keys import pin_pepper
@@ -135,6 +136,9 @@ class FuelcardServer:
         # refuses to start (key_custody.py) rather than answer CARD_NOT_FOUND.
         key_set = await asyncio.to_thread(FileKeySetStore(s).load)
         served = await asyncio.to_thread(open_key_set, self.database_url, key_set)
+        # Personal data an upgrade left in plaintext is sealed before anything is
+        # served (holder_data.py): the key for it is only here, not in the database.
+        await asyncio.to_thread(seal_plaintext, self.database_url, HolderSeal(served.data))
         tel = self.telemetry = self.telemetry or Telemetry.from_settings(s, self.worker)
         self._db = Database(self.database_url, min_size=s.pool_min, max_size=s.pool_max,
                             timeout_s=s.pool_timeout_s, connect_timeout_s=s.connect_timeout_s,
@@ -167,6 +171,7 @@ class FuelcardServer:
                 s.otp_outbox_file or s.data_dir / "otp-outbox.jsonl"), StepUpPolicy(
                     ttl=dt.timedelta(seconds=s.otp_ttl_s), max_attempts=s.otp_max_attempts)),
             card_vault=CardVault(served.data, PanIndex(key)),
+            holder_seal=HolderSeal(served.data),
             tls=not s.insecure, read_db=self._reads, telemetry=tel,
             admission=Admission(s, self._db.pool_waiting) if s.load_shedding else None)
         self._audit = deps.audit
@@ -210,7 +215,8 @@ class FuelcardServer:
         if s.metrics_listen is not None:
             m_host, _, m_port = s.metrics_listen.rpartition(":")
             self._metrics = MetricsEndpoint(tel, m_host.strip("[]"),
-                                            int(m_port) + self.worker if int(m_port) else 0)
+                                            int(m_port) + self.worker if int(m_port) else 0,
+                                            readiness=self._health.readiness)
             self.metrics_port = await self._metrics.start()
             log.info("metrics on http://%s:%d/metrics", m_host, self.metrics_port)
         self._tasks.append(asyncio.create_task(self._jobs.expiry_loop(), name="hold-expiry"))
@@ -260,6 +266,7 @@ class FuelcardServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight RPCs finish, then close the pool."""
         if self._health is not None:
+            self._health.stopping = True
             await self._health.servicer.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.grace_s if grace_s is None else grace_s)

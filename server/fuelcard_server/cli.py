@@ -26,6 +26,7 @@ from fuelcard_server import (
     key_commands,
     logs,
     migrations,
+    privacy_commands,
     roles,
     verify,
 )
@@ -798,6 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_events_backfill)
 
     key_commands.add_parser(sub, _add_database_flags)
+    privacy_commands.add_parser(sub, _add_database_flags)
 
     # Settlement exceptions: list, get, resolve (exception_commands.py).
     from fuelcard_server import exception_commands

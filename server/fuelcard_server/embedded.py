@@ -17,6 +17,16 @@ container, and the pid was handed out again) is removed, so that the
 cluster starts instead of waiting on a server that is not there; so is one
 naming a zombie (a postmaster killed and never reaped: a container's init
 may never do it).
+
+It is for development and single-node use. Still, any local user could
+connect to a `trust` cluster as its superuser, so every connection (socket
+and TCP, replication too) needs a password (SCRAM-SHA-256): at the first
+start the passwords of the superuser and of the serving role (roles.SERVING)
+are made at random and kept in `pgpass` in the data directory (mode 0600,
+libpq's password file format), and pg_hba.conf is rewritten to demand them.
+A cluster made before (trust) is converted the same way when next started.
+The URLs it gives name that file (`passfile=`), so whatever connects with
+them - the server, `fuelcard migrate`, the tests - authenticates.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import stat
@@ -36,11 +47,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg import sql
+
 log = logging.getLogger(__name__)
 
 # PostgreSQL refuses to run as root; when we are root it runs as this user.
 SYSTEM_USER = "fuelcard-pg"
 DATABASE = "fuelcard"
+SUPERUSER = "postgres"
+PASSFILE = "pgpass"
+# Every connection, local or over TCP, ordinary or replication, by password.
+HBA = """\
+# Written by fuelcard (embedded.py): password (SCRAM-SHA-256) authentication for
+# every connection. The passwords are in the data directory's pgpass (0600).
+local   all             all                                     scram-sha-256
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+local   replication     all                                     scram-sha-256
+host    replication     all             127.0.0.1/32            scram-sha-256
+host    replication     all             ::1/128                 scram-sha-256
+"""
 
 
 def bin_dir() -> Path:
@@ -113,13 +140,32 @@ class EmbeddedPostgres:
         """Who started the running postmaster: "PID STARTTIME"."""
         return self.data_dir / "owner"
 
+    @property
+    def passfile(self) -> Path:
+        """The cluster's passwords (libpq's password file format, mode 0600)."""
+        return self.data_dir / PASSFILE
+
     def url(self, database: str = DATABASE, *, tcp: bool = False) -> str:
+        # The password file, not the password: a URL ends up in process
+        # listings and error messages; the file stays 0600 in the data dir.
         if tcp:
-            return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
+            return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}?passfile={self.passfile}"
+        return (f"postgresql://{SUPERUSER}@/{database}?host={self.socket_dir}&port={self.port}"
+                f"&passfile={self.passfile}")
+
+    def passwords(self) -> dict[str, str]:
+        """The password of each role in the password file."""
+        out = {}
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.passfile.read_text().splitlines():
+                if line and not line.startswith("#"):
+                    *_, user, password = line.split(":", 4)
+                    out[user] = password
+        return out
 
     # -- lifecycle -----------------------------------------------------------
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(self, *args: str, check: bool = True,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         cmd = [str(bin_dir() / args[0]), *args[1:]]
         # Drop root's group too: a directory's group bits would otherwise
         # apply instead of the "other" bits we opened up.
@@ -128,7 +174,7 @@ class EmbeddedPostgres:
             entry = pwd.getpwnam(self._user)
             ids = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
         res = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd="/",
-                             timeout=120, **ids)
+                             timeout=120, env=None if env is None else {**os.environ, **env}, **ids)
         if check and res.returncode != 0:
             raise RuntimeError(f"{args[0]} failed ({res.returncode}): {res.stderr.strip()}")
         return res
@@ -260,8 +306,21 @@ class EmbeddedPostgres:
             log.info("initialising embedded PostgreSQL in %s", self.pgdata)
             if self.pgdata.exists():
                 shutil.rmtree(self.pgdata)
-            self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
-                      "--encoding=UTF8", "--locale=C", "--no-instructions")
+            # Passwords from the start: no moment of `trust`. initdb reads the
+            # superuser's from a file the PostgreSQL user can read, removed after.
+            self._write_passfile()
+            pwfile = self.data_dir / "initdb-pwfile"
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.passwords()[SUPERUSER] + "\n")
+            if self._user:
+                entry = pwd.getpwnam(self._user)
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+            try:
+                self._run("initdb", "-D", str(self.pgdata), "-U", SUPERUSER, "--auth=scram-sha-256",
+                          f"--pwfile={pwfile}", "--encoding=UTF8", "--locale=C", "--no-instructions")
+            finally:
+                pwfile.unlink(missing_ok=True)
         self._clear_stale_lock()
         if self.is_running():
             owner = self._owner_alive()
@@ -292,7 +351,60 @@ class EmbeddedPostgres:
                 raise RuntimeError(f"embedded PostgreSQL failed to start: {res.stderr}\n{logtail}")
             self._claim()
         self._ensure_database()
+        self._require_passwords()
         return self.url()
+
+    def _write_passfile(self) -> None:
+        from fuelcard_server.roles import SERVING
+
+        lines = [f"*:*:*:{user}:{secrets.token_urlsafe(24)}\n" for user in (SUPERUSER, SERVING)]
+        tmp = self.passfile.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("# fuelcard: the embedded PostgreSQL's passwords (made at init)\n" + "".join(lines))
+        os.replace(tmp, self.passfile)
+
+    def _require_passwords(self) -> None:
+        """Make every connection need a password (module docstring): the
+        passwords made and set once, pg_hba.conf rewritten and reloaded."""
+        from fuelcard_server.roles import SERVING
+
+        hba = self.pgdata / "pg_hba.conf"
+        if hba.read_text() == HBA:
+            if SUPERUSER not in self.passwords():
+                raise RuntimeError(f"{self.passfile} is missing or damaged: the embedded PostgreSQL "
+                                   "demands passwords that are no longer known")
+            return
+        if (self.pgdata / "standby.signal").exists():
+            return  # read-only; a standby has its primary's roles and pg_hba.conf
+        if SUPERUSER not in self.passwords():
+            self._write_passfile()
+        passwords = self.passwords()
+        # A new cluster: the superuser's password is set (initdb), the serving
+        # role's not yet. One made before: still trust. Set both, then demand them.
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {})"
+                                 " THEN CREATE ROLE {} LOGIN; END IF; END $$").format(
+                sql.Literal(SERVING), sql.Identifier(SERVING)))
+            for user in (SUPERUSER, SERVING):
+                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(user), sql.Literal(passwords[user])))
+        hba.write_text(HBA)
+        if self._user:
+            entry = pwd.getpwnam(self._user)
+            os.chown(hba, entry.pw_uid, entry.pw_gid)
+        self._run("pg_ctl", "-D", str(self.pgdata), "reload")
+        # The postmaster re-reads pg_hba.conf on the signal, not before
+        # pg_ctl returns: wait until a connection without the password fails.
+        bare = psycopg.conninfo.make_conninfo(self.url("postgres"), passfile=str(self.data_dir / "none"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                psycopg.connect(bare, connect_timeout=5).close()
+            except psycopg.OperationalError:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("embedded PostgreSQL did not take up password authentication")
 
     def create_standby(self, primary: EmbeddedPostgres) -> None:
         """Make this (new) cluster a streaming standby of `primary`, which
@@ -305,17 +417,25 @@ class EmbeddedPostgres:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir.chmod(0o777)
         self._prepare_permissions()
+        # The password in the child's environment (the PostgreSQL user cannot
+        # read our 0600 file); -R writes it into the standby's own
+        # postgresql.auto.conf (its data directory, 0700), for streaming.
         self._run("pg_basebackup", "-D", str(self.pgdata), "-h", "127.0.0.1",
-                  "-p", str(primary.port), "-U", "postgres", "-X", "stream", "-R",
-                  "--checkpoint=fast", "--no-sync")
+                  "-p", str(primary.port), "-U", SUPERUSER, "-X", "stream", "-R",
+                  "--checkpoint=fast", "--no-sync",
+                  env={"PGPASSWORD": primary.passwords()[SUPERUSER]})
+        # the standby has the primary's roles: the same passwords
+        shutil.copyfile(primary.passfile, self.passfile)
+        self.passfile.chmod(0o600)
 
     def _ensure_database(self) -> None:
         psql = [str(bin_dir() / "psql"), "-X", "-q", "-At", "-h", str(self.socket_dir),
-                "-p", str(self.port), "-U", "postgres", "-d", "postgres"]
+                "-p", str(self.port), "-U", SUPERUSER, "-d", "postgres"]
+        env = {**os.environ, "PGPASSFILE": str(self.passfile)}
         deadline = time.monotonic() + 30
         while True:
             res = subprocess.run([*psql, "-c", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, env=env)
             if res.returncode == 0:
                 break
             if time.monotonic() > deadline:
@@ -323,7 +443,7 @@ class EmbeddedPostgres:
             time.sleep(0.2)
         if res.stdout.strip() != "1":
             subprocess.run([*psql, "-c", f"CREATE DATABASE {DATABASE}"], check=True,
-                           capture_output=True)
+                           capture_output=True, env=env)
 
     def stop(self, mode: str = "fast") -> None:
         if self.is_running():

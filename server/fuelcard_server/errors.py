@@ -163,6 +163,8 @@ _PRECONDITION_MESSAGES = {
     "HOLD_SUSPENDED": "the hold was suspended for risk review and has not been approved",
     "HOLD_REJECTED": "a reviewer rejected the hold",
     "HOLD_NOT_SUSPENDED": "the hold is not awaiting review",
+    "ACCOUNT_NOT_CLOSED": "only a closed account's personal data can be erased: no money or "
+                          "anything held, every card closed and every sub-account erased",
 }
 
 

@@ -131,6 +131,9 @@ class Health:
         # leave a name with the older pass's status.
         self._health_lock = asyncio.Lock()
         self._lag = LagMeter()
+        # Set when the server begins to stop: /readyz says so, and a load
+        # balancer stops sending before the listener closes.
+        self.stopping = False
 
     async def start(self) -> None:
         """The first verdicts, before any loop runs: with a replica, one
@@ -142,6 +145,18 @@ class Health:
             if replica_conn is not None:
                 await replica_conn.close()
         await self.apply()
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """What plain-HTTP /readyz answers (telemetry.MetricsEndpoint): would
+        a call succeed now. Ready while the primary is reachable (calls are
+        not refused at once: Database.available) and the server is not
+        stopping. The replica's state is reported but not required: without
+        it reports pause, payments go on."""
+        database = "up" if self._primary_up and self._db.available else "down"
+        replica = self._replica.value if self.settings.replica_url else "none"
+        ready = database == "up" and not self.stopping
+        return ready, {"ready": ready, "database": database, "replica": replica,
+                       "stopping": self.stopping}
 
     async def apply(self) -> None:
         """Per service: SERVING while the primary is reachable and, for the

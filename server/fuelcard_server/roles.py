@@ -21,8 +21,9 @@ SERVING = "fuelcard_app"
 
 
 def as_role(url: str, role: str = SERVING) -> str:
-    """The same database URL, logging in as `role` (no password: for the
-    embedded PostgreSQL and test clusters, which trust local connections)."""
+    """The same database URL, logging in as `role`: its password, if any, is
+    dropped; the embedded PostgreSQL's URLs name its password file
+    (`passfile=`, kept), which holds `role`'s password too (embedded.py)."""
     info = psycopg.conninfo.conninfo_to_dict(url)
     info["user"] = role
     info.pop("password", None)

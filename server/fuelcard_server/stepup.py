@@ -41,6 +41,7 @@ import grpc
 
 from fuelcard_server import errors, gm, keys
 from fuelcard_server.db import Database
+from fuelcard_server.holder_data import HolderSeal
 from fuelcard_server.privacy import mask_phone
 from fuelcard_server.states import StepUpKind
 
@@ -49,9 +50,10 @@ log = logging.getLogger(__name__)
 CODE_DIGITS = 6
 RECHARGE, PIN_RESET, LIMIT_RAISE = StepUpKind.RECHARGE, StepUpKind.PIN_RESET, StepUpKind.LIMIT_RAISE
 REVEAL_CARD_NUMBER, ANOMALY = StepUpKind.REVEAL_CARD_NUMBER, StepUpKind.ANOMALY
-PHONE_CHANGE = StepUpKind.PHONE_CHANGE
+HOLDER_DATA_EXPORT, PHONE_CHANGE = StepUpKind.HOLDER_DATA_EXPORT, StepUpKind.PHONE_CHANGE
 KIND_NAMES: dict[int, str] = {RECHARGE: "recharge", PIN_RESET: "PIN reset", LIMIT_RAISE: "limit raise",
                               REVEAL_CARD_NUMBER: "card number reveal", ANOMALY: "transaction check",
+                              HOLDER_DATA_EXPORT: "export of your personal data",
                               PHONE_CHANGE: "phone number change"}
 
 CREATE_SQL = (
@@ -170,6 +172,8 @@ class StepUps:
                  policy: Policy | None = None) -> None:
         self._db = db
         self._key = gm.sm3_kdf(provider.root_key(), keys.canonical("fuelcard", "otp/v1"), 32)
+        # The phone is stored sealed (holder_data.py); it is opened only to send the code.
+        self._holders = HolderSeal(provider)
         self.sender = sender
         self.policy = policy or Policy()
 
@@ -220,7 +224,7 @@ class StepUps:
         if d.get("sending"):
             raise errors.unavailable("OTP_NOT_SENT",
                                      "the code is being sent by another call; ask again")
-        phone: str = d["phone"]
+        phone = self._holders.open_stored("phone", d["phone"], "holder_")
         if d["created"]:
             await self._send(phone, code, challenge_id, kind, now)
         del code

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import random
@@ -132,6 +133,10 @@ class Telemetry:
             "fuelcard.authorizations", description="Authorize answers by decision and reason")
         self.hold_expiries = m.create_counter(
             "fuelcard.holds.expired", description="holds released by the expiry sweep")
+        self.hold_expiry_failures = m.create_counter(
+            "fuelcard.holds.expiry_failures",
+            description="accounts whose expired holds the sweep could not release (set aside "
+                        "until their retry time)")
         self.retention_deleted = m.create_counter(
             "fuelcard.retention.deleted",
             description="rows deleted by the retention job, by table (idempotency_keys, "
@@ -381,10 +386,21 @@ def render_prometheus(data: MetricsData) -> str:
 
 
 class MetricsEndpoint:
-    """GET /metrics over plain HTTP/1.1 on the server's event loop."""
+    """GET /metrics over plain HTTP/1.1 on the server's event loop; and the
+    probes a load balancer or an orchestrator can make without a client
+    certificate (the gRPC health service needs one, as every gRPC call does):
 
-    def __init__(self, telemetry: Telemetry, host: str, port: int) -> None:
+    - /healthz: 200 while the process serves its event loop (liveness);
+    - /readyz: 200 if a call would succeed now, else 503; the body (JSON)
+      says why: the database reachable, the replica's state, stopping
+      (`readiness`, from health.Health).
+
+    They say nothing a scraper of /metrics cannot already read."""
+
+    def __init__(self, telemetry: Telemetry, host: str, port: int,
+                 readiness: Callable[[], tuple[bool, dict[str, Any]]] | None = None) -> None:
         self._telemetry = telemetry
+        self._readiness = readiness
         self._host, self._port = host, port
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -406,10 +422,18 @@ class MetricsEndpoint:
             async with asyncio.timeout(10):
                 request = await reader.readuntil(b"\r\n\r\n")
             parts = request.split(b" ", 2)
-            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
+            path = parts[1].split(b"?")[0] if len(parts) >= 2 and parts[0] == b"GET" else b""
+            if path == b"/metrics":
                 body = (await asyncio.to_thread(self._telemetry.prometheus_text)).encode()
                 head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; "
                         b"charset=utf-8\r\n")
+            elif path == b"/healthz":
+                body, head = b"ok\n", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+            elif path == b"/readyz" and self._readiness is not None:
+                ready, detail = self._readiness()
+                body = (json.dumps(detail, sort_keys=True) + "\n").encode()
+                head = (b"HTTP/1.1 200 OK\r\n" if ready else b"HTTP/1.1 503 Service Unavailable\r\n"
+                        ) + b"Content-Type: application/json\r\n"
             else:
                 body, head = b"not found\n", b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
             writer.write(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

@@ -3,17 +3,21 @@ internal services."""
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
 import grpc
 from fuelcard.v1 import account_pb2, account_pb2_grpc
 
-from fuelcard_server import cards, errors, history, wire
+from fuelcard_server import cards, errors, history, stepup, wire
+from fuelcard_server.holder_data import ERASE_HOLDER_SQL, HOLDER_EXPORT_SQL, HolderDataMismatch
 from fuelcard_server.identity import Role
 from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.validation import NAME_MAX_CHARS, Violations
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger(__name__)
 
 ACCOUNT_TYPES = frozenset({account_pb2.ACCOUNT_TYPE_PERSONAL, account_pb2.ACCOUNT_TYPE_CORPORATE,
                            account_pb2.ACCOUNT_TYPE_FAMILY})
@@ -25,7 +29,9 @@ ID_NUMBER_MAX_CHARS = 32
 OPEN_ACCOUNT_SQL = (
     "SELECT fc.open_account(p_caller => %(caller)s, p_request_id => %(request_id)s,"
     " p_request_hash => %(request_hash)s, p_kind => %(kind)s::smallint, p_name => %(name)s,"
-    " p_phone => %(phone)s, p_id_number => %(id_number)s, p_parent_uid => %(parent_uid)s::uuid,"
+    " p_phone_sealed => %(phone_sealed)s, p_phone_index => %(phone_index)s,"
+    " p_id_number_sealed => %(id_number_sealed)s, p_id_number_index => %(id_number_index)s,"
+    " p_seal_key_id => %(seal_key_id)s, p_parent_uid => %(parent_uid)s::uuid,"
     " p_funding_mode => %(funding_mode)s::smallint, p_label => %(label)s,"
     " p_now => %(now)s::timestamptz)")
 SUB_ACCOUNT_MODES = frozenset({account_pb2.FUNDING_MODE_ALLOCATED, account_pb2.FUNDING_MODE_SHARED})
@@ -63,7 +69,10 @@ CARDS_PAGE_SQL = """
 # journal kind -> TransactionKind
 _TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTION_KIND_PURCHASE,
              5: account_pb2.TRANSACTION_KIND_ALLOCATION,
-             8: account_pb2.TRANSACTION_KIND_RECHARGE_REFUND}
+             8: account_pb2.TRANSACTION_KIND_RECHARGE_REFUND,
+             # kind 12 on a customer's account is only ever a repayment (the
+             # overrun's own entry is between RECEIVABLES and FUEL_SALES)
+             12: account_pb2.TRANSACTION_KIND_OVERRUN_REPAYMENT}
 
 
 def _page(rows: list[Any], size: int) -> tuple[list[Any], str]:
@@ -79,7 +88,15 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
         row = await self.d.db.fetch_one(GET_ACCOUNT_SQL, (account_id,))
         if row is None:
             raise errors.not_found("ACCOUNT_NOT_FOUND", "account")
-        return wire.account(row[0])
+        return self._wire_account(row[0])
+
+    def _wire_account(self, d: dict[str, Any]) -> account_pb2.Account:
+        try:
+            return wire.account(self.d.holder_seal.opened(d))
+        except HolderDataMismatch:
+            log.error("stored holder data does not open (account %s)", d["account_id"])
+            raise errors.ApiError(grpc.StatusCode.DATA_LOSS, "HOLDER_DATA_DAMAGED",
+                                  "the stored holder data does not verify") from None
 
     @rpc(Role.ADMIN)
     async def OpenAccount(self, request: account_pb2.OpenAccountRequest, context: Ctx
@@ -109,7 +126,7 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
         d = await self.d.db.call(OPEN_ACCOUNT_SQL, {
             "caller": self.d.caller(context), "request_id": request.request_id,
             "request_hash": self.d.fingerprint("open_account", request), "kind": request.type,
-            "name": request.holder.name, "phone": phone, "id_number": id_number,
+            "name": request.holder.name, **self.d.holder_seal.params(phone, id_number),
             "parent_uid": parent, "funding_mode": request.funding_mode, "label": request.label,
             "now": self.d.clock.now()})
         return account_pb2.OpenAccountResponse(account=await self._account(d["account_id"]))
@@ -207,6 +224,46 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
             t.create_time.FromMicroseconds(line.create_us)
         return response
 
+    @rpc(Role.ADMIN)
+    async def ExportHolderData(self, request: account_pb2.ExportHolderDataRequest, context: Ctx
+                               ) -> account_pb2.ExportHolderDataResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        account_id = v.uuid("account_id", request.account_id)
+        challenge = v.step_up("step_up", request)
+        v.raise_if_any()
+        assert account_id is not None
+        # The holder, who asked for the export, reads the code out: an
+        # operator alone cannot pull a person's data.
+        await self.d.step_ups.verify(self.d.caller(context), request.request_id,
+                                     stepup.HOLDER_DATA_EXPORT, account_id, 0, challenge,
+                                     request.step_up.code, self.d.clock.now())
+        row = await self.d.db.fetch_one(HOLDER_EXPORT_SQL, (request.account_id,))
+        if row is None or row[0] is None:
+            raise errors.not_found("ACCOUNT_NOT_FOUND", "account")
+        try:
+            data = self.d.holder_seal.opened_export(row[0])
+        except HolderDataMismatch:
+            log.error("stored holder data does not open (account %s)", request.account_id)
+            raise errors.ApiError(grpc.StatusCode.DATA_LOSS, "HOLDER_DATA_DAMAGED",
+                                  "the stored holder data does not verify") from None
+        return account_pb2.ExportHolderDataResponse(
+            account_id=request.account_id, data_json=json.dumps(data, ensure_ascii=False, sort_keys=True))
+
+    @rpc(Role.ADMIN)
+    async def EraseHolderData(self, request: account_pb2.EraseHolderDataRequest, context: Ctx
+                              ) -> account_pb2.EraseHolderDataResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.uuid("account_id", request.account_id)
+        v.raise_if_any()
+        d = await self.d.db.call(ERASE_HOLDER_SQL, {"account_uid": request.account_id,
+                                                    "now": self.d.clock.now()})
+        response = account_pb2.EraseHolderDataResponse(account_id=str(d["account_id"]),
+                                                       already_erased=bool(d["already"]))
+        response.erase_time.FromMicroseconds(int(d["erase_us"]))
+        return response
+
     @rpc(Role.ADMIN, Role.REVIEWER)
     async def ListSubAccounts(self, request: account_pb2.ListSubAccountsRequest, context: Ctx
                               ) -> account_pb2.ListSubAccountsResponse:
@@ -222,7 +279,7 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
         rows = await self.d.reads.fetch_all(SUB_ACCOUNTS_PAGE_SQL, {
             "parent": parent, "after": after or 0, "limit": size + 1})
         page, token = _page(rows, size)
-        return account_pb2.ListSubAccountsResponse(accounts=[wire.account(r[1]) for r in page],
+        return account_pb2.ListSubAccountsResponse(accounts=[self._wire_account(r[1]) for r in page],
                                                    next_page_token=token)
 
     @rpc(Role.ADMIN, Role.REVIEWER)

@@ -33,6 +33,7 @@ from fuelcard_server.clock import Clock
 from fuelcard_server.db import Database
 from fuelcard_server.errors import ApiError, internal, malformed, permission_denied, unauthenticated
 from fuelcard_server.gm import Sm2PrivateKey
+from fuelcard_server.holder_data import HolderSeal
 from fuelcard_server.identity import DEVELOPMENT, Caller, Role, acting_for
 from fuelcard_server.identity import of as identity_of
 from fuelcard_server.overload import Admission, classify
@@ -76,6 +77,8 @@ class Deps:
     step_ups: StepUps
     # Card numbers in segments, sealed (card_numbers.py).
     card_vault: CardVault
+    # Holders' phone and ID numbers, sealed (holder_data.py).
+    holder_seal: HolderSeal
     # False only in development mode (plaintext on loopback): no identities.
     tls: bool = False
     # Report and history reads: the replica's pool (or a small pool of their

@@ -25,7 +25,8 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger(__name__)
 
 STEP_UP_KINDS = frozenset({stepup.RECHARGE, stepup.PIN_RESET, stepup.LIMIT_RAISE,
-                           stepup.REVEAL_CARD_NUMBER, stepup.ANOMALY, stepup.PHONE_CHANGE})
+                           stepup.REVEAL_CARD_NUMBER, stepup.ANOMALY, stepup.HOLDER_DATA_EXPORT,
+                           stepup.PHONE_CHANGE})
 PHONE_MIN_CHARS, PHONE_MAX_CHARS = 5, 20
 STEP_UP_MAX_AMOUNT_FEN = 10**12
 # An admin console's key id: its working key is kept apart from any terminal's.
@@ -41,7 +42,8 @@ RESET_PIN_SQL = stepup.gate(
 CHANGE_HOLDER_PHONE_SQL = stepup.gate(
     "fc.change_holder_phone(p_caller => %(caller)s, p_request_id => %(request_id)s,"
     " p_request_hash => %(request_hash)s, p_account_uid => %(account_uid)s::uuid,"
-    " p_phone => %(phone)s, p_now => %(now)s::timestamptz)")
+    " p_phone_sealed => %(phone_sealed)s, p_phone_index => %(phone_index)s,"
+    " p_seal_key_id => %(seal_key_id)s, p_now => %(now)s::timestamptz)")
 CARD_NUMBER_PARTS_SQL = "SELECT fc.card_number_parts(p_card_uid => %(card_uid)s::uuid)"
 
 
@@ -276,12 +278,14 @@ class SecurityService(Servicer, security_pb2_grpc.SecurityServiceServicer):
         challenge = v.step_up("step_up", request)
         v.raise_if_any()
         caller, now = self.d.caller(context), self.d.clock.now()
+        sealed = self.d.holder_seal.seal("phone", phone)
         d = stepup.check_answer(await self.d.db.call(CHANGE_HOLDER_PHONE_SQL, (
             self.d.step_ups.gate_params(caller, request.request_id, "change_holder_phone", True,
                                         stepup.PHONE_CHANGE, account_id, 0, challenge,
                                         request.step_up.code, now)
             | {"caller": caller, "request_id": request.request_id,
                "request_hash": self.d.fingerprint("change_holder_phone", request),
-               "account_uid": account_id, "phone": phone, "now": now})))
+               "account_uid": account_id, "phone_sealed": sealed.sealed,
+               "phone_index": sealed.index, "seal_key_id": self.d.holder_seal.key_id, "now": now})))
         return security_pb2.ChangeHolderPhoneResponse(account_id=str(d["account_id"]),
                                                       masked_phone=mask_phone(phone))

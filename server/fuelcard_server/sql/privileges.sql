@@ -28,15 +28,15 @@ DECLARE
         'advance_invoice', 'approve_adjustment', 'audit_append', 'authorize', 'backfill_events',
         'batch_top_up',
         'cancel', 'card_number_parts', 'change_holder_phone', 'change_pin', 'confirm', 'consume_step_up',
-        'create_step_up', 'evaluate_tiers', 'expire_holds', 'expire_points', 'grant_raise',
-        'issue_card', 'open_account', 'propose_adjustment', 'prune_events',
-        'prune_idempotency_keys', 'prune_step_ups', 'recharge', 'redeem_points',
+        'create_step_up', 'erase_holder', 'evaluate_tiers', 'expire_holds', 'expire_points',
+        'grant_raise', 'holders_to_seal', 'issue_card', 'open_account', 'propose_adjustment',
+        'prune_events', 'prune_idempotency_keys', 'prune_step_ups', 'recharge', 'redeem_points',
         'refund_recharge', 'reject_adjustment', 'remember_refusal', 'request_invoice', 'reset_pin',
         'resolve_break',
         'resolve_channel_exception', 'resolve_settlement_exception', 'review_hold',
-        'risk_activate', 'risk_load', 'sequence_events', 'set_limits', 'set_scope',
-        'step_up_not_sent', 'step_up_sent', 'store_card_number', 'transfer_points',
-        'update_card_status'];
+        'risk_activate', 'risk_load', 'seal_holder', 'sequence_events', 'set_limits', 'set_price',
+        'set_scope', 'set_volume_limits', 'step_up_not_sent', 'step_up_sent', 'store_card_number',
+        'take_hold_sweep_failures', 'transfer_points', 'update_card_status'];
     missing text[];
     owner oid := 'fuelcard_owner'::regrole;
 BEGIN

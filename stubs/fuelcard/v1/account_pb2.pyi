@@ -5,6 +5,7 @@ Internal account administration: opening accounts, issuing cards, reads."""
 
 from collections import abc as _abc
 from fuelcard.v1 import common_pb2 as _common_pb2
+from fuelcard.v1 import step_up_pb2 as _step_up_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -181,6 +182,12 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """Money moved between a parent and its sub-account (batch top-up)."""
     TRANSACTION_KIND_RECHARGE_REFUND: _TransactionKind.ValueType  # 4
     """A payment channel refunded (part of) a recharge: money leaves the account."""
+    TRANSACTION_KIND_OVERRUN_REPAYMENT: _TransactionKind.ValueType  # 7
+    """A recharge paying back what an earlier pump overrun left unpaid (the
+    account owed it, see ConfirmResponse.receivable_fen): money leaves the
+    account; hold_id names the sale, recharge_id the recharge (5 and 6 are
+    left to sale refunds).
+    """
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """What a journal transaction was."""
@@ -195,6 +202,12 @@ TRANSACTION_KIND_ALLOCATION: TransactionKind.ValueType  # 3
 """Money moved between a parent and its sub-account (batch top-up)."""
 TRANSACTION_KIND_RECHARGE_REFUND: TransactionKind.ValueType  # 4
 """A payment channel refunded (part of) a recharge: money leaves the account."""
+TRANSACTION_KIND_OVERRUN_REPAYMENT: TransactionKind.ValueType  # 7
+"""A recharge paying back what an earlier pump overrun left unpaid (the
+account owed it, see ConfirmResponse.receivable_fen): money leaves the
+account; hold_id names the sale, recharge_id the recharge (5 and 6 are
+left to sale refunds).
+"""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 @_typing.final
@@ -782,6 +795,127 @@ class ListTransactionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTransactionsResponse: _TypeAlias = ListTransactionsResponse  # noqa: Y015
+
+@_typing.final
+class ExportHolderDataRequest(_message.Message):
+    """Request for AccountService.ExportHolderData."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    STEP_UP_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, 1-64 printable ASCII characters: a retry with the same
+    request_id and challenge exports again.
+    """
+    account_id: _builtins.str
+    """The account."""
+    @_builtins.property
+    def step_up(self) -> _step_up_pb2.StepUp:
+        """The verified second factor (STEP_UP_KIND_HOLDER_DATA_EXPORT, subject account_id)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        step_up: _step_up_pb2.StepUp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step_up", b"step_up"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "request_id", b"request_id", "step_up", b"step_up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportHolderDataRequest: _TypeAlias = ExportHolderDataRequest  # noqa: Y015
+
+@_typing.final
+class ExportHolderDataResponse(_message.Message):
+    """Response for AccountService.ExportHolderData."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    DATA_JSON_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account."""
+    data_json: _builtins.str
+    """Everything held about the holder, as a JSON object ("account",
+    "sub_accounts", "cards", "transactions", "holds", "points", "step_ups",
+    "audit"). Personal data in full: hand it to the holder only.
+    """
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        data_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "data_json", b"data_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportHolderDataResponse: _TypeAlias = ExportHolderDataResponse  # noqa: Y015
+
+@_typing.final
+class EraseHolderDataRequest(_message.Message):
+    """Request for AccountService.EraseHolderData."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, 1-64 printable ASCII characters."""
+    account_id: _builtins.str
+    """The account; it must be closed (see EraseHolderData)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseHolderDataRequest: _TypeAlias = EraseHolderDataRequest  # noqa: Y015
+
+@_typing.final
+class EraseHolderDataResponse(_message.Message):
+    """Response for AccountService.EraseHolderData."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ALREADY_ERASED_FIELD_NUMBER: _builtins.int
+    ERASE_TIME_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account."""
+    already_erased: _builtins.bool
+    """True if it had been erased before (nothing changed now)."""
+    @_builtins.property
+    def erase_time(self) -> _timestamp_pb2.Timestamp:
+        """When its personal data was erased."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        already_erased: _builtins.bool = ...,
+        erase_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["erase_time", b"erase_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "already_erased", b"already_erased", "erase_time", b"erase_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseHolderDataResponse: _TypeAlias = EraseHolderDataResponse  # noqa: Y015
 
 @_typing.final
 class ListSubAccountsRequest(_message.Message):

@@ -70,6 +70,16 @@ class AccountServiceStub:
                 request_serializer=fuelcard_dot_v1_dot_account__pb2.ListTransactionsRequest.SerializeToString,
                 response_deserializer=fuelcard_dot_v1_dot_account__pb2.ListTransactionsResponse.FromString,
                 _registered_method=True)
+        self.ExportHolderData = channel.unary_unary(
+                '/fuelcard.v1.AccountService/ExportHolderData',
+                request_serializer=fuelcard_dot_v1_dot_account__pb2.ExportHolderDataRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_account__pb2.ExportHolderDataResponse.FromString,
+                _registered_method=True)
+        self.EraseHolderData = channel.unary_unary(
+                '/fuelcard.v1.AccountService/EraseHolderData',
+                request_serializer=fuelcard_dot_v1_dot_account__pb2.EraseHolderDataRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_account__pb2.EraseHolderDataResponse.FromString,
+                _registered_method=True)
         self.ListSubAccounts = channel.unary_unary(
                 '/fuelcard.v1.AccountService/ListSubAccounts',
                 request_serializer=fuelcard_dot_v1_dot_account__pb2.ListSubAccountsRequest.SerializeToString,
@@ -136,6 +146,32 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportHolderData(self, request, context):
+        """Everything held about an account's holder, as one JSON document (a
+        data-subject access request, PIPL): the account with the holder's name,
+        phone and ID number in full, its cards (masked numbers only), its journal
+        lines (money and points), holds, step-up challenges and the audit records
+        about it. Needs a step-up (STEP_UP_KIND_HOLDER_DATA_EXPORT, subject
+        account_id) and is audited. Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseHolderData(self, request, context):
+        """Erase (anonymise) the personal data of a closed account: it holds no
+        money and nothing held, every card of it is closed and every sub-account
+        erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED); points left are
+        forfeited. The
+        holder's name becomes "erased", phone and ID number and the account's
+        label are removed, and the account is frozen. The ledger stays whole
+        (journal lines, holds and audit records name no person). Idempotent.
+        Audited. Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSubAccounts(self, request, context):
         """List the sub-accounts of a parent account (a fleet's vehicles, a
         family's members), oldest first. Read from the read replica when one is
@@ -190,6 +226,16 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.ListTransactions,
                     request_deserializer=fuelcard_dot_v1_dot_account__pb2.ListTransactionsRequest.FromString,
                     response_serializer=fuelcard_dot_v1_dot_account__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'ExportHolderData': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportHolderData,
+                    request_deserializer=fuelcard_dot_v1_dot_account__pb2.ExportHolderDataRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_account__pb2.ExportHolderDataResponse.SerializeToString,
+            ),
+            'EraseHolderData': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseHolderData,
+                    request_deserializer=fuelcard_dot_v1_dot_account__pb2.EraseHolderDataRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_account__pb2.EraseHolderDataResponse.SerializeToString,
             ),
             'ListSubAccounts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSubAccounts,
@@ -392,6 +438,60 @@ class AccountService:
             '/fuelcard.v1.AccountService/ListTransactions',
             fuelcard_dot_v1_dot_account__pb2.ListTransactionsRequest.SerializeToString,
             fuelcard_dot_v1_dot_account__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportHolderData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.AccountService/ExportHolderData',
+            fuelcard_dot_v1_dot_account__pb2.ExportHolderDataRequest.SerializeToString,
+            fuelcard_dot_v1_dot_account__pb2.ExportHolderDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseHolderData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.AccountService/EraseHolderData',
+            fuelcard_dot_v1_dot_account__pb2.EraseHolderDataRequest.SerializeToString,
+            fuelcard_dot_v1_dot_account__pb2.EraseHolderDataResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,24 @@ class AccountServiceStub:
     """List an account's holds, newest first."""
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListTransactionsRequest, _account_pb2.ListTransactionsResponse]
     """List an account's settled transactions, newest first."""
+    ExportHolderData: _grpc.UnaryUnaryMultiCallable[_account_pb2.ExportHolderDataRequest, _account_pb2.ExportHolderDataResponse]
+    """Everything held about an account's holder, as one JSON document (a
+    data-subject access request, PIPL): the account with the holder's name,
+    phone and ID number in full, its cards (masked numbers only), its journal
+    lines (money and points), holds, step-up challenges and the audit records
+    about it. Needs a step-up (STEP_UP_KIND_HOLDER_DATA_EXPORT, subject
+    account_id) and is audited. Admins only.
+    """
+    EraseHolderData: _grpc.UnaryUnaryMultiCallable[_account_pb2.EraseHolderDataRequest, _account_pb2.EraseHolderDataResponse]
+    """Erase (anonymise) the personal data of a closed account: it holds no
+    money and nothing held, every card of it is closed and every sub-account
+    erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED); points left are
+    forfeited. The
+    holder's name becomes "erased", phone and ID number and the account's
+    label are removed, and the account is frozen. The ledger stays whole
+    (journal lines, holds and audit records name no person). Idempotent.
+    Audited. Admins only.
+    """
     ListSubAccounts: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListSubAccountsRequest, _account_pb2.ListSubAccountsResponse]
     """List the sub-accounts of a parent account (a fleet's vehicles, a
     family's members), oldest first. Read from the read replica when one is
@@ -80,6 +98,24 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """List an account's holds, newest first."""
     ListTransactions: _aio.UnaryUnaryMultiCallable[_account_pb2.ListTransactionsRequest, _account_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """List an account's settled transactions, newest first."""
+    ExportHolderData: _aio.UnaryUnaryMultiCallable[_account_pb2.ExportHolderDataRequest, _account_pb2.ExportHolderDataResponse]  # type: ignore[assignment]
+    """Everything held about an account's holder, as one JSON document (a
+    data-subject access request, PIPL): the account with the holder's name,
+    phone and ID number in full, its cards (masked numbers only), its journal
+    lines (money and points), holds, step-up challenges and the audit records
+    about it. Needs a step-up (STEP_UP_KIND_HOLDER_DATA_EXPORT, subject
+    account_id) and is audited. Admins only.
+    """
+    EraseHolderData: _aio.UnaryUnaryMultiCallable[_account_pb2.EraseHolderDataRequest, _account_pb2.EraseHolderDataResponse]  # type: ignore[assignment]
+    """Erase (anonymise) the personal data of a closed account: it holds no
+    money and nothing held, every card of it is closed and every sub-account
+    erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED); points left are
+    forfeited. The
+    holder's name becomes "erased", phone and ID number and the account's
+    label are removed, and the account is frozen. The ledger stays whole
+    (journal lines, holds and audit records name no person). Idempotent.
+    Audited. Admins only.
+    """
     ListSubAccounts: _aio.UnaryUnaryMultiCallable[_account_pb2.ListSubAccountsRequest, _account_pb2.ListSubAccountsResponse]  # type: ignore[assignment]
     """List the sub-accounts of a parent account (a fleet's vehicles, a
     family's members), oldest first. Read from the read replica when one is
@@ -150,6 +186,36 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_pb2.ListTransactionsResponse, _abc.Awaitable[_account_pb2.ListTransactionsResponse]]:
         """List an account's settled transactions, newest first."""
+
+    @_abc_1.abstractmethod
+    def ExportHolderData(
+        self,
+        request: _account_pb2.ExportHolderDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.ExportHolderDataResponse, _abc.Awaitable[_account_pb2.ExportHolderDataResponse]]:
+        """Everything held about an account's holder, as one JSON document (a
+        data-subject access request, PIPL): the account with the holder's name,
+        phone and ID number in full, its cards (masked numbers only), its journal
+        lines (money and points), holds, step-up challenges and the audit records
+        about it. Needs a step-up (STEP_UP_KIND_HOLDER_DATA_EXPORT, subject
+        account_id) and is audited. Admins only.
+        """
+
+    @_abc_1.abstractmethod
+    def EraseHolderData(
+        self,
+        request: _account_pb2.EraseHolderDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.EraseHolderDataResponse, _abc.Awaitable[_account_pb2.EraseHolderDataResponse]]:
+        """Erase (anonymise) the personal data of a closed account: it holds no
+        money and nothing held, every card of it is closed and every sub-account
+        erased (else FAILED_PRECONDITION ACCOUNT_NOT_CLOSED); points left are
+        forfeited. The
+        holder's name becomes "erased", phone and ID number and the account's
+        label are removed, and the account is frozen. The ledger stays whole
+        (journal lines, holds and audit records name no person). Idempotent.
+        Audited. Admins only.
+        """
 
     @_abc_1.abstractmethod
     def ListSubAccounts(

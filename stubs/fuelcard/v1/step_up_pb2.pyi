@@ -46,12 +46,18 @@ class _StepUpKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepUpKind
     (SecurityService.RevealCardNumber). Subject: the card; amount: 0.
     """
     STEP_UP_KIND_ANOMALY: _StepUpKind.ValueType  # 5
-    """An operation the risk engine flagged (a new device, impossible travel).
-    Subject: the card; amount: the operation's amount in fen.
+    """An operation a risk rule flags (a new device, impossible travel).
+    Reserved: no rule action demands it yet (rules run at the pump, where a
+    POS mid-fill cannot wait for a code). Subject: the card; amount: the
+    operation's amount in fen.
+    """
+    STEP_UP_KIND_HOLDER_DATA_EXPORT: _StepUpKind.ValueType  # 6
+    """An administrator exports everything held about an account's holder
+    (AccountService.ExportHolderData): the code goes to the holder, who asked
+    for the export. Subject: the account; amount: 0.
     """
     STEP_UP_KIND_PHONE_CHANGE: _StepUpKind.ValueType  # 7
-    """(6: the data-subject export of issue 15 item 5.)
-    An administrator changes an account holder's phone
+    """An administrator changes an account holder's phone
     (SecurityService.ChangeHolderPhone): the code goes to the phone on file,
     the old one (a sub-account without one: its parent's holder). Subject:
     the account; amount: 0.
@@ -83,12 +89,18 @@ STEP_UP_KIND_REVEAL_CARD_NUMBER: StepUpKind.ValueType  # 4
 (SecurityService.RevealCardNumber). Subject: the card; amount: 0.
 """
 STEP_UP_KIND_ANOMALY: StepUpKind.ValueType  # 5
-"""An operation the risk engine flagged (a new device, impossible travel).
-Subject: the card; amount: the operation's amount in fen.
+"""An operation a risk rule flags (a new device, impossible travel).
+Reserved: no rule action demands it yet (rules run at the pump, where a
+POS mid-fill cannot wait for a code). Subject: the card; amount: the
+operation's amount in fen.
+"""
+STEP_UP_KIND_HOLDER_DATA_EXPORT: StepUpKind.ValueType  # 6
+"""An administrator exports everything held about an account's holder
+(AccountService.ExportHolderData): the code goes to the holder, who asked
+for the export. Subject: the account; amount: 0.
 """
 STEP_UP_KIND_PHONE_CHANGE: StepUpKind.ValueType  # 7
-"""(6: the data-subject export of issue 15 item 5.)
-An administrator changes an account holder's phone
+"""An administrator changes an account holder's phone
 (SecurityService.ChangeHolderPhone): the code goes to the phone on file,
 the old one (a sub-account without one: its parent's holder). Subject:
 the account; amount: 0.

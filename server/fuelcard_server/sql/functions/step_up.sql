@@ -92,29 +92,41 @@ BEGIN
     RETURN v_count;
 END $$;
 
--- Where a step-up's code goes (NULL: nowhere on file). A limit raise on a
--- sub-account or its card (a fleet vehicle, a family secondary card) is
--- approved by whoever has authority over it - the fleet's manager principal
--- (fc.principals kind 2, its phone) or the parent account's holder (a
--- family's main-card holder), then a holder principal of the parent - and
+-- Where a step-up's code goes, as fc.holder_sealed_json gives a holder's phone
+-- (the server opens it: holder_data.py), or NULL: nowhere on file. A limit
+-- raise on a sub-account or its card (a fleet vehicle, a family secondary
+-- card) is approved by whoever has authority over it - the fleet's manager
+-- principal (fc.principals, its phone), else the parent account's holder (a
+-- family's main-card holder), else a holder principal of the parent - and
 -- never by the sub-account's own holder, the person being limited. Every
 -- other step-up goes to the subject's holder, else to the parent's holder.
-CREATE OR REPLACE FUNCTION fc.step_up_phone(p_account fc.accounts, p_kind smallint) RETURNS text
+CREATE OR REPLACE FUNCTION fc.step_up_phone(p_account fc.accounts, p_kind smallint) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT CASE
         WHEN p_kind = fc.step_up_kind_limit_raise() AND p_account.parent_id IS NOT NULL THEN coalesce(
-            (SELECT nullif(pr.phone, '') FROM fc.principals pr
-              WHERE pr.account_id = p_account.parent_id AND pr.kind = fc.principal_kind_fleet_manager()
-                AND pr.disabled_at IS NULL AND pr.phone <> '' ORDER BY pr.id LIMIT 1),
-            (SELECT nullif(h.phone, '') FROM fc.account_holders h WHERE h.account_id = p_account.parent_id),
-            (SELECT nullif(pr.phone, '') FROM fc.principals pr
-              WHERE pr.account_id = p_account.parent_id AND pr.kind = fc.principal_kind_holder()
-                AND pr.disabled_at IS NULL AND pr.phone <> '' ORDER BY pr.id LIMIT 1))
-        ELSE coalesce(
-            (SELECT nullif(h.phone, '') FROM fc.account_holders h WHERE h.account_id = p_account.id),
-            (SELECT nullif(h.phone, '') FROM fc.account_holders h
-              WHERE p_account.parent_id IS NOT NULL AND h.account_id = p_account.parent_id))
+            fc.principal_phone(p_account.parent_id, fc.principal_kind_fleet_manager()),
+            fc.holder_phone(p_account.parent_id),
+            fc.principal_phone(p_account.parent_id, fc.principal_kind_holder()))
+        ELSE coalesce(fc.holder_phone(p_account.id), fc.holder_phone(p_account.parent_id))
     END
+$$;
+
+-- An account holder's phone as stored (fc.holder_sealed_json), or NULL if none.
+CREATE OR REPLACE FUNCTION fc.holder_phone(p_account_id bigint) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT fc.holder_sealed_json(h => h) FROM fc.account_holders h
+     WHERE h.account_id = p_account_id AND (h.phone_sealed IS NOT NULL OR h.phone_plaintext IS NOT NULL)
+$$;
+
+-- The phone of an account's first enabled principal of a kind, in the same
+-- shape (principals' phones are kept as the JSON API's principals.py stores
+-- them), or NULL.
+CREATE OR REPLACE FUNCTION fc.principal_phone(p_account_id bigint, p_kind smallint) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('holder_phone_plaintext', pr.phone) FROM fc.principals pr
+     WHERE pr.account_id = p_account_id AND pr.kind = p_kind AND pr.disabled_at IS NULL
+       AND pr.phone <> ''
+     ORDER BY pr.id LIMIT 1
 $$;
 
 -- Records a new challenge (or renews an undelivered one) and returns where
@@ -134,7 +146,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_old     fc.step_up_challenges;
     v_account fc.accounts;
-    v_phone   text;
+    v_phone   jsonb;
 BEGIN
     v_account := fc.step_up_account(p_subject);
     IF v_account.id IS NULL OR (p_kind IN (fc.step_up_kind_pin_reset(), fc.step_up_kind_reveal_card_number(),
