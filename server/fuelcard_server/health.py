@@ -24,6 +24,7 @@ from fuelcard.v1 import (
     events_pb2,
     funding_pb2,
     points_pb2,
+    refund_pb2,
     risk_pb2,
     security_pb2,
     settlement_pb2,
@@ -54,6 +55,7 @@ SERVICE_NAMES = (
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
+    refund_pb2.DESCRIPTOR.services_by_name["RefundService"].full_name,
 )
 
 # Services with an RPC that reads through the read pool (the replica when

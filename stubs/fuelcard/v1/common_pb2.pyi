@@ -131,6 +131,10 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     """Too many wrong PINs in a row: the card is locked until its PIN is reset."""
     DECLINE_REASON_RISK_DECLINED: _DeclineReason.ValueType  # 18
     """The risk engine declined the authorization (see AuthorizeResponse.risk)."""
+    DECLINE_REASON_REVERSED: _DeclineReason.ValueType  # 19
+    """The terminal reversed this Authorize (TransactionService.ReverseAuthorization)
+    before it arrived: nothing was reserved. Do not dispense.
+    """
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why a request was declined. Stable, machine-readable: a POS maps each value
@@ -179,6 +183,10 @@ DECLINE_REASON_PIN_LOCKED: DeclineReason.ValueType  # 17
 """Too many wrong PINs in a row: the card is locked until its PIN is reset."""
 DECLINE_REASON_RISK_DECLINED: DeclineReason.ValueType  # 18
 """The risk engine declined the authorization (see AuthorizeResponse.risk)."""
+DECLINE_REASON_REVERSED: DeclineReason.ValueType  # 19
+"""The terminal reversed this Authorize (TransactionService.ReverseAuthorization)
+before it arrived: nothing was reserved. Do not dispense.
+"""
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 class _Product:

@@ -67,6 +67,11 @@ class _LedgerEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ledge
     account: an approved manual adjustment (AdjustmentService), a credit or a
     debit of the account.
     """
+    LEDGER_ENTRY_KIND_SALE_REFUND: _LedgerEntryKind.ValueType  # 10
+    """A refund of a confirmed sale (RefundService.RefundSale): money from
+    FUEL_SALES back to the account that funded the sale, and the points
+    taken back from the spender to POINTS_ISSUED (asset says which).
+    """
 
 class LedgerEntryKind(_LedgerEntryKind, metaclass=_LedgerEntryKindEnumTypeWrapper):
     """Kinds of journal entries. New kinds may be added: a consumer must accept
@@ -97,6 +102,11 @@ LEDGER_ENTRY_KIND_MANUAL_ADJUSTMENT: LedgerEntryKind.ValueType  # 9
 """Money moved by hand between an account and the ADJUSTMENTS system
 account: an approved manual adjustment (AdjustmentService), a credit or a
 debit of the account.
+"""
+LEDGER_ENTRY_KIND_SALE_REFUND: LedgerEntryKind.ValueType  # 10
+"""A refund of a confirmed sale (RefundService.RefundSale): money from
+FUEL_SALES back to the account that funded the sale, and the points
+taken back from the spender to POINTS_ISSUED (asset says which).
 """
 Global___LedgerEntryKind: _TypeAlias = LedgerEntryKind  # noqa: Y015
 

@@ -49,6 +49,11 @@ class _StepUpKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepUpKind
     """An operation the risk engine flagged (a new device, impossible travel).
     Subject: the card; amount: the operation's amount in fen.
     """
+    STEP_UP_KIND_SALE_REFUND: _StepUpKind.ValueType  # 6
+    """An administrator refunds a sale above the server's threshold
+    (RefundService.RefundSale). Subject: the hold; amount: the refund's
+    amount_fen.
+    """
 
 class StepUpKind(_StepUpKind, metaclass=_StepUpKindEnumTypeWrapper):
     """What a step-up challenge authorises. A challenge is bound to its kind, its
@@ -78,6 +83,11 @@ STEP_UP_KIND_REVEAL_CARD_NUMBER: StepUpKind.ValueType  # 4
 STEP_UP_KIND_ANOMALY: StepUpKind.ValueType  # 5
 """An operation the risk engine flagged (a new device, impossible travel).
 Subject: the card; amount: the operation's amount in fen.
+"""
+STEP_UP_KIND_SALE_REFUND: StepUpKind.ValueType  # 6
+"""An administrator refunds a sale above the server's threshold
+(RefundService.RefundSale). Subject: the hold; amount: the refund's
+amount_fen.
 """
 Global___StepUpKind: _TypeAlias = StepUpKind  # noqa: Y015
 

@@ -78,6 +78,8 @@ CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_recharge_refund() RETURNS smalli
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 8::smallint';
 CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_manual_adjustment() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 9::smallint';
+CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_sale_refund() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 10::smallint';
 
 -- What a journal entry moves (fuelcard.v1.Asset).
 CREATE OR REPLACE FUNCTION fc.asset_money() RETURNS smallint
@@ -104,6 +106,8 @@ CREATE OR REPLACE FUNCTION fc.step_up_kind_reveal_card_number() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 4::smallint';
 CREATE OR REPLACE FUNCTION fc.step_up_kind_anomaly() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 5::smallint';
+CREATE OR REPLACE FUNCTION fc.step_up_kind_sale_refund() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 6::smallint';
 
 -- A settlement record's kind (fuelcard.v1.SettlementKind): settlement_records.kind, and
 -- reconciliation_breaks.record_kind.
