@@ -163,6 +163,9 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
         v = Violations()
         v.request_id(request.request_id)
         v.request_id(request.original_request_id, "original_request_id")
+        if request.original_request_id == request.request_id:
+            # The reversal's own key would be the tombstone.
+            v.add("original_request_id", "must differ from request_id", "REQUEST_ID_REUSED")
         v.raise_if_any()
         terminal, counter = await self.d.terminal_auth(
             request.mac, request.key_version, request.terminal_counter,
