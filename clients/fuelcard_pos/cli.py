@@ -769,6 +769,8 @@ class Command:
                     response: Message
                     if isinstance(request, transaction_pb2.ConfirmRequest):
                         response = client.send_confirm(request, queue=False)
+                    elif isinstance(request, transaction_pb2.ReverseAuthorizationRequest):
+                        response = client.send_reversal(request, queue=False)
                     else:
                         response = client.send_cancel(request, queue=False)
                 except PosError as exc:
