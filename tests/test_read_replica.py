@@ -259,6 +259,7 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
         funding,
         points,
         reconciliation,
+        refund,
         risk,
         security,
         transaction,
@@ -267,8 +268,8 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
     with_reports: set[str] = set()
     with_others: set[str] = set()
     seen: set[str] = set()
-    for module in (account, adjustment, control, events, funding, points, reconciliation, risk,
-                   security, transaction):
+    for module in (account, adjustment, control, events, funding, points, reconciliation, refund,
+                   risk, security, transaction):
         for servicer in vars(module).values():
             if isinstance(servicer, type) and servicer.__module__ == module.__name__:
                 for name, fn in vars(servicer).items():

@@ -70,6 +70,7 @@ READ_POOL_SERVICES = frozenset({
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
+    refund_pb2.DESCRIPTOR.services_by_name["RefundService"].full_name,
 })
 # What reports NOT_SERVING while the replica cannot be read (down, or further
 # behind than replica_max_lag_s). A load balancer routes by these names, so a

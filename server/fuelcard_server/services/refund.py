@@ -85,7 +85,9 @@ class RefundService(Servicer, refund_pb2_grpc.RefundServiceServicer):
         v = Violations()
         hold_id = v.uuid("hold_id", request.hold_id)
         v.raise_if_any()
-        if await self.d.db.fetch_one(HOLD_EXISTS_SQL, {"hold_uid": hold_id}) is None:
+        # A listing: the read pool (the replica when configured), as the
+        # other services' listings.
+        if await self.d.reads.fetch_one(HOLD_EXISTS_SQL, {"hold_uid": hold_id}) is None:
             raise errors.not_found("HOLD_NOT_FOUND", "hold")
-        rows = await self.d.db.fetch_all(LIST_SQL, {"hold_uid": hold_id})
+        rows = await self.d.reads.fetch_all(LIST_SQL, {"hold_uid": hold_id})
         return refund_pb2.ListSaleRefundsResponse(refunds=[refund_message(r[0]) for r in rows])
