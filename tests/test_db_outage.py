@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.plugins.database import control_postgres, postgres_running
 from tests.plugins.proxy import TcpProxy
-from tests.plugins.server import TEST_KEY_HEX, RunningServer, ServerThread, make_settings
+from tests.plugins.server import TEST_KEY_HEX, RunningServer, ServerThread, cluster_keys, make_settings
 from tests.support import builders
 
 FUELCARD = str(Path(sys.executable).parent / "fuelcard")
@@ -63,7 +63,8 @@ def outage_server(own_pg: EmbeddedPostgres, tmp_path: Path) -> Iterator[RunningS
     if not postgres_running(own_pg):
         control_postgres(own_pg, "start")
     settings = make_settings(tmp_path, pool_min=4, pool_max=8, pool_timeout_s=1.0,
-                             connect_timeout_s=1.0, health_interval_s=0.2)
+                             connect_timeout_s=1.0, health_interval_s=0.2,
+                             **cluster_keys(own_pg.data_dir / "server-keys"))
     clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
     url = own_pg.url()
     thread = ServerThread(settings, url, clock)

@@ -41,7 +41,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.plugins.database import control_postgres
 from tests.plugins.proxy import TcpProxy
-from tests.plugins.server import RunningServer, ServerThread, make_settings, same_keys
+from tests.plugins.server import (
+    RunningServer,
+    ServerThread,
+    cluster_keys,
+    make_settings,
+    same_keys,
+)
 from tests.support import builders
 from tests.support.ledger_asserts import unpack
 
@@ -77,7 +83,8 @@ def _primary_and_standby(tmp: Path) -> Iterator[tuple[EmbeddedPostgres, Embedded
 def split_server(primary_and_standby: tuple[EmbeddedPostgres, EmbeddedPostgres],
                  tmp_path: Path) -> Iterator[RunningServer]:
     primary, standby = primary_and_standby
-    settings = make_settings(tmp_path, replica_url=standby.url())
+    settings = make_settings(tmp_path, replica_url=standby.url(),
+                             **cluster_keys(primary.data_dir / "server-keys"))
     clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
     thread = ServerThread(settings, primary.url(), clock)
     port = thread.start()
@@ -195,7 +202,8 @@ def probed_server(primary_and_standby: tuple[EmbeddedPostgres, EmbeddedPostgres]
     primary, standby = primary_and_standby
     settings = make_settings(tmp_path, replica_url=standby.url(), health_interval_s=0.1,
                              replica_max_lag_s=MAX_LAG_S, connect_timeout_s=1.0,
-                             metrics_listen="127.0.0.1:0")
+                             metrics_listen="127.0.0.1:0",
+                             **cluster_keys(primary.data_dir / "server-keys"))
     clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
     thread = ServerThread(settings, primary.url(), clock)
     port = thread.start()
@@ -257,6 +265,7 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
         control,
         events,
         funding,
+        invoice,
         points,
         reconciliation,
         refund,
@@ -268,8 +277,8 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
     with_reports: set[str] = set()
     with_others: set[str] = set()
     seen: set[str] = set()
-    for module in (account, adjustment, control, events, funding, points, reconciliation, refund,
-                   risk, security, transaction):
+    for module in (account, adjustment, control, events, funding, invoice, points, reconciliation,
+                   refund, risk, security, transaction):
         for servicer in vars(module).values():
             if isinstance(servicer, type) and servicer.__module__ == module.__name__:
                 for name, fn in vars(servicer).items():
@@ -404,7 +413,8 @@ def test_one_dropped_probe_does_not_flap_health_three_in_a_row_do(
         # first failure is logged and before a third one.
         settings = make_settings(tmp_path, replica_url=standby.url(tcp=True).replace(
             f":{standby.port}/", f":{port}/"), health_interval_s=0.5, replica_max_lag_s=60.0,
-            connect_timeout_s=1.0, replica_down_after_probes=3, metrics_listen="127.0.0.1:0")
+            connect_timeout_s=1.0, replica_down_after_probes=3, metrics_listen="127.0.0.1:0",
+            **cluster_keys(primary.data_dir / "server-keys"))
         clock = ManualClock(dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC))
         thread = ServerThread(settings, primary.url(), clock)
         server_port = thread.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from fuelcard_server.replication import SAMPLES_MAX, LagMeter, StandbyStatus, parse_lsn
+from fuelcard_server.replication import SAMPLES_MAX, LagMeter, ReplicationView, StandbyStatus, parse_lsn
 
 
 def _standby(replay: int | None, age_s: float | None, receive: int | None = None,
@@ -67,3 +67,25 @@ def test_the_samples_are_bounded() -> None:
     for t in range(SAMPLES_MAX + 10):
         meter.note_primary(float(t), t)
     assert len(meter.samples) == SAMPLES_MAX and meter.samples[0] == (10.0, 10)
+
+
+def test_the_primarys_view_names_its_synchronous_standby() -> None:
+    rows: list[tuple[object, ...]] = [
+        ("node3", "async", 8192.0, 0.4, "127.0.0.1/32", 5433),
+        ("node2", "sync", 0.0, None, "127.0.0.1/32", 5433),
+    ]
+    view = ReplicationView.from_rows(rows)
+    assert view.primary == "127.0.0.1:5433"
+    assert [(x.name, x.sync_state, x.lag_bytes, x.lag_s) for x in view.standbys] == [
+        ("node2", "sync", 0.0, 0.0), ("node3", "async", 8192.0, 0.4)]
+    assert view.sync_standby == "node2"
+
+
+def test_a_primary_alone_has_no_synchronous_standby() -> None:
+    # the RIGHT JOIN's one row of NULLs: the primary, and no standby
+    view = ReplicationView.from_rows([(None, None, None, None, "127.0.0.1/32", 5433)])
+    assert view.primary == "127.0.0.1:5433" and view.standbys == ()
+    assert view.sync_standby is None
+    # standbys that are all asynchronous protect no commit either
+    only_async = ReplicationView.from_rows([("node3", "async", 0.0, 0.0, "127.0.0.1/32", 5433)])
+    assert only_async.sync_standby is None

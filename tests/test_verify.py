@@ -40,6 +40,9 @@ def _busy_ledger(server: RunningServer) -> tuple[builders.FundedCard, builders.F
     assert server.expire_holds() == 2
     server.points.RedeemPoints(points_pb2.RedeemPointsRequest(
         request_id=builders.rid(), account_id=card.account_id, points=51))
+    # every entry in the journal's hash chain (journal_chain.py), so that an
+    # entry edited behind the server's back shows there too
+    assert server.chain_journal() > 0
     return card, other
 
 
@@ -300,6 +303,31 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " FROM fc.holds h, fc.accounts a WHERE h.state = 4 AND a.uid = %(other)s"
       " AND h.account_id <> a.id"],
      {"settlement_exception_on_unpaid_hold"}),
+    # Issue 15: the invariants a review found unchecked, the append-only
+    # guards, and the journal's hash chain.
+    ("points-credited-to-the-funder",  # the sale's spender changed under its points entry
+     ["ALTER TABLE fc.holds DISABLE TRIGGER holds_state_machine",
+      "UPDATE fc.holds SET spender_account_id = (SELECT id FROM fc.accounts WHERE uid = %(other)s)"
+      " WHERE state = 2",
+      "ALTER TABLE fc.holds ENABLE TRIGGER holds_state_machine"],
+     {"points_credited_to_the_spender", "holds_on_the_right_funder"}),
+    ("hold-on-the-wrong-funder",  # another customer's expired hold moved onto this account
+     ["ALTER TABLE fc.holds DISABLE TRIGGER holds_state_machine",
+      "UPDATE fc.holds SET account_id = (SELECT id FROM fc.accounts WHERE uid = %(account)s)"
+      " WHERE state = 4 AND account_id = (SELECT id FROM fc.accounts WHERE uid = %(other)s)",
+      "ALTER TABLE fc.holds ENABLE TRIGGER holds_state_machine"],
+     {"holds_on_the_right_funder"}),
+    ("audit-log-guard-disabled",
+     ["ALTER TABLE fc.audit_log DISABLE TRIGGER audit_log_append_only"],
+     {"append_only_triggers_enabled"}),
+    ("journal-guard-dropped",
+     ["DROP TRIGGER journal_no_truncate ON fc.journal"],
+     {"append_only_triggers_enabled"}),
+    ("chained-entry-edited",  # balances untouched: only the chain shows it
+     ["ALTER TABLE fc.journal DISABLE TRIGGER journal_append_only",
+      "UPDATE fc.journal SET description = 'edited' WHERE id = (SELECT min(id) FROM fc.journal)",
+      "ALTER TABLE fc.journal ENABLE TRIGGER journal_append_only"],
+     {"journal_chain_intact"}),
     # Issue 14: an open exception filed under an account that is not its
     # hold's (listed where nobody chases it), and an adjustment approved
     # without its booking.
@@ -334,6 +362,29 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " points_earned + 1, 'dispute', 'admin::a', now() FROM fc.holds WHERE state = 2"
       " ORDER BY id LIMIT 1"],
      {"refunded_points_within_earned", "sale_refund_booked_once", "monthly_spend_equals_sales"}),
+    # Invoices (issue 19): the account's recharges invoiced at recharge, then (past the
+    # constraint that forbids it) its consumption invoiced too: the same money twice.
+    ("money-invoiced-twice",
+     ["INSERT INTO fc.invoicing_modes SELECT id, 1, now() FROM fc.accounts WHERE uid = %(account)s",
+      "INSERT INTO fc.invoices (account_id, kind, invoice_type, recharge_id, buyer_name, amount_fen,"
+      " tax_fen, total_fen, created_at, requested_by) SELECT r.account_id, 1, 1, r.id, 'x',"
+      " r.amount_fen, 0, r.amount_fen, now(), 't' FROM fc.recharges r"
+      " JOIN fc.accounts a ON a.id = r.account_id WHERE a.uid = %(account)s",
+      "ALTER TABLE fc.invoices DROP CONSTRAINT invoice_follows_account_mode",
+      "INSERT INTO fc.invoices (account_id, kind, invoice_type, month, buyer_name, amount_fen,"
+      " tax_fen, total_fen, created_at, requested_by) SELECT id, 2, 1, date_trunc('month', now()),"
+      " 'x', 100, 0, 100, now(), 't' FROM fc.accounts WHERE uid = %(account)s"],
+     {"no_money_invoiced_twice"}),
+    ("invoice-item-off-by-a-fen",
+     ["INSERT INTO fc.invoicing_modes SELECT id, 1, now() FROM fc.accounts WHERE uid = %(account)s",
+      "INSERT INTO fc.invoices (account_id, kind, invoice_type, recharge_id, buyer_name, amount_fen,"
+      " tax_fen, total_fen, created_at, requested_by) SELECT r.account_id, 1, 1, r.id, 'x',"
+      " r.amount_fen, 0, r.amount_fen, now(), 't' FROM fc.recharges r"
+      " JOIN fc.accounts a ON a.id = r.account_id WHERE a.uid = %(account)s",
+      "INSERT INTO fc.invoice_items (invoice_id, line_no, name, tax_code, amount_fen, tax_fen,"
+      " total_fen) SELECT id, 1, 'x', '6010000000000000000', amount_fen - 1, 0, total_fen - 1"
+      " FROM fc.invoices"],
+     {"invoice_lines_sum_to_totals"}),
     # The event stream (issue 9): a position lost from the stream.
     ("event-deleted",
      ["SELECT fc.sequence_events(p_now => now(), p_limit => 1000)",

@@ -11,8 +11,13 @@ refund arrives with trade_status TRADE_SUCCESS, a full one with TRADE_CLOSED.
 
 Signature: `sign` (base64) over every other parameter but sign and
 sign_type, sorted by name, "k=v" joined with "&", values URL-decoded. Alipay
-signs with RSA2 (SHA256withRSA); its SDKs also know sign_type SM2, which this
-adapter and its simulator use (raw r || s).
+signs with RSA2 (SHA256withRSA, an RSA Alipay public key); its SDKs also know
+sign_type SM2 (raw r || s, an SM2 key as X || Y): the configured key's kind
+says which sign_type is accepted.
+
+Our records: app_id must be ours, seller_id (when configured) our merchant
+PID, out_trade_no present; a refund notification restates the payment's
+total_amount, which must be the amount the core booked for trade_no.
 
 Refunds go to the core as that running total (RefundRecharge
 refunded_total_fen): the core refunds the difference under the account's lock,
@@ -40,6 +45,7 @@ import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric import rsa
 from fuelcard.v1 import funding_pb2
 
 from fuelcard_adapters.framework import (
@@ -52,7 +58,7 @@ from fuelcard_adapters.framework import (
     Result,
 )
 from fuelcard_adapters.neutral import SHANGHAI, FormatError, Kind, NeutralRecord, Status, parse_yuan
-from fuelcard_adapters.signing import sm2_verify, sorted_pairs
+from fuelcard_adapters.signing import ChannelKey, channel_verify, sorted_pairs
 
 CHANNEL = funding_pb2.CHANNEL_ALIPAY
 ENCODING = "gbk"
@@ -61,8 +67,9 @@ PAID = frozenset({"TRADE_SUCCESS", "TRADE_FINISHED"})
 
 @dataclass
 class Alipay:
-    alipay_public_key: bytes  # X || Y
+    alipay_public_key: ChannelKey  # RSA (sign_type RSA2) or SM2 X || Y (sign_type SM2)
     app_id: str
+    seller_id: str = ""  # our merchant PID (2088...); "" = not checked
     channel: int = CHANNEL
 
     def parse_notification(self, request: HttpRequest) -> Event:
@@ -75,22 +82,26 @@ class Alipay:
         p = dict(pairs)
         if len(p) != len(pairs):
             raise BadNotification("a parameter appears twice")
-        if p.get("sign_type") != "SM2":
-            raise BadNotification("sign_type is not SM2")
-        if not sm2_verify(self.alipay_public_key, sorted_pairs(p, exclude=("sign", "sign_type")),
-                          sign):
+        expected = "RSA2" if isinstance(self.alipay_public_key, rsa.RSAPublicKey) else "SM2"
+        if p.get("sign_type") != expected:
+            raise BadNotification(f"sign_type is not {expected}")
+        if not channel_verify(self.alipay_public_key,
+                              sorted_pairs(p, exclude=("sign", "sign_type")), sign):
             raise BadNotification("sign does not verify")
         if p.get("app_id") != self.app_id:
             raise BadNotification("app_id is not ours")
+        if self.seller_id and p.get("seller_id") != self.seller_id:
+            raise BadNotification("seller_id is not ours")
         status, trade_no = p.get("trade_status", ""), p.get("trade_no", "")
-        if not trade_no:
-            raise BadNotification("trade_no is missing")
+        if not trade_no or not p.get("out_trade_no"):
+            raise BadNotification("trade_no or out_trade_no is missing")
         refunded = parse_yuan(p["refund_fee"]) if p.get("refund_fee") else 0
         if refunded > 0:
             if not p.get("out_biz_no"):
                 raise BadNotification("a refund without out_biz_no")
+            total = parse_yuan(p["total_amount"]) if p.get("total_amount") else 0
             return Event(EventKind.REFUND, channel_txn_id=trade_no, refund_id=p["out_biz_no"],
-                         refunded_total_fen=refunded)
+                         refunded_total_fen=refunded, payment_total_fen=total)
         if status in PAID:
             amount = parse_yuan(p.get("total_amount", ""))
             if amount <= 0 or not p.get("passback_params"):

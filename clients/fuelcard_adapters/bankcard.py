@@ -7,10 +7,17 @@ Beijing), queryId (UnionPay's id: our channel txn id; for a refund, the
 refund's own id) and origQryId (a refund's original consume), respCode "00"
 for success, reqReserved (we carry the account id there), signature.
 
-Signature: `signature` (base64) over every other non-empty field sorted by
-name, "k=v" joined by "&". UnionPay signs with RSA (signMethod 01,
-certificate in signPubKeyCert); this adapter and its simulator use SM2 and
-mark it signMethod=02 (our choice; raw r || s).
+Signature: over every other non-empty field sorted by name, "k=v" joined by
+"&", by signMethod:
+  01  RSA: `signature` = base64 SHA256withRSA over the SHA-256 hex digest of
+      that string, by the UnionPay signing certificate named by `certId`
+      (configured by id: UnionPay rotates them);
+  12  secure key: `signature` = hex SM3(string + "&" + hex SM3(secure key)),
+      the secure key shared with UnionPay;
+  02  SM2 (raw r || s, base64), a channel key as X || Y: our own choice for
+      bank-card acquirers that sign with SM2.
+respCode 00 (success) and A6 (success with a defect: the money moved) are
+payments; any other respCode moves nothing.
 
 Answer: HTTP 200 and UnionPay stops; any other status and it notifies again.
 
@@ -27,10 +34,13 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
+import hmac
 import urllib.parse
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric import rsa
 from fuelcard.v1 import funding_pb2
 
 from fuelcard_adapters.framework import (
@@ -43,7 +53,7 @@ from fuelcard_adapters.framework import (
     Result,
 )
 from fuelcard_adapters.neutral import SHANGHAI, FormatError, Kind, NeutralRecord, Status, parse_fen
-from fuelcard_adapters.signing import sm2_verify, sorted_pairs
+from fuelcard_adapters.signing import rsa_verify, secure_key_digest, sm2_verify, sorted_pairs
 
 CHANNEL = funding_pb2.CHANNEL_BANK_CARD
 ENCODING = "utf-8"
@@ -51,28 +61,49 @@ WIDTHS = (3, 21, 21, 32, 14, 12, 12, 2)
 LINE_CHARS = sum(WIDTHS) + len(WIDTHS) - 1
 
 
+SUCCESS_CODES = frozenset({"00", "A6"})
+
+
 @dataclass
 class BankCard:
-    unionpay_public_key: bytes  # X || Y
     mer_id: str
+    certificates: Mapping[str, rsa.RSAPublicKey] = field(default_factory=dict)  # 01, by certId
+    secure_key: str = field(default="", repr=False)                          # 12
+    sm2_public_key: bytes = b""                                              # 02, X || Y
     channel: int = CHANNEL
+
+    def _verified(self, p: dict[str, str]) -> bool:
+        signed = sorted_pairs(p, exclude=("signature",))
+        method = p.get("signMethod")
+        try:
+            if method == "12" and self.secure_key:
+                return hmac.compare_digest(p["signature"].lower(),
+                                           secure_key_digest(signed, self.secure_key))
+            signature = base64.b64decode(p["signature"], validate=True)
+        except (KeyError, binascii.Error, TypeError):
+            return False
+        if method == "01":
+            cert = self.certificates.get(p.get("certId", ""))
+            return cert is not None and rsa_verify(
+                cert, hashlib.sha256(signed).hexdigest().encode(), signature)
+        if method == "02" and self.sm2_public_key:
+            return sm2_verify(self.sm2_public_key, signed, signature)
+        return False
 
     def parse_notification(self, request: HttpRequest) -> Event:
         try:
             pairs = urllib.parse.parse_qsl(request.body.decode(), keep_blank_values=True,
                                            strict_parsing=True)
-            p = dict(pairs)
-            signature = base64.b64decode(p["signature"], validate=True)
-        except (UnicodeDecodeError, ValueError, KeyError, binascii.Error):
-            raise BadNotification("not a form-encoded notification with a signature") from None
-        if len(p) != len(pairs) or p.get("signMethod") != "02":
-            raise BadNotification("duplicate parameters, or signMethod is not 02 (SM2)")
-        if not sm2_verify(self.unionpay_public_key, sorted_pairs(p, exclude=("signature",)),
-                          signature):
-            raise BadNotification("signature does not verify")
+        except (UnicodeDecodeError, ValueError):
+            raise BadNotification("not a form-encoded notification") from None
+        p = dict(pairs)
+        if len(p) != len(pairs) or "signature" not in p:
+            raise BadNotification("duplicate parameters, or no signature")
+        if not self._verified(p):
+            raise BadNotification("signature does not verify (signMethod 01, 12 or 02)")
         if p.get("merId") != self.mer_id or p.get("currencyCode") != "156":
             raise BadNotification("merId is not ours or currencyCode is not 156")
-        if p.get("respCode") != "00":
+        if p.get("respCode") not in SUCCESS_CODES:
             return Event(EventKind.IGNORE)  # a failed transaction moves no money
         query_id = p.get("queryId", "")
         amount = parse_fen(p.get("txnAmt", ""))

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from fuelcard.v1 import common_pb2
 
-from fuelcard_adapters.core import CoreClient, CoreError
+from fuelcard_adapters.core import AsyncCoreClient, CoreClient, CoreError
 from fuelcard_adapters.neutral import FormatError, NeutralRecord
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,16 @@ class Event:
     amount_fen: int = 0          # this payment / this refund
     refund_id: str = ""          # the channel's refund id (refunds)
     refunded_total_fen: int = 0  # a running refunded total instead of amount_fen
+    # The payment's total as a refund notification restates it (Alipay's
+    # total_amount): checked against the core's record of the payment.
+    payment_total_fen: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str, int, int]:
+        """What makes two notifications the same event: a duplicate (same
+        key) is answered as the first one was."""
+        return (self.kind.value, self.channel_txn_id, self.refund_id, self.amount_fen,
+                self.refunded_total_fen)
 
 
 class Outcome(enum.Enum):
@@ -101,6 +111,10 @@ class ChannelMapping(Protocol):
         ...
 
 
+# A core call as the flow asks for it: a CoreClient method's name and arguments.
+CoreCall = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
 class BillParser(Protocol):
     def __call__(self, lines: Iterable[str]) -> Iterator[NeutralRecord]: ...
 
@@ -114,16 +128,62 @@ class Adapter:
         return self.mapping.reply(self.process(request))
 
     def process(self, request: HttpRequest) -> Result:
+        event = self.parse(request)
+        return event if isinstance(event, Result) else self.apply(event)
+
+    def parse(self, request: HttpRequest) -> Event | Result:
+        """The notification as an Event, or the Result of refusing it."""
         try:
-            event = self.mapping.parse_notification(request)
+            return self.mapping.parse_notification(request)
         except (BadNotification, FormatError) as exc:
             log.warning("channel %d: notification rejected: %s", self.mapping.channel, exc)
             return Result(Outcome.REJECTED, str(exc))
+
+    def apply(self, event: Event) -> Result:
+        """The core call for one genuine notification (idempotent: the same
+        event always makes the same request)."""
+        steps = self._steps(event)
+        try:
+            call = next(steps)
+            while True:
+                name, args, kwargs = call
+                try:
+                    answer = getattr(self.core, name)(*args, **kwargs)
+                except CoreError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(answer)
+        except StopIteration as done:
+            result: Result = done.value
+            return result
+
+    async def apply_async(self, event: Event, core: AsyncCoreClient) -> Result:
+        """`apply`, with the core calls made on the caller's asyncio loop."""
+        steps = self._steps(event)
+        try:
+            call = next(steps)
+            while True:
+                name, args, kwargs = call
+                try:
+                    answer = await getattr(core, name)(*args, **kwargs)
+                except CoreError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(answer)
+        except StopIteration as done:
+            result: Result = done.value
+            return result
+
+    def _steps(self, event: Event) -> Generator[CoreCall, Any, Result]:
+        """What to ask the core and what its answers mean, written once for
+        both clients: yields each call (method name and arguments), is sent
+        the answer or thrown the CoreError."""
         if event.kind is EventKind.IGNORE:
             return Result(Outcome.ACCEPTED, "IGNORED")
         try:
             if event.kind is EventKind.PAYMENT:
-                paid = self.core.recharge(event.account_id, event.channel_txn_id, event.amount_fen)
+                paid = yield ("recharge", (event.account_id, event.channel_txn_id,
+                                           event.amount_fen), {})
                 if paid.decision == common_pb2.DECISION_DECLINED:
                     # The core will not take the money: the payer must be
                     # refunded through the channel (operations follow up).
@@ -131,9 +191,18 @@ class Adapter:
                                 common_pb2.DeclineReason.Name(paid.decline_reason))
                     return Result(Outcome.ACCEPTED, "DECLINED", paid.balance_fen)
                 return Result(Outcome.ACCEPTED, "APPROVED", paid.balance_fen)
-            refunded = self.core.refund(event.channel_txn_id, event.refund_id,
-                                        amount_fen=event.amount_fen,
-                                        refunded_total_fen=event.refunded_total_fen)
+            if event.payment_total_fen:
+                # Our record of the payment must say what the channel says:
+                # a refund of a payment we know under another amount is not
+                # ours to apply (a person looks at it).
+                known = yield ("get_recharge", (event.channel_txn_id,), {})
+                if known.recharge.amount_fen != event.payment_total_fen:
+                    log.warning("channel %d: refund notification states another payment total",
+                                self.mapping.channel)
+                    return Result(Outcome.REJECTED, "PAYMENT_TOTAL_MISMATCH")
+            refunded = yield ("refund", (event.channel_txn_id, event.refund_id),
+                              {"amount_fen": event.amount_fen,
+                               "refunded_total_fen": event.refunded_total_fen})
             return Result(Outcome.ACCEPTED, "REFUNDED", refunded.balance_fen)
         except CoreError as exc:
             if exc.reason == "REFUND_ALREADY_COVERED":

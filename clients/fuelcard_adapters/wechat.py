@@ -12,9 +12,15 @@ and amount.refund in fen.
 
 Signature: the headers Wechatpay-Timestamp, Wechatpay-Nonce, Wechatpay-Serial
 and Wechatpay-Signature sign "timestamp\\nnonce\\nbody\\n". WeChat signs with
-RSA-SHA256 (WECHATPAY2-SHA256-RSA2048) or, in its national-cryptography mode,
-SM2 with SM3 (WECHATPAY2-SM2-WITH-SM3): this adapter and its simulator use
-SM2 (signature base64 of raw r || s; WeChat's platform key as X || Y).
+RSA-SHA256 (WECHATPAY2-SHA256-RSA2048, the default when no
+Wechatpay-Signature-Type is sent) or, in its national-cryptography mode, SM2
+with SM3 (WECHATPAY2-SM2-WITH-SM3; signature base64 of raw r || s, the key as
+X || Y). Wechatpay-Serial names the platform key (WeChat rotates them, so
+several are configured by serial); an unknown serial or a key of the other
+kind does not verify. A timestamp more than 5 minutes from our clock is
+refused (a replayed notification), and so are WeChat's deliberate
+bad-signature probes (a signature starting WECHATPAY/SIGNTEST/, sent to check
+that merchants verify): they are bad signatures, answered as such.
 
 Answer: HTTP 200 with no body when the notification is taken; otherwise a
 4XX/5XX with {"code": "FAIL", "message": ...}, and WeChat notifies again.
@@ -31,11 +37,13 @@ import binascii
 import csv
 import datetime as dt
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fuelcard.v1 import funding_pb2
 
@@ -49,10 +57,14 @@ from fuelcard_adapters.framework import (
     Result,
 )
 from fuelcard_adapters.neutral import SHANGHAI, FormatError, Kind, NeutralRecord, Status, parse_yuan
-from fuelcard_adapters.signing import sm2_verify
+from fuelcard_adapters.signing import ChannelKey, rsa_verify, sm2_verify
 
 CHANNEL = funding_pb2.CHANNEL_WECHAT_PAY
-SIGNATURE_TYPE = "WECHATPAY2-SM2-WITH-SM3"
+RSA_SIGNATURE_TYPE = "WECHATPAY2-SHA256-RSA2048"
+SM2_SIGNATURE_TYPE = "WECHATPAY2-SM2-WITH-SM3"
+SIGNATURE_TYPE = SM2_SIGNATURE_TYPE
+PROBE_PREFIX = "WECHATPAY/SIGNTEST/"
+MAX_SKEW_S = 300.0  # WeChat's own rule for its notifications: 5 minutes
 
 
 def _fen(value: Any, name: str) -> int:
@@ -70,21 +82,41 @@ def _text(obj: dict[str, Any], name: str) -> str:
 
 @dataclass
 class WeChatPay:
-    platform_public_key: bytes  # WeChat Pay's platform key (X || Y)
-    apiv3_key: bytes            # 32 bytes
+    platform_keys: Mapping[str, ChannelKey]  # WeChat Pay's platform keys by serial
+    apiv3_key: bytes                         # 32 bytes
     channel: int = CHANNEL
+    # Our clock (seconds since the epoch), against Wechatpay-Timestamp.
+    now: Callable[[], float] = field(default=time.time, repr=False)
+    max_skew_s: float = MAX_SKEW_S
 
     def parse_notification(self, request: HttpRequest) -> Event:
         h = request.headers
         try:
             timestamp, nonce = h["wechatpay-timestamp"], h["wechatpay-nonce"]
-            signature = base64.b64decode(h["wechatpay-signature"], validate=True)
-        except (KeyError, binascii.Error):
-            raise BadNotification("Wechatpay-* signature headers missing or malformed") from None
-        if h.get("wechatpay-signature-type", SIGNATURE_TYPE) != SIGNATURE_TYPE:
-            raise BadNotification("unsupported Wechatpay-Signature-Type")
+            encoded, serial = h["wechatpay-signature"], h["wechatpay-serial"]
+        except KeyError:
+            raise BadNotification("Wechatpay-* signature headers missing") from None
+        if encoded.startswith(PROBE_PREFIX):
+            raise BadNotification("Wechatpay-Signature is a signature probe")
+        try:
+            signature = base64.b64decode(encoded, validate=True)
+            sent = int(timestamp)
+        except (binascii.Error, ValueError):
+            raise BadNotification("Wechatpay-Signature or -Timestamp malformed") from None
+        if abs(self.now() - sent) > self.max_skew_s:
+            raise BadNotification("Wechatpay-Timestamp is more than 5 minutes off")
+        key = self.platform_keys.get(serial)
+        if key is None:
+            raise BadNotification("Wechatpay-Serial names no platform key we hold")
         message = f"{timestamp}\n{nonce}\n".encode() + request.body + b"\n"
-        if not sm2_verify(self.platform_public_key, message, signature):
+        kind = h.get("wechatpay-signature-type", RSA_SIGNATURE_TYPE)
+        if kind == RSA_SIGNATURE_TYPE and isinstance(key, rsa.RSAPublicKey):
+            verified = rsa_verify(key, message, signature)
+        elif kind == SM2_SIGNATURE_TYPE and isinstance(key, bytes):
+            verified = sm2_verify(key, message, signature)
+        else:
+            raise BadNotification("Wechatpay-Signature-Type does not match the platform key")
+        if not verified:
             raise BadNotification("Wechatpay-Signature does not verify")
         try:
             body = json.loads(request.body)
@@ -146,12 +178,23 @@ def parse_bill(lines: Iterable[str]) -> Iterator[NeutralRecord]:
     header = next(rows, None)
     if header is None or ",".join(header).lstrip("\ufeff") != BILL_HEADER:
         raise FormatError("line 1: not a WeChat Pay trade bill header")
-    count = 0
+    # The summary line's totals, recomputed from the rows: a bill cut short
+    # or edited shows here. Refund rows carry 0.00 as their settled amount
+    # and a negative fee, so the sums are over every row, as WeChat sums them.
+    count = settled = refunded = fees = 0
     for n, row in enumerate(rows, start=2):
         if row and row[0] == SUMMARY_HEADER:
-            summary = next(rows, None)
-            if not summary or summary[0].lstrip("`") != str(count):
+            summary = [v.removeprefix("`") for v in next(rows, None) or []]
+            if len(summary) < 5 or summary[0] != str(count):
                 raise FormatError(f"line {n + 1}: summary count does not match {count} rows")
+            try:
+                totals = (parse_yuan(summary[1]), parse_yuan(summary[2]),
+                          parse_yuan(summary[4], allow_negative=True))
+            except FormatError as exc:
+                raise FormatError(f"line {n + 1}: summary: {exc}") from None
+            if totals != (settled, refunded, fees):
+                raise FormatError(f"line {n + 1}: summary totals (settled, refunded, fees) do not"
+                                  " match the rows")
             return
         try:
             if len(row) != 27:
@@ -165,6 +208,11 @@ def parse_bill(lines: Iterable[str]) -> Iterator[NeutralRecord]:
             time = dt.datetime.fromisoformat(when[1:]).replace(tzinfo=SHANGHAI)
             if currency != "`CNY":
                 raise FormatError("currency is not CNY")
+            if not row[12].startswith("`"):
+                raise FormatError("a value without its backtick")
+            settled += parse_yuan(row[12][1:])
+            refunded += parse_yuan(refund_amount[1:])
+            fees += parse_yuan(fee[1:], allow_negative=True)
             if state == "`REFUND":
                 yield NeutralRecord(CHANNEL, Kind.REFUND, refund_id[1:], parse_yuan(refund_amount[1:]),
                                     time, _REFUND_STATUS[refund_state[1:]],

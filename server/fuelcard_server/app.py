@@ -22,6 +22,7 @@ from fuelcard.v1 import (
     control_pb2_grpc,
     events_pb2_grpc,
     funding_pb2_grpc,
+    invoice_pb2_grpc,
     points_pb2_grpc,
     refund_pb2_grpc,
     risk_pb2_grpc,
@@ -52,6 +53,7 @@ from fuelcard_server.services.control import ControlService
 from fuelcard_server.services.events import EventService
 from fuelcard_server.services.funding import FundingService
 from fuelcard_server.services.handling import Deps, guarded
+from fuelcard_server.services.invoice import InvoiceService
 from fuelcard_server.services.points import PointsService
 from fuelcard_server.services.reconciliation import ReconciliationService
 from fuelcard_server.services.refund import RefundService
@@ -153,8 +155,9 @@ class FuelcardServer:
             tel.gauges.replica_up = 0
         else:
             await self._reads.open()
-        tel.watch_pool("transactions", self._db.pool.get_stats)
-        tel.watch_pool("reads", self._reads.pool.get_stats)
+        # through the Database, not its pool of the moment (renew() replaces it)
+        tel.watch_pool("transactions", self._db.pool_stats)
+        tel.watch_pool("reads", self._reads.pool_stats)
         key = served.card_index
         terminal_keys = TerminalKeys(self._db, served.root)
         deps = Deps(
@@ -186,6 +189,7 @@ class FuelcardServer:
             ReconciliationService(deps), guard)
         adjustment_pb2_grpc.add_AdjustmentServiceServicer_to_server(AdjustmentService(deps), guard)
         refund_pb2_grpc.add_RefundServiceServicer_to_server(RefundService(deps), guard)
+        invoice_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceService(deps), guard)
         self._sequencer = Sequencer(self._db, self.clock, s.event_batch, s.event_retention_s,
                                     reads=self._reads)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(deps, self._sequencer),
@@ -219,6 +223,7 @@ class FuelcardServer:
             self._tasks.append(asyncio.create_task(self._health.replica_loop(),
                                                    name="replica-probe"))
         self._tasks.append(asyncio.create_task(self._jobs.event_loop(), name="event-sequencer"))
+        self._tasks.append(asyncio.create_task(self._jobs.journal_chain_loop(), name="journal-chain"))
         log.info("serving on %s:%d", host, self.port)
         return self.port
 
@@ -250,6 +255,10 @@ class FuelcardServer:
     async def sequence_events_once(self) -> int:
         assert self._jobs is not None
         return await self._jobs.sequence_events_once()
+
+    async def chain_journal_once(self) -> int:
+        assert self._jobs is not None
+        return await self._jobs.chain_journal_once()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight RPCs finish, then close the pool."""

@@ -113,11 +113,16 @@ def should_audit(method: str, caller: Caller | None, allowed: frozenset[Role]) -
 
 
 def actor_of(caller: Caller | None) -> str:
+    """The certificate's identity, and the principal an edge acted for
+    ("admin::fuelcard-api for principal:<uuid>")."""
     if caller is None:
         return "unidentified"
-    if caller.role is None:
-        return "development"
-    return scrub(caller.key)
+    actor = "development" if caller.role is None else scrub(caller.key)
+    if caller.on_behalf_of:
+        # "principal:<uuid>" (identity.acting_for admits nothing else): not
+        # scrubbed, a uuid's 12 hex digits may all be decimal ones
+        actor += " for " + caller.on_behalf_of
+    return actor
 
 
 def outcome_of(error: errors.ApiError | None) -> str:

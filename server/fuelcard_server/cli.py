@@ -19,7 +19,16 @@ from pathlib import Path
 
 import psycopg
 
-from fuelcard_server import audit, event_backfill, key_commands, logs, migrations, verify
+from fuelcard_server import (
+    audit,
+    event_backfill,
+    journal_commands,
+    key_commands,
+    logs,
+    migrations,
+    roles,
+    verify,
+)
 from fuelcard_server.db import one_shot
 from fuelcard_server.embedded import EmbeddedPostgres
 from fuelcard_server.gm import Sm2PrivateKey, Sm2PublicKey
@@ -43,8 +52,9 @@ def _add_database_flags(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     s = Settings.from_env(config=getattr(args, "config", None))
-    for name in ("listen", "database_url", "data_dir", "workers", "hold_ttl_s", "pool_max",
-                 "pool_min", "tls_dir", "replica_url", "replica_max_lag_s", "metrics_listen", "otlp_endpoint",
+    for name in ("listen", "database_url", "migrate_database_url", "data_dir", "workers",
+                 "hold_ttl_s", "pool_max", "pool_min", "tls_dir", "replica_url", "replica_max_lag_s",
+                 "metrics_listen", "otlp_endpoint",
                  "trace_sample_ratio", "access_log_sample", "log_level"):
         value = getattr(args, name, None)
         if value is not None:
@@ -124,7 +134,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         demo_certs(s.certs_dir)
     url, pg = _database(s)
     try:
-        migrations.migrate(url)
+        migrations.migrate(s.migrate_database_url or url)
+        if pg is not None:
+            # migrated as the embedded cluster's superuser; served as the
+            # role that cannot rewrite history (roles.py)
+            url = roles.as_role(url)
         if s.workers == 1:
             _run_worker(s, url, args.demo, args.port_file)
             return 0
@@ -190,6 +204,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 todo = ([f"{migrations.LEGACY_MIGRATIONS[-1]} recorded as the baseline"] if plan.legacy
                         else []) + [m.name for m in plan.pending] + [f"functions/{f.name}"
                                                                       for f in plan.changed]
+                todo += [migrations.PRIVILEGES_FILE] if plan.privileges_changed else []
                 print("would apply: " + (", ".join(todo) if todo else "nothing (up to date)"))
             return 0
         applied = migrations.migrate(url)
@@ -279,7 +294,7 @@ def _server_key(s: Settings) -> Sm2PrivateKey | None:
     return s.signing_key() if s.signing_key_path.exists() else None
 
 
-def _anchors_of(path: Path, s: Settings, public_hex: str | None
+def _anchors_of(path: Path, s: Settings, public_hex: str | None, journal: bool = False
                 ) -> tuple[list[tuple[int, bytes]], int]:
     """The heads anchored in an anchor file, each signature checked; or ([],
     exit code) after saying why they cannot be trusted."""
@@ -300,7 +315,8 @@ def _anchors_of(path: Path, s: Settings, public_hex: str | None
             return [], 2
         public = key.public_key
     try:
-        anchors = audit_anchor.read(path, public)
+        anchors = audit_anchor.read(path, public,
+                                    audit_anchor.JOURNAL if journal else audit_anchor.AUDIT)
     except audit_anchor.AnchorError as exc:
         print(f"FAIL {exc}")
         print(f"anchor file not trusted: {exc}", file=sys.stderr)
@@ -642,6 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory: server.pem, server.key, ca.pem")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext without client identities, loopback only (development)")
+    p.add_argument("--migrate-database-url", dest="migrate_database_url",
+                   help="a URL of the schema owner (or an admin that is a member of "
+                   "fuelcard_owner) to migrate with before serving, when --database-url is the "
+                   "serving role fuelcard_app's (env FUELCARD_MIGRATE_DATABASE_URL; README, "
+                   "\"Least privilege\")")
     p.add_argument("--replica-url", dest="replica_url",
                    help="a streaming replica for report and history reads (env "
                    "FUELCARD_REPLICA_URL)")
@@ -716,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "keep it, or copies of it, where database administrators cannot write")
     p.set_defaults(func=cmd_audit_anchor)
 
+    journal_commands.add_parsers(sub, _add_database_flags)
+
     p = sub.add_parser("risk", help="the risk engine's rule sets")
     risk_sub = p.add_subparsers(dest="risk_command", required=True)
     p = risk_sub.add_parser("load", help="validate a rule set file and put it in force (no "
@@ -779,6 +802,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Settlement exceptions: list, get, resolve (exception_commands.py).
     from fuelcard_server import exception_commands
     exception_commands.add_parser(sub, _add_database_flags, _settings, _database)
+
+    # `fuelcard admin ...`: operator work over gRPC with the admin certificate
+    # (admin_cli.py holds the whole group).
+    from fuelcard_server import admin_cli
+    admin_cli.add_parser(sub)
     return parser
 
 

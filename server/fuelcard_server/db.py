@@ -8,6 +8,7 @@ here, so no handler ever sees a psycopg exception.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -130,8 +131,11 @@ def translate(exc: psycopg.Error) -> errors.ApiError:
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return errors.ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
                                "the database work was cancelled at the deadline")
+    # ReadOnlySqlTransaction: a write on a node that is no longer the
+    # primary (a failover demoted it under a pooled connection); it did not
+    # run, and the caller may retry once health says SERVING again.
     if isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown
-                  | psycopg.errors.CannotConnectNow):
+                  | psycopg.errors.CannotConnectNow | psycopg.errors.ReadOnlySqlTransaction):
         return errors.unavailable("DATABASE_UNAVAILABLE", "the database is unavailable")
     log.error("unexpected database error sqlstate=%s class=%s constraint=%s", state,
               type(exc).__name__, diag.constraint_name)
@@ -157,8 +161,7 @@ class Database:
         # What calls are told while `available` is False.
         self.unavailable_reason = ("DATABASE_UNAVAILABLE", "the database is unavailable")
         self.tracer = tracer if tracer is not None and tracing_on(tracer) else None
-        self.pool = AsyncConnectionPool(
-            url,
+        self._pool_args: dict[str, Any] = dict(
             min_size=min_size,
             max_size=max_size,
             timeout=timeout_s,
@@ -171,6 +174,11 @@ class Database:
             reconnect_timeout=24 * 3600.0,
             name=name,
         )
+        self.connect_timeout_s = connect_timeout_s
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] = \
+            AsyncConnectionPool(url, **self._pool_args)
+        # Old pools being closed in the background after renew().
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def refuse(self, reason: str, message: str) -> None:
         """Fail every call at once with UNAVAILABLE `reason` until resume()."""
@@ -183,6 +191,10 @@ class Database:
     def _down(self) -> errors.ApiError:
         return errors.unavailable(*self.unavailable_reason)
 
+    def pool_stats(self) -> dict[str, int]:
+        """The current pool's statistics (renew() replaces the pool)."""
+        return self.pool.get_stats()
+
     def pool_waiting(self) -> int:
         return int(self.pool.get_stats().get("requests_waiting", 0))
 
@@ -191,6 +203,38 @@ class Database:
 
     async def close(self) -> None:
         await self.pool.close()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    async def renew(self) -> bool:
+        """Replace the pool with a fresh one and say whether a statement now
+        succeeds through it (one connection made and asked within
+        connect_timeout_s).
+
+        Why not drain() or check(): after an outage, or a failover that moved
+        the primary to another node, the old pool's connection attempts are
+        in exponential back-off (1 s, 2 s, 4 s ... with jitter); drain() only
+        replaces connections it holds, and it holds none after the database
+        vanished, so the first approval came 0-7 s after the database could
+        have given one, and calls waited for a connection until their
+        deadline. A fresh pool connects now (the multi-host URL with
+        target_session_attrs=read-write finds the new primary). Calls still
+        holding a connection of the old pool finish on it; the old pool is
+        closed in the background."""
+        old = self.pool
+        self.pool = AsyncConnectionPool(self.url, **self._pool_args)
+        await self.pool.open(wait=False)
+        task = asyncio.create_task(old.close(timeout=self.connect_timeout_s),
+                                   name=f"{self.name}-retire-pool")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                async with self.pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+        except (psycopg.Error, TimeoutError):
+            return False
+        return True
 
     async def call(self, sql: LiteralString, params: Params) -> dict[str, Any]:
         """Run one statement returning a single jsonb value.

@@ -23,6 +23,7 @@ from fuelcard.v1 import (
     control_pb2,
     events_pb2,
     funding_pb2,
+    invoice_pb2,
     points_pb2,
     refund_pb2,
     risk_pb2,
@@ -34,7 +35,15 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2
 
 from fuelcard_server.db import Database, probe_connection
-from fuelcard_server.replication import STANDBY_SQL, LagMeter, ReplicaState, StandbyStatus, parse_lsn
+from fuelcard_server.replication import (
+    REPLICATION_SQL,
+    STANDBY_SQL,
+    LagMeter,
+    ReplicaState,
+    ReplicationView,
+    StandbyStatus,
+    parse_lsn,
+)
 from fuelcard_server.settings import Settings
 from fuelcard_server.telemetry import Telemetry
 
@@ -56,6 +65,7 @@ SERVICE_NAMES = (
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
     refund_pb2.DESCRIPTOR.services_by_name["RefundService"].full_name,
+    invoice_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
 )
 
 # Services with an RPC that reads through the read pool (the replica when
@@ -71,6 +81,7 @@ READ_POOL_SERVICES = frozenset({
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
     refund_pb2.DESCRIPTOR.services_by_name["RefundService"].full_name,
+    invoice_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
 })
 # What reports NOT_SERVING while the replica cannot be read (down, or further
 # behind than replica_max_lag_s). A load balancer routes by these names, so a
@@ -90,6 +101,9 @@ REPLICA_REFUSALS = {
                                                "histories are paused, payments are not"),
     ReplicaState.LAGGING: ("REPLICA_LAGGING", "the read replica is too far behind: reports and "
                                               "histories are paused, payments are not"),
+    ReplicaState.PROMOTED: ("REPLICA_UNAVAILABLE", "the read replica was promoted to primary: "
+                                                   "reports and histories are paused until a "
+                                                   "standby is found, payments are not"),
 }
 
 # The health probe: its own connection, so a busy pool is not a dead database.
@@ -162,7 +176,29 @@ class Health:
         self.telemetry.gauges.active_holds = row[0]
         if self.settings.replica_url:
             self._lag.note_primary(asyncio.get_running_loop().time(), parse_lsn(row[1]))
+        await self._observe_replication(conn)
         return conn
+
+    async def _observe_replication(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+        """The primary's standbys for the metrics, and a log line when the
+        primary's node or its synchronous standby changes (a failover, a
+        switchover, a standby lost: what the on-call SRE looks for first)."""
+        gauges = self.telemetry.gauges
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                rows = await (await conn.execute(REPLICATION_SQL)).fetchall()
+        except BaseException:  # failed or cancelled: the caller never gets it back
+            await asyncio.shield(conn.close())
+            raise
+        view = ReplicationView.from_rows(rows)
+        before = gauges.replication
+        if before is None or (before.primary, before.sync_standby) != (view.primary,
+                                                                      view.sync_standby):
+            standbys = ", ".join(f"{x.name} ({x.sync_state})" for x in view.standbys) or "none"
+            log_at = log.warning if view.sync_standby is None and view.standbys else log.info
+            log_at("primary %s; synchronous standby %s; standbys: %s", view.primary,
+                   view.sync_standby or "NONE (commits are on one node only)", standbys)
+        gauges.replication = view
 
     async def refresh_gauges(self) -> None:
         """One probe now (the gauges it feeds), on a connection of its own."""
@@ -184,21 +220,21 @@ class Health:
                     conn = None  # probe_once closed it
                     if healthy:
                         log.warning("database unreachable (%s): NOT_SERVING", type(exc).__name__)
+                if up and not healthy:
+                    # Replace the pool: its connections may have died with
+                    # the database, lead to a host that is gone without a
+                    # word (a moved address, a NAT that forgot the flow), or
+                    # to the old primary of a failover, and its reconnects
+                    # are in back-off (db.renew). pool.check() asked each
+                    # one, one at a time without a time limit; drain() had
+                    # nothing to replace when they were all gone. SERVING
+                    # only once a statement went through the new pool.
+                    up = await self._db.renew()
+                    # The replica's pool is the replica loop's business.
+                    if up and self._reads.url == self._db.url:
+                        up = await self._reads.renew()
                 if up != healthy:
                     healthy = up
-                    if up:
-                        # Replace every pooled connection: they may have died
-                        # with the database, or lead to a host that is gone
-                        # without a word (a moved address, a NAT that forgot
-                        # the flow). pool.check() asked each one, one at a
-                        # time without a time limit, and one that never
-                        # answered kept payments refused although the
-                        # database was back; drain() closes them and opens
-                        # new ones in the background, waiting on nothing.
-                        await self._db.pool.drain()
-                        # The replica's pool is the replica loop's business.
-                        if self._reads.url == self._db.url:
-                            await self._reads.pool.drain()
                     self._db.available = up
                     if self._reads.url == self._db.url:
                         self._reads.available = up
@@ -235,7 +271,8 @@ class Health:
                 await asyncio.shield(conn.close())
                 raise
             assert row is not None
-            lag = self._lag.lag_s(StandbyStatus.from_row(row), asyncio.get_running_loop().time())
+            status = StandbyStatus.from_row(row)
+            lag = self._lag.lag_s(status, asyncio.get_running_loop().time())
             # Hysteresis: a replica that was lagging or down is read again
             # once it is well under the limit, so a lag hovering at it (or a
             # lagging replica that dropped a probe) does not flap health.
@@ -243,7 +280,15 @@ class Health:
                                            else LAG_RECOVERY_SHARE)
             state = ReplicaState.OK if lag <= limit else ReplicaState.LAGGING
             gauges.replica_up, gauges.replica_lag_s = 1, lag
+            gauges.replica_standby = int(status.in_recovery)
             self._replica_failures = 0
+            if not status.in_recovery:
+                # Promoted under our connection: not a replica any more
+                # (replication.py). Reconnect next time, to a standby.
+                state = ReplicaState.PROMOTED
+                gauges.replica_lag_s = None
+                await conn.close()
+                conn = None
         except (psycopg.Error, OSError, TimeoutError) as exc:
             conn = None
             # the gauges say what the last probe saw; the state waits for more
@@ -259,8 +304,10 @@ class Health:
         if state is not self._replica:
             previous, self._replica = self._replica, state
             if state is ReplicaState.OK:
-                if previous is ReplicaState.DOWN:  # replace the connections that died with it
-                    await self._reads.pool.drain()
+                if previous in (ReplicaState.DOWN, ReplicaState.PROMOTED):
+                    # replace the connections that died with it, or that
+                    # stayed on the node a failover promoted
+                    await self._reads.renew()
                 self._reads.resume()
                 log.info("read replica usable again: report services SERVING")
             else:

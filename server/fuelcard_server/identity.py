@@ -10,8 +10,10 @@ Every RPC declares the roles that may call it (permissions.py).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,10 @@ class Caller:
     role: Role | None  # None: development mode without TLS, every role
     name: str
     scope: str = ""  # station of a terminal, channel of an adapter
+    # The person an edge (the JSON API, with an admin certificate) acts for,
+    # from the call's ON_BEHALF_OF metadata: recorded in the audit trail as
+    # part of the actor; never part of `key` (the edge's own request_ids).
+    on_behalf_of: str = ""
 
     @property
     def key(self) -> str:
@@ -47,6 +53,27 @@ class Caller:
 
 
 DEVELOPMENT = Caller(role=None, name="development")
+
+# Call metadata an admin caller (an edge) sets to name the principal it acts
+# for, e.g. "principal:<uuid>". Other roles' values are ignored: a terminal
+# speaks for itself.
+ON_BEHALF_OF = "fuelcard-on-behalf-of"
+# "<kind>:<uuid>": an internal id, never a login, phone or name, so that it
+# can go into the audit trail as it is.
+_ON_BEHALF_OF_FORM = re.compile(
+    r"[a-z_]{1,20}:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def acting_for(caller: Caller, metadata: Any) -> Caller:
+    """The caller with the principal its metadata names, if it is an admin
+    (or development mode) and the value is well-formed; a malformed value is
+    dropped rather than written into the audit trail."""
+    if caller.role not in (Role.ADMIN, None) or not metadata:
+        return caller
+    for key, value in metadata:
+        if key == ON_BEHALF_OF and isinstance(value, str) and _ON_BEHALF_OF_FORM.fullmatch(value):
+            return dataclasses.replace(caller, on_behalf_of=value)
+    return caller
 
 
 @functools.lru_cache(maxsize=4096)

@@ -2,7 +2,8 @@
 task: holds past their expiry released (customers' reserved money given
 back), points lots lapsed, tiers re-evaluated as old months leave their
 window, idempotency keys and step-up challenges pruned (retention.py), and
-the event outbox positioned and pruned (events.py).
+the event outbox positioned and pruned (events.py), committed journal
+entries hash-chained (journal_chain.py).
 
 Every job takes an advisory lock and does nothing while another process
 holds it: under `serve --workers N` one process at a time does each.
@@ -19,6 +20,7 @@ from fuelcard_server import errors
 from fuelcard_server.clock import Clock
 from fuelcard_server.db import Database
 from fuelcard_server.events import PRUNE_BATCHES_MAX, PRUNE_EVERY_S, Sequencer
+from fuelcard_server.journal_chain import Chainer
 from fuelcard_server.locks import EXPIRY_SWEEP_LOCK, POINTS_EXPIRY_LOCK, TIER_EVALUATION_LOCK
 from fuelcard_server.retention import Pruned, Retention
 from fuelcard_server.settings import Settings
@@ -61,6 +63,7 @@ class Jobs:
         self.telemetry = telemetry
         self._retention = retention
         self._sequencer = sequencer
+        self._chainer = Chainer(db, settings.journal_chain_batch)
 
     async def expire_holds_once(self) -> int:
         """One sweep; returns holds released, or -1 if another process is
@@ -154,6 +157,19 @@ class Jobs:
         """Position one batch of committed outbox rows; -1 if another
         process is on it."""
         return await self._sequencer.run_once()
+
+    async def chain_journal_once(self) -> int:
+        """Chain one batch of committed journal entries; -1 if another
+        process is on it."""
+        return await self._chainer.run_once()
+
+    async def journal_chain_loop(self) -> None:
+        """Keep the journal's hash chain within a round of the newest commit:
+        every journal_chain_interval_s, at once again after a full batch."""
+        while True:
+            chained = await self._sweep("journal chaining", self.chain_journal_once)
+            if chained is None or chained < self.settings.journal_chain_batch:
+                await asyncio.sleep(self.settings.journal_chain_interval_s)
 
     async def event_loop(self) -> None:
         """Keep the event stream moving (and pruned): the only caller of

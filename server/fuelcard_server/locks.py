@@ -23,3 +23,6 @@ EVENT_SEQUENCER_LOCK = -20
 # Retention (fc.prune_idempotency_keys, fc.prune_step_ups; retention.py): one
 # process at a time deletes, the others skip the round.
 RETENTION_LOCK = -30
+# The journal's hash chain (journal_chain.py): one process at a time extends
+# it, the others skip the round.
+JOURNAL_CHAIN_LOCK = -40

@@ -10,6 +10,12 @@ Two kinds of SQL file, as Flyway has versioned and repeatable migrations:
   in exactly one file. A file is re-applied whenever its checksum differs from
   the one recorded, after the migrations, in a fixed order (by file name).
 
+Then `sql/privileges.sql`, after every run that applied anything and
+whenever it changed (its checksum is kept with the files'): who owns
+schema fc and what the serving role may do (issue 15). It cannot be a
+numbered migration: re-creating a function resets its SECURITY DEFINER, and
+a new table or function is owned by whoever made it.
+
 One run is one transaction under an advisory lock: two concurrent runs
 serialise, and the second finds nothing left to do. A database at the
 released migration 0017 (before the squash into `0001_baseline`) is recognised
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = "migrations"
 FUNCTIONS_DIR = "functions"
+PRIVILEGES_FILE = "privileges.sql"
 
 # The released migrations that 0001_baseline squashes, in order. A database
 # that recorded exactly these is at the baseline's schema.
@@ -113,10 +120,13 @@ class Plan:
     legacy: bool = False  # recorded as the released 0017: becomes the baseline
     pending: list[Migration] = field(default_factory=list)
     changed: list[FunctionFile] = field(default_factory=list)
+    # privileges.sql changed since it was last applied (it is also applied
+    # whenever anything else is)
+    privileges_changed: bool = False
 
     @property
     def up_to_date(self) -> bool:
-        return not (self.legacy or self.pending or self.changed)
+        return not (self.legacy or self.pending or self.changed or self.privileges_changed)
 
     def describe(self) -> list[str]:
         lines = []
@@ -126,6 +136,8 @@ class Plan:
         lines += [f"applied: {name} ({at:%Y-%m-%d %H:%M:%S %Z})" for _, name, at in self.applied]
         lines += [f"pending: {m.name}" for m in self.pending]
         lines += [f"changed: functions/{f.name}" for f in self.changed]
+        if self.privileges_changed:
+            lines.append(f"changed: {PRIVILEGES_FILE}")
         current = {f.name for f in self.changed}
         lines += [f"current: functions/{name}" for name, _ in self.functions if name not in current]
         return lines
@@ -160,6 +172,10 @@ def _read(conn: psycopg.Connection[tuple[object, ...]]) -> Plan:
             plan.pending.append(m)
     files = {str(r[0]): (str(r[1]), r[2]) for r in
              conn.execute("SELECT file, checksum, applied_at FROM public.fuelcard_function_files")}
+    # privileges.sql's checksum is kept with the function files' (under its
+    # own name, which no function file has)
+    privileges = files.pop(PRIVILEGES_FILE, None)
+    plan.privileges_changed = privileges is None or privileges[0] != _checksum(privileges_sql())
     plan.functions = sorted((name, at) for name, (_, at) in files.items())  # type: ignore[misc]
     plan.changed = [f for f in function_files()
                     if f.name not in files or files[f.name][0] != f.checksum]
@@ -194,6 +210,20 @@ def _apply(conn: psycopg.Connection[tuple[object, ...]], plan: Plan) -> None:
             "VALUES (%(file)s, %(checksum)s) ON CONFLICT (file) DO UPDATE "
             "SET checksum = excluded.checksum, applied_at = now()",
             {"file": f.name, "checksum": f.checksum})
+    log.info("applying %s", PRIVILEGES_FILE)
+    conn.execute(privileges_sql().encode())
+    conn.execute(
+        "INSERT INTO public.fuelcard_function_files (file, checksum) "
+        "VALUES (%(file)s, %(checksum)s) ON CONFLICT (file) DO UPDATE "
+        "SET checksum = excluded.checksum, applied_at = now()",
+        {"file": PRIVILEGES_FILE, "checksum": _checksum(privileges_sql())})
+
+
+def privileges_sql() -> str:
+    """Ownership and grants of schema fc: the owner role owns everything, the
+    serving role may read and call the entry points (sql/privileges.sql)."""
+    return importlib.resources.files("fuelcard_server.sql").joinpath(PRIVILEGES_FILE).read_text(
+        encoding="utf-8")
 
 
 def _run(url: str, *, apply: bool) -> Plan:
@@ -217,6 +247,8 @@ def migrate(url: str) -> list[str]:
     applied (migration names, then `functions/<file>`)."""
     plan = _run(url, apply=True)
     done = [m.name for m in plan.pending] + [f"functions/{f.name}" for f in plan.changed]
+    if plan.privileges_changed and not done and not plan.legacy:
+        done.append(PRIVILEGES_FILE)
     if plan.legacy:
         done.insert(0, f"{LEGACY_MIGRATIONS[-1]} recorded as {available()[BASELINE_VERSION - 1].name}")
     return done

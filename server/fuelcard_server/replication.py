@@ -61,6 +61,54 @@ class ReplicaState(enum.Enum):
     OK = "ok"
     LAGGING = "lagging"
     DOWN = "down"
+    # reachable, but not in recovery: a failover promoted it
+    PROMOTED = "promoted"
+
+
+# The primary's standbys, one row each: name (application_name), sync_state
+# (sync, async, potential, quorum), replay lag in bytes (NULL before the
+# standby has replayed anything) and in seconds (NULL when nothing was
+# replayed lately: the standby is idle and caught up).
+REPLICATION_SQL = """
+    SELECT application_name, sync_state,
+           pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8,
+           extract(epoch FROM replay_lag)::float8,
+           inet_server_addr()::text, inet_server_port()
+    FROM pg_stat_replication RIGHT JOIN (SELECT 1) one ON true"""
+
+
+@dataclass(frozen=True)
+class StandbyLag:
+    name: str
+    sync_state: str
+    lag_bytes: float
+    lag_s: float
+
+
+@dataclass(frozen=True)
+class ReplicationView:
+    """What the primary says of itself and its standbys."""
+    primary: str  # host:port of the node the primary's probe reached
+    standbys: tuple[StandbyLag, ...]
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[object, ...]]) -> ReplicationView:
+        primary = ""
+        standbys = []
+        for name, sync_state, lag_bytes, lag_s, addr, port in rows:
+            primary = f"{str(addr or 'local').split('/')[0]}:{port or ''}"
+            if name is None:  # the RIGHT JOIN's row when there is no standby
+                continue
+            standbys.append(StandbyLag(str(name), str(sync_state),
+                                       float(str(lag_bytes)) if lag_bytes is not None else 0.0,
+                                       float(str(lag_s)) if lag_s is not None else 0.0))
+        return cls(primary, tuple(sorted(standbys, key=lambda x: x.name)))
+
+    @property
+    def sync_standby(self) -> str | None:
+        """The synchronous standby's name; None: commits are not protected
+        by a second copy (no standby, or none in sync)."""
+        return next((x.name for x in self.standbys if x.sync_state in ("sync", "quorum")), None)
 
 
 def parse_lsn(text: str) -> int:

@@ -94,6 +94,12 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     # None: start an embedded PostgreSQL in data_dir.
     database_url: str | None = None
+    # What `serve` migrates with before serving, when database_url is the
+    # serving role's (which may not change the schema: README, "Least
+    # privilege"); None: it migrates with database_url. The embedded
+    # PostgreSQL needs neither: migrated as its superuser, served as
+    # roles.SERVING.
+    migrate_database_url: str | None = field(default=None, repr=False)
     data_dir: Path = Path("data")
     workers: int = 1
     pool_min: int = 4
@@ -206,6 +212,11 @@ class Settings:
     event_interval_s: float = 0.2
     event_batch: int = 2000
     event_retention_s: int = 7 * 24 * 3600
+    # The journal's hash chain (journal_chain.py): how often the background
+    # job chains newly committed entries (the window of entries not yet
+    # chained is about this long) and how many per transaction.
+    journal_chain_interval_s: float = 1.0
+    journal_chain_batch: int = 5000
     # Retention (retention.py, README "Retention"): how long idempotency keys
     # answer replays. Keys of operations whose replay the ledger itself stops
     # from moving money twice (authorize, confirm, cancel, review, recharge,
@@ -338,6 +349,8 @@ class Settings:
             (1 <= self.otp_max_attempts <= 10, "otp_max_attempts must be 1..10"),
             (self.event_interval_s > 0, "event_interval_s must be > 0"),
             (1 <= self.event_batch <= 100_000, "event_batch must be 1..100000"),
+            (self.journal_chain_interval_s > 0, "journal_chain_interval_s must be > 0"),
+            (1 <= self.journal_chain_batch <= 100_000, "journal_chain_batch must be 1..100000"),
             (self.event_retention_s >= 60, "event_retention_s must be >= 60"),
             (self.idempotency_retention_s >= max(24 * 3600, 2 * self.hold_ttl_s),
              "idempotency_retention_s must be >= 86400 (a day of channel retries) and >= "

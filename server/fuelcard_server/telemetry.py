@@ -43,6 +43,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from fuelcard_server.replication import ReplicationView
 from fuelcard_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ class Gauges:
     # (None while it cannot be reached).
     replica_up: int | None = None
     replica_lag_s: float | None = None
+    # 1 while the node the replica URL reached is in recovery (a standby),
+    # 0 once it was promoted (reads refused until a standby is found).
+    replica_standby: int | None = None
+    # The primary's view of itself and its standbys (None until probed).
+    replication: ReplicationView | None = None
 
 
 @dataclass
@@ -142,6 +148,24 @@ class Telemetry:
             "fuelcard.replica.lag_seconds", unit="s", callbacks=[self._replica_lag],
             description="how far the read replica's replay is behind the primary, in seconds"
                         " (0 when caught up, also while the primary is idle)")
+        m.create_observable_gauge(
+            "fuelcard.replica.standby", callbacks=[self._replica_standby],
+            description="1 while the read replica is a standby, 0 if a failover promoted it")
+        m.create_observable_gauge(
+            "fuelcard.db.primary", callbacks=[self._primary_node],
+            description="1, labelled with the address of the node the primary pool reaches")
+        m.create_observable_gauge(
+            "fuelcard.replication.lag_bytes", unit="By", callbacks=[self._standby_lag_bytes],
+            description="each standby's replay distance behind the primary, by standby name and"
+                        " sync_state (sync: the synchronous standby)")
+        m.create_observable_gauge(
+            "fuelcard.replication.lag_seconds", unit="s", callbacks=[self._standby_lag_s],
+            description="each standby's replay lag as the primary measures it, by standby and"
+                        " sync_state")
+        m.create_observable_gauge(
+            "fuelcard.replication.sync_standbys", callbacks=[self._sync_standbys],
+            description="standbys in sync (0: a commit is on one node only), labelled with the"
+                        " synchronous standby's name")
         m.create_observable_gauge("fuelcard.db.pool.in_use", callbacks=[self._pool_in_use],
                                   description="database connections lent out, by pool")
         m.create_observable_gauge("fuelcard.db.pool.waiting", callbacks=[self._pool_waiting],
@@ -241,6 +265,31 @@ class Telemetry:
     def _replica_lag(self, _options: CallbackOptions) -> Iterable[Observation]:
         if self.gauges.replica_lag_s is not None and math.isfinite(self.gauges.replica_lag_s):
             yield Observation(self.gauges.replica_lag_s)
+
+    def _replica_standby(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if self.gauges.replica_standby is not None:
+            yield Observation(self.gauges.replica_standby)
+
+    def _primary_node(self, _options: CallbackOptions) -> Iterable[Observation]:
+        view = self.gauges.replication
+        if view is not None and self.gauges.database_up:
+            yield Observation(1, {"node": view.primary})
+
+    def _standby_lag_bytes(self, _options: CallbackOptions) -> Iterable[Observation]:
+        view = self.gauges.replication
+        for sb in view.standbys if view is not None else ():
+            yield Observation(sb.lag_bytes, {"standby": sb.name, "sync_state": sb.sync_state})
+
+    def _standby_lag_s(self, _options: CallbackOptions) -> Iterable[Observation]:
+        view = self.gauges.replication
+        for sb in view.standbys if view is not None else ():
+            yield Observation(sb.lag_s, {"standby": sb.name, "sync_state": sb.sync_state})
+
+    def _sync_standbys(self, _options: CallbackOptions) -> Iterable[Observation]:
+        view = self.gauges.replication
+        if view is not None:
+            names = [sb.name for sb in view.standbys if sb.sync_state in ("sync", "quorum")]
+            yield Observation(len(names), {"name": ",".join(names)})
 
     def _pool_in_use(self, _options: CallbackOptions) -> Iterable[Observation]:
         for name, stats in self._pools:

@@ -26,6 +26,7 @@ from fuelcard.v1 import (
     points_pb2_grpc,
     transaction_pb2_grpc,
 )
+from fuelcard_server import roles
 from fuelcard_server.app import FuelcardServer
 from fuelcard_server.clock import ManualClock
 from fuelcard_server.settings import Settings
@@ -68,6 +69,11 @@ class RunningServer:
         result: int = self.run(self.server.sequence_events_once)
         return result
 
+    def chain_journal(self) -> int:
+        """Chain one batch of committed journal entries now."""
+        result: int = self.run(self.server.chain_journal_once)
+        return result
+
     def expire_holds(self) -> int:
         """Run one expiry sweep now, at the clock's time."""
         result: int = self.run(self.server.expire_holds_once)
@@ -76,7 +82,10 @@ class RunningServer:
 
 class ServerThread:
     def __init__(self, settings: Settings, url: str, clock: ManualClock) -> None:
-        self.server = FuelcardServer(settings, url, clock=clock)
+        # The server connects as the serving role, as `fuelcard serve` does
+        # (roles.py): every test exercises the privileges it has. `url` (the
+        # superuser's) stays the tests' own, to assert on rows.
+        self.server = FuelcardServer(settings, roles.as_role(url), clock=clock)
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="fuelcard-server",
                                         daemon=True)
@@ -111,6 +120,8 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
                  # nor are keys and challenges pruned behind a test's back (test_retention.py
                  # runs the job when it means to)
                  retention_interval_s=3600.0,
+                 # nor is the journal chained but when a test asks (RunningServer.chain_journal)
+                 journal_chain_interval_s=3600.0,
                  # shedding refuses admin and report calls while payments wait for the pool:
                  # right for production, noise for storm tests about other things
                  # (test_overload.py and test_ops.py turn it on)
@@ -127,6 +138,14 @@ def same_keys(settings: Settings) -> dict[str, Any]:
     return {"root_key_file": settings.root_key_file or settings.data_dir / "root.key",
             "signing_key_file": settings.signing_key_path,
             "card_index_key_hex": settings.card_index_key_hex}
+
+
+def cluster_keys(directory: Path) -> dict[str, Any]:
+    """make_settings overrides for every server of a module that shares one
+    database across its tests: one key set for them all, kept in `directory`
+    (made by the first server), as the hosts of one deployment share theirs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return same_keys(make_settings(directory))
 
 
 @pytest.fixture(scope="session")

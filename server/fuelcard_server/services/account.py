@@ -48,11 +48,29 @@ UPDATE_CARD_STATUS_SQL = (
 GET_ACCOUNT_SQL = ("SELECT fc.account_json(a => a) FROM fc.accounts a"
                    " WHERE a.uid = %s::uuid AND a.kind <> fc.account_kind_system()")
 GET_CARD_SQL = "SELECT fc.card_json(c => c) FROM fc.cards c WHERE c.uid = %s::uuid"
+# Keyset pages, oldest first (a fleet's vehicles in the order they were added):
+# the page token is the last id seen. Indexes (parent_id, id) and
+# (account_id, id) (migration 0005) serve each page without a sort.
+SUB_ACCOUNTS_PAGE_SQL = """
+    SELECT a.id, fc.account_json(a => a) FROM fc.accounts a
+     WHERE a.parent_id = %(parent)s AND a.id > %(after)s
+     ORDER BY a.id LIMIT %(limit)s"""
+CARDS_PAGE_SQL = """
+    SELECT c.id, fc.card_json(c => c) FROM fc.cards c
+     WHERE c.account_id = %(account)s AND c.id > %(after)s
+     ORDER BY c.id LIMIT %(limit)s"""
 
 # journal kind -> TransactionKind
 _TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTION_KIND_PURCHASE,
              5: account_pb2.TRANSACTION_KIND_ALLOCATION,
              8: account_pb2.TRANSACTION_KIND_RECHARGE_REFUND}
+
+
+def _page(rows: list[Any], size: int) -> tuple[list[Any], str]:
+    """The page's rows, and the token for the next page (empty on the last)."""
+    if len(rows) > size:
+        return rows[:size], str(rows[size - 1][0])
+    return rows, ""
 
 
 class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
@@ -188,3 +206,37 @@ class AccountService(Servicer, account_pb2_grpc.AccountServiceServicer):
                 amount_fen=line.signed_amount, hold_id=line.hold_id, recharge_id=line.recharge_id)
             t.create_time.FromMicroseconds(line.create_us)
         return response
+
+    @rpc(Role.ADMIN, Role.REVIEWER)
+    async def ListSubAccounts(self, request: account_pb2.ListSubAccountsRequest, context: Ctx
+                              ) -> account_pb2.ListSubAccountsResponse:
+        v = Violations()
+        parent_id = v.uuid("parent_account_id", request.parent_account_id)
+        size = v.page_size("page_size", request.page_size)
+        after = v.page_token("page_token", request.page_token)
+        v.raise_if_any()
+        assert parent_id is not None
+        # A listing, not a money movement: the read pool (the replica when
+        # configured), as ListHolds and ListChannelExceptions.
+        parent = await history.account_key(self.d.reads, parent_id)
+        rows = await self.d.reads.fetch_all(SUB_ACCOUNTS_PAGE_SQL, {
+            "parent": parent, "after": after or 0, "limit": size + 1})
+        page, token = _page(rows, size)
+        return account_pb2.ListSubAccountsResponse(accounts=[wire.account(r[1]) for r in page],
+                                                   next_page_token=token)
+
+    @rpc(Role.ADMIN, Role.REVIEWER)
+    async def ListCards(self, request: account_pb2.ListCardsRequest, context: Ctx
+                        ) -> account_pb2.ListCardsResponse:
+        v = Violations()
+        account_id = v.uuid("account_id", request.account_id)
+        size = v.page_size("page_size", request.page_size)
+        after = v.page_token("page_token", request.page_token)
+        v.raise_if_any()
+        assert account_id is not None
+        account = await history.account_key(self.d.reads, account_id)
+        rows = await self.d.reads.fetch_all(CARDS_PAGE_SQL, {
+            "account": account, "after": after or 0, "limit": size + 1})
+        page, token = _page(rows, size)
+        return account_pb2.ListCardsResponse(cards=[wire.card(r[1]) for r in page],
+                                             next_page_token=token)

@@ -33,7 +33,7 @@ from fuelcard_server.clock import Clock
 from fuelcard_server.db import Database
 from fuelcard_server.errors import ApiError, internal, malformed, permission_denied, unauthenticated
 from fuelcard_server.gm import Sm2PrivateKey
-from fuelcard_server.identity import DEVELOPMENT, Caller, Role
+from fuelcard_server.identity import DEVELOPMENT, Caller, Role, acting_for
 from fuelcard_server.identity import of as identity_of
 from fuelcard_server.overload import Admission, classify
 from fuelcard_server.pins import Pins
@@ -285,6 +285,7 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
         if caller is None:
             raise unauthenticated("NO_CLIENT_IDENTITY",
                                   "the client certificate names no fuelcard role")
+        caller = acting_for(caller, context.invocation_metadata())
         # set before the role check, so the access line of a refused call
         # names the role that was refused
         _CALLER.set(caller)

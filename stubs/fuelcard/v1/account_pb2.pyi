@@ -782,3 +782,135 @@ class ListTransactionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTransactionsResponse: _TypeAlias = ListTransactionsResponse  # noqa: Y015
+
+@_typing.final
+class ListSubAccountsRequest(_message.Message):
+    """Request for AccountService.ListSubAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent_account_id: _builtins.str
+    """The parent account (UUID). Required. An unknown parent fails with
+    NOT_FOUND, reason ACCOUNT_NOT_FOUND.
+    """
+    page_size: _builtins.int
+    """The most sub-accounts to return: 1-500; 0 means the default, 50. A value
+    outside 0-500 fails with INVALID_ARGUMENT, reason PAGE_SIZE_INVALID.
+    """
+    page_token: _builtins.str
+    """Opaque: the next_page_token of a previous response, passed unchanged;
+    empty for the first page. The other fields must be the same as in the
+    call that returned it. A token not from this server fails with
+    INVALID_ARGUMENT, reason PAGE_TOKEN_INVALID.
+    """
+    def __init__(
+        self,
+        *,
+        parent_account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent_account_id", b"parent_account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSubAccountsRequest: _TypeAlias = ListSubAccountsRequest  # noqa: Y015
+
+@_typing.final
+class ListSubAccountsResponse(_message.Message):
+    """Response for AccountService.ListSubAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Opaque token for the next page; empty when this page is the last."""
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Account]:
+        """The sub-accounts, oldest first, each with its balance as in GetAccount."""
+
+    def __init__(
+        self,
+        *,
+        accounts: _abc.Iterable[Global___Account] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSubAccountsResponse: _TypeAlias = ListSubAccountsResponse  # noqa: Y015
+
+@_typing.final
+class ListCardsRequest(_message.Message):
+    """Request for AccountService.ListCards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account (UUID) whose cards to list. Required. An unknown account
+    fails with NOT_FOUND, reason ACCOUNT_NOT_FOUND.
+    """
+    page_size: _builtins.int
+    """The most cards to return: 1-500; 0 means the default, 50. A value
+    outside 0-500 fails with INVALID_ARGUMENT, reason PAGE_SIZE_INVALID.
+    """
+    page_token: _builtins.str
+    """Opaque: the next_page_token of a previous response, passed unchanged;
+    empty for the first page. The other fields must be the same as in the
+    call that returned it. A token not from this server fails with
+    INVALID_ARGUMENT, reason PAGE_TOKEN_INVALID.
+    """
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCardsRequest: _TypeAlias = ListCardsRequest  # noqa: Y015
+
+@_typing.final
+class ListCardsResponse(_message.Message):
+    """Response for AccountService.ListCards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Opaque token for the next page; empty when this page is the last."""
+    @_builtins.property
+    def cards(self) -> _containers.RepeatedCompositeFieldContainer[Global___Card]:
+        """The cards, oldest first; card numbers masked."""
+
+    def __init__(
+        self,
+        *,
+        cards: _abc.Iterable[Global___Card] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cards", b"cards", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCardsResponse: _TypeAlias = ListCardsResponse  # noqa: Y015

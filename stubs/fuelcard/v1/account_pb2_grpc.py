@@ -70,6 +70,16 @@ class AccountServiceStub:
                 request_serializer=fuelcard_dot_v1_dot_account__pb2.ListTransactionsRequest.SerializeToString,
                 response_deserializer=fuelcard_dot_v1_dot_account__pb2.ListTransactionsResponse.FromString,
                 _registered_method=True)
+        self.ListSubAccounts = channel.unary_unary(
+                '/fuelcard.v1.AccountService/ListSubAccounts',
+                request_serializer=fuelcard_dot_v1_dot_account__pb2.ListSubAccountsRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_account__pb2.ListSubAccountsResponse.FromString,
+                _registered_method=True)
+        self.ListCards = channel.unary_unary(
+                '/fuelcard.v1.AccountService/ListCards',
+                request_serializer=fuelcard_dot_v1_dot_account__pb2.ListCardsRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_account__pb2.ListCardsResponse.FromString,
+                _registered_method=True)
 
 
 class AccountServiceServicer:
@@ -126,6 +136,23 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSubAccounts(self, request, context):
+        """List the sub-accounts of a parent account (a fleet's vehicles, a
+        family's members), oldest first. Read from the read replica when one is
+        configured, so a sub-account opened a moment ago may appear a moment later.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCards(self, request, context):
+        """List the cards issued on an account, oldest first, whatever their status.
+        Read from the read replica when one is configured.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +190,16 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.ListTransactions,
                     request_deserializer=fuelcard_dot_v1_dot_account__pb2.ListTransactionsRequest.FromString,
                     response_serializer=fuelcard_dot_v1_dot_account__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'ListSubAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSubAccounts,
+                    request_deserializer=fuelcard_dot_v1_dot_account__pb2.ListSubAccountsRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_account__pb2.ListSubAccountsResponse.SerializeToString,
+            ),
+            'ListCards': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCards,
+                    request_deserializer=fuelcard_dot_v1_dot_account__pb2.ListCardsRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_account__pb2.ListCardsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +392,60 @@ class AccountService:
             '/fuelcard.v1.AccountService/ListTransactions',
             fuelcard_dot_v1_dot_account__pb2.ListTransactionsRequest.SerializeToString,
             fuelcard_dot_v1_dot_account__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSubAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.AccountService/ListSubAccounts',
+            fuelcard_dot_v1_dot_account__pb2.ListSubAccountsRequest.SerializeToString,
+            fuelcard_dot_v1_dot_account__pb2.ListSubAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.AccountService/ListCards',
+            fuelcard_dot_v1_dot_account__pb2.ListCardsRequest.SerializeToString,
+            fuelcard_dot_v1_dot_account__pb2.ListCardsResponse.FromString,
             options,
             channel_credentials,
             insecure,

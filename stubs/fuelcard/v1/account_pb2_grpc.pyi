@@ -49,6 +49,15 @@ class AccountServiceStub:
     """List an account's holds, newest first."""
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListTransactionsRequest, _account_pb2.ListTransactionsResponse]
     """List an account's settled transactions, newest first."""
+    ListSubAccounts: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListSubAccountsRequest, _account_pb2.ListSubAccountsResponse]
+    """List the sub-accounts of a parent account (a fleet's vehicles, a
+    family's members), oldest first. Read from the read replica when one is
+    configured, so a sub-account opened a moment ago may appear a moment later.
+    """
+    ListCards: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListCardsRequest, _account_pb2.ListCardsResponse]
+    """List the cards issued on an account, oldest first, whatever their status.
+    Read from the read replica when one is configured.
+    """
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
@@ -71,6 +80,15 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """List an account's holds, newest first."""
     ListTransactions: _aio.UnaryUnaryMultiCallable[_account_pb2.ListTransactionsRequest, _account_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """List an account's settled transactions, newest first."""
+    ListSubAccounts: _aio.UnaryUnaryMultiCallable[_account_pb2.ListSubAccountsRequest, _account_pb2.ListSubAccountsResponse]  # type: ignore[assignment]
+    """List the sub-accounts of a parent account (a fleet's vehicles, a
+    family's members), oldest first. Read from the read replica when one is
+    configured, so a sub-account opened a moment ago may appear a moment later.
+    """
+    ListCards: _aio.UnaryUnaryMultiCallable[_account_pb2.ListCardsRequest, _account_pb2.ListCardsResponse]  # type: ignore[assignment]
+    """List the cards issued on an account, oldest first, whatever their status.
+    Read from the read replica when one is configured.
+    """
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     """Account opening, card issuing and reads for internal services."""
@@ -132,5 +150,26 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_pb2.ListTransactionsResponse, _abc.Awaitable[_account_pb2.ListTransactionsResponse]]:
         """List an account's settled transactions, newest first."""
+
+    @_abc_1.abstractmethod
+    def ListSubAccounts(
+        self,
+        request: _account_pb2.ListSubAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.ListSubAccountsResponse, _abc.Awaitable[_account_pb2.ListSubAccountsResponse]]:
+        """List the sub-accounts of a parent account (a fleet's vehicles, a
+        family's members), oldest first. Read from the read replica when one is
+        configured, so a sub-account opened a moment ago may appear a moment later.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCards(
+        self,
+        request: _account_pb2.ListCardsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.ListCardsResponse, _abc.Awaitable[_account_pb2.ListCardsResponse]]:
+        """List the cards issued on an account, oldest first, whatever their status.
+        Read from the read replica when one is configured.
+        """
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

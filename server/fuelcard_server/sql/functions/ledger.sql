@@ -93,3 +93,11 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN p IS NULL THEN NULL
                 ELSE (extract(epoch FROM p - timestamptz '1970-01-01 00:00:00+00') * 1000000)::bigint END
 $$;
+
+-- The journal's hash chain (journal_chain.py) is append-only too: a chain
+-- row, once written, is what `verify` recomputes against.
+CREATE OR REPLACE TRIGGER journal_chain_append_only BEFORE UPDATE OR DELETE ON fc.journal_chain
+    FOR EACH ROW EXECUTE FUNCTION fc.refuse_change();
+
+CREATE OR REPLACE TRIGGER journal_chain_no_truncate BEFORE TRUNCATE ON fc.journal_chain
+    FOR EACH STATEMENT EXECUTE FUNCTION fc.refuse_change();

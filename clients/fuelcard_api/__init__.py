@@ -1,0 +1,1 @@
+"""The JSON API for apps and mini-programs (fuelcard-api)."""
