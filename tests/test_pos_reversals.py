@@ -11,12 +11,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fuelcard.v1 import common_pb2, transaction_pb2
+from fuelcard.v1 import (
+    account_pb2,
+    account_pb2_grpc,
+    common_pb2,
+    funding_pb2,
+    funding_pb2_grpc,
+    transaction_pb2,
+)
 from fuelcard_pos.client import PosClient, PosError, RetryPolicy
 from fuelcard_pos.outbox import Outbox
 
 from tests.plugins.proxy import TcpProxy
-from tests.plugins.server import RunningServer
+from tests.plugins.server import RunningServer, TlsServer
 from tests.support import builders
 from tests.support.ledger_asserts import Conn, account_row, assert_ledger_ok, scalar
 
@@ -112,3 +119,41 @@ def test_an_outbox_of_the_first_schema_is_upgraded_and_keeps_its_entries(tmp_pat
             request_id="rev-1", original_request_id="auth-1"))
         assert [(e.operation, e.request_id) for e in outbox.pending()] == [
             ("cancel", "cancel-1"), ("reverse", "rev-1")]
+
+
+def _terminal(tls: TlsServer, stem: str, state: Path) -> PosClient:
+    certs = tls.certs
+    return PosClient(tls.target, ca_file=certs / "ca.pem", cert_file=certs / f"{stem}.pem",
+                     key_file=certs / f"{stem}.key", state=state, clock=tls.clock.now, retry=FAST)
+
+
+def test_a_terminal_reverses_over_mutual_tls_with_a_mac_and_only_its_own(
+        tls_server: TlsServer, db: Conn, tmp_path: Path) -> None:
+    admin = tls_server.channel("admin-ops")
+    opened = account_pb2_grpc.AccountServiceStub(admin).OpenAccount(account_pb2.OpenAccountRequest(
+        request_id=builders.rid("open"), type=account_pb2.ACCOUNT_TYPE_PERSONAL,
+        holder=account_pb2.Holder(name="冲正测试")))
+    account_id = opened.account.account_id
+    issued = account_pb2_grpc.AccountServiceStub(admin).IssueCard(account_pb2.IssueCardRequest(
+        request_id=builders.rid("card"), account_id=account_id))
+    funding_pb2_grpc.FundingServiceStub(admin).Recharge(funding_pb2.RechargeRequest(
+        request_id=builders.rid("ctr"), account_id=account_id, channel=funding_pb2.CHANNEL_COUNTER,
+        channel_txn_id=f"ctr-{builders.rid()}", amount_fen=100_000))
+    with _terminal(tls_server, "pos-KM-001-T1", tmp_path / "t1.sqlite3") as t1, \
+            _terminal(tls_server, "pos-KM-001-T2", tmp_path / "t2.sqlite3") as t2:
+        auth = t1.authorize(issued.card_number, 30_000, request_id="t1-auth-1")
+        counter = int(scalar(db, "SELECT last_counter FROM fc.terminals WHERE terminal_id = %s",
+                             ("KM-001-T1",)))
+        # Another terminal naming the same request id names its own (unsent)
+        # Authorize: a tombstone under its key, T1's hold untouched.
+        assert t2.reverse_authorization("t1-auth-1").outcome == (
+            transaction_pb2.REVERSAL_OUTCOME_AHEAD_OF_AUTHORIZE)
+        assert account_row(db, account_id)["held_fen"] == 30_000
+        # T1's own reversal: MACed with the next counter, and the hold released.
+        answer = t1.reverse_authorization("t1-auth-1")
+        assert answer.outcome == transaction_pb2.REVERSAL_OUTCOME_RELEASED
+        assert answer.hold.hold_id == auth.hold.hold_id
+        assert int(scalar(db, "SELECT last_counter FROM fc.terminals WHERE terminal_id = %s",
+                          ("KM-001-T1",))) == counter + 1
+    assert account_row(db, account_id)["held_fen"] == 0
+    assert_ledger_ok(tls_server.database_url)
