@@ -5,6 +5,7 @@ server answers it. Bad links are played by the TCP proxy
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from fuelcard.v1 import (
     funding_pb2_grpc,
     transaction_pb2,
 )
+from fuelcard_pos import cli
 from fuelcard_pos.client import PosClient, PosError, RetryPolicy
 from fuelcard_pos.outbox import Outbox
 
@@ -157,3 +159,21 @@ def test_a_terminal_reverses_over_mutual_tls_with_a_mac_and_only_its_own(
                           ("KM-001-T1",))) == counter + 1
     assert account_row(db, account_id)["held_fen"] == 0
     assert_ledger_ok(tls_server.database_url)
+
+
+def test_the_pos_command_line_reverses_by_request_id(
+        server: RunningServer, db: Conn, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    card = builders.open_card(server, balance_fen=50_000)
+    monkeypatch.setenv("FUELCARD_POS_OUTBOX", str(tmp_path / "outbox.sqlite3"))
+    where = ("--station", STATION, "--terminal", TERMINAL)
+    assert cli.main(["--target", server.target, "--json", "authorize", card.card_number, "20000",
+                     *where, "--request-id", "cli-auth-1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["--target", server.target, "--json", "reverse", "cli-auth-1"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["outcome"] == "REVERSAL_OUTCOME_RELEASED"
+    assert answer["hold"]["state"] == "HOLD_STATE_CANCELLED"
+    assert answer["request_id"]
+    assert account_row(db, card.account_id)["held_fen"] == 0
+    assert_ledger_ok(server.database_url)
