@@ -6,6 +6,7 @@ PNG; the forecast's MAPE and the churn AUC are printed."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import queue
 import subprocess
@@ -71,6 +72,13 @@ def test_every_report_runs_on_the_generated_history(generated: Path, tmp_path: P
     flagged = {line.split(",")[1] for line in (out / "fleet_costs.csv").read_text().splitlines()
                if line.endswith(",True")}
     assert truth and truth <= flagged, (truth, flagged)
+    # and shows litres (issue 14, item 4): the volume in litres and the price per litre paid
+    with (out / "fleet_costs.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][4:7] == ["volume_ml", "litres", "fen_per_litre"]
+    sold = [r for r in rows[1:] if int(r[4])]
+    assert sold and all(r[5] == f"{int(r[4]) / 1000:.3f}" for r in sold)
+    assert all(int(r[6]) == round(int(r[3]) * 1000 / int(r[4])) for r in sold)
 
 
 def test_forecast_and_churn_quality_on_known_structure(generated: Path, tmp_path: Path) -> None:

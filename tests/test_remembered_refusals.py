@@ -62,13 +62,13 @@ def test_a_refused_confirm_is_refused_again_with_the_same_error(
     # Another payload under the key is a reuse, as for any stored answer.
     expect(lambda: builders.confirm(server, hold.hold_id, 3_999, request_id=rid), FP,
            "REQUEST_ID_REUSED")
-    # INVALID_ARGUMENT decided by the database too, with its field.
+    # A refusal the database answers rather than raises (an overrun beyond the
+    # tolerance, whose settlement exception must commit) is remembered too.
     other = builders.authorize(server, card, 1_000).hold
     rid = builders.rid("confirm")
     for _ in range(2):
-        expect(lambda: builders.confirm(server, other.hold_id, 1_001, request_id=rid),
-               grpc.StatusCode.INVALID_ARGUMENT, "FINAL_AMOUNT_EXCEEDS_HOLD",
-               field="final_amount_fen")
+        expect(lambda: builders.confirm(server, other.hold_id, 2_001, request_id=rid),
+               grpc.StatusCode.FAILED_PRECONDITION, "OVERRUN_ABOVE_TOLERANCE")
     assert len(_stored(db, rid)) == 1
     assert builders.confirm(server, other.hold_id, 1_000).decision == common_pb2.DECISION_APPROVED
     assert_ledger_ok(server.database_url)

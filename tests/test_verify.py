@@ -362,6 +362,28 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " points_earned + 1, 'dispute', 'admin::a', now() FROM fc.holds WHERE state = 2"
       " ORDER BY id LIMIT 1"],
      {"refunded_points_within_earned", "sale_refund_booked_once", "monthly_spend_equals_sales"}),
+    # Issue 14, item 9: an account the expiry sweep set aside.
+    ("account-set-aside-by-the-sweep",
+     ["INSERT INTO fc.hold_sweep_failures (account_id, sqlstate, message, failures,"
+      " first_failed_at, last_failed_at, retry_at) SELECT id, 'P0001', 'usage counters missing',"
+      " 1, now(), now(), now() + interval '1 hour' FROM fc.accounts WHERE uid = %(account)s"],
+     {"no_account_set_aside_by_the_expiry_sweep"}),
+    # Overrun receivables (issue 14, item 3): an account said to owe what no
+    # receivable says; a receivable never booked, with no exception to chase it.
+    ("receivable-on-the-account-only",
+     ["UPDATE fc.accounts SET receivable_fen = receivable_fen + 5 WHERE uid = %(account)s"],
+     {"receivables_booked_and_owed"}),
+    ("receivable-unbooked",
+     ["INSERT INTO fc.receivables (account_id, hold_id, amount_fen, created_at)"
+      " SELECT h.account_id, h.id, 5, now() FROM fc.holds h JOIN fc.accounts a ON a.id = h.account_id"
+      " WHERE a.uid = %(account)s AND h.state = 2 ORDER BY h.id LIMIT 1"],
+     {"receivables_booked_and_owed", "receivable_exception_open_while_owed"}),
+    # Litre counters (issue 14, item 4): litres counted that no sale sold.
+    ("litres-uncounted",
+     ["INSERT INTO fc.volume_usage (card_id, day, volume_ml)"
+      " SELECT c.id, current_date, 1000 FROM fc.cards c JOIN fc.accounts a ON a.id = c.account_id"
+      " WHERE a.uid = %(account)s LIMIT 1"],
+     {"litres_equal_confirmed_volumes"}),
     # Invoices (issue 19): the account's recharges invoiced at recharge, then (past the
     # constraint that forbids it) its consumption invoiced too: the same money twice.
     ("money-invoiced-twice",

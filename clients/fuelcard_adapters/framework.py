@@ -7,7 +7,11 @@ the core call (signed, idempotent on the channel's transaction id) and hands
 the `Outcome` back to the mapping, which renders what the channel expects.
 
   accepted  - the core has it (credited, refunded, declined, or nothing to
-              do): the channel must stop notifying.
+              do): the channel must stop notifying. A payment the core
+              refuses for good (Result.refund_payer: the core's signed
+              DECLINED with refund_payment) is accepted too, with reason
+              REFUND_PAYER: the money goes back to the payer through the
+              channel, never a retry.
   retry     - not now (the core is unreachable, or a refund arrived before
               its payment): the channel's failure answer, so it notifies
               again later (every channel retries failed notifications).
@@ -94,6 +98,10 @@ class Result:
     outcome: Outcome
     reason: str = ""       # why not accepted, or how (APPROVED, DECLINED, ...)
     balance_fen: int = 0
+    # The core refused the payment for good: refund it to the payer through
+    # the channel (the core's settlement exception names it for finance).
+    refund_payer: bool = False
+    settlement_exception_id: str = ""
 
 
 class ChannelMapping(Protocol):
@@ -186,10 +194,15 @@ class Adapter:
                                            event.amount_fen), {})
                 if paid.decision == common_pb2.DECISION_DECLINED:
                     # The core will not take the money: the payer must be
-                    # refunded through the channel (operations follow up).
-                    log.warning("channel %d: recharge declined (%s)", self.mapping.channel,
+                    # refunded through the channel; notifying again would get
+                    # the same answer, so the channel is told to stop.
+                    log.warning("channel %d: recharge refused (%s): refund the payer",
+                                self.mapping.channel,
                                 common_pb2.DeclineReason.Name(paid.decline_reason))
-                    return Result(Outcome.ACCEPTED, "DECLINED", paid.balance_fen)
+                    return Result(Outcome.ACCEPTED,
+                                  "REFUND_PAYER" if paid.refund_payment else "DECLINED",
+                                  paid.balance_fen, refund_payer=paid.refund_payment,
+                                  settlement_exception_id=paid.settlement_exception_id)
                 return Result(Outcome.ACCEPTED, "APPROVED", paid.balance_fen)
             if event.payment_total_fen:
                 # Our record of the payment must say what the channel says:

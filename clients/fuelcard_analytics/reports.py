@@ -188,25 +188,32 @@ def fleet_costs(store: Store, out: Path, period_days: int = 30) -> Output:
             n = min(BASELINE_PERIODS, first_seen[k])
             baseline = history // n if n else 0
             anomaly = n >= MIN_BASELINE_PERIODS and periods[0] * n > ANOMALY_FACTOR * history
-            table.append([k[0], k[1], k[2], periods[0], volume[k], count[k], baseline, anomaly])
+            # Litres and the average price paid per litre, as fleet managers
+            # read a fuel bill (Sinopec and WEX statements show both).
+            per_litre = round(periods[0] * 1000 / volume[k]) if volume[k] else 0
+            table.append([k[0], k[1], k[2], periods[0], volume[k], f"{volume[k] / 1000:.3f}",
+                          per_litre, count[k], baseline, anomaly])
     path = write_csv(out / "fleet_costs.csv",
                      ["fleet_account_id", "vehicle_account_id", "label", "spend_fen",
-                      "volume_ml", "sales", "baseline_spend_fen", "anomaly"], table)
+                      "volume_ml", "litres", "fen_per_litre", "sales", "baseline_spend_fen",
+                      "anomaly"], table)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 4.5))
     shown = sorted(table, key=lambda r: -r[3])[:40]
     x = np.arange(len(shown))
-    ax.bar(x - 0.2, [r[6] / 100 for r in shown], 0.4, color="#bbbbbb", label="baseline (mean)")
+    ax.bar(x - 0.2, [r[8] / 100 for r in shown], 0.4, color="#bbbbbb", label="baseline (mean)")
     ax.bar(x + 0.2, [r[3] / 100 for r in shown], 0.4,
-           color=["#d62728" if r[7] else "#1f77b4" for r in shown], label="last period")
+           color=["#d62728" if r[9] else "#1f77b4" for r in shown], label="last period")
     ax.set_xticks(x, [_label(r[2], r[1][:8]) for r in shown], rotation=75, fontsize=7)
     ax.set_ylabel("yuan")
     ax.set_title(f"Fleet cost per vehicle, last {period_days} days (red: anomaly, "
                  f">= {ANOMALY_FACTOR}x own baseline)")
     _legend(ax)
     png = _save(fig, out / "fleet_costs.png")
-    flagged = [r for r in table if r[7]]
-    return Output("fleet-costs", path, png, f"{len(table)} vehicles, {len(flagged)} flagged: "
+    flagged = [r for r in table if r[9]]
+    litres = sum(r[4] for r in table) / 1000
+    return Output("fleet-costs", path, png, f"{len(table)} vehicles, {litres:,.1f} L,"
+                  f" {len(flagged)} flagged: "
                   + ", ".join(r[2] or r[1] for r in flagged))
 
 

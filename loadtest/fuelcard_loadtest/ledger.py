@@ -25,9 +25,12 @@ SELECT (SELECT coalesce(max(id), 0) FROM fc.journal), (SELECT coalesce(max(id), 
 
 MOVED_SQL = """
 WITH sales AS MATERIALIZED (
-    SELECT j.amount FROM fc.journal j JOIN fc.holds h ON h.id = j.hold_id
+    -- A sale is its purchase entry and, for an overrun the balance could not
+    -- pay in full, its receivable entry (kind 12, also to FUEL_SALES): one
+    -- sale, counted once, for the sum.
+    SELECT j.hold_id, j.amount FROM fc.journal j JOIN fc.holds h ON h.id = j.hold_id
      WHERE j.id > %(j0)s AND h.id > %(h0)s AND h.station_id = %(station)s
-       AND j.kind = 2 AND j.asset = 1
+       AND j.kind IN (2, 12) AND j.asset = 1
        AND j.credit_account_id = (SELECT fc.system_account(p_code => 'FUEL_SALES'))),
 -- sale refunds (issue 14): money back from FUEL_SALES to the account that paid
 refunds AS MATERIALIZED (
@@ -46,7 +49,7 @@ topups AS MATERIALIZED (
        AND j.kind = 1 AND j.asset = 1 AND j.credit_account_id = r.account_id)
 SELECT
   (SELECT coalesce(sum(amount), 0) FROM sales),
-  (SELECT count(*) FROM sales),
+  (SELECT count(DISTINCT hold_id) FROM sales),
   (SELECT coalesce(sum(amount), 0) FROM topups),
   (SELECT count(*) FROM fc.recharges WHERE id > %(r0)s AND channel_txn_id LIKE %(txn)s),
   (SELECT coalesce(sum(amount), 0) FROM fc.journal

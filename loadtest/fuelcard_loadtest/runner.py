@@ -85,7 +85,7 @@ class Options:
         return Mix(cancel=base.cancel if self.cancel_share is None else self.cancel_share,
                    recharge=base.recharge if self.recharge_share is None else self.recharge_share,
                    redeem=base.redeem if self.redeem_share is None else self.redeem_share,
-                   reverse=base.reverse, refund=base.refund)
+                   reverse=base.reverse, refund=base.refund, overrun=base.overrun)
 
     def validate(self) -> Options:
         problems = []

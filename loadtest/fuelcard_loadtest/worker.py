@@ -56,6 +56,9 @@ PRODUCTS = (common_pb2.PRODUCT_GASOLINE_92, common_pb2.PRODUCT_GASOLINE_95,
             common_pb2.PRODUCT_DIESEL_0, common_pb2.PRODUCT_GASOLINE_98)
 AMOUNT_MIN_FEN, AMOUNT_MAX_FEN = 5_000, 50_000      # a 50-500 yuan hold
 UNIT_PRICE_FEN = 785                                 # 7.85 yuan per litre
+# An overrun goes at most this far past its hold: within the server's default
+# tolerance (overrun_tolerance_fen, 1 000 fen), whatever the hold.
+OVERRUN_MAX_FEN = 500
 RECHARGE_MIN_FEN, RECHARGE_MAX_FEN = 10_000, 200_000
 REDEEM_MAX_POINTS = 500
 EARNED_RING = 4096
@@ -258,7 +261,14 @@ class Generator:
                 self.open_holds.pop(hold_id, None)
                 self.cancelled += 1
             return
-        final = rng.randint(max(1, amount * 3 // 10), amount - 1)
+        if rng.random() < cfg.mix.overrun:
+            # The pump ran on past its preset: above the hold, within the
+            # server's overrun tolerance (at least OVERRUN_MAX_FEN), so it is
+            # booked; what the balance cannot pay becomes a receivable.
+            final = amount + rng.randint(1, OVERRUN_MAX_FEN)
+            self.ops["overrun"] += 1
+        else:
+            final = rng.randint(max(1, amount * 3 // 10), amount - 1)
         confirm = transaction_pb2.ConfirmRequest(
             request_id=rid + "c", hold_id=hold_id, final_amount_fen=final,
             volume_ml=final * 1000 // UNIT_PRICE_FEN, unit_price_fen=UNIT_PRICE_FEN)

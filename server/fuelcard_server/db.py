@@ -126,8 +126,10 @@ def translate(exc: psycopg.Error) -> errors.ApiError:
     if state == "FCUA0":
         return errors.unauthenticated(reason, "the request's authentication was refused")
     if state == "FCIA0":
-        return errors.invalid([errors.FieldViolation(field, reason.lower().replace("_", " "),
-                                                     reason)])
+        # DETAIL names the field, or several, one a line (a batch's lines that each break
+        # the same rule): one violation each.
+        return errors.invalid([errors.FieldViolation(f, reason.lower().replace("_", " "), reason)
+                               for f in field.split("\n")])
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return errors.ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
                                "the database work was cancelled at the deadline")

@@ -35,6 +35,10 @@ _T = TypeVar("_T")
 EXPIRE_SQL = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
     " THEN fc.expire_holds(p_now => %(now)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
+# The accounts the sweep set aside since the last report (fc.sweep_account): each is logged
+# and counted once, then skipped until its retry time.
+TAKE_SWEEP_FAILURES_SQL = (
+    "SELECT account_uid, sqlstate, message, failures, retry_at FROM fc.take_hold_sweep_failures()")
 EXPIRE_POINTS_SQL = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
     " THEN fc.expire_points(p_now => %(now)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
@@ -74,7 +78,21 @@ class Jobs:
         released: int = row[0]
         if released > 0:
             self.telemetry.hold_expiries.add(released)
+        if released >= 0:
+            await self._report_sweep_failures()
         return released
+
+    async def _report_sweep_failures(self) -> None:
+        """Log and count the accounts whose expired holds the sweep could
+        not release: the others were released all the same, and these stay
+        set aside until their retry time. An operator follows the account
+        id (never a card number: the message is the database's text about
+        internal rows)."""
+        for uid, sqlstate, message, failures, retry_at in await self._db.fetch_all(
+                TAKE_SWEEP_FAILURES_SQL, {}):
+            self.telemetry.hold_expiry_failures.add(1)
+            log.error("hold expiry failed for account %s (sqlstate %s, failure %d): %s; "
+                      "skipped until %s", uid, sqlstate, failures, message, retry_at.isoformat())
 
     async def expire_points_once(self) -> int:
         """Lapse points lots past their expiry; -1 if another process is on it."""

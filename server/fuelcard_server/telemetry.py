@@ -132,6 +132,10 @@ class Telemetry:
             "fuelcard.authorizations", description="Authorize answers by decision and reason")
         self.hold_expiries = m.create_counter(
             "fuelcard.holds.expired", description="holds released by the expiry sweep")
+        self.hold_expiry_failures = m.create_counter(
+            "fuelcard.holds.expiry_failures",
+            description="accounts whose expired holds the sweep could not release (set aside "
+                        "until their retry time)")
         self.retention_deleted = m.create_counter(
             "fuelcard.retention.deleted",
             description="rows deleted by the retention job, by table (idempotency_keys, "

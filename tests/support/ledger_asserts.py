@@ -137,7 +137,7 @@ def snapshot(db: Conn) -> dict[str, tuple[int, str | None]]:
 
 def account_row(db: Conn, account_uid: str) -> dict[str, Any]:
     cur = db.execute(
-        "SELECT id, balance_fen, held_fen, points_balance, status, max_balance_fen"
+        "SELECT id, balance_fen, held_fen, points_balance, status, max_balance_fen, receivable_fen"
         " FROM fc.accounts WHERE uid = %s", (account_uid,))
     row = cur.fetchone()
     assert row is not None, account_uid

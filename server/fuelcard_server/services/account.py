@@ -63,7 +63,10 @@ CARDS_PAGE_SQL = """
 # journal kind -> TransactionKind
 _TXN_KIND = {1: account_pb2.TRANSACTION_KIND_RECHARGE, 2: account_pb2.TRANSACTION_KIND_PURCHASE,
              5: account_pb2.TRANSACTION_KIND_ALLOCATION,
-             8: account_pb2.TRANSACTION_KIND_RECHARGE_REFUND}
+             8: account_pb2.TRANSACTION_KIND_RECHARGE_REFUND,
+             # kind 12 on a customer's account is only ever a repayment (the
+             # overrun's own entry is between RECEIVABLES and FUEL_SALES)
+             12: account_pb2.TRANSACTION_KIND_OVERRUN_REPAYMENT}
 
 
 def _page(rows: list[Any], size: int) -> tuple[list[Any], str]:

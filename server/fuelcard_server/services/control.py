@@ -75,6 +75,25 @@ TRANSFER_POINTS_SQL = (
     "SELECT fc.transfer_points(p_caller => %(caller)s, p_request_id => %(request_id)s,"
     " p_request_hash => %(request_hash)s, p_from_uid => %(from_uid)s::uuid,"
     " p_to_uid => %(to_uid)s::uuid, p_points => %(points)s::bigint, p_now => %(now)s::timestamptz)")
+SET_PRICE_SQL = (
+    "SELECT fc.set_price(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_station_id => %(station_id)s,"
+    " p_product => %(product)s::smallint, p_effective => %(effective)s::timestamptz,"
+    " p_unit_price_fen => %(unit_price_fen)s::bigint, p_now => %(now)s::timestamptz)")
+LIST_PRICES_SQL = """
+    SELECT fc.price_json(p => p) FROM fc.prices p
+     WHERE p.station_id = %(station_id)s AND (%(product)s::smallint = 0 OR p.product = %(product)s)
+     ORDER BY p.effective_at DESC, p.product LIMIT 500"""
+SET_VOLUME_LIMITS_SQL = (
+    "SELECT fc.set_volume_limits(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_actor_uid => %(actor_uid)s::uuid,"
+    " p_card_uid => %(card_uid)s::uuid, p_fill_ml => %(fill_ml)s::bigint,"
+    " p_daily_ml => %(daily_ml)s::bigint, p_monthly_ml => %(monthly_ml)s::bigint,"
+    " p_now => %(now)s::timestamptz)")
+# Bounds to refuse garbage early: a posted price of 10 000 yuan a litre, a cap
+# of ten million litres.
+MAX_PRICE_FEN = 1_000_000
+MAX_VOLUME_ML = 10**10
 REGISTER_STATION_SQL = """
     INSERT INTO fc.stations (station_id, name, latitude, longitude) VALUES (%s, %s, %s, %s)
     ON CONFLICT (station_id) DO UPDATE
@@ -202,6 +221,10 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
             used_today_fen=d["used_today_fen"], used_this_month_fen=d["used_this_month_fen"])
         if d["raise_end_us"] is not None:
             response.raise_end_time.FromMicroseconds(d["raise_end_us"])
+        if "volume_limits" in d:   # a card
+            response.volume_limits.CopyFrom(_volume_limits(d["volume_limits"]))
+            response.used_today_ml = d["used_today_ml"]
+            response.used_this_month_ml = d["used_this_month_ml"]
         return response
 
     @rpc(Role.ADMIN)
@@ -367,4 +390,64 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
             change.create_time.FromMicroseconds(created)
         return response
 
+    @rpc(Role.ADMIN)
+    async def SetPrice(self, request: control_pb2.SetPriceRequest, context: Ctx
+                       ) -> control_pb2.SetPriceResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.text("station_id", request.station_id, required=True, max_chars=ID_MAX_CHARS)
+        v.enum("product", request.product, PRODUCTS)
+        effective = v.timestamp("effective_time", request.effective_time)
+        v.amount("unit_price_fen", request.unit_price_fen, MAX_PRICE_FEN)
+        v.raise_if_any()
+        d = await self.d.db.call(SET_PRICE_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("set_price", request),
+            "station_id": request.station_id, "product": request.product,
+            "effective": effective, "unit_price_fen": request.unit_price_fen,
+            "now": self.d.clock.now()})
+        return control_pb2.SetPriceResponse(price=_price(d["price"]))
 
+    @rpc(Role.ADMIN)
+    async def ListPrices(self, request: control_pb2.ListPricesRequest, context: Ctx
+                         ) -> control_pb2.ListPricesResponse:
+        v = Violations()
+        v.text("station_id", request.station_id, required=True, max_chars=ID_MAX_CHARS)
+        if request.product:
+            v.enum("product", request.product, PRODUCTS)
+        v.raise_if_any()
+        rows = await self.d.reads.fetch_all(LIST_PRICES_SQL, {
+            "station_id": request.station_id, "product": request.product})
+        return control_pb2.ListPricesResponse(prices=[_price(r[0]) for r in rows])
+
+    @rpc(Role.ADMIN)
+    async def SetVolumeLimits(self, request: control_pb2.SetVolumeLimitsRequest, context: Ctx
+                              ) -> control_pb2.SetVolumeLimitsResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.uuid("actor_account_id", request.actor_account_id)
+        card = v.uuid("card_id", request.card_id)
+        lim = request.limits
+        v.non_negative("limits.per_fill_ml", lim.per_fill_ml, MAX_VOLUME_ML)
+        v.non_negative("limits.daily_ml", lim.daily_ml, MAX_VOLUME_ML)
+        v.non_negative("limits.monthly_ml", lim.monthly_ml, MAX_VOLUME_ML)
+        v.raise_if_any()
+        d = await self.d.db.call(SET_VOLUME_LIMITS_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("set_volume_limits", request),
+            "actor_uid": request.actor_account_id, "card_uid": card,
+            "fill_ml": lim.per_fill_ml, "daily_ml": lim.daily_ml, "monthly_ml": lim.monthly_ml,
+            "now": self.d.clock.now()})
+        return control_pb2.SetVolumeLimitsResponse(limits=_volume_limits(d["limits"]))
+
+
+def _volume_limits(d: dict[str, Any]) -> control_pb2.VolumeLimits:
+    return control_pb2.VolumeLimits(per_fill_ml=d["per_fill_ml"], daily_ml=d["daily_ml"],
+                                    monthly_ml=d["monthly_ml"])
+
+
+def _price(d: dict[str, Any]) -> control_pb2.Price:
+    price = control_pb2.Price(station_id=d["station_id"], product=d["product"],
+                              unit_price_fen=d["unit_price_fen"], set_by=d["set_by"])
+    price.effective_time.FromMicroseconds(d["effective_us"])
+    return price

@@ -155,7 +155,12 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
                   "request_hash": self.d.fingerprint("recharge", request), "account_uid": account_id,
                   "channel": request.channel, "channel_txn_id": request.channel_txn_id,
                   "amount_fen": request.amount_fen, "now": now}
-        if request.amount_fen > self.d.settings.step_up_recharge_above_fen:
+        # A step-up is a person confirming what they typed. A payment its
+        # channel's adapter notified, signed (checked above), was made and
+        # authenticated at the channel: a bank transfer of any size is
+        # credited, never held back for a code the adapter cannot supply.
+        if (request.amount_fen > self.d.settings.step_up_recharge_above_fen
+                and self.d.identity().role is not Role.ADAPTER):
             gate = self.d.step_ups.gate_params(
                 caller, request.request_id, "recharge", True, stepup.RECHARGE, account_id,
                 request.amount_fen, challenge, request.step_up.code, now)
@@ -164,7 +169,8 @@ class FundingService(Servicer, funding_pb2_grpc.FundingServiceServicer):
             d = await self.d.db.call(RECHARGE_SQL, params)
         response = funding_pb2.RechargeResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
-            balance_fen=d["balance_fen"])
+            balance_fen=d["balance_fen"], refund_payment=bool(d.get("refund_payment")),
+            settlement_exception_id=d.get("settlement_exception_id") or "")
         if "recharge" in d:
             response.recharge.CopyFrom(wire.recharge(d["recharge"]))
         # Every answer, first or replayed, approved or declined, is signed.

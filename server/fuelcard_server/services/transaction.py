@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 from fuelcard.v1 import common_pb2, transaction_pb2, transaction_pb2_grpc
+from opentelemetry import metrics
 
 from fuelcard_server import errors, wire
 from fuelcard_server.identity import Role
@@ -56,6 +57,27 @@ CARD_BALANCE_SQL = """
       JOIN fc.accounts f
         ON f.id = CASE WHEN a.funding_mode = fc.funding_mode_shared() THEN a.parent_id ELSE a.id END
      WHERE c.pan_index = %s"""
+
+
+# Confirms whose figures do not add up (fc.note_sale_figures, recorded on the
+# hold): volume x unit price more than one fen from the amount, or a unit
+# price other than the station's posted price. The sale stands (the pump's
+# amount is what was charged); a pump or price board to look at.
+sale_figures_off = metrics.get_meter("fuelcard.pump").create_counter(
+    "fuelcard.pump.sale_figures_off", unit="{sale}",
+    description="confirmed sales whose amount is not volume x unit price (amount) or whose"
+    " unit price is not the posted price (price)")
+
+
+def overrun_above_tolerance(exception_id: str) -> errors.ApiError:
+    """A confirm past the hold by more than the overrun tolerance: nothing
+    booked, the hold still open, the excess recorded as the settlement
+    exception named in the metadata for finance to follow up."""
+    return errors.ApiError(
+        grpc.StatusCode.FAILED_PRECONDITION, "OVERRUN_ABOVE_TOLERANCE",
+        "the final amount exceeds the hold by more than the overrun tolerance; nothing was"
+        " booked and the excess is recorded as a settlement exception",
+        metadata={"settlement_exception_id": exception_id})
 
 
 class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServicer):
@@ -134,11 +156,20 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             "final_fen": request.final_amount_fen, "volume_ml": request.volume_ml,
             "unit_price_fen": request.unit_price_fen, "now": self.d.clock.now(),
             "terminal": terminal, "counter": counter})
+        if d.get("overrun_refusal") == "OVERRUN_ABOVE_TOLERANCE":
+            # fc.confirm answers this refusal rather than raising it: the
+            # exception it records must commit (a raise would roll it back),
+            # and the answer is remembered for a retry like any other.
+            raise overrun_above_tolerance(str(d["settlement_exception_id"]))
+        if (d.get("amount_mismatch") or d.get("price_mismatch")) and not d.get("replayed"):
+            sale_figures_off.add(1, {"amount": bool(d.get("amount_mismatch")),
+                                     "price": bool(d.get("price_mismatch"))})
         return transaction_pb2.ConfirmResponse(
             decision=wire.decision(d), decline_reason=wire.decline_reason(d),
             hold=wire.hold(d["hold"]), points_earned=d["points_earned"],
             balance_fen=d["balance_fen"],
-            settlement_exception_id=d.get("settlement_exception_id") or "")
+            settlement_exception_id=d.get("settlement_exception_id") or "",
+            receivable_fen=d.get("receivable_fen") or 0)
 
     @rpc(Role.POS)
     async def Cancel(self, request: transaction_pb2.CancelRequest, context: Ctx

@@ -181,6 +181,12 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """Money moved between a parent and its sub-account (batch top-up)."""
     TRANSACTION_KIND_RECHARGE_REFUND: _TransactionKind.ValueType  # 4
     """A payment channel refunded (part of) a recharge: money leaves the account."""
+    TRANSACTION_KIND_OVERRUN_REPAYMENT: _TransactionKind.ValueType  # 7
+    """A recharge paying back what an earlier pump overrun left unpaid (the
+    account owed it, see ConfirmResponse.receivable_fen): money leaves the
+    account; hold_id names the sale, recharge_id the recharge (5 and 6 are
+    left to sale refunds).
+    """
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """What a journal transaction was."""
@@ -195,6 +201,12 @@ TRANSACTION_KIND_ALLOCATION: TransactionKind.ValueType  # 3
 """Money moved between a parent and its sub-account (batch top-up)."""
 TRANSACTION_KIND_RECHARGE_REFUND: TransactionKind.ValueType  # 4
 """A payment channel refunded (part of) a recharge: money leaves the account."""
+TRANSACTION_KIND_OVERRUN_REPAYMENT: TransactionKind.ValueType  # 7
+"""A recharge paying back what an earlier pump overrun left unpaid (the
+account owed it, see ConfirmResponse.receivable_fen): money leaves the
+account; hold_id names the sale, recharge_id the recharge (5 and 6 are
+left to sale refunds).
+"""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 @_typing.final

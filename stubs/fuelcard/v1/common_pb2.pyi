@@ -135,6 +135,20 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     """The terminal reversed this Authorize (TransactionService.ReverseAuthorization)
     before it arrived: nothing was reserved. Do not dispense.
     """
+    DECLINE_REASON_RECEIVABLE_OUTSTANDING: _DeclineReason.ValueType  # 20
+    """The funding account owes the unpaid part of an earlier pump overrun: it
+    authorizes again once a recharge has repaid it (19 is left to reversals).
+    """
+    DECLINE_REASON_LIMIT_VOLUME_PER_FILL: _DeclineReason.ValueType  # 21
+    """The amount, in litres at the station's posted price, is above the card's
+    per-fill litre cap.
+    """
+    DECLINE_REASON_LIMIT_VOLUME_DAILY: _DeclineReason.ValueType  # 22
+    """The card's litres today (with this amount, at the posted price) would be
+    above its daily litre cap.
+    """
+    DECLINE_REASON_LIMIT_VOLUME_MONTHLY: _DeclineReason.ValueType  # 23
+    """The card's litres this month would be above its monthly litre cap."""
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why a request was declined. Stable, machine-readable: a POS maps each value
@@ -187,6 +201,20 @@ DECLINE_REASON_REVERSED: DeclineReason.ValueType  # 19
 """The terminal reversed this Authorize (TransactionService.ReverseAuthorization)
 before it arrived: nothing was reserved. Do not dispense.
 """
+DECLINE_REASON_RECEIVABLE_OUTSTANDING: DeclineReason.ValueType  # 20
+"""The funding account owes the unpaid part of an earlier pump overrun: it
+authorizes again once a recharge has repaid it (19 is left to reversals).
+"""
+DECLINE_REASON_LIMIT_VOLUME_PER_FILL: DeclineReason.ValueType  # 21
+"""The amount, in litres at the station's posted price, is above the card's
+per-fill litre cap.
+"""
+DECLINE_REASON_LIMIT_VOLUME_DAILY: DeclineReason.ValueType  # 22
+"""The card's litres today (with this amount, at the posted price) would be
+above its daily litre cap.
+"""
+DECLINE_REASON_LIMIT_VOLUME_MONTHLY: DeclineReason.ValueType  # 23
+"""The card's litres this month would be above its monthly litre cap."""
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 class _Product:

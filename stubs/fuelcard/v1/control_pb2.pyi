@@ -24,6 +24,260 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class Price(_message.Message):
+    """A posted price."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATION_ID_FIELD_NUMBER: _builtins.int
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    UNIT_PRICE_FEN_FIELD_NUMBER: _builtins.int
+    SET_BY_FIELD_NUMBER: _builtins.int
+    station_id: _builtins.str
+    """The station (as registered, or as terminals name it)."""
+    product: _common_pb2.Product.ValueType
+    """The product."""
+    unit_price_fen: _builtins.int
+    """Fen per litre, > 0, as the pump shows it."""
+    set_by: _builtins.str
+    """Who posted it (the caller's identity)."""
+    @_builtins.property
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
+        """From when it applies; it applies until the next price of the same
+        station and product.
+        """
+
+    def __init__(
+        self,
+        *,
+        station_id: _builtins.str = ...,
+        product: _common_pb2.Product.ValueType = ...,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
+        unit_price_fen: _builtins.int = ...,
+        set_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time", "product", b"product", "set_by", b"set_by", "station_id", b"station_id", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Price: _TypeAlias = Price  # noqa: Y015
+
+@_typing.final
+class SetPriceRequest(_message.Message):
+    """Request for ControlService.SetPrice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    STATION_ID_FIELD_NUMBER: _builtins.int
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    UNIT_PRICE_FEN_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, 1-64 printable ASCII characters."""
+    station_id: _builtins.str
+    """The station, 1-64 characters."""
+    product: _common_pb2.Product.ValueType
+    """The product."""
+    unit_price_fen: _builtins.int
+    """Fen per litre, > 0."""
+    @_builtins.property
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
+        """From when it applies. The same station, product and time again replaces
+        the price (a correction).
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        station_id: _builtins.str = ...,
+        product: _common_pb2.Product.ValueType = ...,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
+        unit_price_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time", "product", b"product", "request_id", b"request_id", "station_id", b"station_id", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPriceRequest: _TypeAlias = SetPriceRequest  # noqa: Y015
+
+@_typing.final
+class SetPriceResponse(_message.Message):
+    """Response for ControlService.SetPrice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def price(self) -> Global___Price:
+        """The price as stored."""
+
+    def __init__(
+        self,
+        *,
+        price: Global___Price | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPriceResponse: _TypeAlias = SetPriceResponse  # noqa: Y015
+
+@_typing.final
+class ListPricesRequest(_message.Message):
+    """Request for ControlService.ListPrices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATION_ID_FIELD_NUMBER: _builtins.int
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    station_id: _builtins.str
+    """The station, 1-64 characters."""
+    product: _common_pb2.Product.ValueType
+    """Only this product; PRODUCT_UNSPECIFIED: all."""
+    def __init__(
+        self,
+        *,
+        station_id: _builtins.str = ...,
+        product: _common_pb2.Product.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["product", b"product", "station_id", b"station_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPricesRequest: _TypeAlias = ListPricesRequest  # noqa: Y015
+
+@_typing.final
+class ListPricesResponse(_message.Message):
+    """Response for ControlService.ListPrices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Price]:
+        """The station's prices, newest effective time first (at most 500)."""
+
+    def __init__(
+        self,
+        *,
+        prices: _abc.Iterable[Global___Price] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prices", b"prices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPricesResponse: _TypeAlias = ListPricesResponse  # noqa: Y015
+
+@_typing.final
+class VolumeLimits(_message.Message):
+    """A card's caps in litres, in millilitres. 0 means no cap. Sales are counted
+    against the daily and monthly caps with the volume the pump measured, at
+    Confirm; Authorize turns its amount into litres at the posted price
+    (SetPrice) to check it against the caps: the per-fill cap is the largest
+    preset, in litres. Without a posted price a card is declined only once its
+    day or month is used up.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PER_FILL_ML_FIELD_NUMBER: _builtins.int
+    DAILY_ML_FIELD_NUMBER: _builtins.int
+    MONTHLY_ML_FIELD_NUMBER: _builtins.int
+    per_fill_ml: _builtins.int
+    """Most litres in one sale."""
+    daily_ml: _builtins.int
+    """Most litres per calendar day (business time zone)."""
+    monthly_ml: _builtins.int
+    """Most litres per calendar month (business time zone)."""
+    def __init__(
+        self,
+        *,
+        per_fill_ml: _builtins.int = ...,
+        daily_ml: _builtins.int = ...,
+        monthly_ml: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily_ml", b"daily_ml", "monthly_ml", b"monthly_ml", "per_fill_ml", b"per_fill_ml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VolumeLimits: _TypeAlias = VolumeLimits  # noqa: Y015
+
+@_typing.final
+class SetVolumeLimitsRequest(_message.Message):
+    """Request for ControlService.SetVolumeLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CARD_ID_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, 1-64 printable ASCII characters."""
+    actor_account_id: _builtins.str
+    """The account making the change: the card's account's parent."""
+    card_id: _builtins.str
+    """The card."""
+    @_builtins.property
+    def limits(self) -> Global___VolumeLimits:
+        """The new caps; they replace the old ones."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        actor_account_id: _builtins.str = ...,
+        card_id: _builtins.str = ...,
+        limits: Global___VolumeLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_account_id", b"actor_account_id", "card_id", b"card_id", "limits", b"limits", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVolumeLimitsRequest: _TypeAlias = SetVolumeLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetVolumeLimitsResponse(_message.Message):
+    """Response for ControlService.SetVolumeLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limits(self) -> Global___VolumeLimits:
+        """The caps now in force."""
+
+    def __init__(
+        self,
+        *,
+        limits: Global___VolumeLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVolumeLimitsResponse: _TypeAlias = SetVolumeLimitsResponse  # noqa: Y015
+
+@_typing.final
 class SpendingLimits(_message.Message):
     """Caps on spending. 0 means no cap. Holds count against the caps until they
     are released.
@@ -478,10 +732,19 @@ class GetSpendingLimitsResponse(_message.Message):
     USED_TODAY_FEN_FIELD_NUMBER: _builtins.int
     USED_THIS_MONTH_FEN_FIELD_NUMBER: _builtins.int
     RAISE_END_TIME_FIELD_NUMBER: _builtins.int
+    VOLUME_LIMITS_FIELD_NUMBER: _builtins.int
+    USED_TODAY_ML_FIELD_NUMBER: _builtins.int
+    USED_THIS_MONTH_ML_FIELD_NUMBER: _builtins.int
     used_today_fen: _builtins.int
     """Authorized today (holds and settled sales), in fen."""
     used_this_month_fen: _builtins.int
     """Authorized this month, in fen."""
+    used_today_ml: _builtins.int
+    """A card's litres of confirmed sales today, in millilitres (counted only
+    while the card has a daily or monthly litre cap).
+    """
+    used_this_month_ml: _builtins.int
+    """The same this month."""
     @_builtins.property
     def limits(self) -> Global___SpendingLimits:
         """The standing caps."""
@@ -494,6 +757,10 @@ class GetSpendingLimitsResponse(_message.Message):
     def raise_end_time(self) -> _timestamp_pb2.Timestamp:
         """End of the temporary raise in force, if any."""
 
+    @_builtins.property
+    def volume_limits(self) -> Global___VolumeLimits:
+        """A card's litre caps (SetVolumeLimits); unset for an account."""
+
     def __init__(
         self,
         *,
@@ -502,10 +769,13 @@ class GetSpendingLimitsResponse(_message.Message):
         used_today_fen: _builtins.int = ...,
         used_this_month_fen: _builtins.int = ...,
         raise_end_time: _timestamp_pb2.Timestamp | None = ...,
+        volume_limits: Global___VolumeLimits | None = ...,
+        used_today_ml: _builtins.int = ...,
+        used_this_month_ml: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_limits", b"effective_limits", "limits", b"limits", "raise_end_time", b"raise_end_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_limits", b"effective_limits", "limits", b"limits", "raise_end_time", b"raise_end_time", "volume_limits", b"volume_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_limits", b"effective_limits", "limits", b"limits", "raise_end_time", b"raise_end_time", "used_this_month_fen", b"used_this_month_fen", "used_today_fen", b"used_today_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_limits", b"effective_limits", "limits", b"limits", "raise_end_time", b"raise_end_time", "used_this_month_fen", b"used_this_month_fen", "used_this_month_ml", b"used_this_month_ml", "used_today_fen", b"used_today_fen", "used_today_ml", b"used_today_ml", "volume_limits", b"volume_limits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

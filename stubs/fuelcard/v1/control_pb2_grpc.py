@@ -85,6 +85,21 @@ class ControlServiceStub:
                 request_serializer=fuelcard_dot_v1_dot_control__pb2.ListControlChangesRequest.SerializeToString,
                 response_deserializer=fuelcard_dot_v1_dot_control__pb2.ListControlChangesResponse.FromString,
                 _registered_method=True)
+        self.SetPrice = channel.unary_unary(
+                '/fuelcard.v1.ControlService/SetPrice',
+                request_serializer=fuelcard_dot_v1_dot_control__pb2.SetPriceRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_control__pb2.SetPriceResponse.FromString,
+                _registered_method=True)
+        self.ListPrices = channel.unary_unary(
+                '/fuelcard.v1.ControlService/ListPrices',
+                request_serializer=fuelcard_dot_v1_dot_control__pb2.ListPricesRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_control__pb2.ListPricesResponse.FromString,
+                _registered_method=True)
+        self.SetVolumeLimits = channel.unary_unary(
+                '/fuelcard.v1.ControlService/SetVolumeLimits',
+                request_serializer=fuelcard_dot_v1_dot_control__pb2.SetVolumeLimitsRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_control__pb2.SetVolumeLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -161,6 +176,30 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPrice(self, request, context):
+        """Post the price of a product at a station from a moment on (挂牌价). Confirm
+        compares a pump's unit price with it, and Authorize turns amounts into
+        litres with it for a card's litre caps. Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrices(self, request, context):
+        """A station's posted prices, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetVolumeLimits(self, request, context):
+        """Set a card's litre caps (per fill, per day, per month), as
+        SetSpendingLimits sets its money caps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +247,21 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.ListControlChanges,
                     request_deserializer=fuelcard_dot_v1_dot_control__pb2.ListControlChangesRequest.FromString,
                     response_serializer=fuelcard_dot_v1_dot_control__pb2.ListControlChangesResponse.SerializeToString,
+            ),
+            'SetPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPrice,
+                    request_deserializer=fuelcard_dot_v1_dot_control__pb2.SetPriceRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_control__pb2.SetPriceResponse.SerializeToString,
+            ),
+            'ListPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrices,
+                    request_deserializer=fuelcard_dot_v1_dot_control__pb2.ListPricesRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_control__pb2.ListPricesResponse.SerializeToString,
+            ),
+            'SetVolumeLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetVolumeLimits,
+                    request_deserializer=fuelcard_dot_v1_dot_control__pb2.SetVolumeLimitsRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_control__pb2.SetVolumeLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -459,6 +513,87 @@ class ControlService:
             '/fuelcard.v1.ControlService/ListControlChanges',
             fuelcard_dot_v1_dot_control__pb2.ListControlChangesRequest.SerializeToString,
             fuelcard_dot_v1_dot_control__pb2.ListControlChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.ControlService/SetPrice',
+            fuelcard_dot_v1_dot_control__pb2.SetPriceRequest.SerializeToString,
+            fuelcard_dot_v1_dot_control__pb2.SetPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.ControlService/ListPrices',
+            fuelcard_dot_v1_dot_control__pb2.ListPricesRequest.SerializeToString,
+            fuelcard_dot_v1_dot_control__pb2.ListPricesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetVolumeLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.ControlService/SetVolumeLimits',
+            fuelcard_dot_v1_dot_control__pb2.SetVolumeLimitsRequest.SerializeToString,
+            fuelcard_dot_v1_dot_control__pb2.SetVolumeLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

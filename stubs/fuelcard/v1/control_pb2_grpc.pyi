@@ -63,6 +63,17 @@ class ControlServiceStub:
     """
     ListControlChanges: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListControlChangesRequest, _control_pb2.ListControlChangesResponse]
     """Who changed which limits and scopes, newest first."""
+    SetPrice: _grpc.UnaryUnaryMultiCallable[_control_pb2.SetPriceRequest, _control_pb2.SetPriceResponse]
+    """Post the price of a product at a station from a moment on (挂牌价). Confirm
+    compares a pump's unit price with it, and Authorize turns amounts into
+    litres with it for a card's litre caps. Idempotent on request_id.
+    """
+    ListPrices: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListPricesRequest, _control_pb2.ListPricesResponse]
+    """A station's posted prices, newest first."""
+    SetVolumeLimits: _grpc.UnaryUnaryMultiCallable[_control_pb2.SetVolumeLimitsRequest, _control_pb2.SetVolumeLimitsResponse]
+    """Set a card's litre caps (per fill, per day, per month), as
+    SetSpendingLimits sets its money caps.
+    """
 
 @_typing.type_check_only
 class ControlServiceAsyncStub(ControlServiceStub):
@@ -97,6 +108,17 @@ class ControlServiceAsyncStub(ControlServiceStub):
     """
     ListControlChanges: _aio.UnaryUnaryMultiCallable[_control_pb2.ListControlChangesRequest, _control_pb2.ListControlChangesResponse]  # type: ignore[assignment]
     """Who changed which limits and scopes, newest first."""
+    SetPrice: _aio.UnaryUnaryMultiCallable[_control_pb2.SetPriceRequest, _control_pb2.SetPriceResponse]  # type: ignore[assignment]
+    """Post the price of a product at a station from a moment on (挂牌价). Confirm
+    compares a pump's unit price with it, and Authorize turns amounts into
+    litres with it for a card's litre caps. Idempotent on request_id.
+    """
+    ListPrices: _aio.UnaryUnaryMultiCallable[_control_pb2.ListPricesRequest, _control_pb2.ListPricesResponse]  # type: ignore[assignment]
+    """A station's posted prices, newest first."""
+    SetVolumeLimits: _aio.UnaryUnaryMultiCallable[_control_pb2.SetVolumeLimitsRequest, _control_pb2.SetVolumeLimitsResponse]  # type: ignore[assignment]
+    """Set a card's litre caps (per fill, per day, per month), as
+    SetSpendingLimits sets its money caps.
+    """
 
 class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     """Called by internal services on behalf of fleet managers and main card
@@ -182,5 +204,34 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ListControlChangesResponse, _abc.Awaitable[_control_pb2.ListControlChangesResponse]]:
         """Who changed which limits and scopes, newest first."""
+
+    @_abc_1.abstractmethod
+    def SetPrice(
+        self,
+        request: _control_pb2.SetPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.SetPriceResponse, _abc.Awaitable[_control_pb2.SetPriceResponse]]:
+        """Post the price of a product at a station from a moment on (挂牌价). Confirm
+        compares a pump's unit price with it, and Authorize turns amounts into
+        litres with it for a card's litre caps. Idempotent on request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPrices(
+        self,
+        request: _control_pb2.ListPricesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ListPricesResponse, _abc.Awaitable[_control_pb2.ListPricesResponse]]:
+        """A station's posted prices, newest first."""
+
+    @_abc_1.abstractmethod
+    def SetVolumeLimits(
+        self,
+        request: _control_pb2.SetVolumeLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.SetVolumeLimitsResponse, _abc.Awaitable[_control_pb2.SetVolumeLimitsResponse]]:
+        """Set a card's litre caps (per fill, per day, per month), as
+        SetSpendingLimits sets its money caps.
+        """
 
 def add_ControlServiceServicer_to_server(servicer: ControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -72,6 +72,13 @@ class _LedgerEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ledge
     FUEL_SALES back to the account that funded the sale, and the points
     taken back from the spender to POINTS_ISSUED (asset says which).
     """
+    LEDGER_ENTRY_KIND_OVERRUN_RECEIVABLE: _LedgerEntryKind.ValueType  # 12
+    """A pump overrun the account's balance could not pay (10 and 11 are left
+    to sale refunds): either the unpaid part of the sale, from the
+    RECEIVABLES system account to fuel sales (hold_id names the sale; the
+    account owes it), or its repayment by a later recharge, from the account
+    to RECEIVABLES (hold_id names the sale repaid, recharge_id the recharge).
+    """
 
 class LedgerEntryKind(_LedgerEntryKind, metaclass=_LedgerEntryKindEnumTypeWrapper):
     """Kinds of journal entries. New kinds may be added: a consumer must accept
@@ -107,6 +114,13 @@ LEDGER_ENTRY_KIND_SALE_REFUND: LedgerEntryKind.ValueType  # 10
 """A refund of a confirmed sale (RefundService.RefundSale): money from
 FUEL_SALES back to the account that funded the sale, and the points
 taken back from the spender to POINTS_ISSUED (asset says which).
+"""
+LEDGER_ENTRY_KIND_OVERRUN_RECEIVABLE: LedgerEntryKind.ValueType  # 12
+"""A pump overrun the account's balance could not pay (10 and 11 are left
+to sale refunds): either the unpaid part of the sale, from the
+RECEIVABLES system account to fuel sales (hold_id names the sale; the
+account owes it), or its repayment by a later recharge, from the account
+to RECEIVABLES (hold_id names the sale repaid, recharge_id the recharge).
 """
 Global___LedgerEntryKind: _TypeAlias = LedgerEntryKind  # noqa: Y015
 

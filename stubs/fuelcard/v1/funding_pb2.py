@@ -27,31 +27,31 @@ from fuelcard.v1 import step_up_pb2 as fuelcard_dot_v1_dot_step__up__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66uelcard/v1/funding.proto\x12\x0b\x66uelcard.v1\x1a\x18\x66uelcard/v1/common.proto\x1a\x19\x66uelcard/v1/step_up.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x08Recharge\x12\x13\n\x0brecharge_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12%\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0e\x63hannel_txn_id\x18\x04 \x01(\t\x12\x12\n\namount_fen\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x01\n\x0fRechargeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12%\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0e\x63hannel_txn_id\x18\x04 \x01(\t\x12\x12\n\namount_fen\x18\x05 \x01(\x03\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12$\n\x07step_up\x18( \x01(\x0b\x32\x13.fuelcard.v1.StepUp\"\xc0\x01\n\x10RechargeResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.fuelcard.v1.Decision\x12\x32\n\x0e\x64\x65\x63line_reason\x18\x02 \x01(\x0e\x32\x1a.fuelcard.v1.DeclineReason\x12\'\n\x08recharge\x18\x03 \x01(\x0b\x32\x15.fuelcard.v1.Recharge\x12\x13\n\x0b\x62\x61lance_fen\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"S\n\x12GetRechargeRequest\x12%\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0e\x63hannel_txn_id\x18\x02 \x01(\t\"g\n\x13GetRechargeResponse\x12\'\n\x08recharge\x18\x01 \x01(\x0b\x32\x15.fuelcard.v1.Recharge\x12\x14\n\x0crefunded_fen\x18\x02 \x01(\x03\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x8f\x02\n\x06Refund\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x13\n\x0brecharge_id\x18\x02 \x01(\t\x12\x12\n\naccount_id\x18\x03 \x01(\t\x12%\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0e\x63hannel_txn_id\x18\x05 \x01(\t\x12\x19\n\x11\x63hannel_refund_id\x18\x06 \x01(\t\x12\x12\n\namount_fen\x18\x07 \x01(\x03\x12\x13\n\x0b\x64\x65\x62ited_fen\x18\x08 \x01(\x03\x12\x15\n\rshortfall_fen\x18\t \x01(\x03\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x01\n\x15RefundRechargeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0e\x63hannel_txn_id\x18\x03 \x01(\t\x12\x19\n\x11\x63hannel_refund_id\x18\x04 \x01(\t\x12\x12\n\namount_fen\x18\x05 \x01(\x03\x12\x1a\n\x12refunded_total_fen\x18\x06 \x01(\x03\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"e\n\x16RefundRechargeResponse\x12#\n\x06refund\x18\x01 \x01(\x0b\x32\x13.fuelcard.v1.Refund\x12\x13\n\x0b\x62\x61lance_fen\x18\x02 \x01(\x03\x12\x11\n\tsignature\x18\x03 \x01(\x0c*\x8c\x01\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HANNEL_BANK_CARD\x10\x01\x12\x16\n\x12\x43HANNEL_WECHAT_PAY\x10\x02\x12\x12\n\x0e\x43HANNEL_ALIPAY\x10\x03\x12\x10\n\x0c\x43HANNEL_ECNY\x10\x04\x12\x13\n\x0f\x43HANNEL_COUNTER\x10\x05\x32\x86\x02\n\x0e\x46undingService\x12G\n\x08Recharge\x12\x1c.fuelcard.v1.RechargeRequest\x1a\x1d.fuelcard.v1.RechargeResponse\x12P\n\x0bGetRecharge\x12\x1f.fuelcard.v1.GetRechargeRequest\x1a .fuelcard.v1.GetRechargeResponse\x12Y\n\x0eRefundRecharge\x12\".fuelcard.v1.RefundRechargeRequest\x1a#.fuelcard.v1.RefundRechargeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66uelcard/v1/funding.proto\x12\x0b\x66uelcard.v1\x1a\x18\x66uelcard/v1/common.proto\x1a\x19\x66uelcard/v1/step_up.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x08Recharge\x12\x13\n\x0brecharge_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12%\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0e\x63hannel_txn_id\x18\x04 \x01(\t\x12\x12\n\namount_fen\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x01\n\x0fRechargeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12%\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0e\x63hannel_txn_id\x18\x04 \x01(\t\x12\x12\n\namount_fen\x18\x05 \x01(\x03\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12$\n\x07step_up\x18( \x01(\x0b\x32\x13.fuelcard.v1.StepUp\"\xf9\x01\n\x10RechargeResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.fuelcard.v1.Decision\x12\x32\n\x0e\x64\x65\x63line_reason\x18\x02 \x01(\x0e\x32\x1a.fuelcard.v1.DeclineReason\x12\'\n\x08recharge\x18\x03 \x01(\x0b\x32\x15.fuelcard.v1.Recharge\x12\x13\n\x0b\x62\x61lance_fen\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x16\n\x0erefund_payment\x18\x06 \x01(\x08\x12\x1f\n\x17settlement_exception_id\x18\x07 \x01(\t\"S\n\x12GetRechargeRequest\x12%\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0e\x63hannel_txn_id\x18\x02 \x01(\t\"g\n\x13GetRechargeResponse\x12\'\n\x08recharge\x18\x01 \x01(\x0b\x32\x15.fuelcard.v1.Recharge\x12\x14\n\x0crefunded_fen\x18\x02 \x01(\x03\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x8f\x02\n\x06Refund\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x13\n\x0brecharge_id\x18\x02 \x01(\t\x12\x12\n\naccount_id\x18\x03 \x01(\t\x12%\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0e\x63hannel_txn_id\x18\x05 \x01(\t\x12\x19\n\x11\x63hannel_refund_id\x18\x06 \x01(\t\x12\x12\n\namount_fen\x18\x07 \x01(\x03\x12\x13\n\x0b\x64\x65\x62ited_fen\x18\x08 \x01(\x03\x12\x15\n\rshortfall_fen\x18\t \x01(\x03\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x01\n\x15RefundRechargeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x14.fuelcard.v1.Channel\x12\x16\n\x0e\x63hannel_txn_id\x18\x03 \x01(\t\x12\x19\n\x11\x63hannel_refund_id\x18\x04 \x01(\t\x12\x12\n\namount_fen\x18\x05 \x01(\x03\x12\x1a\n\x12refunded_total_fen\x18\x06 \x01(\x03\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"e\n\x16RefundRechargeResponse\x12#\n\x06refund\x18\x01 \x01(\x0b\x32\x13.fuelcard.v1.Refund\x12\x13\n\x0b\x62\x61lance_fen\x18\x02 \x01(\x03\x12\x11\n\tsignature\x18\x03 \x01(\x0c*\x8c\x01\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HANNEL_BANK_CARD\x10\x01\x12\x16\n\x12\x43HANNEL_WECHAT_PAY\x10\x02\x12\x12\n\x0e\x43HANNEL_ALIPAY\x10\x03\x12\x10\n\x0c\x43HANNEL_ECNY\x10\x04\x12\x13\n\x0f\x43HANNEL_COUNTER\x10\x05\x32\x86\x02\n\x0e\x46undingService\x12G\n\x08Recharge\x12\x1c.fuelcard.v1.RechargeRequest\x1a\x1d.fuelcard.v1.RechargeResponse\x12P\n\x0bGetRecharge\x12\x1f.fuelcard.v1.GetRechargeRequest\x1a .fuelcard.v1.GetRechargeResponse\x12Y\n\x0eRefundRecharge\x12\".fuelcard.v1.RefundRechargeRequest\x1a#.fuelcard.v1.RefundRechargeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuelcard.v1.funding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANNEL']._serialized_start=1480
-  _globals['_CHANNEL']._serialized_end=1620
+  _globals['_CHANNEL']._serialized_start=1537
+  _globals['_CHANNEL']._serialized_end=1677
   _globals['_RECHARGE']._serialized_start=129
   _globals['_RECHARGE']._serialized_end=312
   _globals['_RECHARGEREQUEST']._serialized_start=315
   _globals['_RECHARGEREQUEST']._serialized_end=512
   _globals['_RECHARGERESPONSE']._serialized_start=515
-  _globals['_RECHARGERESPONSE']._serialized_end=707
-  _globals['_GETRECHARGEREQUEST']._serialized_start=709
-  _globals['_GETRECHARGEREQUEST']._serialized_end=792
-  _globals['_GETRECHARGERESPONSE']._serialized_start=794
-  _globals['_GETRECHARGERESPONSE']._serialized_end=897
-  _globals['_REFUND']._serialized_start=900
-  _globals['_REFUND']._serialized_end=1171
-  _globals['_REFUNDRECHARGEREQUEST']._serialized_start=1174
-  _globals['_REFUNDRECHARGEREQUEST']._serialized_end=1374
-  _globals['_REFUNDRECHARGERESPONSE']._serialized_start=1376
-  _globals['_REFUNDRECHARGERESPONSE']._serialized_end=1477
-  _globals['_FUNDINGSERVICE']._serialized_start=1623
-  _globals['_FUNDINGSERVICE']._serialized_end=1885
+  _globals['_RECHARGERESPONSE']._serialized_end=764
+  _globals['_GETRECHARGEREQUEST']._serialized_start=766
+  _globals['_GETRECHARGEREQUEST']._serialized_end=849
+  _globals['_GETRECHARGERESPONSE']._serialized_start=851
+  _globals['_GETRECHARGERESPONSE']._serialized_end=954
+  _globals['_REFUND']._serialized_start=957
+  _globals['_REFUND']._serialized_end=1228
+  _globals['_REFUNDRECHARGEREQUEST']._serialized_start=1231
+  _globals['_REFUNDRECHARGEREQUEST']._serialized_end=1431
+  _globals['_REFUNDRECHARGERESPONSE']._serialized_start=1433
+  _globals['_REFUNDRECHARGERESPONSE']._serialized_end=1534
+  _globals['_FUNDINGSERVICE']._serialized_start=1680
+  _globals['_FUNDINGSERVICE']._serialized_end=1942
 # @@protoc_insertion_point(module_scope)

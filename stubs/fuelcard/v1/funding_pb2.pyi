@@ -200,6 +200,8 @@ class RechargeResponse(_message.Message):
     RECHARGE_FIELD_NUMBER: _builtins.int
     BALANCE_FEN_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    REFUND_PAYMENT_FIELD_NUMBER: _builtins.int
+    SETTLEMENT_EXCEPTION_ID_FIELD_NUMBER: _builtins.int
     decision: _common_pb2.Decision.ValueType
     """DECISION_APPROVED: the account was credited. DECISION_DECLINED: nothing
     was credited (e.g. the balance would exceed the account's maximum); the
@@ -232,6 +234,17 @@ class RechargeResponse(_message.Message):
     randomised): compare the signed fields, not the signature bytes. Errors
     (gRPC statuses) are not signed.
     """
+    refund_payment: _builtins.bool
+    """True when the core refuses this payment for good (e.g. the balance would
+    exceed the account's maximum): the adapter must refund the payer through
+    the channel and stop notifying this payment; every later notification of
+    it gets the same answer. Set exactly when decision is DECISION_DECLINED,
+    which the signature covers, so it is not signed itself.
+    """
+    settlement_exception_id: _builtins.str
+    """The settlement exception (kind 3, refused channel payment) finance follows
+    the refund up with; set with refund_payment.
+    """
     @_builtins.property
     def recharge(self) -> Global___Recharge:
         """The recharge; set when approved."""
@@ -244,10 +257,12 @@ class RechargeResponse(_message.Message):
         recharge: Global___Recharge | None = ...,
         balance_fen: _builtins.int = ...,
         signature: _builtins.bytes = ...,
+        refund_payment: _builtins.bool = ...,
+        settlement_exception_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["recharge", b"recharge"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_fen", b"balance_fen", "decision", b"decision", "decline_reason", b"decline_reason", "recharge", b"recharge", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_fen", b"balance_fen", "decision", b"decision", "decline_reason", b"decline_reason", "recharge", b"recharge", "refund_payment", b"refund_payment", "settlement_exception_id", b"settlement_exception_id", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,15 +26,15 @@ from fuelcard.v1 import common_pb2 as fuelcard_dot_v1_dot_common__pb2
 from fuelcard.v1 import risk_pb2 as fuelcard_dot_v1_dot_risk__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66uelcard/v1/transaction.proto\x12\x0b\x66uelcard.v1\x1a\x18\x66uelcard/v1/common.proto\x1a\x16\x66uelcard/v1/risk.proto\"\xfe\x01\n\x10\x41uthorizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x12\n\namount_fen\x18\x03 \x01(\x03\x12\x12\n\nstation_id\x18\x04 \x01(\t\x12\x13\n\x0bterminal_id\x18\x05 \x01(\t\x12\x0e\n\x06nozzle\x18\x06 \x01(\x05\x12%\n\x07product\x18\x07 \x01(\x0e\x32\x14.fuelcard.v1.Product\x12\x13\n\x0bkey_version\x18\x08 \x01(\x05\x12\x18\n\x10terminal_counter\x18\t \x01(\x04\x12\x0b\n\x03mac\x18\n \x01(\x0c\x12\x11\n\tpin_block\x18\x0b \x01(\x0c\"\xd3\x01\n\x11\x41uthorizeResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.fuelcard.v1.Decision\x12\x32\n\x0e\x64\x65\x63line_reason\x18\x02 \x01(\x0e\x32\x1a.fuelcard.v1.DeclineReason\x12\x1f\n\x04hold\x18\x03 \x01(\x0b\x32\x11.fuelcard.v1.Hold\x12\x15\n\ravailable_fen\x18\x04 \x01(\x03\x12)\n\x04risk\x18\x05 \x01(\x0b\x32\x1b.fuelcard.v1.RiskAssessment\"\xb6\x01\n\x0e\x43onfirmRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07hold_id\x18\x02 \x01(\t\x12\x18\n\x10\x66inal_amount_fen\x18\x03 \x01(\x03\x12\x11\n\tvolume_ml\x18\x04 \x01(\x03\x12\x16\n\x0eunit_price_fen\x18\x05 \x01(\x03\x12\x13\n\x0bkey_version\x18\x06 \x01(\x05\x12\x18\n\x10terminal_counter\x18\x07 \x01(\x04\x12\x0b\n\x03mac\x18\x08 \x01(\x0c\"\xdc\x01\n\x0f\x43onfirmResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.fuelcard.v1.Decision\x12\x32\n\x0e\x64\x65\x63line_reason\x18\x02 \x01(\x0e\x32\x1a.fuelcard.v1.DeclineReason\x12\x1f\n\x04hold\x18\x03 \x01(\x0b\x32\x11.fuelcard.v1.Hold\x12\x15\n\rpoints_earned\x18\x04 \x01(\x03\x12\x13\n\x0b\x62\x61lance_fen\x18\x05 \x01(\x03\x12\x1f\n\x17settlement_exception_id\x18\x06 \x01(\t\"p\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07hold_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\x05\x12\x18\n\x10terminal_counter\x18\x04 \x01(\x04\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\"1\n\x0e\x43\x61ncelResponse\x12\x1f\n\x04hold\x18\x01 \x01(\x0b\x32\x11.fuelcard.v1.Hold\"\x8a\x01\n\x1bReverseAuthorizationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13original_request_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\x05\x12\x18\n\x10terminal_counter\x18\x04 \x01(\x04\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\"n\n\x1cReverseAuthorizationResponse\x12-\n\x07outcome\x18\x01 \x01(\x0e\x32\x1c.fuelcard.v1.ReversalOutcome\x12\x1f\n\x04hold\x18\x02 \x01(\x0b\x32\x11.fuelcard.v1.Hold\"!\n\x0eGetHoldRequest\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\"2\n\x0fGetHoldResponse\x12\x1f\n\x04hold\x18\x01 \x01(\x0b\x32\x11.fuelcard.v1.Hold\",\n\x15GetCardBalanceRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\"\x98\x01\n\x16GetCardBalanceResponse\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\x12\x1a\n\x12masked_card_number\x18\x02 \x01(\t\x12\x12\n\naccount_id\x18\x03 \x01(\t\x12%\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x14.fuelcard.v1.Balance\x12\x16\n\x0epoints_balance\x18\x05 \x01(\x03*\xc3\x01\n\x0fReversalOutcome\x12 \n\x1cREVERSAL_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n\x19REVERSAL_OUTCOME_RELEASED\x10\x01\x12#\n\x1fREVERSAL_OUTCOME_ALREADY_CLOSED\x10\x02\x12!\n\x1dREVERSAL_OUTCOME_NOTHING_HELD\x10\x03\x12\'\n#REVERSAL_OUTCOME_AHEAD_OF_AUTHORIZE\x10\x04\x32\xf7\x03\n\x12TransactionService\x12J\n\tAuthorize\x12\x1d.fuelcard.v1.AuthorizeRequest\x1a\x1e.fuelcard.v1.AuthorizeResponse\x12\x44\n\x07\x43onfirm\x12\x1b.fuelcard.v1.ConfirmRequest\x1a\x1c.fuelcard.v1.ConfirmResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.fuelcard.v1.CancelRequest\x1a\x1b.fuelcard.v1.CancelResponse\x12k\n\x14ReverseAuthorization\x12(.fuelcard.v1.ReverseAuthorizationRequest\x1a).fuelcard.v1.ReverseAuthorizationResponse\x12\x44\n\x07GetHold\x12\x1b.fuelcard.v1.GetHoldRequest\x1a\x1c.fuelcard.v1.GetHoldResponse\x12Y\n\x0eGetCardBalance\x12\".fuelcard.v1.GetCardBalanceRequest\x1a#.fuelcard.v1.GetCardBalanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66uelcard/v1/transaction.proto\x12\x0b\x66uelcard.v1\x1a\x18\x66uelcard/v1/common.proto\x1a\x16\x66uelcard/v1/risk.proto\"\xfe\x01\n\x10\x41uthorizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t\x12\x12\n\namount_fen\x18\x03 \x01(\x03\x12\x12\n\nstation_id\x18\x04 \x01(\t\x12\x13\n\x0bterminal_id\x18\x05 \x01(\t\x12\x0e\n\x06nozzle\x18\x06 \x01(\x05\x12%\n\x07product\x18\x07 \x01(\x0e\x32\x14.fuelcard.v1.Product\x12\x13\n\x0bkey_version\x18\x08 \x01(\x05\x12\x18\n\x10terminal_counter\x18\t \x01(\x04\x12\x0b\n\x03mac\x18\n \x01(\x0c\x12\x11\n\tpin_block\x18\x0b \x01(\x0c\"\xd3\x01\n\x11\x41uthorizeResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.fuelcard.v1.Decision\x12\x32\n\x0e\x64\x65\x63line_reason\x18\x02 \x01(\x0e\x32\x1a.fuelcard.v1.DeclineReason\x12\x1f\n\x04hold\x18\x03 \x01(\x0b\x32\x11.fuelcard.v1.Hold\x12\x15\n\ravailable_fen\x18\x04 \x01(\x03\x12)\n\x04risk\x18\x05 \x01(\x0b\x32\x1b.fuelcard.v1.RiskAssessment\"\xb6\x01\n\x0e\x43onfirmRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07hold_id\x18\x02 \x01(\t\x12\x18\n\x10\x66inal_amount_fen\x18\x03 \x01(\x03\x12\x11\n\tvolume_ml\x18\x04 \x01(\x03\x12\x16\n\x0eunit_price_fen\x18\x05 \x01(\x03\x12\x13\n\x0bkey_version\x18\x06 \x01(\x05\x12\x18\n\x10terminal_counter\x18\x07 \x01(\x04\x12\x0b\n\x03mac\x18\x08 \x01(\x0c\"\xf4\x01\n\x0f\x43onfirmResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.fuelcard.v1.Decision\x12\x32\n\x0e\x64\x65\x63line_reason\x18\x02 \x01(\x0e\x32\x1a.fuelcard.v1.DeclineReason\x12\x1f\n\x04hold\x18\x03 \x01(\x0b\x32\x11.fuelcard.v1.Hold\x12\x15\n\rpoints_earned\x18\x04 \x01(\x03\x12\x13\n\x0b\x62\x61lance_fen\x18\x05 \x01(\x03\x12\x1f\n\x17settlement_exception_id\x18\x06 \x01(\t\x12\x16\n\x0ereceivable_fen\x18\x07 \x01(\x03\"p\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07hold_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\x05\x12\x18\n\x10terminal_counter\x18\x04 \x01(\x04\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\"1\n\x0e\x43\x61ncelResponse\x12\x1f\n\x04hold\x18\x01 \x01(\x0b\x32\x11.fuelcard.v1.Hold\"\x8a\x01\n\x1bReverseAuthorizationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13original_request_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\x05\x12\x18\n\x10terminal_counter\x18\x04 \x01(\x04\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\"n\n\x1cReverseAuthorizationResponse\x12-\n\x07outcome\x18\x01 \x01(\x0e\x32\x1c.fuelcard.v1.ReversalOutcome\x12\x1f\n\x04hold\x18\x02 \x01(\x0b\x32\x11.fuelcard.v1.Hold\"!\n\x0eGetHoldRequest\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\"2\n\x0fGetHoldResponse\x12\x1f\n\x04hold\x18\x01 \x01(\x0b\x32\x11.fuelcard.v1.Hold\",\n\x15GetCardBalanceRequest\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\"\x98\x01\n\x16GetCardBalanceResponse\x12\x0f\n\x07\x63\x61rd_id\x18\x01 \x01(\t\x12\x1a\n\x12masked_card_number\x18\x02 \x01(\t\x12\x12\n\naccount_id\x18\x03 \x01(\t\x12%\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x14.fuelcard.v1.Balance\x12\x16\n\x0epoints_balance\x18\x05 \x01(\x03*\xc3\x01\n\x0fReversalOutcome\x12 \n\x1cREVERSAL_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n\x19REVERSAL_OUTCOME_RELEASED\x10\x01\x12#\n\x1fREVERSAL_OUTCOME_ALREADY_CLOSED\x10\x02\x12!\n\x1dREVERSAL_OUTCOME_NOTHING_HELD\x10\x03\x12\'\n#REVERSAL_OUTCOME_AHEAD_OF_AUTHORIZE\x10\x04\x32\xf7\x03\n\x12TransactionService\x12J\n\tAuthorize\x12\x1d.fuelcard.v1.AuthorizeRequest\x1a\x1e.fuelcard.v1.AuthorizeResponse\x12\x44\n\x07\x43onfirm\x12\x1b.fuelcard.v1.ConfirmRequest\x1a\x1c.fuelcard.v1.ConfirmResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.fuelcard.v1.CancelRequest\x1a\x1b.fuelcard.v1.CancelResponse\x12k\n\x14ReverseAuthorization\x12(.fuelcard.v1.ReverseAuthorizationRequest\x1a).fuelcard.v1.ReverseAuthorizationResponse\x12\x44\n\x07GetHold\x12\x1b.fuelcard.v1.GetHoldRequest\x1a\x1c.fuelcard.v1.GetHoldResponse\x12Y\n\x0eGetCardBalance\x12\".fuelcard.v1.GetCardBalanceRequest\x1a#.fuelcard.v1.GetCardBalanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuelcard.v1.transaction_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REVERSALOUTCOME']._serialized_start=1682
-  _globals['_REVERSALOUTCOME']._serialized_end=1877
+  _globals['_REVERSALOUTCOME']._serialized_start=1706
+  _globals['_REVERSALOUTCOME']._serialized_end=1901
   _globals['_AUTHORIZEREQUEST']._serialized_start=97
   _globals['_AUTHORIZEREQUEST']._serialized_end=351
   _globals['_AUTHORIZERESPONSE']._serialized_start=354
@@ -42,23 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONFIRMREQUEST']._serialized_start=568
   _globals['_CONFIRMREQUEST']._serialized_end=750
   _globals['_CONFIRMRESPONSE']._serialized_start=753
-  _globals['_CONFIRMRESPONSE']._serialized_end=973
-  _globals['_CANCELREQUEST']._serialized_start=975
-  _globals['_CANCELREQUEST']._serialized_end=1087
-  _globals['_CANCELRESPONSE']._serialized_start=1089
-  _globals['_CANCELRESPONSE']._serialized_end=1138
-  _globals['_REVERSEAUTHORIZATIONREQUEST']._serialized_start=1141
-  _globals['_REVERSEAUTHORIZATIONREQUEST']._serialized_end=1279
-  _globals['_REVERSEAUTHORIZATIONRESPONSE']._serialized_start=1281
-  _globals['_REVERSEAUTHORIZATIONRESPONSE']._serialized_end=1391
-  _globals['_GETHOLDREQUEST']._serialized_start=1393
-  _globals['_GETHOLDREQUEST']._serialized_end=1426
-  _globals['_GETHOLDRESPONSE']._serialized_start=1428
-  _globals['_GETHOLDRESPONSE']._serialized_end=1478
-  _globals['_GETCARDBALANCEREQUEST']._serialized_start=1480
-  _globals['_GETCARDBALANCEREQUEST']._serialized_end=1524
-  _globals['_GETCARDBALANCERESPONSE']._serialized_start=1527
-  _globals['_GETCARDBALANCERESPONSE']._serialized_end=1679
-  _globals['_TRANSACTIONSERVICE']._serialized_start=1880
-  _globals['_TRANSACTIONSERVICE']._serialized_end=2383
+  _globals['_CONFIRMRESPONSE']._serialized_end=997
+  _globals['_CANCELREQUEST']._serialized_start=999
+  _globals['_CANCELREQUEST']._serialized_end=1111
+  _globals['_CANCELRESPONSE']._serialized_start=1113
+  _globals['_CANCELRESPONSE']._serialized_end=1162
+  _globals['_REVERSEAUTHORIZATIONREQUEST']._serialized_start=1165
+  _globals['_REVERSEAUTHORIZATIONREQUEST']._serialized_end=1303
+  _globals['_REVERSEAUTHORIZATIONRESPONSE']._serialized_start=1305
+  _globals['_REVERSEAUTHORIZATIONRESPONSE']._serialized_end=1415
+  _globals['_GETHOLDREQUEST']._serialized_start=1417
+  _globals['_GETHOLDREQUEST']._serialized_end=1450
+  _globals['_GETHOLDRESPONSE']._serialized_start=1452
+  _globals['_GETHOLDRESPONSE']._serialized_end=1502
+  _globals['_GETCARDBALANCEREQUEST']._serialized_start=1504
+  _globals['_GETCARDBALANCEREQUEST']._serialized_end=1548
+  _globals['_GETCARDBALANCERESPONSE']._serialized_start=1551
+  _globals['_GETCARDBALANCERESPONSE']._serialized_end=1703
+  _globals['_TRANSACTIONSERVICE']._serialized_start=1904
+  _globals['_TRANSACTIONSERVICE']._serialized_end=2407
 # @@protoc_insertion_point(module_scope)

@@ -221,8 +221,14 @@ class ConfirmRequest(_message.Message):
     hold_id: _builtins.str
     """The hold returned by Authorize."""
     final_amount_fen: _builtins.int
-    """The amount actually delivered, in fen: 0 <= final_amount_fen <=
-    hold.amount_fen. 0 cancels the hold.
+    """The amount actually delivered, in fen (>= 0; 0 cancels the hold). Above
+    hold.amount_fen it is a pump overrun: up to the server's tolerance (the
+    larger of overrun_tolerance_fen and overrun_tolerance_pct of the hold) the
+    sale is booked in full, the excess taken from the available balance and
+    what the balance cannot pay owed by the account (receivable_fen in the
+    answer); beyond it the confirm fails with FAILED_PRECONDITION
+    OVERRUN_ABOVE_TOLERANCE, books nothing, leaves the hold open and records a
+    settlement exception (its id in the error's metadata).
     """
     volume_ml: _builtins.int
     """Volume delivered, in millilitres (>= 0)."""
@@ -266,6 +272,7 @@ class ConfirmResponse(_message.Message):
     POINTS_EARNED_FIELD_NUMBER: _builtins.int
     BALANCE_FEN_FIELD_NUMBER: _builtins.int
     SETTLEMENT_EXCEPTION_ID_FIELD_NUMBER: _builtins.int
+    RECEIVABLE_FEN_FIELD_NUMBER: _builtins.int
     decision: _common_pb2.Decision.ValueType
     """DECISION_APPROVED: the sale is settled (or the hold cancelled when
     final_amount_fen was 0). DECISION_DECLINED: the hold had expired and the
@@ -279,7 +286,15 @@ class ConfirmResponse(_message.Message):
     balance_fen: _builtins.int
     """The account's settled balance after the confirm, for the receipt."""
     settlement_exception_id: _builtins.str
-    """Set when the confirm was declined after expiry."""
+    """Set when the confirm was declined after expiry, and when an overrun left
+    part of the sale unpaid (see receivable_fen).
+    """
+    receivable_fen: _builtins.int
+    """The part of the sale (an overrun) the account's balance could not pay: it
+    is booked all the same and owed by the account, which declines new
+    authorizations (DECLINE_REASON_RECEIVABLE_OUTSTANDING) until a recharge
+    repays it. 0 when the balance paid the whole sale.
+    """
     @_builtins.property
     def hold(self) -> _common_pb2.Hold:
         """The hold after the confirm."""
@@ -293,10 +308,11 @@ class ConfirmResponse(_message.Message):
         points_earned: _builtins.int = ...,
         balance_fen: _builtins.int = ...,
         settlement_exception_id: _builtins.str = ...,
+        receivable_fen: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_fen", b"balance_fen", "decision", b"decision", "decline_reason", b"decline_reason", "hold", b"hold", "points_earned", b"points_earned", "settlement_exception_id", b"settlement_exception_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_fen", b"balance_fen", "decision", b"decision", "decline_reason", b"decline_reason", "hold", b"hold", "points_earned", b"points_earned", "receivable_fen", b"receivable_fen", "settlement_exception_id", b"settlement_exception_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

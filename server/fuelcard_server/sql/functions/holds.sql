@@ -126,6 +126,48 @@ BEGIN
     RETURN h;
 END $$;
 
+-- Releases the expired holds of a whole family: the account p_root_id and its sub-accounts,
+-- whoever's money they reserve. A parent's caps count what every member's holds charged (a
+-- sub-account's holds charge its parent's usage too), so releasing only the funding
+-- account's would leave a sibling's expired hold counting against the parent's caps. The
+-- caller holds the root's lock: every movement on a sub-account locks its parent first, so
+-- no member's holds can move under us. Returns how many it released.
+CREATE OR REPLACE FUNCTION fc.release_family_expired_locked(p_root_id bigint, p_now timestamptz)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_account bigint;
+    v_count   integer := 0;
+BEGIN
+    FOR v_account IN
+        SELECT DISTINCT h.account_id FROM fc.holds h JOIN fc.accounts a ON a.id = h.account_id
+         WHERE (a.id = p_root_id OR a.parent_id = p_root_id)
+           AND h.state IN (fc.hold_state_authorized(), fc.hold_state_suspended())
+           AND h.expires_at <= p_now
+         ORDER BY h.account_id
+    LOOP
+        v_count := v_count + fc.release_expired_locked(v_account, p_now);
+    END LOOP;
+    RETURN v_count;
+END $$;
+
+-- Before an authorization is declined for want of room or money: releases the expired holds
+-- that may be what stands in the way. Money: the funding account's. Caps: the whole family's
+-- (rooted at p_root_id, the parent or the account itself), since a parent's caps count every
+-- member's holds. Returns how many it released; the caller looks again when any were.
+CREATE OR REPLACE FUNCTION fc.release_for_refusal(p_reason text, p_funder_id bigint,
+                                                  p_root_id bigint, p_now timestamptz)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_reason LIKE 'LIMIT_%' THEN
+        RETURN fc.release_family_expired_locked(p_root_id, p_now);
+    ELSIF p_reason = 'INSUFFICIENT_FUNDS' THEN
+        RETURN fc.release_expired_locked(p_funder_id, p_now);
+    END IF;
+    RETURN 0;
+END $$;
+
 CREATE OR REPLACE FUNCTION fc.cancel(
     p_caller text, p_request_id text, p_request_hash bytea, p_hold_uid uuid, p_now timestamptz,
     p_terminal text, p_counter bigint)
@@ -195,7 +237,15 @@ DECLARE
 BEGIN
     v_reason := coalesce(fc.scope_refusal(c, p_station_id, p_product, p_local),
                          fc.caps_refusal(c, s, p, p_day, p_amount, p_now));
-    IF v_reason IS NULL AND p_funder.balance_fen - p_funder.held_fen < p_amount THEN
+    -- Litre caps (fc.volume_refusal): only a card that has one pays for the look.
+    IF v_reason IS NULL AND num_nonnulls(c.limit_fill_ml, c.limit_daily_ml, c.limit_monthly_ml) > 0 THEN
+        v_reason := fc.volume_refusal(c, p_station_id, p_product, p_amount, p_day, p_now);
+    END IF;
+    -- An overrun left the account owing (fc.book_receivable): no new sale until a recharge
+    -- has repaid it. From the row already read: no query.
+    IF v_reason IS NULL AND p_funder.receivable_fen > 0 THEN
+        v_reason := 'RECEIVABLE_OUTSTANDING';
+    ELSIF v_reason IS NULL AND p_funder.balance_fen - p_funder.held_fen < p_amount THEN
         v_reason := 'INSUFFICIENT_FUNDS';
     END IF;
     RETURN v_reason;
@@ -274,14 +324,13 @@ BEGIN
     IF v_reason IS NULL THEN
         v_reason := fc.room_refusal(v_card, v_spender, v_parent, v_funder, p_amount_fen,
                                     p_station_id, p_product, v_local, v_day, p_now);
-        -- Holds past their expiry still use their room and money until the sweeper gets to
-        -- them: for a refusal of either, release this account's now, then look again.
-        IF v_reason LIKE 'LIMIT_%' OR v_reason = 'INSUFFICIENT_FUNDS' THEN
-            IF fc.release_expired_locked(v_funder.id, p_now) > 0 THEN
-                SELECT * INTO v_funder FROM fc.accounts WHERE id = v_funder.id;
-                v_reason := fc.room_refusal(v_card, v_spender, v_parent, v_funder, p_amount_fen,
-                                            p_station_id, p_product, v_local, v_day, p_now);
-            END IF;
+        -- Expired holds not yet swept still use room and money: release them, look again.
+        IF v_reason IS NOT NULL
+           AND fc.release_for_refusal(v_reason, v_funder.id, coalesce(v_parent.id, v_spender.id),
+                                      p_now) > 0 THEN
+            SELECT * INTO v_funder FROM fc.accounts WHERE id = v_funder.id;
+            v_reason := fc.room_refusal(v_card, v_spender, v_parent, v_funder, p_amount_fen,
+                                        p_station_id, p_product, v_local, v_day, p_now);
         END IF;
     END IF;
     -- The risk engine scores only what passed every business check.
@@ -315,7 +364,7 @@ END $$;
 ------------------------------------------------------------------------------
 
 -- Refuses a hold that cannot be confirmed for p_final_fen: already confirmed, cancelled,
--- never approved by its review, rejected, or smaller than the sale. Otherwise answers whether
+-- never approved by its review, or rejected. Otherwise answers whether
 -- the sale is late: the hold has expired (swept or not yet).
 CREATE OR REPLACE FUNCTION fc.check_confirm(h fc.holds, p_final_fen bigint, p_now timestamptz)
 RETURNS boolean
@@ -334,10 +383,7 @@ BEGIN
     ELSIF h.state = fc.hold_state_rejected() THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_REJECTED', DETAIL = 'hold_id';
     END IF;
-    IF p_final_fen > h.amount_fen THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCIA0', MESSAGE = 'FINAL_AMOUNT_EXCEEDS_HOLD',
-            DETAIL = 'final_amount_fen';
-    END IF;
+    -- A sale above the hold is an overrun: fc.confirm_overrun decides it.
     RETURN h.state = fc.hold_state_expired() OR h.expires_at <= p_now;
 END $$;
 
@@ -379,6 +425,23 @@ BEGIN
         'balance_fen', p_funder.balance_fen, 'settlement_exception_id', v_exception);
 END $$;
 
+-- A late sale on a swept (expired) hold is paid from the available money: when that looks
+-- short, other holds past their expiry may still reserve money the sweeper has not given back
+-- yet. Releases them under the lock (as fc.authorize does) before the caller decides, and
+-- returns the funding account as it then is. The hold being confirmed is expired already and
+-- untouched. Only on the late path: an ordinary confirm does not come here.
+CREATE OR REPLACE FUNCTION fc.funder_for_late_sale(p_funder fc.accounts, p_final_fen bigint,
+                                                   p_now timestamptz)
+RETURNS fc.accounts
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_funder.balance_fen - p_funder.held_fen < p_final_fen
+       AND fc.release_expired_locked(p_funder.id, p_now) > 0 THEN
+        SELECT * INTO p_funder FROM fc.accounts WHERE id = p_funder.id;
+    END IF;
+    RETURN p_funder;
+END $$;
+
 -- The sale's money and points: the purchase entry, the points entry and lot, the funding
 -- account's balance (and its held money, while the hold is authorized: an expired hold was
 -- already released), the spender's points, and the usage the caps count. p_funder as read
@@ -399,11 +462,17 @@ BEGIN
         VALUES (fc.ledger_entry_kind_points_earned(), fc.asset_points(),
                 fc.system_account('POINTS_ISSUED'), p_spender_id, p_points, h.id, p_now);
         -- The lot names its sale: a refund takes the points back from it first.
-        INSERT INTO fc.points_lots (account_id, points, remaining, earned_at, expires_at, hold_id)
-        VALUES (p_spender_id, p_points, p_points, p_now,
-                p_now + make_interval(months => (SELECT value::integer FROM fc.config
-                                                  WHERE key = 'points_validity_months')),
-                h.id);
+        -- The lot lasts so many calendar months in the business time zone: "+ 12 months" on
+        -- a timestamptz counts months in the session's zone (UTC for the server), which moves
+        -- a sale made early on the 29th-31st local (still the day before in UTC) to another
+        -- expiry date. One read of fc.config for both values, as before for one.
+        INSERT INTO fc.points_lots (account_id, points, remaining, earned_at, expires_at,
+                                    hold_id)
+        SELECT p_spender_id, p_points, p_points, p_now,
+               ((p_now AT TIME ZONE tz.value) + make_interval(months => m.value::integer))
+                   AT TIME ZONE tz.value, h.id
+          FROM fc.config m, fc.config tz
+         WHERE m.key = 'points_validity_months' AND tz.key = 'business_time_zone';
         -- An account that funds itself gets its points with the money below: one row version.
         IF p_spender_id <> p_funder.id THEN
             UPDATE fc.accounts SET points_balance = points_balance + p_points WHERE id = p_spender_id;
@@ -446,9 +515,125 @@ BEGIN
     RETURN h;
 END $$;
 
+-- A pump overrun: p_final_fen above the hold. Beyond the tolerance (fc.config
+-- overrun_tolerance_fen, or overrun_tolerance_pct of the hold, whichever is larger) nothing
+-- is booked: a pump that ran that far past its preset is a fault or a fraud, not run-on, and
+-- a person must look at it first. The hold stays as it was (the terminal may confirm again
+-- with the amount it can justify, under a new request_id) and an exception of kind 2 records
+-- the excess; the answer is the refusal, remembered like any other (not under the key
+-- 'refusal', which fc.replay takes for a raised refusal of fc.remember_refusal). NULL when within the
+-- tolerance. The config is read here only: the common path never comes here.
+CREATE OR REPLACE FUNCTION fc.overrun_refusal(h fc.holds, p_final_fen bigint, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_tolerance bigint;
+    v_exception uuid;
+BEGIN
+    SELECT greatest(max(value::bigint) FILTER (WHERE key = 'overrun_tolerance_fen'),
+                    h.amount_fen * max(value::bigint) FILTER (WHERE key = 'overrun_tolerance_pct')
+                        / 100)
+      INTO v_tolerance FROM fc.config
+     WHERE key IN ('overrun_tolerance_fen', 'overrun_tolerance_pct');
+    IF p_final_fen - h.amount_fen <= coalesce(v_tolerance, 0) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO fc.settlement_exceptions (kind, hold_id, account_id, amount_fen, reason, created_at)
+    VALUES (2, h.id, h.account_id, p_final_fen - h.amount_fen, 'OVERRUN_ABOVE_TOLERANCE', p_now)
+    ON CONFLICT (hold_id) DO UPDATE SET amount_fen = greatest(fc.settlement_exceptions.amount_fen,
+                                                             EXCLUDED.amount_fen)
+    RETURNING uid INTO v_exception;
+    RETURN jsonb_build_object('overrun_refusal', 'OVERRUN_ABOVE_TOLERANCE',
+                              'settlement_exception_id', v_exception);
+END $$;
+
+-- The part p_shortfall of a sale on hold h that its account's balance could not pay (an
+-- overrun): booked all the same, from RECEIVABLES to FUEL_SALES (journal kind 12), owed by
+-- the account (receivables, accounts.receivable_fen: it declines new authorizations until a
+-- recharge repays it), charged to the caps' usage like the rest of the sale, and an open
+-- settlement exception of kind 2 for finance. Returns the exception's uid.
+CREATE OR REPLACE FUNCTION fc.book_receivable(h fc.holds, p_spender_id bigint, p_parent_id bigint,
+                                              p_shortfall bigint, p_now timestamptz)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_exception uuid;
+BEGIN
+    INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id, created_at)
+    VALUES (fc.ledger_entry_kind_overrun_receivable(), fc.asset_money(),
+            fc.system_account('RECEIVABLES'), fc.system_account('FUEL_SALES'), p_shortfall, h.id, p_now);
+    INSERT INTO fc.receivables (account_id, hold_id, amount_fen, created_at)
+    VALUES (h.account_id, h.id, p_shortfall, p_now);
+    UPDATE fc.accounts SET receivable_fen = receivable_fen + p_shortfall WHERE id = h.account_id;
+    PERFORM fc.charge_usage(h.card_id, p_spender_id, p_parent_id, h.usage_day, p_shortfall);
+    -- An earlier confirm of this hold, refused above the tolerance, left one: this is now
+    -- the hold's exception, for what is owed.
+    INSERT INTO fc.settlement_exceptions (kind, hold_id, account_id, amount_fen, reason, created_at)
+    VALUES (2, h.id, h.account_id, p_shortfall, 'OVERRUN_SHORTFALL', p_now)
+    ON CONFLICT (hold_id) DO UPDATE
+       SET kind = 2, amount_fen = EXCLUDED.amount_fen, reason = EXCLUDED.reason,
+           created_at = EXCLUDED.created_at, resolved_at = NULL, resolution = NULL,
+           resolved_by = NULL
+    RETURNING uid INTO v_exception;
+    RETURN v_exception;
+END $$;
+
+-- The sale settled (fc.confirm's last step, once every check has passed): what the balance
+-- pays (all of it, except an overrun past the money), the money and points (fc.book_sale),
+-- the unpaid rest of an overrun (fc.book_receivable), the tier (fc.count_sale_for_tier), the
+-- hold (fc.close_sale). Returns the answer.
+CREATE OR REPLACE FUNCTION fc.settle_sale(h fc.holds, p_funder fc.accounts, p_spender_id bigint,
+                                          p_parent_id bigint, p_final_fen bigint,
+                                          p_volume_ml bigint, p_unit_price_fen bigint,
+                                          p_late boolean, p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_spender    fc.accounts;
+    v_points     bigint;
+    v_tier       smallint;
+    v_card_uid   uuid;
+    v_masked     text;
+    v_paid       bigint;   -- what the balance pays of the sale
+    v_exception  uuid;     -- an overrun's shortfall exception
+    v_counts     boolean;  -- the card counts its litres
+    v_posted     bigint;   -- the posted price of the sale's product at its station
+BEGIN
+    -- What the balance pays: all of it, except an overrun past the money (the rest is owed).
+    v_paid := least(p_final_fen, p_funder.balance_fen - p_funder.held_fen
+                                 + CASE WHEN h.state = fc.hold_state_authorized()
+                                        THEN h.amount_fen ELSE 0 END);
+    -- An account that funds itself is the row read above, not read again.
+    IF p_funder.id = p_spender_id THEN
+        v_spender := p_funder;
+    ELSE
+        SELECT * INTO v_spender FROM fc.accounts WHERE id = p_spender_id;
+    END IF;
+    v_points := fc.points_for(p_final_fen, v_spender.tier);
+    p_funder := fc.book_sale(h, p_funder, p_spender_id, p_parent_id, v_paid, v_points, p_now);
+    IF v_paid < p_final_fen THEN
+        v_exception := fc.book_receivable(h, p_spender_id, p_parent_id, p_final_fen - v_paid,
+                                          p_now);
+    END IF;
+    v_tier := fc.count_sale_for_tier(p_spender_id, v_spender.tier, p_final_fen, p_now);
+    h := fc.close_sale(h, p_final_fen, p_volume_ml, p_unit_price_fen, v_points, p_late, p_now);
+    -- fc.hold_json(h) without reading the funding account again; from the same row, whether
+    -- the card counts litres, and the posted price (fc.note_sale_figures).
+    SELECT c.uid, c.masked, num_nonnulls(c.limit_daily_ml, c.limit_monthly_ml) > 0,
+           CASE WHEN p_unit_price_fen > 0 THEN fc.posted_price(h.station_id, h.product, p_now) END
+      INTO v_card_uid, v_masked, v_counts, v_posted FROM fc.cards c WHERE c.id = h.card_id;
+    h := fc.note_sale_figures(h, v_posted, v_counts);
+    RETURN jsonb_build_object(
+        'decision', 'APPROVED',
+        'hold', fc.hold_json_of(h, p_funder.uid, v_card_uid, v_masked),
+        'points_earned', v_points, 'balance_fen', p_funder.balance_fen,
+        'receivable_fen', p_final_fen - v_paid, 'settlement_exception_id', v_exception,
+        'amount_mismatch', h.amount_mismatch, 'price_mismatch', h.price_mismatch);
+END $$;
+
 -- Settle a hold for p_final_fen delivered (0: nothing, as a cancel). Steps: the checks
--- (fc.check_confirm), the money and points (fc.book_sale), the tier (fc.count_sale_for_tier),
--- the hold (fc.close_sale).
+-- (fc.check_confirm), an overrun beyond the tolerance (fc.overrun_refusal), a late sale
+-- without money (fc.confirm_unpaid), then the sale (fc.settle_sale).
 CREATE OR REPLACE FUNCTION fc.confirm(
     p_caller text, p_request_id text, p_request_hash bytea,
     p_hold_uid uuid, p_final_fen bigint, p_volume_ml bigint, p_unit_price_fen bigint,
@@ -461,12 +646,7 @@ DECLARE
     v_parent_id  bigint;
     v_hold       fc.holds;
     v_funder     fc.accounts;
-    v_spender    fc.accounts;
-    v_points     bigint;
     v_late       boolean;
-    v_tier       smallint;
-    v_card_uid   uuid;
-    v_masked     text;
 BEGIN
     v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_terminal, p_counter);
     IF v_response IS NOT NULL THEN
@@ -495,33 +675,32 @@ BEGIN
                            fc.confirm_nothing(v_hold, v_funder, v_spender_id, v_parent_id, p_now),
                            p_now);
     END IF;
+    IF p_final_fen > v_hold.amount_fen THEN
+        v_response := fc.overrun_refusal(v_hold, p_final_fen, p_now);
+        IF v_response IS NOT NULL THEN
+            RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash, v_response, p_now);
+        END IF;
+    END IF;
+    IF v_hold.state = fc.hold_state_expired() THEN
+        v_funder := fc.funder_for_late_sale(v_funder, p_final_fen, p_now);
+    END IF;
     IF v_hold.state = fc.hold_state_expired()
        AND v_funder.balance_fen - v_funder.held_fen < p_final_fen THEN
         RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash,
                            fc.confirm_unpaid(v_hold, v_funder, p_final_fen, p_now), p_now);
     END IF;
-
-    -- An account that funds itself is the row read above, not read again.
-    IF v_funder.id = v_spender_id THEN
-        v_spender := v_funder;
-    ELSE
-        SELECT * INTO v_spender FROM fc.accounts WHERE id = v_spender_id;
-    END IF;
-    v_points := fc.points_for(p_final_fen, v_spender.tier);
-    v_funder := fc.book_sale(v_hold, v_funder, v_spender_id, v_parent_id, p_final_fen, v_points,
-                             p_now);
-    v_tier := fc.count_sale_for_tier(v_spender_id, v_spender.tier, p_final_fen, p_now);
-    v_hold := fc.close_sale(v_hold, p_final_fen, p_volume_ml, p_unit_price_fen, v_points, v_late,
-                            p_now);
-    -- fc.hold_json(v_hold) without reading the funding account again.
-    SELECT uid, masked INTO v_card_uid, v_masked FROM fc.cards WHERE id = v_hold.card_id;
-    v_response := jsonb_build_object(
-        'decision', 'APPROVED',
-        'hold', fc.hold_json_of(v_hold, v_funder.uid, v_card_uid, v_masked),
-        'points_earned', v_points, 'balance_fen', v_funder.balance_fen);
-    RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash, v_response, p_now);
+    RETURN fc.remember(p_caller, p_request_id, 'confirm', p_request_hash,
+                       fc.settle_sale(v_hold, v_funder, v_spender_id, v_parent_id, p_final_fen,
+                                      p_volume_ml, p_unit_price_fen, v_late, p_now), p_now);
 END $$;
 
+-- The expiry sweep. Each account is released in a subtransaction of its own
+-- (fc.sweep_account): one account whose holds cannot be released (say, a hold from an older
+-- schema without the usage counters it should have charged) must not keep every other
+-- customer's money reserved. Such an account is set aside in fc.hold_sweep_failures, skipped
+-- until its retry time (an hour on: not retried in a tight loop, since the sweep goes again at
+-- once after a full batch), and reported once by the job (fc.take_hold_sweep_failures).
+-- Returns how many holds it released.
 CREATE OR REPLACE FUNCTION fc.expire_holds(p_now timestamptz, p_limit integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -530,13 +709,15 @@ DECLARE
     v_count    integer := 0;
 BEGIN
     SELECT coalesce(array_agg(DISTINCT account_id ORDER BY account_id), '{}') INTO v_accounts
-      FROM (SELECT account_id FROM fc.holds
-             WHERE state IN (fc.hold_state_authorized(), fc.hold_state_suspended())
-               AND expires_at <= p_now
-             ORDER BY expires_at LIMIT p_limit) due;
+      FROM (SELECT h.account_id FROM fc.holds h
+             WHERE h.state IN (fc.hold_state_authorized(), fc.hold_state_suspended())
+               AND h.expires_at <= p_now
+               AND NOT EXISTS (SELECT 1 FROM fc.hold_sweep_failures f
+                                WHERE f.account_id = h.account_id AND f.retry_at > p_now)
+             ORDER BY h.expires_at LIMIT p_limit) due;
     PERFORM fc.lock_accounts(v_accounts);
     FOREACH v_account IN ARRAY v_accounts LOOP
-        v_count := v_count + fc.release_expired_locked(v_account, p_now);
+        v_count := v_count + fc.sweep_account(v_account, p_now);
     END LOOP;
     RETURN v_count;
 END $$;
@@ -627,4 +808,50 @@ BEGIN
     END IF;
     RETURN fc.remember(p_caller, p_request_id, 'reverse_authorization', p_request_hash,
                        v_response, p_now);
+END $$;
+
+-- One account of the sweep, in a subtransaction: its expired holds released, or, when that
+-- fails, nothing of it changed and the failure recorded (the account set aside for an hour).
+-- A transient failure (a deadlock, a serialisation failure, the server short of resources or
+-- shutting down) is raised instead: the whole sweep is simply tried again. The caller holds
+-- the account's lock. Returns how many holds it released.
+CREATE OR REPLACE FUNCTION fc.sweep_account(p_account_id bigint, p_now timestamptz)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count   integer;
+    v_state   text;
+    v_message text;
+BEGIN
+    v_count := fc.release_expired_locked(p_account_id, p_now);
+    DELETE FROM fc.hold_sweep_failures WHERE account_id = p_account_id;
+    RETURN v_count;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT;
+    IF left(v_state, 2) IN ('40', '53', '57', '08') THEN
+        RAISE;
+    END IF;
+    INSERT INTO fc.hold_sweep_failures (account_id, sqlstate, message, failures, first_failed_at,
+                                        last_failed_at, retry_at, reported)
+    VALUES (p_account_id, v_state, v_message, 1, p_now, p_now, p_now + interval '1 hour', false)
+    ON CONFLICT (account_id) DO UPDATE
+       SET sqlstate = excluded.sqlstate, message = excluded.message,
+           failures = fc.hold_sweep_failures.failures + 1, last_failed_at = excluded.last_failed_at,
+           retry_at = excluded.retry_at, reported = false;
+    RETURN 0;
+END $$;
+
+-- The sweep failures not yet reported, marked reported: the job logs each once and counts
+-- it (fuelcard.holds.expiry_failures). Account ids are the public uids; the message is the
+-- database's own text about internal rows, never a card number.
+CREATE OR REPLACE FUNCTION fc.take_hold_sweep_failures()
+RETURNS TABLE (account_uid uuid, sqlstate text, message text, failures integer,
+               retry_at timestamptz)
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY
+    UPDATE fc.hold_sweep_failures f SET reported = true
+      FROM fc.accounts a
+     WHERE a.id = f.account_id AND NOT f.reported
+    RETURNING a.uid, f.sqlstate, f.message, f.failures, f.retry_at;
 END $$;

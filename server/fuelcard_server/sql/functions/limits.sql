@@ -200,7 +200,8 @@ BEGIN
                 'daily_fen', coalesce(v_caps.daily, 0), 'monthly_fen', coalesce(v_caps.monthly, 0)),
             'used_today_fen', fc.used_on(v_kind, v_id, v_day),
             'used_this_month_fen', fc.used_in_month(v_kind, v_id, v_day),
-            'raise_end_us', fc.ts(v_caps.raise_ends));
+            'raise_end_us', fc.ts(v_caps.raise_ends))
+            || fc.volume_limits_json(v_target.o_card, v_day);
     END IF;
     v_kind := 2;
     v_id := (v_target.o_account).id;

@@ -80,6 +80,8 @@ CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_manual_adjustment() RETURNS smal
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 9::smallint';
 CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_sale_refund() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 10::smallint';
+CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_overrun_receivable() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 12::smallint';
 
 -- What a journal entry moves (fuelcard.v1.Asset).
 CREATE OR REPLACE FUNCTION fc.asset_money() RETURNS smallint

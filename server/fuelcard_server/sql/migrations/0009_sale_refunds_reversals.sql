@@ -5,8 +5,10 @@
 -- Journal kind 10: a sale refund. Two entries at most per refund, both naming the sale's
 -- hold and the refund: the money (FUEL_SALES -> the account that funded the sale) and the
 -- points taken back (the spender -> POINTS_ISSUED), when there were any to take.
+-- (0008 already allows 1-12: its kind 12 left 10 and 11 to sale refunds. Restated here so
+-- that this migration says what it needs.)
 ALTER TABLE fc.journal DROP CONSTRAINT journal_kind_check;
-ALTER TABLE fc.journal ADD CONSTRAINT journal_kind_check CHECK (kind BETWEEN 1 AND 10);
+ALTER TABLE fc.journal ADD CONSTRAINT journal_kind_check CHECK (kind BETWEEN 1 AND 12);
 ALTER TABLE fc.journal ADD COLUMN sale_refund_id bigint;
 CREATE INDEX journal_sale_refund ON fc.journal (sale_refund_id) WHERE sale_refund_id IS NOT NULL;
 
