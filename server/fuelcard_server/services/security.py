@@ -24,7 +24,8 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger(__name__)
 
 STEP_UP_KINDS = frozenset({stepup.RECHARGE, stepup.PIN_RESET, stepup.LIMIT_RAISE,
-                           stepup.REVEAL_CARD_NUMBER, stepup.ANOMALY, stepup.HOLDER_DATA_EXPORT})
+                           stepup.REVEAL_CARD_NUMBER, stepup.ANOMALY, stepup.HOLDER_DATA_EXPORT,
+                           stepup.SALE_REFUND})
 STEP_UP_MAX_AMOUNT_FEN = 10**12
 # An admin console's key id: its working key is kept apart from any terminal's.
 ADMIN_KEY_PREFIX = "admin/"

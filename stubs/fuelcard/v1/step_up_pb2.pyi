@@ -56,6 +56,11 @@ class _StepUpKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepUpKind
     (AccountService.ExportHolderData): the code goes to the holder, who asked
     for the export. Subject: the account; amount: 0.
     """
+    STEP_UP_KIND_SALE_REFUND: _StepUpKind.ValueType  # 7
+    """An administrator refunds a sale above the server's threshold
+    (RefundService.RefundSale). Subject: the hold; amount: the refund's
+    amount_fen.
+    """
 
 class StepUpKind(_StepUpKind, metaclass=_StepUpKindEnumTypeWrapper):
     """What a step-up challenge authorises. A challenge is bound to its kind, its
@@ -92,6 +97,11 @@ STEP_UP_KIND_HOLDER_DATA_EXPORT: StepUpKind.ValueType  # 6
 """An administrator exports everything held about an account's holder
 (AccountService.ExportHolderData): the code goes to the holder, who asked
 for the export. Subject: the account; amount: 0.
+"""
+STEP_UP_KIND_SALE_REFUND: StepUpKind.ValueType  # 7
+"""An administrator refunds a sale above the server's threshold
+(RefundService.RefundSale). Subject: the hold; amount: the refund's
+amount_fen.
 """
 Global___StepUpKind: _TypeAlias = StepUpKind  # noqa: Y015
 
