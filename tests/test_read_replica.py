@@ -268,6 +268,7 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
         invoice,
         points,
         reconciliation,
+        refund,
         risk,
         security,
         transaction,
@@ -277,7 +278,7 @@ def test_the_read_pool_services_are_exactly_those_with_report_type_rpcs() -> Non
     with_others: set[str] = set()
     seen: set[str] = set()
     for module in (account, adjustment, control, events, funding, invoice, points, reconciliation,
-                   risk, security, transaction):
+                   refund, risk, security, transaction):
         for servicer in vars(module).values():
             if isinstance(servicer, type) and servicer.__module__ == module.__name__:
                 for name, fn in vars(servicer).items():

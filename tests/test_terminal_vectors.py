@@ -32,11 +32,12 @@ Vector = dict[str, Value]
 
 # What the document promises to cover: each prefix must name at least one vector.
 KINDS = ("canonical/", "kdf/", "session-key/", "pin-key", "pin-block", "mac/authorize",
-         "mac/confirm", "mac/cancel")
+         "mac/confirm", "mac/cancel", "mac/reverse-authorization")
 REQUESTS: dict[str, type[Message]] = {
     "Authorize": transaction_pb2.AuthorizeRequest,
     "Confirm": transaction_pb2.ConfirmRequest,
     "Cancel": transaction_pb2.CancelRequest,
+    "ReverseAuthorization": transaction_pb2.ReverseAuthorizationRequest,
 }
 
 

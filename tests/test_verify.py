@@ -342,6 +342,26 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " proposed_at, decided_by, decided_at) SELECT id, 1, 500, 'goodwill', 2, 'admin::a', now(),"
       " 'admin::b', now() FROM fc.accounts WHERE uid = %(account)s"],
      {"adjustments_booked_once"}),
+    # Issue 14: sale refunds. A refund row without its journal entries (so
+    # the month's spend no longer matches either), one beyond its sale, one
+    # that gave back more points than the sale earned.
+    ("sale-refund-unbooked",
+     ["INSERT INTO fc.sale_refunds (hold_id, account_id, amount_fen, points_taken,"
+      " points_shortfall, reason, refunded_by, created_at) SELECT id, account_id, 1, 0, 0,"
+      " 'dispute', 'admin::a', now() FROM fc.holds WHERE state = 2 ORDER BY id LIMIT 1"],
+     {"sale_refund_booked_once", "monthly_spend_equals_sales"}),
+    ("sale-refund-beyond-sale",
+     ["INSERT INTO fc.sale_refunds (hold_id, account_id, amount_fen, points_taken,"
+      " points_shortfall, reason, refunded_by, created_at) SELECT id, account_id,"
+      " settled_fen + 1, 0, 0, 'dispute', 'admin::a', now() FROM fc.holds WHERE state = 2"
+      " ORDER BY id LIMIT 1"],
+     {"sale_refunds_within_sale", "sale_refund_booked_once", "monthly_spend_equals_sales"}),
+    ("sale-refund-points-beyond-earned",
+     ["INSERT INTO fc.sale_refunds (hold_id, account_id, amount_fen, points_taken,"
+      " points_shortfall, reason, refunded_by, created_at) SELECT id, account_id, 1, 0,"
+      " points_earned + 1, 'dispute', 'admin::a', now() FROM fc.holds WHERE state = 2"
+      " ORDER BY id LIMIT 1"],
+     {"refunded_points_within_earned", "sale_refund_booked_once", "monthly_spend_equals_sales"}),
     # Issue 14, item 9: an account the expiry sweep set aside.
     ("account-set-aside-by-the-sweep",
      ["INSERT INTO fc.hold_sweep_failures (account_id, sqlstate, message, failures,"

@@ -151,9 +151,13 @@ class Output:
 
 # --- fleet cost -------------------------------------------------------------------
 
+# A sale's cost is what it cost after its refunds (issue 14).
 FLEET_SQL = """
-    SELECT v.parent_account_id, v.account_id, v.label, s.date_key, s.amount_fen, s.volume_ml
+    SELECT v.parent_account_id, v.account_id, v.label, s.date_key,
+           s.amount_fen - coalesce(r.refunded, 0), s.volume_ml
       FROM fact_sale s
+      LEFT JOIN (SELECT hold_id, sum(amount_fen) AS refunded FROM fact_sale_refund
+                  GROUP BY hold_id) r ON r.hold_id = s.hold_id
       JOIN dim_account v ON v.account_id = s.account_id
       JOIN dim_account p ON p.account_id = v.parent_account_id
      WHERE p.account_type = 2"""

@@ -89,6 +89,12 @@ SCHEMA = [
            refunded_at TIMESTAMP NOT NULL, recharge_id VARCHAR NOT NULL,
            account_id VARCHAR NOT NULL, channel INTEGER NOT NULL, amount_fen BIGINT NOT NULL,
            debited_fen BIGINT NOT NULL, shortfall_fen BIGINT NOT NULL)""",
+    # one row per sale refund (issue 14): its money entry (kind 10), back to
+    # the account that funded the sale
+    """CREATE TABLE IF NOT EXISTS fact_sale_refund (
+           entry_id BIGINT PRIMARY KEY, position BIGINT NOT NULL, date_key INTEGER NOT NULL,
+           booked_at TIMESTAMP NOT NULL, hold_id VARCHAR NOT NULL, account_id VARCHAR NOT NULL,
+           amount_fen BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS fact_allocation (
            entry_id BIGINT PRIMARY KEY, position BIGINT NOT NULL, date_key INTEGER NOT NULL,
            booked_at TIMESTAMP NOT NULL, from_account_id VARCHAR NOT NULL,
@@ -121,6 +127,9 @@ SCHEMA = [
                SELECT account_id, 0, debited_fen, 0, 0, 0 FROM fact_refund
                UNION ALL
                SELECT funding_account_id, 0, 0, amount_fen, 0, 0 FROM fact_sale
+               UNION ALL
+               -- spent is net of the sales' refunds
+               SELECT account_id, 0, 0, -amount_fen, 0, 0 FROM fact_sale_refund
                UNION ALL
                SELECT to_account_id, 0, 0, 0, amount_fen, 0 FROM fact_allocation
                UNION ALL
@@ -323,6 +332,9 @@ _INSERTS: dict[str, tuple[tuple[str, str], ...]] = {
                     ("refunded_at", "TIMESTAMP"), ("recharge_id", "VARCHAR"),
                     ("account_id", "VARCHAR"), ("channel", "INTEGER"), ("amount_fen", "BIGINT"),
                     ("debited_fen", "BIGINT"), ("shortfall_fen", "BIGINT")),
+    "fact_sale_refund": (("entry_id", "BIGINT"), ("position", "BIGINT"), ("date_key", "INTEGER"),
+                         ("booked_at", "TIMESTAMP"), ("hold_id", "VARCHAR"),
+                         ("account_id", "VARCHAR"), ("amount_fen", "BIGINT")),
     "fact_allocation": (("entry_id", "BIGINT"), ("position", "BIGINT"), ("date_key", "INTEGER"),
                         ("booked_at", "TIMESTAMP"), ("from_account_id", "VARCHAR"),
                         ("to_account_id", "VARCHAR"), ("amount_fen", "BIGINT")),
@@ -423,6 +435,10 @@ class _Batch:
         elif j.kind == events_pb2.LEDGER_ENTRY_KIND_ALLOCATION:
             self.facts["fact_allocation"].add(j.entry_id, position, key, at, debit, credit,
                                               j.amount)
+        elif (j.kind == events_pb2.LEDGER_ENTRY_KIND_SALE_REFUND
+              and j.asset == events_pb2.ASSET_MONEY):
+            self.facts["fact_sale_refund"].add(j.entry_id, position, key, at, j.hold_id,
+                                               j.credit_account_id, j.amount)
         # RECHARGE_REFUND entries are booked from the refund's own event
         # (fact_refund.debited_fen is their amount), sales from the hold's.
         if j.asset == events_pb2.ASSET_POINTS:

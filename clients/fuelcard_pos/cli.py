@@ -3,7 +3,8 @@
     fuelcard-pos [--target HOST:PORT] [--ca FILE --cert FILE --key FILE]
                  [--state FILE] [--deadline-s S] [--json] COMMAND ...
 
-Commands: authorize, confirm, cancel, balance, hold, sign-on, and the outbox's
+Commands: authorize, confirm, cancel, reverse (an Authorize by its request id,
+冲正), balance, hold, sign-on, and the outbox's
 `outbox list|retry|drop|flush` (`outbox-flush` is `outbox flush`).
 Output is human-readable by default; with --json (anywhere on the command
 line, before or after the command), exactly one JSON object goes to stdout
@@ -394,6 +395,14 @@ def build_parser(output: Output, terminal_cert: bool = False) -> argparse.Argume
     p.add_argument("--no-outbox", action="store_true",
                    help="fail instead of queueing when the server cannot be reached")
 
+    p = command("reverse", "reverse an Authorize whose answer was lost, by its request id (冲正)")
+    p.add_argument("original_request_id", metavar="AUTHORIZE_REQUEST_ID")
+    p.add_argument("--request-id", default=None,
+                   help="idempotency key of the reversal itself (default: a new UUID)")
+    outbox_options(p)
+    p.add_argument("--no-outbox", action="store_true",
+                   help="fail instead of queueing when the server cannot be reached")
+
     p = command("balance", "the balance behind a card")
     p.add_argument("card", metavar="CARD", help="card number (never printed)")
 
@@ -692,6 +701,21 @@ class Command:
 
         return self._with_outbox(send)
 
+    def reverse(self) -> int:
+        a = self.args
+
+        def send(client: PosClient) -> int:
+            r = client.reverse_authorization(a.original_request_id, request_id=self.request_id)
+            outcome = transaction_pb2.ReversalOutcome.Name(r.outcome).removeprefix(
+                "REVERSAL_OUTCOME_")
+            lines = [f"OK  {outcome}"]
+            if r.HasField("hold"):
+                lines += hold_lines(r.hold)
+            self.emit_answer(r, lines)
+            return EXIT_OK
+
+        return self._with_outbox(send)
+
     def balance(self) -> int:
         with self.client() as client:
             r = client.balance(self.args.card)
@@ -769,6 +793,8 @@ class Command:
                     response: Message
                     if isinstance(request, transaction_pb2.ConfirmRequest):
                         response = client.send_confirm(request, queue=False)
+                    elif isinstance(request, transaction_pb2.ReverseAuthorizationRequest):
+                        response = client.send_reversal(request, queue=False)
                     else:
                         response = client.send_cancel(request, queue=False)
                 except PosError as exc:
@@ -879,8 +905,12 @@ def _listed_dict(entry: OutboxEntry) -> dict[str, Any]:
 
 def _listed_line(entry: OutboxEntry) -> str:
     request = entry.request
-    what = (f"confirm {yuan(request.final_amount_fen)}"
-            if isinstance(request, transaction_pb2.ConfirmRequest) else "cancel")
+    if isinstance(request, transaction_pb2.ConfirmRequest):
+        what = f"confirm {yuan(request.final_amount_fen)}"
+    elif isinstance(request, transaction_pb2.ReverseAuthorizationRequest):
+        what = f"reverse {request.original_request_id}"
+    else:
+        what = "cancel"
     line = (f"  {entry.id:>5}  {entry.state:<7}  {what:<20}  hold {entry.hold_id}  "
             f"request_id {entry.request_id}  queued {_time(entry.created_at)}  "
             f"attempts {entry.attempts}")
@@ -934,6 +964,7 @@ COMMANDS: dict[str, Callable[[Command], int]] = {
     "authorize": Command.authorize,
     "confirm": Command.confirm,
     "cancel": Command.cancel,
+    "reverse": Command.reverse,
     "balance": Command.balance,
     "hold": Command.hold,
     "outbox-flush": Command.outbox_flush,
@@ -947,7 +978,7 @@ OUTBOX_ACTIONS: dict[str, Callable[[Command], int]] = {
     "drop": Command.outbox_drop,
 }
 # The commands that send a request id (and print it).
-MUTATING = frozenset({"authorize", "confirm", "cancel"})
+MUTATING = frozenset({"authorize", "confirm", "cancel", "reverse"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,11 @@ not an error: it is a response whose `decision` is DECISION_DECLINED.
 Given an `Outbox`, a confirm or cancel that still fails with a retryable code
 once the retries are spent is written to the outbox with its request_id and
 `PosPending` is raised: the sale is not lost, `Outbox.flush` delivers it later.
+An Authorize whose retries run out on a retryable code has an outcome the
+terminal never learned: the client queues a reversal of it
+(ReverseAuthorization naming its request_id) in the outbox by itself, so
+money it may have held is released (or the Authorize, arriving late, is
+declined REVERSED), and raises the Authorize's error as before.
 
 Secure link. With a client certificate (`cert_file`, `key_file`, and the CA
 that signed the server's certificate, `ca_file`) the client talks mutual TLS
@@ -40,6 +45,7 @@ MACed: development against a loopback server only.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import random
 import sqlite3
@@ -203,7 +209,7 @@ def _utc_now() -> dt.datetime:
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 TReq = TypeVar("TReq", transaction_pb2.AuthorizeRequest, transaction_pb2.ConfirmRequest,
-               transaction_pb2.CancelRequest)
+               transaction_pb2.CancelRequest, transaction_pb2.ReverseAuthorizationRequest)
 
 
 class PosClient:
@@ -336,7 +342,11 @@ class PosClient:
             request_id=request_id or new_request_id(), card_number=card_number,
             amount_fen=amount_fen, station_id=station_id, terminal_id=terminal_id,
             nozzle=nozzle, product=product)
-        return self._mutate("Authorize", self._stub.Authorize, request, deadline_s)
+        try:
+            return self._mutate("Authorize", self._stub.Authorize, request, deadline_s)
+        except PosError as exc:
+            self._queue_reversal(request.request_id, exc)
+            raise
 
     def confirm(self, hold_id: str, final_amount_fen: int, volume_ml: int = 0,
                 unit_price_fen: int = 0, *, request_id: str | None = None,
@@ -355,6 +365,16 @@ class PosClient:
         request = transaction_pb2.CancelRequest(request_id=request_id or new_request_id(),
                                                 hold_id=hold_id)
         return self.send_cancel(request, deadline_s=deadline_s)
+
+    def reverse_authorization(self, original_request_id: str, *, request_id: str | None = None,
+                              deadline_s: float | None = None
+                              ) -> transaction_pb2.ReverseAuthorizationResponse:
+        """Reverse the Authorize sent with `original_request_id` (冲正): its
+        hold is released, or it is declined if it arrives later. Raises
+        PosPending if the reversal went to the outbox."""
+        request = transaction_pb2.ReverseAuthorizationRequest(
+            request_id=request_id or new_request_id(), original_request_id=original_request_id)
+        return self.send_reversal(request, deadline_s=deadline_s)
 
     def balance(self, card_number: str, *, deadline_s: float | None = None
                 ) -> transaction_pb2.GetCardBalanceResponse:
@@ -386,6 +406,16 @@ class PosClient:
             return self._mutate("Cancel", self._stub.Cancel, request, deadline_s)
         except PosError as exc:
             self._queue_or_raise("cancel", request, exc, queue)
+
+    def send_reversal(self, request: transaction_pb2.ReverseAuthorizationRequest, *,
+                      deadline_s: float | None = None, queue: bool = True
+                      ) -> transaction_pb2.ReverseAuthorizationResponse:
+        self._require_request_id(request.request_id)
+        try:
+            return self._mutate("ReverseAuthorization", self._stub.ReverseAuthorization, request,
+                                deadline_s)
+        except PosError as exc:
+            self._queue_or_raise("reverse", request, exc, queue)
 
     def flush_outbox(self) -> FlushReport:
         """Deliver what the outbox holds; see Outbox.flush."""
@@ -492,8 +522,19 @@ class PosClient:
         if not request_id:
             raise ValueError("a mutating request needs its request_id before it is sent")
 
-    def _queue_or_raise(self, operation: Literal["confirm", "cancel"],
-                        request: transaction_pb2.ConfirmRequest | transaction_pb2.CancelRequest,
+    def _queue_reversal(self, original_request_id: str, exc: PosError) -> None:
+        """After an Authorize whose outcome is unknown (a retryable error
+        once the retries are spent), queue its reversal; best effort: a full
+        or broken outbox leaves the hold to expire on its own."""
+        if not exc.retryable or self.outbox is None:
+            return
+        with contextlib.suppress(OutboxFull, sqlite3.Error):
+            self.outbox.enqueue(transaction_pb2.ReverseAuthorizationRequest(
+                request_id=new_request_id(), original_request_id=original_request_id))
+
+    def _queue_or_raise(self, operation: Literal["confirm", "cancel", "reverse"],
+                        request: transaction_pb2.ConfirmRequest | transaction_pb2.CancelRequest
+                        | transaction_pb2.ReverseAuthorizationRequest,
                         exc: PosError, queue: bool) -> NoReturn:
         if not (queue and exc.resendable and self.outbox is not None):
             raise exc
@@ -503,7 +544,9 @@ class PosClient:
         except (OutboxFull, sqlite3.Error) as not_kept:
             # neither delivered nor kept: the caller must know it failed
             raise exc from not_kept
-        raise PosPending(operation, request.request_id, request.hold_id, entry_id, exc) from exc
+        hold_id = "" if isinstance(request, transaction_pb2.ReverseAuthorizationRequest) else (
+            request.hold_id)
+        raise PosPending(operation, request.request_id, hold_id, entry_id, exc) from exc
 
     def _call(self, method: str, fn: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req,
               request_id: str | None, deadline_s: float | None) -> Resp:

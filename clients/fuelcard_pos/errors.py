@@ -143,7 +143,8 @@ class PosPending(Exception):
     on purpose: the operation is not failed, and it must not be redone with a
     new request_id."""
 
-    def __init__(self, operation: Literal["confirm", "cancel"], request_id: str, hold_id: str,
+    def __init__(self, operation: Literal["confirm", "cancel", "reverse"], request_id: str,
+                 hold_id: str,
                  outbox_entry_id: int, cause: PosError) -> None:
         super().__init__(f"{operation} of hold {hold_id} queued for delivery "
                          f"(outbox entry {outbox_entry_id}): {cause}")

@@ -1,4 +1,5 @@
-"""A small durable outbox for confirms and cancels the POS could not deliver.
+"""A small durable outbox for confirms, cancels and reversals the POS could
+not deliver.
 
 A fuel sale must not be lost because the link was down when the nozzle was
 hung up. The PosClient writes such a confirm (or cancel) here, WITH ITS
@@ -14,6 +15,13 @@ server gives a definitive answer:
   key or counter (UNAUTHENTICATED KEY_NOT_ACCEPTED / COUNTER_REPLAYED /
   MAC_INVALID: no verdict on the sale, and the client has re-synced) leaves
   the entry and everything after it pending, and stops the flush.
+
+A reversal (ReverseAuthorization) is queued by the client itself for an
+Authorize whose outcome it never learned (the retries ran out on a timeout
+or UNAVAILABLE): the Authorize may have held money the driver will never
+use, and the terminal has no hold id to cancel it by. Its entry has no hold
+id (an empty one); the server releases whatever that Authorize held, or
+makes it decline if it arrives later.
 
 Resending is safe because the server applies a request_id once and answers
 every replay with the first answer. An entry holds what to do, without the
@@ -48,16 +56,20 @@ from fuelcard_pos.terminal import strip_auth
 __all__ = ["DEFAULT_MAX_ENTRIES", "Delivery", "FlushReport", "Outbox", "OutboxEntry", "OutboxFull"]
 
 DEFAULT_MAX_ENTRIES = 10_000
-SCHEMA_VERSION = 1
+# 2: reversals ("reverse" entries). A version 1 file is rebuilt on opening.
+SCHEMA_VERSION = 2
 
-Operation = Literal["confirm", "cancel"]
+Operation = Literal["confirm", "cancel", "reverse"]
 State = Literal["pending", "failed"]
-QueuedRequest = transaction_pb2.ConfirmRequest | transaction_pb2.CancelRequest
+QueuedRequest = (transaction_pb2.ConfirmRequest | transaction_pb2.CancelRequest
+                 | transaction_pb2.ReverseAuthorizationRequest)
+Response = (transaction_pb2.ConfirmResponse | transaction_pb2.CancelResponse
+            | transaction_pb2.ReverseAuthorizationResponse)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    operation       TEXT    NOT NULL CHECK (operation IN ('confirm', 'cancel')),
+    operation       TEXT    NOT NULL CHECK (operation IN ('confirm', 'cancel', 'reverse')),
     request_id      TEXT    NOT NULL UNIQUE,
     hold_id         TEXT    NOT NULL,
     payload         BLOB    NOT NULL,
@@ -70,6 +82,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     error_reason    TEXT    NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_by_state ON outbox (state, id);
+"""
+# Version 1 allowed two operations in its CHECK, which SQLite cannot alter:
+# the table is copied into one of the current schema, in one transaction.
+_UPGRADE_FROM_1 = """
+BEGIN IMMEDIATE;
+DROP INDEX IF EXISTS outbox_by_state;
+ALTER TABLE outbox RENAME TO outbox_v1;
+""" + _SCHEMA + """
+INSERT INTO outbox SELECT * FROM outbox_v1;
+DROP TABLE outbox_v1;
+PRAGMA user_version = 2;
+COMMIT;
 """
 
 _COLUMNS = ("id, operation, request_id, hold_id, payload, state, created_at, attempts,"
@@ -85,6 +109,9 @@ class Resender(Protocol):
 
     def send_cancel(self, request: transaction_pb2.CancelRequest, *, queue: bool
                     ) -> transaction_pb2.CancelResponse: ...
+
+    def send_reversal(self, request: transaction_pb2.ReverseAuthorizationRequest, *, queue: bool
+                      ) -> transaction_pb2.ReverseAuthorizationResponse: ...
 
 
 class OutboxFull(Exception):
@@ -111,6 +138,8 @@ class OutboxEntry:
         """The request exactly as it was first sent (request_id included)."""
         if self.operation == "confirm":
             return transaction_pb2.ConfirmRequest.FromString(self.payload)
+        if self.operation == "reverse":
+            return transaction_pb2.ReverseAuthorizationRequest.FromString(self.payload)
         return transaction_pb2.CancelRequest.FromString(self.payload)
 
 
@@ -119,7 +148,7 @@ class Delivery:
     """An entry the server answered; the entry is gone from the outbox."""
 
     entry: OutboxEntry
-    response: transaction_pb2.ConfirmResponse | transaction_pb2.CancelResponse
+    response: Response
 
 
 @dataclass
@@ -157,6 +186,8 @@ class Outbox:
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"outbox {self.path} has schema {version}, newer than this "
                                    f"client ({SCHEMA_VERSION})")
+            if version == 1:
+                self._db.executescript(_UPGRADE_FROM_1)
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
@@ -189,8 +220,11 @@ class Outbox:
             operation = "confirm"
         elif isinstance(request, transaction_pb2.CancelRequest):
             operation = "cancel"
+        elif isinstance(request, transaction_pb2.ReverseAuthorizationRequest):
+            operation = "reverse"
         else:
-            raise TypeError(f"only confirms and cancels are queued, not {type(request).__name__}")
+            raise TypeError(f"only confirms, cancels and reversals are queued, not "
+                            f"{type(request).__name__}")
         if not request.request_id:
             raise ValueError("a queued request must carry its request_id")
         payload = _serialize(strip_auth(request))
@@ -207,7 +241,7 @@ class Outbox:
             cursor = db.execute(
                 "INSERT INTO outbox (operation, request_id, hold_id, payload, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (operation, request.request_id, request.hold_id, payload, time.time()))
+                (operation, request.request_id, _hold_id(request), payload, time.time()))
             assert cursor.lastrowid is not None
             return cursor.lastrowid
 
@@ -252,9 +286,11 @@ class Outbox:
             self._note_attempt(entry.id)
             request = entry.request
             try:
-                response: transaction_pb2.ConfirmResponse | transaction_pb2.CancelResponse
+                response: Response
                 if isinstance(request, transaction_pb2.ConfirmRequest):
                     response = client.send_confirm(request, queue=False)
+                elif isinstance(request, transaction_pb2.ReverseAuthorizationRequest):
+                    response = client.send_reversal(request, queue=False)
                 else:
                     response = client.send_cancel(request, queue=False)
             except PosError as exc:
@@ -308,6 +344,14 @@ class Outbox:
         return _entry(row) if row is not None else None
 
 
+def _hold_id(request: QueuedRequest) -> str:
+    """The hold an entry is about: none for a reversal, which names its
+    Authorize by request id."""
+    if isinstance(request, transaction_pb2.ReverseAuthorizationRequest):
+        return ""
+    return request.hold_id
+
+
 def _serialize(message: Message) -> bytes:
     return message.SerializeToString(deterministic=True)
 
@@ -315,7 +359,7 @@ def _serialize(message: Message) -> bytes:
 def _entry(row: Any) -> OutboxEntry:
     (id_, operation, request_id, hold_id, payload, state, created_at, attempts,
      last_attempt_at, last_error, error_code, error_reason) = row
-    assert operation in ("confirm", "cancel") and state in ("pending", "failed")
+    assert operation in ("confirm", "cancel", "reverse") and state in ("pending", "failed")
     return OutboxEntry(
         id=int(id_), operation=operation, request_id=str(request_id), hold_id=str(hold_id),
         payload=bytes(payload), state=state, created_at=float(created_at),

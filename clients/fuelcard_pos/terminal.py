@@ -53,7 +53,7 @@ SM3_DIGEST_SIZE = 32
 COUNTER_MAX = 2**63 - 1
 
 TerminalRequest = (transaction_pb2.AuthorizeRequest | transaction_pb2.ConfirmRequest
-                   | transaction_pb2.CancelRequest)
+                   | transaction_pb2.CancelRequest | transaction_pb2.ReverseAuthorizationRequest)
 R = TypeVar("R", bound=TerminalRequest)
 
 
@@ -131,6 +131,9 @@ def mac_input(request: TerminalRequest) -> bytes:
     if isinstance(request, transaction_pb2.CancelRequest):
         return canonical("Cancel", request.request_id, request.hold_id, request.key_version,
                          request.terminal_counter)
+    if isinstance(request, transaction_pb2.ReverseAuthorizationRequest):
+        return canonical("ReverseAuthorization", request.request_id, request.original_request_id,
+                         request.key_version, request.terminal_counter)
     raise TypeError(f"{type(request).__name__} is not a terminal request")
 
 

@@ -128,6 +128,9 @@ function macInput(rpc, r) {
         BigInt(r.terminal_counter));
     case 'Cancel':
       return canonical('Cancel', r.request_id, r.hold_id, r.key_version, BigInt(r.terminal_counter));
+    case 'ReverseAuthorization':
+      return canonical('ReverseAuthorization', r.request_id, r.original_request_id, r.key_version,
+        BigInt(r.terminal_counter));
     default:
       throw new Error(`${rpc} carries no MAC`);
   }

@@ -3,7 +3,8 @@ moved is exactly the money the generator saw confirmed.
 
 A run's rows are recognisable without a time window: its holds carry
 station_id "LT-<run id>", its recharges channel_txn_id "lt-<run id>-...", its
-redemptions description "LT-<run id>". So other traffic on the same database
+redemptions description "LT-<run id>"; its sale refunds and reversals name its
+holds. So other traffic on the same database
 (pgbench, other runs) does not disturb the comparison. The highest ids taken
 before the run (Marks) only keep the queries from reading the whole history:
 rows of the run can only have larger ids.
@@ -31,6 +32,17 @@ WITH sales AS MATERIALIZED (
      WHERE j.id > %(j0)s AND h.id > %(h0)s AND h.station_id = %(station)s
        AND j.kind IN (2, 12) AND j.asset = 1
        AND j.credit_account_id = (SELECT fc.system_account(p_code => 'FUEL_SALES'))),
+-- sale refunds (issue 14): money back from FUEL_SALES to the account that paid
+refunds AS MATERIALIZED (
+    SELECT j.amount FROM fc.journal j JOIN fc.holds h ON h.id = j.hold_id
+     WHERE j.id > %(j0)s AND h.id > %(h0)s AND h.station_id = %(station)s
+       AND j.kind = 10 AND j.asset = 1 AND j.credit_account_id = h.account_id
+       AND j.debit_account_id = (SELECT fc.system_account(p_code => 'FUEL_SALES'))),
+-- holds released by a reversal: the reversal's stored answer names them
+reversed AS MATERIALIZED (
+    SELECT k.request_id FROM fc.idempotency_keys k
+     WHERE k.operation = 'reverse_authorization' AND k.request_id LIKE %(rid)s
+       AND k.response->>'outcome' = 'RELEASED'),
 topups AS MATERIALIZED (
     SELECT j.amount FROM fc.journal j JOIN fc.recharges r ON r.id = j.recharge_id
      WHERE j.id > %(j0)s AND r.id > %(r0)s AND r.channel_txn_id LIKE %(txn)s
@@ -42,7 +54,10 @@ SELECT
   (SELECT count(*) FROM fc.recharges WHERE id > %(r0)s AND channel_txn_id LIKE %(txn)s),
   (SELECT coalesce(sum(amount), 0) FROM fc.journal
     WHERE id > %(j0)s AND kind = 4 AND asset = 2 AND description = %(station)s),
-  (SELECT count(*) FROM fc.holds WHERE id > %(h0)s AND station_id = %(station)s AND state = 1)
+  (SELECT count(*) FROM fc.holds WHERE id > %(h0)s AND station_id = %(station)s AND state = 1),
+  (SELECT coalesce(sum(amount), 0) FROM refunds),
+  (SELECT count(*) FROM refunds),
+  (SELECT count(*) FROM reversed)
 """
 
 
@@ -71,6 +86,10 @@ class Seen:
     recharged_fen: int = 0
     recharge_count: int = 0
     redeemed_points: int = 0
+    refunded_fen: int = 0
+    refund_count: int = 0
+    # holds released by ReverseAuthorization (outcome RELEASED)
+    reversed: int = 0
 
 
 @dataclass
@@ -106,10 +125,11 @@ def moved(url: str, run_id: str, since: Marks | None = None) -> tuple[Seen, int]
         conn.execute("SET enable_nestloop = off")
         row = conn.execute(MOVED_SQL, {
             "station": station(run_id), "txn": f"lt-{run_id}-%", "j0": since.journal,
-            "h0": since.holds, "r0": since.recharges}).fetchone()
+            "h0": since.holds, "r0": since.recharges, "rid": f"{run_id}-%"}).fetchone()
     assert row is not None
     values = [int(v) for v in row]
-    return Seen(values[0], values[1], values[2], values[3], values[4]), values[5]
+    return Seen(values[0], values[1], values[2], values[3], values[4], values[6], values[7],
+                values[8]), values[5]
 
 
 def check(url: str, run_id: str, seen: Seen, *, since: Marks | None = None,
@@ -128,7 +148,10 @@ def check(url: str, run_id: str, seen: Seen, *, since: Marks | None = None,
              ("confirmed sales", seen.confirmed_count, booked.confirmed_count),
              ("recharged fen", seen.recharged_fen, booked.recharged_fen),
              ("recharges", seen.recharge_count, booked.recharge_count),
-             ("redeemed points", seen.redeemed_points, booked.redeemed_points))
+             ("redeemed points", seen.redeemed_points, booked.redeemed_points),
+             ("refunded fen", seen.refunded_fen, booked.refunded_fen),
+             ("sale refunds", seen.refund_count, booked.refund_count),
+             ("reversed holds", seen.reversed, booked.reversed))
     for what, generator, ledger in pairs:
         if generator != ledger:
             result.problems.append(f"{what}: the generator saw {generator}, the journal has"

@@ -79,7 +79,10 @@ def table(r: dict[str, Any]) -> str:
               f" confirmed {_n(g['confirmed_fen'])} fen in {_n(g['confirmed_count'])} sales"
               f" (journal {_n(b['confirmed_fen'])} fen in {_n(b['confirmed_count'])});"
               f" recharged {_n(g['recharged_fen'])} fen (journal {_n(b['recharged_fen'])});"
-              f" redeemed {_n(g['redeemed_points'])} points (journal {_n(b['redeemed_points'])})"]
+              f" redeemed {_n(g['redeemed_points'])} points (journal {_n(b['redeemed_points'])});"
+              f" refunded {_n(g['refunded_fen'])} fen in {_n(g['refund_count'])} sale refunds"
+              f" (journal {_n(b['refunded_fen'])} fen in {_n(b['refund_count'])});"
+              f" {_n(g['reversed'])} holds reversed (server {_n(b['reversed'])})"]
     for problem in r["failures"]:
         lines.append(f"  FAIL: {problem}")
     lines.append(f"  result: {'PASS' if r['passed'] else 'FAIL'}")

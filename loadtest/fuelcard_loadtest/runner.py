@@ -85,7 +85,7 @@ class Options:
         return Mix(cancel=base.cancel if self.cancel_share is None else self.cancel_share,
                    recharge=base.recharge if self.recharge_share is None else self.recharge_share,
                    redeem=base.redeem if self.redeem_share is None else self.redeem_share,
-                   overrun=base.overrun)
+                   reverse=base.reverse, refund=base.refund, overrun=base.overrun)
 
     def validate(self) -> Options:
         problems = []
@@ -182,7 +182,8 @@ class Phase:
     def seen(self) -> ledger.Seen:
         return ledger.Seen(self.total("confirmed_fen"), self.total("confirmed_count"),
                            self.total("recharged_fen"), self.total("recharge_count"),
-                           self.total("redeemed_points"))
+                           self.total("redeemed_points"), self.total("refunded_fen"),
+                           self.total("refund_count"), self.total("reversed"))
 
 
 @dataclass

@@ -19,12 +19,17 @@ FLEET_CARDS = 50
 class Mix:
     """Shares of the operations. recharge and redeem are shares of all
     operations; cancel is the share of pump cycles ended by Cancel instead of
-    Confirm; overrun the share of confirmed cycles whose pump ran a little past
-    its preset (confirmed above the hold, within the server's tolerance)."""
+    Confirm, reverse the share ended by a reversal naming the Authorize's
+    request id (ReverseAuthorization); overrun the share of confirmed cycles
+    whose pump ran a little past its preset (confirmed above the hold, within
+    the server's tolerance); refund the share of confirmed sales then refunded
+    in part (RefundService.RefundSale)."""
 
     cancel: float = 0.0
     recharge: float = 0.0
     redeem: float = 0.0
+    reverse: float = 0.0
+    refund: float = 0.0
     overrun: float = 0.0
 
 
@@ -43,8 +48,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("hot-fleet", "ONE corporate account funding every card, all pumping at once"
                  " (the advisory-lock contention case)", 500, Mix()),
         Scenario("mixed", "70 % personal, 10 % family (3 cards), 20 % fleets (50 cards);"
-                 " pump cycles with cancels, overruns, recharges and points redemptions",
-                 100_000, Mix(cancel=0.10, recharge=0.08, redeem=0.05, overrun=0.02)),
+                 " pump cycles with cancels, reversals, overruns, recharges, points"
+                 " redemptions and sale refunds",
+                 100_000, Mix(cancel=0.10, recharge=0.08, redeem=0.05, reverse=0.03,
+                              refund=0.03, overrun=0.02)),
     )
 }
 

@@ -39,6 +39,8 @@ from fuelcard.v1 import (
     funding_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
+    refund_pb2,
+    refund_pb2_grpc,
     transaction_pb2,
     transaction_pb2_grpc,
 )
@@ -112,6 +114,7 @@ class Stubs:
     funding: funding_pb2_grpc.FundingServiceAsyncStub
     points: points_pb2_grpc.PointsServiceAsyncStub
     health: Any
+    refunds: refund_pb2_grpc.RefundServiceAsyncStub
 
 
 @dataclass
@@ -149,6 +152,9 @@ class Generator:
         self.recharge_count = 0
         self.redeemed_points = 0
         self.cancelled = 0
+        self.refunded_fen = 0
+        self.refund_count = 0
+        self.reversed = 0     # holds a reversal released (outcome RELEASED)
         self.pending: dict[str, tuple[str, Message]] = {}
         self.open_holds: dict[str, str] = {}
         self.earned: dict[str, int] = {}
@@ -237,7 +243,18 @@ class Generator:
         if pump_s > 0:
             await asyncio.sleep(pump_s)
         intended = authorized + pump_s
-        if rng.random() < cfg.mix.cancel:
+        ending = rng.random()
+        if cfg.mix.cancel <= ending < cfg.mix.cancel + cfg.mix.reverse:
+            # the POS that never learned the answer: reverse by request id
+            self.ops["reverse"] += 1
+            reverse = transaction_pb2.ReverseAuthorizationRequest(
+                request_id=rid + "v", original_request_id=request.request_id)
+            answer = await self._call("reverse", stubs.pos.ReverseAuthorization, reverse, intended,
+                                      reverse.request_id)
+            if answer is not None:
+                self._reversed(answer)
+            return
+        if ending < cfg.mix.cancel:
             self.ops["cancel"] += 1
             cancel = transaction_pb2.CancelRequest(request_id=rid + "x", hold_id=hold_id)
             if await self._call("cancel", stubs.pos.Cancel, cancel, intended, cancel.request_id):
@@ -265,6 +282,29 @@ class Generator:
             if started >= self.measure_from:
                 self.cycles += 1
                 self.rec.cycle_done(started - self.measure_from)
+            if rng.random() < cfg.mix.refund:
+                await self._refund(stubs, hold_id, final, rid, time.monotonic())
+
+    def _reversed(self, answer: transaction_pb2.ReverseAuthorizationResponse) -> None:
+        if answer.outcome == transaction_pb2.REVERSAL_OUTCOME_RELEASED:
+            self.open_holds.pop(answer.hold.hold_id, None)
+            self.reversed += 1
+
+    async def _refund(self, stubs: Stubs, hold_id: str, final: int, rid: str,
+                      started: float) -> None:
+        """A partial refund of the sale just confirmed (below the step-up
+        threshold: a sale is at most 500 yuan)."""
+        request = refund_pb2.RefundSaleRequest(
+            request_id=rid + "f", hold_id=hold_id, amount_fen=self.rng.randint(1, final),
+            reason=self.station)
+        self.ops["refund"] += 1
+        if await self._call("refund", stubs.refunds.RefundSale, request, started,
+                            request.request_id) is not None:
+            self._refunded(request)
+
+    def _refunded(self, request: refund_pb2.RefundSaleRequest) -> None:
+        self.refunded_fen += request.amount_fen
+        self.refund_count += 1
 
     def _confirmed(self, final: int, account: str, points: int) -> None:
         self.confirmed_fen += final
@@ -358,7 +398,8 @@ class Generator:
         methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "authorize": stubs.pos.Authorize, "confirm": stubs.pos.Confirm,
             "cancel": stubs.pos.Cancel, "recharge": stubs.funding.Recharge,
-            "redeem": stubs.points.RedeemPoints}
+            "redeem": stubs.points.RedeemPoints, "reverse": stubs.pos.ReverseAuthorization,
+            "refund": stubs.refunds.RefundSale}
         deadline = time.monotonic() + RESOLVE_BUDGET_S
         gate = asyncio.Semaphore(RESOLVE_CONCURRENCY)
         unresolved: list[str] = []
@@ -384,7 +425,10 @@ class Generator:
                 return None
 
         # authorizations first (they may open holds), then what settles holds
-        for phase in (("authorize",), ("confirm", "cancel", "recharge", "redeem")):
+        # (a reversal after its authorize: it releases what that one held; a
+        # refund after the confirms: it refunds a sale they booked)
+        for phase in (("authorize",), ("confirm", "cancel", "recharge", "redeem", "reverse"),
+                      ("refund",)):
             batch = [(rid, rpc, req) for rid, (rpc, req) in self.pending.items() if rpc in phase]
             answers = await asyncio.gather(*(settle(f"{rpc} {rid}", rpc, req)
                                              for rid, rpc, req in batch))
@@ -424,6 +468,11 @@ class Generator:
             assert isinstance(request, points_pb2.RedeemPointsRequest)
             if r.decision == APPROVED:
                 self.redeemed_points += request.points
+        elif rpc == "reverse":
+            self._reversed(r)
+        elif rpc == "refund":
+            assert isinstance(request, refund_pb2.RefundSaleRequest)
+            self._refunded(request)
 
     # -- the whole life of the process -----------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -437,7 +486,8 @@ class Generator:
                     transaction_pb2_grpc.TransactionServiceStub(ch),
                     funding_pb2_grpc.FundingServiceStub(ch),
                     points_pb2_grpc.PointsServiceStub(ch),
-                    health_pb2_grpc.HealthStub(ch)))
+                    health_pb2_grpc.HealthStub(ch),
+                    refund_pb2_grpc.RefundServiceStub(ch)))
             self.queue.put(("ready", cfg.index, None))
             loop = asyncio.get_running_loop()
             if not await loop.run_in_executor(None, self.go.wait, 120.0):
@@ -489,6 +539,9 @@ class Generator:
             "recharge_count": self.recharge_count,
             "redeemed_points": self.redeemed_points,
             "cancelled": self.cancelled,
+            "refunded_fen": self.refunded_fen,
+            "refund_count": self.refund_count,
+            "reversed": self.reversed,
             "unresolved": unresolved,
             "error_samples": self.error_samples,
             "stats": self.rec.encode(),

@@ -24,6 +24,7 @@ from fuelcard.v1 import (
     funding_pb2_grpc,
     invoice_pb2_grpc,
     points_pb2_grpc,
+    refund_pb2_grpc,
     risk_pb2_grpc,
     security_pb2_grpc,
     settlement_pb2_grpc,
@@ -56,6 +57,7 @@ from fuelcard_server.services.handling import Deps, guarded
 from fuelcard_server.services.invoice import InvoiceService
 from fuelcard_server.services.points import PointsService
 from fuelcard_server.services.reconciliation import ReconciliationService
+from fuelcard_server.services.refund import RefundService
 from fuelcard_server.services.risk import RiskService
 from fuelcard_server.services.security import SecurityService
 from fuelcard_server.services.transaction import TransactionService
@@ -191,6 +193,7 @@ class FuelcardServer:
         settlement_pb2_grpc.add_ReconciliationServiceServicer_to_server(
             ReconciliationService(deps), guard)
         adjustment_pb2_grpc.add_AdjustmentServiceServicer_to_server(AdjustmentService(deps), guard)
+        refund_pb2_grpc.add_RefundServiceServicer_to_server(RefundService(deps), guard)
         invoice_pb2_grpc.add_InvoiceServiceServicer_to_server(InvoiceService(deps), guard)
         self._sequencer = Sequencer(self._db, self.clock, s.event_batch, s.event_retention_s,
                                     reads=self._reads)

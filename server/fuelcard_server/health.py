@@ -25,6 +25,7 @@ from fuelcard.v1 import (
     funding_pb2,
     invoice_pb2,
     points_pb2,
+    refund_pb2,
     risk_pb2,
     security_pb2,
     settlement_pb2,
@@ -63,6 +64,7 @@ SERVICE_NAMES = (
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
+    refund_pb2.DESCRIPTOR.services_by_name["RefundService"].full_name,
     invoice_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
 )
 
@@ -78,6 +80,7 @@ READ_POOL_SERVICES = frozenset({
     settlement_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     adjustment_pb2.DESCRIPTOR.services_by_name["AdjustmentService"].full_name,
+    refund_pb2.DESCRIPTOR.services_by_name["RefundService"].full_name,
     invoice_pb2.DESCRIPTOR.services_by_name["InvoiceService"].full_name,
 })
 # What reports NOT_SERVING while the replica cannot be read (down, or further

@@ -192,6 +192,9 @@ class Settings:
     # Step-up verification (多因素认证, stepup.py): recharges above this many
     # fen need a one-time code (0: every recharge).
     step_up_recharge_above_fen: int = 2_000_000
+    # Sale refunds (RefundService.RefundSale) above this many fen need a
+    # one-time code from an administrator (0: every refund).
+    step_up_sale_refund_above_fen: int = 100_000
     # Limit raises (a higher or removed cap, a temporary raise) need one.
     step_up_limit_raises: bool = True
     # A code's life and the wrong codes it allows.
@@ -341,6 +344,7 @@ class Settings:
             (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
              "log_level must be DEBUG, INFO, WARNING or ERROR"),
             (self.step_up_recharge_above_fen >= 0, "step_up_recharge_above_fen must be >= 0"),
+            (self.step_up_sale_refund_above_fen >= 0, "step_up_sale_refund_above_fen must be >= 0"),
             (30 <= self.otp_ttl_s <= 3600, "otp_ttl_s must be 30..3600"),
             (1 <= self.otp_max_attempts <= 10, "otp_max_attempts must be 1..10"),
             (self.event_interval_s > 0, "event_interval_s must be > 0"),

@@ -50,11 +50,12 @@ log = logging.getLogger(__name__)
 CODE_DIGITS = 6
 RECHARGE, PIN_RESET, LIMIT_RAISE = StepUpKind.RECHARGE, StepUpKind.PIN_RESET, StepUpKind.LIMIT_RAISE
 REVEAL_CARD_NUMBER, ANOMALY = StepUpKind.REVEAL_CARD_NUMBER, StepUpKind.ANOMALY
-HOLDER_DATA_EXPORT, PHONE_CHANGE = StepUpKind.HOLDER_DATA_EXPORT, StepUpKind.PHONE_CHANGE
+HOLDER_DATA_EXPORT = StepUpKind.HOLDER_DATA_EXPORT
+SALE_REFUND, PHONE_CHANGE = StepUpKind.SALE_REFUND, StepUpKind.PHONE_CHANGE
 KIND_NAMES: dict[int, str] = {RECHARGE: "recharge", PIN_RESET: "PIN reset", LIMIT_RAISE: "limit raise",
                               REVEAL_CARD_NUMBER: "card number reveal", ANOMALY: "transaction check",
                               HOLDER_DATA_EXPORT: "export of your personal data",
-                              PHONE_CHANGE: "phone number change"}
+                              SALE_REFUND: "sale refund", PHONE_CHANGE: "phone number change"}
 
 CREATE_SQL = (
     "SELECT fc.create_step_up(p_caller => %(caller)s, p_request_id => %(request_id)s,"

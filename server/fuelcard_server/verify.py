@@ -156,6 +156,8 @@ CHECKS: tuple[Check, ...] = (
               OR ((kind = {LedgerEntryKind.MANUAL_ADJUSTMENT:d}) <> (adjustment_id IS NOT NULL))
               OR (kind = {LedgerEntryKind.MANUAL_ADJUSTMENT:d}
                   AND (hold_id IS NOT NULL OR recharge_id IS NOT NULL))
+              OR ((kind = {LedgerEntryKind.SALE_REFUND:d}) <> (sale_refund_id IS NOT NULL))
+              OR (kind = {LedgerEntryKind.SALE_REFUND:d} AND hold_id IS NULL)
            LIMIT 10"""),
     Check("allocations_stay_in_the_family",
           "batch top-ups move money from a parent to its own ALLOCATED sub-accounts",
@@ -290,8 +292,8 @@ CHECKS: tuple[Check, ...] = (
     # spender_account_id) row of the business month of the sale (its p_now in
     # the business time zone, which is the purchase entry's created_at; a late
     # confirm of an expired hold counts in the month it was confirmed, not
-    # the month the hold closed). Nothing takes a sale back (refunds are of
-    # recharges), so the sum only grows. The time zone is a subquery: run
+    # the month the hold closed). A sale refund (issue 14) takes its amount
+    # out of the month its sale was counted in. The time zone is a subquery: run
     # once (an InitPlan), not per sale.
     Check("monthly_spend_equals_sales",
           "each month's spend of an account (monthly_spend, which sets its tier) equals its"
@@ -306,10 +308,25 @@ CHECKS: tuple[Check, ...] = (
                 JOIN fc.holds h ON h.id = j.hold_id
                WHERE j.kind = {LedgerEntryKind.PURCHASE:d}
                   OR (j.kind = {LedgerEntryKind.OVERRUN_RECEIVABLE:d} AND j.recharge_id IS NULL)
-               GROUP BY 1, 2)
+               GROUP BY 1, 2),
+          refunded AS (
+              -- issue 14: a sale refund comes out of the month its sale was counted in
+              SELECT h.spender_account_id AS account_id,
+                     date_trunc('month', p.created_at AT TIME ZONE (SELECT fc.business_tz()))
+                         ::date AS month,
+                     sum(r.amount_fen)::bigint AS refund_fen
+                FROM fc.sale_refunds r
+                JOIN fc.holds h ON h.id = r.hold_id
+                JOIN fc.journal p ON p.hold_id = r.hold_id AND p.kind = {LedgerEntryKind.PURCHASE:d}
+               GROUP BY 1, 2),
+          net AS (
+              SELECT coalesce(s.account_id, f.account_id) AS account_id,
+                     coalesce(s.month, f.month) AS month,
+                     coalesce(s.spend_fen, 0) - coalesce(f.refund_fen, 0) AS spend_fen
+                FROM sold s FULL JOIN refunded f ON f.account_id = s.account_id AND f.month = s.month)
           SELECT coalesce(s.account_id, m.account_id), coalesce(s.month, m.month),
                  s.spend_fen, m.spend_fen
-            FROM sold s
+            FROM net s
             FULL JOIN fc.monthly_spend m ON m.account_id = s.account_id AND m.month = s.month
            WHERE coalesce(s.spend_fen, 0) <> coalesce(m.spend_fen, 0)
            LIMIT 10"""),
@@ -321,7 +338,8 @@ CHECKS: tuple[Check, ...] = (
     # 7 fc.expire_points, 8 fc.refund_recharge (the clearing account of the
     # recharge's channel, fc.clearing_account; a refund has its recharge's
     # channel), 9 fc.approve_adjustment (ADJUSTMENTS on the side opposite the
-    # customer, issue 14). Which customer it is, is checked by the checks above.
+    # customer, issue 14), 10 fc.refund_sale (money FUEL_SALES -> customer,
+    # points customer -> POINTS_ISSUED, issue 14). Which customer it is, is checked by the checks above.
     Check("entries_have_their_counterparties",
           "each journal entry moves its kind's asset between its kind's accounts (e.g. a sale"
           " from a customer to FUEL_SALES, a recharge from its channel's clearing account to"
@@ -359,6 +377,9 @@ CHECKS: tuple[Check, ...] = (
                  WHEN {LedgerEntryKind.MANUAL_ADJUSTMENT:d}
                      THEN asset = {Asset.MONEY:d} AND ((debit = 'ADJUSTMENTS' AND credit IS NULL)
                                                     OR (debit IS NULL AND credit = 'ADJUSTMENTS'))
+                 WHEN {LedgerEntryKind.SALE_REFUND:d}
+                     THEN (asset = {Asset.MONEY:d} AND debit = 'FUEL_SALES' AND credit IS NULL)
+                       OR (asset = {Asset.POINTS:d} AND debit IS NULL AND credit = 'POINTS_ISSUED')
                  WHEN {LedgerEntryKind.OVERRUN_RECEIVABLE:d}
                      THEN asset = {Asset.MONEY:d}
                           AND ((debit = 'RECEIVABLES' AND credit = 'FUEL_SALES' AND recharge_id IS NULL)
@@ -436,6 +457,47 @@ CHECKS: tuple[Check, ...] = (
                                    OR e.lo <> CASE a.direction WHEN 1 THEN a.account_id
                                                                ELSE -a.account_id END))
               OR (a.state <> 2 AND e.n IS NOT NULL)
+           LIMIT 10"""),
+    # issue 14: refunds of sales (fc.refund_sale)
+    Check("sale_refunds_within_sale",
+          "the refunds of a sale add up to at most its settled amount, and only a CONFIRMED"
+          " hold has any",
+          f"""
+          SELECT h.id, h.state, h.settled_fen, r.total
+            FROM fc.holds h
+            JOIN (SELECT hold_id, sum(amount_fen) AS total FROM fc.sale_refunds
+                   GROUP BY hold_id) r ON r.hold_id = h.id
+           WHERE h.state <> {HoldState.CONFIRMED:d} OR r.total > h.settled_fen
+           LIMIT 10"""),
+    Check("sale_refund_booked_once",
+          "each sale refund has one money entry of its amount, to the account that funded the"
+          " sale, and one points entry of the points it took back (none if it took none)",
+          f"""
+          SELECT r.id, r.amount_fen, m.n, m.total, m.acct, coalesce(p.total, 0), r.points_taken
+            FROM fc.sale_refunds r
+            JOIN fc.holds h ON h.id = r.hold_id
+            LEFT JOIN (SELECT sale_refund_id, count(*) AS n, sum(amount) AS total,
+                              min(credit_account_id) AS acct, max(hold_id) AS hold
+                         FROM fc.journal WHERE kind = {LedgerEntryKind.SALE_REFUND:d}
+                          AND asset = {Asset.MONEY:d} GROUP BY sale_refund_id) m
+                   ON m.sale_refund_id = r.id
+            LEFT JOIN (SELECT sale_refund_id, count(*) AS n, sum(amount) AS total
+                         FROM fc.journal WHERE kind = {LedgerEntryKind.SALE_REFUND:d}
+                          AND asset = {Asset.POINTS:d} GROUP BY sale_refund_id) p
+                   ON p.sale_refund_id = r.id
+           WHERE m.n IS DISTINCT FROM 1 OR m.total <> r.amount_fen OR m.hold <> r.hold_id
+              OR m.acct <> r.account_id OR r.account_id <> h.account_id
+              OR coalesce(p.total, 0) <> r.points_taken OR p.n > 1
+           LIMIT 10"""),
+    Check("refunded_points_within_earned",
+          "the points the refunds of a sale took back (or found spent) never exceed what the"
+          " sale earned",
+          """
+          SELECT h.id, h.points_earned, r.points
+            FROM fc.holds h
+            JOIN (SELECT hold_id, sum(points_taken + points_shortfall) AS points
+                    FROM fc.sale_refunds GROUP BY hold_id) r ON r.hold_id = h.id
+           WHERE r.points > h.points_earned
            LIMIT 10"""),
     # Issue 14, item 9: an account whose expired holds the sweep could not
     # release is set aside (fc.sweep_account) so that it wedges no other;

@@ -11,13 +11,16 @@ from fuelcard_analytics.warehouse import Store
 from tests.support.ledger_asserts import Conn
 
 # Per customer account, from the journal: recharged (kind 1 credits),
-# refunded (kind 8 debits), spent (kind 2 debits), allocated in / out
+# refunded (kind 8 debits), spent (kind 2 debits less kind 10 money credits:
+# sales net of their refunds), allocated in / out
 # (kind 5), the money balance and the points balance.
 JOURNAL_SQL = """
 SELECT a.uid::text,
        coalesce(sum(j.amount) FILTER (WHERE j.kind = 1 AND j.credit_account_id = a.id), 0),
        coalesce(sum(j.amount) FILTER (WHERE j.kind = 8 AND j.debit_account_id = a.id), 0),
-       coalesce(sum(j.amount) FILTER (WHERE j.kind = 2 AND j.debit_account_id = a.id), 0),
+       coalesce(sum(j.amount) FILTER (WHERE j.kind = 2 AND j.debit_account_id = a.id), 0)
+       - coalesce(sum(j.amount) FILTER (WHERE j.kind = 10 AND j.asset = 1
+                                          AND j.credit_account_id = a.id), 0),
        coalesce(sum(j.amount) FILTER (WHERE j.kind = 5 AND j.credit_account_id = a.id), 0),
        coalesce(sum(j.amount) FILTER (WHERE j.kind = 5 AND j.debit_account_id = a.id), 0),
        coalesce(sum(CASE WHEN j.credit_account_id = a.id THEN j.amount ELSE -j.amount END)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 STEP_UP_KINDS = frozenset({stepup.RECHARGE, stepup.PIN_RESET, stepup.LIMIT_RAISE,
                            stepup.REVEAL_CARD_NUMBER, stepup.ANOMALY, stepup.HOLDER_DATA_EXPORT,
-                           stepup.PHONE_CHANGE})
+                           stepup.SALE_REFUND, stepup.PHONE_CHANGE})
 PHONE_MIN_CHARS, PHONE_MAX_CHARS = 5, 20
 STEP_UP_MAX_AMOUNT_FEN = 10**12
 # An admin console's key id: its working key is kept apart from any terminal's.

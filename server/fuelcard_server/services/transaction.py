@@ -39,6 +39,14 @@ CANCEL_SQL = (
     " p_request_hash => %(request_hash)s, p_hold_uid => %(hold_uid)s::uuid,"
     " p_now => %(now)s::timestamptz, p_station => %(station)s, p_terminal => %(terminal)s,"
     " p_counter => %(counter)s::bigint)")
+REVERSE_SQL = (
+    "SELECT fc.reverse_authorization(p_caller => %(caller)s, p_request_id => %(request_id)s,"
+    " p_request_hash => %(request_hash)s, p_original_request_id => %(original_request_id)s,"
+    " p_now => %(now)s::timestamptz, p_station => %(station)s, p_terminal => %(terminal)s,"
+    " p_counter => %(counter)s::bigint)")
+REVERSAL_OUTCOMES = {
+    name.removeprefix("REVERSAL_OUTCOME_"): value
+    for name, value in transaction_pb2.ReversalOutcome.items() if value}
 # A terminal is (station, terminal id): a "T1" of another station does not own the hold.
 GET_TERMINAL_HOLD_SQL = (
     "SELECT fc.hold_json(h => h) FROM fc.holds h"
@@ -183,6 +191,33 @@ class TransactionService(Servicer, transaction_pb2_grpc.TransactionServiceServic
             "request_hash": self.d.fingerprint("cancel", request), "hold_uid": hold_id,
             "now": self.d.clock.now(), "station": station, "terminal": terminal, "counter": counter})
         return transaction_pb2.CancelResponse(hold=wire.hold(d["hold"]))
+
+    @rpc(Role.POS)
+    async def ReverseAuthorization(self, request: transaction_pb2.ReverseAuthorizationRequest,
+                                   context: Ctx) -> transaction_pb2.ReverseAuthorizationResponse:
+        v = Violations()
+        v.request_id(request.request_id)
+        v.request_id(request.original_request_id, "original_request_id")
+        if request.original_request_id == request.request_id:
+            # The reversal's own key would be the tombstone.
+            v.add("original_request_id", "must differ from request_id", "REQUEST_ID_REUSED")
+        v.raise_if_any()
+        station, terminal, counter = await self.d.terminal_auth(
+            request.mac, request.key_version, request.terminal_counter,
+            "ReverseAuthorization", request.request_id, request.original_request_id,
+            request.key_version, request.terminal_counter)
+        # The original's key is the caller's, as the Authorize stored it: a
+        # terminal reverses only its own authorizations.
+        d = await self.d.db.call(REVERSE_SQL, {
+            "caller": self.d.caller(context), "request_id": request.request_id,
+            "request_hash": self.d.fingerprint("reverse_authorization", request),
+            "original_request_id": request.original_request_id, "now": self.d.clock.now(),
+            "station": station, "terminal": terminal, "counter": counter})
+        response = transaction_pb2.ReverseAuthorizationResponse(
+            outcome=REVERSAL_OUTCOMES[d["outcome"]])
+        if "hold" in d:
+            response.hold.CopyFrom(wire.hold(d["hold"]))
+        return response
 
     @rpc(Role.POS, Role.ADMIN, Role.REVIEWER)
     async def GetHold(self, request: transaction_pb2.GetHoldRequest, context: Ctx

@@ -131,6 +131,10 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     """Too many wrong PINs in a row: the card is locked until its PIN is reset."""
     DECLINE_REASON_RISK_DECLINED: _DeclineReason.ValueType  # 18
     """The risk engine declined the authorization (see AuthorizeResponse.risk)."""
+    DECLINE_REASON_REVERSED: _DeclineReason.ValueType  # 19
+    """The terminal reversed this Authorize (TransactionService.ReverseAuthorization)
+    before it arrived: nothing was reserved. Do not dispense.
+    """
     DECLINE_REASON_RECEIVABLE_OUTSTANDING: _DeclineReason.ValueType  # 20
     """The funding account owes the unpaid part of an earlier pump overrun: it
     authorizes again once a recharge has repaid it (19 is left to reversals).
@@ -193,6 +197,10 @@ DECLINE_REASON_PIN_LOCKED: DeclineReason.ValueType  # 17
 """Too many wrong PINs in a row: the card is locked until its PIN is reset."""
 DECLINE_REASON_RISK_DECLINED: DeclineReason.ValueType  # 18
 """The risk engine declined the authorization (see AuthorizeResponse.risk)."""
+DECLINE_REASON_REVERSED: DeclineReason.ValueType  # 19
+"""The terminal reversed this Authorize (TransactionService.ReverseAuthorization)
+before it arrived: nothing was reserved. Do not dispense.
+"""
 DECLINE_REASON_RECEIVABLE_OUTSTANDING: DeclineReason.ValueType  # 20
 """The funding account owes the unpaid part of an earlier pump overrun: it
 authorizes again once a recharge has repaid it (19 is left to reversals).

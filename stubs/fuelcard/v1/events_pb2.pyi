@@ -67,6 +67,11 @@ class _LedgerEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ledge
     account: an approved manual adjustment (AdjustmentService), a credit or a
     debit of the account.
     """
+    LEDGER_ENTRY_KIND_SALE_REFUND: _LedgerEntryKind.ValueType  # 10
+    """A refund of a confirmed sale (RefundService.RefundSale): money from
+    FUEL_SALES back to the account that funded the sale, and the points
+    taken back from the spender to POINTS_ISSUED (asset says which).
+    """
     LEDGER_ENTRY_KIND_OVERRUN_RECEIVABLE: _LedgerEntryKind.ValueType  # 12
     """A pump overrun the account's balance could not pay (10 and 11 are left
     to sale refunds): either the unpaid part of the sale, from the
@@ -104,6 +109,11 @@ LEDGER_ENTRY_KIND_MANUAL_ADJUSTMENT: LedgerEntryKind.ValueType  # 9
 """Money moved by hand between an account and the ADJUSTMENTS system
 account: an approved manual adjustment (AdjustmentService), a credit or a
 debit of the account.
+"""
+LEDGER_ENTRY_KIND_SALE_REFUND: LedgerEntryKind.ValueType  # 10
+"""A refund of a confirmed sale (RefundService.RefundSale): money from
+FUEL_SALES back to the account that funded the sale, and the points
+taken back from the spender to POINTS_ISSUED (asset says which).
 """
 LEDGER_ENTRY_KIND_OVERRUN_RECEIVABLE: LedgerEntryKind.ValueType  # 12
 """A pump overrun the account's balance could not pay (10 and 11 are left

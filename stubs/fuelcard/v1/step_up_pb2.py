@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66uelcard/v1/step_up.proto\x12\x0b\x66uelcard.v1\",\n\x06StepUp\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t*\x82\x02\n\nStepUpKind\x12\x1c\n\x18STEP_UP_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15STEP_UP_KIND_RECHARGE\x10\x01\x12\x1a\n\x16STEP_UP_KIND_PIN_RESET\x10\x02\x12\x1c\n\x18STEP_UP_KIND_LIMIT_RAISE\x10\x03\x12#\n\x1fSTEP_UP_KIND_REVEAL_CARD_NUMBER\x10\x04\x12\x18\n\x14STEP_UP_KIND_ANOMALY\x10\x05\x12#\n\x1fSTEP_UP_KIND_HOLDER_DATA_EXPORT\x10\x06\x12\x1d\n\x19STEP_UP_KIND_PHONE_CHANGE\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66uelcard/v1/step_up.proto\x12\x0b\x66uelcard.v1\",\n\x06StepUp\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t*\xa0\x02\n\nStepUpKind\x12\x1c\n\x18STEP_UP_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15STEP_UP_KIND_RECHARGE\x10\x01\x12\x1a\n\x16STEP_UP_KIND_PIN_RESET\x10\x02\x12\x1c\n\x18STEP_UP_KIND_LIMIT_RAISE\x10\x03\x12#\n\x1fSTEP_UP_KIND_REVEAL_CARD_NUMBER\x10\x04\x12\x18\n\x14STEP_UP_KIND_ANOMALY\x10\x05\x12#\n\x1fSTEP_UP_KIND_HOLDER_DATA_EXPORT\x10\x06\x12\x1c\n\x18STEP_UP_KIND_SALE_REFUND\x10\x07\x12\x1d\n\x19STEP_UP_KIND_PHONE_CHANGE\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuelcard.v1.step_up_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STEPUPKIND']._serialized_start=89
-  _globals['_STEPUPKIND']._serialized_end=347
+  _globals['_STEPUPKIND']._serialized_end=377
   _globals['_STEPUP']._serialized_start=42
   _globals['_STEPUP']._serialized_end=86
 # @@protoc_insertion_point(module_scope)

@@ -56,7 +56,12 @@ class _StepUpKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepUpKind
     (AccountService.ExportHolderData): the code goes to the holder, who asked
     for the export. Subject: the account; amount: 0.
     """
-    STEP_UP_KIND_PHONE_CHANGE: _StepUpKind.ValueType  # 7
+    STEP_UP_KIND_SALE_REFUND: _StepUpKind.ValueType  # 7
+    """An administrator refunds a sale above the server's threshold
+    (RefundService.RefundSale). Subject: the hold; amount: the refund's
+    amount_fen.
+    """
+    STEP_UP_KIND_PHONE_CHANGE: _StepUpKind.ValueType  # 8
     """An administrator changes an account holder's phone
     (SecurityService.ChangeHolderPhone): the code goes to the phone on file,
     the old one (a sub-account without one: its parent's holder). Subject:
@@ -99,7 +104,12 @@ STEP_UP_KIND_HOLDER_DATA_EXPORT: StepUpKind.ValueType  # 6
 (AccountService.ExportHolderData): the code goes to the holder, who asked
 for the export. Subject: the account; amount: 0.
 """
-STEP_UP_KIND_PHONE_CHANGE: StepUpKind.ValueType  # 7
+STEP_UP_KIND_SALE_REFUND: StepUpKind.ValueType  # 7
+"""An administrator refunds a sale above the server's threshold
+(RefundService.RefundSale). Subject: the hold; amount: the refund's
+amount_fen.
+"""
+STEP_UP_KIND_PHONE_CHANGE: StepUpKind.ValueType  # 8
 """An administrator changes an account holder's phone
 (SecurityService.ChangeHolderPhone): the code goes to the phone on file,
 the old one (a sub-account without one: its parent's holder). Subject:

@@ -7,6 +7,7 @@ from fuelcard.v1 import common_pb2 as _common_pb2
 from fuelcard.v1 import risk_pb2 as _risk_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +18,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ReversalOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReversalOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReversalOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVERSAL_OUTCOME_UNSPECIFIED: _ReversalOutcome.ValueType  # 0
+    """Not sent."""
+    REVERSAL_OUTCOME_RELEASED: _ReversalOutcome.ValueType  # 1
+    """The Authorize had made a hold that was open: it is released now."""
+    REVERSAL_OUTCOME_ALREADY_CLOSED: _ReversalOutcome.ValueType  # 2
+    """The Authorize's hold was already closed (cancelled, expired or
+    rejected): nothing was held any more.
+    """
+    REVERSAL_OUTCOME_NOTHING_HELD: _ReversalOutcome.ValueType  # 3
+    """The Authorize was declined or refused: it never held anything."""
+    REVERSAL_OUTCOME_AHEAD_OF_AUTHORIZE: _ReversalOutcome.ValueType  # 4
+    """The Authorize has not arrived: when it does it is declined
+    (DECLINE_REASON_REVERSED) and reserves nothing.
+    """
+
+class ReversalOutcome(_ReversalOutcome, metaclass=_ReversalOutcomeEnumTypeWrapper):
+    """What a reversal found and did."""
+
+REVERSAL_OUTCOME_UNSPECIFIED: ReversalOutcome.ValueType  # 0
+"""Not sent."""
+REVERSAL_OUTCOME_RELEASED: ReversalOutcome.ValueType  # 1
+"""The Authorize had made a hold that was open: it is released now."""
+REVERSAL_OUTCOME_ALREADY_CLOSED: ReversalOutcome.ValueType  # 2
+"""The Authorize's hold was already closed (cancelled, expired or
+rejected): nothing was held any more.
+"""
+REVERSAL_OUTCOME_NOTHING_HELD: ReversalOutcome.ValueType  # 3
+"""The Authorize was declined or refused: it never held anything."""
+REVERSAL_OUTCOME_AHEAD_OF_AUTHORIZE: ReversalOutcome.ValueType  # 4
+"""The Authorize has not arrived: when it does it is declined
+(DECLINE_REASON_REVERSED) and reserves nothing.
+"""
+Global___ReversalOutcome: _TypeAlias = ReversalOutcome  # noqa: Y015
 
 @_typing.final
 class AuthorizeRequest(_message.Message):
@@ -340,6 +381,76 @@ class CancelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelResponse: _TypeAlias = CancelResponse  # noqa: Y015
+
+@_typing.final
+class ReverseAuthorizationRequest(_message.Message):
+    """Request for TransactionService.ReverseAuthorization."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ORIGINAL_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    TERMINAL_COUNTER_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the POS for this reversal; see
+    AuthorizeRequest.request_id. Not the original Authorize's.
+    """
+    original_request_id: _builtins.str
+    """The request_id of the Authorize to reverse, as the terminal sent it."""
+    key_version: _builtins.int
+    """See AuthorizeRequest.key_version."""
+    terminal_counter: _builtins.int
+    """See AuthorizeRequest.terminal_counter."""
+    mac: _builtins.bytes
+    """See AuthorizeRequest.mac; the MAC input is in docs/TERMINAL_PROTOCOL.md."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        original_request_id: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        terminal_counter: _builtins.int = ...,
+        mac: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_version", b"key_version", "mac", b"mac", "original_request_id", b"original_request_id", "request_id", b"request_id", "terminal_counter", b"terminal_counter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseAuthorizationRequest: _TypeAlias = ReverseAuthorizationRequest  # noqa: Y015
+
+@_typing.final
+class ReverseAuthorizationResponse(_message.Message):
+    """Response for TransactionService.ReverseAuthorization."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    HOLD_FIELD_NUMBER: _builtins.int
+    outcome: Global___ReversalOutcome.ValueType
+    """What the reversal found and did."""
+    @_builtins.property
+    def hold(self) -> _common_pb2.Hold:
+        """The Authorize's hold after the reversal (outcomes RELEASED and
+        ALREADY_CLOSED); unset otherwise.
+        """
+
+    def __init__(
+        self,
+        *,
+        outcome: Global___ReversalOutcome.ValueType = ...,
+        hold: _common_pb2.Hold | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseAuthorizationResponse: _TypeAlias = ReverseAuthorizationResponse  # noqa: Y015
 
 @_typing.final
 class GetHoldRequest(_message.Message):

@@ -59,6 +59,11 @@ class TransactionServiceStub:
                 request_serializer=fuelcard_dot_v1_dot_transaction__pb2.CancelRequest.SerializeToString,
                 response_deserializer=fuelcard_dot_v1_dot_transaction__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.ReverseAuthorization = channel.unary_unary(
+                '/fuelcard.v1.TransactionService/ReverseAuthorization',
+                request_serializer=fuelcard_dot_v1_dot_transaction__pb2.ReverseAuthorizationRequest.SerializeToString,
+                response_deserializer=fuelcard_dot_v1_dot_transaction__pb2.ReverseAuthorizationResponse.FromString,
+                _registered_method=True)
         self.GetHold = channel.unary_unary(
                 '/fuelcard.v1.TransactionService/GetHold',
                 request_serializer=fuelcard_dot_v1_dot_transaction__pb2.GetHoldRequest.SerializeToString,
@@ -112,6 +117,19 @@ class TransactionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReverseAuthorization(self, request, context):
+        """Reverse an Authorize whose answer the terminal never got (冲正), naming
+        it by its request_id: no hold id is needed. An open hold it made is
+        released (as Cancel does); if it was declined or refused nothing was
+        held; if it has not arrived yet, it will be declined with
+        DECLINE_REASON_REVERSED when it does and reserve nothing. Reversing an
+        Authorize whose hold was confirmed fails with FAILED_PRECONDITION
+        (reason HOLD_ALREADY_CONFIRMED): refund the sale instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetHold(self, request, context):
         """Read a hold.
         """
@@ -143,6 +161,11 @@ def add_TransactionServiceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=fuelcard_dot_v1_dot_transaction__pb2.CancelRequest.FromString,
                     response_serializer=fuelcard_dot_v1_dot_transaction__pb2.CancelResponse.SerializeToString,
+            ),
+            'ReverseAuthorization': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReverseAuthorization,
+                    request_deserializer=fuelcard_dot_v1_dot_transaction__pb2.ReverseAuthorizationRequest.FromString,
+                    response_serializer=fuelcard_dot_v1_dot_transaction__pb2.ReverseAuthorizationResponse.SerializeToString,
             ),
             'GetHold': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHold,
@@ -246,6 +269,33 @@ class TransactionService:
             '/fuelcard.v1.TransactionService/Cancel',
             fuelcard_dot_v1_dot_transaction__pb2.CancelRequest.SerializeToString,
             fuelcard_dot_v1_dot_transaction__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReverseAuthorization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fuelcard.v1.TransactionService/ReverseAuthorization',
+            fuelcard_dot_v1_dot_transaction__pb2.ReverseAuthorizationRequest.SerializeToString,
+            fuelcard_dot_v1_dot_transaction__pb2.ReverseAuthorizationResponse.FromString,
             options,
             channel_credentials,
             insecure,

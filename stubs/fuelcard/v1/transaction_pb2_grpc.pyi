@@ -59,6 +59,15 @@ class TransactionServiceStub:
     or expired succeeds and changes nothing; cancelling a confirmed hold fails
     with FAILED_PRECONDITION (reason HOLD_ALREADY_CONFIRMED).
     """
+    ReverseAuthorization: _grpc.UnaryUnaryMultiCallable[_transaction_pb2.ReverseAuthorizationRequest, _transaction_pb2.ReverseAuthorizationResponse]
+    """Reverse an Authorize whose answer the terminal never got (冲正), naming
+    it by its request_id: no hold id is needed. An open hold it made is
+    released (as Cancel does); if it was declined or refused nothing was
+    held; if it has not arrived yet, it will be declined with
+    DECLINE_REASON_REVERSED when it does and reserve nothing. Reversing an
+    Authorize whose hold was confirmed fails with FAILED_PRECONDITION
+    (reason HOLD_ALREADY_CONFIRMED): refund the sale instead.
+    """
     GetHold: _grpc.UnaryUnaryMultiCallable[_transaction_pb2.GetHoldRequest, _transaction_pb2.GetHoldResponse]
     """Read a hold."""
     GetCardBalance: _grpc.UnaryUnaryMultiCallable[_transaction_pb2.GetCardBalanceRequest, _transaction_pb2.GetCardBalanceResponse]
@@ -94,6 +103,15 @@ class TransactionServiceAsyncStub(TransactionServiceStub):
     """Release a hold without a sale. Cancelling a hold that is already cancelled
     or expired succeeds and changes nothing; cancelling a confirmed hold fails
     with FAILED_PRECONDITION (reason HOLD_ALREADY_CONFIRMED).
+    """
+    ReverseAuthorization: _aio.UnaryUnaryMultiCallable[_transaction_pb2.ReverseAuthorizationRequest, _transaction_pb2.ReverseAuthorizationResponse]  # type: ignore[assignment]
+    """Reverse an Authorize whose answer the terminal never got (冲正), naming
+    it by its request_id: no hold id is needed. An open hold it made is
+    released (as Cancel does); if it was declined or refused nothing was
+    held; if it has not arrived yet, it will be declined with
+    DECLINE_REASON_REVERSED when it does and reserve nothing. Reversing an
+    Authorize whose hold was confirmed fails with FAILED_PRECONDITION
+    (reason HOLD_ALREADY_CONFIRMED): refund the sale instead.
     """
     GetHold: _aio.UnaryUnaryMultiCallable[_transaction_pb2.GetHoldRequest, _transaction_pb2.GetHoldResponse]  # type: ignore[assignment]
     """Read a hold."""
@@ -145,6 +163,21 @@ class TransactionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Release a hold without a sale. Cancelling a hold that is already cancelled
         or expired succeeds and changes nothing; cancelling a confirmed hold fails
         with FAILED_PRECONDITION (reason HOLD_ALREADY_CONFIRMED).
+        """
+
+    @_abc_1.abstractmethod
+    def ReverseAuthorization(
+        self,
+        request: _transaction_pb2.ReverseAuthorizationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transaction_pb2.ReverseAuthorizationResponse, _abc.Awaitable[_transaction_pb2.ReverseAuthorizationResponse]]:
+        """Reverse an Authorize whose answer the terminal never got (冲正), naming
+        it by its request_id: no hold id is needed. An open hold it made is
+        released (as Cancel does); if it was declined or refused nothing was
+        held; if it has not arrived yet, it will be declined with
+        DECLINE_REASON_REVERSED when it does and reserve nothing. Reversing an
+        Authorize whose hold was confirmed fails with FAILED_PRECONDITION
+        (reason HOLD_ALREADY_CONFIRMED): refund the sale instead.
         """
 
     @_abc_1.abstractmethod

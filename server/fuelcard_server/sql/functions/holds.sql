@@ -108,6 +108,24 @@ BEGIN
     RETURN v_count;
 END $$;
 
+-- Releases an open hold (cancel, reversal): its money and the usage it charged; CANCELLED.
+-- A suspended hold may be released too: the driver gave up waiting for the review. One
+-- already cancelled, expired or rejected holds no money: returned as it is. The caller
+-- holds the account tree's lock (p_parent_id: the spender's parent, from fc.lock_chain).
+CREATE OR REPLACE FUNCTION fc.release_hold(h fc.holds, p_parent_id bigint, p_now timestamptz)
+RETURNS fc.holds
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF h.state IN (fc.hold_state_authorized(), fc.hold_state_suspended()) THEN
+        UPDATE fc.holds SET state = fc.hold_state_cancelled(), closed_at = p_now
+         WHERE id = h.id RETURNING * INTO h;
+        UPDATE fc.accounts SET held_fen = held_fen - h.amount_fen WHERE id = h.account_id;
+        PERFORM fc.charge_usage(h.card_id, h.spender_account_id, p_parent_id, h.usage_day,
+                                -h.amount_fen);
+    END IF;
+    RETURN h;
+END $$;
+
 -- Releases the expired holds of a whole family: the account p_root_id and its sub-accounts,
 -- whoever's money they reserve. A parent's caps count what every member's holds charged (a
 -- sub-account's holds charge its parent's usage too), so releasing only the funding
@@ -177,15 +195,7 @@ BEGIN
     IF v_hold.state = fc.hold_state_confirmed() THEN
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_ALREADY_CONFIRMED', DETAIL = 'hold_id';
     END IF;
-    -- A suspended hold may be cancelled too: the driver gave up waiting for the review.
-    IF v_hold.state IN (fc.hold_state_authorized(), fc.hold_state_suspended()) THEN
-        UPDATE fc.holds SET state = fc.hold_state_cancelled(), closed_at = p_now
-         WHERE id = v_hold.id RETURNING * INTO v_hold;
-        UPDATE fc.accounts SET held_fen = held_fen - v_hold.amount_fen WHERE id = v_hold.account_id;
-        PERFORM fc.charge_usage(v_hold.card_id, v_spender_id, v_parent_id, v_hold.usage_day,
-                                -v_hold.amount_fen);
-    END IF;
-    -- Already cancelled, expired or rejected: the money is free; nothing to do.
+    v_hold := fc.release_hold(v_hold, v_parent_id, p_now);
     v_response := jsonb_build_object('hold', fc.hold_json(v_hold));
     RETURN fc.remember(p_caller, p_request_id, 'cancel', p_request_hash, v_response, p_now);
 END $$;
@@ -451,14 +461,16 @@ BEGIN
         INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id, created_at)
         VALUES (fc.ledger_entry_kind_points_earned(), fc.asset_points(),
                 fc.system_account('POINTS_ISSUED'), p_spender_id, p_points, h.id, p_now);
+        -- The lot names its sale: a refund takes the points back from it first.
         -- The lot lasts so many calendar months in the business time zone: "+ 12 months" on
         -- a timestamptz counts months in the session's zone (UTC for the server), which moves
         -- a sale made early on the 29th-31st local (still the day before in UTC) to another
         -- expiry date. One read of fc.config for both values, as before for one.
-        INSERT INTO fc.points_lots (account_id, points, remaining, earned_at, expires_at)
+        INSERT INTO fc.points_lots (account_id, points, remaining, earned_at, expires_at,
+                                    hold_id)
         SELECT p_spender_id, p_points, p_points, p_now,
                ((p_now AT TIME ZONE tz.value) + make_interval(months => m.value::integer))
-                   AT TIME ZONE tz.value
+                   AT TIME ZONE tz.value, h.id
           FROM fc.config m, fc.config tz
          WHERE m.key = 'points_validity_months' AND tz.key = 'business_time_zone';
         -- An account that funds itself gets its points with the money below: one row version.
@@ -708,6 +720,95 @@ BEGIN
         v_count := v_count + fc.sweep_account(v_account, p_now);
     END LOOP;
     RETURN v_count;
+END $$;
+
+-- Reversal (冲正): ReverseAuthorization names an Authorize by its request id.
+------------------------------------------------------------------------------
+
+-- The answer an Authorize gets when its reversal came first (the tombstone's answer).
+CREATE OR REPLACE FUNCTION fc.reversed_answer() RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT '{"decision": "DECLINED", "decline_reason": "REVERSED", "available_fen": 0}'::jsonb
+$$;
+
+-- The reversal of an Authorize that has answered (p_original: its stored answer): its open
+-- hold released, under the account tree's lock. A confirmed hold is refused: a sale is
+-- undone by a refund, not a reversal.
+CREATE OR REPLACE FUNCTION fc.reverse_answered(p_original jsonb, p_station text, p_terminal text,
+                                                p_now timestamptz)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_hold      fc.holds;
+    v_parent_id bigint;
+BEGIN
+    IF p_original->'hold' IS NULL THEN
+        -- Declined, or refused (a stored refusal): nothing was ever held.
+        RETURN jsonb_build_object('outcome', 'NOTHING_HELD');
+    END IF;
+    SELECT * INTO v_hold FROM fc.holds WHERE uid = (p_original->'hold'->>'hold_id')::uuid;
+    v_parent_id := fc.lock_chain(v_hold.spender_account_id);
+    SELECT * INTO v_hold FROM fc.holds WHERE id = v_hold.id;   -- as it is under the lock
+    IF p_terminal IS NOT NULL AND (v_hold.station_id, v_hold.terminal_id) <> (p_station, p_terminal) THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCPD0', MESSAGE = 'NOT_YOUR_HOLD',
+            DETAIL = 'original_request_id';
+    END IF;
+    IF v_hold.state = fc.hold_state_confirmed() THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'HOLD_ALREADY_CONFIRMED',
+            DETAIL = 'original_request_id';
+    END IF;
+    RETURN jsonb_build_object(
+        'outcome', CASE WHEN v_hold.state IN (fc.hold_state_authorized(), fc.hold_state_suspended())
+                        THEN 'RELEASED' ELSE 'ALREADY_CLOSED' END,
+        'hold', fc.hold_json(fc.release_hold(v_hold, v_parent_id, p_now)));
+END $$;
+
+-- ReverseAuthorization. The tombstone is the original Authorize's idempotency key itself:
+-- (caller, original request id), operation 'authorize', the answer DECLINED REVERSED, and an
+-- empty fingerprint, which no request has (a fingerprint is an HMAC-SHA256, 32 bytes).
+-- fc.replay answers an empty fingerprint's stored answer whatever the request's own: the
+-- Authorize arriving later, whose payload the reversal could not know, gets DECLINED
+-- REVERSED from its ordinary idempotency probe (no extra query on the pump path) rather
+-- than REQUEST_ID_REUSED.
+-- The races, all decided by the key's primary key: an Authorize that stored its answer
+-- first makes the tombstone's INSERT do nothing (after waiting for it to commit), and the
+-- reversal then releases its hold; a tombstone stored first makes the Authorize's own
+-- fc.remember fail on the primary key, its hold rolls back with it, and the server's retry
+-- (db.py, a race on idempotency_keys_pkey) replays the tombstone.
+CREATE OR REPLACE FUNCTION fc.reverse_authorization(
+    p_caller text, p_request_id text, p_request_hash bytea, p_original_request_id text,
+    p_now timestamptz, p_station text, p_terminal text, p_counter bigint)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_response jsonb;
+    v_hash      bytea;
+    v_original  jsonb;
+    v_operation text;
+BEGIN
+    v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_station, p_terminal, p_counter);
+    IF v_response IS NOT NULL THEN
+        RETURN v_response;
+    END IF;
+    INSERT INTO fc.idempotency_keys (caller, request_id, operation, request_hash, response, created_at)
+    VALUES (p_caller, p_original_request_id, 'authorize', ''::bytea, fc.reversed_answer(), p_now)
+    ON CONFLICT (caller, request_id) DO NOTHING;
+    IF FOUND THEN
+        v_response := jsonb_build_object('outcome', 'AHEAD_OF_AUTHORIZE');
+    ELSE
+        SELECT request_hash, response, operation INTO v_hash, v_original, v_operation
+          FROM fc.idempotency_keys WHERE caller = p_caller AND request_id = p_original_request_id;
+        IF v_operation <> 'authorize' THEN
+            RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'NOT_AN_AUTHORIZATION',
+                DETAIL = 'original_request_id';
+        ELSIF octet_length(v_hash) = 0 THEN
+            v_response := jsonb_build_object('outcome', 'AHEAD_OF_AUTHORIZE');   -- reversed twice
+        ELSE
+            v_response := fc.reverse_answered(v_original, p_station, p_terminal, p_now);
+        END IF;
+    END IF;
+    RETURN fc.remember(p_caller, p_request_id, 'reverse_authorization', p_request_hash,
+                       v_response, p_now);
 END $$;
 
 -- One account of the sweep, in a subtransaction: its expired holds released, or, when that

@@ -22,6 +22,11 @@ BEGIN
         RETURN NULL;
     END IF;
     IF v_hash <> p_request_hash THEN
+        -- An empty fingerprint is a reversal's tombstone (fc.reverse_authorization): the
+        -- Authorize it names answers DECLINED REVERSED whatever its payload.
+        IF octet_length(v_hash) = 0 THEN
+            RETURN v_response || '{"replayed": true}';
+        END IF;
         RAISE EXCEPTION USING ERRCODE = 'FCFP0', MESSAGE = 'REQUEST_ID_REUSED',
             DETAIL = 'request_id';
     END IF;

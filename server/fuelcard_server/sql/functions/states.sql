@@ -78,6 +78,8 @@ CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_recharge_refund() RETURNS smalli
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 8::smallint';
 CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_manual_adjustment() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 9::smallint';
+CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_sale_refund() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 10::smallint';
 CREATE OR REPLACE FUNCTION fc.ledger_entry_kind_overrun_receivable() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 12::smallint';
 
@@ -108,8 +110,10 @@ CREATE OR REPLACE FUNCTION fc.step_up_kind_anomaly() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 5::smallint';
 CREATE OR REPLACE FUNCTION fc.step_up_kind_holder_data_export() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 6::smallint';
-CREATE OR REPLACE FUNCTION fc.step_up_kind_phone_change() RETURNS smallint
+CREATE OR REPLACE FUNCTION fc.step_up_kind_sale_refund() RETURNS smallint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 7::smallint';
+CREATE OR REPLACE FUNCTION fc.step_up_kind_phone_change() RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 8::smallint';
 
 -- A settlement record's kind (fuelcard.v1.SettlementKind): settlement_records.kind, and
 -- reconciliation_breaks.record_kind.

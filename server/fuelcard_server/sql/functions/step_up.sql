@@ -4,12 +4,14 @@
 -- Repeatable: `fuelcard migrate` re-applies this whole file when it changes. Each function is
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
 
--- The account a step-up subject belongs to (an account uid, or a card uid).
+-- The account a step-up subject belongs to (an account uid, a card uid, or, for a sale
+-- refund, the hold uid: the account of the card that bought the fuel).
 CREATE OR REPLACE FUNCTION fc.step_up_account(p_subject uuid) RETURNS fc.accounts
 LANGUAGE sql STABLE AS $$
     SELECT a FROM fc.accounts a
      WHERE a.kind <> fc.account_kind_system()
-       AND (a.uid = p_subject OR a.id = (SELECT c.account_id FROM fc.cards c WHERE c.uid = p_subject))
+       AND (a.uid = p_subject OR a.id = (SELECT c.account_id FROM fc.cards c WHERE c.uid = p_subject)
+            OR a.id = (SELECT h.spender_account_id FROM fc.holds h WHERE h.uid = p_subject))
      LIMIT 1
 $$;
 

@@ -13,6 +13,8 @@ DROP FUNCTION IF EXISTS fc.advance_counter(text, bigint);
 DROP FUNCTION IF EXISTS fc.admit(text, text, bytea, text, bigint);
 DROP FUNCTION IF EXISTS fc.cancel(text, text, bytea, uuid, timestamptz, text, bigint);
 DROP FUNCTION IF EXISTS fc.confirm(text, text, bytea, uuid, bigint, bigint, bigint, timestamptz, text, bigint);
+DROP FUNCTION IF EXISTS fc.reverse_answered(jsonb, text, timestamptz);
+DROP FUNCTION IF EXISTS fc.reverse_authorization(text, text, bytea, text, timestamptz, text, bigint);
 
 -- Backfill. A terminal's station is known from its holds (fc.holds stores station_id and
 -- terminal_id). A counter is copied to every station whose holds name that terminal id: a
@@ -47,8 +49,7 @@ DELETE FROM fc.terminal_keys WHERE station_id = '';
 ALTER TABLE fc.terminal_keys ALTER COLUMN station_id DROP DEFAULT;
 ALTER TABLE fc.terminal_keys ADD CONSTRAINT terminal_keys_pkey PRIMARY KEY (station_id, terminal_id, version);
 
--- A holder's phone changes with a step-up to the old one (STEP_UP_KIND_PHONE_CHANGE = 7; 6 is
--- the data-subject export's).
+-- A holder's phone changes with a step-up to the old one (STEP_UP_KIND_PHONE_CHANGE = 8).
 ALTER TABLE fc.step_up_challenges DROP CONSTRAINT step_up_challenges_kind_check;
 ALTER TABLE fc.step_up_challenges ADD CONSTRAINT step_up_challenges_kind_check
-    CHECK (((kind >= 1) AND (kind <= 7)));
+    CHECK (((kind >= 1) AND (kind <= 8)));
