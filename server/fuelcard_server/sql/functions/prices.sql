@@ -14,14 +14,18 @@
 -- defined here and nowhere else; a changed signature needs a DROP FUNCTION in a numbered migration.
 
 -- The price of p_product at p_station_id in force at p_at (fen per litre), NULL if none.
+-- PL/pgSQL, not SQL: a SQL function with a FROM is not inlined, and is parsed and planned
+-- again at every call of the statement that calls it (fc.settle_sale, on every confirm);
+-- PL/pgSQL keeps its plan for the session (issue 14: the pump path's cost).
 CREATE OR REPLACE FUNCTION fc.posted_price(p_station_id text, p_product smallint,
                                            p_at timestamptz)
 RETURNS bigint
-LANGUAGE sql STABLE AS $$
-    SELECT unit_price_fen FROM fc.prices
-     WHERE station_id = p_station_id AND product = p_product AND effective_at <= p_at
-     ORDER BY effective_at DESC LIMIT 1
-$$;
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT unit_price_fen FROM fc.prices
+             WHERE station_id = p_station_id AND product = p_product AND effective_at <= p_at
+             ORDER BY effective_at DESC LIMIT 1);
+END $$;
 
 -- SetPrice: the price from p_effective on. Setting the same row again (same station,
 -- product and moment) replaces its price: a correction before it takes effect.
