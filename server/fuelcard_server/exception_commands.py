@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 
 from fuelcard_server.audit import APPEND_SQL
-from fuelcard_server.db import translate
+from fuelcard_server.db import one_shot, translate
 from fuelcard_server.locks import AUDIT_LOCK
 from fuelcard_server.services.reconciliation import (
     GET_SETTLEMENT_SQL,
@@ -89,7 +89,7 @@ def cmd_list(url: str, args: argparse.Namespace) -> int:
             print("fuelcard: --page-token must be a token a previous list printed", file=sys.stderr)
             return 2
         before = int(args.page_token)
-    with psycopg.connect(url) as conn:
+    with one_shot(url) as conn:
         rows = conn.execute(LIST_SETTLEMENT_SQL, {
             "state": STATES[args.state], "kind": KINDS[args.kind], "before": before,
             "limit": args.limit + 1}).fetchall()
@@ -108,7 +108,7 @@ def cmd_get(url: str, args: argparse.Namespace) -> int:
     if uid is None:
         print("fuelcard: the exception id must be a UUID", file=sys.stderr)
         return 2
-    with psycopg.connect(url) as conn:
+    with one_shot(url) as conn:
         row = conn.execute(GET_SETTLEMENT_SQL, {"uid": uid}).fetchone()
     if row is None or row[0] is None:
         print("fuelcard: NOT_FOUND SETTLEMENT_EXCEPTION_NOT_FOUND", file=sys.stderr)
@@ -135,7 +135,7 @@ def cmd_resolve(url: str, args: argparse.Namespace) -> int:
         "exception_uid": uid, "resolution": args.note, "resolved_by": actor,
         "now": dt.datetime.now(dt.UTC)}
     try:
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        with one_shot(url, autocommit=True) as conn, conn.transaction():
             row = conn.execute(RESOLVE_SETTLEMENT_SQL, params).fetchone()
             # the resolution in the hash-chained audit trail, in the same transaction
             conn.execute(APPEND_SQL, {"lock": AUDIT_LOCK, "actor": actor, "method": METHOD,

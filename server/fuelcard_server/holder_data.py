@@ -28,9 +28,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-
 from fuelcard_server import gm, keys
+from fuelcard_server.db import one_shot
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ def seal_plaintext(database_url: str, seal: HolderSeal, batch: int = SEAL_BATCH)
     transaction (a large table is not locked at once, and a stop loses at most
     one batch of work, redone next time); the number of rows sealed."""
     total = 0
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with one_shot(database_url, autocommit=True) as conn:
         while True:
             with conn.transaction():
                 rows = conn.execute(HOLDERS_TO_SEAL_SQL, (batch,)).fetchall()

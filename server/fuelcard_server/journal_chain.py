@@ -63,7 +63,7 @@ import psycopg
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
 from fuelcard_server import errors, gm, keys
-from fuelcard_server.db import Database, translate
+from fuelcard_server.db import Database, one_shot, translate
 from fuelcard_server.locks import JOURNAL_CHAIN_LOCK
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def walk_connection(conn: psycopg.Connection[tuple[Any, ...]],
 
 def walk(url: str, anchors: Sequence[tuple[int, bytes]] = ()) -> Report:
     """walk_connection on a connection of its own (a consistent snapshot)."""
-    with psycopg.connect(url) as conn:
+    with one_shot(url) as conn:
         conn.read_only = True
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         return walk_connection(conn, anchors)

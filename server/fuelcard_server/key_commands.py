@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 
 from fuelcard_server import key_custody
+from fuelcard_server.db import one_shot
 from fuelcard_server.key_custody import FileKeySetStore, KeyCustodyError
 
 _SOURCES = (f"--passphrase-file FILE, else the environment variable {key_custody.PASSPHRASE_ENV}, "
@@ -87,7 +88,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     def run(url: str, store: FileKeySetStore) -> int:
         key_set = store.load(create=False)
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        with one_shot(url, autocommit=True) as conn, conn.transaction():
             key_custody.check_key_set(conn, key_set)
         print(f"this host's key set is the database's (check values {key_set.check_values()})")
         return 0

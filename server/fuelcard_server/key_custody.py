@@ -46,6 +46,7 @@ import psycopg
 from fuelcard_server import gm, keys
 from fuelcard_server.card_numbers import CardNumberMismatch, CardVault
 from fuelcard_server.cards import PanIndex
+from fuelcard_server.db import one_shot
 from fuelcard_server.gm import Sm2PrivateKey
 from fuelcard_server.settings import Settings, SettingsError
 
@@ -402,7 +403,7 @@ class ServingKeys:
 def open_key_set(database_url: str, key_set: KeySet) -> ServingKeys:
     """Check `key_set` against the database (recording it on a first start)
     and unwrap the data key; KeyCustodyError if the set does not fit."""
-    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+    with one_shot(database_url, autocommit=True) as conn, conn.transaction():
         check_key_set(conn, key_set)
         data = data_key(conn, key_set.root)
     return ServingKeys(LoadedKey(key_set.root), LoadedKey(data), key_set.card_index,
@@ -465,7 +466,7 @@ def rotate_root(database_url: str, store: KeySetStore, say: Callable[[str], None
     afterwards. (Expired working keys too: one transaction, at most a few
     million short rows for a large network's year, is simpler than a second
     resumable job for keys no terminal may use again.)"""
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with one_shot(database_url, autocommit=True) as conn:
         if _finish_interrupted(conn, store, "root"):
             say("an interrupted rotation had moved the database: installed its new root key")
             return
@@ -548,7 +549,7 @@ def rotate_card_index(database_url: str, store: KeySetStore, *, batch: int = 100
     Returns the number of cards re-indexed by this run."""
     if batch < 1:
         raise KeyCustodyError("the batch is at least 1 card")
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with one_shot(database_url, autocommit=True) as conn:
         rotation = conn.execute(ROTATION_SQL).fetchone()
         if rotation is None and _finish_interrupted(conn, store, "card-index"):
             say("an interrupted rotation had moved every card: installed its new card-index key")

@@ -45,6 +45,7 @@ import psycopg
 from fuelcard_adapters.channels import ChannelFiles
 from fuelcard_adapters.neutral import SHANGHAI, FormatError, NeutralRecord, format_yuan
 
+from fuelcard_server.db import one_shot
 from fuelcard_server.states import SettlementKind, SettlementStatus
 
 OUTCOMES = ("matched", "missing_ours", "missing_theirs", "amount_mismatch", "status_mismatch")
@@ -287,7 +288,7 @@ def reconcile(url: str, files: ChannelFiles, day: dt.date, path: Path, *,
         phases[name] = now_s - clock[0]
         clock[0] = now_s
 
-    with path.open("rb") as raw, psycopg.connect(url) as conn:
+    with path.open("rb") as raw, one_shot(url) as conn:
         hashing = _Hashing(raw)
         text = io.TextIOWrapper(io.BufferedReader(hashing, 1 << 20), encoding=files.encoding,
                                 newline="")
@@ -370,7 +371,7 @@ def list_breaks(url: str, *, by: str, channel: int = 0, day: dt.date | None = No
     """Breaks, newest first, as fc.break_json gives them (ListBreaks' query)."""
     from fuelcard_server.services.reconciliation import LIST_SQL
 
-    with psycopg.connect(url) as conn:
+    with one_shot(url) as conn:
         rows = conn.execute(LIST_SQL, {"channel": channel, "day": day, "all": include_resolved,
                                        "before": 2**63 - 1, "limit": limit}).fetchall()
         _audit(conn, _actor(by), LIST_METHOD, None, "OK")
@@ -401,7 +402,7 @@ def resolve_break(url: str, break_id: str, resolution: str, resolved_by: str, *,
                                   f"resolution: 1-{RESOLUTION_MAX_CHARS} characters")
     request_id = request_id or str(uuid.uuid4())
     digest = hashlib.sha256(f"resolve_break\0{uid}\0{resolution}".encode()).digest()
-    with psycopg.connect(url) as conn:
+    with one_shot(url) as conn:
         if refusal is None:
             try:
                 row = conn.execute(RESOLVE_SQL, {
