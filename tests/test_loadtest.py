@@ -1,9 +1,12 @@
 """The load-test harness, for real: a short run against a live server, its
-report, and the ledger check that must catch a lost fen."""
+report, and the ledger check that must catch a lost fen; the production
+mode (mutual TLS, signed-on terminals, MACs) that is the default, the
+per-cycle database and CPU figures, and the A/B driver."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +17,24 @@ from fuelcard_loadtest.seed import account_uid, card_number
 from fuelcard_server import verify
 from fuelcard_server.cards import is_valid_pan
 
-from tests.plugins.server import TEST_KEY_HEX, RunningServer
+from tests.plugins.server import TEST_KEY_HEX, RunningServer, TlsServer
 
 PERCENTILE_KEYS = ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")
+ROOT = Path(__file__).resolve().parents[1]
+# what a run's report gives per pump cycle (resources)
+PER_CYCLE = ("wal_bytes_per_cycle", "wal_records_per_cycle", "commits_per_cycle",
+             "wal_flushes_per_cycle")
+CPU_PER_CYCLE = ("server_cpu_us_per_cycle", "postgres_cpu_us_per_cycle",
+                 "generator_cpu_us_per_cycle")
+TINY = ("--scenario", "uniform", "--cards", "40", "--concurrency", "4", "--processes", "1",
+        "--warmup-s", "0.3", "--drain-s", "5", "--no-progress", "--seed", "7")
 
 
 def _run(server: RunningServer, tmp_path: Path, name: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    """A run against the plaintext test server: --insecure."""
     report = tmp_path / f"{name}.json"
     code = cli.main([
-        "--target", server.target, "--database-url", server.database_url,
+        "--insecure", "--target", server.target, "--database-url", server.database_url,
         "--card-index-key-hex", TEST_KEY_HEX, "--scenario", "mixed", "--cards", "300",
         "--processes", "2", "--channels", "2", "--warmup-s", "0.5", "--drain-s", "5",
         "--no-progress", "--seed", "7", "--report", str(report), *extra])
@@ -163,7 +175,108 @@ def test_history_fills_the_tables_and_keeps_the_ledger_exact(
 
 def test_history_refuses_fewer_entries_than_opening_recharges(
         server: RunningServer, tmp_path: Path) -> None:
-    code = cli.main(["--target", server.target, "--database-url", server.database_url,
+    code = cli.main(["--insecure", "--target", server.target, "--database-url", server.database_url,
                      "--card-index-key-hex", TEST_KEY_HEX, "--cards", "100",
                      "--history-entries", "99", "--duration-s", "1", "--no-progress"])
     assert code == 2
+
+
+def _plausible_per_cycle(r: dict[str, Any], keys: tuple[str, ...]) -> None:
+    res = r["resources"]
+    for key in keys:
+        assert key in res, key
+    assert 100 < res["wal_bytes_per_cycle"] < 1_000_000, res
+    assert 1 < res["wal_records_per_cycle"] < 10_000, res
+    # authorize and confirm are a commit each; the statistics lag by up to a second
+    assert 0.5 < res["commits_per_cycle"] < 50, res
+    assert 0 < res["wal_flushes_per_cycle"] < 50, res
+    assert r["database_window"]["wal_bytes"] > 0 and r["database_window"]["commits"] > 0
+
+
+def test_the_default_run_is_mutual_tls_with_macs_and_reports_per_cycle_costs(
+        tmp_path: Path) -> None:
+    """No --target: the server the load test starts serves mutual TLS and
+    requires MACs; every terminal signs on and MACs its requests, and the
+    server advanced a counter for each of them (which it does only for a
+    terminal certificate's MAC'd request). Controls are on."""
+    report = tmp_path / "default.json"
+    # Not under tmp_path: PostgreSQL runs as another user when we are root and
+    # must traverse the data directory's parents, and pytest keeps its own
+    # base directory owner-only (and resets it when another session starts).
+    with tempfile.TemporaryDirectory(prefix="fuelcard-loadtest-test-") as tmp:
+        data = Path(tmp) / "data"
+        code = cli.main([*TINY, "--duration-s", "3", "--data-dir", str(data),
+                         "--report", str(report)])
+        certs = data / "loadtest-certs"
+        kept = sorted(p.name for p in certs.iterdir())
+    r = json.loads(report.read_text())
+    assert code == 0, r["failures"]
+    assert r["passed"] and r["insecure"] is False and r["controls"] is True
+    command = r["server_command"]
+    assert "--tls-dir" in command and "--insecure" not in command
+    sec = r["security"]
+    assert sec["mode"] == "production" and sec["mutual_tls"] and sec["macs"]
+    assert sec["terminals"] == sec["server_terminals"] == 4
+    assert sec["mac_requests"] >= 2 * r["cycles"] > 0
+    assert sec["server_counters_advanced"] == sec["mac_requests"]
+    assert r["errors"] == {} and r["ledger"]["ok"]
+    _plausible_per_cycle(r, PER_CYCLE + CPU_PER_CYCLE)
+    for key in CPU_PER_CYCLE:
+        assert 10 < r["resources"][key] < 1_000_000, (key, r["resources"])
+    # the run's terminal certificates are gone; the CA's, the server's and the admin's stay
+    assert kept == ["admin-loadtest.key", "admin-loadtest.pem", "ca.key", "ca.pem", "server.key",
+                    "server.pem"]
+
+
+def test_insecure_still_runs_plaintext_and_unsigned(server: RunningServer, tmp_path: Path) -> None:
+    code, r = _run(server, tmp_path, "insecure", *TINY, "--duration-s", "2", "--no-controls")
+    assert code == 0, r["failures"]
+    assert r["insecure"] is True and r["controls"] is False
+    sec = r["security"]
+    assert sec["mode"] == "insecure" and not sec["mutual_tls"] and not sec["macs"]
+    assert sec["mac_requests"] == 0 and sec["server_counters_advanced"] == 0
+    assert r["cycles"] > 0 and r["server_command"] is None
+    # an external server: the database's figures and the generator's CPU, not the server's
+    _plausible_per_cycle(r, (*PER_CYCLE, "generator_cpu_us_per_cycle"))
+    assert "server_cpu_us_per_cycle" not in r["resources"]
+    assert "postgres_cpu_us_per_cycle" not in r["resources"]
+
+
+def test_a_target_needs_its_ca_or_insecure(server: RunningServer, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--target", server.target, "--database-url", server.database_url,
+            "--card-index-key-hex", TEST_KEY_HEX, "--duration-s", "1", "--no-progress"]
+    assert cli.main(base) == 2
+    assert "--target needs --tls-dir" in capsys.readouterr().err
+    assert cli.main([*base, "--tls-dir", str(tmp_path)]) == 2
+    assert "no ca.pem or ca.key there" in capsys.readouterr().err
+
+
+def test_ab_alternates_two_checkouts_and_tabulates_them(
+        tls_server: TlsServer, tmp_path: Path) -> None:
+    """`ab` with this checkout on both sides, one run each, against a mutual
+    TLS server (--target: no server start-up to wait for)."""
+    markdown, every = tmp_path / "ab.md", tmp_path / "ab.json"
+    code = cli.main([
+        "ab", "--a", str(ROOT), "--b", str(ROOT), "--runs", "1", "--label-a", "one",
+        "--label-b", "two", "--work-dir", str(tmp_path / "ab"), "--markdown", str(markdown),
+        "--json", str(every), "--",
+        "--target", tls_server.target, "--database-url", tls_server.database_url,
+        "--tls-dir", str(tls_server.certs), "--card-index-key-hex", TEST_KEY_HEX,
+        *TINY, "--duration-s", "1"])
+    runs = json.loads(every.read_text())
+    assert code == 0, [r["failures"] for r in runs]
+    assert [r["ab"]["side"] for r in runs] == ["one", "two"]
+    assert all(r["passed"] and r["security"]["macs"] for r in runs)
+    assert runs[1]["seed_reused"] and runs[1]["dataset_tag"] == runs[0]["dataset_tag"]
+    lines = markdown.read_text().splitlines()
+    assert lines[0].startswith("| run | side | cycles/s | server µs/cycle | PostgreSQL µs/cycle")
+    assert "WAL B/cycle" in lines[0] and "commits/cycle" in lines[0] and "load avg" in lines[0]
+    rows = [line for line in lines if line.startswith("| ")][1:]
+    assert [row.split(" | ")[1] for row in rows] == ["one", "two", "**one**", "**two**",
+                                                     "two ÷ one"]
+    medians = [row for row in rows if row.startswith("| **median**")]
+    assert all("| 1/1 |" in row for row in medians)
+    cycles = [float(row.split(" | ")[2].replace(" ", "")) for row in rows[:2]]
+    assert cycles == [round(r["throughput_per_s"], 1) for r in runs]
+    assert "mutual TLS + MACs" in markdown.read_text()

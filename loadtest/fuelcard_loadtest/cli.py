@@ -2,6 +2,13 @@
 
 Without --target it starts its own server (`fuelcard serve` on the embedded
 PostgreSQL, in a temporary or the given --data-dir) and stops it afterwards.
+By default the run is production-like: the server serves mutual TLS and
+requires terminal MACs, every generator terminal has its own certificate,
+signs on and MACs every Authorize/Confirm/Cancel, and every card carries
+spending controls; --insecure (plaintext, unsigned) and --no-controls turn
+that off. The report gives, per pump cycle, the CPU of the server,
+PostgreSQL and the generator, and the WAL bytes, WAL records, commits and
+WAL flushes of the measured window.
 Exit status: 0 when the run passed (ledger consistent, every fen the server
 moved is one the generator saw confirmed, every outcome known), 1 when it
 failed, 2 on bad arguments.
@@ -11,6 +18,13 @@ Examples:
       --report uniform.json --plot uniform.png
   fuelcard-loadtest --scenario hot-fleet --concurrency 64
   fuelcard-loadtest --scenario uniform --rate 400          # open loop
+  fuelcard-loadtest --insecure --no-controls               # the old plaintext mode
+
+Two more commands (each has --help):
+  fuelcard-loadtest ab --a DIR_A --b DIR_B [--runs 3] -- <run options>
+      alternated A/B runs of two checkouts, with a markdown table of medians
+  fuelcard-loadtest targets [--runs 3] [--duration-s 15]
+      issue 17's targets: uniform, hot-fleet and open loop at half the maximum
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ from pathlib import Path
 
 import psycopg
 
+from fuelcard_loadtest import ab, targets
 from fuelcard_loadtest.runner import Options, UsageError, run
 from fuelcard_loadtest.scenarios import SCENARIOS
 
@@ -87,9 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
                    " --history-entries 10000000); kept with --data-dir")
     s.add_argument("--history-jobs", type=int, default=2,
                    help="database connections loading the history in parallel (default 2)")
-    s.add_argument("--controls", action="store_true",
+    s.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
                    help="put caps, a geo-fence, products and hours on every card (none binds:"
-                   " measures what the checks cost)")
+                   " measures what the checks cost; default on, as in production)")
+    s.add_argument("--insecure", action="store_true",
+                   help="plaintext and unsigned: the server's development listener, no client"
+                   " certificates, no terminal MACs (default: mutual TLS and MACs)")
+    s.add_argument("--tls-dir", type=Path,
+                   help="the development CA (ca.pem, ca.key; fuelcard certs) the generator issues"
+                   " its terminal certificates from; needed with --target unless --insecure"
+                   " (default for a started server: DATA_DIR/loadtest-certs, made once)")
+    s.add_argument("--terminals", type=int, default=64,
+                   help="open loop: terminals in all, an arrival waits for a free one (closed"
+                   " loop: one per operation in flight) (default 64)")
     s.add_argument("--risk-rules", metavar="FILE",
                    help="put this risk rule set (TOML or .json) in force before the run, e.g."
                    " loadtest/risk-rules-200.json; \"none\": none in force")
@@ -109,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "ab":
+        return ab.main(args_list[1:])
+    if args_list and args_list[0] == "targets":
+        return targets.main(args_list[1:])
+    args = build_parser().parse_args(args_list)
     opts = Options(
         scenario=args.scenario, cards=args.cards, concurrency=args.concurrency, rate=args.rate,
         duration_s=args.duration_s, warmup_s=args.warmup_s, drain_s=args.drain_s,
@@ -122,10 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report=args.report, plot=args.plot, profile_dir=args.profile_dir,
         progress=not args.no_progress, rpc_timeout_s=args.rpc_timeout_s,
         max_inflight=args.max_inflight, max_ops=args.max_ops, reseed=args.reseed,
-        controls=args.controls, history_entries=args.history_entries,
+        controls=args.controls, insecure=args.insecure, tls_dir=args.tls_dir,
+        terminals=args.terminals, history_entries=args.history_entries,
         history_jobs=args.history_jobs, risk_rules=args.risk_rules,
         keep=args.keep, seed=args.seed,
-        argv=["fuelcard-loadtest", *(sys.argv[1:] if argv is None else argv)])
+        argv=["fuelcard-loadtest", *args_list])
     try:
         result = run(opts)
     except UsageError as exc:

@@ -14,6 +14,11 @@ def _n(x: float) -> str:
     return f"{x:,.0f}".replace(",", " ")
 
 
+def _opt(x: float | None, digits: int) -> str:
+    """A figure, or "?" for one the run could not read (an external server's CPU)."""
+    return "?" if x is None else f"{x:.{digits}f}"
+
+
 def _rpc_rows(latency: dict[str, dict[str, float]]) -> list[str]:
     lines = [f"  {'rpc':<10} {'count':>9} {'p50':>8} {'p90':>8} {'p99':>8} {'p99.9':>8}"
              f" {'max':>8}   (ms)"]
@@ -27,11 +32,15 @@ def _rpc_rows(latency: dict[str, dict[str, float]]) -> list[str]:
 def table(r: dict[str, Any]) -> str:
     mode = (f"closed loop, concurrency {r['concurrency']}" if r["mode"] == "closed"
             else f"open loop, {r['rate_per_s']:g} arrivals/s")
+    sec = r.get("security") or {}
+    security = ("mutual TLS, MACs" if sec.get("mutual_tls") else "plaintext, no MACs") + \
+        (", controls" if r.get("controls") else ", no controls")
     lines = [
         "",
-        f"fuelcard-loadtest  scenario {r['scenario']}  ({mode})",
+        f"fuelcard-loadtest  scenario {r['scenario']}  ({mode}; {security})",
         f"  {r['cards']} cards on {r['accounts']} accounts; {r['processes']} generator processes"
-        f" x {r['channels']} channels; target {r['target']}"
+        + (f", {sec['terminals']} terminals (a channel each)" if sec.get("mutual_tls")
+           else f" x {r['channels']} channels") + f"; target {r['target']}"
         f" ({r['server_workers'] or '?'} server processes)",
         *([f"  history: {_n(r['history_entries'])} journal entries in the data set;"
            f" database {r.get('database_mb', 0):,.0f} MB"] if r.get("history_entries") else []),
@@ -51,18 +60,23 @@ def table(r: dict[str, Any]) -> str:
     res = r.get("resources") or {}
     if res:
         lines += ["", "  CPU during the measured window (seconds of CPU per second):"
-                  f" server {res.get('server_cpu_per_s', 0):.2f},"
-                  f" postgres {res.get('postgres_cpu_per_s', 0):.2f},"
+                  f" server {_opt(res.get('server_cpu_per_s'), 2)},"
+                  f" postgres {_opt(res.get('postgres_cpu_per_s'), 2)},"
                   f" generator {res.get('generator_cpu_per_s', 0):.2f};"
                   f" machine busy {res.get('machine_busy_pct', 0):.0f} %,"
                   f" steal {res.get('machine_steal_pct', 0):.1f} %"]
         if res.get("server_rss_mb_max"):
             lines.append(f"  server RSS max {res['server_rss_mb_max']:.0f} MB per process"
                          f" (sum {res.get('server_rss_mb_sum_max', 0):.0f} MB)")
-        if res.get("server_cpu_us_per_cycle"):
-            lines.append(f"  per cycle: server {res['server_cpu_us_per_cycle']:.0f} µs CPU,"
-                         f" postgres {res.get('postgres_cpu_us_per_cycle', 0):.0f} µs,"
-                         f" generator {res.get('generator_cpu_us_per_cycle', 0):.0f} µs")
+        if "generator_cpu_us_per_cycle" in res:
+            lines.append(f"  per cycle: server {_opt(res.get('server_cpu_us_per_cycle'), 0)} µs CPU,"
+                         f" postgres {_opt(res.get('postgres_cpu_us_per_cycle'), 0)} µs,"
+                         f" generator {res['generator_cpu_us_per_cycle']:.0f} µs")
+        if "wal_bytes_per_cycle" in res:
+            lines.append(f"  per cycle: WAL {res['wal_bytes_per_cycle']:.0f} bytes in"
+                         f" {res['wal_records_per_cycle']:.1f} records,"
+                         f" {res['commits_per_cycle']:.2f} commits,"
+                         f" {res['wal_flushes_per_cycle']:.2f} WAL flushes")
     c = r.get("ceilings")
     if c:
         lines += ["", "  ceilings, measured in this run:"]
@@ -83,6 +97,10 @@ def table(r: dict[str, Any]) -> str:
               f" refunded {_n(g['refunded_fen'])} fen in {_n(g['refund_count'])} sale refunds"
               f" (journal {_n(b['refunded_fen'])} fen in {_n(b['refund_count'])});"
               f" {_n(g['reversed'])} holds reversed (server {_n(b['reversed'])})"]
+    if sec.get("mutual_tls"):
+        lines.append(f"  terminals: {sec['terminals']} signed on; {_n(sec['mac_requests'])} requests"
+                     f" MAC'd; the server advanced their counters {_n(sec['server_counters_advanced'])}"
+                     f" times")
     for problem in r["failures"]:
         lines.append(f"  FAIL: {problem}")
     lines.append(f"  result: {'PASS' if r['passed'] else 'FAIL'}")

@@ -25,7 +25,19 @@ from typing import Any, TextIO
 import psycopg
 from fuelcard_server.settings import Settings
 
-from fuelcard_loadtest import ceilings, controls, ledger, profile, report, risk_rules, seed, server, worker
+from fuelcard_loadtest import (
+    ceilings,
+    controls,
+    dbstats,
+    ledger,
+    profile,
+    report,
+    risk_rules,
+    seed,
+    server,
+    terminals,
+    worker,
+)
 from fuelcard_loadtest.scenarios import SCENARIOS, Mix
 from fuelcard_loadtest.stats import Merged
 
@@ -73,7 +85,16 @@ class Options:
     reseed: bool = False
     history_entries: int = 0
     history_jobs: int = 2
-    controls: bool = False
+    # caps, a geo-fence, products and hours on every card (production: on)
+    controls: bool = True
+    # production mode is the default: mutual TLS, signed-on terminals, MACs;
+    # insecure: the plaintext development listener and unsigned requests
+    insecure: bool = False
+    # with --target: the directory of the CA (ca.pem, ca.key) that issued the
+    # server's certificate; without: default DATA_DIR/loadtest-certs
+    tls_dir: Path | None = None
+    # open loop, production: terminals in all (closed loop: one per operation in flight)
+    terminals: int = 64
     # a risk rule set file to put in force before the run (risk_rules.py)
     risk_rules: str | None = None
     keep: bool = False
@@ -119,6 +140,13 @@ class Options:
             problems.append("--database-url must point at a Unix socket or a loopback address")
         if self.history_entries < 0 or not 1 <= self.history_jobs <= 16:
             problems.append("--history-entries must be >= 0 and --history-jobs 1-16")
+        if self.insecure and self.tls_dir is not None:
+            problems.append("--tls-dir and --insecure exclude each other")
+        if self.target is not None and not self.insecure and self.tls_dir is None:
+            problems.append("--target needs --tls-dir (the CA that issued the server's"
+                            " certificate, with its key) or --insecure")
+        if not 1 <= self.terminals <= 10_000:
+            problems.append("--terminals must be 1-10000")
         if self.rpc_timeout_s <= 0 or self.max_inflight < 1 or self.max_ops < 1:
             problems.append("--rpc-timeout-s, --max-inflight and --max-ops must be positive")
         if problems:
@@ -161,6 +189,8 @@ class Phase:
     merged: Merged
     started_wall: float
     resources: dict[str, float]
+    # what PostgreSQL wrote during the window (dbstats.FIELDS); None: not read
+    database: dict[str, int] | None = None
 
     @property
     def measured_s(self) -> float:
@@ -188,10 +218,21 @@ class Phase:
 
 @dataclass
 class Watch:
-    """Processes whose CPU and memory we read during a phase."""
+    """Processes whose CPU and memory we read during a phase, and the
+    database whose WAL and commits we count (dbstats.py)."""
 
     server_pids: Callable[[], list[int]] = list
-    postgres_pids: Callable[[], list[int]] = list
+    # the roots whose trees' CPU (with reaped children) is the server's and PostgreSQL's
+    server_root: Callable[[], int | None] = lambda: None
+    postgres_root: Callable[[], int | None] = lambda: None
+    database_url: str | None = None
+
+    def cpu(self) -> tuple[float | None, float | None]:
+        """CPU seconds so far of the server's and PostgreSQL's processes;
+        None for what this run cannot see (an external server)."""
+        srv, pg = self.server_root(), self.postgres_root()
+        return (None if srv is None else server.tree_cpu_seconds(srv),
+                None if pg is None else server.tree_cpu_seconds(pg))
 
 
 class Progress:
@@ -229,9 +270,50 @@ class Progress:
             self.out.flush()
 
 
+@dataclass
+class Sample:
+    """CPU seconds so far of the server, PostgreSQL and the generator
+    processes, the machine's jiffies, the time, and the database's counters."""
+
+    server_s: float | None
+    postgres_s: float | None
+    generator_s: float
+    machine: tuple[float, float, float]
+    t: float
+    db: dbstats.Snapshot | None
+
+
+def _sample(watch: Watch, generator_pids: list[int], reader: dbstats.Reader | None) -> Sample:
+    server_s, postgres_s = watch.cpu()
+    return Sample(server_s, postgres_s, server.cpu_seconds(generator_pids), server.machine_cpu(),
+                  time.monotonic(), reader.snapshot() if reader is not None else None)
+
+
+def _resources(s0: Sample, s1: Sample) -> tuple[dict[str, float], dict[str, int] | None]:
+    wall = max(s1.t - s0.t, 1e-9)
+    busy = s1.machine[0] - s0.machine[0]
+    steal = s1.machine[1] - s0.machine[1]
+    total = max(s1.machine[2] - s0.machine[2], 1e-9)
+    resources = {
+        "window_s": wall,
+        "generator_cpu_per_s": (s1.generator_s - s0.generator_s) / wall,
+        "machine_busy_pct": 100.0 * busy / total,
+        "machine_steal_pct": 100.0 * steal / total,
+    }
+    if s0.server_s is not None and s1.server_s is not None:
+        resources["server_cpu_per_s"] = (s1.server_s - s0.server_s) / wall
+    if s0.postgres_s is not None and s1.postgres_s is not None:
+        resources["postgres_cpu_per_s"] = (s1.postgres_s - s0.postgres_s) / wall
+    delta = s1.db.minus(s0.db) if s1.db is not None and s0.db is not None else None
+    return resources, delta
+
+
 def drive(opts: Options, *, workload: str, target: str, dataset: seed.Dataset | None,
           run_id: str, duration_s: float, out: TextIO, label: str, watch: Watch,
-          closed: bool, on_start: Callable[[], None] | None = None) -> Phase:
+          closed: bool, on_start: Callable[[], None] | None = None,
+          tls: tuple[Path, Path] | None = None) -> Phase:
+    """One phase. `tls`: (the run's terminal certificates, the CA's
+    directory) in production mode."""
     ctx = multiprocessing.get_context("spawn")
     queue: Any = ctx.Queue()
     go = ctx.Event()
@@ -243,6 +325,7 @@ def drive(opts: Options, *, workload: str, target: str, dataset: seed.Dataset | 
     configs = []
     for i in range(n):
         share = opts.concurrency // n + (1 if i < opts.concurrency % n else 0)
+        lanes = share if rate is None else opts.terminals // n + (1 if i < opts.terminals % n else 0)
         configs.append(worker.WorkerConfig(
             index=i, target=target, channels=opts.channels, workload=workload,
             scenario=dataset.scenario if dataset else opts.scenario,
@@ -254,7 +337,9 @@ def drive(opts: Options, *, workload: str, target: str, dataset: seed.Dataset | 
             pump_min_ms=opts.pump_min_ms, pump_max_ms=opts.pump_max_ms, mix=opts.mix(),
             run_id=run_id, rpc_timeout_s=opts.rpc_timeout_s,
             max_inflight=max(1, opts.max_inflight // n), max_ops=max(1, opts.max_ops // n),
-            bucket_s=bucket_s, seed=base_seed + 7919 * i))
+            bucket_s=bucket_s, seed=base_seed + 7919 * i,
+            terminal_certs=str(tls[0]) if tls else None, tls_dir=str(tls[1]) if tls else None,
+            terminals=max(lanes, 1) if tls else 0))
     configs = [c for c in configs if c.concurrency > 0 or c.rate > 0]
     procs = [ctx.Process(target=worker.main, args=(c, queue, go, start_at),
                          name=f"fuelcard-loadtest-{c.index}", daemon=True) for c in configs]
@@ -265,6 +350,8 @@ def drive(opts: Options, *, workload: str, target: str, dataset: seed.Dataset | 
     progress = Progress(out, opts.progress, label, opts.warmup_s + duration_s)
     rss_max = rss_sum_max = 0.0
     resources: dict[str, float] = {}
+    database: dict[str, int] | None = None
+    reader = dbstats.Reader(watch.database_url) if watch.database_url else None
     try:
         ready: set[int] = set()
         deadline = time.monotonic() + 120
@@ -274,32 +361,33 @@ def drive(opts: Options, *, workload: str, target: str, dataset: seed.Dataset | 
                 ready.add(index)
             elif kind == "failed":
                 raise RunError(f"generator process {index} failed:\n{payload}")
+        generator_pids = [p.pid for p in procs if p.pid is not None]
         started_wall = time.time() + 0.3
         start_at.value = started_wall
         go.set()
         if on_start:
             on_start()
         time.sleep(max(started_wall + opts.warmup_s - time.time(), 0))
-        cpu0 = (server.cpu_seconds(watch.server_pids()), server.cpu_seconds(watch.postgres_pids()),
-                server.machine_cpu(), time.monotonic())
-        cpu1: tuple[float, float, tuple[float, float, float], float] | None = None
-        end_of_window = time.monotonic() + duration_s
+        s0 = _sample(watch, generator_pids, reader)
+        s1: Sample | None = None
+        end_of_window = s0.t + duration_s
         deadline = end_of_window + opts.drain_s + worker.RESOLVE_BUDGET_S + 60
         while len(results) < len(procs):
             if time.monotonic() > deadline:
                 raise RunError("generator processes did not finish in time")
-            if cpu1 is None and time.monotonic() >= end_of_window:
-                cpu1 = (server.cpu_seconds(watch.server_pids()),
-                        server.cpu_seconds(watch.postgres_pids()), server.machine_cpu(),
-                        time.monotonic())
+            if s1 is None and time.monotonic() >= end_of_window:
+                s1 = _sample(watch, generator_pids, reader)
             pids = watch.server_pids()
             rss = [server.rss_mb(p) for p in pids]
             if rss:
                 rss_max = max(rss_max, *rss)
                 rss_sum_max = max(rss_sum_max, sum(rss))
+            wake = time.monotonic() + 0.5
+            if s1 is None:  # wake at the window's end, to sample it on time
+                wake = min(wake, max(end_of_window, time.monotonic() + 0.01))
             try:
-                kind, index, payload = _next(queue, procs, min(deadline, time.monotonic() + 0.5),
-                                             "the run", allow_timeout=True)
+                kind, index, payload = _next(queue, procs, min(deadline, wake), "the run",
+                                             allow_timeout=True)
             except TimeoutError:
                 progress.show(snaps, sum(rss))
                 continue
@@ -311,35 +399,24 @@ def drive(opts: Options, *, workload: str, target: str, dataset: seed.Dataset | 
             elif kind == "failed":
                 raise RunError(f"generator process {index} failed:\n{payload}")
         progress.end()
-        if cpu1 is None:
-            cpu1 = (server.cpu_seconds(watch.server_pids()),
-                    server.cpu_seconds(watch.postgres_pids()), server.machine_cpu(),
-                    time.monotonic())
-        wall = max(cpu1[3] - cpu0[3], 1e-9)
-        busy = cpu1[2][0] - cpu0[2][0]
-        steal = cpu1[2][1] - cpu0[2][1]
-        total = max(cpu1[2][2] - cpu0[2][2], 1e-9)
-        resources = {
-            "server_cpu_per_s": (cpu1[0] - cpu0[0]) / wall,
-            "postgres_cpu_per_s": (cpu1[1] - cpu0[1]) / wall,
-            "generator_cpu_per_s": sum(r["cpu_s"] for r in results.values())
-            / max(max(r["measured_s"] for r in results.values()) + opts.warmup_s, 1e-9),
-            "machine_busy_pct": 100.0 * busy / total,
-            "machine_steal_pct": 100.0 * steal / total,
-            "server_rss_mb_max": rss_max,
-            "server_rss_mb_sum_max": rss_sum_max,
-        }
+        if s1 is None:
+            s1 = _sample(watch, generator_pids, reader)
+        resources, database = _resources(s0, s1)
+        resources["server_rss_mb_max"] = rss_max
+        resources["server_rss_mb_sum_max"] = rss_sum_max
     finally:
         progress.end()
         go.set()
         _reap(procs, queue)
         queue.close()
         queue.join_thread()
+        if reader is not None:
+            reader.close()
     merged = Merged(bucket_s)
     ordered = [results[i] for i in sorted(results)]
     for r in ordered:
         merged.add(r["stats"])
-    return Phase(workload, ordered, merged, started_wall, resources)
+    return Phase(workload, ordered, merged, started_wall, resources, database)
 
 
 def _reap(procs: list[Any], queue: Any, timeout_s: float = 30.0) -> None:
@@ -416,9 +493,12 @@ def run(opts: Options, out: TextIO | None = None) -> dict[str, Any]:
     scenario = SCENARIOS[opts.scenario]
     cards = opts.cards or scenario.default_cards
     run_id = dt.datetime.now(dt.UTC).strftime("%m%d%H%M%S") + secrets.token_hex(2)
+    load_avg = os.getloadavg()
     local: server.LocalServer | None = None
     made_dir: Path | None = None
     watch = Watch()
+    tls_dir = opts.tls_dir.resolve() if opts.tls_dir is not None else None
+    run_certs: Path | None = None
 
     def say(text: str) -> None:
         out.write(text + "\n")
@@ -431,20 +511,32 @@ def run(opts: Options, out: TextIO | None = None) -> dict[str, Any]:
                 made_dir = data_dir = Path(tempfile.mkdtemp(prefix="fuelcard-loadtest-"))
             data_dir = data_dir.resolve()
             key = _key(opts, data_dir)
-            local = server.LocalServer(data_dir, workers=opts.workers, pool_max=opts.pool_max)
-            say(f"starting fuelcard serve ({opts.workers} processes) on the embedded"
-                f" PostgreSQL in {data_dir} ...")
+            if not opts.insecure:
+                tls_dir = tls_dir or data_dir / "loadtest-certs"
+                terminals.server_pki(tls_dir)
+            local = server.LocalServer(data_dir, workers=opts.workers, pool_max=opts.pool_max,
+                                       tls_dir=tls_dir)
+            say(f"starting fuelcard serve ({opts.workers} processes"
+                f"{', plaintext' if opts.insecure else ', mutual TLS, MACs required'})"
+                f" on the embedded PostgreSQL in {data_dir} ...")
             local.start()
             target, url = local.target, local.database_url()
             say(f"server ready on {target}")
             srv = local
             pg = srv.postgres
             watch = Watch(server_pids=srv.worker_pids,
-                          postgres_pids=lambda: _pg_tree(pg))
+                          server_root=lambda: srv.proc.pid if srv.proc else None,
+                          postgres_root=lambda: server.postmaster_pid(pg), database_url=url)
         else:
             assert opts.database_url is not None
             target, url = opts.target, opts.database_url
             key = _key(opts, opts.data_dir)
+            watch = Watch(database_url=url)
+            if tls_dir is not None:
+                try:
+                    terminals.check_ca(tls_dir)
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from None
         try:
             dataset = seed.seed(url, key, opts.scenario, cards, reuse=not opts.reseed,
                                 history_entries=opts.history_entries,
@@ -465,19 +557,29 @@ def run(opts: Options, out: TextIO | None = None) -> dict[str, Any]:
             if profiler is not None:
                 profiler.start(watch.server_pids(), opts.warmup_s, opts.duration_s)
 
+        tls: tuple[Path, Path] | None = None
+        if tls_dir is not None:
+            names = _terminal_names(opts, run_id)
+            say(f"production mode: mutual TLS, {len(names)} terminals signing on and MACing"
+                " every terminal request")
+            run_certs = terminals.issue_terminals(tls_dir, ledger.station(run_id), names)
+            tls = (run_certs, tls_dir)
         since = ledger.marks(url)
         main = drive(opts, workload="pump", target=target, dataset=dataset, run_id=run_id,
                      duration_s=opts.duration_s, out=out, label=opts.scenario, watch=watch,
-                     closed=closed, on_start=start_profile)
+                     closed=closed, on_start=start_profile, tls=tls)
         profile_summary = profiler.finish() if profiler is not None else None
         say("ledger check: fuelcard verify, and the run's money against the journal ...")
         money = ledger.check(url, run_id, main.seen(), since=since, run_verify=True)
         ceiling: dict[str, Any] | None = None
         if opts.ceilings:
-            ceiling = _ceilings(opts, target, url, dataset, run_id, out, say)
+            ceiling = _ceilings(opts, target, url, dataset, run_id, out, say, tls)
         r = _report(opts, main, dataset, target, run_id, money, ceiling,
                     local.workers if local else None)
         r["database_mb"] = database_mb
+        r["load_avg_start"] = [round(x, 2) for x in load_avg]
+        r["security"] = _security(url, run_id, main, tls is not None)
+        r["server_command"] = local.command if local is not None else None
         if profile_summary is not None:
             r["profile"] = profile_summary
         out.write(report.table(r))
@@ -491,6 +593,8 @@ def run(opts: Options, out: TextIO | None = None) -> dict[str, Any]:
             say(f"plot written to {opts.plot}")
         return r
     finally:
+        if run_certs is not None:
+            terminals.remove_terminals(run_certs)
         if local is not None:
             local.stop()
         if made_dir is not None and not opts.keep:
@@ -506,18 +610,45 @@ def _database_mb(url: str) -> float:
     return round(int(row[0]) / 1e6, 1)
 
 
-def _pg_tree(pg: Any) -> list[int]:
-    pid = server.postmaster_pid(pg)
-    return server.tree(pid) if pid else []
+def _terminal_names(opts: Options, run_id: str) -> list[str]:
+    """Every terminal of the run: closed loop, one per operation in flight;
+    open loop, --terminals; split over the generator processes as drive()
+    splits them."""
+    total = opts.concurrency if opts.rate is None else opts.terminals
+    n = opts.processes
+    names = []
+    for i in range(n):
+        share = total // n + (1 if i < total % n else 0)
+        names += [terminals.terminal_name(run_id, i, k) for k in range(max(share, 1))]
+    return names
+
+
+TERMINALS_SQL = """
+SELECT count(*), coalesce(sum(last_counter), 0) FROM fc.terminals WHERE station_id = %s
+"""
+
+
+def _security(url: str, run_id: str, main: Phase, production: bool) -> dict[str, Any]:
+    """How the run talked to the server: mutual TLS and MACs or neither;
+    the requests the generator signed, and the counters the server advanced
+    for the run's terminals (one per MAC'd request it accepted)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(TERMINALS_SQL, (ledger.station(run_id),)).fetchone()
+    assert row is not None
+    return {"mode": "production" if production else "insecure", "mutual_tls": production,
+            "macs": production, "terminals": main.total("terminals"),
+            "mac_requests": main.total("mac_requests"),
+            "server_terminals": int(row[0]), "server_counters_advanced": int(row[1])}
 
 
 def _ceilings(opts: Options, target: str, url: str, dataset: seed.Dataset, run_id: str,
-              out: TextIO, say: Callable[[str], None]) -> dict[str, Any]:
+              out: TextIO, say: Callable[[str], None],
+              tls: tuple[Path, Path] | None) -> dict[str, Any]:
     seconds = opts.ceilings_duration_s or opts.duration_s
     say(f"ceiling 1/2: framework, no-op health Check RPC, closed loop c={opts.concurrency} ...")
     fw = drive(replace(opts, rate=None), workload="health", target=target, dataset=None,
                run_id=run_id, duration_s=seconds, out=out, label="framework", watch=Watch(),
-               closed=True)
+               closed=True, tls=tls)
     fw_latency = fw.merged.latency().get("health", {})
     fw_rate = fw.cycles / fw.measured_s
     say(f"ceiling 2/2: database, pgbench -c {opts.concurrency} for {seconds:.0f} s ...")
@@ -551,14 +682,19 @@ def _report(opts: Options, main: Phase, dataset: seed.Dataset, target: str, run_
     for result in main.results:
         ops.update(result["ops"])
     res = dict(main.resources)
-    gen_cpu = sum(r["cpu_s"] for r in main.results)
     if cycles and res:
-        res["server_cpu_us_per_cycle"] = res["server_cpu_per_s"] / throughput * 1e6
-        res["postgres_cpu_us_per_cycle"] = res["postgres_cpu_per_s"] / throughput * 1e6
-        res["generator_cpu_us_per_cycle"] = gen_cpu / max(cycles, 1) * 1e6
+        # CPU and database counters over the same window, divided by the
+        # cycles per second of the measured window
+        for who in ("server", "postgres", "generator"):
+            if f"{who}_cpu_per_s" in res:
+                res[f"{who}_cpu_us_per_cycle"] = res[f"{who}_cpu_per_s"] / throughput * 1e6
+        if main.database is not None:
+            window_cycles = throughput * res["window_s"]
+            res.update(dbstats.per_cycle(main.database, window_cycles))
     r: dict[str, Any] = {
         "scenario": opts.scenario,
         "controls": opts.controls,
+        "insecure": opts.insecure,
         "risk_rules": opts.risk_rules,
         "mode": "closed" if opts.rate is None else "open",
         "concurrency": opts.concurrency if opts.rate is None else None,
@@ -578,6 +714,7 @@ def _report(opts: Options, main: Phase, dataset: seed.Dataset, target: str, run_
         "ledger": money.as_dict(),
         "ceilings": None,
         "resources": {k: round(v, 3) for k, v in res.items()},
+        "database_window": main.database,
         "cards": dataset.cards,
         "accounts": dataset.accounts,
         "dataset_tag": dataset.tag,
@@ -595,6 +732,7 @@ def _report(opts: Options, main: Phase, dataset: seed.Dataset, target: str, run_
         "machine": _machine(),
         "command": " ".join(opts.argv) if opts.argv else None,
         "commit": git_commit(Path(__file__).resolve().parents[2]),
+        "server_commit": git_commit(Path(server_package_file()).resolve().parents[2]),
         "unresolved": unresolved,
         "error_samples": [s for r in main.results for s in r["error_samples"]][:10],
         "open_loop": None if opts.rate is None else {
@@ -615,6 +753,12 @@ def _report(opts: Options, main: Phase, dataset: seed.Dataset, target: str, run_
         ceiling["framework_cycles_per_s"] = round(fw / 2, 1)
         r["ceilings"] = ceiling
     return r
+
+
+def server_package_file() -> str:
+    import fuelcard_server
+
+    return str(fuelcard_server.__file__)
 
 
 def git_commit(cwd: Path) -> str | None:

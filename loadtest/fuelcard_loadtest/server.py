@@ -65,6 +65,24 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def reaped_cpu_seconds(pid: int) -> float:
+    """CPU of `pid`'s children that have exited and been waited for (the
+    kernel adds it to the parent's cutime and cstime): a backend or worker
+    that ended during a window keeps counting."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / _TICKS
+    return 0.0
+
+
+def tree_cpu_seconds(root: int | None) -> float:
+    """CPU seconds so far of a process, its live descendants and the
+    children it has reaped."""
+    if root is None:
+        return 0.0
+    return cpu_seconds(tree(root)) + reaped_cpu_seconds(root)
+
+
 def rss_mb(pid: int) -> float:
     with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * _PAGE / 1e6
@@ -93,9 +111,14 @@ class LocalServer:
     data_dir: Path
     workers: int = 2
     pool_max: int | None = None
+    # mutual TLS with the certificates in this directory (terminals must
+    # MAC their requests, as in production); None: the plaintext
+    # development listener, no terminal authentication
+    tls_dir: Path | None = None
     log_path: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    command: list[str] | None = None
 
     @property
     def target(self) -> str:
@@ -115,13 +138,17 @@ class LocalServer:
         port_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "fuelcard_server.cli", "serve",
                "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir),
-               "--workers", str(self.workers), "--port-file", str(port_file),
-               # the generator drives the plaintext development listener on loopback
-               "--insecure"]
+               "--workers", str(self.workers), "--port-file", str(port_file)]
+        env = {k: v for k, v in os.environ.items() if k != "FUELCARD_DATABASE_URL"}
+        if self.tls_dir is None:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--tls-dir", str(self.tls_dir)]
+            env["FUELCARD_REQUIRE_MAC"] = "true"
         if self.pool_max is not None:
             cmd += ["--pool-max", str(self.pool_max),
                     "--pool-min", str(min(4, self.pool_max))]
-        env = {k: v for k, v in os.environ.items() if k != "FUELCARD_DATABASE_URL"}
+        self.command = cmd[1:]
         self.log_path = self.log_path or self.data_dir / "loadtest-serve.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -47,6 +48,7 @@ from fuelcard.v1 import (
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fuelcard_loadtest import terminals
 from fuelcard_loadtest.scenarios import Layout, Mix
 from fuelcard_loadtest.seed import account_uid, card_number
 from fuelcard_loadtest.stats import Recorder
@@ -106,6 +108,15 @@ class WorkerConfig:
     bucket_s: float
     seed: int
     progress_s: float = 1.0
+    # production mode (terminals.py): the directory of this run's terminal
+    # certificates, the one with the CA and the admin certificate, and how
+    # many terminals this process drives; None/0: plaintext, unsigned
+    terminal_certs: str | None = None
+    tls_dir: str | None = None
+    terminals: int = 0
+
+
+TERMINAL_RPCS = frozenset({"authorize", "confirm", "cancel", "reverse"})
 
 
 @dataclass
@@ -115,6 +126,21 @@ class Stubs:
     points: points_pb2_grpc.PointsServiceAsyncStub
     health: Any
     refunds: refund_pb2_grpc.RefundServiceAsyncStub
+
+
+@dataclass
+class Lane:
+    """Where an operation's requests go. Production: one signed-on terminal
+    (its own certificate, channel and counter; one request in flight) and
+    the admin channel for back-office calls. Plaintext: a channel for both."""
+
+    stubs: Stubs
+    admin: Stubs
+    signer: terminals.Signer | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def stub_of(self, rpc: str) -> Stubs:
+        return self.stubs if rpc in TERMINAL_RPCS else self.admin
 
 
 @dataclass
@@ -145,6 +171,8 @@ class Generator:
         self.started_ops = 0
         self.station = f"LT-{cfg.run_id}"
         self.terminal = f"LT-{cfg.run_id}-{cfg.index}"
+        self.lanes: list[Lane] = []
+        self.free: asyncio.Queue[Lane] | None = None
         # money the generator saw move
         self.confirmed_fen = 0
         self.confirmed_count = 0
@@ -155,8 +183,8 @@ class Generator:
         self.refunded_fen = 0
         self.refund_count = 0
         self.reversed = 0     # holds a reversal released (outcome RELEASED)
-        self.pending: dict[str, tuple[str, Message]] = {}
-        self.open_holds: dict[str, str] = {}
+        self.pending: dict[str, tuple[str, Message, Lane]] = {}
+        self.open_holds: dict[str, tuple[str, Lane]] = {}
         self.earned: dict[str, int] = {}
         self.earned_ring: list[str] = []
         self.error_samples: list[str] = []
@@ -164,7 +192,6 @@ class Generator:
         self.max_lag_s = 0.0
         self.start = self.measure_from = self.stop_at = 0.0
         self.measured_end = 0.0
-        self.stubs: list[Stubs] = []
 
     # -- calls -----------------------------------------------------------------
     def _tally(self, started: float) -> Tally:
@@ -175,12 +202,15 @@ class Generator:
         if len(self.error_samples) < 10:
             self.error_samples.append(f"{rpc}: {code}: {details}")
 
-    async def _call(self, rpc: str, method: Callable[..., Awaitable[Resp]], request: Message,
-                    started: float, rid: str | None) -> Resp | None:
-        """Send one request; record its latency from `started` (the scheduled
-        or intended start) and its outcome."""
+    async def _call(self, lane: Lane, rpc: str, method: Callable[..., Awaitable[Resp]],
+                    request: Message, started: float, rid: str | None) -> Resp | None:
+        """Send one request (signed, if the lane is a terminal's); record its
+        latency from `started` (the scheduled or intended start) and its
+        outcome."""
         if rid is not None:
-            self.pending[rid] = (rpc, request)
+            self.pending[rid] = (rpc, request, lane)
+        if lane.signer is not None and rpc in TERMINAL_RPCS:
+            lane.signer.sign(request)  # type: ignore[arg-type]
         try:
             response = await method(request, timeout=self.cfg.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -205,39 +235,41 @@ class Generator:
         return f"{self.cfg.run_id}-{self.cfg.index}-{next(self.seq)}"
 
     # -- operations ------------------------------------------------------------
-    async def _op(self, stubs: Stubs, started: float) -> None:
+    async def _op(self, lane: Lane, started: float) -> None:
         cfg = self.cfg
         if cfg.workload == "health":
             self.ops["health"] += 1
-            r = await self._call("health", stubs.health.Check, health_pb2.HealthCheckRequest(),
-                                 started, None)
+            r = await self._call(lane, "health", lane.stubs.health.Check,
+                                 health_pb2.HealthCheckRequest(), started, None)
             if r is not None and started >= self.measure_from:
                 self.cycles += 1
                 self.rec.cycle_done(started - self.measure_from)
             return
         roll = self.rng.random()
         if roll < cfg.mix.recharge:
-            await self._recharge(stubs, started)
+            await self._recharge(lane, started)
         elif roll < cfg.mix.recharge + cfg.mix.redeem and self.earned_ring:
-            await self._redeem(stubs, started)
+            await self._redeem(lane, started)
         else:
-            await self._pump(stubs, started)
+            await self._pump(lane, started)
 
-    async def _pump(self, stubs: Stubs, started: float) -> None:
+    async def _pump(self, lane: Lane, started: float) -> None:
         cfg, rng = self.cfg, self.rng
         n = next(self.seq)
         rid = f"{cfg.run_id}-{cfg.index}-{n}"
         amount = rng.randint(AMOUNT_MIN_FEN, AMOUNT_MAX_FEN)
         request = transaction_pb2.AuthorizeRequest(
             request_id=rid + "a", card_number=card_number(cfg.tag, rng.randrange(cfg.cards)),
-            amount_fen=amount, station_id=self.station, terminal_id=self.terminal,
+            amount_fen=amount, station_id=self.station,
+            terminal_id=lane.signer.name if lane.signer else self.terminal,
             nozzle=n % 100, product=PRODUCTS[n % len(PRODUCTS)])
         self.ops["authorize"] += 1
-        auth = await self._call("authorize", stubs.pos.Authorize, request, started, request.request_id)
+        auth = await self._call(lane, "authorize", lane.stubs.pos.Authorize, request, started,
+                                request.request_id)
         if auth is None or auth.decision != APPROVED:
             return
         hold_id = auth.hold.hold_id
-        self.open_holds[hold_id] = auth.hold.account_id
+        self.open_holds[hold_id] = (auth.hold.account_id, lane)
         authorized = time.monotonic()
         pump_s = rng.uniform(cfg.pump_min_ms, cfg.pump_max_ms) / 1000.0
         if pump_s > 0:
@@ -249,15 +281,16 @@ class Generator:
             self.ops["reverse"] += 1
             reverse = transaction_pb2.ReverseAuthorizationRequest(
                 request_id=rid + "v", original_request_id=request.request_id)
-            answer = await self._call("reverse", stubs.pos.ReverseAuthorization, reverse, intended,
-                                      reverse.request_id)
+            answer = await self._call(lane, "reverse", lane.stubs.pos.ReverseAuthorization, reverse,
+                                      intended, reverse.request_id)
             if answer is not None:
                 self._reversed(answer)
             return
         if ending < cfg.mix.cancel:
             self.ops["cancel"] += 1
             cancel = transaction_pb2.CancelRequest(request_id=rid + "x", hold_id=hold_id)
-            if await self._call("cancel", stubs.pos.Cancel, cancel, intended, cancel.request_id):
+            if await self._call(lane, "cancel", lane.stubs.pos.Cancel, cancel, intended,
+                                cancel.request_id):
                 self.open_holds.pop(hold_id, None)
                 self.cancelled += 1
             return
@@ -273,7 +306,8 @@ class Generator:
             request_id=rid + "c", hold_id=hold_id, final_amount_fen=final,
             volume_ml=final * 1000 // UNIT_PRICE_FEN, unit_price_fen=UNIT_PRICE_FEN)
         self.ops["confirm"] += 1
-        done = await self._call("confirm", stubs.pos.Confirm, confirm, intended, confirm.request_id)
+        done = await self._call(lane, "confirm", lane.stubs.pos.Confirm, confirm, intended,
+                                confirm.request_id)
         if done is None:
             return
         self.open_holds.pop(hold_id, None)
@@ -283,14 +317,14 @@ class Generator:
                 self.cycles += 1
                 self.rec.cycle_done(started - self.measure_from)
             if rng.random() < cfg.mix.refund:
-                await self._refund(stubs, hold_id, final, rid, time.monotonic())
+                await self._refund(lane, hold_id, final, rid, time.monotonic())
 
     def _reversed(self, answer: transaction_pb2.ReverseAuthorizationResponse) -> None:
         if answer.outcome == transaction_pb2.REVERSAL_OUTCOME_RELEASED:
             self.open_holds.pop(answer.hold.hold_id, None)
             self.reversed += 1
 
-    async def _refund(self, stubs: Stubs, hold_id: str, final: int, rid: str,
+    async def _refund(self, lane: Lane, hold_id: str, final: int, rid: str,
                       started: float) -> None:
         """A partial refund of the sale just confirmed (below the step-up
         threshold: a sale is at most 500 yuan)."""
@@ -298,7 +332,7 @@ class Generator:
             request_id=rid + "f", hold_id=hold_id, amount_fen=self.rng.randint(1, final),
             reason=self.station)
         self.ops["refund"] += 1
-        if await self._call("refund", stubs.refunds.RefundSale, request, started,
+        if await self._call(lane, "refund", lane.admin.refunds.RefundSale, request, started,
                             request.request_id) is not None:
             self._refunded(request)
 
@@ -317,7 +351,7 @@ class Generator:
                     self.earned_ring[self.rng.randrange(EARNED_RING)] = account
             self.earned[account] = self.earned.get(account, 0) + points
 
-    async def _recharge(self, stubs: Stubs, started: float) -> None:
+    async def _recharge(self, lane: Lane, started: float) -> None:
         cfg = self.cfg
         assert self.layout is not None
         rid = self._rid()
@@ -327,36 +361,52 @@ class Generator:
             channel=funding_pb2.Channel.ValueType(self.rng.randint(1, 5)), channel_txn_id=f"lt-{rid}",
             amount_fen=self.rng.randint(RECHARGE_MIN_FEN, RECHARGE_MAX_FEN))
         self.ops["recharge"] += 1
-        r = await self._call("recharge", stubs.funding.Recharge, request, started, request.request_id)
+        r = await self._call(lane, "recharge", lane.admin.funding.Recharge, request, started,
+                             request.request_id)
         if r is not None and r.decision == APPROVED:
             self.recharged_fen += request.amount_fen
             self.recharge_count += 1
 
-    async def _redeem(self, stubs: Stubs, started: float) -> None:
+    async def _redeem(self, lane: Lane, started: float) -> None:
         account = self.earned_ring[self.rng.randrange(len(self.earned_ring))]
         have = self.earned.get(account, 0)
         if have <= 0:
-            await self._pump(stubs, started)
+            await self._pump(lane, started)
             return
         points = self.rng.randint(1, min(have, REDEEM_MAX_POINTS))
         request = points_pb2.RedeemPointsRequest(
             request_id=self._rid() + "p", account_id=account, points=points,
             description=self.station)
         self.ops["redeem"] += 1
-        r = await self._call("redeem", stubs.points.RedeemPoints, request, started, request.request_id)
+        r = await self._call(lane, "redeem", lane.admin.points.RedeemPoints, request, started,
+                             request.request_id)
         if r is not None and r.decision == APPROVED:
             self.redeemed_points += points
             self.earned[account] = have - points
 
     # -- load models -----------------------------------------------------------
     async def _closed_task(self, k: int) -> None:
-        stubs = self.stubs[k % len(self.stubs)]
+        # production: a terminal per task (terminals == concurrency)
+        lane = self.lanes[k % len(self.lanes)]
         while self.started_ops < self.cfg.max_ops:
             now = time.monotonic()
             if now >= self.stop_at:
                 return
             self.started_ops += 1
-            await self._op(stubs, now)
+            await self._op(lane, now)
+
+    async def _arrival(self, k: int, due: float) -> None:
+        """An open-loop arrival: on the next free terminal (production; the
+        wait for one counts in its latency, as at a busy station), or on the
+        next channel."""
+        if self.free is None:
+            await self._op(self.lanes[k % len(self.lanes)], due)
+            return
+        lane = await self.free.get()
+        try:
+            await self._op(lane, due)
+        finally:
+            self.free.put_nowait(lane)
 
     async def _open_schedule(self, tasks: set[asyncio.Task[None]]) -> None:
         cfg = self.cfg
@@ -375,7 +425,7 @@ class Generator:
                 self.dropped += 1
                 self._error("arrival", "CLIENT_BACKLOG", "too many outstanding arrivals", due)
                 continue
-            task = asyncio.create_task(self._op(self.stubs[k % len(self.stubs)], due))
+            task = asyncio.create_task(self._arrival(k, due))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -394,25 +444,31 @@ class Generator:
         """Resend every request whose outcome is unknown (same request_id),
         then cancel the holds left open. Bounded: RESOLVE_ATTEMPTS per
         request, RESOLVE_BUDGET_S in all."""
-        stubs = self.stubs[0]
-        methods: dict[str, Callable[..., Awaitable[Any]]] = {
-            "authorize": stubs.pos.Authorize, "confirm": stubs.pos.Confirm,
-            "cancel": stubs.pos.Cancel, "recharge": stubs.funding.Recharge,
-            "redeem": stubs.points.RedeemPoints, "reverse": stubs.pos.ReverseAuthorization,
-            "refund": stubs.refunds.RefundSale}
+        def method(lane: Lane, rpc: str) -> Callable[..., Awaitable[Any]]:
+            stubs = lane.stub_of(rpc)
+            methods: dict[str, Callable[..., Awaitable[Any]]] = {
+                "authorize": stubs.pos.Authorize, "confirm": stubs.pos.Confirm,
+                "cancel": stubs.pos.Cancel, "recharge": stubs.funding.Recharge,
+                "redeem": stubs.points.RedeemPoints, "reverse": stubs.pos.ReverseAuthorization,
+                "refund": stubs.refunds.RefundSale}
+            return methods[rpc]
+
         deadline = time.monotonic() + RESOLVE_BUDGET_S
         gate = asyncio.Semaphore(RESOLVE_CONCURRENCY)
         unresolved: list[str] = []
         timeout = max(self.cfg.rpc_timeout_s, 5.0)
 
-        async def settle(what: str, rpc: str, request: Message) -> Any:
-            async with gate:
+        async def settle(what: str, rpc: str, request: Message, lane: Lane) -> Any:
+            # one request at a time per terminal: its counters must arrive in order
+            async with gate, lane.lock:
                 for attempt in range(RESOLVE_ATTEMPTS):
                     if time.monotonic() > deadline:
                         unresolved.append(f"{what}: out of time")
                         return None
+                    if lane.signer is not None and rpc in TERMINAL_RPCS:
+                        lane.signer.sign(request)  # type: ignore[arg-type]
                     try:
-                        return await methods[rpc](request, timeout=timeout)
+                        return await method(lane, rpc)(request, timeout=timeout)
                     except grpc.aio.AioRpcError as exc:
                         if exc.code() in DEFINITIVE:
                             if rpc == "cancel" and what.startswith("open hold"):
@@ -429,27 +485,27 @@ class Generator:
         # refund after the confirms: it refunds a sale they booked)
         for phase in (("authorize",), ("confirm", "cancel", "recharge", "redeem", "reverse"),
                       ("refund",)):
-            batch = [(rid, rpc, req) for rid, (rpc, req) in self.pending.items() if rpc in phase]
-            answers = await asyncio.gather(*(settle(f"{rpc} {rid}", rpc, req)
-                                             for rid, rpc, req in batch))
-            for (_rid, rpc, req), answer in zip(batch, answers, strict=True):
+            batch = [(rid, rpc, req, lane) for rid, (rpc, req, lane) in self.pending.items()
+                     if rpc in phase]
+            answers = await asyncio.gather(*(settle(f"{rpc} {rid}", rpc, req, lane)
+                                             for rid, rpc, req, lane in batch))
+            for (_rid, rpc, req, lane), answer in zip(batch, answers, strict=True):
                 if answer is not None:
-                    self._apply_late(rpc, req, answer)
+                    self._apply_late(rpc, req, answer, lane)
         self.pending.clear()
-        holds = list(self.open_holds)
-        cancels = [transaction_pb2.CancelRequest(request_id=self._rid() + "z", hold_id=h)
-                   for h in holds]
-        answers = await asyncio.gather(*(settle(f"open hold {c.hold_id}", "cancel", c)
-                                         for c in cancels))
+        cancels = [(transaction_pb2.CancelRequest(request_id=self._rid() + "z", hold_id=h), lane)
+                   for h, (_account, lane) in self.open_holds.items()]
+        answers = await asyncio.gather(*(settle(f"open hold {c.hold_id}", "cancel", c, lane)
+                                         for c, lane in cancels))
         self.cancelled += sum(1 for a in answers if a is not None)
         self.open_holds.clear()
         return unresolved
 
-    def _apply_late(self, rpc: str, request: Message, r: Any) -> None:
+    def _apply_late(self, rpc: str, request: Message, r: Any, lane: Lane) -> None:
         """The outcome of a request that was in doubt."""
         if rpc == "authorize":
             if r.decision == APPROVED:
-                self.open_holds[r.hold.hold_id] = r.hold.account_id
+                self.open_holds[r.hold.hold_id] = (r.hold.account_id, lane)
         elif rpc == "confirm":
             assert isinstance(request, transaction_pb2.ConfirmRequest)
             self.open_holds.pop(request.hold_id, None)
@@ -477,17 +533,9 @@ class Generator:
     # -- the whole life of the process -----------------------------------------
     async def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        channels = [grpc.aio.insecure_channel(cfg.target, options=CHANNEL_OPTIONS)
-                    for _ in range(cfg.channels)]
+        channels: list[grpc.aio.Channel] = []
         try:
-            for ch in channels:
-                await asyncio.wait_for(ch.channel_ready(), timeout=30)
-                self.stubs.append(Stubs(
-                    transaction_pb2_grpc.TransactionServiceStub(ch),
-                    funding_pb2_grpc.FundingServiceStub(ch),
-                    points_pb2_grpc.PointsServiceStub(ch),
-                    health_pb2_grpc.HealthStub(ch),
-                    refund_pb2_grpc.RefundServiceStub(ch)))
+            await self._connect(channels)
             self.queue.put(("ready", cfg.index, None))
             loop = asyncio.get_running_loop()
             if not await loop.run_in_executor(None, self.go.wait, 120.0):
@@ -522,6 +570,41 @@ class Generator:
             for ch in channels:
                 await ch.close(None)
 
+    async def _connect(self, channels: list[grpc.aio.Channel]) -> None:
+        """Open the channels (appended to `channels`, for closing) and, in
+        production mode, sign every terminal on."""
+        cfg = self.cfg
+        if cfg.terminal_certs is None or cfg.tls_dir is None:
+            for _ in range(cfg.channels):
+                ch = grpc.aio.insecure_channel(cfg.target, options=CHANNEL_OPTIONS)
+                channels.append(ch)
+                await asyncio.wait_for(ch.channel_ready(), timeout=30)
+                stubs = _stubs(ch)
+                self.lanes.append(Lane(stubs, stubs))
+            return
+        run_dir, tls_dir = Path(cfg.terminal_certs), Path(cfg.tls_dir)
+        ca = tls_dir / "ca.pem"
+        admin = grpc.aio.secure_channel(
+            cfg.target, terminals.credentials(tls_dir, terminals.ADMIN_STEM, ca),
+            options=CHANNEL_OPTIONS)
+        channels.append(admin)
+        admin_stubs = _stubs(admin)
+
+        async def lane(k: int) -> Lane:
+            name = terminals.terminal_name(cfg.run_id, cfg.index, k)
+            ch = grpc.aio.secure_channel(
+                cfg.target, terminals.credentials(run_dir, terminals.stem(name), ca),
+                options=CHANNEL_OPTIONS)
+            channels.append(ch)
+            await asyncio.wait_for(ch.channel_ready(), timeout=30)
+            return Lane(_stubs(ch), admin_stubs, await terminals.sign_on(ch, name))
+
+        self.lanes = list(await asyncio.gather(*(lane(k) for k in range(cfg.terminals))))
+        if cfg.rate > 0:
+            self.free = asyncio.Queue()
+            for one in self.lanes:
+                self.free.put_nowait(one)
+
     def _result(self, cpu_s: float, unresolved: list[str]) -> dict[str, Any]:
         return {
             "index": self.cfg.index,
@@ -542,10 +625,18 @@ class Generator:
             "refunded_fen": self.refunded_fen,
             "refund_count": self.refund_count,
             "reversed": self.reversed,
+            "mac_requests": sum(lane.signer.signed for lane in self.lanes if lane.signer),
+            "terminals": sum(1 for lane in self.lanes if lane.signer),
             "unresolved": unresolved,
             "error_samples": self.error_samples,
             "stats": self.rec.encode(),
         }
+
+
+def _stubs(ch: grpc.aio.Channel) -> Stubs:
+    return Stubs(transaction_pb2_grpc.TransactionServiceStub(ch),
+                 funding_pb2_grpc.FundingServiceStub(ch), points_pb2_grpc.PointsServiceStub(ch),
+                 health_pb2_grpc.HealthStub(ch), refund_pb2_grpc.RefundServiceStub(ch))
 
 
 def _approved(response: Message) -> bool:
