@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from fuelcard_loadtest import cli, history, ledger, seed
+from fuelcard_loadtest import cli, history, ledger, seed, targets
 from fuelcard_loadtest.seed import account_uid, card_number
 from fuelcard_server import verify
 from fuelcard_server.cards import is_valid_pan
@@ -255,11 +255,13 @@ def test_a_target_needs_its_ca_or_insecure(server: RunningServer, tmp_path: Path
 def test_ab_alternates_two_checkouts_and_tabulates_them(
         tls_server: TlsServer, tmp_path: Path) -> None:
     """`ab` with this checkout on both sides, one run each, against a mutual
-    TLS server (--target: no server start-up to wait for)."""
+    TLS server (--target: no server start-up to wait for); side two's own
+    option turns its controls off."""
     markdown, every = tmp_path / "ab.md", tmp_path / "ab.json"
     code = cli.main([
         "ab", "--a", str(ROOT), "--b", str(ROOT), "--runs", "1", "--label-a", "one",
-        "--label-b", "two", "--work-dir", str(tmp_path / "ab"), "--markdown", str(markdown),
+        "--label-b", "two", "--args-b=--no-controls", "--work-dir", str(tmp_path / "ab"),
+        "--markdown", str(markdown),
         "--json", str(every), "--",
         "--target", tls_server.target, "--database-url", tls_server.database_url,
         "--tls-dir", str(tls_server.certs), "--card-index-key-hex", TEST_KEY_HEX,
@@ -267,6 +269,7 @@ def test_ab_alternates_two_checkouts_and_tabulates_them(
     runs = json.loads(every.read_text())
     assert code == 0, [r["failures"] for r in runs]
     assert [r["ab"]["side"] for r in runs] == ["one", "two"]
+    assert [r["controls"] for r in runs] == [True, False]
     assert all(r["passed"] and r["security"]["macs"] for r in runs)
     assert runs[1]["seed_reused"] and runs[1]["dataset_tag"] == runs[0]["dataset_tag"]
     lines = markdown.read_text().splitlines()
@@ -279,4 +282,31 @@ def test_ab_alternates_two_checkouts_and_tabulates_them(
     assert all("| 1/1 |" in row for row in medians)
     cycles = [float(row.split(" | ")[2].replace(" ", "")) for row in rows[:2]]
     assert cycles == [round(r["throughput_per_s"], 1) for r in runs]
-    assert "mutual TLS + MACs" in markdown.read_text()
+    text = markdown.read_text()
+    assert "- one: mutual TLS + MACs, controls on;" in text
+    assert "- two: mutual TLS + MACs, controls off;" in text
+
+
+def test_the_targets_table_says_met_or_missed_against_the_medians() -> None:
+    def run(cycles: float, pg: float, wal: float, srv: float, ratio: float | None, p99: float,
+            passed: bool = True) -> dict[str, Any]:
+        return {"throughput_per_s": cycles, "passed": passed,
+                "resources": {"postgres_cpu_us_per_cycle": pg, "wal_bytes_per_cycle": wal,
+                              "server_cpu_us_per_cycle": srv},
+                "ceilings": {"ratio_vs_framework": ratio} if ratio is not None else None,
+                "latency": {"authorize": {"p99_ms": p99}, "confirm": {"p99_ms": p99 / 2}}}
+
+    runs = {"uniform": [run(500, 900, 5000, 800, 0.35, 30), run(400, 1100, 3000, 1000, 0.30, 30),
+                        run(450, 950, 4500, 850, 0.34, 30)],
+            "hot-fleet": [run(420, 1, 1, 1, None, 1), run(400, 1, 1, 1, None, 1)],
+            "open": [run(225, 1, 1, 1, None, 9.0), run(225, 1, 1, 1, None, 12.0, passed=False)]}
+    rows = targets.target_table(runs).splitlines()[2:]
+    assert rows == [
+        "| PostgreSQL CPU per cycle ≤ 1 000 µs (uniform) | 950 µs | met |",
+        "| WAL per cycle ≤ 4 000 bytes (uniform) | 4500 B | **missed** |",
+        "| server CPU per cycle ≤ 900 µs (uniform) | 850 µs | met |",
+        "| uniform cycles/s ≥ 0.33 × (no-op RPC/s ÷ 2), same run | 0.340 × | met |",
+        "| hot-fleet cycles/s ≥ 90 % of uniform | 91 % | met |",
+        "| open-loop p99 ≤ 10 ms at half the uniform maximum (worse of authorize, confirm)"
+        " | 10.50 ms | **missed** |",
+        "| every run's ledger check passes | 86 % of runs | **missed** |"]

@@ -14,6 +14,8 @@ sides and only the server differs; `--generator each` runs each side's own
 `fuelcard-loadtest` instead. Each side keeps its data directory for all its
 runs (under --work-dir): its first run seeds it (a `--reseed` among the run
 options applies to that first run only), the others reuse the data set.
+--args-a/--args-b add options to one side only: `--a . --b .
+--args-a=--insecure` measures what production mode costs on one checkout.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -43,6 +46,8 @@ class Side:
     label: str
     checkout: Path
     data_dir: Path
+    # run options of this side only, after the common ones
+    extra: tuple[str, ...] = ()
 
     def python(self) -> Path:
         return self.checkout / ".venv" / "bin" / "python"
@@ -56,7 +61,7 @@ def loadtest_dir() -> Path:
 def command(side: Side, args: Sequence[str], report: Path, generator: str
             ) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
-    tail = [*args, "--data-dir", str(side.data_dir), "--report", str(report),
+    tail = [*args, *side.extra, "--data-dir", str(side.data_dir), "--report", str(report),
             *([] if "--no-progress" in args else ["--no-progress"])]
     if generator == "each":
         return [str(side.checkout / ".venv" / "bin" / "fuelcard-loadtest"), *tail], env
@@ -180,26 +185,39 @@ def table(groups: Sequence[tuple[str, Sequence[dict[str, Any]]]], order: Sequenc
     return "\n".join(lines) + "\n"
 
 
+def _mode(r: dict[str, Any]) -> str:
+    sec = r.get("security") or {}
+    if sec:
+        mode = "mutual TLS + MACs" if sec.get("mutual_tls") else "plaintext, no MACs"
+    else:
+        mode = "plaintext, no MACs" if r.get("insecure", True) else "?"
+    return f"{mode}, controls {'on' if r.get('controls') else 'off'}"
+
+
 def conditions(reports: Sequence[dict[str, Any]]) -> str:
-    """One paragraph: what ran, where, when, under what load."""
+    """What ran, where, when, under what load; each side's mode, commits
+    and command."""
     if not reports:
         return ""
     r = reports[0]
     loads = [v for v in (_load(x) for x in reports) if v is not None]
-    sec = r.get("security") or {}
-    mode = ("mutual TLS + MACs" if sec.get("mutual_tls") else
-            "plaintext, no MACs" if sec else "insecure" if r.get("insecure") else "?")
-    commits = sorted({f"{(x.get('ab') or {}).get('side', '?')}: server {x.get('server_commit')}"
-                      f" (generator {x.get('commit')})" for x in reports})
     machine = r.get("machine") or {}
-    return (f"{r['scenario']}, {r['mode']} loop"
+    text = (f"{r['scenario']}, {r['mode']} loop"
             + (f" c={r['concurrency']}" if r.get("concurrency") else f" {r.get('rate_per_s')}/s")
-            + f", {r['cards']} cards, {r['duration_s']:.0f} s measured per run, {mode},"
-            f" controls {'on' if r.get('controls') else 'off'}, {r.get('server_workers')} server"
-            f" processes; {machine.get('cpus')} CPUs ({machine.get('cpu_model')}), shared; load"
-            f" average before the runs {min(loads, default=0):.2f}–{max(loads, default=0):.2f};"
-            f" started {r.get('started_at', '?')[:16]} UTC; commits {'; '.join(commits)}.\n"
-            f"Command: `{r.get('command')}`\n")
+            + f", {r['cards']} cards, {r['duration_s']:.0f} s measured per run,"
+            f" {r.get('server_workers')} server processes; {machine.get('cpus')} CPUs"
+            f" ({machine.get('cpu_model')}), shared; load average before the runs"
+            f" {min(loads, default=0):.2f}–{max(loads, default=0):.2f};"
+            f" started {str(r.get('started_at', '?'))[:16]} UTC.\n")
+    seen: set[str] = set()
+    for x in reports:
+        side = str((x.get("ab") or {}).get("side", x.get("scenario", "?")))
+        if side in seen:
+            continue
+        seen.add(side)
+        text += (f"- {side}: {_mode(x)}; server commit {x.get('server_commit')}, generator"
+                 f" {x.get('commit')}; `{x.get('command')}`\n")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", type=Path, required=True, help="checkout B (with its .venv)")
     p.add_argument("--label-a", default="A")
     p.add_argument("--label-b", default="B")
+    p.add_argument("--args-a", default="", metavar="OPTIONS",
+                   help="run options for side A only, e.g. \"--insecure --no-controls\"")
+    p.add_argument("--args-b", default="", metavar="OPTIONS", help="run options for side B only")
     p.add_argument("--runs", type=int, default=3, help="runs of each side (default 3)")
     p.add_argument("--work-dir", type=Path,
                    help="data directories (a/, b/), reports and logs; kept (default: a temporary"
@@ -247,8 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fuelcard-ab-"))
     work = work.resolve()
     (work / "reports").mkdir(parents=True, exist_ok=True)
-    sides = (Side(args.label_a, args.a.resolve(), work / "a"),
-             Side(args.label_b, args.b.resolve(), work / "b"))
+    sides = (Side(args.label_a, args.a.resolve(), work / "a", tuple(shlex.split(args.args_a))),
+             Side(args.label_b, args.b.resolve(), work / "b", tuple(shlex.split(args.args_b))))
 
     def say(text: str) -> None:
         print(text, flush=True)

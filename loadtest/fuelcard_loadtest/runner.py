@@ -546,6 +546,8 @@ def run(opts: Options, out: TextIO | None = None) -> dict[str, Any]:
         database_mb = _database_mb(url)
         if opts.controls:
             controls.apply(url, dataset.tag, f"LT-{run_id}", log=say)
+        else:
+            controls.clear(url, dataset.tag, log=say)
         if opts.risk_rules:
             risk_rules.apply(url, opts.risk_rules, log=say)
         closed = opts.rate is None

@@ -10,8 +10,8 @@ cycles/s ≥ 0.33 × (no-op RPC/s ÷ 2); hot-fleet ≥ 90 % of uniform;
 open-loop p99 ≤ 10 ms; every run's ledger check passes. Production mode
 (mutual TLS, MACs, controls) unless the run options say otherwise.
 
-    fuelcard-loadtest targets [--runs 3] [--duration-s 15] [--checkout DIR]
-        [--markdown FILE] -- <more run options, e.g. --cards 20000>
+    fuelcard-loadtest targets [--runs 3] [--duration-s 15] [--cards 20000] [--checkout DIR]
+        [--markdown FILE] -- <more run options, e.g. --workers 1>
 """
 
 from __future__ import annotations
@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ceilings-duration-s", type=float, default=10.0,
                    help="each same-run ceiling of the uniform runs (default 10)")
     p.add_argument("--concurrency", type=int, default=64, help="closed loop (default 64)")
+    p.add_argument("--cards", type=int, default=100_000,
+                   help="cards of the uniform runs, closed and open loop (default 100000)")
+    p.add_argument("--hot-cards", type=int, default=500,
+                   help="cards of the hot-fleet runs, all on one account (default 500)")
     p.add_argument("--checkout", type=Path,
                    help="the checkout whose server to measure (default: this one)")
     p.add_argument("--work-dir", type=Path, help="data directory, reports and logs; kept"
@@ -110,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mine, run_args = ab.split_args(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     args = p.parse_args(mine)
-    owned = ("--scenario", "--rate", "--concurrency", "--duration-s", "--ceilings",
+    owned = ("--scenario", "--rate", "--concurrency", "--duration-s", "--ceilings", "--cards",
              *ab.OWN_OPTIONS)
     clash = [o for o in owned if any(a == o or a.startswith(o + "=") for a in run_args)]
     if clash:
@@ -128,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     common = ["--duration-s", f"{args.duration_s:g}", *run_args]
     closed = ["--concurrency", str(args.concurrency)]
+    cards = ["--cards", str(args.cards)]
     runs: dict[str, list[dict[str, Any]]] = {"uniform": [], "hot-fleet": [], "open": []}
     order: list[dict[str, Any]] = []
     reseed = "--reseed" in common
@@ -147,12 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         for i in range(args.runs):
-            uniform = one("uniform", ["--scenario", "uniform", *closed, "--ceilings",
+            uniform = one("uniform", ["--scenario", "uniform", *cards, *closed, "--ceilings",
                                       "--ceilings-duration-s", f"{args.ceilings_duration_s:g}"])
             rate = max(uniform["throughput_per_s"] / 2, 1.0)
             others: list[tuple[str, list[str]]] = [
-                ("hot-fleet", ["--scenario", "hot-fleet", *closed]),
-                ("open", ["--scenario", "uniform", "--rate", f"{rate:.1f}"])]
+                ("hot-fleet", ["--scenario", "hot-fleet", "--cards", str(args.hot_cards), *closed]),
+                ("open", ["--scenario", "uniform", *cards, "--rate", f"{rate:.1f}"])]
             for kind, extra in (others if i % 2 == 0 else others[::-1]):
                 one(kind, extra)
     finally:
