@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("generator")
     g.add_argument("--processes", type=int, default=2, help="generator processes (default 2)")
     g.add_argument("--channels", type=int, default=8,
-                   help="gRPC channels (TCP connections) per process (default 8)")
+                   help="--insecure: gRPC channels (TCP connections) per process (default 8);"
+                   " production mode has a channel per terminal")
     g.add_argument("--rpc-timeout-s", type=float, default=10.0, help="deadline per RPC (default 10)")
     g.add_argument("--max-inflight", type=int, default=20_000,
                    help="open loop: arrivals outstanding before new ones are dropped")
