@@ -59,5 +59,8 @@ def per_cycle(delta: dict[str, int], cycles: float) -> dict[str, float]:
     n = max(cycles, 1e-9)
     return {"wal_bytes_per_cycle": delta["wal_bytes"] / n,
             "wal_records_per_cycle": delta["wal_records"] / n,
+            # full-page images: the first change of a page after a checkpoint
+            # writes the whole page, so a window with a checkpoint in it writes more
+            "wal_fpi_per_cycle": delta["wal_fpi"] / n,
             "commits_per_cycle": delta["commits"] / n,
             "wal_flushes_per_cycle": delta["wal_flushes"] / n}

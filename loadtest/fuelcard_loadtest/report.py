@@ -74,7 +74,8 @@ def table(r: dict[str, Any]) -> str:
                          f" generator {res['generator_cpu_us_per_cycle']:.0f} µs")
         if "wal_bytes_per_cycle" in res:
             lines.append(f"  per cycle: WAL {res['wal_bytes_per_cycle']:.0f} bytes in"
-                         f" {res['wal_records_per_cycle']:.1f} records,"
+                         f" {res['wal_records_per_cycle']:.1f} records"
+                         f" ({res.get('wal_fpi_per_cycle', 0):.2f} full-page images),"
                          f" {res['commits_per_cycle']:.2f} commits,"
                          f" {res['wal_flushes_per_cycle']:.2f} WAL flushes")
     c = r.get("ceilings")

@@ -562,8 +562,8 @@ def run(opts: Options, out: TextIO | None = None) -> dict[str, Any]:
         tls: tuple[Path, Path] | None = None
         if tls_dir is not None:
             names = _terminal_names(opts, run_id)
-            say(f"production mode: mutual TLS, {len(names)} terminals signing on and MACing"
-                " every terminal request")
+            say(f"production mode: mutual TLS; {len(names)} terminal certificates issued; each"
+                " terminal signs on and MACs every terminal request")
             run_certs = terminals.issue_terminals(tls_dir, ledger.station(run_id), names)
             tls = (run_certs, tls_dir)
         since = ledger.marks(url)
@@ -614,13 +614,14 @@ def _database_mb(url: str) -> float:
 
 def _terminal_names(opts: Options, run_id: str) -> list[str]:
     """Every terminal of the run: closed loop, one per operation in flight;
-    open loop, --terminals; split over the generator processes as drive()
-    splits them."""
-    total = opts.concurrency if opts.rate is None else opts.terminals
+    open loop, --terminals (and, for the closed-loop ceiling, as many as it
+    has operations in flight); split over the generator processes as
+    drive() splits them."""
+    totals = [opts.concurrency] if opts.rate is None else [opts.terminals, opts.concurrency]
     n = opts.processes
     names = []
     for i in range(n):
-        share = total // n + (1 if i < total % n else 0)
+        share = max(t // n + (1 if i < t % n else 0) for t in totals)
         names += [terminals.terminal_name(run_id, i, k) for k in range(max(share, 1))]
     return names
 

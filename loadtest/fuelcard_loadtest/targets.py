@@ -141,9 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def one(kind: str, extra: list[str]) -> dict[str, Any]:
         n = len(runs[kind]) + 1
         side = ab.Side(kind, checkout, work / "data")
-        first = not order
+        first = not runs[kind]
         say(f"run {len(order) + 1}/{3 * args.runs}: {kind} #{n}")
-        r = ab.run_one(side, [*common, *extra, *(["--reseed"] if reseed and first else [])],
+        r = ab.run_one(side, [*common, *extra,
+                              *(["--reseed"] if reseed and first and kind != "open" else [])],
                        work / "reports" / f"{kind}-{n}.json", work / "reports" / f"{kind}-{n}.log",
                        "self", say)
         runs[kind].append(r)
