@@ -206,7 +206,7 @@ def test_the_default_run_is_mutual_tls_with_macs_and_reports_per_cycle_costs(
     with tempfile.TemporaryDirectory(prefix="fuelcard-loadtest-test-") as tmp:
         data = Path(tmp) / "data"
         code = cli.main([*TINY, "--duration-s", "3", "--data-dir", str(data),
-                         "--report", str(report)])
+                         "--report", str(report), "--ceilings", "--ceilings-duration-s", "1"])
         certs = data / "loadtest-certs"
         kept = sorted(p.name for p in certs.iterdir())
     r = json.loads(report.read_text())
@@ -221,6 +221,13 @@ def test_the_default_run_is_mutual_tls_with_macs_and_reports_per_cycle_costs(
     assert sec["server_counters_advanced"] == sec["mac_requests"]
     assert r["errors"] == {} and r["ledger"]["ok"]
     _plausible_per_cycle(r, PER_CYCLE + CPU_PER_CYCLE)
+    # the same-run ceilings: the no-op RPC over the terminals' TLS channels, and
+    # pgbench passing a terminal and a counter as the server does for one
+    c = r["ceilings"]
+    assert c["framework"]["rpc_per_s"] > 0 and c["framework"]["errors"] == {}
+    assert c["pgbench"]["cycles_per_s"] > 0 and c["pgbench"]["failed"] == 0
+    assert not {"authorize.p_counter", "confirm.p_counter", "confirm.p_terminal"} & set(
+        c["pgbench"]["null_parameters"])
     for key in CPU_PER_CYCLE:
         assert 10 < r["resources"][key] < 1_000_000, (key, r["resources"])
     # the run's terminal certificates are gone; the CA's, the server's and the admin's stay

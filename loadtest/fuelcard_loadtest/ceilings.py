@@ -34,7 +34,8 @@ STATION = "PGBENCH"
 # name. The statements follow the functions' current signatures (read from
 # the database), so a new parameter does not break the ceiling: parameters
 # not named here get NULL, which is what the server sends for the terminal
-# authentication fields in development mode (plaintext on loopback).
+# authentication fields in development mode (plaintext on loopback); in
+# production mode the terminal's fields are filled (below).
 AUTHORIZE_ARGS = {
     "p_caller": "''",
     "p_request_id": "'pgb-' || gen_random_uuid()",
@@ -58,6 +59,16 @@ CONFIRM_ARGS = {
     "p_unit_price_fen": "{price}::bigint",
     "p_now": "now()",
 }
+
+# Production mode: the server passes the terminal (station and terminal id
+# from its certificate) and the request's counter, and the functions advance
+# the terminal's counter (fc.admit) and check that a hold belongs to the
+# terminal that settles it. pgbench does the same, one terminal per client,
+# the counter a microsecond clock (rising within each client).
+COUNTER = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+TERMINAL = "'{station}-T' || :client_id"
+AUTHORIZE_TERMINAL_ARGS = {"p_terminal_id": TERMINAL, "p_counter": COUNTER}
+CONFIRM_TERMINAL_ARGS = {"p_station": "'{station}'", "p_terminal": TERMINAL, "p_counter": COUNTER}
 
 SCRIPT = """\\set i random(0, {last})
 \\set amount random({amin}, {amax})
@@ -131,15 +142,19 @@ class PgbenchResult:
                 "command": self.command, "null_parameters": self.nulls}
 
 
-def script(url: str, tag: int, cards: int) -> tuple[str, list[str]]:
-    """The pgbench script of one pump cycle, and the parameters it passes as NULL."""
+def script(url: str, tag: int, cards: int, terminals: bool = False) -> tuple[str, list[str]]:
+    """The pgbench script of one pump cycle, and the parameters it passes as
+    NULL; `terminals`: as the server calls the functions for a terminal
+    over mutual TLS (its station, terminal id and counter)."""
     nulls: list[str] = []
     values = {"tag": tag, "station": STATION, "price": UNIT_PRICE_FEN}
+    authorize_args = {**AUTHORIZE_ARGS, **(AUTHORIZE_TERMINAL_ARGS if terminals else {})}
+    confirm_args = {**CONFIRM_ARGS, **(CONFIRM_TERMINAL_ARGS if terminals else {})}
     with psycopg.connect(url, autocommit=True) as conn:
         authorize = _call(conn, "authorize",
-                          {k: v.format(**values) for k, v in AUTHORIZE_ARGS.items()}, nulls)
+                          {k: v.format(**values) for k, v in authorize_args.items()}, nulls)
         confirm = _call(conn, "confirm",
-                        {k: v.format(**values) for k, v in CONFIRM_ARGS.items()}, nulls)
+                        {k: v.format(**values) for k, v in confirm_args.items()}, nulls)
     text = SCRIPT.format(last=cards - 1, amin=AMOUNT_MIN_FEN, amax=AMOUNT_MAX_FEN,
                          authorize=authorize, confirm=confirm)
     return text, nulls
@@ -158,8 +173,8 @@ def _env(url: str) -> dict[str, str]:
 
 
 def run_pgbench(url: str, tag: int, cards: int, clients: int, duration_s: float,
-                threads: int = 2) -> PgbenchResult:
-    text, nulls = script(url, tag, cards)
+                threads: int = 2, terminals: bool = False) -> PgbenchResult:
+    text, nulls = script(url, tag, cards, terminals)
     with tempfile.TemporaryDirectory(prefix="fuelcard-pgbench-") as tmp:
         path = Path(tmp) / "cycle.sql"
         path.write_text(text)

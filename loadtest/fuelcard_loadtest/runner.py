@@ -655,7 +655,8 @@ def _ceilings(opts: Options, target: str, url: str, dataset: seed.Dataset, run_i
     fw_latency = fw.merged.latency().get("health", {})
     fw_rate = fw.cycles / fw.measured_s
     say(f"ceiling 2/2: database, pgbench -c {opts.concurrency} for {seconds:.0f} s ...")
-    pg = ceilings.run_pgbench(url, dataset.tag, dataset.cards, opts.concurrency, seconds)
+    pg = ceilings.run_pgbench(url, dataset.tag, dataset.cards, opts.concurrency, seconds,
+                              terminals=tls is not None)
     return {
         "framework": {"rpc_per_s": round(fw_rate, 1), "p50_ms": fw_latency.get("p50_ms", 0.0),
                       "p99_ms": fw_latency.get("p99_ms", 0.0),
