@@ -132,6 +132,8 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], float | None], int]] = [
     ("generator µs/cycle", _res("generator_cpu_us_per_cycle"), 0),
     ("WAL B/cycle", _res("wal_bytes_per_cycle"), 0),
     ("WAL records/cycle", _res("wal_records_per_cycle"), 1),
+    # full-page images (≈ 8 kB each): the first change of a page after a checkpoint
+    ("WAL FPI/cycle", _res("wal_fpi_per_cycle"), 2),
     ("commits/cycle", _res("commits_per_cycle"), 2),
     ("WAL flushes/cycle", _res("wal_flushes_per_cycle"), 2),
     ("authorize p50 ms", _latency("authorize", "p50_ms"), 2),
