@@ -13,19 +13,24 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from fuelcard.v1 import risk_pb2
 from fuelcard_console import rule_backtest, rule_sets
+from fuelcard_console.auth import Role
 from fuelcard_server import cli
 from fuelcard_server.db import Database
 from fuelcard_server.risk import backtest
 from fuelcard_server.risk.model import load_text
+from playwright.sync_api import Page
 
+from tests.plugins.console import LoginHelper, RunningConsole, StepUpHelper
 from tests.plugins.server import RunningServer
 from tests.support import builders
 from tests.support import control_builders as cb
 from tests.support.ledger_asserts import Conn, scalar
-from tests.support.risk_helpers import load_rules, rule
+from tests.support.risk_helpers import load_rules, risk, rule
 
 DEFAULT = Path(cli.__file__).parent / "risk" / "default_rules.toml"
+SCREENSHOTS = Path(__file__).parent.parent / "docs" / "console"
 T = TypeVar("T")
 
 
@@ -77,22 +82,29 @@ def test_canonical_text_is_the_same_rule_set_whatever_the_layout() -> None:
     assert rule_sets.validate(canonical, "toml") == tricky
 
 
-def test_the_side_by_side_diff_shows_the_changed_lines_only() -> None:
-    old = rule_sets.canonical_text(rule_sets.validate(SMALL, "toml"))
+def test_the_diff_shows_each_rules_own_changes() -> None:
+    old = rule_sets.canonical_lines(rule_sets.validate(SMALL, "toml"))
     new_doc = SMALL.replace("min_amount_fen = 100000", "min_amount_fen = 200000") + (
-        '\n[[rules]]\nid = "VEL"\nkind = "velocity"\nmin_count = 5\nwindow_s = 3600\n')
-    new = rule_sets.canonical_text(rule_sets.validate(new_doc, "toml"))
+        '\n[[rules]]\nid = "VEL"\nkind = "velocity"\naction = "review"\nscore = 60\n'
+        'min_count = 5\nwindow_s = 3600\n')
+    new = rule_sets.canonical_lines(rule_sets.validate(new_doc, "toml"))
     rows = rule_sets.side_by_side(old, new)
     changed = [(r.tag, r.old, r.new) for r in rows if r.tag != "equal"]
-    assert ("replace", "min_amount_fen = 100000", "min_amount_fen = 200000") in changed
-    assert ("insert", "", 'id = "VEL"') in changed
+    # AMT-BIG's threshold changed, and VEL came in whole - its `action = "review"` and
+    # `score = 60` are its own new lines, not taken for AMT-BIG's identical ones
+    assert changed == [("replace", "min_amount_fen = 100000", "min_amount_fen = 200000")] + [
+        ("insert", "", text) for _, text in new[-8:]]
     assert all(r.old_no is None for r in rows if r.tag == "insert")
     assert rule_sets.side_by_side(old, old) == []
     diff = rule_sets.unified(old, new, "版本 1", "草稿")
-    assert "-min_amount_fen = 100000" in diff and "+min_amount_fen = 200000" in diff
+    assert diff.startswith("--- 版本 1\n+++ 草稿\n@@ ")
+    assert "-min_amount_fen = 100000\n+min_amount_fen = 200000\n" in diff
+    assert '+action = "review"' in diff and '-action = "review"' not in diff
+    assert rule_sets.unified(old, old, "a", "b") == ""
     # far-apart changes come as two hunks with a gap between
     many = "\n".join(f"line {i}" for i in range(40))
-    rows = rule_sets.side_by_side(many, many.replace("line 2\n", "line two\n").replace("line 37", "x"))
+    rows = rule_sets.side_by_side(rule_sets.plain_lines(many), rule_sets.plain_lines(
+        many.replace("line 2\n", "line two\n").replace("line 37", "x")))
     assert [r.tag for r in rows].count("gap") == 1
 
 
@@ -203,3 +215,113 @@ def test_backtest_bounds_are_clamped() -> None:
     assert rule_backtest.Bounds.parse("1000", "0") == rule_backtest.Bounds(rule_backtest.MAX_DAYS, 1)
     assert rule_backtest.Bounds.parse("x", "9" * 9) == rule_backtest.Bounds(
         rule_backtest.DEFAULT_DAYS, rule_backtest.MAX_HOLDS)
+
+
+# --- in the browser ---------------------------------------------------------------------------
+
+CURRENT = """
+name = "现行"
+review_score = 60
+decline_score = 100
+
+[[rules]]
+id = "AMT-BIG"
+kind = "amount"
+action = "score"
+score = 10
+min_amount_fen = 100000
+"""
+NEW = """
+# 新版：大额转人工，再加一条频次规则
+name = "新版"
+review_score = 60
+decline_score = 100
+
+[[rules]]
+id = "AMT-BIG"
+kind = "amount"
+action = "review"
+score = 60
+min_amount_fen = 50000
+
+[[rules]]
+id = "VEL-1H"
+kind = "velocity"
+action = "score"
+score = 20
+min_count = 3
+window_s = 3600
+"""
+
+
+def test_a_risk_officer_loads_compares_backtests_and_activates_a_version(
+        console: RunningConsole, page: Page, login: LoginHelper, step_up: StepUpHelper, db: Conn) -> None:
+    server = console.server
+    first = risk(server).LoadRuleSet(risk_pb2.LoadRuleSetRequest(
+        request_id=builders.rid("rules"), document=CURRENT, format=risk_pb2.RULE_FORMAT_TOML))
+    card = builders.open_card(server, 2_000_000)
+    for amount in (80_000, 20_000, 30_000):  # one of them above the new set's threshold
+        cb.sale(server, card, amount)
+        console.advance(dt.timedelta(minutes=5))
+    name, password, secret = console.make_user(Role.RISK_OFFICER)
+    login(page, name, password)
+
+    page.goto("/console/risk/")
+    assert page.text_content("#active-version") == str(first.rule_set.version)
+    assert page.locator(f"#versions tr[data-version='{first.rule_set.version}']").count() == 1
+    page.screenshot(path=str(SCREENSHOTS / "risk_officer.png"), full_page=True)
+
+    # A document with a mistake: nothing kept, the problems said in Chinese.
+    page.goto("/console/risk/new")
+    page.fill("textarea[name=document]", NEW.replace('kind = "velocity"', 'kind = "speed"'))
+    page.click("#new-rules button[type=submit]")
+    assert page.locator("#problems tr[data-field='rules[1].kind']").text_content() is not None
+    assert "未知的规则类型" in (page.text_content("#problems") or "")
+    assert scalar(db, "SELECT count(*) FROM fc.console_rule_drafts") == 0
+
+    # The right one becomes a draft; the diff against the version in force shows the change.
+    page.fill("textarea[name=document]", NEW)
+    with page.expect_navigation():
+        page.click("#new-rules button[type=submit]")
+    assert "/console/risk/drafts/" in page.url, page.content()[:3000]
+    changed = page.locator("#diff-table tr[data-tag=replace]").all_text_contents()
+    assert any("min_amount_fen = 100000" in row and "min_amount_fen = 50000" in row for row in changed)
+    assert "VEL-1H" in (page.text_content("#rule-changes") or "")
+    assert risk(server).GetActiveRuleSet(risk_pb2.GetActiveRuleSetRequest()).rule_set.version == \
+        first.rule_set.version  # a draft is not in force
+
+    # The backtest of the draft against the recent sales: the 800-yuan one would be suspended.
+    page.click("#run-backtest")
+    page.wait_for_selector("#bt-transactions")
+    assert page.text_content("#bt-transactions") == "3"
+    assert page.text_content("#bt-suspended") == "1"
+    assert page.locator("#bt-rules tr[data-rule='AMT-BIG'] td").nth(1).text_content() == "1"
+    page.go_back()
+
+    # Activation asks for the TOTP step-up; a wrong code is refused and changes nothing.
+    with page.expect_navigation():
+        page.click("#activate-draft")
+    assert "/console/step-up" in page.url
+    right = console.totp(secret)
+    page.fill("input[name=code]", f"{(int(right) + 1) % 1_000_000:06d}")
+    page.click("main button[type=submit]")
+    page.wait_for_selector(".error")
+    assert "/console/step-up" in page.url
+    assert risk(server).GetActiveRuleSet(risk_pb2.GetActiveRuleSetRequest()).rule_set.version == \
+        first.rule_set.version
+    step_up(page, secret)
+    assert "/activate" in page.url
+    with page.expect_navigation():
+        page.click("#activate-form button[type=submit]")
+    active = risk(server).GetActiveRuleSet(risk_pb2.GetActiveRuleSetRequest()).rule_set
+    assert (active.version, active.name) == (first.rule_set.version + 1, "新版")
+    assert page.text_content("#active-version") == str(active.version)
+    assert scalar(db, "SELECT count(*) FROM fc.audit_log WHERE method = %s AND outcome = 'OK'",
+                  (f"/fuelcard.console/LoadRuleSet/v{active.version}",)) == 1
+
+    # The earlier version goes back in force the same way (the step-up still holds).
+    page.goto(f"/console/risk/versions/{first.rule_set.version}/activate")
+    with page.expect_navigation():
+        page.click("#activate-form button[type=submit]")
+    assert risk(server).GetActiveRuleSet(risk_pb2.GetActiveRuleSetRequest()).rule_set.version == \
+        first.rule_set.version

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -131,14 +132,35 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
-def canonical_text(rule_set: RuleSet) -> str:
+# A line of canonical text with the block it belongs to: "" for the set's own keys, else the
+# rule's id. The diff matches lines by both, so that `action = "score"` of one rule is never
+# taken for the same line of another (which a plain line diff does, and then shows one rule's
+# change as another's).
+Line = tuple[str, str]
+
+
+def canonical_lines(rule_set: RuleSet | None) -> list[Line]:
+    """The rule set as TOML lines, in the model's key order; none for no set."""
+    if rule_set is None:
+        return []
+    doc = rule_set.to_document()
+    lines = [("", f"{key} = {_toml_value(doc[key])}") for key in doc if key != "rules"]
+    for rule in doc["rules"]:
+        block = str(rule["id"])
+        lines += [(block, ""), (block, "[[rules]]")] + [
+            (block, f"{key} = {_toml_value(value)}") for key, value in rule.items()]
+    return lines
+
+
+def canonical_text(rule_set: RuleSet | None) -> str:
     """The rule set as TOML, in the model's key order: what the diff compares. Loading it gives
     the same rule set (tests/test_console_risk.py)."""
-    doc = rule_set.to_document()
-    lines = [f"{key} = {_toml_value(doc[key])}" for key in doc if key != "rules"]
-    for rule in doc["rules"]:
-        lines += ["", "[[rules]]"] + [f"{key} = {_toml_value(value)}" for key, value in rule.items()]
-    return "\n".join(lines) + "\n"
+    lines = canonical_lines(rule_set)
+    return "\n".join(text for _, text in lines) + "\n" if lines else ""
+
+
+def plain_lines(text: str) -> list[Line]:
+    return [("", line) for line in text.splitlines()]
 
 
 @dataclass(frozen=True)
@@ -153,32 +175,48 @@ class DiffRow:
     new: str
 
 
-def side_by_side(old_text: str, new_text: str, context: int = 3) -> list[DiffRow]:
-    """The changed hunks of two texts side by side, with `context` unchanged lines around
-    each; an empty list when they are the same."""
-    a, b = old_text.splitlines(), new_text.splitlines()
+def _groups(a: Sequence[Line], b: Sequence[Line], context: int
+            ) -> list[list[tuple[str, int, int, int, int]]]:
+    return list(difflib.SequenceMatcher(None, a, b, autojunk=False).get_grouped_opcodes(context))
+
+
+def side_by_side(old: Sequence[Line], new: Sequence[Line], context: int = 3) -> list[DiffRow]:
+    """The changed hunks side by side, with `context` unchanged lines around each; an empty
+    list when the two are the same."""
     rows: list[DiffRow] = []
-    for n, group in enumerate(difflib.SequenceMatcher(None, a, b, autojunk=False)
-                              .get_grouped_opcodes(context)):
+    for n, group in enumerate(_groups(old, new, context)):
         if n:
             rows.append(DiffRow("gap", None, "", None, ""))
         for tag, i1, i2, j1, j2 in group:
             if tag == "equal":
-                rows += [DiffRow("equal", i + 1, a[i], j + 1, b[j]) for i, j in
+                rows += [DiffRow("equal", i + 1, old[i][1], j + 1, new[j][1]) for i, j in
                          zip(range(i1, i2), range(j1, j2), strict=True)]
                 continue
             for k in range(max(i2 - i1, j2 - j1)):
                 i, j = i1 + k, j1 + k
                 # a replaced block longer on one side: its extra lines are inserts or deletes
                 row_tag = tag if i < i2 and j < j2 else "insert" if j < j2 else "delete"
-                rows.append(DiffRow(row_tag, i + 1 if i < i2 else None, a[i] if i < i2 else "",
-                                    j + 1 if j < j2 else None, b[j] if j < j2 else ""))
+                rows.append(DiffRow(row_tag, i + 1 if i < i2 else None, old[i][1] if i < i2 else "",
+                                    j + 1 if j < j2 else None, new[j][1] if j < j2 else ""))
     return rows
 
 
-def unified(old_text: str, new_text: str, old_label: str, new_label: str) -> str:
-    return "".join(difflib.unified_diff(old_text.splitlines(keepends=True),
-                                        new_text.splitlines(keepends=True), old_label, new_label))
+def unified(old: Sequence[Line], new: Sequence[Line], old_label: str, new_label: str,
+            context: int = 3) -> str:
+    """The same hunks in unified diff format (what `diff -u` prints)."""
+    groups = _groups(old, new, context)
+    if not groups:
+        return ""
+    out = [f"--- {old_label}", f"+++ {new_label}"]
+    for group in groups:
+        first, last = group[0], group[-1]
+        out.append(f"@@ -{first[1] + 1},{last[2] - first[1]} +{first[3] + 1},{last[4] - first[3]} @@")
+        for tag, i1, i2, j1, j2 in group:
+            if tag == "equal":
+                out += [f" {text}" for _, text in old[i1:i2]]
+                continue
+            out += [f"-{text}" for _, text in old[i1:i2]] + [f"+{text}" for _, text in new[j1:j2]]
+    return "\n".join(out) + "\n"
 
 
 # --- versions ---------------------------------------------------------------------------------
