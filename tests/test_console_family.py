@@ -9,12 +9,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from fuelcard.v1 import (
     account_pb2,
     account_pb2_grpc,
+    common_pb2,
     control_pb2,
     control_pb2_grpc,
     security_pb2,
@@ -22,14 +24,23 @@ from fuelcard.v1 import (
     step_up_pb2,
 )
 from fuelcard_console import limit_forms
+from fuelcard_console.auth import Role
 from fuelcard_console.limit_forms import FormError
 from fuelcard_server.clock import ManualClock
+from fuelcard_server.settings import Settings
+from fuelcard_server.stepup import FileOtpSender
+from playwright.sync_api import Page
 
+from tests.plugins import console as console_plugin
 from tests.plugins import logscan
+from tests.plugins.console import LoginHelper, RunningConsole
 from tests.plugins.server import ServerThread, TlsServer, make_settings
+from tests.support import builders
+from tests.support import control_builders as cb
 from tests.support.ledger_asserts import expect
 from tests.support.otp_fake import FakeOtpSender
 
+SCREENSHOTS = Path(__file__).parent.parent / "docs" / "console"
 MAIN_PHONE = "13700000013"
 SECOND_PHONE = "13700000014"
 
@@ -163,3 +174,93 @@ def test_the_code_the_console_asks_for_approves_the_raise_it_shows(core: Core) -
     assert grant(step_up, raised).raise_id
     effective = core.control.GetSpendingLimits(control_pb2.GetSpendingLimitsRequest(card_id=card))
     assert effective.limits.monthly_fen == 200_000  # the standing cap is unchanged
+
+
+# --- in the browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def raises_need_a_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The console's TLS core (tests/plugins/console.py) with limit raises behind a step-up, as
+    in production, and the codes it sends written to <its data dir>/otp-outbox.jsonl (the
+    test reads the code the holder's phone would get there)."""
+    def with_step_up(path: Path, **overrides: Any) -> Settings:
+        if overrides.get("insecure") is False:
+            overrides |= {"step_up_limit_raises": True, "otp_outbox_file": path / OUTBOX}
+        return make_settings(path, **overrides)
+    monkeypatch.setattr(console_plugin, "make_settings", with_step_up)
+
+
+OUTBOX = "otp-outbox.jsonl"
+
+
+def _caps_form(page: Page, form: str, txn: str, daily: str, monthly: str) -> None:
+    page.fill(f"{form} input[name=per_transaction_fen]", txn)
+    page.fill(f"{form} input[name=daily_fen]", daily)
+    page.fill(f"{form} input[name=monthly_fen]", monthly)
+
+
+def test_a_holder_caps_a_secondary_card_grants_a_raise_and_pools_points(
+        console: RunningConsole, page: Page, login: LoginHelper, tmp_path: Path) -> None:
+    server = console.server
+    logscan.register("phone", MAIN_PHONE)
+    main = server.accounts.OpenAccount(account_pb2.OpenAccountRequest(
+        request_id=builders.rid("open"), type=account_pb2.ACCOUNT_TYPE_FAMILY,
+        holder=account_pb2.Holder(name="张伟", phone=MAIN_PHONE))).account.account_id
+    builders.recharge(server, main, 500_000)
+    son = cb.open_account(server, parent=main, mode=cb.SHARED, label="儿子")
+    card = cb.issue_card(server, son.account_id)
+    cb.sale(server, card, 30_000)  # points to the son
+    son_points = cb.points_of(server, son.account_id)
+    main_points = cb.points_of(server, main)
+    assert son_points > 0
+    name, password, _ = console.make_user(Role.HOLDER, main)
+    login(page, name, password)
+
+    page.goto("/console/family/")
+    row = page.locator(f"#members tr[data-account='{son.account_id}']")
+    assert row.locator("td[data-points]").text_content() == str(son_points)
+    page.screenshot(path=str(SCREENSHOTS / "holder.png"), full_page=True)
+
+    # A cap on the son's card (from none: not a raise, no code); the pump is held to it.
+    with page.expect_navigation():
+        row.locator("a").first.click()
+    section = f"section[data-card='{card.card_id}']"
+    _caps_form(page, f"{section} .limits-form", "200", "500", "3000")
+    with page.expect_navigation():
+        page.click(f"{section} .limits-form button[type=submit]")
+    assert page.text_content("#notice") == "限额已更新。"
+    assert page.text_content(f"{section} td[data-cap=per_transaction_fen]") == "200.00"
+    assert cb.declined(server, card, 25_000) == common_pb2.DECLINE_REASON_LIMIT_PER_TRANSACTION
+    cb.approved(server, card, 15_000)
+
+    # A temporary raise: the code goes to the main holder's phone; a wrong one is refused.
+    _caps_form(page, f"{section} .raise-form", "800", "1000", "3000")
+    with page.expect_navigation():
+        page.click(f"{section} .raise-form button[type=submit]")
+    assert page.text_content("#code-destination") == "137****0013"
+    challenge = page.get_attribute("#code-form input[name=challenge_id]", "value")
+    assert challenge
+    code = FileOtpSender(tmp_path / "core" / OUTBOX).read_code(challenge)
+    assert code is not None
+    page.fill("#code-form input[name=code]", f"{(int(code) + 1) % 1_000_000:06d}")
+    with page.expect_navigation():
+        page.click("#code-form button[type=submit]")
+    assert "STEP_UP_FAILED" in (page.text_content("#code-error") or "")
+    assert cb.declined(server, card, 50_000) == common_pb2.DECLINE_REASON_LIMIT_PER_TRANSACTION
+    page.fill("#code-form input[name=code]", code)
+    with page.expect_navigation():
+        page.click("#code-form button[type=submit]")
+    assert page.text_content("#notice") == "临时提额已生效。"
+    assert page.text_content(f"{section} td[data-effective=per_transaction_fen]") == "800.00"
+    assert page.text_content(f"{section} td[data-cap=per_transaction_fen]") == "200.00"
+    cb.approved(server, card, 50_000)
+
+    # Points pooling: the son's points move to the main account.
+    page.goto("/console/family/")
+    with page.expect_navigation():
+        page.click(f"#members tr[data-account='{son.account_id}'] button[type=submit]")
+    assert page.text_content("#notice") == "积分已合并到主卡账户。"
+    assert cb.points_of(server, son.account_id) == 0
+    assert cb.points_of(server, main) == main_points + son_points
+    assert page.text_content("#family-points") == str(main_points + son_points)
