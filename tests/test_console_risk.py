@@ -269,7 +269,6 @@ def test_a_risk_officer_loads_compares_backtests_and_activates_a_version(
     page.goto("/console/risk/")
     assert page.text_content("#active-version") == str(first.rule_set.version)
     assert page.locator(f"#versions tr[data-version='{first.rule_set.version}']").count() == 1
-    page.screenshot(path=str(SCREENSHOTS / "risk_officer.png"), full_page=True)
 
     # A document with a mistake: nothing kept, the problems said in Chinese.
     page.goto("/console/risk/new")
@@ -325,3 +324,6 @@ def test_a_risk_officer_loads_compares_backtests_and_activates_a_version(
         page.click("#activate-form button[type=submit]")
     assert risk(server).GetActiveRuleSet(risk_pb2.GetActiveRuleSetRequest()).rule_set.version == \
         first.rule_set.version
+    assert page.text_content("#notice") == "已切换生效版本。"
+    assert page.locator("#versions tr[data-version]").count() == 2
+    page.screenshot(path=str(SCREENSHOTS / "risk_officer.png"), full_page=True)
