@@ -256,6 +256,19 @@ def test_a_holder_caps_a_secondary_card_grants_a_raise_and_pools_points(
     assert page.text_content(f"{section} td[data-cap=per_transaction_fen]") == "200.00"
     cb.approved(server, card, 50_000)
 
+    # Raising the standing cap needs a code too (lowering did not).
+    _caps_form(page, f"{section} .limits-form", "300", "1000", "3000")
+    with page.expect_navigation():
+        page.click(f"{section} .limits-form button[type=submit]")
+    challenge = page.get_attribute("#code-form input[name=challenge_id]", "value")
+    code = FileOtpSender(tmp_path / "core" / OUTBOX).read_code(challenge or "")
+    assert code is not None
+    page.fill("#code-form input[name=code]", code)
+    with page.expect_navigation():
+        page.click("#code-form button[type=submit]")
+    assert page.text_content("#notice") == "限额已更新。"
+    assert page.text_content(f"{section} td[data-cap=per_transaction_fen]") == "300.00"
+
     # Points pooling: the son's points move to the main account.
     page.goto("/console/family/")
     with page.expect_navigation():

@@ -20,7 +20,7 @@ from fuelcard_server import cli
 from fuelcard_server.db import Database
 from fuelcard_server.risk import backtest
 from fuelcard_server.risk.model import load_text
-from playwright.sync_api import Page
+from playwright.sync_api import FilePayload, Page
 
 from tests.plugins.console import LoginHelper, RunningConsole, StepUpHelper
 from tests.plugins.server import RunningServer
@@ -278,8 +278,10 @@ def test_a_risk_officer_loads_compares_backtests_and_activates_a_version(
     assert "未知的规则类型" in (page.text_content("#problems") or "")
     assert scalar(db, "SELECT count(*) FROM fc.console_rule_drafts") == 0
 
-    # The right one becomes a draft; the diff against the version in force shows the change.
-    page.fill("textarea[name=document]", NEW)
+    # The right one, uploaded as a file (it wins over the text box), becomes a draft; the diff
+    # against the version in force shows the change.
+    page.set_input_files("input[name=file]", files=FilePayload(
+        name="新版.toml", mimeType="text/plain", buffer=NEW.encode()))
     with page.expect_navigation():
         page.click("#new-rules button[type=submit]")
     assert "/console/risk/drafts/" in page.url, page.content()[:3000]

@@ -171,9 +171,15 @@ async def _challenge(request: web.Request, user: ConsoleUser, card: account_pb2.
     """Have the core send the approver's code, and show the page that takes it."""
     ctx = console_context(request)
     amount = limit_forms.step_up_amount(limits)
-    sent = await ctx.call(ctx.core.security.CreateStepUpChallenge, security_pb2.CreateStepUpChallengeRequest(
-        request_id=f"console-{uuid.uuid4().hex}", kind=step_up_pb2.STEP_UP_KIND_LIMIT_RAISE,
-        subject_id=card.card_id, amount_fen=amount), user)
+    try:
+        sent = await ctx.call(ctx.core.security.CreateStepUpChallenge,
+                              security_pb2.CreateStepUpChallengeRequest(
+                                  request_id=f"console-{uuid.uuid4().hex}",
+                                  kind=step_up_pb2.STEP_UP_KIND_LIMIT_RAISE,
+                                  subject_id=card.card_id, amount_fen=amount), user)
+    except CoreRefusal as refusal:  # no phone on file, the SMS not sent
+        await audit(request, user, "CreateStepUpChallenge", card.card_id, refusal.reason)
+        return await _member_view(request, user, error=_say(refusal), status=409, account_id=card.account_id)
     await audit(request, user, "CreateStepUpChallenge", card.card_id, "OK")
     return _code_page(request, card, kind, limits, window, sent.challenge_id, sent.masked_destination)
 
@@ -280,9 +286,14 @@ async def pool_points(request: web.Request, user: ConsoleUser) -> web.StreamResp
     except FormError as bad:
         await audit(request, user, "TransferPoints", member.account_id, "INVALID_ARGUMENT")
         return await _member_view(request, user, error=bad.message, status=400, account_id=member.account_id)
-    answer = await ctx.call(ctx.core.control.TransferPoints, control_pb2.TransferPointsRequest(
-        request_id=f"console-{uuid.uuid4().hex}", from_account_id=member.account_id,
-        to_account_id=_mine(user), points=points), user)
+    try:
+        answer = await ctx.call(ctx.core.control.TransferPoints, control_pb2.TransferPointsRequest(
+            request_id=f"console-{uuid.uuid4().hex}", from_account_id=member.account_id,
+            to_account_id=_mine(user), points=points), user)
+    except CoreRefusal as refusal:
+        await audit(request, user, "TransferPoints", member.account_id, refusal.reason)
+        return await _member_view(request, user, error=_say(refusal), status=409,
+                                  account_id=member.account_id)
     if answer.decision != common_pb2.DECISION_APPROVED:
         await audit(request, user, "TransferPoints", member.account_id, "DECLINED")
         return await _member_view(request, user, error="该成员积分不足，未合并。", status=409,
