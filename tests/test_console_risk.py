@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import pytest
 from fuelcard.v1 import risk_pb2
-from fuelcard_console import rule_backtest, rule_sets
+from fuelcard_console import backtest_jobs, rule_backtest, rule_sets
 from fuelcard_console.auth import Role
 from fuelcard_server import cli
 from fuelcard_server.db import Database
@@ -215,6 +215,60 @@ def test_backtest_bounds_are_clamped() -> None:
     assert rule_backtest.Bounds.parse("1000", "0") == rule_backtest.Bounds(rule_backtest.MAX_DAYS, 1)
     assert rule_backtest.Bounds.parse("x", "9" * 9) == rule_backtest.Bounds(
         rule_backtest.DEFAULT_DAYS, rule_backtest.MAX_HOLDS)
+
+
+def test_backtests_run_as_jobs_kept_a_few_minutes() -> None:
+    now = dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.UTC)
+    key = backtest_jobs.JobKey("digest", rule_backtest.Bounds())
+    calls: list[str] = []
+
+    def result_at(when: dt.datetime) -> rule_backtest.BacktestResult:
+        return rule_backtest.BacktestResult(backtest.Report(transactions=len(calls)), when, when,
+                                            rule_backtest.Bounds(), False, None)
+
+    async def go() -> None:
+        jobs = backtest_jobs.BacktestJobs()
+        gate = asyncio.Event()
+
+        async def slow() -> rule_backtest.BacktestResult:
+            calls.append("slow")
+            await gate.wait()
+            return result_at(now)
+
+        # a long one: the page hears "running", and the same key does not start a second run
+        first, job = await jobs.result(key, now, slow)
+        again, same = await jobs.result(key, now, slow)
+        assert first is None and again is None and same is job and calls == ["slow"]
+        gate.set()
+        await job.task
+        done, _ = await jobs.result(key, now + dt.timedelta(minutes=1), slow)
+        assert done is not None and done.report.transactions == 1 and calls == ["slow"]
+
+        async def quick() -> rule_backtest.BacktestResult:
+            calls.append("quick")
+            return result_at(now)
+
+        # a quick one is answered at once; another key is another run
+        other = backtest_jobs.JobKey("digest", rule_backtest.Bounds(days=1))
+        answer, _ = await jobs.result(other, now, quick)
+        assert answer is not None and calls == ["slow", "quick"]
+        # past FRESH_S the result is run again
+        later = now + dt.timedelta(seconds=backtest_jobs.FRESH_S + 1)
+        rerun, _ = await jobs.result(other, later, quick)
+        assert rerun is not None and calls == ["slow", "quick", "quick"]
+
+        async def broken() -> rule_backtest.BacktestResult:
+            calls.append("broken")
+            raise RuntimeError("replica gone")
+
+        # a failure reaches the page (its error page), and the next request tries again
+        failing = backtest_jobs.JobKey("other", rule_backtest.Bounds())
+        with pytest.raises(RuntimeError):
+            await jobs.result(failing, now, broken)
+        recovered, _ = await jobs.result(failing, now, quick)
+        assert recovered is not None and calls[-2:] == ["broken", "quick"]
+
+    asyncio.run(go())
 
 
 # --- in the browser ---------------------------------------------------------------------------

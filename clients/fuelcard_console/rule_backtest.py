@@ -25,7 +25,7 @@ from fuelcard_server.risk.model import MAX_WINDOW_S, RuleSet
 
 DEFAULT_DAYS = 7
 MAX_DAYS = 90
-DEFAULT_HOLDS = 5_000
+DEFAULT_HOLDS = 2_000
 MAX_HOLDS = 50_000
 
 # backtest.HOLDS_SQL's columns, newest `limit` of the window (holds_created_brin finds the

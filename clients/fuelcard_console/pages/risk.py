@@ -25,6 +25,7 @@ from fuelcard_server.risk.model import RuleSet
 
 from fuelcard_console import rule_backtest, rule_sets
 from fuelcard_console.auth import ConsoleUser, Role, audit, redirect, requires
+from fuelcard_console.backtest_jobs import JobKey, jobs_of
 from fuelcard_console.context import CoreRefusal, console_context
 from fuelcard_console.risk_charts import rule_bars
 from fuelcard_console.views import refusal_text, render
@@ -161,11 +162,16 @@ async def backtest_page(request: web.Request, user: ConsoleUser) -> web.StreamRe
     ctx = console_context(request)
     ref = await resolve(request, request.query.get("ref", "active"))
     bounds = rule_backtest.Bounds.parse(request.query.get("days"), request.query.get("holds"))
-    result = None
+    result, running_since = None, ""
     if ref.rule_set is not None:
-        result = await rule_backtest.run(ctx.reports, ref.rule_set, ctx.clock.now(), bounds)
+        rule_set, now = ref.rule_set, ctx.clock.now()
+        result, job = await jobs_of(ctx.console).result(
+            JobKey(rule_set.digest(), bounds), now,
+            lambda: rule_backtest.run(ctx.reports, rule_set, now, bounds))
+        running_since = beijing(job.started)
     return render("risk/backtest.html", request, {
-        "ref": ref, "bounds": bounds, "result": result,
+        "ref": ref, "bounds": bounds, "result": result, "running_since": running_since,
+        "has_rules": ref.rule_set is not None,
         "since": beijing(result.since) if result else "", "until": beijing(result.until) if result else "",
         "first": beijing(result.first_replayed) if result else "",
         "chart": rule_bars(result.report) if result and result.report.per_rule else "",
