@@ -36,9 +36,9 @@ def _fmt(value: float) -> str:
 
 
 def line_chart(title: str, x_labels: Sequence[str], series: Sequence[Series], *, y_unit: str = "",
-               width: int = 560, height: int = 220) -> str:
+               width: int = 560, height: int = 240) -> str:
     """A line chart: one line per series over the same x labels."""
-    left, right, top, bottom = 56, 12, 30, 44
+    left, right, top, bottom = 56, 24, 44, 44
     plot_w, plot_h = width - left - right, height - top - bottom
     values = [v for s in series for v in s.points if v is not None and math.isfinite(v)]
     y_max = _nice_max(max(values, default=0.0))
@@ -52,7 +52,7 @@ def line_chart(title: str, x_labels: Sequence[str], series: Sequence[Series], *,
 
     parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
              f'role="img" aria-label="{escape(title, {chr(34): "&quot;"})}" font-family="{FONT}">',
-             f'<text x="{left}" y="18" font-size="14" font-weight="bold">{escape(title)}</text>']
+             f'<text x="{left}" y="18" font-size="15" font-weight="bold">{escape(title)}</text>']
     for k in range(5):  # the y grid and its labels
         v = y_max * k / 4
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
@@ -65,8 +65,9 @@ def line_chart(title: str, x_labels: Sequence[str], series: Sequence[Series], *,
     shown = max(1, math.ceil(n / 6))  # at most about six x labels
     for i, label in enumerate(x_labels):
         if i % shown == 0 or i == n - 1:
+            anchor = "end" if i == n - 1 and n > 1 else "middle"
             parts.append(f'<text x="{x(i):.1f}" y="{height - bottom + 16}" font-size="11" '
-                         f'text-anchor="middle">{escape(label)}</text>')
+                         f'text-anchor="{anchor}">{escape(label)}</text>')
     for j, s in enumerate(series):
         colour = COLOURS[j % len(COLOURS)]
         runs: list[list[str]] = [[]]
