@@ -375,3 +375,27 @@ def test_fleet_users_are_made_for_a_fleet_account_only(console: RunningConsole, 
         console.make_user(Role.FLEET_MANAGER)
     with pytest.raises(users.ConsoleUserError, match="--account"):
         console.make_user(Role.SRE, fleet.parent_id)
+
+
+def test_the_cli_makes_a_user_and_prints_the_secrets_once(database_url: str, db: Conn,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from fuelcard_api import cli, principals
+
+    assert cli.main(["console-user", "add", "--login", "ops.li", "--role", "reviewer",
+                     "--database-url", database_url]) == 0
+    out = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    password, secret = out["password"].strip(), out["TOTP secret"].strip()
+    row = db.execute("SELECT role, password_hash, totp_secret, account_id FROM fc.console_users"
+                     " WHERE login = 'ops.li'").fetchone()
+    assert row is not None
+    assert (row[0], row[2], row[3]) == ("reviewer", secret, None)
+    assert principals.check_password(password, row[1]) and password not in row[1]
+    # a second user with that login is refused, and the role must be one of the six
+    assert cli.main(["console-user", "add", "--login", "ops.li", "--role", "reviewer",
+                     "--database-url", database_url]) == 1
+    assert cli.main(["console-user", "add", "--login", "ops.wang", "--role", "admin",
+                     "--database-url", database_url]) == 1
+    assert "that login is taken" in capsys.readouterr().err
+    assert cli.main(["console-user", "disable", "--login", "ops.li", "--database-url", database_url]) == 0
+    assert db.execute("SELECT disabled_at IS NOT NULL FROM fc.console_users WHERE login = 'ops.li'"
+                      ).fetchone() == (True,)
