@@ -60,8 +60,9 @@ _logins = itertools.count(1)
 class EdgeThread:
     """The HTTP edge (JSON API + console) on its own thread and uvloop."""
 
-    def __init__(self, api: Api, console: Console) -> None:
-        self.api, self.console = api, console
+    def __init__(self, api: Api, console: Console,
+                 extra_routes: Callable[[web.UrlDispatcher], None] | None = None) -> None:
+        self.api, self.console, self.extra_routes = api, console, extra_routes
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fuelcard-edge")
         self.runner: web.AppRunner | None = None
@@ -76,6 +77,8 @@ class EdgeThread:
             await self.api.start()
             app = self.api.app()
             install(app, self.console)
+            if self.extra_routes is not None:
+                self.extra_routes(app.router)
             self.runner = web.AppRunner(app, access_log=None)
             await self.runner.setup()
             site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -161,11 +164,14 @@ class RunningConsole:
 
 def start_console(database_url: str, tmp_path: Path, dev_certs: Path, *,
                   reports_database_url: str | None = None,
-                  keys: dict[str, Any] | None = None) -> Iterator[RunningConsole]:
+                  keys: dict[str, Any] | None = None,
+                  extra_routes: Callable[[web.UrlDispatcher], None] | None = None
+                  ) -> Iterator[RunningConsole]:
     """The `console` fixture's parts, for a test that needs them otherwise:
     another database (a primary with a streaming standby as the reports
     database), or the key set of a database shared across a module's tests
-    (tests/plugins/server.py cluster_keys)."""
+    (tests/plugins/server.py cluster_keys), or routes of the test's own
+    (`extra_routes(router)`, e.g. a handler to exercise a framework part)."""
     clock = ManualClock(START)
     (tmp_path / "core").mkdir(exist_ok=True)
     tls_settings = make_settings(tmp_path / "core", insecure=False, tls_dir=dev_certs,
@@ -197,7 +203,7 @@ def start_console(database_url: str, tmp_path: Path, dev_certs: Path, *,
             # sampled when a test asks (RunningConsole.sample_sre) or the page finds no sample
             # yet, not behind the test's back
             sre_sample_interval_s=3600.0)
-        edge = EdgeThread(api, Console(settings, clock=clock))
+        edge = EdgeThread(api, Console(settings, clock=clock), extra_routes)
         port = edge.start()
         running = RunningConsole(f"http://127.0.0.1:{port}", database_url, clock, server, target,
                                  metrics_url, edge, dev_certs)
@@ -282,3 +288,12 @@ def step_up(console: RunningConsole) -> StepUpHelper:
     return go
 
 
+
+
+def navigation_ms(page: Page) -> float:
+    """How long the page's last navigation took in the browser, from the
+    request to the end of the response (ms): the server's answer as the user
+    waits for it (Navigation Timing). For the BENCHMARKS.md page times."""
+    value = page.evaluate("() => { const n = performance.getEntriesByType('navigation')[0];"
+                          " return n.responseEnd - n.requestStart; }")
+    return float(value)
