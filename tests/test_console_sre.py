@@ -11,11 +11,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import psycopg
 import pytest
 from fuelcard.v1 import account_pb2, account_pb2_grpc
 from fuelcard_console.auth import Role
+from fuelcard_console.charts import Series, bar_chart, line_chart
 from fuelcard_console.sre import parse_buckets, quantile
 from fuelcard_server import migrations
 from fuelcard_server.embedded import EmbeddedPostgres, bin_dir
@@ -162,3 +164,22 @@ def test_the_sre_page_shows_the_standby_and_its_lag(
             assert p.locator("#reports-lag").inner_text().endswith(" 秒")
         finally:
             fresh.close()
+
+
+def test_charts_escape_their_text_and_mark_flagged_bars() -> None:
+    svg = bar_chart("每车油费（元）", ["云A·10001", "<b>x</b>"], [Series("本月", [120.0, 300.0]),
+                                                              Series("上月", [None, 90.0])],
+                    y_unit="元", flagged=[False, True])
+    root = ElementTree.fromstring(svg)  # well-formed: every text escaped
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.get("aria-label") == "每车油费（元）"
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert "云A·10001" in texts and "⚠ <b>x</b>" in texts and "本月" in texts and "上月" in texts
+    flagged = [t for t in root.iter(f"{ns}text") if t.text == "⚠ <b>x</b>"]
+    assert flagged[0].get("fill") == "#b42318"
+    # three bars (the missing one is not drawn) and the two legend swatches
+    assert len(list(root.iter(f"{ns}rect"))) == 3 + 2
+    line = line_chart("吞吐量", ["a", "b", "c"], [Series("事务", [1.0, None, 3.0])])
+    # a gap splits the line: two single points, no polyline across the gap
+    points = ElementTree.fromstring(line)
+    assert len(list(points.iter(f"{ns}circle"))) == 2 and not list(points.iter(f"{ns}polyline"))
