@@ -449,3 +449,16 @@ def test_an_upload_is_csrf_checked_from_the_action_and_size_limited(
         assert audit_count(db, "CsrfRefused") == 2
     finally:
         context.close()
+
+
+def test_console_pages_forbid_framing_and_inline_script(console: RunningConsole, page: Page) -> None:
+    response = page.goto("/console/login")
+    assert response is not None
+    headers = response.headers
+    assert headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert "script-src 'self';" in headers["content-security-policy"]
+    # an inline script injected into the page does not run
+    page.evaluate("""() => { const s = document.createElement('script');
+        s.textContent = 'window.__injected = true'; document.body.appendChild(s); }""")
+    assert page.evaluate("window.__injected === undefined") is True
