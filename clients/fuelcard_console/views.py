@@ -12,9 +12,11 @@ import logging
 import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
@@ -77,6 +79,57 @@ def csrf_refused(request: web.Request) -> web.Response:
         status=403)
 
 
+PAGE_SIZE = 50  # rows of a list page (AIP-132 page_token paging)
+
+
+def page_token(request: web.Request) -> str:
+    """The `?page_token=` of a list page ('' for the first page); a list
+    passes it to the core's List* call (page_size <= PAGE_SIZE) and gives
+    the answer's next_page_token to the `pager` macro (templates/macros.html)."""
+    token = request.query.get("page_token", "")
+    if len(token) > 200:
+        raise web.HTTPBadRequest(reason="page_token too long")
+    return token
+
+
+@dataclass(frozen=True)
+class Upload:
+    fields: dict[str, str]  # the form's other fields
+    filename: str
+    data: bytes
+
+
+async def read_upload(request: web.Request, file_field: str, max_bytes: int) -> Upload:
+    """A multipart form with one file (a CSV to preview, a settlement file),
+    read as a stream with its own limit: the edge's body limit (64 KiB, the
+    JSON API's) does not apply to it. Too large: HTTP 413 (a zh-CN page).
+    The form's action carries ?csrf_token= (auth.csrf_middleware)."""
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    filename, data = "", b""
+    while True:
+        part = await reader.next()
+        if part is None:
+            break
+        if not isinstance(part, aiohttp.BodyPartReader):
+            raise web.HTTPBadRequest(reason="nested multipart")
+        if part.name == file_field:
+            filename = part.filename or ""
+            chunks, size = [], 0
+            while chunk := await part.read_chunk(64 * 1024):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=size)
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        elif part.name:
+            text = await part.text()
+            if len(text) > 64 * 1024:
+                raise web.HTTPRequestEntityTooLarge(max_size=64 * 1024, actual_size=len(text))
+            fields[part.name] = text
+    return Upload(fields, filename, data)
+
+
 def placeholder(request: web.Request, user: ConsoleUser, heading: str) -> web.Response:
     """The main page of a role whose pages are not built yet."""
     return render("placeholder.html", request, {"heading": heading})
@@ -109,6 +162,25 @@ def _base_context(request: web.Request) -> dict[str, Any]:
         "nav": nav_for(user.role) if user is not None else [],
         "current_path": request.path,
     }
+
+
+# Scripts only from the console's own files (no inline script: static/*.js), nothing framed,
+# forms only to the console; inline style attributes are allowed (they run nothing).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';"
+                               " img-src 'self' data:; frame-ancestors 'none'; form-action 'self';"
+                               " base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    # a page_token or an upload's ?csrf_token= never leaves in a Referer to another site
+    "Referrer-Policy": "same-origin",
+}
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path.startswith("/console"):
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
 
 
 @web.middleware
@@ -279,6 +351,7 @@ def install(app: web.Application, console: Console) -> None:
     env = aiohttp_jinja2.get_env(app)
     env.filters["yuan"] = yuan
     env.filters["urlencode_path"] = urllib.parse.quote
+    app.on_response_prepare.append(_security_headers)
     app.middlewares.append(error_middleware)
     app.middlewares.append(session_middleware)
     app.middlewares.append(auth.csrf_middleware)
