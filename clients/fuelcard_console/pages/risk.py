@@ -18,6 +18,7 @@ import datetime as dt
 import uuid
 from typing import Any, Literal
 
+import aiohttp
 from aiohttp import web
 from fuelcard.v1 import risk_pb2
 from fuelcard_server.risk.backtest import TARGET_LEGIT_SUSPENDED
@@ -169,7 +170,7 @@ async def backtest_page(request: web.Request, user: ConsoleUser) -> web.StreamRe
             JobKey(rule_set.digest(), bounds), now,
             lambda: rule_backtest.run(ctx.reports, rule_set, now, bounds))
         running_since = beijing(job.started)
-    return render("risk/backtest.html", request, {
+    response = render("risk/backtest.html", request, {
         "ref": ref, "bounds": bounds, "result": result, "running_since": running_since,
         "has_rules": ref.rule_set is not None,
         "since": beijing(result.since) if result else "", "until": beijing(result.until) if result else "",
@@ -177,6 +178,11 @@ async def backtest_page(request: web.Request, user: ConsoleUser) -> web.StreamRe
         "chart": rule_bars(result.report) if result and result.report.per_rule else "",
         "target_pct": f"{TARGET_LEGIT_SUSPENDED:.1%}",
         "max_days": rule_backtest.MAX_DAYS, "max_holds": rule_backtest.MAX_HOLDS})
+    if result is None and ref.rule_set is not None:
+        # still running: the browser asks again in a second (the console's CSP allows no
+        # inline script, and a Refresh header needs none)
+        response.headers["Refresh"] = "1"
+    return response
 
 
 # --- a new version: the draft, then the load --------------------------------------------------
@@ -193,21 +199,47 @@ async def new_form(request: web.Request, user: ConsoleUser) -> web.StreamRespons
     return _new_form(request)
 
 
+async def _document_form(request: web.Request) -> tuple[dict[str, str], str, bytes]:
+    """The new-version form (multipart: a file, or text pasted): its small fields, the file's
+    name and bytes. Read as a stream with LoadRuleSet's own limit (1 MiB a document), which a
+    pasted set may reach too - past the edge's 64 KiB body limit, as views.read_upload reads
+    uploads (the CSRF token is in the form's action)."""
+    if request.content_type != "multipart/form-data":
+        raise web.HTTPBadRequest()
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    filename, data = "", b""
+    limit = 4 * rule_sets.MAX_DOCUMENT_CHARS  # bytes: a character is at most 4 in UTF-8
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, aiohttp.BodyPartReader) or part.name not in ("file", "document", "format"):
+            raise web.HTTPBadRequest()
+        chunks, size = [], 0
+        while chunk := await part.read_chunk(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            chunks.append(chunk)
+        if part.name == "file":
+            filename, data = part.filename or "", b"".join(chunks)
+        else:
+            fields[part.name] = b"".join(chunks).decode("utf-8", errors="replace")
+    return fields, filename, data
+
+
 @requires(Role.RISK_OFFICER)
 async def new_submit(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
     ctx = console_context(request)
-    form = await request.post()
-    fmt = FORMATS.get(str(form.get("format", "toml")), "toml")
-    upload = form.get("file")
-    text = str(form.get("document", ""))
-    if isinstance(upload, web.FileField) and upload.filename:
+    form, filename, data = await _document_form(request)
+    fmt = FORMATS.get(form.get("format", "toml"), "toml")
+    text = form.get("document", "")
+    if filename:
         try:
-            text = upload.file.read().decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             await audit(request, user, "RiskDraft", None, "INVALID_ARGUMENT RULES_UNREADABLE")
             return _new_form(request, fmt=fmt, status=400, problems=[rule_sets.Problem(
                 "document", "RULES_UNREADABLE", "文件须为 UTF-8 编码的文本", "not UTF-8")])
-        if upload.filename.lower().endswith(".json"):
+        if filename.lower().endswith(".json"):
             fmt = "json"
     try:
         draft_id = await rule_sets.save_draft(ctx.db, text, fmt, user.login, ctx.clock.now())
