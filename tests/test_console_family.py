@@ -277,3 +277,21 @@ def test_a_holder_caps_a_secondary_card_grants_a_raise_and_pools_points(
     assert cb.points_of(server, son.account_id) == 0
     assert cb.points_of(server, main) == main_points + son_points
     assert page.text_content("#family-points") == str(main_points + son_points)
+
+    # Another family's member and card are not this holder's: not shown, not changed.
+    other = cb.open_account(server, account_type=account_pb2.ACCOUNT_TYPE_FAMILY)
+    stranger = cb.open_account(server, parent=other.account_id, mode=cb.SHARED, label="邻居")
+    their_card = cb.issue_card(server, stranger.account_id)
+    answer = page.goto(f"/console/family/members/{stranger.account_id}")
+    assert answer is not None and answer.status == 404
+    page.goto("/console/family/")
+    token = page.get_attribute("input[name=csrf_token]", "value") or ""
+    posted = page.request.post(f"/console/family/cards/{their_card.card_id}/limits", form={
+        "csrf_token": token, "per_transaction_fen": "1", "daily_fen": "1", "monthly_fen": "1"},
+        max_redirects=0)
+    assert posted.status == 404
+    assert cb.caps(cb.get_limits(server, card=their_card.card_id).limits) == (0, 0, 0)
+    # and the holder's own main account is no "member"
+    answer = page.goto(f"/console/family/members/{main}")
+    assert answer is not None and answer.status == 404
+
