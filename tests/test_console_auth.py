@@ -457,8 +457,25 @@ def test_console_pages_forbid_framing_and_inline_script(console: RunningConsole,
     headers = response.headers
     assert headers["x-frame-options"] == "DENY"
     assert "frame-ancestors 'none'" in headers["content-security-policy"]
-    assert "script-src 'self';" in headers["content-security-policy"]
+    csp = headers["content-security-policy"]
+    nonce = csp.split("'nonce-", 1)[1].split("'", 1)[0]
+    assert len(nonce) >= 16
+    # the template's own script tags carry this response's nonce
+    assert page.evaluate("document.querySelector('script').nonce") == nonce
+    assert page.goto("/console/login") is not None
+    assert page.evaluate("document.querySelector('script').nonce") != nonce  # a new one each time
     # an inline script injected into the page does not run
     page.evaluate("""() => { const s = document.createElement('script');
         s.textContent = 'window.__injected = true'; document.body.appendChild(s); }""")
     assert page.evaluate("window.__injected === undefined") is True
+
+
+def test_only_script_tags_written_in_templates_get_the_nonce() -> None:
+    import jinja2
+    from fuelcard_console.views import ScriptNonce
+
+    env = jinja2.Environment(extensions=[ScriptNonce], autoescape=True)
+    out = env.from_string("<script>go()</script><SCRIPT src='/x.js'></SCRIPT>{{ data }}").render(
+        csp_nonce=lambda: "N1", data="<script>evil()</script>")
+    assert out == ('<script nonce="N1">go()</script><script nonce="N1" src=\'/x.js\'></SCRIPT>'
+                   "&lt;script&gt;evil()&lt;/script&gt;")
