@@ -171,7 +171,13 @@ def test_a_draft_is_kept_as_written_and_marked_once_loaded(server: RunningServer
         on_database(server.database_url,
                     lambda d: rule_sets.save_draft(d, "rules = 3", "toml", "officer", now))
     assert scalar(db, "SELECT count(*) FROM fc.console_rule_drafts") == 1
-    assert on_database(server.database_url, lambda d: rule_sets.get_draft(d, draft_id + 1)) is None
+    second = on_database(server.database_url,
+                         lambda d: rule_sets.save_draft(d, SMALL, "toml", "officer", now))
+    first_page, token = on_database(server.database_url, lambda d: rule_sets.list_drafts(d, page_size=1))
+    last_page, end = on_database(server.database_url, lambda d: rule_sets.list_drafts(d, token, 1))
+    assert ([d.draft_id for d in first_page], [d.draft_id for d in last_page], end) == (
+        [second], [draft_id], "")
+    assert on_database(server.database_url, lambda d: rule_sets.get_draft(d, second + 1)) is None
 
 
 # --- the backtest ---------------------------------------------------------------------------
@@ -395,5 +401,6 @@ def test_a_risk_officer_loads_compares_backtests_and_activates_a_version(
     assert risk(server).GetActiveRuleSet(risk_pb2.GetActiveRuleSetRequest()).rule_set.version == \
         first.rule_set.version
     assert page.text_content("#notice") == "已切换生效版本。"
+    assert f"版本 {active.version}" in (page.text_content("#drafts tr[data-draft]") or "")
     assert page.locator("#versions tr[data-version]").count() == 2
     page.screenshot(path=str(SCREENSHOTS / "risk_officer.png"), full_page=True)

@@ -50,6 +50,10 @@ DRAFT_SQL = """
     SELECT d.id, d.document, d.format, d.name, d.digest, d.rule_count, d.created_by, d.created_at,
            d.loaded_version
       FROM fc.console_rule_drafts d WHERE d.id = %(id)s"""
+DRAFTS_SQL = """
+    SELECT d.id, d.document, d.format, d.name, d.digest, d.rule_count, d.created_by, d.created_at,
+           d.loaded_version
+      FROM fc.console_rule_drafts d WHERE d.id < %(before)s ORDER BY d.id DESC LIMIT %(limit)s"""
 DRAFT_LOADED_SQL = ("UPDATE fc.console_rule_drafts SET loaded_version = %(version)s"
                     " WHERE id = %(id)s AND loaded_version IS NULL RETURNING id")
 
@@ -304,6 +308,18 @@ async def save_draft(db: Database, text: str, fmt: Literal["toml", "json"], logi
 async def get_draft(db: Database, draft_id: int) -> Draft | None:
     row = await db.fetch_one(DRAFT_SQL, {"id": draft_id})
     return None if row is None else Draft(*row)
+
+
+async def list_drafts(db: Database, page_token: str = "", page_size: int = 10) -> tuple[list[Draft], str]:
+    """A page of drafts, newest first, and the next page's token ("d<id>"; "" on the last)."""
+    before = 2**63 - 1
+    if page_token:
+        if not page_token.startswith("d") or not page_token[1:].isdigit() or len(page_token) > 20:
+            raise ValueError("page token")
+        before = int(page_token[1:])
+    rows = await db.fetch_all(DRAFTS_SQL, {"before": before, "limit": page_size + 1})
+    drafts = [Draft(*row) for row in rows[:page_size]]
+    return drafts, f"d{drafts[-1].draft_id}" if len(rows) > page_size else ""
 
 
 async def mark_loaded(db: Database, draft_id: int, version: int) -> None:

@@ -116,9 +116,10 @@ def _rule_changes(old: RuleSet | None, new: RuleSet) -> dict[str, list[str]]:
 async def main(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
     ctx = console_context(request)
     active = await ctx.call(ctx.core.risk.GetActiveRuleSet, risk_pb2.GetActiveRuleSetRequest(), user)
-    token = request.query.get("page_token", "")
+    token, drafts_token = request.query.get("page_token", ""), request.query.get("drafts_token", "")
     try:
         versions, next_token = await rule_sets.list_versions(ctx.reports, token)
+        drafts, next_drafts = await rule_sets.list_drafts(ctx.db, drafts_token)
     except ValueError:
         raise web.HTTPBadRequest() from None
     info = active.rule_set if active.HasField("rule_set") else None
@@ -127,6 +128,8 @@ async def main(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
         "versions": [{"v": v, "created": beijing(v.created_at), "activated": beijing(v.activated_at)}
                      for v in versions],
         "next_token": next_token, "first_page": not token,
+        "drafts": [{"d": d, "created": beijing(d.created_at)} for d in drafts],
+        "next_drafts": next_drafts, "first_drafts": not drafts_token,
         "notice": {"loaded": "新版本已生效。", "activated": "已切换生效版本。"}.get(
             request.query.get("done", ""), "")})
 
