@@ -249,8 +249,9 @@ async def confirm_with_code(request: web.Request, user: ConsoleUser) -> web.Stre
         await audit(request, user, "ConfirmLimitRaise", card.card_id, "INVALID_ARGUMENT")
         raise web.HTTPBadRequest() from None
     step_up = step_up_pb2.StepUp(challenge_id=challenge_id, code=code)
-    # one operation per challenge: a retry of the same post gets the first answer
-    request_id = f"console-{kind}-{uuid.uuid5(uuid.NAMESPACE_URL, challenge_id).hex}"
+    # a second press of the same code gets the first answer; another code (after a wrong one)
+    # is another attempt, never the wrong one's remembered refusal
+    request_id = f"console-{kind}-{uuid.uuid5(uuid.NAMESPACE_URL, f'{challenge_id}/{code}').hex}"
     action = "GrantTemporaryRaise" if kind == "raise" else "SetSpendingLimits"
     try:
         if window is not None:
