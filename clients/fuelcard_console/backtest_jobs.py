@@ -79,6 +79,8 @@ def jobs_of(console: Console) -> BacktestJobs:
     """The edge's jobs (one Console per edge process; a test starts several in turn)."""
     entry = _BY_CONSOLE.get(id(console))
     if entry is None or entry[0]() is not console:
+        for key in [k for k, (ref, _) in _BY_CONSOLE.items() if ref() is None]:
+            del _BY_CONSOLE[key]  # consoles gone (stopped edges)
         entry = (weakref.ref(console), BacktestJobs())
         _BY_CONSOLE[id(console)] = entry
     return entry[1]
