@@ -479,3 +479,12 @@ def test_only_script_tags_written_in_templates_get_the_nonce() -> None:
         csp_nonce=lambda: "N1", data="<script>evil()</script>")
     assert out == ('<script nonce="N1">go()</script><script nonce="N1" src=\'/x.js\'></SCRIPT>'
                    "&lt;script&gt;evil()&lt;/script&gt;")
+
+
+def test_the_serving_role_cannot_read_console_users_or_sessions(db: Conn) -> None:
+    for table in ("fc.console_users", "fc.console_sessions"):
+        assert db.execute("SELECT has_table_privilege('fuelcard_app', %s, 'SELECT')", (table,)
+                          ).fetchone() == (False,)
+    # the blanket grant still holds for the others (the check can fail)
+    assert db.execute("SELECT has_table_privilege('fuelcard_app', 'fc.principals', 'SELECT')"
+                      ).fetchone() == (True,)
