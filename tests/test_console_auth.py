@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from fuelcard_console import auth
 from fuelcard_console.auth import ConsoleUser, Role, audit, audit_fields, requires
-from fuelcard_console.views import read_upload
+from fuelcard_console.views import main_page, read_upload
 from playwright.sync_api import Browser, FilePayload, Page
 
 from tests.plugins.console import LoginHelper, RunningConsole, StepUpHelper, start_console
@@ -488,3 +488,23 @@ def test_the_serving_role_cannot_read_console_users_or_sessions(db: Conn) -> Non
     # the blanket grant still holds for the others (the check can fail)
     assert db.execute("SELECT has_table_privilege('fuelcard_app', 'fc.principals', 'SELECT')"
                       ).fetchone() == (True,)
+
+
+def test_the_demo_makes_one_login_per_role_that_opens_its_page(console: RunningConsole, page: Page,
+                                                                login: LoginHelper) -> None:
+    from fuelcard.v1 import account_pb2
+    from fuelcard_console import demo
+
+    fleet = cb.open_account(console.server)
+    family = cb.open_account(console.server, account_pb2.ACCOUNT_TYPE_FAMILY)
+    accounts = {"顺丰车队 fleet": fleet.account_id, "李娜 (family main card)": family.account_id}
+    made = demo.make_users(console.database_url, accounts)
+    assert demo.make_users(console.database_url, accounts) == made  # again: the logins are kept
+    assert sorted(role for _, role in made) == sorted(Role)
+    text = demo.banner("127.0.0.1:8080", made)
+    assert "http://127.0.0.1:8080/console/" in text and demo.DEMO_PASSWORD in text
+    for name, role in made:
+        login(page, name, demo.DEMO_PASSWORD)
+        assert page.url == console.url(main_page(role)), name
+        with page.expect_navigation():
+            page.click("header form button")
