@@ -508,3 +508,21 @@ def test_the_demo_makes_one_login_per_role_that_opens_its_page(console: RunningC
         assert page.url == console.url(main_page(role)), name
         with page.expect_navigation():
             page.click("header form button")
+
+
+def test_the_sweep_reclaims_only_sessions_that_are_over(console: RunningConsole, db: Conn) -> None:
+    first, password, _ = console.make_user(Role.SRE)
+    second, _, _ = console.make_user(Role.FINANCE)
+
+    async def log_in(name: str) -> str | None:
+        result = await auth.check_login(console.console, name, password)
+        return result.token
+
+    assert console.run(lambda: log_in(first)) is not None
+    console.advance(dt.timedelta(minutes=20))
+    assert console.run(lambda: log_in(second)) is not None
+    console.advance(dt.timedelta(minutes=11))  # the first idle 31 min, the second 11
+    assert console.run(lambda: auth.sweep(console.console)) == 1
+    rows = db.execute("SELECT u.login FROM fc.console_sessions s JOIN fc.console_users u ON u.id = s.user_id"
+                      ).fetchall()
+    assert rows == [(second,)]
