@@ -526,3 +526,50 @@ def test_the_sweep_reclaims_only_sessions_that_are_over(console: RunningConsole,
     rows = db.execute("SELECT u.login FROM fc.console_sessions s JOIN fc.console_users u ON u.id = s.user_id"
                       ).fetchall()
     assert rows == [(second,)]
+
+
+# --- calls to the core --------------------------------------------------------------------------
+
+
+@requires(Role.SRE)
+async def _get_account(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
+    from fuelcard.v1 import account_pb2
+    from fuelcard_console.context import console_context
+
+    ctx = console_context(request)
+    answer = await ctx.call(ctx.core.account.GetAccount,
+                            account_pb2.GetAccountRequest(account_id=request.match_info["id"]), user)
+    return web.json_response({"account_id": answer.account.account_id})
+
+
+@pytest.fixture
+def call_console(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[RunningConsole]:
+    def routes(router: web.UrlDispatcher) -> None:
+        router.add_get("/console/test/accounts/{id}", _get_account)
+
+    yield from start_console(database_url, tmp_path, dev_certs, extra_routes=routes)
+
+
+def test_calls_to_the_core_name_the_user_and_refusals_are_shown_in_chinese(
+        call_console: RunningConsole, browser: Browser, login: LoginHelper, db: Conn) -> None:
+    context = browser.new_context(base_url=call_console.base_url)
+    try:
+        page = context.new_page()
+        name, password, _ = call_console.make_user(Role.SRE)
+        login(page, name, password)
+        account = cb.open_account(call_console.server)
+        response = page.goto(f"/console/test/accounts/{account.account_id}")
+        assert response is not None and response.status == 200
+        assert response.json() == {"account_id": account.account_id}
+        # the core's audit trail names the edge's certificate and the console user
+        user_id = db.execute("SELECT uid::text FROM fc.console_users WHERE login = %s", (name,)).fetchone()
+        assert user_id is not None
+        actors = {row[0] for row in db.execute(
+            "SELECT actor FROM fc.audit_log WHERE method = '/fuelcard.v1.AccountService/GetAccount'")}
+        assert actors == {f"admin::ops for console_user:{user_id[0]}"}
+        # a refusal: the page says it in Chinese, with the reason, and the status fits
+        response = page.goto("/console/test/accounts/00000000-0000-4000-8000-000000000000")
+        assert response is not None and response.status == 404
+        assert page.locator("main .error").inner_text() == "找不到该对象（ACCOUNT_NOT_FOUND）"
+    finally:
+        context.close()
