@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import aiohttp_jinja2
+import grpc
 import jinja2
 import jinja2.ext
 from aiohttp import web
@@ -51,11 +52,33 @@ REFUSALS_ZH = {
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# A refusal a page did not handle itself, as an HTTP status (the JSON API's mapping, in short)
+_REFUSAL_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 403, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+# ... and in words by its status code, when its reason has no sentence of its own
+_CODE_ZH = {
+    grpc.StatusCode.INVALID_ARGUMENT: "输入有误", grpc.StatusCode.OUT_OF_RANGE: "输入超出范围",
+    grpc.StatusCode.NOT_FOUND: "找不到该对象", grpc.StatusCode.ALREADY_EXISTS: "该对象已存在",
+    grpc.StatusCode.FAILED_PRECONDITION: "当前状态不允许此操作",
+    grpc.StatusCode.ABORTED: "操作冲突，请重试",
+    grpc.StatusCode.PERMISSION_DENIED: "无权执行此操作",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "请求过多，请稍后再试",
+    grpc.StatusCode.UNAVAILABLE: "服务暂不可用，请稍后再试",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "核心系统响应超时",
+}
+
 
 def refusal_text(refusal: CoreRefusal) -> str:
     """A refusal as a clerk reads it: the Chinese sentence when there is one,
     and the reason code either way (what support asks for)."""
-    return f"{REFUSALS_ZH.get(refusal.reason, '核心系统拒绝了该操作')}（{refusal.reason}）"
+    fallback = _CODE_ZH.get(refusal.code, "") if refusal.code is not None else ""
+    text = REFUSALS_ZH.get(refusal.reason) or fallback or "核心系统拒绝了该操作"
+    return f"{text}（{refusal.reason}）"
 
 
 def render(template: str, request: web.Request, context: dict[str, Any], *,
@@ -230,8 +253,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except CoreRefusal as refusal:
-        return render("error.html", request, {"title": "操作未完成", "status": 409,
-                                              "message": refusal_text(refusal)}, status=409)
+        status = _REFUSAL_STATUS.get(refusal.code, 409) if refusal.code is not None else 409
+        return render("error.html", request, {"title": "操作未完成", "status": status,
+                                              "message": refusal_text(refusal)}, status=status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
