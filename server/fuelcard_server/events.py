@@ -40,12 +40,9 @@ SEQUENCE_SQL = (
 PRUNE_SQL = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
     " THEN fc.prune_events(p_before => %(before)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
-# Payloads are rendered here, when streamed, from the ids and scalars the sequencer kept
-# (fc.render_event); events positioned before migration 0012 have theirs stored.
-READ_SQL = (
-    "SELECT position, xid::text::bigint, kind, fc.ts(p => occurred_at),"
-    " coalesce(payload, fc.render_event(p_kind => kind, p_ref_id => ref_id, p_state => state,"
-    " p_snap => snap)) FROM fc.events WHERE position > %s ORDER BY position LIMIT %s")
+# Payloads are rendered as they are read, from the ids and scalars the sequencer kept
+# (events positioned before migration 0012 have theirs stored).
+READ_SQL = "SELECT * FROM fc.read_events(p_after => %s, p_limit => %s)"
 HEAD_SQL = "SELECT last_position, pruned_through FROM fc.event_head"
 
 # Longest an open stream waits before it looks for events positioned by

@@ -43,7 +43,7 @@
 --      The sequencer writes one compact fc.events row per event: what its
 --      outbox row carried, no payload.
 --   3. StreamEvents serves fc.events by position > the consumer's cursor,
---      each event rendered as it is read (fc.render_event).
+--      each event rendered as it is read (fc.read_events).
 --
 -- Hold rows carry the state they changed to; the immutable fields (amount,
 -- station, card, ...) and the settlement of a CONFIRMED hold are read when
@@ -179,7 +179,7 @@ CREATE OR REPLACE TRIGGER stations_outbox AFTER INSERT OR UPDATE ON fc.stations
 -- in id order, at their booking time) then the hold (kind 2); every other
 -- row one event of its kind. Only a backfilled account, card or station is
 -- looked up here (its snapshot as it is now, see fc.current_snap); nothing
--- else is rendered (fc.render_event, when streamed).
+-- else is rendered (fc.read_events, when streamed).
 CREATE OR REPLACE FUNCTION fc.sequence_events(p_now timestamptz, p_limit integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -300,20 +300,18 @@ END $$;
 CREATE OR REPLACE TRIGGER refunds_outbox AFTER INSERT ON fc.refunds
     FOR EACH ROW EXECUTE FUNCTION fc.outbox_refund();
 
--- An event's payload, rendered when it is streamed, from what its fc.events row carries, by
--- kind: 1 journal entry, 2 hold state change, 3 account, 4 card, 5 station (its snapshot as
--- written), 6 refund. A backfilled account, card or station is described as it was when
+-- The payload of an event of the rarer kinds, rendered when it is streamed (fc.read_events),
+-- from what its fc.events row carries: 3 account, 4 card, 5 station (its snapshot as
+-- written), 6 refund; a kind this version does not know, its snapshot. A backfilled account, card or station is described as it was when
 -- sequenced (the sequencer stored its snapshot then: a change committed in between may be
 -- positioned before it, and must not be undone). Backfilled payloads carry "backfill": true.
-CREATE OR REPLACE FUNCTION fc.render_event(p_kind smallint, p_ref_id bigint, p_state smallint,
-                                           p_snap jsonb) RETURNS jsonb
+CREATE OR REPLACE FUNCTION fc.render_event(p_kind smallint, p_ref_id bigint, p_snap jsonb)
+RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v jsonb;
 BEGIN
     v := CASE p_kind
-             WHEN 1 THEN fc.journal_event(p_ref_id)
-             WHEN 2 THEN fc.hold_event(p_ref_id, p_state)
              WHEN 3 THEN fc.account_event(p_ref_id, p_snap)
              WHEN 4 THEN fc.card_event(p_ref_id, p_snap)
              WHEN 6 THEN fc.refund_event(p_ref_id)
@@ -340,48 +338,60 @@ BEGIN
               FROM fc.stations s WHERE s.station_id = o.snap ->> 'station_id');
 END $$;
 
--- A journal entry's event: the entry, with its accounts, hold and recharge by their ids.
-CREATE OR REPLACE FUNCTION fc.journal_event(p_entry_id bigint) RETURNS jsonb
+-- StreamEvents' read: up to p_limit events after position p_after, each with its payload.
+-- Journal entries and holds (nearly every event) are rendered in this one statement, each by
+-- primary-key lookups (LATERAL: whatever the tables' sizes) keyed on NULL for the other kinds
+-- (a condition on the kind alone would be checked after the lookup); the other kinds by
+-- fc.render_event. A hold's event is for its move to the state the change
+-- wrote (e.state), not the hold's state now, which may have moved on since. Events
+-- positioned before migration 0012 carry their payload.
+CREATE OR REPLACE FUNCTION fc.read_events(p_after bigint, p_limit integer)
+RETURNS TABLE (event_position bigint, event_xid bigint, event_kind smallint, occur_us bigint,
+               event_payload jsonb)
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN (SELECT jsonb_build_object(
-                'entry_id', j.id, 'kind', j.kind, 'asset', j.asset, 'amount', j.amount,
-                'debit_account_id', da.uid, 'debit_system_code', da.system_code,
-                'credit_account_id', ca.uid, 'credit_system_code', ca.system_code,
-                'hold_id', h.uid, 'recharge_id', r.uid, 'channel', r.channel,
-                'description', j.description)
-              FROM fc.journal j
-              JOIN fc.accounts da ON da.id = j.debit_account_id
-              JOIN fc.accounts ca ON ca.id = j.credit_account_id
-              LEFT JOIN fc.holds h ON h.id = j.hold_id
-              LEFT JOIN fc.recharges r ON r.id = j.recharge_id
-             WHERE j.id = p_entry_id);
-END $$;
-
--- A hold's event, for its move to p_state (the state the change wrote, not the hold's state
--- now, which may have moved on since).
-CREATE OR REPLACE FUNCTION fc.hold_event(p_hold_id bigint, p_state smallint) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    RETURN (SELECT jsonb_build_object(
-                'hold_id', h.uid, 'state', p_state, 'account_id', fa.uid,
-                'spender_account_id', sa.uid, 'card_id', c.uid, 'amount_fen', h.amount_fen,
-                'station_id', h.station_id, 'terminal_id', h.terminal_id, 'nozzle', h.nozzle,
-                'product', h.product, 'create_us', fc.ts(h.created_at),
-                'expire_us', fc.ts(h.expires_at),
-                -- closed_at is written once, when the hold leaves AUTHORIZED
-                'close_us', CASE WHEN p_state <> fc.hold_state_authorized()
-                                 THEN fc.ts(h.closed_at) END)
-            -- the settlement is final once CONFIRMED
-            || CASE WHEN p_state = fc.hold_state_confirmed() THEN jsonb_build_object(
-                'settled_fen', h.settled_fen, 'volume_ml', h.volume_ml,
-                'unit_price_fen', h.unit_price_fen, 'points_earned', h.points_earned,
-                'confirmed_late', h.confirmed_late) ELSE '{}'::jsonb END
-              FROM fc.holds h
-              JOIN fc.accounts fa ON fa.id = h.account_id
-              JOIN fc.accounts sa ON sa.id = h.spender_account_id
-              JOIN fc.cards c ON c.id = h.card_id
-             WHERE h.id = p_hold_id);
+    -- PL/pgSQL keeps the plan (an SQL function is planned again at every call: milliseconds
+    -- for these joins, more than rendering the batch)
+    RETURN QUERY
+    SELECT e.position, e.xid::text::bigint, e.kind, fc.ts(e.occurred_at),
+           coalesce(e.payload, (coalesce(jv.v, hv.v) || CASE WHEN e.snap ? 'backfill'
+                                THEN '{"backfill": true}'::jsonb ELSE '{}'::jsonb END),
+                    fc.render_event(e.kind, e.ref_id, e.snap))
+      FROM (SELECT * FROM fc.events WHERE position > p_after ORDER BY position LIMIT p_limit) e
+      LEFT JOIN LATERAL (
+          SELECT jsonb_build_object(
+                     'entry_id', j.id, 'kind', j.kind, 'asset', j.asset, 'amount', j.amount,
+                     'debit_account_id', da.uid, 'debit_system_code', da.system_code,
+                     'credit_account_id', ca.uid, 'credit_system_code', ca.system_code,
+                     'hold_id', jh.uid, 'recharge_id', r.uid, 'channel', r.channel,
+                     'description', j.description) AS v
+            FROM fc.journal j
+            JOIN fc.accounts da ON da.id = j.debit_account_id
+            JOIN fc.accounts ca ON ca.id = j.credit_account_id
+            LEFT JOIN fc.holds jh ON jh.id = j.hold_id
+            LEFT JOIN fc.recharges r ON r.id = j.recharge_id
+           WHERE j.id = CASE WHEN e.kind = 1 AND e.payload IS NULL THEN e.ref_id END) jv ON true
+      LEFT JOIN LATERAL (
+          SELECT jsonb_build_object(
+                     'hold_id', h.uid, 'state', e.state, 'account_id', fa.uid,
+                     'spender_account_id', sa.uid, 'card_id', c.uid, 'amount_fen', h.amount_fen,
+                     'station_id', h.station_id, 'terminal_id', h.terminal_id,
+                     'nozzle', h.nozzle, 'product', h.product, 'create_us', fc.ts(h.created_at),
+                     'expire_us', fc.ts(h.expires_at),
+                     -- closed_at is written once, when the hold leaves AUTHORIZED
+                     'close_us', CASE WHEN e.state <> fc.hold_state_authorized()
+                                      THEN fc.ts(h.closed_at) END)
+                 -- the settlement is final once CONFIRMED
+                 || CASE WHEN e.state = fc.hold_state_confirmed() THEN jsonb_build_object(
+                        'settled_fen', h.settled_fen, 'volume_ml', h.volume_ml,
+                        'unit_price_fen', h.unit_price_fen, 'points_earned', h.points_earned,
+                        'confirmed_late', h.confirmed_late) ELSE '{}'::jsonb END AS v
+            FROM fc.holds h
+            JOIN fc.accounts fa ON fa.id = h.account_id
+            JOIN fc.accounts sa ON sa.id = h.spender_account_id
+            JOIN fc.cards c ON c.id = h.card_id
+           WHERE h.id = CASE WHEN e.kind = 2 AND e.payload IS NULL THEN e.ref_id END) hv ON true
+     ORDER BY e.position;
 END $$;
 
 -- An account's event: the snapshot the change wrote (p_snap, see fc.account_snap), with the

@@ -27,5 +27,7 @@ CREATE INDEX journal_by_hold ON fc.journal (hold_id) WHERE hold_id IS NOT NULL;
 -- fc.outbox.kind: 1 journal entry, 2 hold state change, 3 account, 4 card, 5 station,
 -- 6 refund, 7 sale (the hold CONFIRMED, streamed after its journal entries).
 
--- Replaced by fc.render_event (kind, ref_id, state, snap), called when an event is streamed.
+-- Payloads are rendered when streamed (fc.read_events, fc.render_event), not by the sequencer.
 DROP FUNCTION IF EXISTS fc.event_payload(fc.outbox);
+DROP FUNCTION IF EXISTS fc.journal_event(bigint);
+DROP FUNCTION IF EXISTS fc.hold_event(bigint, smallint);
