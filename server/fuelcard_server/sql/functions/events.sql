@@ -338,59 +338,61 @@ BEGIN
               FROM fc.stations s WHERE s.station_id = o.snap ->> 'station_id');
 END $$;
 
--- StreamEvents' read: up to p_limit events after position p_after, each with its payload.
--- Journal entries and holds (nearly every event) are rendered in this one statement, each by
--- primary-key lookups (LATERAL: whatever the tables' sizes) keyed on NULL for the other kinds
--- (a condition on the kind alone would be checked after the lookup); the other kinds by
--- fc.render_event. A hold's event is for its move to the state the change
--- wrote (e.state), not the hold's state now, which may have moved on since. Events
--- positioned before migration 0012 carry their payload.
+-- StreamEvents' read: up to p_limit events after position p_after. Journal entries and
+-- holds (nearly every event) come as columns, which the server turns into Events (no jsonb
+-- built here, none parsed there), looked up by primary key (LATERAL: whatever the tables'
+-- sizes) keyed on NULL for the other kinds (a condition on the kind alone would be checked
+-- after the lookup); the other kinds, and events positioned before migration 0012 (which
+-- carry their payload), as a jsonb payload (fc.render_event). A hold's event is for its move
+-- to the state the change wrote (e.state), not the hold's state now, which may have moved on.
+-- PL/pgSQL keeps the plan (an SQL function is planned again at every call: milliseconds).
 CREATE OR REPLACE FUNCTION fc.read_events(p_after bigint, p_limit integer)
 RETURNS TABLE (event_position bigint, event_xid bigint, event_kind smallint, occur_us bigint,
-               event_payload jsonb)
+               payload jsonb, backfilled boolean,
+               entry_id bigint, entry_kind smallint, asset smallint, amount bigint,
+               debit_uid text, debit_code text, credit_uid text, credit_code text,
+               entry_hold_uid text, recharge_uid text, channel smallint, description text,
+               hold_uid text, hold_state smallint, account_uid text, spender_uid text,
+               card_uid text, amount_fen bigint, station_id text, terminal_id text,
+               nozzle integer, product smallint, create_us bigint, expire_us bigint,
+               close_us bigint, settled_fen bigint, volume_ml bigint, unit_price_fen bigint,
+               points_earned bigint, confirmed_late boolean)
 LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
 BEGIN
-    -- PL/pgSQL keeps the plan (an SQL function is planned again at every call: milliseconds
-    -- for these joins, more than rendering the batch)
     RETURN QUERY
     SELECT e.position, e.xid::text::bigint, e.kind, fc.ts(e.occurred_at),
-           coalesce(e.payload, (coalesce(jv.v, hv.v) || CASE WHEN e.snap ? 'backfill'
-                                THEN '{"backfill": true}'::jsonb ELSE '{}'::jsonb END),
-                    fc.render_event(e.kind, e.ref_id, e.snap))
+           CASE WHEN e.payload IS NOT NULL OR e.kind NOT IN (1, 2) THEN
+               coalesce(e.payload, fc.render_event(e.kind, e.ref_id, e.snap)) END,
+           coalesce(e.snap ? 'backfill', false),
+           j.id, j.kind, j.asset, j.amount, j.debit_uid, j.debit_code, j.credit_uid,
+           j.credit_code, j.hold_uid, j.recharge_uid, j.channel, j.description,
+           h.uid::text, e.state, h.account_uid, h.spender_uid, h.card_uid, h.amount_fen,
+           h.station_id, h.terminal_id, h.nozzle, h.product, fc.ts(h.created_at),
+           fc.ts(h.expires_at),
+           -- closed_at is written once, when the hold leaves AUTHORIZED
+           CASE WHEN e.state <> fc.hold_state_authorized() THEN fc.ts(h.closed_at) END,
+           h.settled_fen, h.volume_ml, h.unit_price_fen, h.points_earned, h.confirmed_late
       FROM (SELECT * FROM fc.events WHERE position > p_after ORDER BY position LIMIT p_limit) e
       LEFT JOIN LATERAL (
-          SELECT jsonb_build_object(
-                     'entry_id', j.id, 'kind', j.kind, 'asset', j.asset, 'amount', j.amount,
-                     'debit_account_id', da.uid, 'debit_system_code', da.system_code,
-                     'credit_account_id', ca.uid, 'credit_system_code', ca.system_code,
-                     'hold_id', jh.uid, 'recharge_id', r.uid, 'channel', r.channel,
-                     'description', j.description) AS v
+          SELECT j.id, j.kind, j.asset, j.amount, da.uid::text AS debit_uid,
+                 da.system_code AS debit_code, ca.uid::text AS credit_uid,
+                 ca.system_code AS credit_code, jh.uid::text AS hold_uid,
+                 r.uid::text AS recharge_uid, r.channel, j.description
             FROM fc.journal j
             JOIN fc.accounts da ON da.id = j.debit_account_id
             JOIN fc.accounts ca ON ca.id = j.credit_account_id
             LEFT JOIN fc.holds jh ON jh.id = j.hold_id
             LEFT JOIN fc.recharges r ON r.id = j.recharge_id
-           WHERE j.id = CASE WHEN e.kind = 1 AND e.payload IS NULL THEN e.ref_id END) jv ON true
+           WHERE j.id = CASE WHEN e.kind = 1 AND e.payload IS NULL THEN e.ref_id END) j ON true
       LEFT JOIN LATERAL (
-          SELECT jsonb_build_object(
-                     'hold_id', h.uid, 'state', e.state, 'account_id', fa.uid,
-                     'spender_account_id', sa.uid, 'card_id', c.uid, 'amount_fen', h.amount_fen,
-                     'station_id', h.station_id, 'terminal_id', h.terminal_id,
-                     'nozzle', h.nozzle, 'product', h.product, 'create_us', fc.ts(h.created_at),
-                     'expire_us', fc.ts(h.expires_at),
-                     -- closed_at is written once, when the hold leaves AUTHORIZED
-                     'close_us', CASE WHEN e.state <> fc.hold_state_authorized()
-                                      THEN fc.ts(h.closed_at) END)
-                 -- the settlement is final once CONFIRMED
-                 || CASE WHEN e.state = fc.hold_state_confirmed() THEN jsonb_build_object(
-                        'settled_fen', h.settled_fen, 'volume_ml', h.volume_ml,
-                        'unit_price_fen', h.unit_price_fen, 'points_earned', h.points_earned,
-                        'confirmed_late', h.confirmed_late) ELSE '{}'::jsonb END AS v
+          SELECT h.*, fa.uid::text AS account_uid, sa.uid::text AS spender_uid,
+                 c.uid::text AS card_uid
             FROM fc.holds h
             JOIN fc.accounts fa ON fa.id = h.account_id
             JOIN fc.accounts sa ON sa.id = h.spender_account_id
             JOIN fc.cards c ON c.id = h.card_id
-           WHERE h.id = CASE WHEN e.kind = 2 AND e.payload IS NULL THEN e.ref_id END) hv ON true
+           WHERE h.id = CASE WHEN e.kind = 2 AND e.payload IS NULL THEN e.ref_id END) h ON true
      ORDER BY e.position;
 END $$;
 
