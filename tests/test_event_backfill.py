@@ -146,14 +146,19 @@ def record_what_predates_the_stream(url: str) -> None:
     included (a dimension written twice is one row in the warehouse);
     stations: all of them, if any; refunds: every one so far (they had no
     events before 0012). Nothing is written yet (done_id 0). The same
-    computation as 0012's DO block, without its lock: nothing is serving."""
+    computation as 0012's DO block, without its lock: nothing is serving; read
+    through today's stream, whose events keep the entry's id (ref_id, no
+    payload) and whose sale rows (outbox kind 7) stand for their entries."""
     with psycopg.connect(url, autocommit=True) as db:
         db.execute("""
             UPDATE fc.event_backfill b SET through_id = m.through_id, done_id = 0
               FROM (VALUES
                 (1, coalesce(least(
-                        (SELECT min((payload ->> 'entry_id')::bigint) FROM fc.events WHERE kind = 1),
-                        (SELECT min(ref_id) FROM fc.outbox WHERE kind = 1)) - 1,
+                        (SELECT min(coalesce(ref_id, (payload ->> 'entry_id')::bigint))
+                           FROM fc.events WHERE kind = 1),
+                        (SELECT min(ref_id) FROM fc.outbox WHERE kind = 1),
+                        (SELECT min(j.id) FROM fc.outbox o JOIN fc.journal j ON j.hold_id = o.ref_id
+                          WHERE o.kind = 7)) - 1,
                      (SELECT max(id) FROM fc.journal), 0)),
                 (3, coalesce((SELECT max(id) FROM fc.accounts WHERE kind <> 100), 0)),
                 (4, coalesce((SELECT max(id) FROM fc.cards), 0)),

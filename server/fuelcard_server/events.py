@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fuelcard.v1 import control_pb2, events_pb2
@@ -31,6 +32,7 @@ from fuelcard.v1 import control_pb2, events_pb2
 from fuelcard_server.clock import Clock
 from fuelcard_server.db import Database
 from fuelcard_server.locks import EVENT_SEQUENCER_LOCK
+from fuelcard_server.states import HoldState
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,24 @@ SEQUENCE_SQL = (
 PRUNE_SQL = (
     "SELECT CASE WHEN pg_try_advisory_xact_lock(%(lock)s)"
     " THEN fc.prune_events(p_before => %(before)s::timestamptz, p_limit => %(limit)s) ELSE -1 END")
-READ_SQL = (
-    "SELECT position, xid::text::bigint, kind, fc.ts(p => occurred_at), payload FROM fc.events"
-    " WHERE position > %s ORDER BY position LIMIT %s")
+# Events are rendered as they are read, from the ids and scalars the sequencer kept: journal
+# entries and holds as columns (see _payload), the rest, and events positioned before
+# migration 0012 (stored then), as a jsonb payload.
+READ_SQL = "SELECT * FROM fc.read_events(p_after => %s, p_limit => %s)"
+# fc.read_events' columns after (position, xid, kind, occur_us, payload, backfilled): a
+# journal entry's, then a hold's, named as the payload keys event() reads.
+_ENTRY_KEYS = ("entry_id", "kind", "asset", "amount", "debit_account_id", "debit_system_code",
+               "credit_account_id", "credit_system_code", "hold_id", "recharge_id", "channel",
+               "description")
+_HOLD_KEYS = ("hold_id", "state", "account_id", "spender_account_id", "card_id", "amount_fen",
+              "station_id", "terminal_id", "nozzle", "product", "create_us", "expire_us",
+              "close_us")
+# the settlement, final once CONFIRMED
+_SETTLEMENT_KEYS = ("settled_fen", "volume_ml", "unit_price_fen", "points_earned",
+                    "confirmed_late")
+_ENTRY_AT = 6
+_HOLD_AT = _ENTRY_AT + len(_ENTRY_KEYS)
+_SETTLEMENT_AT = _HOLD_AT + len(_HOLD_KEYS)
 HEAD_SQL = "SELECT last_position, pruned_through FROM fc.event_head"
 
 # Longest an open stream waits before it looks for events positioned by
@@ -140,7 +157,24 @@ class Sequencer:
 
     async def read(self, after: int, limit: int) -> list[events_pb2.Event]:
         rows = await self.reads.fetch_all(READ_SQL, (after, limit))
-        return [event(*r) for r in rows]
+        return [event(r[0], r[1], r[2], r[3], _payload(r)) for r in rows]
+
+
+def _payload(row: Sequence[Any]) -> dict[str, Any]:
+    """A fc.read_events row's payload, as event() reads it."""
+    kind, stored, backfilled = row[2], row[4], row[5]
+    if stored is not None:
+        p: dict[str, Any] = stored
+        return p
+    if kind == 1:
+        p = dict(zip(_ENTRY_KEYS, row[_ENTRY_AT:_HOLD_AT], strict=True))
+    else:
+        p = dict(zip(_HOLD_KEYS, row[_HOLD_AT:_SETTLEMENT_AT], strict=True))
+        if p["state"] == HoldState.CONFIRMED:
+            p.update(zip(_SETTLEMENT_KEYS, row[_SETTLEMENT_AT:], strict=True))
+    if backfilled:
+        p["backfill"] = True
+    return p
 
 
 def _ts(message: Any, name: str, micros: int | None) -> None:

@@ -7,9 +7,11 @@
 --      triggers live on the tables, not in the fc.* functions, so a function
 --      rewritten with CREATE OR REPLACE keeps feeding the stream.
 --        fc.journal   every entry (money and points; recharges carry their
---                     channel, sales their hold)                     kind 1
---        fc.holds     every change of a hold's state (confirmed, cancelled,
---                     expired, and states added later), the whole hold kind 2
+--                     channel), except a sale's own entries          kind 1
+--        fc.holds     every change of a hold's state (cancelled, expired,
+--                     and states added later), the whole hold        kind 2
+--                     confirmed: one row for the whole sale, its
+--                     entries then the hold                          kind 7
 --        fc.accounts  opened, or status/tier/kind/parent/mode/label changed  3
 --        fc.cards     issued, or status/account changed              kind 4
 --        fc.stations  registered or moved                            kind 5
@@ -17,7 +19,13 @@
 --      checked in C, no function call): the journal says the same. A hold
 --      being made is no event either (a reservation moves no journal money;
 --      the hold is streamed whole when it is settled, cancelled or expires),
---      so the authorize path writes nothing to the outbox at all.
+--      so the authorize path writes nothing to the outbox at all, and a
+--      confirm writes one row (kind 7): the sale's entries (purchase, points
+--      earned, an overrun's receivable; fc.journal.hold_id names the hold,
+--      and no other transaction writes entries of those kinds for a hold
+--      without a recharge) are found by their hold when the row is
+--      sequenced, and positioned in id order before the hold, as their own
+--      rows were before.
 --      Journal rows are written by row triggers (one cached-plan INSERT
 --      each: measured cheaper than a statement trigger with a transition
 --      table for the one-row inserts of the hot path); accounts and cards,
@@ -32,17 +40,24 @@
 --      together. When one transaction waited for another (the account
 --      advisory locks), all the waiter's rows were written after the other
 --      committed, so the order agrees with commit order where it matters.
---   3. StreamEvents serves fc.events by position > the consumer's cursor.
+--      The sequencer writes one compact fc.events row per event: what its
+--      outbox row carried, no payload.
+--   3. StreamEvents serves fc.events by position > the consumer's cursor,
+--      each event rendered as it is read (fc.read_events).
 --
 -- Hold rows carry the state they changed to; the immutable fields (amount,
 -- station, card, ...) and the settlement of a CONFIRMED hold are read when
--- the row is sequenced. Account, card and station rows carry a snapshot of
--- the fields that may change again. Payloads are built by the sequencer,
--- never on the authorize path.
+-- the event is streamed (they do not change after that transition; the
+-- expiry, changed by a risk approval, is that transition's own). Journal
+-- entries, refunds and the ids of accounts and cards never change. Account,
+-- card and station rows carry a snapshot of the fields that may change
+-- again. Payloads are built when streamed, never on the pump path or by the
+-- sequencer (events positioned before migration 0012 keep the payload they
+-- were given then).
 --
 -- Retention: fc.prune_events deletes events sequenced more than the
 -- retention ago (the server's --event-retention-s, default 7 days), in
--- bounded batches; fc.event_head remembers the last position given and the
+-- bounded batches, from the start of the stream; fc.event_head remembers the last position given and the
 -- last position pruned, so a cursor older than the retention is refused
 -- (CURSOR_EXPIRED) instead of silently missing events.
 --
@@ -57,13 +72,24 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- A sale's entries (kinds 2 purchase, 3 points earned, 12 overrun receivable, naming their
+-- hold, without a recharge: written only by fc.book_sale and fc.book_receivable, in the
+-- transaction that confirms the hold) fire nothing: the hold's kind 7 row brings them (see
+-- fc.sequence_events, which selects the same entries). A recharge's repayment of a
+-- receivable (kind 12 with its recharge) and a sale refund (kind 10) are rows of their own.
+-- The kinds by their numbers: a trigger's WHEN is resolved when the trigger is made.
 CREATE OR REPLACE TRIGGER journal_outbox AFTER INSERT ON fc.journal
-    FOR EACH ROW EXECUTE FUNCTION fc.outbox_journal();
+    FOR EACH ROW WHEN (NEW.hold_id IS NULL OR NEW.recharge_id IS NOT NULL
+                       OR NEW.kind NOT IN (2, 3, 12))
+    EXECUTE FUNCTION fc.outbox_journal();
 
+-- CONFIRMED is the sale (kind 7: its entries, then the hold); any other change is the hold's.
 CREATE OR REPLACE FUNCTION fc.outbox_hold_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO fc.outbox (kind, ref_id, state, at) VALUES (2, NEW.id, NEW.state, NEW.closed_at);
+    INSERT INTO fc.outbox (kind, ref_id, state, at)
+    VALUES (CASE WHEN NEW.state = fc.hold_state_confirmed() THEN 7 ELSE 2 END, NEW.id, NEW.state,
+            NEW.closed_at);
     RETURN NULL;
 END $$;
 
@@ -148,7 +174,12 @@ CREATE OR REPLACE TRIGGER stations_outbox AFTER INSERT OR UPDATE ON fc.stations
 
 -- The sequencer. The caller holds the sequencer's advisory lock (see
 -- fuelcard_server/locks.py), so positions are given by one transaction at a
--- time and readers see a batch all at once, when it commits.
+-- time and readers see a batch all at once, when it commits. One statement
+-- moves the batch: a sale's row (kind 7) becomes its journal entries (kind 1,
+-- in id order, at their booking time) then the hold (kind 2); every other
+-- row one event of its kind. Only a backfilled account, card or station is
+-- looked up here (its snapshot as it is now, see fc.current_snap); nothing
+-- else is rendered (fc.read_events, when streamed).
 CREATE OR REPLACE FUNCTION fc.sequence_events(p_now timestamptz, p_limit integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -156,20 +187,31 @@ DECLARE
     v_count integer;
 BEGIN
     SELECT last_position INTO v_last FROM fc.event_head FOR UPDATE;
-    WITH batch AS (
-        SELECT o.* FROM fc.outbox o ORDER BY o.id LIMIT p_limit
+    WITH moved AS (
+        DELETE FROM fc.outbox o
+         WHERE o.id IN (SELECT b.id FROM fc.outbox b ORDER BY b.id LIMIT p_limit)
+        RETURNING o.*
     ), by_tx AS (
-        SELECT b.*, max(b.id) OVER (PARTITION BY b.xid) AS tx_last FROM batch b
-    ), ordered AS (
-        SELECT t.id, row_number() OVER (ORDER BY t.tx_last, t.id) AS n FROM by_tx t
-    ), moved AS (
-        DELETE FROM fc.outbox o USING ordered WHERE o.id = ordered.id
-        RETURNING o.*, ordered.n
+        SELECT m.*, max(m.id) OVER (PARTITION BY m.xid) AS tx_last FROM moved m
+    ), one AS (
+        SELECT t.tx_last, t.id, 0 AS sub, t.xid, 1::smallint AS kind, j.id AS ref_id,
+               NULL::smallint AS state, j.created_at AS at, t.snap
+          FROM by_tx t JOIN fc.journal j ON j.hold_id = t.ref_id
+         WHERE t.kind = 7 AND j.recharge_id IS NULL AND j.kind IN (2, 3, 12)
+        UNION ALL
+        SELECT t.tx_last, t.id, 1, t.xid, CASE WHEN t.kind = 7 THEN 2 ELSE t.kind END::smallint,
+               t.ref_id, t.state, t.at,
+               CASE WHEN t.kind IN (3, 4, 5) AND t.snap ? 'backfill'
+                    THEN coalesce(fc.current_snap(ROW(t.id, t.xid, t.kind, t.ref_id, t.state,
+                                                      t.at, t.snap)::fc.outbox), '{}'::jsonb)
+                         || '{"backfill": true}'::jsonb
+                    ELSE t.snap END
+          FROM by_tx t
     )
-    INSERT INTO fc.events (position, xid, kind, occurred_at, sequenced_at, payload)
-    SELECT v_last + m.n, m.xid, m.kind, coalesce(m.at, p_now), p_now,
-           fc.event_payload(ROW(m.id, m.xid, m.kind, m.ref_id, m.state, m.at, m.snap)::fc.outbox)
-      FROM moved m;
+    INSERT INTO fc.events (position, xid, kind, occurred_at, sequenced_at, ref_id, state, snap)
+    SELECT v_last + row_number() OVER (ORDER BY e.tx_last, e.id, e.sub, e.ref_id), e.xid, e.kind,
+           coalesce(e.at, p_now), p_now, e.ref_id, e.state, e.snap
+      FROM one e ORDER BY 1;
     GET DIAGNOSTICS v_count = ROW_COUNT;
     IF v_count > 0 THEN
         UPDATE fc.event_head SET last_position = v_last + v_count;
@@ -177,7 +219,10 @@ BEGIN
     RETURN v_count;
 END $$;
 
--- Deletes up to p_limit events sequenced before p_before; returns how many.
+-- Deletes up to p_limit events sequenced before p_before; returns how many. The old events
+-- are the start of the stream (positions are given in sequencing order), so at most p_limit
+-- rows of the primary key are read, and the first younger event ends the batch (a clock set
+-- back leaves what follows it for a later round: the stream never gets a hole).
 CREATE OR REPLACE FUNCTION fc.prune_events(p_before timestamptz, p_limit integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -185,8 +230,10 @@ DECLARE
     v_count   integer;
 BEGIN
     SELECT max(position), count(*) INTO v_through, v_count FROM (
-        SELECT position FROM fc.events WHERE sequenced_at < p_before
-         ORDER BY position LIMIT p_limit) old;
+        SELECT position, sequenced_at < p_before AND bool_and(sequenced_at < p_before)
+                   OVER (ORDER BY position) AS old
+          FROM (SELECT position, sequenced_at FROM fc.events ORDER BY position LIMIT p_limit) f
+    ) p WHERE p.old;
     IF v_count = 0 THEN
         RETURN 0;
     END IF;
@@ -253,36 +300,30 @@ END $$;
 CREATE OR REPLACE TRIGGER refunds_outbox AFTER INSERT ON fc.refunds
     FOR EACH ROW EXECUTE FUNCTION fc.outbox_refund();
 
--- An event's payload, rendered when it is sequenced, by outbox kind: 1 journal entry, 2 hold
--- state change, 3 account, 4 card, 5 station (its snapshot as written), 6 refund. A
--- backfilled account, card or station is described as it is when sequenced, not when the
--- backfill wrote its row: a change committed in between may be positioned before it (its
--- outbox row is older), and must not be undone. Backfilled payloads carry "backfill": true.
-CREATE OR REPLACE FUNCTION fc.event_payload(o fc.outbox) RETURNS jsonb
+-- The payload of an event of the rarer kinds, rendered when it is streamed (fc.read_events),
+-- from what its fc.events row carries: 3 account, 4 card, 5 station (its snapshot as
+-- written), 6 refund; a kind this version does not know, its snapshot. A backfilled account, card or station is described as it was when
+-- sequenced (the sequencer stored its snapshot then: a change committed in between may be
+-- positioned before it, and must not be undone). Backfilled payloads carry "backfill": true.
+CREATE OR REPLACE FUNCTION fc.render_event(p_kind smallint, p_ref_id bigint, p_snap jsonb)
+RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    v          jsonb;
-    v_backfill boolean := coalesce(o.snap ? 'backfill', false);
-    v_snap     jsonb := o.snap;
+    v jsonb;
 BEGIN
-    IF v_backfill AND o.kind IN (3, 4, 5) THEN
-        v_snap := fc.current_snap(o);
-    END IF;
-    v := CASE o.kind
-             WHEN 1 THEN fc.journal_event(o.ref_id)
-             WHEN 2 THEN fc.hold_event(o.ref_id, o.state)
-             WHEN 3 THEN fc.account_event(o.ref_id, v_snap)
-             WHEN 4 THEN fc.card_event(o.ref_id, v_snap)
-             WHEN 6 THEN fc.refund_event(o.ref_id)
-             ELSE v_snap END;
-    IF v_backfill THEN
+    v := CASE p_kind
+             WHEN 3 THEN fc.account_event(p_ref_id, p_snap)
+             WHEN 4 THEN fc.card_event(p_ref_id, p_snap)
+             WHEN 6 THEN fc.refund_event(p_ref_id)
+             ELSE p_snap END;
+    IF coalesce(p_snap ? 'backfill', false) THEN
         v := coalesce(v, '{}'::jsonb) || '{"backfill": true}'::jsonb;
     END IF;
     RETURN coalesce(v, '{}'::jsonb);
 END $$;
 
 -- A backfilled account's, card's or station's snapshot, as the row is now (the backfill
--- writes only a reference; see fc.event_payload).
+-- writes only a reference; see fc.sequence_events).
 CREATE OR REPLACE FUNCTION fc.current_snap(o fc.outbox) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
@@ -297,48 +338,62 @@ BEGIN
               FROM fc.stations s WHERE s.station_id = o.snap ->> 'station_id');
 END $$;
 
--- A journal entry's event: the entry, with its accounts, hold and recharge by their ids.
-CREATE OR REPLACE FUNCTION fc.journal_event(p_entry_id bigint) RETURNS jsonb
+-- StreamEvents' read: up to p_limit events after position p_after. Journal entries and
+-- holds (nearly every event) come as columns, which the server turns into Events (no jsonb
+-- built here, none parsed there), looked up by primary key (LATERAL: whatever the tables'
+-- sizes) keyed on NULL for the other kinds (a condition on the kind alone would be checked
+-- after the lookup); the other kinds, and events positioned before migration 0012 (which
+-- carry their payload), as a jsonb payload (fc.render_event). A hold's event is for its move
+-- to the state the change wrote (e.state), not the hold's state now, which may have moved on.
+-- PL/pgSQL keeps the plan (an SQL function is planned again at every call: milliseconds).
+CREATE OR REPLACE FUNCTION fc.read_events(p_after bigint, p_limit integer)
+RETURNS TABLE (event_position bigint, event_xid bigint, event_kind smallint, occur_us bigint,
+               payload jsonb, backfilled boolean,
+               entry_id bigint, entry_kind smallint, asset smallint, amount bigint,
+               debit_uid text, debit_code text, credit_uid text, credit_code text,
+               entry_hold_uid text, recharge_uid text, channel smallint, description text,
+               hold_uid text, hold_state smallint, account_uid text, spender_uid text,
+               card_uid text, amount_fen bigint, station_id text, terminal_id text,
+               nozzle integer, product smallint, create_us bigint, expire_us bigint,
+               close_us bigint, settled_fen bigint, volume_ml bigint, unit_price_fen bigint,
+               points_earned bigint, confirmed_late boolean)
 LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
 BEGIN
-    RETURN (SELECT jsonb_build_object(
-                'entry_id', j.id, 'kind', j.kind, 'asset', j.asset, 'amount', j.amount,
-                'debit_account_id', da.uid, 'debit_system_code', da.system_code,
-                'credit_account_id', ca.uid, 'credit_system_code', ca.system_code,
-                'hold_id', h.uid, 'recharge_id', r.uid, 'channel', r.channel,
-                'description', j.description)
-              FROM fc.journal j
-              JOIN fc.accounts da ON da.id = j.debit_account_id
-              JOIN fc.accounts ca ON ca.id = j.credit_account_id
-              LEFT JOIN fc.holds h ON h.id = j.hold_id
-              LEFT JOIN fc.recharges r ON r.id = j.recharge_id
-             WHERE j.id = p_entry_id);
-END $$;
-
--- A hold's event, for its move to p_state (the state the change wrote, not the hold's state
--- now, which may have moved on since).
-CREATE OR REPLACE FUNCTION fc.hold_event(p_hold_id bigint, p_state smallint) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    RETURN (SELECT jsonb_build_object(
-                'hold_id', h.uid, 'state', p_state, 'account_id', fa.uid,
-                'spender_account_id', sa.uid, 'card_id', c.uid, 'amount_fen', h.amount_fen,
-                'station_id', h.station_id, 'terminal_id', h.terminal_id, 'nozzle', h.nozzle,
-                'product', h.product, 'create_us', fc.ts(h.created_at),
-                'expire_us', fc.ts(h.expires_at),
-                -- closed_at is written once, when the hold leaves AUTHORIZED
-                'close_us', CASE WHEN p_state <> fc.hold_state_authorized()
-                                 THEN fc.ts(h.closed_at) END)
-            -- the settlement is final once CONFIRMED
-            || CASE WHEN p_state = fc.hold_state_confirmed() THEN jsonb_build_object(
-                'settled_fen', h.settled_fen, 'volume_ml', h.volume_ml,
-                'unit_price_fen', h.unit_price_fen, 'points_earned', h.points_earned,
-                'confirmed_late', h.confirmed_late) ELSE '{}'::jsonb END
-              FROM fc.holds h
-              JOIN fc.accounts fa ON fa.id = h.account_id
-              JOIN fc.accounts sa ON sa.id = h.spender_account_id
-              JOIN fc.cards c ON c.id = h.card_id
-             WHERE h.id = p_hold_id);
+    RETURN QUERY
+    SELECT e.position, e.xid::text::bigint, e.kind, fc.ts(e.occurred_at),
+           CASE WHEN e.payload IS NOT NULL OR e.kind NOT IN (1, 2) THEN
+               coalesce(e.payload, fc.render_event(e.kind, e.ref_id, e.snap)) END,
+           coalesce(e.snap ? 'backfill', false),
+           j.id, j.kind, j.asset, j.amount, j.debit_uid, j.debit_code, j.credit_uid,
+           j.credit_code, j.hold_uid, j.recharge_uid, j.channel, j.description,
+           h.uid::text, e.state, h.account_uid, h.spender_uid, h.card_uid, h.amount_fen,
+           h.station_id, h.terminal_id, h.nozzle, h.product, fc.ts(h.created_at),
+           fc.ts(h.expires_at),
+           -- closed_at is written once, when the hold leaves AUTHORIZED
+           CASE WHEN e.state <> fc.hold_state_authorized() THEN fc.ts(h.closed_at) END,
+           h.settled_fen, h.volume_ml, h.unit_price_fen, h.points_earned, h.confirmed_late
+      FROM (SELECT * FROM fc.events WHERE position > p_after ORDER BY position LIMIT p_limit) e
+      LEFT JOIN LATERAL (
+          SELECT j.id, j.kind, j.asset, j.amount, da.uid::text AS debit_uid,
+                 da.system_code AS debit_code, ca.uid::text AS credit_uid,
+                 ca.system_code AS credit_code, jh.uid::text AS hold_uid,
+                 r.uid::text AS recharge_uid, r.channel, j.description
+            FROM fc.journal j
+            JOIN fc.accounts da ON da.id = j.debit_account_id
+            JOIN fc.accounts ca ON ca.id = j.credit_account_id
+            LEFT JOIN fc.holds jh ON jh.id = j.hold_id
+            LEFT JOIN fc.recharges r ON r.id = j.recharge_id
+           WHERE j.id = CASE WHEN e.kind = 1 AND e.payload IS NULL THEN e.ref_id END) j ON true
+      LEFT JOIN LATERAL (
+          SELECT h.*, fa.uid::text AS account_uid, sa.uid::text AS spender_uid,
+                 c.uid::text AS card_uid
+            FROM fc.holds h
+            JOIN fc.accounts fa ON fa.id = h.account_id
+            JOIN fc.accounts sa ON sa.id = h.spender_account_id
+            JOIN fc.cards c ON c.id = h.card_id
+           WHERE h.id = CASE WHEN e.kind = 2 AND e.payload IS NULL THEN e.ref_id END) h ON true
+     ORDER BY e.position;
 END $$;
 
 -- An account's event: the snapshot the change wrote (p_snap, see fc.account_snap), with the
