@@ -8,12 +8,19 @@ against the real PostgreSQL. Then the console itself in a real browser."""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
+from typing import Any
 
 import pytest
-from fuelcard.v1 import account_pb2, common_pb2, control_pb2
+from fuelcard.v1 import account_pb2, common_pb2, control_pb2, invoice_pb2
 from fuelcard_console import fleet_forms, fleet_report, fleet_topup
+from fuelcard_console.auth import Role
 from fuelcard_console.fleet_forms import FormError
+from playwright.sync_api import Browser, FilePayload, Page
+from playwright.sync_api import expect as expect_page
 
+from tests.plugins import logscan
+from tests.plugins.console import LoginHelper, RunningConsole, StepUpHelper
 from tests.plugins.server import RunningServer
 from tests.support import builders
 from tests.support import control_builders as cb
@@ -297,3 +304,238 @@ def test_vehicle_lookup_finds_the_fleets_own_by_plate_or_id(
     assert sorted(v.account_id for v in found) == sorted(s.account_id for s in fleet.subs)
     pv = fleet_topup.preview(lines, found)
     assert [x.error for x in pv.lines] == ["", "这辆车共用车队余额，不能单独充值", "车队里没有这辆车"]
+
+
+# --- the console in a real browser ---------------------------------------------------------
+
+IN_STATION, OUT_STATION = "KM-FENCE-IN", "KM-FENCE-OUT"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "console" / "fleet_manager.png"
+BUYER_TAXPAYER_ID = "91530100MA6K123456"
+
+
+def _fleet_parent(server: RunningServer, balance_fen: int) -> str:
+    parent = cb.open_account(server, account_pb2.ACCOUNT_TYPE_CORPORATE, name="昆明顺达物流有限公司")
+    if balance_fen:
+        builders.recharge(server, parent.account_id, balance_fen)
+    return parent.account_id
+
+
+def _post_price(server: RunningServer, station: str, fen_per_litre: int) -> None:
+    cb.control(server).SetPrice(control_pb2.SetPriceRequest(
+        request_id=builders.rid("price"), station_id=station, product=common_pb2.PRODUCT_GASOLINE_92,
+        effective_time=cb.ts(server.clock.now() - dt.timedelta(hours=1)), unit_price_fen=fen_per_litre))
+
+
+def _upload(page: Page, content: bytes) -> None:
+    page.set_input_files("input[name=file]", files=FilePayload(name="topup.csv", mimeType="text/csv",
+                                                               buffer=content))
+
+
+def _post_again(page: Page) -> tuple[int, str]:
+    """POST to the page's own path once more, as a double click or a resent
+    form would (with the session's CSRF token, from the page): the status of
+    the answer and the path it ended on (redirects followed, as a browser does)."""
+    got: list[Any] = page.evaluate("""async () => {
+        const token = document.querySelector('input[name=csrf_token]').value;
+        const r = await fetch(location.pathname,
+                              {method: 'POST', body: new URLSearchParams({csrf_token: token})});
+        return [r.status, new URL(r.url).pathname]; }""")
+    return int(got[0]), str(got[1])
+
+
+def test_fleet_manager_issues_a_fenced_card_and_invoices_the_month(
+        console: RunningConsole, page: Page, login: LoginHelper, db: Conn) -> None:
+    server = console.server
+    fleet = _fleet_parent(server, 500_000)
+    cb.register_station(server, IN_STATION, 25.0400, 102.7200, name="昆明北京路站")
+    cb.register_station(server, OUT_STATION, 25.5000, 103.5000, name="曲靖站")  # ~90 km away
+    for station in (IN_STATION, OUT_STATION):
+        _post_price(server, station, 800)  # 8.00 yuan a litre
+    name, password, _ = console.make_user(Role.FLEET_MANAGER, account_uid=fleet)
+    login(page, name, password)
+    assert page.url.endswith("/console/fleet/")
+    expect_page(page.locator("#available")).to_have_text("5,000.00")
+
+    # Issue a vehicle card: a SHARED vehicle (it spends the fleet's balance), 50 litres a
+    # fill at most, a 1,000-yuan cap a sale, and a 5 km circle around the in-fence station.
+    page.click("text=开车辆卡")
+    page.fill("input[name=label]", "云A·F0001")
+    page.select_option("select[name=funding_mode]", "shared")
+    page.fill("input[name=limit_txn]", "1000")
+    page.fill("input[name=litre_fill]", "50")
+    page.check("input[name=fence][value=circle]")
+    page.fill("input[name=fence_lat]", "25.0400")
+    page.fill("input[name=fence_lng]", "102.7200")
+    page.fill("input[name=fence_radius_m]", "5000")
+    with page.expect_navigation():
+        page.click("#vehicle-form button[type=submit]")
+    expect_page(page.locator("#issued-controls")).to_contain_text("单次 50.00 升")
+    expect_page(page.locator("#issued-controls")).to_contain_text("半径 5000 米")
+    number = page.locator("#card-number").inner_text().strip()
+    logscan.register("card number", number)
+    card_id = page.locator("#card-id").inner_text().strip()
+    sub = db.execute("SELECT a.uid::text FROM fc.cards c JOIN fc.accounts a ON a.id = c.account_id"
+                     " WHERE c.uid = %s::uuid", (card_id,)).fetchone()
+    assert sub is not None
+    card = builders.FundedCard(sub[0], card_id, number)
+
+    # At the pump: outside the fence declined; inside, more than 50 litres declined; inside
+    # within the caps approved and confirmed.
+    assert cb.declined(server, card, 30_000, station=OUT_STATION) == \
+        common_pb2.DECLINE_REASON_OUTSIDE_GEOFENCE
+    assert cb.declined(server, card, 40_001, station=IN_STATION) == \
+        common_pb2.DECLINE_REASON_LIMIT_VOLUME_PER_FILL
+    hold = cb.approved(server, card, 30_000, station=IN_STATION)
+    assert builders.confirm(server, hold.hold_id, 30_000, volume_ml=37_500).decision == cb.APPROVED
+
+    # The main page lists the vehicle with its caps and scope; its picture for the docs.
+    page.goto("/console/fleet/")
+    row = page.locator("#vehicles tr", has_text="云A·F0001")
+    expect_page(row).to_contain_text("1,000.00 / 不限 / 不限")
+    expect_page(row).to_contain_text("50.00 / 不限 / 不限")
+    expect_page(row).to_contain_text("电子围栏：1 个")
+    expect_page(page.locator("#available")).to_have_text("4,700.00")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    # The cost report shows the sale, with its chart.
+    page.click("text=费用报表")
+    line = page.locator("#report-lines tr", has_text="云A·F0001")
+    expect_page(line).to_contain_text("300.00")
+    expect_page(line).to_contain_text("37.50")
+    expect_page(page.locator("#report-chart svg")).to_contain_text("云A·F0001")
+    expect_page(page.locator("#report-total")).to_have_text("300.00")
+
+    # December: November can be invoiced. Six days on, the session has expired: log in again.
+    cb.advance_to_local(server, dt.datetime(2026, 12, 1, 9, 0))
+    login(page, name, password)
+    page.goto("/console/fleet/invoices")
+    form = page.locator("#consumption-form")
+    expect_page(form.locator("input[name=month]")).to_have_value("2026-11")
+    form.locator("select[name=type]").select_option("special")
+    form.locator("input[name=buyer_name]").fill("昆明顺达物流有限公司")
+    form.locator("input[name=taxpayer_id]").fill(BUYER_TAXPAYER_ID)
+    with page.expect_navigation():
+        form.locator("button[type=submit]").click()
+    expect_page(page.locator("#invoice-notice")).to_contain_text("发票申请已提交")
+    invoice_row = page.locator("#invoices tbody tr").first
+    expect_page(invoice_row).to_contain_text("消费（汇总）")
+    expect_page(invoice_row).to_contain_text("增值税专用发票")
+    expect_page(invoice_row).to_contain_text("300.00")
+
+    # The same money cannot be invoiced again at recharge: the core refuses, in Chinese.
+    recharge = page.locator("#recharges .recharge-form").first
+    recharge.locator("input[name=buyer_name]").fill("昆明顺达物流有限公司")
+    with page.expect_navigation():
+        recharge.locator("button[type=submit]").click()
+    expect_page(page.locator("#invoice-error")).to_contain_text("同一笔钱不能在充值时再开一次发票")
+    kinds = db.execute("SELECT i.kind FROM fc.invoices i JOIN fc.accounts a ON a.id = i.account_id"
+                       " WHERE a.uid = %s::uuid", (fleet,)).fetchall()
+    assert kinds == [(invoice_pb2.INVOICE_KIND_CONSUMPTION,)]
+
+    # The statement of November, and its CSV.
+    page.goto("/console/fleet/statements?month=2026-11")
+    expect_page(page.locator("#statement-lines")).to_contain_text("云A·F0001")
+    with page.expect_download() as download:
+        page.click("#statement-csv")
+    assert download.value.suggested_filename == "statement-2026-11.csv"
+
+
+def test_batch_top_up_preview_then_confirm_with_step_up(
+        console: RunningConsole, page: Page, login: LoginHelper, step_up: StepUpHelper, db: Conn) -> None:
+    server = console.server
+    fleet = cb.open_fleet(server, 100_000, [ALLOCATED, ALLOCATED, SHARED],
+                          labels=["云A·T0001", "云A·T0002", "云A·T0003"])
+    a, b, shared = fleet.subs
+    name, password, secret = console.make_user(Role.FLEET_MANAGER, account_uid=fleet.parent_id)
+    login(page, name, password)
+
+    # A file with a mistake: the preview says which line, and there is nothing to confirm.
+    page.goto("/console/fleet/topup")
+    _upload(page, "车牌,金额\n云A·T0001,300\n云A·T0003,50\n".encode())
+    with page.expect_navigation():
+        page.click("main form button[type=submit]")
+    expect_page(page.locator("#topup-lines")).to_contain_text("这辆车共用车队余额，不能单独充值")
+    expect_page(page.locator("#topup-confirm")).to_have_count(0)
+    bad_preview = page.url
+    # Forcing a confirm: first the step-up, whatever the batch
+    assert _post_again(page) == (200, "/console/step-up")
+    assert cb.balance_of(server, a.account_id) == (0, 0)
+
+    # A good file (GBK, as a spreadsheet saves it): previewed, then confirmed.
+    page.goto("/console/fleet/topup")
+    _upload(page, "云A·T0001,300\r\n云A·T0002,125.50\r\n".encode("gb18030"))
+    with page.expect_navigation():
+        page.click("main form button[type=submit]")
+    expect_page(page.locator("#topup-total")).to_have_text("425.50")
+    expect_page(page.locator("#topup-lines tbody tr.ok")).to_have_count(2)
+    preview_url = page.url
+    # Confirming asks for the TOTP step-up first, then comes back to the preview.
+    with page.expect_navigation():
+        page.click("#topup-confirm button")
+    step_up(page, secret)
+    assert page.url == preview_url
+    assert cb.balance_of(server, a.account_id) == (0, 0)  # nothing moved before the step-up
+    with page.expect_navigation():
+        page.click("#topup-confirm button")
+    expect_page(page.locator("#topup-result")).to_contain_text("充值成功：共 425.50 元")
+    assert cb.balance_of(server, a.account_id) == (30_000, 0)
+    assert cb.balance_of(server, b.account_id) == (12_550, 0)
+    assert cb.balance_of(server, fleet.parent_id) == (100_000 - 42_550, 0)
+    allocations = "SELECT count(*) FROM fc.journal WHERE kind = 5"
+    assert db.execute(allocations).fetchone() == (2,)
+    # A double submit is the same request_id: the core answers it again, nothing moves twice.
+    preview_path = preview_url.removeprefix(console.base_url)
+    assert _post_again(page) == (200, preview_path)  # the preview with the first answer again
+    assert cb.balance_of(server, a.account_id) == (30_000, 0)
+    assert cb.balance_of(server, fleet.parent_id) == (100_000 - 42_550, 0)
+    assert db.execute(allocations).fetchone() == (2,)
+    assert cb.balance_of(server, shared.account_id) == (0, 0)
+    # Stepped up now, a batch with a bad line still cannot be confirmed.
+    page.goto(bad_preview)
+    assert _post_again(page) == (400, bad_preview.removeprefix(console.base_url))
+    assert cb.balance_of(server, a.account_id) == (30_000, 0)
+    assert db.execute(allocations).fetchone() == (2,)
+    audited = db.execute("SELECT count(*) FROM fc.audit_log WHERE method = '/fuelcard.console/fleet.TopUp'"
+                         " AND outcome = 'OK'").fetchone()
+    assert audited == (2,)
+
+
+def test_a_reviewer_cannot_top_up_a_fleet(
+        console: RunningConsole, browser: Browser, page: Page, login: LoginHelper,
+        step_up: StepUpHelper, db: Conn) -> None:
+    server = console.server
+    fleet = cb.open_fleet(server, 100_000, [ALLOCATED], labels=["云A·R0001"])
+    vehicle = fleet.subs[0]
+    # The fleet manager previews a batch (not confirmed).
+    manager, manager_password, _ = console.make_user(Role.FLEET_MANAGER, account_uid=fleet.parent_id)
+    login(page, manager, manager_password)
+    page.goto("/console/fleet/topup")
+    _upload(page, "云A·R0001,500\n".encode())
+    with page.expect_navigation():
+        page.click("main form button[type=submit]")
+    batch_path = page.url.removeprefix(console.base_url)
+    assert batch_path.startswith("/console/fleet/topup/")
+
+    # A reviewer, even stepped up, gets 403 on every fleet page and on the confirm itself.
+    other = browser.new_context(base_url=console.base_url, locale="zh-CN")
+    try:
+        reviewer_page = other.new_page()
+        reviewer, reviewer_password, reviewer_secret = console.make_user(Role.REVIEWER)
+        login(reviewer_page, reviewer, reviewer_password)
+        reviewer_page.goto("/console/step-up?next=/console/")
+        step_up(reviewer_page, reviewer_secret)
+        for path in ("/console/fleet/", "/console/fleet/topup", batch_path):
+            response = reviewer_page.goto(path)
+            assert response is not None and response.status == 403, path
+        expect_page(reviewer_page.locator("main")).to_contain_text("无权")
+        assert _post_again(reviewer_page) == (403, batch_path)  # POST to the batch's confirm
+    finally:
+        other.close()
+    assert cb.balance_of(server, vehicle.account_id) == (0, 0)
+    assert cb.balance_of(server, fleet.parent_id) == (100_000, 0)
+    assert db.execute("SELECT count(*) FROM fc.journal WHERE kind = 5").fetchone() == (0,)
+    refused = db.execute("SELECT count(*) FROM fc.audit_log WHERE method = '/fuelcard.console/Forbidden'"
+                         " AND actor LIKE 'console:reviewer:%' AND outcome = 'PERMISSION_DENIED POST'"
+                         ).fetchone()
+    assert refused == (1,)
