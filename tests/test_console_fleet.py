@@ -388,13 +388,25 @@ def test_fleet_manager_issues_a_fenced_card_and_invoices_the_month(
     hold = cb.approved(server, card, 30_000, station=IN_STATION)
     assert builders.confirm(server, hold.hold_id, 30_000, volume_ml=37_500).decision == cb.APPROVED
 
+    # Two more vehicles, so that the picture of the main page shows a fleet: one with money
+    # of its own (a batch top-up), one with its card blocked.
+    truck = cb.open_account(server, parent=fleet, mode=cb.ALLOCATED, label="云A·F0002")
+    cb.issue_card(server, truck.account_id)
+    cb.batch_top_up(server, fleet, [(truck.account_id, 80_000)])
+    van = cb.open_account(server, parent=fleet, mode=cb.SHARED, label="云A·F0003")
+    server.accounts.UpdateCardStatus(account_pb2.UpdateCardStatusRequest(
+        request_id=builders.rid("block"), card_id=cb.issue_card(server, van.account_id).card_id,
+        status=account_pb2.CARD_STATUS_BLOCKED))
+
     # The main page lists the vehicle with its caps and scope; its picture for the docs.
     page.goto("/console/fleet/")
     row = page.locator("#vehicles tr", has_text="云A·F0001")
     expect_page(row).to_contain_text("1,000.00 / 不限 / 不限")
     expect_page(row).to_contain_text("50.00 / 不限 / 不限")
     expect_page(row).to_contain_text("电子围栏：1 个")
-    expect_page(page.locator("#available")).to_have_text("4,700.00")
+    expect_page(page.locator("#available")).to_have_text("3,900.00")
+    expect_page(page.locator("#vehicles tr", has_text="云A·F0002")).to_contain_text("800.00")
+    expect_page(page.locator("#vehicles tr", has_text="云A·F0003")).to_contain_text("已暂停")
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
@@ -433,12 +445,25 @@ def test_fleet_manager_issues_a_fenced_card_and_invoices_the_month(
                        " WHERE a.uid = %s::uuid", (fleet,)).fetchall()
     assert kinds == [(invoice_pb2.INVOICE_KIND_CONSUMPTION,)]
 
+    # The invoice: the fuel line in litres at 13 %, and its list by vehicle.
+    with page.expect_navigation():
+        page.locator("#invoices tbody tr a").first.click()
+    item = page.locator("#invoice-items tbody tr").first
+    expect_page(item).to_contain_text("*汽油*92#")
+    expect_page(item).to_contain_text("升")
+    expect_page(item).to_contain_text("37.500")
+    expect_page(item).to_contain_text("13%")
+    expect_page(page.locator("#invoice-list")).to_contain_text("云A·F0001")
+
     # The statement of November, and its CSV.
     page.goto("/console/fleet/statements?month=2026-11")
     expect_page(page.locator("#statement-lines")).to_contain_text("云A·F0001")
-    with page.expect_download() as download:
-        page.click("#statement-csv")
-    assert download.value.suggested_filename == "statement-2026-11.csv"
+    for kind, magic in (("csv", "\ufeff".encode()), ("pdf", b"%PDF")):
+        with page.expect_download() as download:
+            page.click(f"#statement-{kind}")
+        assert download.value.suggested_filename == f"statement-2026-11.{kind}"
+        saved = download.value.path()
+        assert Path(saved).read_bytes().startswith(magic)
 
 
 def test_batch_top_up_preview_then_confirm_with_step_up(
@@ -539,3 +564,37 @@ def test_a_reviewer_cannot_top_up_a_fleet(
                          " AND actor LIKE 'console:reviewer:%' AND outcome = 'PERMISSION_DENIED POST'"
                          ).fetchone()
     assert refused == (1,)
+
+
+def test_lists_are_paged(console: RunningConsole, page: Page, login: LoginHelper) -> None:
+    server = console.server
+    fleet = _fleet_parent(server, 0)
+    count = fleet_report.CHART_ROWS + 31  # 51: over a report page, three vehicle pages
+    for i in range(count):
+        sub = cb.open_account(server, parent=fleet, mode=cb.SHARED, label=f"云A·P{i:04d}")
+        cb.issue_card(server, sub.account_id)
+    name, password, _ = console.make_user(Role.FLEET_MANAGER, account_uid=fleet)
+    login(page, name, password)
+    seen: list[str] = []
+    for size in (20, 20, 11):
+        plates = page.locator("#vehicles td.plate").all_inner_texts()
+        assert len(plates) == size
+        seen += plates
+        next_link = page.locator("a[rel=next]")
+        if size == 11:
+            expect_page(next_link).to_have_count(0)
+        else:
+            with page.expect_navigation():
+                next_link.click()
+    assert seen == [f"云A·P{i:04d}" for i in range(count)]  # each once, oldest first
+
+    page.goto("/console/fleet/report")
+    expect_page(page.locator("#report-lines tbody tr")).to_have_count(50)
+    with page.expect_navigation():
+        page.click("a[rel=next]")
+    expect_page(page.locator("#report-lines tbody tr")).to_have_count(1)
+    expect_page(page.locator("#report-chart svg")).to_contain_text("本期没有消费")
+    # A bad period is refused on the page, naming what is wrong.
+    response = page.goto("/console/fleet/report?start=2026-11-20&end=2026-11-01")
+    assert response is not None and response.status == 400
+    expect_page(page.locator("main .error")).to_contain_text("结束日期不能早于开始日期")
