@@ -409,6 +409,10 @@ def test_fleet_manager_issues_a_fenced_card_and_invoices_the_month(
     expect_page(page.locator("#vehicles tr", has_text="云A·F0003")).to_contain_text("已暂停")
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+    # Unblock the blocked card from the list.
+    with page.expect_navigation():
+        page.locator("#vehicles tr", has_text="云A·F0003").locator("button", has_text="恢复").click()
+    expect_page(page.locator("#vehicles tr", has_text="云A·F0003")).to_contain_text("正常")
 
     # The cost report shows the sale, with its chart.
     page.click("text=费用报表")
