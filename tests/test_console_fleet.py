@@ -130,6 +130,30 @@ def test_a_polygon_fence_and_its_mistakes() -> None:
     assert not no_fence.has_scope
 
 
+def test_the_controls_in_force_fill_the_form_and_read_back_the_same() -> None:
+    limits = control_pb2.SpendingLimits(per_transaction_fen=100_050, monthly_fen=800_000)
+    volume = control_pb2.VolumeLimits(per_fill_ml=45_500, daily_ml=120_000)
+    # as fc.cards keeps them
+    fences = [{"circle": [25.04, 102.72, 5000]}, {"polygon": [[1, 2], [3, 4], [5, 6]]}]
+    values = fleet_forms.prefill(limits, volume, ["KM-001", "KM-002"], fences, [360, 1320, 1380, 300])
+    assert values == {
+        "limit_txn": "1000.50", "limit_daily": "", "limit_monthly": "8000", "litre_fill": "45.5",
+        "litre_daily": "120", "litre_monthly": "", "stations": "KM-001, KM-002",
+        "hours": "06:00-22:00, 23:00-05:00", "fence": "circle", "fence_lat": "25.04",
+        "fence_lng": "102.72", "fence_radius_m": "5000"}
+    back = fleet_forms.controls_form(values, [str(common_pb2.PRODUCT_GASOLINE_95)])
+    assert back.limits == limits and back.volume == volume
+    assert list(back.scope.station_ids) == ["KM-001", "KM-002"]
+    assert [(w.start_minute, w.end_minute) for w in back.scope.hours] == [(360, 1320), (1380, 300)]
+    assert back.scope.geofences[0].circle.radius_m == 5000  # the first fence only
+    polygon = fleet_forms.prefill(control_pb2.SpendingLimits(), control_pb2.VolumeLimits(), None,
+                                  [{"polygon": [[25.05, 102.65], [25.05, 102.75], [25, 102.7]]}], None)
+    assert polygon["fence"] == "polygon"
+    assert polygon["fence_polygon"] == "25.05,102.65\n25.05,102.75\n25,102.7"
+    assert not fleet_forms.controls_form(fleet_forms.prefill(
+        control_pb2.SpendingLimits(), control_pb2.VolumeLimits(), None, None, None), []).has_scope
+
+
 def test_money_is_shown_exactly() -> None:
     assert fleet_forms.fen_to_yuan(123_456_789) == "1,234,567.89"
     assert fleet_forms.fen_to_yuan(-5) == "-0.05"
@@ -413,6 +437,24 @@ def test_fleet_manager_issues_a_fenced_card_and_invoices_the_month(
     with page.expect_navigation():
         page.locator("#vehicles tr", has_text="云A·F0003").locator("button", has_text="恢复").click()
     expect_page(page.locator("#vehicles tr", has_text="云A·F0003")).to_contain_text("正常")
+
+    # Change the card's controls: the form shows what is in force; 30 litres a fill now.
+    with page.expect_navigation():
+        page.locator("#vehicles tr", has_text="云A·F0001").locator("a.edit").click()
+    controls = page.locator("#controls-form")
+    expect_page(controls.locator("input[name=litre_fill]")).to_have_value("50")
+    expect_page(controls.locator("input[name=limit_txn]")).to_have_value("1000")
+    expect_page(controls.locator("input[name=fence_radius_m]")).to_have_value("5000")
+    controls.locator("input[name=litre_fill]").fill("30")
+    with page.expect_navigation():
+        controls.locator("button[type=submit]").click()
+    expect_page(page.locator("#form-notice")).to_contain_text("已保存")
+    expect_page(page.locator("#controls-form input[name=litre_fill]")).to_have_value("30")
+    # 37.5 litres: over the new cap; the fence is still in force.
+    assert cb.declined(server, card, 30_000, station=IN_STATION) == \
+        common_pb2.DECLINE_REASON_LIMIT_VOLUME_PER_FILL
+    assert cb.declined(server, card, 20_000, station=OUT_STATION) == \
+        common_pb2.DECLINE_REASON_OUTSIDE_GEOFENCE
 
     # The cost report shows the sale, with its chart.
     page.click("text=费用报表")

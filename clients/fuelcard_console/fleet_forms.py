@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any
 
 from fuelcard.v1 import common_pb2, control_pb2
 
@@ -201,12 +202,9 @@ def geofence(form: Mapping[str, str]) -> control_pb2.GeoFence | None:
 
 
 @dataclass(frozen=True)
-class VehicleForm:
-    """Everything the 'issue a vehicle card' form asks for."""
+class ControlsForm:
+    """A card's controls as a form sets them: money caps, litre caps, scope."""
 
-    label: str
-    holder_name: str
-    funding_mode: int  # account_pb2.FundingMode
     limits: control_pb2.SpendingLimits
     volume: control_pb2.VolumeLimits
     scope: control_pb2.CardScope
@@ -227,6 +225,20 @@ class VehicleForm:
         return bool(s.station_ids or s.products or s.geofences or s.hours)
 
 
+@dataclass(frozen=True)
+class VehicleForm(ControlsForm):
+    """Everything the 'issue a vehicle card' form asks for."""
+
+    label: str = ""
+    holder_name: str = ""
+    funding_mode: int = 0  # account_pb2.FundingMode
+
+
+def controls_form(form: Mapping[str, str], chosen_products: Iterable[str]) -> ControlsForm:
+    return ControlsForm(limits=spending_limits(form), volume=volume_limits(form),
+                        scope=card_scope(form, chosen_products))
+
+
 def card_scope(form: Mapping[str, str], chosen_products: Iterable[str]) -> control_pb2.CardScope:
     fence = geofence(form)
     return control_pb2.CardScope(
@@ -244,15 +256,52 @@ def vehicle_form(form: Mapping[str, str], chosen_products: Iterable[str]) -> Veh
     mode = form.get("funding_mode", "allocated")
     if mode not in ("allocated", "shared"):
         raise FormError("funding_mode", "资金方式只能是“独立额度”或“共用车队余额”")
+    controls = controls_form(form, chosen_products)
     return VehicleForm(
+        limits=controls.limits, volume=controls.volume, scope=controls.scope,
         label=label, holder_name=driver or label,
         funding_mode=account_pb2.FUNDING_MODE_ALLOCATED if mode == "allocated"
-        else account_pb2.FUNDING_MODE_SHARED,
-        limits=spending_limits(form), volume=volume_limits(form),
-        scope=card_scope(form, chosen_products))
+        else account_pb2.FUNDING_MODE_SHARED)
 
 
 def describe_hours(minutes: list[int]) -> str:
     """The core's stored [start, end, start, end, ...] as '07:00-19:00'."""
     pairs = zip(minutes[0::2], minutes[1::2], strict=False)
     return "，".join(f"{s // 60:02d}:{s % 60:02d}-{e // 60:02d}:{e % 60:02d}" for s, e in pairs)
+
+
+def _yuan_field(fen: int) -> str:
+    whole, cents = divmod(fen, 100)
+    return f"{whole}.{cents:02d}".removesuffix(".00") if fen else ""
+
+
+def _litre_field(ml: int) -> str:
+    if not ml:
+        return ""
+    whole, rest = divmod(ml, 1000)
+    return f"{whole}.{rest:03d}".rstrip("0") if rest else str(whole)
+
+
+def prefill(limits: control_pb2.SpendingLimits, volume: control_pb2.VolumeLimits,
+            stations_now: list[str] | None, fences_json: Any, hours_now: list[int] | None
+            ) -> dict[str, str]:
+    """The controls form filled with what is in force: the caps, and the
+    scope as the database keeps it (fc.cards: fences as JSON, hours as
+    [start, end, ...] minutes). Only the first fence can be shown in the form."""
+    values = {
+        "limit_txn": _yuan_field(limits.per_transaction_fen), "limit_daily": _yuan_field(limits.daily_fen),
+        "limit_monthly": _yuan_field(limits.monthly_fen), "litre_fill": _litre_field(volume.per_fill_ml),
+        "litre_daily": _litre_field(volume.daily_ml), "litre_monthly": _litre_field(volume.monthly_ml),
+        "stations": ", ".join(stations_now or []),
+        "hours": describe_hours(list(hours_now or [])).replace("，", ", "), "fence": "none"}
+    fences = fences_json or []
+    if fences:
+        first = fences[0]
+        if "circle" in first:
+            lat, lng, radius = first["circle"]
+            values |= {"fence": "circle", "fence_lat": f"{lat:g}", "fence_lng": f"{lng:g}",
+                       "fence_radius_m": str(int(radius))}
+        elif "polygon" in first:
+            values |= {"fence": "polygon",
+                       "fence_polygon": "\n".join(f"{lat:g},{lng:g}" for lat, lng in first["polygon"])}
+    return values
