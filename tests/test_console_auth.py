@@ -8,13 +8,16 @@ import datetime as dt
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
+from aiohttp import web
 from fuelcard_console import auth
-from fuelcard_console.auth import Role, audit_fields
-from playwright.sync_api import Page
+from fuelcard_console.auth import ConsoleUser, Role, audit, audit_fields, requires
+from fuelcard_console.views import read_upload
+from playwright.sync_api import Browser, FilePayload, Page
 
-from tests.plugins.console import LoginHelper, RunningConsole, StepUpHelper
+from tests.plugins.console import LoginHelper, RunningConsole, StepUpHelper, start_console
 from tests.support import control_builders as cb
 from tests.support.ledger_asserts import Conn
 
@@ -375,3 +378,74 @@ def test_fleet_users_are_made_for_a_fleet_account_only(console: RunningConsole, 
         console.make_user(Role.FLEET_MANAGER)
     with pytest.raises(users.ConsoleUserError, match="--account"):
         console.make_user(Role.SRE, fleet.parent_id)
+
+
+def test_the_cli_makes_a_user_and_prints_the_secrets_once(database_url: str, db: Conn,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from fuelcard_api import cli, principals
+
+    assert cli.main(["console-user", "add", "--login", "ops.li", "--role", "reviewer",
+                     "--database-url", database_url]) == 0
+    out = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    password, secret = out["password"].strip(), out["TOTP secret"].strip()
+    row = db.execute("SELECT role, password_hash, totp_secret, account_id FROM fc.console_users"
+                     " WHERE login = 'ops.li'").fetchone()
+    assert row is not None
+    assert (row[0], row[2], row[3]) == ("reviewer", secret, None)
+    assert principals.check_password(password, row[1]) and password not in row[1]
+    # a second user with that login is refused, and the role must be one of the six
+    assert cli.main(["console-user", "add", "--login", "ops.li", "--role", "reviewer",
+                     "--database-url", database_url]) == 1
+    assert cli.main(["console-user", "add", "--login", "ops.wang", "--role", "admin",
+                     "--database-url", database_url]) == 1
+    assert "that login is taken" in capsys.readouterr().err
+    assert cli.main(["console-user", "disable", "--login", "ops.li", "--database-url", database_url]) == 0
+    assert db.execute("SELECT disabled_at IS NOT NULL FROM fc.console_users WHERE login = 'ops.li'"
+                      ).fetchone() == (True,)
+
+
+# --- uploads ----------------------------------------------------------------------------------
+
+
+@requires(Role.SRE)
+async def _upload(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
+    upload = await read_upload(request, "file", max_bytes=200_000)
+    await audit(request, user, "TestUpload", None, "OK")
+    return web.json_response({"name": upload.filename, "size": len(upload.data), "fields": upload.fields})
+
+
+@pytest.fixture
+def upload_console(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[RunningConsole]:
+    def routes(router: web.UrlDispatcher) -> None:
+        router.add_post("/console/test/upload", _upload)
+
+    yield from start_console(database_url, tmp_path, dev_certs, extra_routes=routes)
+
+
+def test_an_upload_is_csrf_checked_from_the_action_and_size_limited(
+        upload_console: RunningConsole, browser: Browser, login: LoginHelper, db: Conn) -> None:
+    context = browser.new_context(base_url=upload_console.base_url)
+    try:
+        page = context.new_page()
+        name, password, _ = upload_console.make_user(Role.SRE)
+        login(page, name, password)
+        token = db.execute("SELECT csrf_token FROM fc.console_sessions").fetchone()
+        assert token is not None
+        body = b"plate,amount_fen\n" + b"A12345,10000\n" * 9000  # 117 KB: past the JSON API's 64 KiB
+        file = FilePayload(name="topup.csv", mimeType="text/csv", buffer=body)
+        ok = page.request.post(f"/console/test/upload?csrf_token={token[0]}",
+                               multipart={"note": "十一月", "file": file})
+        assert ok.status == 200, ok.text()
+        assert ok.json() == {"name": "topup.csv", "size": len(body), "fields": {"note": "十一月"}}
+        # no token, or a wrong one: refused before the handler runs
+        for query in ("", "?csrf_token=forged"):
+            refused = page.request.post(f"/console/test/upload{query}", multipart={"file": file})
+            assert refused.status == 403
+        # too large for the handler's limit: 413, a Chinese page
+        big = FilePayload(name="big.csv", mimeType="text/csv", buffer=b"x" * 300_000)
+        too_big = page.request.post(f"/console/test/upload?csrf_token={token[0]}", multipart={"file": big})
+        assert too_big.status == 413 and "上传的内容过大" in too_big.text()
+        assert audit_count(db, "TestUpload", "OK") == 1
+        assert audit_count(db, "CsrfRefused") == 2
+    finally:
+        context.close()

@@ -12,9 +12,11 @@ import logging
 import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
@@ -75,6 +77,57 @@ def csrf_refused(request: web.Request) -> web.Response:
         "title": "请求被拒绝", "status": 403,
         "message": "表单已失效或来自其他网站（CSRF 校验失败），未做任何更改。请刷新页面后重试。"},
         status=403)
+
+
+PAGE_SIZE = 50  # rows of a list page (AIP-132 page_token paging)
+
+
+def page_token(request: web.Request) -> str:
+    """The `?page_token=` of a list page ('' for the first page); a list
+    passes it to the core's List* call (page_size <= PAGE_SIZE) and gives
+    the answer's next_page_token to the `pager` macro (templates/macros.html)."""
+    token = request.query.get("page_token", "")
+    if len(token) > 200:
+        raise web.HTTPBadRequest(reason="page_token too long")
+    return token
+
+
+@dataclass(frozen=True)
+class Upload:
+    fields: dict[str, str]  # the form's other fields
+    filename: str
+    data: bytes
+
+
+async def read_upload(request: web.Request, file_field: str, max_bytes: int) -> Upload:
+    """A multipart form with one file (a CSV to preview, a settlement file),
+    read as a stream with its own limit: the edge's body limit (64 KiB, the
+    JSON API's) does not apply to it. Too large: HTTP 413 (a zh-CN page).
+    The form's action carries ?csrf_token= (auth.csrf_middleware)."""
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    filename, data = "", b""
+    while True:
+        part = await reader.next()
+        if part is None:
+            break
+        if not isinstance(part, aiohttp.BodyPartReader):
+            raise web.HTTPBadRequest(reason="nested multipart")
+        if part.name == file_field:
+            filename = part.filename or ""
+            chunks, size = [], 0
+            while chunk := await part.read_chunk(64 * 1024):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=size)
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        elif part.name:
+            text = await part.text()
+            if len(text) > 64 * 1024:
+                raise web.HTTPRequestEntityTooLarge(max_size=64 * 1024, actual_size=len(text))
+            fields[part.name] = text
+    return Upload(fields, filename, data)
 
 
 def placeholder(request: web.Request, user: ConsoleUser, heading: str) -> web.Response:
