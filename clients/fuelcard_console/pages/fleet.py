@@ -33,7 +33,7 @@ from fuelcard_console import fleet_forms, fleet_report, fleet_topup
 from fuelcard_console.auth import ConsoleUser, Role, audit, requires
 from fuelcard_console.context import ConsoleContext, CoreRefusal, console_context, refusal_of
 from fuelcard_console.fleet_forms import PRODUCT_NAMES_ZH, FormError, fen_to_yuan, ml_to_litres
-from fuelcard_console.views import render
+from fuelcard_console.views import read_upload, render
 
 MAIN_PAGE = "/console/fleet/"
 NAV = [("车辆与余额", MAIN_PAGE), ("开车辆卡", MAIN_PAGE + "vehicles/new"), ("批量充值", MAIN_PAGE + "topup"),
@@ -426,13 +426,13 @@ async def topup_form(request: web.Request, user: ConsoleUser) -> web.StreamRespo
 @requires(Role.FLEET_MANAGER)
 async def topup_upload(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
     ctx = console_context(request)
-    form = await request.post()
-    upload = form.get("file")
     try:
-        if not isinstance(upload, web.FileField):
+        # Streamed with its own limit (the edge's body limit is the JSON API's 64 KiB); the
+        # CSRF token is in the form's action, as for every upload (auth.csrf_middleware).
+        upload = await read_upload(request, "file", fleet_topup.MAX_FILE_BYTES)
+        if not upload.data:
             raise FormError("file", "请选择一个 CSV 文件")
-        text = fleet_topup.decode(upload.file.read(fleet_topup.MAX_FILE_BYTES + 1))
-        lines = fleet_topup.parse_csv(text)
+        lines = fleet_topup.parse_csv(fleet_topup.decode(upload.data))
     except FormError as error:
         await audit(request, user, "fleet.TopUpPreview", None, "INVALID_ARGUMENT")
         return _render("topup.html", request, user, {"error": error.message}, status=400)
