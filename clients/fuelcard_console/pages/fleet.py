@@ -92,13 +92,21 @@ INVOICE_KIND_ZH = {invoice_pb2.INVOICE_KIND_RECHARGE: "充值（不征税）",
 INVOICE_TYPE_ZH = {invoice_pb2.INVOICE_TYPE_ORDINARY: "普通发票",
                    invoice_pb2.INVOICE_TYPE_SPECIAL: "增值税专用发票"}
 
-# The scope columns of a page's cards: the core has no read of a card's scope
-# (SetCardScope answers it, ListControlChanges has its history), so the list
-# reads them from the reports database, with the page's card ids.
-SCOPE_SQL = """
-    SELECT c.uid::text, c.scope_stations, c.scope_products, jsonb_array_length(c.scope_fences),
-           c.scope_hours
-      FROM fc.cards c WHERE c.uid = ANY(%(cards)s::uuid[])"""
+# The cards of a page's vehicles, with their caps and scope, in one read of
+# the reports database (not two calls of the core per card: a page of 20
+# vehicles would be 40 calls). The core has no read of a card's scope anyway.
+# At most CARDS_PER_VEHICLE cards a vehicle, oldest first, as ListCards gives them.
+CARDS_PER_VEHICLE = 10
+VEHICLE_CARDS_SQL = """
+    SELECT * FROM (
+        SELECT a.uid::text, c.uid::text, c.masked, c.status,
+               c.limit_txn_fen, c.limit_daily_fen, c.limit_monthly_fen,
+               c.limit_fill_ml, c.limit_daily_ml, c.limit_monthly_ml,
+               c.scope_stations, c.scope_products, jsonb_array_length(c.scope_fences), c.scope_hours,
+               row_number() OVER (PARTITION BY c.account_id ORDER BY c.id) AS n
+          FROM fc.accounts a JOIN fc.cards c ON c.account_id = a.id
+         WHERE a.uid = ANY(%(accounts)s::uuid[])) cards
+     WHERE n <= %(per_vehicle)s ORDER BY n"""
 
 Handler = Callable[[web.Request, ConsoleUser], Awaitable[web.StreamResponse]]
 
@@ -168,36 +176,31 @@ async def index(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
         if refusal.reason != "PAGE_TOKEN_INVALID":
             raise
         return _see_other(MAIN_PAGE)
-    vehicles = await _vehicle_rows(ctx, user, list(subs.accounts))
+    vehicles = await _vehicle_rows(ctx, list(subs.accounts))
     return _render("index.html", request, user, {
         "account": account.account, "vehicles": vehicles, "next_page_token": subs.next_page_token,
         "first_page": not token, "issued": request.query.get("issued", "")})
 
 
-async def _vehicle_rows(ctx: ConsoleContext, user: ConsoleUser,
-                        subs: list[account_pb2.Account]) -> list[dict[str, Any]]:
+async def _vehicle_rows(ctx: ConsoleContext, subs: list[account_pb2.Account]) -> list[dict[str, Any]]:
     """Each vehicle with its cards, and each card with its caps and scope."""
-    card_pages = await asyncio.gather(*(
-        ctx.call(ctx.core.account.ListCards, account_pb2.ListCardsRequest(account_id=a.account_id,
-                                                                          page_size=10), user)
-        for a in subs))
-    cards = [c for page in card_pages for c in page.cards]
-    limits = await asyncio.gather(*(
-        ctx.call(ctx.core.control.GetSpendingLimits,
-                 control_pb2.GetSpendingLimitsRequest(card_id=c.card_id), user) for c in cards))
-    scopes: dict[str, Any] = {}
-    if cards:
-        rows = await ctx.reports.fetch_all(SCOPE_SQL, {"cards": [c.card_id for c in cards]})
-        scopes = {row[0]: row[1:] for row in rows}
-    limit_of = {c.card_id: lim for c, lim in zip(cards, limits, strict=True)}
-    out = []
-    for account, page in zip(subs, card_pages, strict=True):
-        out.append({
-            "account": account, "funding": FUNDING_ZH.get(account.funding_mode, ""),
-            "cards": [{"card": c, "status": CARD_STATUS_ZH.get(c.status, ""),
-                       "limits": limit_of[c.card_id], "scope": _scope_text(scopes.get(c.card_id))}
-                      for c in page.cards]})
-    return out
+    rows = await ctx.reports.fetch_all(VEHICLE_CARDS_SQL, {
+        "accounts": [a.account_id for a in subs], "per_vehicle": CARDS_PER_VEHICLE}) if subs else []
+    cards: dict[str, list[dict[str, Any]]] = {}
+    for (account_id, card_id, masked, status, txn, daily, monthly, fill_ml, daily_ml, monthly_ml,
+         *scope, _) in rows:
+        card = account_pb2.Card(card_id=card_id, account_id=account_id, masked_card_number=masked,
+                                status=status)
+        limits = control_pb2.GetSpendingLimitsResponse(
+            limits=control_pb2.SpendingLimits(per_transaction_fen=txn or 0, daily_fen=daily or 0,
+                                              monthly_fen=monthly or 0),
+            volume_limits=control_pb2.VolumeLimits(per_fill_ml=fill_ml or 0, daily_ml=daily_ml or 0,
+                                                   monthly_ml=monthly_ml or 0))
+        cards.setdefault(account_id, []).append({
+            "card": card, "status": CARD_STATUS_ZH.get(status, ""), "limits": limits,
+            "scope": _scope_text(scope)})
+    return [{"account": a, "funding": FUNDING_ZH.get(a.funding_mode, ""),
+             "cards": cards.get(a.account_id, [])} for a in subs]
 
 
 def _scope_text(row: Any) -> list[str]:
