@@ -192,3 +192,31 @@ def previous_month(now: dt.datetime) -> str:
 def this_month(now: dt.datetime) -> str:
     local = now.astimezone(BUSINESS_TZ)
     return f"{local.year:04d}-{local.month:02d}"
+
+
+class ReportCache:
+    """Reports computed in the last TTL, by fleet, period and settings.
+
+    A big fleet's report costs the core seconds (GetFleetCostReport reads
+    the period and six periods before it, for the baseline), and its 50-row
+    pages, the flagged-only view and the chart all read the same lines: the
+    first view computes them, the next minute reuses them. Reports read a
+    replica anyway, so a minute old is within what they promise. Bounded."""
+
+    def __init__(self, ttl: dt.timedelta = dt.timedelta(seconds=60), max_entries: int = 64) -> None:
+        self._ttl, self._max = ttl, max_entries
+        self._items: dict[tuple[object, ...], tuple[dt.datetime, list[ReportLine]]] = {}
+
+    def get(self, key: tuple[object, ...], now: dt.datetime) -> list[ReportLine] | None:
+        hit = self._items.get(key)
+        if hit is None or now - hit[0] > self._ttl or now < hit[0]:
+            return None
+        return hit[1]
+
+    def put(self, key: tuple[object, ...], lines: list[ReportLine], now: dt.datetime) -> None:
+        if key not in self._items and len(self._items) >= self._max:
+            del self._items[min(self._items, key=lambda k: self._items[k][0])]
+        self._items[key] = (now, lines)
+
+
+REPORTS = ReportCache()

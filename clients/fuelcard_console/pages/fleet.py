@@ -545,15 +545,19 @@ async def report(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
                        status=400)
     start = dt.datetime.combine(start_day, dt.time(), fleet_report.BUSINESS_TZ)
     end = dt.datetime.combine(end_day + dt.timedelta(days=1), dt.time(), fleet_report.BUSINESS_TZ)
-    # The core reads the report from its replica; the fills come from the reports database.
-    costs, fill_rows = await asyncio.gather(
-        ctx.call(ctx.core.control.GetFleetCostReport, control_pb2.GetFleetCostReportRequest(
-            parent_account_id=_fleet(user), start_time=_ts(start), end_time=_ts(end)), user),
-        ctx.reports.fetch_all(fleet_report.FILLS_SQL, {
-            "parent": user.account_key, "start": start, "end": end, "tank_ml": settings.tank_ml,
-            "work_start": settings.work_start, "work_end": settings.work_end}))
-    fills = {r[0]: fleet_report.Fills(int(r[1]), int(r[2]), int(r[3])) for r in fill_rows}
-    lines = fleet_report.flag(list(costs.vehicles), fills)
+    key = (_fleet(user), start, end, settings)
+    lines = fleet_report.REPORTS.get(key, ctx.clock.now())
+    if lines is None:
+        # The core reads the report from its replica; the fills come from the reports database.
+        costs, fill_rows = await asyncio.gather(
+            ctx.call(ctx.core.control.GetFleetCostReport, control_pb2.GetFleetCostReportRequest(
+                parent_account_id=_fleet(user), start_time=_ts(start), end_time=_ts(end)), user),
+            ctx.reports.fetch_all(fleet_report.FILLS_SQL, {
+                "parent": user.account_key, "start": start, "end": end, "tank_ml": settings.tank_ml,
+                "work_start": settings.work_start, "work_end": settings.work_end}))
+        fills = {r[0]: fleet_report.Fills(int(r[1]), int(r[2]), int(r[3])) for r in fill_rows}
+        lines = fleet_report.flag(list(costs.vehicles), fills)
+        fleet_report.REPORTS.put(key, lines, ctx.clock.now())
     flagged_only = query.get("flagged") == "1"
     shown = [x for x in lines if x.flags] if flagged_only else lines
     try:
