@@ -115,10 +115,9 @@ def refusal_text(refusal: CoreRefusal) -> str:
     return REFUSALS_ZH.get(refusal.reason, f"核心系统拒绝了这个操作（{refusal.reason}）。")
 
 
-def _render(template: str, request: web.Request, user: ConsoleUser, context: Mapping[str, Any],
-            status: int = 200) -> web.Response:
-    # `user` is the page's (base.html reads it from the session): named so each handler says whose.
-    del user
+def _render(template: str, request: web.Request, context: Mapping[str, Any], status: int = 200
+            ) -> web.Response:
+    """A page from templates/fleet/ (base.html shows the session's user and nav)."""
     return render(f"fleet/{template}", request, {"yuan": fen_to_yuan, "litres": ml_to_litres, **context},
                   status=status)
 
@@ -177,7 +176,7 @@ async def index(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
             raise
         return _see_other(MAIN_PAGE)
     vehicles = await _vehicle_rows(ctx, list(subs.accounts))
-    return _render("index.html", request, user, {
+    return _render("index.html", request, {
         "account": account.account, "vehicles": vehicles, "next_page_token": subs.next_page_token,
         "first_page": not token, "issued": request.query.get("issued", "")})
 
@@ -227,17 +226,19 @@ async def card_status(request: web.Request, user: ConsoleUser) -> web.StreamResp
     status = CARD_STATUS_FORM.get(str(form.get("status", "")))
     if status is None or not await ctx.may_touch_card(user, card_id):
         await audit(request, user, "fleet.CardStatus", None, "NOT_FOUND")
-        raise web.HTTPNotFound(text="找不到这张卡", content_type="text/plain")
+        raise web.HTTPNotFound()
     try:
         await ctx.call(ctx.core.account.UpdateCardStatus, account_pb2.UpdateCardStatusRequest(
             request_id=f"console-status-{_form_id(form)}", card_id=card_id, status=status), user)
     except CoreRefusal as refusal:
         await audit(request, user, "fleet.CardStatus", card_id, refusal.reason)
-        return _render("message.html", request, user, {"title": "修改卡状态", "error": refusal_text(refusal)},
+        return _render("message.html", request, {"title": "修改卡状态", "error": refusal_text(refusal)},
                        status=409)
     await audit(request, user, "fleet.CardStatus", card_id, "OK")
-    back = str(form.get("back", MAIN_PAGE))
-    return _see_other(back if back.startswith(MAIN_PAGE) else MAIN_PAGE)
+    # back to the page of the list the button was on
+    referer = urllib.parse.urlsplit(request.headers.get("Referer", ""))
+    back = referer.path + (f"?{referer.query}" if referer.query else "")
+    return _see_other(back if referer.netloc == request.host and back.startswith(MAIN_PAGE) else MAIN_PAGE)
 
 
 # --- issuing a vehicle card -----------------------------------------------------------------
@@ -251,7 +252,7 @@ def _vehicle_form_context(values: Mapping[str, str], chosen: list[str], error: F
 
 @requires(Role.FLEET_MANAGER)
 async def new_vehicle(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
-    return _render("new_vehicle.html", request, user, _vehicle_form_context({}, [], None))
+    return _render("new_vehicle.html", request, _vehicle_form_context({}, [], None))
 
 
 @requires(Role.FLEET_MANAGER)
@@ -267,7 +268,7 @@ async def issue_vehicle(request: web.Request, user: ConsoleUser) -> web.StreamRe
         vehicle = fleet_forms.vehicle_form(values, chosen)
     except FormError as error:
         await audit(request, user, "fleet.IssueVehicleCard", None, "INVALID_ARGUMENT " + error.field)
-        return _render("new_vehicle.html", request, user, _vehicle_form_context(values, chosen, error),
+        return _render("new_vehicle.html", request, _vehicle_form_context(values, chosen, error),
                        status=400)
     seed = _form_id(form)
     fleet = _fleet(user)
@@ -280,7 +281,7 @@ async def issue_vehicle(request: web.Request, user: ConsoleUser) -> web.StreamRe
             request_id=f"console-card-{seed}", account_id=opened.account.account_id), user)
     except CoreRefusal as refusal:
         await audit(request, user, "fleet.IssueVehicleCard", None, refusal.reason)
-        return _render("new_vehicle.html", request, user, _vehicle_form_context(
+        return _render("new_vehicle.html", request, _vehicle_form_context(
             values, chosen, FormError("", refusal_text(refusal))), status=409)
     card_id = issued.card.card_id
     try:
@@ -290,12 +291,12 @@ async def issue_vehicle(request: web.Request, user: ConsoleUser) -> web.StreamRe
             request_id=f"console-block-{seed}", card_id=card_id,
             status=account_pb2.CARD_STATUS_BLOCKED), user)
         await audit(request, user, "fleet.IssueVehicleCard", card_id, "CONTROLS_REFUSED " + refusal.reason)
-        return _render("message.html", request, user, {
+        return _render("message.html", request, {
             "title": "开卡未完成",
             "error": f"卡已开出但限额或使用范围没有设置成功，卡已暂停使用：{refusal_text(refusal)}"},
             status=409)
     await audit(request, user, "fleet.IssueVehicleCard", card_id, "OK")
-    response = _render("issued.html", request, user, {
+    response = _render("issued.html", request, {
         "account": opened.account, "card": issued.card, "card_number": issued.card_number,
         "vehicle": vehicle, "scope": _scope_lines(vehicle.scope)})
     # The full card number is on this page once, for printing: never cached.
@@ -362,7 +363,7 @@ async def _card_controls_page(request: web.Request, user: ConsoleUser, card_id: 
     if values is None:
         values = fleet_forms.prefill(current.limits, current.volume_limits, stations_now, fences, hours)
         chosen = [str(p) for p in products_now or []]
-    return _render("controls.html", request, user, {
+    return _render("controls.html", request, {
         "card_id": card_id, "label": label, "masked": masked, "values": values,
         "chosen_products": chosen or [], "products": PRODUCT_NAMES_ZH, "error": error, "notice": notice,
         "form_id": secrets.token_urlsafe(16)}, status=status)
@@ -423,7 +424,7 @@ async def set_card_controls(request: web.Request, user: ConsoleUser) -> web.Stre
 
 @requires(Role.FLEET_MANAGER)
 async def topup_form(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
-    return _render("topup.html", request, user, {"error": None})
+    return _render("topup.html", request, {"error": None})
 
 
 @requires(Role.FLEET_MANAGER)
@@ -438,7 +439,7 @@ async def topup_upload(request: web.Request, user: ConsoleUser) -> web.StreamRes
         lines = fleet_topup.parse_csv(fleet_topup.decode(upload.data))
     except FormError as error:
         await audit(request, user, "fleet.TopUpPreview", None, "INVALID_ARGUMENT")
-        return _render("topup.html", request, user, {"error": error.message}, status=400)
+        return _render("topup.html", request, {"error": error.message}, status=400)
     labels, ids = fleet_topup.lookup_keys(lines)
     rows = await ctx.reports.fetch_all(fleet_topup.VEHICLES_SQL, {
         "parent": user.account_key, "labels": labels, "ids": ids})
@@ -457,8 +458,8 @@ def _batch(request: web.Request, user: ConsoleUser) -> fleet_topup.PendingBatch 
     return batch
 
 
-def _batch_gone(request: web.Request, user: ConsoleUser) -> web.Response:
-    return _render("message.html", request, user, {
+def _batch_gone(request: web.Request) -> web.Response:
+    return _render("message.html", request, {
         "title": "批量充值", "error": "这份预览已过期或不存在，请重新上传文件。"}, status=404)
 
 
@@ -466,8 +467,8 @@ def _batch_gone(request: web.Request, user: ConsoleUser) -> web.Response:
 async def topup_preview(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
     batch = _batch(request, user)
     if batch is None:
-        return _batch_gone(request, user)
-    return _render("topup_preview.html", request, user, {"batch": batch, "preview": batch.preview})
+        return _batch_gone(request)
+    return _render("topup_preview.html", request, {"batch": batch, "preview": batch.preview})
 
 
 @requires(Role.FLEET_MANAGER, step_up=True)
@@ -478,10 +479,10 @@ async def topup_confirm(request: web.Request, user: ConsoleUser) -> web.StreamRe
     batch = _batch(request, user)
     if batch is None:
         await audit(request, user, "fleet.TopUp", None, "NOT_FOUND")
-        return _batch_gone(request, user)
+        return _batch_gone(request)
     if not batch.preview.ok:
         await audit(request, user, "fleet.TopUp", None, "LINES_INVALID")
-        return _render("topup_preview.html", request, user, {"batch": batch, "preview": batch.preview},
+        return _render("topup_preview.html", request, {"batch": batch, "preview": batch.preview},
                        status=400)
     lines = [control_pb2.TopUpLine(account_id=x.account_id, amount_fen=x.amount_fen)
              for x in batch.preview.lines]
@@ -541,7 +542,7 @@ async def report(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
         start_day, end_day = _report_period(query, ctx.clock.now())
         settings = _report_settings(query)
     except FormError as error:
-        return _render("report.html", request, user, {"error": error.message, "query": query, "form": query},
+        return _render("report.html", request, {"error": error.message, "query": query, "form": query},
                        status=400)
     start = dt.datetime.combine(start_day, dt.time(), fleet_report.BUSINESS_TZ)
     end = dt.datetime.combine(end_day + dt.timedelta(days=1), dt.time(), fleet_report.BUSINESS_TZ)
@@ -570,7 +571,7 @@ async def report(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
     title = (f"车辆加油费用 {start_day.isoformat()} 至 {end_day.isoformat()}"
              f"（前 {fleet_report.CHART_ROWS} 名）")
     base = {k: v for k, v in query.items() if k != "offset"}
-    return _render("report.html", request, user, {
+    return _render("report.html", request, {
         "error": None, "query": query, "form": {
             "start": start_day.isoformat(), "end": end_day.isoformat(), "work": work, "tank_l": tank_l},
         "work": work, "tank_l": tank_l, "lines": page, "count": len(shown),
@@ -599,7 +600,7 @@ async def statements(request: web.Request, user: ConsoleUser) -> web.StreamRespo
     got = await ctx.call(ctx.core.invoice.GetStatement, invoice_pb2.GetStatementRequest(
         account_id=_fleet(user), month=month), user)
     lines = list(got.statement.lines)
-    return _render("statements.html", request, user, {
+    return _render("statements.html", request, {
         "month": month, "statement": got.statement, "lines": lines[:REPORT_PAGE_SIZE],
         "more_lines": max(0, len(lines) - REPORT_PAGE_SIZE)})
 
@@ -646,7 +647,7 @@ async def _invoices_page(request: web.Request, user: ConsoleUser, *, error: str 
         ctx.call(ctx.core.account.ListTransactions, account_pb2.ListTransactionsRequest(
             account_id=fleet, page_size=50), user))
     recharges = [t for t in txns.transactions if t.kind == account_pb2.TRANSACTION_KIND_RECHARGE][:10]
-    return _render("invoices.html", request, user, {
+    return _render("invoices.html", request, {
         "invoices": invoices.invoices, "next_page_token": invoices.next_page_token,
         "first_page": not token, "recharges": recharges, "error": error, "notice": notice,
         "month": fleet_report.previous_month(ctx.clock.now()), "form_id": secrets.token_urlsafe(16),
@@ -728,7 +729,7 @@ async def invoice_detail(request: web.Request, user: ConsoleUser) -> web.StreamR
     if got.invoice.account_id != user.account_uid:  # another fleet's: as if it did not exist
         raise web.HTTPNotFound()
     entries = list(got.invoice.list_entries)
-    return _render("invoice.html", request, user, {
+    return _render("invoice.html", request, {
         "invoice": got.invoice, "entries": entries[:REPORT_PAGE_SIZE],
         "more_entries": max(0, len(entries) - REPORT_PAGE_SIZE), "state_zh": INVOICE_STATE_ZH,
         "kind_zh": INVOICE_KIND_ZH, "type_zh": INVOICE_TYPE_ZH, "when": _local})
