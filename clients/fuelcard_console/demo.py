@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--data-dir", type=Path, default=Path("data"))
     s.add_argument("--target", required=True, help="the demo core's gRPC address")
     s.add_argument("--listen", default="127.0.0.1:8080")
+    s.add_argument("--core-metrics-url", dest="metrics_url", help="the demo core's Prometheus scrape")
     t = sub.add_parser("totp", help="a demo user's current TOTP code")
     t.add_argument("login")
     t.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = ConsoleSettings(
         target=args.target, database_url=url, ca=api.ca, cert=api.cert, key=api.key,
         reviewer_cert=certs / f"{REVIEWER_CERT}.pem", reviewer_key=certs / f"{REVIEWER_CERT}.key",
-        cookie_secure=False)  # plain HTTP on loopback: the demo only
+        metrics_url=args.metrics_url, cookie_secure=False)  # plain HTTP on loopback: the demo only
     asyncio.run(serve(api, host, int(port), None, console))
     return 0
 
