@@ -536,16 +536,18 @@ def test_batch_top_up_preview_then_confirm_with_step_up(
     name, password, secret = console.make_user(Role.FLEET_MANAGER, account_uid=fleet.parent_id)
     login(page, name, password)
 
-    # A file with a mistake: the preview says which line, and there is nothing to confirm.
+    # A file with a mistake. The preview is behind the TOTP step-up; it says which line is
+    # wrong, and there is nothing to confirm.
     page.goto("/console/fleet/topup")
     _upload(page, "车牌,金额\n云A·T0001,300\n云A·T0003,50\n".encode())
     with page.expect_navigation():
         page.click("main form button[type=submit]")
+    step_up(page, secret)
     expect_page(page.locator("#topup-lines")).to_contain_text("这辆车共用车队余额，不能单独充值")
     expect_page(page.locator("#topup-confirm")).to_have_count(0)
-    bad_preview = page.url
-    # Forcing a confirm: first the step-up, whatever the batch
-    assert _post_again(page) == (200, "/console/step-up")
+    bad_preview = page.url.removeprefix(console.base_url)
+    assert bad_preview.startswith("/console/fleet/topup/")
+    assert _post_again(page) == (400, bad_preview)  # forcing a confirm moves nothing either
     assert cb.balance_of(server, a.account_id) == (0, 0)
 
     # A good file (GBK, as a spreadsheet saves it): previewed, then confirmed.
@@ -556,12 +558,15 @@ def test_batch_top_up_preview_then_confirm_with_step_up(
     expect_page(page.locator("#topup-total")).to_have_text("425.50")
     expect_page(page.locator("#topup-lines tbody tr.ok")).to_have_count(2)
     preview_url = page.url
-    # Confirming asks for the TOTP step-up first, then comes back to the preview.
+    # Six minutes later the step-up has lapsed: confirming asks for it again first, and
+    # nothing moves until it is done.
+    console.advance(dt.timedelta(minutes=6))
     with page.expect_navigation():
         page.click("#topup-confirm button")
+    assert page.url.split("?")[0] == console.url("/console/step-up")
+    assert cb.balance_of(server, a.account_id) == (0, 0)  # the click moved nothing
     step_up(page, secret)
     assert page.url == preview_url
-    assert cb.balance_of(server, a.account_id) == (0, 0)  # nothing moved before the step-up
     with page.expect_navigation():
         page.click("#topup-confirm button")
     expect_page(page.locator("#topup-result")).to_contain_text("充值成功：共 425.50 元")
@@ -577,11 +582,6 @@ def test_batch_top_up_preview_then_confirm_with_step_up(
     assert cb.balance_of(server, fleet.parent_id) == (100_000 - 42_550, 0)
     assert db.execute(allocations).fetchone() == (2,)
     assert cb.balance_of(server, shared.account_id) == (0, 0)
-    # Stepped up now, a batch with a bad line still cannot be confirmed.
-    page.goto(bad_preview)
-    assert _post_again(page) == (400, bad_preview.removeprefix(console.base_url))
-    assert cb.balance_of(server, a.account_id) == (30_000, 0)
-    assert db.execute(allocations).fetchone() == (2,)
     audited = db.execute("SELECT count(*) FROM fc.audit_log WHERE method = '/fuelcard.console/fleet.TopUp'"
                          " AND outcome = 'OK'").fetchone()
     assert audited == (2,)
@@ -594,12 +594,14 @@ def test_a_reviewer_cannot_top_up_a_fleet(
     fleet = cb.open_fleet(server, 100_000, [ALLOCATED], labels=["云A·R0001"])
     vehicle = fleet.subs[0]
     # The fleet manager previews a batch (not confirmed).
-    manager, manager_password, _ = console.make_user(Role.FLEET_MANAGER, account_uid=fleet.parent_id)
+    manager, manager_password, manager_secret = console.make_user(Role.FLEET_MANAGER,
+                                                                  account_uid=fleet.parent_id)
     login(page, manager, manager_password)
     page.goto("/console/fleet/topup")
     _upload(page, "云A·R0001,500\n".encode())
     with page.expect_navigation():
         page.click("main form button[type=submit]")
+    step_up(page, manager_secret)
     batch_path = page.url.removeprefix(console.base_url)
     assert batch_path.startswith("/console/fleet/topup/")
 

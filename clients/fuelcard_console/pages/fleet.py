@@ -463,7 +463,10 @@ def _batch_gone(request: web.Request) -> web.Response:
         "title": "批量充值", "error": "这份预览已过期或不存在，请重新上传文件。"}, status=404)
 
 
-@requires(Role.FLEET_MANAGER)
+# The step-up is asked for before the preview is shown, so that its confirm
+# button goes straight through (the console's rule: the GET that shows a
+# high-risk form is gated as well as its POST).
+@requires(Role.FLEET_MANAGER, step_up=True)
 async def topup_preview(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
     batch = _batch(request, user)
     if batch is None:
