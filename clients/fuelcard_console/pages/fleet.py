@@ -29,7 +29,7 @@ from fuelcard.v1 import account_pb2, common_pb2, control_pb2, invoice_pb2
 from fuelcard_server.identity import ON_BEHALF_OF
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from fuelcard_console import fleet_forms, fleet_report, fleet_topup
+from fuelcard_console import fleet_forms, fleet_report, fleet_topup, views
 from fuelcard_console.auth import ConsoleUser, Role, audit, requires
 from fuelcard_console.context import ConsoleContext, CoreRefusal, console_context, refusal_of
 from fuelcard_console.fleet_forms import PRODUCT_NAMES_ZH, FormError, fen_to_yuan, ml_to_litres
@@ -49,8 +49,8 @@ _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _TAXPAYER_ID = re.compile(r"[0-9A-Z]{15,20}")
 
-# The core's refusals a fleet manager meets, in Chinese. Anything else shows
-# its reason code, so that support can look it up.
+# The core's refusals a fleet manager meets, in Chinese (the page adds the
+# reason code, which support asks for).
 REFUSALS_ZH = {
     "INVOICING_MODE_CONFLICT": "该账户已按消费开具发票：同一笔钱不能在充值时再开一次发票"
                                "（充值发票与消费发票只能选一种）。",
@@ -72,9 +72,6 @@ REFUSALS_ZH = {
     "STEP_UP_REQUIRED": "提高或取消金额限额需要短信验证，控制台不能代为完成；请降低限额或联系客服。",
     "NOT_PARENT": "只有车队主账户能修改车辆的限额和使用范围。",
     "PARENT_NOT_TOP_LEVEL": "子账户下不能再开子账户。",
-    "PERMISSION_DENIED": "没有权限执行这个操作。",
-    "UNAVAILABLE": "系统暂时不可用，请稍后重试。",
-    "DEADLINE_EXCEEDED": "系统响应超时，请稍后重试。",
 }
 DECLINES_ZH = {
     common_pb2.DECLINE_REASON_INSUFFICIENT_FUNDS: "车队主账户余额不足",
@@ -112,7 +109,10 @@ Handler = Callable[[web.Request, ConsoleUser], Awaitable[web.StreamResponse]]
 
 
 def refusal_text(refusal: CoreRefusal) -> str:
-    return REFUSALS_ZH.get(refusal.reason, f"核心系统拒绝了这个操作（{refusal.reason}）。")
+    """The fleet's own sentences for the refusals it meets most, else the
+    console's (views.refusal_text), with the reason code either way."""
+    text = REFUSALS_ZH.get(refusal.reason)
+    return f"{text}（{refusal.reason}）" if text else views.refusal_text(refusal)
 
 
 def _render(template: str, request: web.Request, context: Mapping[str, Any], status: int = 200
