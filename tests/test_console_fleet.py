@@ -478,6 +478,14 @@ def test_fleet_manager_issues_a_fenced_card_and_invoices_the_month(
     expect_page(line).to_contain_text("37.50")
     expect_page(page.locator("#report-chart svg")).to_contain_text("云A·F0001")
     expect_page(page.locator("#report-total")).to_have_text("300.00")
+    expect_page(page.locator("#flagged-count")).to_have_text("0")
+    # With a 30-litre tank stated, the 37.5-litre fill is flagged, and the chart marks it.
+    page.fill("input[name=tank_l]", "30")
+    with page.expect_navigation():
+        page.click("form.filters button[type=submit]")
+    expect_page(page.locator("#flagged-count")).to_have_text("1")
+    expect_page(page.locator("#report-lines tr.flagged")).to_contain_text("单次加油量超过油箱容量")
+    expect_page(page.locator("#report-chart svg rect[fill='#c62828']")).to_have_count(1)
 
     # December: November can be invoiced. Six days on, the session has expired: log in again.
     cb.advance_to_local(server, dt.datetime(2026, 12, 1, 9, 0))
