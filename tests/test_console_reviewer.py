@@ -113,6 +113,12 @@ def test_a_reviewer_approves_a_suspended_hold_with_a_step_up_and_the_trail_shows
     expect(page.locator("#audit tbody tr").filter(has_text="ReviewHold.approve")).to_have_count(2)
     page.goto(f"/console/reviewer/audit?actor=nobody-at-all&target={hold_id}")
     expect(page.locator("#audit tbody")).to_contain_text("没有符合条件的记录")
+    # not a login: a substring, looked for in the last 7 days unless told
+    expect(page.locator("#filter-note")).to_contain_text("只查了截止日前 7 天")
+    page.goto("/console/reviewer/audit?actor=reviewer")
+    expect(page.locator("#audit tbody tr").filter(has_text="ReviewHold.approve")).to_have_count(2)
+    page.goto("/console/reviewer/audit?actor=x&from=2026-01-01&to=2026-11-25")
+    expect(page.locator("p.error")).to_have_text("操作人不是登录名时按包含匹配，日期范围最多 31 天")
     assert card.card_number not in page.content()
 
 

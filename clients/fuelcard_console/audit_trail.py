@@ -1,6 +1,10 @@
 """The audit trail (fc.audit_log) as the reviewer reads it: newest first,
 paged, filtered by actor, target and time.
 
+An actor that is a console login means that user's records (an index on the
+actor's uuid tail); anything else is a substring of the actor. A target is
+an internal uuid (an index on target).
+
 It is read from the reports database only (ctx.reports: the replica or the
 warehouse), never from the pump path's pool. Pages are keyset pages on the
 log's id (AIP-132 page_token = the last id shown), so page 1000 costs what
@@ -15,27 +19,48 @@ import contextlib
 import datetime as dt
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, LiteralString
 
 from fuelcard_adapters.neutral import SHANGHAI
-from fuelcard_console.ops_labels import beijing, mask_digits
 from fuelcard_server.db import Database
+
+from fuelcard_console.ops_labels import beijing, mask_digits
 
 PAGE_SIZE = 50
 ACTOR_MAX_CHARS = 100
 
-PAGE_SQL = """
-    SELECT id, created_at, actor, method, target::text, outcome FROM fc.audit_log
-     WHERE (%(actor)s::text IS NULL OR strpos(actor, %(actor)s::text) > 0)
-       AND (%(target)s::uuid IS NULL OR target = %(target)s::uuid)
-       AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
-       AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
-       AND id < %(before)s
-     ORDER BY id DESC LIMIT %(limit)s"""
+# The statement is put together from fixed pieces, one per filter in use, so
+# that each filter is a plain predicate the planner can match to its index
+# (an "x IS NULL OR ..." form would hide them from a generic plan).
+_SELECT = ("SELECT id, created_at, actor, method, target::text, outcome FROM fc.audit_log"
+           " WHERE id < %(before)s")
+# A console user's records, through audit_log_actor_tail_by_id (migration 0016): both
+# kinds of actor naming the user end with the user's uuid.
+_BY_USER = " AND right(actor, 36) = %(actor)s::text"
+_BY_SUBSTRING = " AND strpos(actor, %(actor)s::text) > 0"
+_BY_TARGET = " AND target = %(target)s::uuid"
+# A time window as a range of ids as well: fc.audit_append numbers the records
+# under a lock in clock order, so the window's first and last ids (two probes
+# of audit_log_created_by_id) bound the scan of whichever index serves the
+# other filters; the planner cannot know that ids and times rise together,
+# and without the bounds it walks the log back from the newest record.
+_SINCE = (" AND id >= coalesce((SELECT a.id FROM fc.audit_log a WHERE a.created_at >= %(since)s::timestamptz"
+          " ORDER BY a.created_at, a.id LIMIT 1), 9223372036854775807)"
+          " AND created_at >= %(since)s::timestamptz")
+_UNTIL = (" AND id <= coalesce((SELECT a.id FROM fc.audit_log a WHERE a.created_at < %(until)s::timestamptz"
+          " ORDER BY a.created_at DESC, a.id DESC LIMIT 1), 0)"
+          " AND created_at < %(until)s::timestamptz")
+_ORDER = " ORDER BY id DESC LIMIT %(limit)s"
+# A substring of the actor cannot use an index: it is looked for within at
+# most this window (the last DEFAULT days when no dates are given), so a
+# search that matches nothing reads a bounded part of the log.
+SUBSTRING_WINDOW_MAX = dt.timedelta(days=31)
+SUBSTRING_WINDOW_DEFAULT = dt.timedelta(days=7)
 # A console login typed into the actor filter means that user's records:
 # the console's own (console:<role>:<uuid>) and the core's for calls made on
 # the user's behalf (admin::... for console_user:<uuid>); both hold the uuid.
 LOGIN_SQL = "SELECT uid::text FROM fc.console_users WHERE login = %(login)s"
+DB_NOW_SQL = "SELECT now()"
 LOGINS_SQL = "SELECT uid::text, login FROM fc.console_users WHERE uid = ANY(%(uids)s::uuid[])"
 
 
@@ -108,6 +133,7 @@ class AuditRow:
 class AuditPage:
     rows: list[AuditRow]
     next_page_token: str
+    note: str = ""  # how the filter was narrowed, in words
 
 
 def _token(page_token: str) -> int:
@@ -125,16 +151,49 @@ def _actor_words(actor: str, logins: dict[str, str]) -> str:
     return mask_digits(actor)
 
 
-async def page(reports: Database, db: Database, f: AuditFilter, page_token: str = "",
+def _statement(by_user: bool, substring: bool, target: bool, since: bool,
+               until: bool) -> LiteralString:
+    sql: LiteralString = _SELECT
+    if by_user:
+        sql += _BY_USER
+    if substring:
+        sql += _BY_SUBSTRING
+    if target:
+        sql += _BY_TARGET
+    if since:
+        sql += _SINCE
+    if until:
+        sql += _UNTIL
+    return sql + _ORDER
+
+
+async def page(reports: Database, db: Database, f: AuditFilter, page_token: str = "", *,
                size: int = PAGE_SIZE) -> AuditPage:
+    """One page; FilterError for a filter that cannot be used."""
     before = _token(page_token)
-    actor = f.actor
+    actor, by_user, since, until = f.actor, False, f.since, f.until
+    note = ""
     if actor is not None:
         row = await db.fetch_one(LOGIN_SQL, {"login": actor})
         if row is not None:
-            actor = str(row[0])
-    rows = await reports.fetch_all(PAGE_SQL, {
-        "actor": actor, "target": f.target, "since": f.since, "until": f.until,
+            actor, by_user = str(row[0]), True
+        else:
+            # Bounded on both sides, so the scan is the window's ids only; by
+            # the database's clock, which stamps the records.
+            if until is None:
+                row = await reports.fetch_one(DB_NOW_SQL, {})
+                until = (row[0] if row is not None else dt.datetime.now(dt.UTC)) + dt.timedelta(minutes=1)
+            if since is None:
+                since = until - SUBSTRING_WINDOW_DEFAULT
+                note = (f"操作人不是登录名，按包含匹配，只查了截止日前 {SUBSTRING_WINDOW_DEFAULT.days} 天；"
+                        "可指定日期范围。")
+            if until - since > SUBSTRING_WINDOW_MAX:
+                raise FilterError(f"操作人不是登录名时按包含匹配，日期范围最多 "
+                                  f"{SUBSTRING_WINDOW_MAX.days} 天")
+    sql = _statement(by_user, actor is not None and not by_user, f.target is not None,
+                     since is not None, until is not None)
+    rows = await reports.fetch_all(sql, {
+        "actor": actor, "target": f.target, "since": since, "until": until,
         "before": before, "limit": size + 1})
     more = len(rows) > size
     rows = rows[:size]
@@ -144,7 +203,7 @@ async def page(reports: Database, db: Database, f: AuditFilter, page_token: str 
     out = [AuditRow(int(i), beijing(at), _actor_words(str(a), logins), mask_digits(str(m)),
                     t or "-", mask_digits(str(o)))
            for i, at, a, m, t, o in rows]
-    return AuditPage(out, str(out[-1].id) if more and out else "")
+    return AuditPage(out, str(out[-1].id) if more and out else "", note)
 
 
 def _uuids(actor: str) -> list[str]:

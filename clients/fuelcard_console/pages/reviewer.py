@@ -135,18 +135,17 @@ async def review(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
 async def audit_page(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
     ctx = console_context(request)
     rows: list[audit_trail.AuditRow] = []
-    next_link = ""
-    error = ""
+    next_link = note = error = ""
     try:
         f = audit_trail.AuditFilter.parse(request.query)
         found = await audit_trail.page(ctx.reports, ctx.db, f, request.query.get("page_token", ""))
-        rows = found.rows
+        rows, note = found.rows, found.note
         if found.next_page_token:
             next_link = f"{AUDIT_PAGE}?" + urllib.parse.urlencode(
                 {**f.query(), "page_token": found.next_page_token})
     except audit_trail.FilterError as exc:
         error = str(exc)
     return render("reviewer/audit.html", request, {
-        "rows": rows, "next_link": next_link, "error": error,
+        "rows": rows, "next_link": next_link, "error": error, "note": note,
         "first_page": not request.query.get("page_token"),
         "q": {k: request.query.get(k, "") for k in ("actor", "target", "from", "to")}})
