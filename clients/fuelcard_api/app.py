@@ -263,6 +263,15 @@ class Api:
     async def _errors(self, request: web.Request,
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                       ) -> web.StreamResponse:
+        if request.path == "/console" or request.path.startswith("/console/"):
+            # the operator console (fuelcard_console) answers in HTML with its own error pages;
+            # the per-IP limit holds for it too
+            wait = self.by_ip.take(request.remote or "unknown")
+            if wait:
+                return web.Response(status=429, text="请求过于频繁，请稍后再试。",
+                                    headers={"Retry-After": "3600" if wait == float("inf")
+                                             else str(max(1, math.ceil(wait)))})
+            return await handler(request)
         try:
             wait = self.by_ip.take(request.remote or "unknown")
             if wait:

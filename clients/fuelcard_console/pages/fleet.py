@@ -1,0 +1,19 @@
+"""The fleet manager's pages (console-fleet builds them: a placeholder meanwhile)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from fuelcard_console.auth import ConsoleUser, Role, requires
+from fuelcard_console.views import placeholder
+
+MAIN_PAGE = "/console/fleet/"
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get(MAIN_PAGE, main)
+
+
+@requires(Role.FLEET_MANAGER)
+async def main(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
+    return placeholder(request, user, "车队管理")
