@@ -12,7 +12,10 @@ import asyncio
 import dataclasses
 import datetime as dt
 import uuid
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import psycopg
@@ -34,6 +37,7 @@ from tests.support.ledger_asserts import Conn, account_row
 from tests.support.ledger_asserts import expect as expect_refusal
 
 CREDIT = adjustment_pb2.ADJUSTMENT_DIRECTION_CREDIT
+T = TypeVar("T")
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "console" / "finance.png"
 
 
@@ -93,6 +97,13 @@ def test_an_upload_is_checked_before_anything_runs() -> None:
             reconcile_upload.check(channel, day, "f.csv", data)
 
 
+def _in_a_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on an event loop of its own thread (Playwright's sync
+    API, once started in this session, keeps a loop on the test thread)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def test_an_upload_with_one_mismatch_stores_one_break(server: RunningServer, db: Conn,
                                                           tmp_path: Path) -> None:
     name = "WECHAT_PAY"
@@ -111,7 +122,7 @@ def test_an_upload_with_one_mismatch_stores_one_break(server: RunningServer, db:
     records[1] = dataclasses.replace(records[1], amount_fen=records[1].amount_fen + 100)
     path = channel_files.write(name, records, day, tmp_path / "bill.csv")
     upload = reconcile_upload.check(name, day.isoformat(), "bill.csv", path.read_bytes())
-    result = asyncio.run(reconcile_upload.run(server.database_url, upload, dt.datetime.now(dt.UTC)))
+    result = _in_a_loop(reconcile_upload.run(server.database_url, upload, dt.datetime.now(dt.UTC)))
     assert result.counts["amount_mismatch"] == 1 and result.break_count == 1
     assert [b.channel_txn_id for b in result.breaks] == [records[1].channel_txn_id]
     assert db.execute("SELECT count(*) FROM fc.reconciliation_breaks WHERE resolved_at IS NULL"
@@ -119,7 +130,7 @@ def test_an_upload_with_one_mismatch_stores_one_break(server: RunningServer, db:
     # A file that is not the channel's format is refused, and nothing stored.
     foreign = reconcile_upload.check("ALIPAY", day.isoformat(), "bill.csv", path.read_bytes())
     with pytest.raises(reconcile_upload.UploadError, match="支付宝"):
-        asyncio.run(reconcile_upload.run(server.database_url, foreign, dt.datetime.now(dt.UTC)))
+        _in_a_loop(reconcile_upload.run(server.database_url, foreign, dt.datetime.now(dt.UTC)))
     assert db.execute("SELECT count(*) FROM fc.reconciliation_runs").fetchone() == (1,)
 
 
