@@ -8,13 +8,16 @@ import datetime as dt
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
+from aiohttp import web
 from fuelcard_console import auth
-from fuelcard_console.auth import Role, audit_fields
-from playwright.sync_api import Page
+from fuelcard_console.auth import ConsoleUser, Role, audit, audit_fields, requires
+from fuelcard_console.views import main_page, read_upload
+from playwright.sync_api import Browser, FilePayload, Page
 
-from tests.plugins.console import LoginHelper, RunningConsole, StepUpHelper
+from tests.plugins.console import LoginHelper, RunningConsole, StepUpHelper, start_console
 from tests.support import control_builders as cb
 from tests.support.ledger_asserts import Conn
 
@@ -375,3 +378,198 @@ def test_fleet_users_are_made_for_a_fleet_account_only(console: RunningConsole, 
         console.make_user(Role.FLEET_MANAGER)
     with pytest.raises(users.ConsoleUserError, match="--account"):
         console.make_user(Role.SRE, fleet.parent_id)
+
+
+def test_the_cli_makes_a_user_and_prints_the_secrets_once(database_url: str, db: Conn,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from fuelcard_api import cli, principals
+
+    assert cli.main(["console-user", "add", "--login", "ops.li", "--role", "reviewer",
+                     "--database-url", database_url]) == 0
+    out = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    password, secret = out["password"].strip(), out["TOTP secret"].strip()
+    row = db.execute("SELECT role, password_hash, totp_secret, account_id FROM fc.console_users"
+                     " WHERE login = 'ops.li'").fetchone()
+    assert row is not None
+    assert (row[0], row[2], row[3]) == ("reviewer", secret, None)
+    assert principals.check_password(password, row[1]) and password not in row[1]
+    # a second user with that login is refused, and the role must be one of the six
+    assert cli.main(["console-user", "add", "--login", "ops.li", "--role", "reviewer",
+                     "--database-url", database_url]) == 1
+    assert cli.main(["console-user", "add", "--login", "ops.wang", "--role", "admin",
+                     "--database-url", database_url]) == 1
+    assert "that login is taken" in capsys.readouterr().err
+    assert cli.main(["console-user", "disable", "--login", "ops.li", "--database-url", database_url]) == 0
+    assert db.execute("SELECT disabled_at IS NOT NULL FROM fc.console_users WHERE login = 'ops.li'"
+                      ).fetchone() == (True,)
+
+
+# --- uploads ----------------------------------------------------------------------------------
+
+
+@requires(Role.SRE)
+async def _upload(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
+    upload = await read_upload(request, "file", max_bytes=200_000)
+    await audit(request, user, "TestUpload", None, "OK")
+    return web.json_response({"name": upload.filename, "size": len(upload.data), "fields": upload.fields})
+
+
+@pytest.fixture
+def upload_console(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[RunningConsole]:
+    def routes(router: web.UrlDispatcher) -> None:
+        router.add_post("/console/test/upload", _upload)
+
+    yield from start_console(database_url, tmp_path, dev_certs, extra_routes=routes)
+
+
+def test_an_upload_is_csrf_checked_from_the_action_and_size_limited(
+        upload_console: RunningConsole, browser: Browser, login: LoginHelper, db: Conn) -> None:
+    context = browser.new_context(base_url=upload_console.base_url)
+    try:
+        page = context.new_page()
+        name, password, _ = upload_console.make_user(Role.SRE)
+        login(page, name, password)
+        token = db.execute("SELECT csrf_token FROM fc.console_sessions").fetchone()
+        assert token is not None
+        body = b"plate,amount_fen\n" + b"A12345,10000\n" * 9000  # 117 KB: past the JSON API's 64 KiB
+        file = FilePayload(name="topup.csv", mimeType="text/csv", buffer=body)
+        ok = page.request.post(f"/console/test/upload?csrf_token={token[0]}",
+                               multipart={"note": "十一月", "file": file})
+        assert ok.status == 200, ok.text()
+        assert ok.json() == {"name": "topup.csv", "size": len(body), "fields": {"note": "十一月"}}
+        # no token, or a wrong one: refused before the handler runs
+        for query in ("", "?csrf_token=forged"):
+            refused = page.request.post(f"/console/test/upload{query}", multipart={"file": file})
+            assert refused.status == 403
+        # too large for the handler's limit: 413, a Chinese page
+        big = FilePayload(name="big.csv", mimeType="text/csv", buffer=b"x" * 300_000)
+        too_big = page.request.post(f"/console/test/upload?csrf_token={token[0]}", multipart={"file": big})
+        assert too_big.status == 413 and "上传的内容过大" in too_big.text()
+        assert audit_count(db, "TestUpload", "OK") == 1
+        assert audit_count(db, "CsrfRefused") == 2
+    finally:
+        context.close()
+
+
+def test_console_pages_forbid_framing_and_inline_script(console: RunningConsole, page: Page) -> None:
+    response = page.goto("/console/login")
+    assert response is not None
+    headers = response.headers
+    assert headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    csp = headers["content-security-policy"]
+    nonce = csp.split("'nonce-", 1)[1].split("'", 1)[0]
+    assert len(nonce) >= 16
+    # the template's own script tags carry this response's nonce
+    assert page.evaluate("document.querySelector('script').nonce") == nonce
+    assert page.goto("/console/login") is not None
+    assert page.evaluate("document.querySelector('script').nonce") != nonce  # a new one each time
+    # an inline script injected into the page does not run
+    page.evaluate("""() => { const s = document.createElement('script');
+        s.textContent = 'window.__injected = true'; document.body.appendChild(s); }""")
+    assert page.evaluate("window.__injected === undefined") is True
+
+
+def test_only_script_tags_written_in_templates_get_the_nonce() -> None:
+    import jinja2
+    from fuelcard_console.views import ScriptNonce
+
+    env = jinja2.Environment(extensions=[ScriptNonce], autoescape=True)
+    out = env.from_string("<script>go()</script><SCRIPT src='/x.js'></SCRIPT>{{ data }}").render(
+        csp_nonce=lambda: "N1", data="<script>evil()</script>")
+    assert out == ('<script nonce="N1">go()</script><script nonce="N1" src=\'/x.js\'></SCRIPT>'
+                   "&lt;script&gt;evil()&lt;/script&gt;")
+
+
+def test_the_serving_role_cannot_read_console_users_or_sessions(db: Conn) -> None:
+    for table in ("fc.console_users", "fc.console_sessions"):
+        assert db.execute("SELECT has_table_privilege('fuelcard_app', %s, 'SELECT')", (table,)
+                          ).fetchone() == (False,)
+    # the blanket grant still holds for the others (the check can fail)
+    assert db.execute("SELECT has_table_privilege('fuelcard_app', 'fc.principals', 'SELECT')"
+                      ).fetchone() == (True,)
+
+
+def test_the_demo_makes_one_login_per_role_that_opens_its_page(console: RunningConsole, page: Page,
+                                                                login: LoginHelper) -> None:
+    from fuelcard.v1 import account_pb2
+    from fuelcard_console import demo
+
+    fleet = cb.open_account(console.server)
+    family = cb.open_account(console.server, account_pb2.ACCOUNT_TYPE_FAMILY)
+    accounts = {"顺丰车队 fleet": fleet.account_id, "李娜 (family main card)": family.account_id}
+    made = demo.make_users(console.database_url, accounts)
+    assert demo.make_users(console.database_url, accounts) == made  # again: the logins are kept
+    assert sorted(role for _, role in made) == sorted(Role)
+    text = demo.banner("127.0.0.1:8080", made)
+    assert "http://127.0.0.1:8080/console/" in text and demo.DEMO_PASSWORD in text
+    for name, role in made:
+        login(page, name, demo.DEMO_PASSWORD)
+        assert page.url == console.url(main_page(role)), name
+        with page.expect_navigation():
+            page.click("header form button")
+
+
+def test_the_sweep_reclaims_only_sessions_that_are_over(console: RunningConsole, db: Conn) -> None:
+    first, password, _ = console.make_user(Role.SRE)
+    second, _, _ = console.make_user(Role.FINANCE)
+
+    async def log_in(name: str) -> str | None:
+        result = await auth.check_login(console.console, name, password)
+        return result.token
+
+    assert console.run(lambda: log_in(first)) is not None
+    console.advance(dt.timedelta(minutes=20))
+    assert console.run(lambda: log_in(second)) is not None
+    console.advance(dt.timedelta(minutes=11))  # the first idle 31 min, the second 11
+    assert console.run(lambda: auth.sweep(console.console)) == 1
+    rows = db.execute("SELECT u.login FROM fc.console_sessions s JOIN fc.console_users u ON u.id = s.user_id"
+                      ).fetchall()
+    assert rows == [(second,)]
+
+
+# --- calls to the core --------------------------------------------------------------------------
+
+
+@requires(Role.SRE)
+async def _get_account(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
+    from fuelcard.v1 import account_pb2
+    from fuelcard_console.context import console_context
+
+    ctx = console_context(request)
+    answer = await ctx.call(ctx.core.account.GetAccount,
+                            account_pb2.GetAccountRequest(account_id=request.match_info["id"]), user)
+    return web.json_response({"account_id": answer.account.account_id})
+
+
+@pytest.fixture
+def call_console(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[RunningConsole]:
+    def routes(router: web.UrlDispatcher) -> None:
+        router.add_get("/console/test/accounts/{id}", _get_account)
+
+    yield from start_console(database_url, tmp_path, dev_certs, extra_routes=routes)
+
+
+def test_calls_to_the_core_name_the_user_and_refusals_are_shown_in_chinese(
+        call_console: RunningConsole, browser: Browser, login: LoginHelper, db: Conn) -> None:
+    context = browser.new_context(base_url=call_console.base_url)
+    try:
+        page = context.new_page()
+        name, password, _ = call_console.make_user(Role.SRE)
+        login(page, name, password)
+        account = cb.open_account(call_console.server)
+        response = page.goto(f"/console/test/accounts/{account.account_id}")
+        assert response is not None and response.status == 200
+        assert response.json() == {"account_id": account.account_id}
+        # the core's audit trail names the edge's certificate and the console user
+        user_id = db.execute("SELECT uid::text FROM fc.console_users WHERE login = %s", (name,)).fetchone()
+        assert user_id is not None
+        actors = {row[0] for row in db.execute(
+            "SELECT actor FROM fc.audit_log WHERE method = '/fuelcard.v1.AccountService/GetAccount'")}
+        assert actors == {f"admin::ops for console_user:{user_id[0]}"}
+        # a refusal: the page says it in Chinese, with the reason, and the status fits
+        response = page.goto("/console/test/accounts/00000000-0000-4000-8000-000000000000")
+        assert response is not None and response.status == 404
+        assert page.locator("main .error").inner_text() == "找不到该对象（ACCOUNT_NOT_FOUND）"
+    finally:
+        context.close()

@@ -16,8 +16,9 @@ no user, a wrong password and a locked login all get the same answer, in
 the same time (one scrypt each), so the page does not tell which logins exist.
 
 Every POST is CSRF-checked (csrf_middleware): the form's hidden `csrf_token`
-must be the session's (or, on the login form, the pre-login cookie's), and a
-browser's Origin header, when sent, must be this site. A forged post answers
+must be the session's (or, on the login form, the pre-login cookie's; for a
+multipart upload, `?csrf_token=` in the form's action), and a browser's
+Origin header, when sent, must be this site. A forged post answers
 403 and changes nothing.
 
 Every action is audited (audit()): fc.audit_append, the core's hash-chained
@@ -419,8 +420,13 @@ async def csrf_middleware(request: web.Request, handler: Handler) -> web.StreamR
     from fuelcard_console.views import csrf_refused
 
     console = request.app[CONSOLE]
-    form = await request.post()
-    sent = form.get("csrf_token")
+    if request.content_type == "multipart/form-data":
+        # An upload is read as a stream by its handler (views.read_upload, with its own size
+        # limit), so the token cannot come from the body: the form's action carries it
+        # (action="...?csrf_token={{ csrf_token() }}"), or a script's X-CSRF-Token header.
+        sent: object = request.headers.get("X-CSRF-Token") or request.query.get("csrf_token")
+    else:
+        sent = (await request.post()).get("csrf_token")
     if request.path == "/console/login":
         expected = request.cookies.get(LOGIN_CSRF_COOKIE)
         actor = "console:anonymous"

@@ -52,8 +52,9 @@ class NewUser:
 
 
 def add(url: str, *, login: str, role: str, account_id: str | None = None, password: str | None = None,
-        by: str) -> NewUser:
-    """Make a console user; a password is generated when none is given."""
+        totp_secret: str | None = None, by: str) -> NewUser:
+    """Make a console user; a password and a TOTP secret are generated when
+    none is given (the demo gives fixed ones)."""
     try:
         the_role = Role(role)
     except ValueError:
@@ -64,7 +65,7 @@ def add(url: str, *, login: str, role: str, account_id: str | None = None, passw
     if not principals.MIN_PASSWORD_CHARS <= len(password) <= principals.MAX_PASSWORD_CHARS:
         raise ConsoleUserError(f"the password must be {principals.MIN_PASSWORD_CHARS}-"
                                f"{principals.MAX_PASSWORD_CHARS} characters")
-    totp_secret = pyotp.random_base32()
+    totp_secret = totp_secret or pyotp.random_base32()
     with one_shot(url) as conn:
         if account_id is not None:
             try:

@@ -9,14 +9,19 @@ so the role modules (pages/*.py) write `router.add_get("/console/fleet/...")`.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiohttp_jinja2
+import grpc
 import jinja2
+import jinja2.ext
 from aiohttp import web
 from fuelcard_server.errors import ApiError
 
@@ -47,11 +52,33 @@ REFUSALS_ZH = {
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# A refusal a page did not handle itself, as an HTTP status (the JSON API's mapping, in short)
+_REFUSAL_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 403, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+# ... and in words by its status code, when its reason has no sentence of its own
+_CODE_ZH = {
+    grpc.StatusCode.INVALID_ARGUMENT: "输入有误", grpc.StatusCode.OUT_OF_RANGE: "输入超出范围",
+    grpc.StatusCode.NOT_FOUND: "找不到该对象", grpc.StatusCode.ALREADY_EXISTS: "该对象已存在",
+    grpc.StatusCode.FAILED_PRECONDITION: "当前状态不允许此操作",
+    grpc.StatusCode.ABORTED: "操作冲突，请重试",
+    grpc.StatusCode.PERMISSION_DENIED: "无权执行此操作",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "请求过多，请稍后再试",
+    grpc.StatusCode.UNAVAILABLE: "服务暂不可用，请稍后再试",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "核心系统响应超时",
+}
+
 
 def refusal_text(refusal: CoreRefusal) -> str:
     """A refusal as a clerk reads it: the Chinese sentence when there is one,
     and the reason code either way (what support asks for)."""
-    return f"{REFUSALS_ZH.get(refusal.reason, '核心系统拒绝了该操作')}（{refusal.reason}）"
+    fallback = _CODE_ZH.get(refusal.code, "") if refusal.code is not None else ""
+    text = REFUSALS_ZH.get(refusal.reason) or fallback or "核心系统拒绝了该操作"
+    return f"{text}（{refusal.reason}）"
 
 
 def render(template: str, request: web.Request, context: dict[str, Any], *,
@@ -75,6 +102,57 @@ def csrf_refused(request: web.Request) -> web.Response:
         "title": "请求被拒绝", "status": 403,
         "message": "表单已失效或来自其他网站（CSRF 校验失败），未做任何更改。请刷新页面后重试。"},
         status=403)
+
+
+PAGE_SIZE = 50  # rows of a list page (AIP-132 page_token paging)
+
+
+def page_token(request: web.Request) -> str:
+    """The `?page_token=` of a list page ('' for the first page); a list
+    passes it to the core's List* call (page_size <= PAGE_SIZE) and gives
+    the answer's next_page_token to the `pager` macro (templates/macros.html)."""
+    token = request.query.get("page_token", "")
+    if len(token) > 200:
+        raise web.HTTPBadRequest(reason="page_token too long")
+    return token
+
+
+@dataclass(frozen=True)
+class Upload:
+    fields: dict[str, str]  # the form's other fields
+    filename: str
+    data: bytes
+
+
+async def read_upload(request: web.Request, file_field: str, max_bytes: int) -> Upload:
+    """A multipart form with one file (a CSV to preview, a settlement file),
+    read as a stream with its own limit: the edge's body limit (64 KiB, the
+    JSON API's) does not apply to it. Too large: HTTP 413 (a zh-CN page).
+    The form's action carries ?csrf_token= (auth.csrf_middleware)."""
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    filename, data = "", b""
+    while True:
+        part = await reader.next()
+        if part is None:
+            break
+        if not isinstance(part, aiohttp.BodyPartReader):
+            raise web.HTTPBadRequest(reason="nested multipart")
+        if part.name == file_field:
+            filename = part.filename or ""
+            chunks, size = [], 0
+            while chunk := await part.read_chunk(64 * 1024):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=size)
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        elif part.name:
+            text = await part.text()
+            if len(text) > 64 * 1024:
+                raise web.HTTPRequestEntityTooLarge(max_size=64 * 1024, actual_size=len(text))
+            fields[part.name] = text
+    return Upload(fields, filename, data)
 
 
 def placeholder(request: web.Request, user: ConsoleUser, heading: str) -> web.Response:
@@ -108,7 +186,52 @@ def _base_context(request: web.Request) -> dict[str, Any]:
         "role_name": auth.ROLE_NAMES_ZH[user.role] if user is not None else "",
         "nav": nav_for(user.role) if user is not None else [],
         "current_path": request.path,
+        "csp_nonce": lambda: csp_nonce(request),
     }
+
+
+# Scripts only from the console's own files and the <script> tags written in its templates
+# (each gets the response's nonce when the template is compiled: ScriptNonce), never one that
+# came in through data; nothing framed; forms only to the console; inline style attributes
+# are allowed (they run nothing). Inline event handlers (onclick=...) do not run: use a
+# <script> in the template.
+CSP = ("default-src 'self'; script-src 'self'{nonce}; style-src 'self' 'unsafe-inline';"
+       " img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    # a page_token or an upload's ?csrf_token= never leaves in a Referer to another site
+    "Referrer-Policy": "same-origin",
+}
+
+
+NONCE: web.RequestKey[str] = web.RequestKey("fuelcard_console.csp_nonce", str)
+_SCRIPT_TAG = re.compile(r"<script(?=[\s>])", re.IGNORECASE)
+
+
+def csp_nonce(request: web.Request) -> str:
+    """This response's script nonce (made on first use)."""
+    if NONCE not in request:
+        request[NONCE] = secrets.token_urlsafe(16)
+    return request[NONCE]
+
+
+class ScriptNonce(jinja2.ext.Extension):
+    """Gives every <script> tag written in a template's source the
+    response's nonce: the tags the console's authors wrote run, a tag that
+    arrived in data (escaped anyway) never would."""
+
+    def preprocess(self, source: str, name: str | None, filename: str | None = None) -> str:
+        return _SCRIPT_TAG.sub('<script nonce="{{ csp_nonce() }}"', source)
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path.startswith("/console"):
+        nonce = request.get(NONCE)
+        response.headers.setdefault("Content-Security-Policy",
+                                    CSP.format(nonce=f" 'nonce-{nonce}'" if nonce else ""))
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
 
 
 @web.middleware
@@ -130,8 +253,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except CoreRefusal as refusal:
-        return render("error.html", request, {"title": "操作未完成", "status": 409,
-                                              "message": refusal_text(refusal)}, status=409)
+        status = _REFUSAL_STATUS.get(refusal.code, 409) if refusal.code is not None else 409
+        return render("error.html", request, {"title": "操作未完成", "status": status,
+                                              "message": refusal_text(refusal)}, status=status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -275,10 +399,11 @@ def install(app: web.Application, console: Console) -> None:
     app[CONSOLE] = console
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                          autoescape=jinja2.select_autoescape(default=True),
-                         undefined=jinja2.StrictUndefined)
+                         undefined=jinja2.StrictUndefined, extensions=[ScriptNonce])
     env = aiohttp_jinja2.get_env(app)
     env.filters["yuan"] = yuan
     env.filters["urlencode_path"] = urllib.parse.quote
+    app.on_response_prepare.append(_security_headers)
     app.middlewares.append(error_middleware)
     app.middlewares.append(session_middleware)
     app.middlewares.append(auth.csrf_middleware)

@@ -60,8 +60,9 @@ _logins = itertools.count(1)
 class EdgeThread:
     """The HTTP edge (JSON API + console) on its own thread and uvloop."""
 
-    def __init__(self, api: Api, console: Console) -> None:
-        self.api, self.console = api, console
+    def __init__(self, api: Api, console: Console,
+                 extra_routes: Callable[[web.UrlDispatcher], None] | None = None) -> None:
+        self.api, self.console, self.extra_routes = api, console, extra_routes
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fuelcard-edge")
         self.runner: web.AppRunner | None = None
@@ -76,6 +77,8 @@ class EdgeThread:
             await self.api.start()
             app = self.api.app()
             install(app, self.console)
+            if self.extra_routes is not None:
+                self.extra_routes(app.router)
             self.runner = web.AppRunner(app, access_log=None)
             await self.runner.setup()
             site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -107,6 +110,7 @@ class RunningConsole:
     core_target: str  # the TLS core the edge calls
     metrics_url: str
     edge: EdgeThread
+    certs: Path
     channels: list[grpc.Channel] = field(default_factory=list)
 
     @property
@@ -122,6 +126,21 @@ class RunningConsole:
         channel = grpc.insecure_channel(self.server.target)
         self.channels.append(channel)
         return channel
+
+    def tls_channel(self, name: str = ADMIN_CERT) -> grpc.Channel:
+        """A channel to the TLS core (the one the edge calls) as a caller of
+        tests/plugins/server.py TLS_CALLERS; closed when the test ends."""
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(self.certs / "ca.pem").read_bytes(),
+            private_key=(self.certs / f"{name}.key").read_bytes(),
+            certificate_chain=(self.certs / f"{name}.pem").read_bytes())
+        channel = grpc.secure_channel(self.core_target, credentials)
+        self.channels.append(channel)
+        return channel
+
+    def sample_sre(self) -> Any:
+        """Take one SRE sample now (the SRE page shows the latest)."""
+        return self.edge.run(self.console.sre.sample_once())
 
     def make_user(self, role: auth.Role | str, account_uid: str | None = None) -> tuple[str, str, str]:
         """A console user: (login, password, TOTP secret)."""
@@ -143,12 +162,20 @@ class RunningConsole:
         return pyotp.TOTP(secret, interval=auth.TOTP_STEP_S).at(self.clock.now())
 
 
-@pytest.fixture
-def console(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[RunningConsole]:
+def start_console(database_url: str, tmp_path: Path, dev_certs: Path, *,
+                  reports_database_url: str | None = None,
+                  keys: dict[str, Any] | None = None,
+                  extra_routes: Callable[[web.UrlDispatcher], None] | None = None
+                  ) -> Iterator[RunningConsole]:
+    """The `console` fixture's parts, for a test that needs them otherwise:
+    another database (a primary with a streaming standby as the reports
+    database), or the key set of a database shared across a module's tests
+    (tests/plugins/server.py cluster_keys), or routes of the test's own
+    (`extra_routes(router)`, e.g. a handler to exercise a framework part)."""
     clock = ManualClock(START)
     (tmp_path / "core").mkdir(exist_ok=True)
     tls_settings = make_settings(tmp_path / "core", insecure=False, tls_dir=dev_certs,
-                                 metrics_listen="127.0.0.1:0")
+                                 metrics_listen="127.0.0.1:0", **(keys or {}))
     core = ServerThread(tls_settings, database_url, clock)
     core_port = core.start()
     (tmp_path / "dev").mkdir(exist_ok=True)
@@ -171,14 +198,15 @@ def console(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[Runn
             target=target, database_url=database_url, ca=dev_certs / "ca.pem",
             cert=dev_certs / f"{ADMIN_CERT}.pem", key=dev_certs / f"{ADMIN_CERT}.key",
             reviewer_cert=dev_certs / f"{REVIEWER_CERT}.pem", reviewer_key=dev_certs / f"{REVIEWER_CERT}.key",
-            metrics_url=metrics_url, cookie_secure=False, pool_max=4, reports_pool_max=2,
-            # sampled when a test asks (RunningConsole.run(console.sre.sample_once)) or the page
-            # finds no sample yet, not behind the test's back
+            reports_database_url=reports_database_url, metrics_url=metrics_url, cookie_secure=False,
+            pool_max=4, reports_pool_max=2,
+            # sampled when a test asks (RunningConsole.sample_sre) or the page finds no sample
+            # yet, not behind the test's back
             sre_sample_interval_s=3600.0)
-        edge = EdgeThread(api, Console(settings, clock=clock))
+        edge = EdgeThread(api, Console(settings, clock=clock), extra_routes)
         port = edge.start()
         running = RunningConsole(f"http://127.0.0.1:{port}", database_url, clock, server, target,
-                                 metrics_url, edge)
+                                 metrics_url, edge, dev_certs)
         yield running
         for ch in running.channels:
             ch.close()
@@ -189,6 +217,11 @@ def console(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[Runn
             channel.close()
         dev.stop()
         core.stop()
+
+
+@pytest.fixture
+def console(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[RunningConsole]:
+    yield from start_console(database_url, tmp_path, dev_certs)
 
 
 @pytest.fixture(scope="session")
@@ -255,3 +288,12 @@ def step_up(console: RunningConsole) -> StepUpHelper:
     return go
 
 
+
+
+def navigation_ms(page: Page) -> float:
+    """How long the page's last navigation took in the browser, from the
+    request to the end of the response (ms): the server's answer as the user
+    waits for it (Navigation Timing). For the BENCHMARKS.md page times."""
+    value = page.evaluate("() => { const n = performance.getEntriesByType('navigation')[0];"
+                          " return n.responseEnd - n.requestStart; }")
+    return float(value)

@@ -103,6 +103,14 @@ GRANT EXECUTE ON FUNCTION fc_pan_seg1.put(bigint, text, bytea), fc_pan_seg1.get(
 
 GRANT USAGE ON SCHEMA fc TO fuelcard_app;
 GRANT SELECT ON ALL TABLES IN SCHEMA fc TO fuelcard_app;
+-- ... but not the operator console's users and sessions (password hashes, TOTP secrets,
+-- session hashes): only the HTTP edge reads them, and the pump path never needs them.
+DO $$
+BEGIN
+    IF to_regclass('fc.console_users') IS NOT NULL THEN
+        REVOKE ALL ON fc.console_users, fc.console_sessions FROM fuelcard_app;
+    END IF;
+END $$;
 -- The tables the server's Python writes itself (fc.outbox: the stations trigger, fired by the
 -- server's own INSERT into fc.stations). A table named here that this schema does not have
 -- (yet) is skipped: the key set's check values are another migration's.
