@@ -87,14 +87,17 @@ def test_long_digit_runs_are_masked_and_refusals_are_in_words() -> None:
     assert refusal_zh("SOMETHING_NEW") == "操作被拒绝（SOMETHING_NEW）。"
 
 
-def test_an_upload_is_checked_before_anything_runs() -> None:
-    ok = reconcile_upload.check("WECHAT_PAY", "2026-11-25", "../../etc/微信 bill.csv", b"x")
+def test_an_upload_is_checked_before_anything_runs(tmp_path: Path) -> None:
+    some, empty = tmp_path / "upload", tmp_path / "empty"
+    some.write_bytes(b"x")
+    empty.write_bytes(b"")
+    ok = reconcile_upload.check("WECHAT_PAY", "2026-11-25", "../../etc/微信 bill.csv", some)
     assert (ok.channel, ok.day, ok.file_name) == ("WECHAT_PAY", dt.date(2026, 11, 25), "___bill.csv")
-    for channel, day, data, words in (("PAYPAL", "2026-11-25", b"x", "渠道"),
-                                      ("ALIPAY", "25/11/2026", b"x", "业务日期"),
-                                      ("ALIPAY", "2026-11-25", b"", "文件为空")):
+    for channel, day, path, words in (("PAYPAL", "2026-11-25", some, "渠道"),
+                                      ("ALIPAY", "25/11/2026", some, "业务日期"),
+                                      ("ALIPAY", "2026-11-25", empty, "文件为空")):
         with pytest.raises(reconcile_upload.UploadError, match=words):
-            reconcile_upload.check(channel, day, "f.csv", data)
+            reconcile_upload.check(channel, day, "f.csv", path)
 
 
 def _in_a_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -121,14 +124,14 @@ def test_an_upload_with_one_mismatch_stores_one_break(server: RunningServer, db:
                    (channel,))]
     records[1] = dataclasses.replace(records[1], amount_fen=records[1].amount_fen + 100)
     path = channel_files.write(name, records, day, tmp_path / "bill.csv")
-    upload = reconcile_upload.check(name, day.isoformat(), "bill.csv", path.read_bytes())
+    upload = reconcile_upload.check(name, day.isoformat(), "bill.csv", path)
     result = _in_a_loop(reconcile_upload.run(server.database_url, upload, dt.datetime.now(dt.UTC)))
     assert result.counts["amount_mismatch"] == 1 and result.break_count == 1
     assert [b.channel_txn_id for b in result.breaks] == [records[1].channel_txn_id]
     assert db.execute("SELECT count(*) FROM fc.reconciliation_breaks WHERE resolved_at IS NULL"
                       ).fetchone() == (1,)
     # A file that is not the channel's format is refused, and nothing stored.
-    foreign = reconcile_upload.check("ALIPAY", day.isoformat(), "bill.csv", path.read_bytes())
+    foreign = reconcile_upload.check("ALIPAY", day.isoformat(), "bill.csv", path)
     with pytest.raises(reconcile_upload.UploadError, match="支付宝"):
         _in_a_loop(reconcile_upload.run(server.database_url, foreign, dt.datetime.now(dt.UTC)))
     assert db.execute("SELECT count(*) FROM fc.reconciliation_runs").fetchone() == (1,)
@@ -161,7 +164,13 @@ def test_finance_uploads_a_settlement_file_and_resolves_its_break_in_the_browser
     assert len(records) == 4
     # The channel says one payment was a yuan more than we booked.
     records[2] = dataclasses.replace(records[2], amount_fen=records[2].amount_fen + 100)
+    # And a day's worth of failed payments nobody booked (no money moved:
+    # matched, no break), so the file is well past the edge's 64 KiB body limit.
+    at = records[0].time
+    records += [NeutralRecord(channel, Kind.PAYMENT, f"42{uuid.uuid4().hex}", 5_000, at, Status.FAILED)
+                for _ in range(1_000)]
     path = channel_files.write(name, records, day, tmp_path / f"wechat-{day}.csv")
+    assert path.stat().st_size > 4 * 64 * 1024
 
     user, password, _ = console.make_user(Role.FINANCE)
     login(page, user, password)
@@ -174,6 +183,7 @@ def test_finance_uploads_a_settlement_file_and_resolves_its_break_in_the_browser
     result = page.locator("#reconcile-result")
     expect(page.locator("#break-count")).to_have_text("发现 1 笔差错，已保存待跟进。")
     expect(result).to_contain_text("微信支付 2026-11-25")
+    expect(result.locator("table.counts td.num")).to_have_text(["1003", "0", "0", "1", "0"])
     found = result.locator("table.found-breaks tbody tr")
     expect(found).to_have_count(1)
     expect(found).to_contain_text(records[2].channel_txn_id)

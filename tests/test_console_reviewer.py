@@ -130,6 +130,10 @@ def test_a_reject_needs_no_step_up_and_a_second_verdict_is_refused_in_words(
     hold_id = authorize(server, card, 20_000).hold.hold_id
     name, password, _ = console.make_user(Role.REVIEWER)
     login(page, name, password)
+    # A reviewer has no business on finance's pages.
+    refused = page.goto("/console/finance/adjustments")
+    assert refused is not None and refused.status == 403
+    page.goto("/console/reviewer/")
     held = page.locator(f"section.hold[data-hold-id='{hold_id}']")
     # The POS cancels while the reviewer looks: the verdict comes too late.
     page.reload()

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import tempfile
 import urllib.parse
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -212,31 +214,27 @@ async def main(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
 @requires(Role.FINANCE)
 async def reconcile_file(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
     ctx = console_context(request)
-    form = await request.post()
-    channel, day = form.get("channel"), form.get("business_date")
-    upload = form.get("file")
-    data = upload.file.read() if isinstance(upload, web.FileField) else b""
-    file_name = upload.filename if isinstance(upload, web.FileField) else ""
     context: dict[str, Any] = {
         "channels": FILE_CHANNELS, "today": _yesterday(request), "breaks": [],
         "more_breaks": False, "error": "", "done": "", "result": None, "upload_error": "",
         "back": MAIN_PAGE}
-    try:
-        checked = reconcile_upload.check(channel if isinstance(channel, str) else "",
-                                         day if isinstance(day, str) else "", file_name, data)
-    except reconcile_upload.UploadError as exc:
-        await auth.audit(request, user, "Reconcile", None, "INVALID_ARGUMENT UPLOAD_INVALID")
-        context["upload_error"] = str(exc)
-        return render("finance/index.html", request, context, status=400)
-    target = f"{checked.channel}-{checked.day.isoformat()}"
-    try:
-        result = await reconcile_upload.run(ctx.db.url, checked, ctx.clock.now())
-    except reconcile_upload.UploadError as exc:
-        await auth.audit(request, user, "Reconcile", target, "INVALID_ARGUMENT FILE_FORMAT_INVALID")
-        context["upload_error"] = str(exc)
-        return render("finance/index.html", request, context, status=400)
-    await auth.audit(request, user, "Reconcile", target,
-                     "OK")
+    with tempfile.TemporaryDirectory(prefix="fc-console-reconcile-") as directory:
+        fields, file_name, path = await reconcile_upload.receive(request, Path(directory))
+        try:
+            checked = reconcile_upload.check(fields.get("channel", ""), fields.get("business_date", ""),
+                                             file_name, path)
+        except reconcile_upload.UploadError as exc:
+            await auth.audit(request, user, "Reconcile", None, "INVALID_ARGUMENT UPLOAD_INVALID")
+            context["upload_error"] = str(exc)
+            return render("finance/index.html", request, context, status=400)
+        target = f"{checked.channel}-{checked.day.isoformat()}"
+        try:
+            result = await reconcile_upload.run(ctx.db.url, checked, ctx.clock.now())
+        except reconcile_upload.UploadError as exc:
+            await auth.audit(request, user, "Reconcile", target, "INVALID_ARGUMENT FILE_FORMAT_INVALID")
+            context["upload_error"] = str(exc)
+            return render("finance/index.html", request, context, status=400)
+    await auth.audit(request, user, "Reconcile", target, "OK")
     warning = result.date_warning(checked.day)
     context["result"] = {
         "run_id": result.run_id, "channel": FILE_CHANNELS[checked.channel], "channel_key": checked.channel,
