@@ -118,7 +118,7 @@ def test_a_reviewer_approves_a_suspended_hold_with_a_step_up_and_the_trail_shows
     page.goto("/console/reviewer/audit?actor=reviewer")
     expect(page.locator("#audit tbody tr").filter(has_text="ReviewHold.approve")).to_have_count(2)
     page.goto("/console/reviewer/audit?actor=x&from=2026-01-01&to=2026-11-25")
-    expect(page.locator("p.error")).to_have_text("操作人不是登录名时按包含匹配，日期范围最多 31 天")
+    expect(page.locator("p.error")).to_have_text("操作人不是登录名时按包含匹配，日期范围最多 7 天")
     assert card.card_number not in page.content()
 
 

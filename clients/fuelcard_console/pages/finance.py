@@ -219,7 +219,11 @@ async def reconcile_file(request: web.Request, user: ConsoleUser) -> web.StreamR
         "more_breaks": False, "error": "", "done": "", "result": None, "upload_error": "",
         "back": MAIN_PAGE}
     with tempfile.TemporaryDirectory(prefix="fc-console-reconcile-") as directory:
-        fields, file_name, path = await reconcile_upload.receive(request, Path(directory))
+        try:
+            fields, file_name, path = await reconcile_upload.receive(request, Path(directory))
+        except web.HTTPRequestEntityTooLarge:
+            await auth.audit(request, user, "Reconcile", None, "INVALID_ARGUMENT FILE_TOO_LARGE")
+            raise
         try:
             checked = reconcile_upload.check(fields.get("channel", ""), fields.get("business_date", ""),
                                              file_name, path)
