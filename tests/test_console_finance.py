@@ -303,3 +303,37 @@ def _user_uid(console: RunningConsole, login: str) -> str:
         row = conn.execute("SELECT uid::text FROM fc.console_users WHERE login = %s", (login,)).fetchone()
     assert row is not None
     return str(row[0])
+
+
+def test_finance_resolves_a_settlement_exception_in_the_browser(
+        console: RunningConsole, page: Page, login: LoginHelper) -> None:
+    # A hold that expired, whose money another sale spent, confirmed late:
+    # the fuel was delivered and not paid (LATE_CONFIRM_NO_FUNDS).
+    server = console.server
+    card = builders.open_card(server, balance_fen=25_00)
+    hold = builders.authorize(server, card, 25_00).hold
+    console.advance(dt.timedelta(minutes=31))
+    other = builders.authorize(server, card, 25_00).hold
+    builders.confirm(server, other.hold_id, 25_00)
+    late = builders.confirm(server, hold.hold_id, 25_00)
+    exception_id = late.settlement_exception_id
+    assert exception_id
+
+    user, password, _ = console.make_user(Role.FINANCE)
+    login(page, user, password)
+    page.goto("/console/finance/exceptions")
+    row = page.locator(f"#settlement-exceptions tr[data-exception-id='{exception_id}']")
+    expect(row).to_contain_text("迟到确认时余额不足（已加油未扣款）")
+    expect(row.locator("td.num")).to_have_text("25.00")
+    expect(row.locator(".state")).to_have_text("待处理")
+    row.locator("input[name=resolution]").fill("已向持卡人追收，工单 4712")
+    with page.expect_navigation():
+        row.locator("button[type=submit]").click()
+    expect(page.locator("p.ok[role=status]")).to_have_text("结算异常已处理。")
+    expect(page.locator(f"tr[data-exception-id='{exception_id}']")).to_have_count(0)
+    got = settlement_pb2_grpc.ReconciliationServiceStub(console.core_channel()).GetSettlementException(
+        settlement_pb2.GetSettlementExceptionRequest(exception_id=exception_id)).settlement_exception
+    assert (got.state, got.resolution) == (settlement_pb2.SETTLEMENT_EXCEPTION_STATE_RESOLVED,
+                                           "已向持卡人追收，工单 4712")
+    page.goto("/console/finance/exceptions?all=1")
+    expect(page.locator(f"tr[data-exception-id='{exception_id}'] .state")).to_have_text("已处理")
