@@ -122,7 +122,7 @@ def test_a_reviewer_approves_a_suspended_hold_with_a_step_up_and_the_trail_shows
     assert card.card_number not in page.content()
 
 
-def test_a_reject_needs_no_step_up_and_a_second_verdict_is_refused_in_words(
+def test_a_reject_or_a_small_approval_needs_no_step_up_and_a_late_verdict_is_refused_in_words(
         console: RunningConsole, page: Page, login: LoginHelper) -> None:
     server = console.server
     load_rules(server, [rule("BIG", "amount", min_amount_fen=10_000)])
@@ -149,3 +149,12 @@ def test_a_reject_needs_no_step_up_and_a_second_verdict_is_refused_in_words(
     expect(page.locator("#notice")).to_have_text("已拒绝：冻结资金已释放。")
     assert server.pos.GetHold(transaction_pb2.GetHoldRequest(hold_id=hold2)).hold.state == \
         common_pb2.HOLD_STATE_REJECTED
+    # Below the threshold an approval needs no step-up either.
+    hold3 = authorize(server, card, 20_000).hold.hold_id
+    page.reload()
+    with page.expect_navigation():
+        page.locator(f"section.hold[data-hold-id='{hold3}'] button[value=approve]").click()
+    assert page.url.split("?")[0].endswith("/console/reviewer/")
+    expect(page.locator("#notice")).to_have_text("已批准：终端可以加油并确认交易。")
+    assert server.pos.GetHold(transaction_pb2.GetHoldRequest(hold_id=hold3)).hold.state == \
+        common_pb2.HOLD_STATE_AUTHORIZED
