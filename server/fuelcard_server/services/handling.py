@@ -40,7 +40,7 @@ from fuelcard_server.overload import Admission, classify
 from fuelcard_server.pins import Pins
 from fuelcard_server.settings import Settings
 from fuelcard_server.stepup import StepUps
-from fuelcard_server.telemetry import Telemetry, parent_context
+from fuelcard_server.telemetry import Telemetry
 from fuelcard_server.terminals import TerminalKeys
 from fuelcard_server.validation import undecodable
 
@@ -273,13 +273,7 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
                  fn: Handler[S, Req, Resp], allowed: frozenset[Role], tel: Telemetry,
                  m: _Meters, started: float) -> Resp:
     d = self.d
-    span: trace.Span | None = None
-    token: object = None
-    if tel.tracing:
-        span = tel.tracer.start_span(
-            m.method, context=parent_context(context.invocation_metadata()),
-            kind=trace.SpanKind.SERVER)
-        token = otel_context.attach(trace.set_span_in_context(span))
+    span, token = tel.rpc_span(m.method, context.invocation_metadata()) if tel.tracing else (None, None)
     logs.METHOD.set(m.method)
     request_id = getattr(request, "request_id", None)
     if request_id:
@@ -361,6 +355,7 @@ def _finish(tel: Telemetry, m: _Meters, span: trace.Span | None, token: object,
             if code is not grpc.StatusCode.CANCELLED:
                 span.set_status(trace.StatusCode.ERROR)
         span.end()
+    if token is not None:
         otel_context.detach(token)  # type: ignore[arg-type]
 
 
