@@ -144,14 +144,14 @@ class FuelcardServer:
         tel = self.telemetry = self.telemetry or Telemetry.from_settings(s, self.worker)
         self._db = Database(self.database_url, min_size=s.pool_min, max_size=s.pool_max,
                             timeout_s=s.pool_timeout_s, connect_timeout_s=s.connect_timeout_s,
-                            name=f"fuelcard-w{self.worker}", tracer=tel.tracer)
+                            name=f"fuelcard-w{self.worker}", tracer=tel.span_tracer)
         await self._db.open()
         # Reports and histories never borrow from the transaction pool: the
         # replica's pool, or a small one of their own on the primary.
         self._reads = Database(s.replica_url or self.database_url, min_size=1,
                                max_size=s.read_pool_max, timeout_s=s.pool_timeout_s,
                                connect_timeout_s=s.connect_timeout_s, name=f"fuelcard-reads-w{self.worker}",
-                               tracer=tel.tracer, read_only=True)
+                               tracer=tel.span_tracer, read_only=True)
         if s.replica_url:
             # A replica that is down must not keep payments from starting:
             # its probe (below) says whether reports may use it.

@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold-ttl-s", type=int, dest="hold_ttl_s",
                    help="seconds before an unconfirmed hold is released (default 1800)")
     p.add_argument("--pool-max", type=int, dest="pool_max",
-                   help="database connections per process (default 16)")
+                   help="database connections per process (default 8)")
     p.add_argument("--pool-min", type=int, dest="pool_min")
     p.add_argument("--tls", action="store_true",
                    help="mutual TLS with the certificates in DATA_DIR/certs (the default)")

@@ -103,7 +103,11 @@ class Settings:
     data_dir: Path = Path("data")
     workers: int = 1
     pool_min: int = 4
-    pool_max: int = 16
+    # Per worker. On the two cores measured (issue 17, BENCHMARKS.md) 8 took
+    # ~9 % less PostgreSQL CPU per pump cycle than 16 (fewer backends woken,
+    # warmer caches) at the same server CPU; 4 saved no more in PostgreSQL
+    # and cost the server more (calls queueing for a connection).
+    pool_max: int = 8
     # How long a call may wait for a connection of a busy pool. A database
     # that is gone does not make calls wait this long: the health probe
     # notices within health_interval_s + connect_timeout_s, and calls then

@@ -10,6 +10,13 @@ Export: OTLP/gRPC when `otlp_endpoint` is set (batched, off the hot path), and
 a Prometheus text-format scrape (`metrics_listen`) read from an in-memory
 reader on demand. Sampling is parent-based: a caller's sampled W3C
 traceparent is always followed; root traces are kept at trace_sample_ratio.
+
+An RPC whose span nothing would record gets no span at all (`rpc_span`):
+building a non-recording span, its ids and its context cost about 50 us per
+RPC, two thirds of what the pump path spent in OpenTelemetry. So the root
+sampling decision is made here, before any span exists, and the SDK's sampler
+only follows parents; without an exporter no span is made, but a caller's
+traceparent still becomes the current context, so log lines carry its trace id.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from fuelcard_server.replication import ReplicationView
@@ -116,6 +123,11 @@ class Telemetry:
     tracer: trace.Tracer
     meter: metrics.Meter
     tracing: bool
+    # Whether a span made here is recorded and sent somewhere (an exporter is
+    # configured); False: RPCs get no span (rpc_span).
+    exporting: bool = False
+    # Share of root traces (no traceparent from the caller) recorded.
+    root_ratio: float = 1.0
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
     scrape_reader: InMemoryMetricReader | None = None
@@ -190,8 +202,9 @@ class Telemetry:
         tracer_provider: TracerProvider | None = None
         tracer: trace.Tracer = trace.NoOpTracer()
         if s.tracing:
-            tracer_provider = TracerProvider(
-                resource=resource, sampler=ParentBased(TraceIdRatioBased(s.trace_sample_ratio)))
+            # Roots: decided in rpc_span at trace_sample_ratio, before any span
+            # is built; the SDK only follows the parent's decision.
+            tracer_provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
             if s.otlp_endpoint:
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
                 tracer_provider.add_span_processor(BatchSpanProcessor(
@@ -212,6 +225,7 @@ class Telemetry:
             View(instrument_name=RPC_LATENCY, aggregation=ExplicitBucketHistogramAggregation(
                 LATENCY_BUCKETS_MS))])
         return cls(tracer, meter_provider.get_meter(SCOPE), tracing=s.tracing,
+                   exporting=s.tracing and bool(s.otlp_endpoint), root_ratio=s.trace_sample_ratio,
                    tracer_provider=tracer_provider, meter_provider=meter_provider,
                    scrape_reader=scrape, access_sample=s.access_log_sample)
 
@@ -227,6 +241,35 @@ class Telemetry:
             metrics.set_meter_provider(self.meter_provider)
         if self.tracer_provider is not None:
             trace.set_tracer_provider(self.tracer_provider)
+
+    @property
+    def span_tracer(self) -> trace.Tracer | None:
+        """The tracer for child spans (database statements); None when no
+        span is recorded anywhere."""
+        return self.tracer if self.exporting else None
+
+    def rpc_span(self, name: str, metadata: Iterable[Any] | None
+                 ) -> tuple[trace.Span | None, object]:
+        """The server span of one RPC and the context token to detach when it
+        ends: (None, None) when nothing would record it (no exporter, or an
+        unsampled root, or a caller's unsampled trace) - then no span is built;
+        (None, token) when only the caller's trace context is made current (so
+        log lines carry its trace id)."""
+        if not self.tracing:
+            return None, None
+        parent = parent_context(metadata)
+        if self.exporting:
+            if parent is None:
+                ratio = self.root_ratio
+                if ratio <= 0.0 or (ratio < 1.0 and random.random() >= ratio):
+                    return None, None
+            elif not trace.get_current_span(parent).get_span_context().trace_flags.sampled:
+                return None, otel_context.attach(parent)
+            span = self.tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER)
+            return span, otel_context.attach(trace.set_span_in_context(span))
+        if parent is None:
+            return None, None
+        return None, otel_context.attach(parent)
 
     def access(self, method: str, code: str, elapsed_s: float, peer_role: str) -> None:
         """The access line of one RPC, if it is sampled. Only what the

@@ -9,7 +9,6 @@ import contextlib
 import contextvars
 import datetime as dt
 import functools
-import hashlib
 import hmac
 import inspect
 import logging
@@ -26,7 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from fuelcard_server import logs
-from fuelcard_server.audit import AuditLog, method_name
+from fuelcard_server.audit import AuditLog, method_name, should_audit
 from fuelcard_server.card_numbers import CardVault
 from fuelcard_server.cards import PanIndex
 from fuelcard_server.clock import Clock
@@ -40,7 +39,7 @@ from fuelcard_server.overload import Admission, classify
 from fuelcard_server.pins import Pins
 from fuelcard_server.settings import Settings
 from fuelcard_server.stepup import StepUps
-from fuelcard_server.telemetry import Telemetry, parent_context
+from fuelcard_server.telemetry import Telemetry
 from fuelcard_server.terminals import TerminalKeys
 from fuelcard_server.validation import undecodable
 
@@ -59,6 +58,18 @@ _CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("fuelcard_calle
 # request (REQUEST_ID_REUSED; docs/TERMINAL_PROTOCOL.md section 8) - the
 # server never decrypts a PIN to compare two requests.
 _AUTH_FIELDS = ("mac", "terminal_counter", "key_version", "signature", "step_up")
+
+
+_AUTH_OF_TYPE: dict[type, tuple[str, ...]] = {}
+
+
+def _auth_fields(message: type[Message]) -> tuple[str, ...]:
+    """The authentication fields a request type has (looked up once per type)."""
+    auth = _AUTH_OF_TYPE.get(message)
+    if auth is None:
+        fields = message.DESCRIPTOR.fields_by_name
+        auth = _AUTH_OF_TYPE[message] = tuple(name for name in _AUTH_FIELDS if name in fields)
+    return auth
 
 
 @dataclass
@@ -105,16 +116,16 @@ class Deps:
         """Keyed fingerprint of a request, to tell a replay from a reuse of
         its request_id. Keyed, because requests carry card numbers and a
         plain hash of a 19-digit number can be reversed by brute force."""
-        fields = request.DESCRIPTOR.fields_by_name
-        if any(name in fields for name in _AUTH_FIELDS):
+        auth = _auth_fields(type(request))
+        if auth:
             stripped = type(request)()
             stripped.CopyFrom(request)
-            for name in _AUTH_FIELDS:
-                if name in fields:
-                    stripped.ClearField(name)
+            for name in auth:
+                stripped.ClearField(name)
             request = stripped
         body = operation.encode() + b"\0" + request.SerializeToString(deterministic=True)
-        return hmac.new(self.fingerprint_key, body, hashlib.sha256).digest()
+        # one-shot HMAC (OpenSSL, no HMAC object): the same digest as hmac.new
+        return hmac.digest(self.fingerprint_key, body, "sha256")
 
     def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Who is calling, as the scope of idempotency keys: one caller's
@@ -273,13 +284,9 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
                  fn: Handler[S, Req, Resp], allowed: frozenset[Role], tel: Telemetry,
                  m: _Meters, started: float) -> Resp:
     d = self.d
-    span: trace.Span | None = None
-    token: object = None
-    if tel.tracing:
-        span = tel.tracer.start_span(
-            m.method, context=parent_context(context.invocation_metadata()),
-            kind=trace.SpanKind.SERVER)
-        token = otel_context.attach(trace.set_span_in_context(span))
+    # Built anew by grpc at each call: asked for once, and only when needed.
+    metadata = context.invocation_metadata() if tel.tracing else None
+    span, token = tel.rpc_span(m.method, metadata) if tel.tracing else (None, None)
     logs.METHOD.set(m.method)
     request_id = getattr(request, "request_id", None)
     if request_id:
@@ -293,7 +300,10 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
         if caller is None:
             raise unauthenticated("NO_CLIENT_IDENTITY",
                                   "the client certificate names no fuelcard role")
-        caller = acting_for(caller, context.invocation_metadata())
+        if caller.role is Role.ADMIN or caller.role is None:  # who may act for someone
+            if metadata is None:
+                metadata = context.invocation_metadata()
+            caller = acting_for(caller, metadata)
         # set before the role check, so the access line of a refused call
         # names the role that was refused
         _CALLER.set(caller)
@@ -326,10 +336,12 @@ async def _serve(self: S, request: Req, context: grpc.aio.ServicerContext[Req, R
     except Exception as exc:  # a bug; the client gets INTERNAL, we get the type
         log.exception("unhandled %s in %s", type(exc).__name__, fn.__name__)
         error = internal()
-    # The audit record, if this call gets one (never on the POS hot path).
+    # The audit record, if this call gets one (never on the POS hot path, so
+    # asked here first: rpc_done would look the method's name up again).
     try:
-        error = await d.audit.rpc_done(type(self), fn.__name__, allowed, caller, request,
-                                       response, error)
+        if should_audit(m.method, caller, allowed):
+            error = await d.audit.rpc_done(type(self), fn.__name__, allowed, caller, request,
+                                           response, error)
     except asyncio.CancelledError:
         # Cancelled while the record was appended (the append itself goes
         # on: it is shielded): end the span and count the call all the same.
@@ -361,6 +373,7 @@ def _finish(tel: Telemetry, m: _Meters, span: trace.Span | None, token: object,
             if code is not grpc.StatusCode.CANCELLED:
                 span.set_status(trace.StatusCode.ERROR)
         span.end()
+    if token is not None:
         otel_context.detach(token)  # type: ignore[arg-type]
 
 
