@@ -804,7 +804,8 @@ BEGIN
         ELSIF octet_length(v_hash) = 0 THEN
             v_response := jsonb_build_object('outcome', 'AHEAD_OF_AUTHORIZE');   -- reversed twice
         ELSE
-            v_response := fc.reverse_answered(v_original, p_station, p_terminal, p_now);
+            v_response := fc.reverse_answered(fc.expand_answer('authorize', v_original), p_station,
+                                              p_terminal, p_now);
         END IF;
     END IF;
     RETURN fc.remember(p_caller, p_request_id, 'reverse_authorization', p_request_hash,
