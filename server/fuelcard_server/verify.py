@@ -103,7 +103,7 @@ CHECKS: tuple[Check, ...] = (
            WHERE NOT EXISTS (SELECT 1 FROM fc.accounts a WHERE a.id = j.debit_account_id)
               OR NOT EXISTS (SELECT 1 FROM fc.accounts a WHERE a.id = j.credit_account_id)
            LIMIT 10"""),
-    # The foreign keys of fc.holds and fc.points_lots went in migration 0012 (issue 17: a row
+    # The foreign keys of fc.holds and fc.points_lots went in migration 0013 (issue 17: a row
     # lock per insert); what they kept is checked here.
     Check("holds_name_their_card_and_accounts",
           "each hold names an existing card, that card's account as its spender, and as its"
