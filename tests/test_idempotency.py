@@ -5,6 +5,7 @@ changes nothing. Recharge is also idempotent on (channel, channel_txn_id)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,10 +24,12 @@ from fuelcard.v1 import (
     funding_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
+    risk_pb2,
     transaction_pb2,
     transaction_pb2_grpc,
 )
 from fuelcard_server.cards import luhn_check_digit
+from fuelcard_server.services.transaction import AUTHORIZE_SQL, CONFIRM_SQL
 from google.protobuf.message import Message
 
 from tests.plugins.server import RunningServer
@@ -40,6 +43,7 @@ from tests.support.ledger_asserts import (
     scalar,
     snapshot,
 )
+from tests.support.risk_helpers import load_rules, risk, rule
 
 FP = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -496,3 +500,49 @@ def test_concurrent_duplicate_update_card_status(server: RunningServer, db: Conn
     _all_at_once(server, stubs, lambda s: s.accounts.UpdateCardStatus(request, timeout=30),
                  ACCOUNT_LOCK, (card.account_id,))
     assert count(db, "idempotency_keys", "operation = 'update_card_status'") == 1
+
+
+def _pump_call(db: Conn, sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    row = db.execute(sql, params).fetchone()
+    assert row is not None
+    answer: dict[str, Any] = row[0]
+    return answer
+
+
+def test_pump_answers_are_stored_compact_and_replayed_whole(server: RunningServer, db: Conn) -> None:
+    # The pump's keys store the answer without its hold (fc.compact_answer) and a replay
+    # rebuilds it from the hold row (fc.expand_answer): the replay must be the first answer
+    # to the byte, the authorize's too after its hold was settled, a risk verdict and a sale
+    # whose figures do not add up (amount_mismatch) included. A REVIEW is stored whole (a
+    # reviewer's approval moves its hold's expiry) and replays as it was after the approval.
+    load_rules(server, [rule("BIG", "amount", min_amount_fen=100_000, score=65)])
+    card = builders.open_card(server, balance_fen=300_000)
+    pan_index = scalar(db, "SELECT pan_index FROM fc.cards WHERE uid = %s", (card.card_id,))
+    now = dt.datetime.now(dt.UTC)
+
+    def auth(amount: int) -> dict[str, Any]:
+        return {"caller": "", "request_id": builders.rid("auth"), "request_hash": b"a" * 32,
+                "pan_index": pan_index, "amount_fen": amount, "station_id": "S1",
+                "terminal_id": "T1", "nozzle": 2, "product": 1, "now": now,
+                "ttl": dt.timedelta(minutes=30), "counter": None, "pin_ok": None}
+
+    sale, big = auth(30_000), auth(150_000)
+    authorized = _pump_call(db, AUTHORIZE_SQL, sale)
+    assert authorized["decision"] == "APPROVED" and "risk" in authorized
+    review = _pump_call(db, AUTHORIZE_SQL, big)
+    assert review["decision"] == "REVIEW"
+    risk(server).ReviewHold(risk_pb2.ReviewHoldRequest(
+        request_id=builders.rid("review"), hold_id=review["hold"]["hold_id"],
+        verdict=risk_pb2.REVIEW_VERDICT_APPROVE, note="ok"))
+    conf = {"caller": "", "request_id": builders.rid("confirm"), "request_hash": b"c" * 32,
+            "hold_uid": authorized["hold"]["hold_id"], "final_fen": 20_000, "volume_ml": 9_000,
+            "unit_price_fen": 785, "now": now, "station": None, "terminal": None, "counter": None}
+    confirmed = _pump_call(db, CONFIRM_SQL, conf)
+    assert confirmed["amount_mismatch"] is True and confirmed["hold"]["state"] == 2
+    assert _pump_call(db, AUTHORIZE_SQL, sale) == {**authorized, "replayed": True}
+    assert _pump_call(db, AUTHORIZE_SQL, big) == {**review, "replayed": True}
+    assert _pump_call(db, CONFIRM_SQL, conf) == {**confirmed, "replayed": True}
+    sizes = db.execute("SELECT pg_column_size(k.*) FROM fc.idempotency_keys k"
+                       " WHERE request_id = ANY(%s)", ([sale["request_id"], conf["request_id"]],)
+                       ).fetchall()
+    assert len(sizes) == 2 and all(size <= 200 for (size,) in sizes), sizes

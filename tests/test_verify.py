@@ -197,6 +197,17 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " description, created_at) VALUES (4, 2, 999999, fc.system_account(p_code => 'POINTS_REDEEMED'), 1,"
       " 'ghost', now())"],
      {"journal_references_exist", "ledger_sums_to_zero"}),
+    # Issue 17: the foreign keys of holds and points lots went (a row lock per insert); verify
+    # checks what they kept, and more: the hold's card is its spender's.
+    ("hold-names-another-accounts-card",
+     ["UPDATE fc.holds SET card_id = (SELECT c.id FROM fc.cards c JOIN fc.accounts a"
+      " ON a.id = c.account_id WHERE a.uid = %(other)s LIMIT 1)"
+      " WHERE id = (SELECT min(h.id) FROM fc.holds h JOIN fc.accounts a"
+      " ON a.id = h.spender_account_id WHERE a.uid = %(account)s)"],
+     {"holds_name_their_card_and_accounts"}),
+    ("lot-names-a-missing-account",
+     ["UPDATE fc.points_lots SET account_id = 999999 WHERE id = (SELECT min(id) FROM fc.points_lots)"],
+     {"points_lots_name_an_account"}),
     ("settled-while-suspended",   # risk (0006): a sale on a hold nobody approved
      ["UPDATE fc.holds SET review_state = 1 WHERE id = (SELECT min(id) FROM fc.holds WHERE state = 2)"],
      {"reviews_match_hold_states"}),

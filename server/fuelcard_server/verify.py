@@ -103,6 +103,26 @@ CHECKS: tuple[Check, ...] = (
            WHERE NOT EXISTS (SELECT 1 FROM fc.accounts a WHERE a.id = j.debit_account_id)
               OR NOT EXISTS (SELECT 1 FROM fc.accounts a WHERE a.id = j.credit_account_id)
            LIMIT 10"""),
+    # The foreign keys of fc.holds and fc.points_lots went in migration 0013 (issue 17: a row
+    # lock per insert); what they kept is checked here.
+    Check("holds_name_their_card_and_accounts",
+          "each hold names an existing card, that card's account as its spender, and as its"
+          " funding account the spender or, for a SHARED sub-account, the spender's parent",
+          f"""
+          SELECT h.id, h.card_id, h.spender_account_id, h.account_id
+            FROM fc.holds h
+            LEFT JOIN fc.cards c ON c.id = h.card_id
+            LEFT JOIN fc.accounts s ON s.id = h.spender_account_id
+           WHERE c.id IS NULL OR s.id IS NULL OR c.account_id <> h.spender_account_id
+              OR h.account_id <> CASE WHEN s.funding_mode = {FundingMode.SHARED:d} THEN s.parent_id
+                                      ELSE s.id END
+           LIMIT 10"""),
+    Check("points_lots_name_an_account",
+          "each points lot names an existing account",
+          """
+          SELECT l.id, l.account_id FROM fc.points_lots l
+           WHERE NOT EXISTS (SELECT 1 FROM fc.accounts a WHERE a.id = l.account_id)
+           LIMIT 10"""),
     Check("confirmed_hold_settled_once",
           "each CONFIRMED hold has exactly one purchase entry from its own account, which with"
           " the unpaid part of an overrun (a receivable entry) is its settled amount; no other"

@@ -279,6 +279,23 @@ BEGIN
     RETURN v_hold;
 END $$;
 
+-- The card with this pan_index, once its account tree is locked until commit: fc.lock_chain's
+-- locks (parent first) without its read, the parent being read with the card (an account's
+-- parent never changes). CARD_NOT_FOUND if there is none. Returns the card's id.
+CREATE OR REPLACE FUNCTION fc.lock_card(p_pan_index bytea) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v record;
+BEGIN
+    SELECT c.id, c.account_id, s.parent_id INTO v
+      FROM fc.cards c JOIN fc.accounts s ON s.id = c.account_id WHERE c.pan_index = p_pan_index;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'CARD_NOT_FOUND', DETAIL = 'card_number';
+    END IF;
+    PERFORM fc.lock_pair(v.parent_id, v.account_id);
+    RETURN v.id;
+END $$;
+
 -- Reserve p_amount_fen for a sale at the pump, or decline. The money comes from the card's
 -- account, or from its parent for a SHARED sub-account. Steps: the card (fc.card_refusal),
 -- the room and the money (fc.room_refusal, again after releasing expired holds), the risk
@@ -301,23 +318,23 @@ DECLARE
     v_local    timestamp := p_now AT TIME ZONE fc.business_tz();
     v_day      date := v_local::date;   -- from v_local: one fc.config read
     v_risk     jsonb;         -- the risk engine's verdict, NULL without a rule set
+    v_rows     record;
 BEGIN
     v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_station_id, p_terminal_id, p_counter);
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    SELECT * INTO v_card FROM fc.cards WHERE pan_index = p_pan_index;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'FCNF0', MESSAGE = 'CARD_NOT_FOUND', DETAIL = 'card_number';
-    END IF;
-    -- Serialise reservations on this account tree (parent first) until commit; then read the
-    -- card again: a block, limit or scope committed while we waited applies to this one.
-    PERFORM fc.lock_chain(v_card.account_id);
-    SELECT * INTO v_card FROM fc.cards WHERE id = v_card.id;
-    SELECT * INTO v_spender FROM fc.accounts WHERE id = v_card.account_id;
-    IF v_spender.parent_id IS NOT NULL THEN
-        SELECT * INTO v_parent FROM fc.accounts WHERE id = v_spender.parent_id;
-    END IF;
+    -- Serialise reservations on this account tree until commit (fc.lock_card); then read the
+    -- card, its account and the parent, in one statement: a block, limit or scope committed
+    -- while we waited applies to this one.
+    v_card.id := fc.lock_card(p_pan_index);
+    SELECT c AS card, s AS spender, p AS parent INTO v_rows
+      FROM fc.cards c JOIN fc.accounts s ON s.id = c.account_id
+      LEFT JOIN fc.accounts p ON p.id = s.parent_id
+     WHERE c.id = v_card.id;
+    v_card := v_rows.card;
+    v_spender := v_rows.spender;
+    v_parent := v_rows.parent;
     v_funder := CASE WHEN v_spender.funding_mode = fc.funding_mode_shared() THEN v_parent
                      ELSE v_spender END;
     v_reason := fc.card_refusal(v_card, v_spender, v_parent, p_pin_ok, p_now);
@@ -454,13 +471,17 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_open boolean := h.state = fc.hold_state_authorized();
 BEGIN
+    -- Both legs in one statement (the points leg when there are points), in this order.
     INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id, created_at)
-    VALUES (fc.ledger_entry_kind_purchase(), fc.asset_money(), p_funder.id,
-            fc.system_account('FUEL_SALES'), p_final_fen, h.id, p_now);
+    SELECT leg.kind, leg.asset, leg.debit, leg.credit, leg.amount, h.id, p_now
+      FROM (VALUES (1, fc.ledger_entry_kind_purchase(), fc.asset_money(), p_funder.id,
+                    fc.system_account('FUEL_SALES'), p_final_fen),
+                   (2, fc.ledger_entry_kind_points_earned(), fc.asset_points(),
+                    fc.system_account('POINTS_ISSUED'), p_spender_id, p_points))
+           leg (ord, kind, asset, debit, credit, amount)
+     WHERE leg.ord = 1 OR p_points > 0
+     ORDER BY leg.ord;
     IF p_points > 0 THEN
-        INSERT INTO fc.journal (kind, asset, debit_account_id, credit_account_id, amount, hold_id, created_at)
-        VALUES (fc.ledger_entry_kind_points_earned(), fc.asset_points(),
-                fc.system_account('POINTS_ISSUED'), p_spender_id, p_points, h.id, p_now);
         -- The lot names its sale: a refund takes the points back from it first.
         -- The lot lasts so many calendar months in the business time zone: "+ 12 months" on
         -- a timestamptz counts months in the session's zone (UTC for the server), which moves
@@ -647,6 +668,7 @@ DECLARE
     v_hold       fc.holds;
     v_funder     fc.accounts;
     v_late       boolean;
+    v_rows       record;
 BEGIN
     v_response := fc.admit(p_caller, p_request_id, p_request_hash, p_station, p_terminal, p_counter);
     IF v_response IS NOT NULL THEN
@@ -663,9 +685,12 @@ BEGIN
     IF v_response IS NOT NULL THEN
         RETURN v_response;
     END IF;
-    -- Re-read under the lock: the sweeper or a racing confirm may have moved it.
-    SELECT * INTO v_hold FROM fc.holds WHERE uid = p_hold_uid;
-    SELECT * INTO v_funder FROM fc.accounts WHERE id = v_hold.account_id;
+    -- Re-read under the lock, with its funding account in the same statement: the sweeper
+    -- or a racing confirm may have moved it.
+    SELECT h AS hold, a AS funder INTO v_rows
+      FROM fc.holds h JOIN fc.accounts a ON a.id = h.account_id WHERE h.uid = p_hold_uid;
+    v_hold := v_rows.hold;
+    v_funder := v_rows.funder;
     IF p_terminal IS NOT NULL AND (v_hold.station_id, v_hold.terminal_id) <> (p_station, p_terminal) THEN
         RAISE EXCEPTION USING ERRCODE = 'FCPD0', MESSAGE = 'NOT_YOUR_HOLD', DETAIL = 'hold_id';
     END IF;
@@ -804,7 +829,8 @@ BEGIN
         ELSIF octet_length(v_hash) = 0 THEN
             v_response := jsonb_build_object('outcome', 'AHEAD_OF_AUTHORIZE');   -- reversed twice
         ELSE
-            v_response := fc.reverse_answered(v_original, p_station, p_terminal, p_now);
+            v_response := fc.reverse_answered(fc.expand_answer('authorize', v_original), p_station,
+                                              p_terminal, p_now);
         END IF;
     END IF;
     RETURN fc.remember(p_caller, p_request_id, 'reverse_authorization', p_request_hash,

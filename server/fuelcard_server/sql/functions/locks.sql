@@ -63,3 +63,15 @@ BEGIN
         PERFORM pg_advisory_xact_lock(v_id);
     END LOOP;
 END $$;
+
+-- fc.lock_chain's locks, in its order (the parent first), for a caller that read the
+-- account's parent already in a statement it needed anyway (fc.authorize, with the card): a
+-- parent never changes, so it may be read before the lock.
+CREATE OR REPLACE FUNCTION fc.lock_pair(p_parent_id bigint, p_account_id bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_parent_id IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(p_parent_id);
+    END IF;
+    PERFORM pg_advisory_xact_lock(p_account_id);
+END $$;
