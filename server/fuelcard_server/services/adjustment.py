@@ -6,7 +6,9 @@ the ADJUSTMENTS system account, under the account's lock) or rejects it.
 The decisions are made in sql/functions/adjustments.sql; who is who is the
 caller's certificate identity (Caller.key), so in development mode, where
 every caller is the same "development", nothing can be approved: dual
-control needs two identities. Admin only; the rpc decorator audits every
+control needs two identities. An edge acting for people (the operator
+console, with the on-behalf-of metadata) is recorded as "<certificate> for
+console_user:<uuid>": each person is one identity. Admin only; the rpc decorator audits every
 call (the adjustment is its target)."""
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import grpc
 from fuelcard.v1 import adjustment_pb2, adjustment_pb2_grpc
 
 from fuelcard_server import errors
+from fuelcard_server.audit import actor_of
 from fuelcard_server.identity import Role
 from fuelcard_server.services.handling import Servicer, rpc
 from fuelcard_server.validation import Violations
@@ -71,8 +74,10 @@ def adjustment_message(d: dict[str, Any]) -> adjustment_pb2.Adjustment:
 class AdjustmentService(Servicer, adjustment_pb2_grpc.AdjustmentServiceServicer):
 
     def _actor(self) -> str:
-        caller = self.d.identity()
-        return caller.key or caller.name
+        # The certificate's identity and, for an edge (the operator console),
+        # the person it acts for: two console users share the edge's
+        # certificate, and dual control must still tell them apart.
+        return actor_of(self.d.identity())
 
     async def _decide(self, sql: LiteralString, operation: str,
                       request: adjustment_pb2.ApproveAdjustmentRequest
