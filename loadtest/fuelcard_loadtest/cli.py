@@ -11,6 +11,7 @@ Examples:
       --report uniform.json --plot uniform.png
   fuelcard-loadtest --scenario hot-fleet --concurrency 64
   fuelcard-loadtest --scenario uniform --rate 400          # open loop
+  fuelcard-loadtest console --vehicles 10000 --data-dir /tmp/console-bench   # console pages
 """
 
 from __future__ import annotations
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["console"]:
+        # the console pages in a browser (issue 19): a bench of its own, see console_bench.py
+        from fuelcard_loadtest import console_bench
+
+        return console_bench.main(given[1:])
     args = build_parser().parse_args(argv)
     opts = Options(
         scenario=args.scenario, cards=args.cards, concurrency=args.concurrency, rate=args.rate,
