@@ -327,9 +327,10 @@ def _visit_all(base_url: str, logins: dict[str, str], pages: dict[str, list[str]
                         times.load_ms.append(round(float(load), 1))
                     times.rows = page.locator("main table tbody tr").count()
                     times.text = page.inner_text("main")
-                    nxt = page.locator("main a[href*='page_token=']")
+                    # the list's own "next page" link (page_token=, or the report's offset=)
+                    nxt = page.locator("main a[rel=next], main a[href*='page_token=']")
                     times.next_link = nxt.count() > 0
-                    if times.next_link and "page_token=" not in path:
+                    if times.next_link and "page_token=" not in path and "offset=" not in path:
                         href = nxt.first.get_attribute("href") or ""
                         todo.insert(0, href if href.startswith("/") else
                                     path.split("?")[0] + href if href.startswith("?") else href)
