@@ -177,6 +177,13 @@ def _vehicles(url: str, tag: int, fleet: str, log: Callable[[str], None]) -> Non
         started = time.monotonic()
         conn.execute(VEHICLES_SQL, params)
         conn.execute(CARDS_SQL, params)
+        # a year of holds changes only its spender: the holds' row triggers (state machine,
+        # outbox on a state change) have nothing to say, and running them a million times took
+        # minutes (the embedded database's user is a superuser)
+        conn.execute("SET LOCAL session_replication_role = replica")
+        # the statistics still say every card is the fleet account's: the planner then took a
+        # nested loop over the fleet's 10 000 vehicles for each of a million holds
+        conn.execute("SET LOCAL enable_nestloop = off")
         moved = conn.execute(HOLDS_SQL, params).rowcount
         conn.commit()
     with psycopg.connect(url, autocommit=True) as conn:
