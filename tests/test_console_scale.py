@@ -38,6 +38,12 @@ def test_every_role_page_answers_with_its_data(server: RunningServer) -> None:
     assert f"{console_bench.PLATE}{fleet.PAGE_SIZE:05d}" in second[0].text
     assert f"{console_bench.PLATE}00000" not in second[0].text
 
+    # the reviewer's queue: a full first page of the bench's suspended fills, and a second
+    queue = result.page("reviewer", "/console/reviewer/")
+    assert queue.text.count("BENCH-REVIEW") == console_bench.PAGE_SIZE and queue.next_link
+    rest = [p for p in result.pages if p.path.startswith("/console/reviewer/?page_token=")]
+    assert len(rest) == 1
+    assert rest[0].text.count("BENCH-REVIEW") == console_bench.SUSPENDED - console_bench.PAGE_SIZE
     assert "儿子" in result.page("holder", "/console/family/").text
     assert result.page("risk_officer", "/console/risk/").rows >= 1
     assert "| fleet_manager | `/console/fleet/` |" in result.table()

@@ -53,6 +53,12 @@ LIMIT_MS = 300.0
 PAGE_SIZE = 50  # the console's list pages (≤ 50 rows)
 RULES_FILE = Path(__file__).resolve().parent.parent / "risk-rules-200.json"
 PLATE = "云A·"
+SUSPENDED = 60  # authorizations a review rule suspends: more than a page of the reviewer's queue
+REVIEW_FROM_FEN = 90_000
+REVIEW_RULES = {"name": "console-bench-review", "fallback": "review", "review_score": 1000,
+                "decline_score": 2000,
+                "rules": [{"id": "BENCH-REVIEW", "action": "review", "kind": "amount",
+                           "min_amount_fen": REVIEW_FROM_FEN}]}
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,27 @@ def _family(target: str) -> str:
             stub.IssueCard(account_pb2.IssueCardRequest(request_id=f"bench-card-{stamp}-{n}",
                                                         account_id=member.account_id), timeout=10)
         return str(main.account_id)
+
+
+def _suspended(target: str, url: str, tag: int, vehicles: int, log: Callable[[str], None]) -> None:
+    """Holds for the reviewer's queue: a rule set that sends big fills to review, and
+    SUSPENDED such authorizations at a pump (the POS path, as in service); then the
+    loadtest's 200-rule set goes in force after it (a second rule set version)."""
+    from fuelcard.v1 import common_pb2, transaction_pb2, transaction_pb2_grpc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rules = Path(tmp) / "review.json"
+        rules.write_text(json.dumps(REVIEW_RULES))
+        risk_rules.apply(url, str(rules), log=log)
+    stamp = f"{time.time_ns():x}"
+    with grpc.insecure_channel(target) as channel:
+        pos = transaction_pb2_grpc.TransactionServiceStub(channel)
+        for i in range(SUSPENDED):
+            pos.Authorize(transaction_pb2.AuthorizeRequest(
+                request_id=f"bench-review-{stamp}-{i}", card_number=seed.card_number(tag, i % vehicles),
+                amount_fen=REVIEW_FROM_FEN + i, station_id="BENCH-KM-01", terminal_id="BENCH-KM-01-T1",
+                nozzle=1, product=common_pb2.PRODUCT_GASOLINE_92), timeout=10)
+    risk_rules.apply(url, str(RULES_FILE), log=log)
 
 
 def _users(url: str, fleet: str, family: str) -> dict[str, str]:
@@ -377,7 +404,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> Result:
         fleet = seed.account_uid(dataset.tag, 0)
         _vehicles(url, dataset.tag, fleet, log)
         family = _family(target)
-        risk_rules.apply(url, str(RULES_FILE), log=log)
+        _suspended(target, url, dataset.tag, opts.vehicles, log)
         seed_seconds = time.monotonic() - started
         logins = _users(url, fleet, family)
         edge = Edge(target, url, opts.reports_database_url)
