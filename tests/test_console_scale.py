@@ -44,6 +44,9 @@ def test_every_role_page_answers_with_its_data(server: RunningServer) -> None:
     rest = [p for p in result.pages if p.path.startswith("/console/reviewer/?page_token=")]
     assert len(rest) == 1
     assert rest[0].text.count("BENCH-REVIEW") == console_bench.SUSPENDED - console_bench.PAGE_SIZE
+    # finance: the proposed adjustments, a full page and a second one
+    proposed = result.page("finance", "/console/finance/adjustments")
+    assert proposed.text.count("压测：待复核的调账") == console_bench.PAGE_SIZE and proposed.next_link
     assert "儿子" in result.page("holder", "/console/family/").text
     assert result.page("risk_officer", "/console/risk/").rows >= 1
     assert "| fleet_manager | `/console/fleet/` |" in result.table()

@@ -55,6 +55,7 @@ RULES_FILE = Path(__file__).resolve().parent.parent / "risk-rules-200.json"
 PLATE = "云A·"
 SUSPENDED = 60  # authorizations a review rule suspends: more than a page of the reviewer's queue
 REVIEW_FROM_FEN = 90_000
+ADJUSTMENTS = 60
 REVIEW_RULES = {"name": "console-bench-review", "fallback": "review", "review_score": 1000,
                 "decline_score": 2000,
                 "rules": [{"id": "BENCH-REVIEW", "action": "review", "kind": "amount",
@@ -240,6 +241,21 @@ def _suspended(target: str, url: str, tag: int, vehicles: int, log: Callable[[st
     risk_rules.apply(url, str(RULES_FILE), log=log)
 
 
+def _adjustments(target: str, account: str) -> None:
+    """Adjustments awaiting a second person's approval, for the finance pages
+    (more than a page of them)."""
+    from fuelcard.v1 import adjustment_pb2, adjustment_pb2_grpc
+
+    stamp = f"{time.time_ns():x}"
+    with grpc.insecure_channel(target) as channel:
+        stub = adjustment_pb2_grpc.AdjustmentServiceStub(channel)
+        for i in range(ADJUSTMENTS):
+            stub.ProposeAdjustment(adjustment_pb2.ProposeAdjustmentRequest(
+                request_id=f"bench-adjust-{stamp}-{i}", account_id=account,
+                direction=adjustment_pb2.ADJUSTMENT_DIRECTION_CREDIT, amount_fen=100 + i,
+                reason="压测：待复核的调账"), timeout=10)
+
+
 def _users(url: str, fleet: str, family: str) -> dict[str, str]:
     """One console user per role: role -> login (password PASSWORD)."""
     from fuelcard_console import users
@@ -405,6 +421,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> Result:
         _vehicles(url, dataset.tag, fleet, log)
         family = _family(target)
         _suspended(target, url, dataset.tag, opts.vehicles, log)
+        _adjustments(target, fleet)
         seed_seconds = time.monotonic() - started
         logins = _users(url, fleet, family)
         edge = Edge(target, url, opts.reports_database_url)
