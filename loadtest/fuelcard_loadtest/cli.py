@@ -20,11 +20,13 @@ Examples:
   fuelcard-loadtest --scenario uniform --rate 400          # open loop
   fuelcard-loadtest --insecure --no-controls               # the old plaintext mode
 
-Two more commands (each has --help):
+Three more commands (each has --help):
   fuelcard-loadtest ab --a DIR_A --b DIR_B [--runs 3] -- <run options>
       alternated A/B runs of two checkouts, with a markdown table of medians
   fuelcard-loadtest targets [--runs 3] [--duration-s 15]
       issue 17's targets: uniform, hot-fleet and open loop at half the maximum
+  fuelcard-loadtest console --vehicles 10000 --data-dir /tmp/console-bench
+      the operator console's pages in a browser, on a 10 000-vehicle fleet
 """
 
 from __future__ import annotations
@@ -140,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ab.main(args_list[1:])
     if args_list and args_list[0] == "targets":
         return targets.main(args_list[1:])
+    if args_list[:1] == ["console"]:
+        # the console pages in a browser (issue 19): a bench of its own, see console_bench.py
+        from fuelcard_loadtest import console_bench
+
+        return console_bench.main(args_list[1:])
     args = build_parser().parse_args(args_list)
     opts = Options(
         scenario=args.scenario, cards=args.cards, concurrency=args.concurrency, rate=args.rate,
