@@ -11,7 +11,6 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from fuelcard.v1 import account_pb2, common_pb2, control_pb2, invoice_pb2
 from fuelcard_console import fleet_forms, fleet_report, fleet_topup
@@ -21,7 +20,7 @@ from playwright.sync_api import Browser, FilePayload, Page
 from playwright.sync_api import expect as expect_page
 
 from tests.plugins import logscan
-from tests.plugins.console import LoginHelper, RunningConsole, StepUpHelper, navigation_ms
+from tests.plugins.console import LoginHelper, RunningConsole, StepUpHelper
 from tests.plugins.server import RunningServer
 from tests.support import builders
 from tests.support import control_builders as cb
@@ -669,65 +668,3 @@ def test_lists_are_paged(console: RunningConsole, page: Page, login: LoginHelper
     response = page.goto("/console/fleet/report?start=2026-11-20&end=2026-11-01")
     assert response is not None and response.status == 400
     expect_page(page.locator("main .error")).to_contain_text("结束日期不能早于开始日期")
-
-
-SCALE_VEHICLES = 10_000
-SCALE_SALES_PER_VEHICLE = 52  # a year of weekly fills
-
-
-@pytest.mark.slow
-def test_fleet_pages_with_ten_thousand_vehicles(console: RunningConsole, page: Page,
-                                               login: LoginHelper) -> None:
-    """The page times of BENCHMARKS.md: a fleet of 10 000 vehicles with a
-    year of sales (520 000 confirmed holds), each fleet page opened five
-    times, the browser's request-to-response time printed (run with -s).
-    The rows are written straight into the tables (accounts, holders, cards,
-    holds) as the core would have left them, for speed; no money moves, so
-    the journal is not involved (the statement's figures are then low)."""
-    parent = cb.open_account(console.server, name="大型物流车队").account_id
-    with psycopg.connect(console.database_url, autocommit=True) as conn:
-        row = conn.execute("SELECT id FROM fc.accounts WHERE uid = %s::uuid", (parent,)).fetchone()
-        assert row is not None
-        params = {"now": console.clock.now(), "parent": row[0], "n": SCALE_VEHICLES,
-                  "sales": SCALE_SALES_PER_VEHICLE}
-        conn.execute("""
-            INSERT INTO fc.accounts (kind, created_at, parent_id, funding_mode, label)
-            SELECT 2, %(now)s - interval '400 days', %(parent)s, 2, '云A·' || lpad(g::text, 5, '0')
-              FROM generate_series(1, %(n)s) g""", params)
-        conn.execute("""INSERT INTO fc.account_holders (account_id, name)
-                        SELECT id, label FROM fc.accounts WHERE parent_id = %(parent)s""", params)
-        conn.execute("""
-            INSERT INTO fc.cards (account_id, pan_index, masked, created_at)
-            SELECT id, sha256(uid::text::bytea), '9860 **** **** ' || right(label, 4), created_at
-              FROM fc.accounts WHERE parent_id = %(parent)s""", params)
-        conn.execute("""
-            INSERT INTO fc.holds (account_id, card_id, state, amount_fen, settled_fen, station_id,
-                                  terminal_id, nozzle, product, created_at, expires_at, closed_at,
-                                  volume_ml, unit_price_fen, spender_account_id, usage_day)
-            SELECT %(parent)s, c.id, 2, 30000, 20000 + (c.id %% 100) * 100, 'KM-001', 'KM-001-T1', 1, 1,
-                   t, t + interval '30 min', t + interval '5 min', 25000, 800, c.account_id,
-                   (t AT TIME ZONE 'Asia/Shanghai')::date
-              FROM fc.cards c JOIN fc.accounts a ON a.id = c.account_id AND a.parent_id = %(parent)s
-             CROSS JOIN LATERAL (
-                 SELECT %(now)s - k * interval '7 days' - (c.id %% 600) * interval '1 min' AS t
-                   FROM generate_series(1, %(sales)s) k) s""", params)
-        conn.execute("ANALYZE fc.accounts; ANALYZE fc.cards; ANALYZE fc.holds")
-    name, password, _ = console.make_user(Role.FLEET_MANAGER, account_uid=parent)
-    login(page, name, password)
-    paths = ["/console/fleet/", "/console/fleet/report",
-             "/console/fleet/report?start=2026-10-26&end=2026-11-25", "/console/fleet/invoices",
-             "/console/fleet/statements?month=2026-10", "/console/fleet/vehicles/new",
-             "/console/fleet/topup"]
-    print(f"\nfleet pages, {SCALE_VEHICLES} vehicles, {SCALE_VEHICLES * SCALE_SALES_PER_VEHICLE} sales:")
-    for path in paths:
-        times = []
-        for _ in range(5):
-            response = page.goto(path)
-            assert response is not None and response.status == 200, path
-            times.append(navigation_ms(page))
-        times.sort()
-        print(f"  {path}: median {times[2]:.0f} ms (min {times[0]:.0f}, max {times[-1]:.0f})")
-    page.goto("/console/fleet/")
-    expect_page(page.locator("#vehicles td.plate")).to_have_count(20)
-    page.goto("/console/fleet/report")
-    expect_page(page.locator("#report-lines tbody tr")).to_have_count(50)
