@@ -5,6 +5,7 @@ core (the browser journey is further down)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import json
 import tomllib
@@ -44,7 +45,10 @@ def on_database(url: str, fn: Callable[[Database], Awaitable[T]], *, read_only: 
             return await fn(database)
         finally:
             await database.close()
-    return asyncio.run(go())
+    # In a thread of its own: a browser test of this module may have left
+    # Playwright's loop running in the test thread, where asyncio.run() refuses.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, go()).result()
 
 
 SMALL = """

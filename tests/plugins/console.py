@@ -224,7 +224,11 @@ def console(database_url: str, tmp_path: Path, dev_certs: Path) -> Iterator[Runn
     yield from start_console(database_url, tmp_path, dev_certs)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an asyncio loop
+# running in the test thread while it is started, and every later test that
+# calls asyncio.run() in that thread would fail. Stopping it after each module
+# costs one Chromium start per console test module.
+@pytest.fixture(scope="module")
 def playwright_driver() -> Iterator[Playwright]:
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (scripts/bootstrap does)")
@@ -232,7 +236,7 @@ def playwright_driver() -> Iterator[Playwright]:
         yield p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright_driver: Playwright) -> Iterator[Browser]:
     # --no-sandbox: CI runs as root, where Chromium's sandbox will not start
     b = playwright_driver.chromium.launch(executable_path=CHROMIUM, headless=True,
