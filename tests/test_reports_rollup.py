@@ -13,7 +13,7 @@ import uuid
 from typing import LiteralString
 
 import psycopg
-from fuelcard_server import reports
+from fuelcard_server import reports, verify
 from fuelcard_server.cost_rollup import CostRollup
 from fuelcard_server.db import Database
 
@@ -177,6 +177,13 @@ def test_fleet_costs_match_the_holds_at_any_rollup_lag(database_url: str, db: Co
             assert await rollup.run_once() == 0
             rolled = db.execute("SELECT rolled_id FROM fc.cost_rollup_state").fetchone()
             assert rolled == (top,)
+            # verify recomputes the rollup (its other checks fail on these rows written
+            # straight into the tables: no balances moved).
+            assert "cost_rollup_matches_sales" not in {v.check for v in verify.run(database_url)}
+            db.execute("UPDATE fc.vehicle_costs SET volume_ml = volume_ml + 1"
+                       " WHERE (vehicle_id, grain, bucket) IN"
+                       " (SELECT vehicle_id, grain, bucket FROM fc.vehicle_costs LIMIT 1)")
+            assert "cost_rollup_matches_sales" in {v.check for v in verify.run(database_url)}
         finally:
             await database.close()
 
