@@ -48,16 +48,18 @@ FLEET_COST_SQL = """
                 WHERE j.hold_id = h.id AND j.kind = fc.ledger_entry_kind_purchase()
                   AND j.id > (SELECT rolled_id FROM fc.cost_rollup_state))),
     tail AS (
+        -- through the watermark as a lateral parameter: a range scan of the journal's key
         SELECT r.k, h.spender_account_id AS vehicle_id, h.settled_fen, h.volume_ml
-          FROM fc.journal j
+          FROM fc.cost_rollup_state w
+         CROSS JOIN LATERAL (SELECT j.hold_id FROM fc.journal j
+                              WHERE j.id > w.rolled_id AND j.kind = fc.ledger_entry_kind_purchase()
+                              OFFSET 0) j
           JOIN fc.holds h ON h.id = j.hold_id
           JOIN vehicles v ON v.id = h.spender_account_id
           JOIN (VALUES (0, %(start)s::timestamptz, %(end)s::timestamptz),
                        (1, %(base)s::timestamptz, %(start)s::timestamptz)) r (k, lo, hi)
             ON h.closed_at >= r.lo AND h.closed_at < r.hi
-         WHERE j.id > (SELECT rolled_id FROM fc.cost_rollup_state)
-           AND j.kind = fc.ledger_entry_kind_purchase()
-           AND h.state = fc.hold_state_confirmed()),
+         WHERE h.state = fc.hold_state_confirmed()),
     sales AS (
         SELECT k, vehicle_id, spend_fen, volume_ml, sale_count FROM rolled
         UNION ALL

@@ -23,6 +23,11 @@ CREATE TABLE fc.vehicle_costs (
     CONSTRAINT vehicle_costs_grain_check CHECK (grain IN (1, 2))
 );
 
+-- A report reads one grain's buckets over a range for a fleet's vehicles: an index-only
+-- range scan here (the key leads with the vehicle, which would mean one probe per vehicle).
+CREATE INDEX vehicle_costs_by_bucket ON fc.vehicle_costs (grain, bucket)
+    INCLUDE (vehicle_id, spend_fen, volume_ml, sale_count, first_hold_id, last_hold_id);
+
 -- table: fc.cost_rollup_state
 -- The journal id up to which every purchase entry is in fc.vehicle_costs. Only ids the
 -- journal chain has passed (final: no transaction can still commit one below) are rolled.
