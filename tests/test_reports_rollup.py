@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import itertools
 import random
 import uuid
 from typing import LiteralString
@@ -188,3 +189,32 @@ def test_fleet_costs_match_the_holds_at_any_rollup_lag(database_url: str, db: Co
             await database.close()
 
     asyncio.run(scenario())
+
+
+def test_cost_pieces_cut_a_range_into_whole_buckets_and_part_days() -> None:
+    """The pieces tile [lo, hi) with no gap or overlap; whole pieces start
+    and end on their grain's UTC bounds; each part lies inside one UTC day
+    (the report reads it through that day's rollup row)."""
+    rng = random.Random(1919)
+    cases = [(dt.datetime(2026, 1, 1, tzinfo=UTC), dt.datetime(2026, 3, 1, tzinfo=UTC)),
+             (dt.datetime(2026, 1, 31, 23, tzinfo=UTC), dt.datetime(2026, 2, 1, 1, tzinfo=UTC)),
+             (dt.datetime(9999, 12, 30, tzinfo=UTC), dt.datetime(9999, 12, 31, 1, tzinfo=UTC))]
+    for _ in range(300):
+        lo = NOW - dt.timedelta(seconds=rng.randrange(400 * 86400), microseconds=rng.randrange(10**6))
+        cases.append((lo, lo + dt.timedelta(seconds=rng.randrange(1, 200 * 86400))))
+    for lo, hi in cases:
+        pieces = reports.cost_pieces(lo, hi)
+        spans = sorted([(a, b) for _, a, b in pieces.whole] + pieces.partial)
+        top = min(hi, dt.datetime(9999, 12, 1, tzinfo=UTC))  # no sale closes later
+        if lo >= top:
+            assert spans == [], (lo, hi)
+            continue
+        assert spans[0][0] == min(lo, top) and spans[-1][1] == top, (lo, hi)
+        assert all(b1 == a2 for (_, b1), (a2, _) in itertools.pairwise(spans)), (lo, hi)
+        assert all(a < b for a, b in spans)
+        for grain, a, b in pieces.whole:
+            for t in (a, b):
+                assert t.time() == dt.time(0) and (grain == reports.GRAIN_DAY or t.day == 1)
+        for a, b in pieces.partial:
+            day = a.replace(hour=0, minute=0, second=0, microsecond=0)
+            assert b <= day + dt.timedelta(days=1)

@@ -48,13 +48,17 @@ FLEET_COST_SQL = """
                 WHERE j.hold_id = h.id AND j.kind = fc.ledger_entry_kind_purchase()
                   AND j.id > (SELECT rolled_id FROM fc.cost_rollup_state))),
     tail AS (
-        -- through the watermark as a lateral parameter: a range scan of the journal's key
+        -- through the watermark as a lateral parameter: a range scan of the journal's key,
+        -- and each hold by its key (OFFSET 0 keeps the planner, which cannot tell how far
+        -- behind the rollup is, from hashing the whole of fc.holds for a short lag)
         SELECT r.k, h.spender_account_id AS vehicle_id, h.settled_fen, h.volume_ml
           FROM fc.cost_rollup_state w
          CROSS JOIN LATERAL (SELECT j.hold_id FROM fc.journal j
                               WHERE j.id > w.rolled_id AND j.kind = fc.ledger_entry_kind_purchase()
                               OFFSET 0) j
-          JOIN fc.holds h ON h.id = j.hold_id
+         CROSS JOIN LATERAL (SELECT h.spender_account_id, h.settled_fen, h.volume_ml, h.closed_at,
+                                    h.state
+                               FROM fc.holds h WHERE h.id = j.hold_id OFFSET 0) h
           JOIN vehicles v ON v.id = h.spender_account_id
           JOIN (VALUES (0, %(start)s::timestamptz, %(end)s::timestamptz),
                        (1, %(base)s::timestamptz, %(start)s::timestamptz)) r (k, lo, hi)
