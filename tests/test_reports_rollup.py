@@ -14,9 +14,12 @@ import uuid
 from typing import LiteralString
 
 import psycopg
-from fuelcard_server import reports, verify
+from fuelcard_server import reports, roles, verify
 from fuelcard_server.cost_rollup import CostRollup
 from fuelcard_server.db import Database
+
+from tests.plugins.server import RunningServer
+from tests.support import builders
 
 Conn = psycopg.Connection[tuple[object, ...]]
 UTC = dt.UTC
@@ -225,3 +228,29 @@ def test_cost_pieces_cut_a_range_into_whole_buckets_and_part_days() -> None:
         for a, b in pieces.partial:
             day = a.replace(hour=0, minute=0, second=0, microsecond=0)
             assert b <= day + dt.timedelta(days=1)
+
+
+def test_the_serving_role_rolls_up_sales_the_chain_has_passed(server: RunningServer, db: Conn) -> None:
+    """The job as a serving process runs it (roles.SERVING: fc.roll_up_costs
+    is an entry point), on sales made through the server."""
+    card = builders.open_card(server, balance_fen=80_000)
+    for final in (25_150, 3_000):
+        builders.confirm(server, builders.authorize(server, card, 30_000).hold.hold_id, final)
+
+    async def roll_up() -> int:
+        database = Database(roles.as_role(server.database_url), min_size=1, max_size=1, timeout_s=30)
+        await database.open()
+        try:
+            return await CostRollup(database).run_once()
+        finally:
+            await database.close()
+
+    assert server.chain_journal() > 0
+    assert asyncio.run(roll_up()) > 0
+    rows = db.execute("""
+        SELECT c.grain, c.spend_fen, c.sale_count FROM fc.vehicle_costs c
+          JOIN fc.accounts a ON a.id = c.vehicle_id WHERE a.uid = %s::uuid ORDER BY c.grain""",
+                      (card.account_id,)).fetchall()
+    assert rows == [(1, 28_150, 2), (2, 28_150, 2)]
+    assert asyncio.run(roll_up()) == 0
+    assert "cost_rollup_matches_sales" not in {v.check for v in verify.run(server.database_url)}
