@@ -208,6 +208,11 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
     ("lot-names-a-missing-account",
      ["UPDATE fc.points_lots SET account_id = 999999 WHERE id = (SELECT min(id) FROM fc.points_lots)"],
      {"points_lots_name_an_account"}),
+    ("cost-rollup-of-no-sale",   # the fleet cost report would count a sale never made
+     ["INSERT INTO fc.vehicle_costs (vehicle_id, grain, bucket, spend_fen, volume_ml, sale_count,"
+      " first_hold_id, last_hold_id) SELECT id, 1, '2001-01-01', 100, 10, 1, 1, 1 FROM fc.accounts"
+      " WHERE uid = %(account)s"],
+     {"cost_rollup_matches_sales"}),
     ("settled-while-suspended",   # risk (0006): a sale on a hold nobody approved
      ["UPDATE fc.holds SET review_state = 1 WHERE id = (SELECT min(id) FROM fc.holds WHERE state = 2)"],
      {"reviews_match_hold_states"}),

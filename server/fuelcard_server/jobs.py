@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from fuelcard_server import errors
 from fuelcard_server.clock import Clock
+from fuelcard_server.cost_rollup import CostRollup
 from fuelcard_server.db import Database
 from fuelcard_server.events import PRUNE_BATCHES_MAX, PRUNE_EVERY_S, Sequencer
 from fuelcard_server.journal_chain import Chainer
@@ -68,6 +69,7 @@ class Jobs:
         self._retention = retention
         self._sequencer = sequencer
         self._chainer = Chainer(db, settings.journal_chain_batch)
+        self._cost_rollup = CostRollup(db)
 
     async def expire_holds_once(self) -> int:
         """One sweep; returns holds released, or -1 if another process is
@@ -181,11 +183,17 @@ class Jobs:
         process is on it."""
         return await self._chainer.run_once()
 
+    async def roll_up_costs_once(self) -> int:
+        """Add the sales the chain has passed to the cost rollup (cost_rollup.py)."""
+        return await self._cost_rollup.run_once()
+
     async def journal_chain_loop(self) -> None:
         """Keep the journal's hash chain within a round of the newest commit:
         every journal_chain_interval_s, at once again after a full batch."""
         while True:
             chained = await self._sweep("journal chaining", self.chain_journal_once)
+            # The rollup follows the chain's head, so it runs right behind it.
+            await self._sweep("cost rollup", self.roll_up_costs_once)
             if chained is None or chained < self.settings.journal_chain_batch:
                 await asyncio.sleep(self.settings.journal_chain_interval_s)
 

@@ -694,6 +694,32 @@ CHECKS: tuple[Check, ...] = (
                          ('fc.journal_chain', 'journal_chain_no_truncate')) g (tab, name)
             LEFT JOIN pg_trigger t ON t.tgrelid = g.tab::regclass AND t.tgname = g.name
            WHERE t.tgenabled IS NULL OR t.tgenabled NOT IN ('O', 'A')"""),
+    # The cost rollup (cost_rollup.py, issue 19) is what the fleet cost report
+    # reads: each row must be the sum of the sales rolled so far (the purchase
+    # entries up to its watermark), recomputed here from the holds.
+    Check("cost_rollup_matches_sales",
+          "each day and month of fc.vehicle_costs sums the confirmed sales of the purchase entries"
+          " up to the rollup's watermark",
+          f"""
+          WITH sales AS (
+              SELECT h.spender_account_id AS vehicle_id, g.grain,
+                     date_trunc(CASE g.grain WHEN 1 THEN 'day' ELSE 'month' END, h.closed_at, 'UTC')
+                         AS bucket,
+                     sum(h.settled_fen) AS spend_fen, sum(h.volume_ml) AS volume_ml,
+                     count(*) AS sale_count, min(h.id) AS first_hold_id, max(h.id) AS last_hold_id
+                FROM fc.journal j JOIN fc.holds h ON h.id = j.hold_id
+               CROSS JOIN (VALUES (1), (2)) g (grain)
+               WHERE j.kind = {LedgerEntryKind.PURCHASE:d} AND h.state = {HoldState.CONFIRMED:d}
+                 AND j.id <= (SELECT rolled_id FROM fc.cost_rollup_state)
+               GROUP BY 1, 2, 3)
+          SELECT coalesce(c.vehicle_id, s.vehicle_id), coalesce(c.grain, s.grain),
+                 coalesce(c.bucket, s.bucket), c.spend_fen, s.spend_fen
+            FROM fc.vehicle_costs c FULL JOIN sales s
+              ON s.vehicle_id = c.vehicle_id AND s.grain = c.grain AND s.bucket = c.bucket
+           WHERE (c.spend_fen, c.volume_ml, c.sale_count, c.first_hold_id, c.last_hold_id)
+                 IS DISTINCT FROM (s.spend_fen, s.volume_ml, s.sale_count, s.first_hold_id,
+                                   s.last_hold_id)
+           LIMIT 10""", since_table="fc.vehicle_costs"),
     Check(JOURNAL_CHAIN,
           "every chained journal entry matches its SM3 chain hash, and none below the chain's"
           " head is missing from it (journal_chain.py)",
