@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import datetime as dt
 import json
+import os
 import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -218,6 +219,41 @@ def test_the_bounded_backtest_is_the_servers_backtest_on_the_slice(server: Runni
     two = run(30, 2)
     assert (two.report.transactions, two.truncated, two.report.suspended) == (2, True, 1)
     assert two.first_replayed is not None and two.first_replayed > now - dt.timedelta(hours=3)
+
+
+def test_the_pages_replay_runs_in_one_worker_process_started_on_demand(server: RunningServer) -> None:
+    card = builders.open_card(server, 2_000_000)
+    for amount in (30_000, 120_000, 40_000):
+        cb.sale(server, card, amount)
+        server.advance(dt.timedelta(hours=1))
+    now = server.clock.now()
+    candidate = rule_sets.validate(SMALL, "toml")
+    jobs = backtest_jobs.BacktestJobs()
+    assert jobs._pool is None  # nothing started before the first backtest
+
+    async def both(reports: Database) -> tuple[rule_backtest.BacktestResult, rule_backtest.BacktestResult]:
+        pool = jobs.pool()
+        in_worker = await rule_backtest.run(reports, candidate, now, rule_backtest.Bounds(), replay_in=pool)
+        in_thread = await rule_backtest.run(reports, candidate, now, rule_backtest.Bounds())
+        return in_worker, in_thread
+
+    try:
+        in_worker, in_thread = on_database(server.database_url, both, read_only=True)
+        pool = jobs.pool()
+        assert pool is jobs._pool and pool._max_workers == 1
+        assert pool.submit(os.getpid).result(timeout=60) != os.getpid()  # another process
+        assert (in_worker.report.transactions, in_worker.report.suspended) == (3, 1)
+        assert in_worker.report == in_thread.report
+    finally:
+        jobs.close()
+    # closed with the edge: the worker is stopped, and a later backtest would start another
+    with pytest.raises(RuntimeError):
+        pool.submit(os.getpid)
+    with pytest.raises(RuntimeError):  # the replay is the pool's: a stopped pool takes none
+        on_database(server.database_url, lambda r: rule_backtest.run(
+            r, candidate, now, rule_backtest.Bounds(), replay_in=pool), read_only=True)
+    assert jobs._pool is None and jobs.pool() is not pool
+    jobs.close()
 
 
 def test_backtest_bounds_are_clamped() -> None:

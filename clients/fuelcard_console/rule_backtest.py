@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections import defaultdict
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -80,8 +81,10 @@ class BacktestResult:
         return self.report.legit_suspended_share < backtest.TARGET_LEGIT_SUSPENDED
 
 
-async def run(reports: Database, rule_set: RuleSet, now: dt.datetime, bounds: Bounds) -> BacktestResult:
-    """Replay the slice of history through `rule_set`."""
+async def run(reports: Database, rule_set: RuleSet, now: dt.datetime, bounds: Bounds,
+              replay_in: Executor | None = None) -> BacktestResult:
+    """Replay the slice of history through `rule_set`, in `replay_in` (the page's: a worker
+    process, see backtest_jobs; None: a thread of the event loop's default executor)."""
     since, until = now - dt.timedelta(days=bounds.days), now
     row = await reports.fetch_one(TZ_SQL, {})
     tz = ZoneInfo(row[0] if row else "Asia/Shanghai")
@@ -98,5 +101,5 @@ async def run(reports: Database, rule_set: RuleSet, now: dt.datetime, bounds: Bo
         rows = rows[1:]  # the oldest one, beyond the bound
     engine = Engine(rule_set, stations, tz, redemptions)
     # the replay is plain Python over up to MAX_HOLDS rows: off the event loop
-    report = await asyncio.to_thread(backtest.replay, rows, engine)
+    report = await asyncio.get_running_loop().run_in_executor(replay_in, backtest.replay, rows, engine)
     return BacktestResult(report, since, until, bounds, truncated, rows[0][9] if rows else None)

@@ -25,7 +25,7 @@ import jinja2.ext
 from aiohttp import web
 from fuelcard_server.errors import ApiError
 
-from fuelcard_console import auth
+from fuelcard_console import auth, backtest_jobs
 from fuelcard_console.auth import ConsoleUser, Role, requires
 from fuelcard_console.context import CONSOLE, Console, CoreRefusal
 
@@ -425,6 +425,7 @@ def install(app: web.Application, console: Console) -> None:
         await console.start()
 
     async def stop(_: web.Application) -> None:
+        backtest_jobs.close_jobs(console)
         await console.stop()
 
     app.on_startup.append(start)

@@ -169,9 +169,10 @@ async def backtest_page(request: web.Request, user: ConsoleUser) -> web.StreamRe
     result, running_since = None, ""
     if ref.rule_set is not None:
         rule_set, now = ref.rule_set, ctx.clock.now()
-        result, job = await jobs_of(ctx.console).result(
+        jobs = jobs_of(ctx.console)
+        result, job = await jobs.result(
             JobKey(rule_set.digest(), bounds), now,
-            lambda: rule_backtest.run(ctx.reports, rule_set, now, bounds))
+            lambda: rule_backtest.run(ctx.reports, rule_set, now, bounds, replay_in=jobs.pool()))
         running_since = beijing(job.started)
     response = render("risk/backtest.html", request, {
         "ref": ref, "bounds": bounds, "result": result, "running_since": running_since,

@@ -56,6 +56,13 @@ $$;
 -- bought (the card's account, `sales_fen`) and by whose balance paid (`sales_charged_fen`);
 -- the balance columns follow the second. Every movement of the family's accounts in the month
 -- lands in exactly one column, so the columns' sums are the journal's.
+--
+-- The balances are not summed over the family's whole history (a fleet of 10 000 vehicles has
+-- over a million entries: a second per visit): a customer account's balance_fen is the sum of
+-- its journal entries (`fuelcard verify` checks it, and both change in one transaction, so one
+-- snapshot sees them agree), so closing = balance_fen - what moved since the month's end, and
+-- opening = closing - what moved in the month. Only entries from the month's start on are read,
+-- found by the BRIN index journal_by_time (migration 0017).
 CREATE OR REPLACE FUNCTION fc.statement_lines(p_account_id bigint, p_month date)
 RETURNS TABLE (account_uid uuid, label text, top_level boolean, opening_fen bigint,
                recharges_fen bigint, transfers_fen bigint, sales_fen bigint,
@@ -63,28 +70,28 @@ RETURNS TABLE (account_uid uuid, label text, top_level boolean, opening_fen bigi
                refunds_fen bigint, other_fen bigint, closing_fen bigint)
 LANGUAGE sql STABLE AS $$
     WITH fam AS (
-        SELECT id, uid, label, parent_id FROM fc.accounts
+        SELECT id, uid, label, parent_id, balance_fen FROM fc.accounts
          WHERE id = p_account_id OR parent_id = p_account_id),
     b AS (SELECT fc.month_start(p_month) AS s,
                  fc.month_start((p_month + interval '1 month')::date) AS e),
     moves AS (
         SELECT j.credit_account_id AS acct, j.amount AS delta, j.kind, j.created_at
           FROM fc.journal j, b
-         WHERE j.asset = 1 AND j.created_at < b.e AND j.credit_account_id IN (SELECT id FROM fam)
+         WHERE j.asset = 1 AND j.created_at >= b.s AND j.credit_account_id IN (SELECT id FROM fam)
         UNION ALL
         SELECT j.debit_account_id, -j.amount, j.kind, j.created_at
           FROM fc.journal j, b
-         WHERE j.asset = 1 AND j.created_at < b.e AND j.debit_account_id IN (SELECT id FROM fam)),
+         WHERE j.asset = 1 AND j.created_at >= b.s AND j.debit_account_id IN (SELECT id FROM fam)),
     money AS (
         SELECT m.acct,
-               coalesce(sum(m.delta) FILTER (WHERE m.created_at < b.s), 0) AS opening,
-               coalesce(sum(m.delta) FILTER (WHERE m.created_at >= b.s AND m.kind = 1), 0) AS recharged,
-               coalesce(sum(m.delta) FILTER (WHERE m.created_at >= b.s AND m.kind = 5), 0) AS transfers,
-               coalesce(-sum(m.delta) FILTER (WHERE m.created_at >= b.s AND m.kind = 2), 0) AS charged,
-               coalesce(-sum(m.delta) FILTER (WHERE m.created_at >= b.s AND m.kind = 8), 0) AS refunded,
-               coalesce(sum(m.delta) FILTER (WHERE m.created_at >= b.s
+               coalesce(sum(m.delta) FILTER (WHERE m.created_at < b.e), 0) AS during,
+               coalesce(sum(m.delta) FILTER (WHERE m.created_at < b.e AND m.kind = 1), 0) AS recharged,
+               coalesce(sum(m.delta) FILTER (WHERE m.created_at < b.e AND m.kind = 5), 0) AS transfers,
+               coalesce(-sum(m.delta) FILTER (WHERE m.created_at < b.e AND m.kind = 2), 0) AS charged,
+               coalesce(-sum(m.delta) FILTER (WHERE m.created_at < b.e AND m.kind = 8), 0) AS refunded,
+               coalesce(sum(m.delta) FILTER (WHERE m.created_at < b.e
                                                AND m.kind NOT IN (1, 2, 5, 8)), 0) AS other,
-               coalesce(sum(m.delta), 0) AS closing
+               coalesce(sum(m.delta) FILTER (WHERE m.created_at >= b.e), 0) AS since
           FROM moves m, b GROUP BY m.acct),
     bought AS (
         SELECT h.spender_account_id AS acct, sum(j.amount) AS fen, sum(h.volume_ml) AS ml,
@@ -94,10 +101,11 @@ LANGUAGE sql STABLE AS $$
            AND h.spender_account_id IN (SELECT id FROM fam)
          GROUP BY h.spender_account_id)
     SELECT f.uid, f.label, f.parent_id IS NULL,
-           coalesce(m.opening, 0)::bigint, coalesce(m.recharged, 0)::bigint,
+           (f.balance_fen - coalesce(m.since, 0) - coalesce(m.during, 0))::bigint,
+           coalesce(m.recharged, 0)::bigint,
            coalesce(m.transfers, 0)::bigint, coalesce(s.fen, 0)::bigint, coalesce(s.ml, 0)::bigint,
            coalesce(s.n, 0)::bigint, coalesce(m.charged, 0)::bigint, coalesce(m.refunded, 0)::bigint,
-           coalesce(m.other, 0)::bigint, coalesce(m.closing, 0)::bigint
+           coalesce(m.other, 0)::bigint, (f.balance_fen - coalesce(m.since, 0))::bigint
       FROM fam f LEFT JOIN money m ON m.acct = f.id LEFT JOIN bought s ON s.acct = f.id
      ORDER BY f.parent_id IS NOT NULL, f.label, f.uid
 $$;
