@@ -24,8 +24,6 @@ INSERT_SQL = """
                                      AND a.kind <> fc.account_kind_system()),
             %(hash)s, %(totp)s, now())
     RETURNING uid::text"""
-ACCOUNT_SQL = ("SELECT kind, parent_id IS NULL FROM fc.accounts"
-               " WHERE uid = %(account)s::uuid AND kind <> fc.account_kind_system()")
 DISABLE_SQL = """
     WITH u AS (UPDATE fc.console_users SET disabled_at = now()
                 WHERE login = %(login)s AND disabled_at IS NULL RETURNING id, uid::text),
@@ -72,7 +70,7 @@ def add(url: str, *, login: str, role: str, account_id: str | None = None, passw
                 uuid.UUID(account_id)
             except ValueError:
                 raise ConsoleUserError("the account must be an account id (UUID)") from None
-            row = conn.execute(ACCOUNT_SQL, {"account": account_id}).fetchone()
+            row = conn.execute(principals.ACCOUNT_SQL, {"account": account_id}).fetchone()
             if row is None:
                 raise ConsoleUserError("no such account")
             kind, top_level = row

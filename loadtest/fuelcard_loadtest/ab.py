@@ -300,15 +300,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = text + "\n" + conditions(order)
             say("")
             say(text)
-            if args.markdown is not None:
-                args.markdown.write_text(text)
-                say(f"table written to {args.markdown}")
-            if args.json is not None:
-                args.json.write_text(json.dumps(
-                    [{k: v for k, v in r.items() if k not in ("timeline", "throughput_timeline")}
-                     for r in order], indent=2) + "\n")
-        if args.work_dir is None and not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            say(f"work directory kept: {work}")
+            write_outputs(args, text, order, say)
+        clean_up(args, work, say)
     return 0 if all(r.get("passed") for r in order) else 1
+
+
+def write_outputs(args: argparse.Namespace, text: str, order: Sequence[dict[str, Any]],
+                  say: Callable[[str], None]) -> None:
+    """--markdown: the table; --json: every run's report without its timelines (ab and targets)."""
+    if args.markdown is not None:
+        args.markdown.write_text(text)
+        say(f"table written to {args.markdown}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(
+            [{k: v for k, v in r.items() if k not in ("timeline", "throughput_timeline")}
+             for r in order], indent=2) + "\n")
+
+
+def clean_up(args: argparse.Namespace, work: Path, say: Callable[[str], None]) -> None:
+    """A temporary work directory goes; a given one (or --keep) stays (ab and targets)."""
+    if args.work_dir is None and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        say(f"work directory kept: {work}")

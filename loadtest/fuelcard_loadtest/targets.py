@@ -17,8 +17,6 @@ open-loop p99 ≤ 10 ms; every run's ledger check passes. Production mode
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -168,14 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     + ab.conditions(runs["uniform"] or order))
             say("")
             say(text)
-            if args.markdown is not None:
-                args.markdown.write_text(text)
-            if args.json is not None:
-                args.json.write_text(json.dumps(
-                    [{k: v for k, v in r.items() if k not in ("timeline", "throughput_timeline")}
-                     for r in order], indent=2) + "\n")
-        if args.work_dir is None and not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            say(f"work directory kept: {work}")
+            ab.write_outputs(args, text, order, say)
+        ab.clean_up(args, work, say)
     return 0 if all(r.get("passed") for r in order) else 1
