@@ -2,8 +2,8 @@
 
 First the parts without a browser: the forms (yuan, litres, scope and a
 typed geo-fence into the core's messages), the batch top-up file and its
-preview, the anomaly flags and the chart, and the report and lookup queries
-against the real PostgreSQL. Then the console itself in a real browser."""
+preview, the chart, the report's fill flags through the core, and the
+lookup query against the real PostgreSQL. Then the console itself in a real browser."""
 
 from __future__ import annotations
 
@@ -235,54 +235,41 @@ def test_pending_batches_are_the_uploaders_and_expire() -> None:
 # --- anomaly flags and the chart -----------------------------------------------------------
 
 
-def _cost(label: str, spend: int, anomaly: bool = False) -> control_pb2.VehicleCost:
+HISTORY = control_pb2.VEHICLE_ANOMALY_ABOVE_HISTORY
+OVER_TANK = control_pb2.VEHICLE_ANOMALY_OVER_TANK
+OUTSIDE_HOURS = control_pb2.VEHICLE_ANOMALY_OUTSIDE_HOURS
+
+
+def _cost(label: str, spend: int, *anomalies: control_pb2.VehicleAnomaly.ValueType
+          ) -> control_pb2.VehicleCost:
     return control_pb2.VehicleCost(account_id=f"id-{label}", label=label, spend_fen=spend,
-                                   volume_ml=spend, sale_count=1 if spend else 0, anomaly=anomaly)
-
-
-def test_each_flag_and_only_it() -> None:
-    costs = [_cost("云A·1", 10_000), _cost("云A·2", 12_000), _cost("云A·3", 29_999),
-             _cost("云A·4", 30_000), _cost("云A·5", 0), _cost("云A·6", 9_000, anomaly=True)]
-    # the median of those that spent: 10_000, 12_000, 29_999, 30_000, 9_000 -> 12_000
-    assert fleet_report.fleet_median([c.spend_fen for c in costs]) == 12_000
-    fills = {"id-云A·1": fleet_report.Fills(80_000, 1, 0), "id-云A·2": fleet_report.Fills(40_000, 0, 2)}
-    lines = {x.label: x.flags for x in fleet_report.flag(costs, fills)}
-    assert lines == {"云A·1": ("OVER_TANK",), "云A·2": ("OUTSIDE_HOURS",), "云A·3": (),
-                     "云A·4": (), "云A·5": (), "云A·6": ("HISTORY",)}
-    # three that spent: 10_000, 12_000 and 36_000 (the median 12_000, three times it reached)
-    lines = {x.label: x.flags for x in fleet_report.flag([*costs[:2], _cost("云A·7", 36_000)], {})}
-    assert lines == {"云A·1": (), "云A·2": (), "云A·7": ("FLEET_MEDIAN",)}
-    lines = {x.label: x.flags for x in fleet_report.flag([*costs[:2], _cost("云A·7", 35_999)], {})}
-    assert lines["云A·7"] == ()
-    assert fleet_report.fleet_median([0, 0]) == 0
-    assert all(not x.flags for x in fleet_report.flag([_cost("云A·1", 0)], {}))
+                                   volume_ml=spend, sale_count=1 if spend else 0,
+                                   anomalies=list(anomalies))
 
 
 def test_the_chart_has_chinese_labels_and_marks_the_flagged() -> None:
-    lines = fleet_report.flag([_cost("云A·12345", 25_000, anomaly=True), _cost("云A·D7788", 20_000),
-                               _cost("云A·<idle>", 0)], {})
-    svg = fleet_report.chart_svg(lines, "车辆加油费用")
+    top = [_cost("云A·12345", 25_000, HISTORY), _cost("云A·D7788", 20_000), _cost("云A·<idle>", 0)]
+    svg = fleet_report.chart_svg(top, "车辆加油费用")
     assert svg.startswith("<svg") and svg.endswith("</svg>")
     assert "Noto Sans CJK SC" in svg and "车辆加油费用" in svg
-    assert svg.index("云A·12345") < svg.index("云A·D7788")  # by spend, biggest first
+    assert svg.index("云A·12345") < svg.index("云A·D7788")  # in the core's order, biggest first
     assert "250.00 元 ⚠" in svg and "200.00 元<" in svg
     assert svg.count('fill="#c62828"') == 1  # the flagged one in red
     assert "idle" not in svg  # no spend, no bar
     assert "本期没有消费" in fleet_report.chart_svg([], "x")
+    many = [_cost(f"云A·{i:05d}", 1_000 - i) for i in range(fleet_report.CHART_ROWS + 5)]
+    assert fleet_report.chart_svg(many, "x").count("<rect") == fleet_report.CHART_ROWS
 
 
-def test_reports_are_reused_for_a_minute_and_bounded() -> None:
-    cache = fleet_report.ReportCache(ttl=dt.timedelta(seconds=60), max_entries=2)
-    t0 = dt.datetime(2026, 12, 6, tzinfo=dt.UTC)
-    lines = fleet_report.flag([_cost("云A·1", 100)], {})
-    cache.put(("fleet-1", 1), lines, t0)
-    assert cache.get(("fleet-1", 1), t0 + dt.timedelta(seconds=60)) is lines
-    assert cache.get(("fleet-1", 1), t0 + dt.timedelta(seconds=61)) is None
-    assert cache.get(("fleet-2", 1), t0) is None  # another fleet's key
-    cache.put(("fleet-1", 2), [], t0 + dt.timedelta(seconds=1))
-    cache.put(("fleet-1", 3), [], t0 + dt.timedelta(seconds=2))  # the oldest goes
-    assert cache.get(("fleet-1", 1), t0 + dt.timedelta(seconds=2)) is None
-    assert cache.get(("fleet-1", 2), t0 + dt.timedelta(seconds=2)) == []
+def test_every_anomaly_has_chinese_words() -> None:
+    kinds = [k for k in control_pb2.VehicleAnomaly.values() if k]
+    assert sorted(fleet_report.FLAG_TEXT_ZH) == sorted(kinds)
+    assert fleet_report.flag_text(_cost("云A·1", 10, OVER_TANK, OUTSIDE_HOURS)) == [
+        "单次加油量超过油箱容量", "在工作时间以外加油"]
+    # a kind a newer core adds is still shown, by its number
+    line = _cost("云A·1", 10)
+    line.anomalies.append(control_pb2.VehicleAnomaly.ValueType(9))
+    assert fleet_report.flag_text(line) == ["异常 9"]
 
 
 def test_months_in_the_business_time_zone() -> None:
@@ -303,8 +290,10 @@ def _key(db: Conn, uid: str) -> int:
     return int(row[0])
 
 
-def test_fills_query_counts_big_fills_and_fills_outside_hours(
-        server: RunningServer, db: Conn) -> None:
+def test_the_report_flags_big_fills_and_fills_outside_hours(server: RunningServer) -> None:
+    """The fill flags on sales made through the core: a fill above the tank
+    stated, a fill outside the working hours (by day and by night shift);
+    a cancelled hold is no fill, and another fleet's fills are not counted."""
     fleet = cb.open_fleet(server, 1_000_000, [SHARED, SHARED], labels=["云A·00001", "云A·00002"])
     a, b = fleet.subs
     other = cb.open_fleet(server, 1_000_000, [SHARED])
@@ -318,15 +307,23 @@ def test_fills_query_counts_big_fills_and_fills_outside_hours(
     builders.cancel(server, cb.approved(server, b, 50_000).hold_id)  # cancelled: not a fill
     cb.advance_to_local(server, day0 + dt.timedelta(hours=22))  # 22:00: outside 06:00-22:00
     cb.sale(server, b, 5_000, volume_ml=6_000)
-    start, end = day0, day0 + dt.timedelta(days=1)
-    params = {"parent": _key(db, fleet.parent_id), "start": start, "end": end, "tank_ml": 200_000,
-              "work_start": 360, "work_end": 1320}
-    rows = {r[0]: r[1:] for r in db.execute(fleet_report.FILLS_SQL, params).fetchall()}
-    assert rows == {a.account_id: (210_000, 1, 1), b.account_id: (6_000, 0, 1)}
-    # a night shift (22:00-06:00): the noon fills are the ones outside it
-    night = {r[0]: r[3] for r in db.execute(fleet_report.FILLS_SQL, {
-        **params, "work_start": 1320, "work_end": 360}).fetchall()}
-    assert night == {a.account_id: 1, b.account_id: 1}
+
+    def report(**shape: Any) -> dict[str, tuple[int, list[int]]]:
+        start, end = cb.ts(day0), cb.ts(day0 + dt.timedelta(days=1))
+        got = cb.control(server).GetFleetCostReport(control_pb2.GetFleetCostReportRequest(
+            parent_account_id=fleet.parent_id, start_time=start, end_time=end, **shape))
+        return {x.account_id: (x.max_fill_volume_ml, list(x.anomalies)) for x in got.vehicles}
+
+    # the defaults: a 200-litre tank, 06:00-22:00
+    assert report() == {a.account_id: (210_000, [OVER_TANK, OUTSIDE_HOURS]),
+                        b.account_id: (6_000, [OUTSIDE_HOURS])}
+    # a night shift (22:00-06:00) and a 300-litre tank: the noon fills are the ones outside
+    assert report(tank_capacity_ml=300_000, working_hours_start_minute=1320,
+                  working_hours_end_minute=360) == {a.account_id: (210_000, [OUTSIDE_HOURS]),
+                                                    b.account_id: (6_000, [OUTSIDE_HOURS])}
+    # 05:59-22:01: every fill inside
+    assert report(working_hours_start_minute=359, working_hours_end_minute=1321) == {
+        a.account_id: (210_000, [OVER_TANK]), b.account_id: (6_000, [])}
 
 
 def test_vehicle_lookup_finds_the_fleets_own_by_plate_or_id(

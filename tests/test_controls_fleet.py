@@ -296,3 +296,64 @@ def test_fleet_cost_report_per_vehicle_with_anomaly_flag(server: RunningServer) 
     expect(lambda: _report(server, fleet.parent_id, t0 + day, t0), IA, field="end_time")
     expect(lambda: _report(server, cb.new_uuid(), t0, t0 + day), grpc.StatusCode.NOT_FOUND)
     cb.assert_verified(server)
+
+
+def test_fleet_cost_report_pages_with_the_fleets_summary(server: RunningServer) -> None:
+    """Pages of a report over gRPC: each vehicle once, in label or spend
+    order, the anomalous ones alone, the summary and top spenders of the
+    whole fleet on every page; bad shapes refused, naming the field."""
+    t0 = server.clock.now()
+    labels = [f"云A·{i:05d}" for i in range(7)]
+    fleet = cb.open_fleet(server, 2_000_000, [cb.SHARED] * 7, labels=labels)
+    cb.advance_to_local(server, t0 + dt.timedelta(hours=1))
+    spends = [3_000, 1_000, 0, 2_000, 30_000, 1_000, 4_000]  # the median of six: 2_500
+    for sub, spend in zip(fleet.subs, spends, strict=True):
+        if spend:
+            cb.sale(server, sub, spend, volume_ml=spend)
+    start, end = cb.ts(t0), cb.ts(t0 + dt.timedelta(days=1))
+
+    def pages(**shape: object) -> tuple[list[str], control_pb2.GetFleetCostReportResponse]:
+        seen: list[str] = []
+        token = ""
+        while True:
+            got = cb.control(server).GetFleetCostReport(control_pb2.GetFleetCostReportRequest(
+                parent_account_id=fleet.parent_id, start_time=start, end_time=end, page_size=3,
+                page_token=token, top_spenders_count=2, **shape))  # type: ignore[arg-type]
+            assert len(got.vehicles) <= 3
+            assert [x.label for x in got.top_spenders] == ["云A·00004", "云A·00006"]
+            s = got.summary
+            assert (s.vehicle_count, s.anomalous_vehicle_count, s.spend_fen, s.sale_count,
+                    s.median_spend_fen) == (7, 1, 41_000, 6, 2_500)
+            seen += [x.label for x in got.vehicles]
+            if not got.next_page_token:
+                return seen, got
+            token = got.next_page_token
+
+    by_label, _ = pages()
+    assert by_label == labels
+    by_spend, _ = pages(order=control_pb2.FLEET_COST_ORDER_SPEND_DESCENDING)
+    assert by_spend == ["云A·00004", "云A·00006", "云A·00000", "云A·00003", "云A·00001", "云A·00005",
+                        "云A·00002"]
+    flagged, last = pages(anomalies_only=True)
+    assert flagged == ["云A·00004"]  # 30_000 >= 3 x 2_500
+    assert list(last.vehicles[0].anomalies) == [control_pb2.VEHICLE_ANOMALY_ABOVE_FLEET_MEDIAN]
+    whole = cb.control(server).GetFleetCostReport(control_pb2.GetFleetCostReportRequest(
+        parent_account_id=fleet.parent_id, start_time=start, end_time=end))
+    assert len(whole.vehicles) == 7 and not whole.next_page_token and not whole.top_spenders
+
+    def refused(field: str, reason: str, **shape: object) -> None:
+        request = control_pb2.GetFleetCostReportRequest(
+            parent_account_id=fleet.parent_id, start_time=start, end_time=end,
+            **shape)  # type: ignore[arg-type]
+        expect(lambda: cb.control(server).GetFleetCostReport(request), IA, reason, field)
+
+    refused("page_size", "PAGE_SIZE_INVALID", page_size=501)
+    refused("page_size", "PAGE_SIZE_INVALID", page_size=-1)
+    refused("page_token", "PAGE_TOKEN_INVALID", page_token="next")
+    refused("top_spenders_count", "VALUE_TOO_LARGE", top_spenders_count=101)
+    refused("tank_capacity_ml", "VALUE_NEGATIVE", tank_capacity_ml=-1)
+    refused("working_hours_end_minute", "WORKING_HOURS_INVALID", working_hours_start_minute=360,
+            working_hours_end_minute=360)
+    refused("working_hours_start_minute", "WORKING_HOURS_INVALID", working_hours_start_minute=1440,
+            working_hours_end_minute=60)
+    refused("order", "ENUM_VALUE_INVALID", order=7)

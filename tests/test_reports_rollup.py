@@ -10,7 +10,9 @@ import datetime as dt
 import hashlib
 import itertools
 import random
+import statistics
 import uuid
+import zoneinfo
 from typing import LiteralString
 
 import psycopg
@@ -54,20 +56,100 @@ HOLDS_FLEET_COST_SQL: LiteralString = """
 
 
 
-def reference(conn: Conn, parent_uid: str, start: dt.datetime, end: dt.datetime
-              ) -> list[reports.VehicleCost]:
+# The fills of the period per vehicle, for the fill flags: also straight from fc.holds.
+HOLDS_FILLS_SQL: LiteralString = """
+    SELECT v.uid::text, h.volume_ml, h.closed_at
+      FROM fc.holds h JOIN fc.accounts v ON v.id = h.spender_account_id
+     WHERE v.parent_id = %(parent)s AND h.state = fc.hold_state_confirmed()
+       AND h.closed_at >= %(start)s AND h.closed_at < %(end)s"""
+SHANGHAI = zoneinfo.ZoneInfo("Asia/Shanghai")
+
+
+def within(minute: int, start: int, end: int) -> bool:
+    return start <= minute < end if start < end else minute >= start or minute < end
+
+
+def reference(conn: Conn, parent_uid: str, start: dt.datetime, end: dt.datetime,
+              rules: reports.AnomalyRules) -> list[reports.VehicleCost]:
+    """Every line of the report, by label, with its anomalies, computed here
+    in Python from what fc.holds holds."""
     parent = conn.execute("SELECT id FROM fc.accounts WHERE uid = %s::uuid", (parent_uid,)).fetchone()
     assert parent is not None
     rows = conn.execute(HOLDS_FLEET_COST_SQL, {
         "parent": parent[0], "start": start, "end": end, "span_s": (end - start).total_seconds(),
         "baseline": reports.BASELINE_PERIODS}).fetchall()
+    biggest: dict[str, int] = {}
+    late: set[str] = set()
+    for uid, volume, closed in conn.execute(HOLDS_FILLS_SQL, {"parent": parent[0], "start": start,
+                                                            "end": end}).fetchall():
+        assert isinstance(uid, str) and isinstance(volume, int) and isinstance(closed, dt.datetime)
+        biggest[uid] = max(biggest.get(uid, 0), volume)
+        local = closed.astimezone(SHANGHAI)
+        if not within(local.hour * 60 + local.minute, rules.work_start_minute, rules.work_end_minute):
+            late.add(uid)
+    spends = [int(str(r[2])) for r in rows if int(str(r[2])) > 0]
+    median = int(statistics.median(spends)) if spends else 0
     out = []
     for uid, label, spend, volume, count, history, periods in rows:
         assert isinstance(history, int) and isinstance(periods, int) and isinstance(spend, int)
-        out.append(reports.VehicleCost(str(uid), str(label), spend, int(str(volume)), int(str(count)),
-                                       history // periods if periods else 0,
-                                       reports.is_anomaly(spend, history, periods)))
+        uid = str(uid)
+        kinds = []
+        if periods >= reports.MIN_BASELINE_PERIODS and spend * periods > reports.ANOMALY_FACTOR * history:
+            kinds.append(reports.VehicleAnomaly.ABOVE_HISTORY)
+        if median and spend >= reports.FLEET_MEDIAN_FACTOR * median:
+            kinds.append(reports.VehicleAnomaly.ABOVE_FLEET_MEDIAN)
+        if biggest.get(uid, 0) > rules.tank_ml:
+            kinds.append(reports.VehicleAnomaly.OVER_TANK)
+        if uid in late:
+            kinds.append(reports.VehicleAnomaly.OUTSIDE_HOURS)
+        out.append(reports.VehicleCost(uid, str(label), spend, int(str(volume)), int(str(count)),
+                                       history // periods if periods else 0, biggest.get(uid, 0),
+                                       tuple(kinds)))
     return out
+
+
+def random_rules(rng: random.Random) -> reports.AnomalyRules:
+    """A tank some fills exceed, and working hours by day, by night (over
+    midnight) or to the minute."""
+    start, end = rng.choice([(360, 1320), (1320, 360), (rng.randrange(1440), rng.randrange(1, 1441))])
+    if start == end:
+        start, end = 360, 1320
+    return reports.AnomalyRules(tank_ml=rng.choice([20_000, 50_000, 74_000, 200_000]),
+                                work_start_minute=start, work_end_minute=end)
+
+
+def summary_of(lines: list[reports.VehicleCost]) -> reports.FleetCostSummary:
+    spends = [x.spend_fen for x in lines if x.spend_fen > 0]
+    return reports.FleetCostSummary(
+        vehicle_count=len(lines), anomalous_vehicle_count=sum(1 for x in lines if x.anomalies),
+        spend_fen=sum(x.spend_fen for x in lines), volume_ml=sum(x.volume_ml for x in lines),
+        sale_count=sum(x.sale_count for x in lines),
+        median_spend_fen=int(statistics.median(spends)) if spends else 0)
+
+
+async def check_pages(database: Database, parent: str, start: dt.datetime, end: dt.datetime,
+                      rules: reports.AnomalyRules, want: list[reports.VehicleCost], max_lag: int) -> None:
+    """Every page shape walks the lines it selects once each, in its order,
+    with the whole fleet's summary and top spenders on every page."""
+    summary = summary_of(want)
+    top = sorted((x for x in want if x.spend_fen > 0), key=lambda x: (-x.spend_fen, x.label, x.account_id))
+    for anomalies_only, by_spend, size in itertools.product((False, True), (False, True), (1, 4)):
+        selected = [x for x in want if x.anomalies or not anomalies_only]
+        if by_spend:
+            selected.sort(key=lambda x: (-x.spend_fen, x.label, x.account_id))
+        walked: list[reports.VehicleCost] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = reports.ReportPage(offset=offset, limit=size, anomalies_only=anomalies_only,
+                                      by_spend=by_spend, top_spenders=3)
+            got = await reports.fleet_costs(database, uuid.UUID(parent), start, end, rules, page,
+                                            max_lag=max_lag)
+            assert got.summary == summary and got.top_spenders == top[:3]
+            assert len(got.vehicles) <= size
+            walked += got.vehicles
+            offset = got.next_offset
+            assert len(walked) < 100  # bounded: six vehicles
+        assert walked == selected, (anomalies_only, by_spend, size)
 
 
 def seed(conn: Conn, rng: random.Random, vehicles: int, sales: int) -> str:
@@ -95,7 +177,8 @@ def seed(conn: Conn, rng: random.Random, vehicles: int, sales: int) -> str:
         ids.append((row[0], card_row[0]))
     holds = []
     for _ in range(sales):
-        vehicle, card = rng.choice(ids)
+        # the first vehicle drives most: far above the fleet's median
+        vehicle, card = rng.choices(ids, weights=[8] + [1] * (len(ids) - 1))[0]
         closed = NOW - dt.timedelta(seconds=rng.randrange(150 * 86400), microseconds=rng.randrange(10**6))
         state = 2 if rng.random() < 0.9 else 3
         holds.append((vehicle, card, state, closed))
@@ -156,22 +239,26 @@ def test_fleet_costs_match_the_holds_at_any_rollup_lag(database_url: str, db: Co
     assert last is not None and isinstance(last[0], int)
     top = last[0]
     periods = ranges(rng)
+    rules_of = [random_rules(rng) for _ in periods]
 
     async def scenario() -> None:
         database = Database(database_url, min_size=1, max_size=1, timeout_s=30)
         await database.open()
         try:
             async def check(stage: str) -> None:
-                for start, end in periods:
-                    want = reference(db, parent, start, end)
-                    # through the rollup and the entries past it, however many
-                    got = await reports.fleet_costs(database, uuid.UUID(parent), start, end,
-                                                    max_lag=top)
-                    assert got == want, (stage, start, end)
-                    # from the holds alone while the rollup lags behind more than max_lag
-                    got = await reports.fleet_costs(database, uuid.UUID(parent), start, end,
-                                                    max_lag=0)
-                    assert got == want, (stage, start, end)
+                seen: set[reports.VehicleAnomaly] = set()
+                for (start, end), rules in zip(periods, rules_of, strict=True):
+                    want = reference(db, parent, start, end, rules)
+                    seen.update(a for x in want for a in x.anomalies)
+                    for lag in (top, 0):
+                        # through the rollup and the entries past it, however many (max_lag=top);
+                        # from the holds alone while the rollup lags behind more (max_lag=0)
+                        got = await reports.fleet_costs(database, uuid.UUID(parent), start, end,
+                                                        rules, max_lag=lag)
+                        assert got.vehicles == want, (stage, start, end, lag)
+                        assert got.summary == summary_of(want) and got.next_offset is None
+                    await check_pages(database, parent, start, end, rules, want, top)
+                assert seen == set(reports.VehicleAnomaly)  # every flag was put to the test
 
             await check("nothing rolled")
             rollup = CostRollup(database, batch=97)
@@ -191,10 +278,20 @@ def test_fleet_costs_match_the_holds_at_any_rollup_lag(database_url: str, db: Co
             # verify recomputes the rollup (its other checks fail on these rows written
             # straight into the tables: no balances moved).
             assert "cost_rollup_matches_sales" not in {v.check for v in verify.run(database_url)}
-            db.execute("UPDATE fc.vehicle_costs SET volume_ml = volume_ml + 1"
-                       " WHERE (vehicle_id, grain, bucket) IN"
-                       " (SELECT vehicle_id, grain, bucket FROM fc.vehicle_costs LIMIT 1)")
-            assert "cost_rollup_matches_sales" in {v.check for v in verify.run(database_url)}
+            row = db.execute("SELECT vehicle_id, grain, bucket, volume_ml, max_fill_ml, fill_minutes"
+                             " FROM fc.vehicle_costs WHERE NOT 1439 = ANY (fill_minutes) LIMIT 1").fetchone()
+            assert row is not None
+            key = {"v": row[0], "g": row[1], "b": row[2]}
+            for tamper in ("volume_ml = volume_ml + 1", "max_fill_ml = max_fill_ml + 1",
+                           "fill_minutes = fill_minutes || 1439::smallint"):
+                db.execute(f"UPDATE fc.vehicle_costs SET {tamper}"
+                           " WHERE (vehicle_id, grain, bucket) = (%(v)s, %(g)s, %(b)s)", key)
+                assert "cost_rollup_matches_sales" in {v.check for v in verify.run(database_url)}, tamper
+                db.execute("UPDATE fc.vehicle_costs SET volume_ml = %(vol)s, max_fill_ml = %(fill)s,"
+                           " fill_minutes = %(minutes)s"
+                           " WHERE (vehicle_id, grain, bucket) = (%(v)s, %(g)s, %(b)s)",
+                           {**key, "vol": row[3], "fill": row[4], "minutes": row[5]})
+                assert "cost_rollup_matches_sales" not in {v.check for v in verify.run(database_url)}
         finally:
             await database.close()
 

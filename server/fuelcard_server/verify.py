@@ -699,16 +699,22 @@ CHECKS: tuple[Check, ...] = (
     # entries up to its watermark), recomputed here from the holds.
     Check("cost_rollup_matches_sales",
           "each day and month of fc.vehicle_costs sums the confirmed sales of the purchase entries"
-          " up to the rollup's watermark",
+          " up to the rollup's watermark, with their largest fill and their minutes of the day",
           f"""
           WITH sales AS (
               SELECT h.spender_account_id AS vehicle_id, g.grain,
                      date_trunc(CASE g.grain WHEN 1 THEN 'day' ELSE 'month' END, h.closed_at, 'UTC')
                          AS bucket,
                      sum(h.settled_fen) AS spend_fen, sum(h.volume_ml) AS volume_ml,
-                     count(*) AS sale_count, min(h.id) AS first_hold_id, max(h.id) AS last_hold_id
+                     count(*) AS sale_count, min(h.id) AS first_hold_id, max(h.id) AS last_hold_id,
+                     max(h.volume_ml) AS max_fill_ml,
+                     array_agg(DISTINCT m.minute ORDER BY m.minute) AS fill_minutes
                 FROM fc.journal j JOIN fc.holds h ON h.id = j.hold_id
                CROSS JOIN (VALUES (1), (2)) g (grain)
+               CROSS JOIN LATERAL (
+                   SELECT (extract(hour FROM h.closed_at AT TIME ZONE tz.value) * 60
+                           + extract(minute FROM h.closed_at AT TIME ZONE tz.value))::smallint AS minute
+                     FROM fc.config tz WHERE tz.key = 'business_time_zone') m
                WHERE j.kind = {LedgerEntryKind.PURCHASE:d} AND h.state = {HoldState.CONFIRMED:d}
                  AND j.id <= (SELECT rolled_id FROM fc.cost_rollup_state)
                GROUP BY 1, 2, 3)
@@ -716,9 +722,10 @@ CHECKS: tuple[Check, ...] = (
                  coalesce(c.bucket, s.bucket), c.spend_fen, s.spend_fen
             FROM fc.vehicle_costs c FULL JOIN sales s
               ON s.vehicle_id = c.vehicle_id AND s.grain = c.grain AND s.bucket = c.bucket
-           WHERE (c.spend_fen, c.volume_ml, c.sale_count, c.first_hold_id, c.last_hold_id)
+           WHERE (c.spend_fen, c.volume_ml, c.sale_count, c.first_hold_id, c.last_hold_id,
+                  c.max_fill_ml, c.fill_minutes)
                  IS DISTINCT FROM (s.spend_fen, s.volume_ml, s.sale_count, s.first_hold_id,
-                                   s.last_hold_id)
+                                   s.last_hold_id, s.max_fill_ml, s.fill_minutes)
            LIMIT 10""", since_table="fc.vehicle_costs"),
     Check(JOURNAL_CHAIN,
           "every chained journal entry matches its SM3 chain hash, and none below the chain's"

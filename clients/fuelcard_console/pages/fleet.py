@@ -549,41 +549,36 @@ async def report(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
                        status=400)
     start = dt.datetime.combine(start_day, dt.time(), fleet_report.BUSINESS_TZ)
     end = dt.datetime.combine(end_day + dt.timedelta(days=1), dt.time(), fleet_report.BUSINESS_TZ)
-    key = (_fleet(user), start, end, settings)
-    lines = fleet_report.REPORTS.get(key, ctx.clock.now())
-    if lines is None:
-        # The core reads the report from its replica; the fills come from the reports database.
-        costs, fill_rows = await asyncio.gather(
-            ctx.call(ctx.core.control.GetFleetCostReport, control_pb2.GetFleetCostReportRequest(
-                parent_account_id=_fleet(user), start_time=_ts(start), end_time=_ts(end)), user),
-            ctx.reports.fetch_all(fleet_report.FILLS_SQL, {
-                "parent": user.account_key, "start": start, "end": end, "tank_ml": settings.tank_ml,
-                "work_start": settings.work_start, "work_end": settings.work_end}))
-        fills = {r[0]: fleet_report.Fills(int(r[1]), int(r[2]), int(r[3])) for r in fill_rows}
-        lines = fleet_report.flag(list(costs.vehicles), fills)
-        fleet_report.REPORTS.put(key, lines, ctx.clock.now())
     flagged_only = query.get("flagged") == "1"
-    shown = [x for x in lines if x.flags] if flagged_only else lines
+    token = query.get("page_token", "")
+    # One page, the fleet's sums and the chart's bars in one call: the core reads its replica.
     try:
-        offset = max(0, int(query.get("offset", "0")))
-    except ValueError:
-        offset = 0
-    page = shown[offset:offset + REPORT_PAGE_SIZE]
+        got = await ctx.call(ctx.core.control.GetFleetCostReport, control_pb2.GetFleetCostReportRequest(
+            parent_account_id=_fleet(user), start_time=_ts(start), end_time=_ts(end),
+            page_size=REPORT_PAGE_SIZE, page_token=token, anomalies_only=flagged_only,
+            top_spenders_count=fleet_report.CHART_ROWS, tank_capacity_ml=settings.tank_ml,
+            working_hours_start_minute=settings.work_start,
+            working_hours_end_minute=settings.work_end), user)
+    except CoreRefusal as refusal:
+        if refusal.reason != "PAGE_TOKEN_INVALID":
+            raise
+        base = {k: v for k, v in query.items() if k != "page_token"}
+        return _see_other(f"{MAIN_PAGE}report?{urllib.parse.urlencode(base)}")
+    summary = got.summary
     work = fleet_forms.describe_hours([settings.work_start, settings.work_end])
     tank_l = f"{settings.tank_ml / 1000:g}"
     title = (f"车辆加油费用 {start_day.isoformat()} 至 {end_day.isoformat()}"
              f"（前 {fleet_report.CHART_ROWS} 名）")
-    base = {k: v for k, v in query.items() if k != "offset"}
+    base = {k: v for k, v in query.items() if k != "page_token"}
     return _render("report.html", request, {
         "error": None, "query": query, "form": {
             "start": start_day.isoformat(), "end": end_day.isoformat(), "work": work, "tank_l": tank_l},
-        "work": work, "tank_l": tank_l, "lines": page, "count": len(shown),
-        "flagged_count": sum(1 for x in lines if x.flags),
-        "total_spend": sum(x.spend_fen for x in lines), "total_volume": sum(x.volume_ml for x in lines),
-        "median": fleet_report.fleet_median([x.spend_fen for x in lines]),
-        "chart": fleet_report.chart_svg(lines, title), "flag_text": fleet_report.FLAG_TEXT_ZH,
-        "next_offset": offset + REPORT_PAGE_SIZE if offset + REPORT_PAGE_SIZE < len(shown) else None,
-        "prev_offset": max(0, offset - REPORT_PAGE_SIZE) if offset else None,
+        "work": work, "tank_l": tank_l, "lines": list(got.vehicles),
+        "count": summary.anomalous_vehicle_count if flagged_only else summary.vehicle_count,
+        "flagged_count": summary.anomalous_vehicle_count, "total_spend": summary.spend_fen,
+        "total_volume": summary.volume_ml, "median": summary.median_spend_fen,
+        "chart": fleet_report.chart_svg(got.top_spenders, title), "flag_text": fleet_report.flag_text,
+        "next_page_token": got.next_page_token, "first_page": not token,
         "base_query": urllib.parse.urlencode(base)})
 
 

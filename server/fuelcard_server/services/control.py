@@ -344,14 +344,19 @@ class ControlService(Servicer, control_pb2_grpc.ControlServiceServicer):
         if start and end and not (start < end and end - start <= MAX_REPORT_SPAN):
             v.add("end_time", "must be after start_time, at most 366 days later",
                   "PERIOD_INVALID")
+        rules, page = _report_shape(v, request)
         v.raise_if_any()
         assert parent and start and end
-        rows = await reports.fleet_costs(self.d.reads, parent, start, end)
-        return control_pb2.GetFleetCostReportResponse(vehicles=[
-            control_pb2.VehicleCost(account_id=r.account_id, label=r.label, spend_fen=r.spend_fen,
-                                    volume_ml=r.volume_ml, sale_count=r.sale_count,
-                                    baseline_spend_fen=r.baseline_spend_fen, anomaly=r.anomaly)
-            for r in rows])
+        report = await reports.fleet_costs(self.d.reads, parent, start, end, rules, page)
+        s = report.summary
+        return control_pb2.GetFleetCostReportResponse(
+            vehicles=[_vehicle_cost(x) for x in report.vehicles],
+            next_page_token="" if report.next_offset is None else str(report.next_offset),
+            summary=control_pb2.FleetCostSummary(
+                vehicle_count=s.vehicle_count, anomalous_vehicle_count=s.anomalous_vehicle_count,
+                spend_fen=s.spend_fen, volume_ml=s.volume_ml, sale_count=s.sale_count,
+                median_spend_fen=s.median_spend_fen),
+            top_spenders=[_vehicle_cost(x) for x in report.top_spenders])
 
     @rpc(Role.ADMIN, Role.REVIEWER)
     async def ListControlChanges(self, request: control_pb2.ListControlChangesRequest,
@@ -437,3 +442,46 @@ def _price(d: dict[str, Any]) -> control_pb2.Price:
                               unit_price_fen=d["unit_price_fen"], set_by=d["set_by"])
     price.effective_time.FromMicroseconds(d["effective_us"])
     return price
+
+
+# The most top spenders a cost report returns (a chart's bars, not a list: lists page).
+TOP_SPENDERS_MAX = 100
+# The largest tank a report may state: 100 000 litres, past any road tanker.
+TANK_CAPACITY_MAX_ML = 100_000_000
+MINUTES_A_DAY = 24 * 60
+
+
+def _report_shape(v: Violations, request: control_pb2.GetFleetCostReportRequest
+                  ) -> tuple[reports.AnomalyRules, reports.ReportPage]:
+    """The anomaly rules and the page a cost report request asks for."""
+    v.non_negative("tank_capacity_ml", request.tank_capacity_ml, TANK_CAPACITY_MAX_ML)
+    v.non_negative("top_spenders_count", request.top_spenders_count, TOP_SPENDERS_MAX)
+    ws, we = request.working_hours_start_minute, request.working_hours_end_minute
+    if ws or we:
+        if not 0 <= ws < MINUTES_A_DAY:
+            v.add("working_hours_start_minute", "must be 0-1439", "WORKING_HOURS_INVALID")
+        if not 0 < we <= MINUTES_A_DAY or we == ws:
+            v.add("working_hours_end_minute", "must be 1-1440 and differ from the start",
+                  "WORKING_HOURS_INVALID")
+    else:
+        ws, we = reports.DEFAULT_WORK_START_MINUTE, reports.DEFAULT_WORK_END_MINUTE
+    if request.order not in control_pb2.FleetCostOrder.values():
+        v.add("order", "must be one of the defined values", "ENUM_VALUE_INVALID")
+    # 0: every line (the report before paging); else a page of the usual sizes
+    limit = v.page_size("page_size", request.page_size) if request.page_size else None
+    offset = v.page_token("page_token", request.page_token) or 0
+    rules = reports.AnomalyRules(tank_ml=request.tank_capacity_ml or reports.DEFAULT_TANK_ML,
+                                 work_start_minute=ws, work_end_minute=we)
+    page = reports.ReportPage(
+        offset=offset, limit=limit, anomalies_only=request.anomalies_only,
+        by_spend=request.order == control_pb2.FLEET_COST_ORDER_SPEND_DESCENDING,
+        top_spenders=request.top_spenders_count)
+    return rules, page
+
+
+def _vehicle_cost(x: reports.VehicleCost) -> control_pb2.VehicleCost:
+    return control_pb2.VehicleCost(
+        account_id=x.account_id, label=x.label, spend_fen=x.spend_fen, volume_ml=x.volume_ml,
+        sale_count=x.sale_count, baseline_spend_fen=x.baseline_spend_fen, anomaly=x.anomaly,
+        max_fill_volume_ml=x.max_fill_ml,
+        anomalies=[control_pb2.VehicleAnomaly.ValueType(int(a)) for a in x.anomalies])

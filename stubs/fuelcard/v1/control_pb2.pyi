@@ -12,6 +12,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,78 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _FleetCostOrder:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FleetCostOrderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FleetCostOrder.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FLEET_COST_ORDER_UNSPECIFIED: _FleetCostOrder.ValueType  # 0
+    """Not given: by label."""
+    FLEET_COST_ORDER_LABEL: _FleetCostOrder.ValueType  # 1
+    """By label (the plate), then account_id."""
+    FLEET_COST_ORDER_SPEND_DESCENDING: _FleetCostOrder.ValueType  # 2
+    """Biggest spend first; equal spends by label, then account_id."""
+
+class FleetCostOrder(_FleetCostOrder, metaclass=_FleetCostOrderEnumTypeWrapper):
+    """The order of the lines of a cost report."""
+
+FLEET_COST_ORDER_UNSPECIFIED: FleetCostOrder.ValueType  # 0
+"""Not given: by label."""
+FLEET_COST_ORDER_LABEL: FleetCostOrder.ValueType  # 1
+"""By label (the plate), then account_id."""
+FLEET_COST_ORDER_SPEND_DESCENDING: FleetCostOrder.ValueType  # 2
+"""Biggest spend first; equal spends by label, then account_id."""
+Global___FleetCostOrder: _TypeAlias = FleetCostOrder  # noqa: Y015
+
+class _VehicleAnomaly:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VehicleAnomalyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VehicleAnomaly.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VEHICLE_ANOMALY_UNSPECIFIED: _VehicleAnomaly.ValueType  # 0
+    """Not used."""
+    VEHICLE_ANOMALY_ABOVE_HISTORY: _VehicleAnomaly.ValueType  # 1
+    """Spend at least twice the vehicle's own mean over at least three of the
+    same-length periods before this one (VehicleCost.anomaly).
+    """
+    VEHICLE_ANOMALY_ABOVE_FLEET_MEDIAN: _VehicleAnomaly.ValueType  # 2
+    """Spend at least three times the median spend of the fleet's vehicles
+    that spent anything in the period (FleetCostSummary.median_spend_fen).
+    """
+    VEHICLE_ANOMALY_OVER_TANK: _VehicleAnomaly.ValueType  # 3
+    """A single fill of more than the tank capacity of the request: fuel that
+    cannot all have gone into this vehicle.
+    """
+    VEHICLE_ANOMALY_OUTSIDE_HOURS: _VehicleAnomaly.ValueType  # 4
+    """A fill outside the working hours of the request, when the vehicle
+    should be parked.
+    """
+
+class VehicleAnomaly(_VehicleAnomaly, metaclass=_VehicleAnomalyEnumTypeWrapper):
+    """Why a vehicle's line in a cost report deserves a look (异常开支预警)."""
+
+VEHICLE_ANOMALY_UNSPECIFIED: VehicleAnomaly.ValueType  # 0
+"""Not used."""
+VEHICLE_ANOMALY_ABOVE_HISTORY: VehicleAnomaly.ValueType  # 1
+"""Spend at least twice the vehicle's own mean over at least three of the
+same-length periods before this one (VehicleCost.anomaly).
+"""
+VEHICLE_ANOMALY_ABOVE_FLEET_MEDIAN: VehicleAnomaly.ValueType  # 2
+"""Spend at least three times the median spend of the fleet's vehicles
+that spent anything in the period (FleetCostSummary.median_spend_fen).
+"""
+VEHICLE_ANOMALY_OVER_TANK: VehicleAnomaly.ValueType  # 3
+"""A single fill of more than the tank capacity of the request: fuel that
+cannot all have gone into this vehicle.
+"""
+VEHICLE_ANOMALY_OUTSIDE_HOURS: VehicleAnomaly.ValueType  # 4
+"""A fill outside the working hours of the request, when the vehicle
+should be parked.
+"""
+Global___VehicleAnomaly: _TypeAlias = VehicleAnomaly  # noqa: Y015
 
 @_typing.final
 class Price(_message.Message):
@@ -1048,8 +1121,49 @@ class GetFleetCostReportRequest(_message.Message):
     PARENT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ANOMALIES_ONLY_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    TOP_SPENDERS_COUNT_FIELD_NUMBER: _builtins.int
+    TANK_CAPACITY_ML_FIELD_NUMBER: _builtins.int
+    WORKING_HOURS_START_MINUTE_FIELD_NUMBER: _builtins.int
+    WORKING_HOURS_END_MINUTE_FIELD_NUMBER: _builtins.int
     parent_account_id: _builtins.str
     """The fleet's parent account."""
+    page_size: _builtins.int
+    """The most vehicles to return in `vehicles` (1-500). 0 returns every
+    vehicle of the fleet in one response, as before paging existed; a fleet
+    of thousands of vehicles should page.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous response with the same request
+    fields, to read the next page; empty for the first page.
+    """
+    anomalies_only: _builtins.bool
+    """True: only the vehicles with at least one anomaly (VehicleCost.anomalies
+    not empty). The summary still covers the whole fleet.
+    """
+    order: Global___FleetCostOrder.ValueType
+    """The order of `vehicles`; unset is FLEET_COST_ORDER_LABEL."""
+    top_spenders_count: _builtins.int
+    """How many of the fleet's biggest spenders to return in top_spenders
+    (0-100), e.g. for a chart; 0 for none.
+    """
+    tank_capacity_ml: _builtins.int
+    """The tank capacity a single fill is held to, in millilitres: a fill of
+    more is VEHICLE_ANOMALY_OVER_TANK. 0 means 200 000 (200 litres).
+    """
+    working_hours_start_minute: _builtins.int
+    """The fleet's working hours in the business time zone (Asia/Shanghai),
+    as minutes after midnight: a fill at a minute m is inside them when
+    start <= m < end, or, when start > end (a night shift), when m >= start
+    or m < end. A fill outside is VEHICLE_ANOMALY_OUTSIDE_HOURS. Both 0
+    means 06:00-22:00 (360 and 1320). start 0-1439, end 1-1440,
+    start != end.
+    """
+    working_hours_end_minute: _builtins.int
+    """End of the working hours (exclusive), see working_hours_start_minute."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the period."""
@@ -1064,10 +1178,18 @@ class GetFleetCostReportRequest(_message.Message):
         parent_account_id: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        anomalies_only: _builtins.bool = ...,
+        order: Global___FleetCostOrder.ValueType = ...,
+        top_spenders_count: _builtins.int = ...,
+        tank_capacity_ml: _builtins.int = ...,
+        working_hours_start_minute: _builtins.int = ...,
+        working_hours_end_minute: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "parent_account_id", b"parent_account_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalies_only", b"anomalies_only", "end_time", b"end_time", "order", b"order", "page_size", b"page_size", "page_token", b"page_token", "parent_account_id", b"parent_account_id", "start_time", b"start_time", "tank_capacity_ml", b"tank_capacity_ml", "top_spenders_count", b"top_spenders_count", "working_hours_end_minute", b"working_hours_end_minute", "working_hours_start_minute", b"working_hours_start_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1086,6 +1208,8 @@ class VehicleCost(_message.Message):
     SALE_COUNT_FIELD_NUMBER: _builtins.int
     BASELINE_SPEND_FEN_FIELD_NUMBER: _builtins.int
     ANOMALY_FIELD_NUMBER: _builtins.int
+    MAX_FILL_VOLUME_ML_FIELD_NUMBER: _builtins.int
+    ANOMALIES_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The sub-account."""
     label: _builtins.str
@@ -1099,7 +1223,17 @@ class VehicleCost(_message.Message):
     baseline_spend_fen: _builtins.int
     """Mean spend of the same-length periods before this one (up to six)."""
     anomaly: _builtins.bool
-    """Spend far above the vehicle's own history (异常开支预警)."""
+    """Spend far above the vehicle's own history (异常开支预警): the same as
+    VEHICLE_ANOMALY_ABOVE_HISTORY in anomalies.
+    """
+    max_fill_volume_ml: _builtins.int
+    """The largest single fill in the period, millilitres; 0 without sales."""
+    @_builtins.property
+    def anomalies(self) -> _containers.RepeatedScalarFieldContainer[Global___VehicleAnomaly.ValueType]:
+        """Every anomaly of the vehicle in the period, in the enum's order; empty
+        when none.
+        """
+
     def __init__(
         self,
         *,
@@ -1110,14 +1244,63 @@ class VehicleCost(_message.Message):
         sale_count: _builtins.int = ...,
         baseline_spend_fen: _builtins.int = ...,
         anomaly: _builtins.bool = ...,
+        max_fill_volume_ml: _builtins.int = ...,
+        anomalies: _abc.Iterable[Global___VehicleAnomaly.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "anomaly", b"anomaly", "baseline_spend_fen", b"baseline_spend_fen", "label", b"label", "sale_count", b"sale_count", "spend_fen", b"spend_fen", "volume_ml", b"volume_ml"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "anomalies", b"anomalies", "anomaly", b"anomaly", "baseline_spend_fen", b"baseline_spend_fen", "label", b"label", "max_fill_volume_ml", b"max_fill_volume_ml", "sale_count", b"sale_count", "spend_fen", b"spend_fen", "volume_ml", b"volume_ml"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VehicleCost: _TypeAlias = VehicleCost  # noqa: Y015
+
+@_typing.final
+class FleetCostSummary(_message.Message):
+    """The whole fleet's figures in a cost report, whatever the page."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VEHICLE_COUNT_FIELD_NUMBER: _builtins.int
+    ANOMALOUS_VEHICLE_COUNT_FIELD_NUMBER: _builtins.int
+    SPEND_FEN_FIELD_NUMBER: _builtins.int
+    VOLUME_ML_FIELD_NUMBER: _builtins.int
+    SALE_COUNT_FIELD_NUMBER: _builtins.int
+    MEDIAN_SPEND_FEN_FIELD_NUMBER: _builtins.int
+    vehicle_count: _builtins.int
+    """Vehicles (sub-accounts) of the fleet."""
+    anomalous_vehicle_count: _builtins.int
+    """Vehicles with at least one anomaly: the lines there are when
+    anomalies_only is set.
+    """
+    spend_fen: _builtins.int
+    """Settled spend of the whole fleet in the period."""
+    volume_ml: _builtins.int
+    """Volume delivered to the whole fleet in the period, millilitres."""
+    sale_count: _builtins.int
+    """Settled sales of the whole fleet in the period."""
+    median_spend_fen: _builtins.int
+    """The median spend of the vehicles that spent anything in the period
+    (the mean of the two middle ones, rounded down, for an even count); 0
+    when none did.
+    """
+    def __init__(
+        self,
+        *,
+        vehicle_count: _builtins.int = ...,
+        anomalous_vehicle_count: _builtins.int = ...,
+        spend_fen: _builtins.int = ...,
+        volume_ml: _builtins.int = ...,
+        sale_count: _builtins.int = ...,
+        median_spend_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalous_vehicle_count", b"anomalous_vehicle_count", "median_spend_fen", b"median_spend_fen", "sale_count", b"sale_count", "spend_fen", b"spend_fen", "vehicle_count", b"vehicle_count", "volume_ml", b"volume_ml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetCostSummary: _TypeAlias = FleetCostSummary  # noqa: Y015
 
 @_typing.final
 class GetFleetCostReportResponse(_message.Message):
@@ -1126,18 +1309,38 @@ class GetFleetCostReportResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VEHICLES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    TOP_SPENDERS_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last one."""
     @_builtins.property
     def vehicles(self) -> _containers.RepeatedCompositeFieldContainer[Global___VehicleCost]:
-        """One line per sub-account, by label."""
+        """One line per sub-account, in the requested order: every vehicle when
+        page_size is 0, else one page.
+        """
+
+    @_builtins.property
+    def summary(self) -> Global___FleetCostSummary:
+        """The whole fleet's figures for the period."""
+
+    @_builtins.property
+    def top_spenders(self) -> _containers.RepeatedCompositeFieldContainer[Global___VehicleCost]:
+        """The top_spenders_count vehicles with the biggest spend in the period
+        (spend above 0 only), biggest first.
+        """
 
     def __init__(
         self,
         *,
         vehicles: _abc.Iterable[Global___VehicleCost] | None = ...,
+        next_page_token: _builtins.str = ...,
+        summary: Global___FleetCostSummary | None = ...,
+        top_spenders: _abc.Iterable[Global___VehicleCost] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vehicles", b"vehicles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "summary", b"summary", "top_spenders", b"top_spenders", "vehicles", b"vehicles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

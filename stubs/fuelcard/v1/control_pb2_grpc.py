@@ -162,8 +162,10 @@ class ControlServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetFleetCostReport(self, request, context):
-        """Spend, volume and count per sub-account (vehicle) over a period, with an
-        anomaly flag for spend far above the vehicle's own history.
+        """Spend, volume and count per sub-account (vehicle) over a period, with
+        anomaly flags (spend far above the vehicle's history or the fleet's
+        median, fills above the tank or outside working hours), paged, with the
+        whole fleet's summary. Reads a replica when one is configured.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,8 +58,10 @@ class ControlServiceStub:
     TransferPoints: _grpc.UnaryUnaryMultiCallable[_control_pb2.TransferPointsRequest, _control_pb2.TransferPointsResponse]
     """Move points from a member account to its parent (积分合并)."""
     GetFleetCostReport: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetFleetCostReportRequest, _control_pb2.GetFleetCostReportResponse]
-    """Spend, volume and count per sub-account (vehicle) over a period, with an
-    anomaly flag for spend far above the vehicle's own history.
+    """Spend, volume and count per sub-account (vehicle) over a period, with
+    anomaly flags (spend far above the vehicle's history or the fleet's
+    median, fills above the tank or outside working hours), paged, with the
+    whole fleet's summary. Reads a replica when one is configured.
     """
     ListControlChanges: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListControlChangesRequest, _control_pb2.ListControlChangesResponse]
     """Who changed which limits and scopes, newest first."""
@@ -103,8 +105,10 @@ class ControlServiceAsyncStub(ControlServiceStub):
     TransferPoints: _aio.UnaryUnaryMultiCallable[_control_pb2.TransferPointsRequest, _control_pb2.TransferPointsResponse]  # type: ignore[assignment]
     """Move points from a member account to its parent (积分合并)."""
     GetFleetCostReport: _aio.UnaryUnaryMultiCallable[_control_pb2.GetFleetCostReportRequest, _control_pb2.GetFleetCostReportResponse]  # type: ignore[assignment]
-    """Spend, volume and count per sub-account (vehicle) over a period, with an
-    anomaly flag for spend far above the vehicle's own history.
+    """Spend, volume and count per sub-account (vehicle) over a period, with
+    anomaly flags (spend far above the vehicle's history or the fleet's
+    median, fills above the tank or outside working hours), paged, with the
+    whole fleet's summary. Reads a replica when one is configured.
     """
     ListControlChanges: _aio.UnaryUnaryMultiCallable[_control_pb2.ListControlChangesRequest, _control_pb2.ListControlChangesResponse]  # type: ignore[assignment]
     """Who changed which limits and scopes, newest first."""
@@ -193,8 +197,10 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.GetFleetCostReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.GetFleetCostReportResponse, _abc.Awaitable[_control_pb2.GetFleetCostReportResponse]]:
-        """Spend, volume and count per sub-account (vehicle) over a period, with an
-        anomaly flag for spend far above the vehicle's own history.
+        """Spend, volume and count per sub-account (vehicle) over a period, with
+        anomaly flags (spend far above the vehicle's history or the fleet's
+        median, fills above the tank or outside working hours), paged, with the
+        whole fleet's summary. Reads a replica when one is configured.
         """
 
     @_abc_1.abstractmethod

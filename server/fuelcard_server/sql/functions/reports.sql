@@ -1,8 +1,27 @@
+-- The minute of the day (0-1439) at which a sale closed, in the given time zone (the business
+-- time zone: fc.business_tz()); what fc.vehicle_costs.fill_minutes holds.
+CREATE OR REPLACE FUNCTION fc.minute_of_day(p_at timestamptz, p_tz text)
+RETURNS smallint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (extract(hour FROM p_at AT TIME ZONE p_tz) * 60
+            + extract(minute FROM p_at AT TIME ZONE p_tz))::smallint
+$$;
+
+-- Whether a minute of the day is inside working hours [p_start, p_end): a window with
+-- p_start > p_end runs over midnight (a night shift).
+CREATE OR REPLACE FUNCTION fc.within_hours(p_minute integer, p_start integer, p_end integer)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_start < p_end THEN p_minute >= p_start AND p_minute < p_end
+                ELSE p_minute >= p_start OR p_minute < p_end END
+$$;
+
 -- One bounded batch of the cost rollup (cost_rollup.py): the purchase entries after
 -- fc.cost_rollup_state.rolled_id, up to p_limit ids and never past the journal chain's head
 -- (ids up to it are final, so a later commit cannot land below the watermark), added to
 -- fc.vehicle_costs per vehicle and UTC day and month of the hold's closed_at (a late confirm
--- keeps the expiry as closed_at, which the report goes by, not the entry's created_at).
+-- keeps the expiry as closed_at, which the report goes by, not the entry's created_at), with
+-- the largest fill and the minutes of the day the fills closed at (the report's fill flags).
 -- Returns how many journal ids the watermark moved.
 CREATE OR REPLACE FUNCTION fc.roll_up_costs(p_limit integer)
 RETURNS integer
@@ -10,6 +29,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_from bigint;
     v_to bigint;
+    v_tz text := fc.business_tz();
 BEGIN
     SELECT rolled_id INTO STRICT v_from FROM fc.cost_rollup_state FOR UPDATE;
     SELECT least(coalesce(max(entry_id), 0), v_from + p_limit) INTO v_to FROM fc.journal_chain;
@@ -17,10 +37,12 @@ BEGIN
         RETURN 0;
     END IF;
     INSERT INTO fc.vehicle_costs AS c (vehicle_id, grain, bucket, spend_fen, volume_ml, sale_count,
-                                       first_hold_id, last_hold_id)
+                                       first_hold_id, last_hold_id, max_fill_ml, fill_minutes)
     SELECT h.spender_account_id, g.grain,
            date_trunc(CASE g.grain WHEN 1 THEN 'day' ELSE 'month' END, h.closed_at, 'UTC'),
-           sum(h.settled_fen), sum(h.volume_ml), count(*), min(h.id), max(h.id)
+           sum(h.settled_fen), sum(h.volume_ml), count(*), min(h.id), max(h.id), max(h.volume_ml),
+           array_agg(DISTINCT fc.minute_of_day(p_at => h.closed_at, p_tz => v_tz)
+                     ORDER BY fc.minute_of_day(p_at => h.closed_at, p_tz => v_tz))
       FROM fc.journal j
       JOIN fc.holds h ON h.id = j.hold_id
      CROSS JOIN (VALUES (1::smallint), (2::smallint)) g (grain)
@@ -33,7 +55,10 @@ BEGIN
            volume_ml = c.volume_ml + excluded.volume_ml,
            sale_count = c.sale_count + excluded.sale_count,
            first_hold_id = least(c.first_hold_id, excluded.first_hold_id),
-           last_hold_id = greatest(c.last_hold_id, excluded.last_hold_id);
+           last_hold_id = greatest(c.last_hold_id, excluded.last_hold_id),
+           max_fill_ml = greatest(c.max_fill_ml, excluded.max_fill_ml),
+           fill_minutes = ARRAY(SELECT DISTINCT m FROM unnest(c.fill_minutes || excluded.fill_minutes) m
+                                ORDER BY m);
     UPDATE fc.cost_rollup_state SET rolled_id = v_to;
     RETURN (v_to - v_from)::integer;
 END $$;
