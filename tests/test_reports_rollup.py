@@ -16,6 +16,7 @@ import zoneinfo
 from typing import LiteralString
 
 import psycopg
+import pytest
 from fuelcard_server import reports, roles, verify
 from fuelcard_server.cost_rollup import CostRollup
 from fuelcard_server.db import Database
@@ -298,19 +299,29 @@ def test_fleet_costs_match_the_holds_at_any_rollup_lag(database_url: str, db: Co
     asyncio.run(scenario())
 
 
-def test_cost_pieces_cut_a_range_into_whole_buckets_and_part_days() -> None:
+@pytest.mark.parametrize("tz", [SHANGHAI, dt.UTC, zoneinfo.ZoneInfo("America/New_York")])
+def test_cost_pieces_cut_a_range_into_whole_buckets_and_part_days(tz: dt.tzinfo) -> None:
     """The pieces tile [lo, hi) with no gap or overlap; whole pieces start
-    and end on their grain's UTC bounds; each part lies inside one UTC day
-    (the report reads it through that day's rollup row)."""
+    and end on their grain's bounds in the business time zone (one with
+    daylight saving time too); each part lies inside one business day (the
+    report reads it through that day's rollup row); business days have no
+    parts."""
     rng = random.Random(1919)
     cases = [(dt.datetime(2026, 1, 1, tzinfo=UTC), dt.datetime(2026, 3, 1, tzinfo=UTC)),
              (dt.datetime(2026, 1, 31, 23, tzinfo=UTC), dt.datetime(2026, 2, 1, 1, tzinfo=UTC)),
+             (dt.datetime(2026, 3, 7, tzinfo=tz), dt.datetime(2026, 3, 9, tzinfo=tz)),
              (dt.datetime(9999, 12, 30, tzinfo=UTC), dt.datetime(9999, 12, 31, 1, tzinfo=UTC))]
     for _ in range(300):
         lo = NOW - dt.timedelta(seconds=rng.randrange(400 * 86400), microseconds=rng.randrange(10**6))
         cases.append((lo, lo + dt.timedelta(seconds=rng.randrange(1, 200 * 86400))))
+    for _ in range(50):
+        day = (NOW - dt.timedelta(days=rng.randrange(400))).astimezone(tz).date()
+        lo = dt.datetime.combine(day, dt.time(), tz)
+        hi = dt.datetime.combine(day + dt.timedelta(days=rng.randrange(1, 200)), dt.time(), tz)
+        assert reports.cost_pieces(lo, hi, tz).partial == [], (lo, hi)
+        cases.append((lo, hi))
     for lo, hi in cases:
-        pieces = reports.cost_pieces(lo, hi)
+        pieces = reports.cost_pieces(lo, hi, tz)
         spans = sorted([(a, b) for _, a, b in pieces.whole] + pieces.partial)
         top = min(hi, dt.datetime(9999, 12, 1, tzinfo=UTC))  # no sale closes later
         if lo >= top:
@@ -321,10 +332,11 @@ def test_cost_pieces_cut_a_range_into_whole_buckets_and_part_days() -> None:
         assert all(a < b for a, b in spans)
         for grain, a, b in pieces.whole:
             for t in (a, b):
-                assert t.time() == dt.time(0) and (grain == reports.GRAIN_DAY or t.day == 1)
+                local = t.astimezone(tz)
+                assert local.time() == dt.time(0) and (grain == reports.GRAIN_DAY or local.day == 1)
         for a, b in pieces.partial:
-            day = a.replace(hour=0, minute=0, second=0, microsecond=0)
-            assert b <= day + dt.timedelta(days=1)
+            day_start = dt.datetime.combine(a.astimezone(tz).date(), dt.time(), tz)
+            assert b <= dt.datetime.combine(day_start.date() + dt.timedelta(days=1), dt.time(), tz)
 
 
 def test_the_serving_role_rolls_up_sales_the_chain_has_passed(server: RunningServer, db: Conn) -> None:

@@ -1,6 +1,7 @@
-"""The cost rollup (issue 19): confirmed sales summed per vehicle and UTC
-day and month in fc.vehicle_costs, so the fleet cost report (reports.py)
-reads a few rows a vehicle instead of every sale of seven periods.
+"""The cost rollup (issue 19): confirmed sales summed per vehicle and
+business day and month (the business time zone's, as reports ask) in
+fc.vehicle_costs, so the fleet cost report (reports.py) reads a few rows a
+vehicle instead of every sale of seven periods.
 
 Kept off the pump path: fc.confirm writes nothing more. A background job
 (`CostRollup.run_once`, after each round of the journal chain in jobs.py)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+import zoneinfo
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -36,7 +37,8 @@ _OUTSIDE = """(k = 0 AND NOT fc.within_hours(
 
 # The sales of the period (k = 0) and of the baseline before it (k = 1), per vehicle, in three
 # disjoint parts read in one snapshot (cost_rollup.py):
-#   rolled: whole UTC months and days of the rollup (purchase entries up to its watermark);
+#   rolled: whole business months and days of the rollup (purchase entries up to its
+#           watermark; months and days in the business time zone, as reports ask for them);
 #   edges:  the parts of a day a range starts or ends inside, from the rolled sales of that
 #           vehicle and day in fc.holds (through holds_by_spender, between the day's first and
 #           last hold id: fc.holds has no time index, and the pump path must not pay for one);
@@ -48,10 +50,16 @@ ROLLUP_LINES_SQL = """
         SELECT id, uid, label, created_at FROM fc.accounts WHERE parent_id = %(parent)s),
     rolled AS (
         SELECT p.k, c.vehicle_id, c.spend_fen, c.volume_ml, c.sale_count, c.max_fill_ml,
-               p.k = 0 AND EXISTS (
-                   SELECT FROM unnest(c.fill_minutes) m
-                    WHERE NOT fc.within_hours(p_minute => m, p_start => %(work_start)s,
-                                              p_end => %(work_end)s)) AS outside
+               -- fill_minutes is sorted (verify checks it): against working hours by day, its
+               -- first and last minute tell; a night shift's gap needs a look inside (a
+               -- subquery a row costs more than the rest of the report: only then)
+               p.k = 0 AND CASE WHEN %(work_start)s < %(work_end)s
+                   THEN c.fill_minutes[1] < %(work_start)s
+                        OR c.fill_minutes[cardinality(c.fill_minutes)] >= %(work_end)s
+                   ELSE EXISTS (
+                       SELECT FROM unnest(c.fill_minutes) m
+                        WHERE NOT fc.within_hours(p_minute => m, p_start => %(work_start)s,
+                                                  p_end => %(work_end)s)) END AS outside
           FROM unnest(%(pk)s::integer[], %(pgrain)s::smallint[], %(plo)s::timestamptz[],
                       %(phi)s::timestamptz[]) p (k, grain, lo, hi)
           JOIN fc.vehicle_costs c ON c.grain = p.grain AND c.bucket >= p.lo AND c.bucket < p.hi
@@ -59,7 +67,8 @@ ROLLUP_LINES_SQL = """
     edges AS (
         SELECT e.k, h.spender_account_id AS vehicle_id, h.settled_fen, h.volume_ml, h.closed_at
           FROM unnest(%(ek)s::integer[], %(elo)s::timestamptz[], %(ehi)s::timestamptz[]) e (k, lo, hi)
-          JOIN fc.vehicle_costs c ON c.grain = 1 AND c.bucket = date_trunc('day', e.lo, 'UTC')
+          JOIN fc.vehicle_costs c ON c.grain = 1
+                                 AND c.bucket = date_trunc('day', e.lo, (SELECT fc.business_tz()))
           JOIN vehicles v ON v.id = c.vehicle_id
           JOIN fc.holds h ON h.spender_account_id = c.vehicle_id
                          AND h.id BETWEEN c.first_hold_id AND c.last_hold_id
@@ -117,7 +126,7 @@ ROLLUP_LINES_SQL = """
 # report reads every hold instead, as it did before the rollup: exact either way.
 ROLLUP_MAX_LAG = 50_000
 LAG_SQL = ("SELECT coalesce((SELECT max(id) FROM fc.journal), 0)"
-           " - (SELECT rolled_id FROM fc.cost_rollup_state)")
+           " - (SELECT rolled_id FROM fc.cost_rollup_state), fc.business_tz()")
 # The same `lines` from fc.holds alone (the rollup lagging too far).
 HOLDS_LINES_SQL = """
     WITH vehicles AS (
@@ -198,7 +207,7 @@ GRAIN_MONTH = 2
 _DAY = dt.timedelta(days=1)
 # Ranges are cut off here, so that no bucket bound runs past year 9999 (a request may reach
 # its end): no sale closes this late (closed_at is the server's clock).
-_LAST = dt.datetime(9999, 12, 1, tzinfo=dt.UTC)
+_LAST = dt.datetime(9999, 12, 1, tzinfo=dt.UTC)  # (in any time zone still year 9999)
 
 
 def _next_month(t: dt.datetime) -> dt.datetime:
@@ -218,13 +227,15 @@ def _ceil_month(t: dt.datetime) -> dt.datetime:
 @dataclass(frozen=True)
 class CostPieces:
     """[lo, hi) cut into whole rollup buckets (grain, lo, hi: buckets with
-    lo <= bucket < hi) and the parts of days left at its ends (lo, hi)."""
+    lo <= bucket < hi) and the parts of days left at its ends (lo, hi). A
+    report over business days (the console's) has no parts."""
     whole: list[tuple[int, dt.datetime, dt.datetime]]
     partial: list[tuple[dt.datetime, dt.datetime]]
 
 
-def cost_pieces(lo: dt.datetime, hi: dt.datetime) -> CostPieces:
-    lo, hi = min(lo.astimezone(dt.UTC), _LAST), min(hi.astimezone(dt.UTC), _LAST)
+def cost_pieces(lo: dt.datetime, hi: dt.datetime, tz: dt.tzinfo) -> CostPieces:
+    """Days and months are the business time zone's (tz), as the rollup's buckets are."""
+    lo, hi = min(lo, _LAST).astimezone(tz), min(hi, _LAST).astimezone(tz)
     if hi <= lo:
         return CostPieces([], [])
     day_lo, day_hi = _ceil_day(lo), _ceil_day(hi)
@@ -346,7 +357,7 @@ async def fleet_costs(db: Database, parent_uid: uuid.UUID, start: dt.datetime, e
         whole: list[tuple[int, int, dt.datetime, dt.datetime]] = []
         partial: list[tuple[int, dt.datetime, dt.datetime]] = []
         for k, (lo, hi) in enumerate(((start, end), (base, start))):
-            pieces = cost_pieces(lo, hi)
+            pieces = cost_pieces(lo, hi, zoneinfo.ZoneInfo(lag[1]))
             whole += [(k, *p) for p in pieces.whole]
             partial += [(k, *p) for p in pieces.partial]
         rows = await db.fetch_all(FLEET_COST_SQL, {

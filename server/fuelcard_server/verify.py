@@ -703,8 +703,8 @@ CHECKS: tuple[Check, ...] = (
           f"""
           WITH sales AS (
               SELECT h.spender_account_id AS vehicle_id, g.grain,
-                     date_trunc(CASE g.grain WHEN 1 THEN 'day' ELSE 'month' END, h.closed_at, 'UTC')
-                         AS bucket,
+                     date_trunc(CASE g.grain WHEN 1 THEN 'day' ELSE 'month' END, h.closed_at,
+                                m.tz) AS bucket,
                      sum(h.settled_fen) AS spend_fen, sum(h.volume_ml) AS volume_ml,
                      count(*) AS sale_count, min(h.id) AS first_hold_id, max(h.id) AS last_hold_id,
                      max(h.volume_ml) AS max_fill_ml,
@@ -713,7 +713,8 @@ CHECKS: tuple[Check, ...] = (
                CROSS JOIN (VALUES (1), (2)) g (grain)
                CROSS JOIN LATERAL (
                    SELECT (extract(hour FROM h.closed_at AT TIME ZONE tz.value) * 60
-                           + extract(minute FROM h.closed_at AT TIME ZONE tz.value))::smallint AS minute
+                           + extract(minute FROM h.closed_at AT TIME ZONE tz.value))::smallint AS minute,
+                          tz.value AS tz
                      FROM fc.config tz WHERE tz.key = 'business_time_zone') m
                WHERE j.kind = {LedgerEntryKind.PURCHASE:d} AND h.state = {HoldState.CONFIRMED:d}
                  AND j.id <= (SELECT rolled_id FROM fc.cost_rollup_state)

@@ -19,9 +19,10 @@ $$;
 -- One bounded batch of the cost rollup (cost_rollup.py): the purchase entries after
 -- fc.cost_rollup_state.rolled_id, up to p_limit ids and never past the journal chain's head
 -- (ids up to it are final, so a later commit cannot land below the watermark), added to
--- fc.vehicle_costs per vehicle and UTC day and month of the hold's closed_at (a late confirm
--- keeps the expiry as closed_at, which the report goes by, not the entry's created_at), with
--- the largest fill and the minutes of the day the fills closed at (the report's fill flags).
+-- fc.vehicle_costs per vehicle and business day and month (fc.business_tz()) of the hold's
+-- closed_at (a late confirm keeps the expiry as closed_at, which the report goes by, not the
+-- entry's created_at), with the largest fill and the minutes of the day the fills closed at
+-- (the report's fill flags).
 -- Returns how many journal ids the watermark moved.
 CREATE OR REPLACE FUNCTION fc.roll_up_costs(p_limit integer)
 RETURNS integer
@@ -39,7 +40,7 @@ BEGIN
     INSERT INTO fc.vehicle_costs AS c (vehicle_id, grain, bucket, spend_fen, volume_ml, sale_count,
                                        first_hold_id, last_hold_id, max_fill_ml, fill_minutes)
     SELECT h.spender_account_id, g.grain,
-           date_trunc(CASE g.grain WHEN 1 THEN 'day' ELSE 'month' END, h.closed_at, 'UTC'),
+           date_trunc(CASE g.grain WHEN 1 THEN 'day' ELSE 'month' END, h.closed_at, v_tz),
            sum(h.settled_fen), sum(h.volume_ml), count(*), min(h.id), max(h.id), max(h.volume_ml),
            array_agg(DISTINCT fc.minute_of_day(p_at => h.closed_at, p_tz => v_tz)
                      ORDER BY fc.minute_of_day(p_at => h.closed_at, p_tz => v_tz))

@@ -11,7 +11,11 @@ ALTER TABLE fc.vehicle_costs
     ADD COLUMN fill_minutes smallint[] DEFAULT '{}' NOT NULL,
     ADD CONSTRAINT vehicle_costs_fill_minutes_bound CHECK (cardinality(fill_minutes) <= 1440);
 
--- The rows rolled so far lack the new columns: roll up again from the start. Until the job has
+-- Buckets are now the business time zone's days and months (fc.business_tz()), not UTC's: a
+-- report over business days (the console's) reads whole buckets and no part-day edges from
+-- fc.holds, and a business month is one row a vehicle.
+--
+-- The rows rolled so far lack the new columns and have UTC bounds: roll up again from the start. Until the job has
 -- caught up, the report reads fc.holds (reports.ROLLUP_MAX_LAG), exact either way.
 TRUNCATE fc.vehicle_costs;
 UPDATE fc.cost_rollup_state SET rolled_id = 0;
