@@ -38,6 +38,13 @@ def test_every_role_page_answers_with_its_data(server: RunningServer) -> None:
     assert f"{console_bench.PLATE}{fleet.PAGE_SIZE:05d}" in second[0].text
     assert f"{console_bench.PLATE}00000" not in second[0].text
 
+    # the cost report: a page of 50, and the other 10 behind its own "next" link
+    report = result.page("fleet_manager", "/console/fleet/report")
+    assert report.rows == fleet.REPORT_PAGE_SIZE and report.next_link
+    more = [p for p in result.pages if p.path.startswith("/console/fleet/report?")
+            and "page_token=" in p.path and "start=" not in p.path and "flagged" not in p.path]
+    assert [p.rows for p in more] == [VEHICLES - fleet.REPORT_PAGE_SIZE]
+
     # the reviewer's queue: a full first page of the bench's suspended fills, and a second
     queue = result.page("reviewer", "/console/reviewer/")
     assert queue.text.count("BENCH-REVIEW") == console_bench.PAGE_SIZE and queue.next_link

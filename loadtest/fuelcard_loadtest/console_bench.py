@@ -331,8 +331,14 @@ def _pages(url: str, fleet: str, family: str) -> dict[str, list[str]]:
             " WHERE f.uid = %s::uuid ORDER BY v.id LIMIT 1", (family,)).fetchone()
     assert card is not None and member is not None
     month = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=8)).replace(day=1) - dt.timedelta(days=1)
+    year_ago = month.replace(year=month.year - 1) + dt.timedelta(days=1)
     return {
+        # the cost report: this month so far (the default), last month, the last twelve months
+        # (the longest period it takes), and the flagged vehicles alone
         "fleet_manager": ["/console/fleet/", "/console/fleet/report",
+                          f"/console/fleet/report?start={month:%Y-%m}-01&end={month:%Y-%m-%d}",
+                          f"/console/fleet/report?start={year_ago:%Y-%m-%d}&end={month:%Y-%m-%d}",
+                          "/console/fleet/report?flagged=1",
                           f"/console/fleet/statements?month={month:%Y-%m}", "/console/fleet/invoices",
                           "/console/fleet/vehicles/new", "/console/fleet/topup",
                           f"/console/fleet/cards/{card[0]}/controls"],
@@ -377,10 +383,10 @@ def _visit_all(base_url: str, logins: dict[str, str], pages: dict[str, list[str]
                         times.load_ms.append(round(float(load), 1))
                     times.rows = page.locator("main table tbody tr").count()
                     times.text = page.inner_text("main")
-                    # the list's own "next page" link (page_token=, or the report's offset=)
+                    # the list's own "next page" link (page_token=)
                     nxt = page.locator("main a[rel=next], main a[href*='page_token=']")
                     times.next_link = nxt.count() > 0
-                    if times.next_link and "page_token=" not in path and "offset=" not in path:
+                    if times.next_link and "page_token=" not in path:
                         href = nxt.first.get_attribute("href") or ""
                         todo.insert(0, href if href.startswith("/") else
                                     path.split("?")[0] + href if href.startswith("?") else href)
