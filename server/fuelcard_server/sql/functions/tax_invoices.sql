@@ -110,6 +110,135 @@ LANGUAGE sql STABLE AS $$
      ORDER BY f.parent_id IS NOT NULL, f.label, f.uid
 $$;
 
+-- The statement's sums of the money entries with ids in (p_from, p_to], per account and
+-- business month (fc.month_start's bounds, in time zone p_tz): what fc.roll_up_statements adds
+-- to fc.statement_movements, and what a statement reads for the entries past its watermark.
+-- Each entry moves its credit account up and its debit account down; a purchase also counts
+-- as a sale of the account whose card bought.
+CREATE OR REPLACE FUNCTION fc.statement_movement_sums(p_from bigint, p_to bigint, p_tz text)
+RETURNS TABLE (account_id bigint, month date, recharges_fen bigint, transfers_fen bigint,
+               charged_fen bigint, refunds_fen bigint, other_fen bigint, sales_fen bigint,
+               sales_volume_ml bigint, sale_count bigint)
+LANGUAGE sql STABLE AS $$
+    WITH e AS (
+        SELECT j.kind, j.amount, j.credit_account_id, j.debit_account_id, j.hold_id,
+               date_trunc('month', j.created_at AT TIME ZONE p_tz)::date AS month
+          FROM fc.journal j
+         WHERE j.id > p_from AND j.id <= p_to AND j.asset = fc.asset_money()),
+    moves AS (
+        SELECT e.credit_account_id AS acct, e.month, e.kind, e.amount AS delta,
+               0::bigint AS fen, 0::bigint AS ml, 0 AS n
+          FROM e
+        UNION ALL
+        SELECT e.debit_account_id, e.month, e.kind, -e.amount, 0, 0, 0 FROM e
+        UNION ALL
+        -- kind 0 (no kind): a sale counted for the buyer, no money moved by it here
+        SELECT h.spender_account_id, e.month, 0::smallint, 0, e.amount, h.volume_ml, 1
+          FROM e JOIN fc.holds h ON h.id = e.hold_id
+         WHERE e.kind = fc.ledger_entry_kind_purchase())
+    SELECT m.acct, m.month,
+           coalesce(sum(m.delta) FILTER (WHERE m.kind = fc.ledger_entry_kind_recharge()), 0)::bigint,
+           coalesce(sum(m.delta) FILTER (WHERE m.kind = fc.ledger_entry_kind_allocation()), 0)::bigint,
+           coalesce(-sum(m.delta) FILTER (WHERE m.kind = fc.ledger_entry_kind_purchase()), 0)::bigint,
+           coalesce(-sum(m.delta) FILTER (WHERE m.kind = fc.ledger_entry_kind_recharge_refund()),
+                    0)::bigint,
+           coalesce(sum(m.delta) FILTER (WHERE m.kind NOT IN (
+               0, fc.ledger_entry_kind_recharge(), fc.ledger_entry_kind_allocation(),
+               fc.ledger_entry_kind_purchase(), fc.ledger_entry_kind_recharge_refund())), 0)::bigint,
+           sum(m.fen)::bigint, sum(m.ml)::bigint, sum(m.n)::bigint
+      FROM moves m
+     GROUP BY m.acct, m.month
+$$;
+
+-- The statement rollup's job (statement_rollup.py): adds the money entries past the watermark,
+-- up to p_limit ids and never past the journal chain's head (ids up to it are final), to
+-- fc.statement_movements and moves the watermark; returns how many ids it moved. Concurrent
+-- runs queue on the state row's lock.
+CREATE OR REPLACE FUNCTION fc.roll_up_statements(p_limit integer)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_from bigint;
+    v_to bigint;
+BEGIN
+    SELECT rolled_id INTO STRICT v_from FROM fc.statement_rollup_state FOR UPDATE;
+    SELECT least(coalesce(max(entry_id), 0), v_from + p_limit) INTO v_to FROM fc.journal_chain;
+    IF v_to <= v_from THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO fc.statement_movements AS m (account_id, month, recharges_fen, transfers_fen,
+                                             charged_fen, refunds_fen, other_fen, sales_fen,
+                                             sales_volume_ml, sale_count)
+    SELECT * FROM fc.statement_movement_sums(p_from => v_from, p_to => v_to, p_tz => fc.business_tz())
+    ON CONFLICT (account_id, month) DO UPDATE
+       SET recharges_fen = m.recharges_fen + excluded.recharges_fen,
+           transfers_fen = m.transfers_fen + excluded.transfers_fen,
+           charged_fen = m.charged_fen + excluded.charged_fen,
+           refunds_fen = m.refunds_fen + excluded.refunds_fen,
+           other_fen = m.other_fen + excluded.other_fen,
+           sales_fen = m.sales_fen + excluded.sales_fen,
+           sales_volume_ml = m.sales_volume_ml + excluded.sales_volume_ml,
+           sale_count = m.sale_count + excluded.sale_count;
+    UPDATE fc.statement_rollup_state SET rolled_id = v_to;
+    RETURN (v_to - v_from)::integer;
+END $$;
+
+-- fc.statement_lines from the rollup: the same rows, to the fen, without reading the month's
+-- journal. In one snapshot: the family's rolled rows of the month and of the months after it,
+-- and the money entries past the watermark (the rollup's lag, read by the journal's key), so
+-- the lines are exact however far behind the rollup is; only slower the further it lags
+-- (statements.py falls back to fc.statement_lines past a bound). The month's movement is its
+-- rows; what moved since the month's end (to back out from balance_fen) the later months'.
+CREATE OR REPLACE FUNCTION fc.statement_lines_rolled(p_account_id bigint, p_month date)
+RETURNS TABLE (account_uid uuid, label text, top_level boolean, opening_fen bigint,
+               recharges_fen bigint, transfers_fen bigint, sales_fen bigint,
+               sales_volume_ml bigint, sale_count bigint, sales_charged_fen bigint,
+               refunds_fen bigint, other_fen bigint, closing_fen bigint)
+LANGUAGE sql STABLE AS $$
+    WITH fam AS (
+        SELECT id, uid, label, parent_id, balance_fen FROM fc.accounts
+         WHERE id = p_account_id OR parent_id = p_account_id),
+    mon AS (SELECT date_trunc('month', p_month)::date AS m),
+    tail AS (
+        SELECT t.* FROM fc.statement_rollup_state w
+         CROSS JOIN LATERAL fc.statement_movement_sums(
+             p_from => w.rolled_id, p_to => 9223372036854775807, p_tz => fc.business_tz()) t
+         WHERE t.account_id IN (SELECT id FROM fam)),
+    rolled AS (
+        SELECT r.account_id, r.month, r.recharges_fen, r.transfers_fen, r.charged_fen,
+               r.refunds_fen, r.other_fen, r.sales_fen, r.sales_volume_ml, r.sale_count
+          FROM fc.statement_movements r, mon
+         WHERE r.account_id IN (SELECT id FROM fam) AND r.month >= mon.m
+        UNION ALL
+        SELECT t.* FROM tail t, mon WHERE t.month >= mon.m),
+    per AS (
+        SELECT r.account_id AS acct,
+               sum(r.recharges_fen) FILTER (WHERE r.month = mon.m) AS recharged,
+               sum(r.transfers_fen) FILTER (WHERE r.month = mon.m) AS transfers,
+               sum(r.charged_fen) FILTER (WHERE r.month = mon.m) AS charged,
+               sum(r.refunds_fen) FILTER (WHERE r.month = mon.m) AS refunded,
+               sum(r.other_fen) FILTER (WHERE r.month = mon.m) AS other,
+               sum(r.sales_fen) FILTER (WHERE r.month = mon.m) AS fen,
+               sum(r.sales_volume_ml) FILTER (WHERE r.month = mon.m) AS ml,
+               sum(r.sale_count) FILTER (WHERE r.month = mon.m) AS n,
+               sum(r.recharges_fen + r.transfers_fen - r.charged_fen - r.refunds_fen + r.other_fen)
+                   FILTER (WHERE r.month > mon.m) AS since
+          FROM rolled r, mon GROUP BY r.account_id),
+    lines AS (
+        SELECT f.uid, f.label, f.parent_id, f.balance_fen - coalesce(p.since, 0) AS closing,
+               coalesce(p.recharged, 0) AS recharged, coalesce(p.transfers, 0) AS transfers,
+               coalesce(p.charged, 0) AS charged, coalesce(p.refunded, 0) AS refunded,
+               coalesce(p.other, 0) AS other, coalesce(p.fen, 0) AS fen, coalesce(p.ml, 0) AS ml,
+               coalesce(p.n, 0) AS n
+          FROM fam f LEFT JOIN per p ON p.acct = f.id)
+    SELECT l.uid, l.label, l.parent_id IS NULL,
+           (l.closing - l.recharged - l.transfers + l.charged + l.refunded - l.other)::bigint,
+           l.recharged::bigint, l.transfers::bigint, l.fen::bigint, l.ml::bigint, l.n::bigint,
+           l.charged::bigint, l.refunded::bigint, l.other::bigint, l.closing::bigint
+      FROM lines l
+     ORDER BY l.parent_id IS NOT NULL, l.label, l.uid
+$$;
+
 -- A month's consumption of an account family, as a consolidated invoice's list: one entry
 -- per vehicle (the account whose card bought) and product, from the journal's sales.
 CREATE OR REPLACE FUNCTION fc.consumption_entries(p_account_id bigint, p_month date)
