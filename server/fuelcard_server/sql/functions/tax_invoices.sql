@@ -183,12 +183,14 @@ BEGIN
     RETURN (v_to - v_from)::integer;
 END $$;
 
--- fc.statement_lines from the rollup: the same rows, to the fen, without reading the month's
--- journal. In one snapshot: the family's rolled rows of the month and of the months after it,
--- and the money entries past the watermark (the rollup's lag, read by the journal's key), so
--- the lines are exact however far behind the rollup is; only slower the further it lags
--- (statements.py falls back to fc.statement_lines past a bound). The month's movement is its
--- rows; what moved since the month's end (to back out from balance_fen) the later months'.
+-- fc.statement_lines from the rollup: the same lines, to the fen, without reading the month's
+-- journal, in no particular order (the caller orders them). In one snapshot: each family
+-- account's rolled rows of the month and of the months after it (a few index probes per
+-- account, summed per account: no hash of the whole family to spill), and the money entries
+-- past the watermark (the rollup's lag, read by the journal's key), so the lines are exact
+-- however far behind the rollup is, only slower the further it lags (statements.py falls back
+-- to fc.statement_lines past a bound). The month's movement is its rows; what moved since the
+-- month's end (to back out from balance_fen) is the later months'.
 CREATE OR REPLACE FUNCTION fc.statement_lines_rolled(p_account_id bigint, p_month date)
 RETURNS TABLE (account_uid uuid, label text, top_level boolean, opening_fen bigint,
                recharges_fen bigint, transfers_fen bigint, sales_fen bigint,
@@ -200,43 +202,52 @@ LANGUAGE sql STABLE AS $$
          WHERE id = p_account_id OR parent_id = p_account_id),
     mon AS (SELECT date_trunc('month', p_month)::date AS m),
     tail AS (
-        SELECT t.* FROM fc.statement_rollup_state w
+        SELECT t.account_id AS acct,
+               sum(t.recharges_fen) FILTER (WHERE t.month = mon.m) AS recharged,
+               sum(t.transfers_fen) FILTER (WHERE t.month = mon.m) AS transfers,
+               sum(t.charged_fen) FILTER (WHERE t.month = mon.m) AS charged,
+               sum(t.refunds_fen) FILTER (WHERE t.month = mon.m) AS refunded,
+               sum(t.other_fen) FILTER (WHERE t.month = mon.m) AS other,
+               sum(t.sales_fen) FILTER (WHERE t.month = mon.m) AS fen,
+               sum(t.sales_volume_ml) FILTER (WHERE t.month = mon.m) AS ml,
+               sum(t.sale_count) FILTER (WHERE t.month = mon.m) AS n,
+               sum(t.recharges_fen + t.transfers_fen - t.charged_fen - t.refunds_fen + t.other_fen)
+                   FILTER (WHERE t.month > mon.m) AS since
+          FROM mon, fc.statement_rollup_state w
          CROSS JOIN LATERAL fc.statement_movement_sums(
              p_from => w.rolled_id, p_to => 9223372036854775807, p_tz => fc.business_tz()) t
-         WHERE t.account_id IN (SELECT id FROM fam)),
-    rolled AS (
-        SELECT r.account_id, r.month, r.recharges_fen, r.transfers_fen, r.charged_fen,
-               r.refunds_fen, r.other_fen, r.sales_fen, r.sales_volume_ml, r.sale_count
-          FROM fc.statement_movements r, mon
-         WHERE r.account_id IN (SELECT id FROM fam) AND r.month >= mon.m
-        UNION ALL
-        SELECT t.* FROM tail t, mon WHERE t.month >= mon.m),
-    per AS (
-        SELECT r.account_id AS acct,
-               sum(r.recharges_fen) FILTER (WHERE r.month = mon.m) AS recharged,
-               sum(r.transfers_fen) FILTER (WHERE r.month = mon.m) AS transfers,
-               sum(r.charged_fen) FILTER (WHERE r.month = mon.m) AS charged,
-               sum(r.refunds_fen) FILTER (WHERE r.month = mon.m) AS refunded,
-               sum(r.other_fen) FILTER (WHERE r.month = mon.m) AS other,
-               sum(r.sales_fen) FILTER (WHERE r.month = mon.m) AS fen,
-               sum(r.sales_volume_ml) FILTER (WHERE r.month = mon.m) AS ml,
-               sum(r.sale_count) FILTER (WHERE r.month = mon.m) AS n,
-               sum(r.recharges_fen + r.transfers_fen - r.charged_fen - r.refunds_fen + r.other_fen)
-                   FILTER (WHERE r.month > mon.m) AS since
-          FROM rolled r, mon GROUP BY r.account_id),
+         WHERE t.account_id IN (SELECT id FROM fam) AND t.month >= mon.m
+         GROUP BY t.account_id),
     lines AS (
-        SELECT f.uid, f.label, f.parent_id, f.balance_fen - coalesce(p.since, 0) AS closing,
-               coalesce(p.recharged, 0) AS recharged, coalesce(p.transfers, 0) AS transfers,
-               coalesce(p.charged, 0) AS charged, coalesce(p.refunded, 0) AS refunded,
-               coalesce(p.other, 0) AS other, coalesce(p.fen, 0) AS fen, coalesce(p.ml, 0) AS ml,
-               coalesce(p.n, 0) AS n
-          FROM fam f LEFT JOIN per p ON p.acct = f.id)
+        SELECT f.uid, f.label, f.parent_id,
+               f.balance_fen - coalesce(r.since, 0) - coalesce(t.since, 0) AS closing,
+               coalesce(r.recharges_fen, 0) + coalesce(t.recharged, 0) AS recharged,
+               coalesce(r.transfers_fen, 0) + coalesce(t.transfers, 0) AS transfers,
+               coalesce(r.charged_fen, 0) + coalesce(t.charged, 0) AS charged,
+               coalesce(r.refunds_fen, 0) + coalesce(t.refunded, 0) AS refunded,
+               coalesce(r.other_fen, 0) + coalesce(t.other, 0) AS other,
+               coalesce(r.sales_fen, 0) + coalesce(t.fen, 0) AS fen,
+               coalesce(r.sales_volume_ml, 0) + coalesce(t.ml, 0) AS ml,
+               coalesce(r.sale_count, 0) + coalesce(t.n, 0) AS n
+          FROM fam f CROSS JOIN mon
+          LEFT JOIN LATERAL (
+              SELECT sum(x.recharges_fen) FILTER (WHERE x.month = mon.m) AS recharges_fen,
+                     sum(x.transfers_fen) FILTER (WHERE x.month = mon.m) AS transfers_fen,
+                     sum(x.charged_fen) FILTER (WHERE x.month = mon.m) AS charged_fen,
+                     sum(x.refunds_fen) FILTER (WHERE x.month = mon.m) AS refunds_fen,
+                     sum(x.other_fen) FILTER (WHERE x.month = mon.m) AS other_fen,
+                     sum(x.sales_fen) FILTER (WHERE x.month = mon.m) AS sales_fen,
+                     sum(x.sales_volume_ml) FILTER (WHERE x.month = mon.m) AS sales_volume_ml,
+                     sum(x.sale_count) FILTER (WHERE x.month = mon.m) AS sale_count,
+                     sum(x.recharges_fen + x.transfers_fen - x.charged_fen - x.refunds_fen
+                         + x.other_fen) FILTER (WHERE x.month > mon.m) AS since
+                FROM fc.statement_movements x WHERE x.account_id = f.id AND x.month >= mon.m) r ON true
+          LEFT JOIN tail t ON t.acct = f.id)
     SELECT l.uid, l.label, l.parent_id IS NULL,
            (l.closing - l.recharged - l.transfers + l.charged + l.refunded - l.other)::bigint,
            l.recharged::bigint, l.transfers::bigint, l.fen::bigint, l.ml::bigint, l.n::bigint,
            l.charged::bigint, l.refunded::bigint, l.other::bigint, l.closing::bigint
       FROM lines l
-     ORDER BY l.parent_id IS NOT NULL, l.label, l.uid
 $$;
 
 -- A month's consumption of an account family, as a consolidated invoice's list: one entry
