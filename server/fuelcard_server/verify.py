@@ -727,10 +727,11 @@ CHECKS: tuple[Check, ...] = (
           "each account and business month of fc.statement_movements sums the money entries up to"
           " the statement rollup's watermark",
           f"""
-          WITH e AS (
+          WITH zone AS (SELECT fc.business_tz() AS tz),
+          e AS (
               SELECT j.kind, j.amount, j.credit_account_id, j.debit_account_id, j.hold_id,
-                     date_trunc('month', j.created_at AT TIME ZONE fc.business_tz())::date AS month
-                FROM fc.journal j
+                     date_trunc('month', j.created_at AT TIME ZONE zone.tz)::date AS month
+                FROM fc.journal j, zone
                WHERE j.asset = {Asset.MONEY:d}
                  AND j.id <= (SELECT rolled_id FROM fc.statement_rollup_state)),
           sides AS (

@@ -160,6 +160,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_from bigint;
     v_to bigint;
+    -- once, not once per entry
+    v_tz text := fc.business_tz();
 BEGIN
     SELECT rolled_id INTO STRICT v_from FROM fc.statement_rollup_state FOR UPDATE;
     SELECT least(coalesce(max(entry_id), 0), v_from + p_limit) INTO v_to FROM fc.journal_chain;
@@ -169,7 +171,7 @@ BEGIN
     INSERT INTO fc.statement_movements AS m (account_id, month, recharges_fen, transfers_fen,
                                              charged_fen, refunds_fen, other_fen, sales_fen,
                                              sales_volume_ml, sale_count)
-    SELECT * FROM fc.statement_movement_sums(p_from => v_from, p_to => v_to, p_tz => fc.business_tz())
+    SELECT * FROM fc.statement_movement_sums(p_from => v_from, p_to => v_to, p_tz => v_tz)
     ON CONFLICT (account_id, month) DO UPDATE
        SET recharges_fen = m.recharges_fen + excluded.recharges_fen,
            transfers_fen = m.transfers_fen + excluded.transfers_fen,
@@ -200,7 +202,8 @@ LANGUAGE sql STABLE AS $$
     WITH fam AS (
         SELECT id, uid, label, parent_id, balance_fen FROM fc.accounts
          WHERE id = p_account_id OR parent_id = p_account_id),
-    mon AS (SELECT date_trunc('month', p_month)::date AS m),
+    -- the time zone once (a plpgsql call per journal entry of the tail costs more than the rest)
+    mon AS (SELECT date_trunc('month', p_month)::date AS m, fc.business_tz() AS tz),
     tail AS (
         SELECT t.account_id AS acct,
                sum(t.recharges_fen) FILTER (WHERE t.month = mon.m) AS recharged,
@@ -215,7 +218,7 @@ LANGUAGE sql STABLE AS $$
                    FILTER (WHERE t.month > mon.m) AS since
           FROM mon, fc.statement_rollup_state w
          CROSS JOIN LATERAL fc.statement_movement_sums(
-             p_from => w.rolled_id, p_to => 9223372036854775807, p_tz => fc.business_tz()) t
+             p_from => w.rolled_id, p_to => 9223372036854775807, p_tz => mon.tz) t
          WHERE t.account_id IN (SELECT id FROM fam) AND t.month >= mon.m
          GROUP BY t.account_id),
     lines AS (
