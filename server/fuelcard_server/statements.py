@@ -40,10 +40,11 @@ ROLLUP_MAX_LAG = 50_000
 LAG_SQL = ("SELECT coalesce((SELECT max(id) FROM fc.journal), 0)"
            " - (SELECT rolled_id FROM fc.statement_rollup_state)")
 
-# In one statement (one snapshot): the totals of every line (part 0, with the line count where
-# a line has its account's internal id), then one page of lines (part 1) in the statement's
-# order (top-level account first, then sub-accounts by label, uid), after the account of
-# %(after)s (NULL: from the first), at most %(limit)s (NULL: all).
+# In one statement (one snapshot, so the page and the totals agree): the totals of every line
+# (part 0; its second column is the line count), then one page of lines (part 1; the second
+# column is the line's account's internal id, the page token) in the statement's order (the
+# top-level account first, then the sub-accounts by label, uid), after the account %(after)s
+# (NULL: from the first), at most %(limit)s (NULL: all).
 _LINES_HEAD = "WITH l AS MATERIALIZED (SELECT * FROM "
 _FROM_ROLLUP = "fc.statement_lines_rolled(p_account_id => %(account)s, p_month => %(month)s::date)"
 _FROM_JOURNAL = "fc.statement_lines(p_account_id => %(account)s, p_month => %(month)s::date)"
