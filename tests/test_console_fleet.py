@@ -665,3 +665,23 @@ def test_lists_are_paged(console: RunningConsole, page: Page, login: LoginHelper
     response = page.goto("/console/fleet/report?start=2026-11-20&end=2026-11-01")
     assert response is not None and response.status == 400
     expect_page(page.locator("main .error")).to_contain_text("结束日期不能早于开始日期")
+
+    # The statement of the month: 52 lines (the fleet's own and 51 vehicles), 50 a page, each
+    # page with the whole month's totals.
+    builders.recharge(server, fleet, 12_345)
+    page.goto("/console/fleet/statements?month=2026-11")
+    rows = page.locator("#statement-lines tbody tr")
+    expect_page(rows).to_have_count(50)
+    expect_page(rows.first).to_contain_text("车队主账户")
+    expect_page(page.locator("#statement-closing")).to_have_text("123.45")
+    expect_page(page.locator("a[rel=prev]")).to_have_count(0)
+    with page.expect_navigation():
+        page.click("a[rel=next]")
+    expect_page(rows).to_have_count(2)
+    expect_page(rows.last).to_contain_text(f"云A·P{count - 1:04d}")
+    expect_page(page.locator("#statement-closing")).to_have_text("123.45")
+    expect_page(page.locator("a[rel=next]")).to_have_count(0)
+    with page.expect_navigation():
+        page.click("a[rel=prev]")
+    expect_page(rows).to_have_count(50)
+    expect_page(rows.first).to_contain_text("车队主账户")

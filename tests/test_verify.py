@@ -213,6 +213,11 @@ CORRUPTIONS: list[tuple[str, list[str], set[str]]] = [
       " first_hold_id, last_hold_id) SELECT id, 1, '2001-01-01', 100, 10, 1, 1, 1 FROM fc.accounts"
       " WHERE uid = %(account)s"],
      {"cost_rollup_matches_sales"}),
+    ("statement-rollup-of-no-movement",   # a statement would show a recharge never made
+     ["INSERT INTO fc.statement_movements (account_id, month, recharges_fen, transfers_fen,"
+      " charged_fen, refunds_fen, other_fen, sales_fen, sales_volume_ml, sale_count)"
+      " SELECT id, '2001-01-01', 100, 0, 0, 0, 0, 0, 0, 0 FROM fc.accounts WHERE uid = %(account)s"],
+     {"statement_rollup_matches_journal"}),
     ("settled-while-suspended",   # risk (0006): a sale on a hold nobody approved
      ["UPDATE fc.holds SET review_state = 1 WHERE id = (SELECT min(id) FROM fc.holds WHERE state = 2)"],
      {"reviews_match_hold_states"}),

@@ -25,6 +25,7 @@ from fuelcard_server.journal_chain import Chainer
 from fuelcard_server.locks import EXPIRY_SWEEP_LOCK, POINTS_EXPIRY_LOCK, TIER_EVALUATION_LOCK
 from fuelcard_server.retention import Pruned, Retention
 from fuelcard_server.settings import Settings
+from fuelcard_server.statement_rollup import StatementRollup
 from fuelcard_server.telemetry import Telemetry
 
 # The server's log lines keep the logger they had when this lived in app.py:
@@ -70,6 +71,7 @@ class Jobs:
         self._sequencer = sequencer
         self._chainer = Chainer(db, settings.journal_chain_batch)
         self._cost_rollup = CostRollup(db)
+        self._statement_rollup = StatementRollup(db)
 
     async def expire_holds_once(self) -> int:
         """One sweep; returns holds released, or -1 if another process is
@@ -187,6 +189,11 @@ class Jobs:
         """Add the sales the chain has passed to the cost rollup (cost_rollup.py)."""
         return await self._cost_rollup.run_once()
 
+    async def roll_up_statements_once(self) -> int:
+        """Add the money entries the chain has passed to the statement rollup
+        (statement_rollup.py)."""
+        return await self._statement_rollup.run_once()
+
     async def journal_chain_loop(self) -> None:
         """Keep the journal's hash chain within a round of the newest commit:
         every journal_chain_interval_s, at once again after a full batch."""
@@ -194,6 +201,7 @@ class Jobs:
             chained = await self._sweep("journal chaining", self.chain_journal_once)
             # The rollup follows the chain's head, so it runs right behind it.
             await self._sweep("cost rollup", self.roll_up_costs_once)
+            await self._sweep("statement rollup", self.roll_up_statements_once)
             if chained is None or chained < self.settings.journal_chain_batch:
                 await asyncio.sleep(self.settings.journal_chain_interval_s)
 

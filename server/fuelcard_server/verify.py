@@ -728,6 +728,57 @@ CHECKS: tuple[Check, ...] = (
                  IS DISTINCT FROM (s.spend_fen, s.volume_ml, s.sale_count, s.first_hold_id,
                                    s.last_hold_id, s.max_fill_ml, s.fill_minutes)
            LIMIT 10""", since_table="fc.vehicle_costs"),
+    # The statement rollup (statement_rollup.py) is what a month's statement
+    # reads: each account's month must be the sums of its money entries up to
+    # the rollup's watermark, recomputed here from the journal and the holds.
+    Check("statement_rollup_matches_journal",
+          "each account and business month of fc.statement_movements sums the money entries up to"
+          " the statement rollup's watermark",
+          f"""
+          WITH zone AS (SELECT fc.business_tz() AS tz),
+          e AS (
+              SELECT j.kind, j.amount, j.credit_account_id, j.debit_account_id, j.hold_id,
+                     date_trunc('month', j.created_at AT TIME ZONE zone.tz)::date AS month
+                FROM fc.journal j, zone
+               WHERE j.asset = {Asset.MONEY:d}
+                 AND j.id <= (SELECT rolled_id FROM fc.statement_rollup_state)),
+          sides AS (
+              SELECT credit_account_id AS account_id, month, kind, amount AS delta FROM e
+              UNION ALL
+              SELECT debit_account_id, month, kind, -amount FROM e),
+          moved AS (
+              SELECT account_id, month,
+                     sum(delta) FILTER (WHERE kind = {LedgerEntryKind.RECHARGE:d}) AS recharges,
+                     sum(delta) FILTER (WHERE kind = {LedgerEntryKind.ALLOCATION:d}) AS transfers,
+                     -sum(delta) FILTER (WHERE kind = {LedgerEntryKind.PURCHASE:d}) AS charged,
+                     -sum(delta) FILTER (WHERE kind = {LedgerEntryKind.RECHARGE_REFUND:d}) AS refunds,
+                     sum(delta) FILTER (WHERE kind NOT IN ({LedgerEntryKind.RECHARGE:d},
+                         {LedgerEntryKind.ALLOCATION:d}, {LedgerEntryKind.PURCHASE:d},
+                         {LedgerEntryKind.RECHARGE_REFUND:d})) AS other
+                FROM sides GROUP BY account_id, month),
+          bought AS (
+              SELECT h.spender_account_id AS account_id, e.month, sum(e.amount) AS fen,
+                     sum(h.volume_ml) AS ml, count(*) AS n
+                FROM e JOIN fc.holds h ON h.id = e.hold_id
+               WHERE e.kind = {LedgerEntryKind.PURCHASE:d}
+               GROUP BY h.spender_account_id, e.month),
+          want AS (
+              SELECT coalesce(m.account_id, b.account_id) AS account_id,
+                     coalesce(m.month, b.month) AS month,
+                     coalesce(m.recharges, 0) AS recharges, coalesce(m.transfers, 0) AS transfers,
+                     coalesce(m.charged, 0) AS charged, coalesce(m.refunds, 0) AS refunds,
+                     coalesce(m.other, 0) AS other, coalesce(b.fen, 0) AS fen,
+                     coalesce(b.ml, 0) AS ml, coalesce(b.n, 0) AS n
+                FROM moved m FULL JOIN bought b ON b.account_id = m.account_id AND b.month = m.month)
+          SELECT coalesce(r.account_id, w.account_id), coalesce(r.month, w.month),
+                 r.charged_fen, w.charged, r.sales_fen, w.fen
+            FROM fc.statement_movements r FULL JOIN want w
+              ON w.account_id = r.account_id AND w.month = r.month
+           WHERE (r.recharges_fen, r.transfers_fen, r.charged_fen, r.refunds_fen, r.other_fen,
+                  r.sales_fen, r.sales_volume_ml, r.sale_count)
+                 IS DISTINCT FROM (w.recharges, w.transfers, w.charged, w.refunds, w.other,
+                                   w.fen, w.ml, w.n)
+           LIMIT 10""", since_table="fc.statement_movements"),
     Check(JOURNAL_CHAIN,
           "every chained journal entry matches its SM3 chain hash, and none below the chain's"
           " head is missing from it (journal_chain.py)",

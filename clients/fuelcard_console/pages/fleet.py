@@ -591,16 +591,40 @@ def _month(text: str | None, now: dt.datetime) -> str:
     return fleet_report.previous_month(now)
 
 
+# The earlier pages' tokens travel in the statement page's links ("back": comma-separated, "-"
+# for the first page), so that "previous" needs no state on the server; digits only (the core's
+# page tokens), and a bounded trail.
+_BACK = re.compile(r"(-|\d{1,19})(,(\d{1,19}))*")
+BACK_PAGES_MAX = 300
+
+
 @requires(Role.FLEET_MANAGER)
 async def statements(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
+    """One page of the month's statement (the core pages it: a fleet of 10 000
+    vehicles has 10 001 lines), with the whole month's totals."""
     ctx = console_context(request)
     month = _month(request.query.get("month"), ctx.clock.now())
+    token = request.query.get("page_token", "")
+    back_text = request.query.get("back", "")
+    back = back_text.split(",") if _BACK.fullmatch(back_text) and token else []
     got = await ctx.call(ctx.core.invoice.GetStatement, invoice_pb2.GetStatementRequest(
-        account_id=_fleet(user), month=month), user)
-    lines = list(got.statement.lines)
+        account_id=_fleet(user), month=month, page_size=REPORT_PAGE_SIZE, page_token=token), user)
+    base = {"month": month}
+    next_url = prev_url = None
+    if got.next_page_token:
+        trail = [*back, token or "-"][-BACK_PAGES_MAX:]
+        next_url = "?" + urllib.parse.urlencode(
+            {**base, "page_token": got.next_page_token, "back": ",".join(trail)})
+    if token:
+        prev = back[-1] if back else "-"
+        query = dict(base)
+        if prev != "-":
+            query |= {"page_token": prev, "back": ",".join(back[:-1])}
+        prev_url = "?" + urllib.parse.urlencode(query)
     return _render("statements.html", request, {
-        "month": month, "statement": got.statement, "lines": lines[:REPORT_PAGE_SIZE],
-        "more_lines": max(0, len(lines) - REPORT_PAGE_SIZE)})
+        "month": month, "statement": got.statement, "lines": list(got.statement.lines),
+        "line_count": got.total_size, "next_url": next_url, "prev_url": prev_url,
+        "first_url": "?" + urllib.parse.urlencode(base) if len(back) > 1 else None})
 
 
 @requires(Role.FLEET_MANAGER)

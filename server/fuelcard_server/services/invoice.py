@@ -117,14 +117,25 @@ class InvoiceService(Servicer, invoice_pb2_grpc.InvoiceServiceServicer):
         if month is None:
             v.add("month", "must be YYYY-MM", "MONTH_MALFORMED")
         v.enum("format", request.format, FORMATS)
+        # No page_size: every line, as before paging (v1 may only grow).
+        if not 0 <= request.page_size <= PAGE_SIZE_MAX:
+            v.add("page_size", f"must be 0-{PAGE_SIZE_MAX}", "PAGE_SIZE_INVALID")
+        after = v.page_token("page_token", request.page_token)
         v.raise_if_any()
         assert account is not None and month is not None
-        s = await statements.statement(self.d.reads, account, month)
+        s = await statements.statement(self.d.reads, account, month,
+                                       page_size=request.page_size, after=after)
         response = invoice_pb2.GetStatementResponse(statement=invoice_pb2.Statement(
             account_id=s.account_id, holder_name=s.holder_name, month=s.month,
-            lines=[_line(line) for line in s.lines], totals=_line(s.totals)))
+            lines=[_line(line) for line in s.lines], totals=_line(s.totals)),
+            total_size=s.line_count)
+        if s.next_after is not None:
+            response.next_page_token = str(s.next_after)
         response.statement.start_time.FromDatetime(s.start)
         response.statement.end_time.FromDatetime(s.end)
+        if request.format and request.page_size:
+            # a document has every line, whatever the page
+            s = await statements.statement(self.d.reads, account, month)
         if request.format == invoice_pb2.STATEMENT_FORMAT_CSV:
             response.content, response.content_type = statements.to_csv(s), "text/csv; charset=utf-8"
         elif request.format == invoice_pb2.STATEMENT_FORMAT_PDF:

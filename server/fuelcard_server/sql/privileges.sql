@@ -34,7 +34,8 @@ DECLARE
         'refund_recharge', 'refund_sale', 'reject_adjustment', 'remember_refusal',
         'request_invoice', 'reset_pin', 'resolve_break', 'reverse_authorization',
         'resolve_channel_exception', 'resolve_settlement_exception', 'review_hold', 'roll_up_costs',
-        'risk_activate', 'risk_load', 'seal_holder', 'sequence_events', 'set_limits', 'set_price',
+        'risk_activate', 'risk_load', 'roll_up_statements', 'seal_holder', 'sequence_events',
+        'set_limits', 'set_price',
         'set_scope', 'set_volume_limits', 'step_up_not_sent', 'step_up_sent', 'store_card_number',
         'take_hold_sweep_failures', 'transfer_points', 'update_card_status'];
     missing text[];

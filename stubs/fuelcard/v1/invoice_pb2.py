@@ -26,57 +26,57 @@ from fuelcard.v1 import common_pb2 as fuelcard_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66uelcard/v1/invoice.proto\x12\x0b\x66uelcard.v1\x1a\x18\x66uelcard/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"f\n\x13GetStatementRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05month\x18\x02 \x01(\t\x12,\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1c.fuelcard.v1.StatementFormat\"\xb0\x02\n\rStatementLine\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x11\n\ttop_level\x18\x03 \x01(\x08\x12\x1b\n\x13opening_balance_fen\x18\x04 \x01(\x03\x12\x15\n\rrecharges_fen\x18\x05 \x01(\x03\x12\x15\n\rtransfers_fen\x18\x06 \x01(\x03\x12\x11\n\tsales_fen\x18\x07 \x01(\x03\x12\x17\n\x0fsales_volume_ml\x18\x08 \x01(\x03\x12\x12\n\nsale_count\x18\t \x01(\x03\x12\x19\n\x11sales_charged_fen\x18\n \x01(\x03\x12\x13\n\x0brefunds_fen\x18\x0b \x01(\x03\x12\x1b\n\x13\x63losing_balance_fen\x18\x0c \x01(\x03\x12\x11\n\tother_fen\x18\r \x01(\x03\"\xf8\x01\n\tStatement\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0bholder_name\x18\x02 \x01(\t\x12\r\n\x05month\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05lines\x18\x06 \x03(\x0b\x32\x1a.fuelcard.v1.StatementLine\x12*\n\x06totals\x18\x07 \x01(\x0b\x32\x1a.fuelcard.v1.StatementLine\"h\n\x14GetStatementResponse\x12)\n\tstatement\x18\x01 \x01(\x0b\x32\x16.fuelcard.v1.Statement\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\"*\n\x05\x42uyer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btaxpayer_id\x18\x02 \x01(\t\"\x91\x02\n\x0bInvoiceItem\x12\x13\n\x0bline_number\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08tax_code\x18\x03 \x01(\t\x12%\n\x07product\x18\x04 \x01(\x0e\x32\x14.fuelcard.v1.Product\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x13\n\x0bquantity_ml\x18\x06 \x01(\x03\x12\x10\n\x08quantity\x18\x07 \x01(\t\x12\x12\n\nunit_price\x18\x08 \x01(\t\x12\x12\n\namount_fen\x18\t \x01(\x03\x12\x10\n\x08tax_rate\x18\n \x01(\t\x12\x13\n\x0btax_rate_bp\x18\x0b \x01(\x05\x12\x0f\n\x07tax_fen\x18\x0c \x01(\x03\x12\x11\n\ttotal_fen\x18\r \x01(\x03\"\xe0\x01\n\x10InvoiceListEntry\x12\x13\n\x0bline_number\x18\x01 \x01(\x05\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12%\n\x07product\x18\x05 \x01(\x0e\x32\x14.fuelcard.v1.Product\x12\x13\n\x0bquantity_ml\x18\x06 \x01(\x03\x12\x12\n\nsale_count\x18\x07 \x01(\x03\x12\x12\n\namount_fen\x18\x08 \x01(\x03\x12\x0f\n\x07tax_fen\x18\t \x01(\x03\x12\x11\n\ttotal_fen\x18\n \x01(\x03\"\xb0\x05\n\x07Invoice\x12\x12\n\ninvoice_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.fuelcard.v1.InvoiceKind\x12&\n\x04type\x18\x04 \x01(\x0e\x32\x18.fuelcard.v1.InvoiceType\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.fuelcard.v1.InvoiceState\x12\r\n\x05month\x18\x06 \x01(\t\x12\x13\n\x0brecharge_id\x18\x07 \x01(\t\x12!\n\x05\x62uyer\x18\x08 \x01(\x0b\x32\x12.fuelcard.v1.Buyer\x12\'\n\x05items\x18\t \x03(\x0b\x32\x18.fuelcard.v1.InvoiceItem\x12\x14\n\x0c\x63onsolidated\x18\n \x01(\x08\x12\x33\n\x0clist_entries\x18\x0b \x03(\x0b\x32\x1d.fuelcard.v1.InvoiceListEntry\x12\x12\n\namount_fen\x18\x0c \x01(\x03\x12\x0f\n\x07tax_fen\x18\r \x01(\x03\x12\x11\n\ttotal_fen\x18\x0e \x01(\x03\x12\x16\n\x0einvoice_number\x18\x0f \x01(\t\x12\x19\n\x11red_letter_number\x18\x10 \x01(\t\x12\x17\n\x0freversal_reason\x18\x11 \x01(\t\x12/\n\x0b\x63reate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nissue_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0creverse_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12refunded_since_fen\x18\x15 \x01(\x03\x12\x15\n\rdocument_json\x18\x16 \x01(\t\"\xd6\x01\n\x15RequestInvoiceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.fuelcard.v1.InvoiceKind\x12\r\n\x05month\x18\x04 \x01(\t\x12\x13\n\x0brecharge_id\x18\x05 \x01(\t\x12&\n\x04type\x18\x06 \x01(\x0e\x32\x18.fuelcard.v1.InvoiceType\x12!\n\x05\x62uyer\x18\x07 \x01(\x0b\x32\x12.fuelcard.v1.Buyer\"?\n\x16RequestInvoiceResponse\x12%\n\x07invoice\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Invoice\"\'\n\x11GetInvoiceRequest\x12\x12\n\ninvoice_id\x18\x01 \x01(\t\";\n\x12GetInvoiceResponse\x12%\n\x07invoice\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Invoice\"z\n\x13ListInvoicesRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.fuelcard.v1.InvoiceState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"W\n\x14ListInvoicesResponse\x12&\n\x08invoices\x18\x01 \x03(\x0b\x32\x14.fuelcard.v1.Invoice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"=\n\x13IssueInvoiceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ninvoice_id\x18\x02 \x01(\t\"=\n\x14IssueInvoiceResponse\x12%\n\x07invoice\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Invoice\"O\n\x15ReverseInvoiceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ninvoice_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x16ReverseInvoiceResponse\x12%\n\x07invoice\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Invoice*g\n\x0fStatementFormat\x12 \n\x1cSTATEMENT_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14STATEMENT_FORMAT_CSV\x10\x01\x12\x18\n\x14STATEMENT_FORMAT_PDF\x10\x02*d\n\x0bInvoiceKind\x12\x1c\n\x18INVOICE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15INVOICE_KIND_RECHARGE\x10\x01\x12\x1c\n\x18INVOICE_KIND_CONSUMPTION\x10\x02*`\n\x0bInvoiceType\x12\x1c\n\x18INVOICE_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15INVOICE_TYPE_ORDINARY\x10\x01\x12\x18\n\x14INVOICE_TYPE_SPECIAL\x10\x02*\x82\x01\n\x0cInvoiceState\x12\x1d\n\x19INVOICE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INVOICE_STATE_REQUESTED\x10\x01\x12\x18\n\x14INVOICE_STATE_ISSUED\x10\x02\x12\x1c\n\x18INVOICE_STATE_RED_LETTER\x10\x03\x32\x94\x04\n\x0eInvoiceService\x12S\n\x0cGetStatement\x12 .fuelcard.v1.GetStatementRequest\x1a!.fuelcard.v1.GetStatementResponse\x12Y\n\x0eRequestInvoice\x12\".fuelcard.v1.RequestInvoiceRequest\x1a#.fuelcard.v1.RequestInvoiceResponse\x12M\n\nGetInvoice\x12\x1e.fuelcard.v1.GetInvoiceRequest\x1a\x1f.fuelcard.v1.GetInvoiceResponse\x12S\n\x0cListInvoices\x12 .fuelcard.v1.ListInvoicesRequest\x1a!.fuelcard.v1.ListInvoicesResponse\x12S\n\x0cIssueInvoice\x12 .fuelcard.v1.IssueInvoiceRequest\x1a!.fuelcard.v1.IssueInvoiceResponse\x12Y\n\x0eReverseInvoice\x12\".fuelcard.v1.ReverseInvoiceRequest\x1a#.fuelcard.v1.ReverseInvoiceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66uelcard/v1/invoice.proto\x12\x0b\x66uelcard.v1\x1a\x18\x66uelcard/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x01\n\x13GetStatementRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05month\x18\x02 \x01(\t\x12,\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1c.fuelcard.v1.StatementFormat\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"\xb0\x02\n\rStatementLine\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x11\n\ttop_level\x18\x03 \x01(\x08\x12\x1b\n\x13opening_balance_fen\x18\x04 \x01(\x03\x12\x15\n\rrecharges_fen\x18\x05 \x01(\x03\x12\x15\n\rtransfers_fen\x18\x06 \x01(\x03\x12\x11\n\tsales_fen\x18\x07 \x01(\x03\x12\x17\n\x0fsales_volume_ml\x18\x08 \x01(\x03\x12\x12\n\nsale_count\x18\t \x01(\x03\x12\x19\n\x11sales_charged_fen\x18\n \x01(\x03\x12\x13\n\x0brefunds_fen\x18\x0b \x01(\x03\x12\x1b\n\x13\x63losing_balance_fen\x18\x0c \x01(\x03\x12\x11\n\tother_fen\x18\r \x01(\x03\"\xf8\x01\n\tStatement\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0bholder_name\x18\x02 \x01(\t\x12\r\n\x05month\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05lines\x18\x06 \x03(\x0b\x32\x1a.fuelcard.v1.StatementLine\x12*\n\x06totals\x18\x07 \x01(\x0b\x32\x1a.fuelcard.v1.StatementLine\"\x95\x01\n\x14GetStatementResponse\x12)\n\tstatement\x18\x01 \x01(\x0b\x32\x16.fuelcard.v1.Statement\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\x12\x12\n\ntotal_size\x18\x05 \x01(\x05\"*\n\x05\x42uyer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btaxpayer_id\x18\x02 \x01(\t\"\x91\x02\n\x0bInvoiceItem\x12\x13\n\x0bline_number\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08tax_code\x18\x03 \x01(\t\x12%\n\x07product\x18\x04 \x01(\x0e\x32\x14.fuelcard.v1.Product\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x13\n\x0bquantity_ml\x18\x06 \x01(\x03\x12\x10\n\x08quantity\x18\x07 \x01(\t\x12\x12\n\nunit_price\x18\x08 \x01(\t\x12\x12\n\namount_fen\x18\t \x01(\x03\x12\x10\n\x08tax_rate\x18\n \x01(\t\x12\x13\n\x0btax_rate_bp\x18\x0b \x01(\x05\x12\x0f\n\x07tax_fen\x18\x0c \x01(\x03\x12\x11\n\ttotal_fen\x18\r \x01(\x03\"\xe0\x01\n\x10InvoiceListEntry\x12\x13\n\x0bline_number\x18\x01 \x01(\x05\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12%\n\x07product\x18\x05 \x01(\x0e\x32\x14.fuelcard.v1.Product\x12\x13\n\x0bquantity_ml\x18\x06 \x01(\x03\x12\x12\n\nsale_count\x18\x07 \x01(\x03\x12\x12\n\namount_fen\x18\x08 \x01(\x03\x12\x0f\n\x07tax_fen\x18\t \x01(\x03\x12\x11\n\ttotal_fen\x18\n \x01(\x03\"\xb0\x05\n\x07Invoice\x12\x12\n\ninvoice_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.fuelcard.v1.InvoiceKind\x12&\n\x04type\x18\x04 \x01(\x0e\x32\x18.fuelcard.v1.InvoiceType\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.fuelcard.v1.InvoiceState\x12\r\n\x05month\x18\x06 \x01(\t\x12\x13\n\x0brecharge_id\x18\x07 \x01(\t\x12!\n\x05\x62uyer\x18\x08 \x01(\x0b\x32\x12.fuelcard.v1.Buyer\x12\'\n\x05items\x18\t \x03(\x0b\x32\x18.fuelcard.v1.InvoiceItem\x12\x14\n\x0c\x63onsolidated\x18\n \x01(\x08\x12\x33\n\x0clist_entries\x18\x0b \x03(\x0b\x32\x1d.fuelcard.v1.InvoiceListEntry\x12\x12\n\namount_fen\x18\x0c \x01(\x03\x12\x0f\n\x07tax_fen\x18\r \x01(\x03\x12\x11\n\ttotal_fen\x18\x0e \x01(\x03\x12\x16\n\x0einvoice_number\x18\x0f \x01(\t\x12\x19\n\x11red_letter_number\x18\x10 \x01(\t\x12\x17\n\x0freversal_reason\x18\x11 \x01(\t\x12/\n\x0b\x63reate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nissue_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0creverse_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12refunded_since_fen\x18\x15 \x01(\x03\x12\x15\n\rdocument_json\x18\x16 \x01(\t\"\xd6\x01\n\x15RequestInvoiceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.fuelcard.v1.InvoiceKind\x12\r\n\x05month\x18\x04 \x01(\t\x12\x13\n\x0brecharge_id\x18\x05 \x01(\t\x12&\n\x04type\x18\x06 \x01(\x0e\x32\x18.fuelcard.v1.InvoiceType\x12!\n\x05\x62uyer\x18\x07 \x01(\x0b\x32\x12.fuelcard.v1.Buyer\"?\n\x16RequestInvoiceResponse\x12%\n\x07invoice\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Invoice\"\'\n\x11GetInvoiceRequest\x12\x12\n\ninvoice_id\x18\x01 \x01(\t\";\n\x12GetInvoiceResponse\x12%\n\x07invoice\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Invoice\"z\n\x13ListInvoicesRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.fuelcard.v1.InvoiceState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"W\n\x14ListInvoicesResponse\x12&\n\x08invoices\x18\x01 \x03(\x0b\x32\x14.fuelcard.v1.Invoice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"=\n\x13IssueInvoiceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ninvoice_id\x18\x02 \x01(\t\"=\n\x14IssueInvoiceResponse\x12%\n\x07invoice\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Invoice\"O\n\x15ReverseInvoiceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ninvoice_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x16ReverseInvoiceResponse\x12%\n\x07invoice\x18\x01 \x01(\x0b\x32\x14.fuelcard.v1.Invoice*g\n\x0fStatementFormat\x12 \n\x1cSTATEMENT_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14STATEMENT_FORMAT_CSV\x10\x01\x12\x18\n\x14STATEMENT_FORMAT_PDF\x10\x02*d\n\x0bInvoiceKind\x12\x1c\n\x18INVOICE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15INVOICE_KIND_RECHARGE\x10\x01\x12\x1c\n\x18INVOICE_KIND_CONSUMPTION\x10\x02*`\n\x0bInvoiceType\x12\x1c\n\x18INVOICE_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15INVOICE_TYPE_ORDINARY\x10\x01\x12\x18\n\x14INVOICE_TYPE_SPECIAL\x10\x02*\x82\x01\n\x0cInvoiceState\x12\x1d\n\x19INVOICE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INVOICE_STATE_REQUESTED\x10\x01\x12\x18\n\x14INVOICE_STATE_ISSUED\x10\x02\x12\x1c\n\x18INVOICE_STATE_RED_LETTER\x10\x03\x32\x94\x04\n\x0eInvoiceService\x12S\n\x0cGetStatement\x12 .fuelcard.v1.GetStatementRequest\x1a!.fuelcard.v1.GetStatementResponse\x12Y\n\x0eRequestInvoice\x12\".fuelcard.v1.RequestInvoiceRequest\x1a#.fuelcard.v1.RequestInvoiceResponse\x12M\n\nGetInvoice\x12\x1e.fuelcard.v1.GetInvoiceRequest\x1a\x1f.fuelcard.v1.GetInvoiceResponse\x12S\n\x0cListInvoices\x12 .fuelcard.v1.ListInvoicesRequest\x1a!.fuelcard.v1.ListInvoicesResponse\x12S\n\x0cIssueInvoice\x12 .fuelcard.v1.IssueInvoiceRequest\x1a!.fuelcard.v1.IssueInvoiceResponse\x12Y\n\x0eReverseInvoice\x12\".fuelcard.v1.ReverseInvoiceRequest\x1a#.fuelcard.v1.ReverseInvoiceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuelcard.v1.invoice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATEMENTFORMAT']._serialized_start=2976
-  _globals['_STATEMENTFORMAT']._serialized_end=3079
-  _globals['_INVOICEKIND']._serialized_start=3081
-  _globals['_INVOICEKIND']._serialized_end=3181
-  _globals['_INVOICETYPE']._serialized_start=3183
-  _globals['_INVOICETYPE']._serialized_end=3279
-  _globals['_INVOICESTATE']._serialized_start=3282
-  _globals['_INVOICESTATE']._serialized_end=3412
-  _globals['_GETSTATEMENTREQUEST']._serialized_start=101
-  _globals['_GETSTATEMENTREQUEST']._serialized_end=203
-  _globals['_STATEMENTLINE']._serialized_start=206
-  _globals['_STATEMENTLINE']._serialized_end=510
-  _globals['_STATEMENT']._serialized_start=513
-  _globals['_STATEMENT']._serialized_end=761
-  _globals['_GETSTATEMENTRESPONSE']._serialized_start=763
-  _globals['_GETSTATEMENTRESPONSE']._serialized_end=867
-  _globals['_BUYER']._serialized_start=869
-  _globals['_BUYER']._serialized_end=911
-  _globals['_INVOICEITEM']._serialized_start=914
-  _globals['_INVOICEITEM']._serialized_end=1187
-  _globals['_INVOICELISTENTRY']._serialized_start=1190
-  _globals['_INVOICELISTENTRY']._serialized_end=1414
-  _globals['_INVOICE']._serialized_start=1417
-  _globals['_INVOICE']._serialized_end=2105
-  _globals['_REQUESTINVOICEREQUEST']._serialized_start=2108
-  _globals['_REQUESTINVOICEREQUEST']._serialized_end=2322
-  _globals['_REQUESTINVOICERESPONSE']._serialized_start=2324
-  _globals['_REQUESTINVOICERESPONSE']._serialized_end=2387
-  _globals['_GETINVOICEREQUEST']._serialized_start=2389
-  _globals['_GETINVOICEREQUEST']._serialized_end=2428
-  _globals['_GETINVOICERESPONSE']._serialized_start=2430
-  _globals['_GETINVOICERESPONSE']._serialized_end=2489
-  _globals['_LISTINVOICESREQUEST']._serialized_start=2491
-  _globals['_LISTINVOICESREQUEST']._serialized_end=2613
-  _globals['_LISTINVOICESRESPONSE']._serialized_start=2615
-  _globals['_LISTINVOICESRESPONSE']._serialized_end=2702
-  _globals['_ISSUEINVOICEREQUEST']._serialized_start=2704
-  _globals['_ISSUEINVOICEREQUEST']._serialized_end=2765
-  _globals['_ISSUEINVOICERESPONSE']._serialized_start=2767
-  _globals['_ISSUEINVOICERESPONSE']._serialized_end=2828
-  _globals['_REVERSEINVOICEREQUEST']._serialized_start=2830
-  _globals['_REVERSEINVOICEREQUEST']._serialized_end=2909
-  _globals['_REVERSEINVOICERESPONSE']._serialized_start=2911
-  _globals['_REVERSEINVOICERESPONSE']._serialized_end=2974
-  _globals['_INVOICESERVICE']._serialized_start=3415
-  _globals['_INVOICESERVICE']._serialized_end=3947
+  _globals['_STATEMENTFORMAT']._serialized_start=3062
+  _globals['_STATEMENTFORMAT']._serialized_end=3165
+  _globals['_INVOICEKIND']._serialized_start=3167
+  _globals['_INVOICEKIND']._serialized_end=3267
+  _globals['_INVOICETYPE']._serialized_start=3269
+  _globals['_INVOICETYPE']._serialized_end=3365
+  _globals['_INVOICESTATE']._serialized_start=3368
+  _globals['_INVOICESTATE']._serialized_end=3498
+  _globals['_GETSTATEMENTREQUEST']._serialized_start=102
+  _globals['_GETSTATEMENTREQUEST']._serialized_end=243
+  _globals['_STATEMENTLINE']._serialized_start=246
+  _globals['_STATEMENTLINE']._serialized_end=550
+  _globals['_STATEMENT']._serialized_start=553
+  _globals['_STATEMENT']._serialized_end=801
+  _globals['_GETSTATEMENTRESPONSE']._serialized_start=804
+  _globals['_GETSTATEMENTRESPONSE']._serialized_end=953
+  _globals['_BUYER']._serialized_start=955
+  _globals['_BUYER']._serialized_end=997
+  _globals['_INVOICEITEM']._serialized_start=1000
+  _globals['_INVOICEITEM']._serialized_end=1273
+  _globals['_INVOICELISTENTRY']._serialized_start=1276
+  _globals['_INVOICELISTENTRY']._serialized_end=1500
+  _globals['_INVOICE']._serialized_start=1503
+  _globals['_INVOICE']._serialized_end=2191
+  _globals['_REQUESTINVOICEREQUEST']._serialized_start=2194
+  _globals['_REQUESTINVOICEREQUEST']._serialized_end=2408
+  _globals['_REQUESTINVOICERESPONSE']._serialized_start=2410
+  _globals['_REQUESTINVOICERESPONSE']._serialized_end=2473
+  _globals['_GETINVOICEREQUEST']._serialized_start=2475
+  _globals['_GETINVOICEREQUEST']._serialized_end=2514
+  _globals['_GETINVOICERESPONSE']._serialized_start=2516
+  _globals['_GETINVOICERESPONSE']._serialized_end=2575
+  _globals['_LISTINVOICESREQUEST']._serialized_start=2577
+  _globals['_LISTINVOICESREQUEST']._serialized_end=2699
+  _globals['_LISTINVOICESRESPONSE']._serialized_start=2701
+  _globals['_LISTINVOICESRESPONSE']._serialized_end=2788
+  _globals['_ISSUEINVOICEREQUEST']._serialized_start=2790
+  _globals['_ISSUEINVOICEREQUEST']._serialized_end=2851
+  _globals['_ISSUEINVOICERESPONSE']._serialized_start=2853
+  _globals['_ISSUEINVOICERESPONSE']._serialized_end=2914
+  _globals['_REVERSEINVOICEREQUEST']._serialized_start=2916
+  _globals['_REVERSEINVOICEREQUEST']._serialized_end=2995
+  _globals['_REVERSEINVOICERESPONSE']._serialized_start=2997
+  _globals['_REVERSEINVOICERESPONSE']._serialized_end=3060
+  _globals['_INVOICESERVICE']._serialized_start=3501
+  _globals['_INVOICESERVICE']._serialized_end=4033
 # @@protoc_insertion_point(module_scope)

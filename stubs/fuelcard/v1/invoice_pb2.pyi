@@ -168,6 +168,8 @@ class GetStatementRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     MONTH_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The top-level account (a fleet's or a family's parent account, or an
     account without sub-accounts). A sub-account is FAILED_PRECONDITION
@@ -176,17 +178,32 @@ class GetStatementRequest(_message.Message):
     month: _builtins.str
     """The business month, YYYY-MM, in the business time zone (Asia/Shanghai)."""
     format: Global___StatementFormat.ValueType
-    """The document to return besides the lines; unset for none."""
+    """The document to return besides the lines; unset for none. The
+    document always has every line of the month, whatever page_size.
+    """
+    page_size: _builtins.int
+    """At most this many lines in the response (at most 1000), in the
+    statement's order; the totals are still the whole month's. Unset (0):
+    every line of the month, in one response, as before paging existed (a
+    fleet of 10 000 vehicles has 10 001 lines: ask for pages).
+    """
+    page_token: _builtins.str
+    """From a previous response's next_page_token (same account_id; the
+    month may differ): the lines after the last one of that page.
+    Anything else is INVALID_ARGUMENT PAGE_TOKEN_INVALID.
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         month: _builtins.str = ...,
         format: Global___StatementFormat.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "format", b"format", "month", b"month"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "format", b"format", "month", b"month", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -304,12 +321,15 @@ class Statement(_message.Message):
 
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatementLine]:
-        """The top-level account first, then the sub-accounts by label."""
+        """The top-level account first, then the sub-accounts by label (then by
+        account_id): every line, or with page_size one page of them.
+        """
 
     @_builtins.property
     def totals(self) -> Global___StatementLine:
-        """The sums of the lines (account_id and label empty): the journal's
-        totals for the family in the month, to the fen.
+        """The sums of every line of the month (account_id and label empty), also
+        when lines is one page: the journal's totals for the family in the
+        month, to the fen.
         """
 
     def __init__(
@@ -340,10 +360,20 @@ class GetStatementResponse(_message.Message):
     STATEMENT_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     content: _builtins.bytes
     """The document, in the format asked for; empty if none was."""
     content_type: _builtins.str
     """Its media type: text/csv; charset=utf-8 or application/pdf."""
+    next_page_token: _builtins.str
+    """With page_size: pass as page_token for the next page; empty on the
+    last page, and always empty without page_size. Pages are read one
+    request at a time: a vehicle whose label changes between two requests
+    may be listed twice or not at all (the order is by label).
+    """
+    total_size: _builtins.int
+    """How many lines the whole statement has (every page together)."""
     @_builtins.property
     def statement(self) -> Global___Statement:
         """The statement."""
@@ -354,10 +384,12 @@ class GetStatementResponse(_message.Message):
         statement: Global___Statement | None = ...,
         content: _builtins.bytes = ...,
         content_type: _builtins.str = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_type", b"content_type", "statement", b"statement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_type", b"content_type", "next_page_token", b"next_page_token", "statement", b"statement", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

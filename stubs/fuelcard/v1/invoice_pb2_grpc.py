@@ -75,7 +75,8 @@ class InvoiceServiceServicer:
 
     def GetStatement(self, request, context):
         """A month's statement of a top-level account and its sub-accounts: the
-        lines, and the same as a CSV or PDF document when asked for.
+        lines (all of them, or one page with page_size), the whole month's
+        totals, and the same as a CSV or PDF document when asked for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,8 @@ class InvoiceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> InvoiceServiceAsyncStub: ...
     GetStatement: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.GetStatementRequest, _invoice_pb2.GetStatementResponse]
     """A month's statement of a top-level account and its sub-accounts: the
-    lines, and the same as a CSV or PDF document when asked for.
+    lines (all of them, or one page with page_size), the whole month's
+    totals, and the same as a CSV or PDF document when asked for.
     """
     RequestInvoice: _grpc.UnaryUnaryMultiCallable[_invoice_pb2.RequestInvoiceRequest, _invoice_pb2.RequestInvoiceResponse]
     """Asks for an invoice: on a recharge (RECHARGE) or on a month's fuel
@@ -86,7 +87,8 @@ class InvoiceServiceAsyncStub(InvoiceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatement: _aio.UnaryUnaryMultiCallable[_invoice_pb2.GetStatementRequest, _invoice_pb2.GetStatementResponse]  # type: ignore[assignment]
     """A month's statement of a top-level account and its sub-accounts: the
-    lines, and the same as a CSV or PDF document when asked for.
+    lines (all of them, or one page with page_size), the whole month's
+    totals, and the same as a CSV or PDF document when asked for.
     """
     RequestInvoice: _aio.UnaryUnaryMultiCallable[_invoice_pb2.RequestInvoiceRequest, _invoice_pb2.RequestInvoiceResponse]  # type: ignore[assignment]
     """Asks for an invoice: on a recharge (RECHARGE) or on a month's fuel
@@ -120,7 +122,8 @@ class InvoiceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_invoice_pb2.GetStatementResponse, _abc.Awaitable[_invoice_pb2.GetStatementResponse]]:
         """A month's statement of a top-level account and its sub-accounts: the
-        lines, and the same as a CSV or PDF document when asked for.
+        lines (all of them, or one page with page_size), the whole month's
+        totals, and the same as a CSV or PDF document when asked for.
         """
 
     @_abc_1.abstractmethod

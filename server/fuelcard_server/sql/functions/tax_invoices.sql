@@ -110,6 +110,149 @@ LANGUAGE sql STABLE AS $$
      ORDER BY f.parent_id IS NOT NULL, f.label, f.uid
 $$;
 
+-- The statement's sums of the money entries with ids in (p_from, p_to], per account and
+-- business month (fc.month_start's bounds, in time zone p_tz): what fc.roll_up_statements adds
+-- to fc.statement_movements, and what a statement reads for the entries past its watermark.
+-- Each entry moves its credit account up and its debit account down; a purchase also counts
+-- as a sale of the account whose card bought.
+CREATE OR REPLACE FUNCTION fc.statement_movement_sums(p_from bigint, p_to bigint, p_tz text)
+RETURNS TABLE (account_id bigint, month date, recharges_fen bigint, transfers_fen bigint,
+               charged_fen bigint, refunds_fen bigint, other_fen bigint, sales_fen bigint,
+               sales_volume_ml bigint, sale_count bigint)
+LANGUAGE sql STABLE AS $$
+    WITH e AS (
+        SELECT j.kind, j.amount, j.credit_account_id, j.debit_account_id, j.hold_id,
+               date_trunc('month', j.created_at AT TIME ZONE p_tz)::date AS month
+          FROM fc.journal j
+         WHERE j.id > p_from AND j.id <= p_to AND j.asset = fc.asset_money()),
+    moves AS (
+        SELECT e.credit_account_id AS acct, e.month, e.kind, e.amount AS delta,
+               0::bigint AS fen, 0::bigint AS ml, 0 AS n
+          FROM e
+        UNION ALL
+        SELECT e.debit_account_id, e.month, e.kind, -e.amount, 0, 0, 0 FROM e
+        UNION ALL
+        -- kind 0 (no kind): a sale counted for the buyer, no money moved by it here
+        SELECT h.spender_account_id, e.month, 0::smallint, 0, e.amount, h.volume_ml, 1
+          FROM e JOIN fc.holds h ON h.id = e.hold_id
+         WHERE e.kind = fc.ledger_entry_kind_purchase())
+    SELECT m.acct, m.month,
+           coalesce(sum(m.delta) FILTER (WHERE m.kind = fc.ledger_entry_kind_recharge()), 0)::bigint,
+           coalesce(sum(m.delta) FILTER (WHERE m.kind = fc.ledger_entry_kind_allocation()), 0)::bigint,
+           coalesce(-sum(m.delta) FILTER (WHERE m.kind = fc.ledger_entry_kind_purchase()), 0)::bigint,
+           coalesce(-sum(m.delta) FILTER (WHERE m.kind = fc.ledger_entry_kind_recharge_refund()),
+                    0)::bigint,
+           coalesce(sum(m.delta) FILTER (WHERE m.kind NOT IN (
+               0, fc.ledger_entry_kind_recharge(), fc.ledger_entry_kind_allocation(),
+               fc.ledger_entry_kind_purchase(), fc.ledger_entry_kind_recharge_refund())), 0)::bigint,
+           sum(m.fen)::bigint, sum(m.ml)::bigint, sum(m.n)::bigint
+      FROM moves m
+     GROUP BY m.acct, m.month
+$$;
+
+-- The statement rollup's job (statement_rollup.py): adds the money entries past the watermark,
+-- up to p_limit ids and never past the journal chain's head (ids up to it are final), to
+-- fc.statement_movements and moves the watermark; returns how many ids it moved. Concurrent
+-- runs queue on the state row's lock.
+CREATE OR REPLACE FUNCTION fc.roll_up_statements(p_limit integer)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_from bigint;
+    v_to bigint;
+    -- once, not once per entry
+    v_tz text := fc.business_tz();
+BEGIN
+    SELECT rolled_id INTO STRICT v_from FROM fc.statement_rollup_state FOR UPDATE;
+    SELECT least(coalesce(max(entry_id), 0), v_from + p_limit) INTO v_to FROM fc.journal_chain;
+    IF v_to <= v_from THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO fc.statement_movements AS m (account_id, month, recharges_fen, transfers_fen,
+                                             charged_fen, refunds_fen, other_fen, sales_fen,
+                                             sales_volume_ml, sale_count)
+    SELECT * FROM fc.statement_movement_sums(p_from => v_from, p_to => v_to, p_tz => v_tz)
+    ON CONFLICT (account_id, month) DO UPDATE
+       SET recharges_fen = m.recharges_fen + excluded.recharges_fen,
+           transfers_fen = m.transfers_fen + excluded.transfers_fen,
+           charged_fen = m.charged_fen + excluded.charged_fen,
+           refunds_fen = m.refunds_fen + excluded.refunds_fen,
+           other_fen = m.other_fen + excluded.other_fen,
+           sales_fen = m.sales_fen + excluded.sales_fen,
+           sales_volume_ml = m.sales_volume_ml + excluded.sales_volume_ml,
+           sale_count = m.sale_count + excluded.sale_count;
+    UPDATE fc.statement_rollup_state SET rolled_id = v_to;
+    RETURN (v_to - v_from)::integer;
+END $$;
+
+-- fc.statement_lines from the rollup: the same lines, to the fen, without reading the month's
+-- journal, in no particular order (the caller orders them). In one snapshot: each family
+-- account's rolled rows of the month and of the months after it (a few index probes per
+-- account, summed per account: no hash of the whole family to spill), and the money entries
+-- past the watermark (the rollup's lag, read by the journal's key), so the lines are exact
+-- however far behind the rollup is, only slower the further it lags (statements.py falls back
+-- to fc.statement_lines past a bound). The month's movement is its rows; what moved since the
+-- month's end (to back out from balance_fen) is the later months'.
+CREATE OR REPLACE FUNCTION fc.statement_lines_rolled(p_account_id bigint, p_month date)
+RETURNS TABLE (account_uid uuid, label text, top_level boolean, opening_fen bigint,
+               recharges_fen bigint, transfers_fen bigint, sales_fen bigint,
+               sales_volume_ml bigint, sale_count bigint, sales_charged_fen bigint,
+               refunds_fen bigint, other_fen bigint, closing_fen bigint)
+LANGUAGE sql STABLE AS $$
+    WITH fam AS (
+        SELECT id, uid, label, parent_id, balance_fen FROM fc.accounts
+         WHERE id = p_account_id OR parent_id = p_account_id),
+    -- the time zone once (a plpgsql call per journal entry of the tail costs more than the rest)
+    mon AS (SELECT date_trunc('month', p_month)::date AS m, fc.business_tz() AS tz),
+    tail AS (
+        SELECT t.account_id AS acct,
+               sum(t.recharges_fen) FILTER (WHERE t.month = mon.m) AS recharged,
+               sum(t.transfers_fen) FILTER (WHERE t.month = mon.m) AS transfers,
+               sum(t.charged_fen) FILTER (WHERE t.month = mon.m) AS charged,
+               sum(t.refunds_fen) FILTER (WHERE t.month = mon.m) AS refunded,
+               sum(t.other_fen) FILTER (WHERE t.month = mon.m) AS other,
+               sum(t.sales_fen) FILTER (WHERE t.month = mon.m) AS fen,
+               sum(t.sales_volume_ml) FILTER (WHERE t.month = mon.m) AS ml,
+               sum(t.sale_count) FILTER (WHERE t.month = mon.m) AS n,
+               sum(t.recharges_fen + t.transfers_fen - t.charged_fen - t.refunds_fen + t.other_fen)
+                   FILTER (WHERE t.month > mon.m) AS since
+          FROM mon, fc.statement_rollup_state w
+         CROSS JOIN LATERAL fc.statement_movement_sums(
+             p_from => w.rolled_id, p_to => 9223372036854775807, p_tz => mon.tz) t
+         WHERE t.account_id IN (SELECT id FROM fam) AND t.month >= mon.m
+         GROUP BY t.account_id),
+    lines AS (
+        SELECT f.uid, f.label, f.parent_id,
+               f.balance_fen - coalesce(r.since, 0) - coalesce(t.since, 0) AS closing,
+               coalesce(r.recharges_fen, 0) + coalesce(t.recharged, 0) AS recharged,
+               coalesce(r.transfers_fen, 0) + coalesce(t.transfers, 0) AS transfers,
+               coalesce(r.charged_fen, 0) + coalesce(t.charged, 0) AS charged,
+               coalesce(r.refunds_fen, 0) + coalesce(t.refunded, 0) AS refunded,
+               coalesce(r.other_fen, 0) + coalesce(t.other, 0) AS other,
+               coalesce(r.sales_fen, 0) + coalesce(t.fen, 0) AS fen,
+               coalesce(r.sales_volume_ml, 0) + coalesce(t.ml, 0) AS ml,
+               coalesce(r.sale_count, 0) + coalesce(t.n, 0) AS n
+          FROM fam f CROSS JOIN mon
+          LEFT JOIN LATERAL (
+              SELECT sum(x.recharges_fen) FILTER (WHERE x.month = mon.m) AS recharges_fen,
+                     sum(x.transfers_fen) FILTER (WHERE x.month = mon.m) AS transfers_fen,
+                     sum(x.charged_fen) FILTER (WHERE x.month = mon.m) AS charged_fen,
+                     sum(x.refunds_fen) FILTER (WHERE x.month = mon.m) AS refunds_fen,
+                     sum(x.other_fen) FILTER (WHERE x.month = mon.m) AS other_fen,
+                     sum(x.sales_fen) FILTER (WHERE x.month = mon.m) AS sales_fen,
+                     sum(x.sales_volume_ml) FILTER (WHERE x.month = mon.m) AS sales_volume_ml,
+                     sum(x.sale_count) FILTER (WHERE x.month = mon.m) AS sale_count,
+                     sum(x.recharges_fen + x.transfers_fen - x.charged_fen - x.refunds_fen
+                         + x.other_fen) FILTER (WHERE x.month > mon.m) AS since
+                FROM fc.statement_movements x WHERE x.account_id = f.id AND x.month >= mon.m) r ON true
+          LEFT JOIN tail t ON t.acct = f.id)
+    SELECT l.uid, l.label, l.parent_id IS NULL,
+           (l.closing - l.recharged - l.transfers + l.charged + l.refunded - l.other)::bigint,
+           l.recharged::bigint, l.transfers::bigint, l.fen::bigint, l.ml::bigint, l.n::bigint,
+           l.charged::bigint, l.refunded::bigint, l.other::bigint, l.closing::bigint
+      FROM lines l
+$$;
+
 -- A month's consumption of an account family, as a consolidated invoice's list: one entry
 -- per vehicle (the account whose card bought) and product, from the journal's sales.
 CREATE OR REPLACE FUNCTION fc.consumption_entries(p_account_id bigint, p_month date)
