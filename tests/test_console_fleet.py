@@ -661,6 +661,10 @@ def test_lists_are_paged(console: RunningConsole, page: Page, login: LoginHelper
         page.click("a[rel=next]")
     expect_page(page.locator("#report-lines tbody tr")).to_have_count(1)
     expect_page(page.locator("#report-chart svg")).to_contain_text("本期没有消费")
+    with page.expect_navigation():
+        page.locator("p.pager a", has_text="首页").click()
+    expect_page(page.locator("#report-lines tbody tr")).to_have_count(50)
+    expect_page(page.locator("p.pager a", has_text="首页")).to_have_count(0)
     # A bad period is refused on the page, naming what is wrong.
     response = page.goto("/console/fleet/report?start=2026-11-20&end=2026-11-01")
     assert response is not None and response.status == 400

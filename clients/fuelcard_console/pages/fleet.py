@@ -578,8 +578,9 @@ async def report(request: web.Request, user: ConsoleUser) -> web.StreamResponse:
         "flagged_count": summary.anomalous_vehicle_count, "total_spend": summary.spend_fen,
         "total_volume": summary.volume_ml, "median": summary.median_spend_fen,
         "chart": fleet_report.chart_svg(got.top_spenders, title), "flag_text": fleet_report.flag_text,
-        "next_page_token": got.next_page_token, "first_page": not token,
-        "base_query": urllib.parse.urlencode(base)})
+        "next_url": f"{MAIN_PAGE}report?" + urllib.parse.urlencode(
+            {**base, "page_token": got.next_page_token}) if got.next_page_token else None,
+        "first_url": f"{MAIN_PAGE}report?" + urllib.parse.urlencode(base) if token else None})
 
 
 # --- statements and invoices ----------------------------------------------------------------
