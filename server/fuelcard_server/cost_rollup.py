@@ -16,28 +16,13 @@ Concurrent runs queue on the state row's lock; each adds its own batch.
 from __future__ import annotations
 
 from fuelcard_server.db import Database
+from fuelcard_server.rollups import Rollup
 
 # Journal ids per batch: each batch one short transaction.
 ROLLUP_BATCH = 5_000
-# Bound on batches per run (a backlog past it goes on at the next run).
-ROLLUP_BATCHES_MAX = 20
-
 ROLL_UP_SQL = "SELECT fc.roll_up_costs(p_limit => %(limit)s)"
 
 
-class CostRollup:
+class CostRollup(Rollup):
     def __init__(self, db: Database, batch: int = ROLLUP_BATCH) -> None:
-        self._db = db
-        self._batch = batch
-
-    async def run_once(self) -> int:
-        """Roll up to ROLLUP_BATCHES_MAX batches; returns the journal ids the
-        watermark moved."""
-        moved = 0
-        for _ in range(ROLLUP_BATCHES_MAX):
-            row = await self._db.fetch_one(ROLL_UP_SQL, {"limit": self._batch})
-            assert row is not None
-            moved += row[0]
-            if row[0] < self._batch:
-                break
-        return moved
+        super().__init__(db, ROLL_UP_SQL, batch)
