@@ -266,6 +266,11 @@ class FuelcardServer:
         assert self._jobs is not None
         return await self._jobs.chain_journal_once()
 
+    async def first_chain_round(self) -> None:
+        """Wait for the journal chain loop's first round (the one at start)."""
+        assert self._jobs is not None
+        await self._jobs.first_chain_round.wait()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight RPCs finish, then close the pool."""
         if self._health is not None:

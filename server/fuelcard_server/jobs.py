@@ -72,6 +72,10 @@ class Jobs:
         self._chainer = Chainer(db, settings.journal_chain_batch)
         self._cost_rollup = CostRollup(db)
         self._statement_rollup = StatementRollup(db)
+        # Set once journal_chain_loop's first round (at start) is over: from then on the chain
+        # and the rollups write only at their interval (tests wait for it, so that no job
+        # writes behind a test's back).
+        self.first_chain_round = asyncio.Event()
 
     async def expire_holds_once(self) -> int:
         """One sweep; returns holds released, or -1 if another process is
@@ -202,6 +206,7 @@ class Jobs:
             # The rollup follows the chain's head, so it runs right behind it.
             await self._sweep("cost rollup", self.roll_up_costs_once)
             await self._sweep("statement rollup", self.roll_up_statements_once)
+            self.first_chain_round.set()
             if chained is None or chained < self.settings.journal_chain_batch:
                 await asyncio.sleep(self.settings.journal_chain_interval_s)
 
