@@ -588,7 +588,7 @@ class HaCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(pm), signal.SIGKILL)
         if n.pid is not None:
-            _reap(n.pid)
+            _wait_gone([n.pid], 10.0)
         n.pid = None
         self.save()
 
@@ -706,11 +706,7 @@ class HaCluster:
                 os.kill(pid, signal.SIGKILL)
         # (the postmasters are not our children: once killed, nothing of
         # theirs needs waiting for)
-        for pid in groups:
-            deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            _reap(pid)
+        _wait_gone(groups, 10.0)
 
 
 def _alive(pid: int | None) -> bool:
@@ -758,8 +754,19 @@ def _stop_all(pids: list[int], timeout_s: float) -> None:
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    time.sleep(0.1 if left else 0)
+    _wait_gone(left, 10.0)
     for pid in pids:
+        _reap(pid)
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> None:
+    """Wait (bounded) for killed children to be gone and reap them: a kill
+    is delivered asynchronously, and a child never waited for stays a zombie
+    (and Python warns when its Popen is collected still "running")."""
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         _reap(pid)
 
 
