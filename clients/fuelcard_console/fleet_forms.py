@@ -15,6 +15,8 @@ from typing import Any
 
 from fuelcard.v1 import common_pb2, control_pb2
 
+from fuelcard_console.ops_labels import PRODUCTS_ZH
+
 # The core's own bounds (server/fuelcard_server/services/control.py), checked
 # here too so that the form names the field before anything is sent.
 MAX_LIMIT_FEN = 10**12
@@ -22,17 +24,6 @@ MAX_SCOPE_STATIONS = 200
 MAX_POLYGON_VERTICES = 200
 MAX_RADIUS_M = 2_000_000
 MAX_LABEL_CHARS = 50
-
-# Fuel grades a fleet card may be limited to, in the order the form shows them.
-PRODUCT_NAMES_ZH: dict[int, str] = {
-    common_pb2.PRODUCT_GASOLINE_92: "92# 汽油",
-    common_pb2.PRODUCT_GASOLINE_95: "95# 汽油",
-    common_pb2.PRODUCT_GASOLINE_98: "98# 汽油",
-    common_pb2.PRODUCT_DIESEL_0: "0# 柴油",
-    common_pb2.PRODUCT_DIESEL_MINUS_10: "-10# 柴油",
-    common_pb2.PRODUCT_GAS: "天然气",
-    common_pb2.PRODUCT_SHOP: "便利店商品",
-}
 
 _YUAN = re.compile(r"\d{1,10}(\.\d{1,2})?")
 _LITRES = re.compile(r"\d{1,7}(\.\d{1,3})?")
@@ -137,7 +128,7 @@ def products(values: Iterable[str]) -> list[common_pb2.Product.ValueType]:
             number = int(value)
         except ValueError:
             raise FormError("products", "未知油品") from None
-        if number not in PRODUCT_NAMES_ZH:
+        if number not in PRODUCTS_ZH:
             raise FormError("products", "未知油品")
         out.append(common_pb2.Product.ValueType(number))
     return list(dict.fromkeys(out))

@@ -110,7 +110,7 @@ PAGE_SIZE = 50  # rows of a list page (AIP-132 page_token paging)
 def page_token(request: web.Request) -> str:
     """The `?page_token=` of a list page ('' for the first page); a list
     passes it to the core's List* call (page_size <= PAGE_SIZE) and gives
-    the answer's next_page_token to the `pager` macro (templates/macros.html)."""
+    the answer's next_page_token to the page's "next" link."""
     token = request.query.get("page_token", "")
     if len(token) > 200:
         raise web.HTTPBadRequest(reason="page_token too long")

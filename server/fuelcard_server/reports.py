@@ -13,6 +13,7 @@ from fuelcard.v1 import control_pb2
 
 from fuelcard_server import errors
 from fuelcard_server.db import Database
+from fuelcard_server.rollups import ROLLUP_MAX_LAG
 
 # How many earlier periods of the same length make a vehicle's baseline, and
 # how far above it spend must be to be flagged (异常开支预警).
@@ -120,11 +121,7 @@ ROLLUP_LINES_SQL = """
                coalesce(s.max_fill, 0)::bigint AS max_fill, coalesce(s.outside, false) AS outside
           FROM vehicles v LEFT JOIN per_vehicle s ON s.vehicle_id = v.id)"""
 
-# How far behind the newest journal entry the rollup may be for the report to read it. Further
-# behind (a database that has just been migrated, before the job has caught up: some seconds
-# per 100 000 sales) the entries past the watermark cost more than the rollup saves, and the
-# report reads every hold instead, as it did before the rollup: exact either way.
-ROLLUP_MAX_LAG = 50_000
+# The rollup's lag (read it only within rollups.ROLLUP_MAX_LAG), and the business time zone.
 LAG_SQL = ("SELECT coalesce((SELECT max(id) FROM fc.journal), 0)"
            " - (SELECT rolled_id FROM fc.cost_rollup_state), fc.business_tz()")
 # The same `lines` from fc.holds alone (the rollup lagging too far).

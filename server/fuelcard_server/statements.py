@@ -21,6 +21,7 @@ from pathlib import Path
 from fuelcard_server import errors
 from fuelcard_server.db import Database
 from fuelcard_server.invoices import litres, yuan
+from fuelcard_server.rollups import ROLLUP_MAX_LAG
 from fuelcard_server.validation import Violations
 
 ACCOUNT_SQL = (
@@ -32,11 +33,8 @@ BOUNDS_SQL = ("SELECT fc.month_start(p_month => %(month)s::date),"
 TOKEN_SQL = ("SELECT 1 FROM fc.accounts WHERE id = %(after)s"
              " AND (id = %(account)s OR parent_id = %(account)s)")
 
-# How far behind the newest journal entry the statement rollup (statement_rollup.py) may be for
-# a statement to read it. Further behind (a database just migrated with history, before the job
-# has caught up) the entries past the watermark cost more than the rollup saves, and the
-# statement reads the month's journal instead (fc.statement_lines): exact either way.
-ROLLUP_MAX_LAG = 50_000
+# The statement rollup's lag (statement_rollup.py): within rollups.ROLLUP_MAX_LAG a statement
+# reads it, else the month's journal (fc.statement_lines).
 LAG_SQL = ("SELECT coalesce((SELECT max(id) FROM fc.journal), 0)"
            " - (SELECT rolled_id FROM fc.statement_rollup_state)")
 

@@ -9,7 +9,7 @@ Writing a page:
   step_up=True on the GET that shows a high-risk form as well as on its POST.
 - `views.render("x/y.html", request, {...})`: the templates get `user`,
   `csrf_token()`, the nav; `{% import "macros.html" as m with context %}`
-  gives `m.csrf()` and `m.pager(next_page_token)`.
+  gives `m.csrf()` and `m.resolve_form(action, back)`.
 - `ctx = console_context(request)`; `await ctx.call(ctx.core.<service>.<Rpc>,
   message, user)`; a CoreRefusal not caught shows a Chinese error page.
   `ctx.may_touch_account/card(user, id)` for fleet and family users.

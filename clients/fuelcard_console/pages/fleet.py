@@ -32,7 +32,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from fuelcard_console import fleet_forms, fleet_report, fleet_topup, views
 from fuelcard_console.auth import ConsoleUser, Role, audit, requires
 from fuelcard_console.context import ConsoleContext, CoreRefusal, console_context, refusal_of
-from fuelcard_console.fleet_forms import PRODUCT_NAMES_ZH, FormError, fen_to_yuan, ml_to_litres
+from fuelcard_console.fleet_forms import FormError, fen_to_yuan, ml_to_litres
+from fuelcard_console.ops_labels import PRODUCTS_ZH
 from fuelcard_console.views import read_upload, render
 
 MAIN_PAGE = "/console/fleet/"
@@ -210,7 +211,7 @@ def _scope_text(row: Any) -> list[str]:
     if stations:
         out.append("油站：" + "、".join(stations))
     if products:
-        out.append("油品：" + "、".join(PRODUCT_NAMES_ZH.get(p, str(p)) for p in products))
+        out.append("油品：" + "、".join(PRODUCTS_ZH.get(p, str(p)) for p in products))
     if fences:
         out.append(f"电子围栏：{fences} 个")
     if hours:
@@ -247,7 +248,7 @@ async def card_status(request: web.Request, user: ConsoleUser) -> web.StreamResp
 def _vehicle_form_context(values: Mapping[str, str], chosen: list[str], error: FormError | None
                           ) -> dict[str, Any]:
     return {"form_id": values.get("form_id") or secrets.token_urlsafe(16), "values": values,
-            "chosen_products": chosen, "products": PRODUCT_NAMES_ZH, "error": error}
+            "chosen_products": chosen, "products": PRODUCTS_ZH, "error": error}
 
 
 @requires(Role.FLEET_MANAGER)
@@ -326,7 +327,7 @@ def _scope_lines(scope: control_pb2.CardScope) -> list[str]:
     if scope.station_ids:
         out.append("油站：" + "、".join(scope.station_ids))
     if scope.products:
-        out.append("油品：" + "、".join(PRODUCT_NAMES_ZH[p] for p in scope.products))
+        out.append("油品：" + "、".join(PRODUCTS_ZH[p] for p in scope.products))
     for fence in scope.geofences:
         if fence.HasField("circle"):
             c = fence.circle
@@ -365,7 +366,7 @@ async def _card_controls_page(request: web.Request, user: ConsoleUser, card_id: 
         chosen = [str(p) for p in products_now or []]
     return _render("controls.html", request, {
         "card_id": card_id, "label": label, "masked": masked, "values": values,
-        "chosen_products": chosen or [], "products": PRODUCT_NAMES_ZH, "error": error, "notice": notice,
+        "chosen_products": chosen or [], "products": PRODUCTS_ZH, "error": error, "notice": notice,
         "form_id": secrets.token_urlsafe(16)}, status=status)
 
 

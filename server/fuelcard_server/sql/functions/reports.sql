@@ -16,6 +16,16 @@ LANGUAGE sql IMMUTABLE AS $$
                 ELSE p_minute >= p_start OR p_minute < p_end END
 $$;
 
+-- Where a rollup's next batch ends: p_limit journal ids after p_after, never past the journal
+-- chain's head (ids up to it are final: no transaction can still commit one below it, so a
+-- watermark there never skips an entry). Both rollups (fc.roll_up_costs,
+-- fc.roll_up_statements) take their batches from here.
+CREATE OR REPLACE FUNCTION fc.rollup_batch_end(p_after bigint, p_limit integer)
+RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT least(coalesce(max(entry_id), 0), p_after + p_limit) FROM fc.journal_chain
+$$;
+
 -- One bounded batch of the cost rollup (cost_rollup.py): the purchase entries after
 -- fc.cost_rollup_state.rolled_id, up to p_limit ids and never past the journal chain's head
 -- (ids up to it are final, so a later commit cannot land below the watermark), added to
@@ -33,7 +43,7 @@ DECLARE
     v_tz text := fc.business_tz();
 BEGIN
     SELECT rolled_id INTO STRICT v_from FROM fc.cost_rollup_state FOR UPDATE;
-    SELECT least(coalesce(max(entry_id), 0), v_from + p_limit) INTO v_to FROM fc.journal_chain;
+    v_to := fc.rollup_batch_end(p_after => v_from, p_limit => p_limit);
     IF v_to <= v_from THEN
         RETURN 0;
     END IF;

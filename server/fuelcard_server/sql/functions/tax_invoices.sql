@@ -164,7 +164,7 @@ DECLARE
     v_tz text := fc.business_tz();
 BEGIN
     SELECT rolled_id INTO STRICT v_from FROM fc.statement_rollup_state FOR UPDATE;
-    SELECT least(coalesce(max(entry_id), 0), v_from + p_limit) INTO v_to FROM fc.journal_chain;
+    v_to := fc.rollup_batch_end(p_after => v_from, p_limit => p_limit);
     IF v_to <= v_from THEN
         RETURN 0;
     END IF;
